@@ -1,0 +1,52 @@
+//! One module per command. Each takes its arguments and the global [`Settings`], prints data
+//! to stdout, and returns a [`Failure`] for [`crate::run`] to report.
+
+mod init;
+mod plan;
+mod validate;
+
+use anyhow::Context as _;
+use rigger_config::{Config, LoadError};
+
+use crate::args::Command;
+use crate::{Failure, Settings};
+
+pub(crate) fn dispatch(command: Command, settings: &Settings) -> Result<(), Failure> {
+    match command {
+        Command::Init(args) => init::run(args, settings),
+        Command::Validate => validate::run(settings),
+        Command::Plan(args) => plan::run(args, settings),
+    }
+}
+
+/// Loads and validates the configuration; an invalid one stops the command before anything
+/// else happens.
+pub(crate) fn load_config(settings: &Settings) -> Result<Config, Failure> {
+    match rigger_config::load(&settings.config_path) {
+        Ok(config) => Ok(config),
+        Err(LoadError::Invalid(diagnostics)) => Err(Failure::Config(diagnostics.render(settings.color))),
+        Err(error @ LoadError::Io { .. }) => Err(Failure::Usage(
+            anyhow::Error::new(error).context("cannot read the configuration; run `rigger init` to write one, or pass --config PATH"),
+        )),
+    }
+}
+
+/// The environment named by `-e`, or a usage error listing the known ones.
+pub(crate) fn environment<'a>(
+    config: &'a Config,
+    settings: &Settings,
+) -> Result<&'a rigger_config::Environment, Failure> {
+    config
+        .environments
+        .get(&settings.environment)
+        .with_context(|| {
+            let known: Vec<&str> = config.environments.keys().map(String::as_str).collect();
+            format!(
+                "no environment `{}` in {}; it defines: {} (choose one with -e)",
+                settings.environment,
+                settings.config_path.display(),
+                known.join(", ")
+            )
+        })
+        .map_err(Failure::Usage)
+}

@@ -1,0 +1,184 @@
+//! The validated model of `rigger.toml`.
+//!
+//! Every value here has already been checked: counts are in range, CIDRs parse, provider-specific
+//! keys appear only under their provider. Code downstream (topology, recipes, providers) trusts
+//! these types and never re-validates. Defaults are applied during validation, so an `Option`
+//! here means "genuinely absent", never "use the default".
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+/// A whole, valid `rigger.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    pub project: Project,
+    /// Environments by name, in name order.
+    pub environments: BTreeMap<String, Environment>,
+}
+
+/// The `[project]` table: what is deployed, independent of where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Project {
+    /// Lower-case letters, digits and `-`; starts with a letter. Prefixes every resource name.
+    pub name: String,
+    /// Directory holding the Django project (`manage.py`), relative to the config file.
+    pub app_path: PathBuf,
+    /// WSGI callable, `module.path:attribute` (gunicorn's syntax).
+    pub wsgi_module: String,
+    /// The Celery application, as given to `celery -A`.
+    pub celery_app: String,
+    /// Site domains; the first is canonical. A leading `.` means the domain and its subdomains.
+    pub domains: Vec<String>,
+    /// Path the load balancer probes; default `/healthcheck.html`.
+    pub health_check_path: String,
+    /// pip requirements file, relative to `app_path`; default `requirements.txt`.
+    pub requirements: PathBuf,
+}
+
+/// One `[environments.NAME]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Environment {
+    pub name: String,
+    pub provider: ProviderConfig,
+    pub web: GroupSizing,
+    pub worker: GroupSizing,
+    pub database: DatabaseConfig,
+    pub cache: CacheConfig,
+}
+
+impl Environment {
+    pub fn provider_kind(&self) -> ProviderKind {
+        match self.provider {
+            ProviderConfig::Local(_) => ProviderKind::Local,
+            ProviderConfig::Aws(_) => ProviderKind::Aws,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Local,
+    Aws,
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProviderKind::Local => "local",
+            ProviderKind::Aws => "aws",
+        })
+    }
+}
+
+/// Provider-specific settings; which variant is chosen by `provider = "..."`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "provider", rename_all = "lowercase")]
+pub enum ProviderConfig {
+    Local(LocalConfig),
+    Aws(AwsConfig),
+}
+
+/// Settings of `provider = "local"`: the whole topology on this machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LocalConfig {
+    /// Port standing in for the load balancer's port 80; default 8080.
+    pub http_port: u16,
+    /// Port standing in for the load balancer's port 443; default 8443.
+    pub https_port: u16,
+    /// Loopback block the environment's servers take their addresses from; a `/16` inside
+    /// `127.0.0.0/8`, default `127.77.0.0/16`. Two environments up at once need distinct blocks.
+    pub addresses: Cidr,
+}
+
+/// Settings of `provider = "aws"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AwsConfig {
+    pub region: String,
+    /// AMI id (`ami-` followed by hex digits).
+    pub ami: String,
+    pub load_balancer: LoadBalancerKind,
+    /// ARN of the ACM or IAM server certificate the load balancer's 443 listener presents.
+    pub certificate: Option<String>,
+    /// Networks allowed to reach port 22 of every server. Empty means SSH is closed.
+    pub admin_cidrs: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadBalancerKind {
+    /// Classic Elastic Load Balancer, as in the seed architecture.
+    Classic,
+    /// Application Load Balancer with a target group.
+    Application,
+}
+
+impl fmt::Display for LoadBalancerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LoadBalancerKind::Classic => "classic",
+            LoadBalancerKind::Application => "application",
+        })
+    }
+}
+
+/// Size of an auto-scaled group (`[environments.NAME.web]`, `.worker`).
+/// Invariant: `1 <= min <= desired <= max` for web; `min` may be 0 for nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupSizing {
+    pub min: u32,
+    pub max: u32,
+    pub desired: u32,
+    pub instance_type: String,
+    /// Data volume size in GiB.
+    pub volume_size: u32,
+}
+
+/// `[environments.NAME.database]`: one primary and `replicas` streaming replicas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DatabaseConfig {
+    /// Number of streaming replicas; default 1.
+    pub replicas: u32,
+    pub instance_type: String,
+    pub volume_size: u32,
+}
+
+/// `[environments.NAME.cache]`: Redis and RabbitMQ.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CacheConfig {
+    /// Redis and RabbitMQ on one server (default, as in the seed) or on two.
+    pub shared_with_queue: bool,
+    pub instance_type: String,
+    pub volume_size: u32,
+}
+
+/// An IPv4 network in CIDR notation, host bits zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// The network open to every address.
+    pub const ANYWHERE: Cidr = Cidr {
+        addr: Ipv4Addr::UNSPECIFIED,
+        prefix: 0,
+    };
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}

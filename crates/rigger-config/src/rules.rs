@@ -1,0 +1,201 @@
+//! The rules single values must follow: names, domains, Python paths, AWS identifiers.
+//!
+//! Pure predicates over strings, kept apart from the document walk in `validate.rs` so each rule
+//! is easy to find and to test on its own.
+
+/// `^[a-z][a-z0-9-]{0,30}$`
+pub(crate) fn is_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && s.len() <= 31
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// A best guess at the valid name the user meant: `My_Site` → `my-site`.
+pub(crate) fn fix_name(s: &str) -> String {
+    let lower: String = s
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    lower
+        .trim_start_matches(|c: char| !c.is_ascii_lowercase())
+        .chars()
+        .take(31)
+        .collect()
+}
+
+pub(crate) fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+pub(crate) fn is_dotted_path(s: &str) -> bool {
+    s.split('.').all(is_identifier)
+}
+
+/// Ok, or a help line saying how to fix the domain.
+pub(crate) fn check_domain(d: &str) -> Result<(), String> {
+    const RULES: &str = "a domain is labels of letters, digits and `-` separated by dots, \
+                         optionally with a leading `.` to include all subdomains";
+    if let Some((_, rest)) = d.split_once("://") {
+        let host = rest.split(['/', ':']).next().unwrap_or_default();
+        return Err(format!(
+            "give the host name only, without scheme or path: `\"{host}\"`"
+        ));
+    }
+    if let Some(rest) = d.strip_prefix("*.") {
+        return Err(format!(
+            "write `\".{rest}\"` to match `{rest}` and all its subdomains"
+        ));
+    }
+    if let Some((host, _)) = d.split_once(['/', ':']) {
+        return Err(format!(
+            "give the host name only, without port or path: `\"{host}\"`"
+        ));
+    }
+    let name = d.strip_prefix('.').unwrap_or(d);
+    let labels_ok = name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        });
+    if labels_ok {
+        return Ok(());
+    }
+    let lower = d.to_ascii_lowercase();
+    if lower != d && check_domain(&lower).is_ok() {
+        return Err(format!("write it in lower case: `\"{lower}\"`"));
+    }
+    if let Some(trimmed) = d.strip_suffix('.')
+        && check_domain(trimmed).is_ok()
+    {
+        return Err(format!("remove the trailing dot: `\"{trimmed}\"`"));
+    }
+    Err(RULES.to_owned())
+}
+
+/// `us-east-1`, `eu-central-2`, `us-gov-west-1`.
+pub(crate) fn is_region(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() >= 3
+        && parts[0].len() == 2
+        && parts[..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase()))
+        && parts[parts.len() - 1].chars().all(|c| c.is_ascii_digit())
+        && !parts[parts.len() - 1].is_empty()
+}
+
+/// `^ami-[0-9a-f]{8,17}$`
+pub(crate) fn is_ami(s: &str) -> bool {
+    s.strip_prefix("ami-").is_some_and(|hex| {
+        (8..=17).contains(&hex.len())
+            && hex
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    })
+}
+
+/// `family.size`, e.g. `t3.small`, `m7g.2xlarge`, `u-6tb1.metal`.
+pub(crate) fn is_instance_type(s: &str) -> bool {
+    s.split_once('.').is_some_and(|(family, size)| {
+        family
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase())
+            && family
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !size.is_empty()
+            && size
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(is_name("surveys"));
+        assert!(is_name("a"));
+        assert!(is_name("prod-2"));
+        assert!(is_name(&"a".repeat(31)));
+        assert!(!is_name(&"a".repeat(32)));
+        assert!(!is_name("2prod"));
+        assert!(!is_name("Prod"));
+        assert!(!is_name("my_site"));
+        assert!(!is_name(""));
+        assert_eq!(fix_name("My_Site"), "my-site");
+        assert_eq!(fix_name("2nd site"), "nd-site");
+    }
+
+    #[test]
+    fn domains() {
+        assert_eq!(check_domain("surveys.example.com"), Ok(()));
+        assert_eq!(check_domain(".example.org"), Ok(()));
+        assert_eq!(check_domain("localhost"), Ok(()));
+        assert_eq!(check_domain("xn--bcher-kva.example"), Ok(()));
+        assert!(check_domain("").is_err());
+        assert!(check_domain(".").is_err());
+        assert!(check_domain("a..b").is_err());
+        assert!(check_domain("-a.com").is_err());
+        assert!(check_domain("a_b.com").is_err());
+        assert!(check_domain(&format!("{}.com", "a".repeat(64))).is_err());
+        assert!(
+            check_domain("https://x.com/")
+                .unwrap_err()
+                .contains("`\"x.com\"`")
+        );
+        assert!(
+            check_domain("*.x.com")
+                .unwrap_err()
+                .contains("`\".x.com\"`")
+        );
+        assert!(check_domain("X.com").unwrap_err().contains("lower case"));
+        assert!(check_domain("x.com.").unwrap_err().contains("trailing dot"));
+        assert!(check_domain("x.com:8080").unwrap_err().contains("port"));
+    }
+
+    #[test]
+    fn python_paths() {
+        assert!(is_dotted_path("surveys.wsgi"));
+        assert!(is_dotted_path("_private"));
+        assert!(!is_dotted_path("surveys/wsgi.py"));
+        assert!(!is_dotted_path("surveys..wsgi"));
+        assert!(!is_dotted_path(""));
+        assert!(is_identifier("application"));
+        assert!(!is_identifier("1app"));
+    }
+
+    #[test]
+    fn aws_ids() {
+        assert!(is_region("eu-west-1"));
+        assert!(is_region("us-gov-west-1"));
+        assert!(is_region("ap-southeast-5"));
+        assert!(!is_region("eu-west"));
+        assert!(!is_region("EU-west-1"));
+        assert!(!is_region("europe-west-1"));
+        assert!(is_ami("ami-12345678"));
+        assert!(is_ami("ami-0123456789abcdef0"));
+        assert!(!is_ami("ami-1234567"));
+        assert!(!is_ami("ami-0123456789ABCDEF0"));
+        assert!(!is_ami("0123456789abcdef0"));
+        assert!(is_instance_type("t3.small"));
+        assert!(is_instance_type("m7g.2xlarge"));
+        assert!(is_instance_type("u-6tb1.metal"));
+        assert!(!is_instance_type("t3small"));
+        assert!(!is_instance_type("T3.small"));
+        assert!(!is_instance_type("t3."));
+    }
+}

@@ -1,0 +1,452 @@
+//! The seed's architecture as data.
+//!
+//! [`desired`] turns a validated [`rigger_config::Config`] and an environment name into the
+//! list of [`Resource`]s that environment should consist of: security groups per role, the load
+//! balancer, a launch template per release, Auto Scaling groups and their servers, the
+//! cache/queue server(s), the database primary and replicas with their data volumes. Everything
+//! carries the tags `project`, `environment`, `role` and `release`.
+//!
+//! This crate is pure: no I/O, no clock. Providers turn the same resources into real things
+//! (EC2 objects on AWS, directories and processes on the local machine), and the planner
+//! (`rigger-plan`) compares them with what a provider observed. Start reading at [`desired`];
+//! the vocabulary is in [`resource`].
+
+pub mod resource;
+
+pub use resource::{Attribute, OnChange, Resource, ResourceId, ResourceKind, Value, tag};
+use rigger_config::{Cidr, Config, Environment, ProviderConfig};
+
+/// Ports of the architecture, as the seed describes them.
+pub mod port {
+    pub const SSH: u16 = 22;
+    pub const HTTP: u16 = 80;
+    pub const HTTPS: u16 = 443;
+    pub const REDIS: u16 = 6379;
+    pub const AMQP: u16 = 5672;
+    pub const POSTGRES: u16 = 5432;
+}
+
+/// The roles a server or resource plays; the `role` tag's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Resources every server shares (the common security group).
+    All,
+    LoadBalancer,
+    Web,
+    Worker,
+    Cache,
+    Queue,
+    DbPrimary,
+    DbReplica,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::LoadBalancer => "lb",
+            Role::Web => "web",
+            Role::Worker => "worker",
+            Role::Cache => "cache",
+            Role::Queue => "queue",
+            Role::DbPrimary => "db-primary",
+            Role::DbReplica => "db-replica",
+        }
+    }
+}
+
+/// The desired state of one environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    pub project: String,
+    pub environment: String,
+    pub release: String,
+    /// Resources in an order where every resource comes after the ones it depends on.
+    pub resources: Vec<Resource>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TopologyError {
+    #[error("no environment `{name}` in the configuration (it has: {})", known.join(", "))]
+    UnknownEnvironment { name: String, known: Vec<String> },
+}
+
+/// Resource names of an environment, in one place so every provider spells them alike.
+#[derive(Debug, Clone)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    pub fn new(project: &str, environment: &str) -> Self {
+        Names {
+            prefix: format!("{project}-{environment}"),
+        }
+    }
+
+    /// `<project>-<env>-sg` for [`Role::All`], `<project>-<env>-<role>-sg` otherwise; both
+    /// database roles share `-db-sg`.
+    pub fn security_group(&self, role: Role) -> String {
+        match role {
+            Role::All => format!("{}-sg", self.prefix),
+            Role::DbPrimary | Role::DbReplica => format!("{}-db-sg", self.prefix),
+            other => format!("{}-{}-sg", self.prefix, other.as_str()),
+        }
+    }
+
+    pub fn load_balancer(&self) -> String {
+        format!("{}-lb", self.prefix)
+    }
+
+    pub fn launch_template(&self, role: Role, release: &str) -> String {
+        format!("{}-{}-{release}", self.prefix, role.as_str())
+    }
+
+    pub fn group(&self, role: Role) -> String {
+        format!("{}-{}", self.prefix, role.as_str())
+    }
+
+    /// The server in slot `slot` (1-based) of a group.
+    pub fn group_server(&self, role: Role, slot: u32) -> String {
+        format!("{}-{}[{slot}]", self.prefix, role.as_str())
+    }
+
+    /// A stand-alone server: `cache`, `queue`, `db-primary`, `db-replica1`, ...
+    pub fn server(&self, suffix: &str) -> String {
+        format!("{}-{suffix}", self.prefix)
+    }
+
+    pub fn volume(&self, server: &str) -> String {
+        format!("{server}-data")
+    }
+}
+
+/// The desired resources of environment `environment` at release `release`.
+pub fn desired(
+    config: &Config,
+    environment: &str,
+    release: &str,
+) -> Result<Topology, TopologyError> {
+    let env =
+        config
+            .environments
+            .get(environment)
+            .ok_or_else(|| TopologyError::UnknownEnvironment {
+                name: environment.to_owned(),
+                known: config.environments.keys().cloned().collect(),
+            })?;
+    let mut builder = Builder {
+        names: Names::new(&config.project.name, environment),
+        project: &config.project.name,
+        env,
+        release,
+        health_check_path: &config.project.health_check_path,
+        resources: Vec::new(),
+    };
+    builder.security_groups();
+    builder.load_balancer();
+    builder.groups();
+    builder.stand_alone_servers();
+    Ok(Topology {
+        project: config.project.name.clone(),
+        environment: environment.to_owned(),
+        release: release.to_owned(),
+        resources: builder.resources,
+    })
+}
+
+struct Builder<'a> {
+    names: Names,
+    project: &'a str,
+    env: &'a Environment,
+    release: &'a str,
+    health_check_path: &'a str,
+    resources: Vec<Resource>,
+}
+
+impl Builder<'_> {
+    fn push(&mut self, role: Role, resource: Resource) -> ResourceId {
+        let resource = resource
+            .tag(tag::PROJECT, self.project)
+            .tag(tag::ENVIRONMENT, &self.env.name)
+            .tag(tag::ROLE, role.as_str())
+            .tag(tag::RELEASE, self.release);
+        let id = resource.id.clone();
+        self.resources.push(resource);
+        id
+    }
+
+    fn sg_id(&self, role: Role) -> ResourceId {
+        ResourceId::new(ResourceKind::SecurityGroup, self.names.security_group(role))
+    }
+
+    fn is_local(&self) -> bool {
+        matches!(self.env.provider, ProviderConfig::Local(_))
+    }
+
+    /// One group per role. Ingress rules name their sources by group, never by address, and
+    /// nothing but the load balancer's 80/443 is open to the world.
+    fn security_groups(&mut self) {
+        let admin_cidrs: &[Cidr] = match &self.env.provider {
+            ProviderConfig::Aws(aws) => &aws.admin_cidrs,
+            ProviderConfig::Local(_) => &[],
+        };
+        let ssh = admin_cidrs
+            .iter()
+            .map(|cidr| rule(port::SSH, &cidr.to_string()));
+        self.security_group(Role::All, "every server", ssh.collect(), &[]);
+
+        let anywhere = Cidr::ANYWHERE.to_string();
+        let lb_rules = vec![rule(port::HTTP, &anywhere), rule(port::HTTPS, &anywhere)];
+        self.security_group(Role::LoadBalancer, "the load balancer", lb_rules, &[]);
+
+        let lb = self.names.security_group(Role::LoadBalancer);
+        let web_rules = vec![rule(port::HTTP, &sg(&lb)), rule(port::HTTPS, &sg(&lb))];
+        self.security_group(Role::Web, "web servers", web_rules, &[Role::LoadBalancer]);
+        self.security_group(Role::Worker, "worker servers", Vec::new(), &[]);
+
+        let web = self.names.security_group(Role::Web);
+        let worker = self.names.security_group(Role::Worker);
+        let app_clients = [Role::Web, Role::Worker];
+        let cache_rules = vec![
+            rule(port::REDIS, &sg(&web)),
+            rule(port::REDIS, &sg(&worker)),
+        ];
+        self.security_group(Role::Cache, "Redis", cache_rules, &app_clients);
+        let queue_rules = vec![rule(port::AMQP, &sg(&web)), rule(port::AMQP, &sg(&worker))];
+        self.security_group(Role::Queue, "RabbitMQ", queue_rules, &app_clients);
+
+        let db = self.names.security_group(Role::DbPrimary);
+        let db_rules = vec![
+            rule(port::POSTGRES, &sg(&web)),
+            rule(port::POSTGRES, &sg(&worker)),
+            rule(port::POSTGRES, &sg(&db)),
+        ];
+        self.security_group(Role::DbPrimary, "PostgreSQL", db_rules, &app_clients);
+    }
+
+    fn security_group(&mut self, role: Role, purpose: &str, rules: Vec<String>, sources: &[Role]) {
+        let name = self.names.security_group(role);
+        let mut resource = Resource::new(ResourceKind::SecurityGroup, name)
+            .set_immutable("description", format!("rigger: {purpose}"))
+            .set("ingress", Value::Set(rules.into_iter().collect()));
+        for source in sources {
+            resource = resource.depends_on(&self.sg_id(*source));
+        }
+        self.push(role, resource);
+    }
+
+    fn load_balancer(&mut self) {
+        let (kind, http, https, certificate) = match &self.env.provider {
+            ProviderConfig::Local(local) => (
+                "haproxy".to_owned(),
+                local.http_port,
+                local.https_port,
+                None,
+            ),
+            ProviderConfig::Aws(aws) => (
+                aws.load_balancer.to_string(),
+                port::HTTP,
+                port::HTTPS,
+                aws.certificate.clone(),
+            ),
+        };
+        let listeners = vec![
+            Value::from(format!("{http}->{} HTTP", port::HTTP)),
+            Value::from(format!("{https}->{} HTTPS", port::HTTPS)),
+        ];
+        let mut lb = Resource::new(ResourceKind::LoadBalancer, self.names.load_balancer())
+            .set_immutable("kind", kind)
+            .set("listeners", Value::List(listeners))
+            .set(
+                "health_check",
+                format!("HTTPS:{}{}", port::HTTPS, self.health_check_path),
+            )
+            .set(
+                "security_groups",
+                sg_set(&[self.names.security_group(Role::LoadBalancer)]),
+            )
+            .depends_on(&self.sg_id(Role::LoadBalancer));
+        if let Some(certificate) = certificate {
+            lb = lb.set("certificate", certificate);
+        }
+        if !self.is_local() {
+            lb = lb
+                .set("cross_zone", true)
+                .set("connection_draining_seconds", 30u32);
+        }
+        self.push(Role::LoadBalancer, lb);
+    }
+
+    /// Web and worker: a launch template for this release and a group pointing at it, plus one
+    /// resource per server the group should run.
+    fn groups(&mut self) {
+        let lb = ResourceId::new(ResourceKind::LoadBalancer, self.names.load_balancer());
+        for (role, sizing) in [(Role::Web, &self.env.web), (Role::Worker, &self.env.worker)] {
+            let template_name = self.names.launch_template(role, self.release);
+            let mut template = Resource::new(ResourceKind::LaunchTemplate, template_name.clone())
+                .set_immutable("release", self.release)
+                .set_immutable(
+                    "security_groups",
+                    sg_set(&[
+                        self.names.security_group(Role::All),
+                        self.names.security_group(role),
+                    ]),
+                )
+                .set_immutable("volume_size_gib", sizing.volume_size)
+                .depends_on(&self.sg_id(Role::All))
+                .depends_on(&self.sg_id(role));
+            template = self.with_machine(template, &sizing.instance_type);
+            let template_id = self.push(role, template);
+
+            let mut group = Resource::new(ResourceKind::AutoScalingGroup, self.names.group(role))
+                .set("min", sizing.min)
+                .set("max", sizing.max)
+                .set("desired", sizing.desired)
+                .set("launch_template", template_name.clone())
+                .depends_on(&template_id);
+            if role == Role::Web {
+                group = group
+                    .set("load_balancer", self.names.load_balancer())
+                    .set("health_check_type", "ELB")
+                    .depends_on(&lb);
+            }
+            let group_id = self.push(role, group);
+
+            for slot in 1..=sizing.desired {
+                let server = Resource::new(
+                    ResourceKind::GroupServer,
+                    self.names.group_server(role, slot),
+                )
+                .set_immutable("launch_template", template_name.clone())
+                .depends_on(&group_id);
+                self.push(role, server);
+            }
+        }
+    }
+
+    fn stand_alone_servers(&mut self) {
+        let cache = &self.env.cache;
+        if cache.shared_with_queue {
+            let sgs = [Role::Cache, Role::Queue];
+            self.server(
+                "cache",
+                Role::Cache,
+                &["cache", "queue"],
+                &sgs,
+                &cache.instance_type,
+                cache.volume_size,
+                None,
+            );
+        } else {
+            self.server(
+                "cache",
+                Role::Cache,
+                &["cache"],
+                &[Role::Cache],
+                &cache.instance_type,
+                cache.volume_size,
+                None,
+            );
+            self.server(
+                "queue",
+                Role::Queue,
+                &["queue"],
+                &[Role::Queue],
+                &cache.instance_type,
+                cache.volume_size,
+                None,
+            );
+        }
+        let db = &self.env.database;
+        let primary = self.server(
+            "db-primary",
+            Role::DbPrimary,
+            &["db-primary"],
+            &[Role::DbPrimary],
+            &db.instance_type,
+            db.volume_size,
+            None,
+        );
+        for n in 1..=db.replicas {
+            let suffix = format!("db-replica{n}");
+            self.server(
+                &suffix,
+                Role::DbReplica,
+                &["db-replica"],
+                &[Role::DbReplica],
+                &db.instance_type,
+                db.volume_size,
+                Some(&primary),
+            );
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn server(
+        &mut self,
+        suffix: &str,
+        role: Role,
+        roles: &[&str],
+        groups: &[Role],
+        instance_type: &str,
+        volume_size: u32,
+        after: Option<&ResourceId>,
+    ) -> ResourceId {
+        let name = self.names.server(suffix);
+        let mut volume = Resource::new(ResourceKind::Volume, self.names.volume(&name))
+            .set("size_gib", volume_size);
+        if !self.is_local() {
+            volume = volume
+                .set_immutable("encrypted", true)
+                .set("volume_type", "gp3");
+        }
+        let volume_id = self.push(role, volume);
+
+        let mut security_groups = vec![self.names.security_group(Role::All)];
+        security_groups.extend(groups.iter().map(|role| self.names.security_group(*role)));
+        let mut server = Resource::new(ResourceKind::Server, name)
+            .set_immutable(
+                "roles",
+                Value::Set(roles.iter().map(|r| (*r).to_owned()).collect()),
+            )
+            .set("security_groups", sg_set(&security_groups))
+            .set("data_volume", self.names.volume(&self.names.server(suffix)))
+            .depends_on(&volume_id)
+            .depends_on(&self.sg_id(Role::All));
+        for role in groups {
+            server = server.depends_on(&self.sg_id(*role));
+        }
+        if let Some(primary) = after {
+            server = server.depends_on(primary);
+        }
+        server = self.with_machine(server, instance_type);
+        self.push(role, server)
+    }
+
+    /// Machine image and instance type mean something only on AWS; the local provider runs
+    /// every server on this machine, so its plan leaves them out rather than show fiction.
+    fn with_machine(&self, resource: Resource, instance_type: &str) -> Resource {
+        match &self.env.provider {
+            ProviderConfig::Aws(aws) => resource
+                .set_immutable("image", aws.ami.clone())
+                .set("instance_type", instance_type),
+            ProviderConfig::Local(_) => resource,
+        }
+    }
+}
+
+fn rule(port: u16, source: &str) -> String {
+    format!("tcp/{port} from {source}")
+}
+
+fn sg(name: &str) -> String {
+    format!("sg:{name}")
+}
+
+fn sg_set(names: &[String]) -> Value {
+    Value::Set(names.iter().cloned().collect())
+}
+
+#[cfg(test)]
+mod tests;
