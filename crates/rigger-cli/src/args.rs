@@ -55,6 +55,54 @@ pub enum Command {
     Validate,
     /// Show what `up` would change, and why, without changing anything.
     Plan(PlanArgs),
+    /// Bring the environment up (or confirm it is), and print the site's URL.
+    Up,
+    /// Stop everything the environment runs.
+    Down(DownArgs),
+    /// Servers, processes, load balancer health, URLs and replication.
+    Status(StatusArgs),
+    /// Change a group's desired count, e.g. `rigger scale web=3`.
+    Scale(ScaleArgs),
+    /// The environment's secrets (names only; values are never printed).
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+    /// Run the local environment's supervisor in the foreground (`up` starts it for you).
+    #[command(hide = true)]
+    Supervise,
+}
+
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// Also delete the environment's data, logs and secrets.
+    #[arg(long)]
+    pub purge: bool,
+    /// Do not ask for confirmation before purging.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print the status as JSON (schema: docs/status-json.md).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    /// `GROUP=COUNT` pairs; the groups are `web` and `worker`.
+    #[arg(required = true, value_name = "GROUP=COUNT")]
+    pub counts: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// List the names of the environment's secrets.
+    List {
+        /// Print the names as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

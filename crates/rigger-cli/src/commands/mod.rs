@@ -2,6 +2,7 @@
 //! to stdout, and returns a [`Failure`] for [`crate::run`] to report.
 
 mod init;
+mod local;
 mod plan;
 mod validate;
 
@@ -16,6 +17,12 @@ pub(crate) fn dispatch(command: Command, settings: &Settings) -> Result<(), Fail
         Command::Init(args) => init::run(args, settings),
         Command::Validate => validate::run(settings),
         Command::Plan(args) => plan::run(args, settings),
+        Command::Up => local::up(settings),
+        Command::Down(args) => local::down(args, settings),
+        Command::Status(args) => local::status(args, settings),
+        Command::Scale(args) => local::scale(args, settings),
+        Command::Secrets(command) => local::secrets(command, settings),
+        Command::Supervise => local::supervise(settings),
     }
 }
 

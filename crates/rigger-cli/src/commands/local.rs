@@ -1,0 +1,211 @@
+//! Commands that act on a running environment: `up`, `down`, `status`, `scale`, `secrets`,
+//! and the hidden `supervise`. Only the local provider exists so far; an AWS environment gets
+//! a clear error instead of a silent no-op.
+
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
+
+use anyhow::{Context as _, anyhow};
+use rigger_config::{Config, ProviderKind};
+use rigger_local::control::{self, UpOutcome};
+use rigger_local::environment::LocalEnvironment;
+use rigger_local::status::Status;
+
+use crate::args::{DownArgs, ScaleArgs, SecretsCommand, StatusArgs};
+use crate::{Failure, Settings};
+
+/// The local environment named by `-e`, or a usage error.
+pub(crate) fn local_environment(settings: &Settings) -> Result<LocalEnvironment, Failure> {
+    let config = super::load_config(settings)?;
+    let env = super::environment(&config, settings)?;
+    if env.provider_kind() != ProviderKind::Local {
+        return Err(Failure::Usage(anyhow!(
+            "environment `{}` uses provider `{}`, which rigger cannot drive yet; `rigger plan -e {}` shows what it would create",
+            env.name,
+            env.provider_kind(),
+            env.name
+        )));
+    }
+    Ok(LocalEnvironment::new(config_with_scaling(config.clone(), settings), &settings.environment, &settings.config_path)
+        .expect("checked: a local environment"))
+}
+
+/// `rigger scale` sets a group's desired count outside rigger.toml, as one would on an Auto
+/// Scaling group; the plan and the supervisor both use that count rather than fight it.
+pub(crate) fn config_with_scaling(mut config: Config, settings: &Settings) -> Config {
+    let Some(env) = config.environments.get_mut(&settings.environment) else { return config };
+    if env.provider_kind() != ProviderKind::Local {
+        return config;
+    }
+    let paths = rigger_local::paths::EnvPaths::for_environment(&config.project.name, &settings.environment);
+    let counts = rigger_local::supervisor::DesiredCounts::load(&paths.desired());
+    if let Some(web) = counts.web {
+        env.web.desired = web.clamp(env.web.min, env.web.max);
+    }
+    if let Some(worker) = counts.worker {
+        env.worker.desired = worker.clamp(env.worker.min, env.worker.max);
+    }
+    config
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+        .map_err(Failure::Operation)
+}
+
+fn say(settings: &Settings, line: &str) {
+    if settings.verbosity >= 0 {
+        eprintln!("{line}");
+    }
+}
+
+pub(crate) fn up(settings: &Settings) -> Result<(), Failure> {
+    let env = local_environment(settings)?;
+    let rigger = std::env::current_exe().context("finding the rigger executable")?;
+    let started = std::time::Instant::now();
+    let outcome = runtime()?.block_on(control::up(&env, &rigger, &settings.config_path, |line| say(settings, &format!("  {line}"))))?;
+    let (status, verb) = match &outcome {
+        UpOutcome::Started(status) => (status, "is up"),
+        UpOutcome::Updated(status) => (status, "was updated"),
+        UpOutcome::AlreadyUp(status) => (status, "was already up and healthy: nothing to do"),
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    say(settings, &format!("{}/{} {verb} ({elapsed:.1} s)", status.project, status.environment));
+    println!("{}", status.urls.first().map_or("", String::as_str));
+    Ok(())
+}
+
+pub(crate) fn down(args: DownArgs, settings: &Settings) -> Result<(), Failure> {
+    let DownArgs { purge, yes } = args;
+    let env = local_environment(settings)?;
+    if purge && !yes {
+        confirm(&format!(
+            "This deletes {}: the databases, logs and secrets of {}/{}. Type the environment's name to confirm: ",
+            env.paths.root().display(),
+            env.config.project.name,
+            env.name
+        ), &env.name)?;
+    }
+    runtime()?.block_on(control::down(&env, purge, |line| say(settings, &format!("  {line}"))))?;
+    say(settings, &format!("{}/{} is down", env.config.project.name, env.name));
+    Ok(())
+}
+
+fn confirm(question: &str, expected: &str) -> Result<(), Failure> {
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        return Err(Failure::Usage(anyhow!("refusing to purge without confirmation; pass --yes")));
+    }
+    eprint!("{question}");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    stdin.lock().read_line(&mut answer).context("reading the confirmation")?;
+    if answer.trim() != expected {
+        return Err(Failure::Usage(anyhow!("not confirmed; nothing was deleted")));
+    }
+    Ok(())
+}
+
+pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failure> {
+    let StatusArgs { json } = args;
+    let env = local_environment(settings)?;
+    let status = runtime()?.block_on(control::status(&env));
+    if json {
+        let value = match &status {
+            Some(status) => serde_json::to_value(status).context("encoding the status")?,
+            None => serde_json::json!({
+                "schema": "rigger.status", "version": 1, "project": env.config.project.name,
+                "environment": env.name, "provider": "local", "phase": "down", "servers": [],
+            }),
+        };
+        println!("{}", serde_json::to_string_pretty(&value).context("encoding the status")?);
+        return Ok(());
+    }
+    match status {
+        Some(status) => print!("{}", render_status(&status)),
+        None => println!("{}/{} is down (run `rigger up`)", env.config.project.name, env.name),
+    }
+    Ok(())
+}
+
+fn render_status(status: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "{}/{}  provider local  release {}  {:?}: {}", status.project, status.environment, status.release, status.phase, status.message);
+    for url in &status.urls {
+        let _ = writeln!(out, "  {url}");
+    }
+    for group in &status.groups {
+        let _ = writeln!(out, "group {:<7} min {} desired {} max {}", group.name, group.min, group.desired, group.max);
+    }
+    let _ = writeln!(out, "{:<13} {:<16} {:<12} {:<16} {:<10} processes", "SERVER", "ROLES", "ADDRESS", "STATE", "LB");
+    for server in &status.servers {
+        let processes: Vec<String> = server
+            .processes
+            .iter()
+            .map(|p| format!("{}:{}", p.name, if p.state == "running" { "up" } else { "DOWN" }))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<13} {:<16} {:<12} {:<16} {:<10} {}",
+            server.id,
+            server.roles.join(","),
+            server.address,
+            server.state,
+            server.load_balancer.as_deref().unwrap_or("-"),
+            processes.join(" ")
+        );
+    }
+    for replica in &status.replication {
+        let _ = writeln!(
+            out,
+            "replica {:<12} {:<10} lag {} bytes, {:.3} s",
+            replica.id,
+            replica.state,
+            replica.lag_bytes.map_or("?".into(), |b| b.to_string()),
+            replica.lag_seconds.unwrap_or(f64::NAN)
+        );
+    }
+    out
+}
+
+pub(crate) fn scale(args: ScaleArgs, settings: &Settings) -> Result<(), Failure> {
+    let ScaleArgs { counts } = args;
+    let env = local_environment(settings)?;
+    let mut parsed = Vec::new();
+    for assignment in &counts {
+        let (group, count) = assignment
+            .split_once('=')
+            .and_then(|(g, c)| Some((g, c.parse::<u32>().ok()?)))
+            .ok_or_else(|| Failure::Usage(anyhow!("`{assignment}` is not GROUP=COUNT (e.g. web=3)")))?;
+        parsed.push((group.to_owned(), count));
+    }
+    for (group, count) in parsed {
+        control::scale(&env, &group, count).map_err(Failure::Usage)?;
+        say(settings, &format!("{group} desired count set to {count}"));
+    }
+    Ok(())
+}
+
+pub(crate) fn secrets(command: SecretsCommand, settings: &Settings) -> Result<(), Failure> {
+    let SecretsCommand::List { json } = command;
+    let env = local_environment(settings)?;
+    let names = rigger_local::secrets::names(&env.paths.secrets());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&names).context("encoding")?);
+    } else if names.is_empty() {
+        say(settings, "no secrets yet: they are generated by the first `rigger up`");
+    } else {
+        for name in names {
+            println!("{name}");
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn supervise(settings: &Settings) -> Result<(), Failure> {
+    let env = local_environment(settings)?;
+    runtime()?.block_on(rigger_local::supervisor::run(env)).map_err(Failure::Operation)
+}

@@ -1,0 +1,235 @@
+//! One local environment as the supervisor sees it: the validated configuration plus where it
+//! lives, and how each server's [`ServerContext`] for the role recipes is derived from them.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use rigger_config::{Config, Environment, LocalConfig, ProviderConfig};
+use rigger_recipes::{Layout, Network, Peer, Ports, ProjectInfo, Role, Secrets, ServerContext, Tuning};
+
+use crate::paths::EnvPaths;
+use crate::registry::{self, Registry, ServerRecord, subnet};
+
+/// Ids of the stand-alone servers.
+pub const CACHE: &str = "cache";
+pub const QUEUE: &str = "queue";
+pub const DB_PRIMARY: &str = "db-primary";
+
+pub fn db_replica_id(n: u32) -> String {
+    format!("db-replica{n}")
+}
+
+/// The port rigger's own epmd listens on. Not the default 4369, so that a distribution epmd
+/// (which binds every address) never collides with the environment's.
+pub const EPMD_PORT: u16 = 14369;
+
+#[derive(Debug, Clone)]
+pub struct LocalEnvironment {
+    pub config: Config,
+    pub name: String,
+    /// Directory of rigger.toml; the app path is relative to it.
+    pub config_dir: PathBuf,
+    pub paths: EnvPaths,
+}
+
+impl LocalEnvironment {
+    /// `None` when `name` is not a local environment of `config`.
+    pub fn new(config: Config, name: &str, config_path: &Path) -> Option<Self> {
+        let env = config.environments.get(name)?;
+        if !matches!(env.provider, ProviderConfig::Local(_)) {
+            return None;
+        }
+        let paths = EnvPaths::for_environment(&config.project.name, name);
+        let config_dir = config_path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let config_dir = std::fs::canonicalize(&config_dir).unwrap_or(config_dir);
+        Some(LocalEnvironment {
+            config,
+            name: name.to_owned(),
+            config_dir,
+            paths,
+        })
+    }
+
+    pub fn env(&self) -> &Environment {
+        &self.config.environments[&self.name]
+    }
+
+    pub fn local(&self) -> &LocalConfig {
+        match &self.env().provider {
+            ProviderConfig::Local(local) => local,
+            ProviderConfig::Aws(_) => unreachable!("checked in LocalEnvironment::new"),
+        }
+    }
+
+    pub fn app_source(&self) -> PathBuf {
+        self.config_dir.join(&self.config.project.app_path)
+    }
+
+    pub fn requirements(&self) -> PathBuf {
+        self.app_source().join(&self.config.project.requirements)
+    }
+
+    pub fn lb_address(&self) -> Ipv4Addr {
+        registry::address(self.local().addresses, subnet::LOAD_BALANCER, 1)
+    }
+
+    /// The site's URL through the load balancer.
+    pub fn url(&self) -> String {
+        format!("https://{}:{}/", self.lb_address(), self.local().https_port)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}:{}/", self.lb_address(), self.local().http_port)
+    }
+
+    /// Database and user names: the project name with `-` made `_`, valid unquoted in SQL.
+    pub fn db_name(&self) -> String {
+        self.config.project.name.replace('-', "_")
+    }
+
+    /// The stand-alone servers the configuration asks for, with their fixed addresses.
+    pub fn stand_alone_servers(&self, release: &str) -> Vec<ServerRecord> {
+        let block = self.local().addresses;
+        let record = |id: &str, roles: &[Role], subnet: u8, host: u8| ServerRecord {
+            id: id.to_owned(),
+            roles: roles.iter().map(|r| r.as_str().to_owned()).collect(),
+            address: registry::address(block, subnet, host),
+            release: release.to_owned(),
+            state: registry::ServerState::Pending,
+            beat: false,
+        };
+        let mut servers = Vec::new();
+        if self.env().cache.shared_with_queue {
+            servers.push(record(CACHE, &[Role::Cache, Role::Queue], subnet::CACHE, 1));
+        } else {
+            servers.push(record(CACHE, &[Role::Cache], subnet::CACHE, 1));
+            servers.push(record(QUEUE, &[Role::Queue], subnet::CACHE, 2));
+        }
+        servers.push(record(DB_PRIMARY, &[Role::DbPrimary], subnet::DATABASE, 1));
+        for n in 1..=self.env().database.replicas {
+            let host = u8::try_from(n + 1).unwrap_or(u8::MAX);
+            servers.push(record(&db_replica_id(n), &[Role::DbReplica], subnet::DATABASE, host));
+        }
+        servers
+    }
+
+    fn server_with_role<'r>(&self, registry: &'r Registry, role: Role) -> Option<&'r ServerRecord> {
+        registry.servers.iter().find(|server| server.has_role(role))
+    }
+
+    /// Everything the role recipes need to render `server`.
+    pub fn context(
+        &self,
+        server: &ServerRecord,
+        registry: &Registry,
+        secrets: &Secrets,
+        venv: &Path,
+        release_dir: &Path,
+    ) -> ServerContext {
+        let project = &self.config.project;
+        let block = self.local().addresses;
+        let mut layout = Layout::local(self.paths.server(&server.id), self.paths.shared());
+        layout.app_dir = release_dir.to_path_buf();
+        layout.venv_dir = venv.to_path_buf();
+        layout.pki_dir = self.paths.pki();
+        layout.media_root = self.paths.media();
+        layout.static_root = self.paths.static_root();
+
+        let address_of = |role: Role, fallback: (u8, u8)| {
+            self.server_with_role(registry, role)
+                .map_or_else(|| registry::address(block, fallback.0, fallback.1), |s| s.address)
+        };
+        let db_primary = Peer::new(DB_PRIMARY, address_of(Role::DbPrimary, (subnet::DATABASE, 1)));
+        let db_replicas = registry
+            .servers
+            .iter()
+            .filter(|s| s.has_role(Role::DbReplica))
+            .map(|s| Peer::new(s.id.clone(), s.address))
+            .collect();
+        let web_backends = registry
+            .group_members(Role::Web)
+            .filter(|s| s.state != registry::ServerState::Unhealthy)
+            .map(|s| Peer::new(s.id.clone(), s.address))
+            .collect();
+        let network = |subnet: u8| Network::new(registry::address(block, subnet, 0), 24);
+        let loopback = Network::host(Ipv4Addr::LOCALHOST);
+
+        let local = self.local();
+        let ports = Ports {
+            lb_http: local.http_port,
+            lb_https: local.https_port,
+            epmd: EPMD_PORT,
+            ..Ports::default()
+        };
+        let db_name = self.db_name();
+        ServerContext {
+            server_id: server.id.clone(),
+            address: server.address,
+            roles: server.roles(),
+            layout,
+            project: ProjectInfo {
+                name: project.name.clone(),
+                environment: self.name.clone(),
+                wsgi_module: project.wsgi_module.clone(),
+                celery_app: project.celery_app.clone(),
+                domains: project.domains.clone(),
+                extra_server_names: vec![self.lb_address().to_string(), "localhost".into()],
+                health_check_path: project.health_check_path.clone(),
+                release: server.release.clone(),
+                db_name: db_name.clone(),
+                db_user: db_name.clone(),
+                replication_user: "replicator".into(),
+                amqp_user: db_name.clone(),
+                amqp_vhost: db_name,
+            },
+            ports,
+            peers: rigger_recipes::Peers {
+                db_primary,
+                db_replicas,
+                redis: address_of(Role::Cache, (subnet::CACHE, 1)),
+                amqp: address_of(Role::Queue, (subnet::CACHE, 1)),
+                web_backends,
+                // On one machine, clients that cannot choose their source address (libpq: the
+                // replicas' WAL receivers, the supervisor's migrations; stunnel) connect from
+                // 127.0.0.1, so it stands in for "this machine's tools". TLS and SCRAM are
+                // still required on every line.
+                db_client_networks: vec![network(subnet::WEB), network(subnet::WORKER), network(subnet::DATABASE), loopback],
+                db_replication_networks: vec![network(subnet::DATABASE), loopback],
+            },
+            secrets: secrets.clone(),
+            tuning: local_tuning(),
+            start_epmd: server.has_role(Role::Queue),
+            celery_beat: server.beat,
+        }
+    }
+
+    /// The load balancer is not a server of the topology's groups but runs like one.
+    pub fn lb_record(&self, release: &str) -> ServerRecord {
+        ServerRecord {
+            id: "lb".into(),
+            roles: vec![Role::Lb.as_str().to_owned()],
+            address: self.lb_address(),
+            release: release.to_owned(),
+            state: registry::ServerState::Pending,
+            beat: false,
+        }
+    }
+}
+
+/// Small numbers: a whole environment shares one machine (about 1 GiB with 2 web servers).
+fn local_tuning() -> Tuning {
+    Tuning {
+        gunicorn_workers: 2,
+        celery_concurrency: 2,
+        nginx_worker_processes: Some(1),
+        postgres_shared_buffers: "32MB".into(),
+        postgres_max_connections: 60,
+        postgres_max_slot_wal_keep_size: "256MB".into(),
+        redis_maxmemory: Some("64mb".into()),
+        rabbitmq_memory_limit: Some("256MB".into()),
+        ..Tuning::default()
+    }
+}

@@ -1,0 +1,220 @@
+//! What every server of an environment shares, made ready before any server starts: the state
+//! directories, secrets, the certificate authority and server certificates, the app's venv
+//! and the release's code.
+
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use rigger_recipes::{Command, Secrets};
+
+use crate::apply::{self, run_command};
+use crate::environment::LocalEnvironment;
+
+/// The release every local environment runs until deploys exist.
+pub const INITIAL_RELEASE: &str = "initial";
+
+/// Shared things, ready to use.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub secrets: Secrets,
+    pub venv: PathBuf,
+    pub release: String,
+    pub release_dir: PathBuf,
+}
+
+pub async fn prepare(env: &LocalEnvironment) -> anyhow::Result<Prepared> {
+    let paths = &env.paths;
+    for dir in [paths.root().to_path_buf(), paths.servers(), paths.shared(), paths.releases(), paths.venvs(), paths.pki()] {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    ensure_traversable(paths.root())?;
+    for dir in [paths.media(), paths.static_root()] {
+        apply::ensure_dir(&rigger_recipes::DirSpec {
+            path: dir,
+            mode: 0o755,
+            owner: "www-data".into(),
+        })?;
+    }
+    let secrets = crate::secrets::load_or_generate(&paths.secrets())?;
+    ensure_ca(&paths.pki(), &paths.root().join("pki.log")).await?;
+    let venv = ensure_venv(env).await?;
+    let release = INITIAL_RELEASE.to_owned();
+    let release_dir = ensure_release(env, &release).await?;
+    Ok(Prepared {
+        secrets,
+        venv,
+        release,
+        release_dir,
+    })
+}
+
+/// Service users must reach the state directory: every parent needs the search bit.
+fn ensure_traversable(dir: &Path) -> anyhow::Result<()> {
+    for ancestor in dir.ancestors() {
+        let Ok(metadata) = std::fs::metadata(ancestor) else { continue };
+        if metadata.permissions().mode() & 0o001 == 0 {
+            anyhow::bail!(
+                "{} is not searchable by other users, so services running as postgres or www-data \
+                 cannot reach the state directory {}; set RIGGER_STATE_DIR to a directory outside it",
+                ancestor.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn openssl(args: &[&str]) -> Command {
+    Command::new("openssl").args(args.iter().copied())
+}
+
+async fn ensure_ca(pki: &Path, log: &Path) -> anyhow::Result<()> {
+    let (cert, key) = (pki.join("ca.crt"), pki.join("ca.key"));
+    if cert.exists() && key.exists() {
+        return Ok(());
+    }
+    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+    run_command(
+        &openssl(&[
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "3650",
+            "-subj", "/CN=rigger environment CA", "-keyout", &key_s, "-out", &cert_s,
+        ]),
+        None,
+        log,
+    )
+    .await
+    .context("creating the environment's certificate authority")?;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(&cert, std::fs::Permissions::from_mode(0o644))?;
+    Ok(())
+}
+
+/// A certificate for a server, signed by the environment's CA, valid for its id and address.
+/// The key is given to `owner` with mode 0600.
+pub async fn ensure_server_certificate(
+    pki: &Path,
+    tls_dir: &Path,
+    id: &str,
+    address: Ipv4Addr,
+    extra_names: &[String],
+    owner: &str,
+) -> anyhow::Result<()> {
+    let (cert, key) = (tls_dir.join("server.crt"), tls_dir.join("server.key"));
+    if cert.exists() && key.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(tls_dir)?;
+    std::fs::set_permissions(tls_dir, std::fs::Permissions::from_mode(0o755))?;
+    let log = tls_dir.join("openssl.log");
+    let csr = tls_dir.join("server.csr");
+    let extensions = tls_dir.join("server.ext");
+    let mut names = vec![format!("DNS:{id}"), format!("IP:{address}")];
+    names.extend(extra_names.iter().map(|name| format!("DNS:{}", name.trim_start_matches('.'))));
+    std::fs::write(&extensions, format!("subjectAltName={}\n", names.join(",")))?;
+    let s = |p: &Path| p.display().to_string();
+    run_command(
+        &openssl(&[
+            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj",
+            &format!("/CN={id}"), "-keyout", &s(&key), "-out", &s(&csr),
+        ]),
+        None,
+        &log,
+    )
+    .await
+    .with_context(|| format!("creating a key for {id}"))?;
+    run_command(
+        &openssl(&[
+            "x509", "-req", "-in", &s(&csr), "-CA", &s(&pki.join("ca.crt")), "-CAkey", &s(&pki.join("ca.key")),
+            "-CAcreateserial", "-days", "825", "-extfile", &s(&extensions), "-out", &s(&cert),
+        ]),
+        None,
+        &log,
+    )
+    .await
+    .with_context(|| format!("signing the certificate of {id}"))?;
+    let _ = std::fs::remove_file(&csr);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(&cert, std::fs::Permissions::from_mode(0o644))?;
+    if apply::is_root() {
+        let user = nix::unistd::User::from_name(owner)?.with_context(|| format!("user `{owner}` does not exist"))?;
+        nix::unistd::chown(&key, Some(user.uid), Some(user.gid))?;
+        nix::unistd::chown(&cert, Some(user.uid), Some(user.gid))?;
+    }
+    Ok(())
+}
+
+/// A venv per distinct requirements file (named by its hash), made with the system Python so
+/// that service users can run it, and reused by every later `up`.
+async fn ensure_venv(env: &LocalEnvironment) -> anyhow::Result<PathBuf> {
+    let requirements = env.requirements();
+    let text = std::fs::read(&requirements).with_context(|| {
+        format!("reading the app's requirements {} (project.requirements)", requirements.display())
+    })?;
+    let digest = fnv1a(&text);
+    let venv = env.paths.venvs().join(format!("{digest:016x}"));
+    let stamp = venv.join(".rigger-complete");
+    if stamp.exists() {
+        return Ok(venv);
+    }
+    let log = env.paths.venvs().join("install.log");
+    let venv_s = venv.display().to_string();
+    let _ = std::fs::remove_dir_all(&venv);
+    tracing::info!(venv = %venv.display(), "creating the app's venv (first time only)");
+    run_command(&Command::new("/usr/bin/python3").args(["-m", "venv", &venv_s]), None, &log)
+        .await
+        .context("creating the app's venv (is python3-venv installed? scripts/install-packages.sh)")?;
+    let pip = venv.join("bin/pip").display().to_string();
+    let mut install = Command::new(pip).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-r",
+        &requirements.display().to_string(),
+    ]);
+    // pip needs a writable HOME for its cache; the root user's is fine.
+    install = install.env("HOME", std::env::var("HOME").unwrap_or_else(|_| "/root".into()));
+    run_command(&install, None, &log)
+        .await
+        .with_context(|| format!("installing {} into the venv", requirements.display()))?;
+    std::fs::write(&stamp, b"")?;
+    Ok(venv)
+}
+
+/// 64-bit FNV-1a: names a venv by its requirements; not a security boundary.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The app's code for `release`, copied so that editing the working tree never changes what
+/// runs (and so service users can read it wherever the tree lives).
+async fn ensure_release(env: &LocalEnvironment, release: &str) -> anyhow::Result<PathBuf> {
+    let dir = env.paths.release(release);
+    let stamp = dir.join(".rigger-release");
+    if stamp.exists() {
+        return Ok(dir);
+    }
+    let source = env.app_source();
+    anyhow::ensure!(
+        source.join("manage.py").is_file(),
+        "{} has no manage.py; set project.app_path in rigger.toml to the Django project's directory",
+        source.display()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let log = env.paths.releases().join("copy.log");
+    run_command(
+        &Command::new("cp").args(["-R", &format!("{}/.", source.display()), &dir.display().to_string()]),
+        None,
+        &log,
+    )
+    .await
+    .context("copying the app's code into the release")?;
+    run_command(&Command::new("chmod").args(["-R", "a+rX", &dir.display().to_string()]), None, &log).await?;
+    std::fs::write(&stamp, release)?;
+    Ok(dir)
+}

@@ -1,0 +1,861 @@
+//! Running service processes safely: start, record, signal, stop, and clean up after a crash.
+//!
+//! [`spawn`] starts a [`ProcessSpec`] as the leader of its own process group (so Ctrl-C on
+//! rigger's terminal does not reach it, and stopping it reaches every worker it forked), with
+//! exactly the environment it was given, as the user it names, its output appended to its log.
+//! It then writes a pid file holding a [`PidRecord`]: the pid *and* the kernel's start time of
+//! that process, plus the boot it belongs to. Every later operation ([`stop`], [`signal()`],
+//! [`PidRecord::is_alive`]) first checks that the pid still names that very process, so a pid
+//! the kernel has handed to someone else is never signalled. Because the record is on disk, a
+//! rigger started after the supervisor was killed can still stop everything:
+//! [`stop_leftovers`] walks a state directory and stops whatever its pid files name.
+//!
+//! Stopping is polled (every 20 ms), never a fixed sleep: [`stop`] sends the stop signal to the
+//! group, waits until the leader and every member are gone, and SIGKILLs the group when the
+//! timeout passes. A leader that already died while members of its group live on (a shell that
+//! backgrounded a job) still has those members stopped.
+//!
+//! Everything reads Linux's `/proc`; this module is Linux-only, as is the local provider.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::str::FromStr;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{self, Signal};
+use nix::unistd::{Pid, User, geteuid};
+use serde::{Deserialize, Serialize};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+/// The `PATH` a process gets when its spec's environment has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How often [`stop`] looks whether the process is gone yet.
+const POLL: Duration = Duration::from_millis(20);
+
+/// How long [`stop`] waits for SIGKILL to take effect before giving up on watching.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// One service process to run, e.g. nginx on `web-3`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSpec {
+    /// Unique among all processes of an environment, e.g. `web-3/nginx`.
+    pub name: String,
+    /// The program; a bare name is looked up in the spec's `PATH`.
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// The whole environment of the process: nothing is inherited from rigger, except that
+    /// [`DEFAULT_PATH`] is added when `PATH` is absent.
+    pub env: BTreeMap<String, String>,
+    /// Working directory; rigger's own when `None`.
+    pub cwd: Option<PathBuf>,
+    /// Run as this user (and its groups) when rigger is root. When rigger is not root and the
+    /// user differs, the process runs as rigger's user (logged at debug level).
+    pub user: Option<String>,
+    /// Standard output and standard error are appended here; the directory is created.
+    pub log_path: PathBuf,
+    /// Where the [`PidRecord`] is written; the directory is created.
+    pub pid_path: PathBuf,
+    /// The signal that asks the service to shut down (SIGTERM for most, SIGINT is "fast
+    /// shutdown" for PostgreSQL, SIGQUIT graceful for nginx).
+    pub stop_signal: Signal,
+    /// How long the service may take to shut down before its group is SIGKILLed.
+    pub stop_timeout: Duration,
+}
+
+/// A running process started by [`spawn`]; owns the child so the supervisor can wait on it.
+///
+/// Dropping it leaves the process running (as a supervisor crash would); stop it with
+/// [`stop_supervised`] or, from any later rigger, with [`stop`] / [`stop_leftovers`].
+#[derive(Debug)]
+pub struct Supervised {
+    child: Child,
+    record: PidRecord,
+    stop_timeout: Duration,
+}
+
+/// What a pid file holds: enough to find a process again and to be sure it is the same one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PidRecord {
+    pub pid: i32,
+    /// Field 22 of `/proc/<pid>/stat`: clock ticks since boot when the process started. A pid
+    /// is reused only by a process with a different start time.
+    pub start_time: u64,
+    /// `/proc/sys/kernel/random/boot_id` when the process started, so a record left from before
+    /// a reboot never matches. Empty when unknown (older record), then not compared.
+    #[serde(default)]
+    pub boot_id: String,
+    pub name: String,
+    pub program: String,
+    /// The signal [`stop_leftovers`] sends; SIGTERM when absent.
+    #[serde(with = "signal_name", default = "default_stop_signal")]
+    pub stop_signal: Signal,
+    /// The pid file this record was read from or written to; removed by [`stop`].
+    #[serde(skip)]
+    pub pid_path: Option<PathBuf>,
+}
+
+/// How a [`stop`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopOutcome {
+    /// The process (and its group) exited within the timeout after the stop signal.
+    Exited,
+    /// The timeout passed; the group was SIGKILLed.
+    Killed,
+    /// Nothing of the recorded process was running; nothing was signalled.
+    NotRunning,
+}
+
+/// The memory of a process, its process group and its descendants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct GroupMemory {
+    /// How many processes were counted.
+    pub processes: usize,
+    /// Sum of resident set sizes; counts pages shared between processes (preforked workers)
+    /// once per process, so it overstates the total.
+    pub rss_bytes: u64,
+    /// Sum of proportional set sizes (shared pages split between their users): the fair
+    /// figure for "how much memory does this stack use". `None` when a process's
+    /// `smaps_rollup` was unreadable.
+    pub pss_bytes: Option<u64>,
+}
+
+/// A failed process operation, naming the operation and the process; the cause is the source.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("creating directory {} for {name}", path.display())]
+    CreateDir {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("opening log {} for {name}", path.display())]
+    OpenLog {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("looking up user {user} for {name}")]
+    LookupUser {
+        name: String,
+        user: String,
+        #[source]
+        source: Errno,
+    },
+    #[error("user {user} for {name} does not exist; create it (e.g. `useradd --system {user}`)")]
+    NoSuchUser { name: String, user: String },
+    #[error("starting {name} ({})", program.display())]
+    Start {
+        name: String,
+        program: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading the start time of {name} (pid {pid}) from /proc")]
+    StartTime {
+        name: String,
+        pid: i32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing pid file {} for {name}", path.display())]
+    WritePidFile {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("waiting for {name} (pid {pid})")]
+    Wait {
+        name: String,
+        pid: i32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("sending {signal} to {name} (pid {pid})")]
+    Signal {
+        name: String,
+        pid: i32,
+        signal: Signal,
+        #[source]
+        source: Errno,
+    },
+    #[error("{name} (pid {pid}) is not running")]
+    NotRunning { name: String, pid: i32 },
+}
+
+/// Starts `spec` in its own process group and writes its pid file.
+///
+/// Returns once the program has been executed (a missing program is an error here, not a
+/// silent exit later). If the pid file cannot be written the process is killed again, so no
+/// unrecorded process is left behind.
+pub async fn spawn(spec: &ProcessSpec) -> Result<Supervised, ProcessError> {
+    let name = &spec.name;
+    let (stdout, stderr) = open_log(name, &spec.log_path)?;
+    if let Some(dir) = spec.pid_path.parent() {
+        create_dir(name, dir)?;
+    }
+    let mut command = command(
+        name,
+        &spec.program,
+        &spec.args,
+        &spec.env,
+        spec.user.as_deref(),
+    )?;
+    if let Some(cwd) = &spec.cwd {
+        command.current_dir(cwd);
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0)
+        .kill_on_drop(false);
+    let child = command.spawn().map_err(|source| ProcessError::Start {
+        name: name.clone(),
+        program: spec.program.clone(),
+        source,
+    })?;
+    let pid = child.id().map_or(0, |id| id as i32);
+    let mut supervised = Supervised {
+        child,
+        record: PidRecord {
+            pid,
+            start_time: 0,
+            boot_id: boot_id(),
+            name: name.clone(),
+            program: spec.program.display().to_string(),
+            stop_signal: spec.stop_signal,
+            pid_path: Some(spec.pid_path.clone()),
+        },
+        stop_timeout: spec.stop_timeout,
+    };
+    // The child cannot have been reaped yet (only `wait` reaps it), so its /proc entry exists
+    // even if it already exited.
+    let recorded = read_stat(pid)
+        .map_err(|source| ProcessError::StartTime {
+            name: name.clone(),
+            pid,
+            source,
+        })
+        .and_then(|stat| {
+            supervised.record.start_time = stat.start_time;
+            supervised.record.write(&spec.pid_path)
+        });
+    if let Err(err) = recorded {
+        let _ = signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        let _ = supervised.child.wait().await;
+        return Err(err);
+    }
+    tracing::debug!(name = %name, pid, program = %spec.program.display(), "started");
+    Ok(supervised)
+}
+
+/// Stops the recorded process and its group, then removes its pid file.
+///
+/// Sends `signal` to the group (and the leader), polls every 20 ms until the leader is gone (a
+/// zombie counts as gone) and no member of its group remains, and SIGKILLs the group once
+/// `timeout` has passed. Nothing is signalled when the pid now names another process. The pid
+/// file is removed only if it still holds this record (a restarted service keeps its own).
+pub async fn stop(record: &PidRecord, signal: Signal, timeout: Duration) -> StopOutcome {
+    let outcome = stop_group(record, signal, timeout).await;
+    record.remove_pid_file();
+    tracing::debug!(name = %record.name, pid = record.pid, ?outcome, "stopped");
+    outcome
+}
+
+/// Stops a process this supervisor started, like [`stop`], and reaps it.
+pub async fn stop_supervised(
+    supervised: &mut Supervised,
+    signal: Signal,
+    timeout: Duration,
+) -> StopOutcome {
+    let outcome = stop(&supervised.record, signal, timeout).await;
+    // After a stop the child is a zombie (or was killed moments ago): reaping is immediate.
+    // Bounded anyway, in case SIGKILL has not landed (a process stuck in the kernel).
+    if tokio::time::timeout(KILL_GRACE, supervised.child.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(name = %supervised.record.name, pid = supervised.record.pid,
+            "process did not exit after SIGKILL");
+    }
+    outcome
+}
+
+/// Stops every process recorded in a `*.pid` file under `dir` (recursively), concurrently,
+/// each with its record's stop signal then SIGKILL after `timeout`, and removes the pid files
+/// of processes that are gone. Unreadable pid files are removed and reported as not running.
+///
+/// Used when a supervisor starts after a crash, and by `rigger down` when no supervisor is
+/// alive, so no process is ever orphaned. Results are sorted by pid file path.
+pub async fn stop_leftovers(dir: &Path, timeout: Duration) -> Vec<(String, StopOutcome)> {
+    let mut files = Vec::new();
+    find_pid_files(dir, &mut files);
+    files.sort();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, path) in files.into_iter().enumerate() {
+        tasks.spawn(async move {
+            match PidRecord::read(&path) {
+                Some(record) => {
+                    let outcome = stop(&record, record.stop_signal, timeout).await;
+                    (index, record.name, outcome)
+                }
+                None => {
+                    tracing::warn!(path = %path.display(), "removing unreadable pid file");
+                    let _ = fs::remove_file(&path);
+                    (index, path.display().to_string(), StopOutcome::NotRunning)
+                }
+            }
+        });
+    }
+    let mut results = tasks.join_all().await;
+    results.sort_by_key(|(index, ..)| *index);
+    results
+        .into_iter()
+        .map(|(_, name, outcome)| (name, outcome))
+        .collect()
+}
+
+/// Sends `sig` to the recorded process only (not its group): reloads such as SIGHUP to nginx or
+/// gunicorn are for the master, which tells its workers itself.
+pub fn signal(record: &PidRecord, sig: Signal) -> Result<(), ProcessError> {
+    if !record.is_alive() {
+        return Err(ProcessError::NotRunning {
+            name: record.name.clone(),
+            pid: record.pid,
+        });
+    }
+    signal::kill(Pid::from_raw(record.pid), sig).map_err(|source| ProcessError::Signal {
+        name: record.name.clone(),
+        pid: record.pid,
+        signal: sig,
+        source,
+    })
+}
+
+/// SIGKILLs the recorded process and its group at once, without waiting; for drop guards and
+/// last-resort cleanup. Has the same pid-reuse guard as [`stop`]; returns whether anything was
+/// signalled.
+pub fn kill_now(record: &PidRecord) -> bool {
+    match targets(record) {
+        Some(targets) => {
+            targets.send(record, Signal::SIGKILL);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Resident memory of `pid`, its process group and its descendants, in bytes; `None` when the
+/// process does not exist. See [`GroupMemory`] for why PSS is usually the better figure.
+pub fn rss_bytes(pid: i32) -> Option<u64> {
+    group_memory(pid).map(|memory| memory.rss_bytes)
+}
+
+/// Memory of `pid`, its process group and its descendants (zombies excluded); `None` when the
+/// process does not exist.
+pub fn group_memory(pid: i32) -> Option<GroupMemory> {
+    read_stat(pid).ok()?;
+    let processes = all_processes();
+    let mut members: BTreeSet<i32> = processes
+        .iter()
+        .filter(|(_, stat)| stat.pgrp == pid && stat.state != 'Z')
+        .map(|(p, _)| *p)
+        .collect();
+    members.insert(pid);
+    // Descendants that left the group (setsid) still belong to the service.
+    loop {
+        let before = members.len();
+        for (p, stat) in &processes {
+            if members.contains(&stat.ppid) && stat.state != 'Z' {
+                members.insert(*p);
+            }
+        }
+        if members.len() == before {
+            break;
+        }
+    }
+    let mut memory = GroupMemory {
+        processes: 0,
+        rss_bytes: 0,
+        pss_bytes: Some(0),
+    };
+    for p in members {
+        let Some(rss) = status_kib(&format!("/proc/{p}/status"), "VmRSS:") else {
+            continue; // gone meanwhile, or a kernel thread
+        };
+        memory.processes += 1;
+        memory.rss_bytes += rss * 1024;
+        let pss = status_kib(&format!("/proc/{p}/smaps_rollup"), "Pss:");
+        memory.pss_bytes = memory.pss_bytes.zip(pss).map(|(sum, kib)| sum + kib * 1024);
+    }
+    Some(memory)
+}
+
+/// The last `lines` lines of a log file (reading at most its last 64 KiB); empty when the file
+/// cannot be read.
+pub fn log_tail(path: &Path, lines: usize) -> Vec<String> {
+    const WINDOW: u64 = 64 * 1024;
+    let Ok(mut file) = File::open(path) else {
+        return Vec::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(WINDOW);
+    if file.seek(SeekFrom::Start(start)).is_err() {
+        return Vec::new();
+    }
+    let mut bytes = Vec::new();
+    if file.read_to_end(&mut bytes).is_err() {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let mut all: Vec<&str> = text.lines().collect();
+    if start > 0 && !all.is_empty() {
+        all.remove(0); // the window began mid-line
+    }
+    let skip = all.len().saturating_sub(lines);
+    all[skip..].iter().map(|line| line.to_string()).collect()
+}
+
+impl Supervised {
+    /// The pid of the process (the leader of its process group).
+    pub fn pid(&self) -> i32 {
+        self.record.pid
+    }
+
+    /// What its pid file holds.
+    pub fn record(&self) -> PidRecord {
+        self.record.clone()
+    }
+
+    /// Waits until the process exits and reaps it.
+    pub async fn wait(&mut self) -> Result<ExitStatus, ProcessError> {
+        self.child
+            .wait()
+            .await
+            .map_err(|source| ProcessError::Wait {
+                name: self.record.name.clone(),
+                pid: self.record.pid,
+                source,
+            })
+    }
+
+    /// Returns the exit status if the process has exited (reaping it), without waiting.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, ProcessError> {
+        self.child.try_wait().map_err(|source| ProcessError::Wait {
+            name: self.record.name.clone(),
+            pid: self.record.pid,
+            source,
+        })
+    }
+
+    /// Stops it with the spec's stop signal and timeout; see [`stop_supervised`].
+    pub async fn stop(&mut self) -> StopOutcome {
+        let (signal, timeout) = (self.record.stop_signal, self.stop_timeout);
+        stop_supervised(self, signal, timeout).await
+    }
+}
+
+impl PidRecord {
+    /// Reads a pid file; `None` when it is missing or not a record.
+    pub fn read(path: &Path) -> Option<PidRecord> {
+        let text = fs::read_to_string(path).ok()?;
+        let mut record: PidRecord = serde_json::from_str(&text).ok()?;
+        record.pid_path = Some(path.to_path_buf());
+        Some(record)
+    }
+
+    /// Whether the recorded process still runs: the pid exists, is not a zombie, and started
+    /// at the recorded time in this boot (so it is not a reuse of the pid).
+    pub fn is_alive(&self) -> bool {
+        self.leader() == Leader::Alive
+    }
+
+    /// Writes the record atomically (temporary file, then rename) so a reader never sees half.
+    fn write(&self, path: &Path) -> Result<(), ProcessError> {
+        let error = |source| ProcessError::WritePidFile {
+            name: self.name.clone(),
+            path: path.to_path_buf(),
+            source,
+        };
+        let json = serde_json::to_string(self).map_err(|e| error(e.into()))?;
+        let mut tmp = OsString::from(path.as_os_str());
+        tmp.push(".tmp");
+        fs::write(&tmp, json + "\n").map_err(error)?;
+        fs::rename(&tmp, path).map_err(error)
+    }
+
+    /// Removes the pid file if it still describes this process.
+    fn remove_pid_file(&self) {
+        let Some(path) = &self.pid_path else { return };
+        if PidRecord::read(path).is_some_and(|on_disk| on_disk.same_process(self)) {
+            let _ = fs::remove_file(path);
+        }
+    }
+
+    fn same_process(&self, other: &PidRecord) -> bool {
+        self.pid == other.pid
+            && self.start_time == other.start_time
+            && self.boot_id == other.boot_id
+    }
+
+    fn leader(&self) -> Leader {
+        if self.pid <= 0 {
+            return Leader::Gone;
+        }
+        if !self.boot_id.is_empty() && self.boot_id != boot_id() {
+            return Leader::OtherBoot;
+        }
+        match read_stat(self.pid) {
+            Err(_) => Leader::Gone,
+            Ok(stat) if stat.start_time != self.start_time => Leader::Reused,
+            Ok(stat) if matches!(stat.state, 'Z' | 'X') => Leader::Gone,
+            Ok(_) => Leader::Alive,
+        }
+    }
+
+    /// Live members of the process group this record's process leads. Only processes started
+    /// no earlier than the leader count: a group id cannot be handed out again while any member
+    /// lives, so these are the leader's own workers.
+    fn live_members(&self) -> Vec<i32> {
+        all_processes()
+            .into_iter()
+            .filter(|(_, stat)| {
+                stat.pgrp == self.pid && stat.state != 'Z' && stat.start_time >= self.start_time
+            })
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+}
+
+/// What the pid of a record names now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leader {
+    /// The recorded process, running.
+    Alive,
+    /// Exited (possibly a zombie not yet reaped).
+    Gone,
+    /// Another process that got the same pid.
+    Reused,
+    /// The record is from before a reboot.
+    OtherBoot,
+}
+
+/// Whom to signal for a record.
+#[derive(Debug, Clone, Copy)]
+struct Targets {
+    leader: bool,
+    group: bool,
+}
+
+impl Targets {
+    fn send(self, record: &PidRecord, sig: Signal) {
+        let pid = Pid::from_raw(record.pid);
+        if self.group {
+            let _ = signal::killpg(pid, sig);
+        }
+        if self.leader {
+            let _ = signal::kill(pid, sig);
+        }
+    }
+}
+
+/// Whom to signal for `record`, or `None` when nothing of it is running.
+fn targets(record: &PidRecord) -> Option<Targets> {
+    match record.leader() {
+        Leader::Reused | Leader::OtherBoot => None,
+        // A record may name a process that is not a group leader (written by hand, or by an
+        // older rigger); then signalling its group would hit rigger's own group.
+        Leader::Alive => Some(Targets {
+            leader: true,
+            group: read_stat(record.pid).is_ok_and(|stat| stat.pgrp == record.pid),
+        }),
+        Leader::Gone => (!record.live_members().is_empty()).then_some(Targets {
+            leader: false,
+            group: true,
+        }),
+    }
+}
+
+fn gone(record: &PidRecord, targets: Targets) -> bool {
+    !record.is_alive() && (!targets.group || record.live_members().is_empty())
+}
+
+async fn stop_group(record: &PidRecord, sig: Signal, timeout: Duration) -> StopOutcome {
+    let Some(targets) = targets(record) else {
+        return StopOutcome::NotRunning;
+    };
+    targets.send(record, sig);
+    let deadline = Instant::now() + timeout;
+    while !gone(record, targets) {
+        if Instant::now() >= deadline {
+            tracing::debug!(name = %record.name, pid = record.pid, ?timeout, "stop timed out, killing");
+            targets.send(record, Signal::SIGKILL);
+            let deadline = Instant::now() + KILL_GRACE;
+            while !gone(record, targets) && Instant::now() < deadline {
+                tokio::time::sleep(POLL).await;
+            }
+            return StopOutcome::Killed;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    StopOutcome::Exited
+}
+
+/// Builds the command for `program` with exactly `env` (plus a default `PATH`), wrapped in
+/// `setpriv` to become `user` when we are root. Shared with the command probe.
+pub(crate) fn command(
+    name: &str,
+    program: &Path,
+    args: &[String],
+    env: &BTreeMap<String, String>,
+    user: Option<&str>,
+) -> Result<Command, ProcessError> {
+    let mut command = match run_as(name, user)? {
+        Some(user) => {
+            // setpriv would only report a missing program in the log after it started; look
+            // it up first so the error is the same as without a user.
+            let path = env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
+            find_program(program, path).map_err(|source| ProcessError::Start {
+                name: name.to_string(),
+                program: program.to_path_buf(),
+                source,
+            })?;
+            let mut command = Command::new("setpriv");
+            command
+                .arg(format!("--reuid={}", user.uid))
+                .arg(format!("--regid={}", user.gid))
+                .arg("--init-groups")
+                .arg("--")
+                .arg(program);
+            command
+        }
+        None => Command::new(program),
+    };
+    command.args(args).env_clear().envs(env);
+    if !env.contains_key("PATH") {
+        command.env("PATH", DEFAULT_PATH);
+    }
+    Ok(command)
+}
+
+/// The user to switch to, if any: only when root and the user is not root itself.
+fn run_as(name: &str, user: Option<&str>) -> Result<Option<User>, ProcessError> {
+    let Some(user_name) = user else {
+        return Ok(None);
+    };
+    let user = User::from_name(user_name)
+        .map_err(|source| ProcessError::LookupUser {
+            name: name.to_string(),
+            user: user_name.to_string(),
+            source,
+        })?
+        .ok_or_else(|| ProcessError::NoSuchUser {
+            name: name.to_string(),
+            user: user_name.to_string(),
+        })?;
+    let euid = geteuid();
+    if user.uid == euid {
+        return Ok(None);
+    }
+    if !euid.is_root() {
+        tracing::debug!(
+            name,
+            user = user_name,
+            "not root: running as the current user instead"
+        );
+        return Ok(None);
+    }
+    Ok(Some(user))
+}
+
+/// Where `program` would be executed from, searching `path` when it is a bare name.
+fn find_program(program: &Path, path: &str) -> io::Result<PathBuf> {
+    let candidates: Vec<PathBuf> = if program.components().count() > 1 {
+        vec![program.to_path_buf()]
+    } else {
+        path.split(':')
+            .map(|dir| Path::new(dir).join(program))
+            .collect()
+    };
+    candidates
+        .into_iter()
+        .find(|candidate| candidate.metadata().is_ok_and(|m| m.is_file()))
+        .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+}
+
+fn open_log(name: &str, path: &Path) -> Result<(File, File), ProcessError> {
+    if let Some(dir) = path.parent() {
+        create_dir(name, dir)?;
+    }
+    let error = |source| ProcessError::OpenLog {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let stdout = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(error)?;
+    let stderr = stdout.try_clone().map_err(error)?;
+    Ok((stdout, stderr))
+}
+
+fn create_dir(name: &str, dir: &Path) -> Result<(), ProcessError> {
+    if dir.as_os_str().is_empty() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(|source| ProcessError::CreateDir {
+        name: name.to_string(),
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+fn find_pid_files(dir: &Path, found: &mut Vec<PathBuf>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        // file_type does not follow symlinks, so a link loop cannot trap the walk.
+        match entry.file_type() {
+            Ok(kind) if kind.is_dir() => find_pid_files(&path, found),
+            Ok(kind) if kind.is_file() && path.extension().is_some_and(|ext| ext == "pid") => {
+                found.push(path);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The fields of `/proc/<pid>/stat` rigger uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stat {
+    state: char,
+    ppid: i32,
+    pgrp: i32,
+    start_time: u64,
+}
+
+fn read_stat(pid: i32) -> io::Result<Stat> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected /proc/{pid}/stat: {text}"),
+        )
+    })
+}
+
+/// Parses `/proc/<pid>/stat`. The command name (field 2) is in parentheses and may itself
+/// contain spaces and parentheses, so fields are counted from the last `)`.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?.chars().next()?; // field 3
+    let ppid = fields.next()?.parse().ok()?; // field 4
+    let pgrp = fields.next()?.parse().ok()?; // field 5
+    let start_time = fields.nth(16)?.parse().ok()?; // field 22
+    Some(Stat {
+        state,
+        ppid,
+        pgrp,
+        start_time,
+    })
+}
+
+fn all_processes() -> Vec<(i32, Stat)> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| Some((pid, read_stat(pid).ok()?)))
+        .collect()
+}
+
+/// A `Key:   123 kB` line of a `/proc` file, in KiB.
+fn status_kib(path: &str, key: &str) -> Option<u64> {
+    let text = fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|line| line.starts_with(key))?;
+    line[key.len()..].split_whitespace().next()?.parse().ok()
+}
+
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn default_stop_signal() -> Signal {
+    Signal::SIGTERM
+}
+
+/// Signals are stored by name (`"SIGTERM"`), which is stable across architectures.
+mod signal_name {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(signal: &Signal, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(signal.as_str())
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Signal, D::Error> {
+        let name = String::deserialize(d)?;
+        Signal::from_str(&name).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_from_the_last_parenthesis() {
+        let text = "4242 (a) (b c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
+                    987654 1000 200 18446744073709551615\n";
+        assert_eq!(
+            parse_stat(text),
+            Some(Stat {
+                state: 'S',
+                ppid: 1,
+                pgrp: 4242,
+                start_time: 987654
+            })
+        );
+    }
+
+    #[test]
+    fn record_json_has_the_documented_fields() {
+        let record = PidRecord {
+            pid: 7,
+            start_time: 99,
+            boot_id: "b".into(),
+            name: "web-3/nginx".into(),
+            program: "/usr/sbin/nginx".into(),
+            stop_signal: Signal::SIGQUIT,
+            pid_path: Some("/x.pid".into()),
+        };
+        let json = serde_json::to_string(&record).unwrap();
+        assert_eq!(
+            json,
+            r#"{"pid":7,"start_time":99,"boot_id":"b","name":"web-3/nginx","program":"/usr/sbin/nginx","stop_signal":"SIGQUIT"}"#
+        );
+        let minimal: PidRecord =
+            serde_json::from_str(r#"{"pid":7,"start_time":99,"name":"n","program":"p"}"#).unwrap();
+        assert_eq!(minimal.stop_signal, Signal::SIGTERM);
+        assert_eq!(minimal.boot_id, "");
+    }
+}

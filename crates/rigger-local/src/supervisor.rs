@@ -1,0 +1,865 @@
+//! The supervisor: one long-running rigger process per local environment that owns every
+//! service process, the way an Auto Scaling group and systemd would on AWS.
+//!
+//! `rigger up` starts it (detached) and follows `status.json` until it reports ready. It brings
+//! the environment up in dependency order (cache/queue and the database primary in parallel,
+//! then the replicas, then migrations once, then web and worker servers in parallel, then the
+//! load balancer), probing each service for readiness. Afterwards it watches: a stand-alone
+//! server's dead service is restarted in place; a web or worker server with a dead service is
+//! taken out of the load balancer, stopped and replaced by a new server (new id, new address),
+//! as an Auto Scaling group replaces an unhealthy instance. SIGHUP re-reads the desired counts
+//! (`rigger scale`); SIGTERM stops everything in reverse order and exits.
+//!
+//! Only one supervisor runs per environment: it holds an exclusive lock on `supervisor.lock`,
+//! which the kernel releases when it dies, and the file says who holds it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use rigger_recipes::{Phase as StepPhase, Probe as RecipeProbe, Recipe, Role, ServiceSpec};
+use serde::{Deserialize, Serialize};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use crate::apply;
+use crate::environment::LocalEnvironment;
+use crate::prepare::{self, Prepared};
+use crate::probe::{self, Probe};
+use crate::process::{self, PidRecord, ProcessSpec};
+use crate::registry::{Registry, ServerRecord, ServerState};
+use crate::status::{self, GroupStatus, Phase, ProcessStatus, ServerStatus, Status};
+
+/// How long a service may take to become ready (RabbitMQ boots in ~5 s; a replica's base
+/// backup and a first migration take longer on a busy machine).
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often the supervisor refreshes status.json and checks the load balancer.
+const TICK: Duration = Duration::from_secs(1);
+/// A group server that fails to start this many times in a row stops the replacements.
+const MAX_LAUNCH_FAILURES: u32 = 3;
+
+/// Desired group sizes set by `rigger scale`, overriding rigger.toml's `desired`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredCounts {
+    pub web: Option<u32>,
+    pub worker: Option<u32>,
+}
+
+impl DesiredCounts {
+    pub fn load(path: &Path) -> DesiredCounts {
+        std::fs::read(path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        crate::registry::write_atomically(path, &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)
+    }
+}
+
+/// The lock file's text: who runs the supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockHolder {
+    pub pid: i32,
+    pub user: String,
+    pub host: String,
+    pub started: u64,
+}
+
+/// A running service the supervisor started.
+#[derive(Debug)]
+struct RunningService {
+    server: String,
+    spec: ServiceSpec,
+    record: PidRecord,
+}
+
+/// A service process ended.
+#[derive(Debug)]
+struct Exit {
+    name: String,
+    pid: i32,
+}
+
+/// Runs the supervisor until SIGTERM or SIGINT. Errors before the environment is ready are
+/// recorded in status.json (phase `failed`) for `rigger up` to show.
+pub async fn run(env: LocalEnvironment) -> anyhow::Result<()> {
+    let _lock = acquire_lock(&env)?;
+    let mut supervisor = Supervisor::new(env);
+    let result = supervisor.run().await;
+    if let Err(error) = &result {
+        tracing::error!("{error:#}");
+        supervisor.stop_all().await;
+        supervisor.publish(Phase::Failed, format!("{error:#}"));
+    }
+    result
+}
+
+/// Takes the environment's supervisor lock, or says who holds it.
+fn acquire_lock(env: &LocalEnvironment) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = env.paths.supervisor_lock();
+    std::fs::create_dir_all(env.paths.root())?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((_, _)) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            bail!("another supervisor runs this environment ({})", holder.trim());
+        }
+    };
+    let holder = LockHolder {
+        pid: std::process::id().try_into().unwrap_or(0),
+        user: nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten()
+            .map_or_else(|| "?".into(), |u| u.name),
+        host: std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "?".into(), |h| h.trim().to_owned()),
+        started: status::now(),
+    };
+    use std::io::{Seek as _, Write as _};
+    lock.set_len(0)?;
+    lock.seek(std::io::SeekFrom::Start(0))?;
+    lock.write_all(serde_json::to_string(&holder)?.as_bytes())?;
+    Ok(lock)
+}
+
+/// Reads who holds the supervisor lock, if anyone does (a live process holds the flock).
+pub fn lock_holder(env: &LocalEnvironment) -> Option<LockHolder> {
+    let path = env.paths.supervisor_lock();
+    let file = std::fs::File::open(&path).ok()?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock) {
+        // We got the lock: nobody holds it.
+        Ok(_unlocked_on_drop) => None,
+        Err(_) => serde_json::from_slice(&std::fs::read(&path).ok()?).ok(),
+    }
+}
+
+struct Supervisor {
+    env: Arc<LocalEnvironment>,
+    prepared: Option<Arc<Prepared>>,
+    registry: Registry,
+    services: BTreeMap<String, RunningService>,
+    exits_tx: mpsc::UnboundedSender<Exit>,
+    exits_rx: mpsc::UnboundedReceiver<Exit>,
+    phase: Phase,
+    message: String,
+    launch_failures: u32,
+    lb_states: BTreeMap<String, String>,
+}
+
+impl Supervisor {
+    fn new(env: LocalEnvironment) -> Self {
+        let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        Supervisor {
+            env: Arc::new(env),
+            prepared: None,
+            registry: Registry::default(),
+            services: BTreeMap::new(),
+            exits_tx,
+            exits_rx,
+            phase: Phase::Starting,
+            message: "starting".into(),
+            launch_failures: 0,
+            lb_states: BTreeMap::new(),
+        }
+    }
+
+    fn prepared(&self) -> Arc<Prepared> {
+        self.prepared.clone().expect("prepared before any server starts")
+    }
+
+    async fn run(&mut self) -> anyhow::Result<()> {
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        self.publish(Phase::Starting, "preparing secrets, certificates, the app's venv and release".into());
+
+        // A supervisor killed earlier may have left processes behind: stop them first, so
+        // this one owns everything it supervises.
+        for (name, outcome) in process::stop_leftovers(&self.env.paths.servers(), Duration::from_secs(30)).await {
+            tracing::warn!(process = %name, ?outcome, "stopped a process left by an earlier supervisor");
+        }
+        self.prepared = Some(Arc::new(prepare::prepare(&self.env).await?));
+        self.registry = Registry::load(&self.env.paths.registry()).context("reading registry.json")?;
+
+        tokio::select! {
+            result = self.bring_up() => result?,
+            _ = terminate.recv() => { self.shutdown().await; return Ok(()); }
+            _ = interrupt.recv() => { self.shutdown().await; return Ok(()); }
+        }
+        self.publish(Phase::Ready, "every server is running; every web server is UP".into());
+
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+                _ = hangup.recv() => {
+                    if let Err(error) = self.reconcile_groups().await {
+                        tracing::error!("scaling: {error:#}");
+                    }
+                }
+                Some(exit) = self.exits_rx.recv() => {
+                    if let Err(error) = self.handle_exit(exit).await {
+                        tracing::error!("{error:#}");
+                        self.message = format!("{error:#}");
+                    }
+                }
+                _ = tick.tick() => {
+                    self.refresh_lb_states().await;
+                    let healthy = self.groups_healthy();
+                    let phase = if healthy { Phase::Ready } else { Phase::Healing };
+                    let message = if healthy { "every server is running; every web server is UP".into() } else { self.message.clone() };
+                    self.publish(phase, message);
+                }
+            }
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) {
+        self.publish(Phase::Stopping, "stopping every service".into());
+        self.stop_all().await;
+        let _ = std::fs::remove_file(self.env.paths.status());
+    }
+
+    /// Brings every server up in dependency order.
+    async fn bring_up(&mut self) -> anyhow::Result<()> {
+        let prepared = self.prepared();
+        // Stand-alone servers keep their ids and addresses across restarts.
+        for server in self.env.stand_alone_servers(&prepared.release) {
+            if self.registry.get(&server.id).is_none() {
+                self.registry.servers.push(server);
+            }
+        }
+        self.save_registry()?;
+
+        let stand_alone: Vec<ServerRecord> = self
+            .registry
+            .servers
+            .iter()
+            .filter(|s| s.group().is_none())
+            .cloned()
+            .collect();
+        let (first, replicas): (Vec<_>, Vec<_>) =
+            stand_alone.into_iter().partition(|s| !s.has_role(Role::DbReplica));
+        self.message = "starting cache, queue and database primary".into();
+        self.publish(Phase::Starting, self.message.clone());
+        self.start_servers(first).await?;
+        self.message = "starting database replicas".into();
+        self.publish(Phase::Starting, self.message.clone());
+        self.start_servers(replicas).await?;
+
+        self.migrate().await?;
+
+        // Group servers from a previous supervisor keep their ids; missing ones are added.
+        let existing: Vec<ServerRecord> = self.registry.servers.iter().filter(|s| s.group().is_some()).cloned().collect();
+        self.message = "starting web and worker servers".into();
+        self.publish(Phase::Starting, self.message.clone());
+        self.start_servers(existing).await?;
+        self.reconcile_groups().await?;
+
+        self.message = "starting the load balancer".into();
+        self.publish(Phase::Starting, self.message.clone());
+        let lb = self.env.lb_record(&prepared.release);
+        self.start_server(&lb).await?;
+        self.wait_for_load_balancer().await
+    }
+
+    fn desired(&self) -> (u32, u32) {
+        let counts = DesiredCounts::load(&self.env.paths.desired());
+        let env = self.env.env();
+        (counts.web.unwrap_or(env.web.desired), counts.worker.unwrap_or(env.worker.desired))
+    }
+
+    /// Adds or removes group servers until each group has its desired count.
+    async fn reconcile_groups(&mut self) -> anyhow::Result<()> {
+        let (web, worker) = self.desired();
+        for (role, desired) in [(Role::Web, web), (Role::Worker, worker)] {
+            let members: Vec<ServerRecord> = self.registry.group_members(role).cloned().collect();
+            let count = u32::try_from(members.len()).unwrap_or(u32::MAX);
+            if count > desired {
+                // Scale in: the newest go first would break sessions no more than oldest; AWS's
+                // default policy picks the oldest launch template first, then by zone. Here:
+                // the highest-numbered (newest) servers go.
+                let surplus = usize::try_from(count - desired).unwrap_or(0);
+                for server in members.iter().rev().take(surplus) {
+                    self.terminate_server(&server.id).await?;
+                }
+            }
+            let missing = desired.saturating_sub(count);
+            if missing > 0 {
+                let mut new = Vec::new();
+                for _ in 0..missing {
+                    let mut server = self.registry.new_group_server(role, self.env.local().addresses, &self.prepared().release);
+                    if role == Role::Worker {
+                        server.beat = !self.registry.group_members(Role::Worker).any(|w| w.beat);
+                    }
+                    self.registry.servers.push(server.clone());
+                    new.push(server);
+                }
+                self.save_registry()?;
+                self.start_servers(new).await?;
+            }
+        }
+        self.update_load_balancer().await
+    }
+
+    /// Starts servers in parallel; all must succeed.
+    async fn start_servers(&mut self, servers: Vec<ServerRecord>) -> anyhow::Result<()> {
+        if servers.is_empty() {
+            return Ok(());
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for server in servers {
+            let env = Arc::clone(&self.env);
+            let prepared = self.prepared();
+            let registry = self.registry.clone();
+            let exits = self.exits_tx.clone();
+            tasks.spawn(async move {
+                let result = start_server(&env, &prepared, &registry, &server, exits).await;
+                (server, result)
+            });
+        }
+        let mut first_error = None;
+        while let Some(joined) = tasks.join_next().await {
+            let (server, result) = joined.context("a server start task panicked")?;
+            match result {
+                Ok(started) => {
+                    for service in started {
+                        self.services.insert(format!("{}/{}", service.server, service.spec.name), service);
+                    }
+                    if let Some(record) = self.registry.get_mut(&server.id) {
+                        record.state = ServerState::InService;
+                    }
+                }
+                Err(error) => {
+                    first_error.get_or_insert(error.context(format!("starting server {} ({})", server.id, server.address)));
+                }
+            }
+        }
+        self.save_registry()?;
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    async fn start_server(&mut self, server: &ServerRecord) -> anyhow::Result<()> {
+        self.start_servers(vec![server.clone()]).await
+    }
+
+    /// Runs the app's migrations once per release, before any web server serves it, straight
+    /// to the primary over TLS (verified against the environment's CA).
+    async fn migrate(&mut self) -> anyhow::Result<()> {
+        let prepared = self.prepared();
+        if self.registry.migrated.contains(&prepared.release) {
+            return Ok(());
+        }
+        self.message = format!("running migrations of release {}", prepared.release);
+        self.publish(Phase::Starting, self.message.clone());
+        let primary = self
+            .registry
+            .servers
+            .iter()
+            .find(|s| s.has_role(Role::DbPrimary))
+            .cloned()
+            .context("no database primary")?;
+        let worker_like = ServerRecord {
+            id: "migrate".into(),
+            roles: vec![Role::Worker.as_str().to_owned()],
+            ..primary.clone()
+        };
+        let ctx = self.env.context(&worker_like, &self.registry, &prepared.secrets, &prepared.venv, &prepared.release_dir);
+        let mut env = app_environment(&ctx)?;
+        env.insert("DATABASE_HOST".into(), primary.address.to_string());
+        env.insert("DATABASE_PORT".into(), ctx.ports.postgres.to_string());
+        env.insert("DATABASE_REPLICA_NAMES".into(), String::new());
+        env.insert("PGSSLMODE".into(), "verify-full".into());
+        env.insert("PGSSLROOTCERT".into(), ctx.layout.ca_cert().display().to_string());
+        env.insert("HOME".into(), self.env.paths.shared().display().to_string());
+        let python = prepared.venv.join("bin/python").display().to_string();
+        let log = self.env.paths.root().join("migrate.log");
+        for args in [&["manage.py", "migrate", "--noinput"][..], &["manage.py", "collectstatic", "--noinput", "-v0"]] {
+            let mut command = rigger_recipes::Command::new(python.clone()).args(args.iter().copied()).cwd(&prepared.release_dir).user("www-data");
+            command.env = env.clone();
+            apply::run_command(&command, None, &log).await.with_context(|| format!("running `manage.py {}` (log: {})", args[1], log.display()))?;
+        }
+        self.registry.migrated.push(prepared.release.clone());
+        self.save_registry()?;
+        Ok(())
+    }
+
+    /// Waits until HAProxy reports every in-service web server UP.
+    async fn wait_for_load_balancer(&mut self) -> anyhow::Result<()> {
+        self.message = "waiting for every web server to be UP behind the load balancer".into();
+        self.publish(Phase::Starting, self.message.clone());
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            self.refresh_lb_states().await;
+            if self.groups_healthy() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("web servers not UP behind the load balancer after {}s: {:?}", READY_TIMEOUT.as_secs(), self.lb_states);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Every desired group server is in service and every web server UP behind HAProxy.
+    fn groups_healthy(&self) -> bool {
+        let (web, worker) = self.desired();
+        let in_service = |role| self.registry.group_members(role).filter(|s| s.state == ServerState::InService).count();
+        let webs_up = self
+            .registry
+            .group_members(Role::Web)
+            .all(|s| self.lb_states.get(&s.id).is_some_and(|state| state == "UP"));
+        in_service(Role::Web) == web as usize && in_service(Role::Worker) == worker as usize && webs_up
+    }
+
+    async fn refresh_lb_states(&mut self) {
+        let socket = self.env.paths.server("lb").join("run/haproxy/haproxy.sock");
+        if let Ok(states) = haproxy_server_states(&socket).await {
+            self.lb_states = states;
+        }
+    }
+
+    /// Re-renders HAProxy's configuration with the current web servers and reloads it.
+    async fn update_load_balancer(&mut self) -> anyhow::Result<()> {
+        let Some(haproxy) = self.services.get("lb/haproxy") else {
+            return Ok(()); // not started yet: it will start with the current list
+        };
+        let record = haproxy.record.clone();
+        let prepared = self.prepared();
+        let lb = self.env.lb_record(&prepared.release);
+        let ctx = self.env.context(&lb, &self.registry, &prepared.secrets, &prepared.venv, &prepared.release_dir);
+        let recipe = rigger_recipes::render_server(&ctx)?;
+        let mut changed = false;
+        for file in &recipe.files {
+            changed |= apply::ensure_file(file)?;
+        }
+        if changed {
+            process::signal(&record, nix::sys::signal::Signal::SIGUSR2).context("reloading HAProxy")?;
+            tracing::info!("load balancer reloaded with {} web servers", ctx.peers.web_backends.len());
+        }
+        Ok(())
+    }
+
+    /// A service ended: restart it (stand-alone servers) or replace its server (groups).
+    async fn handle_exit(&mut self, exit: Exit) -> anyhow::Result<()> {
+        let Some(service) = self.services.get(&exit.name) else { return Ok(()) };
+        if service.record.pid != exit.pid {
+            return Ok(()); // an exit of a process we already replaced or stopped
+        }
+        let server_id = service.server.clone();
+        let Some(server) = self.registry.get(&server_id).cloned() else {
+            // The load balancer is not in the registry: restart it in place.
+            return self.restart_service(&exit.name).await;
+        };
+        tracing::warn!(service = %exit.name, pid = exit.pid, "service exited");
+        if server.group().is_none() {
+            self.message = format!("restarting {}", exit.name);
+            self.publish(Phase::Healing, self.message.clone());
+            return self.restart_service(&exit.name).await;
+        }
+        // A group server is replaced, as an Auto Scaling group replaces an unhealthy instance.
+        self.message = format!("replacing {server_id}: {} exited", exit.name);
+        self.publish(Phase::Healing, self.message.clone());
+        if let Some(record) = self.registry.get_mut(&server_id) {
+            record.state = ServerState::Unhealthy;
+        }
+        let beat = server.beat;
+        self.terminate_server(&server_id).await?;
+        let role = server.group().expect("a group server");
+        let mut replacement = self.registry.new_group_server(role, self.env.local().addresses, &self.prepared().release);
+        replacement.beat = beat;
+        self.registry.servers.push(replacement.clone());
+        self.save_registry()?;
+        match self.start_server(&replacement).await {
+            Ok(()) => self.launch_failures = 0,
+            Err(error) => {
+                self.launch_failures += 1;
+                tracing::error!("{error:#}");
+                self.terminate_server(&replacement.id).await?;
+                if self.launch_failures >= MAX_LAUNCH_FAILURES {
+                    return Err(error.context(format!("{MAX_LAUNCH_FAILURES} replacements failed in a row; not trying again")));
+                }
+                // Try again through the normal path: the group is below its desired count.
+                self.reconcile_groups().await?;
+                return Ok(());
+            }
+        }
+        self.update_load_balancer().await
+    }
+
+    async fn restart_service(&mut self, name: &str) -> anyhow::Result<()> {
+        let Some(service) = self.services.remove(name) else { return Ok(()) };
+        // Restarting too eagerly would spin on a service that cannot start.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let started = start_service(&self.env, &service.server, &service.spec, self.exits_tx.clone()).await?;
+        self.services.insert(name.to_owned(), started);
+        Ok(())
+    }
+
+    /// Takes a server out of the load balancer, stops its services and forgets it; its logs
+    /// stay under `terminated/<id>` for a post-mortem.
+    async fn terminate_server(&mut self, id: &str) -> anyhow::Result<()> {
+        if let Some(record) = self.registry.get_mut(id) {
+            record.state = ServerState::Unhealthy;
+        }
+        self.update_load_balancer().await?;
+        let names: Vec<String> = self.services.iter().filter(|(_, s)| s.server == id).map(|(n, _)| n.clone()).collect();
+        // Reverse start order: the app before the things it uses.
+        for name in names.iter().rev() {
+            if let Some(service) = self.services.remove(name) {
+                stop_service(&service).await;
+            }
+        }
+        self.registry.remove(id);
+        self.save_registry()?;
+        let dir = self.env.paths.server(id);
+        if dir.exists() {
+            let graveyard = self.env.paths.root().join("terminated");
+            std::fs::create_dir_all(&graveyard)?;
+            let _ = std::fs::remove_dir_all(graveyard.join(id));
+            std::fs::rename(&dir, graveyard.join(id))?;
+        }
+        Ok(())
+    }
+
+    /// Stops everything, the load balancer and app servers first, the databases last.
+    async fn stop_all(&mut self) {
+        let order = |s: &RunningService| match s.server.as_str() {
+            "lb" => 0,
+            id if id.starts_with("web-") || id.starts_with("worker-") => 1,
+            id if id.starts_with("db-replica") => 3,
+            "db-primary" => 4,
+            _ => 2,
+        };
+        let mut services: Vec<RunningService> = std::mem::take(&mut self.services).into_values().collect();
+        services.sort_by_key(order);
+        for level in 0..=4 {
+            let batch: Vec<&RunningService> = services.iter().filter(|s| order(s) == level).collect();
+            // Within a level, each server's services stop in reverse start order.
+            let mut by_server: BTreeMap<&str, Vec<&RunningService>> = BTreeMap::new();
+            for service in batch {
+                by_server.entry(&service.server).or_default().push(service);
+            }
+            let stops = by_server.into_values().map(|services| async move {
+                for service in services.into_iter().rev() {
+                    stop_service(service).await;
+                }
+            });
+            for stop in stops {
+                stop.await;
+            }
+        }
+        // Anything else recorded under servers/ (e.g. from a half-finished start) goes too.
+        process::stop_leftovers(&self.env.paths.servers(), Duration::from_secs(30)).await;
+    }
+
+    fn save_registry(&self) -> anyhow::Result<()> {
+        self.registry.save(&self.env.paths.registry()).context("writing registry.json")
+    }
+
+    /// Writes status.json.
+    fn publish(&mut self, phase: Phase, message: String) {
+        self.phase = phase;
+        self.message = message;
+        let env = &self.env;
+        let (web, worker) = self.desired();
+        let mut servers: Vec<ServerStatus> = self
+            .registry
+            .servers
+            .iter()
+            .map(|server| self.server_status(&server.id, &server.roles, &server.address.to_string(), &server.release, server.state))
+            .collect();
+        if self.services.keys().any(|name| name.starts_with("lb/")) {
+            let lb = env.lb_record(&self.prepared.as_ref().map_or("", |p| p.release.as_str()).to_owned());
+            servers.push(self.server_status("lb", &lb.roles, &lb.address.to_string(), &lb.release, ServerState::InService));
+        }
+        let status = Status {
+            schema: "rigger.status".into(),
+            version: 1,
+            project: env.config.project.name.clone(),
+            environment: env.name.clone(),
+            provider: "local".into(),
+            phase,
+            message: self.message.clone(),
+            release: self.prepared.as_ref().map(|p| p.release.clone()).unwrap_or_default(),
+            urls: vec![env.url(), env.http_url()],
+            supervisor_pid: i32::try_from(std::process::id()).ok(),
+            groups: vec![
+                GroupStatus { name: "web".into(), min: env.env().web.min, desired: web, max: env.env().web.max },
+                GroupStatus { name: "worker".into(), min: env.env().worker.min, desired: worker, max: env.env().worker.max },
+            ],
+            servers,
+            replication: Vec::new(),
+            updated: status::now(),
+        };
+        if let Err(error) = status.save(&env.paths.status()) {
+            tracing::error!("writing status.json: {error}");
+        }
+    }
+
+    fn server_status(&self, id: &str, roles: &[String], address: &str, release: &str, state: ServerState) -> ServerStatus {
+        let processes = self
+            .services
+            .values()
+            .filter(|s| s.server == id)
+            .map(|s| ProcessStatus {
+                name: s.spec.name.clone(),
+                pid: Some(s.record.pid),
+                state: if s.record.is_alive() { "running".into() } else { "stopped".into() },
+            })
+            .collect();
+        let state = match state {
+            ServerState::Pending => "pending",
+            ServerState::InService => "in_service",
+            ServerState::Unhealthy => "unhealthy",
+        };
+        ServerStatus {
+            id: id.to_owned(),
+            roles: roles.to_vec(),
+            address: address.to_owned(),
+            release: release.to_owned(),
+            state: state.into(),
+            processes,
+            load_balancer: roles.iter().any(|r| r == "web").then(|| self.lb_states.get(id).cloned().unwrap_or_else(|| "not registered".into())),
+        }
+    }
+}
+
+/// Renders `server`'s recipe and starts it: files, steps before start, services in
+/// dependency order (each probed for readiness), steps after start. On failure, stops what
+/// it started.
+async fn start_server(
+    env: &LocalEnvironment,
+    prepared: &Prepared,
+    registry: &Registry,
+    server: &ServerRecord,
+    exits: mpsc::UnboundedSender<Exit>,
+) -> anyhow::Result<Vec<RunningService>> {
+    let ctx = env.context(server, registry, &prepared.secrets, &prepared.venv, &prepared.release_dir);
+    let recipe = rigger_recipes::render_server(&ctx).with_context(|| format!("rendering the recipes of {}", server.id))?;
+    let needs_certificate = server
+        .roles()
+        .iter()
+        .any(|r| matches!(r, Role::Web | Role::Lb | Role::DbPrimary | Role::DbReplica));
+    if needs_certificate {
+        let names = env.config.project.domains.clone();
+        prepare::ensure_server_certificate(&env.paths.pki(), &ctx.layout.tls_dir, &server.id, server.address, &names, "root").await?;
+    }
+    for dir in &recipe.dirs {
+        apply::ensure_dir(dir)?;
+    }
+    for file in &recipe.files {
+        apply::ensure_file(file)?;
+    }
+    let steps_log = ctx.layout.log_dir.join("steps.log");
+    run_steps(&recipe, StepPhase::BeforeStart, &steps_log).await?;
+    let mut started: Vec<RunningService> = Vec::new();
+    for spec in ordered_services(&recipe)? {
+        match start_service(env, &server.id, spec, exits.clone()).await {
+            Ok(service) => started.push(service),
+            Err(error) => {
+                for service in started.iter().rev() {
+                    stop_service(service).await;
+                }
+                return Err(error);
+            }
+        }
+    }
+    if let Err(error) = run_steps(&recipe, StepPhase::AfterStart, &steps_log).await {
+        for service in started.iter().rev() {
+            stop_service(service).await;
+        }
+        return Err(error);
+    }
+    tracing::info!(server = %server.id, address = %server.address, "server in service");
+    Ok(started)
+}
+
+async fn run_steps(recipe: &Recipe, phase: StepPhase, log: &Path) -> anyhow::Result<()> {
+    for step in recipe.steps.iter().filter(|s| s.phase == phase) {
+        apply::run_step(step, log).await?;
+    }
+    Ok(())
+}
+
+/// Services in an order where each comes after those it depends on.
+fn ordered_services(recipe: &Recipe) -> anyhow::Result<Vec<&ServiceSpec>> {
+    let mut ordered: Vec<&ServiceSpec> = Vec::new();
+    let mut remaining: Vec<&ServiceSpec> = recipe.services.iter().collect();
+    while !remaining.is_empty() {
+        let before = remaining.len();
+        remaining.retain(|service| {
+            let ready = service.depends_on.iter().all(|d| ordered.iter().any(|o| &o.name == d));
+            if ready {
+                ordered.push(service);
+            }
+            !ready
+        });
+        if remaining.len() == before {
+            let names: Vec<&str> = remaining.iter().map(|s| s.name.as_str()).collect();
+            return Err(anyhow!("services with unmet or circular dependencies: {}", names.join(", ")));
+        }
+    }
+    Ok(ordered)
+}
+
+/// The app's environment as rendered for this server (docs/app-contract.md).
+fn app_environment(ctx: &rigger_recipes::ServerContext) -> anyhow::Result<BTreeMap<String, String>> {
+    let recipe = rigger_recipes::render_server(ctx)?;
+    let env_file = recipe
+        .services
+        .iter()
+        .find_map(|s| s.env_file.clone())
+        .context("the worker recipe renders an app environment file")?;
+    let file = recipe.file(&env_file).context("the app environment file is rendered")?;
+    Ok(rigger_recipes::envfile::parse(&file.contents)?)
+}
+
+async fn start_service(
+    env: &LocalEnvironment,
+    server: &str,
+    spec: &ServiceSpec,
+    exits: mpsc::UnboundedSender<Exit>,
+) -> anyhow::Result<RunningService> {
+    let name = format!("{server}/{}", spec.name);
+    let mut process_env = spec.command.env.clone();
+    if let Some(env_file) = &spec.env_file {
+        let text = std::fs::read_to_string(env_file).with_context(|| format!("reading {}", env_file.display()))?;
+        process_env.extend(rigger_recipes::envfile::parse(&text)?);
+    }
+    let process_spec = ProcessSpec {
+        name: name.clone(),
+        program: PathBuf::from(&spec.command.program),
+        args: spec.command.args.clone(),
+        env: process_env,
+        cwd: spec.command.cwd.clone(),
+        user: Some(spec.user.clone()),
+        log_path: spec.log_file.clone(),
+        pid_path: env.paths.server(server).join("pids").join(format!("{}.pid", spec.name)),
+        stop_signal: to_nix(spec.stop_signal),
+        stop_timeout: spec.stop_timeout,
+    };
+    let mut supervised = process::spawn(&process_spec).await.with_context(|| format!("starting {name}"))?;
+    let record = supervised.record();
+    let alive = Arc::new(AtomicBool::new(true));
+    let watcher_alive = Arc::clone(&alive);
+    let pid = record.pid;
+    let watcher_name = name.clone();
+    tokio::spawn(async move {
+        let _ = supervised.wait().await;
+        watcher_alive.store(false, Ordering::SeqCst);
+        let _ = exits.send(Exit { name: watcher_name, pid });
+    });
+    let service = RunningService {
+        server: server.to_owned(),
+        spec: spec.clone(),
+        record,
+    };
+    if let Some(probe) = to_probe(spec, &process_spec.env) {
+        let waited = probe::wait_ready(&probe, READY_TIMEOUT, || alive.load(Ordering::SeqCst), Some(&spec.log_file)).await;
+        if let Err(error) = waited {
+            stop_service(&service).await;
+            return Err(anyhow::Error::new(error).context(format!("{name} did not become ready")));
+        }
+    }
+    tracing::debug!(service = %name, pid, "ready");
+    Ok(service)
+}
+
+async fn stop_service(service: &RunningService) {
+    let outcome = process::stop(&service.record, to_nix(service.spec.stop_signal), service.spec.stop_timeout).await;
+    tracing::debug!(service = %service.spec.name, server = %service.server, ?outcome, "stopped");
+}
+
+fn to_nix(signal: rigger_recipes::Signal) -> nix::sys::signal::Signal {
+    use nix::sys::signal::Signal as N;
+    use rigger_recipes::Signal as S;
+    match signal {
+        S::Term => N::SIGTERM,
+        S::Int => N::SIGINT,
+        S::Quit => N::SIGQUIT,
+        S::Hup => N::SIGHUP,
+        S::Usr1 => N::SIGUSR1,
+        S::Usr2 => N::SIGUSR2,
+    }
+}
+
+/// The probe of `spec`. A command probe runs like its service: in its directory, with its
+/// environment (e.g. `celery inspect ping` needs the app's settings).
+fn to_probe(spec: &ServiceSpec, service_env: &BTreeMap<String, String>) -> Option<Probe> {
+    Some(match &spec.readiness {
+        RecipeProbe::Tcp { addr, port } => Probe::Tcp { addr: (*addr).into(), port: *port },
+        // A TLS handshake needs a TCP connection first; the accepted connection is the signal.
+        RecipeProbe::Tls { addr, port, .. } => Probe::Tcp { addr: (*addr).into(), port: *port },
+        RecipeProbe::Https { addr, port, host, path, expect_status, .. } => Probe::Https {
+            addr: (*addr).into(),
+            port: *port,
+            path: path.clone(),
+            host: host.clone(),
+            expect_status: *expect_status,
+        },
+        RecipeProbe::Command(command) => {
+            let mut env = service_env.clone();
+            env.extend(command.env.clone());
+            Probe::Command {
+                program: PathBuf::from(&command.program),
+                args: command.args.clone(),
+                env,
+                user: command.user.clone(),
+                cwd: command.cwd.clone().or_else(|| spec.command.cwd.clone()),
+            }
+        }
+        RecipeProbe::Running => return None,
+    })
+}
+
+/// Each web server's state as HAProxy's stats socket reports it (`show stat`).
+pub async fn haproxy_server_states(socket: &Path) -> std::io::Result<BTreeMap<String, String>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::UnixStream::connect(socket))
+        .await
+        .map_err(std::io::Error::other)??;
+    stream.write_all(b"show stat\n").await?;
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(2), stream.read_to_string(&mut text))
+        .await
+        .map_err(std::io::Error::other)??;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().trim_start_matches("# ").split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name);
+    let (Some(sv), Some(st)) = (column("svname"), column("status")) else {
+        return Err(std::io::Error::other("unexpected `show stat` header"));
+    };
+    let mut states = BTreeMap::new();
+    for line in lines {
+        let fields: Vec<&str> = line.split(',').collect();
+        if let (Some(name), Some(state)) = (fields.get(sv), fields.get(st))
+            && *name != "FRONTEND"
+            && *name != "BACKEND"
+        {
+            // The same server appears in the http and https backends; DOWN anywhere wins.
+            let entry = states.entry((*name).to_owned()).or_insert_with(|| (*state).to_owned());
+            if !state.starts_with("UP") {
+                *entry = (*state).to_owned();
+            }
+        }
+    }
+    Ok(states)
+}

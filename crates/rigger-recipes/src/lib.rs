@@ -1,0 +1,67 @@
+//! Recipes: what each role of the architecture needs on a server, as data.
+//!
+//! [`render`]`(role, &ServerContext)` returns a [`Recipe`]: directories ([`DirSpec`]), whole
+//! files ([`FileSpec`]), long-running foreground services ([`ServiceSpec`], with a readiness
+//! [`Probe`] and stop/reload [`Signal`]s) and one-shot idempotent steps ([`StepSpec`]). Every
+//! program to run is a [`Command`] value whose `Display` is a shell line. Providers apply
+//! recipes; this crate does no I/O, reads no clock and draws no random numbers, so the same
+//! context always renders the same recipe, and tests compare it as text.
+//!
+//! The same recipes serve both providers. Everything host-specific comes from the context's
+//! [`Layout`]: per-server directories, shared app paths, service users, binary paths and the
+//! [`ServiceManager`]. [`Layout::local`] puts each server in its own directory, supervised by
+//! rigger; [`Layout::systemd`] uses `/etc/rigger`, `/var/lib/rigger`, ... and makes [`render`]
+//! also emit systemd units ([`systemd_unit`]).
+//!
+//! Start reading at [`render`] (in `roles/mod.rs`), then one role module (`roles/app.rs` is
+//! the web and worker servers) and its template under `templates/`.
+//!
+//! # Rules every recipe follows
+//! - **Secrets only in files.** Secret values ([`Secret`]) appear only in [`FileSpec`]s with
+//!   `contains_secret` and mode 0600, never in a [`Command`]'s arguments or environment: the
+//!   app gets its settings from an `EnvironmentFile` ([`ServiceSpec::env_file`], format in
+//!   [`envfile`]), PgBouncer from its `auth_file`, replicas from a libpq passfile.
+//! - **Foreground services.** No service daemonizes; the supervisor's child is the service.
+//!   Readiness is a probe (a port, a TLS handshake, `pg_isready`, `rabbitmqctl await_startup`),
+//!   never a sleep.
+//! - **Whole files.** Config files are rendered whole from templates, never patched.
+//!   Templates run with minijinja's strict undefined behaviour: a missing variable is an error.
+//! - **Validated inputs.** Values inserted into configs (names, paths, secrets) are checked
+//!   first so that none can change a file's structure ([`RenderError::InvalidValue`]).
+//!
+//! # Conventions
+//! Components live in `<dir>/<component>` of the layout's per-server directories
+//! (`etc/nginx/nginx.conf`, `data/postgresql` = PGDATA, `run/postgresql` = the socket
+//! directory). A supervised service's stdout and stderr go to `log/<service>.log`; most
+//! services log there (nginx writes `log/nginx/{error,access}.log`, RabbitMQ `log/rabbitmq`).
+//! Ports are in [`Ports`] (nginx 80/443, gunicorn 8000, PgBouncer 6432, stunnel 7432 + N,
+//! PostgreSQL 5432, Redis 6379, AMQP 5672, Erlang distribution 25672, epmd 4369). Every
+//! service listens on the server's own address, never on a wildcard, so that the local
+//! provider can give each server its own loopback address.
+
+mod command;
+mod context;
+mod engine;
+pub mod envfile;
+mod error;
+mod layout;
+pub mod pki;
+mod roles;
+mod spec;
+mod systemd;
+mod validate;
+
+pub use command::{Command, shell_quote};
+pub use context::{
+    Network, Peer, Peers, Ports, ProjectInfo, Role, Secret, Secrets, ServerContext, Tuning,
+};
+pub use error::RenderError;
+pub use layout::{Binaries, Layout, ServiceManager, ServiceUsers};
+pub use roles::{render, render_server};
+pub use spec::{DirSpec, FileSpec, Phase, Probe, Recipe, ServiceSpec, Signal, StepSpec};
+pub use systemd::{systemd_unit, unit_name};
+
+/// The name of the replication slot the primary keeps for replica `server_id`.
+pub fn replication_slot_name(server_id: &str) -> String {
+    roles::slot_name(server_id)
+}

@@ -1,0 +1,341 @@
+//! The app servers: web (nginx, gunicorn) and worker (Celery worker and beat), and what both
+//! share: the app's environment file, PgBouncer and the stunnel client to the databases.
+
+use std::time::Duration;
+
+use minijinja::context;
+use minijinja::value::{Serde, Value};
+use serde::Serialize;
+
+use super::{Builder, s, service, sj};
+use crate::engine::percent_encode;
+use crate::error::RenderError;
+use crate::{Command, Probe, Role, ServiceSpec, Signal};
+
+pub(super) fn web(b: &mut Builder) -> Result<(), RenderError> {
+    common(b)?;
+    let ctx = b.ctx;
+    let l = b.layout();
+    let u = &l.users;
+    let (etc, run, log) = (l.etc("nginx"), l.run("nginx"), l.log("nginx"));
+    let (g_run, g_log) = (l.run("gunicorn"), l.log("gunicorn"));
+    b.dir(etc.clone(), 0o755, "root");
+    b.dir(run.clone(), 0o755, "root");
+    b.dir(log.clone(), 0o755, "root");
+    b.dir(l.maintenance_dir.clone(), 0o755, "root");
+    b.dir(g_run.clone(), 0o755, &u.www);
+    b.dir(g_log.clone(), 0o755, &u.www);
+
+    let p = &ctx.project;
+    let ports = &ctx.ports;
+    let https_port_suffix = match ports.lb_https {
+        443 => String::new(),
+        port => format!(":{port}"),
+    };
+    let error_log = sj(&log, "error.log");
+    let conf = b.template(
+        "nginx.conf",
+        context! {
+            www_user => &u.www,
+            worker_processes => ctx.tuning.nginx_worker_processes
+                .map_or_else(|| "auto".to_owned(), |n| n.to_string()),
+            run_dir => s(&run),
+            error_log => &error_log,
+            access_log => sj(&log, "access.log"),
+            tls_cert => s(&l.tls_cert()),
+            tls_key => s(&l.tls_key()),
+            proxy_read_timeout => ctx.tuning.gunicorn_timeout + 5,
+            gunicorn => format!("{}:{}", ctx.address, ports.gunicorn),
+            maintenance_dir => s(&l.maintenance_dir),
+            health_path => &p.health_check_path,
+            canonical_domain => p.canonical_domain(),
+            server_names => p.server_names(),
+            http_port => ports.nginx_http,
+            https_port => ports.nginx_https,
+            https_port_suffix,
+        },
+    )?;
+    let conf_path = etc.join("nginx.conf");
+    b.file(conf_path.clone(), conf, 0o644, "root");
+
+    let graceful = 30;
+    let gunicorn = Command::new(sj(&l.venv_dir, "bin/gunicorn"))
+        .arg(&p.wsgi_module)
+        .args(["--bind", &format!("{}:{}", ctx.address, ports.gunicorn)])
+        .args(["--workers", &ctx.tuning.gunicorn_workers.to_string()])
+        .args(["--timeout", &ctx.tuning.gunicorn_timeout.to_string()])
+        .args(["--graceful-timeout", &graceful.to_string()])
+        // nginx connects from the loopback address locally, from this address on AWS.
+        .args([
+            "--forwarded-allow-ips",
+            &format!("127.0.0.1,{}", ctx.address),
+        ])
+        .args(["--control-socket", &sj(&g_run, "gunicorn.ctl")])
+        .args(["--access-logfile", &sj(&g_log, "access.log")])
+        .args(["--error-logfile", "-"])
+        .cwd(&l.app_dir);
+    let gunicorn = app_env(b, gunicorn);
+    b.service(ServiceSpec {
+        env_file: Some(env_file_path(b)),
+        depends_on: vec!["pgbouncer".into()],
+        stop_timeout: Duration::from_secs(graceful + 5),
+        reload_signal: Some(Signal::Hup),
+        ..service(
+            l,
+            "gunicorn",
+            &u.www,
+            gunicorn,
+            Probe::Tcp {
+                addr: ctx.address,
+                port: ports.gunicorn,
+            },
+        )
+    });
+
+    let nginx = Command::new(s(&l.bins.nginx))
+        .args(["-p", &format!("{}/", s(&etc))])
+        .args(["-c", &s(&conf_path)])
+        .args(["-e", &error_log]);
+    b.service(ServiceSpec {
+        depends_on: vec!["gunicorn".into()],
+        stop_signal: Signal::Quit,
+        reload_signal: Some(Signal::Hup),
+        ..service(
+            l,
+            "nginx",
+            "root",
+            nginx,
+            Probe::Tls {
+                addr: ctx.address,
+                port: ports.nginx_https,
+                server_name: ctx.server_id.clone(),
+                ca_file: l.ca_cert(),
+            },
+        )
+    });
+    Ok(())
+}
+
+pub(super) fn worker(b: &mut Builder) -> Result<(), RenderError> {
+    common(b)?;
+    let ctx = b.ctx;
+    let l = b.layout();
+    let www = &l.users.www;
+    let p = &ctx.project;
+    let celery = || Command::new(sj(&l.venv_dir, "bin/celery")).args(["-A", &p.celery_app]);
+    let node = format!("{}@{}", ctx.server_id, ctx.address);
+
+    let worker = celery()
+        .arg("worker")
+        .args(["-n", &node])
+        .args(["--without-mingle", "--without-gossip"])
+        .args(["-c", &ctx.tuning.celery_concurrency.to_string()])
+        .args(["--loglevel", "INFO"])
+        .cwd(&l.app_dir);
+    let ping = celery()
+        .args(["inspect", "ping", "--destination", &node, "--timeout", "5"])
+        .cwd(&l.app_dir)
+        .user(www);
+    let worker = app_env(b, worker);
+    let ping = app_env(b, ping);
+    b.service(ServiceSpec {
+        env_file: Some(env_file_path(b)),
+        depends_on: vec!["pgbouncer".into()],
+        // SIGTERM is Celery's warm shutdown: running tasks finish first.
+        stop_timeout: Duration::from_secs(600),
+        ..service(l, "celery-worker", www, worker, Probe::Command(ping))
+    });
+
+    if ctx.celery_beat {
+        let (data, run) = (l.data("celery"), l.run("celery"));
+        b.dir(data.clone(), 0o755, www);
+        b.dir(run.clone(), 0o755, www);
+        let beat = celery()
+            .arg("beat")
+            .args(["--schedule", &sj(&data, "beat-schedule")])
+            .args(["--pidfile", &sj(&run, "beat.pid")])
+            .args(["--loglevel", "INFO"])
+            .cwd(&l.app_dir);
+        let beat = app_env(b, beat);
+        b.service(ServiceSpec {
+            env_file: Some(env_file_path(b)),
+            ..service(l, "celery-beat", www, beat, Probe::Running)
+        });
+    }
+    Ok(())
+}
+
+/// What web and worker servers share: the app's environment file, the www user's home,
+/// PgBouncer and stunnel. Rendered identically for both roles, so a server with both merges.
+fn common(b: &mut Builder) -> Result<(), RenderError> {
+    let ctx = b.ctx;
+    let l = b.layout();
+    let u = &l.users;
+    let p = &ctx.project;
+    let ports = &ctx.ports;
+
+    b.dir(l.etc("app"), 0o755, "root");
+    b.dir(l.home(&u.www), 0o755, &u.www);
+    let vars = app_env_vars(b);
+    let env = b.template("app.env", context! { vars })?;
+    b.secret_file(env_file_path(b), env, &u.www);
+
+    // Databases: the primary, then replica N at stunnel_base + N.
+    #[derive(Serialize)]
+    struct Tunnel<'a> {
+        id: &'a str,
+        address: String,
+        port: u16,
+        name: String,
+    }
+    let peers = &ctx.peers;
+    let tunnels: Vec<Tunnel> = std::iter::once(&peers.db_primary)
+        .chain(&peers.db_replicas)
+        .enumerate()
+        .map(|(n, peer)| Tunnel {
+            id: &peer.id,
+            address: peer.address.to_string(),
+            port: ports.stunnel_base + n as u16,
+            name: match n {
+                0 => p.db_name.clone(),
+                n => format!("{}_replica{n}", p.db_name),
+            },
+        })
+        .collect();
+
+    let stunnel_etc = l.etc("stunnel");
+    b.dir(stunnel_etc.clone(), 0o755, "root");
+    let conf = b.template(
+        "stunnel.conf",
+        context! {
+            tunnels => Value::from(Serde(&tunnels)),
+            postgres_port => ports.postgres,
+            ca_file => s(&l.ca_cert()),
+        },
+    )?;
+    let conf_path = stunnel_etc.join("stunnel.conf");
+    b.file(conf_path.clone(), conf, 0o644, "root");
+    b.service(ServiceSpec {
+        reload_signal: Some(Signal::Hup),
+        ..service(
+            l,
+            "stunnel",
+            &u.stunnel,
+            Command::new(s(&l.bins.stunnel)).arg(s(&conf_path)),
+            Probe::Tcp {
+                addr: ctx.address,
+                port: ports.stunnel_base,
+            },
+        )
+    });
+
+    let pgb_etc = l.etc("pgbouncer");
+    b.dir(pgb_etc.clone(), 0o755, "root");
+    let userlist = b.template(
+        "userlist.txt",
+        context! { user => &p.db_user, password => ctx.secrets.db_password.expose() },
+    )?;
+    let userlist_path = pgb_etc.join("userlist.txt");
+    b.secret_file(userlist_path.clone(), userlist, &u.pgbouncer);
+    let databases: Vec<_> = tunnels
+        .iter()
+        .map(|t| context! { name => &t.name, host => ctx.address.to_string(), port => t.port })
+        .collect();
+    let ini = b.template(
+        "pgbouncer.ini",
+        context! {
+            databases,
+            db_name => &p.db_name,
+            port => ports.pgbouncer,
+            auth_file => s(&userlist_path),
+        },
+    )?;
+    let ini_path = pgb_etc.join("pgbouncer.ini");
+    b.file(ini_path.clone(), ini, 0o644, &u.pgbouncer);
+    b.service(ServiceSpec {
+        depends_on: vec!["stunnel".into()],
+        // SIGINT is PgBouncer's safe shutdown: it waits for running transactions.
+        stop_signal: Signal::Int,
+        reload_signal: Some(Signal::Hup),
+        ..service(
+            l,
+            "pgbouncer",
+            &u.pgbouncer,
+            Command::new(s(&l.bins.pgbouncer)).arg(s(&ini_path)),
+            Probe::Tcp {
+                addr: ctx.address,
+                port: ports.pgbouncer,
+            },
+        )
+    });
+    Ok(())
+}
+
+fn env_file_path(b: &Builder) -> std::path::PathBuf {
+    b.layout().etc("app").join("app.env")
+}
+
+/// The non-secret environment every app process gets on top of its env file.
+fn app_env(b: &Builder, command: Command) -> Command {
+    command
+        .env("HOME", s(&b.layout().home(&b.layout().users.www)))
+        .env("PYTHONUNBUFFERED", "1")
+}
+
+/// The variables of docs/app-contract.md, in the contract's order.
+fn app_env_vars(b: &Builder) -> Vec<(&'static str, String)> {
+    let ctx = b.ctx;
+    let l = b.layout();
+    let p = &ctx.project;
+    let ports = &ctx.ports;
+    let secrets = &ctx.secrets;
+    let app_roles: Vec<&str> = ctx
+        .roles
+        .iter()
+        .filter(|r| matches!(r, Role::Web | Role::Worker))
+        .map(|r| r.as_str())
+        .collect();
+    let replica_names: Vec<String> = (1..=ctx.peers.db_replicas.len())
+        .map(|n| format!("{}_replica{n}", p.db_name))
+        .collect();
+    vec![
+        ("RIGGER_PROJECT", p.name.clone()),
+        ("RIGGER_ENVIRONMENT", p.environment.clone()),
+        ("RIGGER_ROLE", app_roles.join(",")),
+        ("RIGGER_SERVER", ctx.server_id.clone()),
+        ("RIGGER_RELEASE", p.release.clone()),
+        (
+            "DJANGO_SECRET_KEY",
+            secrets.django_secret_key.expose().to_owned(),
+        ),
+        ("DJANGO_ALLOWED_HOSTS", p.server_names().join(",")),
+        ("DATABASE_HOST", ctx.address.to_string()),
+        ("DATABASE_PORT", ports.pgbouncer.to_string()),
+        ("DATABASE_USER", p.db_user.clone()),
+        ("DATABASE_PASSWORD", secrets.db_password.expose().to_owned()),
+        ("DATABASE_NAME", p.db_name.clone()),
+        ("DATABASE_REPLICA_NAMES", replica_names.join(",")),
+        (
+            "REDIS_URL",
+            format!(
+                "redis://:{}@{}:{}",
+                percent_encode(secrets.redis_password.expose()),
+                ctx.peers.redis,
+                ports.redis
+            ),
+        ),
+        (
+            "CELERY_BROKER_URL",
+            format!(
+                "amqp://{}:{}@{}:{}/{}",
+                percent_encode(&p.amqp_user),
+                percent_encode(secrets.rabbitmq_password.expose()),
+                ctx.peers.amqp,
+                ports.amqp,
+                percent_encode(&p.amqp_vhost)
+            ),
+        ),
+        ("MEDIA_ROOT", s(&l.media_root)),
+        ("STATIC_ROOT", s(&l.static_root)),
+    ]
+}

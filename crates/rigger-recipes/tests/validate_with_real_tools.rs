@@ -1,0 +1,482 @@
+//! Rendered recipes against the real programs: openssl runs the PKI steps, `nginx -t` and
+//! `haproxy -c` check their configs, and the database path (PostgreSQL primary and replica,
+//! stunnel, PgBouncer), Redis and RabbitMQ are started from their recipes and used.
+//!
+//! Everything lives in a scratch directory, on addresses in 127.93.0.0/16 (the snapshot
+//! tests' sample uses 127.77, the local provider's default). A test whose programs are
+//! missing says so on stderr and passes; CI installs them. Tests that start services as
+//! other users need root, as the local provider does.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rigger_recipes::{
+    Layout, Phase, Probe, Recipe, Role, ServerContext, Signal, envfile, pki, render_server,
+};
+
+const BLOCK: u8 = 93;
+
+/// Tests that start services share addresses: one at a time.
+static SERVICES: Mutex<()> = Mutex::new(());
+
+#[test]
+fn pki_steps_make_a_verifiable_chain() {
+    if missing(&["/usr/bin/openssl"]) {
+        return;
+    }
+    let scratch = Scratch::new("pki");
+    let layout = scratch.layout("web-1");
+    make_certs(&scratch, &["web-1"]);
+    let out = run_checked(
+        std::process::Command::new("/usr/bin/openssl")
+            .args(["verify", "-CAfile"])
+            .arg(layout.ca_cert())
+            .args(["-verify_hostname", "web-1", "-verify_ip"])
+            .arg(common::addr_in(BLOCK, "web-1").to_string())
+            .arg(layout.tls_cert()),
+    );
+    assert!(out.contains(": OK"), "{out}");
+    let key_mode = std::fs::metadata(layout.tls_key())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+    let ca_key_mode = std::fs::metadata(pki::ca_key(&layout))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(ca_key_mode & 0o777, 0o600);
+
+    // Applying again changes nothing: every step is guarded by what it creates.
+    let before = std::fs::read(layout.tls_cert()).unwrap();
+    make_certs(&scratch, &["web-1"]);
+    assert_eq!(std::fs::read(layout.tls_cert()).unwrap(), before);
+}
+
+#[test]
+fn nginx_accepts_the_web_config() {
+    if missing(&["/usr/sbin/nginx", "/usr/bin/openssl"]) {
+        return;
+    }
+    let scratch = Scratch::new("nginx");
+    make_certs(&scratch, &["web-1"]);
+    let ctx = scratch.context("web-1");
+    let recipe = render_server(&ctx).unwrap();
+    apply_fs(&recipe);
+    let nginx = recipe.service("nginx").unwrap();
+    let out = run_checked(&mut process(&nginx.command, None).arg("-t"));
+    assert!(out.contains("test is successful"), "{out}");
+}
+
+#[test]
+fn haproxy_accepts_the_lb_config_with_and_without_backends() {
+    if missing(&["/usr/sbin/haproxy", "/usr/bin/openssl"]) {
+        return;
+    }
+    let scratch = Scratch::new("haproxy");
+    make_certs(&scratch, &["lb-1"]);
+    let mut ctx = scratch.context("lb-1");
+    for backends in [ctx.peers.web_backends.clone(), Vec::new()] {
+        ctx.peers.web_backends = backends;
+        let recipe = render_server(&ctx).unwrap();
+        apply_fs(&recipe);
+        let cfg = &recipe.files[0].path;
+        run_checked(
+            std::process::Command::new("/usr/sbin/haproxy")
+                .arg("-c")
+                .arg("-f")
+                .arg(cfg),
+        );
+    }
+}
+
+#[test]
+fn database_path_works_end_to_end() {
+    let pg = Path::new("/usr/lib/postgresql/15/bin");
+    if missing(&[
+        &pg.join("postgres").to_string_lossy(),
+        "/usr/sbin/pgbouncer",
+        "/usr/bin/stunnel4",
+        "/usr/bin/openssl",
+    ]) || !is_root()
+    {
+        return;
+    }
+    let _one_at_a_time = SERVICES.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("db");
+    make_certs(&scratch, &["db-1", "db-2"]);
+    let mut running = Running::default();
+
+    let primary = scratch.context("db-1");
+    let recipe = render_server(&primary).unwrap();
+    bring_up(&recipe, &mut running);
+    let replica = scratch.context("db-2");
+    bring_up(&render_server(&replica).unwrap(), &mut running);
+    let web = scratch.context("web-1");
+    let mut web_recipe = render_server(&web).unwrap();
+    web_recipe
+        .services
+        .retain(|s| s.name == "stunnel" || s.name == "pgbouncer");
+    bring_up(&web_recipe, &mut running);
+
+    // The app's path: PgBouncer -> stunnel (TLS, certificate checked) -> PostgreSQL.
+    let env_file = web_recipe
+        .file(web.layout.etc("app").join("app.env"))
+        .unwrap();
+    let env = envfile::parse(&env_file.contents).unwrap();
+    let psql = |db: &str, sql: &str| {
+        let mut c = std::process::Command::new(pg.join("psql"));
+        c.args(["-X", "-A", "-t", "-h", &env["DATABASE_HOST"], "-p"])
+            .arg(&env["DATABASE_PORT"])
+            .args(["-U", &env["DATABASE_USER"], "-d", db, "-c", sql])
+            .env("PGPASSWORD", &env["DATABASE_PASSWORD"]);
+        c
+    };
+    let out = run_checked(&mut psql(
+        &env["DATABASE_NAME"],
+        "CREATE TABLE t (x int); INSERT INTO t VALUES (42); SELECT pg_is_in_recovery()",
+    ));
+    assert!(out.contains('f'), "{out}");
+    let replica_db = env["DATABASE_REPLICA_NAMES"].clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = psql(&replica_db, "SELECT pg_is_in_recovery(), (SELECT x FROM t)")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.trim() == "t|42" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica never caught up: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The replica streams through its slot, under its own name.
+    let out = run_checked(&mut process(
+        &rigger_recipes::Command::new(pg.join("psql").to_string_lossy())
+            .args(["-X", "-A", "-t", "-h"])
+            .arg(primary.layout.run("postgresql").to_string_lossy())
+            .args(["-U", "postgres", "-d", "postgres", "-c"])
+            .arg("SELECT application_name, ssl FROM pg_stat_replication JOIN pg_stat_ssl USING (pid)")
+            .user("postgres"),
+        None,
+    ));
+    assert_eq!(out.trim(), "db-2|t");
+
+    // TCP without TLS is refused, even with the right password.
+    let plain = std::process::Command::new(pg.join("psql"))
+        .arg(format!(
+            "host={} port=5432 dbname=surveys_local user=surveys sslmode=disable",
+            primary.address
+        ))
+        .args(["-X", "-c", "SELECT 1"])
+        .env("PGPASSWORD", primary.secrets.db_password.expose())
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
+    assert!(
+        String::from_utf8_lossy(&plain.stderr).contains("no pg_hba.conf entry"),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+
+    // Applying the primary again converges (setup SQL and TLS steps are idempotent).
+    run_steps(&recipe, Phase::BeforeStart);
+    run_steps(&recipe, Phase::AfterStart);
+}
+
+#[test]
+fn redis_requires_its_password() {
+    if missing(&["/usr/bin/redis-server", "/usr/bin/redis-cli"]) || !is_root() {
+        return;
+    }
+    let _one_at_a_time = SERVICES.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("redis");
+    let mut ctx = scratch.context("cache-1");
+    ctx.roles = vec![Role::Cache];
+    let mut running = Running::default();
+    bring_up(&render_server(&ctx).unwrap(), &mut running);
+    let cli = |password: Option<&str>| {
+        let mut c = std::process::Command::new("/usr/bin/redis-cli");
+        c.args(["-h", &ctx.address.to_string(), "ping"]);
+        if let Some(p) = password {
+            c.env("REDISCLI_AUTH", p);
+        }
+        String::from_utf8_lossy(&c.output().unwrap().stdout).into_owned()
+    };
+    assert!(cli(None).contains("NOAUTH"));
+    assert_eq!(
+        cli(Some(ctx.secrets.redis_password.expose())).trim(),
+        "PONG"
+    );
+}
+
+#[test]
+fn rabbitmq_starts_with_the_project_user_and_no_guest() {
+    if missing(&["/usr/lib/rabbitmq/bin/rabbitmq-server", "/usr/bin/epmd"]) || !is_root() {
+        return;
+    }
+    let _one_at_a_time = SERVICES.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("rabbitmq");
+    let mut ctx = scratch.context("cache-1");
+    ctx.roles = vec![Role::Queue];
+    let recipe = render_server(&ctx).unwrap();
+    let mut running = Running::default();
+    bring_up(&recipe, &mut running);
+
+    let Probe::Command(ready) = &recipe.service("rabbitmq").unwrap().readiness else {
+        panic!("rabbitmq's probe is a command");
+    };
+    let ctl = |args: &[&str]| {
+        let mut c = ready.clone();
+        c.args.truncate(2); // `-n NODE`
+        process(&c.args(args.iter().copied()), None)
+            .output()
+            .unwrap()
+    };
+    let users = ctl(&["list_users", "-s"]);
+    let users = String::from_utf8_lossy(&users.stdout);
+    assert!(users.contains("surveys"), "{users}");
+    assert!(!users.contains("guest"), "{users}");
+    let auth = ctl(&[
+        "authenticate_user",
+        "surveys",
+        ctx.secrets.rabbitmq_password.expose(),
+    ]);
+    assert!(
+        auth.status.success(),
+        "{}",
+        String::from_utf8_lossy(&auth.stderr)
+    );
+    let vhosts = ctl(&["list_vhosts", "-s"]);
+    assert!(String::from_utf8_lossy(&vhosts.stdout).contains("surveys_local"));
+}
+
+// ---- a minimal applier: just enough of a provider to run recipes in tests ----
+
+struct Scratch {
+    root: PathBuf,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let root =
+            std::env::temp_dir().join(format!("rigger-recipes-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Scratch { root }
+    }
+
+    fn layout(&self, id: &str) -> Layout {
+        common::local_layout(&self.root, id)
+    }
+
+    fn context(&self, id: &str) -> ServerContext {
+        common::context_in(BLOCK, id, self.layout(id))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Runs the CA recipe and a server certificate recipe for each of `ids`.
+fn make_certs(scratch: &Scratch, ids: &[&str]) {
+    let layout = scratch.layout(ids[0]);
+    let ca = pki::ca(&layout, "surveys-local-ca").unwrap();
+    apply_fs(&ca);
+    run_steps(&ca, Phase::BeforeStart);
+    for id in ids {
+        let recipe = pki::server_cert(&scratch.layout(id), id, common::addr_in(BLOCK, id)).unwrap();
+        apply_fs(&recipe);
+        run_steps(&recipe, Phase::BeforeStart);
+    }
+}
+
+/// Directories, files, BeforeStart steps, services in order (each waited for), AfterStart.
+fn bring_up(recipe: &Recipe, running: &mut Running) {
+    apply_fs(recipe);
+    run_steps(recipe, Phase::BeforeStart);
+    for service in &recipe.services {
+        let log = std::fs::File::create(&service.log_file).unwrap();
+        let env = match &service.env_file {
+            Some(path) => envfile::parse(&std::fs::read_to_string(path).unwrap()).unwrap(),
+            None => BTreeMap::new(),
+        };
+        let mut command = service.command.clone();
+        command.user = Some(service.user.clone());
+        let child = process(&command, Some(&env))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        running
+            .0
+            .push((service.name.clone(), service.stop_signal, child));
+        wait_ready(&service.name, &service.readiness, &service.log_file);
+    }
+    run_steps(recipe, Phase::AfterStart);
+}
+
+fn apply_fs(recipe: &Recipe) {
+    for dir in &recipe.dirs {
+        std::fs::create_dir_all(&dir.path).unwrap();
+        std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(dir.mode)).unwrap();
+        chown(&dir.path, &dir.owner);
+    }
+    for file in &recipe.files {
+        std::fs::create_dir_all(file.path.parent().unwrap()).unwrap();
+        std::fs::write(&file.path, &file.contents).unwrap();
+        std::fs::set_permissions(&file.path, std::fs::Permissions::from_mode(file.mode)).unwrap();
+        chown(&file.path, &file.owner);
+    }
+}
+
+fn run_steps(recipe: &Recipe, phase: Phase) {
+    for step in recipe.steps.iter().filter(|s| s.phase == phase) {
+        if step.creates.as_ref().is_some_and(|p| p.exists()) {
+            continue;
+        }
+        run_checked(&mut process(&step.command, None));
+    }
+}
+
+fn wait_ready(name: &str, probe: &Probe, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = match probe {
+            Probe::Tcp { addr, port }
+            | Probe::Tls { addr, port, .. }
+            | Probe::Https { addr, port, .. } => TcpStream::connect_timeout(
+                &SocketAddr::from((*addr, *port)),
+                Duration::from_millis(200),
+            )
+            .is_ok(),
+            Probe::Command(c) => process(c, None)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap()
+                .success(),
+            Probe::Running => true,
+        };
+        if ready {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not ready; its log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Started services, stopped in reverse order with their stop signal when dropped.
+#[derive(Default)]
+struct Running(Vec<(String, Signal, Child)>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        while let Some((_, signal, mut child)) = self.0.pop() {
+            let _ = std::process::Command::new("/usr/bin/kill")
+                .args(["-s", signal.name(), &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A recipe's command as a process: as its user through `setpriv` (which execs, so signals
+/// reach the program), with its environment and working directory.
+fn process(
+    c: &rigger_recipes::Command,
+    extra_env: Option<&BTreeMap<String, String>>,
+) -> std::process::Command {
+    let mut p = match c.user.as_deref() {
+        Some(user) if user != "root" && is_root() => {
+            let mut p = std::process::Command::new("/usr/bin/setpriv");
+            p.args([
+                &format!("--reuid={user}"),
+                &format!("--regid={user}"),
+                "--init-groups",
+                &c.program,
+            ]);
+            p
+        }
+        _ => std::process::Command::new(&c.program),
+    };
+    p.args(&c.args);
+    if let Some(env) = extra_env {
+        p.envs(env);
+    }
+    p.envs(&c.env);
+    if let Some(cwd) = &c.cwd {
+        p.current_dir(cwd);
+    }
+    p
+}
+
+fn run_checked(command: &mut std::process::Command) -> String {
+    let out = command.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{command:?} failed:\n{text}");
+    text
+}
+
+fn missing(programs: &[&str]) -> bool {
+    let absent: Vec<_> = programs.iter().filter(|p| !Path::new(p).exists()).collect();
+    if !absent.is_empty() {
+        eprintln!("skipped: {absent:?} not installed");
+    }
+    !absent.is_empty()
+}
+
+fn is_root() -> bool {
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    if !root {
+        eprintln!("skipped: needs root to run services as their users");
+    }
+    root
+}
+
+/// Gives `path` to `user` and the user's primary group (when running as root).
+fn chown(path: &Path, user: &str) {
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+    {
+        return;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f[0] == user)
+        .unwrap_or_else(|| panic!("no user {user}"));
+    let (uid, gid) = (entry[2].parse().unwrap(), entry[3].parse().unwrap());
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+}
