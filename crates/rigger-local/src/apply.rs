@@ -26,7 +26,8 @@ fn chown(path: &Path, owner: &str) -> anyhow::Result<()> {
 }
 
 pub fn ensure_dir(dir: &DirSpec) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&dir.path).with_context(|| format!("creating {}", dir.path.display()))?;
+    std::fs::create_dir_all(&dir.path)
+        .with_context(|| format!("creating {}", dir.path.display()))?;
     std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(dir.mode))
         .with_context(|| format!("setting the mode of {}", dir.path.display()))?;
     chown(&dir.path, &dir.owner)
@@ -45,7 +46,8 @@ pub fn ensure_file(file: &FileSpec) -> anyhow::Result<bool> {
                 .ok()
                 .flatten()
                 .is_some_and(|u| u.uid.as_raw() == metadata.uid());
-        if existing == file.contents.as_bytes() && metadata.mode() & 0o7777 == file.mode && owner_ok {
+        if existing == file.contents.as_bytes() && metadata.mode() & 0o7777 == file.mode && owner_ok
+        {
             return Ok(false);
         }
     }
@@ -62,7 +64,8 @@ pub fn ensure_file(file: &FileSpec) -> anyhow::Result<bool> {
         .mode(file.mode)
         .open(&temporary)
         .with_context(|| format!("writing {}", path.display()))?;
-    std::io::Write::write_all(&mut handle, file.contents.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    std::io::Write::write_all(&mut handle, file.contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     drop(handle);
     std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(file.mode))?;
     chown(&temporary, &file.owner)?;
@@ -85,10 +88,15 @@ pub async fn run_step(step: &StepSpec, log: &Path) -> anyhow::Result<bool> {
 }
 
 /// Runs `command` to completion as its user, with exactly its environment (plus a PATH).
-pub async fn run_command(command: &Command, stdin_file: Option<&Path>, log: &Path) -> anyhow::Result<()> {
+pub async fn run_command(
+    command: &Command,
+    stdin_file: Option<&Path>,
+    log: &Path,
+) -> anyhow::Result<()> {
     let mut process = match (&command.user, is_root()) {
         (Some(user), true) => {
-            let user_record = nix::unistd::User::from_name(user)?.with_context(|| format!("user `{user}` does not exist"))?;
+            let user_record = nix::unistd::User::from_name(user)?
+                .with_context(|| format!("user `{user}` does not exist"))?;
             let mut process = tokio::process::Command::new("setpriv");
             process
                 .arg(format!("--reuid={}", user_record.uid))
@@ -110,9 +118,18 @@ pub async fn run_command(command: &Command, stdin_file: Option<&Path>, log: &Pat
     if let Some(parent) = log.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    process.stdin(if stdin_file.is_some() { Stdio::piped() } else { Stdio::null() });
-    process.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    let mut child = process.spawn().with_context(|| format!("starting `{command}`"))?;
+    process.stdin(if stdin_file.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    process
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = process
+        .spawn()
+        .with_context(|| format!("starting `{command}`"))?;
     if let Some(path) = stdin_file {
         let input = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let mut stdin = child.stdin.take().context("stdin is piped")?;
@@ -122,11 +139,25 @@ pub async fn run_command(command: &Command, stdin_file: Option<&Path>, log: &Pat
     let output = child.wait_with_output().await?;
     let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&output.stderr));
-    let mut log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
     std::io::Write::write_all(&mut log_file, format!("$ {command}\n{text}").as_bytes())?;
     if !output.status.success() {
-        let tail: Vec<&str> = text.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
-        bail!("`{command}` failed ({}):\n  {}", output.status, tail.join("\n  "));
+        let tail: Vec<&str> = text
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        bail!(
+            "`{command}` failed ({}):\n  {}",
+            output.status,
+            tail.join("\n  ")
+        );
     }
     Ok(())
 }

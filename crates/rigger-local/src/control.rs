@@ -30,12 +30,18 @@ pub enum UpOutcome {
 }
 
 /// Brings the environment up, or confirms it is. `progress` receives one line per phase.
-pub async fn up(env: &LocalEnvironment, rigger: &Path, config_path: &Path, mut progress: impl FnMut(&str)) -> anyhow::Result<UpOutcome> {
+pub async fn up(
+    env: &LocalEnvironment,
+    rigger: &Path,
+    config_path: &Path,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<UpOutcome> {
     if let Some(holder) = supervisor::lock_holder(env) {
         let status = Status::load(&env.paths.status());
         let desired_now = desired_counts(env);
         let matches = status.as_ref().is_some_and(|s| {
-            s.phase == Phase::Ready && s.groups.iter().map(|g| g.desired).collect::<Vec<_>>() == desired_now
+            s.phase == Phase::Ready
+                && s.groups.iter().map(|g| g.desired).collect::<Vec<_>>() == desired_now
         });
         if matches {
             return Ok(UpOutcome::AlreadyUp(status.expect("checked")));
@@ -47,13 +53,15 @@ pub async fn up(env: &LocalEnvironment, rigger: &Path, config_path: &Path, mut p
         return Ok(UpOutcome::Updated(status));
     }
     let _ = std::fs::remove_file(env.paths.status());
-    std::fs::create_dir_all(env.paths.root()).with_context(|| format!("creating {}", env.paths.root().display()))?;
+    std::fs::create_dir_all(env.paths.root())
+        .with_context(|| format!("creating {}", env.paths.root().display()))?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(env.paths.supervisor_log())
         .with_context(|| format!("opening {}", env.paths.supervisor_log().display()))?;
-    let config_path = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
+    let config_path =
+        std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     let child = std::process::Command::new(rigger)
         .arg("--config")
         .arg(&config_path)
@@ -68,7 +76,10 @@ pub async fn up(env: &LocalEnvironment, rigger: &Path, config_path: &Path, mut p
     let pid = i32::try_from(child.id()).unwrap_or(0);
     // The child is not waited on: it outlives this process by design. Reaped by init.
     drop(child);
-    progress(&format!("supervisor started (pid {pid}, log {})", env.paths.supervisor_log().display()));
+    progress(&format!(
+        "supervisor started (pid {pid}, log {})",
+        env.paths.supervisor_log().display()
+    ));
     let status = wait_ready(env, pid, &mut progress).await?;
     Ok(UpOutcome::Started(status))
 }
@@ -77,11 +88,18 @@ use std::os::unix::process::CommandExt as _;
 
 fn desired_counts(env: &LocalEnvironment) -> Vec<u32> {
     let counts = DesiredCounts::load(&env.paths.desired());
-    vec![counts.web.unwrap_or(env.env().web.desired), counts.worker.unwrap_or(env.env().worker.desired)]
+    vec![
+        counts.web.unwrap_or(env.env().web.desired),
+        counts.worker.unwrap_or(env.env().worker.desired),
+    ]
 }
 
 /// Follows status.json until the supervisor says ready or failed, or dies.
-async fn wait_ready(env: &LocalEnvironment, pid: i32, progress: &mut impl FnMut(&str)) -> anyhow::Result<Status> {
+async fn wait_ready(
+    env: &LocalEnvironment,
+    pid: i32,
+    progress: &mut impl FnMut(&str),
+) -> anyhow::Result<Status> {
     let start = Instant::now();
     let mut last_message = String::new();
     loop {
@@ -102,10 +120,15 @@ async fn wait_ready(env: &LocalEnvironment, pid: i32, progress: &mut impl FnMut(
         }
         if !pid_alive(pid) {
             let tail = process::log_tail(&env.paths.supervisor_log(), 15).join("\n  ");
-            bail!("the supervisor exited before the environment was ready; its log ends with:\n  {tail}");
+            bail!(
+                "the supervisor exited before the environment was ready; its log ends with:\n  {tail}"
+            );
         }
         if start.elapsed() > UP_TIMEOUT {
-            bail!("the environment was not ready after {} s: {last_message}", UP_TIMEOUT.as_secs());
+            bail!(
+                "the environment was not ready after {} s: {last_message}",
+                UP_TIMEOUT.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -113,31 +136,51 @@ async fn wait_ready(env: &LocalEnvironment, pid: i32, progress: &mut impl FnMut(
 
 fn pid_alive(pid: i32) -> bool {
     // A zombie (exited, not yet reaped by its parent) counts as gone.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
 }
 
 /// Stops everything the environment runs. With `purge`, also deletes its data and secrets.
-pub async fn down(env: &LocalEnvironment, purge: bool, mut progress: impl FnMut(&str)) -> anyhow::Result<()> {
+pub async fn down(
+    env: &LocalEnvironment,
+    purge: bool,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<()> {
     if let Some(holder) = supervisor::lock_holder(env) {
-        progress(&format!("stopping the supervisor (pid {}) and every service", holder.pid));
+        progress(&format!(
+            "stopping the supervisor (pid {}) and every service",
+            holder.pid
+        ));
         kill(Pid::from_raw(holder.pid), Signal::SIGTERM).context("signalling the supervisor")?;
         let start = Instant::now();
         while supervisor::lock_holder(env).is_some() {
             if start.elapsed() > Duration::from_secs(180) {
-                bail!("the supervisor (pid {}) did not stop within 180 s", holder.pid);
+                bail!(
+                    "the supervisor (pid {}) did not stop within 180 s",
+                    holder.pid
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
     // Whatever a killed supervisor left behind.
-    for (name, outcome) in process::stop_leftovers(&env.paths.servers(), Duration::from_secs(60)).await {
-        progress(&format!("stopped {name} left by an earlier supervisor ({outcome:?})"));
+    for (name, outcome) in
+        process::stop_leftovers(&env.paths.servers(), Duration::from_secs(60)).await
+    {
+        progress(&format!(
+            "stopped {name} left by an earlier supervisor ({outcome:?})"
+        ));
     }
     let _ = std::fs::remove_file(env.paths.status());
     if purge && env.paths.root().exists() {
-        std::fs::remove_dir_all(env.paths.root()).with_context(|| format!("deleting {}", env.paths.root().display()))?;
-        progress(&format!("deleted {} (data, secrets, logs)", env.paths.root().display()));
+        std::fs::remove_dir_all(env.paths.root())
+            .with_context(|| format!("deleting {}", env.paths.root().display()))?;
+        progress(&format!(
+            "deleted {} (data, secrets, logs)",
+            env.paths.root().display()
+        ));
     }
     Ok(())
 }
@@ -154,26 +197,44 @@ pub async fn status(env: &LocalEnvironment) -> Option<Status> {
 /// PostgreSQL resets to null when the replica has replayed everything, so an idle primary does
 /// not look lagged; it is reported as 0 then.
 async fn replication(env: &LocalEnvironment) -> Vec<ReplicaStatus> {
-    let socket = env.paths.server(crate::environment::DB_PRIMARY).join("run/postgresql");
+    let socket = env
+        .paths
+        .server(crate::environment::DB_PRIMARY)
+        .join("run/postgresql");
     let query = "SELECT application_name, state, COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint, \
                  COALESCE(EXTRACT(EPOCH FROM replay_lag), 0)::float8 FROM pg_stat_replication ORDER BY 1";
     let mut command = tokio::process::Command::new("setpriv");
     command
-        .args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--", "psql", "-XAtq", "-F", "|", "-h"])
+        .args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+            "psql",
+            "-XAtq",
+            "-F",
+            "|",
+            "-h",
+        ])
         .arg(&socket)
-        .args(["-p", "5432", "-U", "postgres", "-d", "postgres", "-c", query])
+        .args([
+            "-p", "5432", "-U", "postgres", "-d", "postgres", "-c", query,
+        ])
         .env_clear()
         .env("PATH", process::DEFAULT_PATH)
         .env("HOME", "/tmp")
         .kill_on_drop(true);
-    let Ok(Ok(output)) = tokio::time::timeout(Duration::from_secs(5), command.output()).await else {
+    let Ok(Ok(output)) = tokio::time::timeout(Duration::from_secs(5), command.output()).await
+    else {
         return Vec::new();
     };
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split('|').collect();
-            let [id, state, bytes, seconds] = fields[..] else { return None };
+            let [id, state, bytes, seconds] = fields[..] else {
+                return None;
+            };
             Some(ReplicaStatus {
                 id: id.to_owned(),
                 state: state.to_owned(),

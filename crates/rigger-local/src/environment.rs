@@ -5,7 +5,9 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use rigger_config::{Config, Environment, LocalConfig, ProviderConfig};
-use rigger_recipes::{Layout, Network, Peer, Ports, ProjectInfo, Role, Secrets, ServerContext, Tuning};
+use rigger_recipes::{
+    Layout, Network, Peer, Ports, ProjectInfo, Role, Secrets, ServerContext, Tuning,
+};
 
 use crate::paths::EnvPaths;
 use crate::registry::{self, Registry, ServerRecord, subnet};
@@ -19,9 +21,13 @@ pub fn db_replica_id(n: u32) -> String {
     format!("db-replica{n}")
 }
 
-/// The port rigger's own epmd listens on. Not the default 4369, so that a distribution epmd
-/// (which binds every address) never collides with the environment's.
-pub const EPMD_PORT: u16 = 14369;
+/// Ports of the environment's Erlang machinery, derived from its address block so that two
+/// environments never share them: RabbitMQ checks its distribution port is free on *every*
+/// address, and a distribution epmd on 4369 binds every address too.
+fn erlang_ports(block: rigger_config::Cidr) -> (u16, u16) {
+    let [_, b, _, _] = block.addr.octets();
+    (14_000 + u16::from(b), 25_000 + u16::from(b))
+}
 
 #[derive(Debug, Clone)]
 pub struct LocalEnvironment {
@@ -111,7 +117,12 @@ impl LocalEnvironment {
         servers.push(record(DB_PRIMARY, &[Role::DbPrimary], subnet::DATABASE, 1));
         for n in 1..=self.env().database.replicas {
             let host = u8::try_from(n + 1).unwrap_or(u8::MAX);
-            servers.push(record(&db_replica_id(n), &[Role::DbReplica], subnet::DATABASE, host));
+            servers.push(record(
+                &db_replica_id(n),
+                &[Role::DbReplica],
+                subnet::DATABASE,
+                host,
+            ));
         }
         servers
     }
@@ -139,10 +150,15 @@ impl LocalEnvironment {
         layout.static_root = self.paths.static_root();
 
         let address_of = |role: Role, fallback: (u8, u8)| {
-            self.server_with_role(registry, role)
-                .map_or_else(|| registry::address(block, fallback.0, fallback.1), |s| s.address)
+            self.server_with_role(registry, role).map_or_else(
+                || registry::address(block, fallback.0, fallback.1),
+                |s| s.address,
+            )
         };
-        let db_primary = Peer::new(DB_PRIMARY, address_of(Role::DbPrimary, (subnet::DATABASE, 1)));
+        let db_primary = Peer::new(
+            DB_PRIMARY,
+            address_of(Role::DbPrimary, (subnet::DATABASE, 1)),
+        );
         let db_replicas = registry
             .servers
             .iter()
@@ -158,10 +174,12 @@ impl LocalEnvironment {
         let loopback = Network::host(Ipv4Addr::LOCALHOST);
 
         let local = self.local();
+        let (epmd, rabbit_dist) = erlang_ports(block);
         let ports = Ports {
             lb_http: local.http_port,
             lb_https: local.https_port,
-            epmd: EPMD_PORT,
+            epmd,
+            rabbit_dist,
             ..Ports::default()
         };
         let db_name = self.db_name();
@@ -196,7 +214,12 @@ impl LocalEnvironment {
                 // replicas' WAL receivers, the supervisor's migrations; stunnel) connect from
                 // 127.0.0.1, so it stands in for "this machine's tools". TLS and SCRAM are
                 // still required on every line.
-                db_client_networks: vec![network(subnet::WEB), network(subnet::WORKER), network(subnet::DATABASE), loopback],
+                db_client_networks: vec![
+                    network(subnet::WEB),
+                    network(subnet::WORKER),
+                    network(subnet::DATABASE),
+                    loopback,
+                ],
                 db_replication_networks: vec![network(subnet::DATABASE), loopback],
             },
             secrets: secrets.clone(),

@@ -20,22 +20,32 @@ pub fn observe(env: &LocalEnvironment, topology: &Topology) -> Observed {
         return observed;
     };
     let healthy = |id: &str| {
-        status
-            .servers
-            .iter()
-            .any(|s| s.id == id && !s.processes.is_empty() && s.processes.iter().all(|p| p.state == "running"))
+        status.servers.iter().any(|s| {
+            s.id == id
+                && !s.processes.is_empty()
+                && s.processes.iter().all(|p| p.state == "running")
+        })
     };
     let in_service = |group: &str| {
         status
             .servers
             .iter()
-            .filter(|s| s.roles.iter().any(|r| r == group) && s.state == "in_service" && s.processes.iter().all(|p| p.state == "running"))
+            .filter(|s| {
+                s.roles.iter().any(|r| r == group)
+                    && s.state == "in_service"
+                    && s.processes.iter().all(|p| p.state == "running")
+            })
             .count()
     };
     let prefix = format!("{}-{}-", topology.project, topology.environment);
-    let group_counts: BTreeMap<&str, usize> = [("web", in_service("web")), ("worker", in_service("worker"))].into();
+    let group_counts: BTreeMap<&str, usize> =
+        [("web", in_service("web")), ("worker", in_service("worker"))].into();
     for resource in &topology.resources {
-        let short = resource.id.name.strip_prefix(&prefix).unwrap_or(&resource.id.name);
+        let short = resource
+            .id
+            .name
+            .strip_prefix(&prefix)
+            .unwrap_or(&resource.id.name);
         let exists = match resource.id.kind {
             ResourceKind::GroupServer => {
                 // `web[3]` exists when at least 3 web servers are in service.
@@ -51,7 +61,11 @@ pub fn observe(env: &LocalEnvironment, topology: &Topology) -> Observed {
             observed.resources.insert(
                 resource.id.clone(),
                 ObservedResource {
-                    attributes: resource.attributes.iter().map(|(k, a)| (k.clone(), a.value.clone())).collect(),
+                    attributes: resource
+                        .attributes
+                        .iter()
+                        .map(|(k, a)| (k.clone(), a.value.clone()))
+                        .collect(),
                     tags: resource.tags.clone(),
                     depends_on: resource.depends_on.clone(),
                 },

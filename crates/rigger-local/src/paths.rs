@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 /// The paths of one environment's state directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvPaths {
+    /// Parent of every project's state (`/var/lib/rigger`): holds caches shared by all.
+    base: PathBuf,
     root: PathBuf,
 }
 
@@ -22,17 +24,16 @@ impl EnvPaths {
             _ if nix::unistd::geteuid().is_root() => PathBuf::from("/var/lib/rigger"),
             _ => std::env::var_os("XDG_STATE_HOME")
                 .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/state")))
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/state"))
+                })
                 .unwrap_or_else(|| PathBuf::from("/tmp"))
                 .join("rigger"),
         };
         EnvPaths {
             root: base.join(project).join(environment),
+            base,
         }
-    }
-
-    pub fn at(root: impl Into<PathBuf>) -> Self {
-        EnvPaths { root: root.into() }
     }
 
     pub fn root(&self) -> &Path {
@@ -62,8 +63,10 @@ impl EnvPaths {
     pub fn release(&self, id: &str) -> PathBuf {
         self.releases().join(id)
     }
+    /// App venvs, one per distinct requirements file, shared by every environment (and
+    /// kept by `down --purge`, which deletes only the environment's own directory).
     pub fn venvs(&self) -> PathBuf {
-        self.root.join("venvs")
+        self.base.join("venvs")
     }
     pub fn media(&self) -> PathBuf {
         self.shared().join("media")

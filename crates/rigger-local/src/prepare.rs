@@ -26,7 +26,14 @@ pub struct Prepared {
 
 pub async fn prepare(env: &LocalEnvironment) -> anyhow::Result<Prepared> {
     let paths = &env.paths;
-    for dir in [paths.root().to_path_buf(), paths.servers(), paths.shared(), paths.releases(), paths.venvs(), paths.pki()] {
+    for dir in [
+        paths.root().to_path_buf(),
+        paths.servers(),
+        paths.shared(),
+        paths.releases(),
+        paths.venvs(),
+        paths.pki(),
+    ] {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
     }
@@ -54,7 +61,9 @@ pub async fn prepare(env: &LocalEnvironment) -> anyhow::Result<Prepared> {
 /// Service users must reach the state directory: every parent needs the search bit.
 fn ensure_traversable(dir: &Path) -> anyhow::Result<()> {
     for ancestor in dir.ancestors() {
-        let Ok(metadata) = std::fs::metadata(ancestor) else { continue };
+        let Ok(metadata) = std::fs::metadata(ancestor) else {
+            continue;
+        };
         if metadata.permissions().mode() & 0o001 == 0 {
             anyhow::bail!(
                 "{} is not searchable by other users, so services running as postgres or www-data \
@@ -79,8 +88,21 @@ async fn ensure_ca(pki: &Path, log: &Path) -> anyhow::Result<()> {
     let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
     run_command(
         &openssl(&[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "3650",
-            "-subj", "/CN=rigger environment CA", "-keyout", &key_s, "-out", &cert_s,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=rigger environment CA",
+            "-keyout",
+            &key_s,
+            "-out",
+            &cert_s,
         ]),
         None,
         log,
@@ -112,13 +134,28 @@ pub async fn ensure_server_certificate(
     let csr = tls_dir.join("server.csr");
     let extensions = tls_dir.join("server.ext");
     let mut names = vec![format!("DNS:{id}"), format!("IP:{address}")];
-    names.extend(extra_names.iter().map(|name| format!("DNS:{}", name.trim_start_matches('.'))));
+    names.extend(
+        extra_names
+            .iter()
+            .map(|name| format!("DNS:{}", name.trim_start_matches('.'))),
+    );
     std::fs::write(&extensions, format!("subjectAltName={}\n", names.join(",")))?;
     let s = |p: &Path| p.display().to_string();
     run_command(
         &openssl(&[
-            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj",
-            &format!("/CN={id}"), "-keyout", &s(&key), "-out", &s(&csr),
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={id}"),
+            "-keyout",
+            &s(&key),
+            "-out",
+            &s(&csr),
         ]),
         None,
         &log,
@@ -127,8 +164,21 @@ pub async fn ensure_server_certificate(
     .with_context(|| format!("creating a key for {id}"))?;
     run_command(
         &openssl(&[
-            "x509", "-req", "-in", &s(&csr), "-CA", &s(&pki.join("ca.crt")), "-CAkey", &s(&pki.join("ca.key")),
-            "-CAcreateserial", "-days", "825", "-extfile", &s(&extensions), "-out", &s(&cert),
+            "x509",
+            "-req",
+            "-in",
+            &s(&csr),
+            "-CA",
+            &s(&pki.join("ca.crt")),
+            "-CAkey",
+            &s(&pki.join("ca.key")),
+            "-CAcreateserial",
+            "-days",
+            "825",
+            "-extfile",
+            &s(&extensions),
+            "-out",
+            &s(&cert),
         ]),
         None,
         &log,
@@ -139,7 +189,8 @@ pub async fn ensure_server_certificate(
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
     std::fs::set_permissions(&cert, std::fs::Permissions::from_mode(0o644))?;
     if apply::is_root() {
-        let user = nix::unistd::User::from_name(owner)?.with_context(|| format!("user `{owner}` does not exist"))?;
+        let user = nix::unistd::User::from_name(owner)?
+            .with_context(|| format!("user `{owner}` does not exist"))?;
         nix::unistd::chown(&key, Some(user.uid), Some(user.gid))?;
         nix::unistd::chown(&cert, Some(user.uid), Some(user.gid))?;
     }
@@ -151,7 +202,10 @@ pub async fn ensure_server_certificate(
 async fn ensure_venv(env: &LocalEnvironment) -> anyhow::Result<PathBuf> {
     let requirements = env.requirements();
     let text = std::fs::read(&requirements).with_context(|| {
-        format!("reading the app's requirements {} (project.requirements)", requirements.display())
+        format!(
+            "reading the app's requirements {} (project.requirements)",
+            requirements.display()
+        )
     })?;
     let digest = fnv1a(&text);
     let venv = env.paths.venvs().join(format!("{digest:016x}"));
@@ -163,9 +217,13 @@ async fn ensure_venv(env: &LocalEnvironment) -> anyhow::Result<PathBuf> {
     let venv_s = venv.display().to_string();
     let _ = std::fs::remove_dir_all(&venv);
     tracing::info!(venv = %venv.display(), "creating the app's venv (first time only)");
-    run_command(&Command::new("/usr/bin/python3").args(["-m", "venv", &venv_s]), None, &log)
-        .await
-        .context("creating the app's venv (is python3-venv installed? scripts/install-packages.sh)")?;
+    run_command(
+        &Command::new("/usr/bin/python3").args(["-m", "venv", &venv_s]),
+        None,
+        &log,
+    )
+    .await
+    .context("creating the app's venv (is python3-venv installed? scripts/install-packages.sh)")?;
     let pip = venv.join("bin/pip").display().to_string();
     let mut install = Command::new(pip).args([
         "install",
@@ -175,7 +233,10 @@ async fn ensure_venv(env: &LocalEnvironment) -> anyhow::Result<PathBuf> {
         &requirements.display().to_string(),
     ]);
     // pip needs a writable HOME for its cache; the root user's is fine.
-    install = install.env("HOME", std::env::var("HOME").unwrap_or_else(|_| "/root".into()));
+    install = install.env(
+        "HOME",
+        std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
+    );
     run_command(&install, None, &log)
         .await
         .with_context(|| format!("installing {} into the venv", requirements.display()))?;
@@ -208,13 +269,22 @@ async fn ensure_release(env: &LocalEnvironment, release: &str) -> anyhow::Result
     std::fs::create_dir_all(&dir)?;
     let log = env.paths.releases().join("copy.log");
     run_command(
-        &Command::new("cp").args(["-R", &format!("{}/.", source.display()), &dir.display().to_string()]),
+        &Command::new("cp").args([
+            "-R",
+            &format!("{}/.", source.display()),
+            &dir.display().to_string(),
+        ]),
         None,
         &log,
     )
     .await
     .context("copying the app's code into the release")?;
-    run_command(&Command::new("chmod").args(["-R", "a+rX", &dir.display().to_string()]), None, &log).await?;
+    run_command(
+        &Command::new("chmod").args(["-R", "a+rX", &dir.display().to_string()]),
+        None,
+        &log,
+    )
+    .await?;
     std::fs::write(&stamp, release)?;
     Ok(dir)
 }

@@ -46,7 +46,10 @@ pub struct ServerRecord {
 
 impl ServerRecord {
     pub fn roles(&self) -> Vec<Role> {
-        self.roles.iter().filter_map(|name| role_from_str(name)).collect()
+        self.roles
+            .iter()
+            .filter_map(|name| role_from_str(name))
+            .collect()
     }
 
     pub fn has_role(&self, role: Role) -> bool {
@@ -55,7 +58,9 @@ impl ServerRecord {
 
     /// The group this server belongs to (`web` or `worker`), if any.
     pub fn group(&self) -> Option<Role> {
-        [Role::Web, Role::Worker].into_iter().find(|role| self.has_role(*role))
+        [Role::Web, Role::Worker]
+            .into_iter()
+            .find(|role| self.has_role(*role))
     }
 }
 
@@ -83,7 +88,10 @@ impl Registry {
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        write_atomically(path, &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)
+        write_atomically(
+            path,
+            &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
+        )
     }
 
     pub fn get(&self, id: &str) -> Option<&ServerRecord> {
@@ -95,15 +103,24 @@ impl Registry {
     }
 
     pub fn group_members(&self, role: Role) -> impl Iterator<Item = &ServerRecord> {
-        self.servers.iter().filter(move |server| server.group() == Some(role))
+        self.servers
+            .iter()
+            .filter(move |server| server.group() == Some(role))
     }
 
     /// A new server for group `role`: the next number, and an address derived from it so
     /// that a replacement gets a different one (addresses cycle after 250 servers).
     pub fn new_group_server(&mut self, role: Role, block: Cidr, release: &str) -> ServerRecord {
-        let number = self.last_number.entry(role.as_str().to_owned()).or_insert(0);
+        let number = self
+            .last_number
+            .entry(role.as_str().to_owned())
+            .or_insert(0);
         *number += 1;
-        let subnet = if role == Role::Web { subnet::WEB } else { subnet::WORKER };
+        let subnet = if role == Role::Web {
+            subnet::WEB
+        } else {
+            subnet::WORKER
+        };
         let host = u8::try_from((*number - 1) % 250 + 1).expect("1..=250 fits");
         ServerRecord {
             id: format!("{}-{number}", role.as_str()),
@@ -145,8 +162,17 @@ mod tests {
         let first = registry.new_group_server(Role::Web, block, "r1");
         let second = registry.new_group_server(Role::Web, block, "r1");
         let worker = registry.new_group_server(Role::Worker, block, "r1");
-        assert_eq!((first.id.as_str(), first.address), ("web-1", Ipv4Addr::new(127, 77, 1, 1)));
-        assert_eq!((second.id.as_str(), second.address), ("web-2", Ipv4Addr::new(127, 77, 1, 2)));
-        assert_eq!((worker.id.as_str(), worker.address), ("worker-1", Ipv4Addr::new(127, 77, 2, 1)));
+        assert_eq!(
+            (first.id.as_str(), first.address),
+            ("web-1", Ipv4Addr::new(127, 77, 1, 1))
+        );
+        assert_eq!(
+            (second.id.as_str(), second.address),
+            ("web-2", Ipv4Addr::new(127, 77, 1, 2))
+        );
+        assert_eq!(
+            (worker.id.as_str(), worker.address),
+            ("worker-1", Ipv4Addr::new(127, 77, 2, 1))
+        );
     }
 }

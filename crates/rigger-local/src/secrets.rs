@@ -49,9 +49,11 @@ pub fn load_or_generate(dir: &Path) -> Result<Secrets, SecretsError> {
         path: dir.to_owned(),
         source,
     })?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| SecretsError::Directory {
-        path: dir.to_owned(),
-        source,
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+        SecretsError::Directory {
+            path: dir.to_owned(),
+            source,
+        }
     })?;
     let mut values = Vec::with_capacity(NAMES.len());
     for name in NAMES {
@@ -113,7 +115,7 @@ fn store(dir: &Path, name: &str) -> Result<String, SecretsError> {
     Ok(value)
 }
 
-/// 32 random bytes as 43 URL-safe characters: safe inside URLs, ini files and SQL literals
+/// 32 random bytes as 32 URL-safe characters (192 bits): safe inside URLs, ini files and SQL literals
 /// without quoting.
 fn generate() -> Result<String, SecretsError> {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -122,7 +124,10 @@ fn generate() -> Result<String, SecretsError> {
         .and_then(|mut f| f.read_exact(&mut bytes))
         .map_err(SecretsError::Random)?;
     // Letters and digits only for the first character keeps tools that parse `-x` as a flag happy.
-    let mut out: String = bytes.iter().map(|b| ALPHABET[usize::from(b & 63)] as char).collect();
+    let mut out: String = bytes
+        .iter()
+        .map(|b| ALPHABET[usize::from(b & 63)] as char)
+        .collect();
     out.replace_range(0..1, &((b'a' + bytes[0] % 26) as char).to_string());
     Ok(out)
 }
@@ -139,7 +144,7 @@ mod tests {
         let second = load_or_generate(&secrets_dir).unwrap();
         assert_eq!(first, second);
         assert_ne!(first.db_password, first.redis_password);
-        assert_eq!(first.db_password.expose().len(), 43);
+        assert_eq!(first.db_password.expose().len(), 32);
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&secrets_dir), 0o700);
         for name in NAMES {

@@ -83,7 +83,10 @@ impl Status {
     }
 
     pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
-        write_atomically(path, &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)
+        write_atomically(
+            path,
+            &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
+        )
     }
 }
 

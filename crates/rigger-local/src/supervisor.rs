@@ -57,7 +57,10 @@ impl DesiredCounts {
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        crate::registry::write_atomically(path, &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)
+        crate::registry::write_atomically(
+            path,
+            &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
+        )
     }
 }
 
@@ -110,11 +113,15 @@ fn acquire_lock(env: &LocalEnvironment) -> anyhow::Result<nix::fcntl::Flock<std:
         .write(true)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
         Ok(lock) => lock,
         Err((_, _)) => {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            bail!("another supervisor runs this environment ({})", holder.trim());
+            bail!(
+                "another supervisor runs this environment ({})",
+                holder.trim()
+            );
         }
     };
     let holder = LockHolder {
@@ -123,7 +130,8 @@ fn acquire_lock(env: &LocalEnvironment) -> anyhow::Result<nix::fcntl::Flock<std:
             .ok()
             .flatten()
             .map_or_else(|| "?".into(), |u| u.name),
-        host: std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "?".into(), |h| h.trim().to_owned()),
+        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_or_else(|_| "?".into(), |h| h.trim().to_owned()),
         started: status::now(),
     };
     use std::io::{Seek as _, Write as _};
@@ -175,29 +183,40 @@ impl Supervisor {
     }
 
     fn prepared(&self) -> Arc<Prepared> {
-        self.prepared.clone().expect("prepared before any server starts")
+        self.prepared
+            .clone()
+            .expect("prepared before any server starts")
     }
 
     async fn run(&mut self) -> anyhow::Result<()> {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
-        self.publish(Phase::Starting, "preparing secrets, certificates, the app's venv and release".into());
+        self.publish(
+            Phase::Starting,
+            "preparing secrets, certificates, the app's venv and release".into(),
+        );
 
         // A supervisor killed earlier may have left processes behind: stop them first, so
         // this one owns everything it supervises.
-        for (name, outcome) in process::stop_leftovers(&self.env.paths.servers(), Duration::from_secs(30)).await {
+        for (name, outcome) in
+            process::stop_leftovers(&self.env.paths.servers(), Duration::from_secs(30)).await
+        {
             tracing::warn!(process = %name, ?outcome, "stopped a process left by an earlier supervisor");
         }
         self.prepared = Some(Arc::new(prepare::prepare(&self.env).await?));
-        self.registry = Registry::load(&self.env.paths.registry()).context("reading registry.json")?;
+        self.registry =
+            Registry::load(&self.env.paths.registry()).context("reading registry.json")?;
 
         tokio::select! {
             result = self.bring_up() => result?,
             _ = terminate.recv() => { self.shutdown().await; return Ok(()); }
             _ = interrupt.recv() => { self.shutdown().await; return Ok(()); }
         }
-        self.publish(Phase::Ready, "every server is running; every web server is UP".into());
+        self.publish(
+            Phase::Ready,
+            "every server is running; every web server is UP".into(),
+        );
 
         let mut tick = tokio::time::interval(TICK);
         loop {
@@ -252,8 +271,9 @@ impl Supervisor {
             .filter(|s| s.group().is_none())
             .cloned()
             .collect();
-        let (first, replicas): (Vec<_>, Vec<_>) =
-            stand_alone.into_iter().partition(|s| !s.has_role(Role::DbReplica));
+        let (first, replicas): (Vec<_>, Vec<_>) = stand_alone
+            .into_iter()
+            .partition(|s| !s.has_role(Role::DbReplica));
         self.message = "starting cache, queue and database primary".into();
         self.publish(Phase::Starting, self.message.clone());
         self.start_servers(first).await?;
@@ -264,7 +284,13 @@ impl Supervisor {
         self.migrate().await?;
 
         // Group servers from a previous supervisor keep their ids; missing ones are added.
-        let existing: Vec<ServerRecord> = self.registry.servers.iter().filter(|s| s.group().is_some()).cloned().collect();
+        let existing: Vec<ServerRecord> = self
+            .registry
+            .servers
+            .iter()
+            .filter(|s| s.group().is_some())
+            .cloned()
+            .collect();
         self.message = "starting web and worker servers".into();
         self.publish(Phase::Starting, self.message.clone());
         self.start_servers(existing).await?;
@@ -280,7 +306,10 @@ impl Supervisor {
     fn desired(&self) -> (u32, u32) {
         let counts = DesiredCounts::load(&self.env.paths.desired());
         let env = self.env.env();
-        (counts.web.unwrap_or(env.web.desired), counts.worker.unwrap_or(env.worker.desired))
+        (
+            counts.web.unwrap_or(env.web.desired),
+            counts.worker.unwrap_or(env.worker.desired),
+        )
     }
 
     /// Adds or removes group servers until each group has its desired count.
@@ -302,7 +331,11 @@ impl Supervisor {
             if missing > 0 {
                 let mut new = Vec::new();
                 for _ in 0..missing {
-                    let mut server = self.registry.new_group_server(role, self.env.local().addresses, &self.prepared().release);
+                    let mut server = self.registry.new_group_server(
+                        role,
+                        self.env.local().addresses,
+                        &self.prepared().release,
+                    );
                     if role == Role::Worker {
                         server.beat = !self.registry.group_members(Role::Worker).any(|w| w.beat);
                     }
@@ -338,14 +371,18 @@ impl Supervisor {
             match result {
                 Ok(started) => {
                     for service in started {
-                        self.services.insert(format!("{}/{}", service.server, service.spec.name), service);
+                        self.services
+                            .insert(format!("{}/{}", service.server, service.spec.name), service);
                     }
                     if let Some(record) = self.registry.get_mut(&server.id) {
                         record.state = ServerState::InService;
                     }
                 }
                 Err(error) => {
-                    first_error.get_or_insert(error.context(format!("starting server {} ({})", server.id, server.address)));
+                    first_error.get_or_insert(error.context(format!(
+                        "starting server {} ({})",
+                        server.id, server.address
+                    )));
                 }
             }
         }
@@ -381,20 +418,39 @@ impl Supervisor {
             roles: vec![Role::Worker.as_str().to_owned()],
             ..primary.clone()
         };
-        let ctx = self.env.context(&worker_like, &self.registry, &prepared.secrets, &prepared.venv, &prepared.release_dir);
+        let ctx = self.env.context(
+            &worker_like,
+            &self.registry,
+            &prepared.secrets,
+            &prepared.venv,
+            &prepared.release_dir,
+        );
         let mut env = app_environment(&ctx)?;
         env.insert("DATABASE_HOST".into(), primary.address.to_string());
         env.insert("DATABASE_PORT".into(), ctx.ports.postgres.to_string());
         env.insert("DATABASE_REPLICA_NAMES".into(), String::new());
         env.insert("PGSSLMODE".into(), "verify-full".into());
-        env.insert("PGSSLROOTCERT".into(), ctx.layout.ca_cert().display().to_string());
+        env.insert(
+            "PGSSLROOTCERT".into(),
+            ctx.layout.ca_cert().display().to_string(),
+        );
         env.insert("HOME".into(), self.env.paths.shared().display().to_string());
         let python = prepared.venv.join("bin/python").display().to_string();
         let log = self.env.paths.root().join("migrate.log");
-        for args in [&["manage.py", "migrate", "--noinput"][..], &["manage.py", "collectstatic", "--noinput", "-v0"]] {
-            let mut command = rigger_recipes::Command::new(python.clone()).args(args.iter().copied()).cwd(&prepared.release_dir).user("www-data");
+        for args in [
+            &["manage.py", "migrate", "--noinput"][..],
+            &["manage.py", "collectstatic", "--noinput", "-v0"],
+        ] {
+            let mut command = rigger_recipes::Command::new(python.clone())
+                .args(args.iter().copied())
+                .cwd(&prepared.release_dir)
+                .user("www-data");
             command.env = env.clone();
-            apply::run_command(&command, None, &log).await.with_context(|| format!("running `manage.py {}` (log: {})", args[1], log.display()))?;
+            apply::run_command(&command, None, &log)
+                .await
+                .with_context(|| {
+                    format!("running `manage.py {}` (log: {})", args[1], log.display())
+                })?;
         }
         self.registry.migrated.push(prepared.release.clone());
         self.save_registry()?;
@@ -412,7 +468,11 @@ impl Supervisor {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("web servers not UP behind the load balancer after {}s: {:?}", READY_TIMEOUT.as_secs(), self.lb_states);
+                bail!(
+                    "web servers not UP behind the load balancer after {}s: {:?}",
+                    READY_TIMEOUT.as_secs(),
+                    self.lb_states
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -421,12 +481,19 @@ impl Supervisor {
     /// Every desired group server is in service and every web server UP behind HAProxy.
     fn groups_healthy(&self) -> bool {
         let (web, worker) = self.desired();
-        let in_service = |role| self.registry.group_members(role).filter(|s| s.state == ServerState::InService).count();
+        let in_service = |role| {
+            self.registry
+                .group_members(role)
+                .filter(|s| s.state == ServerState::InService)
+                .count()
+        };
         let webs_up = self
             .registry
             .group_members(Role::Web)
             .all(|s| self.lb_states.get(&s.id).is_some_and(|state| state == "UP"));
-        in_service(Role::Web) == web as usize && in_service(Role::Worker) == worker as usize && webs_up
+        in_service(Role::Web) == web as usize
+            && in_service(Role::Worker) == worker as usize
+            && webs_up
     }
 
     async fn refresh_lb_states(&mut self) {
@@ -444,22 +511,34 @@ impl Supervisor {
         let record = haproxy.record.clone();
         let prepared = self.prepared();
         let lb = self.env.lb_record(&prepared.release);
-        let ctx = self.env.context(&lb, &self.registry, &prepared.secrets, &prepared.venv, &prepared.release_dir);
+        let ctx = self.env.context(
+            &lb,
+            &self.registry,
+            &prepared.secrets,
+            &prepared.venv,
+            &prepared.release_dir,
+        );
         let recipe = rigger_recipes::render_server(&ctx)?;
         let mut changed = false;
         for file in &recipe.files {
             changed |= apply::ensure_file(file)?;
         }
         if changed {
-            process::signal(&record, nix::sys::signal::Signal::SIGUSR2).context("reloading HAProxy")?;
-            tracing::info!("load balancer reloaded with {} web servers", ctx.peers.web_backends.len());
+            process::signal(&record, nix::sys::signal::Signal::SIGUSR2)
+                .context("reloading HAProxy")?;
+            tracing::info!(
+                "load balancer reloaded with {} web servers",
+                ctx.peers.web_backends.len()
+            );
         }
         Ok(())
     }
 
     /// A service ended: restart it (stand-alone servers) or replace its server (groups).
     async fn handle_exit(&mut self, exit: Exit) -> anyhow::Result<()> {
-        let Some(service) = self.services.get(&exit.name) else { return Ok(()) };
+        let Some(service) = self.services.get(&exit.name) else {
+            return Ok(());
+        };
         if service.record.pid != exit.pid {
             return Ok(()); // an exit of a process we already replaced or stopped
         }
@@ -483,7 +562,11 @@ impl Supervisor {
         let beat = server.beat;
         self.terminate_server(&server_id).await?;
         let role = server.group().expect("a group server");
-        let mut replacement = self.registry.new_group_server(role, self.env.local().addresses, &self.prepared().release);
+        let mut replacement = self.registry.new_group_server(
+            role,
+            self.env.local().addresses,
+            &self.prepared().release,
+        );
         replacement.beat = beat;
         self.registry.servers.push(replacement.clone());
         self.save_registry()?;
@@ -494,7 +577,9 @@ impl Supervisor {
                 tracing::error!("{error:#}");
                 self.terminate_server(&replacement.id).await?;
                 if self.launch_failures >= MAX_LAUNCH_FAILURES {
-                    return Err(error.context(format!("{MAX_LAUNCH_FAILURES} replacements failed in a row; not trying again")));
+                    return Err(error.context(format!(
+                        "{MAX_LAUNCH_FAILURES} replacements failed in a row; not trying again"
+                    )));
                 }
                 // Try again through the normal path: the group is below its desired count.
                 self.reconcile_groups().await?;
@@ -505,10 +590,18 @@ impl Supervisor {
     }
 
     async fn restart_service(&mut self, name: &str) -> anyhow::Result<()> {
-        let Some(service) = self.services.remove(name) else { return Ok(()) };
+        let Some(service) = self.services.remove(name) else {
+            return Ok(());
+        };
         // Restarting too eagerly would spin on a service that cannot start.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let started = start_service(&self.env, &service.server, &service.spec, self.exits_tx.clone()).await?;
+        let started = start_service(
+            &self.env,
+            &service.server,
+            &service.spec,
+            self.exits_tx.clone(),
+        )
+        .await?;
         self.services.insert(name.to_owned(), started);
         Ok(())
     }
@@ -520,7 +613,12 @@ impl Supervisor {
             record.state = ServerState::Unhealthy;
         }
         self.update_load_balancer().await?;
-        let names: Vec<String> = self.services.iter().filter(|(_, s)| s.server == id).map(|(n, _)| n.clone()).collect();
+        let names: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, s)| s.server == id)
+            .map(|(n, _)| n.clone())
+            .collect();
         // Reverse start order: the app before the things it uses.
         for name in names.iter().rev() {
             if let Some(service) = self.services.remove(name) {
@@ -548,10 +646,12 @@ impl Supervisor {
             "db-primary" => 4,
             _ => 2,
         };
-        let mut services: Vec<RunningService> = std::mem::take(&mut self.services).into_values().collect();
+        let mut services: Vec<RunningService> =
+            std::mem::take(&mut self.services).into_values().collect();
         services.sort_by_key(order);
         for level in 0..=4 {
-            let batch: Vec<&RunningService> = services.iter().filter(|s| order(s) == level).collect();
+            let batch: Vec<&RunningService> =
+                services.iter().filter(|s| order(s) == level).collect();
             // Within a level, each server's services stop in reverse start order.
             let mut by_server: BTreeMap<&str, Vec<&RunningService>> = BTreeMap::new();
             for service in batch {
@@ -571,7 +671,9 @@ impl Supervisor {
     }
 
     fn save_registry(&self) -> anyhow::Result<()> {
-        self.registry.save(&self.env.paths.registry()).context("writing registry.json")
+        self.registry
+            .save(&self.env.paths.registry())
+            .context("writing registry.json")
     }
 
     /// Writes status.json.
@@ -584,11 +686,25 @@ impl Supervisor {
             .registry
             .servers
             .iter()
-            .map(|server| self.server_status(&server.id, &server.roles, &server.address.to_string(), &server.release, server.state))
+            .map(|server| {
+                self.server_status(
+                    &server.id,
+                    &server.roles,
+                    &server.address.to_string(),
+                    &server.release,
+                    server.state,
+                )
+            })
             .collect();
         if self.services.keys().any(|name| name.starts_with("lb/")) {
-            let lb = env.lb_record(&self.prepared.as_ref().map_or("", |p| p.release.as_str()).to_owned());
-            servers.push(self.server_status("lb", &lb.roles, &lb.address.to_string(), &lb.release, ServerState::InService));
+            let lb = env.lb_record(self.prepared.as_ref().map_or("", |p| p.release.as_str()));
+            servers.push(self.server_status(
+                "lb",
+                &lb.roles,
+                &lb.address.to_string(),
+                &lb.release,
+                ServerState::InService,
+            ));
         }
         let status = Status {
             schema: "rigger.status".into(),
@@ -598,12 +714,26 @@ impl Supervisor {
             provider: "local".into(),
             phase,
             message: self.message.clone(),
-            release: self.prepared.as_ref().map(|p| p.release.clone()).unwrap_or_default(),
+            release: self
+                .prepared
+                .as_ref()
+                .map(|p| p.release.clone())
+                .unwrap_or_default(),
             urls: vec![env.url(), env.http_url()],
             supervisor_pid: i32::try_from(std::process::id()).ok(),
             groups: vec![
-                GroupStatus { name: "web".into(), min: env.env().web.min, desired: web, max: env.env().web.max },
-                GroupStatus { name: "worker".into(), min: env.env().worker.min, desired: worker, max: env.env().worker.max },
+                GroupStatus {
+                    name: "web".into(),
+                    min: env.env().web.min,
+                    desired: web,
+                    max: env.env().web.max,
+                },
+                GroupStatus {
+                    name: "worker".into(),
+                    min: env.env().worker.min,
+                    desired: worker,
+                    max: env.env().worker.max,
+                },
             ],
             servers,
             replication: Vec::new(),
@@ -614,7 +744,14 @@ impl Supervisor {
         }
     }
 
-    fn server_status(&self, id: &str, roles: &[String], address: &str, release: &str, state: ServerState) -> ServerStatus {
+    fn server_status(
+        &self,
+        id: &str,
+        roles: &[String],
+        address: &str,
+        release: &str,
+        state: ServerState,
+    ) -> ServerStatus {
         let processes = self
             .services
             .values()
@@ -622,7 +759,11 @@ impl Supervisor {
             .map(|s| ProcessStatus {
                 name: s.spec.name.clone(),
                 pid: Some(s.record.pid),
-                state: if s.record.is_alive() { "running".into() } else { "stopped".into() },
+                state: if s.record.is_alive() {
+                    "running".into()
+                } else {
+                    "stopped".into()
+                },
             })
             .collect();
         let state = match state {
@@ -637,7 +778,12 @@ impl Supervisor {
             release: release.to_owned(),
             state: state.into(),
             processes,
-            load_balancer: roles.iter().any(|r| r == "web").then(|| self.lb_states.get(id).cloned().unwrap_or_else(|| "not registered".into())),
+            load_balancer: roles.iter().any(|r| r == "web").then(|| {
+                self.lb_states
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| "not registered".into())
+            }),
         }
     }
 }
@@ -652,15 +798,30 @@ async fn start_server(
     server: &ServerRecord,
     exits: mpsc::UnboundedSender<Exit>,
 ) -> anyhow::Result<Vec<RunningService>> {
-    let ctx = env.context(server, registry, &prepared.secrets, &prepared.venv, &prepared.release_dir);
-    let recipe = rigger_recipes::render_server(&ctx).with_context(|| format!("rendering the recipes of {}", server.id))?;
+    let ctx = env.context(
+        server,
+        registry,
+        &prepared.secrets,
+        &prepared.venv,
+        &prepared.release_dir,
+    );
+    let recipe = rigger_recipes::render_server(&ctx)
+        .with_context(|| format!("rendering the recipes of {}", server.id))?;
     let needs_certificate = server
         .roles()
         .iter()
         .any(|r| matches!(r, Role::Web | Role::Lb | Role::DbPrimary | Role::DbReplica));
     if needs_certificate {
         let names = env.config.project.domains.clone();
-        prepare::ensure_server_certificate(&env.paths.pki(), &ctx.layout.tls_dir, &server.id, server.address, &names, "root").await?;
+        prepare::ensure_server_certificate(
+            &env.paths.pki(),
+            &ctx.layout.tls_dir,
+            &server.id,
+            server.address,
+            &names,
+            "root",
+        )
+        .await?;
     }
     for dir in &recipe.dirs {
         apply::ensure_dir(dir)?;
@@ -706,7 +867,10 @@ fn ordered_services(recipe: &Recipe) -> anyhow::Result<Vec<&ServiceSpec>> {
     while !remaining.is_empty() {
         let before = remaining.len();
         remaining.retain(|service| {
-            let ready = service.depends_on.iter().all(|d| ordered.iter().any(|o| &o.name == d));
+            let ready = service
+                .depends_on
+                .iter()
+                .all(|d| ordered.iter().any(|o| &o.name == d));
             if ready {
                 ordered.push(service);
             }
@@ -714,21 +878,28 @@ fn ordered_services(recipe: &Recipe) -> anyhow::Result<Vec<&ServiceSpec>> {
         });
         if remaining.len() == before {
             let names: Vec<&str> = remaining.iter().map(|s| s.name.as_str()).collect();
-            return Err(anyhow!("services with unmet or circular dependencies: {}", names.join(", ")));
+            return Err(anyhow!(
+                "services with unmet or circular dependencies: {}",
+                names.join(", ")
+            ));
         }
     }
     Ok(ordered)
 }
 
 /// The app's environment as rendered for this server (docs/app-contract.md).
-fn app_environment(ctx: &rigger_recipes::ServerContext) -> anyhow::Result<BTreeMap<String, String>> {
+fn app_environment(
+    ctx: &rigger_recipes::ServerContext,
+) -> anyhow::Result<BTreeMap<String, String>> {
     let recipe = rigger_recipes::render_server(ctx)?;
     let env_file = recipe
         .services
         .iter()
         .find_map(|s| s.env_file.clone())
         .context("the worker recipe renders an app environment file")?;
-    let file = recipe.file(&env_file).context("the app environment file is rendered")?;
+    let file = recipe
+        .file(&env_file)
+        .context("the app environment file is rendered")?;
     Ok(rigger_recipes::envfile::parse(&file.contents)?)
 }
 
@@ -741,7 +912,8 @@ async fn start_service(
     let name = format!("{server}/{}", spec.name);
     let mut process_env = spec.command.env.clone();
     if let Some(env_file) = &spec.env_file {
-        let text = std::fs::read_to_string(env_file).with_context(|| format!("reading {}", env_file.display()))?;
+        let text = std::fs::read_to_string(env_file)
+            .with_context(|| format!("reading {}", env_file.display()))?;
         process_env.extend(rigger_recipes::envfile::parse(&text)?);
     }
     let process_spec = ProcessSpec {
@@ -752,11 +924,17 @@ async fn start_service(
         cwd: spec.command.cwd.clone(),
         user: Some(spec.user.clone()),
         log_path: spec.log_file.clone(),
-        pid_path: env.paths.server(server).join("pids").join(format!("{}.pid", spec.name)),
+        pid_path: env
+            .paths
+            .server(server)
+            .join("pids")
+            .join(format!("{}.pid", spec.name)),
         stop_signal: to_nix(spec.stop_signal),
         stop_timeout: spec.stop_timeout,
     };
-    let mut supervised = process::spawn(&process_spec).await.with_context(|| format!("starting {name}"))?;
+    let mut supervised = process::spawn(&process_spec)
+        .await
+        .with_context(|| format!("starting {name}"))?;
     let record = supervised.record();
     let alive = Arc::new(AtomicBool::new(true));
     let watcher_alive = Arc::clone(&alive);
@@ -765,7 +943,10 @@ async fn start_service(
     tokio::spawn(async move {
         let _ = supervised.wait().await;
         watcher_alive.store(false, Ordering::SeqCst);
-        let _ = exits.send(Exit { name: watcher_name, pid });
+        let _ = exits.send(Exit {
+            name: watcher_name,
+            pid,
+        });
     });
     let service = RunningService {
         server: server.to_owned(),
@@ -773,7 +954,13 @@ async fn start_service(
         record,
     };
     if let Some(probe) = to_probe(spec, &process_spec.env) {
-        let waited = probe::wait_ready(&probe, READY_TIMEOUT, || alive.load(Ordering::SeqCst), Some(&spec.log_file)).await;
+        let waited = probe::wait_ready(
+            &probe,
+            READY_TIMEOUT,
+            || alive.load(Ordering::SeqCst),
+            Some(&spec.log_file),
+        )
+        .await;
         if let Err(error) = waited {
             stop_service(&service).await;
             return Err(anyhow::Error::new(error).context(format!("{name} did not become ready")));
@@ -784,7 +971,12 @@ async fn start_service(
 }
 
 async fn stop_service(service: &RunningService) {
-    let outcome = process::stop(&service.record, to_nix(service.spec.stop_signal), service.spec.stop_timeout).await;
+    let outcome = process::stop(
+        &service.record,
+        to_nix(service.spec.stop_signal),
+        service.spec.stop_timeout,
+    )
+    .await;
     tracing::debug!(service = %service.spec.name, server = %service.server, ?outcome, "stopped");
 }
 
@@ -805,10 +997,23 @@ fn to_nix(signal: rigger_recipes::Signal) -> nix::sys::signal::Signal {
 /// environment (e.g. `celery inspect ping` needs the app's settings).
 fn to_probe(spec: &ServiceSpec, service_env: &BTreeMap<String, String>) -> Option<Probe> {
     Some(match &spec.readiness {
-        RecipeProbe::Tcp { addr, port } => Probe::Tcp { addr: (*addr).into(), port: *port },
+        RecipeProbe::Tcp { addr, port } => Probe::Tcp {
+            addr: (*addr).into(),
+            port: *port,
+        },
         // A TLS handshake needs a TCP connection first; the accepted connection is the signal.
-        RecipeProbe::Tls { addr, port, .. } => Probe::Tcp { addr: (*addr).into(), port: *port },
-        RecipeProbe::Https { addr, port, host, path, expect_status, .. } => Probe::Https {
+        RecipeProbe::Tls { addr, port, .. } => Probe::Tcp {
+            addr: (*addr).into(),
+            port: *port,
+        },
+        RecipeProbe::Https {
+            addr,
+            port,
+            host,
+            path,
+            expect_status,
+            ..
+        } => Probe::Https {
             addr: (*addr).into(),
             port: *port,
             path: path.clone(),
@@ -833,16 +1038,24 @@ fn to_probe(spec: &ServiceSpec, service_env: &BTreeMap<String, String>) -> Optio
 /// Each web server's state as HAProxy's stats socket reports it (`show stat`).
 pub async fn haproxy_server_states(socket: &Path) -> std::io::Result<BTreeMap<String, String>> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::UnixStream::connect(socket))
-        .await
-        .map_err(std::io::Error::other)??;
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::UnixStream::connect(socket),
+    )
+    .await
+    .map_err(std::io::Error::other)??;
     stream.write_all(b"show stat\n").await?;
     let mut text = String::new();
     tokio::time::timeout(Duration::from_secs(2), stream.read_to_string(&mut text))
         .await
         .map_err(std::io::Error::other)??;
     let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap_or_default().trim_start_matches("# ").split(',').collect();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("# ")
+        .split(',')
+        .collect();
     let column = |name: &str| header.iter().position(|h| *h == name);
     let (Some(sv), Some(st)) = (column("svname"), column("status")) else {
         return Err(std::io::Error::other("unexpected `show stat` header"));
@@ -855,7 +1068,9 @@ pub async fn haproxy_server_states(socket: &Path) -> std::io::Result<BTreeMap<St
             && *name != "BACKEND"
         {
             // The same server appears in the http and https backends; DOWN anywhere wins.
-            let entry = states.entry((*name).to_owned()).or_insert_with(|| (*state).to_owned());
+            let entry = states
+                .entry((*name).to_owned())
+                .or_insert_with(|| (*state).to_owned());
             if !state.starts_with("UP") {
                 *entry = (*state).to_owned();
             }

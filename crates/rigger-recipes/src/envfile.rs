@@ -49,7 +49,7 @@ pub fn quote(value: &str) -> Option<String> {
     Some(out)
 }
 
-/// Reads a file written by [`line`].
+/// Reads a file written by [`line()`].
 pub fn parse(text: &str) -> Result<BTreeMap<String, String>, EnvFileError> {
     let mut vars = BTreeMap::new();
     for (index, raw) in text.lines().enumerate() {

@@ -38,6 +38,27 @@
 //! PostgreSQL 5432, Redis 6379, AMQP 5672, Erlang distribution 25672, epmd 4369). Every
 //! service listens on the server's own address, never on a wildcard, so that the local
 //! provider can give each server its own loopback address.
+//!
+//! # Choices, and why
+//! - **App environment through `env_file`.** `app.env` (0600, the www user's) is named in
+//!   [`ServiceSpec::env_file`]: systemd loads it with `EnvironmentFile=`, rigger's supervisor
+//!   with [`envfile::parse`], which reads exactly the syntax [`envfile`] writes. An `env`
+//!   wrapper could not read a file, and a wrapper script would hide the command line.
+//! - **PostgreSQL's configuration is rigger's whole file** in `etc/postgresql`, passed as
+//!   `-c config_file=`, rather than an `include` appended to initdb's file: nothing is
+//!   patched, and a replica's `pg_basebackup` copies no configuration or key of the primary.
+//!   The key is copied from the server's TLS directory for the postgres user at every apply.
+//! - **Replication slots belong to the primary** (`rigger_<replica id>`, created and pruned by
+//!   its AfterStart SQL), so a replica's `pg_basebackup -S` uses an existing slot instead of
+//!   `-C`, and a failed base backup can be retried.
+//! - **The load balancer** (HAProxy, local only) forwards its http port to the web servers'
+//!   port 80 as the seed's load balancer did (nginx redirects to https), and checks nginx's
+//!   certificate against the environment CA (`verify required`) rather than `verify none`.
+//!   Its certificate and key stay separate files (`ssl-load-extra-del-ext`).
+//! - **Redis keeps nothing on disk** (`save ""`, no AOF): it is a cache and a session store
+//!   that rigger may replace at any time.
+//! - **Service users get `HOME`** in their command's environment (the layout's
+//!   `home/<user>`): the local supervisor runs as root, whose `HOME` they cannot read.
 
 mod command;
 mod context;

@@ -214,12 +214,10 @@ fn app_env_file_follows_the_contract() {
     assert_eq!(vars["DATABASE_REPLICA_NAMES"], "surveys_local_replica1");
     assert_eq!(vars["RIGGER_ROLE"], "web");
 
-    for name in ["gunicorn"] {
-        assert_eq!(
-            recipe.service(name).unwrap().env_file.as_deref(),
-            Some(env_path.as_path())
-        );
-    }
+    assert_eq!(
+        recipe.service("gunicorn").unwrap().env_file.as_deref(),
+        Some(env_path.as_path())
+    );
 }
 
 #[test]
@@ -403,7 +401,8 @@ fn empty_backend_list_renders() {
 
 #[test]
 fn invalid_values_are_refused_before_rendering() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut ServerContext)>)> = vec![
+    type Breakage = Box<dyn Fn(&mut ServerContext)>;
+    let cases: Vec<(&str, Breakage)> = vec![
         (
             "etc_dir",
             Box::new(|c| c.layout.etc_dir = "/state/with space/etc".into()),

@@ -71,7 +71,7 @@ fn nginx_accepts_the_web_config() {
     let recipe = render_server(&ctx).unwrap();
     apply_fs(&recipe);
     let nginx = recipe.service("nginx").unwrap();
-    let out = run_checked(&mut process(&nginx.command, None).arg("-t"));
+    let out = run_checked(process(&nginx.command, None).arg("-t"));
     assert!(out.contains("test is successful"), "{out}");
 }
 
@@ -227,6 +227,10 @@ fn rabbitmq_starts_with_the_project_user_and_no_guest() {
     let scratch = Scratch::new("rabbitmq");
     let mut ctx = scratch.context("cache-1");
     ctx.roles = vec![Role::Queue];
+    // RabbitMQ checks that its distribution port is free on every address, and epmd may
+    // already hold 127.0.0.1:4369: ports of this test's own, away from other nodes here.
+    ctx.ports.epmd = 4393;
+    ctx.ports.rabbit_dist = 25693;
     let recipe = render_server(&ctx).unwrap();
     let mut running = Running::default();
     bring_up(&recipe, &mut running);

@@ -25,18 +25,25 @@ pub(crate) fn local_environment(settings: &Settings) -> Result<LocalEnvironment,
             env.name
         )));
     }
-    Ok(LocalEnvironment::new(config_with_scaling(config.clone(), settings), &settings.environment, &settings.config_path)
-        .expect("checked: a local environment"))
+    Ok(LocalEnvironment::new(
+        config_with_scaling(config.clone(), settings),
+        &settings.environment,
+        &settings.config_path,
+    )
+    .expect("checked: a local environment"))
 }
 
 /// `rigger scale` sets a group's desired count outside rigger.toml, as one would on an Auto
 /// Scaling group; the plan and the supervisor both use that count rather than fight it.
 pub(crate) fn config_with_scaling(mut config: Config, settings: &Settings) -> Config {
-    let Some(env) = config.environments.get_mut(&settings.environment) else { return config };
+    let Some(env) = config.environments.get_mut(&settings.environment) else {
+        return config;
+    };
     if env.provider_kind() != ProviderKind::Local {
         return config;
     }
-    let paths = rigger_local::paths::EnvPaths::for_environment(&config.project.name, &settings.environment);
+    let paths =
+        rigger_local::paths::EnvPaths::for_environment(&config.project.name, &settings.environment);
     let counts = rigger_local::supervisor::DesiredCounts::load(&paths.desired());
     if let Some(web) = counts.web {
         env.web.desired = web.clamp(env.web.min, env.web.max);
@@ -65,14 +72,23 @@ pub(crate) fn up(settings: &Settings) -> Result<(), Failure> {
     let env = local_environment(settings)?;
     let rigger = std::env::current_exe().context("finding the rigger executable")?;
     let started = std::time::Instant::now();
-    let outcome = runtime()?.block_on(control::up(&env, &rigger, &settings.config_path, |line| say(settings, &format!("  {line}"))))?;
+    let outcome =
+        runtime()?.block_on(control::up(&env, &rigger, &settings.config_path, |line| {
+            say(settings, &format!("  {line}"))
+        }))?;
     let (status, verb) = match &outcome {
         UpOutcome::Started(status) => (status, "is up"),
         UpOutcome::Updated(status) => (status, "was updated"),
         UpOutcome::AlreadyUp(status) => (status, "was already up and healthy: nothing to do"),
     };
     let elapsed = started.elapsed().as_secs_f64();
-    say(settings, &format!("{}/{} {verb} ({elapsed:.1} s)", status.project, status.environment));
+    say(
+        settings,
+        &format!(
+            "{}/{} {verb} ({elapsed:.1} s)",
+            status.project, status.environment
+        ),
+    );
     println!("{}", status.urls.first().map_or("", String::as_str));
     Ok(())
 }
@@ -81,29 +97,44 @@ pub(crate) fn down(args: DownArgs, settings: &Settings) -> Result<(), Failure> {
     let DownArgs { purge, yes } = args;
     let env = local_environment(settings)?;
     if purge && !yes {
-        confirm(&format!(
-            "This deletes {}: the databases, logs and secrets of {}/{}. Type the environment's name to confirm: ",
-            env.paths.root().display(),
-            env.config.project.name,
-            env.name
-        ), &env.name)?;
+        confirm(
+            &format!(
+                "This deletes {}: the databases, logs and secrets of {}/{}. Type the environment's name to confirm: ",
+                env.paths.root().display(),
+                env.config.project.name,
+                env.name
+            ),
+            &env.name,
+        )?;
     }
-    runtime()?.block_on(control::down(&env, purge, |line| say(settings, &format!("  {line}"))))?;
-    say(settings, &format!("{}/{} is down", env.config.project.name, env.name));
+    runtime()?.block_on(control::down(&env, purge, |line| {
+        say(settings, &format!("  {line}"))
+    }))?;
+    say(
+        settings,
+        &format!("{}/{} is down", env.config.project.name, env.name),
+    );
     Ok(())
 }
 
 fn confirm(question: &str, expected: &str) -> Result<(), Failure> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
-        return Err(Failure::Usage(anyhow!("refusing to purge without confirmation; pass --yes")));
+        return Err(Failure::Usage(anyhow!(
+            "refusing to purge without confirmation; pass --yes"
+        )));
     }
     eprint!("{question}");
     let _ = std::io::stderr().flush();
     let mut answer = String::new();
-    stdin.lock().read_line(&mut answer).context("reading the confirmation")?;
+    stdin
+        .lock()
+        .read_line(&mut answer)
+        .context("reading the confirmation")?;
     if answer.trim() != expected {
-        return Err(Failure::Usage(anyhow!("not confirmed; nothing was deleted")));
+        return Err(Failure::Usage(anyhow!(
+            "not confirmed; nothing was deleted"
+        )));
     }
     Ok(())
 }
@@ -120,12 +151,18 @@ pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failur
                 "environment": env.name, "provider": "local", "phase": "down", "servers": [],
             }),
         };
-        println!("{}", serde_json::to_string_pretty(&value).context("encoding the status")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).context("encoding the status")?
+        );
         return Ok(());
     }
     match status {
         Some(status) => print!("{}", render_status(&status)),
-        None => println!("{}/{} is down (run `rigger up`)", env.config.project.name, env.name),
+        None => println!(
+            "{}/{} is down (run `rigger up`)",
+            env.config.project.name, env.name
+        ),
     }
     Ok(())
 }
@@ -133,19 +170,37 @@ pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failur
 fn render_status(status: &Status) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let _ = writeln!(out, "{}/{}  provider local  release {}  {:?}: {}", status.project, status.environment, status.release, status.phase, status.message);
+    let _ = writeln!(
+        out,
+        "{}/{}  provider local  release {}  {:?}: {}",
+        status.project, status.environment, status.release, status.phase, status.message
+    );
     for url in &status.urls {
         let _ = writeln!(out, "  {url}");
     }
     for group in &status.groups {
-        let _ = writeln!(out, "group {:<7} min {} desired {} max {}", group.name, group.min, group.desired, group.max);
+        let _ = writeln!(
+            out,
+            "group {:<7} min {} desired {} max {}",
+            group.name, group.min, group.desired, group.max
+        );
     }
-    let _ = writeln!(out, "{:<13} {:<16} {:<12} {:<16} {:<10} processes", "SERVER", "ROLES", "ADDRESS", "STATE", "LB");
+    let _ = writeln!(
+        out,
+        "{:<13} {:<16} {:<12} {:<16} {:<10} processes",
+        "SERVER", "ROLES", "ADDRESS", "STATE", "LB"
+    );
     for server in &status.servers {
         let processes: Vec<String> = server
             .processes
             .iter()
-            .map(|p| format!("{}:{}", p.name, if p.state == "running" { "up" } else { "DOWN" }))
+            .map(|p| {
+                format!(
+                    "{}:{}",
+                    p.name,
+                    if p.state == "running" { "up" } else { "DOWN" }
+                )
+            })
             .collect();
         let _ = writeln!(
             out,
@@ -179,7 +234,9 @@ pub(crate) fn scale(args: ScaleArgs, settings: &Settings) -> Result<(), Failure>
         let (group, count) = assignment
             .split_once('=')
             .and_then(|(g, c)| Some((g, c.parse::<u32>().ok()?)))
-            .ok_or_else(|| Failure::Usage(anyhow!("`{assignment}` is not GROUP=COUNT (e.g. web=3)")))?;
+            .ok_or_else(|| {
+                Failure::Usage(anyhow!("`{assignment}` is not GROUP=COUNT (e.g. web=3)"))
+            })?;
         parsed.push((group.to_owned(), count));
     }
     for (group, count) in parsed {
@@ -194,9 +251,15 @@ pub(crate) fn secrets(command: SecretsCommand, settings: &Settings) -> Result<()
     let env = local_environment(settings)?;
     let names = rigger_local::secrets::names(&env.paths.secrets());
     if json {
-        println!("{}", serde_json::to_string_pretty(&names).context("encoding")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&names).context("encoding")?
+        );
     } else if names.is_empty() {
-        say(settings, "no secrets yet: they are generated by the first `rigger up`");
+        say(
+            settings,
+            "no secrets yet: they are generated by the first `rigger up`",
+        );
     } else {
         for name in names {
             println!("{name}");
@@ -207,5 +270,7 @@ pub(crate) fn secrets(command: SecretsCommand, settings: &Settings) -> Result<()
 
 pub(crate) fn supervise(settings: &Settings) -> Result<(), Failure> {
     let env = local_environment(settings)?;
-    runtime()?.block_on(rigger_local::supervisor::run(env)).map_err(Failure::Operation)
+    runtime()?
+        .block_on(rigger_local::supervisor::run(env))
+        .map_err(Failure::Operation)
 }

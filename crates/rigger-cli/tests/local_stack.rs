@@ -1,0 +1,359 @@
+//! End to end on the real services: the example site brought up by the real `rigger` binary
+//! on the local provider, exercised through HTTPS, PostgreSQL and the supervisor, then taken
+//! down. Needs root and the packages of scripts/install-packages.sh (scripts/test installs
+//! them). One test function, because every step builds on the previous one and a whole stack
+//! per step would cost minutes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// Its own address block and ports, so it never meets the example a developer left running.
+const BLOCK: &str = "127.78";
+const HTTPS_PORT: u16 = 18443;
+const HTTP_PORT: u16 = 18080;
+
+struct Stack {
+    dir: PathBuf,
+    state: PathBuf,
+}
+
+impl Stack {
+    fn new() -> Stack {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let root = std::fs::canonicalize(root).unwrap();
+        // Service users must traverse every parent of the state directory: not under /root.
+        let base = PathBuf::from("/var/tmp/rigger-e2e");
+        let dir = base.join(format!("project-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::symlink(root.join("examples/site/app"), dir.join("app")).unwrap();
+        let config = std::fs::read_to_string(root.join("examples/site/rigger.toml"))
+            .unwrap()
+            .replace("127.77.0.0/16", &format!("{BLOCK}.0.0/16"))
+            .replace("http_port = 8080", &format!("http_port = {HTTP_PORT}"))
+            .replace("https_port = 8443", &format!("https_port = {HTTPS_PORT}"))
+            .replace("name = \"surveys\"", "name = \"e2e\"");
+        std::fs::write(dir.join("rigger.toml"), config).unwrap();
+        Stack {
+            state: base.join("state"),
+            dir,
+        }
+    }
+
+    fn rigger(&self, args: &[&str]) -> Output {
+        let output = Command::new(env!("CARGO_BIN_EXE_rigger"))
+            .args(args)
+            .current_dir(&self.dir)
+            .env("RIGGER_STATE_DIR", &self.state)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("rigger runs");
+        eprintln!(
+            "$ rigger {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+
+    fn env_dir(&self) -> PathBuf {
+        self.state.join("e2e/local")
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let output = self.rigger(&["status", "--json"]);
+        assert!(output.status.success());
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    fn web_servers(&self) -> Vec<(String, String)> {
+        self.status()["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["roles"].as_array().unwrap().iter().any(|r| r == "web"))
+            .map(|s| {
+                (
+                    s["id"].as_str().unwrap().to_owned(),
+                    s["load_balancer"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Every pid the supervisor recorded.
+    fn recorded_pids(&self) -> Vec<i32> {
+        let mut pids = Vec::new();
+        for server in self.status()["servers"].as_array().unwrap() {
+            for process in server["processes"].as_array().unwrap() {
+                pids.push(process["pid"].as_i64().unwrap() as i32);
+            }
+        }
+        pids.push(self.status()["supervisor_pid"].as_i64().unwrap() as i32);
+        pids
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Whatever happened, leave nothing running and nothing on disk.
+        let _ = self.rigger(&["down", "--purge", "--yes"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn curl(args: &[&str]) -> (u16, String) {
+    let output = Command::new("curl")
+        .args([
+            "-sk",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "20",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn site(path: &str) -> String {
+    format!("https://{BLOCK}.0.1:{HTTPS_PORT}{path}")
+}
+
+fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+fn psql(conninfo: &str, password: &str) -> Output {
+    Command::new("psql")
+        .args([conninfo, "-XAtc", "select 1"])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .expect("psql runs")
+}
+
+#[test]
+fn the_example_site_runs_on_the_local_provider_with_real_services() {
+    assert!(
+        nix_is_root(),
+        "this test runs PostgreSQL, nginx and friends as their service users: run it as root (scripts/test)"
+    );
+    let stack = Stack::new();
+
+    // Up: returns when every web server is UP behind the load balancer, prints the URL.
+    let up = stack.rigger(&["up"]);
+    assert!(up.status.success(), "rigger up failed");
+    assert_eq!(String::from_utf8_lossy(&up.stdout).trim(), site("/"));
+
+    // HTTPS through the load balancer answers 200 from each web server.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (code, body) = curl(&[&site("/healthcheck.html")]);
+        assert_eq!(code, 200, "{body}");
+        seen.insert(body.split_whitespace().nth(1).unwrap().to_owned());
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["web-1", "web-2"]);
+    // Port 80's stand-in redirects to https.
+    let (code, _) = curl(&[
+        "-o",
+        "/dev/null",
+        &format!("http://{BLOCK}.0.1:{HTTP_PORT}/"),
+    ]);
+    assert_eq!(code, 301);
+
+    // A session written through one web server is read through the other.
+    let jar = stack.dir.join("cookies");
+    let jar = jar.to_str().unwrap();
+    let mut visits = Vec::new();
+    for _ in 0..4 {
+        let (code, body) = curl(&["-c", jar, "-b", jar, &site("/session")]);
+        assert_eq!(code, 200, "{body}");
+        let session: serde_json::Value = serde_json::from_str(&body).unwrap();
+        visits.push((
+            session["server"].as_str().unwrap().to_owned(),
+            session["visits"].as_i64().unwrap(),
+        ));
+    }
+    assert_eq!(
+        visits.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
+        [1, 2, 3, 4],
+        "{visits:?}"
+    );
+    assert!(
+        visits.windows(2).any(|w| w[0].0 != w[1].0),
+        "one server answered every request: {visits:?}"
+    );
+
+    // A Celery task writes a row on the primary that then appears on the replica.
+    let text = format!("e2e-{}", std::process::id());
+    let (code, body) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &format!(r#"{{"text":"{text}"}}"#),
+        &site("/tasks/write-row"),
+    ]);
+    assert_eq!(code, 202, "{body}");
+    let task: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let task_id = task["task_id"].as_str().unwrap().to_owned();
+    let note = eventually("the task's result", Duration::from_secs(30), || {
+        let (_, body) = curl(&[&site(&format!("/tasks/{task_id}?wait=5"))]);
+        let state: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (state["successful"] == true).then(|| state["result"].clone())
+    });
+    assert_eq!(note["text"], text.as_str());
+    assert!(
+        note["written_by"].as_str().unwrap().starts_with("worker-"),
+        "{note}"
+    );
+    let id = note["id"].as_i64().unwrap();
+    let replica_read = eventually("the row on the replica", Duration::from_secs(10), || {
+        let (_, body) = curl(&[&site(&format!("/notes/{id}?from=replica"))]);
+        let read: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (read["found"] == true).then_some(read)
+    });
+    assert_eq!(replica_read["database"], "replica1");
+    assert_eq!(replica_read["text"], text.as_str());
+
+    // PostgreSQL refuses a connection without TLS, and one from an unknown user.
+    let password = std::fs::read_to_string(stack.env_dir().join("secrets/db_password")).unwrap();
+    let primary = format!("host={BLOCK}.4.1 port=5432 dbname=e2e");
+    let ok = psql(
+        &format!("{primary} user=e2e sslmode=require"),
+        password.trim(),
+    );
+    assert!(
+        ok.status.success(),
+        "the app user over TLS: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let plain = psql(
+        &format!("{primary} user=e2e sslmode=disable"),
+        password.trim(),
+    );
+    assert!(!plain.status.success());
+    assert!(
+        String::from_utf8_lossy(&plain.stderr).contains("no encryption"),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    let stranger = psql(&format!("{primary} user=intruder sslmode=require"), "guess");
+    assert!(!stranger.status.success());
+    let said = String::from_utf8_lossy(&stranger.stderr);
+    assert!(said.contains("intruder"), "{said}");
+
+    // Replication is visible in status.
+    let status = stack.status();
+    assert_eq!(status["replication"][0]["id"], "db-replica1", "{status}");
+    assert_eq!(status["replication"][0]["state"], "streaming", "{status}");
+
+    // Secrets: names only, never values, nowhere rigger writes.
+    let names = stack.rigger(&["secrets", "list"]);
+    assert_eq!(String::from_utf8_lossy(&names.stdout).lines().count(), 5);
+    let plan = stack.rigger(&["plan"]);
+    let plan_json = stack.rigger(&["plan", "--json"]);
+    for secret in std::fs::read_dir(stack.env_dir().join("secrets")).unwrap() {
+        let secret = secret.unwrap().path();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&secret).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{}", secret.display());
+        let value = std::fs::read_to_string(&secret).unwrap();
+        for (what, text) in [
+            ("names", &names.stdout),
+            ("plan", &plan.stdout),
+            ("plan --json", &plan_json.stdout),
+            (
+                "status.json",
+                &std::fs::read(stack.env_dir().join("status.json")).unwrap(),
+            ),
+            (
+                "supervisor.log",
+                &std::fs::read(stack.env_dir().join("supervisor.log")).unwrap(),
+            ),
+        ] {
+            assert!(
+                !String::from_utf8_lossy(text).contains(value.trim()),
+                "a secret appears in {what}"
+            );
+        }
+    }
+
+    // Re-running up changes nothing and says so; the plan agrees.
+    let again = stack.rigger(&["up"]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("nothing to do"));
+    assert!(String::from_utf8_lossy(&plan.stdout).contains("No changes"));
+
+    // Killing one web server's gunicorn gets it out of the load balancer and replaced by a
+    // new server (new id, new address) within 30 s, with nobody typing a command.
+    let web1_gunicorn =
+        std::fs::read_to_string(stack.env_dir().join("servers/web-1/pids/gunicorn.pid")).unwrap();
+    let web1_gunicorn: serde_json::Value = serde_json::from_str(&web1_gunicorn).unwrap();
+    let killed_at = Instant::now();
+    Command::new("kill")
+        .args(["-9", &web1_gunicorn["pid"].to_string()])
+        .status()
+        .unwrap();
+    let servers = eventually("web-1's replacement UP", Duration::from_secs(30), || {
+        let servers = stack.web_servers();
+        let ids: Vec<&str> = servers.iter().map(|(id, _)| id.as_str()).collect();
+        (ids == ["web-2", "web-3"] && servers.iter().all(|(_, lb)| lb == "UP")).then_some(servers)
+    });
+    eprintln!("replaced in {:?}: {servers:?}", killed_at.elapsed());
+    let (code, _) = curl(&[&site("/healthcheck.html")]);
+    assert_eq!(code, 200);
+
+    // Scaling the web group adds a server behind the load balancer.
+    assert!(stack.rigger(&["scale", "web=3"]).status.success());
+    eventually("3 web servers UP", Duration::from_secs(60), || {
+        let servers = stack.web_servers();
+        (servers.len() == 3 && servers.iter().all(|(_, lb)| lb == "UP")).then_some(())
+    });
+    let out_of_bounds = stack.rigger(&["scale", "web=9"]);
+    assert_eq!(out_of_bounds.status.code(), Some(2));
+
+    // Down stops everything rigger started.
+    let pids = stack.recorded_pids();
+    assert!(pids.len() > 20, "{pids:?}");
+    assert!(stack.rigger(&["down"]).status.success());
+    let left: Vec<i32> = pids.into_iter().filter(|pid| alive(*pid)).collect();
+    assert!(left.is_empty(), "still running after down: {left:?}");
+    let status = stack.rigger(&["status"]);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("is down"));
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"))
+}
