@@ -65,7 +65,7 @@ pub async fn up(
     let child = std::process::Command::new(rigger)
         .arg("--config")
         .arg(&config_path)
-        .args(["-e", &env.name, "supervise"])
+        .args(["-e", &env.name, "-v", "supervise"])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -172,7 +172,10 @@ pub async fn ensure_server_certificate(
             &s(&pki.join("ca.crt")),
             "-CAkey",
             &s(&pki.join("ca.key")),
-            "-CAcreateserial",
+            // A random serial rather than -CAcreateserial: servers start in parallel, and a
+            // shared serial file is a race.
+            "-set_serial",
+            &random_serial()?,
             "-days",
             "825",
             "-extfile",
@@ -195,6 +198,20 @@ pub async fn ensure_server_certificate(
         nix::unistd::chown(&cert, Some(user.uid), Some(user.gid))?;
     }
     Ok(())
+}
+
+/// 128 random bits as openssl's `-set_serial` wants them (hex, positive).
+fn random_serial() -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    bytes[0] &= 0x7f;
+    Ok(format!(
+        "0x{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
 }
 
 /// A venv per distinct requirements file (named by its hash), made with the system Python so

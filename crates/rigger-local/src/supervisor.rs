@@ -274,32 +274,59 @@ impl Supervisor {
         let (first, replicas): (Vec<_>, Vec<_>) = stand_alone
             .into_iter()
             .partition(|s| !s.has_role(Role::DbReplica));
-        self.message = "starting cache, queue and database primary".into();
+        // The cache/queue server boots alongside the database chain: primary, then its
+        // replicas and the release's migrations (both need only the primary).
+        self.message = "starting cache, queue and databases; running migrations".into();
         self.publish(Phase::Starting, self.message.clone());
-        self.start_servers(first).await?;
-        self.message = "starting database replicas".into();
-        self.publish(Phase::Starting, self.message.clone());
-        self.start_servers(replicas).await?;
-
-        self.migrate().await?;
+        let (primaries, others): (Vec<_>, Vec<_>) =
+            first.into_iter().partition(|s| s.has_role(Role::DbPrimary));
+        let launch = self.launcher();
+        let env = Arc::clone(&self.env);
+        let registry = self.registry.clone();
+        let database_chain = async {
+            let mut launched = launch.start_all(primaries).await;
+            if launched.error.is_none() {
+                let (replicas, migrated) = tokio::join!(
+                    launch.start_all(replicas),
+                    migrate(env, Arc::clone(&prepared), registry)
+                );
+                launched.merge(replicas);
+                match migrated {
+                    Ok(true) => launched.migrated = true,
+                    Ok(false) => {}
+                    Err(error) => {
+                        launched.error.get_or_insert(error);
+                    }
+                }
+            }
+            launched
+        };
+        let (mut launched, cache) = tokio::join!(database_chain, launch.start_all(others));
+        let migrated = launched.migrated;
+        launched.merge(cache);
+        self.absorb(launched)?;
+        if migrated {
+            self.registry.migrated.push(prepared.release.clone());
+            self.save_registry()?;
+        }
 
         // Group servers from a previous supervisor keep their ids; missing ones are added.
-        let existing: Vec<ServerRecord> = self
+        // The load balancer starts first, with every web server registered: its health checks
+        // bring each one UP as soon as it answers, while the others still boot.
+        let mut servers: Vec<ServerRecord> = self
             .registry
             .servers
             .iter()
             .filter(|s| s.group().is_some())
             .cloned()
             .collect();
-        self.message = "starting web and worker servers".into();
-        self.publish(Phase::Starting, self.message.clone());
-        self.start_servers(existing).await?;
-        self.reconcile_groups().await?;
-
-        self.message = "starting the load balancer".into();
+        servers.extend(self.allocate_group_servers().await?);
+        self.message = "starting the load balancer, web and worker servers".into();
         self.publish(Phase::Starting, self.message.clone());
         let lb = self.env.lb_record(&prepared.release);
         self.start_server(&lb).await?;
+        self.start_servers(servers).await?;
+        self.update_load_balancer().await?;
         self.wait_for_load_balancer().await
     }
 
@@ -314,80 +341,73 @@ impl Supervisor {
 
     /// Adds or removes group servers until each group has its desired count.
     async fn reconcile_groups(&mut self) -> anyhow::Result<()> {
+        let new = self.allocate_group_servers().await?;
+        self.update_load_balancer().await?;
+        self.start_servers(new).await?;
+        self.update_load_balancer().await
+    }
+
+    /// Terminates surplus group servers and records (without starting) the missing ones.
+    async fn allocate_group_servers(&mut self) -> anyhow::Result<Vec<ServerRecord>> {
         let (web, worker) = self.desired();
+        let mut new = Vec::new();
         for (role, desired) in [(Role::Web, web), (Role::Worker, worker)] {
             let members: Vec<ServerRecord> = self.registry.group_members(role).cloned().collect();
             let count = u32::try_from(members.len()).unwrap_or(u32::MAX);
             if count > desired {
-                // Scale in: the newest go first would break sessions no more than oldest; AWS's
-                // default policy picks the oldest launch template first, then by zone. Here:
-                // the highest-numbered (newest) servers go.
+                // Scale in: the newest servers go, so the longest-running keep their warm
+                // caches and connections.
                 let surplus = usize::try_from(count - desired).unwrap_or(0);
                 for server in members.iter().rev().take(surplus) {
                     self.terminate_server(&server.id).await?;
                 }
             }
-            let missing = desired.saturating_sub(count);
-            if missing > 0 {
-                let mut new = Vec::new();
-                for _ in 0..missing {
-                    let mut server = self.registry.new_group_server(
-                        role,
-                        self.env.local().addresses,
-                        &self.prepared().release,
-                    );
-                    if role == Role::Worker {
-                        server.beat = !self.registry.group_members(Role::Worker).any(|w| w.beat);
-                    }
-                    self.registry.servers.push(server.clone());
-                    new.push(server);
+            for _ in 0..desired.saturating_sub(count) {
+                let mut server = self.registry.new_group_server(
+                    role,
+                    self.env.local().addresses,
+                    &self.prepared().release,
+                );
+                if role == Role::Worker {
+                    server.beat = !self.registry.group_members(Role::Worker).any(|w| w.beat);
                 }
-                self.save_registry()?;
-                self.start_servers(new).await?;
+                self.registry.servers.push(server.clone());
+                new.push(server);
             }
         }
-        self.update_load_balancer().await
+        self.save_registry()?;
+        Ok(new)
     }
 
     /// Starts servers in parallel; all must succeed.
     async fn start_servers(&mut self, servers: Vec<ServerRecord>) -> anyhow::Result<()> {
-        if servers.is_empty() {
-            return Ok(());
+        let launch = self.launcher();
+        let outcome = launch.start_all(servers).await;
+        self.absorb(outcome)
+    }
+
+    fn launcher(&self) -> Launcher {
+        Launcher {
+            env: Arc::clone(&self.env),
+            prepared: self.prepared(),
+            registry: self.registry.clone(),
+            exits: self.exits_tx.clone(),
         }
-        let mut tasks = tokio::task::JoinSet::new();
-        for server in servers {
-            let env = Arc::clone(&self.env);
-            let prepared = self.prepared();
-            let registry = self.registry.clone();
-            let exits = self.exits_tx.clone();
-            tasks.spawn(async move {
-                let result = start_server(&env, &prepared, &registry, &server, exits).await;
-                (server, result)
-            });
-        }
-        let mut first_error = None;
-        while let Some(joined) = tasks.join_next().await {
-            let (server, result) = joined.context("a server start task panicked")?;
-            match result {
-                Ok(started) => {
-                    for service in started {
-                        self.services
-                            .insert(format!("{}/{}", service.server, service.spec.name), service);
-                    }
-                    if let Some(record) = self.registry.get_mut(&server.id) {
-                        record.state = ServerState::InService;
-                    }
-                }
-                Err(error) => {
-                    first_error.get_or_insert(error.context(format!(
-                        "starting server {} ({})",
-                        server.id, server.address
-                    )));
-                }
+    }
+
+    /// Takes the services of the servers that started; returns the first failure, if any.
+    fn absorb(&mut self, outcome: Launched) -> anyhow::Result<()> {
+        for (server, started) in outcome.started {
+            for service in started {
+                self.services
+                    .insert(format!("{}/{}", service.server, service.spec.name), service);
+            }
+            if let Some(record) = self.registry.get_mut(&server.id) {
+                record.state = ServerState::InService;
             }
         }
         self.save_registry()?;
-        match first_error {
+        match outcome.error {
             Some(error) => Err(error),
             None => Ok(()),
         }
@@ -395,66 +415,6 @@ impl Supervisor {
 
     async fn start_server(&mut self, server: &ServerRecord) -> anyhow::Result<()> {
         self.start_servers(vec![server.clone()]).await
-    }
-
-    /// Runs the app's migrations once per release, before any web server serves it, straight
-    /// to the primary over TLS (verified against the environment's CA).
-    async fn migrate(&mut self) -> anyhow::Result<()> {
-        let prepared = self.prepared();
-        if self.registry.migrated.contains(&prepared.release) {
-            return Ok(());
-        }
-        self.message = format!("running migrations of release {}", prepared.release);
-        self.publish(Phase::Starting, self.message.clone());
-        let primary = self
-            .registry
-            .servers
-            .iter()
-            .find(|s| s.has_role(Role::DbPrimary))
-            .cloned()
-            .context("no database primary")?;
-        let worker_like = ServerRecord {
-            id: "migrate".into(),
-            roles: vec![Role::Worker.as_str().to_owned()],
-            ..primary.clone()
-        };
-        let ctx = self.env.context(
-            &worker_like,
-            &self.registry,
-            &prepared.secrets,
-            &prepared.venv,
-            &prepared.release_dir,
-        );
-        let mut env = app_environment(&ctx)?;
-        env.insert("DATABASE_HOST".into(), primary.address.to_string());
-        env.insert("DATABASE_PORT".into(), ctx.ports.postgres.to_string());
-        env.insert("DATABASE_REPLICA_NAMES".into(), String::new());
-        env.insert("PGSSLMODE".into(), "verify-full".into());
-        env.insert(
-            "PGSSLROOTCERT".into(),
-            ctx.layout.ca_cert().display().to_string(),
-        );
-        env.insert("HOME".into(), self.env.paths.shared().display().to_string());
-        let python = prepared.venv.join("bin/python").display().to_string();
-        let log = self.env.paths.root().join("migrate.log");
-        for args in [
-            &["manage.py", "migrate", "--noinput"][..],
-            &["manage.py", "collectstatic", "--noinput", "-v0"],
-        ] {
-            let mut command = rigger_recipes::Command::new(python.clone())
-                .args(args.iter().copied())
-                .cwd(&prepared.release_dir)
-                .user("www-data");
-            command.env = env.clone();
-            apply::run_command(&command, None, &log)
-                .await
-                .with_context(|| {
-                    format!("running `manage.py {}` (log: {})", args[1], log.display())
-                })?;
-        }
-        self.registry.migrated.push(prepared.release.clone());
-        self.save_registry()?;
-        Ok(())
     }
 
     /// Waits until HAProxy reports every in-service web server UP.
@@ -786,6 +746,126 @@ impl Supervisor {
             }),
         }
     }
+}
+
+/// Starts servers from a snapshot of the supervisor's state, so that independent chains
+/// (cache, databases) can run at once; the supervisor absorbs what started.
+struct Launcher {
+    env: Arc<LocalEnvironment>,
+    prepared: Arc<Prepared>,
+    registry: Registry,
+    exits: mpsc::UnboundedSender<Exit>,
+}
+
+/// What a [`Launcher`] started, and its first failure.
+#[derive(Default)]
+struct Launched {
+    started: Vec<(ServerRecord, Vec<RunningService>)>,
+    error: Option<anyhow::Error>,
+    migrated: bool,
+}
+
+impl Launched {
+    fn merge(&mut self, other: Launched) {
+        self.started.extend(other.started);
+        if self.error.is_none() {
+            self.error = other.error;
+        }
+        self.migrated |= other.migrated;
+    }
+}
+
+impl Launcher {
+    /// Starts `servers` in parallel.
+    async fn start_all(&self, servers: Vec<ServerRecord>) -> Launched {
+        let mut tasks = tokio::task::JoinSet::new();
+        for server in servers {
+            let env = Arc::clone(&self.env);
+            let prepared = Arc::clone(&self.prepared);
+            let registry = self.registry.clone();
+            let exits = self.exits.clone();
+            tasks.spawn(async move {
+                let result = start_server(&env, &prepared, &registry, &server, exits).await;
+                (server, result)
+            });
+        }
+        let mut launched = Launched::default();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((server, Ok(started))) => launched.started.push((server, started)),
+                Ok((server, Err(error))) => {
+                    launched.error.get_or_insert(error.context(format!(
+                        "starting server {} ({})",
+                        server.id, server.address
+                    )));
+                }
+                Err(panic) => {
+                    launched
+                        .error
+                        .get_or_insert(anyhow!("a server start task panicked: {panic}"));
+                }
+            }
+        }
+        launched
+    }
+}
+
+/// Runs the app's migrations (and collectstatic) once per release, before any web server
+/// serves it, straight to the primary over TLS verified against the environment's CA.
+/// Returns whether it ran (false: this release was already migrated).
+async fn migrate(
+    env: Arc<LocalEnvironment>,
+    prepared: Arc<Prepared>,
+    registry: Registry,
+) -> anyhow::Result<bool> {
+    if registry.migrated.contains(&prepared.release) {
+        return Ok(false);
+    }
+    let primary = registry
+        .servers
+        .iter()
+        .find(|s| s.has_role(Role::DbPrimary))
+        .cloned()
+        .context("no database primary")?;
+    let worker_like = ServerRecord {
+        id: "migrate".into(),
+        roles: vec![Role::Worker.as_str().to_owned()],
+        ..primary.clone()
+    };
+    let ctx = env.context(
+        &worker_like,
+        &registry,
+        &prepared.secrets,
+        &prepared.venv,
+        &prepared.release_dir,
+    );
+    let mut variables = app_environment(&ctx)?;
+    variables.insert("DATABASE_HOST".into(), primary.address.to_string());
+    variables.insert("DATABASE_PORT".into(), ctx.ports.postgres.to_string());
+    variables.insert("DATABASE_REPLICA_NAMES".into(), String::new());
+    variables.insert("PGSSLMODE".into(), "verify-full".into());
+    variables.insert(
+        "PGSSLROOTCERT".into(),
+        ctx.layout.ca_cert().display().to_string(),
+    );
+    variables.insert("HOME".into(), env.paths.shared().display().to_string());
+    let python = prepared.venv.join("bin/python").display().to_string();
+    let log = env.paths.root().join("migrate.log");
+    for args in [
+        &["manage.py", "migrate", "--noinput"][..],
+        &["manage.py", "collectstatic", "--noinput", "-v0"],
+    ] {
+        let mut command = rigger_recipes::Command::new(python.clone())
+            .args(args.iter().copied())
+            .cwd(&prepared.release_dir)
+            .user(ctx.layout.users.www.clone());
+        command.env = variables.clone();
+        apply::run_command(&command, None, &log)
+            .await
+            .with_context(|| format!("running `manage.py {}` (log: {})", args[1], log.display()))?;
+    }
+    tracing::info!(release = %prepared.release, "migrations applied");
+    Ok(true)
 }
 
 /// Renders `server`'s recipe and starts it: files, steps before start, services in

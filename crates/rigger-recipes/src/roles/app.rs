@@ -133,7 +133,7 @@ pub(super) fn worker(b: &mut Builder) -> Result<(), RenderError> {
         .args(["--loglevel", "INFO"])
         .cwd(&l.app_dir);
     let ping = celery()
-        .args(["inspect", "ping", "--destination", &node, "--timeout", "5"])
+        .args(["inspect", "ping", "--destination", &node, "--timeout", "1"])
         .cwd(&l.app_dir)
         .user(www);
     let worker = app_env(b, worker);
