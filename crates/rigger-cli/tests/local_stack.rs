@@ -242,6 +242,51 @@ fn the_example_site_runs_on_the_local_provider_with_real_services() {
     assert_eq!(replica_read["database"], "replica1");
     assert_eq!(replica_read["text"], text.as_str());
 
+    // The other tasks: survey events counted, a CSV export written under the media
+    // directory, and Celery beat's periodic heartbeat.
+    let (code, body) = curl(&["-X", "POST", &site("/events/start")]);
+    assert_eq!(code, 202, "{body}");
+    let event: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let event_id = event["task_id"].as_str().unwrap().to_owned();
+    let counted = eventually("the event counted", Duration::from_secs(30), || {
+        let (_, body) = curl(&[&site(&format!("/tasks/{event_id}?wait=5"))]);
+        let state: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (state["successful"] == true).then(|| state["result"].clone())
+    });
+    assert_eq!(counted["kind"], "start", "{counted}");
+    let (code, body) = curl(&["-X", "POST", &site("/exports")]);
+    assert_eq!(code, 202, "{body}");
+    let export: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let export_id = export["task_id"].as_str().unwrap().to_owned();
+    let path = eventually("the CSV export", Duration::from_secs(30), || {
+        let (_, body) = curl(&[&site(&format!("/tasks/{export_id}?wait=5"))]);
+        let state: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (state["successful"] == true).then(|| state["result"].as_str().unwrap().to_owned())
+    });
+    assert!(
+        path.starts_with(
+            stack
+                .env_dir()
+                .join("shared/media/exports")
+                .to_str()
+                .unwrap()
+        ),
+        "{path}"
+    );
+    assert!(
+        std::fs::read_to_string(&path).unwrap().contains("start"),
+        "{path}"
+    );
+    eventually(
+        "a heartbeat from Celery beat",
+        Duration::from_secs(30),
+        || {
+            let (_, body) = curl(&[&site("/stats")]);
+            let stats: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (!stats["latest_heartbeat"]["primary"].is_null()).then_some(())
+        },
+    );
+
     // PostgreSQL refuses a connection without TLS, and one from an unknown user.
     let password = std::fs::read_to_string(stack.env_dir().join("secrets/db_password")).unwrap();
     let primary = format!("host={BLOCK}.4.1 port=5432 dbname=e2e");

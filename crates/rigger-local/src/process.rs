@@ -723,6 +723,17 @@ fn create_dir(name: &str, dir: &Path) -> Result<(), ProcessError> {
     })
 }
 
+/// The live processes recorded under `dir` (e.g. left by a supervisor that was killed).
+pub fn live_records(dir: &Path) -> Vec<PidRecord> {
+    let mut files = Vec::new();
+    find_pid_files(dir, &mut files);
+    files
+        .iter()
+        .filter_map(|path| PidRecord::read(path))
+        .filter(PidRecord::is_alive)
+        .collect()
+}
+
 fn find_pid_files(dir: &Path, found: &mut Vec<PathBuf>) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;

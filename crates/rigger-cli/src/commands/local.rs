@@ -149,6 +149,8 @@ pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failur
             None => serde_json::json!({
                 "schema": "rigger.status", "version": 1, "project": env.config.project.name,
                 "environment": env.name, "provider": "local", "phase": "down", "servers": [],
+                "orphaned_processes": rigger_local::process::live_records(&env.paths.servers())
+                    .iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
             }),
         };
         println!(
@@ -159,10 +161,25 @@ pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failur
     }
     match status {
         Some(status) => print!("{}", render_status(&status)),
-        None => println!(
-            "{}/{} is down (run `rigger up`)",
-            env.config.project.name, env.name
-        ),
+        None => {
+            let orphans = rigger_local::process::live_records(&env.paths.servers());
+            if orphans.is_empty() {
+                println!(
+                    "{}/{} is down (run `rigger up`)",
+                    env.config.project.name, env.name
+                );
+            } else {
+                let names: Vec<&str> = orphans.iter().map(|r| r.name.as_str()).collect();
+                println!(
+                    "{}/{}: no supervisor is running, but {} of its processes are ({}); \
+                     `rigger up` takes over (restarting them), `rigger down` stops them",
+                    env.config.project.name,
+                    env.name,
+                    orphans.len(),
+                    names.join(", ")
+                );
+            }
+        }
     }
     Ok(())
 }
