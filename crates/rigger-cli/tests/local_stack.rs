@@ -393,6 +393,13 @@ fn the_example_site_runs_on_the_local_provider_with_real_services() {
     assert!(left.is_empty(), "still running after down: {left:?}");
     let status = stack.rigger(&["status"]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("is down"));
+
+    // Purging refuses without a confirmation, then deletes data and secrets with --yes.
+    let refused = stack.rigger(&["down", "--purge"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(stack.env_dir().join("secrets").exists());
+    assert!(stack.rigger(&["down", "--purge", "--yes"]).status.success());
+    assert!(!stack.env_dir().exists());
 }
 
 fn nix_is_root() -> bool {

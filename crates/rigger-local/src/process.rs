@@ -596,6 +596,9 @@ async fn stop_group(record: &PidRecord, sig: Signal, timeout: Duration) -> StopO
         return StopOutcome::NotRunning;
     };
     targets.send(record, sig);
+    // A stopped (SIGSTOP, or hung under a debugger) process never acts on its stop signal;
+    // continuing it lets it shut down cleanly, as systemd does.
+    targets.send(record, Signal::SIGCONT);
     let deadline = Instant::now() + timeout;
     while !gone(record, targets) {
         if Instant::now() >= deadline {

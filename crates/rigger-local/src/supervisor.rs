@@ -40,6 +40,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const TICK: Duration = Duration::from_secs(1);
 /// A group server that fails to start this many times in a row stops the replacements.
 const MAX_LAUNCH_FAILURES: u32 = 3;
+/// How long a web server may stay DOWN behind the load balancer before it is replaced.
+const LB_DOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Desired group sizes set by `rigger scale`, overriding rigger.toml's `desired`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +165,8 @@ struct Supervisor {
     message: String,
     launch_failures: u32,
     lb_states: BTreeMap<String, String>,
+    /// When each in-service web server was first seen DOWN behind the load balancer.
+    down_since: BTreeMap<String, tokio::time::Instant>,
 }
 
 impl Supervisor {
@@ -179,6 +183,7 @@ impl Supervisor {
             message: "starting".into(),
             launch_failures: 0,
             lb_states: BTreeMap::new(),
+            down_since: BTreeMap::new(),
         }
     }
 
@@ -224,7 +229,8 @@ impl Supervisor {
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
                 _ = hangup.recv() => {
-                    if let Err(error) = self.reconcile_groups().await {
+                    self.launch_failures = 0;
+                    if let Err(error) = self.heal_groups().await {
                         tracing::error!("scaling: {error:#}");
                     }
                 }
@@ -236,7 +242,20 @@ impl Supervisor {
                 }
                 _ = tick.tick() => {
                     self.refresh_lb_states().await;
+                    if let Err(error) = self.replace_servers_down_behind_the_load_balancer().await {
+                        tracing::error!("{error:#}");
+                        self.message = format!("{error:#}");
+                    }
+                    if !self.groups_at_desired_count()
+                        && let Err(error) = self.heal_groups().await
+                    {
+                        tracing::error!("{error:#}");
+                        self.message = format!("{error:#}");
+                    }
                     let healthy = self.groups_healthy();
+                    if !healthy && self.phase == Phase::Ready {
+                        self.message = self.what_is_unhealthy();
+                    }
                     let phase = if healthy { Phase::Ready } else { Phase::Healing };
                     let message = if healthy { "every server is running; every web server is UP".into() } else { self.message.clone() };
                     self.publish(phase, message);
@@ -343,8 +362,16 @@ impl Supervisor {
     async fn reconcile_groups(&mut self) -> anyhow::Result<()> {
         let new = self.allocate_group_servers().await?;
         self.update_load_balancer().await?;
-        self.start_servers(new).await?;
-        self.update_load_balancer().await
+        let launch = self.launcher();
+        let launched = launch.start_all(new).await;
+        let failed = launched.failed.clone();
+        let result = self.absorb(launched);
+        // A server that failed to start is terminated; the next heal launches a new one.
+        for id in failed {
+            self.terminate_server(&id).await?;
+        }
+        self.update_load_balancer().await?;
+        result
     }
 
     /// Terminates surplus group servers and records (without starting) the missing ones.
@@ -438,6 +465,37 @@ impl Supervisor {
         }
     }
 
+    /// Why the groups are not healthy, in words, for status.json.
+    fn what_is_unhealthy(&self) -> String {
+        let not_up: Vec<String> = self
+            .registry
+            .group_members(Role::Web)
+            .filter_map(|s| {
+                let state = self
+                    .lb_states
+                    .get(&s.id)
+                    .map_or("not registered", String::as_str);
+                (state != "UP").then(|| format!("{} is {state}", s.id))
+            })
+            .collect();
+        if not_up.is_empty() {
+            "a group is below its desired count; launching".into()
+        } else {
+            format!(
+                "behind the load balancer: {} (replaced after {} s DOWN)",
+                not_up.join(", "),
+                LB_DOWN_GRACE.as_secs()
+            )
+        }
+    }
+
+    /// Each group has as many servers as it should (running or starting).
+    fn groups_at_desired_count(&self) -> bool {
+        let (web, worker) = self.desired();
+        self.registry.group_members(Role::Web).count() == web as usize
+            && self.registry.group_members(Role::Worker).count() == worker as usize
+    }
+
     /// Every desired group server is in service and every web server UP behind HAProxy.
     fn groups_healthy(&self) -> bool {
         let (web, worker) = self.desired();
@@ -514,39 +572,77 @@ impl Supervisor {
             return self.restart_service(&exit.name).await;
         }
         // A group server is replaced, as an Auto Scaling group replaces an unhealthy instance.
-        self.message = format!("replacing {server_id}: {} exited", exit.name);
+        self.replace_server(&server_id, format!("{} exited", exit.name))
+            .await
+    }
+
+    /// Takes a group server out and lets the group bring a new one (new id, new address).
+    async fn replace_server(&mut self, id: &str, reason: String) -> anyhow::Result<()> {
+        tracing::warn!(server = %id, %reason, "replacing server");
+        self.message = format!("replacing {id}: {reason}");
         self.publish(Phase::Healing, self.message.clone());
-        if let Some(record) = self.registry.get_mut(&server_id) {
-            record.state = ServerState::Unhealthy;
+        self.terminate_server(id).await?;
+        self.heal_groups().await
+    }
+
+    /// Brings the groups back to their desired counts, giving up after a few failed launches in
+    /// a row (a release that cannot start must not be relaunched forever).
+    async fn heal_groups(&mut self) -> anyhow::Result<()> {
+        if self.launch_failures >= MAX_LAUNCH_FAILURES {
+            return Ok(());
         }
-        let beat = server.beat;
-        self.terminate_server(&server_id).await?;
-        let role = server.group().expect("a group server");
-        let mut replacement = self.registry.new_group_server(
-            role,
-            self.env.local().addresses,
-            &self.prepared().release,
-        );
-        replacement.beat = beat;
-        self.registry.servers.push(replacement.clone());
-        self.save_registry()?;
-        match self.start_server(&replacement).await {
-            Ok(()) => self.launch_failures = 0,
+        match self.reconcile_groups().await {
+            Ok(()) => {
+                self.launch_failures = 0;
+                Ok(())
+            }
             Err(error) => {
                 self.launch_failures += 1;
-                tracing::error!("{error:#}");
-                self.terminate_server(&replacement.id).await?;
                 if self.launch_failures >= MAX_LAUNCH_FAILURES {
                     return Err(error.context(format!(
-                        "{MAX_LAUNCH_FAILURES} replacements failed in a row; not trying again"
+                        "{MAX_LAUNCH_FAILURES} launches failed in a row; not trying again until `rigger up`"
                     )));
                 }
-                // Try again through the normal path: the group is below its desired count.
-                self.reconcile_groups().await?;
-                return Ok(());
+                Err(error)
             }
         }
-        self.update_load_balancer().await
+    }
+
+    /// Web servers the load balancer has reported DOWN for longer than the grace period are
+    /// replaced, as a group with the ELB health check type does with a hung instance.
+    async fn replace_servers_down_behind_the_load_balancer(&mut self) -> anyhow::Result<()> {
+        let now = tokio::time::Instant::now();
+        let in_service: Vec<String> = self
+            .registry
+            .group_members(Role::Web)
+            .filter(|s| s.state == ServerState::InService)
+            .map(|s| s.id.clone())
+            .collect();
+        self.down_since.retain(|id, _| in_service.contains(id));
+        let mut expired = Vec::new();
+        for id in in_service {
+            let down = self
+                .lb_states
+                .get(&id)
+                .is_some_and(|state| state.starts_with("DOWN"));
+            if !down {
+                self.down_since.remove(&id);
+                continue;
+            }
+            let since = *self.down_since.entry(id.clone()).or_insert(now);
+            if now.duration_since(since) > LB_DOWN_GRACE {
+                expired.push(id);
+            }
+        }
+        for id in expired {
+            self.down_since.remove(&id);
+            let reason = format!(
+                "DOWN behind the load balancer for over {} s",
+                LB_DOWN_GRACE.as_secs()
+            );
+            self.replace_server(&id, reason).await?;
+        }
+        Ok(())
     }
 
     async fn restart_service(&mut self, name: &str) -> anyhow::Result<()> {
@@ -761,6 +857,8 @@ struct Launcher {
 #[derive(Default)]
 struct Launched {
     started: Vec<(ServerRecord, Vec<RunningService>)>,
+    /// Ids of the servers that failed to start (their services were stopped).
+    failed: Vec<String>,
     error: Option<anyhow::Error>,
     migrated: bool,
 }
@@ -768,6 +866,7 @@ struct Launched {
 impl Launched {
     fn merge(&mut self, other: Launched) {
         self.started.extend(other.started);
+        self.failed.extend(other.failed);
         if self.error.is_none() {
             self.error = other.error;
         }
@@ -794,6 +893,7 @@ impl Launcher {
             match joined {
                 Ok((server, Ok(started))) => launched.started.push((server, started)),
                 Ok((server, Err(error))) => {
+                    launched.failed.push(server.id.clone());
                     launched.error.get_or_insert(error.context(format!(
                         "starting server {} ({})",
                         server.id, server.address
