@@ -45,6 +45,10 @@ pub struct GlobalArgs {
     /// Never colour the output (the NO_COLOR environment variable does the same).
     #[arg(long, global = true)]
     pub no_color: bool,
+    /// AWS environments: send every AWS call to this URL (an emulator such as moto);
+    /// AWS_ENDPOINT_URL does the same.
+    #[arg(long, global = true, value_name = "URL")]
+    pub endpoint_url: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,9 +70,29 @@ pub enum Command {
     /// The environment's secrets (names only; values are never printed).
     #[command(subcommand)]
     Secrets(SecretsCommand),
+    /// Build a release from the app's git revision and roll it out, health-gated, with an
+    /// automatic rollback when the new servers are not healthy in time.
+    Deploy(DeployArgs),
+    /// Roll out an earlier release again, without rebuilding it.
+    Rollback(RollbackArgs),
+    /// The environment's deploy history.
+    Releases(ReleasesArgs),
+    /// The deploy lock: who holds it, or release it.
+    #[command(subcommand)]
+    Lock(LockCommand),
+    /// Every web server answers 503 with a maintenance page (health checks stay green).
+    Maintenance(MaintenanceArgs),
     /// Run the local environment's supervisor in the foreground (`up` starts it for you).
     #[command(hide = true)]
     Supervise,
+    /// Run a shell command on servers in parallel, e.g. `rigger exec web -- uptime`.
+    Exec(ExecArgs),
+    /// Run a Django management command once, on one worker: `rigger manage -- migrate --plan`.
+    Manage(ManageArgs),
+    /// Show a role's logs from all its servers, merged and prefixed (`-f` to follow).
+    Logs(LogsArgs),
+    /// Open an interactive shell on a server.
+    Ssh(SshArgs),
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +117,63 @@ pub struct ScaleArgs {
     /// `GROUP=COUNT` pairs; the groups are `web` and `worker`.
     #[arg(required = true, value_name = "GROUP=COUNT")]
     pub counts: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutArgs {
+    /// Servers replaced at a time: a count (`2`) or a percentage of the group (`50%`).
+    #[arg(long, default_value = "1")]
+    pub batch: String,
+    /// Seconds new servers may take to be healthy behind the load balancer before the deploy
+    /// rolls back.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    pub health_timeout: u64,
+    /// Seconds an old worker may take to finish its running tasks.
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    pub worker_stop_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// Git revision of the app to deploy.
+    #[arg(long, default_value = None, value_name = "REV")]
+    pub revision: Option<String>,
+    /// Deploy the working tree even with uncommitted changes.
+    #[arg(long)]
+    pub allow_dirty: bool,
+    #[command(flatten)]
+    pub rollout: RolloutArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The release to go back to (default: the one before the current).
+    #[arg(long, value_name = "ID")]
+    pub to: Option<String>,
+    #[command(flatten)]
+    pub rollout: RolloutArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReleasesArgs {
+    /// Print the history as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LockCommand {
+    /// Who holds the deploy lock, since when, for what.
+    Status,
+    /// Remove the lock whoever holds it (when its holder is known to be gone).
+    Release,
+}
+
+#[derive(Debug, Args)]
+pub struct MaintenanceArgs {
+    /// `on` or `off`.
+    #[arg(value_parser = ["on", "off"])]
+    pub mode: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -120,4 +201,54 @@ pub struct PlanArgs {
     /// Print the plan as JSON (schema: docs/plan-json.md).
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Roles (`web`, `worker`, `db-primary`, ...) or server ids (`web-1`); every server when
+    /// none is given.
+    #[arg(value_name = "ROLE|SERVER")]
+    pub targets: Vec<String>,
+    /// How many servers run the command at once.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
+    pub parallel: u16,
+    /// The command, after `--`; its words are joined into a shell line, as ssh does.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ManageArgs {
+    /// The worker to run it on (default: the first in service).
+    #[arg(long, value_name = "SERVER")]
+    pub server: Option<String>,
+    /// The arguments of `manage.py`, after `--`.
+    #[arg(last = true, required = true, value_name = "ARGS")]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The role (`web`, `worker`, ...) or server id whose logs to show.
+    #[arg(value_name = "ROLE|SERVER")]
+    pub target: String,
+    /// Keep printing new lines as they are written.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only this service's log (`nginx`, `gunicorn`, `celery-worker`, ...).
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
+    /// How many of the last lines of each log to show first.
+    #[arg(short = 'n', long, value_name = "LINES", default_value_t = 10)]
+    pub lines: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// The server's id, e.g. `web-1` (`rigger status` lists them).
+    #[arg(value_name = "SERVER")]
+    pub server: String,
+    /// Forget the server's recorded host key (after it was rebuilt) instead of connecting.
+    #[arg(long)]
+    pub forget_host_key: bool,
 }

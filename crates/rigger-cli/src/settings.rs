@@ -14,6 +14,8 @@ pub struct Settings {
     pub verbosity: i8,
     /// Colour on stderr/stdout: only on a terminal, never with --no-color or NO_COLOR.
     pub color: bool,
+    /// `--endpoint-url` for AWS environments.
+    pub endpoint_url: Option<String>,
 }
 
 impl Settings {
@@ -25,6 +27,7 @@ impl Settings {
             verbose,
             quiet,
             no_color,
+            endpoint_url,
         } = args;
         let no_color_env = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
         Settings {
@@ -36,6 +39,7 @@ impl Settings {
                 i8::try_from(*verbose).unwrap_or(i8::MAX)
             },
             color: !no_color && !no_color_env && std::io::stderr().is_terminal(),
+            endpoint_url: endpoint_url.clone(),
         }
     }
 

@@ -272,3 +272,168 @@ pub fn scale(env: &LocalEnvironment, group: &str, count: u32) -> anyhow::Result<
     }
     Ok(())
 }
+
+/// What `rigger deploy` and `rigger rollback` ask for.
+#[derive(Debug, Clone)]
+pub struct DeployOptions {
+    pub batch: String,
+    pub health_timeout: Duration,
+    pub worker_stop_timeout: Duration,
+}
+
+/// Which release to roll out.
+#[derive(Debug, Clone)]
+pub enum DeployTarget {
+    /// Build one from a git revision (default HEAD).
+    Build {
+        revision: Option<String>,
+        allow_dirty: bool,
+    },
+    /// An existing release, by id, without rebuilding it.
+    Existing(String),
+    /// The release before the current one.
+    Previous,
+}
+
+/// Builds (or picks) a release and has the supervisor roll it out under the deploy lock.
+pub async fn deploy(
+    env: &LocalEnvironment,
+    target: DeployTarget,
+    options: &DeployOptions,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<crate::deploy::DeployOutcome> {
+    use crate::deploy::{self as deploy_files, DeployLock, DeployRequest};
+    use crate::release;
+    let Some(holder) = supervisor::lock_holder(env) else {
+        bail!(
+            "{}/{} is not up; run `rigger up` first",
+            env.config.project.name,
+            env.name
+        );
+    };
+    rigger_plan::rollout::BatchSize::from_str(&options.batch).map_err(anyhow::Error::msg)?;
+    let now = crate::status::now();
+    let description = match &target {
+        DeployTarget::Build { revision, .. } => {
+            format!("deploy {}", revision.as_deref().unwrap_or("HEAD"))
+        }
+        DeployTarget::Existing(id) => format!("rollback to {id}"),
+        DeployTarget::Previous => "rollback to the previous release".into(),
+    };
+    let mut lock = DeployLock::acquire(&env.paths, &description, now)?;
+    let release = match target {
+        DeployTarget::Build {
+            revision,
+            allow_dirty,
+        } => {
+            progress("building the release (code, locked requirements)");
+            release::build(env, revision.as_deref(), allow_dirty, now)
+                .await?
+                .id
+        }
+        DeployTarget::Existing(id) => release::ReleaseManifest::load(&env.paths, &id)?.id,
+        DeployTarget::Previous => previous_release(env)?,
+    };
+    progress(&format!("rolling out release {release}"));
+    let request = DeployRequest {
+        id: format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ),
+        release,
+        batch: options.batch.clone(),
+        health_timeout_secs: options.health_timeout.as_secs(),
+        worker_stop_timeout_secs: options.worker_stop_timeout.as_secs(),
+        requested_by: release::who(),
+    };
+    deploy_files::write_request(&env.paths, &request)?;
+    kill(Pid::from_raw(holder.pid), Signal::SIGUSR1).context("signalling the supervisor")?;
+    let mut last_message = String::new();
+    let mut last_renewal = Instant::now();
+    loop {
+        if let Some(outcome) = deploy_files::read_outcome(&env.paths)
+            && outcome.request == request.id
+        {
+            return Ok(outcome);
+        }
+        if let Some(status) = Status::load(&env.paths.status())
+            && status.message != last_message
+        {
+            progress(&status.message);
+            last_message = status.message;
+        }
+        if !pid_alive(holder.pid) {
+            bail!(
+                "the supervisor exited during the deploy; `rigger up` restarts it (servers of an unfinished release are rolled back to the group's release)"
+            );
+        }
+        if last_renewal.elapsed() > Duration::from_secs(60) {
+            lock.renew(crate::status::now())?;
+            last_renewal = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+use std::str::FromStr as _;
+
+/// The release deployed before the current one, from the history.
+fn previous_release(env: &LocalEnvironment) -> anyhow::Result<String> {
+    let current = crate::registry::Registry::load(&env.paths.registry())?
+        .current_release
+        .unwrap_or_else(|| crate::release::INITIAL.to_owned());
+    let mut succeeded: Vec<String> = crate::release::history(&env.paths)
+        .into_iter()
+        .filter(|record| record.result == "succeeded")
+        .map(|record| record.release)
+        .collect();
+    succeeded.dedup();
+    let position = succeeded.iter().rposition(|id| *id == current);
+    let before = match position {
+        Some(0) => Some(crate::release::INITIAL.to_owned()),
+        Some(index) => succeeded.get(index - 1).cloned(),
+        None => None,
+    };
+    before
+        .filter(|id| *id != current)
+        .with_context(|| format!("no release before {current} to roll back to; `rigger releases` lists them, `--to ID` picks one"))
+}
+
+/// Puts every web server into (or out of) maintenance: each answers 503 with the maintenance
+/// page, the app's own `maintenance.html` when its release has one, while the health check
+/// stays healthy so the load balancer keeps the servers.
+pub fn maintenance(env: &LocalEnvironment, on: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = env.paths.maintenance();
+    let page = dir.join("maintenance.html");
+    if !on {
+        return match std::fs::remove_file(&page) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(error).with_context(|| format!("removing {}", page.display())),
+        };
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let current = crate::registry::Registry::load(&env.paths.registry())?
+        .current_release
+        .unwrap_or_else(|| crate::release::INITIAL.to_owned());
+    let app_page = env.paths.release(&current).join("maintenance.html");
+    let html =
+        std::fs::read_to_string(&app_page).unwrap_or_else(|_| DEFAULT_MAINTENANCE_PAGE.to_owned());
+    let temporary = dir.join(".maintenance.html.tmp");
+    std::fs::write(&temporary, html)?;
+    std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&temporary, &page).with_context(|| format!("writing {}", page.display()))?;
+    Ok(())
+}
+
+/// Whether maintenance mode is on.
+pub fn maintenance_on(env: &LocalEnvironment) -> bool {
+    env.paths.maintenance().join("maintenance.html").exists()
+}
+
+const DEFAULT_MAINTENANCE_PAGE: &str = "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Down for maintenance</title></head>\n<body><h1>Down for maintenance</h1><p>We'll be back shortly.</p></body></html>\n";

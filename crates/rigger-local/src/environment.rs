@@ -148,6 +148,8 @@ impl LocalEnvironment {
         layout.pki_dir = self.paths.pki();
         layout.media_root = self.paths.media();
         layout.static_root = self.paths.static_root();
+        // Maintenance mode is the environment's, so servers launched during it serve it too.
+        layout.maintenance_dir = self.paths.maintenance();
 
         let address_of = |role: Role, fallback: (u8, u8)| {
             self.server_with_role(registry, role).map_or_else(
@@ -167,7 +169,14 @@ impl LocalEnvironment {
             .collect();
         let web_backends = registry
             .group_members(Role::Web)
-            .filter(|s| s.state != registry::ServerState::Unhealthy)
+            // A starting web server joins the load balancer only once it answers its health
+            // check itself (HAProxy counts a new server UP until its checks fail), except
+            // during a first bring-up, when no traffic flows yet and checks may start early.
+            .filter(|s| match s.state {
+                registry::ServerState::InService => true,
+                registry::ServerState::Pending => registry.register_pending,
+                registry::ServerState::Unhealthy => false,
+            })
             .map(|s| Peer::new(s.id.clone(), s.address))
             .collect();
         let network = |subnet: u8| Network::new(registry::address(block, subnet, 0), 24);

@@ -17,11 +17,14 @@ pub mod process;
 
 pub mod apply;
 pub mod control;
+pub mod deploy;
 pub mod environment;
+pub mod haproxy;
 pub mod observe;
 pub mod paths;
 pub mod prepare;
 pub mod registry;
+pub mod release;
 pub mod secrets;
 pub mod status;
 pub mod supervisor;

@@ -36,6 +36,14 @@ impl EnvPaths {
         }
     }
 
+    /// Paths rooted at `root` (its parent holds the shared caches); for tests.
+    pub fn for_root_for_tests(root: &Path) -> Self {
+        EnvPaths {
+            base: root.parent().unwrap_or(root).to_path_buf(),
+            root: root.to_path_buf(),
+        }
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context as _;
 use rigger_recipes::{Command, Secrets};
@@ -12,16 +12,10 @@ use rigger_recipes::{Command, Secrets};
 use crate::apply::{self, run_command};
 use crate::environment::LocalEnvironment;
 
-/// The release every local environment runs until deploys exist.
-pub const INITIAL_RELEASE: &str = "initial";
-
 /// Shared things, ready to use.
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub secrets: Secrets,
-    pub venv: PathBuf,
-    pub release: String,
-    pub release_dir: PathBuf,
 }
 
 pub async fn prepare(env: &LocalEnvironment) -> anyhow::Result<Prepared> {
@@ -47,15 +41,7 @@ pub async fn prepare(env: &LocalEnvironment) -> anyhow::Result<Prepared> {
     }
     let secrets = crate::secrets::load_or_generate(&paths.secrets())?;
     ensure_ca(&paths.pki(), &paths.root().join("pki.log")).await?;
-    let venv = ensure_venv(env).await?;
-    let release = INITIAL_RELEASE.to_owned();
-    let release_dir = ensure_release(env, &release).await?;
-    Ok(Prepared {
-        secrets,
-        venv,
-        release,
-        release_dir,
-    })
+    Ok(Prepared { secrets })
 }
 
 /// Service users must reach the state directory: every parent needs the search bit.
@@ -212,96 +198,4 @@ fn random_serial() -> anyhow::Result<String> {
         "0x{}",
         bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
     ))
-}
-
-/// A venv per distinct requirements file (named by its hash), made with the system Python so
-/// that service users can run it, and reused by every later `up`.
-async fn ensure_venv(env: &LocalEnvironment) -> anyhow::Result<PathBuf> {
-    let requirements = env.requirements();
-    let text = std::fs::read(&requirements).with_context(|| {
-        format!(
-            "reading the app's requirements {} (project.requirements)",
-            requirements.display()
-        )
-    })?;
-    let digest = fnv1a(&text);
-    let venv = env.paths.venvs().join(format!("{digest:016x}"));
-    let stamp = venv.join(".rigger-complete");
-    if stamp.exists() {
-        return Ok(venv);
-    }
-    let log = env.paths.venvs().join("install.log");
-    let venv_s = venv.display().to_string();
-    let _ = std::fs::remove_dir_all(&venv);
-    tracing::info!(venv = %venv.display(), "creating the app's venv (first time only)");
-    run_command(
-        &Command::new("/usr/bin/python3").args(["-m", "venv", &venv_s]),
-        None,
-        &log,
-    )
-    .await
-    .context("creating the app's venv (is python3-venv installed? scripts/install-packages.sh)")?;
-    let pip = venv.join("bin/pip").display().to_string();
-    let mut install = Command::new(pip).args([
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "-r",
-        &requirements.display().to_string(),
-    ]);
-    // pip needs a writable HOME for its cache; the root user's is fine.
-    install = install.env(
-        "HOME",
-        std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
-    );
-    run_command(&install, None, &log)
-        .await
-        .with_context(|| format!("installing {} into the venv", requirements.display()))?;
-    std::fs::write(&stamp, b"")?;
-    Ok(venv)
-}
-
-/// 64-bit FNV-1a: names a venv by its requirements; not a security boundary.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// The app's code for `release`, copied so that editing the working tree never changes what
-/// runs (and so service users can read it wherever the tree lives).
-async fn ensure_release(env: &LocalEnvironment, release: &str) -> anyhow::Result<PathBuf> {
-    let dir = env.paths.release(release);
-    let stamp = dir.join(".rigger-release");
-    if stamp.exists() {
-        return Ok(dir);
-    }
-    let source = env.app_source();
-    anyhow::ensure!(
-        source.join("manage.py").is_file(),
-        "{} has no manage.py; set project.app_path in rigger.toml to the Django project's directory",
-        source.display()
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let log = env.paths.releases().join("copy.log");
-    run_command(
-        &Command::new("cp").args([
-            "-R",
-            &format!("{}/.", source.display()),
-            &dir.display().to_string(),
-        ]),
-        None,
-        &log,
-    )
-    .await
-    .context("copying the app's code into the release")?;
-    run_command(
-        &Command::new("chmod").args(["-R", "a+rX", &dir.display().to_string()]),
-        None,
-        &log,
-    )
-    .await?;
-    std::fs::write(&stamp, release)?;
-    Ok(dir)
 }

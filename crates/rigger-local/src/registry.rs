@@ -76,6 +76,13 @@ pub struct Registry {
     /// Releases whose migrations have run (migrations run once per release).
     #[serde(default)]
     pub migrated: Vec<String>,
+    /// The release new servers run: the last one deployed successfully.
+    #[serde(default)]
+    pub current_release: Option<String>,
+    /// Register web servers with the load balancer while they are still starting (true only
+    /// during a first bring-up, when no traffic flows yet).
+    #[serde(skip)]
+    pub register_pending: bool,
 }
 
 impl Registry {

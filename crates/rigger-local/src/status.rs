@@ -17,6 +17,8 @@ pub enum Phase {
     Healing,
     /// Bring-up failed; `message` says why. The supervisor has stopped everything.
     Failed,
+    /// Rolling out a release (or rolling one back).
+    Deploying,
     Stopping,
 }
 

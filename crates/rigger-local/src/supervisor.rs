@@ -13,6 +13,9 @@
 //! Only one supervisor runs per environment: it holds an exclusive lock on `supervisor.lock`,
 //! which the kernel releases when it dies, and the file says who holds it.
 
+mod health;
+mod rolling;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,10 +30,12 @@ use tokio::sync::mpsc;
 
 use crate::apply;
 use crate::environment::LocalEnvironment;
+use crate::haproxy;
 use crate::prepare::{self, Prepared};
 use crate::probe::{self, Probe};
 use crate::process::{self, PidRecord, ProcessSpec};
 use crate::registry::{Registry, ServerRecord, ServerState};
+use crate::release::{self, ReleaseManifest};
 use crate::status::{self, GroupStatus, Phase, ProcessStatus, ServerStatus, Status};
 
 /// How long a service may take to become ready (RabbitMQ boots in ~5 s; a replica's base
@@ -167,11 +172,17 @@ struct Supervisor {
     lb_states: BTreeMap<String, String>,
     /// When each in-service web server was first seen DOWN behind the load balancer.
     down_since: BTreeMap<String, tokio::time::Instant>,
+    /// The last deploy request handled, so a repeated signal does not deploy twice.
+    last_deploy_request: Option<String>,
+    /// How long a new web server may take to answer its health check (a deploy's
+    /// `--health-timeout` while it runs).
+    health_timeout: Duration,
 }
 
 impl Supervisor {
     fn new(env: LocalEnvironment) -> Self {
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        let env_paths_for_new = env.paths.clone();
         Supervisor {
             env: Arc::new(env),
             prepared: None,
@@ -184,7 +195,17 @@ impl Supervisor {
             launch_failures: 0,
             lb_states: BTreeMap::new(),
             down_since: BTreeMap::new(),
+            last_deploy_request: deploy_outcome_request(&env_paths_for_new),
+            health_timeout: READY_TIMEOUT,
         }
+    }
+
+    /// The release new servers run: the last one deployed, or the first `up`'s.
+    fn current_release(&self) -> String {
+        self.registry
+            .current_release
+            .clone()
+            .unwrap_or_else(|| release::INITIAL.to_owned())
     }
 
     fn prepared(&self) -> Arc<Prepared> {
@@ -197,6 +218,7 @@ impl Supervisor {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
+        let mut deploy_signal = signal(SignalKind::user_defined1())?;
         self.publish(
             Phase::Starting,
             "preparing secrets, certificates, the app's venv and release".into(),
@@ -212,6 +234,11 @@ impl Supervisor {
         self.prepared = Some(Arc::new(prepare::prepare(&self.env).await?));
         self.registry =
             Registry::load(&self.env.paths.registry()).context("reading registry.json")?;
+        if self.registry.current_release.is_none() {
+            release::ensure_initial(&self.env).await?;
+            self.registry.current_release = Some(release::INITIAL.to_owned());
+            self.save_registry()?;
+        }
 
         tokio::select! {
             result = self.bring_up() => result?,
@@ -228,6 +255,7 @@ impl Supervisor {
             tokio::select! {
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
+                _ = deploy_signal.recv() => self.handle_deploy_request().await,
                 _ = hangup.recv() => {
                     self.launch_failures = 0;
                     if let Err(error) = self.heal_groups().await {
@@ -274,9 +302,17 @@ impl Supervisor {
 
     /// Brings every server up in dependency order.
     async fn bring_up(&mut self) -> anyhow::Result<()> {
+        self.registry.register_pending = true;
+        let result = self.bring_up_servers().await;
+        self.registry.register_pending = false;
+        result?;
+        self.roll_back_unfinished_deploy().await
+    }
+
+    async fn bring_up_servers(&mut self) -> anyhow::Result<()> {
         let prepared = self.prepared();
         // Stand-alone servers keep their ids and addresses across restarts.
-        for server in self.env.stand_alone_servers(&prepared.release) {
+        for server in self.env.stand_alone_servers(&self.current_release()) {
             if self.registry.get(&server.id).is_none() {
                 self.registry.servers.push(server);
             }
@@ -302,12 +338,13 @@ impl Supervisor {
         let launch = self.launcher();
         let env = Arc::clone(&self.env);
         let registry = self.registry.clone();
+        let release = self.current_release();
         let database_chain = async {
             let mut launched = launch.start_all(primaries).await;
             if launched.error.is_none() {
                 let (replicas, migrated) = tokio::join!(
                     launch.start_all(replicas),
-                    migrate(env, Arc::clone(&prepared), registry)
+                    migrate(env, Arc::clone(&prepared), registry, release.clone())
                 );
                 launched.merge(replicas);
                 match migrated {
@@ -325,7 +362,7 @@ impl Supervisor {
         launched.merge(cache);
         self.absorb(launched)?;
         if migrated {
-            self.registry.migrated.push(prepared.release.clone());
+            self.registry.migrated.push(self.current_release());
             self.save_registry()?;
         }
 
@@ -342,11 +379,37 @@ impl Supervisor {
         servers.extend(self.allocate_group_servers().await?);
         self.message = "starting the load balancer, web and worker servers".into();
         self.publish(Phase::Starting, self.message.clone());
-        let lb = self.env.lb_record(&prepared.release);
+        let lb = self.env.lb_record(&self.current_release());
         self.start_server(&lb).await?;
         self.start_servers(servers).await?;
         self.update_load_balancer().await?;
         self.wait_for_load_balancer().await
+    }
+
+    /// A deploy interrupted with its supervisor left servers of a release the group does not
+    /// run: roll them back to the group's release, health-gated like a deploy.
+    async fn roll_back_unfinished_deploy(&mut self) -> anyhow::Result<()> {
+        let current = self.current_release();
+        if self
+            .registry
+            .servers
+            .iter()
+            .any(|s| s.group().is_some() && s.release != current)
+        {
+            self.message = format!("rolling servers of an unfinished deploy back to {current}");
+            self.publish(Phase::Starting, self.message.clone());
+            if let Err(failure) = self
+                .roll(
+                    &current,
+                    rigger_plan::rollout::BatchSize::default(),
+                    Duration::from_secs(120),
+                )
+                .await
+            {
+                bail!("rolling back an unfinished deploy: {}", failure.reason);
+            }
+        }
+        Ok(())
     }
 
     fn desired(&self) -> (u32, u32) {
@@ -393,7 +456,7 @@ impl Supervisor {
                 let mut server = self.registry.new_group_server(
                     role,
                     self.env.local().addresses,
-                    &self.prepared().release,
+                    &self.current_release(),
                 );
                 if role == Role::Worker {
                     server.beat = !self.registry.group_members(Role::Worker).any(|w| w.beat);
@@ -419,6 +482,7 @@ impl Supervisor {
             prepared: self.prepared(),
             registry: self.registry.clone(),
             exits: self.exits_tx.clone(),
+            health_gate: (!self.registry.register_pending).then_some(self.health_timeout),
         }
     }
 
@@ -516,7 +580,7 @@ impl Supervisor {
 
     async fn refresh_lb_states(&mut self) {
         let socket = self.env.paths.server("lb").join("run/haproxy/haproxy.sock");
-        if let Ok(states) = haproxy_server_states(&socket).await {
+        if let Ok(states) = haproxy::server_states(&socket).await {
             self.lb_states = states;
         }
     }
@@ -528,13 +592,14 @@ impl Supervisor {
         };
         let record = haproxy.record.clone();
         let prepared = self.prepared();
-        let lb = self.env.lb_record(&prepared.release);
+        let lb = self.env.lb_record(&self.current_release());
+        let manifest = ReleaseManifest::load(&self.env.paths, &lb.release)?;
         let ctx = self.env.context(
             &lb,
             &self.registry,
             &prepared.secrets,
-            &prepared.venv,
-            &prepared.release_dir,
+            &manifest.venv,
+            &manifest.dir(&self.env.paths),
         );
         let recipe = rigger_recipes::render_server(&ctx)?;
         let mut changed = false;
@@ -753,7 +818,7 @@ impl Supervisor {
             })
             .collect();
         if self.services.keys().any(|name| name.starts_with("lb/")) {
-            let lb = env.lb_record(self.prepared.as_ref().map_or("", |p| p.release.as_str()));
+            let lb = env.lb_record(&self.current_release());
             servers.push(self.server_status(
                 "lb",
                 &lb.roles,
@@ -770,11 +835,7 @@ impl Supervisor {
             provider: "local".into(),
             phase,
             message: self.message.clone(),
-            release: self
-                .prepared
-                .as_ref()
-                .map(|p| p.release.clone())
-                .unwrap_or_default(),
+            release: self.current_release(),
             urls: vec![env.url(), env.http_url()],
             supervisor_pid: i32::try_from(std::process::id()).ok(),
             groups: vec![
@@ -851,6 +912,9 @@ struct Launcher {
     prepared: Arc<Prepared>,
     registry: Registry,
     exits: mpsc::UnboundedSender<Exit>,
+    /// Web servers must answer their health check directly within this time before they
+    /// count as started (and join the load balancer); `None` during a first bring-up.
+    health_gate: Option<Duration>,
 }
 
 /// What a [`Launcher`] started, and its first failure.
@@ -883,8 +947,10 @@ impl Launcher {
             let prepared = Arc::clone(&self.prepared);
             let registry = self.registry.clone();
             let exits = self.exits.clone();
+            let health_gate = self.health_gate;
             tasks.spawn(async move {
-                let result = start_server(&env, &prepared, &registry, &server, exits).await;
+                let result =
+                    start_server(&env, &prepared, &registry, &server, exits, health_gate).await;
                 (server, result)
             });
         }
@@ -917,10 +983,13 @@ async fn migrate(
     env: Arc<LocalEnvironment>,
     prepared: Arc<Prepared>,
     registry: Registry,
+    release: String,
 ) -> anyhow::Result<bool> {
-    if registry.migrated.contains(&prepared.release) {
+    if registry.migrated.contains(&release) {
         return Ok(false);
     }
+    let manifest = ReleaseManifest::load(&env.paths, &release)?;
+    let release_dir = manifest.dir(&env.paths);
     let primary = registry
         .servers
         .iter()
@@ -936,8 +1005,8 @@ async fn migrate(
         &worker_like,
         &registry,
         &prepared.secrets,
-        &prepared.venv,
-        &prepared.release_dir,
+        &manifest.venv,
+        &release_dir,
     );
     let mut variables = app_environment(&ctx)?;
     variables.insert("DATABASE_HOST".into(), primary.address.to_string());
@@ -949,7 +1018,7 @@ async fn migrate(
         ctx.layout.ca_cert().display().to_string(),
     );
     variables.insert("HOME".into(), env.paths.shared().display().to_string());
-    let python = prepared.venv.join("bin/python").display().to_string();
+    let python = manifest.venv.join("bin/python").display().to_string();
     let log = env.paths.root().join("migrate.log");
     for args in [
         &["manage.py", "migrate", "--noinput"][..],
@@ -957,14 +1026,14 @@ async fn migrate(
     ] {
         let mut command = rigger_recipes::Command::new(python.clone())
             .args(args.iter().copied())
-            .cwd(&prepared.release_dir)
+            .cwd(&release_dir)
             .user(ctx.layout.users.www.clone());
         command.env = variables.clone();
         apply::run_command(&command, None, &log)
             .await
             .with_context(|| format!("running `manage.py {}` (log: {})", args[1], log.display()))?;
     }
-    tracing::info!(release = %prepared.release, "migrations applied");
+    tracing::info!(%release, "migrations applied");
     Ok(true)
 }
 
@@ -977,13 +1046,15 @@ async fn start_server(
     registry: &Registry,
     server: &ServerRecord,
     exits: mpsc::UnboundedSender<Exit>,
+    health_gate: Option<Duration>,
 ) -> anyhow::Result<Vec<RunningService>> {
+    let manifest = ReleaseManifest::load(&env.paths, &server.release)?;
     let ctx = env.context(
         server,
         registry,
         &prepared.secrets,
-        &prepared.venv,
-        &prepared.release_dir,
+        &manifest.venv,
+        &manifest.dir(&env.paths),
     );
     let recipe = rigger_recipes::render_server(&ctx)
         .with_context(|| format!("rendering the recipes of {}", server.id))?;
@@ -1023,7 +1094,11 @@ async fn start_server(
             }
         }
     }
-    if let Err(error) = run_steps(&recipe, StepPhase::AfterStart, &steps_log).await {
+    let mut result = run_steps(&recipe, StepPhase::AfterStart, &steps_log).await;
+    if let (Ok(()), Some(timeout), true) = (&result, health_gate, server.has_role(Role::Web)) {
+        result = health::wait_healthy_directly(env, server, timeout, &started).await;
+    }
+    if let Err(error) = result {
         for service in started.iter().rev() {
             stop_service(service).await;
         }
@@ -1215,46 +1290,7 @@ fn to_probe(spec: &ServiceSpec, service_env: &BTreeMap<String, String>) -> Optio
     })
 }
 
-/// Each web server's state as HAProxy's stats socket reports it (`show stat`).
-pub async fn haproxy_server_states(socket: &Path) -> std::io::Result<BTreeMap<String, String>> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::UnixStream::connect(socket),
-    )
-    .await
-    .map_err(std::io::Error::other)??;
-    stream.write_all(b"show stat\n").await?;
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(2), stream.read_to_string(&mut text))
-        .await
-        .map_err(std::io::Error::other)??;
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines
-        .next()
-        .unwrap_or_default()
-        .trim_start_matches("# ")
-        .split(',')
-        .collect();
-    let column = |name: &str| header.iter().position(|h| *h == name);
-    let (Some(sv), Some(st)) = (column("svname"), column("status")) else {
-        return Err(std::io::Error::other("unexpected `show stat` header"));
-    };
-    let mut states = BTreeMap::new();
-    for line in lines {
-        let fields: Vec<&str> = line.split(',').collect();
-        if let (Some(name), Some(state)) = (fields.get(sv), fields.get(st))
-            && *name != "FRONTEND"
-            && *name != "BACKEND"
-        {
-            // The same server appears in the http and https backends; DOWN anywhere wins.
-            let entry = states
-                .entry((*name).to_owned())
-                .or_insert_with(|| (*state).to_owned());
-            if !state.starts_with("UP") {
-                *entry = (*state).to_owned();
-            }
-        }
-    }
-    Ok(states)
+/// The request id of the last deploy outcome on disk: a restarted supervisor must not redo it.
+fn deploy_outcome_request(paths: &crate::paths::EnvPaths) -> Option<String> {
+    crate::deploy::read_outcome(paths).map(|outcome| outcome.request)
 }

@@ -12,6 +12,7 @@
 
 pub mod json;
 pub mod render;
+pub mod rollout;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

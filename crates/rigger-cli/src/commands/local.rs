@@ -54,7 +54,7 @@ pub(crate) fn config_with_scaling(mut config: Config, settings: &Settings) -> Co
     config
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -62,7 +62,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(Failure::Operation)
 }
 
-fn say(settings: &Settings, line: &str) {
+pub(crate) fn say(settings: &Settings, line: &str) {
     if settings.verbosity >= 0 {
         eprintln!("{line}");
     }

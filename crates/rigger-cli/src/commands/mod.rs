@@ -1,9 +1,12 @@
 //! One module per command. Each takes its arguments and the global [`Settings`], prints data
 //! to stdout, and returns a [`Failure`] for [`crate::run`] to report.
 
+mod aws;
+mod deploy;
 mod init;
 mod local;
 mod plan;
+mod remote;
 mod validate;
 
 use anyhow::Context as _;
@@ -17,12 +20,25 @@ pub(crate) fn dispatch(command: Command, settings: &Settings) -> Result<(), Fail
         Command::Init(args) => init::run(args, settings),
         Command::Validate => validate::run(settings),
         Command::Plan(args) => plan::run(args, settings),
+        // AWS environments go to the AWS provider (commands/aws.rs).
+        Command::Up if aws::is_aws(settings)? => aws::up(settings),
+        Command::Down(args) if aws::is_aws(settings)? => aws::down(args, settings),
+        Command::Status(args) if aws::is_aws(settings)? => aws::status(args, settings),
         Command::Up => local::up(settings),
         Command::Down(args) => local::down(args, settings),
         Command::Status(args) => local::status(args, settings),
         Command::Scale(args) => local::scale(args, settings),
         Command::Secrets(command) => local::secrets(command, settings),
         Command::Supervise => local::supervise(settings),
+        Command::Exec(args) => remote::exec(args, settings),
+        Command::Manage(args) => remote::manage(args, settings),
+        Command::Logs(args) => remote::logs(args, settings),
+        Command::Ssh(args) => remote::ssh(args, settings),
+        Command::Deploy(args) => deploy::deploy(args, settings),
+        Command::Rollback(args) => deploy::rollback(args, settings),
+        Command::Releases(args) => deploy::releases(args, settings),
+        Command::Lock(command) => deploy::lock(command, settings),
+        Command::Maintenance(args) => deploy::maintenance(args, settings),
     }
 }
 

@@ -1,13 +1,13 @@
 //! `rigger plan`: the diff between the environment's live state and its configuration.
 
 use rigger_config::ProviderKind;
-use rigger_plan::{Observed, render};
+use rigger_plan::render;
 
 use crate::args::PlanArgs;
 use crate::{Failure, Settings};
 
 /// The release name used before the first deploy.
-pub(crate) const INITIAL_RELEASE: &str = rigger_local::prepare::INITIAL_RELEASE;
+pub(crate) const INITIAL_RELEASE: &str = rigger_local::release::INITIAL;
 
 pub(crate) fn run(args: PlanArgs, settings: &Settings) -> Result<(), Failure> {
     let PlanArgs { json } = args;
@@ -21,8 +21,8 @@ pub(crate) fn run(args: PlanArgs, settings: &Settings) -> Result<(), Failure> {
             let env = super::local::local_environment(settings)?;
             rigger_local::observe::observe(&env, &topology)
         }
-        // The AWS provider does not observe yet: its plan is the diff against an empty world.
-        ProviderKind::Aws => Observed::empty(),
+        // The live state by tags (commands/aws.rs).
+        ProviderKind::Aws => super::aws::observe(&config, settings)?,
     };
     let plan = rigger_plan::plan(&observed, &topology);
     if json {

@@ -28,11 +28,13 @@ def healthcheck(request):
 
     try:
         cache = caches["default"]
-        key = f"healthcheck:{settings.RIGGER_SERVER}"
+        # A key per check: concurrent checks on one server must not overwrite each other.
         token = secrets.token_hex(8)
+        key = f"healthcheck:{settings.RIGGER_SERVER}:{token}"
         cache.set(key, token, timeout=60)
         if cache.get(key) != token:
             raise RuntimeError("value read back differs")
+        cache.delete(key)
     except Exception as exc:  # noqa: BLE001
         logger.warning("health check: cache failed: %r", exc)
         return _text(503, f"cache unavailable: {type(exc).__name__}")

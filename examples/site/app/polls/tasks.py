@@ -57,3 +57,14 @@ def write_note(text):
     """Writes a Note on the primary from the worker; the test then reads it on a replica."""
     note = Note.objects.create(text=text, written_by=settings.RIGGER_SERVER)
     return note.as_dict()
+
+
+@shared_task
+def slow_note(text, seconds):
+    """Sleeps, then writes a Note: a long task that must survive a deploy (the old worker's
+    warm shutdown lets it finish)."""
+    import time
+
+    time.sleep(min(float(seconds), 120.0))
+    note = Note.objects.create(text=text, written_by=settings.RIGGER_SERVER)
+    return note.as_dict()

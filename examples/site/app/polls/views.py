@@ -176,6 +176,20 @@ def enqueue_write_row(request):
     return _enqueued(tasks.write_note.delay(text), text=text)
 
 
+@csrf_exempt
+@require_POST
+def enqueue_slow_note(request):
+    """POST /tasks/slow-note {"text": ..., "seconds": n}: a task that sleeps, then writes a Note."""
+    text = _request_text(request, default="written after a nap")
+    if text is None:
+        return _error(400, '"text" must be a non-empty string')
+    try:
+        seconds = float(request.GET.get("seconds", "5"))
+    except ValueError:
+        return _error(400, "seconds must be a number")
+    return _enqueued(tasks.slow_note.delay(text, seconds), text=text)
+
+
 @never_cache
 @require_GET
 def task_status(request, task_id):

@@ -14,6 +14,7 @@ urlpatterns = [
     path("events/<str:kind>", views.enqueue_event, name="enqueue-event"),
     path("exports", views.enqueue_export, name="enqueue-export"),
     path("tasks/write-row", views.enqueue_write_row, name="enqueue-write-row"),
+    path("tasks/slow-note", views.enqueue_slow_note, name="enqueue-slow-note"),
     path("tasks/<str:task_id>", views.task_status, name="task-status"),
     path("stats", views.stats, name="stats"),
 ]

@@ -1,0 +1,110 @@
+//! Connecting to AWS: one SDK configuration (credentials and endpoint from aws-config's
+//! standard chain) shared by the EC2, Auto Scaling, Elastic Load Balancing (classic and v2)
+//! and SSM clients.
+//!
+//! The HTTP client is hyper + rustls on ring, built here rather than through the SDK's
+//! default-https-client feature, whose aws-lc build costs minutes of compile time.
+
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_sdk_ec2::config::{Credentials, Region};
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+
+/// How to reach AWS. Everything not set here comes from the standard chain: credentials from
+/// the environment, profiles, SSO or an instance role; `AWS_ENDPOINT_URL` and
+/// `AWS_MAX_ATTEMPTS` from the environment.
+#[derive(Debug, Clone, Default)]
+pub struct Connection {
+    /// The environment's region (rigger.toml's `region`).
+    pub region: String,
+    /// `--endpoint-url`: every service at this URL (an emulator such as moto).
+    pub endpoint_url: Option<String>,
+    /// Attempts per call; `Some(1)` turns the SDK's retries off (the tests do).
+    pub max_attempts: Option<u32>,
+    /// Fixed credentials instead of the chain: for emulators, whose tests cannot change the
+    /// process environment.
+    pub static_credentials: Option<(String, String)>,
+}
+
+/// The service clients of one environment.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    pub ec2: aws_sdk_ec2::Client,
+    pub autoscaling: aws_sdk_autoscaling::Client,
+    pub elb: aws_sdk_elasticloadbalancing::Client,
+    pub elbv2: aws_sdk_elasticloadbalancingv2::Client,
+    pub ssm: aws_sdk_ssm::Client,
+    pub region: String,
+}
+
+impl Clients {
+    /// Loads the shared configuration. Nothing is sent yet: missing credentials show up at
+    /// the first call, as an error naming it.
+    pub async fn connect(connection: &Connection) -> Clients {
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(connection.region.clone()))
+            .http_client(http);
+        if let Some(url) = &connection.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        if let Some(attempts) = connection.max_attempts {
+            loader = loader.retry_config(RetryConfig::standard().with_max_attempts(attempts));
+        }
+        if let Some((id, secret)) = &connection.static_credentials {
+            loader = loader.credentials_provider(Credentials::new(
+                id.clone(),
+                secret.clone(),
+                None,
+                None,
+                "rigger-static",
+            ));
+        }
+        let shared = loader.load().await;
+        Clients {
+            ec2: aws_sdk_ec2::Client::new(&shared),
+            autoscaling: aws_sdk_autoscaling::Client::new(&shared),
+            elb: aws_sdk_elasticloadbalancing::Client::new(&shared),
+            elbv2: aws_sdk_elasticloadbalancingv2::Client::new(&shared),
+            ssm: aws_sdk_ssm::Client::new(&shared),
+            region: connection.region.clone(),
+        }
+    }
+}
+
+/// Whether credentials can come from somewhere without asking the network: the environment,
+/// the shared config and credentials files (profiles, SSO), a container's or a web identity's
+/// variables, or this machine being an EC2 instance (read from its DMI data, not from the
+/// metadata service). When none applies, the SDK's chain would end by probing the instance
+/// metadata address, which off EC2 only costs time: callers report missing credentials
+/// instead.
+pub fn credentials_configured() -> bool {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    if [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_CONFIG_FILE",
+    ]
+    .iter()
+    .any(|name| set(name))
+    {
+        return true;
+    }
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    if home.is_some_and(|h| h.join(".aws/credentials").exists() || h.join(".aws/config").exists()) {
+        return true;
+    }
+    let on_ec2 = |path: &str, prefix: &str| {
+        std::fs::read_to_string(path)
+            .is_ok_and(|s| s.trim().to_ascii_lowercase().starts_with(prefix))
+    };
+    on_ec2("/sys/devices/virtual/dmi/id/board_asset_tag", "i-")
+        || on_ec2("/sys/hypervisor/uuid", "ec2")
+        || on_ec2("/sys/devices/virtual/dmi/id/sys_vendor", "amazon ec2")
+}

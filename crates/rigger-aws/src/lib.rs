@@ -1,0 +1,210 @@
+//! The AWS provider: the seed's architecture made real through the official AWS SDK for Rust,
+//! reconciled by tags.
+//!
+//! [`Provider`] is the entry point: [`Provider::plan`] observes everything tagged with the
+//! environment's `project` and `environment` ([`live`]) and hands it to the planner with the
+//! desired topology; [`Provider::up`] stores missing secrets in SSM ([`secrets`]), checks the
+//! machine image, and applies the plan wave by wave ([`apply`]); [`Provider::down`] applies
+//! the plan against an empty topology, so the same code deletes in reverse dependency order;
+//! [`Provider::status`] reports in the local provider's `rigger.status` schema ([`status`]).
+//! Servers boot with user-data rendered from the role recipes ([`userdata`]).
+//!
+//! Architecture invariant: this is the only crate that depends on the AWS SDK. Everything it
+//! decides comes from the pure crates (topology, plan, recipes); it only talks to AWS.
+//! Emulator (moto) quirks are handled where the call is made, and documented there.
+//!
+//! Start reading at [`Provider`], then [`live::Live::observed`] and [`apply::apply`].
+
+pub mod apply;
+pub mod client;
+pub mod environment;
+pub mod error;
+pub mod live;
+pub mod loadbalancer;
+pub mod secrets;
+pub mod status;
+pub mod userdata;
+
+use rigger_config::Config;
+use rigger_plan::{Action, Plan};
+use rigger_topology::{ResourceKind, Topology};
+
+pub use apply::Waits;
+pub use client::{Clients, Connection};
+pub use environment::{AwsEnvironment, Network};
+pub use error::{AwsError, ErrorKind};
+pub use live::Live;
+
+/// One AWS environment, connected.
+#[derive(Debug, Clone)]
+pub struct Provider {
+    pub env: AwsEnvironment,
+    pub clients: Clients,
+    pub waits: Waits,
+    /// Instance profile the servers read their secrets with (see docs/aws.md).
+    pub instance_profile: Option<String>,
+}
+
+/// What `up` did.
+#[derive(Debug, Clone)]
+pub struct UpOutcome {
+    /// The plan that was applied (empty when there was nothing to do).
+    pub plan: Plan,
+    /// Names of the secrets created in SSM (never their values).
+    pub secrets_created: Vec<String>,
+}
+
+impl Provider {
+    /// `None` when `environment` is not an AWS environment of `config`.
+    pub async fn connect(
+        config: Config,
+        environment: &str,
+        connection: &Connection,
+    ) -> Option<Provider> {
+        let env = AwsEnvironment::new(config, environment)?;
+        let connection = Connection {
+            region: env.aws().region.clone(),
+            ..connection.clone()
+        };
+        Some(Provider {
+            clients: Clients::connect(&connection).await,
+            env,
+            waits: Waits::default(),
+            instance_profile: None,
+        })
+    }
+
+    /// The environment's network and everything tagged as its own.
+    pub async fn observe(&self) -> Result<(Network, Live), AwsError> {
+        let network = live::network(&self.clients).await?;
+        let live = Live::read(&self.env, &self.clients).await?;
+        Ok((network, live))
+    }
+
+    /// The diff between the live environment and `topology`.
+    pub async fn plan(&self, topology: &Topology) -> Result<Plan, AwsError> {
+        let (_, live) = self.observe().await?;
+        Ok(rigger_plan::plan(&live.observed(&self.env), topology))
+    }
+
+    /// Makes the environment match `topology`; a second run finds nothing to do.
+    pub async fn up(
+        &self,
+        topology: &Topology,
+        report: &(dyn Fn(&str) + Sync),
+    ) -> Result<UpOutcome, AwsError> {
+        let (network, live) = self.observe().await?;
+        let secrets_created = secrets::ensure(&self.env, &self.clients, &live.parameters).await?;
+        for name in &secrets_created {
+            report(&format!("stored secret {name} in SSM"));
+        }
+        let plan = rigger_plan::plan(&live.observed(&self.env), topology);
+        if plan.is_empty() {
+            return Ok(UpOutcome {
+                plan,
+                secrets_created,
+            });
+        }
+        let launches = plan.steps.iter().any(|s| {
+            matches!(s.action, Action::Create | Action::Replace | Action::Update)
+                && matches!(
+                    s.id.kind,
+                    ResourceKind::LaunchTemplate | ResourceKind::Server
+                )
+        });
+        if launches {
+            self.check_image().await?;
+        }
+        apply::apply(
+            &self.env,
+            &self.clients,
+            &network,
+            &live,
+            topology,
+            &plan,
+            self.waits,
+            self.instance_profile.as_deref(),
+            report,
+        )
+        .await?;
+        Ok(UpOutcome {
+            plan,
+            secrets_created,
+        })
+    }
+
+    /// Deletes everything tagged as the environment's, in reverse dependency order, and its
+    /// secrets. Returns the plan it applied.
+    pub async fn down(&self, report: &(dyn Fn(&str) + Sync)) -> Result<Plan, AwsError> {
+        let (network, live) = self.observe().await?;
+        let nothing = Topology {
+            project: self.env.project().to_owned(),
+            environment: self.env.name.clone(),
+            release: String::new(),
+            resources: Vec::new(),
+        };
+        let plan = rigger_plan::plan(&live.observed(&self.env), &nothing);
+        apply::apply(
+            &self.env,
+            &self.clients,
+            &network,
+            &live,
+            &nothing,
+            &plan,
+            self.waits,
+            None,
+            report,
+        )
+        .await?;
+        // Interfaces left by an interrupted run (their servers are gone).
+        let (_, after) = self.observe().await?;
+        for interface in &after.interfaces {
+            report(&format!("deleting network interface {}", interface.name));
+            apply::delete_orphan_interface(&self.clients, interface, self.waits).await?;
+        }
+        if !live.parameters.is_empty() {
+            report(&format!(
+                "deleting {} secrets from SSM",
+                live.parameters.len()
+            ));
+            secrets::delete(&self.clients, &live.parameters).await?;
+        }
+        Ok(plan)
+    }
+
+    /// Servers, groups, load balancer health and URLs.
+    pub async fn status(&self) -> Result<status::Status, AwsError> {
+        let live = Live::read(&self.env, &self.clients).await?;
+        let health = match live.load_balancer(self.env.aws().load_balancer) {
+            Some(lb) => {
+                loadbalancer::instance_health(&self.clients, lb, &self.env.names.load_balancer())
+                    .await?
+            }
+            None => Default::default(),
+        };
+        Ok(status::status(&self.env, &live, &health))
+    }
+
+    /// Fails early, naming the image, when the configured AMI does not exist in the region.
+    async fn check_image(&self) -> Result<(), AwsError> {
+        use error::Context as _;
+        let ami = &self.env.aws().ami;
+        let found = self
+            .clients
+            .ec2
+            .describe_images()
+            .image_ids(ami)
+            .send()
+            .await
+            .op("DescribeImages", ami)?;
+        if found.images().is_empty() {
+            return Err(AwsError::precondition(
+                "DescribeImages",
+                ami,
+                format!("the image does not exist in {}", self.env.aws().region),
+                ErrorKind::MissingImage.hint(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,760 @@
+//! The load balancer, classic or application, read ([`read_classic`], [`read_application`])
+//! and converged to the topology ([`ensure`]): listeners 80->80 HTTP and 443->443 HTTPS with
+//! the certificate, the health check `HTTPS:443<path>`, connection draining and cross-zone.
+//!
+//! An application load balancer gets two target groups, `<lb>-443` (HTTPS) and `<lb>-80`
+//! (HTTP), so each listener forwards to the same port on the instances as a classic one would;
+//! both check health over HTTPS on 443 at the health path.
+//!
+//! Emulator quirks handled here: moto answers HTTP 500 to DescribeLoadBalancerAttributes for a
+//! classic load balancer that does not exist (only asked after the load balancer was found),
+//! and leaves a new classic load balancer without health check (rigger always configures one
+//! right after creating it; a missing one is observed as absent, which the planner repairs).
+
+use std::collections::BTreeMap;
+
+use aws_sdk_elasticloadbalancing as elb;
+use aws_sdk_elasticloadbalancingv2 as elbv2;
+use rigger_config::LoadBalancerKind;
+use rigger_topology::{Resource, Value};
+
+use crate::Clients;
+use crate::apply::Ctx;
+use crate::error::{AwsError, Context as _, ErrorKind};
+use crate::live::{LiveLoadBalancer, Tags};
+
+const HEALTHY_THRESHOLD: i32 = 3;
+const UNHEALTHY_THRESHOLD: i32 = 2;
+const HEALTH_INTERVAL: i32 = 15;
+const HEALTH_TIMEOUT: i32 = 5;
+
+/// The classic load balancer named `name`, if it exists.
+pub async fn read_classic(
+    clients: &Clients,
+    name: &str,
+) -> Result<Option<LiveLoadBalancer>, AwsError> {
+    let found = clients
+        .elb
+        .describe_load_balancers()
+        .load_balancer_names(name)
+        .send()
+        .await
+        .op("DescribeLoadBalancers (classic)", name);
+    let found = match found {
+        Ok(found) => found,
+        Err(error) if error.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let Some(description) = found.load_balancer_descriptions().first() else {
+        return Ok(None);
+    };
+    let mut listeners: Vec<&elb::types::Listener> = description
+        .listener_descriptions()
+        .iter()
+        .filter_map(|l| l.listener())
+        .collect();
+    listeners.sort_by_key(|l| l.load_balancer_port());
+    let tags = clients
+        .elb
+        .describe_tags()
+        .load_balancer_names(name)
+        .send()
+        .await
+        .op("DescribeTags (classic load balancer)", name)?;
+    let tags: Tags = tags
+        .tag_descriptions()
+        .iter()
+        .flat_map(|d| d.tags())
+        .map(|t| (t.key().to_owned(), t.value().unwrap_or_default().to_owned()))
+        .collect();
+    let attributes = clients
+        .elb
+        .describe_load_balancer_attributes()
+        .load_balancer_name(name)
+        .send()
+        .await
+        .op("DescribeLoadBalancerAttributes", name)?;
+    let attributes = attributes.load_balancer_attributes();
+    let draining = attributes.and_then(|a| a.connection_draining());
+    Ok(Some(LiveLoadBalancer {
+        kind: Some(LoadBalancerKind::Classic),
+        dns_name: description.dns_name().unwrap_or_default().to_owned(),
+        arn: None,
+        listeners: listeners
+            .iter()
+            .map(|l| {
+                format!(
+                    "{}->{} {}",
+                    l.load_balancer_port(),
+                    l.instance_port(),
+                    l.protocol().to_ascii_uppercase()
+                )
+            })
+            .collect(),
+        listener_arns: BTreeMap::new(),
+        target_groups: BTreeMap::new(),
+        health_check: description
+            .health_check()
+            .map(|h| h.target().to_owned())
+            .filter(|t| !t.is_empty()),
+        security_group_ids: description.security_groups().to_vec(),
+        certificate: listeners
+            .iter()
+            .find(|l| l.load_balancer_port() == 443)
+            .and_then(|l| l.ssl_certificate_id())
+            .map(str::to_owned),
+        cross_zone: attributes
+            .and_then(|a| a.cross_zone_load_balancing())
+            .map(|c| c.enabled()),
+        draining_seconds: Some(match draining {
+            Some(d) if d.enabled() => i64::from(d.timeout().unwrap_or(300)),
+            _ => 0,
+        }),
+        tags,
+    }))
+}
+
+/// The application load balancer named `name`, with its listeners and target groups.
+pub async fn read_application(
+    clients: &Clients,
+    name: &str,
+) -> Result<Option<LiveLoadBalancer>, AwsError> {
+    let found = clients
+        .elbv2
+        .describe_load_balancers()
+        .names(name)
+        .send()
+        .await
+        .op("DescribeLoadBalancers (application)", name);
+    let found = match found {
+        Ok(found) => found,
+        Err(error) if error.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let Some(lb) = found.load_balancers().first() else {
+        return Ok(None);
+    };
+    let arn = lb.load_balancer_arn().unwrap_or_default().to_owned();
+    let tags = clients
+        .elbv2
+        .describe_tags()
+        .resource_arns(&arn)
+        .send()
+        .await
+        .op("DescribeTags (application load balancer)", name)?;
+    let tags: Tags = tags
+        .tag_descriptions()
+        .iter()
+        .flat_map(|d| d.tags())
+        .filter_map(|t| {
+            Some((
+                t.key()?.to_owned(),
+                t.value().unwrap_or_default().to_owned(),
+            ))
+        })
+        .collect();
+    let groups = clients
+        .elbv2
+        .describe_target_groups()
+        .load_balancer_arn(&arn)
+        .send()
+        .await
+        .op("DescribeTargetGroups", name)?;
+    let mut target_groups = BTreeMap::new();
+    let mut health_check = None;
+    let mut draining_seconds = None;
+    let mut port_of_group = BTreeMap::new();
+    for group in groups.target_groups() {
+        let port = group.port().unwrap_or_default();
+        let group_arn = group.target_group_arn().unwrap_or_default().to_owned();
+        port_of_group.insert(group_arn.clone(), port);
+        if port == 443 {
+            let check_port = match group.health_check_port() {
+                Some("traffic-port") | None => port.to_string(),
+                Some(p) => p.to_owned(),
+            };
+            health_check = Some(format!(
+                "{}:{check_port}{}",
+                group
+                    .health_check_protocol()
+                    .map_or("HTTP".to_owned(), |p| p.as_str().to_owned()),
+                group.health_check_path().unwrap_or("/")
+            ));
+            let attributes = clients
+                .elbv2
+                .describe_target_group_attributes()
+                .target_group_arn(&group_arn)
+                .send()
+                .await
+                .op("DescribeTargetGroupAttributes", &group_arn)?;
+            draining_seconds = attributes
+                .attributes()
+                .iter()
+                .find(|a| a.key() == Some("deregistration_delay.timeout_seconds"))
+                .and_then(|a| a.value())
+                .and_then(|v| v.parse().ok());
+        }
+        target_groups.insert(port, group_arn);
+    }
+    let listeners = clients
+        .elbv2
+        .describe_listeners()
+        .load_balancer_arn(&arn)
+        .send()
+        .await
+        .op("DescribeListeners", name)?;
+    let mut listeners: Vec<&elbv2::types::Listener> = listeners.listeners().iter().collect();
+    listeners.sort_by_key(|l| l.port());
+    let describe = |l: &elbv2::types::Listener| {
+        let to = l
+            .default_actions()
+            .iter()
+            .find_map(|a| a.target_group_arn())
+            .and_then(|t| port_of_group.get(t))
+            .map_or("?".to_owned(), |p| p.to_string());
+        format!(
+            "{}->{to} {}",
+            l.port().unwrap_or_default(),
+            l.protocol().map_or("?", |p| p.as_str())
+        )
+    };
+    Ok(Some(LiveLoadBalancer {
+        kind: Some(LoadBalancerKind::Application),
+        dns_name: lb.dns_name().unwrap_or_default().to_owned(),
+        arn: Some(arn.clone()),
+        listeners: listeners.iter().map(|l| describe(l)).collect(),
+        listener_arns: listeners
+            .iter()
+            .filter_map(|l| Some((l.port()?, l.listener_arn()?.to_owned())))
+            .collect(),
+        target_groups,
+        health_check,
+        security_group_ids: lb.security_groups().to_vec(),
+        certificate: listeners
+            .iter()
+            .find(|l| l.port() == Some(443))
+            .and_then(|l| l.certificates().first())
+            .and_then(|c| c.certificate_arn())
+            .map(str::to_owned),
+        // Cross-zone balancing is always on for application load balancers.
+        cross_zone: Some(true),
+        draining_seconds,
+        tags,
+    }))
+}
+
+/// What the topology asks of the load balancer, parsed from its attributes.
+struct Wanted {
+    listeners: Vec<(i32, i32, String)>,
+    health_check: String,
+    health_path: String,
+    certificate: Option<String>,
+    security_groups: Vec<String>,
+    cross_zone: bool,
+    draining: i64,
+}
+
+fn wanted(ctx: &Ctx<'_>, resource: &Resource) -> Result<Wanted, AwsError> {
+    let text = |name: &str| match resource.attributes.get(name).map(|a| &a.value) {
+        Some(Value::Text(t)) => Some(t.clone()),
+        _ => None,
+    };
+    let listeners = match resource.attributes.get("listeners").map(|a| &a.value) {
+        Some(Value::List(items)) => items
+            .iter()
+            .filter_map(|item| match item {
+                Value::Text(t) => parse_listener(t),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let health_check = text("health_check").unwrap_or_default();
+    let health_path = health_check
+        .find('/')
+        .map_or("/".to_owned(), |i| health_check[i..].to_owned());
+    let security_groups = match resource.attributes.get("security_groups").map(|a| &a.value) {
+        Some(Value::Set(names)) => names
+            .iter()
+            .map(|n| ctx.sg_id(n))
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => Vec::new(),
+    };
+    Ok(Wanted {
+        listeners,
+        health_check,
+        health_path,
+        certificate: text("certificate"),
+        security_groups,
+        cross_zone: matches!(
+            resource.attributes.get("cross_zone").map(|a| &a.value),
+            Some(Value::Bool(true))
+        ),
+        draining: match resource
+            .attributes
+            .get("connection_draining_seconds")
+            .map(|a| &a.value)
+        {
+            Some(Value::Integer(n)) => *n,
+            _ => 0,
+        },
+    })
+}
+
+/// `443->443 HTTPS` -> (443, 443, "HTTPS").
+fn parse_listener(text: &str) -> Option<(i32, i32, String)> {
+    let (ports, protocol) = text.split_once(' ')?;
+    let (from, to) = ports.split_once("->")?;
+    Some((from.parse().ok()?, to.parse().ok()?, protocol.to_owned()))
+}
+
+/// Creates the load balancer if it is missing and converges every attribute.
+pub(crate) async fn ensure(
+    ctx: &Ctx<'_>,
+    resource: &Resource,
+    live: Option<&LiveLoadBalancer>,
+) -> Result<(), AwsError> {
+    let wanted = wanted(ctx, resource)?;
+    if wanted
+        .listeners
+        .iter()
+        .any(|(_, _, protocol)| protocol == "HTTPS")
+        && wanted.certificate.is_none()
+    {
+        return Err(AwsError::precondition(
+            "CreateLoadBalancer",
+            &resource.id.name,
+            "the HTTPS listener needs a certificate",
+            "set `certificate` to the ARN of an ACM or IAM server certificate in rigger.toml",
+        ));
+    }
+    match ctx.env.aws().load_balancer {
+        LoadBalancerKind::Classic => ensure_classic(ctx, resource, &wanted, live).await,
+        LoadBalancerKind::Application => ensure_application(ctx, resource, &wanted, live).await,
+    }
+}
+
+async fn ensure_classic(
+    ctx: &Ctx<'_>,
+    resource: &Resource,
+    wanted: &Wanted,
+    live: Option<&LiveLoadBalancer>,
+) -> Result<(), AwsError> {
+    let name = resource.id.name.as_str();
+    let client = &ctx.clients.elb;
+    let listener = |(from, to, protocol): &(i32, i32, String)| {
+        let mut builder = elb::types::Listener::builder()
+            .protocol(protocol)
+            .load_balancer_port(*from)
+            .instance_protocol(protocol)
+            .instance_port(*to);
+        if protocol == "HTTPS" {
+            builder = builder.set_ssl_certificate_id(wanted.certificate.clone());
+        }
+        builder.build().expect("every required field is set")
+    };
+    match live {
+        None => {
+            let mut request = client
+                .create_load_balancer()
+                .load_balancer_name(name)
+                .set_listeners(Some(wanted.listeners.iter().map(listener).collect()))
+                .set_subnets(Some(
+                    ctx.network.subnets.iter().map(|s| s.id.clone()).collect(),
+                ))
+                .set_security_groups(Some(wanted.security_groups.clone()));
+            for (key, value) in ctx.tags(resource) {
+                request = request.tags(
+                    elb::types::Tag::builder()
+                        .key(key)
+                        .value(value)
+                        .build()
+                        .expect("key is set"),
+                );
+            }
+            request
+                .send()
+                .await
+                .op("CreateLoadBalancer (classic)", name)?;
+        }
+        Some(live) => {
+            let have: Vec<Option<(i32, i32, String)>> =
+                live.listeners.iter().map(|l| parse_listener(l)).collect();
+            let stale: Vec<i32> = have
+                .iter()
+                .flatten()
+                .filter(|l| !wanted.listeners.contains(l))
+                .map(|l| l.0)
+                .collect();
+            if !stale.is_empty() {
+                client
+                    .delete_load_balancer_listeners()
+                    .load_balancer_name(name)
+                    .set_load_balancer_ports(Some(stale))
+                    .send()
+                    .await
+                    .op("DeleteLoadBalancerListeners", name)?;
+            }
+            let missing: Vec<elb::types::Listener> = wanted
+                .listeners
+                .iter()
+                .filter(|l| !have.iter().flatten().any(|h| h == *l))
+                .map(listener)
+                .collect();
+            if !missing.is_empty() {
+                client
+                    .create_load_balancer_listeners()
+                    .load_balancer_name(name)
+                    .set_listeners(Some(missing))
+                    .send()
+                    .await
+                    .op("CreateLoadBalancerListeners", name)?;
+            } else if wanted.certificate.is_some() && live.certificate != wanted.certificate {
+                client
+                    .set_load_balancer_listener_ssl_certificate()
+                    .load_balancer_name(name)
+                    .load_balancer_port(443)
+                    .set_ssl_certificate_id(wanted.certificate.clone())
+                    .send()
+                    .await
+                    .op("SetLoadBalancerListenerSSLCertificate", name)?;
+            }
+            let mut have_groups = live.security_group_ids.clone();
+            have_groups.sort();
+            let mut want_groups = wanted.security_groups.clone();
+            want_groups.sort();
+            if have_groups != want_groups {
+                client
+                    .apply_security_groups_to_load_balancer()
+                    .load_balancer_name(name)
+                    .set_security_groups(Some(want_groups))
+                    .send()
+                    .await
+                    .op("ApplySecurityGroupsToLoadBalancer", name)?;
+            }
+        }
+    }
+    if live.and_then(|l| l.health_check.as_deref()) != Some(wanted.health_check.as_str()) {
+        client
+            .configure_health_check()
+            .load_balancer_name(name)
+            .health_check(
+                elb::types::HealthCheck::builder()
+                    .target(&wanted.health_check)
+                    .interval(HEALTH_INTERVAL)
+                    .timeout(HEALTH_TIMEOUT)
+                    .healthy_threshold(HEALTHY_THRESHOLD)
+                    .unhealthy_threshold(UNHEALTHY_THRESHOLD)
+                    .build()
+                    .expect("every required field is set"),
+            )
+            .send()
+            .await
+            .op("ConfigureHealthCheck", name)?;
+    }
+    let attributes_ok = live.is_some_and(|l| {
+        l.cross_zone == Some(wanted.cross_zone) && l.draining_seconds == Some(wanted.draining)
+    });
+    if !attributes_ok {
+        let draining = elb::types::ConnectionDraining::builder()
+            .enabled(wanted.draining > 0)
+            .set_timeout((wanted.draining > 0).then_some(wanted.draining as i32))
+            .build();
+        client
+            .modify_load_balancer_attributes()
+            .load_balancer_name(name)
+            .load_balancer_attributes(
+                elb::types::LoadBalancerAttributes::builder()
+                    .cross_zone_load_balancing(
+                        elb::types::CrossZoneLoadBalancing::builder()
+                            .enabled(wanted.cross_zone)
+                            .build(),
+                    )
+                    .connection_draining(draining)
+                    .build(),
+            )
+            .send()
+            .await
+            .op("ModifyLoadBalancerAttributes", name)?;
+    }
+    Ok(())
+}
+
+fn target_group_name(lb: &str, port: i32) -> String {
+    format!("{lb}-{port}")
+}
+
+async fn ensure_application(
+    ctx: &Ctx<'_>,
+    resource: &Resource,
+    wanted: &Wanted,
+    live: Option<&LiveLoadBalancer>,
+) -> Result<(), AwsError> {
+    use elbv2::types::{
+        Action, ActionTypeEnum, Certificate, LoadBalancerTypeEnum, ProtocolEnum, Tag,
+        TargetGroupAttribute, TargetTypeEnum,
+    };
+    let name = resource.id.name.as_str();
+    let client = &ctx.clients.elbv2;
+    let tags: Vec<Tag> = ctx
+        .tags(resource)
+        .into_iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect();
+    if name.len() > 32 - 4 {
+        return Err(AwsError::precondition(
+            "CreateLoadBalancer (application)",
+            name,
+            "names of application load balancers and their target groups are limited to 32 characters",
+            "use a shorter project or environment name",
+        ));
+    }
+
+    let mut target_groups = live.map(|l| l.target_groups.clone()).unwrap_or_default();
+    for (_, to, protocol) in &wanted.listeners {
+        let group_name = target_group_name(name, *to);
+        let arn = match target_groups.get(to) {
+            Some(arn) => arn.clone(),
+            None => {
+                let created = client
+                    .create_target_group()
+                    .name(&group_name)
+                    .protocol(ProtocolEnum::from(protocol.as_str()))
+                    .port(*to)
+                    .vpc_id(&ctx.network.vpc_id)
+                    .target_type(TargetTypeEnum::Instance)
+                    .set_tags(Some(tags.clone()))
+                    .send()
+                    .await
+                    .op("CreateTargetGroup", &group_name)?;
+                let arn = created
+                    .target_groups()
+                    .first()
+                    .and_then(|g| g.target_group_arn())
+                    .unwrap_or_default()
+                    .to_owned();
+                target_groups.insert(*to, arn.clone());
+                arn
+            }
+        };
+        if live.and_then(|l| l.health_check.as_deref()) != Some(wanted.health_check.as_str()) {
+            let (protocol, port) = wanted
+                .health_check
+                .split_once('/')
+                .map_or(("HTTPS", "443"), |(head, _)| {
+                    head.split_once(':').unwrap_or(("HTTPS", "443"))
+                });
+            client
+                .modify_target_group()
+                .target_group_arn(&arn)
+                .health_check_protocol(ProtocolEnum::from(protocol))
+                .health_check_port(port)
+                .health_check_path(&wanted.health_path)
+                .health_check_interval_seconds(HEALTH_INTERVAL)
+                .health_check_timeout_seconds(HEALTH_TIMEOUT)
+                .healthy_threshold_count(HEALTHY_THRESHOLD)
+                .unhealthy_threshold_count(UNHEALTHY_THRESHOLD)
+                .send()
+                .await
+                .op("ModifyTargetGroup", &group_name)?;
+        }
+        if live.and_then(|l| l.draining_seconds) != Some(wanted.draining) {
+            client
+                .modify_target_group_attributes()
+                .target_group_arn(&arn)
+                .attributes(
+                    TargetGroupAttribute::builder()
+                        .key("deregistration_delay.timeout_seconds")
+                        .value(wanted.draining.to_string())
+                        .build(),
+                )
+                .send()
+                .await
+                .op("ModifyTargetGroupAttributes", &group_name)?;
+        }
+    }
+
+    let (arn, listener_arns) = match live.and_then(|l| l.arn.clone()) {
+        Some(arn) => {
+            let mut have = live
+                .map(|l| l.security_group_ids.clone())
+                .unwrap_or_default();
+            have.sort();
+            let mut want = wanted.security_groups.clone();
+            want.sort();
+            if have != want {
+                client
+                    .set_security_groups()
+                    .load_balancer_arn(&arn)
+                    .set_security_groups(Some(want))
+                    .send()
+                    .await
+                    .op("SetSecurityGroups", name)?;
+            }
+            (
+                arn,
+                live.map(|l| l.listener_arns.clone()).unwrap_or_default(),
+            )
+        }
+        None => {
+            let created = client
+                .create_load_balancer()
+                .name(name)
+                .r#type(LoadBalancerTypeEnum::Application)
+                .set_subnets(Some(
+                    ctx.network.subnets.iter().map(|s| s.id.clone()).collect(),
+                ))
+                .set_security_groups(Some(wanted.security_groups.clone()))
+                .set_tags(Some(tags.clone()))
+                .send()
+                .await
+                .op("CreateLoadBalancer (application)", name)?;
+            let arn = created
+                .load_balancers()
+                .first()
+                .and_then(|l| l.load_balancer_arn())
+                .unwrap_or_default()
+                .to_owned();
+            (arn, BTreeMap::new())
+        }
+    };
+    for (from, to, protocol) in &wanted.listeners {
+        let forward = Action::builder()
+            .r#type(ActionTypeEnum::Forward)
+            .target_group_arn(&target_groups[to])
+            .build();
+        let certificates = (protocol == "HTTPS").then(|| {
+            vec![
+                Certificate::builder()
+                    .set_certificate_arn(wanted.certificate.clone())
+                    .build(),
+            ]
+        });
+        match listener_arns.get(from) {
+            None => {
+                client
+                    .create_listener()
+                    .load_balancer_arn(&arn)
+                    .port(*from)
+                    .protocol(ProtocolEnum::from(protocol.as_str()))
+                    .set_certificates(certificates)
+                    .default_actions(forward)
+                    .send()
+                    .await
+                    .op("CreateListener", format!("{name}:{from}"))?;
+            }
+            Some(listener) => {
+                let same = live.is_some_and(|l| {
+                    l.listeners.contains(&format!("{from}->{to} {protocol}"))
+                        && (protocol != "HTTPS" || l.certificate == wanted.certificate)
+                });
+                if !same {
+                    client
+                        .modify_listener()
+                        .listener_arn(listener)
+                        .port(*from)
+                        .protocol(ProtocolEnum::from(protocol.as_str()))
+                        .set_certificates(certificates)
+                        .default_actions(forward)
+                        .send()
+                        .await
+                        .op("ModifyListener", format!("{name}:{from}"))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes a load balancer rigger observed (and, for an application one, its target groups).
+pub(crate) async fn delete(
+    ctx: &Ctx<'_>,
+    live: &LiveLoadBalancer,
+    name: &str,
+) -> Result<(), AwsError> {
+    match live.kind {
+        Some(LoadBalancerKind::Application) => {
+            if let Some(arn) = &live.arn {
+                ctx.clients
+                    .elbv2
+                    .delete_load_balancer()
+                    .load_balancer_arn(arn)
+                    .send()
+                    .await
+                    .op("DeleteLoadBalancer (application)", name)?;
+            }
+            for arn in live.target_groups.values() {
+                crate::apply::retry_in_use(ctx, "DeleteTargetGroup", arn, || async {
+                    ctx.clients
+                        .elbv2
+                        .delete_target_group()
+                        .target_group_arn(arn)
+                        .send()
+                        .await
+                        .op("DeleteTargetGroup", arn)
+                        .map(|_| ())
+                })
+                .await?;
+            }
+        }
+        _ => {
+            ctx.clients
+                .elb
+                .delete_load_balancer()
+                .load_balancer_name(name)
+                .send()
+                .await
+                .op("DeleteLoadBalancer (classic)", name)?;
+        }
+    }
+    Ok(())
+}
+
+/// Each registered instance's health as the load balancer reports it (`InService`,
+/// `OutOfService`, `healthy`, ...).
+pub async fn instance_health(
+    clients: &Clients,
+    lb: &LiveLoadBalancer,
+    name: &str,
+) -> Result<BTreeMap<String, String>, AwsError> {
+    let mut health = BTreeMap::new();
+    match lb.kind {
+        Some(LoadBalancerKind::Application) => {
+            if let Some(arn) = lb.target_groups.get(&443) {
+                let answer = clients
+                    .elbv2
+                    .describe_target_health()
+                    .target_group_arn(arn)
+                    .send()
+                    .await
+                    .op("DescribeTargetHealth", arn)?;
+                for description in answer.target_health_descriptions() {
+                    if let (Some(target), Some(state)) = (
+                        description.target().map(|t| t.id()),
+                        description.target_health().and_then(|h| h.state()),
+                    ) {
+                        health.insert(
+                            target.unwrap_or_default().to_owned(),
+                            state.as_str().to_owned(),
+                        );
+                    }
+                }
+            }
+        }
+        _ => {
+            let answer = clients
+                .elb
+                .describe_instance_health()
+                .load_balancer_name(name)
+                .send()
+                .await
+                .op("DescribeInstanceHealth", name)?;
+            for state in answer.instance_states() {
+                if let (Some(id), Some(s)) = (state.instance_id(), state.state()) {
+                    health.insert(id.to_owned(), s.to_owned());
+                }
+            }
+        }
+    }
+    Ok(health)
+}

@@ -1,0 +1,479 @@
+//! User-data: the bash script a server runs at first boot, rendered from the same role
+//! recipes as the local provider with [`rigger_recipes::Layout::systemd`].
+//!
+//! The script installs the role's Debian packages (their own services disabled: rigger's
+//! systemd units run the programs), mounts the data volume at the layout's data directory,
+//! fetches the secrets and the environment CA from SSM Parameter Store with the instance
+//! profile (`aws ssm get-parameter --with-decryption`), signs the server's certificate, writes
+//! every file of the recipe (base64, with its mode and owner, placeholders replaced by the
+//! secrets), runs the before-start steps, starts the units, waits for each service's
+//! readiness probe, and runs the after-start steps.
+//!
+//! Secrets are never in the script: the recipes get placeholders
+//! ([`crate::environment::secret_placeholder`]) and only files flagged `contains_secret` get
+//! them substituted, at boot, in memory. A group server's id and address are known only at
+//! boot too: its recipe is rendered with [`SELF_ID`] and [`SELF_ADDRESS`], replaced in every
+//! file and command by the instance's id and private address from the metadata service.
+//!
+//! [`script`] returns the text (the tests run `bash -n` and shellcheck on it); [`user_data`]
+//! gzips and base64-encodes it, as cloud-init accepts and EC2 wants (16 KiB at most).
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+
+use base64::Engine as _;
+use rigger_recipes::{
+    Command, FileSpec, Probe, Recipe, Role, ServerContext, StepSpec, shell_quote,
+};
+
+use crate::environment::{
+    AwsEnvironment, CA_CERT, CA_KEY, SECRET_NAMES, SELF_ADDRESS, SELF_ID, secret_placeholder,
+};
+
+/// EC2's limit on user-data, before base64.
+pub const MAX_USER_DATA: usize = 16 * 1024;
+
+/// How long the script waits for a service to be ready, in seconds.
+const READY_SECONDS: u32 = 300;
+
+/// The base64 of the gzipped script, ready for RunInstances or a launch template.
+pub fn user_data(env: &AwsEnvironment, ctx: &ServerContext) -> Result<String, String> {
+    let text = script(env, ctx)?;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder
+        .write_all(text.as_bytes())
+        .and_then(|()| encoder.flush())
+        .map_err(|e| e.to_string())?;
+    let gzipped = encoder.finish().map_err(|e| e.to_string())?;
+    if gzipped.len() > MAX_USER_DATA {
+        return Err(format!(
+            "the user-data of {} is {} bytes gzipped, over EC2's limit of {MAX_USER_DATA}",
+            ctx.server_id,
+            gzipped.len()
+        ));
+    }
+    Ok(base64::engine::general_purpose::STANDARD.encode(gzipped))
+}
+
+/// Debian 12 packages each role needs.
+fn packages(role: Role) -> &'static [&'static str] {
+    match role {
+        Role::Web => &["nginx", "pgbouncer", "stunnel4", "python3", "python3-venv"],
+        Role::Worker => &["pgbouncer", "stunnel4", "python3", "python3-venv"],
+        Role::Cache => &["redis-server"],
+        Role::Queue => &["rabbitmq-server"],
+        Role::DbPrimary | Role::DbReplica => &["postgresql-15"],
+        Role::Lb => &[],
+    }
+}
+
+/// Debian's own units for the programs rigger runs under its own units.
+const DEBIAN_UNITS: [&str; 7] = [
+    "nginx.service",
+    "pgbouncer.service",
+    "stunnel4.service",
+    "redis-server.service",
+    "rabbitmq-server.service",
+    "postgresql.service",
+    "postgresql@15-main.service",
+];
+
+/// Renders the whole recipe of the server described by `ctx` (every role, plus its
+/// certificate) into the boot script.
+pub fn script(env: &AwsEnvironment, ctx: &ServerContext) -> Result<String, String> {
+    let recipe = rigger_recipes::render_server(ctx).map_err(|e| e.to_string())?;
+    let pki = rigger_recipes::pki::server_cert(&ctx.layout, &ctx.server_id, ctx.address)
+        .map_err(|e| e.to_string())?;
+    let group_server = ctx.server_id == SELF_ID;
+    let q = |word: &str| quote(word, group_server);
+    let layout = &ctx.layout;
+    let roles: Vec<&str> = ctx.roles.iter().map(|r| r.as_str()).collect();
+
+    let mut s = String::new();
+    let w = &mut s;
+    let _ = writeln!(w, "#!/bin/bash");
+    let _ = writeln!(
+        w,
+        "# First boot of a {} server of {}/{} (release {}), rendered by rigger.",
+        roles.join("+"),
+        env.project(),
+        env.name,
+        ctx.project.release
+    );
+    let _ = writeln!(
+        w,
+        "# Secrets are not in this script: they are read from SSM Parameter Store at boot."
+    );
+    w.push_str(PRELUDE);
+    let _ = writeln!(w, "PARAMETERS={}", shell_quote(&env.parameter_prefix()));
+    let _ = writeln!(w, "REGION={}", shell_quote(&env.aws().region));
+    if group_server {
+        w.push_str(
+            "SELF_ID=$(imds instance-id)\nSELF_ADDRESS=$(imds local-ipv4)\nexport SELF_ID SELF_ADDRESS\n",
+        );
+    }
+
+    // Packages, without letting Debian start its own copies of the services.
+    let mut wanted: Vec<&str> = vec!["awscli", "ca-certificates", "curl", "openssl"];
+    for role in &ctx.roles {
+        wanted.extend(packages(*role));
+    }
+    wanted.sort_unstable();
+    wanted.dedup();
+    let _ = writeln!(w, "\nlog 'installing packages'");
+    let _ = writeln!(w, "install_packages {}", wanted.join(" "));
+    let _ = writeln!(w, "for unit in {}; do", DEBIAN_UNITS.join(" "));
+    w.push_str("  systemctl disable --now \"$unit\" >/dev/null 2>&1 || true\ndone\n");
+
+    let _ = writeln!(w, "\nlog 'mounting the data volume'");
+    let _ = writeln!(
+        w,
+        "mount_data_volume {}",
+        q(&layout.data_dir.to_string_lossy())
+    );
+
+    // Secrets and the CA, held in memory only.
+    let _ = writeln!(w, "\nlog 'reading secrets from SSM'");
+    w.push_str("declare -A SECRETS=()\n");
+    for name in SECRET_NAMES {
+        let _ = writeln!(
+            w,
+            "SECRETS[{}]=$(parameter {name})",
+            secret_placeholder(name)
+        );
+    }
+    let ca_cert = layout.ca_cert();
+    let ca_key = rigger_recipes::pki::ca_key(layout);
+    let _ = writeln!(
+        w,
+        "install -d -m 0755 {}",
+        q(&layout.pki_dir.to_string_lossy())
+    );
+    let _ = writeln!(
+        w,
+        "install -d -m 0700 {}",
+        q(&ca_key.parent().unwrap_or(&layout.pki_dir).to_string_lossy())
+    );
+    let _ = writeln!(
+        w,
+        "parameter {CA_CERT} | put_stdin {} 0644 root",
+        q(&ca_cert.to_string_lossy())
+    );
+    let _ = writeln!(
+        w,
+        "parameter {CA_KEY} | put_stdin {} 0600 root",
+        q(&ca_key.to_string_lossy())
+    );
+
+    // The server's certificate, signed with the CA key, which is then removed.
+    let _ = writeln!(w, "\nlog 'signing the server certificate'");
+    write_recipe_files(w, &pki, group_server);
+    for step in &pki.steps {
+        write_step(w, step, group_server);
+    }
+    let _ = writeln!(w, "rm -f {}", q(&ca_key.to_string_lossy()));
+
+    let _ = writeln!(w, "\nlog 'writing the recipe'");
+    write_recipe_files(w, &recipe, group_server);
+    let _ = writeln!(w, "unset SECRETS");
+
+    let _ = writeln!(w, "\nlog 'running the before-start steps'");
+    for step in recipe
+        .steps
+        .iter()
+        .filter(|s| s.phase == rigger_recipes::Phase::BeforeStart)
+    {
+        write_step(w, step, group_server);
+    }
+
+    let _ = writeln!(w, "\nlog 'starting the services'");
+    w.push_str("systemctl daemon-reload\nsystemd-tmpfiles --create\n");
+    for service in &recipe.services {
+        let unit = rigger_recipes::unit_name(&service.name);
+        let _ = writeln!(w, "systemctl enable --now {}", shell_quote(&unit));
+        let check = format!(
+            "ready_{}",
+            service
+                .name
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        );
+        let body = probe(
+            &service.readiness,
+            &unit,
+            service.env_file.as_deref(),
+            group_server,
+        );
+        let _ = writeln!(w, "{check}() {{\n{body}\n}}");
+        let _ = writeln!(
+            w,
+            "wait_ready {} {READY_SECONDS} {check}",
+            shell_quote(&service.name)
+        );
+    }
+
+    let _ = writeln!(w, "\nlog 'running the after-start steps'");
+    for step in recipe
+        .steps
+        .iter()
+        .filter(|s| s.phase == rigger_recipes::Phase::AfterStart)
+    {
+        write_step(w, step, group_server);
+    }
+    let _ = writeln!(w, "log 'ready'");
+    Ok(s)
+}
+
+/// Helpers every script starts with. `replace_all` avoids `${var//x/y}`, whose replacement
+/// text bash 5.2 interprets (`&`); secrets may contain anything.
+const PRELUDE: &str = r#"set -euo pipefail
+umask 022
+export DEBIAN_FRONTEND=noninteractive
+
+log() { printf 'rigger: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+imds() {
+  local token
+  token=$(curl -fsS -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://169.254.169.254/latest/api/token)
+  curl -fsS -H "X-aws-ec2-metadata-token: $token" "http://169.254.169.254/latest/meta-data/$1"
+}
+
+install_packages() {
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+  chmod 0755 /usr/sbin/policy-rc.d
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "$@"
+  rm -f /usr/sbin/policy-rc.d
+}
+
+# Finds the one disk without partitions that is not the root disk, formats it once, and
+# mounts it by label at $1 (also at every later boot).
+mount_data_volume() {
+  local target=$1 root device='' tries=0
+  root=$(lsblk -no PKNAME "$(findmnt -no SOURCE /)")
+  while [ -z "$device" ]; do
+    device=$(lsblk -dpno NAME,TYPE | awk -v root="/dev/$root" '$2 == "disk" && $1 != root { print $1; exit }')
+    if [ -z "$device" ]; then
+      tries=$((tries + 1))
+      [ "$tries" -lt 300 ] || die "no data volume attached"
+      sleep 1
+    fi
+  done
+  blkid "$device" >/dev/null || mkfs.ext4 -q -L rigger-data "$device"
+  install -d -m 0755 "$target"
+  grep -q '^LABEL=rigger-data ' /etc/fstab || printf 'LABEL=rigger-data %s ext4 defaults,nofail 0 2\n' "$target" >>/etc/fstab
+  mountpoint -q "$target" || mount "$target"
+}
+
+parameter() {
+  aws ssm get-parameter --region "$REGION" --with-decryption --name "$PARAMETERS$1" --query Parameter.Value --output text
+}
+
+# replace_all TEXT NEEDLE VALUE: sets REPLY to TEXT with every NEEDLE replaced by VALUE.
+replace_all() {
+  local rest=$1 out=''
+  while [[ $rest == *"$2"* ]]; do
+    out+=${rest%%"$2"*}$3
+    rest=${rest#*"$2"}
+  done
+  REPLY=$out$rest
+}
+
+# put_stdin PATH MODE OWNER: writes standard input to PATH atomically.
+put_stdin() {
+  local tmp
+  install -d -m 0755 "$(dirname "$1")"
+  tmp=$(mktemp "$1.XXXXXX")
+  cat >"$tmp"
+  chown "$3:$3" "$tmp"
+  chmod "$2" "$tmp"
+  mv -f "$tmp" "$1"
+}
+
+# put PATH MODE OWNER KIND BASE64: writes a recipe file; KIND `secret` substitutes the
+# secrets' placeholders, and on a group server every file gets its id and address.
+put() {
+  local contents key
+  contents=$(printf '%s' "$5" | base64 -d; printf x)
+  contents=${contents%x}
+  if [ "$4" = secret ]; then
+    for key in "${!SECRETS[@]}"; do
+      replace_all "$contents" "$key" "${SECRETS[$key]}"
+      contents=$REPLY
+    done
+  fi
+  if [ -n "${SELF_ID:-}" ]; then
+    replace_all "$contents" rigger-self-id "$SELF_ID"
+    replace_all "$REPLY" 192.0.2.123 "$SELF_ADDRESS"
+    contents=$REPLY
+  fi
+  printf '%s' "$contents" | put_stdin "$1" "$2" "$3"
+}
+
+# wait_ready NAME SECONDS COMMAND...: runs COMMAND until it succeeds.
+wait_ready() {
+  local name=$1 seconds=$2 tries=0
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    tries=$((tries + 1))
+    [ "$tries" -lt "$seconds" ] || die "$name is not ready after $seconds s"
+    sleep 1
+  done
+}
+
+tcp_open() { timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2"; }
+"#;
+
+/// Quotes a word for the script. On a group server a word holding the id or address
+/// placeholder becomes a double-quoted word that expands `$SELF_ID` / `$SELF_ADDRESS`.
+fn quote(word: &str, group_server: bool) -> String {
+    let address = SELF_ADDRESS.to_string();
+    if !group_server || !(word.contains(SELF_ID) || word.contains(&address)) {
+        return shell_quote(word);
+    }
+    let mut escaped = String::with_capacity(word.len() + 8);
+    for c in word.chars() {
+        if matches!(c, '\\' | '"' | '$' | '`') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    let escaped = escaped
+        .replace(SELF_ID, "${SELF_ID}")
+        .replace(&address, "${SELF_ADDRESS}");
+    format!("\"{escaped}\"")
+}
+
+fn write_recipe_files(w: &mut String, recipe: &Recipe, group_server: bool) {
+    for dir in &recipe.dirs {
+        let _ = writeln!(
+            w,
+            "install -d -m {:04o} -o {owner} -g {owner} {}",
+            dir.mode,
+            quote(&dir.path.to_string_lossy(), group_server),
+            owner = shell_quote(&dir.owner),
+        );
+    }
+    for file in &recipe.files {
+        write_file(w, file, group_server);
+    }
+}
+
+fn write_file(w: &mut String, file: &FileSpec, group_server: bool) {
+    let kind = if file.contains_secret {
+        "secret"
+    } else {
+        "plain"
+    };
+    let encoded = base64::engine::general_purpose::STANDARD.encode(file.contents.as_bytes());
+    let _ = writeln!(
+        w,
+        "put {} {:04o} {} {kind} {encoded}",
+        quote(&file.path.to_string_lossy(), group_server),
+        file.mode,
+        shell_quote(&file.owner),
+    );
+}
+
+/// `cd DIR && runuser -u USER -- env K=V PROGRAM ARGS`, as needed.
+fn command_line(command: &Command, group_server: bool) -> String {
+    let mut words: Vec<String> = Vec::new();
+    if let Some(user) = &command.user {
+        words.extend([
+            "runuser".into(),
+            "-u".into(),
+            shell_quote(user),
+            "--".into(),
+        ]);
+    }
+    if !command.env.is_empty() {
+        words.push("env".into());
+        for (key, value) in &command.env {
+            words.push(quote(&format!("{key}={value}"), group_server));
+        }
+    }
+    words.extend(command.argv().map(|word| quote(word, group_server)));
+    let line = words.join(" ");
+    match &command.cwd {
+        Some(dir) => format!(
+            "cd {} && {line}",
+            quote(&dir.to_string_lossy(), group_server)
+        ),
+        None => line,
+    }
+}
+
+fn write_step(w: &mut String, step: &StepSpec, group_server: bool) {
+    let mut line = format!("({})", command_line(&step.command, group_server));
+    if let Some(stdin) = &step.stdin_file {
+        line.push_str(&format!(
+            " <{}",
+            quote(&stdin.to_string_lossy(), group_server)
+        ));
+    }
+    let _ = writeln!(w, "# step {}", step.name);
+    match &step.creates {
+        Some(path) => {
+            let _ = writeln!(
+                w,
+                "[ -e {} ] || {line}",
+                quote(&path.to_string_lossy(), group_server)
+            );
+        }
+        None => {
+            let _ = writeln!(w, "{line}");
+        }
+    }
+}
+
+/// The body of a service's readiness function for `wait_ready`.
+fn probe(
+    readiness: &Probe,
+    unit: &str,
+    env_file: Option<&std::path::Path>,
+    group_server: bool,
+) -> String {
+    let q = |word: &str| quote(word, group_server);
+    match readiness {
+        Probe::Tcp { addr, port } => format!("  tcp_open {} {port}", q(&addr.to_string())),
+        Probe::Tls {
+            addr,
+            port,
+            server_name,
+            ca_file,
+        } => format!(
+            "  openssl s_client -connect {}:{port} -servername {} -CAfile {} -verify_return_error </dev/null",
+            q(&addr.to_string()),
+            q(server_name),
+            q(&ca_file.to_string_lossy())
+        ),
+        Probe::Https {
+            addr,
+            port,
+            server_name,
+            ca_file,
+            host,
+            path,
+            expect_status,
+        } => format!(
+            "  [ \"$(curl -sS -o /dev/null -w '%{{http_code}}' --cacert {} --resolve {}:{port}:{} -H {} https://{}:{port}{})\" = {expect_status} ]",
+            q(&ca_file.to_string_lossy()),
+            q(server_name),
+            q(&addr.to_string()),
+            q(&format!("Host: {host}")),
+            q(server_name),
+            q(path)
+        ),
+        Probe::Command(command) => {
+            let line = command_line(command, group_server);
+            match env_file {
+                Some(file) => format!(
+                    "  (\n    set -a\n    # shellcheck source=/dev/null\n    . {}\n    set +a\n    {line}\n  )",
+                    q(&file.to_string_lossy())
+                ),
+                None => format!("  {line}"),
+            }
+        }
+        Probe::Running => format!("  systemctl is-active --quiet {}", shell_quote(unit)),
+    }
+}

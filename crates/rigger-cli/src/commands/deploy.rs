@@ -1,0 +1,133 @@
+//! `rigger deploy`, `rollback`, `releases`, `lock` and `maintenance` (local provider).
+
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use rigger_local::control::{self, DeployOptions, DeployTarget};
+
+use super::local::{local_environment, runtime, say};
+use crate::args::{
+    DeployArgs, LockCommand, MaintenanceArgs, ReleasesArgs, RollbackArgs, RolloutArgs,
+};
+use crate::{Failure, Settings};
+
+fn options(args: RolloutArgs) -> DeployOptions {
+    let RolloutArgs {
+        batch,
+        health_timeout,
+        worker_stop_timeout,
+    } = args;
+    DeployOptions {
+        batch,
+        health_timeout: Duration::from_secs(health_timeout),
+        worker_stop_timeout: Duration::from_secs(worker_stop_timeout),
+    }
+}
+
+pub(crate) fn deploy(args: DeployArgs, settings: &Settings) -> Result<(), Failure> {
+    let DeployArgs {
+        revision,
+        allow_dirty,
+        rollout,
+    } = args;
+    roll_out(
+        DeployTarget::Build {
+            revision,
+            allow_dirty,
+        },
+        options(rollout),
+        settings,
+    )
+}
+
+pub(crate) fn rollback(args: RollbackArgs, settings: &Settings) -> Result<(), Failure> {
+    let RollbackArgs { to, rollout } = args;
+    let target = to.map_or(DeployTarget::Previous, DeployTarget::Existing);
+    roll_out(target, options(rollout), settings)
+}
+
+fn roll_out(
+    target: DeployTarget,
+    options: DeployOptions,
+    settings: &Settings,
+) -> Result<(), Failure> {
+    let env = local_environment(settings)?;
+    let outcome = runtime()?.block_on(control::deploy(&env, target, &options, |line| {
+        say(settings, &format!("  {line}"));
+    }))?;
+    let summary = format!(
+        "release {} {} in {:.1} s",
+        outcome.release, outcome.result, outcome.duration_secs
+    );
+    if outcome.result == "succeeded" {
+        say(settings, &summary);
+        println!("{}", outcome.release);
+        Ok(())
+    } else {
+        Err(Failure::Operation(anyhow!("{summary}: {}", outcome.reason)))
+    }
+}
+
+pub(crate) fn releases(args: ReleasesArgs, settings: &Settings) -> Result<(), Failure> {
+    let ReleasesArgs { json } = args;
+    let env = local_environment(settings)?;
+    let history = rigger_local::release::history(&env.paths);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&history).context("encoding the history")?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:<14} {:<24} {:<18} {:<12} {:>9}",
+        "RELEASE", "REVISION", "BY", "STARTED (UTC)", "RESULT", "DURATION"
+    );
+    for record in history {
+        println!(
+            "{:<32} {:<14} {:<24} {:<18} {:<12} {:>8}s",
+            record.release,
+            record.revision.chars().take(12).collect::<String>(),
+            record.by,
+            rigger_local::release::timestamp(record.started),
+            record.result,
+            record.finished.saturating_sub(record.started)
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn lock(command: LockCommand, settings: &Settings) -> Result<(), Failure> {
+    let env = local_environment(settings)?;
+    match command {
+        LockCommand::Status => match rigger_local::deploy::lock_holder(&env.paths) {
+            Some(holder) => println!("held by {holder}"),
+            None => println!("free"),
+        },
+        LockCommand::Release => {
+            match rigger_local::deploy::force_release(&env.paths).context("releasing the lock")? {
+                Some(holder) => say(settings, &format!("released the lock held by {holder}")),
+                None => say(settings, "the lock was free"),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn maintenance(args: MaintenanceArgs, settings: &Settings) -> Result<(), Failure> {
+    let MaintenanceArgs { mode } = args;
+    let env = local_environment(settings)?;
+    control::maintenance(&env, mode == "on")?;
+    say(
+        settings,
+        &format!(
+            "maintenance {mode}: every web server {}",
+            if mode == "on" {
+                "answers 503 with the maintenance page (health checks stay green)"
+            } else {
+                "serves the site again"
+            }
+        ),
+    );
+    Ok(())
+}

@@ -1,0 +1,711 @@
+//! `rigger exec`, `manage`, `logs` and `ssh`: operating an environment's servers.
+//!
+//! Each command resolves the environment's servers into a [`Fleet`]: for each server its id,
+//! roles, a [`Transport`] that reaches it and the [`Layout`] of its files, so the commands
+//! themselves are provider-neutral: they build [`Job`]s from the layout (pure functions,
+//! tested by comparing text) and hand them to `rigger_transport` (`fanout` for many servers,
+//! an interactive session for one). A local environment's servers come from its supervisor's
+//! `status.json` and are reached with `LocalTransport`; servers of other providers will be
+//! reached over SSH ([`ssh_server`]) once their provider lists them.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, anyhow};
+use rigger_config::ProviderKind;
+use rigger_recipes::{Command, Layout, ServiceManager};
+use rigger_transport::fanout::{self, Reporter, Task};
+use rigger_transport::local::LocalTransport;
+use rigger_transport::ssh::{SshSettings, SshTarget, SshTransport};
+use rigger_transport::{ExitStatus, Job, Stream, Transport};
+
+use crate::args::{ExecArgs, LogsArgs, ManageArgs, SshArgs};
+use crate::{Failure, Settings};
+
+/// The longest control directory path kept under the state directory; longer ones move to
+/// the temporary directory, since a socket's path must stay under 108 bytes.
+const LONGEST_CONTROL_DIR: usize = 70;
+
+/// The servers of an environment, and how to reach each.
+struct Fleet {
+    environment: String,
+    servers: Vec<Server>,
+}
+
+/// One server of the environment.
+struct Server {
+    id: String,
+    roles: Vec<String>,
+    /// `in_service`, `pending`, `unhealthy`.
+    state: String,
+    transport: Arc<dyn Transport>,
+    /// Where its files, logs, app and venv are, and who runs what.
+    layout: Layout,
+    /// SSH servers only: the transport again, for what only SSH has (host keys).
+    ssh: Option<Arc<SshTransport>>,
+}
+
+pub(crate) fn exec(args: ExecArgs, settings: &Settings) -> Result<(), Failure> {
+    let ExecArgs {
+        targets,
+        parallel,
+        command,
+    } = args;
+    let fleet = fleet(settings)?;
+    let servers = fleet.select(&targets)?;
+    let line = command.join(" ");
+    let job = exec_job(&line);
+    let tasks = servers
+        .iter()
+        .map(|server| Task::new(Arc::clone(&server.transport), job.clone()))
+        .collect();
+    let outcomes = run_tasks(tasks, usize::from(parallel))?;
+    if settings.verbosity >= 0 {
+        eprint!("{}", fanout::summary(&outcomes));
+    }
+    let failed = outcomes
+        .iter()
+        .filter(|o| o.state() != fanout::State::Ok)
+        .count();
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(Failure::Operation(anyhow!(
+            "`{line}` did not succeed on {failed} of {} servers",
+            outcomes.len()
+        )))
+    }
+}
+
+pub(crate) fn manage(args: ManageArgs, settings: &Settings) -> Result<(), Failure> {
+    let ManageArgs { server, args } = args;
+    let fleet = fleet(settings)?;
+    let server = fleet.manage_server(server.as_deref())?;
+    let job = manage_job(&server.layout, &args);
+    if server.layout.service_manager == ServiceManager::Rigger
+        && !Path::new(&job.command.program).exists()
+    {
+        return Err(Failure::Operation(anyhow!(
+            "cannot find the app's venv on {} (no Celery or gunicorn process of it is running); `rigger status` shows what runs",
+            server.id
+        )));
+    }
+    say(
+        settings,
+        &format!("manage.py {} on {}", args.join(" "), server.id),
+    );
+    let status = interact(server, Some(&job))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Failure::Operation(anyhow!(
+            "`manage.py {}` on {} ended with {status}",
+            args.join(" "),
+            server.id
+        )))
+    }
+}
+
+pub(crate) fn logs(args: LogsArgs, settings: &Settings) -> Result<(), Failure> {
+    let LogsArgs {
+        target,
+        follow,
+        service,
+        lines,
+    } = args;
+    let fleet = fleet(settings)?;
+    let servers = fleet.select(std::slice::from_ref(&target))?;
+    let mut tasks = Vec::new();
+    for server in &servers {
+        for (label, job) in log_jobs(server, service.as_deref(), lines, follow) {
+            tasks.push(Task {
+                label,
+                transport: Arc::clone(&server.transport),
+                job,
+            });
+        }
+    }
+    if tasks.is_empty() {
+        let known = local_services(&servers);
+        return Err(Failure::Usage(anyhow!(
+            "no {} log on {target}; the logs there are: {}",
+            service.as_deref().unwrap_or("service"),
+            if known.is_empty() {
+                "none yet".to_owned()
+            } else {
+                known.join(", ")
+            }
+        )));
+    }
+    let parallel = tasks.len();
+    let outcomes = run_tasks(tasks, parallel)?;
+    let failures: Vec<String> = outcomes
+        .iter()
+        .filter(|o| o.state() != fanout::State::Ok)
+        .map(|o| match &o.result {
+            Ok(status) => format!("{}: {status}", o.server),
+            Err(error) => error.to_string(),
+        })
+        .collect();
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Operation(anyhow!(
+            "reading logs failed: {}",
+            failures.join("; ")
+        )))
+    }
+}
+
+pub(crate) fn ssh(args: SshArgs, settings: &Settings) -> Result<(), Failure> {
+    let SshArgs {
+        server,
+        forget_host_key,
+    } = args;
+    let fleet = fleet(settings)?;
+    let server = fleet.find(&server)?;
+    if forget_host_key {
+        let Some(transport) = &server.ssh else {
+            return Err(Failure::Usage(anyhow!(
+                "{} is a local server, reached without SSH: it has no host key to forget",
+                server.id
+            )));
+        };
+        let forgotten = runtime()?
+            .block_on(transport.forget_host_key())
+            .map_err(|e| Failure::Operation(e.into()))?;
+        say(
+            settings,
+            &if forgotten {
+                format!(
+                    "forgot the host key of {}; the next connection records the key it shows",
+                    server.id
+                )
+            } else {
+                format!("no host key of {} was recorded", server.id)
+            },
+        );
+        return Ok(());
+    }
+    let status = interact(server, None)?;
+    // ssh's own failures are 255; a shell's last status is the user's business.
+    if server.ssh.is_some() && status == ExitStatus::Code(255) {
+        return Err(Failure::Operation(anyhow!(
+            "the SSH session to {} failed (see above)",
+            server.id
+        )));
+    }
+    Ok(())
+}
+
+/// `/bin/sh -c LINE`: what `rigger exec -- WORDS` runs, the words joined as ssh joins them.
+fn exec_job(line: &str) -> Job {
+    Job::new(Command::new("/bin/sh").args(["-c", line]))
+}
+
+/// `manage.py ARGS` with the venv's Python, in the release's directory, as the app's user,
+/// with the app's environment file and `HOME`, as the app's services run.
+fn manage_job(layout: &Layout, args: &[String]) -> Job {
+    let www = &layout.users.www;
+    Job::new(
+        Command::new(layout.venv_dir.join("bin/python").display().to_string())
+            .arg("manage.py")
+            .args(args.iter().cloned())
+            .cwd(&layout.app_dir)
+            .user(www.clone())
+            .env("HOME", layout.home(www).display().to_string())
+            .env("PYTHONUNBUFFERED", "1"),
+    )
+    .env_file(app_env_file(layout))
+}
+
+/// The app's environment file (written by the app recipes).
+fn app_env_file(layout: &Layout) -> PathBuf {
+    layout.etc("app").join("app.env")
+}
+
+/// The jobs that show `server`'s logs, with their labels: the last `lines` lines of each
+/// service's log (`--service`: that one only), then new ones when `follow`. Under rigger's
+/// supervisor each service logs to `log/<service>.log` (one `tail` each, labelled
+/// `server/service`); under systemd, to the journal (one `journalctl` over rigger's units).
+fn log_jobs(
+    server: &Server,
+    service: Option<&str>,
+    lines: u32,
+    follow: bool,
+) -> Vec<(String, Job)> {
+    match server.layout.service_manager {
+        ServiceManager::Rigger => {
+            let mut names = service_logs(&server.layout.log_dir);
+            if let Some(service) = service {
+                names.retain(|name| name == service);
+            }
+            names
+                .into_iter()
+                .map(|name| {
+                    let file = server.layout.service_log(&name);
+                    let tail = Command::new("tail")
+                        .args(["-n", &lines.to_string()])
+                        .args(follow.then_some("-F"))
+                        .arg(file.display().to_string());
+                    (format!("{}/{name}", server.id), Job::new(tail))
+                })
+                .collect()
+        }
+        ServiceManager::Systemd => {
+            let unit = service.map_or_else(|| "rigger-*".to_owned(), rigger_recipes::unit_name);
+            let journal = Command::new("journalctl")
+                .args(["--no-hostname", "--no-pager", "-o", "short-iso"])
+                .args(["-n", &lines.to_string()])
+                .args(follow.then_some("-f"))
+                .args(["-u", &unit])
+                .user("root");
+            vec![(server.id.clone(), Job::new(journal))]
+        }
+    }
+}
+
+/// The services with a log in `log_dir` (`<service>.log`; `steps.log` is the recipes' steps).
+fn service_logs(log_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(log_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let service = name.strip_suffix(".log")?;
+            (service != "steps" && entry.path().is_file()).then(|| service.to_owned())
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+fn local_services(servers: &[&Server]) -> Vec<String> {
+    let mut names: Vec<String> = servers
+        .iter()
+        .filter(|s| s.layout.service_manager == ServiceManager::Rigger)
+        .flat_map(|s| service_logs(&s.layout.log_dir))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+impl Fleet {
+    /// The servers `selectors` name (roles or ids; all when empty), in the fleet's order.
+    fn select(&self, selectors: &[String]) -> Result<Vec<&Server>, Failure> {
+        let listed: Vec<(&str, &[String])> = self
+            .servers
+            .iter()
+            .map(|s| (s.id.as_str(), s.roles.as_slice()))
+            .collect();
+        let indices = select(&listed, selectors).map_err(|e| Failure::Usage(anyhow!(e)))?;
+        Ok(indices.into_iter().map(|i| &self.servers[i]).collect())
+    }
+
+    /// The server with this id.
+    fn find(&self, id: &str) -> Result<&Server, Failure> {
+        self.servers.iter().find(|s| s.id == id).ok_or_else(|| {
+            Failure::Usage(anyhow!(
+                "no server `{id}` in {}; its servers are: {}",
+                self.environment,
+                self.ids().join(", ")
+            ))
+        })
+    }
+
+    /// `--server` if given (a web or worker server), else the first worker in service.
+    fn manage_server(&self, id: Option<&str>) -> Result<&Server, Failure> {
+        let is_app = |s: &Server| s.roles.iter().any(|r| r == "worker" || r == "web");
+        if let Some(id) = id {
+            let server = self.find(id)?;
+            return if is_app(server) {
+                Ok(server)
+            } else {
+                Err(Failure::Usage(anyhow!(
+                    "{id} runs no app code; choose a worker or web server"
+                )))
+            };
+        }
+        let workers = || {
+            self.servers
+                .iter()
+                .filter(|s| s.roles.iter().any(|r| r == "worker"))
+        };
+        workers()
+            .find(|s| s.state == "in_service")
+            .or_else(|| workers().next())
+            .ok_or_else(|| {
+                Failure::Operation(anyhow!(
+                    "{} has no worker server to run manage.py on",
+                    self.environment
+                ))
+            })
+    }
+
+    fn ids(&self) -> Vec<&str> {
+        self.servers.iter().map(|s| s.id.as_str()).collect()
+    }
+}
+
+/// The indices of the servers `selectors` name: each selector is a role (every server with
+/// it) or a server id; none selects every server. Unknown selectors are an error listing the
+/// known roles and ids.
+fn select(servers: &[(&str, &[String])], selectors: &[String]) -> Result<Vec<usize>, String> {
+    if selectors.is_empty() {
+        return Ok((0..servers.len()).collect());
+    }
+    let mut chosen = vec![false; servers.len()];
+    for selector in selectors {
+        let mut matched = false;
+        for (index, (id, roles)) in servers.iter().enumerate() {
+            if *id == selector || roles.iter().any(|r| r == selector) {
+                chosen[index] = true;
+                matched = true;
+            }
+        }
+        if !matched {
+            let mut roles: Vec<&str> = servers
+                .iter()
+                .flat_map(|(_, roles)| roles.iter().map(String::as_str))
+                .collect();
+            roles.sort_unstable();
+            roles.dedup();
+            let ids: Vec<&str> = servers.iter().map(|(id, _)| *id).collect();
+            return Err(format!(
+                "no server or role `{selector}`; roles: {}; servers: {}",
+                roles.join(", "),
+                ids.join(", ")
+            ));
+        }
+    }
+    Ok((0..servers.len()).filter(|i| chosen[*i]).collect())
+}
+
+/// The environment's servers, from its provider.
+fn fleet(settings: &Settings) -> Result<Fleet, Failure> {
+    let config = super::load_config(settings)?;
+    let env = super::environment(&config, settings)?;
+    match env.provider_kind() {
+        ProviderKind::Local => local_fleet(settings),
+        other => Err(Failure::Usage(anyhow!(
+            "rigger cannot reach the servers of `{}` environments yet (provider `{other}`): their \
+             provider does not list them with SSH targets",
+            env.name
+        ))),
+    }
+}
+
+/// A running local environment's servers, as its supervisor last reported them.
+fn local_fleet(settings: &Settings) -> Result<Fleet, Failure> {
+    let env = super::local::local_environment(settings)?;
+    let project = &env.config.project.name;
+    let not_running = || {
+        Failure::Operation(anyhow!(
+            "{project}/{} is not running; `rigger up -e {}` starts it",
+            env.name,
+            env.name
+        ))
+    };
+    rigger_local::supervisor::lock_holder(&env).ok_or_else(not_running)?;
+    let status = rigger_local::status::Status::load(&env.paths.status()).ok_or_else(not_running)?;
+    let servers = status
+        .servers
+        .into_iter()
+        .map(|server| {
+            let dir = env.paths.server(&server.id);
+            let mut layout = Layout::local(&dir, env.paths.shared());
+            layout.app_dir = env.paths.release(&server.release);
+            layout.pki_dir = env.paths.pki();
+            layout.media_root = env.paths.media();
+            layout.static_root = env.paths.static_root();
+            if let Some(venv) = running_venv(&dir.join("pids")) {
+                layout.venv_dir = venv;
+            }
+            let transport = LocalTransport::new(&server.id, server.address.clone(), dir);
+            Server {
+                id: server.id,
+                roles: server.roles,
+                state: server.state,
+                transport: Arc::new(transport),
+                layout,
+                ssh: None,
+            }
+        })
+        .collect();
+    Ok(Fleet {
+        environment: format!("{project}/{}", env.name),
+        servers,
+    })
+}
+
+/// The venv a local server's app processes run from: the one whose `bin/celery` or
+/// `bin/gunicorn` its pid files record (the venv is named by a hash of the requirements the
+/// supervisor started with, which the working tree may have changed since).
+fn running_venv(pids: &Path) -> Option<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(pids)
+        .ok()?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|e| e == "pid"))
+        .collect();
+    files.sort();
+    files.iter().find_map(|file| {
+        let record = rigger_local::process::PidRecord::read(file)?;
+        let program = Path::new(&record.program);
+        let name = program.file_name()?.to_str()?;
+        let bin = program.parent()?;
+        (matches!(name, "celery" | "gunicorn") && bin.file_name()? == "bin")
+            .then(|| bin.parent().map(Path::to_path_buf))
+            .flatten()
+    })
+}
+
+/// The SSH settings of environment `environment` of `project`: rigger's known_hosts and the
+/// control sockets under the environment's state directory (`<state>/ssh/`), or the control
+/// sockets in the temporary directory when that path is too long for a socket.
+#[allow(dead_code)] // Used once a provider lists SSH targets (issue 5: the AWS wiring).
+fn ssh_settings(project: &str, environment: &str) -> SshSettings {
+    let root = rigger_local::paths::EnvPaths::for_environment(project, environment)
+        .root()
+        .join("ssh");
+    let mut control_dir = root.join("cm");
+    if control_dir.as_os_str().len() > LONGEST_CONTROL_DIR {
+        let uid = rigger_transport::local::current_user();
+        let name = format!("rigger-ssh-{uid}-{project}-{environment}");
+        let short: String = name.chars().take(40).collect();
+        control_dir = std::env::temp_dir().join(short);
+    }
+    let mut settings = SshSettings::new(root.join("known_hosts"), control_dir);
+    settings.forget_hint = Some(format!("rigger ssh -e {environment} --forget-host-key"));
+    settings
+}
+
+/// A server of a systemd host (AWS) reached over SSH at `target`.
+#[allow(dead_code)] // Used once a provider lists SSH targets (issue 5: the AWS wiring).
+fn ssh_server(
+    project: &str,
+    id: &str,
+    roles: Vec<String>,
+    state: &str,
+    target: SshTarget,
+    settings: Arc<SshSettings>,
+) -> Server {
+    let transport = Arc::new(SshTransport::new(id, target, settings));
+    Server {
+        id: id.to_owned(),
+        roles,
+        state: state.to_owned(),
+        transport: Arc::clone(&transport) as Arc<dyn Transport>,
+        layout: Layout::systemd(project),
+        ssh: Some(transport),
+    }
+}
+
+/// Prints each line prefixed by its server, stdout to stdout and stderr to stderr.
+struct Printer {
+    width: usize,
+}
+
+impl Reporter for Printer {
+    fn line(&self, label: &str, stream: Stream, line: &str) {
+        let text = fanout::prefixed(label, self.width, line);
+        // One write per line, so lines of different servers never mix.
+        let _ = match stream {
+            Stream::Stdout => writeln!(std::io::stdout().lock(), "{text}"),
+            Stream::Stderr => writeln!(std::io::stderr().lock(), "{text}"),
+        };
+    }
+}
+
+fn run_tasks(tasks: Vec<Task>, parallel: usize) -> Result<Vec<fanout::Outcome>, Failure> {
+    let width = tasks.iter().map(|t| t.label.len()).max().unwrap_or(0);
+    let printer: Arc<dyn Reporter> = Arc::new(Printer { width });
+    Ok(runtime()?.block_on(fanout::run(tasks, parallel, printer)))
+}
+
+/// Connects to `server`, then runs `job` (a shell when `None`) on this terminal.
+fn interact(server: &Server, job: Option<&Job>) -> Result<ExitStatus, Failure> {
+    let runtime = runtime()?;
+    runtime
+        .block_on(server.transport.connect())
+        .map_err(|e| Failure::Operation(e.into()))?;
+    let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let process = server.transport.interactive(job, tty);
+    runtime
+        .block_on(rigger_transport::run_interactive(process))
+        .with_context(|| format!("starting a session on {}", server.transport.describe()))
+        .map_err(Failure::Operation)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+        .map_err(Failure::Operation)
+}
+
+fn say(settings: &Settings, line: &str) {
+    if settings.verbosity >= 0 {
+        eprintln!("{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roles(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn check_select(selectors: &[&str], expected: Result<Vec<usize>, &str>) {
+        let web = roles(&["web"]);
+        let worker = roles(&["worker"]);
+        let cache = roles(&["cache", "queue"]);
+        let servers: Vec<(&str, &[String])> = vec![
+            ("web-1", &web),
+            ("web-2", &web),
+            ("worker-1", &worker),
+            ("cache", &cache),
+        ];
+        let selectors: Vec<String> = selectors.iter().map(|s| (*s).to_owned()).collect();
+        assert_eq!(
+            select(&servers, &selectors),
+            expected.map_err(str::to_owned)
+        );
+    }
+
+    #[test]
+    fn selectors_are_roles_or_ids_in_the_fleet_order() {
+        check_select(&[], Ok(vec![0, 1, 2, 3]));
+        check_select(&["web"], Ok(vec![0, 1]));
+        check_select(&["queue", "web-2"], Ok(vec![1, 3]));
+        check_select(&["web", "web-1"], Ok(vec![0, 1]));
+        check_select(
+            &["db"],
+            Err(
+                "no server or role `db`; roles: cache, queue, web, worker; servers: web-1, web-2, worker-1, cache",
+            ),
+        );
+    }
+
+    #[test]
+    fn exec_runs_the_words_as_one_shell_line() {
+        assert_eq!(
+            exec_job("echo $HOSTNAME; uptime").command.to_string(),
+            "/bin/sh -c 'echo $HOSTNAME; uptime'"
+        );
+    }
+
+    #[test]
+    fn manage_on_a_systemd_host_runs_as_the_app() {
+        let layout = Layout::systemd("surveys");
+        let job = manage_job(&layout, &["migrate".into(), "--plan".into()]);
+        assert_eq!(
+            rigger_transport::wrap::remote_line(&job, "admin"),
+            r#"cd /srv/surveys/app && exec sudo -n -H -u www-data -- env HOME=/var/lib/rigger/home/www-data PYTHONUNBUFFERED=1 /bin/sh -c 'set -a && . "$1" && set +a && shift && exec "$@"' rigger-env /etc/rigger/app/app.env /srv/surveys/venv/bin/python manage.py migrate --plan"#
+        );
+    }
+
+    #[test]
+    fn manage_on_a_local_server_uses_its_own_files() {
+        let mut layout = Layout::local(
+            "/var/lib/rigger/s/local/servers/worker-1",
+            "/var/lib/rigger/s/local/shared",
+        );
+        layout.app_dir = "/var/lib/rigger/s/local/releases/initial".into();
+        layout.venv_dir = "/var/lib/rigger/venvs/0123".into();
+        let job = manage_job(&layout, &["check".into()]);
+        let command = rigger_transport::wrap::local_command(&job, "root");
+        assert_eq!(
+            command.to_string(),
+            r#"HOME=/var/lib/rigger/s/local/servers/worker-1/home/www-data PYTHONUNBUFFERED=1 /usr/bin/setpriv --reuid=www-data --regid=www-data --init-groups -- /bin/sh -c 'set -a && . "$1" && set +a && shift && exec "$@"' rigger-env /var/lib/rigger/s/local/servers/worker-1/etc/app/app.env /var/lib/rigger/venvs/0123/bin/python manage.py check"#
+        );
+        assert_eq!(
+            command.cwd.as_deref(),
+            Some(Path::new("/var/lib/rigger/s/local/releases/initial"))
+        );
+    }
+
+    fn ssh_web_server() -> Server {
+        let settings = Arc::new(SshSettings::new("/tmp/kh", "/tmp/cm"));
+        ssh_server(
+            "surveys",
+            "web-1",
+            roles(&["web"]),
+            "in_service",
+            SshTarget::new("203.0.113.7", "admin"),
+            settings,
+        )
+    }
+
+    fn jobs_text(jobs: &[(String, Job)]) -> Vec<String> {
+        jobs.iter()
+            .map(|(label, job)| {
+                format!(
+                    "{label}: {}",
+                    rigger_transport::wrap::remote_line(job, "admin")
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn logs_on_a_systemd_host_read_the_journal_of_rigger_units() {
+        let server = ssh_web_server();
+        assert_eq!(
+            jobs_text(&log_jobs(&server, None, 10, true)),
+            [
+                "web-1: exec sudo -n -H -u root -- journalctl --no-hostname --no-pager -o short-iso -n 10 -f -u 'rigger-*'"
+            ]
+        );
+        assert_eq!(
+            jobs_text(&log_jobs(&server, Some("nginx"), 50, false)),
+            [
+                "web-1: exec sudo -n -H -u root -- journalctl --no-hostname --no-pager -o short-iso -n 50 -u rigger-nginx.service"
+            ]
+        );
+    }
+
+    #[test]
+    fn logs_on_a_local_server_tail_each_service_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("web-1/log");
+        std::fs::create_dir_all(log.join("nginx")).unwrap();
+        for name in ["nginx.log", "gunicorn.log", "steps.log", "notes.txt"] {
+            std::fs::write(log.join(name), "").unwrap();
+        }
+        let server = Server {
+            layout: Layout::local(dir.path().join("web-1"), dir.path().join("shared")),
+            ..ssh_web_server()
+        };
+        let d = dir.path().display();
+        assert_eq!(
+            jobs_text(&log_jobs(&server, None, 5, true)),
+            [
+                format!("web-1/gunicorn: exec tail -n 5 -F {d}/web-1/log/gunicorn.log"),
+                format!("web-1/nginx: exec tail -n 5 -F {d}/web-1/log/nginx.log"),
+            ]
+        );
+        assert_eq!(log_jobs(&server, Some("redis"), 5, false).len(), 0);
+    }
+
+    #[test]
+    fn ssh_settings_keep_control_sockets_short() {
+        let settings = ssh_settings(&"p".repeat(60), "production");
+        assert!(settings.control_dir.as_os_str().len() <= LONGEST_CONTROL_DIR);
+        assert!(
+            settings
+                .known_hosts
+                .ends_with("p".repeat(60) + "/production/ssh/known_hosts")
+        );
+        assert_eq!(
+            settings.forget_hint.as_deref(),
+            Some("rigger ssh -e production --forget-host-key")
+        );
+    }
+}

@@ -1,0 +1,352 @@
+//! End to end: deploys on the local provider, under steady HTTPS load through the load
+//! balancer. A changed app rolls out with zero failed requests and its pages show the new
+//! revision; a release whose health check fails rolls back by itself, with zero failed
+//! requests, and says why; a second deploy at the same time is refused and names the holder;
+//! a Celery task running during the deploy completes; maintenance mode and rollback work.
+//! Needs root and the packages of scripts/install-packages.sh, like local_stack.rs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const BLOCK: &str = "127.80";
+const HTTPS_PORT: u16 = 19443;
+const HTTP_PORT: u16 = 19080;
+
+struct Project {
+    dir: PathBuf,
+    state: PathBuf,
+}
+
+impl Project {
+    /// The example site in a git repository of its own, so the test can commit changes.
+    fn new() -> Project {
+        let root =
+            std::fs::canonicalize(Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")).unwrap();
+        let base = PathBuf::from("/var/tmp/rigger-e2e");
+        let dir = base.join(format!("deploy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let copied = Command::new("cp")
+            .args([
+                "-R",
+                root.join("examples/site/app").to_str().unwrap(),
+                dir.to_str().unwrap(),
+            ])
+            .status()
+            .unwrap();
+        assert!(copied.success());
+        let config = std::fs::read_to_string(root.join("examples/site/rigger.toml"))
+            .unwrap()
+            .replace("127.77.0.0/16", &format!("{BLOCK}.0.0/16"))
+            .replace("http_port = 8080", &format!("http_port = {HTTP_PORT}"))
+            .replace("https_port = 8443", &format!("https_port = {HTTPS_PORT}"))
+            .replace("name = \"surveys\"", "name = \"deploys\"");
+        std::fs::write(dir.join("rigger.toml"), config).unwrap();
+        let project = Project {
+            dir,
+            state: base.join("state"),
+        };
+        project.git(&["init", "-q", "-b", "main"]);
+        project.git(&["add", "-A"]);
+        project.git(&[
+            "-c",
+            "user.name=test",
+            "-c",
+            "user.email=test@example.com",
+            "commit",
+            "-qm",
+            "the example site",
+        ]);
+        project
+    }
+
+    fn git(&self, args: &[&str]) -> String {
+        let output = Command::new("git")
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// Rewrites a file of the app and commits it; returns the new short revision.
+    fn commit_change(&self, file: &str, from: &str, to: &str, message: &str) -> String {
+        let path = self.dir.join("app").join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{file} has no {from:?}");
+        std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+        self.git(&[
+            "-c",
+            "user.name=test",
+            "-c",
+            "user.email=test@example.com",
+            "commit",
+            "-qam",
+            message,
+        ]);
+        self.git(&["rev-parse", "--short=12", "HEAD"])
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rigger"));
+        command
+            .args(args)
+            .current_dir(&self.dir)
+            .env("RIGGER_STATE_DIR", &self.state)
+            .env("NO_COLOR", "1");
+        command
+    }
+
+    fn rigger(&self, args: &[&str]) -> Output {
+        let output = self.command(args).output().expect("rigger runs");
+        eprintln!(
+            "$ rigger {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        let _ = self.rigger(&["down", "--purge", "--yes"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn curl(args: &[&str]) -> (u16, String) {
+    let output = Command::new("curl")
+        .args([
+            "-sk",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "20",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn site(path: &str) -> String {
+    format!("https://{BLOCK}.0.1:{HTTPS_PORT}{path}")
+}
+
+/// Steady HTTPS requests through the load balancer until stopped: counts and failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicUsize>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    releases: Arc<std::sync::Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let releases = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, served, failures, releases) = (
+                    stop.clone(),
+                    served.clone(),
+                    failures.clone(),
+                    releases.clone(),
+                );
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        let (code, body) = curl(&[&site("/healthcheck.html")]);
+                        if code == 200 {
+                            served.fetch_add(1, Ordering::SeqCst);
+                            let release = body
+                                .split_whitespace()
+                                .nth(2)
+                                .unwrap_or_default()
+                                .to_owned();
+                            let mut seen = releases.lock().unwrap();
+                            if seen.last() != Some(&release) {
+                                seen.push(release);
+                            }
+                        } else {
+                            failures.lock().unwrap().push(format!("{code}: {body}"));
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            served,
+            failures,
+            releases,
+            threads,
+        }
+    }
+
+    /// Stops the load; returns (served, failures, releases seen in order).
+    fn finish(self) -> (usize, Vec<String>, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        for thread in self.threads {
+            thread.join().unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        let releases = self.releases.lock().unwrap().clone();
+        (self.served.load(Ordering::SeqCst), failures, releases)
+    }
+}
+
+fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn deploys_roll_out_and_back_without_dropping_a_request() {
+    let project = Project::new();
+    assert!(project.rigger(&["up"]).status.success(), "rigger up failed");
+
+    // A change to the app, deployed under load while a long Celery task runs.
+    let revision = project.commit_change(
+        "polls/views.py",
+        "\n",
+        "\n# Changed by the deploy test.\n",
+        "a new revision",
+    );
+    let (code, body) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"text":"survives the deploy"}"#,
+        &site("/tasks/slow-note?seconds=8"),
+    ]);
+    assert_eq!(code, 202, "{body}");
+    let task: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let task_id = task["task_id"].as_str().unwrap().to_owned();
+
+    let load = Load::start(4);
+    let mut deploy = project
+        .command(&["deploy"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While it runs, a second deploy is refused and names the holder.
+    eventually(
+        "the deploy lock to be taken",
+        Duration::from_secs(60),
+        || {
+            let status = project.rigger(&["lock", "status"]);
+            String::from_utf8_lossy(&status.stdout)
+                .contains("held by")
+                .then_some(())
+        },
+    );
+    let second = project.rigger(&["deploy"]);
+    assert!(!second.status.success());
+    let refusal = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        refusal.contains("another deploy holds the lock"),
+        "{refusal}"
+    );
+    assert!(refusal.contains("deploy HEAD"), "{refusal}");
+    let finished = deploy.wait().unwrap();
+    let mut deploy_out = String::new();
+    std::io::Read::read_to_string(deploy.stdout.as_mut().unwrap(), &mut deploy_out).unwrap();
+    let mut deploy_err = String::new();
+    std::io::Read::read_to_string(deploy.stderr.as_mut().unwrap(), &mut deploy_err).unwrap();
+    eprintln!("$ rigger deploy\n{deploy_out}{deploy_err}");
+    assert!(finished.success(), "the deploy failed");
+    let (served, failures, releases) = load.finish();
+    let new_release = deploy_out.trim().to_owned();
+    assert!(
+        new_release.ends_with(&revision),
+        "{new_release} is not of revision {revision}"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed during the deploy: {failures:?}",
+        failures.len(),
+        served + failures.len()
+    );
+    assert!(served > 20, "too little load to mean anything: {served}");
+    assert_eq!(releases.last(), Some(&new_release), "{releases:?}");
+    eprintln!("deploy: {served} requests served, none failed; releases seen: {releases:?}");
+    // The task that ran during the deploy completed.
+    let (_, body) = curl(&[&site(&format!("/tasks/{task_id}?wait=20"))]);
+    let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(state["successful"], true, "{state}");
+
+    // A release whose health check fails: rolled back by itself, no request lost, and why.
+    let broken = project.commit_change(
+        "polls/health.py",
+        "return _text(200, f\"OK {settings.RIGGER_SERVER} {settings.RIGGER_RELEASE}\")",
+        "return _text(503, \"broken on purpose\")",
+        "break the health check",
+    );
+    let load = Load::start(4);
+    let failed = project.rigger(&["deploy", "--health-timeout", "15"]);
+    let (served, failures, releases) = load.finish();
+    assert!(!failed.status.success());
+    let why = String::from_utf8_lossy(&failed.stderr);
+    assert!(why.contains("rolled back"), "{why}");
+    assert!(why.contains("answered 503"), "{why}");
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed during the rollback: {failures:?}",
+        failures.len(),
+        served + failures.len()
+    );
+    assert_eq!(releases.last(), Some(&new_release), "{releases:?}");
+    let history = project.rigger(&["releases", "--json"]);
+    let history: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
+    let last = history.as_array().unwrap().last().unwrap();
+    assert_eq!(last["result"], "rolled back");
+    assert!(last["release"].as_str().unwrap().ends_with(&broken));
+
+    // Maintenance mode: 503 with the page, while the health check stays green.
+    assert!(project.rigger(&["maintenance", "on"]).status.success());
+    let (code, body) = curl(&[&site("/")]);
+    assert_eq!(code, 503);
+    assert!(body.contains("maintenance"), "{body}");
+    assert_eq!(curl(&[&site("/healthcheck.html")]).0, 200);
+    assert!(project.rigger(&["maintenance", "off"]).status.success());
+    assert_eq!(curl(&[&site("/")]).0, 200);
+
+    // Rollback to the release before, without rebuilding.
+    let back = project.rigger(&["rollback"]);
+    assert!(back.status.success());
+    assert_eq!(String::from_utf8_lossy(&back.stdout).trim(), "initial");
+    let (_, body) = curl(&[&site("/healthcheck.html")]);
+    assert!(
+        body.ends_with("initial") || body.trim_end().ends_with("initial"),
+        "{body}"
+    );
+}
