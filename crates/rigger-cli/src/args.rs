@@ -82,6 +82,9 @@ pub enum Command {
     Lock(LockCommand),
     /// Every web server answers 503 with a maintenance page (health checks stay green).
     Maintenance(MaintenanceArgs),
+    /// Database operations: replication status, failover, replica reseed, backups.
+    #[command(subcommand)]
+    Db(DbCommand),
     /// Run the local environment's supervisor in the foreground (`up` starts it for you).
     #[command(hide = true)]
     Supervise,
@@ -167,6 +170,44 @@ pub enum LockCommand {
     Status,
     /// Remove the lock whoever holds it (when its holder is known to be gone).
     Release,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// The primary, each replica's state and lag, each PgBouncer's connections.
+    Status {
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fail over to a replica: pause writes, wait until it has replayed everything, promote
+    /// it, fence the old primary, repoint every server, resume.
+    Promote {
+        /// The replica to promote (default: the first).
+        replica: Option<String>,
+        /// The primary is gone: promote without pausing or waiting (writes the replica had not
+        /// received are lost; rigger says how much when it can tell).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Rebuild a replica from the primary (default: the first; a new one when there is none).
+    Reseed { replica: Option<String> },
+    /// Dump the app's database (pg_dump, custom format) into the environment's backups.
+    Backup {
+        /// How many backups to keep.
+        #[arg(long, default_value_t = 7)]
+        keep: usize,
+    },
+    /// List the backups.
+    Backups,
+    /// Replace the app's database with a backup (in maintenance mode while it runs).
+    Restore {
+        /// A backup's name (`rigger db backups`) or path.
+        backup: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Args)]

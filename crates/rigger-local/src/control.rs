@@ -437,3 +437,348 @@ pub fn maintenance_on(env: &LocalEnvironment) -> bool {
 }
 
 const DEFAULT_MAINTENANCE_PAGE: &str = "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Down for maintenance</title></head>\n<body><h1>Down for maintenance</h1><p>We'll be back shortly.</p></body></html>\n";
+
+/// Asks the supervisor for a database operation (`promote`, `reseed`) and waits for it.
+pub async fn db_operation(
+    env: &LocalEnvironment,
+    operation: &str,
+    server: Option<String>,
+    force: bool,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<crate::supervisor::database::DbOutcome> {
+    use crate::supervisor::database::{self, DbRequest};
+    let Some(holder) = supervisor::lock_holder(env) else {
+        bail!(
+            "{}/{} is not up; run `rigger up` first",
+            env.config.project.name,
+            env.name
+        );
+    };
+    // Database operations and deploys exclude each other.
+    let _lock = crate::deploy::DeployLock::acquire(
+        &env.paths,
+        &format!("db {operation}"),
+        crate::status::now(),
+    )?;
+    let request = DbRequest {
+        id: format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ),
+        operation: operation.to_owned(),
+        server,
+        force,
+    };
+    database::write_request(&env.paths, &request)?;
+    kill(Pid::from_raw(holder.pid), Signal::SIGUSR2).context("signalling the supervisor")?;
+    let mut last_message = String::new();
+    loop {
+        if let Some(outcome) = database::read_outcome(&env.paths)
+            && outcome.request == request.id
+        {
+            return Ok(outcome);
+        }
+        if let Some(status) = Status::load(&env.paths.status())
+            && status.message != last_message
+        {
+            progress(&status.message);
+            last_message = status.message;
+        }
+        if !pid_alive(holder.pid) {
+            bail!("the supervisor exited during `db {operation}`; `rigger up` restarts it");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `rigger db status`: the primary, each replica (state, lag in bytes and seconds, slot),
+/// and each PgBouncer's client and server connections.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DbStatus {
+    pub primary: Option<String>,
+    pub replicas: Vec<DbReplica>,
+    pub pgbouncers: Vec<PgBouncerPools>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DbReplica {
+    pub id: String,
+    pub state: String,
+    pub lag_bytes: Option<i64>,
+    /// `replay_lag`: reset to 0 by PostgreSQL when the replica has replayed everything, so an
+    /// idle primary does not look lagged.
+    pub lag_seconds: Option<f64>,
+    pub slot: Option<String>,
+    pub slot_active: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PgBouncerPools {
+    pub server: String,
+    pub client_connections: i64,
+    pub server_connections: i64,
+    pub error: Option<String>,
+}
+
+pub async fn db_status(env: &LocalEnvironment) -> anyhow::Result<DbStatus> {
+    use crate::supervisor::database::run_psql;
+    if supervisor::lock_holder(env).is_none() {
+        bail!(
+            "{}/{} is not up; run `rigger up` first",
+            env.config.project.name,
+            env.name
+        );
+    }
+    let registry = crate::registry::Registry::load(&env.paths.registry())?;
+    let primary = env
+        .server_with_role(&registry, rigger_recipes::Role::DbPrimary)
+        .cloned();
+    let mut replicas = Vec::new();
+    if let Some(primary) = &primary {
+        let socket = env.paths.server(&primary.id).join("run/postgresql");
+        let sql = "SELECT r.application_name, r.state, COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), r.replay_lsn), 0)::bigint, \
+                   COALESCE(EXTRACT(EPOCH FROM r.replay_lag), 0)::float8, s.slot_name, s.active \
+                   FROM pg_stat_replication r LEFT JOIN pg_replication_slots s ON s.active_pid = r.pid ORDER BY 1";
+        let rows = run_psql(&socket, sql)
+            .await
+            .context("asking the primary about its replicas")?;
+        for line in rows.lines() {
+            let fields: Vec<&str> = line.split('|').collect();
+            let [id, state, bytes, seconds, slot, active] = fields[..] else {
+                continue;
+            };
+            replicas.push(DbReplica {
+                id: id.to_owned(),
+                state: state.to_owned(),
+                lag_bytes: bytes.parse().ok(),
+                lag_seconds: seconds.parse().ok(),
+                slot: (!slot.is_empty()).then(|| slot.to_owned()),
+                slot_active: (!active.is_empty()).then_some(active == "t"),
+            });
+        }
+        // Replicas the primary does not see streaming are down or catching up: say so.
+        for server in registry
+            .servers
+            .iter()
+            .filter(|s| s.has_role(rigger_recipes::Role::DbReplica))
+        {
+            if !replicas.iter().any(|r| r.id == server.id) {
+                replicas.push(DbReplica {
+                    id: server.id.clone(),
+                    state: "not streaming".into(),
+                    lag_bytes: None,
+                    lag_seconds: None,
+                    slot: None,
+                    slot_active: None,
+                });
+            }
+        }
+    }
+    let secrets = crate::secrets::load_or_generate(&env.paths.secrets())?;
+    let mut pgbouncers = Vec::new();
+    for server in registry.servers.iter().filter(|s| s.group().is_some()) {
+        let output = tokio::process::Command::new("psql")
+            .arg(format!(
+                "host={} port=6432 dbname=pgbouncer user={} sslmode=disable",
+                server.address,
+                env.db_name()
+            ))
+            .args(["-XAtq", "-F", "|", "-c", "SHOW POOLS"])
+            .env_clear()
+            .env("PATH", process::DEFAULT_PATH)
+            .env("PGPASSWORD", secrets.db_password.expose())
+            .env("PGCONNECT_TIMEOUT", "5")
+            .output()
+            .await;
+        let mut pools = PgBouncerPools {
+            server: server.id.clone(),
+            client_connections: 0,
+            server_connections: 0,
+            error: None,
+        };
+        match output {
+            Ok(output) if output.status.success() => {
+                // SHOW POOLS: database|user|cl_active|cl_waiting|cl_active_cancel_req|cl_waiting_cancel_req|sv_active|sv_active_cancel|sv_being_canceled|sv_idle|sv_used|sv_tested|sv_login|...
+                for line in String::from_utf8_lossy(&output.stdout).lines() {
+                    let numbers: Vec<i64> = line
+                        .split('|')
+                        .skip(2)
+                        .map(|f| f.parse().unwrap_or(0))
+                        .collect();
+                    if numbers.len() >= 11 {
+                        pools.client_connections += numbers[0] + numbers[1];
+                        pools.server_connections += numbers[4..11].iter().sum::<i64>();
+                    }
+                }
+            }
+            Ok(output) => {
+                pools.error = Some(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+            }
+            Err(error) => pools.error = Some(error.to_string()),
+        }
+        pgbouncers.push(pools);
+    }
+    Ok(DbStatus {
+        primary: primary.map(|p| p.id),
+        replicas,
+        pgbouncers,
+    })
+}
+
+/// `rigger db backup`: a custom-format `pg_dump` of the app's database from the primary into
+/// the environment's backup directory (mode 0600), keeping the newest `keep`.
+pub async fn db_backup(env: &LocalEnvironment, keep: usize) -> anyhow::Result<std::path::PathBuf> {
+    if supervisor::lock_holder(env).is_none() {
+        bail!(
+            "{}/{} is not up; run `rigger up` first",
+            env.config.project.name,
+            env.name
+        );
+    }
+    let registry = crate::registry::Registry::load(&env.paths.registry())?;
+    let primary = env
+        .server_with_role(&registry, rigger_recipes::Role::DbPrimary)
+        .context("there is no primary")?;
+    let dir = env.paths.root().join("backups");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let name = format!(
+        "{}-{}.dump",
+        env.db_name(),
+        crate::release::timestamp(crate::status::now())
+    );
+    let path = dir.join(&name);
+    let partial = dir.join(format!(".{name}.partial"));
+    let socket = env.paths.server(&primary.id).join("run/postgresql");
+    // pg_dump runs as postgres and writes to stdout; rigger (root) writes the file, 0600.
+    let output = tokio::process::Command::new("setpriv")
+        .args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+            "pg_dump",
+            "-Fc",
+            "-h",
+        ])
+        .arg(&socket)
+        .args(["-p", "5432", "-U", "postgres", "-d", &env.db_name()])
+        .env_clear()
+        .env("PATH", process::DEFAULT_PATH)
+        .env("HOME", "/tmp")
+        .output()
+        .await
+        .context("running pg_dump")?;
+    if !output.status.success() {
+        bail!(
+            "pg_dump failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)?;
+        file.write_all(&output.stdout)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&partial, &path)?;
+    let mut backups = list_backups(env);
+    backups.sort();
+    while backups.len() > keep.max(1) {
+        let oldest = backups.remove(0);
+        let _ = std::fs::remove_file(dir.join(oldest));
+    }
+    Ok(path)
+}
+
+/// Backup file names, oldest first.
+pub fn list_backups(env: &LocalEnvironment) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(env.paths.root().join("backups"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".dump") && !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// `rigger db restore`: replaces the app's database with a backup, in maintenance mode.
+pub async fn db_restore(env: &LocalEnvironment, backup: &str) -> anyhow::Result<()> {
+    if supervisor::lock_holder(env).is_none() {
+        bail!(
+            "{}/{} is not up; run `rigger up` first",
+            env.config.project.name,
+            env.name
+        );
+    }
+    let path = {
+        let named = env.paths.root().join("backups").join(backup);
+        if named.is_file() {
+            named
+        } else {
+            std::path::PathBuf::from(backup)
+        }
+    };
+    anyhow::ensure!(
+        path.is_file(),
+        "no backup `{backup}`; `rigger db backups` lists them"
+    );
+    let registry = crate::registry::Registry::load(&env.paths.registry())?;
+    let primary = env
+        .server_with_role(&registry, rigger_recipes::Role::DbPrimary)
+        .context("there is no primary")?;
+    let _lock = crate::deploy::DeployLock::acquire(&env.paths, "db restore", crate::status::now())?;
+    let was_on = maintenance_on(env);
+    maintenance(env, true)?;
+    let socket = env.paths.server(&primary.id).join("run/postgresql");
+    let input =
+        std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let output = tokio::process::Command::new("setpriv")
+        .args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+            "pg_restore",
+            "--clean",
+            "--if-exists",
+            "--no-owner",
+            "--role",
+        ])
+        .arg(env.db_name())
+        .arg("-h")
+        .arg(&socket)
+        .args(["-p", "5432", "-U", "postgres", "-d", &env.db_name()])
+        .stdin(Stdio::from(input))
+        .env_clear()
+        .env("PATH", process::DEFAULT_PATH)
+        .env("HOME", "/tmp")
+        .output()
+        .await
+        .context("running pg_restore");
+    if !was_on {
+        maintenance(env, false)?;
+    }
+    let output = output?;
+    if !output.status.success() {
+        bail!(
+            "pg_restore failed (maintenance mode {}): {}",
+            if was_on { "still on" } else { "off again" },
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}

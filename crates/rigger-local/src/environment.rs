@@ -96,8 +96,15 @@ impl LocalEnvironment {
         self.config.project.name.replace('-', "_")
     }
 
-    /// The stand-alone servers the configuration asks for, with their fixed addresses.
-    pub fn stand_alone_servers(&self, release: &str) -> Vec<ServerRecord> {
+    /// Adds to `registry` the stand-alone servers the configuration asks for and it lacks:
+    /// the cache (and queue) server, a primary when none has the role, and replicas up to the
+    /// configured count. Existing servers keep their ids and roles: after a failover the
+    /// promoted replica is the primary, and a new replica gets the next number (and address).
+    pub fn add_missing_stand_alone_servers(
+        &self,
+        registry: &mut Registry,
+        release: &str,
+    ) -> Vec<ServerRecord> {
         let block = self.local().addresses;
         let record = |id: &str, roles: &[Role], subnet: u8, host: u8| ServerRecord {
             id: id.to_owned(),
@@ -107,27 +114,46 @@ impl LocalEnvironment {
             state: registry::ServerState::Pending,
             beat: false,
         };
-        let mut servers = Vec::new();
+        let mut wanted = Vec::new();
         if self.env().cache.shared_with_queue {
-            servers.push(record(CACHE, &[Role::Cache, Role::Queue], subnet::CACHE, 1));
+            wanted.push(record(CACHE, &[Role::Cache, Role::Queue], subnet::CACHE, 1));
         } else {
-            servers.push(record(CACHE, &[Role::Cache], subnet::CACHE, 1));
-            servers.push(record(QUEUE, &[Role::Queue], subnet::CACHE, 2));
+            wanted.push(record(CACHE, &[Role::Cache], subnet::CACHE, 1));
+            wanted.push(record(QUEUE, &[Role::Queue], subnet::CACHE, 2));
         }
-        servers.push(record(DB_PRIMARY, &[Role::DbPrimary], subnet::DATABASE, 1));
-        for n in 1..=self.env().database.replicas {
-            let host = u8::try_from(n + 1).unwrap_or(u8::MAX);
-            servers.push(record(
-                &db_replica_id(n),
+        let mut added: Vec<ServerRecord> = wanted
+            .into_iter()
+            .filter(|s| registry.get(&s.id).is_none())
+            .collect();
+        if self.server_with_role(registry, Role::DbPrimary).is_none() {
+            added.push(record(DB_PRIMARY, &[Role::DbPrimary], subnet::DATABASE, 1));
+        }
+        let replicas = registry
+            .servers
+            .iter()
+            .filter(|s| s.has_role(Role::DbReplica))
+            .count();
+        let configured = usize::try_from(self.env().database.replicas).unwrap_or(0);
+        for _ in replicas..configured {
+            let number = registry.last_number.entry("db-replica".into()).or_insert(0);
+            *number += 1;
+            let host = u8::try_from(*number % 250 + 1).unwrap_or(u8::MAX);
+            added.push(record(
+                &db_replica_id(*number),
                 &[Role::DbReplica],
                 subnet::DATABASE,
                 host,
             ));
         }
-        servers
+        registry.servers.extend(added.iter().cloned());
+        added
     }
 
-    fn server_with_role<'r>(&self, registry: &'r Registry, role: Role) -> Option<&'r ServerRecord> {
+    pub fn server_with_role<'r>(
+        &self,
+        registry: &'r Registry,
+        role: Role,
+    ) -> Option<&'r ServerRecord> {
         registry.servers.iter().find(|server| server.has_role(role))
     }
 
@@ -157,16 +183,29 @@ impl LocalEnvironment {
                 |s| s.address,
             )
         };
-        let db_primary = Peer::new(
-            DB_PRIMARY,
-            address_of(Role::DbPrimary, (subnet::DATABASE, 1)),
-        );
-        let db_replicas = registry
+        // The primary is whichever server has the role now (a failover moves it).
+        let db_primary = self
+            .server_with_role(registry, Role::DbPrimary)
+            .map_or_else(
+                || Peer::new(DB_PRIMARY, registry::address(block, subnet::DATABASE, 1)),
+                |primary| Peer::new(primary.id.clone(), primary.address),
+            );
+        let mut db_replicas: Vec<Peer> = registry
             .servers
             .iter()
-            .filter(|s| s.has_role(Role::DbReplica))
+            .filter(|s| s.has_role(Role::DbReplica) && s.state != registry::ServerState::Unhealthy)
             .map(|s| Peer::new(s.id.clone(), s.address))
             .collect();
+        // The app knows its replicas by PgBouncer database names fixed at its start (one per
+        // configured replica). While a replica is missing (after a failover, during a reseed)
+        // its name is served by the primary, so the app keeps working without a restart.
+        let app_server = server.has_role(Role::Web) || server.has_role(Role::Worker);
+        if app_server {
+            let configured = usize::try_from(self.env().database.replicas).unwrap_or(0);
+            while db_replicas.len() < configured {
+                db_replicas.push(db_primary.clone());
+            }
+        }
         let web_backends = registry
             .group_members(Role::Web)
             // A starting web server joins the load balancer only once it answers its health

@@ -13,6 +13,7 @@
 //! Only one supervisor runs per environment: it holds an exclusive lock on `supervisor.lock`,
 //! which the kernel releases when it dies, and the file says who holds it.
 
+pub mod database;
 mod health;
 mod rolling;
 
@@ -174,6 +175,8 @@ struct Supervisor {
     down_since: BTreeMap<String, tokio::time::Instant>,
     /// The last deploy request handled, so a repeated signal does not deploy twice.
     last_deploy_request: Option<String>,
+    /// The last database request handled.
+    last_db_request: Option<String>,
     /// How long a new web server may take to answer its health check (a deploy's
     /// `--health-timeout` while it runs).
     health_timeout: Duration,
@@ -197,6 +200,10 @@ impl Supervisor {
             down_since: BTreeMap::new(),
             last_deploy_request: deploy_outcome_request(&env_paths_for_new),
             health_timeout: READY_TIMEOUT,
+            last_db_request: std::fs::read(database::outcome_path(&env_paths_for_new))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<database::DbOutcome>(&bytes).ok())
+                .map(|outcome| outcome.request),
         }
     }
 
@@ -219,6 +226,7 @@ impl Supervisor {
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
         let mut deploy_signal = signal(SignalKind::user_defined1())?;
+        let mut database_signal = signal(SignalKind::user_defined2())?;
         self.publish(
             Phase::Starting,
             "preparing secrets, certificates, the app's venv and release".into(),
@@ -256,6 +264,7 @@ impl Supervisor {
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
                 _ = deploy_signal.recv() => self.handle_deploy_request().await,
+                _ = database_signal.recv() => self.handle_db_request().await,
                 _ = hangup.recv() => {
                     self.launch_failures = 0;
                     if let Err(error) = self.heal_groups().await {
@@ -312,11 +321,9 @@ impl Supervisor {
     async fn bring_up_servers(&mut self) -> anyhow::Result<()> {
         let prepared = self.prepared();
         // Stand-alone servers keep their ids and addresses across restarts.
-        for server in self.env.stand_alone_servers(&self.current_release()) {
-            if self.registry.get(&server.id).is_none() {
-                self.registry.servers.push(server);
-            }
-        }
+        let release = self.current_release();
+        self.env
+            .add_missing_stand_alone_servers(&mut self.registry, &release);
         self.save_registry()?;
 
         let stand_alone: Vec<ServerRecord> = self
@@ -1108,7 +1115,7 @@ async fn start_server(
     Ok(started)
 }
 
-async fn run_steps(recipe: &Recipe, phase: StepPhase, log: &Path) -> anyhow::Result<()> {
+pub(crate) async fn run_steps(recipe: &Recipe, phase: StepPhase, log: &Path) -> anyhow::Result<()> {
     for step in recipe.steps.iter().filter(|s| s.phase == phase) {
         apply::run_step(step, log).await?;
     }
@@ -1235,7 +1242,7 @@ async fn stop_service(service: &RunningService) {
     tracing::debug!(service = %service.spec.name, server = %service.server, ?outcome, "stopped");
 }
 
-fn to_nix(signal: rigger_recipes::Signal) -> nix::sys::signal::Signal {
+pub(crate) fn to_nix(signal: rigger_recipes::Signal) -> nix::sys::signal::Signal {
     use nix::sys::signal::Signal as N;
     use rigger_recipes::Signal as S;
     match signal {

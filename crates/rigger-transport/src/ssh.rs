@@ -41,7 +41,8 @@ pub struct SshTarget {
     pub port: u16,
     /// The user to log in as (the deploy user).
     pub user: String,
-    /// The private key; `None` lets `ssh` use the agent and its default keys.
+    /// The private key (a relative path is taken from the current directory); `None` lets
+    /// `ssh` use the agent and its default keys.
     pub identity_file: Option<PathBuf>,
     /// The jump host this server is reached through.
     pub bastion: Option<Box<SshTarget>>,
@@ -179,7 +180,7 @@ impl SshTransport {
     pub fn new(server: impl Into<String>, target: SshTarget, settings: Arc<SshSettings>) -> Self {
         SshTransport {
             server: server.into(),
-            target,
+            target: absolute_identities(target),
             settings,
             connected: tokio::sync::Mutex::new(false),
         }
@@ -527,6 +528,18 @@ fn control_path(target: &SshTarget, settings: &SshSettings) -> PathBuf {
     settings
         .control_dir
         .join(format!("{:016x}", fnv1a(key.as_bytes())))
+}
+
+/// `target` with its identity files (and its bastion's) made absolute: ssh would look for a
+/// relative one in the home directory, not the current one.
+fn absolute_identities(mut target: SshTarget) -> SshTarget {
+    if let Some(file) = target.identity_file.take() {
+        target.identity_file = Some(std::path::absolute(&file).unwrap_or(file));
+    }
+    target.bastion = target
+        .bastion
+        .map(|bastion| Box::new(absolute_identities(*bastion)));
+    target
 }
 
 /// Whether a master connection listens on `socket` (a connection to it is accepted).
@@ -883,6 +896,27 @@ mod tests {
         assert_eq!(
             check("ssh: connect to host 203.0.113.7 port 22: Connection refused").to_string(),
             "cannot reach web-1 (admin@203.0.113.7:22): connect to host 203.0.113.7 port 22: Connection refused"
+        );
+    }
+
+    #[test]
+    fn a_relative_identity_file_is_taken_from_the_current_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = SshTarget {
+            identity_file: Some("keys/deploy".into()),
+            bastion: Some(Box::new(SshTarget {
+                identity_file: Some("keys/bastion".into()),
+                ..SshTarget::new("b", "u")
+            })),
+            ..SshTarget::new("h", "u")
+        };
+        let transport = SshTransport::new("web-1", target, settings(dir.path()));
+        let cwd = std::env::current_dir().unwrap();
+        let target = transport.target();
+        assert_eq!(target.identity_file, Some(cwd.join("keys/deploy")));
+        assert_eq!(
+            target.bastion.as_ref().unwrap().identity_file,
+            Some(cwd.join("keys/bastion"))
         );
     }
 

@@ -117,7 +117,7 @@ pub(crate) fn down(args: DownArgs, settings: &Settings) -> Result<(), Failure> {
     Ok(())
 }
 
-fn confirm(question: &str, expected: &str) -> Result<(), Failure> {
+pub(crate) fn confirm(question: &str, expected: &str) -> Result<(), Failure> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
         return Err(Failure::Usage(anyhow!(

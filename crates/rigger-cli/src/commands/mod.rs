@@ -2,6 +2,7 @@
 //! to stdout, and returns a [`Failure`] for [`crate::run`] to report.
 
 mod aws;
+mod db;
 mod deploy;
 mod init;
 mod local;
@@ -39,6 +40,7 @@ pub(crate) fn dispatch(command: Command, settings: &Settings) -> Result<(), Fail
         Command::Releases(args) => deploy::releases(args, settings),
         Command::Lock(command) => deploy::lock(command, settings),
         Command::Maintenance(args) => deploy::maintenance(args, settings),
+        Command::Db(command) => db::run(command, settings),
     }
 }
 

@@ -483,6 +483,32 @@ fn ssh_settings(project: &str, environment: &str) -> SshSettings {
     settings
 }
 
+/// The fleet of a provider whose servers are systemd hosts reached over SSH (AWS): each
+/// server's id, roles, state (`in_service`, ...) and SSH target, in the order to show them.
+/// Prepares the environment's SSH directories.
+#[allow(dead_code)] // Used once a provider lists SSH targets (issue 5: the AWS wiring).
+fn ssh_fleet(
+    project: &str,
+    environment: &str,
+    servers: Vec<(String, Vec<String>, String, SshTarget)>,
+) -> Result<Fleet, Failure> {
+    let settings = ssh_settings(project, environment);
+    settings
+        .prepare()
+        .context("preparing rigger's SSH directory")
+        .map_err(Failure::Operation)?;
+    let settings = Arc::new(settings);
+    Ok(Fleet {
+        environment: format!("{project}/{environment}"),
+        servers: servers
+            .into_iter()
+            .map(|(id, roles, state, target)| {
+                ssh_server(project, &id, roles, &state, target, Arc::clone(&settings))
+            })
+            .collect(),
+    })
+}
+
 /// A server of a systemd host (AWS) reached over SSH at `target`.
 #[allow(dead_code)] // Used once a provider lists SSH targets (issue 5: the AWS wiring).
 fn ssh_server(

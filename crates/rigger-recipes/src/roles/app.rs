@@ -248,6 +248,7 @@ fn common(b: &mut Builder) -> Result<(), RenderError> {
             db_name => &p.db_name,
             port => ports.pgbouncer,
             auth_file => s(&userlist_path),
+            admin_user => &p.db_user,
         },
     )?;
     let ini_path = pgb_etc.join("pgbouncer.ini");

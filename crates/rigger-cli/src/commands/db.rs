@@ -1,0 +1,111 @@
+//! `rigger db`: replication status, failover, reseed, backup and restore (local provider).
+
+use anyhow::{Context as _, anyhow};
+use rigger_local::control;
+
+use super::local::{confirm, local_environment, runtime, say};
+use crate::args::DbCommand;
+use crate::{Failure, Settings};
+
+pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure> {
+    let env = local_environment(settings)?;
+    let runtime = runtime()?;
+    match command {
+        DbCommand::Status { json } => {
+            let status = runtime.block_on(control::db_status(&env))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).context("encoding")?
+                );
+                return Ok(());
+            }
+            println!("primary  {}", status.primary.as_deref().unwrap_or("(none)"));
+            for replica in &status.replicas {
+                println!(
+                    "replica  {:<14} {:<14} lag {} bytes, {:.3} s  slot {}",
+                    replica.id,
+                    replica.state,
+                    replica.lag_bytes.map_or("?".into(), |b| b.to_string()),
+                    replica.lag_seconds.unwrap_or(f64::NAN),
+                    replica.slot.as_deref().unwrap_or("-")
+                );
+            }
+            for pool in &status.pgbouncers {
+                match &pool.error {
+                    None => println!(
+                        "pgbouncer {:<13} {} client, {} server connections",
+                        pool.server, pool.client_connections, pool.server_connections
+                    ),
+                    Some(error) => println!("pgbouncer {:<13} unreachable: {error}", pool.server),
+                }
+            }
+        }
+        DbCommand::Promote { replica, force } => {
+            let outcome = runtime.block_on(control::db_operation(
+                &env,
+                "promote",
+                replica,
+                force,
+                |line| {
+                    say(settings, &format!("  {line}"));
+                },
+            ))?;
+            if !outcome.succeeded {
+                return Err(Failure::Operation(anyhow!(
+                    "failover failed: {}",
+                    outcome.message
+                )));
+            }
+            let paused = outcome
+                .writes_paused_secs
+                .map_or(String::new(), |s| format!(" (writes held for {s:.2} s)"));
+            say(settings, &format!("{}{paused}", outcome.message));
+        }
+        DbCommand::Reseed { replica } => {
+            let outcome = runtime.block_on(control::db_operation(
+                &env,
+                "reseed",
+                replica,
+                false,
+                |line| {
+                    say(settings, &format!("  {line}"));
+                },
+            ))?;
+            if !outcome.succeeded {
+                return Err(Failure::Operation(anyhow!(
+                    "reseed failed: {}",
+                    outcome.message
+                )));
+            }
+            say(settings, &outcome.message);
+        }
+        DbCommand::Backup { keep } => {
+            let path = runtime.block_on(control::db_backup(&env, keep))?;
+            say(
+                settings,
+                &format!("backup written (mode 0600); keeping the newest {keep}"),
+            );
+            println!("{}", path.display());
+        }
+        DbCommand::Backups => {
+            for name in control::list_backups(&env) {
+                println!("{name}");
+            }
+        }
+        DbCommand::Restore { backup, yes } => {
+            if !yes {
+                confirm(
+                    &format!(
+                        "This replaces the database of {}/{} with {backup}. Type the environment's name to confirm: ",
+                        env.config.project.name, env.name
+                    ),
+                    &env.name,
+                )?;
+            }
+            runtime.block_on(control::db_restore(&env, &backup))?;
+            say(settings, &format!("restored {backup}"));
+        }
+    }
+    Ok(())
+}
