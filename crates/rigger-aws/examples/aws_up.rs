@@ -14,14 +14,17 @@ async fn main() {
     let provider = common::provider(&moto, config).await;
 
     let started = Instant::now();
-    let outcome = provider.up(&topology, &common::quiet).await.expect("up");
+    let outcome = provider
+        .up(common::RELEASE, &common::quiet)
+        .await
+        .expect("up");
     let create = started.elapsed();
     assert_eq!(outcome.plan.summary().create, topology.resources.len());
 
     let mut plans = Vec::new();
     for _ in 0..5 {
         let started = Instant::now();
-        let plan = provider.plan(&topology).await.expect("plan");
+        let plan = provider.plan(common::RELEASE).await.expect("plan");
         plans.push(started.elapsed());
         assert!(plan.is_empty(), "{:?}", common::actions(&plan));
     }

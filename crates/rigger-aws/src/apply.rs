@@ -3,10 +3,10 @@
 //! topology wants. A failed step lets the rest of its wave finish, then stops; the next `up`
 //! observes again and converges (every step is idempotent).
 //!
-//! Three orderings the plan cannot express are kept here: launch templates are deleted last
-//! (a group may still use one until its own step switched it); a group's servers are replaced
-//! one at a time (the group keeps serving); a security group's deletion is retried while a
-//! dependency (a load balancer's network interfaces) is still going away.
+//! Three orderings the plan cannot express are kept here: launch templates and configurations
+//! are deleted last (a group may still use one until its own step switched it); a group's
+//! servers are replaced one at a time (the group keeps serving); a security group's deletion is
+//! retried while a dependency (a load balancer's network interfaces) is still going away.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -39,11 +39,6 @@ impl Default for Waits {
     }
 }
 
-/// Average CPU the groups' target-tracking policies aim at (percent).
-pub const CPU_TARGET: f64 = 50.0;
-/// Name of the target-tracking policy on each group.
-pub const POLICY_NAME: &str = "rigger-cpu";
-
 /// Everything a step needs.
 pub(crate) struct Ctx<'a> {
     pub env: &'a AwsEnvironment,
@@ -52,11 +47,12 @@ pub(crate) struct Ctx<'a> {
     pub live: &'a Live,
     pub topology: &'a Topology,
     pub waits: Waits,
-    pub instance_profile: Option<&'a str>,
     pub report: &'a (dyn Fn(&str) + Sync),
     /// Ids of what exists by now: observed, then created by earlier steps.
     security_groups: Mutex<BTreeMap<String, String>>,
     volumes: Mutex<BTreeMap<String, String>>,
+    /// Launch configurations' names on AWS by the topology's names.
+    launch_configurations: Mutex<BTreeMap<String, String>>,
 }
 
 impl Ctx<'_> {
@@ -175,7 +171,6 @@ pub async fn apply(
     topology: &Topology,
     plan: &Plan,
     waits: Waits,
-    instance_profile: Option<&str>,
     report: &(dyn Fn(&str) + Sync),
 ) -> Result<Applied, AwsError> {
     let ctx = Ctx {
@@ -185,7 +180,6 @@ pub async fn apply(
         live,
         topology,
         waits,
-        instance_profile,
         report,
         security_groups: Mutex::new(
             live.security_groups
@@ -199,12 +193,21 @@ pub async fn apply(
                 .filter_map(|(name, list)| Some((name, list.first()?.id.clone())))
                 .collect(),
         ),
+        launch_configurations: Mutex::new(
+            live.launch_configurations_by_name()
+                .into_iter()
+                .map(|(name, lc)| (name, lc.aws_name.clone()))
+                .collect(),
+        ),
     };
     let mut applied = Applied::default();
     let mut deferred: Vec<&Step> = Vec::new();
     for wave in plan.waves() {
         let (now, later): (Vec<&Step>, Vec<&Step>) = wave.into_iter().partition(|step| {
-            !(step.id.kind == ResourceKind::LaunchTemplate && step.action == Action::Delete)
+            !(matches!(
+                step.id.kind,
+                ResourceKind::LaunchTemplate | ResourceKind::LaunchConfiguration
+            ) && step.action == Action::Delete)
         });
         deferred.extend(later);
         // A group's server replacements run one after another; everything else at once.
@@ -284,6 +287,25 @@ async fn run_step(ctx: &Ctx<'_>, step: &Step) -> Result<(), AwsError> {
         )),
         (ResourceKind::SecurityGroup, _, Some(resource)) => {
             ensure_security_group(ctx, resource).await
+        }
+        (ResourceKind::KeyPair, Action::Delete, _) => delete_key_pair(ctx, &step.id.name).await,
+        (ResourceKind::KeyPair, action, Some(resource)) => {
+            if action == Action::Replace {
+                delete_key_pair(ctx, &step.id.name).await?;
+            }
+            ensure_key_pair(ctx, resource, action).await
+        }
+        (ResourceKind::InstanceProfile, Action::Delete, _) => {
+            crate::iam::delete(ctx, &step.id.name).await
+        }
+        (ResourceKind::InstanceProfile, _, Some(resource)) => {
+            crate::iam::ensure(ctx, resource).await
+        }
+        (ResourceKind::LaunchConfiguration, Action::Delete, _) => {
+            delete_launch_configurations(ctx, &step.id.name).await
+        }
+        (ResourceKind::LaunchConfiguration, _, Some(resource)) => {
+            create_launch_configuration(ctx, resource).await
         }
         (ResourceKind::LoadBalancer, Action::Delete, _) => {
             let lb = ctx.live.load_balancers.iter().find(|lb| {
@@ -587,8 +609,9 @@ async fn template_data(
                 .build(),
         )
         .tag_specifications(instance_tags.build())
-        .tag_specifications(volume_tags.build());
-    if let Some(profile) = ctx.instance_profile {
+        .tag_specifications(volume_tags.build())
+        .set_key_name(text(resource, "key_pair").map(str::to_owned));
+    if let Some(profile) = text(resource, "instance_profile") {
         data = data.iam_instance_profile(
             ec2::LaunchTemplateIamInstanceProfileSpecificationRequest::builder()
                 .name(profile)
@@ -666,24 +689,29 @@ async fn ensure_launch_template(
 /// instance-type change does everywhere until they are replaced.
 async fn refresh_group_of_template(ctx: &Ctx<'_>, name: &str) -> Result<(), AwsError> {
     for (group, live) in &ctx.live.groups {
-        if live.launch_template.as_deref() != Some(name) {
-            continue;
-        }
-        let started = ctx
-            .clients
-            .autoscaling
-            .start_instance_refresh()
-            .auto_scaling_group_name(group)
-            .send()
-            .await
-            .op("StartInstanceRefresh", group);
-        if let Err(error) = started {
-            ctx.say(&format!(
-                "warning: {group}'s servers keep the previous launch template version: {error}"
-            ));
+        if live.launch_template.as_deref() == Some(name) {
+            refresh_group(ctx, group).await;
         }
     }
     Ok(())
+}
+
+/// Starts an instance refresh of `group`; a failure only warns (the servers keep what they
+/// were launched from until they are replaced).
+async fn refresh_group(ctx: &Ctx<'_>, group: &str) {
+    let started = ctx
+        .clients
+        .autoscaling
+        .start_instance_refresh()
+        .auto_scaling_group_name(group)
+        .send()
+        .await
+        .op("StartInstanceRefresh", group);
+    if let Err(error) = started {
+        ctx.say(&format!(
+            "warning: {group}'s servers keep what they were launched from: {error}"
+        ));
+    }
 }
 
 async fn delete_launch_template(ctx: &Ctx<'_>, name: &str) -> Result<(), AwsError> {
@@ -704,16 +732,272 @@ async fn delete_launch_template(ctx: &Ctx<'_>, name: &str) -> Result<(), AwsErro
     }
 }
 
+// Key pairs -------------------------------------------------------------------------------
+
+async fn ensure_key_pair(
+    ctx: &Ctx<'_>,
+    resource: &Resource,
+    action: Action,
+) -> Result<(), AwsError> {
+    let name = &resource.id.name;
+    let live = ctx.live.key_pairs.iter().find(|k| &k.name == name);
+    if let (Some(key), Action::Update) = (live, action) {
+        // Only its tags differ (a different key is a replacement).
+        return retag_ec2(ctx, resource, &key.id, &key.tags).await;
+    }
+    let material = text(resource, "public_key").unwrap_or_default();
+    let imported = ctx
+        .clients
+        .ec2
+        .import_key_pair()
+        .key_name(name)
+        .public_key_material(aws_sdk_ec2::primitives::Blob::new(material.as_bytes()))
+        .tag_specifications(ctx.ec2_tags(resource, ec2::ResourceType::KeyPair))
+        .send()
+        .await
+        .op("ImportKeyPair", name);
+    match imported {
+        Err(error) if error.code() == Some("InvalidKeyPair.Duplicate") => {
+            Err(AwsError::precondition(
+                "ImportKeyPair",
+                name,
+                "a key pair of this name exists without the environment's tags, so it is not rigger's",
+                "delete or rename it, or name it in `key_pair` (instead of `admin_public_key`) to use it as it is",
+            ))
+        }
+        other => other.map(|_| ()),
+    }
+}
+
+async fn delete_key_pair(ctx: &Ctx<'_>, name: &str) -> Result<(), AwsError> {
+    if !ctx.live.key_pairs.iter().any(|k| k.name == name) {
+        return Ok(());
+    }
+    match ctx
+        .clients
+        .ec2
+        .delete_key_pair()
+        .key_name(name)
+        .send()
+        .await
+        .op("DeleteKeyPair", name)
+    {
+        Err(error) if error.kind() == ErrorKind::NotFound => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+// Launch configurations (legacy) -------------------------------------------------------------
+
+/// `YYYYMMDDTHHMMSSZ` of now, in UTC.
+fn utc_timestamp() -> String {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    // Howard Hinnant's civil-from-days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+/// Makes a new launch configuration for `resource` (they cannot be changed), points the
+/// groups that used an older one of the same topology name at it, and deletes the older ones.
+async fn create_launch_configuration(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsError> {
+    let name = &resource.id.name;
+    let role = role_of(resource);
+    let topology_role = match role {
+        rigger_recipes::Role::Worker => rigger_topology::Role::Worker,
+        _ => rigger_topology::Role::Web,
+    };
+    let release = text(resource, "release").unwrap_or(&ctx.topology.release);
+    let mut aws_name =
+        ctx.env
+            .names
+            .launch_configuration_on_aws(topology_role, &utc_timestamp(), release);
+    if ctx
+        .live
+        .launch_configurations
+        .iter()
+        .any(|lc| lc.aws_name == aws_name)
+    {
+        // A replacement within the second its predecessor was made.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        aws_name =
+            ctx.env
+                .names
+                .launch_configuration_on_aws(topology_role, &utc_timestamp(), release);
+    }
+    let context = ctx.env.context(ctx.network, &[role], None, release);
+    let user_data = userdata::user_data(ctx.env, &context).map_err(|problem| {
+        AwsError::precondition(
+            "CreateLaunchConfiguration",
+            name,
+            problem,
+            "this is a bug in rigger's recipes or user-data; please report it",
+        )
+    })?;
+    let groups = desired_set(resource, "security_groups")
+        .iter()
+        .map(|group| ctx.sg_id(group))
+        .collect::<Result<Vec<_>, _>>()?;
+    ctx.clients
+        .autoscaling
+        .create_launch_configuration()
+        .launch_configuration_name(&aws_name)
+        .set_image_id(text(resource, "image").map(str::to_owned))
+        .set_instance_type(text(resource, "instance_type").map(str::to_owned))
+        .set_security_groups(Some(groups))
+        .set_key_name(text(resource, "key_pair").map(str::to_owned))
+        .set_iam_instance_profile(text(resource, "instance_profile").map(str::to_owned))
+        .user_data(user_data)
+        .metadata_options(
+            asg::InstanceMetadataOptions::builder()
+                .http_tokens(asg::InstanceMetadataHttpTokensState::Required)
+                .build(),
+        )
+        .block_device_mappings(
+            asg::BlockDeviceMapping::builder()
+                .device_name(DATA_DEVICE)
+                .ebs(
+                    asg::Ebs::builder()
+                        .volume_size(integer(resource, "volume_size_gib").unwrap_or(20) as i32)
+                        .volume_type("gp3")
+                        .encrypted(true)
+                        .delete_on_termination(true)
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .op("CreateLaunchConfiguration", &aws_name)?;
+    ctx.launch_configurations
+        .lock()
+        .expect("not poisoned")
+        .insert(name.clone(), aws_name.clone());
+
+    let older: Vec<&str> = ctx
+        .live
+        .launch_configurations
+        .iter()
+        .filter(|lc| &lc.name == name)
+        .map(|lc| lc.aws_name.as_str())
+        .collect();
+    if older.is_empty() {
+        return Ok(());
+    }
+    for (group, live) in &ctx.live.groups {
+        if !live
+            .launch_configuration
+            .as_deref()
+            .is_some_and(|lc| older.contains(&lc))
+        {
+            continue;
+        }
+        ctx.clients
+            .autoscaling
+            .update_auto_scaling_group()
+            .auto_scaling_group_name(group)
+            .launch_configuration_name(&aws_name)
+            .send()
+            .await
+            .op("UpdateAutoScalingGroup", group)?;
+        refresh_group(ctx, group).await;
+    }
+    for old in older {
+        delete_launch_configuration(ctx, old).await?;
+    }
+    Ok(())
+}
+
+/// Deletes the launch configurations the topology calls `name` (`<name> (<name on AWS>)` for
+/// one alone).
+async fn delete_launch_configurations(ctx: &Ctx<'_>, name: &str) -> Result<(), AwsError> {
+    let names: Vec<&str> = match name.rsplit_once(" (") {
+        Some((_, aws_name)) => vec![aws_name.trim_end_matches(')')],
+        None => ctx
+            .live
+            .launch_configurations
+            .iter()
+            .filter(|lc| lc.name == name)
+            .map(|lc| lc.aws_name.as_str())
+            .collect(),
+    };
+    for aws_name in names {
+        delete_launch_configuration(ctx, aws_name).await?;
+    }
+    Ok(())
+}
+
+async fn delete_launch_configuration(ctx: &Ctx<'_>, aws_name: &str) -> Result<(), AwsError> {
+    let result = retry_in_use(ctx, "DeleteLaunchConfiguration", aws_name, || async {
+        ctx.clients
+            .autoscaling
+            .delete_launch_configuration()
+            .launch_configuration_name(aws_name)
+            .send()
+            .await
+            .op("DeleteLaunchConfiguration", aws_name)
+            .map(|_| ())
+    })
+    .await;
+    match result {
+        // Auto Scaling says a missing one is a validation error.
+        Err(error)
+            if error.kind() == ErrorKind::NotFound
+                || (error.code() == Some("ValidationError")
+                    && error.to_string().contains("not found")) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 // Auto Scaling groups --------------------------------------------------------------------
 
 async fn ensure_group(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsError> {
     use rigger_config::LoadBalancerKind;
     let name = &resource.id.name;
     let client = &ctx.clients.autoscaling;
-    let template = asg::LaunchTemplateSpecification::builder()
-        .set_launch_template_name(text(resource, "launch_template").map(str::to_owned))
-        .version("$Default")
-        .build();
+    // A launch template's `$Default` version, or a launch configuration by its name on AWS.
+    let template = text(resource, "launch_template").map(|name| {
+        asg::LaunchTemplateSpecification::builder()
+            .launch_template_name(name)
+            .version("$Default")
+            .build()
+    });
+    let configuration = match text(resource, "launch_configuration") {
+        Some(name) => Some(
+            ctx.launch_configurations
+                .lock()
+                .expect("not poisoned")
+                .get(name)
+                .cloned()
+                .ok_or_else(|| {
+                    AwsError::precondition(
+                        "(lookup)",
+                        format!("launch configuration {name}"),
+                        "it does not exist",
+                        "run `rigger up` again: it is created by an earlier step",
+                    )
+                })?,
+        ),
+        None => None,
+    };
     let min = integer(resource, "min").unwrap_or(1) as i32;
     let max = integer(resource, "max").unwrap_or(1) as i32;
     let desired = integer(resource, "desired").unwrap_or(1) as i32;
@@ -746,7 +1030,8 @@ async fn ensure_group(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsError
             let mut request = client
                 .create_auto_scaling_group()
                 .auto_scaling_group_name(name)
-                .launch_template(template)
+                .set_launch_template(template)
+                .set_launch_configuration_name(configuration)
                 .min_size(min)
                 .max_size(max)
                 .desired_capacity(desired)
@@ -767,13 +1052,17 @@ async fn ensure_group(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsError
             request.send().await.op("CreateAutoScalingGroup", name)?;
         }
         Some(live) => {
+            // The count is scaling's (the topology took it from the group): it is sent only
+            // when the topology moved it into a changed min..max, so `up` never races the
+            // policy.
             client
                 .update_auto_scaling_group()
                 .auto_scaling_group_name(name)
-                .launch_template(template)
+                .set_launch_template(template)
+                .set_launch_configuration_name(configuration)
                 .min_size(min)
                 .max_size(max)
-                .desired_capacity(desired)
+                .set_desired_capacity((i64::from(desired) != live.desired).then_some(desired))
                 .health_check_type(health_check_type)
                 .send()
                 .await
@@ -858,10 +1147,11 @@ async fn ensure_group(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsError
         }
     }
     // The group follows demand between min and max.
+    let target = integer(resource, "cpu_target").unwrap_or(50) as f64;
     client
         .put_scaling_policy()
         .auto_scaling_group_name(name)
-        .policy_name(POLICY_NAME)
+        .policy_name(crate::live::policy_name(name))
         .policy_type("TargetTrackingScaling")
         .target_tracking_configuration(
             asg::TargetTrackingConfiguration::builder()
@@ -870,7 +1160,7 @@ async fn ensure_group(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsError
                         .predefined_metric_type(asg::MetricType::AsgAverageCpuUtilization)
                         .build(),
                 )
-                .target_value(CPU_TARGET)
+                .target_value(target)
                 .build(),
         )
         .send()
@@ -979,6 +1269,27 @@ async fn replace_group_server(ctx: &Ctx<'_>, server: &str) -> Result<(), AwsErro
 }
 
 async fn delete_group(ctx: &Ctx<'_>, name: &str) -> Result<(), AwsError> {
+    // AWS deletes a group's policies with it; moto keeps them, so rigger deletes its own.
+    if ctx
+        .live
+        .groups
+        .get(name)
+        .is_some_and(|g| g.cpu_target.is_some())
+    {
+        let deleted = ctx
+            .clients
+            .autoscaling
+            .delete_policy()
+            .auto_scaling_group_name(name)
+            .policy_name(crate::live::policy_name(name))
+            .send()
+            .await
+            .op("DeletePolicy", name);
+        match deleted {
+            Err(error) if error.kind() != ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
+    }
     match ctx
         .clients
         .autoscaling
@@ -1213,15 +1524,34 @@ async fn create_server(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsErro
                 .http_tokens(ec2::HttpTokensState::Required)
                 .build(),
         )
-        .tag_specifications(spec.build());
-    if let Some(profile) = ctx.instance_profile {
+        .tag_specifications(spec.build())
+        .set_key_name(text(resource, "key_pair").map(str::to_owned));
+    if let Some(profile) = text(resource, "instance_profile") {
         request = request.iam_instance_profile(
             ec2::IamInstanceProfileSpecification::builder()
                 .name(profile)
                 .build(),
         );
     }
-    let started = request.send().await.op("RunInstances", name)?;
+    // A new instance profile takes a few seconds to reach EC2, which until then calls it
+    // invalid: retried until the timeout.
+    let started_at = std::time::Instant::now();
+    let started = loop {
+        match request.clone().send().await.op("RunInstances", name) {
+            Err(error)
+                if error.code() == Some("InvalidParameterValue")
+                    && error
+                        .to_string()
+                        .to_ascii_lowercase()
+                        .contains("instance profile")
+                    && started_at.elapsed() < ctx.waits.timeout =>
+            {
+                tracing::info!(server = %name, "instance profile not visible yet; retrying");
+                tokio::time::sleep(ctx.waits.poll).await;
+            }
+            other => break other?,
+        }
+    };
     let id = started
         .instances()
         .first()
@@ -1481,7 +1811,68 @@ async fn update_server(
             attach_volume(ctx, name, &instance.id, volume).await?;
         }
     }
+    if let Some(profile) = text(resource, "instance_profile")
+        && instance.instance_profile.as_deref() != Some(profile)
+    {
+        set_instance_profile(ctx, name, &instance.id, profile).await?;
+    }
     retag_ec2(ctx, resource, &instance.id, &instance.tags).await
+}
+
+/// Gives a running server instance profile `profile`, replacing the one it has.
+async fn set_instance_profile(
+    ctx: &Ctx<'_>,
+    name: &str,
+    instance: &str,
+    profile: &str,
+) -> Result<(), AwsError> {
+    let spec = ec2::IamInstanceProfileSpecification::builder()
+        .name(profile)
+        .build();
+    let associations = ctx
+        .clients
+        .ec2
+        .describe_iam_instance_profile_associations()
+        .filters(filter("instance-id", [instance]))
+        .send()
+        .await
+        .op("DescribeIamInstanceProfileAssociations", name)?;
+    let current = associations
+        .iam_instance_profile_associations()
+        .iter()
+        .find(|a| {
+            a.state().is_some_and(|s| {
+                matches!(
+                    s,
+                    ec2::IamInstanceProfileAssociationState::Associated
+                        | ec2::IamInstanceProfileAssociationState::Associating
+                )
+            })
+        })
+        .and_then(|a| a.association_id());
+    match current {
+        Some(association) => {
+            ctx.clients
+                .ec2
+                .replace_iam_instance_profile_association()
+                .association_id(association)
+                .iam_instance_profile(spec)
+                .send()
+                .await
+                .op("ReplaceIamInstanceProfileAssociation", name)?;
+        }
+        None => {
+            ctx.clients
+                .ec2
+                .associate_iam_instance_profile()
+                .instance_id(instance)
+                .iam_instance_profile(spec)
+                .send()
+                .await
+                .op("AssociateIamInstanceProfile", name)?;
+        }
+    }
+    Ok(())
 }
 
 /// Terminates the server and deletes its network interface.

@@ -1,6 +1,6 @@
 //! Connecting to AWS: one SDK configuration (credentials and endpoint from aws-config's
-//! standard chain) shared by the EC2, Auto Scaling, Elastic Load Balancing (classic and v2)
-//! and SSM clients.
+//! standard chain) shared by the EC2, Auto Scaling, Elastic Load Balancing (classic and v2),
+//! SSM and IAM clients.
 //!
 //! The HTTP client is hyper + rustls on ring, built here rather than through the SDK's
 //! default-https-client feature, whose aws-lc build costs minutes of compile time.
@@ -34,6 +34,8 @@ pub struct Clients {
     pub elb: aws_sdk_elasticloadbalancing::Client,
     pub elbv2: aws_sdk_elasticloadbalancingv2::Client,
     pub ssm: aws_sdk_ssm::Client,
+    /// The servers' role and instance profile (IAM is global; the SDK picks its endpoint).
+    pub iam: aws_sdk_iam::Client,
     pub region: String,
 }
 
@@ -69,6 +71,7 @@ impl Clients {
             elb: aws_sdk_elasticloadbalancing::Client::new(&shared),
             elbv2: aws_sdk_elasticloadbalancingv2::Client::new(&shared),
             ssm: aws_sdk_ssm::Client::new(&shared),
+            iam: aws_sdk_iam::Client::new(&shared),
             region: connection.region.clone(),
         }
     }

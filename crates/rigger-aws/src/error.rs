@@ -87,9 +87,13 @@ impl ErrorKind {
         } else if code == "DependencyViolation"
             || code.ends_with("InUse")
             || code == "ResourceInUse"
+            || code == "DeleteConflict"
         {
             ErrorKind::DependencyViolation
-        } else if lower.contains("notfound") || lower.contains("not.found") {
+        } else if lower.contains("notfound")
+            || lower.contains("not.found")
+            || code == "NoSuchEntity"
+        {
             ErrorKind::NotFound
         } else {
             ErrorKind::Other
@@ -110,6 +114,8 @@ pub enum AwsError {
         /// The service's error code and message (never a secret: rigger sends secrets only
         /// as SSM parameter values, which errors do not echo).
         problem: String,
+        /// The service's error code alone (`EntityAlreadyExists`), when it sent one.
+        code: Option<String>,
         #[source]
         source: BoxError,
     },
@@ -129,6 +135,14 @@ impl AwsError {
         match self {
             AwsError::Call { kind, .. } => *kind,
             AwsError::Precondition { .. } | AwsError::Timeout { .. } => ErrorKind::Other,
+        }
+    }
+
+    /// The service's error code, for the few errors a caller handles by code.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            AwsError::Call { code, .. } => code.as_deref(),
+            AwsError::Precondition { .. } | AwsError::Timeout { .. } => None,
         }
     }
 
@@ -206,6 +220,7 @@ where
         resource,
         kind,
         problem,
+        code: error.code().map(str::to_owned),
         source: Box::new(error),
     }
 }
@@ -233,6 +248,9 @@ mod tests {
             ),
             ("InvalidGroup.NotFound", ErrorKind::NotFound),
             ("LoadBalancerNotFound", ErrorKind::NotFound),
+            ("NoSuchEntity", ErrorKind::NotFound),
+            ("InvalidKeyPair.NotFound", ErrorKind::NotFound),
+            ("DeleteConflict", ErrorKind::DependencyViolation),
             ("ValidationError", ErrorKind::Other),
         ] {
             assert_eq!(ErrorKind::from_code(code), kind, "{code}");

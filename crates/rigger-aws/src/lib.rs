@@ -3,11 +3,13 @@
 //!
 //! [`Provider`] is the entry point: [`Provider::plan`] observes everything tagged with the
 //! environment's `project` and `environment` ([`live`]) and hands it to the planner with the
-//! desired topology; [`Provider::up`] stores missing secrets in SSM ([`secrets`]), checks the
-//! machine image, and applies the plan wave by wave ([`apply`]); [`Provider::down`] applies
-//! the plan against an empty topology, so the same code deletes in reverse dependency order;
+//! desired topology ([`Provider::desired`]: the groups' counts are scaling's once they
+//! exist); [`Provider::up`] stores missing secrets in SSM ([`secrets`]), checks the machine
+//! image, and applies the plan wave by wave ([`apply`]); [`Provider::down`] applies the plan
+//! against an empty topology, so the same code deletes in reverse dependency order;
 //! [`Provider::status`] reports in the local provider's `rigger.status` schema ([`status`]).
-//! Servers boot with user-data rendered from the role recipes ([`userdata`]).
+//! Servers boot with user-data rendered from the role recipes ([`userdata`]) and read their
+//! secrets with the instance profile ([`iam`]).
 //!
 //! Architecture invariant: this is the only crate that depends on the AWS SDK. Everything it
 //! decides comes from the pure crates (topology, plan, recipes); it only talks to AWS.
@@ -19,6 +21,7 @@ pub mod apply;
 pub mod client;
 pub mod environment;
 pub mod error;
+pub mod iam;
 pub mod live;
 pub mod loadbalancer;
 pub mod secrets;
@@ -27,7 +30,7 @@ pub mod userdata;
 
 use rigger_config::Config;
 use rigger_plan::{Action, Plan};
-use rigger_topology::{ResourceKind, Topology};
+use rigger_topology::{ResourceKind, ScaledCounts, Topology, TopologyError};
 
 pub use apply::Waits;
 pub use client::{Clients, Connection};
@@ -41,8 +44,6 @@ pub struct Provider {
     pub env: AwsEnvironment,
     pub clients: Clients,
     pub waits: Waits,
-    /// Instance profile the servers read their secrets with (see docs/aws.md).
-    pub instance_profile: Option<String>,
 }
 
 /// What `up` did.
@@ -50,6 +51,8 @@ pub struct Provider {
 pub struct UpOutcome {
     /// The plan that was applied (empty when there was nothing to do).
     pub plan: Plan,
+    /// The topology the plan was made for.
+    pub topology: Topology,
     /// Names of the secrets created in SSM (never their values).
     pub secrets_created: Vec<String>,
 }
@@ -70,38 +73,57 @@ impl Provider {
             clients: Clients::connect(&connection).await,
             env,
             waits: Waits::default(),
-            instance_profile: None,
         })
     }
 
     /// The environment's network and everything tagged as its own.
     pub async fn observe(&self) -> Result<(Network, Live), AwsError> {
-        let network = live::network(&self.clients).await?;
+        let network = live::network(&self.env, &self.clients).await?;
         let live = Live::read(&self.env, &self.clients).await?;
         Ok((network, live))
     }
 
-    /// The diff between the live environment and `topology`.
-    pub async fn plan(&self, topology: &Topology) -> Result<Plan, AwsError> {
-        let (_, live) = self.observe().await?;
-        Ok(rigger_plan::plan(&live.observed(&self.env), topology))
+    /// The environment's desired topology at `release`, given what exists: an existing
+    /// group's count is the one scaling left it at (within `min..=max`), not rigger.toml's
+    /// `desired`, so `up` never undoes what the scaling policy did.
+    pub fn desired(&self, live: &Live, release: &str) -> Result<Topology, TopologyError> {
+        let count = |role| {
+            live.groups
+                .get(&self.env.names.group(role))
+                .map(|g| u32::try_from(g.desired).unwrap_or(0))
+        };
+        let scaled = ScaledCounts {
+            web: count(rigger_topology::Role::Web),
+            worker: count(rigger_topology::Role::Worker),
+        };
+        rigger_topology::desired_scaled(&self.env.config, &self.env.name, release, scaled)
     }
 
-    /// Makes the environment match `topology`; a second run finds nothing to do.
+    /// The diff between the live environment and its topology at `release`.
+    pub async fn plan(&self, release: &str) -> Result<Plan, AwsError> {
+        let (_, live) = self.observe().await?;
+        let topology = self.desired(&live, release).map_err(topology_error)?;
+        Ok(rigger_plan::plan(&live.observed(&self.env), &topology))
+    }
+
+    /// Makes the environment match its topology at `release`; a second run finds nothing to
+    /// do.
     pub async fn up(
         &self,
-        topology: &Topology,
+        release: &str,
         report: &(dyn Fn(&str) + Sync),
     ) -> Result<UpOutcome, AwsError> {
         let (network, live) = self.observe().await?;
+        let topology = self.desired(&live, release).map_err(topology_error)?;
         let secrets_created = secrets::ensure(&self.env, &self.clients, &live.parameters).await?;
         for name in &secrets_created {
             report(&format!("stored secret {name} in SSM"));
         }
-        let plan = rigger_plan::plan(&live.observed(&self.env), topology);
+        let plan = rigger_plan::plan(&live.observed(&self.env), &topology);
         if plan.is_empty() {
             return Ok(UpOutcome {
                 plan,
+                topology,
                 secrets_created,
             });
         }
@@ -109,7 +131,9 @@ impl Provider {
             matches!(s.action, Action::Create | Action::Replace | Action::Update)
                 && matches!(
                     s.id.kind,
-                    ResourceKind::LaunchTemplate | ResourceKind::Server
+                    ResourceKind::LaunchTemplate
+                        | ResourceKind::LaunchConfiguration
+                        | ResourceKind::Server
                 )
         });
         if launches {
@@ -120,15 +144,15 @@ impl Provider {
             &self.clients,
             &network,
             &live,
-            topology,
+            &topology,
             &plan,
             self.waits,
-            self.instance_profile.as_deref(),
             report,
         )
         .await?;
         Ok(UpOutcome {
             plan,
+            topology,
             secrets_created,
         })
     }
@@ -152,7 +176,6 @@ impl Provider {
             &nothing,
             &plan,
             self.waits,
-            None,
             report,
         )
         .await?;
@@ -207,4 +230,14 @@ impl Provider {
         }
         Ok(())
     }
+}
+
+/// The environment was checked when the provider connected; a topology error here is a bug.
+fn topology_error(error: TopologyError) -> AwsError {
+    AwsError::precondition(
+        "(topology)",
+        "rigger.toml",
+        error.to_string(),
+        "this is a bug in rigger; please report it",
+    )
 }

@@ -3,27 +3,33 @@
 //! ids with attributes spelled exactly as `rigger-topology` spells them ([`Live::observed`]),
 //! so that after `up` the planner finds nothing to do and drift shows as actions.
 //!
-//! Mapping: security groups, load balancer, launch templates and Auto Scaling groups by name;
-//! a group's servers by slot (its instances sorted by launch time, then id, are
-//! `<group>[1..n]`); stand-alone servers and volumes by their `Name` tag. Two instances or
-//! volumes claiming one name (an interrupted replacement) both show: the newest under the
-//! name, the other as `<name> (<id>)`, which the planner deletes.
+//! Mapping: security groups, key pair, load balancer, launch templates and Auto Scaling groups
+//! by name; the instance profile by its name, `<project>-<env>-instance`, and its tags (IAM
+//! cannot search by tag); launch configurations, which have no tags, by their name
+//! `<project>-<env>-<role>-<UTC timestamp>-<release>`, shown without the timestamp as the
+//! topology names them, with the tags their name implies; a group's servers by slot (its
+//! instances sorted by launch time, then id, are `<group>[1..n]`); stand-alone servers and
+//! volumes by their `Name` tag. Two instances, volumes or launch configurations claiming one
+//! name (an interrupted replacement) all show: the newest under the name, the others as
+//! `<name> (<id>)`, which the planner deletes.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use aws_sdk_ec2::types::{Filter, IpPermission, IpRange, UserIdGroupPair};
 use rigger_config::LoadBalancerKind;
 use rigger_plan::{Observed, ObservedResource};
-use rigger_topology::{ResourceId, ResourceKind, Value, tag};
+use rigger_topology::{ResourceId, ResourceKind, Role, Value, tag};
 
 use crate::Clients;
 use crate::environment::{AwsEnvironment, Cidr, Network, Subnet};
-use crate::error::{AwsError, Context as _};
+use crate::error::{AwsError, Context as _, ErrorKind};
 
 /// The device every data volume is attached at.
 pub const DATA_DEVICE: &str = "/dev/sdf";
 /// The tag a stand-alone server carries its recipe roles in (`cache,queue`).
 pub const ROLES_TAG: &str = "roles";
+/// The inline policy of rigger's instance role.
+pub const ROLE_POLICY: &str = "rigger-secrets";
 
 pub type Tags = BTreeMap<String, String>;
 
@@ -65,6 +71,47 @@ pub struct LiveLaunchTemplate {
     pub instance_type: Option<String>,
     pub security_group_ids: Vec<String>,
     pub volume_size: Option<i64>,
+    pub key_pair: Option<String>,
+    pub instance_profile: Option<String>,
+    pub tags: Tags,
+}
+
+/// A launch configuration of the environment (known by its name: they have no tags).
+#[derive(Debug, Clone, Default)]
+pub struct LiveLaunchConfiguration {
+    /// The name on AWS, with its timestamp.
+    pub aws_name: String,
+    /// The topology's name (without the timestamp).
+    pub name: String,
+    pub image: Option<String>,
+    pub instance_type: Option<String>,
+    pub security_group_ids: Vec<String>,
+    pub volume_size: Option<i64>,
+    pub key_pair: Option<String>,
+    pub instance_profile: Option<String>,
+}
+
+/// The key pair rigger imported.
+#[derive(Debug, Clone, Default)]
+pub struct LiveKeyPair {
+    pub id: String,
+    pub name: String,
+    /// `type base64`, without a comment.
+    pub public_key: Option<String>,
+    pub tags: Tags,
+}
+
+/// rigger's instance profile and its role (either may be missing after an interrupted run).
+#[derive(Debug, Clone, Default)]
+pub struct LiveInstanceProfile {
+    pub name: String,
+    pub profile_exists: bool,
+    /// Roles in the profile.
+    pub roles: Vec<String>,
+    pub role_exists: bool,
+    /// What the role's inline policy allows, spelled as the topology spells it; `None` when
+    /// the policy is missing.
+    pub permissions: Option<BTreeSet<String>>,
     pub tags: Tags,
 }
 
@@ -74,6 +121,10 @@ pub struct LiveGroup {
     pub max: i64,
     pub desired: i64,
     pub launch_template: Option<String>,
+    /// The name on AWS, with its timestamp.
+    pub launch_configuration: Option<String>,
+    /// The target of the group's CPU policy, if it has one.
+    pub cpu_target: Option<i64>,
     pub load_balancer_names: Vec<String>,
     pub target_group_arns: Vec<String>,
     pub health_check_type: Option<String>,
@@ -86,6 +137,8 @@ pub struct LiveGroup {
 pub struct GroupInstance {
     pub id: String,
     pub launch_template: Option<String>,
+    /// The name on AWS, with its timestamp.
+    pub launch_configuration: Option<String>,
     pub lifecycle: String,
     pub health: String,
 }
@@ -103,6 +156,9 @@ pub struct LiveInstance {
     pub security_group_ids: Vec<String>,
     /// The primary network interface, whose groups are the instance's.
     pub primary_interface: Option<String>,
+    pub key_pair: Option<String>,
+    /// The instance profile's name.
+    pub instance_profile: Option<String>,
     pub tags: Tags,
 }
 
@@ -134,8 +190,12 @@ pub struct LiveVolume {
 #[derive(Debug, Clone, Default)]
 pub struct Live {
     pub security_groups: BTreeMap<String, LiveSecurityGroup>,
+    pub key_pairs: Vec<LiveKeyPair>,
+    pub instance_profile: Option<LiveInstanceProfile>,
     pub load_balancers: Vec<LiveLoadBalancer>,
     pub launch_templates: BTreeMap<String, LiveLaunchTemplate>,
+    /// Newest first.
+    pub launch_configurations: Vec<LiveLaunchConfiguration>,
     pub groups: BTreeMap<String, LiveGroup>,
     /// Every instance that is not terminated or shutting down, by id.
     pub instances: BTreeMap<String, LiveInstance>,
@@ -145,42 +205,101 @@ pub struct Live {
     pub parameters: Vec<String>,
 }
 
-/// Finds the region's default VPC and its subnets.
-pub async fn network(clients: &Clients) -> Result<Network, AwsError> {
-    let vpcs = clients
-        .ec2
-        .describe_vpcs()
-        .filters(filter("isDefault", ["true"]))
-        .send()
-        .await
-        .op(
-            "DescribeVpcs",
+/// Finds the environment's VPC (rigger.toml's `vpc`, or the region's default VPC) and its
+/// subnets (rigger.toml's `subnets`, or the VPC's default subnets).
+pub async fn network(env: &AwsEnvironment, clients: &Clients) -> Result<Network, AwsError> {
+    let aws = env.aws();
+    let (request, what) = match &aws.vpc {
+        Some(id) => (clients.ec2.describe_vpcs().vpc_ids(id), id.clone()),
+        None => (
+            clients
+                .ec2
+                .describe_vpcs()
+                .filters(filter("isDefault", ["true"])),
             format!("(default VPC of {})", clients.region),
-        )?;
-    let Some(vpc) = vpcs.vpcs().first() else {
-        return Err(AwsError::precondition(
-            "DescribeVpcs",
-            format!("(default VPC of {})", clients.region),
-            "the region has no default VPC",
-            "create one with `aws ec2 create-default-vpc` (choosing a VPC in rigger.toml is not supported yet)",
-        ));
+        ),
+    };
+    let vpcs = match request.send().await.op("DescribeVpcs", &what) {
+        Err(error) if error.kind() == ErrorKind::NotFound => None,
+        other => Some(other?),
+    };
+    let Some(vpc) = vpcs.as_ref().and_then(|v| v.vpcs().first()) else {
+        return Err(match &aws.vpc {
+            Some(id) => AwsError::precondition(
+                "DescribeVpcs",
+                id,
+                format!("the VPC does not exist in {}", clients.region),
+                "check `vpc` in rigger.toml (`aws ec2 describe-vpcs` lists the region's VPCs), or leave it out to use the default VPC",
+            ),
+            None => AwsError::precondition(
+                "DescribeVpcs",
+                what,
+                "the region has no default VPC",
+                "set `vpc` (and `subnets`) in rigger.toml, or create a default VPC with `aws ec2 create-default-vpc`",
+            ),
+        });
     };
     let vpc_id = vpc.vpc_id().unwrap_or_default().to_owned();
     let vpc_cidr = vpc.cidr_block().and_then(Cidr::parse).unwrap_or(Cidr {
         addr: [172, 31, 0, 0].into(),
         prefix: 16,
     });
-    let subnets = clients
-        .ec2
-        .describe_subnets()
-        .filters(filter("vpc-id", [vpc_id.as_str()]))
-        .send()
-        .await
-        .op("DescribeSubnets", &vpc_id)?;
-    let mut subnets: Vec<Subnet> = subnets
+    let chosen = &aws.subnets;
+    let answer = if chosen.is_empty() {
+        clients
+            .ec2
+            .describe_subnets()
+            .filters(filter("vpc-id", [vpc_id.as_str()]))
+            .send()
+            .await
+            .op("DescribeSubnets", &vpc_id)?
+    } else {
+        clients
+            .ec2
+            .describe_subnets()
+            .set_subnet_ids(Some(chosen.clone()))
+            .send()
+            .await
+            .op("DescribeSubnets", chosen.join(", "))?
+    };
+    if !chosen.is_empty() {
+        for id in chosen {
+            let found = answer
+                .subnets()
+                .iter()
+                .find(|s| s.subnet_id() == Some(id.as_str()));
+            match found.and_then(|s| s.vpc_id()) {
+                None => {
+                    return Err(AwsError::precondition(
+                        "DescribeSubnets",
+                        id,
+                        format!("the subnet does not exist in {}", clients.region),
+                        "check `subnets` in rigger.toml (`aws ec2 describe-subnets` lists them)",
+                    ));
+                }
+                Some(other) if other != vpc_id => {
+                    let help = if aws.vpc.is_some() {
+                        "list only subnets of the environment's `vpc` in `subnets`".to_owned()
+                    } else {
+                        format!(
+                            "set `vpc = \"{other}\"` in rigger.toml (without it the environment uses the default VPC), or list subnets of the default VPC"
+                        )
+                    };
+                    return Err(AwsError::precondition(
+                        "DescribeSubnets",
+                        id,
+                        format!("the subnet belongs to {other}, not to {vpc_id}"),
+                        help,
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    let mut subnets: Vec<Subnet> = answer
         .subnets()
         .iter()
-        .filter(|s| s.default_for_az().unwrap_or(true))
+        .filter(|s| !chosen.is_empty() || s.default_for_az().unwrap_or(true))
         .filter_map(|s| {
             Some(Subnet {
                 id: s.subnet_id()?.to_owned(),
@@ -194,8 +313,8 @@ pub async fn network(clients: &Clients) -> Result<Network, AwsError> {
         return Err(AwsError::precondition(
             "DescribeSubnets",
             vpc_id,
-            "the default VPC has no default subnets",
-            "create them with `aws ec2 create-default-subnet --availability-zone ZONE`",
+            "the VPC has no default subnets",
+            "list the subnets to use in `subnets` in rigger.toml, or create default ones with `aws ec2 create-default-subnet --availability-zone ZONE`",
         ));
     }
     Ok(Network {
@@ -327,6 +446,11 @@ impl Live {
                         primary_interface: primary
                             .and_then(|n| n.network_interface_id())
                             .map(str::to_owned),
+                        key_pair: instance.key_name().map(str::to_owned),
+                        instance_profile: instance
+                            .iam_instance_profile()
+                            .and_then(|p| p.arn())
+                            .map(profile_name),
                         tags: ec2_tags(instance.tags()),
                     },
                 );
@@ -434,10 +558,19 @@ impl Live {
                             .and_then(|e| e.volume_size())
                             .map(i64::from)
                     }),
+                    key_pair: data.and_then(|d| d.key_name()).map(str::to_owned),
+                    instance_profile: data
+                        .and_then(|d| d.iam_instance_profile())
+                        .and_then(|p| p.name().map(str::to_owned).or(p.arn().map(profile_name))),
                     tags: ec2_tags(template.tags()),
                 },
             );
         }
+
+        live.read_key_pairs(clients, ours().to_vec(), &scope)
+            .await?;
+        live.instance_profile = read_instance_profile(env, clients).await?;
+        live.read_launch_configurations(env, clients).await?;
 
         live.read_groups(env, clients, &scope).await?;
         live.read_load_balancers(env, clients).await?;
@@ -520,6 +653,7 @@ impl Live {
                             .launch_template()
                             .and_then(|t| t.launch_template_name())
                             .map(str::to_owned),
+                        launch_configuration: i.launch_configuration_name().map(str::to_owned),
                         lifecycle: i
                             .lifecycle_state()
                             .map_or(String::new(), |s| s.as_str().to_owned()),
@@ -547,6 +681,8 @@ impl Live {
                             .launch_template()
                             .and_then(|t| t.launch_template_name())
                             .map(str::to_owned),
+                        launch_configuration: group.launch_configuration_name().map(str::to_owned),
+                        cpu_target: None,
                         load_balancer_names: group.load_balancer_names().to_vec(),
                         target_group_arns: group.target_group_arns().to_vec(),
                         health_check_type: group.health_check_type().map(str::to_owned),
@@ -556,6 +692,110 @@ impl Live {
                 );
             }
         }
+        // Each group's CPU policy (named after the group: moto keys policies by name alone).
+        if !self.groups.is_empty() {
+            let mut pages = clients
+                .autoscaling
+                .describe_policies()
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.op("DescribePolicies", scope)?;
+                for policy in page.scaling_policies() {
+                    let (Some(group), Some(name)) =
+                        (policy.auto_scaling_group_name(), policy.policy_name())
+                    else {
+                        continue;
+                    };
+                    if name != policy_name(group) {
+                        continue;
+                    }
+                    if let Some(live) = self.groups.get_mut(group) {
+                        live.cpu_target = policy
+                            .target_tracking_configuration()
+                            .and_then(|t| t.target_value())
+                            .map(|v| v.round() as i64);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Key pairs tagged as the environment's (rigger imports at most one).
+    async fn read_key_pairs(
+        &mut self,
+        clients: &Clients,
+        filters: Vec<Filter>,
+        scope: &str,
+    ) -> Result<(), AwsError> {
+        let answer = clients
+            .ec2
+            .describe_key_pairs()
+            .set_filters(Some(filters))
+            .include_public_key(true)
+            .send()
+            .await
+            .op("DescribeKeyPairs", scope)?;
+        for key in answer.key_pairs() {
+            self.key_pairs.push(LiveKeyPair {
+                id: key.key_pair_id().unwrap_or_default().to_owned(),
+                name: key.key_name().unwrap_or_default().to_owned(),
+                public_key: key
+                    .public_key()
+                    .map(|k| k.split_whitespace().take(2).collect::<Vec<_>>().join(" ")),
+                tags: ec2_tags(key.tags()),
+            });
+        }
+        Ok(())
+    }
+
+    /// The environment's launch configurations, found by name (they have no tags), newest
+    /// first.
+    async fn read_launch_configurations(
+        &mut self,
+        env: &AwsEnvironment,
+        clients: &Clients,
+    ) -> Result<(), AwsError> {
+        let mut pages = clients
+            .autoscaling
+            .describe_launch_configurations()
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.op(
+                "DescribeLaunchConfigurations",
+                format!("({}-{}-*)", env.project(), env.name),
+            )?;
+            for lc in page.launch_configurations() {
+                let aws_name = lc.launch_configuration_name().unwrap_or_default();
+                let Some(name) = env.names.launch_configuration_from_aws(aws_name) else {
+                    continue;
+                };
+                self.launch_configurations.push(LiveLaunchConfiguration {
+                    aws_name: aws_name.to_owned(),
+                    name,
+                    image: lc.image_id().map(str::to_owned),
+                    instance_type: lc.instance_type().map(str::to_owned),
+                    security_group_ids: lc.security_groups().to_vec(),
+                    volume_size: lc
+                        .block_device_mappings()
+                        .iter()
+                        .find(|m| m.device_name() == Some(DATA_DEVICE))
+                        .and_then(|m| m.ebs())
+                        .and_then(|e| e.volume_size())
+                        .map(i64::from),
+                    key_pair: lc.key_name().filter(|k| !k.is_empty()).map(str::to_owned),
+                    instance_profile: lc
+                        .iam_instance_profile()
+                        .filter(|p| !p.is_empty())
+                        .map(profile_name),
+                });
+            }
+        }
+        // The timestamp sorts as text.
+        self.launch_configurations
+            .sort_by(|a, b| b.aws_name.cmp(&a.aws_name));
         Ok(())
     }
 
@@ -768,6 +1008,96 @@ impl Live {
             );
         }
 
+        for key in &self.key_pairs {
+            let mut attributes = Vec::new();
+            if let Some(public_key) = &key.public_key {
+                attributes.push(("public_key", Value::from(public_key.as_str())));
+            }
+            put(
+                ResourceKind::KeyPair,
+                &key.name,
+                attributes,
+                &key.tags,
+                Vec::new(),
+            );
+        }
+
+        if let Some(profile) = &self.instance_profile {
+            let mut attributes = Vec::new();
+            // The profile holds its role; a missing profile or role shows as a different one.
+            if profile.profile_exists
+                && profile.role_exists
+                && profile.roles == [profile.name.clone()]
+            {
+                attributes.push(("role", Value::from(profile.name.as_str())));
+            }
+            if let Some(permissions) = &profile.permissions {
+                attributes.push(("permissions", set(permissions.clone())));
+            }
+            put(
+                ResourceKind::InstanceProfile,
+                &profile.name,
+                attributes,
+                &profile.tags,
+                Vec::new(),
+            );
+        }
+
+        for (name, configuration) in self.launch_configurations_by_name() {
+            let mut attributes = vec![(
+                "security_groups",
+                set(self.sg_names(&configuration.security_group_ids)),
+            )];
+            let release = name
+                .strip_prefix(&format!("{}-", env.names.group(Role::Web)))
+                .or_else(|| name.strip_prefix(&format!("{}-", env.names.group(Role::Worker))))
+                .unwrap_or_default()
+                .to_owned();
+            let role = if name.starts_with(&format!("{}-", env.names.group(Role::Web))) {
+                Role::Web
+            } else {
+                Role::Worker
+            };
+            attributes.push(("release", Value::from(release.as_str())));
+            if let Some(image) = &configuration.image {
+                attributes.push(("image", Value::from(image.as_str())));
+            }
+            if let Some(instance_type) = &configuration.instance_type {
+                attributes.push(("instance_type", Value::from(instance_type.as_str())));
+            }
+            if let Some(size) = configuration.volume_size {
+                attributes.push(("volume_size_gib", Value::Integer(size)));
+            }
+            let mut depends_on: Vec<ResourceId> = self
+                .sg_names(&configuration.security_group_ids)
+                .iter()
+                .map(|n| sg(n))
+                .collect();
+            self.access_attributes(
+                &mut attributes,
+                &mut depends_on,
+                configuration.key_pair.as_deref(),
+                configuration.instance_profile.as_deref(),
+            );
+            // Launch configurations have no tags: the name says whose they are.
+            let tags: Tags = [
+                (tag::PROJECT, env.project()),
+                (tag::ENVIRONMENT, env.name.as_str()),
+                (tag::ROLE, role.as_str()),
+                (tag::RELEASE, release.as_str()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+            put(
+                ResourceKind::LaunchConfiguration,
+                &name,
+                attributes,
+                &tags,
+                depends_on,
+            );
+        }
+
         for (name, template) in &self.launch_templates {
             let mut attributes = vec![(
                 "security_groups",
@@ -785,11 +1115,17 @@ impl Live {
             if let Some(size) = template.volume_size {
                 attributes.push(("volume_size_gib", Value::Integer(size)));
             }
-            let depends_on = self
+            let mut depends_on: Vec<ResourceId> = self
                 .sg_names(&template.security_group_ids)
                 .iter()
                 .map(|n| sg(n))
                 .collect();
+            self.access_attributes(
+                &mut attributes,
+                &mut depends_on,
+                template.key_pair.as_deref(),
+                template.instance_profile.as_deref(),
+            );
             put(
                 ResourceKind::LaunchTemplate,
                 name,
@@ -809,6 +1145,17 @@ impl Live {
             if let Some(template) = &group.launch_template {
                 attributes.push(("launch_template", Value::from(template.as_str())));
                 depends_on.push(ResourceId::new(ResourceKind::LaunchTemplate, template));
+            }
+            if let Some(aws_name) = &group.launch_configuration {
+                let configuration = self.launch_configuration_id(aws_name);
+                attributes.push(("launch_configuration", Value::from(configuration.as_str())));
+                depends_on.push(ResourceId::new(
+                    ResourceKind::LaunchConfiguration,
+                    configuration,
+                ));
+            }
+            if let Some(target) = group.cpu_target {
+                attributes.push(("cpu_target", Value::Integer(target)));
             }
             if let Some(kind) = &group.health_check_type {
                 attributes.push(("health_check_type", Value::from(kind.as_str())));
@@ -833,6 +1180,12 @@ impl Live {
                 let mut attributes = Vec::new();
                 if let Some(template) = &member.launch_template {
                     attributes.push(("launch_template", Value::from(template.as_str())));
+                }
+                if let Some(aws_name) = &member.launch_configuration {
+                    attributes.push((
+                        "launch_configuration",
+                        Value::from(self.launch_configuration_id(aws_name)),
+                    ));
                 }
                 put(
                     ResourceKind::GroupServer,
@@ -885,6 +1238,12 @@ impl Live {
                     depends_on.push(ResourceId::new(ResourceKind::Volume, volume));
                     attributes.push(("data_volume", Value::from(volume.as_str())));
                 }
+                self.access_attributes(
+                    &mut attributes,
+                    &mut depends_on,
+                    instance.key_pair.as_deref(),
+                    instance.instance_profile.as_deref(),
+                );
                 put(
                     ResourceKind::Server,
                     &id,
@@ -916,6 +1275,65 @@ impl Live {
             }
         }
         observed
+    }
+
+    /// A server's (or template's) `key_pair` and `instance_profile`, with dependencies on them
+    /// when they are rigger's, so they are deleted after what uses them.
+    fn access_attributes(
+        &self,
+        attributes: &mut Vec<(&'static str, Value)>,
+        depends_on: &mut Vec<ResourceId>,
+        key_pair: Option<&str>,
+        instance_profile: Option<&str>,
+    ) {
+        if let Some(key) = key_pair {
+            attributes.push(("key_pair", Value::from(key)));
+            if self.key_pairs.iter().any(|k| k.name == key) {
+                depends_on.push(ResourceId::new(ResourceKind::KeyPair, key));
+            }
+        }
+        if let Some(profile) = instance_profile {
+            attributes.push(("instance_profile", Value::from(profile)));
+            if self
+                .instance_profile
+                .as_ref()
+                .is_some_and(|p| p.name == profile)
+            {
+                depends_on.push(ResourceId::new(ResourceKind::InstanceProfile, profile));
+            }
+        }
+    }
+
+    /// Launch configurations by the topology's name: the newest under it, older ones of the
+    /// same name (an interrupted replacement) as `<name> (<name on AWS>)`.
+    pub fn launch_configurations_by_name(&self) -> Vec<(String, &LiveLaunchConfiguration)> {
+        let mut seen = BTreeSet::new();
+        self.launch_configurations
+            .iter()
+            .map(|lc| {
+                if seen.insert(lc.name.clone()) {
+                    (lc.name.clone(), lc)
+                } else {
+                    (format!("{} ({})", lc.name, lc.aws_name), lc)
+                }
+            })
+            .collect()
+    }
+
+    /// The topology's id of the launch configuration named `aws_name` on AWS.
+    pub fn launch_configuration_id(&self, aws_name: &str) -> String {
+        self.launch_configurations_by_name()
+            .into_iter()
+            .find(|(_, lc)| lc.aws_name == aws_name)
+            .map_or_else(|| aws_name.to_owned(), |(name, _)| name)
+    }
+
+    /// The name on AWS of the newest launch configuration the topology calls `name`.
+    pub fn launch_configuration_aws_name(&self, name: &str) -> Option<&str> {
+        self.launch_configurations
+            .iter()
+            .find(|lc| lc.name == name)
+            .map(|lc| lc.aws_name.as_str())
     }
 
     /// The load balancer a group is attached to, as the topology names it: the name when the
@@ -951,6 +1369,108 @@ impl Live {
         }
         None
     }
+}
+
+/// The name of group `group`'s target-tracking CPU policy.
+pub fn policy_name(group: &str) -> String {
+    format!("{group}-cpu")
+}
+
+/// An instance profile's name from its ARN (`arn:aws:iam::1:instance-profile/path/NAME`), or
+/// the name itself.
+fn profile_name(arn_or_name: &str) -> String {
+    arn_or_name
+        .rsplit_once('/')
+        .map_or(arn_or_name, |(_, name)| name)
+        .to_owned()
+}
+
+/// rigger's instance profile and role, `<project>-<env>-instance`, if either exists with the
+/// environment's tags (one of the same name without them is not rigger's and is left alone).
+async fn read_instance_profile(
+    env: &AwsEnvironment,
+    clients: &Clients,
+) -> Result<Option<LiveInstanceProfile>, AwsError> {
+    let name = env.names.instance_profile();
+    let owned = |tags: &Tags| {
+        tags.get(tag::PROJECT).map(String::as_str) == Some(env.project())
+            && tags.get(tag::ENVIRONMENT) == Some(&env.name)
+    };
+    let iam_tags = |tags: &[aws_sdk_iam::types::Tag]| -> Tags {
+        tags.iter()
+            .map(|t| (t.key().to_owned(), t.value().to_owned()))
+            .collect()
+    };
+    let mut live = LiveInstanceProfile {
+        name: name.clone(),
+        ..LiveInstanceProfile::default()
+    };
+    match clients
+        .iam
+        .get_instance_profile()
+        .instance_profile_name(&name)
+        .send()
+        .await
+        .op("GetInstanceProfile", &name)
+    {
+        Err(error) if error.kind() == ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+        Ok(answer) => {
+            if let Some(profile) = answer.instance_profile() {
+                let tags = iam_tags(profile.tags());
+                if owned(&tags) {
+                    live.profile_exists = true;
+                    live.roles = profile
+                        .roles()
+                        .iter()
+                        .map(|r| r.role_name().to_owned())
+                        .collect();
+                    live.tags = tags;
+                }
+            }
+        }
+    }
+    match clients
+        .iam
+        .get_role()
+        .role_name(&name)
+        .send()
+        .await
+        .op("GetRole", &name)
+    {
+        Err(error) if error.kind() == ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+        Ok(answer) => {
+            let tags = answer
+                .role()
+                .map(|r| iam_tags(r.tags()))
+                .unwrap_or_default();
+            if owned(&tags) {
+                live.role_exists = true;
+                if !live.profile_exists {
+                    live.tags = tags;
+                }
+            }
+        }
+    }
+    if live.role_exists {
+        match clients
+            .iam
+            .get_role_policy()
+            .role_name(&name)
+            .policy_name(ROLE_POLICY)
+            .send()
+            .await
+            .op("GetRolePolicy", &name)
+        {
+            Err(error) if error.kind() == ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+            Ok(answer) => {
+                live.permissions = Some(crate::iam::permissions(answer.policy_document()));
+            }
+        }
+    }
+    Ok((live.profile_exists || live.role_exists).then_some(live))
 }
 
 /// The `Name` of stand-alone server `server`'s network interface.

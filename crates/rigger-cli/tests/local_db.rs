@@ -4,152 +4,80 @@
 //! the new primary; a backup restored gives back the same rows.
 //! Needs root and the packages of scripts/install-packages.sh, like local_stack.rs.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{AppSource, Site, curl, eventually};
+
 const BLOCK: &str = "127.82";
 const HTTPS_PORT: u16 = 20443;
-
-struct Stack {
-    dir: PathBuf,
-    state: PathBuf,
-}
-
-impl Stack {
-    fn new() -> Stack {
-        let root =
-            std::fs::canonicalize(Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")).unwrap();
-        let base = PathBuf::from("/var/tmp/rigger-e2e");
-        let dir = base.join(format!("db-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::os::unix::fs::symlink(root.join("examples/site/app"), dir.join("app")).unwrap();
-        let config = std::fs::read_to_string(root.join("examples/site/rigger.toml"))
-            .unwrap()
-            .replace("127.77.0.0/16", &format!("{BLOCK}.0.0/16"))
-            .replace("http_port = 8080", "http_port = 20080")
-            .replace("https_port = 8443", &format!("https_port = {HTTPS_PORT}"))
-            .replace("name = \"surveys\"", "name = \"dbops\"");
-        std::fs::write(dir.join("rigger.toml"), config).unwrap();
-        Stack {
-            state: base.join("state"),
-            dir,
-        }
-    }
-
-    fn rigger(&self, args: &[&str]) -> Output {
-        let output = Command::new(env!("CARGO_BIN_EXE_rigger"))
-            .args(args)
-            .current_dir(&self.dir)
-            .env("RIGGER_STATE_DIR", &self.state)
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("rigger runs");
-        eprintln!(
-            "$ rigger {}\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        output
-    }
-
-    fn db_status(&self) -> serde_json::Value {
-        let output = self.rigger(&["db", "status", "--json"]);
-        assert!(output.status.success());
-        serde_json::from_slice(&output.stdout).unwrap()
-    }
-
-    /// A query as postgres on a database server, over its Unix socket.
-    fn sql(&self, server: &str, query: &str) -> String {
-        let socket = self
-            .state
-            .join(format!("dbops/local/servers/{server}/run/postgresql"));
-        let output = Command::new("setpriv")
-            .args([
-                "--reuid=postgres",
-                "--regid=postgres",
-                "--init-groups",
-                "--",
-                "psql",
-                "-XAtq",
-                "-h",
-            ])
-            .arg(socket)
-            .args(["-d", "dbops", "-c", query])
-            .env("HOME", "/tmp")
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{query}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        let _ = self.rigger(&["down", "--purge", "--yes"]);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn site(path: &str) -> String {
     format!("https://{BLOCK}.0.1:{HTTPS_PORT}{path}")
 }
 
-/// POSTs a note; its id when the site acknowledged it.
-fn write_note(text: &str) -> Result<i64, String> {
-    let output = Command::new("curl")
-        .args([
-            "-sk",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "30",
-            "-w",
-            "\n%{http_code}",
-            "-X",
-            "POST",
-            "-H",
-            "content-type: application/json",
-        ])
-        .args(["-d", &format!(r#"{{"text":"{text}"}}"#), &site("/notes")])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    if code.trim() != "201" {
-        return Err(format!("{code}: {body}"));
-    }
-    let note: serde_json::Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
-    note["id"].as_i64().ok_or_else(|| body.to_owned())
+fn db_status(stack: &Site) -> serde_json::Value {
+    let output = stack.rigger(&["db", "status", "--json"]);
+    assert!(output.status.success());
+    serde_json::from_slice(&output.stdout).unwrap()
 }
 
-fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
+/// A query as postgres on a database server, over its Unix socket.
+fn sql(stack: &Site, server: &str, query: &str) -> String {
+    let socket = stack
+        .env_dir()
+        .join(format!("servers/{server}/run/postgresql"));
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+            "psql",
+            "-XAtq",
+            "-h",
+        ])
+        .arg(socket)
+        .args(["-d", &stack.project, "-c", query])
+        .env("HOME", "/tmp")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{query}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// POSTs a note; its id when the site acknowledged it.
+fn write_note(text: &str) -> Result<i64, String> {
+    let (code, body) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &format!(r#"{{"text":"{text}"}}"#),
+        &site("/notes"),
+    ]);
+    if code != 201 {
+        return Err(format!("{code}: {body}"));
     }
+    let note: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    note["id"].as_i64().ok_or(body)
 }
 
 #[test]
 fn failover_reseed_backup_and_restore_on_real_postgres() {
-    let stack = Stack::new();
+    let stack = Site::new("dbops", 82, 20080, HTTPS_PORT, AppSource::Link);
     assert!(stack.rigger(&["up"]).status.success(), "rigger up failed");
-    let status = stack.db_status();
+    let status = db_status(&stack);
     assert_eq!(status["primary"], "db-primary", "{status}");
     assert_eq!(status["replicas"][0]["state"], "streaming", "{status}");
     assert!(status["replicas"][0]["slot"].as_str().is_some(), "{status}");
@@ -216,7 +144,8 @@ fn failover_reseed_backup_and_restore_on_real_postgres() {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let found = stack.sql(
+    let found = sql(
+        &stack,
         "db-replica1",
         &format!("SELECT count(*) FROM polls_note WHERE id IN ({ids})"),
     );
@@ -225,7 +154,7 @@ fn failover_reseed_backup_and_restore_on_real_postgres() {
         acknowledged.len().to_string(),
         "acknowledged writes missing on the new primary"
     );
-    let status = stack.db_status();
+    let status = db_status(&stack);
     assert_eq!(status["primary"], "db-replica1", "{status}");
     // The old primary refuses connections.
     let old = Command::new("psql")
@@ -243,7 +172,7 @@ fn failover_reseed_backup_and_restore_on_real_postgres() {
     // Reseed: a replica of the new primary, streaming, with the rows.
     assert!(stack.rigger(&["db", "reseed"]).status.success());
     let status = eventually("the new replica streaming", Duration::from_secs(30), || {
-        let status = stack.db_status();
+        let status = db_status(&stack);
         (status["replicas"][0]["state"] == "streaming").then_some(status)
     });
     let replica = status["replicas"][0]["id"].as_str().unwrap().to_owned();
@@ -253,7 +182,8 @@ fn failover_reseed_backup_and_restore_on_real_postgres() {
         "the note on the new replica",
         Duration::from_secs(10),
         || {
-            (stack.sql(
+            (sql(
+                &stack,
                 &replica,
                 &format!("SELECT count(*) FROM polls_note WHERE id = {note}"),
             ) == "1")
@@ -262,7 +192,7 @@ fn failover_reseed_backup_and_restore_on_real_postgres() {
     );
 
     // Backup, more writes, restore: the rows are those of the backup.
-    let rows_at_backup = stack.sql("db-replica1", "SELECT count(*) FROM polls_note");
+    let rows_at_backup = sql(&stack, "db-replica1", "SELECT count(*) FROM polls_note");
     let backup = stack.rigger(&["db", "backup"]);
     assert!(backup.status.success());
     let path = PathBuf::from(String::from_utf8_lossy(&backup.stdout).trim());
@@ -273,7 +203,7 @@ fn failover_reseed_backup_and_restore_on_real_postgres() {
         write_note(&format!("after the backup {n}")).unwrap();
     }
     assert_ne!(
-        stack.sql("db-replica1", "SELECT count(*) FROM polls_note"),
+        sql(&stack, "db-replica1", "SELECT count(*) FROM polls_note"),
         rows_at_backup
     );
     let name = path.file_name().unwrap().to_str().unwrap().to_owned();
@@ -284,7 +214,7 @@ fn failover_reseed_backup_and_restore_on_real_postgres() {
             .success()
     );
     assert_eq!(
-        stack.sql("db-replica1", "SELECT count(*) FROM polls_note"),
+        sql(&stack, "db-replica1", "SELECT count(*) FROM polls_note"),
         rows_at_backup
     );
     // The site works after the restore (maintenance mode is off again).

@@ -5,143 +5,18 @@
 //! a Celery task running during the deploy completes; maintenance mode and rollback work.
 //! Needs root and the packages of scripts/install-packages.sh, like local_stack.rs.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use common::{AppSource, Site, curl, eventually};
 
 const BLOCK: &str = "127.80";
 const HTTPS_PORT: u16 = 19443;
 const HTTP_PORT: u16 = 19080;
-
-struct Project {
-    dir: PathBuf,
-    state: PathBuf,
-}
-
-impl Project {
-    /// The example site in a git repository of its own, so the test can commit changes.
-    fn new() -> Project {
-        let root =
-            std::fs::canonicalize(Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")).unwrap();
-        let base = PathBuf::from("/var/tmp/rigger-e2e");
-        let dir = base.join(format!("deploy-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let copied = Command::new("cp")
-            .args([
-                "-R",
-                root.join("examples/site/app").to_str().unwrap(),
-                dir.to_str().unwrap(),
-            ])
-            .status()
-            .unwrap();
-        assert!(copied.success());
-        let config = std::fs::read_to_string(root.join("examples/site/rigger.toml"))
-            .unwrap()
-            .replace("127.77.0.0/16", &format!("{BLOCK}.0.0/16"))
-            .replace("http_port = 8080", &format!("http_port = {HTTP_PORT}"))
-            .replace("https_port = 8443", &format!("https_port = {HTTPS_PORT}"))
-            .replace("name = \"surveys\"", "name = \"deploys\"");
-        std::fs::write(dir.join("rigger.toml"), config).unwrap();
-        let project = Project {
-            dir,
-            state: base.join("state"),
-        };
-        project.git(&["init", "-q", "-b", "main"]);
-        project.git(&["add", "-A"]);
-        project.git(&[
-            "-c",
-            "user.name=test",
-            "-c",
-            "user.email=test@example.com",
-            "commit",
-            "-qm",
-            "the example site",
-        ]);
-        project
-    }
-
-    fn git(&self, args: &[&str]) -> String {
-        let output = Command::new("git")
-            .args(args)
-            .current_dir(&self.dir)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
-    }
-
-    /// Rewrites a file of the app and commits it; returns the new short revision.
-    fn commit_change(&self, file: &str, from: &str, to: &str, message: &str) -> String {
-        let path = self.dir.join("app").join(file);
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains(from), "{file} has no {from:?}");
-        std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
-        self.git(&[
-            "-c",
-            "user.name=test",
-            "-c",
-            "user.email=test@example.com",
-            "commit",
-            "-qam",
-            message,
-        ]);
-        self.git(&["rev-parse", "--short=12", "HEAD"])
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_rigger"));
-        command
-            .args(args)
-            .current_dir(&self.dir)
-            .env("RIGGER_STATE_DIR", &self.state)
-            .env("NO_COLOR", "1");
-        command
-    }
-
-    fn rigger(&self, args: &[&str]) -> Output {
-        let output = self.command(args).output().expect("rigger runs");
-        eprintln!(
-            "$ rigger {}\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        output
-    }
-}
-
-impl Drop for Project {
-    fn drop(&mut self) {
-        let _ = self.rigger(&["down", "--purge", "--yes"]);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn curl(args: &[&str]) -> (u16, String) {
-    let output = Command::new("curl")
-        .args([
-            "-sk",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "20",
-            "-w",
-            "\n%{http_code}",
-        ])
-        .args(args)
-        .output()
-        .expect("curl runs");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
-}
 
 fn site(path: &str) -> String {
     format!("https://{BLOCK}.0.1:{HTTPS_PORT}{path}")
@@ -212,23 +87,9 @@ impl Load {
     }
 }
 
-fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 #[test]
 fn deploys_roll_out_and_back_without_dropping_a_request() {
-    let project = Project::new();
+    let project = Site::new("deploys", 80, HTTP_PORT, HTTPS_PORT, AppSource::GitCopy);
     assert!(project.rigger(&["up"]).status.success(), "rigger up failed");
 
     // A change to the app, deployed under load while a long Celery task runs.

@@ -4,148 +4,54 @@
 //! them). One test function, because every step builds on the previous one and a whole stack
 //! per step would cost minutes.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-/// Its own address block and ports, so it never meets the example a developer left running.
+use common::{AppSource, Site, alive, curl, eventually};
+
 const BLOCK: &str = "127.78";
 const HTTPS_PORT: u16 = 18443;
 const HTTP_PORT: u16 = 18080;
-
-struct Stack {
-    dir: PathBuf,
-    state: PathBuf,
-}
-
-impl Stack {
-    fn new() -> Stack {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let root = std::fs::canonicalize(root).unwrap();
-        // Service users must traverse every parent of the state directory: not under /root.
-        let base = PathBuf::from("/var/tmp/rigger-e2e");
-        let dir = base.join(format!("project-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::os::unix::fs::symlink(root.join("examples/site/app"), dir.join("app")).unwrap();
-        let config = std::fs::read_to_string(root.join("examples/site/rigger.toml"))
-            .unwrap()
-            .replace("127.77.0.0/16", &format!("{BLOCK}.0.0/16"))
-            .replace("http_port = 8080", &format!("http_port = {HTTP_PORT}"))
-            .replace("https_port = 8443", &format!("https_port = {HTTPS_PORT}"))
-            .replace("name = \"surveys\"", "name = \"e2e\"");
-        std::fs::write(dir.join("rigger.toml"), config).unwrap();
-        Stack {
-            state: base.join("state"),
-            dir,
-        }
-    }
-
-    fn rigger(&self, args: &[&str]) -> Output {
-        let output = Command::new(env!("CARGO_BIN_EXE_rigger"))
-            .args(args)
-            .current_dir(&self.dir)
-            .env("RIGGER_STATE_DIR", &self.state)
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("rigger runs");
-        eprintln!(
-            "$ rigger {}\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        output
-    }
-
-    fn env_dir(&self) -> PathBuf {
-        self.state.join("e2e/local")
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let output = self.rigger(&["status", "--json"]);
-        assert!(output.status.success());
-        serde_json::from_slice(&output.stdout).unwrap()
-    }
-
-    fn web_servers(&self) -> Vec<(String, String)> {
-        self.status()["servers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| s["roles"].as_array().unwrap().iter().any(|r| r == "web"))
-            .map(|s| {
-                (
-                    s["id"].as_str().unwrap().to_owned(),
-                    s["load_balancer"].as_str().unwrap_or("").to_owned(),
-                )
-            })
-            .collect()
-    }
-
-    /// Every pid the supervisor recorded.
-    fn recorded_pids(&self) -> Vec<i32> {
-        let mut pids = Vec::new();
-        for server in self.status()["servers"].as_array().unwrap() {
-            for process in server["processes"].as_array().unwrap() {
-                pids.push(process["pid"].as_i64().unwrap() as i32);
-            }
-        }
-        pids.push(self.status()["supervisor_pid"].as_i64().unwrap() as i32);
-        pids
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        // Whatever happened, leave nothing running and nothing on disk.
-        let _ = self.rigger(&["down", "--purge", "--yes"]);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn curl(args: &[&str]) -> (u16, String) {
-    let output = Command::new("curl")
-        .args([
-            "-sk",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "20",
-            "-w",
-            "\n%{http_code}",
-        ])
-        .args(args)
-        .output()
-        .expect("curl runs");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
-}
 
 fn site(path: &str) -> String {
     format!("https://{BLOCK}.0.1:{HTTPS_PORT}{path}")
 }
 
-fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+fn status(stack: &Site) -> serde_json::Value {
+    let output = stack.rigger(&["status", "--json"]);
+    assert!(output.status.success());
+    serde_json::from_slice(&output.stdout).unwrap()
 }
 
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-    })
+fn web_servers(stack: &Site) -> Vec<(String, String)> {
+    status(stack)["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["roles"].as_array().unwrap().iter().any(|r| r == "web"))
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_owned(),
+                s["load_balancer"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Every pid the supervisor recorded, and the supervisor's.
+fn recorded_pids(stack: &Site) -> Vec<i32> {
+    let status = status(stack);
+    let mut pids: Vec<i32> = status["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|server| server["processes"].as_array().unwrap().iter())
+        .map(|process| process["pid"].as_i64().unwrap() as i32)
+        .collect();
+    pids.push(status["supervisor_pid"].as_i64().unwrap() as i32);
+    pids
 }
 
 fn psql(conninfo: &str, password: &str) -> Output {
@@ -159,11 +65,7 @@ fn psql(conninfo: &str, password: &str) -> Output {
 
 #[test]
 fn the_example_site_runs_on_the_local_provider_with_real_services() {
-    assert!(
-        nix_is_root(),
-        "this test runs PostgreSQL, nginx and friends as their service users: run it as root (scripts/test)"
-    );
-    let stack = Stack::new();
+    let stack = Site::new("e2e", 78, HTTP_PORT, HTTPS_PORT, AppSource::Link);
 
     // Up: returns when every web server is UP behind the load balancer, prints the URL.
     let up = stack.rigger(&["up"]);
@@ -315,7 +217,7 @@ fn the_example_site_runs_on_the_local_provider_with_real_services() {
     assert!(said.contains("intruder"), "{said}");
 
     // Replication is visible in status.
-    let status = stack.status();
+    let status = status(&stack);
     assert_eq!(status["replication"][0]["id"], "db-replica1", "{status}");
     assert_eq!(status["replication"][0]["state"], "streaming", "{status}");
 
@@ -368,7 +270,7 @@ fn the_example_site_runs_on_the_local_provider_with_real_services() {
         .status()
         .unwrap();
     let servers = eventually("web-1's replacement UP", Duration::from_secs(30), || {
-        let servers = stack.web_servers();
+        let servers = web_servers(&stack);
         let ids: Vec<&str> = servers.iter().map(|(id, _)| id.as_str()).collect();
         (ids == ["web-2", "web-3"] && servers.iter().all(|(_, lb)| lb == "UP")).then_some(servers)
     });
@@ -379,14 +281,14 @@ fn the_example_site_runs_on_the_local_provider_with_real_services() {
     // Scaling the web group adds a server behind the load balancer.
     assert!(stack.rigger(&["scale", "web=3"]).status.success());
     eventually("3 web servers UP", Duration::from_secs(60), || {
-        let servers = stack.web_servers();
+        let servers = web_servers(&stack);
         (servers.len() == 3 && servers.iter().all(|(_, lb)| lb == "UP")).then_some(())
     });
     let out_of_bounds = stack.rigger(&["scale", "web=9"]);
     assert_eq!(out_of_bounds.status.code(), Some(2));
 
     // Down stops everything rigger started.
-    let pids = stack.recorded_pids();
+    let pids = recorded_pids(&stack);
     assert!(pids.len() > 20, "{pids:?}");
     assert!(stack.rigger(&["down"]).status.success());
     let left: Vec<i32> = pids.into_iter().filter(|pid| alive(*pid)).collect();
@@ -400,12 +302,4 @@ fn the_example_site_runs_on_the_local_provider_with_real_services() {
     assert!(stack.env_dir().join("secrets").exists());
     assert!(stack.rigger(&["down", "--purge", "--yes"]).status.success());
     assert!(!stack.env_dir().exists());
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"))
 }

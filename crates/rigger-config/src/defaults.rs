@@ -10,6 +10,8 @@ pub(crate) const HEALTH_CHECK_PATH: &str = "/healthcheck.html";
 pub(crate) const REQUIREMENTS: &str = "requirements.txt";
 pub(crate) const HTTP_PORT: u16 = 8080;
 pub(crate) const HTTPS_PORT: u16 = 8443;
+/// Average CPU (percent) the groups' target-tracking scaling policies aim at.
+pub(crate) const CPU_TARGET: u32 = 50;
 
 pub(crate) fn local_addresses() -> Cidr {
     Cidr {

@@ -106,6 +106,51 @@ pub struct AwsConfig {
     pub certificate: Option<String>,
     /// Networks allowed to reach port 22 of every server. Empty means SSH is closed.
     pub admin_cidrs: Vec<Cidr>,
+    /// VPC id (`vpc-...`); `None` means the region's default VPC.
+    pub vpc: Option<String>,
+    /// Subnet ids the servers are spread over; empty means the VPC's default subnets.
+    pub subnets: Vec<String>,
+    /// The SSH key pair every server is started with; `None` for none.
+    pub key_pair: Option<KeyPair>,
+    /// Instance profile the servers run with; `None` means rigger creates
+    /// `<project>-<env>-instance` (role and profile) allowing what the servers need.
+    pub instance_profile: Option<String>,
+    /// Average CPU (percent, 1..=100) the groups' target-tracking policies aim at; default 50.
+    pub cpu_target: u32,
+    /// What the Auto Scaling groups launch from; default launch templates.
+    pub launch: LaunchKind,
+}
+
+/// The SSH key pair of an AWS environment's servers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyPair {
+    /// `key_pair`: the name of a key pair that already exists in the region; rigger never
+    /// changes or deletes it.
+    Existing(String),
+    /// `admin_public_key`: an OpenSSH public key, imported by rigger as the key pair
+    /// `<project>-<env>`. Holds `type base64`, without the comment.
+    Import(String),
+}
+
+/// `launch = "..."`: what an Auto Scaling group launches its servers from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LaunchKind {
+    /// A launch template per release (the default).
+    Template,
+    /// Legacy: a launch configuration per release, named with the UTC time it was made, as
+    /// the seed architecture did. New AWS accounts cannot create them.
+    Configuration,
+}
+
+impl fmt::Display for LaunchKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LaunchKind::Template => "template",
+            LaunchKind::Configuration => "configuration",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

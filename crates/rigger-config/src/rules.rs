@@ -104,6 +104,76 @@ pub(crate) fn is_ami(s: &str) -> bool {
     })
 }
 
+/// `<prefix>-` followed by 8 to 17 lower-case hex digits: `vpc-0a1b2c3d`, `subnet-...`.
+pub(crate) fn is_aws_id(s: &str, prefix: &str) -> bool {
+    s.strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|hex| {
+            (8..=17).contains(&hex.len())
+                && hex
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        })
+}
+
+/// An EC2 key pair name: 1 to 255 printable ASCII characters, no leading or trailing space.
+pub(crate) fn is_key_pair_name(s: &str) -> bool {
+    (1..=255).contains(&s.len())
+        && s.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+        && s.trim() == s
+}
+
+/// An IAM instance profile name: 1 to 128 of letters, digits and `+=,.@_-`.
+pub(crate) fn is_instance_profile_name(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c))
+}
+
+/// Why a text is not an OpenSSH public key EC2 can import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PublicKeyProblem {
+    PrivateKey,
+    Path,
+    UnsupportedType,
+    NotAKey,
+    Damaged,
+}
+
+/// The key as `type base64` (the comment dropped), or why it is not one: EC2 imports
+/// `ssh-ed25519` and `ssh-rsa` keys.
+pub(crate) fn parse_public_key(s: &str) -> Result<String, PublicKeyProblem> {
+    let s = s.trim();
+    if s.contains("PRIVATE KEY") {
+        return Err(PublicKeyProblem::PrivateKey);
+    }
+    let mut fields = s.split_whitespace();
+    let kind = fields.next().unwrap_or_default();
+    let data = fields.next();
+    if data.is_none() && (kind.starts_with(['/', '~', '.']) || kind.ends_with(".pub")) {
+        return Err(PublicKeyProblem::Path);
+    }
+    // The base64 of the key type's length-prefixed name, which every key's data starts with.
+    let header = match kind {
+        "ssh-ed25519" => "AAAAC3NzaC1lZDI1NTE5",
+        "ssh-rsa" => "AAAAB3NzaC1yc2E",
+        "ssh-dss" => return Err(PublicKeyProblem::UnsupportedType),
+        k if k.starts_with("ecdsa-") || k.starts_with("sk-") => {
+            return Err(PublicKeyProblem::UnsupportedType);
+        }
+        _ => return Err(PublicKeyProblem::NotAKey),
+    };
+    let data = data.ok_or(PublicKeyProblem::Damaged)?;
+    let base64 = data
+        .trim_end_matches('=')
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/');
+    if !base64 || !data.starts_with(header) || data.len() % 4 != 0 || data.len() < 60 {
+        return Err(PublicKeyProblem::Damaged);
+    }
+    Ok(format!("{kind} {data}"))
+}
+
 /// `family.size`, e.g. `t3.small`, `m7g.2xlarge`, `u-6tb1.metal`.
 pub(crate) fn is_instance_type(s: &str) -> bool {
     s.split_once('.').is_some_and(|(family, size)| {
@@ -197,5 +267,43 @@ mod tests {
         assert!(!is_instance_type("t3small"));
         assert!(!is_instance_type("T3.small"));
         assert!(!is_instance_type("t3."));
+        assert!(is_aws_id("vpc-0a1b2c3d", "vpc"));
+        assert!(is_aws_id("subnet-0123456789abcdef0", "subnet"));
+        assert!(!is_aws_id("subnet-0a1b2c3d", "vpc"));
+        assert!(!is_aws_id("vpc-main", "vpc"));
+        assert!(is_key_pair_name("admin key"));
+        assert!(!is_key_pair_name(" admin"));
+        assert!(!is_key_pair_name(""));
+        assert!(is_instance_profile_name("shop-prod+web@x.y_z"));
+        assert!(!is_instance_profile_name(
+            "arn:aws:iam::1:instance-profile/x"
+        ));
+    }
+
+    #[test]
+    fn public_keys() {
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKK/sm27G6/bj9AG/ngQW2cXpMyMrTiYf52VXj7dZ3up";
+        assert_eq!(
+            parse_public_key(&format!("{key} me@host\n")),
+            Ok(key.to_owned())
+        );
+        assert_eq!(
+            parse_public_key("-----BEGIN OPENSSH PRIVATE KEY-----"),
+            Err(PublicKeyProblem::PrivateKey)
+        );
+        assert_eq!(
+            parse_public_key("~/.ssh/id_ed25519.pub"),
+            Err(PublicKeyProblem::Path)
+        );
+        assert_eq!(
+            parse_public_key("ecdsa-sha2-nistp256 AAAAE2VjZHNh"),
+            Err(PublicKeyProblem::UnsupportedType)
+        );
+        assert_eq!(parse_public_key("hello"), Err(PublicKeyProblem::NotAKey));
+        assert_eq!(
+            parse_public_key("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA"),
+            Err(PublicKeyProblem::Damaged)
+        );
     }
 }

@@ -14,12 +14,13 @@ use toml_edit::{Array, Document, Item, TableLike, Value};
 
 use crate::diagnostic::Diagnostic;
 use crate::model::{
-    AwsConfig, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing,
-    LoadBalancerKind, LocalConfig, Project, ProviderConfig, ProviderKind,
+    AwsConfig, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing, KeyPair,
+    LaunchKind, LoadBalancerKind, LocalConfig, Project, ProviderConfig, ProviderKind,
 };
 use crate::rules::{
-    check_domain, fix_name, is_ami, is_dotted_path, is_identifier, is_instance_type, is_name,
-    is_region,
+    PublicKeyProblem, check_domain, fix_name, is_ami, is_aws_id, is_dotted_path, is_identifier,
+    is_instance_profile_name, is_instance_type, is_key_pair_name, is_name, is_region,
+    parse_public_key,
 };
 use crate::suggest::closest;
 use crate::{CidrError, defaults};
@@ -61,6 +62,13 @@ const AWS_KEYS: &[&str] = &[
     "load_balancer",
     "certificate",
     "admin_cidrs",
+    "vpc",
+    "subnets",
+    "key_pair",
+    "admin_public_key",
+    "instance_profile",
+    "cpu_target",
+    "launch",
 ];
 const GROUP_KEYS: &[&str] = &["min", "max", "desired", "instance_type", "volume_size"];
 const DATABASE_KEYS: &[&str] = &["replicas", "instance_type", "volume_size"];
@@ -649,12 +657,250 @@ impl Validator<'_> {
             }
         }
 
+        let vpc = self.vpc(t);
+        let subnets = self.subnets(t);
+        let key_pair = self.key_pair(t);
+        let instance_profile = self.instance_profile(t);
+        let cpu_target = self.cpu_target(t);
+        let launch = self.launch(t);
+
         AwsConfig {
             region: value_or_default(region),
             ami: value_or_default(ami),
             load_balancer,
             certificate,
             admin_cidrs,
+            vpc,
+            subnets,
+            key_pair,
+            instance_profile,
+            cpu_target,
+            launch,
+        }
+    }
+
+    fn vpc(&mut self, t: &Tbl<'_>) -> Option<String> {
+        let vpc = self.string(t, "vpc").found()?;
+        if is_aws_id(&vpc.value, "vpc") {
+            return Some(vpc.value);
+        }
+        self.push(
+            Diagnostic::new(
+                format!("`{}` is not a VPC id", vpc.value),
+                vpc.span,
+                "not a VPC id",
+            )
+            .help(
+                "give the id `aws ec2 describe-vpcs` shows, `vpc-` followed by hex digits, e.g. \
+                 `vpc = \"vpc-0a1b2c3d4e5f67890\"`;\nleave `vpc` out to use the region's \
+                 default VPC",
+            ),
+        );
+        None
+    }
+
+    fn subnets(&mut self, t: &Tbl<'_>) -> Vec<String> {
+        let Some(array) = self.array(t, "subnets").found() else {
+            return Vec::new();
+        };
+        if array.value.is_empty() {
+            self.push(
+                Diagnostic::new("`subnets` is empty", array.span, "no subnet").help(
+                    "list the subnets the servers go in, one per availability zone, e.g. \
+                     `subnets = [\"subnet-0a1b2c3d\", \"subnet-4e5f6a7b\"]`,\nor leave \
+                     `subnets` out to use the VPC's default subnets",
+                ),
+            );
+            return Vec::new();
+        }
+        let mut subnets: Vec<String> = Vec::new();
+        for item in self.strings_of(t, "subnets", array.value) {
+            if !is_aws_id(&item.value, "subnet") {
+                self.push(
+                    Diagnostic::new(
+                        format!("`{}` is not a subnet id", item.value),
+                        item.span,
+                        "not a subnet id",
+                    )
+                    .help(
+                        "give the ids `aws ec2 describe-subnets` shows, `subnet-` followed by \
+                         hex digits, e.g. `\"subnet-0a1b2c3d\"`",
+                    ),
+                );
+            } else if subnets.contains(&item.value) {
+                self.push(
+                    Diagnostic::new(
+                        format!("subnet `{}` is listed twice", item.value),
+                        item.span,
+                        "listed again",
+                    )
+                    .help("remove one of the two"),
+                );
+            } else {
+                subnets.push(item.value);
+            }
+        }
+        subnets
+    }
+
+    fn key_pair(&mut self, t: &Tbl<'_>) -> Option<KeyPair> {
+        let existing = self.string(t, "key_pair").found();
+        let public_key = self.string(t, "admin_public_key").found();
+        if let (Some(name), Some(key)) = (&existing, &public_key) {
+            let (later, other) = if key.span.start > name.span.start {
+                (key.span.clone(), "`key_pair`")
+            } else {
+                (name.span.clone(), "`admin_public_key`")
+            };
+            self.push(
+                Diagnostic::new(
+                    "`key_pair` and `admin_public_key` cannot both be set",
+                    later,
+                    format!("{other} is set too"),
+                )
+                .help(
+                    "keep one: `key_pair` names a key pair that already exists in the region; \
+                     `admin_public_key` is a public key rigger imports as the key pair \
+                     `<project>-<env>`",
+                ),
+            );
+            return None;
+        }
+        if let Some(name) = existing {
+            if is_key_pair_name(&name.value) {
+                return Some(KeyPair::Existing(name.value));
+            }
+            self.push(
+                Diagnostic::new(
+                    format!("`{}` is not a key pair name", name.value),
+                    name.span,
+                    "not a key pair name",
+                )
+                .help(
+                    "give the name `aws ec2 describe-key-pairs` shows (1 to 255 characters), \
+                     e.g. `key_pair = \"admin\"`;\nto import a public key instead, use \
+                     `admin_public_key`",
+                ),
+            );
+            return None;
+        }
+        let key = public_key?;
+        let problem = match parse_public_key(&key.value) {
+            Ok(key) => return Some(KeyPair::Import(key)),
+            Err(problem) => problem,
+        };
+        let (message, label, help) = match problem {
+            PublicKeyProblem::PrivateKey => (
+                "`admin_public_key` holds a private key",
+                "a private key",
+                "never put a private key in rigger.toml (and replace this one: it is no longer \
+                 secret);\ngive the public key, the one line of e.g. `~/.ssh/id_ed25519.pub`",
+            ),
+            PublicKeyProblem::Path => (
+                "`admin_public_key` is a file name, not a key",
+                "a path",
+                "paste the contents of the file: one line starting with `ssh-ed25519` or \
+                 `ssh-rsa`",
+            ),
+            PublicKeyProblem::UnsupportedType => (
+                "EC2 cannot import this type of key",
+                "not RSA or ED25519",
+                "EC2 imports `ssh-ed25519` and `ssh-rsa` keys; make one with \
+                 `ssh-keygen -t ed25519`",
+            ),
+            PublicKeyProblem::NotAKey => (
+                "`admin_public_key` is not an OpenSSH public key",
+                "not `TYPE KEY [COMMENT]`",
+                "give one line such as `ssh-ed25519 AAAAC3Nza... you@host`: the contents of \
+                 e.g. `~/.ssh/id_ed25519.pub`",
+            ),
+            PublicKeyProblem::Damaged => (
+                "the key data of `admin_public_key` is damaged",
+                "not a whole key",
+                "copy the whole line of the `.pub` file again; the part after the key type is \
+                 one long base64 word",
+            ),
+        };
+        self.push(Diagnostic::new(message, key.span, label).help(help));
+        None
+    }
+
+    fn instance_profile(&mut self, t: &Tbl<'_>) -> Option<String> {
+        let profile = self.string(t, "instance_profile").found()?;
+        if is_instance_profile_name(&profile.value) {
+            return Some(profile.value);
+        }
+        let help = match profile.value.rsplit_once(":instance-profile/") {
+            Some((_, path)) => format!(
+                "give the profile's name, not its ARN: `instance_profile = \"{}\"`",
+                path.rsplit('/').next().unwrap_or(path)
+            ),
+            None => "give the name of an IAM instance profile (letters, digits and `+=,.@_-`), \
+                     or leave `instance_profile` out and rigger creates one"
+                .to_owned(),
+        };
+        self.push(
+            Diagnostic::new(
+                format!("`{}` is not an instance profile name", profile.value),
+                profile.span,
+                "not a profile name",
+            )
+            .help(help),
+        );
+        None
+    }
+
+    fn cpu_target(&mut self, t: &Tbl<'_>) -> u32 {
+        let Some(n) = self.integer(t, "cpu_target").found() else {
+            return defaults::CPU_TARGET;
+        };
+        if let Some(v) = u32::try_from(n.value)
+            .ok()
+            .filter(|v| (1..=100).contains(v))
+        {
+            return v;
+        }
+        self.push(
+            Diagnostic::new(
+                "`cpu_target` must be between 1 and 100",
+                n.span,
+                "not a percentage",
+            )
+            .help(format!(
+                "give the average CPU utilization in percent the groups scale to keep, e.g. \
+                 `cpu_target = {}`",
+                defaults::CPU_TARGET
+            )),
+        );
+        defaults::CPU_TARGET
+    }
+
+    fn launch(&mut self, t: &Tbl<'_>) -> LaunchKind {
+        let Some(launch) = self.string(t, "launch").found() else {
+            return LaunchKind::Template;
+        };
+        match launch.value.as_str() {
+            "template" => LaunchKind::Template,
+            "configuration" => LaunchKind::Configuration,
+            other => {
+                let mut help = String::new();
+                if let Some(s) = closest(other, ["template", "configuration"]) {
+                    help = format!("did you mean `{s}`? ");
+                }
+                help.push_str(
+                    "Use `\"template\"` (launch templates, the default) or `\"configuration\"` \
+                     (legacy launch configurations)",
+                );
+                self.push(
+                    Diagnostic::new(
+                        format!("unknown launch kind `{other}`"),
+                        launch.span,
+                        "not a launch kind",
+                    )
+                    .help(help),
+                );
+                LaunchKind::Template
+            }
         }
     }
 
@@ -1329,6 +1575,13 @@ fn example(key: &str) -> &'static str {
             "certificate = \"arn:aws:acm:eu-west-1:123456789012:certificate/0a1b2c3d-...\""
         }
         "admin_cidrs" => "admin_cidrs = [\"203.0.113.0/24\"]",
+        "vpc" => "vpc = \"vpc-0a1b2c3d4e5f67890\"",
+        "subnets" => "subnets = [\"subnet-0a1b2c3d\", \"subnet-4e5f6a7b\"]",
+        "key_pair" => "key_pair = \"admin\"",
+        "admin_public_key" => "admin_public_key = \"ssh-ed25519 AAAAC3Nza... you@host\"",
+        "instance_profile" => "instance_profile = \"surveys-servers\"",
+        "cpu_target" => "cpu_target = 50",
+        "launch" => "launch = \"template\"",
         "min" => "min = 2",
         "max" => "max = 4",
         "desired" => "desired = 2",

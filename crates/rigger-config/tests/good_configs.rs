@@ -5,9 +5,9 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use rigger_config::{
-    AwsConfig, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing,
-    LoadBalancerKind, LoadError, LocalConfig, Project, ProviderConfig, ProviderKind, load, parse,
-    starter,
+    AwsConfig, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing, KeyPair,
+    LaunchKind, LoadBalancerKind, LoadError, LocalConfig, Project, ProviderConfig, ProviderKind,
+    load, parse, starter,
 };
 
 fn cidr(a: [u8; 4], prefix: u8) -> Cidr {
@@ -99,8 +99,30 @@ fn minimal_aws_environment_takes_defaults() {
             load_balancer: LoadBalancerKind::Classic,
             certificate: Some("arn:aws:iam::123456789012:server-certificate/x".into()),
             admin_cidrs: vec![],
+            vpc: None,
+            subnets: vec![],
+            key_pair: None,
+            instance_profile: None,
+            cpu_target: 50,
+            launch: LaunchKind::Template,
         })
     );
+}
+
+#[test]
+fn admin_public_key_is_imported_without_its_comment() {
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKK/sm27G6/bj9AG/ngQW2cXpMyMrTiYf52VXj7dZ3up";
+    let source = format!(
+        "{MINIMAL}\n[environments.production]\nprovider = \"aws\"\nregion = \"us-east-1\"\n\
+         ami = \"ami-12345678\"\ncertificate = \"arn:aws:iam::123456789012:server-certificate/x\"\n\
+         admin_public_key = \"{key} admin@example\"\nlaunch = \"configuration\"\n"
+    );
+    let config = parse_ok(&source);
+    let ProviderConfig::Aws(aws) = &config.environments["production"].provider else {
+        panic!("an aws environment");
+    };
+    assert_eq!(aws.key_pair, Some(KeyPair::Import(key.to_owned())));
+    assert_eq!(aws.launch, LaunchKind::Configuration);
 }
 
 #[test]
@@ -194,6 +216,12 @@ fn full_example_in_docs() {
                     .into()
             ),
             admin_cidrs: vec![cidr([203, 0, 113, 0], 24), cidr([198, 51, 100, 17], 32)],
+            vpc: Some("vpc-0a1b2c3d4e5f67890".into()),
+            subnets: vec!["subnet-0a1b2c3d".into(), "subnet-4e5f6a7b".into()],
+            key_pair: Some(KeyPair::Existing("admin".into())),
+            instance_profile: Some("surveys-servers".into()),
+            cpu_target: 60,
+            launch: LaunchKind::Template,
         })
     );
     assert_eq!(production.web, sizing(2, 8, 3, "c6i.large", 30));

@@ -336,13 +336,7 @@ pub async fn deploy(
     };
     progress(&format!("rolling out release {release}"));
     let request = DeployRequest {
-        id: format!(
-            "{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        ),
+        id: request_id(),
         release,
         batch: options.batch.clone(),
         health_timeout_secs: options.health_timeout.as_secs(),
@@ -351,12 +345,36 @@ pub async fn deploy(
     };
     deploy_files::write_request(&env.paths, &request)?;
     kill(Pid::from_raw(holder.pid), Signal::SIGUSR1).context("signalling the supervisor")?;
+    let dead = "the supervisor exited during the deploy; `rigger up` restarts it (servers of an \
+                unfinished release are rolled back to the group's release)";
+    await_outcome(env, holder.pid, &mut lock, dead, &mut progress, || {
+        deploy_files::read_outcome(&env.paths).filter(|outcome| outcome.request == request.id)
+    })
+    .await
+}
+
+/// A unique id for a request to the supervisor.
+fn request_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos}", std::process::id())
+}
+
+/// Waits for the supervisor's answer to a request, narrating its status messages and keeping
+/// the lock alive; fails with `dead` if the supervisor exits first.
+async fn await_outcome<T>(
+    env: &LocalEnvironment,
+    supervisor_pid: i32,
+    lock: &mut crate::deploy::DeployLock,
+    dead: &str,
+    progress: &mut impl FnMut(&str),
+    outcome: impl Fn() -> Option<T>,
+) -> anyhow::Result<T> {
     let mut last_message = String::new();
     let mut last_renewal = Instant::now();
     loop {
-        if let Some(outcome) = deploy_files::read_outcome(&env.paths)
-            && outcome.request == request.id
-        {
+        if let Some(outcome) = outcome() {
             return Ok(outcome);
         }
         if let Some(status) = Status::load(&env.paths.status())
@@ -365,16 +383,14 @@ pub async fn deploy(
             progress(&status.message);
             last_message = status.message;
         }
-        if !pid_alive(holder.pid) {
-            bail!(
-                "the supervisor exited during the deploy; `rigger up` restarts it (servers of an unfinished release are rolled back to the group's release)"
-            );
+        if !pid_alive(supervisor_pid) {
+            bail!("{dead}");
         }
         if last_renewal.elapsed() > Duration::from_secs(60) {
             lock.renew(crate::status::now())?;
             last_renewal = Instant::now();
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -455,43 +471,24 @@ pub async fn db_operation(
         );
     };
     // Database operations and deploys exclude each other.
-    let _lock = crate::deploy::DeployLock::acquire(
+    let mut lock = crate::deploy::DeployLock::acquire(
         &env.paths,
         &format!("db {operation}"),
         crate::status::now(),
     )?;
     let request = DbRequest {
-        id: format!(
-            "{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        ),
+        id: request_id(),
         operation: operation.to_owned(),
         server,
         force,
     };
     database::write_request(&env.paths, &request)?;
     kill(Pid::from_raw(holder.pid), Signal::SIGUSR2).context("signalling the supervisor")?;
-    let mut last_message = String::new();
-    loop {
-        if let Some(outcome) = database::read_outcome(&env.paths)
-            && outcome.request == request.id
-        {
-            return Ok(outcome);
-        }
-        if let Some(status) = Status::load(&env.paths.status())
-            && status.message != last_message
-        {
-            progress(&status.message);
-            last_message = status.message;
-        }
-        if !pid_alive(holder.pid) {
-            bail!("the supervisor exited during `db {operation}`; `rigger up` restarts it");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let dead = format!("the supervisor exited during `db {operation}`; `rigger up` restarts it");
+    await_outcome(env, holder.pid, &mut lock, &dead, &mut progress, || {
+        database::read_outcome(&env.paths).filter(|outcome| outcome.request == request.id)
+    })
+    .await
 }
 
 /// `rigger db status`: the primary, each replica (state, lag in bytes and seconds, slot),

@@ -1,10 +1,15 @@
 //! The seed's architecture as data.
 //!
 //! [`desired`] turns a validated [`rigger_config::Config`] and an environment name into the
-//! list of [`Resource`]s that environment should consist of: security groups per role, the load
-//! balancer, a launch template per release, Auto Scaling groups and their servers, the
+//! list of [`Resource`]s that environment should consist of: security groups per role, on AWS the
+//! imported key pair and the servers' instance profile, the load balancer, a launch template (or
+//! legacy launch configuration) per release, Auto Scaling groups and their servers, the
 //! cache/queue server(s), the database primary and replicas with their data volumes. Everything
 //! carries the tags `project`, `environment`, `role` and `release`.
+//!
+//! A group's desired count belongs to scaling once the group exists: [`desired_scaled`] takes
+//! the counts a provider observed and uses them, brought within `min..=max`, instead of
+//! rigger.toml's `desired`.
 //!
 //! This crate is pure: no I/O, no clock. Providers turn the same resources into real things
 //! (EC2 objects on AWS, directories and processes on the local machine), and the planner
@@ -14,7 +19,7 @@
 pub mod resource;
 
 pub use resource::{Attribute, OnChange, Resource, ResourceId, ResourceKind, Value, tag};
-use rigger_config::{Cidr, Config, Environment, ProviderConfig};
+use rigger_config::{Cidr, Config, Environment, KeyPair, LaunchKind, ProviderConfig};
 
 /// Ports of the architecture, as the seed describes them.
 pub mod port {
@@ -102,6 +107,53 @@ impl Names {
         format!("{}-{}-{release}", self.prefix, role.as_str())
     }
 
+    /// A launch configuration as the topology names it; on AWS its name also carries the UTC
+    /// time it was made: [`Names::launch_configuration_on_aws`].
+    pub fn launch_configuration(&self, role: Role, release: &str) -> String {
+        self.launch_template(role, release)
+    }
+
+    /// `<project>-<env>-<role>-<UTC timestamp>-<release>`, the timestamp as
+    /// `YYYYMMDDTHHMMSSZ`: launch configurations cannot change, so each one made is new.
+    pub fn launch_configuration_on_aws(
+        &self,
+        role: Role,
+        timestamp: &str,
+        release: &str,
+    ) -> String {
+        format!("{}-{}-{timestamp}-{release}", self.prefix, role.as_str())
+    }
+
+    /// Reads a name made by [`Names::launch_configuration_on_aws`] back into the topology's
+    /// name; `None` for a name that is not one of this environment's.
+    pub fn launch_configuration_from_aws(&self, aws_name: &str) -> Option<String> {
+        let rest = aws_name.strip_prefix(&self.prefix)?.strip_prefix('-')?;
+        for role in [Role::Web, Role::Worker] {
+            let Some(after) = rest
+                .strip_prefix(role.as_str())
+                .and_then(|r| r.strip_prefix('-'))
+            else {
+                continue;
+            };
+            let (timestamp, release) = (after.get(..16)?, after.get(16..)?);
+            let release = release.strip_prefix('-').filter(|r| !r.is_empty())?;
+            if is_timestamp(timestamp) {
+                return Some(self.launch_configuration(role, release));
+            }
+        }
+        None
+    }
+
+    /// The key pair rigger imports from `admin_public_key`: `<project>-<env>`.
+    pub fn key_pair(&self) -> String {
+        self.prefix.clone()
+    }
+
+    /// The instance profile (and its role) rigger creates: `<project>-<env>-instance`.
+    pub fn instance_profile(&self) -> String {
+        format!("{}-instance", self.prefix)
+    }
+
     pub fn group(&self, role: Role) -> String {
         format!("{}-{}", self.prefix, role.as_str())
     }
@@ -121,11 +173,42 @@ impl Names {
     }
 }
 
-/// The desired resources of environment `environment` at release `release`.
+/// `YYYYMMDDTHHMMSSZ`
+fn is_timestamp(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 16
+        && b[8] == b'T'
+        && b[15] == b'Z'
+        && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit)
+}
+
+/// Desired counts of the groups as scaling left them (the live group's, or `rigger scale`'s);
+/// `None` where the group does not exist yet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScaledCounts {
+    pub web: Option<u32>,
+    pub worker: Option<u32>,
+}
+
+/// The desired resources of environment `environment` at release `release`, as for its first
+/// creation: the groups at rigger.toml's `desired`.
 pub fn desired(
     config: &Config,
     environment: &str,
     release: &str,
+) -> Result<Topology, TopologyError> {
+    desired_scaled(config, environment, release, ScaledCounts::default())
+}
+
+/// [`desired`], with each existing group's count left to scaling: the count in `scaled`,
+/// brought within the group's `min..=max`, replaces rigger.toml's `desired` (which is only
+/// the count a group starts with). So a plan changes a group's count only when a changed
+/// `min` or `max` excludes it, and never fights the scaling policy or `rigger scale`.
+pub fn desired_scaled(
+    config: &Config,
+    environment: &str,
+    release: &str,
+    scaled: ScaledCounts,
 ) -> Result<Topology, TopologyError> {
     let env =
         config
@@ -135,15 +218,23 @@ pub fn desired(
                 name: environment.to_owned(),
                 known: config.environments.keys().cloned().collect(),
             })?;
+    let mut env = env.clone();
+    for (sizing, count) in [(&mut env.web, scaled.web), (&mut env.worker, scaled.worker)] {
+        if let Some(count) = count {
+            sizing.desired = count.clamp(sizing.min, sizing.max);
+        }
+    }
     let mut builder = Builder {
         names: Names::new(&config.project.name, environment),
         project: &config.project.name,
-        env,
+        env: &env,
         release,
         health_check_path: &config.project.health_check_path,
         resources: Vec::new(),
     };
     builder.security_groups();
+    builder.key_pair();
+    builder.instance_profile();
     builder.load_balancer();
     builder.groups();
     builder.stand_alone_servers();
@@ -278,33 +369,136 @@ impl Builder<'_> {
         self.push(Role::LoadBalancer, lb);
     }
 
-    /// Web and worker: a launch template for this release and a group pointing at it, plus one
-    /// resource per server the group should run.
+    /// The key pair rigger imports from `admin_public_key` (AWS only).
+    fn key_pair(&mut self) {
+        let ProviderConfig::Aws(aws) = &self.env.provider else {
+            return;
+        };
+        if let Some(KeyPair::Import(public_key)) = &aws.key_pair {
+            let key = Resource::new(ResourceKind::KeyPair, self.names.key_pair())
+                .set_immutable("public_key", public_key.clone());
+            self.push(Role::All, key);
+        }
+    }
+
+    /// The role and instance profile the servers read their secrets with, unless rigger.toml
+    /// names one (AWS only): SSM parameters under the environment's path, and the KMS key
+    /// that encrypts them, only through SSM.
+    fn instance_profile(&mut self) {
+        let ProviderConfig::Aws(aws) = &self.env.provider else {
+            return;
+        };
+        if aws.instance_profile.is_some() {
+            return;
+        }
+        let path = format!("/{}/{}/*", self.project, self.env.name);
+        let permissions = [
+            format!("ssm:GetParameter {path}"),
+            format!("ssm:GetParameters {path}"),
+            "kms:Decrypt via ssm".to_owned(),
+        ];
+        let name = self.names.instance_profile();
+        let profile = Resource::new(ResourceKind::InstanceProfile, name.clone())
+            .set_immutable("role", name)
+            .set("permissions", Value::Set(permissions.into_iter().collect()));
+        self.push(Role::All, profile);
+    }
+
+    /// What every server is started with on AWS: the key pair and the instance profile, with
+    /// the dependencies on them when rigger makes them. `replace_on_key_change`: a running
+    /// instance's key cannot change.
+    fn with_access(&self, mut resource: Resource, replace_on_key_change: bool) -> Resource {
+        let ProviderConfig::Aws(aws) = &self.env.provider else {
+            return resource;
+        };
+        let key = match &aws.key_pair {
+            Some(KeyPair::Existing(name)) => Some(name.clone()),
+            Some(KeyPair::Import(_)) => {
+                let name = self.names.key_pair();
+                resource =
+                    resource.depends_on(&ResourceId::new(ResourceKind::KeyPair, name.clone()));
+                Some(name)
+            }
+            None => None,
+        };
+        if let Some(key) = key {
+            resource = if replace_on_key_change {
+                resource.set_immutable("key_pair", key)
+            } else {
+                resource.set("key_pair", key)
+            };
+        }
+        let profile = match &aws.instance_profile {
+            Some(name) => name.clone(),
+            None => {
+                let name = self.names.instance_profile();
+                resource = resource.depends_on(&ResourceId::new(
+                    ResourceKind::InstanceProfile,
+                    name.clone(),
+                ));
+                name
+            }
+        };
+        resource.set("instance_profile", profile)
+    }
+
+    fn launch_kind(&self) -> LaunchKind {
+        match &self.env.provider {
+            ProviderConfig::Aws(aws) => aws.launch,
+            ProviderConfig::Local(_) => LaunchKind::Template,
+        }
+    }
+
+    /// Web and worker: a launch template (or configuration) for this release and a group
+    /// pointing at it, plus one resource per server the group should run.
     fn groups(&mut self) {
         let lb = ResourceId::new(ResourceKind::LoadBalancer, self.names.load_balancer());
+        let cpu_target = match &self.env.provider {
+            ProviderConfig::Aws(aws) => Some(aws.cpu_target),
+            ProviderConfig::Local(_) => None,
+        };
         for (role, sizing) in [(Role::Web, &self.env.web), (Role::Worker, &self.env.worker)] {
-            let template_name = self.names.launch_template(role, self.release);
-            let mut template = Resource::new(ResourceKind::LaunchTemplate, template_name.clone())
+            let security_groups = sg_set(&[
+                self.names.security_group(Role::All),
+                self.names.security_group(role),
+            ]);
+            let (kind, attribute, template_name) = match self.launch_kind() {
+                LaunchKind::Template => (
+                    ResourceKind::LaunchTemplate,
+                    "launch_template",
+                    self.names.launch_template(role, self.release),
+                ),
+                LaunchKind::Configuration => (
+                    ResourceKind::LaunchConfiguration,
+                    "launch_configuration",
+                    self.names.launch_configuration(role, self.release),
+                ),
+            };
+            let mut template = Resource::new(kind, template_name.clone())
                 .set_immutable("release", self.release)
-                .set_immutable(
-                    "security_groups",
-                    sg_set(&[
-                        self.names.security_group(Role::All),
-                        self.names.security_group(role),
-                    ]),
-                )
+                .set_immutable("security_groups", security_groups)
                 .set_immutable("volume_size_gib", sizing.volume_size)
                 .depends_on(&self.sg_id(Role::All))
                 .depends_on(&self.sg_id(role));
             template = self.with_machine(template, &sizing.instance_type);
+            template = self.with_access(template, false);
+            if kind == ResourceKind::LaunchConfiguration {
+                // A launch configuration cannot be changed: every difference makes a new one.
+                for attribute in template.attributes.values_mut() {
+                    attribute.on_change = OnChange::Replace;
+                }
+            }
             let template_id = self.push(role, template);
 
             let mut group = Resource::new(ResourceKind::AutoScalingGroup, self.names.group(role))
                 .set("min", sizing.min)
                 .set("max", sizing.max)
                 .set("desired", sizing.desired)
-                .set("launch_template", template_name.clone())
+                .set(attribute, template_name.clone())
                 .depends_on(&template_id);
+            if let Some(target) = cpu_target {
+                group = group.set("cpu_target", target);
+            }
             if role == Role::Web {
                 group = group
                     .set("load_balancer", self.names.load_balancer())
@@ -318,7 +512,7 @@ impl Builder<'_> {
                     ResourceKind::GroupServer,
                     self.names.group_server(role, slot),
                 )
-                .set_immutable("launch_template", template_name.clone())
+                .set_immutable(attribute, template_name.clone())
                 .depends_on(&group_id);
                 self.push(role, server);
             }
@@ -421,6 +615,7 @@ impl Builder<'_> {
             server = server.depends_on(primary);
         }
         server = self.with_machine(server, instance_type);
+        server = self.with_access(server, true);
         self.push(role, server)
     }
 

@@ -11,8 +11,16 @@ use serde::Serialize;
 #[serde(rename_all = "snake_case")]
 pub enum ResourceKind {
     SecurityGroup,
+    /// An SSH key pair rigger imported (`admin_public_key`); a `key_pair` named in
+    /// rigger.toml is not rigger's and is no resource.
+    KeyPair,
+    /// The IAM role and instance profile the servers read their secrets with.
+    InstanceProfile,
     LoadBalancer,
     LaunchTemplate,
+    /// Legacy (`launch = "configuration"`): immutable, one per release. Named here without
+    /// the UTC timestamp its name carries on AWS.
+    LaunchConfiguration,
     AutoScalingGroup,
     /// A server started by an Auto Scaling group, named by its slot in the group.
     GroupServer,
@@ -26,8 +34,11 @@ impl ResourceKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ResourceKind::SecurityGroup => "security_group",
+            ResourceKind::KeyPair => "key_pair",
+            ResourceKind::InstanceProfile => "instance_profile",
             ResourceKind::LoadBalancer => "load_balancer",
             ResourceKind::LaunchTemplate => "launch_template",
+            ResourceKind::LaunchConfiguration => "launch_configuration",
             ResourceKind::AutoScalingGroup => "auto_scaling_group",
             ResourceKind::GroupServer => "group_server",
             ResourceKind::Server => "server",

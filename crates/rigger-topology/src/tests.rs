@@ -2,8 +2,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use rigger_config::{
-    AwsConfig, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing,
-    LoadBalancerKind, LocalConfig, Project, ProviderConfig,
+    AwsConfig, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing, KeyPair,
+    LaunchKind, LoadBalancerKind, LocalConfig, Project, ProviderConfig,
 };
 
 use super::*;
@@ -49,14 +49,26 @@ pub(crate) fn config(provider: ProviderConfig, replicas: u32, shared_with_queue:
     }
 }
 
-fn aws() -> ProviderConfig {
-    ProviderConfig::Aws(AwsConfig {
+fn aws_config() -> AwsConfig {
+    AwsConfig {
         region: "us-east-1".into(),
         ami: "ami-0123456789abcdef0".into(),
         load_balancer: LoadBalancerKind::Classic,
         certificate: Some("arn:aws:acm:us-east-1:123456789012:certificate/abc".into()),
         admin_cidrs: vec!["203.0.113.0/24".parse::<Cidr>().unwrap()],
-    })
+        vpc: None,
+        subnets: vec![],
+        key_pair: Some(KeyPair::Import(
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKK".into(),
+        )),
+        instance_profile: None,
+        cpu_target: 50,
+        launch: LaunchKind::Template,
+    }
+}
+
+fn aws() -> ProviderConfig {
+    ProviderConfig::Aws(aws_config())
 }
 
 fn local() -> ProviderConfig {
@@ -202,5 +214,133 @@ fn unknown_environment_names_the_known_ones() {
     assert_eq!(
         error.to_string(),
         "no environment `staging` in the configuration (it has: prod)"
+    );
+}
+
+#[test]
+fn legacy_launch_configurations_are_replaced_on_any_change() {
+    let provider = ProviderConfig::Aws(AwsConfig {
+        launch: LaunchKind::Configuration,
+        key_pair: Some(KeyPair::Existing("admin".into())),
+        instance_profile: Some("servers".into()),
+        cpu_target: 70,
+        ..aws_config()
+    });
+    let topology = desired(&config(provider, 1, true), "prod", "r1").unwrap();
+    let find = |kind: ResourceKind| {
+        topology
+            .resources
+            .iter()
+            .filter(move |r| r.id.kind == kind)
+            .collect::<Vec<_>>()
+    };
+    assert!(find(ResourceKind::LaunchTemplate).is_empty());
+    assert!(
+        find(ResourceKind::KeyPair).is_empty(),
+        "an existing key pair is not rigger's"
+    );
+    assert!(
+        find(ResourceKind::InstanceProfile).is_empty(),
+        "a named profile is not rigger's"
+    );
+    let configuration = find(ResourceKind::LaunchConfiguration)[0];
+    assert_eq!(configuration.id.name, "surveys-prod-web-r1");
+    assert!(
+        configuration
+            .attributes
+            .values()
+            .all(|a| a.on_change == OnChange::Replace)
+    );
+    assert_eq!(
+        configuration.attributes["key_pair"].value,
+        Value::from("admin")
+    );
+    assert_eq!(
+        configuration.attributes["instance_profile"].value,
+        Value::from("servers")
+    );
+    let group = find(ResourceKind::AutoScalingGroup)[0];
+    assert_eq!(
+        group.attributes["launch_configuration"].value,
+        Value::from("surveys-prod-web-r1")
+    );
+    assert_eq!(group.attributes["cpu_target"].value, Value::Integer(70));
+    assert!(!group.attributes.contains_key("launch_template"));
+}
+
+#[test]
+fn launch_configuration_names_carry_a_timestamp_on_aws() {
+    let names = Names::new("surveys", "prod");
+    let aws = names.launch_configuration_on_aws(Role::Worker, "20261127T211120Z", "2026-abc");
+    assert_eq!(aws, "surveys-prod-worker-20261127T211120Z-2026-abc");
+    assert_eq!(
+        names.launch_configuration_from_aws(&aws).as_deref(),
+        Some("surveys-prod-worker-2026-abc")
+    );
+    // Another environment whose name starts like this one's, and names that are not rigger's.
+    let other = Names::new("surveys", "prod-web").launch_configuration_on_aws(
+        Role::Worker,
+        "20261127T211120Z",
+        "r1",
+    );
+    assert_eq!(names.launch_configuration_from_aws(&other), None);
+    assert_eq!(
+        names.launch_configuration_from_aws("surveys-prod-web-r1"),
+        None
+    );
+    assert_eq!(
+        names.launch_configuration_from_aws("surveys-prod-web-20261127T211120Z-"),
+        None
+    );
+}
+
+#[test]
+fn scaled_counts_replace_desired_within_min_and_max() {
+    let config = config(aws(), 1, true);
+    let count = |scaled: ScaledCounts, role: &str| {
+        let topology = desired_scaled(&config, "prod", "r1", scaled).unwrap();
+        let group = topology
+            .resources
+            .iter()
+            .find(|r| {
+                r.id == ResourceId::new(
+                    ResourceKind::AutoScalingGroup,
+                    format!("surveys-prod-{role}"),
+                )
+            })
+            .unwrap();
+        let servers = topology
+            .resources
+            .iter()
+            .filter(|r| {
+                r.id.kind == ResourceKind::GroupServer
+                    && r.id.name.starts_with(&format!("surveys-prod-{role}["))
+            })
+            .count();
+        (group.attributes["desired"].value.clone(), servers)
+    };
+    // web: min 2, desired 2, max 4; worker: min 1, desired 1, max 2.
+    assert_eq!(
+        count(ScaledCounts::default(), "web"),
+        (Value::Integer(2), 2)
+    );
+    let scaled = ScaledCounts {
+        web: Some(3),
+        worker: Some(7),
+    };
+    assert_eq!(count(scaled, "web"), (Value::Integer(3), 3));
+    assert_eq!(
+        count(scaled, "worker"),
+        (Value::Integer(2), 2),
+        "brought down to max"
+    );
+    let below = ScaledCounts {
+        web: Some(0),
+        worker: None,
+    };
+    assert_eq!(
+        count(below, "web"),
+        (Value::Integer(2), 2),
+        "brought up to min"
     );
 }

@@ -183,8 +183,12 @@ pub async fn provider(moto: &Moto, config: Config) -> Provider {
     provider
 }
 
+/// The release every test deploys.
+pub const RELEASE: &str = "r1";
+
+/// The topology of the first creation (rigger.toml's counts).
 pub fn topology(config: &Config) -> rigger_topology::Topology {
-    rigger_topology::desired(config, "prod", "r1").unwrap()
+    rigger_topology::desired(config, "prod", RELEASE).unwrap()
 }
 
 /// Steps other than no-ops, one per line: `update security_group shop-prod-db-sg: ingress`.

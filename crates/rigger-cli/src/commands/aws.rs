@@ -67,10 +67,15 @@ fn failed(error: rigger_aws::AwsError) -> Failure {
     Failure::Operation(anyhow::Error::new(error))
 }
 
-/// The live state of the environment, for `rigger plan`. Without any configured credentials
-/// (and no --endpoint-url) nothing can be observed: the plan is then the one against an
-/// empty world, with a warning, as before the first `up`.
-pub(crate) fn observe(config: &Config, settings: &Settings) -> Result<Observed, Failure> {
+/// The live state of the environment and the topology to compare it with, for `rigger plan`:
+/// existing groups keep the counts scaling gave them (`Provider::desired`). Without any
+/// configured credentials (and no --endpoint-url) nothing can be observed: the plan is then
+/// the one against an empty world, with a warning, as before the first `up`.
+pub(crate) fn observe(
+    config: &Config,
+    settings: &Settings,
+    release: &str,
+) -> Result<(Observed, Topology), Failure> {
     if settings.endpoint_url.is_none()
         && std::env::var_os("AWS_ENDPOINT_URL").is_none()
         && !rigger_aws::client::credentials_configured()
@@ -79,23 +84,24 @@ pub(crate) fn observe(config: &Config, settings: &Settings) -> Result<Observed, 
             settings,
             "warning: no AWS credentials are configured, so nothing was observed: this is the plan against an empty environment",
         );
-        return Ok(Observed::empty());
+        let topology = rigger_topology::desired(config, &settings.environment, release)
+            .map_err(|error| Failure::Usage(error.into()))?;
+        return Ok((Observed::empty(), topology));
     }
     runtime()?.block_on(async {
         let provider = provider(config.clone(), settings).await?;
         let (_, live) = provider.observe().await.map_err(failed)?;
-        Ok(live.observed(&provider.env))
+        let topology = provider
+            .desired(&live, release)
+            .map_err(|error| Failure::Usage(error.into()))?;
+        Ok((live.observed(&provider.env), topology))
     })
-}
-
-fn topology(config: &Config, settings: &Settings) -> Result<Topology, Failure> {
-    rigger_topology::desired(config, &settings.environment, super::plan::INITIAL_RELEASE)
-        .map_err(|error| Failure::Usage(error.into()))
 }
 
 pub(crate) fn up(settings: &Settings) -> Result<(), Failure> {
     let config = super::load_config(settings)?;
-    let topology = topology(&config, settings)?;
+    // An unknown environment stops here, before anything is asked of AWS.
+    super::environment(&config, settings)?;
     if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
         return Err(no_credentials());
     }
@@ -103,7 +109,10 @@ pub(crate) fn up(settings: &Settings) -> Result<(), Failure> {
     let report = |line: &str| say(settings, &format!("  {line}"));
     let status = runtime()?.block_on(async {
         let provider = provider(config, settings).await?;
-        let outcome = provider.up(&topology, &report).await.map_err(failed)?;
+        let outcome = provider
+            .up(super::plan::INITIAL_RELEASE, &report)
+            .await
+            .map_err(failed)?;
         let status = provider.status().await.map_err(failed)?;
         Ok::<_, Failure>((outcome, status))
     })?;

@@ -13,16 +13,18 @@ pub(crate) fn run(args: PlanArgs, settings: &Settings) -> Result<(), Failure> {
     let PlanArgs { json } = args;
     let config = super::load_config(settings)?;
     let provider = super::environment(&config, settings)?.provider_kind();
-    let config = super::local::config_with_scaling(config, settings);
-    let topology = rigger_topology::desired(&config, &settings.environment, INITIAL_RELEASE)
-        .map_err(|error| Failure::Usage(error.into()))?;
-    let observed = match provider {
+    let (observed, topology) = match provider {
         ProviderKind::Local => {
+            let config = super::local::config_with_scaling(config, settings);
+            let topology =
+                rigger_topology::desired(&config, &settings.environment, INITIAL_RELEASE)
+                    .map_err(|error| Failure::Usage(error.into()))?;
             let env = super::local::local_environment(settings)?;
-            rigger_local::observe::observe(&env, &topology)
+            (rigger_local::observe::observe(&env, &topology), topology)
         }
-        // The live state by tags (commands/aws.rs).
-        ProviderKind::Aws => super::aws::observe(&config, settings)?,
+        // The live state by tags, and the topology with the groups' live counts
+        // (commands/aws.rs).
+        ProviderKind::Aws => super::aws::observe(&config, settings, INITIAL_RELEASE)?,
     };
     let plan = rigger_plan::plan(&observed, &topology);
     if json {

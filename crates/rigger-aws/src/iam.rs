@@ -1,0 +1,349 @@
+//! The servers' IAM role and instance profile, `<project>-<env>-instance`, made by rigger when
+//! rigger.toml names none: the servers read their secrets from SSM with it at boot.
+//!
+//! The topology spells what the role allows as a set of lines (`ssm:GetParameter
+//! /<project>/<env>/*`, `kms:Decrypt via ssm`); [`policy_document`] turns them into the role's
+//! inline policy and [`permissions`] reads a policy back into the same lines, so a policy
+//! changed by hand shows in the plan as drift and `up` puts it back.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aws_sdk_iam::types::Tag;
+use rigger_topology::{Resource, Value, tag};
+use serde_json::{Value as Json, json};
+
+use crate::apply::Ctx;
+use crate::error::{AwsError, Context as _, ErrorKind};
+use crate::live::{LiveInstanceProfile, ROLE_POLICY};
+
+/// Who may assume the role: EC2 instances.
+const TRUST_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
+
+/// The AWS partition of a region, for ARNs.
+fn partition(region: &str) -> &'static str {
+    if region.starts_with("cn-") {
+        "aws-cn"
+    } else if region.starts_with("us-gov-") {
+        "aws-us-gov"
+    } else {
+        "aws"
+    }
+}
+
+/// The inline policy allowing `permissions`: `ACTION /ssm/parameter/path` on that path's
+/// parameters in `region`, `ACTION via SERVICE` on any key, but only through that service.
+pub fn policy_document(permissions: &BTreeSet<String>, region: &str) -> String {
+    let statements: Vec<Json> = permissions
+        .iter()
+        .filter_map(|line| {
+            let (action, target) = line.split_once(' ')?;
+            Some(match target.strip_prefix("via ") {
+                Some(service) => json!({
+                    "Effect": "Allow",
+                    "Action": action,
+                    "Resource": "*",
+                    "Condition": {"StringEquals": {"kms:ViaService": format!("{service}.{region}.amazonaws.com")}},
+                }),
+                None => json!({
+                    "Effect": "Allow",
+                    "Action": action,
+                    "Resource": format!("arn:{}:ssm:{region}:*:parameter{target}", partition(region)),
+                }),
+            })
+        })
+        .collect();
+    json!({"Version": "2012-10-17", "Statement": statements}).to_string()
+}
+
+/// What a policy document allows, in the topology's lines. IAM returns documents
+/// URL-encoded; an unreadable one allows nothing rigger knows.
+pub fn permissions(document: &str) -> BTreeSet<String> {
+    let text = if document.trim_start().starts_with('{') {
+        document.to_owned()
+    } else {
+        percent_decode(document)
+    };
+    let Ok(policy) = serde_json::from_str::<Json>(&text) else {
+        return BTreeSet::new();
+    };
+    let list = |value: Option<&Json>| -> Vec<String> {
+        match value {
+            Some(Json::String(s)) => vec![s.clone()],
+            Some(Json::Array(items)) => items
+                .iter()
+                .filter_map(|i| i.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let statements = match policy.get("Statement") {
+        Some(Json::Array(items)) => items.clone(),
+        Some(single) => vec![single.clone()],
+        None => Vec::new(),
+    };
+    let mut lines = BTreeSet::new();
+    for statement in statements {
+        if statement.get("Effect").and_then(Json::as_str) != Some("Allow") {
+            continue;
+        }
+        let via = statement
+            .pointer("/Condition/StringEquals/kms:ViaService")
+            .and_then(Json::as_str)
+            .map(|s| s.split('.').next().unwrap_or(s).to_owned());
+        for action in list(statement.get("Action")) {
+            for resource in list(statement.get("Resource")) {
+                let target = match (&via, resource.split_once(":parameter")) {
+                    (Some(service), _) => format!("via {service}"),
+                    (None, Some((_, path))) => path.to_owned(),
+                    (None, None) => resource.clone(),
+                };
+                lines.insert(format!("{action} {target}"));
+            }
+        }
+    }
+    lines
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn iam_tags(ctx: &Ctx<'_>, resource: &Resource) -> Vec<Tag> {
+    ctx.tags(resource)
+        .into_iter()
+        .filter_map(|(key, value)| Tag::builder().key(key).value(value).build().ok())
+        .collect()
+}
+
+fn tags_differ(resource: &Resource, have: &BTreeMap<String, String>) -> bool {
+    resource
+        .tags
+        .iter()
+        .any(|(k, v)| k != tag::RELEASE && have.get(k) != Some(v))
+}
+
+fn not_ours(operation: &'static str, name: &str, what: &str) -> AwsError {
+    AwsError::precondition(
+        operation,
+        name,
+        format!("{what} of this name exists without the environment's tags, so it is not rigger's"),
+        "delete or rename it, or set `instance_profile` in rigger.toml to run the servers with a profile of your own",
+    )
+}
+
+/// Makes the role (with its inline policy) and the instance profile holding it exist, tagged;
+/// every step is skipped when already done, so an interrupted run converges.
+pub(crate) async fn ensure(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsError> {
+    let name = &resource.id.name;
+    let iam = &ctx.clients.iam;
+    let empty = LiveInstanceProfile::default();
+    let live = ctx.live.instance_profile.as_ref().unwrap_or(&empty);
+    let role = match resource.attributes.get("role").map(|a| &a.value) {
+        Some(Value::Text(role)) => role.clone(),
+        _ => name.clone(),
+    };
+    let permissions = match resource.attributes.get("permissions").map(|a| &a.value) {
+        Some(Value::Set(lines)) => lines.clone(),
+        _ => BTreeSet::new(),
+    };
+
+    if !live.role_exists {
+        let created = iam
+            .create_role()
+            .role_name(&role)
+            .assume_role_policy_document(TRUST_POLICY)
+            .description(format!(
+                "rigger: servers of {}/{} read their secrets",
+                ctx.env.project(),
+                ctx.env.name
+            ))
+            .set_tags(Some(iam_tags(ctx, resource)))
+            .send()
+            .await
+            .op("CreateRole", &role);
+        match created {
+            Err(error) if error.code() == Some("EntityAlreadyExists") => {
+                return Err(not_ours("CreateRole", &role, "a role"));
+            }
+            other => {
+                other?;
+            }
+        }
+    } else if tags_differ(resource, &live.tags) {
+        iam.tag_role()
+            .role_name(&role)
+            .set_tags(Some(iam_tags(ctx, resource)))
+            .send()
+            .await
+            .op("TagRole", &role)?;
+    }
+    iam.put_role_policy()
+        .role_name(&role)
+        .policy_name(ROLE_POLICY)
+        .policy_document(policy_document(&permissions, &ctx.clients.region))
+        .send()
+        .await
+        .op("PutRolePolicy", &role)?;
+
+    if !live.profile_exists {
+        let created = iam
+            .create_instance_profile()
+            .instance_profile_name(name)
+            .set_tags(Some(iam_tags(ctx, resource)))
+            .send()
+            .await
+            .op("CreateInstanceProfile", name);
+        match created {
+            Err(error) if error.code() == Some("EntityAlreadyExists") => {
+                return Err(not_ours(
+                    "CreateInstanceProfile",
+                    name,
+                    "an instance profile",
+                ));
+            }
+            other => {
+                other?;
+            }
+        }
+    } else if tags_differ(resource, &live.tags) {
+        iam.tag_instance_profile()
+            .instance_profile_name(name)
+            .set_tags(Some(iam_tags(ctx, resource)))
+            .send()
+            .await
+            .op("TagInstanceProfile", name)?;
+    }
+    for other in live.roles.iter().filter(|r| **r != role) {
+        iam.remove_role_from_instance_profile()
+            .instance_profile_name(name)
+            .role_name(other)
+            .send()
+            .await
+            .op("RemoveRoleFromInstanceProfile", name)?;
+    }
+    if !live.roles.contains(&role) {
+        iam.add_role_to_instance_profile()
+            .instance_profile_name(name)
+            .role_name(&role)
+            .send()
+            .await
+            .op("AddRoleToInstanceProfile", name)?;
+    }
+    Ok(())
+}
+
+/// Deletes the instance profile and its role, whichever of them exists.
+pub(crate) async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<(), AwsError> {
+    let Some(live) = ctx
+        .live
+        .instance_profile
+        .as_ref()
+        .filter(|p| p.name == name)
+    else {
+        return Ok(());
+    };
+    let iam = &ctx.clients.iam;
+    let gone = |result: Result<(), AwsError>| match result {
+        Err(error) if error.kind() == ErrorKind::NotFound => Ok(()),
+        other => other,
+    };
+    if live.profile_exists {
+        for role in &live.roles {
+            gone(
+                iam.remove_role_from_instance_profile()
+                    .instance_profile_name(name)
+                    .role_name(role)
+                    .send()
+                    .await
+                    .op("RemoveRoleFromInstanceProfile", name)
+                    .map(|_| ()),
+            )?;
+        }
+        gone(
+            iam.delete_instance_profile()
+                .instance_profile_name(name)
+                .send()
+                .await
+                .op("DeleteInstanceProfile", name)
+                .map(|_| ()),
+        )?;
+    }
+    if live.role_exists {
+        gone(
+            iam.delete_role_policy()
+                .role_name(name)
+                .policy_name(ROLE_POLICY)
+                .send()
+                .await
+                .op("DeleteRolePolicy", name)
+                .map(|_| ()),
+        )?;
+        gone(
+            iam.delete_role()
+                .role_name(name)
+                .send()
+                .await
+                .op("DeleteRole", name)
+                .map(|_| ()),
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_reads_back_as_the_lines_it_was_made_from() {
+        let lines: BTreeSet<String> = [
+            "ssm:GetParameter /shop/prod/*",
+            "ssm:GetParameters /shop/prod/*",
+            "kms:Decrypt via ssm",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        let document = policy_document(&lines, "eu-west-1");
+        assert!(
+            document.contains("arn:aws:ssm:eu-west-1:*:parameter/shop/prod/*"),
+            "{document}"
+        );
+        assert!(
+            document.contains("ssm.eu-west-1.amazonaws.com"),
+            "{document}"
+        );
+        assert_eq!(permissions(&document), lines);
+        // As IAM returns it.
+        let encoded: String = document
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        assert_eq!(permissions(&encoded), lines);
+        assert!(permissions("not json").is_empty());
+    }
+}
