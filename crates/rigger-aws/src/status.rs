@@ -3,79 +3,12 @@
 //! groups with min/desired/max, the load balancer's DNS name in `urls`. What only the
 //! servers themselves know (processes, replication lag) is left empty.
 
-use serde::{Deserialize, Serialize};
+pub use rigger_plan::status::{
+    GroupStatus, Phase, ProcessStatus, ReplicaStatus, ServerStatus, Status,
+};
 
 use crate::environment::AwsEnvironment;
 use crate::live::{Live, ROLES_TAG};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Some server is not running yet, or a web server is not in service.
-    Starting,
-    /// Every server runs and every web server is in service behind the load balancer.
-    Ready,
-    /// Nothing of the environment exists.
-    Down,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessStatus {
-    pub name: String,
-    pub pid: Option<i32>,
-    pub state: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServerStatus {
-    /// `web[1]`, `cache`, `db-primary`, ...
-    pub id: String,
-    pub roles: Vec<String>,
-    pub address: String,
-    pub release: String,
-    /// `pending`, `in_service`, `unhealthy`, or EC2's state (`stopped`, ...).
-    pub state: String,
-    /// Not observable from the AWS APIs: always empty.
-    pub processes: Vec<ProcessStatus>,
-    /// Web servers: the load balancer's view (`InService`, `healthy`, ...).
-    pub load_balancer: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ReplicaStatus {
-    pub id: String,
-    pub state: String,
-    pub lag_bytes: Option<i64>,
-    pub lag_seconds: Option<f64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupStatus {
-    pub name: String,
-    pub min: u32,
-    pub desired: u32,
-    pub max: u32,
-}
-
-/// The same fields as `rigger_local::status::Status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Status {
-    pub schema: String,
-    pub version: u32,
-    pub project: String,
-    pub environment: String,
-    pub provider: String,
-    pub phase: Phase,
-    pub message: String,
-    pub release: String,
-    pub urls: Vec<String>,
-    pub supervisor_pid: Option<i32>,
-    pub groups: Vec<GroupStatus>,
-    pub servers: Vec<ServerStatus>,
-    pub replication: Vec<ReplicaStatus>,
-    /// Unix seconds of this snapshot.
-    pub updated: u64,
-}
 
 /// The status of `env` from an observation and the load balancer's instance health.
 pub fn status(

@@ -37,7 +37,7 @@ pub async fn up(
     mut progress: impl FnMut(&str),
 ) -> anyhow::Result<UpOutcome> {
     if let Some(holder) = supervisor::lock_holder(env) {
-        let status = Status::load(&env.paths.status());
+        let status = crate::status::load(&env.paths.status());
         let desired_now = desired_counts(env);
         let matches = status.as_ref().is_some_and(|s| {
             s.phase == Phase::Ready
@@ -103,7 +103,7 @@ async fn wait_ready(
     let start = Instant::now();
     let mut last_message = String::new();
     loop {
-        if let Some(status) = Status::load(&env.paths.status()) {
+        if let Some(status) = crate::status::load(&env.paths.status()) {
             if status.message != last_message {
                 progress(&status.message);
                 last_message.clone_from(&status.message);
@@ -188,7 +188,7 @@ pub async fn down(
 /// The environment's status, with replication measured now. `None` when it is not running.
 pub async fn status(env: &LocalEnvironment) -> Option<Status> {
     supervisor::lock_holder(env)?;
-    let mut status = Status::load(&env.paths.status())?;
+    let mut status = crate::status::load(&env.paths.status())?;
     status.replication = replication(env).await;
     Some(status)
 }
@@ -377,7 +377,7 @@ async fn await_outcome<T>(
         if let Some(outcome) = outcome() {
             return Ok(outcome);
         }
-        if let Some(status) = Status::load(&env.paths.status())
+        if let Some(status) = crate::status::load(&env.paths.status())
             && status.message != last_message
         {
             progress(&status.message);

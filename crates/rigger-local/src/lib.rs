@@ -32,5 +32,5 @@ pub mod supervisor;
 /// The supervisor's latest status, when one runs.
 fn control_status_snapshot(env: &environment::LocalEnvironment) -> Option<status::Status> {
     supervisor::lock_holder(env)?;
-    status::Status::load(&env.paths.status())
+    status::load(&env.paths.status())
 }

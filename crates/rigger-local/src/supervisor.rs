@@ -863,7 +863,7 @@ impl Supervisor {
             replication: Vec::new(),
             updated: status::now(),
         };
-        if let Err(error) = status.save(&env.paths.status()) {
+        if let Err(error) = status::save(&status, &env.paths.status()) {
             tracing::error!("writing status.json: {error}");
         }
     }

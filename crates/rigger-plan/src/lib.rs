@@ -13,6 +13,7 @@
 pub mod json;
 pub mod render;
 pub mod rollout;
+pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

@@ -410,7 +410,7 @@ fn local_fleet(settings: &Settings) -> Result<Fleet, Failure> {
         ))
     };
     rigger_local::supervisor::lock_holder(&env).ok_or_else(not_running)?;
-    let status = rigger_local::status::Status::load(&env.paths.status()).ok_or_else(not_running)?;
+    let status = rigger_local::status::load(&env.paths.status()).ok_or_else(not_running)?;
     let servers = status
         .servers
         .into_iter()
