@@ -191,6 +191,35 @@ fn failover_reseed_backup_and_restore_on_real_postgres() {
         },
     );
 
+    // Raising the replica count in rigger.toml and running `up` adds one.
+    let config = std::fs::read_to_string(stack.dir.join("rigger.toml")).unwrap();
+    std::fs::write(
+        stack.dir.join("rigger.toml"),
+        config.replacen("replicas = 1", "replicas = 2", 1),
+    )
+    .unwrap();
+    let plan = stack.rigger(&["plan"]);
+    assert!(
+        String::from_utf8_lossy(&plan.stdout).contains("+ server dbops-local-db-replica2"),
+        "{}",
+        String::from_utf8_lossy(&plan.stdout)
+    );
+    let up = stack.rigger(&["up"]);
+    assert!(up.status.success());
+    assert!(!String::from_utf8_lossy(&up.stderr).contains("nothing to do"));
+    let status = eventually("two replicas streaming", Duration::from_secs(30), || {
+        let status = db_status(&stack);
+        let streaming = status["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["state"] == "streaming")
+            .count();
+        (streaming == 2).then_some(status)
+    });
+    eprintln!("after raising the replica count: {status}");
+    assert!(String::from_utf8_lossy(&stack.rigger(&["up"]).stderr).contains("nothing to do"));
+
     // Backup, more writes, restore: the rows are those of the backup.
     let rows_at_backup = sql(&stack, "db-replica1", "SELECT count(*) FROM polls_note");
     let backup = stack.rigger(&["db", "backup"]);

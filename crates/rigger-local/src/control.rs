@@ -37,20 +37,27 @@ pub async fn up(
     mut progress: impl FnMut(&str),
 ) -> anyhow::Result<UpOutcome> {
     if let Some(holder) = supervisor::lock_holder(env) {
+        // Running: the plan says whether anything differs from rigger.toml.
         let status = crate::status::load(&env.paths.status());
-        let desired_now = desired_counts(env);
-        let matches = status.as_ref().is_some_and(|s| {
-            s.phase == Phase::Ready
-                && s.groups.iter().map(|g| g.desired).collect::<Vec<_>>() == desired_now
-        });
-        if matches {
+        if status.as_ref().is_some_and(|s| s.phase == Phase::Ready) && pending_changes(env)? == 0 {
             return Ok(UpOutcome::AlreadyUp(status.expect("checked")));
         }
-        // Running but not matching: ask it to reconcile and wait.
         kill(Pid::from_raw(holder.pid), Signal::SIGHUP).context("signalling the supervisor")?;
-        progress("asked the running supervisor to reconcile");
-        let status = wait_ready(env, holder.pid, &mut progress).await?;
-        return Ok(UpOutcome::Updated(status));
+        progress("asked the running supervisor to apply rigger.toml");
+        let started = Instant::now();
+        loop {
+            let status = wait_ready(env, holder.pid, &mut progress).await?;
+            if pending_changes(env)? == 0 {
+                return Ok(UpOutcome::Updated(status));
+            }
+            if started.elapsed() > UP_TIMEOUT {
+                bail!(
+                    "the environment did not converge within {} s",
+                    UP_TIMEOUT.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     let _ = std::fs::remove_file(env.paths.status());
     std::fs::create_dir_all(env.paths.root())
@@ -86,12 +93,18 @@ pub async fn up(
 
 use std::os::unix::process::CommandExt as _;
 
-fn desired_counts(env: &LocalEnvironment) -> Vec<u32> {
-    let counts = DesiredCounts::load(&env.paths.desired());
-    vec![
-        counts.web.unwrap_or(env.env().web.desired),
-        counts.worker.unwrap_or(env.env().worker.desired),
-    ]
+/// How many steps the plan for `env` has (0: the environment matches rigger.toml).
+fn pending_changes(env: &LocalEnvironment) -> anyhow::Result<usize> {
+    let release = crate::registry::Registry::load(&env.paths.registry())?
+        .current_release
+        .unwrap_or_else(|| crate::release::INITIAL.to_owned());
+    let topology = rigger_topology::desired(&env.config, &env.name, &release)?;
+    let plan = rigger_plan::plan(&crate::observe::observe(env, &topology), &topology);
+    Ok(plan
+        .steps
+        .iter()
+        .filter(|step| step.action != rigger_plan::Action::NoOp)
+        .count())
 }
 
 /// Follows status.json until the supervisor says ready or failed, or dies.

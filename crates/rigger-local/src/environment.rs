@@ -35,6 +35,8 @@ pub struct LocalEnvironment {
     pub name: String,
     /// Directory of rigger.toml; the app path is relative to it.
     pub config_dir: PathBuf,
+    /// rigger.toml itself, re-read when the supervisor is asked to reconcile.
+    pub config_path: PathBuf,
     pub paths: EnvPaths,
 }
 
@@ -55,6 +57,7 @@ impl LocalEnvironment {
             config,
             name: name.to_owned(),
             config_dir,
+            config_path: config_path.to_path_buf(),
             paths,
         })
     }

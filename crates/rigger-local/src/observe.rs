@@ -26,6 +26,17 @@ pub fn observe(env: &LocalEnvironment, topology: &Topology) -> Observed {
                 && s.processes.iter().all(|p| p.state == "running")
         })
     };
+    let servers_with_role = |role: &str| {
+        status
+            .servers
+            .iter()
+            .filter(|s| {
+                s.roles.iter().any(|r| r == role)
+                    && !s.processes.is_empty()
+                    && s.processes.iter().all(|p| p.state == "running")
+            })
+            .count()
+    };
     let in_service = |group: &str| {
         status
             .servers
@@ -53,7 +64,19 @@ pub fn observe(env: &LocalEnvironment, topology: &Topology) -> Observed {
                 let slot: usize = slot.trim_end_matches(']').parse().unwrap_or(usize::MAX);
                 group_counts.get(group).is_some_and(|count| slot <= *count)
             }
-            ResourceKind::Server => healthy(short),
+            // Stand-alone servers are matched by role, not by id: after a failover the
+            // primary is the former `db-replica1`, and a rebuilt replica has a new number.
+            ResourceKind::Server => match short {
+                "db-primary" => servers_with_role("db-primary") >= 1,
+                replica if replica.starts_with("db-replica") => {
+                    let n: usize = replica
+                        .trim_start_matches("db-replica")
+                        .parse()
+                        .unwrap_or(usize::MAX);
+                    servers_with_role("db-replica") >= n
+                }
+                other => healthy(other),
+            },
             ResourceKind::LoadBalancer => healthy("lb"),
             _ => true,
         };

@@ -267,8 +267,9 @@ impl Supervisor {
                 _ = database_signal.recv() => self.handle_db_request().await,
                 _ = hangup.recv() => {
                     self.launch_failures = 0;
-                    if let Err(error) = self.heal_groups().await {
-                        tracing::error!("scaling: {error:#}");
+                    if let Err(error) = self.reconcile().await {
+                        tracing::error!("reconciling: {error:#}");
+                        self.message = format!("{error:#}");
                     }
                 }
                 Some(exit) = self.exits_rx.recv() => {
@@ -426,6 +427,64 @@ impl Supervisor {
             counts.web.unwrap_or(env.web.desired),
             counts.worker.unwrap_or(env.worker.desired),
         )
+    }
+
+    /// `rigger up` or `rigger scale` on a running environment: re-reads rigger.toml (an
+    /// invalid file is ignored, the running configuration stays), adds the stand-alone
+    /// servers it now asks for (e.g. a replica), and brings the groups to their counts.
+    async fn reconcile(&mut self) -> anyhow::Result<()> {
+        match rigger_config::load(&self.env.config_path) {
+            Ok(config) => {
+                if let Some(env) =
+                    LocalEnvironment::new(config, &self.env.name, &self.env.config_path)
+                {
+                    self.env = Arc::new(env);
+                }
+            }
+            Err(error) => tracing::warn!("keeping the running configuration: {error}"),
+        }
+        let release = self.current_release();
+        let added = self
+            .env
+            .add_missing_stand_alone_servers(&mut self.registry, &release);
+        self.save_registry()?;
+        if !added.is_empty() {
+            self.publish(
+                Phase::Healing,
+                format!(
+                    "adding {}",
+                    added
+                        .iter()
+                        .map(|s| s.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            // A new replica needs its slot and pg_hba line on the primary before its base backup.
+            if let Some(primary) = self
+                .registry
+                .servers
+                .iter()
+                .find(|s| s.has_role(Role::DbPrimary) && s.state == ServerState::InService)
+                .cloned()
+                && added.iter().any(|s| s.has_role(Role::DbReplica))
+            {
+                self.reapply(&primary.id).await?;
+            }
+            self.start_servers(added.clone()).await?;
+            // App servers' PgBouncers serve a new replica's name from it.
+            let app_servers: Vec<String> = self
+                .registry
+                .servers
+                .iter()
+                .filter(|s| s.group().is_some())
+                .map(|s| s.id.clone())
+                .collect();
+            for id in app_servers {
+                self.reapply(&id).await?;
+            }
+        }
+        self.heal_groups().await
     }
 
     /// Adds or removes group servers until each group has its desired count.

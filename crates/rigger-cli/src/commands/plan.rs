@@ -16,10 +16,14 @@ pub(crate) fn run(args: PlanArgs, settings: &Settings) -> Result<(), Failure> {
     let (observed, topology) = match provider {
         ProviderKind::Local => {
             let config = super::local::config_with_scaling(config, settings);
-            let topology =
-                rigger_topology::desired(&config, &settings.environment, INITIAL_RELEASE)
-                    .map_err(|error| Failure::Usage(error.into()))?;
             let env = super::local::local_environment(settings)?;
+            // The release the environment's groups run (the last deploy's), not the first.
+            let release = rigger_local::registry::Registry::load(&env.paths.registry())
+                .ok()
+                .and_then(|registry| registry.current_release)
+                .unwrap_or_else(|| INITIAL_RELEASE.to_owned());
+            let topology = rigger_topology::desired(&config, &settings.environment, &release)
+                .map_err(|error| Failure::Usage(error.into()))?;
             (rigger_local::observe::observe(&env, &topology), topology)
         }
         // The live state by tags, and the topology with the groups' live counts
