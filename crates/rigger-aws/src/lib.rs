@@ -7,7 +7,9 @@
 //! exist); [`Provider::up`] stores missing secrets in SSM ([`secrets`]), checks the machine
 //! image, and applies the plan wave by wave ([`apply`]); [`Provider::down`] applies the plan
 //! against an empty topology, so the same code deletes in reverse dependency order;
-//! [`Provider::status`] reports in the local provider's `rigger.status` schema ([`status`]).
+//! [`Provider::status`] reports in the local provider's `rigger.status` schema ([`status`]);
+//! [`Provider::servers`] lists the running servers and their addresses for `rigger exec`,
+//! `logs`, `manage` and `ssh` ([`servers`]).
 //! Servers boot with user-data rendered from the role recipes ([`userdata`]) and read their
 //! secrets with the instance profile ([`iam`]).
 //!
@@ -25,6 +27,7 @@ pub mod iam;
 pub mod live;
 pub mod loadbalancer;
 pub mod secrets;
+pub mod servers;
 pub mod status;
 pub mod userdata;
 
@@ -37,6 +40,7 @@ pub use client::{Clients, Connection};
 pub use environment::{AwsEnvironment, Network};
 pub use error::{AwsError, ErrorKind};
 pub use live::Live;
+pub use servers::LiveServer;
 
 /// One AWS environment, connected.
 #[derive(Debug, Clone)]
@@ -206,6 +210,12 @@ impl Provider {
             None => Default::default(),
         };
         Ok(status::status(&self.env, &live, &health))
+    }
+
+    /// The running servers, with their roles, state and addresses ([`servers::servers`]).
+    pub async fn servers(&self) -> Result<Vec<LiveServer>, AwsError> {
+        let live = Live::read(&self.env, &self.clients).await?;
+        Ok(servers::servers(&self.env, &live))
     }
 
     /// Fails early, naming the image, when the configured AMI does not exist in the region.

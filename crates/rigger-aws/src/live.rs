@@ -152,6 +152,8 @@ pub struct LiveInstance {
     pub image: String,
     pub instance_type: String,
     pub private_address: Option<String>,
+    /// The public IPv4 address, when the instance has one.
+    pub public_address: Option<String>,
     /// The groups of the primary network interface (the instance's groups).
     pub security_group_ids: Vec<String>,
     /// The primary network interface, whose groups are the instance's.
@@ -442,6 +444,7 @@ impl Live {
                             .instance_type()
                             .map_or(String::new(), |t| t.as_str().to_owned()),
                         private_address: instance.private_ip_address().map(str::to_owned),
+                        public_address: instance.public_ip_address().map(str::to_owned),
                         security_group_ids,
                         primary_interface: primary
                             .and_then(|n| n.network_interface_id())

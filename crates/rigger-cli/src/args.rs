@@ -253,8 +253,12 @@ pub struct ExecArgs {
     /// How many servers run the command at once.
     #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
     pub parallel: u16,
+    /// Print the servers the command would run on and how each is reached (user, address,
+    /// bastion), without connecting to any.
+    #[arg(long)]
+    pub list: bool,
     /// The command, after `--`; its words are joined into a shell line, as ssh does.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    #[arg(last = true, required_unless_present = "list", value_name = "CMD")]
     pub command: Vec<String>,
 }
 

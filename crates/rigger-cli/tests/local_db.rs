@@ -220,8 +220,34 @@ fn failover_reseed_backup_and_restore_on_real_postgres() {
     eprintln!("after raising the replica count: {status}");
     assert!(String::from_utf8_lossy(&stack.rigger(&["up"]).stderr).contains("nothing to do"));
 
+    // An unplanned failover (`--force`: no pause, no wait) to a named replica says what may
+    // be lost; the other replica is rebuilt from the new primary.
+    let target = status["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .max()
+        .unwrap();
+    let forced = stack.rigger(&["db", "promote", "--force", &target]);
+    assert!(forced.status.success());
+    let said = String::from_utf8_lossy(&forced.stderr);
+    assert!(said.contains(&format!("{target} is the primary")), "{said}");
+    let status = eventually(
+        "the other replica streaming from the new primary",
+        Duration::from_secs(30),
+        || {
+            let status = db_status(&stack);
+            (status["primary"] == target.as_str() && status["replicas"][0]["state"] == "streaming")
+                .then_some(status)
+        },
+    );
+    eprintln!("after the forced failover: {status}");
+    write_note("after the forced failover").unwrap();
+
     // Backup, more writes, restore: the rows are those of the backup.
-    let rows_at_backup = sql(&stack, "db-replica1", "SELECT count(*) FROM polls_note");
+    let primary = db_status(&stack)["primary"].as_str().unwrap().to_owned();
+    let rows_at_backup = sql(&stack, &primary, "SELECT count(*) FROM polls_note");
     let backup = stack.rigger(&["db", "backup"]);
     assert!(backup.status.success());
     let path = PathBuf::from(String::from_utf8_lossy(&backup.stdout).trim());
@@ -232,7 +258,7 @@ fn failover_reseed_backup_and_restore_on_real_postgres() {
         write_note(&format!("after the backup {n}")).unwrap();
     }
     assert_ne!(
-        sql(&stack, "db-replica1", "SELECT count(*) FROM polls_note"),
+        sql(&stack, &primary, "SELECT count(*) FROM polls_note"),
         rows_at_backup
     );
     let name = path.file_name().unwrap().to_str().unwrap().to_owned();
@@ -243,7 +269,7 @@ fn failover_reseed_backup_and_restore_on_real_postgres() {
             .success()
     );
     assert_eq!(
-        sql(&stack, "db-replica1", "SELECT count(*) FROM polls_note"),
+        sql(&stack, &primary, "SELECT count(*) FROM polls_note"),
         rows_at_backup
     );
     // The site works after the restore (maintenance mode is off again).

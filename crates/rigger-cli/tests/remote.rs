@@ -336,3 +336,155 @@ fn commands_on_a_stopped_environment_say_how_to_start_it() {
         format!("error: {PROJECT}/local is not running; `rigger up -e local` starts it\n")
     );
 }
+
+/// The moto server and AWS configuration of rigger-aws's tests.
+#[path = "../../rigger-aws/tests/common/mod.rs"]
+mod moto;
+
+/// `rigger exec --list` against the AWS emulator: an environment brought up there, listed
+/// with how each server would be reached, first at public addresses, then through a bastion.
+/// Nothing connects: moto's addresses are fake and must never be dialled.
+#[test]
+fn exec_list_shows_how_each_aws_server_is_reached_without_connecting() {
+    let moto = moto::Moto::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let servers = runtime.block_on(async {
+        let config = moto::config(&moto::config_text("", 2, "t3.small"));
+        let provider = moto::provider(&moto, config).await;
+        provider.up(moto::RELEASE, &moto::quiet).await.unwrap();
+        provider.servers().await.unwrap()
+    });
+    let address = |id: &str, public: bool| {
+        let server = servers.iter().find(|s| s.id == id).unwrap();
+        let address = if public {
+            &server.public_address
+        } else {
+            &server.private_address
+        };
+        address.clone().unwrap_or_else(|| "none".into())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let list = |extra: &str| {
+        std::fs::write(
+            dir.path().join("rigger.toml"),
+            moto::config_text(extra, 2, "t3.small"),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_rigger"))
+            .args(["exec", "-e", "prod", "--list", "--endpoint-url", &moto.url])
+            .current_dir(dir.path())
+            .env("RIGGER_STATE_DIR", dir.path().join("state"))
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_MAX_ATTEMPTS", "1")
+            .env_remove("AWS_PROFILE")
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("rigger runs");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+    };
+
+    // Group servers get a public address; stand-alone servers sit on their own network
+    // interface, which has none, so they need a bastion.
+    let no_route = "unreachable (it has no public address, and there is no bastion; to reach \
+                    servers at their private addresses, name a jump host in their VPC in \
+                    `[environments.prod]`: `bastion = \"user@host\"`)";
+    assert_eq!(
+        list(""),
+        [
+            format!(
+                "web-1 web in_service ssh admin@{}:22",
+                address("web-1", true)
+            ),
+            format!(
+                "web-2 web in_service ssh admin@{}:22",
+                address("web-2", true)
+            ),
+            format!(
+                "worker-1 worker in_service ssh admin@{}:22",
+                address("worker-1", true)
+            ),
+            format!("cache cache,queue in_service {no_route}"),
+            format!("db-primary db-primary in_service {no_route}"),
+            format!("db-replica1 db-replica in_service {no_route}"),
+        ]
+    );
+    assert!(address("web-1", true).parse::<std::net::Ipv4Addr>().is_ok());
+
+    let via = "via ops@bastion.example.com:2200";
+    let behind = |id: &str, roles: &str| {
+        format!(
+            "{id} {roles} in_service ssh debian@{}:2222 {via}",
+            address(id, false)
+        )
+    };
+    assert_eq!(
+        list(
+            "bastion = \"ops@bastion.example.com:2200\"\ndeploy_user = \"debian\"\nssh_port = 2222"
+        ),
+        [
+            behind("web-1", "web"),
+            behind("web-2", "web"),
+            behind("worker-1", "worker"),
+            behind("cache", "cache,queue"),
+            behind("db-primary", "db-primary"),
+            behind("db-replica1", "db-replica"),
+        ]
+    );
+}
+
+/// Before asking AWS anything: a missing `ssh_identity` file, then missing credentials, each
+/// with what to do.
+#[test]
+fn aws_commands_say_what_is_missing_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &str| {
+        std::fs::write(
+            dir.path().join("rigger.toml"),
+            moto::config_text(extra, 2, "t3.small"),
+        )
+        .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rigger"));
+        command
+            .args(["exec", "-e", "prod", "--", "true"])
+            .current_dir(dir.path())
+            .env("HOME", dir.path())
+            .env("RIGGER_STATE_DIR", dir.path().join("state"))
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1");
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("AWS_") {
+                command.env_remove(name);
+            }
+        }
+        let out = command.output().expect("rigger runs");
+        assert!(!out.status.success());
+        text(&out.stderr)
+    };
+    let missing_key = run("ssh_identity = \"keys/prod\"");
+    assert!(
+        missing_key.contains(&format!(
+            "the SSH key {}/keys/prod (`ssh_identity` of environment `prod`",
+            dir.path().display()
+        )),
+        "{missing_key}"
+    );
+    let on_ec2 = [
+        "/sys/devices/virtual/dmi/id/sys_vendor",
+        "/sys/hypervisor/uuid",
+    ]
+    .iter()
+    .any(|p| std::fs::read_to_string(p).is_ok_and(|s| s.to_ascii_lowercase().contains("ec2")));
+    if !on_ec2 {
+        let no_credentials = run("");
+        assert!(
+            no_credentials.contains("no AWS credentials are configured"),
+            "{no_credentials}"
+        );
+    }
+}

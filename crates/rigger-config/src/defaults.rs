@@ -12,6 +12,9 @@ pub(crate) const HTTP_PORT: u16 = 8080;
 pub(crate) const HTTPS_PORT: u16 = 8443;
 /// Average CPU (percent) the groups' target-tracking scaling policies aim at.
 pub(crate) const CPU_TARGET: u32 = 50;
+/// The user the Debian AMIs let in with the instance's key pair.
+pub(crate) const DEPLOY_USER: &str = "admin";
+pub(crate) const SSH_PORT: u16 = 22;
 
 pub(crate) fn local_addresses() -> Cidr {
     Cidr {

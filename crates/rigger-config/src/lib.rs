@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 pub use cidr::CidrError;
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use model::{
-    AwsConfig, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing, KeyPair,
-    LaunchKind, LoadBalancerKind, LocalConfig, Project, ProviderConfig, ProviderKind,
+    AwsConfig, Bastion, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing,
+    KeyPair, LaunchKind, LoadBalancerKind, LocalConfig, Project, ProviderConfig, ProviderKind,
 };
 pub use starter::starter;
 

@@ -76,6 +76,9 @@ impl fmt::Display for ProviderKind {
 }
 
 /// Provider-specific settings; which variant is chosen by `provider = "..."`.
+// A config is read once per command: the AWS variant's size does not matter, and boxing it
+// would only make every match and constructor noisier.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "provider", rename_all = "lowercase")]
 pub enum ProviderConfig {
@@ -119,6 +122,28 @@ pub struct AwsConfig {
     pub cpu_target: u32,
     /// What the Auto Scaling groups launch from; default launch templates.
     pub launch: LaunchKind,
+    /// The user rigger logs in as over SSH (`rigger exec`, `ssh`, ...); default `admin`, the
+    /// Debian AMIs' user. A valid unix user name.
+    pub deploy_user: String,
+    /// The private key SSH uses, as written: relative to rigger.toml, absolute, or under `~/`.
+    /// Whether it exists is checked when it is used. `None` lets `ssh` use the agent and its
+    /// default keys.
+    pub ssh_identity: Option<PathBuf>,
+    /// The jump host servers are reached through, at their private addresses; `None` reaches
+    /// each at its public address.
+    pub bastion: Option<Bastion>,
+    /// The port of the servers' sshd; default 22.
+    pub ssh_port: u16,
+}
+
+/// `bastion = "user@host[:port]"`: a jump host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Bastion {
+    pub user: String,
+    /// A DNS name or an IP address (IPv6 without its brackets).
+    pub host: String,
+    /// Default 22.
+    pub port: u16,
 }
 
 /// The SSH key pair of an AWS environment's servers.

@@ -130,6 +130,84 @@ pub(crate) fn is_instance_profile_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c))
 }
 
+/// A unix user name as Debian's `adduser` accepts it: `^[a-z_][a-z0-9_-]{0,31}$`.
+pub(crate) fn is_unix_user(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && s.len() <= 32
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+/// Why a text is not `user@host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BastionProblem {
+    /// `ssh://...`: a URL.
+    Scheme,
+    /// No `user@`.
+    NoUser,
+    /// The part before `@` is not a unix user name.
+    User(String),
+    /// The host is neither a DNS name nor an IP address.
+    Host(String),
+    /// What follows the last `:` is not a port from 1 to 65535.
+    Port(String),
+}
+
+/// `user@host[:port]` (an IPv6 host in brackets: `user@[2001:db8::1]:2222`) as user, host
+/// (without brackets) and port (default 22).
+pub(crate) fn parse_bastion(s: &str) -> Result<(String, String, u16), BastionProblem> {
+    if s.contains("://") {
+        return Err(BastionProblem::Scheme);
+    }
+    let Some((user, address)) = s.rsplit_once('@') else {
+        return Err(BastionProblem::NoUser);
+    };
+    if !is_unix_user(user) {
+        return Err(BastionProblem::User(user.to_owned()));
+    }
+    let (host, port) = if let Some(rest) = address.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| BastionProblem::Host(address.to_owned()))?;
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(BastionProblem::Host(address.to_owned()));
+        }
+        match after {
+            "" => (host, None),
+            _ => match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return Err(BastionProblem::Host(address.to_owned())),
+            },
+        }
+    } else {
+        match address.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (address, None),
+        }
+    };
+    let is_dns = host.len() <= 253
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !is_dns && host.parse::<std::net::IpAddr>().is_err() {
+        return Err(BastionProblem::Host(host.to_owned()));
+    }
+    let port = match port {
+        None => 22,
+        Some(text) => text
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| BastionProblem::Port(text.to_owned()))?,
+    };
+    Ok((user.to_owned(), host.to_owned(), port))
+}
+
 /// Why a text is not an OpenSSH public key EC2 can import.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PublicKeyProblem {
@@ -278,6 +356,59 @@ mod tests {
         assert!(!is_instance_profile_name(
             "arn:aws:iam::1:instance-profile/x"
         ));
+    }
+
+    #[test]
+    fn unix_users() {
+        assert!(is_unix_user("admin"));
+        assert!(is_unix_user("_deploy-2"));
+        assert!(!is_unix_user("Admin"));
+        assert!(!is_unix_user("2admin"));
+        assert!(!is_unix_user("ad min"));
+        assert!(!is_unix_user(""));
+        assert!(!is_unix_user(&"a".repeat(33)));
+    }
+
+    #[test]
+    fn bastions() {
+        let ok = |user: &str, host: &str, port| Ok((user.to_owned(), host.to_owned(), port));
+        assert_eq!(
+            parse_bastion("admin@bastion.example.com"),
+            ok("admin", "bastion.example.com", 22)
+        );
+        assert_eq!(
+            parse_bastion("ops@203.0.113.5:2222"),
+            ok("ops", "203.0.113.5", 2222)
+        );
+        assert_eq!(
+            parse_bastion("ops@[2001:db8::1]:2200"),
+            ok("ops", "2001:db8::1", 2200)
+        );
+        assert_eq!(
+            parse_bastion("ops@[2001:db8::1]"),
+            ok("ops", "2001:db8::1", 22)
+        );
+        assert_eq!(
+            parse_bastion("ssh://ops@bastion"),
+            Err(BastionProblem::Scheme)
+        );
+        assert_eq!(parse_bastion("bastion"), Err(BastionProblem::NoUser));
+        assert_eq!(
+            parse_bastion("Ops@bastion"),
+            Err(BastionProblem::User("Ops".into()))
+        );
+        assert_eq!(
+            parse_bastion("ops@bad_host"),
+            Err(BastionProblem::Host("bad_host".into()))
+        );
+        assert_eq!(
+            parse_bastion("ops@bastion:0"),
+            Err(BastionProblem::Port("0".into()))
+        );
+        assert_eq!(
+            parse_bastion("ops@bastion:ssh"),
+            Err(BastionProblem::Port("ssh".into()))
+        );
     }
 
     #[test]

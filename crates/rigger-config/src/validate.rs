@@ -14,13 +14,13 @@ use toml_edit::{Array, Document, Item, TableLike, Value};
 
 use crate::diagnostic::Diagnostic;
 use crate::model::{
-    AwsConfig, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing, KeyPair,
-    LaunchKind, LoadBalancerKind, LocalConfig, Project, ProviderConfig, ProviderKind,
+    AwsConfig, Bastion, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing,
+    KeyPair, LaunchKind, LoadBalancerKind, LocalConfig, Project, ProviderConfig, ProviderKind,
 };
 use crate::rules::{
-    PublicKeyProblem, check_domain, fix_name, is_ami, is_aws_id, is_dotted_path, is_identifier,
-    is_instance_profile_name, is_instance_type, is_key_pair_name, is_name, is_region,
-    parse_public_key,
+    BastionProblem, PublicKeyProblem, check_domain, fix_name, is_ami, is_aws_id, is_dotted_path,
+    is_identifier, is_instance_profile_name, is_instance_type, is_key_pair_name, is_name,
+    is_region, is_unix_user, parse_bastion, parse_public_key,
 };
 use crate::suggest::closest;
 use crate::{CidrError, defaults};
@@ -69,6 +69,10 @@ const AWS_KEYS: &[&str] = &[
     "instance_profile",
     "cpu_target",
     "launch",
+    "deploy_user",
+    "ssh_identity",
+    "bastion",
+    "ssh_port",
 ];
 const GROUP_KEYS: &[&str] = &["min", "max", "desired", "instance_type", "volume_size"];
 const DATABASE_KEYS: &[&str] = &["replicas", "instance_type", "volume_size"];
@@ -663,6 +667,12 @@ impl Validator<'_> {
         let instance_profile = self.instance_profile(t);
         let cpu_target = self.cpu_target(t);
         let launch = self.launch(t);
+        let deploy_user = self.deploy_user(t);
+        let ssh_identity = self.ssh_identity(t);
+        let bastion = self.bastion(t);
+        let ssh_port = self
+            .port(t, "ssh_port")
+            .map_or(defaults::SSH_PORT, |p| p.value);
 
         AwsConfig {
             region: value_or_default(region),
@@ -676,6 +686,10 @@ impl Validator<'_> {
             instance_profile,
             cpu_target,
             launch,
+            deploy_user,
+            ssh_identity,
+            bastion,
+            ssh_port,
         }
     }
 
@@ -902,6 +916,117 @@ impl Validator<'_> {
                 LaunchKind::Template
             }
         }
+    }
+
+    fn deploy_user(&mut self, t: &Tbl<'_>) -> String {
+        let Some(user) = self.string(t, "deploy_user").found() else {
+            return defaults::DEPLOY_USER.to_owned();
+        };
+        if is_unix_user(&user.value) {
+            return user.value;
+        }
+        let lower = user.value.to_ascii_lowercase();
+        let mut help = if lower != user.value && is_unix_user(&lower) {
+            format!("user names are lower case: `deploy_user = \"{lower}\"`;\n")
+        } else {
+            String::new()
+        };
+        help.push_str(
+            "give the user the servers' image lets in with the key pair: `admin` on Debian (the \
+             default), `ubuntu` on Ubuntu, `ec2-user` on Amazon Linux",
+        );
+        self.push(
+            Diagnostic::new(
+                format!("`{}` is not a user name", user.value),
+                user.span,
+                "not a unix user name",
+            )
+            .help(help),
+        );
+        defaults::DEPLOY_USER.to_owned()
+    }
+
+    fn ssh_identity(&mut self, t: &Tbl<'_>) -> Option<PathBuf> {
+        let path = self.string(t, "ssh_identity").found()?;
+        let (message, label, help) = if path.value.contains("PRIVATE KEY") {
+            (
+                "`ssh_identity` holds a private key".to_owned(),
+                "a key, not a path",
+                "never put a private key in rigger.toml (and replace this one: it is no longer \
+                 secret);\ngive the path of its file, e.g. `ssh_identity = \"~/.ssh/id_ed25519\"`"
+                    .to_owned(),
+            )
+        } else if path.value.trim().is_empty() {
+            (
+                "`ssh_identity` is empty".to_owned(),
+                "empty path",
+                format!(
+                    "give the private key's path, e.g. `{}`,\nor leave `ssh_identity` out to use \
+                     ssh-agent and ssh's default keys",
+                    example("ssh_identity")
+                ),
+            )
+        } else if let Some(private) = path.value.strip_suffix(".pub") {
+            (
+                "`ssh_identity` names a public key".to_owned(),
+                "a `.pub` file",
+                format!(
+                    "ssh needs the private key, the same file without `.pub`: \
+                     `ssh_identity = \"{private}\"`"
+                ),
+            )
+        } else {
+            return Some(PathBuf::from(path.value));
+        };
+        self.push(Diagnostic::new(message, path.span, label).help(help));
+        None
+    }
+
+    fn bastion(&mut self, t: &Tbl<'_>) -> Option<Bastion> {
+        let text = self.string(t, "bastion").found()?;
+        let problem = match parse_bastion(&text.value) {
+            Ok((user, host, port)) => return Some(Bastion { user, host, port }),
+            Err(problem) => problem,
+        };
+        let form = format!(
+            "write `user@host` or `user@host:port`, e.g. `{}`",
+            example("bastion")
+        );
+        let (message, label, help) = match problem {
+            BastionProblem::Scheme => {
+                let plain = text
+                    .value
+                    .split_once("://")
+                    .map_or("", |(_, rest)| rest.trim_end_matches('/'));
+                (
+                    "`bastion` is a URL".to_owned(),
+                    "not `user@host[:port]`",
+                    format!("leave out the scheme: `bastion = \"{plain}\"`"),
+                )
+            }
+            BastionProblem::NoUser => (
+                "`bastion` does not say which user to log in as".to_owned(),
+                "no `user@`",
+                format!("{form};\nthe user is the bastion's own, not necessarily `deploy_user`"),
+            ),
+            BastionProblem::User(user) => (
+                format!("`{user}` is not a user name"),
+                "not a unix user name",
+                format!("{form}; user names are lower-case letters, digits, `_` and `-`"),
+            ),
+            BastionProblem::Host(host) => (
+                format!("`{host}` is not a host name or IP address"),
+                "not a host",
+                form,
+            ),
+            BastionProblem::Port(port) => (
+                format!("`{port}` is not a port"),
+                "not a port",
+                format!("{form}; a port is a number from 1 to 65535"),
+            ),
+        };
+        self.push(Diagnostic::new(message, text.span, label).help(help));
+        None
     }
 
     fn group(&mut self, env: &Tbl<'_>, key: &str, role: Role) -> GroupSizing {
@@ -1582,6 +1707,10 @@ fn example(key: &str) -> &'static str {
         "instance_profile" => "instance_profile = \"surveys-servers\"",
         "cpu_target" => "cpu_target = 50",
         "launch" => "launch = \"template\"",
+        "deploy_user" => "deploy_user = \"admin\"",
+        "ssh_identity" => "ssh_identity = \"keys/production\"",
+        "bastion" => "bastion = \"admin@bastion.example.com\"",
+        "ssh_port" => "ssh_port = 22",
         "min" => "min = 2",
         "max" => "max = 4",
         "desired" => "desired = 2",

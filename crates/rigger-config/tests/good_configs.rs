@@ -5,9 +5,9 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use rigger_config::{
-    AwsConfig, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing, KeyPair,
-    LaunchKind, LoadBalancerKind, LoadError, LocalConfig, Project, ProviderConfig, ProviderKind,
-    load, parse, starter,
+    AwsConfig, Bastion, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing,
+    KeyPair, LaunchKind, LoadBalancerKind, LoadError, LocalConfig, Project, ProviderConfig,
+    ProviderKind, load, parse, starter,
 };
 
 fn cidr(a: [u8; 4], prefix: u8) -> Cidr {
@@ -105,6 +105,10 @@ fn minimal_aws_environment_takes_defaults() {
             instance_profile: None,
             cpu_target: 50,
             launch: LaunchKind::Template,
+            deploy_user: "admin".into(),
+            ssh_identity: None,
+            bastion: None,
+            ssh_port: 22,
         })
     );
 }
@@ -123,6 +127,32 @@ fn admin_public_key_is_imported_without_its_comment() {
     };
     assert_eq!(aws.key_pair, Some(KeyPair::Import(key.to_owned())));
     assert_eq!(aws.launch, LaunchKind::Configuration);
+}
+
+#[test]
+fn ssh_access_keys_are_read_as_written() {
+    let source = format!(
+        "{MINIMAL}\n[environments.production]\nprovider = \"aws\"\nregion = \"us-east-1\"\n\
+         ami = \"ami-12345678\"\ncertificate = \"arn:aws:iam::123456789012:server-certificate/x\"\n\
+         deploy_user = \"ubuntu\"\nssh_identity = \"/home/me/.ssh/prod\"\n\
+         bastion = \"jump@[2001:db8::1]\"\nssh_port = 2200\n"
+    );
+    let config = parse_ok(&source);
+    let ProviderConfig::Aws(aws) = &config.environments["production"].provider else {
+        panic!("an aws environment");
+    };
+    assert_eq!(aws.deploy_user, "ubuntu");
+    // Absolute paths are fine: whether the file exists is checked when it is used.
+    assert_eq!(aws.ssh_identity, Some(PathBuf::from("/home/me/.ssh/prod")));
+    assert_eq!(
+        aws.bastion,
+        Some(Bastion {
+            user: "jump".into(),
+            host: "2001:db8::1".into(),
+            port: 22,
+        })
+    );
+    assert_eq!(aws.ssh_port, 2200);
 }
 
 #[test]
@@ -222,6 +252,14 @@ fn full_example_in_docs() {
             instance_profile: Some("surveys-servers".into()),
             cpu_target: 60,
             launch: LaunchKind::Template,
+            deploy_user: "deploy".into(),
+            ssh_identity: Some(PathBuf::from("keys/production")),
+            bastion: Some(Bastion {
+                user: "ops".into(),
+                host: "bastion.example.com".into(),
+                port: 2222,
+            }),
+            ssh_port: 22,
         })
     );
     assert_eq!(production.web, sizing(2, 8, 3, "c6i.large", 30));

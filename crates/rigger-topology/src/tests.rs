@@ -64,6 +64,10 @@ fn aws_config() -> AwsConfig {
         instance_profile: None,
         cpu_target: 50,
         launch: LaunchKind::Template,
+        deploy_user: "admin".into(),
+        ssh_identity: None,
+        bastion: None,
+        ssh_port: 22,
     }
 }
 

@@ -195,6 +195,21 @@ fn confirm(question: &str, expected: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The environment's running servers and their addresses, for `rigger exec`, `logs`,
+/// `manage` and `ssh`.
+pub(crate) fn servers(
+    config: &Config,
+    settings: &Settings,
+) -> Result<Vec<rigger_aws::LiveServer>, Failure> {
+    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
+        return Err(no_credentials());
+    }
+    runtime()?.block_on(async {
+        let provider = provider(config.clone(), settings).await?;
+        provider.servers().await.map_err(failed)
+    })
+}
+
 pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failure> {
     let StatusArgs { json } = args;
     let config = super::load_config(settings)?;

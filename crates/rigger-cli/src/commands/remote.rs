@@ -5,20 +5,22 @@
 //! themselves are provider-neutral: they build [`Job`]s from the layout (pure functions,
 //! tested by comparing text) and hand them to `rigger_transport` (`fanout` for many servers,
 //! an interactive session for one). A local environment's servers come from its supervisor's
-//! `status.json` and are reached with `LocalTransport`; servers of other providers will be
-//! reached over SSH ([`ssh_server`]) once their provider lists them.
+//! `status.json` and are reached with `LocalTransport`; an AWS environment's from its provider
+//! ([`rigger_aws::Provider::servers`]), reached over SSH as the deploy user at their public
+//! address or through the configured bastion ([`ssh_targets`], a pure function).
 
 use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow};
-use rigger_config::ProviderKind;
+use rigger_aws::LiveServer;
+use rigger_config::{AwsConfig, Config, ProviderConfig, ProviderKind};
 use rigger_recipes::{Command, Layout, ServiceManager};
 use rigger_transport::fanout::{self, Reporter, Task};
 use rigger_transport::local::LocalTransport;
 use rigger_transport::ssh::{SshSettings, SshTarget, SshTransport};
-use rigger_transport::{ExitStatus, Job, Stream, Transport};
+use rigger_transport::{BoxFuture, ExitStatus, Job, Stream, Transport, TransportError};
 
 use crate::args::{ExecArgs, LogsArgs, ManageArgs, SshArgs};
 use crate::{Failure, Settings};
@@ -36,6 +38,8 @@ struct Fleet {
 /// One server of the environment.
 struct Server {
     id: String,
+    /// Other names it answers to (an AWS server's instance id and status name, `web[1]`).
+    aliases: Vec<String>,
     roles: Vec<String>,
     /// `in_service`, `pending`, `unhealthy`.
     state: String,
@@ -50,10 +54,15 @@ pub(crate) fn exec(args: ExecArgs, settings: &Settings) -> Result<(), Failure> {
     let ExecArgs {
         targets,
         parallel,
+        list,
         command,
     } = args;
     let fleet = fleet(settings)?;
     let servers = fleet.select(&targets)?;
+    if list {
+        print!("{}", listing(&servers));
+        return Ok(());
+    }
     let line = command.join(" ");
     let job = exec_job(&line);
     let tasks = servers
@@ -167,8 +176,13 @@ pub(crate) fn ssh(args: SshArgs, settings: &Settings) -> Result<(), Failure> {
     let server = fleet.find(&server)?;
     if forget_host_key {
         let Some(transport) = &server.ssh else {
+            let how = if server.layout.service_manager == ServiceManager::Rigger {
+                "is a local server, reached without SSH"
+            } else {
+                "has no address rigger can reach over SSH"
+            };
             return Err(Failure::Usage(anyhow!(
-                "{} is a local server, reached without SSH: it has no host key to forget",
+                "{} {how}: it has no host key to forget",
                 server.id
             )));
         };
@@ -296,10 +310,14 @@ fn local_services(servers: &[&Server]) -> Vec<String> {
 impl Fleet {
     /// The servers `selectors` name (roles or ids; all when empty), in the fleet's order.
     fn select(&self, selectors: &[String]) -> Result<Vec<&Server>, Failure> {
-        let listed: Vec<(&str, &[String])> = self
+        let listed: Vec<Listed<'_>> = self
             .servers
             .iter()
-            .map(|s| (s.id.as_str(), s.roles.as_slice()))
+            .map(|s| Listed {
+                id: &s.id,
+                aliases: &s.aliases,
+                roles: &s.roles,
+            })
             .collect();
         let indices = select(&listed, selectors).map_err(|e| Failure::Usage(anyhow!(e)))?;
         Ok(indices.into_iter().map(|i| &self.servers[i]).collect())
@@ -307,7 +325,8 @@ impl Fleet {
 
     /// The server with this id.
     fn find(&self, id: &str) -> Result<&Server, Failure> {
-        self.servers.iter().find(|s| s.id == id).ok_or_else(|| {
+        let named = |s: &&Server| s.id == id || s.aliases.iter().any(|a| a == id);
+        self.servers.iter().find(named).ok_or_else(|| {
             Failure::Usage(anyhow!(
                 "no server `{id}` in {}; its servers are: {}",
                 self.environment,
@@ -350,18 +369,28 @@ impl Fleet {
     }
 }
 
+/// A server as selectors see it.
+struct Listed<'a> {
+    id: &'a str,
+    aliases: &'a [String],
+    roles: &'a [String],
+}
+
 /// The indices of the servers `selectors` name: each selector is a role (every server with
-/// it) or a server id; none selects every server. Unknown selectors are an error listing the
-/// known roles and ids.
-fn select(servers: &[(&str, &[String])], selectors: &[String]) -> Result<Vec<usize>, String> {
+/// it), a server id or one of its aliases; none selects every server. Unknown selectors are an
+/// error listing the known roles and ids.
+fn select(servers: &[Listed<'_>], selectors: &[String]) -> Result<Vec<usize>, String> {
     if selectors.is_empty() {
         return Ok((0..servers.len()).collect());
     }
     let mut chosen = vec![false; servers.len()];
     for selector in selectors {
         let mut matched = false;
-        for (index, (id, roles)) in servers.iter().enumerate() {
-            if *id == selector || roles.iter().any(|r| r == selector) {
+        for (index, server) in servers.iter().enumerate() {
+            if server.id == selector
+                || server.aliases.contains(selector)
+                || server.roles.contains(selector)
+            {
                 chosen[index] = true;
                 matched = true;
             }
@@ -369,11 +398,11 @@ fn select(servers: &[(&str, &[String])], selectors: &[String]) -> Result<Vec<usi
         if !matched {
             let mut roles: Vec<&str> = servers
                 .iter()
-                .flat_map(|(_, roles)| roles.iter().map(String::as_str))
+                .flat_map(|s| s.roles.iter().map(String::as_str))
                 .collect();
             roles.sort_unstable();
             roles.dedup();
-            let ids: Vec<&str> = servers.iter().map(|(id, _)| *id).collect();
+            let ids: Vec<&str> = servers.iter().map(|s| s.id).collect();
             return Err(format!(
                 "no server or role `{selector}`; roles: {}; servers: {}",
                 roles.join(", "),
@@ -390,11 +419,7 @@ fn fleet(settings: &Settings) -> Result<Fleet, Failure> {
     let env = super::environment(&config, settings)?;
     match env.provider_kind() {
         ProviderKind::Local => local_fleet(settings),
-        other => Err(Failure::Usage(anyhow!(
-            "rigger cannot reach the servers of `{}` environments yet (provider `{other}`): their \
-             provider does not list them with SSH targets",
-            env.name
-        ))),
+        ProviderKind::Aws => aws_fleet(&config, settings),
     }
 }
 
@@ -427,6 +452,7 @@ fn local_fleet(settings: &Settings) -> Result<Fleet, Failure> {
             let transport = LocalTransport::new(&server.id, server.address.clone(), dir);
             Server {
                 id: server.id,
+                aliases: Vec::new(),
                 roles: server.roles,
                 state: server.state,
                 transport: Arc::new(transport),
@@ -463,10 +489,172 @@ fn running_venv(pids: &Path) -> Option<PathBuf> {
     })
 }
 
+/// A running AWS environment's servers, reached over SSH as rigger.toml says
+/// (`deploy_user`, `ssh_identity`, `bastion`, `ssh_port`).
+fn aws_fleet(config: &Config, settings: &Settings) -> Result<Fleet, Failure> {
+    let env = super::environment(config, settings)?;
+    let ProviderConfig::Aws(aws) = &env.provider else {
+        unreachable!("an AWS environment");
+    };
+    let config_path = std::path::absolute(&settings.config_path)
+        .with_context(|| format!("resolving {}", settings.config_path.display()))
+        .map_err(Failure::Operation)?;
+    let config_dir = config_path.parent().unwrap_or_else(|| Path::new("/"));
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let access = ssh_access(aws, config_dir, home.as_deref());
+    if let Some(identity) = &access.identity_file
+        && !identity.is_file()
+    {
+        return Err(Failure::Usage(anyhow!(
+            "the SSH key {} (`ssh_identity` of environment `{}` in {}) does not exist; give the \
+             path of the private key the servers' key pair was made from (relative to \
+             rigger.toml), or leave `ssh_identity` out to use ssh-agent",
+            identity.display(),
+            env.name,
+            settings.config_path.display()
+        )));
+    }
+    let servers = super::aws::servers(config, settings)?;
+    let project = &config.project.name;
+    if servers.is_empty() {
+        return Err(Failure::Operation(anyhow!(
+            "{project}/{} has no running server; `rigger status -e {}` shows what exists, \
+             `rigger up -e {}` starts it",
+            env.name,
+            env.name,
+            env.name
+        )));
+    }
+    ssh_fleet(project, &env.name, ssh_targets(&env.name, servers, &access))
+}
+
+/// What every SSH connection to an AWS environment's servers shares, from rigger.toml.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SshAccess {
+    user: String,
+    port: u16,
+    /// `ssh_identity`, made absolute.
+    identity_file: Option<PathBuf>,
+    /// `bastion`, logged in to with the same identity file; never trusted on first sight
+    /// (rigger did not create it).
+    bastion: Option<SshTarget>,
+}
+
+/// How to reach one server, or why it cannot be reached; from [`ssh_targets`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Route {
+    id: String,
+    aliases: Vec<String>,
+    roles: Vec<String>,
+    state: String,
+    target: Result<SshTarget, Unroutable>,
+}
+
+/// A server without an address rigger can reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Unroutable {
+    server: String,
+    /// The instance id, for messages.
+    instance: String,
+    reason: String,
+}
+
+/// The SSH settings of an AWS environment: `ssh_identity` resolved against rigger.toml's
+/// directory (`~/` against `home`), the bastion with that identity.
+fn ssh_access(aws: &AwsConfig, config_dir: &Path, home: Option<&Path>) -> SshAccess {
+    let identity_file =
+        aws.ssh_identity
+            .as_ref()
+            .map(|path| match (path.strip_prefix("~"), home) {
+                (Ok(rest), Some(home)) => home.join(rest),
+                _ => config_dir.join(path),
+            });
+    let bastion = aws.bastion.as_ref().map(|b| SshTarget {
+        host: b.host.clone(),
+        port: b.port,
+        user: b.user.clone(),
+        identity_file: identity_file.clone(),
+        bastion: None,
+        trust_first_key: false,
+    });
+    SshAccess {
+        user: aws.deploy_user.clone(),
+        port: aws.ssh_port,
+        identity_file,
+        bastion,
+    }
+}
+
+/// Each server's SSH target: the deploy user at its public address, or at its private
+/// address through the bastion when there is one. A server with neither is unroutable, with
+/// what to set. Only servers carrying the environment's tags have their first host key
+/// recorded on sight.
+fn ssh_targets(environment: &str, servers: Vec<LiveServer>, access: &SshAccess) -> Vec<Route> {
+    servers
+        .into_iter()
+        .map(|server| {
+            let host = match (&access.bastion, &server.public_address) {
+                (Some(_), _) => server
+                    .private_address
+                    .clone()
+                    .ok_or("it has no private address"),
+                (None, Some(public)) => Ok(public.clone()),
+                (None, None) => Err("it has no public address, and there is no bastion"),
+            };
+            let target = match host {
+                Ok(host) => Ok(SshTarget {
+                    host,
+                    port: access.port,
+                    user: access.user.clone(),
+                    identity_file: access.identity_file.clone(),
+                    bastion: access.bastion.clone().map(Box::new),
+                    trust_first_key: server.rigger_tagged,
+                }),
+                Err(why) => Err(Unroutable {
+                    server: server.id.clone(),
+                    instance: server.instance_id.clone(),
+                    reason: format!(
+                        "{why}; to reach servers at their private addresses, name a jump host \
+                         in their VPC in `[environments.{environment}]`: \
+                         `bastion = \"user@host\"`"
+                    ),
+                }),
+            };
+            Route {
+                id: server.id,
+                aliases: server.aliases,
+                roles: server.roles,
+                state: server.state,
+                target,
+            }
+        })
+        .collect()
+}
+
+/// What `rigger exec --list` prints: one line per server, its id, roles, state and how it is
+/// reached.
+fn listing(servers: &[&Server]) -> String {
+    let width = |f: fn(&Server) -> usize| servers.iter().map(|s| f(s)).max().unwrap_or(0);
+    let id_width = width(|s| s.id.len());
+    let roles_width = width(|s| s.roles.join(",").len());
+    let state_width = width(|s| s.state.len());
+    servers
+        .iter()
+        .map(|s| {
+            format!(
+                "{:id_width$}  {:roles_width$}  {:state_width$}  {}\n",
+                s.id,
+                s.roles.join(","),
+                s.state,
+                s.transport.describe()
+            )
+        })
+        .collect()
+}
+
 /// The SSH settings of environment `environment` of `project`: rigger's known_hosts and the
 /// control sockets under the environment's state directory (`<state>/ssh/`), or the control
 /// sockets in the temporary directory when that path is too long for a socket.
-#[allow(dead_code)] // Used once a provider lists SSH targets (issue 5: the AWS wiring).
 fn ssh_settings(project: &str, environment: &str) -> SshSettings {
     let root = rigger_local::paths::EnvPaths::for_environment(project, environment)
         .root()
@@ -483,15 +671,10 @@ fn ssh_settings(project: &str, environment: &str) -> SshSettings {
     settings
 }
 
-/// The fleet of a provider whose servers are systemd hosts reached over SSH (AWS): each
-/// server's id, roles, state (`in_service`, ...) and SSH target, in the order to show them.
+/// The fleet of a provider whose servers are systemd hosts reached over SSH (AWS), in the
+/// order of `routes`; an unroutable server is kept, and fails as unreachable when used.
 /// Prepares the environment's SSH directories.
-#[allow(dead_code)] // Used once a provider lists SSH targets (issue 5: the AWS wiring).
-fn ssh_fleet(
-    project: &str,
-    environment: &str,
-    servers: Vec<(String, Vec<String>, String, SshTarget)>,
-) -> Result<Fleet, Failure> {
+fn ssh_fleet(project: &str, environment: &str, routes: Vec<Route>) -> Result<Fleet, Failure> {
     let settings = ssh_settings(project, environment);
     settings
         .prepare()
@@ -500,17 +683,36 @@ fn ssh_fleet(
     let settings = Arc::new(settings);
     Ok(Fleet {
         environment: format!("{project}/{environment}"),
-        servers: servers
+        servers: routes
             .into_iter()
-            .map(|(id, roles, state, target)| {
-                ssh_server(project, &id, roles, &state, target, Arc::clone(&settings))
+            .map(|route| {
+                let mut server = match route.target {
+                    Ok(target) => ssh_server(
+                        project,
+                        &route.id,
+                        route.roles,
+                        &route.state,
+                        target,
+                        Arc::clone(&settings),
+                    ),
+                    Err(unroutable) => Server {
+                        id: route.id,
+                        aliases: Vec::new(),
+                        roles: route.roles,
+                        state: route.state,
+                        transport: Arc::new(unroutable),
+                        layout: Layout::systemd(project),
+                        ssh: None,
+                    },
+                };
+                server.aliases = route.aliases;
+                server
             })
             .collect(),
     })
 }
 
 /// A server of a systemd host (AWS) reached over SSH at `target`.
-#[allow(dead_code)] // Used once a provider lists SSH targets (issue 5: the AWS wiring).
 fn ssh_server(
     project: &str,
     id: &str,
@@ -522,11 +724,60 @@ fn ssh_server(
     let transport = Arc::new(SshTransport::new(id, target, settings));
     Server {
         id: id.to_owned(),
+        aliases: Vec::new(),
         roles,
         state: state.to_owned(),
         transport: Arc::clone(&transport) as Arc<dyn Transport>,
         layout: Layout::systemd(project),
         ssh: Some(transport),
+    }
+}
+
+/// A server rigger has no address for: every use fails as unreachable, saying why, so the
+/// other servers of an `exec` still run.
+impl Transport for Unroutable {
+    fn server(&self) -> &str {
+        &self.server
+    }
+
+    fn describe(&self) -> String {
+        format!("unreachable ({})", self.reason)
+    }
+
+    fn connect(&self) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(std::future::ready(Err(self.error())))
+    }
+
+    fn run<'a>(
+        &'a self,
+        _job: &'a Job,
+        _output: &'a dyn rigger_transport::OutputSink,
+    ) -> BoxFuture<'a, Result<ExitStatus, TransportError>> {
+        Box::pin(std::future::ready(Err(self.error())))
+    }
+
+    fn copy_file<'a>(
+        &'a self,
+        _source: &'a Path,
+        _destination: &'a Path,
+        _mode: u32,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(std::future::ready(Err(self.error())))
+    }
+
+    fn interactive(&self, _job: Option<&Job>, _tty: bool) -> std::process::Command {
+        // Never reached: `connect` fails first.
+        std::process::Command::new("false")
+    }
+}
+
+impl Unroutable {
+    fn error(&self) -> TransportError {
+        TransportError::Unreachable {
+            server: self.server.clone(),
+            address: self.instance.clone(),
+            reason: self.reason.clone(),
+        }
     }
 }
 
@@ -592,11 +843,14 @@ mod tests {
         let web = roles(&["web"]);
         let worker = roles(&["worker"]);
         let cache = roles(&["cache", "queue"]);
-        let servers: Vec<(&str, &[String])> = vec![
-            ("web-1", &web),
-            ("web-2", &web),
-            ("worker-1", &worker),
-            ("cache", &cache),
+        let none: Vec<String> = Vec::new();
+        let web_1_aliases = roles(&["i-0a1", "web[1]"]);
+        let listed = |id, aliases, roles| Listed { id, aliases, roles };
+        let servers = vec![
+            listed("web-1", &web_1_aliases, &web),
+            listed("web-2", &none, &web),
+            listed("worker-1", &none, &worker),
+            listed("cache", &none, &cache),
         ];
         let selectors: Vec<String> = selectors.iter().map(|s| (*s).to_owned()).collect();
         assert_eq!(
@@ -611,6 +865,8 @@ mod tests {
         check_select(&["web"], Ok(vec![0, 1]));
         check_select(&["queue", "web-2"], Ok(vec![1, 3]));
         check_select(&["web", "web-1"], Ok(vec![0, 1]));
+        check_select(&["i-0a1"], Ok(vec![0]));
+        check_select(&["worker", "web[1]"], Ok(vec![0, 2]));
         check_select(
             &["db"],
             Err(
@@ -718,6 +974,118 @@ mod tests {
             ]
         );
         assert_eq!(log_jobs(&server, Some("redis"), 5, false).len(), 0);
+    }
+
+    fn live(id: &str, public: Option<&str>, private: Option<&str>, tagged: bool) -> LiveServer {
+        LiveServer {
+            id: id.into(),
+            aliases: vec![format!("i-{id}")],
+            instance_id: format!("i-{id}"),
+            roles: roles(&[id.split('-').next().unwrap()]),
+            state: "in_service".into(),
+            public_address: public.map(str::to_owned),
+            private_address: private.map(str::to_owned),
+            rigger_tagged: tagged,
+        }
+    }
+
+    fn aws_config(extra: &str) -> AwsConfig {
+        let text = format!(
+            "[project]\nname = \"shop\"\napp_path = \".\"\nwsgi_module = \"shop.wsgi:application\"\n\
+             celery_app = \"shop\"\ndomains = [\"shop.example.com\"]\n\n[environments.prod]\n\
+             provider = \"aws\"\nregion = \"us-east-1\"\nami = \"ami-12345678\"\n\
+             certificate = \"arn:aws:iam::123456789012:server-certificate/x\"\n{extra}\n"
+        );
+        let config = rigger_config::parse(&text, "rigger.toml").unwrap();
+        match &config.environments["prod"].provider {
+            ProviderConfig::Aws(aws) => aws.clone(),
+            ProviderConfig::Local(_) => unreachable!(),
+        }
+    }
+
+    /// `id: user@host:port via bastion key=FILE trust` or `id: unreachable (reason)`.
+    fn check_targets(extra: &str, servers: Vec<LiveServer>, expected: &[&str]) {
+        let access = ssh_access(
+            &aws_config(extra),
+            Path::new("/srv/shop"),
+            Some(Path::new("/home/me")),
+        );
+        let lines: Vec<String> = ssh_targets("prod", servers, &access)
+            .into_iter()
+            .map(|route| match route.target {
+                Ok(target) => format!(
+                    "{}: {} key={} trust={} bastion_key={}",
+                    route.id,
+                    target.address(),
+                    target
+                        .identity_file
+                        .as_deref()
+                        .map_or("agent".into(), |p| p.display().to_string()),
+                    target.trust_first_key,
+                    target.bastion.as_ref().map_or("-".into(), |b| format!(
+                        "{:?} trust={}",
+                        b.identity_file, b.trust_first_key
+                    )),
+                ),
+                Err(unroutable) => format!("{}: {}", route.id, unroutable.error()),
+            })
+            .collect();
+        assert_eq!(lines, expected);
+    }
+
+    #[test]
+    fn aws_servers_are_reached_as_the_deploy_user_at_their_public_address() {
+        check_targets(
+            "",
+            vec![
+                live("web-1", Some("54.1.2.3"), Some("10.0.1.5"), true),
+                live("db-primary", None, Some("10.0.1.245"), true),
+                live("cache", Some("54.1.2.9"), Some("10.0.1.244"), false),
+            ],
+            &[
+                "web-1: admin@54.1.2.3:22 key=agent trust=true bastion_key=-",
+                "db-primary: cannot reach db-primary (i-db-primary): it has no public address, \
+                 and there is no bastion; to reach servers at their private addresses, name a \
+                 jump host in their VPC in `[environments.prod]`: `bastion = \"user@host\"`",
+                "cache: admin@54.1.2.9:22 key=agent trust=false bastion_key=-",
+            ],
+        );
+        check_targets(
+            "deploy_user = \"ubuntu\"\nssh_port = 2222\nssh_identity = \"keys/prod\"",
+            vec![live("web-1", Some("54.1.2.3"), Some("10.0.1.5"), true)],
+            &["web-1: ubuntu@54.1.2.3:2222 key=/srv/shop/keys/prod trust=true bastion_key=-"],
+        );
+    }
+
+    #[test]
+    fn behind_a_bastion_aws_servers_are_reached_at_their_private_address() {
+        check_targets(
+            "bastion = \"ops@bastion.example.com:2200\"\nssh_identity = \"~/.ssh/prod\"",
+            vec![
+                live("web-1", Some("54.1.2.3"), Some("10.0.1.5"), true),
+                live("db-primary", None, Some("10.0.1.245"), true),
+                live("cache", None, None, true),
+            ],
+            &[
+                "web-1: admin@10.0.1.5:22 via ops@bastion.example.com:2200 \
+                 key=/home/me/.ssh/prod trust=true bastion_key=Some(\"/home/me/.ssh/prod\") trust=false",
+                "db-primary: admin@10.0.1.245:22 via ops@bastion.example.com:2200 \
+                 key=/home/me/.ssh/prod trust=true bastion_key=Some(\"/home/me/.ssh/prod\") trust=false",
+                "cache: cannot reach cache (i-cache): it has no private address; to reach \
+                 servers at their private addresses, name a jump host in their VPC in \
+                 `[environments.prod]`: `bastion = \"user@host\"`",
+            ],
+        );
+    }
+
+    #[test]
+    fn an_absolute_identity_is_kept() {
+        let access = ssh_access(
+            &aws_config("ssh_identity = \"/etc/rigger/key\""),
+            Path::new("/srv/shop"),
+            None,
+        );
+        assert_eq!(access.identity_file, Some(PathBuf::from("/etc/rigger/key")));
     }
 
     #[test]

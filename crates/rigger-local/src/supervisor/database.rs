@@ -171,7 +171,13 @@ impl Supervisor {
         let paused_at = Instant::now();
         let mut lost_warning = String::new();
         if force {
-            // The primary may be gone: nothing to pause against, nothing to wait for.
+            // The primary may be gone: nothing to wait for. Pausing is still worth trying, so
+            // that requests wait for the new primary instead of failing against the old one.
+            for server in &app_servers {
+                if let Err(error) = self.pgbouncer_admin(server, "PAUSE").await {
+                    tracing::warn!(server = %server.id, "pausing PgBouncer (continuing, forced): {error:#}");
+                }
+            }
             let lag = self.replica_lag_bytes(&primary, &replica).await;
             lost_warning = match lag {
                 Some(0) => String::new(),
