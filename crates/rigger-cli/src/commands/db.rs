@@ -3,7 +3,8 @@
 use anyhow::{Context as _, anyhow};
 use rigger_local::control;
 
-use super::local::{confirm, local_environment, runtime, say};
+use super::confirm;
+use super::local::{local_environment, runtime, say};
 use crate::args::DbCommand;
 use crate::{Failure, Settings};
 
@@ -101,6 +102,7 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
                         env.config.project.name, env.name
                     ),
                     &env.name,
+                    "refusing to restore without confirmation; pass --yes",
                 )?;
             }
             runtime.block_on(control::db_restore(&env, &backup))?;

@@ -2,8 +2,6 @@
 //! and the hidden `supervise`. Only the local provider exists so far; an AWS environment gets
 //! a clear error instead of a silent no-op.
 
-use std::io::{BufRead as _, IsTerminal as _, Write as _};
-
 use anyhow::{Context as _, anyhow};
 use rigger_config::{Config, ProviderKind};
 use rigger_local::control::{self, UpOutcome};
@@ -97,7 +95,7 @@ pub(crate) fn down(args: DownArgs, settings: &Settings) -> Result<(), Failure> {
     let DownArgs { purge, yes } = args;
     let env = local_environment(settings)?;
     if purge && !yes {
-        confirm(
+        super::confirm(
             &format!(
                 "This deletes {}: the databases, logs and secrets of {}/{}. Type the environment's name to confirm: ",
                 env.paths.root().display(),
@@ -105,6 +103,7 @@ pub(crate) fn down(args: DownArgs, settings: &Settings) -> Result<(), Failure> {
                 env.name
             ),
             &env.name,
+            "refusing to purge without confirmation; pass --yes",
         )?;
     }
     runtime()?.block_on(control::down(&env, purge, |line| {
@@ -114,28 +113,6 @@ pub(crate) fn down(args: DownArgs, settings: &Settings) -> Result<(), Failure> {
         settings,
         &format!("{}/{} is down", env.config.project.name, env.name),
     );
-    Ok(())
-}
-
-pub(crate) fn confirm(question: &str, expected: &str) -> Result<(), Failure> {
-    let stdin = std::io::stdin();
-    if !stdin.is_terminal() {
-        return Err(Failure::Usage(anyhow!(
-            "refusing to purge without confirmation; pass --yes"
-        )));
-    }
-    eprint!("{question}");
-    let _ = std::io::stderr().flush();
-    let mut answer = String::new();
-    stdin
-        .lock()
-        .read_line(&mut answer)
-        .context("reading the confirmation")?;
-    if answer.trim() != expected {
-        return Err(Failure::Usage(anyhow!(
-            "not confirmed; nothing was deleted"
-        )));
-    }
     Ok(())
 }
 

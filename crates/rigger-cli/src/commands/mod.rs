@@ -75,3 +75,30 @@ pub(crate) fn environment<'a>(
         })
         .map_err(Failure::Usage)
 }
+
+/// Asks the user to type `expected` to confirm something destructive. Without a terminal it
+/// refuses with `without_terminal` (which says which flag skips the question).
+pub(crate) fn confirm(
+    question: &str,
+    expected: &str,
+    without_terminal: &str,
+) -> Result<(), Failure> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        return Err(Failure::Usage(anyhow::anyhow!("{without_terminal}")));
+    }
+    eprint!("{question}");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    stdin
+        .lock()
+        .read_line(&mut answer)
+        .context("reading the confirmation")?;
+    if answer.trim() != expected {
+        return Err(Failure::Usage(anyhow::anyhow!(
+            "not confirmed; nothing was changed"
+        )));
+    }
+    Ok(())
+}
