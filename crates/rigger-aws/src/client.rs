@@ -1,6 +1,6 @@
 //! Connecting to AWS: one SDK configuration (credentials and endpoint from aws-config's
 //! standard chain) shared by the EC2, Auto Scaling, Elastic Load Balancing (classic and v2),
-//! SSM and IAM clients.
+//! SSM, IAM and S3 clients.
 //!
 //! The HTTP client is hyper + rustls on ring, built here rather than through the SDK's
 //! default-https-client feature, whose aws-lc build costs minutes of compile time.
@@ -36,7 +36,11 @@ pub struct Clients {
     pub ssm: aws_sdk_ssm::Client,
     /// The servers' role and instance profile (IAM is global; the SDK picks its endpoint).
     pub iam: aws_sdk_iam::Client,
+    /// The releases bucket ([`crate::releases`]).
+    pub s3: aws_sdk_s3::Client,
     pub region: String,
+    /// Whether every call goes to `--endpoint-url` (an emulator).
+    pub endpoint_override: bool,
 }
 
 impl Clients {
@@ -72,7 +76,15 @@ impl Clients {
             elbv2: aws_sdk_elasticloadbalancingv2::Client::new(&shared),
             ssm: aws_sdk_ssm::Client::new(&shared),
             iam: aws_sdk_iam::Client::new(&shared),
+            // Emulators answer for buckets in the path, not in a virtual host's name.
+            s3: aws_sdk_s3::Client::from_conf(
+                aws_sdk_s3::config::Builder::from(&shared)
+                    .force_path_style(connection.endpoint_url.is_some())
+                    .build(),
+            ),
             region: connection.region.clone(),
+            endpoint_override: connection.endpoint_url.is_some()
+                || std::env::var_os("AWS_ENDPOINT_URL").is_some(),
         }
     }
 }

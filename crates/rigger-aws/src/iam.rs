@@ -31,12 +31,20 @@ fn partition(region: &str) -> &'static str {
 }
 
 /// The inline policy allowing `permissions`: `ACTION /ssm/parameter/path` on that path's
-/// parameters in `region`, `ACTION via SERVICE` on any key, but only through that service.
+/// parameters in `region`, `ACTION via SERVICE` on any key, but only through that service,
+/// `ACTION s3:::bucket/key` on those S3 objects.
 pub fn policy_document(permissions: &BTreeSet<String>, region: &str) -> String {
     let statements: Vec<Json> = permissions
         .iter()
         .filter_map(|line| {
             let (action, target) = line.split_once(' ')?;
+            if target.starts_with("s3:::") {
+                return Some(json!({
+                    "Effect": "Allow",
+                    "Action": action,
+                    "Resource": format!("arn:{}:{target}", partition(region)),
+                }));
+            }
             Some(match target.strip_prefix("via ") {
                 Some(service) => json!({
                     "Effect": "Allow",
@@ -95,7 +103,10 @@ pub fn permissions(document: &str) -> BTreeSet<String> {
                 let target = match (&via, resource.split_once(":parameter")) {
                     (Some(service), _) => format!("via {service}"),
                     (None, Some((_, path))) => path.to_owned(),
-                    (None, None) => resource.clone(),
+                    (None, None) => match resource.split_once(":s3:::") {
+                        Some((_, object)) => format!("s3:::{object}"),
+                        None => resource.clone(),
+                    },
                 };
                 lines.insert(format!("{action} {target}"));
             }
@@ -319,11 +330,16 @@ mod tests {
             "ssm:GetParameter /shop/prod/*",
             "ssm:GetParameters /shop/prod/*",
             "kms:Decrypt via ssm",
+            "s3:GetObject s3:::shop-prod-releases-*/*",
         ]
         .into_iter()
         .map(str::to_owned)
         .collect();
         let document = policy_document(&lines, "eu-west-1");
+        assert!(
+            document.contains("arn:aws:s3:::shop-prod-releases-*/*"),
+            "{document}"
+        );
         assert!(
             document.contains("arn:aws:ssm:eu-west-1:*:parameter/shop/prod/*"),
             "{document}"

@@ -10,6 +10,9 @@
 //! [`Provider::status`] reports in the local provider's `rigger.status` schema ([`status`]);
 //! [`Provider::servers`] lists the running servers and their addresses for `rigger exec`,
 //! `logs`, `manage` and `ssh` ([`servers`]).
+//! [`Provider::start_deploy`] and [`Provider::finish_deploy`] deploy a release: the deploy
+//! lock and history in SSM, the release in the environment's S3 bucket ([`releases`]), a
+//! health-gated rolling replacement driven by rigger ([`deploy`]).
 //! Servers boot with user-data rendered from the role recipes ([`userdata`]) and read their
 //! secrets with the instance profile ([`iam`]).
 //!
@@ -21,11 +24,13 @@
 
 pub mod apply;
 pub mod client;
+pub mod deploy;
 pub mod environment;
 pub mod error;
 pub mod iam;
 pub mod live;
 pub mod loadbalancer;
+pub mod releases;
 pub mod secrets;
 pub mod servers;
 pub mod status;
@@ -103,23 +108,53 @@ impl Provider {
         rigger_topology::desired_scaled(&self.env.config, &self.env.name, release, scaled)
     }
 
-    /// The diff between the live environment and its topology at `release`.
+    /// The release the environment's groups run (their launch template's or configuration's
+    /// release), once they exist: a deploy changes it, `up` keeps it.
+    pub fn current_release(&self, live: &Live) -> Option<String> {
+        let group = live
+            .groups
+            .get(&self.env.names.group(rigger_topology::Role::Web))?;
+        let prefix = self
+            .env
+            .names
+            .launch_template(rigger_topology::Role::Web, "");
+        if let Some(template) = &group.launch_template {
+            return template.strip_prefix(&prefix).map(str::to_owned);
+        }
+        let configuration = group.launch_configuration.as_deref()?;
+        // `<prefix><UTC timestamp>-<release>`.
+        configuration
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.get(17..))
+            .map(str::to_owned)
+    }
+
+    /// The diff between the live environment and its topology at `release` (for a first
+    /// creation; existing groups keep the release they run).
     pub async fn plan(&self, release: &str) -> Result<Plan, AwsError> {
         let (_, live) = self.observe().await?;
-        let topology = self.desired(&live, release).map_err(topology_error)?;
+        let release = self
+            .current_release(&live)
+            .unwrap_or_else(|| release.to_owned());
+        let topology = self.desired(&live, &release).map_err(topology_error)?;
         Ok(rigger_plan::plan(&live.observed(&self.env), &topology))
     }
 
-    /// Makes the environment match its topology at `release`; a second run finds nothing to
-    /// do.
+    /// Makes the environment match its topology at `release` (for a first creation; existing
+    /// groups keep the release they run, which only a deploy changes), with its releases
+    /// bucket; a second run finds nothing to do.
     pub async fn up(
         &self,
         release: &str,
         report: &(dyn Fn(&str) + Sync),
     ) -> Result<UpOutcome, AwsError> {
         let (network, live) = self.observe().await?;
-        let topology = self.desired(&live, release).map_err(topology_error)?;
+        let release = self
+            .current_release(&live)
+            .unwrap_or_else(|| release.to_owned());
+        let topology = self.desired(&live, &release).map_err(topology_error)?;
         let secrets_created = secrets::ensure(&self.env, &self.clients, &live.parameters).await?;
+        releases::ensure(&self.env, &self.clients, report).await?;
         for name in &secrets_created {
             report(&format!("stored secret {name} in SSM"));
         }
@@ -189,6 +224,15 @@ impl Provider {
             report(&format!("deleting network interface {}", interface.name));
             apply::delete_orphan_interface(&self.clients, interface, self.waits).await?;
         }
+        if let Some(bucket) = releases::find(&self.env, &self.clients).await? {
+            report(&format!("deleting bucket {bucket} and its releases"));
+            releases::delete(&self.env, &self.clients, &bucket).await?;
+        }
+        let deploy_parameters = deploy::parameters(&self.env, &self.clients).await?;
+        if !deploy_parameters.is_empty() {
+            report("deleting the deploy history and lock from SSM");
+            secrets::delete(&self.clients, &deploy_parameters).await?;
+        }
         if !live.parameters.is_empty() {
             report(&format!(
                 "deleting {} secrets from SSM",
@@ -243,7 +287,7 @@ impl Provider {
 }
 
 /// The environment was checked when the provider connected; a topology error here is a bug.
-fn topology_error(error: TopologyError) -> AwsError {
+pub(crate) fn topology_error(error: TopologyError) -> AwsError {
     AwsError::precondition(
         "(topology)",
         "rigger.toml",

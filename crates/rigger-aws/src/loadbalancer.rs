@@ -717,6 +717,20 @@ pub async fn instance_health(
     lb: &LiveLoadBalancer,
     name: &str,
 ) -> Result<BTreeMap<String, String>, AwsError> {
+    Ok(instance_health_reasons(clients, lb, name)
+        .await?
+        .into_iter()
+        .map(|(id, (state, _))| (id, state))
+        .collect())
+}
+
+/// Each registered instance's health and the load balancer's reason for it (empty when it
+/// gives none): what a rolled-back deploy reports.
+pub async fn instance_health_reasons(
+    clients: &Clients,
+    lb: &LiveLoadBalancer,
+    name: &str,
+) -> Result<BTreeMap<String, (String, String)>, AwsError> {
     let mut health = BTreeMap::new();
     match lb.kind {
         Some(LoadBalancerKind::Application) => {
@@ -729,14 +743,22 @@ pub async fn instance_health(
                     .await
                     .op("DescribeTargetHealth", arn)?;
                 for description in answer.target_health_descriptions() {
+                    let health_of = description.target_health();
                     if let (Some(target), Some(state)) = (
-                        description.target().map(|t| t.id()),
-                        description.target_health().and_then(|h| h.state()),
+                        description.target().and_then(|t| t.id()),
+                        health_of.and_then(|h| h.state()),
                     ) {
-                        health.insert(
-                            target.unwrap_or_default().to_owned(),
-                            state.as_str().to_owned(),
-                        );
+                        let reason = [
+                            health_of
+                                .and_then(|h| h.reason())
+                                .map(|r| r.as_str().to_owned()),
+                            health_of.and_then(|h| h.description()).map(str::to_owned),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .collect::<Vec<_>>()
+                        .join(": ");
+                        health.insert(target.to_owned(), (state.as_str().to_owned(), reason));
                     }
                 }
             }
@@ -751,10 +773,69 @@ pub async fn instance_health(
                 .op("DescribeInstanceHealth", name)?;
             for state in answer.instance_states() {
                 if let (Some(id), Some(s)) = (state.instance_id(), state.state()) {
-                    health.insert(id.to_owned(), s.to_owned());
+                    let reason = [state.reason_code(), state.description()]
+                        .into_iter()
+                        .flatten()
+                        .filter(|r| !r.is_empty() && *r != "N/A")
+                        .collect::<Vec<_>>()
+                        .join(": ");
+                    health.insert(id.to_owned(), (s.to_owned(), reason));
                 }
             }
         }
     }
     Ok(health)
+}
+
+/// Takes instances out of the load balancer (connection draining lets their requests finish).
+pub async fn deregister(
+    clients: &Clients,
+    lb: &LiveLoadBalancer,
+    name: &str,
+    instances: &[String],
+) -> Result<(), AwsError> {
+    if instances.is_empty() {
+        return Ok(());
+    }
+    match lb.kind {
+        Some(LoadBalancerKind::Application) => {
+            for arn in lb.target_groups.values() {
+                let targets = instances
+                    .iter()
+                    .map(|id| {
+                        aws_sdk_elasticloadbalancingv2::types::TargetDescription::builder()
+                            .id(id)
+                            .build()
+                    })
+                    .collect::<Vec<_>>();
+                clients
+                    .elbv2
+                    .deregister_targets()
+                    .target_group_arn(arn)
+                    .set_targets(Some(targets))
+                    .send()
+                    .await
+                    .op("DeregisterTargets", arn)?;
+            }
+        }
+        _ => {
+            let list = instances
+                .iter()
+                .map(|id| {
+                    aws_sdk_elasticloadbalancing::types::Instance::builder()
+                        .instance_id(id)
+                        .build()
+                })
+                .collect::<Vec<_>>();
+            clients
+                .elb
+                .deregister_instances_from_load_balancer()
+                .load_balancer_name(name)
+                .set_instances(Some(list))
+                .send()
+                .await
+                .op("DeregisterInstancesFromLoadBalancer", name)?;
+        }
+    }
+    Ok(())
 }

@@ -177,6 +177,8 @@ pub fn script(env: &AwsEnvironment, ctx: &ServerContext) -> Result<String, Strin
     write_recipe_files(w, &recipe, group_server);
     let _ = writeln!(w, "unset SECRETS");
 
+    write_release_fetch(w, env, ctx);
+
     let _ = writeln!(w, "\nlog 'running the before-start steps'");
     for step in recipe
         .steps
@@ -221,6 +223,37 @@ pub fn script(env: &AwsEnvironment, ctx: &ServerContext) -> Result<String, Strin
     }
     let _ = writeln!(w, "log 'ready'");
     Ok(s)
+}
+
+/// Web and worker servers fetch their release from the environment's bucket (named in SSM)
+/// with the instance profile, unpack it into the layout's app directory and install its
+/// requirements into the venv. The first `up` runs no release yet (`initial`): nothing to
+/// fetch until the first deploy.
+fn write_release_fetch(w: &mut String, env: &AwsEnvironment, ctx: &ServerContext) {
+    if !ctx
+        .roles
+        .iter()
+        .any(|r| matches!(r, Role::Web | Role::Worker))
+    {
+        return;
+    }
+    let release = &ctx.project.release;
+    if release == "initial" {
+        let _ = writeln!(
+            w,
+            "\nlog 'no release deployed yet: the app arrives with the first rigger deploy'"
+        );
+        return;
+    }
+    let _ = writeln!(w, "\nlog 'fetching release {release}'");
+    let _ = writeln!(
+        w,
+        "fetch_release {} {} {} {}",
+        shell_quote(&crate::releases::object_key(release)),
+        shell_quote(&ctx.layout.app_dir.to_string_lossy()),
+        shell_quote(&ctx.layout.venv_dir.to_string_lossy()),
+        shell_quote(&env.config.project.requirements.to_string_lossy()),
+    );
 }
 
 /// Helpers every script starts with. `replace_all` avoids `${var//x/y}`, whose replacement
@@ -308,6 +341,20 @@ put() {
     contents=$REPLY
   fi
   printf '%s' "$contents" | put_stdin "$1" "$2" "$3"
+}
+
+# fetch_release KEY APP_DIR VENV_DIR REQUIREMENTS: the release's tarball from the
+# environment's bucket (named in SSM), unpacked into APP_DIR, its requirements in VENV_DIR.
+fetch_release() {
+  local bucket tarball
+  bucket=$(parameter deploy/bucket)
+  tarball=$(mktemp)
+  aws s3 cp --region "$REGION" --only-show-errors "s3://$bucket/$1" "$tarball"
+  install -d -m 0755 "$2"
+  tar -xzf "$tarball" -C "$2"
+  rm -f "$tarball"
+  [ -x "$3/bin/python" ] || python3 -m venv "$3"
+  "$3/bin/pip" install --quiet --disable-pip-version-check -r "$2/$4"
 }
 
 # wait_ready NAME SECONDS COMMAND...: runs COMMAND until it succeeds.

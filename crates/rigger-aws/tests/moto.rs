@@ -541,6 +541,7 @@ async fn imported_key_pair_and_instance_profile_are_made_used_and_deleted() {
         allowed.into_iter().collect::<Vec<_>>(),
         [
             "kms:Decrypt via ssm",
+            "s3:GetObject s3:::shop-prod-releases-*/*",
             "ssm:GetParameter /shop/prod/*",
             "ssm:GetParameters /shop/prod/*"
         ]

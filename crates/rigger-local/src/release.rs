@@ -72,7 +72,8 @@ pub async fn ensure_initial(env: &LocalEnvironment) -> anyhow::Result<ReleaseMan
     // one was never complete).
     let _ = std::fs::remove_dir_all(env.paths.release(INITIAL));
     let staging = staging_dir(&env.paths, INITIAL)?;
-    copy_working_tree(env, &staging).await?;
+    let log = env.paths.releases().join("build.log");
+    copy_working_tree(&env.app_source(), &staging, &log).await?;
     finish(env, staging, INITIAL, String::new(), "working tree".into()).await
 }
 
@@ -86,7 +87,39 @@ pub async fn build(
     now: u64,
 ) -> anyhow::Result<ReleaseManifest> {
     let app = env.app_source();
-    let top = git_output(&app, &["rev-parse", "--show-toplevel"])
+    let source = resolve(&app, revision, allow_dirty, now).await?;
+    if let Ok(existing) = ReleaseManifest::load(&env.paths, &source.id) {
+        return Ok(existing);
+    }
+    let staging = staging_dir(&env.paths, &source.id)?;
+    let log = env.paths.releases().join("build.log");
+    export(&app, &source, &staging, &log).await?;
+    finish(env, staging, &source.id, source.revision, source.kind).await
+}
+
+/// What a release of the app is made from: the revision, its id, and whether it is the
+/// working tree. Shared by every provider (the AWS provider ships the same tree to S3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseSource {
+    /// `<UTC timestamp>-<short sha>`, `-dirty` for a working tree with uncommitted changes.
+    pub id: String,
+    /// The full commit id.
+    pub revision: String,
+    /// `git`, or `working tree (uncommitted changes)`.
+    pub kind: String,
+    /// The tree `git archive` exports (`SHA` or `SHA:PREFIX`); `None` for the working tree.
+    archive: Option<(String, String)>,
+}
+
+/// Resolves `revision` (default HEAD) of the git repository holding `app`. A working tree with
+/// uncommitted changes under `app` is refused unless `allow_dirty`.
+pub async fn resolve(
+    app: &Path,
+    revision: Option<&str>,
+    allow_dirty: bool,
+    now: u64,
+) -> anyhow::Result<ReleaseSource> {
+    let top = git_output(app, &["rev-parse", "--show-toplevel"])
         .await
         .with_context(|| {
             format!(
@@ -94,16 +127,16 @@ pub async fn build(
                 app.display()
             )
         })?;
-    let prefix = git_output(&app, &["rev-parse", "--show-prefix"]).await?;
+    let prefix = git_output(app, &["rev-parse", "--show-prefix"]).await?;
     let wanted = revision.unwrap_or("HEAD");
     let sha = git_output(
-        &app,
+        app,
         &["rev-parse", "--verify", &format!("{wanted}^{{commit}}")],
     )
     .await
     .with_context(|| format!("`{wanted}` is not a revision of {top}"))?;
     let short = &sha[..sha.len().min(12)];
-    let dirty = !git_output(&app, &["status", "--porcelain", "--", "."])
+    let dirty = !git_output(app, &["status", "--porcelain", "--", "."])
         .await?
         .is_empty();
     let use_working_tree = dirty && revision.is_none();
@@ -118,26 +151,35 @@ pub async fn build(
         timestamp(now),
         if use_working_tree { "-dirty" } else { "" }
     );
-    if let Ok(existing) = ReleaseManifest::load(&env.paths, &id) {
-        return Ok(existing);
-    }
-    let staging = staging_dir(&env.paths, &id)?;
-    if use_working_tree {
-        copy_working_tree(env, &staging).await?;
-        finish(
-            env,
-            staging,
-            &id,
-            sha,
-            "working tree (uncommitted changes)".into(),
-        )
-        .await
+    // `git archive SHA:PREFIX` gives the app's subtree with paths relative to it.
+    let tree = if prefix.is_empty() {
+        sha.clone()
     } else {
-        // `git archive SHA:PREFIX` gives the app's subtree with paths relative to it.
-        let tree = format!("{sha}:{}", prefix.trim_end_matches('/'));
-        let tree = if prefix.is_empty() { sha.clone() } else { tree };
-        extract_archive(&top, &tree, &staging).await?;
-        finish(env, staging, &id, sha, "git".into()).await
+        format!("{sha}:{}", prefix.trim_end_matches('/'))
+    };
+    Ok(ReleaseSource {
+        id,
+        revision: sha,
+        kind: if use_working_tree {
+            "working tree (uncommitted changes)".into()
+        } else {
+            "git".into()
+        },
+        archive: (!use_working_tree).then_some((top, tree)),
+    })
+}
+
+/// Writes the app's tree of `source` into the empty directory `dest` (`git archive`, or a
+/// copy of the working tree); `log` collects the copy's output.
+pub async fn export(
+    app: &Path,
+    source: &ReleaseSource,
+    dest: &Path,
+    log: &Path,
+) -> anyhow::Result<()> {
+    match &source.archive {
+        Some((top, tree)) => extract_archive(top, tree, dest).await,
+        None => copy_working_tree(app, dest, log).await,
     }
 }
 
@@ -149,14 +191,12 @@ fn staging_dir(paths: &EnvPaths, id: &str) -> anyhow::Result<PathBuf> {
     Ok(staging)
 }
 
-async fn copy_working_tree(env: &LocalEnvironment, staging: &Path) -> anyhow::Result<()> {
-    let source = env.app_source();
+async fn copy_working_tree(source: &Path, staging: &Path, log: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(
         source.join("manage.py").is_file(),
         "{} has no manage.py; set project.app_path in rigger.toml to the Django project's directory",
         source.display()
     );
-    let log = env.paths.releases().join("build.log");
     run_command(
         &Command::new("cp").args([
             "-R",
@@ -164,7 +204,7 @@ async fn copy_working_tree(env: &LocalEnvironment, staging: &Path) -> anyhow::Re
             &staging.display().to_string(),
         ]),
         None,
-        &log,
+        log,
     )
     .await
     .context("copying the app's working tree")

@@ -382,8 +382,8 @@ impl Builder<'_> {
     }
 
     /// The role and instance profile the servers read their secrets with, unless rigger.toml
-    /// names one (AWS only): SSM parameters under the environment's path, and the KMS key
-    /// that encrypts them, only through SSM.
+    /// names one (AWS only): SSM parameters under the environment's path, the KMS key
+    /// that encrypts them, only through SSM, and the objects of the releases bucket.
     fn instance_profile(&mut self) {
         let ProviderConfig::Aws(aws) = &self.env.provider else {
             return;
@@ -396,6 +396,11 @@ impl Builder<'_> {
             format!("ssm:GetParameter {path}"),
             format!("ssm:GetParameters {path}"),
             "kms:Decrypt via ssm".to_owned(),
+            // The releases bucket's name ends in a random suffix (see rigger-aws `releases`).
+            format!(
+                "s3:GetObject s3:::{}/*",
+                format!("{}-{}-releases-*", self.project, self.env.name).to_ascii_lowercase()
+            ),
         ];
         let name = self.names.instance_profile();
         let profile = Resource::new(ResourceKind::InstanceProfile, name.clone())

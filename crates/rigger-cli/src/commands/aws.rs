@@ -1,17 +1,20 @@
-//! `plan`, `up`, `down` and `status` for environments with `provider = "aws"`: a thin layer
+//! `plan`, `up`, `down`, `status`, `deploy`, `releases` and `lock` for environments with `provider = "aws"`: a thin layer
 //! over `rigger_aws::Provider` that resolves the connection (region from rigger.toml,
 //! `--endpoint-url`, the SDK's standard chain for the rest), runs it on a tokio runtime and
 //! prints like the local provider does.
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::path::Path;
 
 use anyhow::{Context as _, anyhow};
+use rigger_aws::deploy::{Artifact, RolloutOptions};
 use rigger_aws::{Connection, Provider};
 use rigger_config::{Config, ProviderKind};
 use rigger_plan::Observed;
+use rigger_plan::rollout::BatchSize;
 use rigger_topology::Topology;
 
-use crate::args::{DownArgs, StatusArgs};
+use crate::args::{DeployArgs, DownArgs, LockCommand, RolloutArgs, StatusArgs};
 use crate::{Failure, Settings};
 
 /// Whether `-e` names an AWS environment (loading the configuration, which stops the
@@ -91,8 +94,11 @@ pub(crate) fn observe(
     runtime()?.block_on(async {
         let provider = provider(config.clone(), settings).await?;
         let (_, live) = provider.observe().await.map_err(failed)?;
+        let release = provider
+            .current_release(&live)
+            .unwrap_or_else(|| release.to_owned());
         let topology = provider
-            .desired(&live, release)
+            .desired(&live, &release)
             .map_err(|error| Failure::Usage(error.into()))?;
         Ok((live.observed(&provider.env), topology))
     })
@@ -269,4 +275,193 @@ fn render(status: &rigger_aws::status::Status) -> String {
         );
     }
     out
+}
+
+/// `rigger deploy` on AWS: builds the release from git as the local provider does
+/// (`rigger_local::release::resolve` and `export`), tars it, then the provider takes the lock
+/// in SSM and uploads it; the migrations run once ([`migrate`]); the provider rolls out,
+/// records the result and releases the lock.
+pub(crate) fn deploy(args: DeployArgs, settings: &Settings) -> Result<(), Failure> {
+    let DeployArgs {
+        revision,
+        allow_dirty,
+        rollout,
+    } = args;
+    let RolloutArgs {
+        batch,
+        health_timeout,
+        // The warm shutdown of old workers is the local provider's for now (docs/aws.md).
+        worker_stop_timeout: _,
+    } = rollout;
+    let batch: BatchSize = batch
+        .parse()
+        .map_err(|e: String| Failure::Usage(anyhow!(e)))?;
+    let options = RolloutOptions {
+        batch,
+        health_timeout: std::time::Duration::from_secs(health_timeout),
+        ..RolloutOptions::default()
+    };
+    let config = super::load_config(settings)?;
+    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
+        return Err(no_credentials());
+    }
+    let config_dir = settings
+        .config_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let app = config_dir.join(&config.project.app_path);
+    let build = tempfile::tempdir().context("making a directory to build the release in")?;
+    let report = |line: &str| say(settings, &format!("  {line}"));
+    let runtime = runtime()?;
+    let (provider, started) = runtime.block_on(async {
+        let artifact = build_release(&app, revision.as_deref(), allow_dirty, build.path())
+            .await
+            .map_err(Failure::Operation)?;
+        say(settings, &format!("built release {}", artifact.id));
+        let provider = provider(config, settings).await?;
+        let started = provider
+            .start_deploy(&artifact, &rigger_local::release::who(), &report)
+            .await
+            .map_err(failed)?;
+        Ok::<_, Failure>((provider, started))
+    })?;
+    if let Err(error) = migrate(settings, &provider, &started) {
+        let reason = format!("{error:?}");
+        runtime
+            .block_on(provider.abandon_deploy(started, &reason))
+            .map_err(failed)?;
+        return Err(error);
+    }
+    let record = runtime
+        .block_on(provider.finish_deploy(started, &options, &report))
+        .map_err(failed)?;
+    let summary = format!(
+        "release {} {} in {} s",
+        record.release,
+        record.result,
+        record.finished.saturating_sub(record.started)
+    );
+    if record.result == "succeeded" {
+        say(settings, &summary);
+        println!("{}", record.release);
+        Ok(())
+    } else {
+        Err(Failure::Operation(anyhow!("{summary}: {}", record.reason)))
+    }
+}
+
+/// The app's tree at `revision`, as a gzipped tarball in `dir`.
+async fn build_release(
+    app: &Path,
+    revision: Option<&str>,
+    allow_dirty: bool,
+    dir: &Path,
+) -> anyhow::Result<Artifact> {
+    let source =
+        rigger_local::release::resolve(app, revision, allow_dirty, rigger_aws::deploy::now())
+            .await?;
+    let tree = dir.join("app");
+    std::fs::create_dir_all(&tree)?;
+    rigger_local::release::export(app, &source, &tree, &dir.join("build.log")).await?;
+    let tarball = dir.join(format!("{}.tar.gz", source.id));
+    let tar = tokio::process::Command::new("tar")
+        .arg("-czf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&tree)
+        .arg(".")
+        .output()
+        .await
+        .context("running tar")?;
+    anyhow::ensure!(
+        tar.status.success(),
+        "packing the release failed: {}",
+        String::from_utf8_lossy(&tar.stderr).trim()
+    );
+    Ok(Artifact {
+        id: source.id,
+        revision: source.revision,
+        tarball,
+    })
+}
+
+/// The migrations, once, before anything switches: over SSH on one worker. Skipped, with a
+/// note, when every call goes to an emulator (`--endpoint-url`): its servers are fake
+/// addresses rigger never connects to.
+fn migrate(
+    settings: &Settings,
+    provider: &Provider,
+    started: &rigger_aws::deploy::StartedDeploy,
+) -> Result<(), Failure> {
+    if provider.clients.endpoint_override {
+        say(
+            settings,
+            "  note: migrations skipped: every AWS call goes to an endpoint override (an emulator), whose servers cannot be reached",
+        );
+        return Ok(());
+    }
+    super::remote::migrate_release(
+        settings,
+        &started.bucket,
+        &rigger_aws::releases::object_key(&started.release),
+    )
+}
+
+/// The deploy history in SSM, in the local provider's record shape.
+pub(crate) fn history(
+    settings: &Settings,
+) -> Result<Vec<rigger_local::release::DeployRecord>, Failure> {
+    let config = super::load_config(settings)?;
+    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
+        return Err(no_credentials());
+    }
+    let records = runtime()?.block_on(async {
+        let provider = provider(config, settings).await?;
+        rigger_aws::deploy::history(&provider.env, &provider.clients)
+            .await
+            .map_err(failed)
+    })?;
+    Ok(records
+        .into_iter()
+        .map(|r| rigger_local::release::DeployRecord {
+            release: r.release,
+            revision: r.revision,
+            by: r.by,
+            started: r.started,
+            finished: r.finished,
+            result: r.result,
+            reason: r.reason,
+        })
+        .collect())
+}
+
+/// `rigger lock status|release` on AWS: the lock parameter in SSM.
+pub(crate) fn lock(command: LockCommand, settings: &Settings) -> Result<(), Failure> {
+    let config = super::load_config(settings)?;
+    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
+        return Err(no_credentials());
+    }
+    runtime()?.block_on(async {
+        let provider = provider(config, settings).await?;
+        let holder = rigger_aws::deploy::lock_holder(&provider.env, &provider.clients)
+            .await
+            .map_err(failed)?;
+        match command {
+            LockCommand::Status => match holder {
+                Some(holder) => println!("held by {holder}"),
+                None => println!("free"),
+            },
+            LockCommand::Release => {
+                rigger_aws::deploy::release_lock(&provider.env, &provider.clients)
+                    .await
+                    .map_err(failed)?;
+                match holder {
+                    Some(holder) => say(settings, &format!("released the lock held by {holder}")),
+                    None => say(settings, "the lock was free"),
+                }
+            }
+        }
+        Ok(())
+    })
 }

@@ -1,4 +1,5 @@
-//! `rigger deploy`, `rollback`, `releases`, `lock` and `maintenance` (local provider).
+//! `rigger deploy`, `rollback`, `releases`, `lock` and `maintenance` (local provider;
+//! `releases` reads an AWS environment's history from the AWS provider).
 
 use std::time::Duration;
 
@@ -70,8 +71,11 @@ fn roll_out(
 
 pub(crate) fn releases(args: ReleasesArgs, settings: &Settings) -> Result<(), Failure> {
     let ReleasesArgs { json } = args;
-    let env = local_environment(settings)?;
-    let history = rigger_local::release::history(&env.paths);
+    let history = if super::aws::is_aws(settings)? {
+        super::aws::history(settings)?
+    } else {
+        rigger_local::release::history(&local_environment(settings)?.paths)
+    };
     if json {
         println!(
             "{}",

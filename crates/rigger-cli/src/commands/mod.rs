@@ -25,6 +25,8 @@ pub(crate) fn dispatch(command: Command, settings: &Settings) -> Result<(), Fail
         Command::Up if aws::is_aws(settings)? => aws::up(settings),
         Command::Down(args) if aws::is_aws(settings)? => aws::down(args, settings),
         Command::Status(args) if aws::is_aws(settings)? => aws::status(args, settings),
+        Command::Deploy(args) if aws::is_aws(settings)? => aws::deploy(args, settings),
+        Command::Lock(command) if aws::is_aws(settings)? => aws::lock(command, settings),
         Command::Up => local::up(settings),
         Command::Down(args) => local::down(args, settings),
         Command::Status(args) => local::status(args, settings),

@@ -214,6 +214,49 @@ pub(crate) fn ssh(args: SshArgs, settings: &Settings) -> Result<(), Failure> {
 }
 
 /// `/bin/sh -c LINE`: what `rigger exec -- WORDS` runs, the words joined as ssh joins them.
+/// Runs the migrations of release `key` (in the environment's `bucket`) once, on one worker,
+/// before any server switches: the release is fetched into a directory of its own there (the
+/// worker's instance profile may read the bucket) and `manage.py migrate` runs with it, the
+/// worker's venv and its environment file. AWS only; called by `rigger deploy`.
+pub(crate) fn migrate_release(settings: &Settings, bucket: &str, key: &str) -> Result<(), Failure> {
+    let fleet = fleet(settings)?;
+    let server = fleet.manage_server(None)?;
+    let dir = format!(
+        "/tmp/rigger-migrate-{}",
+        key.trim_start_matches("releases/")
+            .trim_end_matches(".tar.gz")
+    );
+    let fetch = exec_job(&format!(
+        "set -e; rm -rf {dir}; mkdir -p {dir}; aws s3 cp --only-show-errors {source} {dir}/release.tar.gz; tar -xzf {dir}/release.tar.gz -C {dir}; chmod -R a+rX {dir}",
+        dir = rigger_recipes::shell_quote(&dir),
+        source = rigger_recipes::shell_quote(&format!("s3://{bucket}/{key}")),
+    ));
+    say(
+        settings,
+        &format!("fetching the release on {} for its migrations", server.id),
+    );
+    let status = interact(server, Some(&fetch))?;
+    if !status.success() {
+        return Err(Failure::Operation(anyhow!(
+            "fetching the release on {} for its migrations ended with {status}",
+            server.id
+        )));
+    }
+    let mut layout = server.layout.clone();
+    layout.app_dir = PathBuf::from(&dir);
+    let migrate = manage_job(&layout, &["migrate".into(), "--noinput".into()]);
+    say(settings, &format!("manage.py migrate on {}", server.id));
+    let status = interact(server, Some(&migrate))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Failure::Operation(anyhow!(
+            "the migrations failed on {} ({status}); nothing was switched",
+            server.id
+        )))
+    }
+}
+
 fn exec_job(line: &str) -> Job {
     Job::new(Command::new("/bin/sh").args(["-c", line]))
 }

@@ -1,0 +1,1043 @@
+//! Deploys on AWS: the deploy lock and history in SSM Parameter Store, and the rolling
+//! replacement rigger drives itself (the emulator has no instance refresh).
+//!
+//! [`crate::Provider::start_deploy`] takes the lock (`/<project>/<env>/deploy/lock`, created
+//! with `Overwrite=false` so two deploys cannot both take it) and uploads the release to the
+//! environment's bucket ([`crate::releases`]); the caller then runs the migrations (over SSH,
+//! outside this crate) and [`crate::Provider::finish_deploy`] rolls out: a launch template (or
+//! configuration) for the release, the groups pointed at it, then per group batches from
+//! [`rigger_plan::rollout::batches`]: raise the desired count, wait with
+//! [`rigger_plan::rollout::HealthGate`] fed by [`HealthSource`] (the load balancer's instance
+//! health for web servers, the group's for workers), deregister the old servers (connection
+//! draining), terminate them. A gate that times out points the group back at the previous
+//! release and terminates the new servers. Every deploy ends as a record under
+//! `/<project>/<env>/deploy/history/`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use aws_sdk_ssm::types::ParameterType;
+use futures_util::future::BoxFuture;
+use rigger_plan::rollout::{BatchSize, GateResult, HealthGate, batches};
+use rigger_plan::{Action, Plan};
+use rigger_topology::{ResourceKind, Role};
+use serde::{Deserialize, Serialize};
+
+use crate::Clients;
+use crate::environment::AwsEnvironment;
+use crate::error::{AwsError, Context as _, ErrorKind};
+
+/// How long a deploy lock lives: long enough for a deploy; a lock left by a vanished machine
+/// blocks the team no longer than this.
+pub const LOCK_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// Who holds the deploy lock, and until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockHolder {
+    /// `user@host`.
+    pub who: String,
+    /// `deploy 20261127T204012Z-1a2b3c4d5e6f`.
+    pub operation: String,
+    /// Unix seconds.
+    pub since: u64,
+    /// Unix seconds after which anyone may take the lock.
+    pub expires: u64,
+}
+
+impl std::fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} since {} (unix), for `{}`; expires at {} (unix)",
+            self.who, self.since, self.operation, self.expires
+        )
+    }
+}
+
+/// One deploy in the environment's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployRecord {
+    pub release: String,
+    pub revision: String,
+    pub by: String,
+    /// Unix seconds.
+    pub started: u64,
+    pub finished: u64,
+    /// `succeeded`, `rolled back`, `failed`.
+    pub result: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// A built release, ready to upload.
+#[derive(Debug, Clone)]
+pub struct Artifact {
+    /// `<UTC timestamp>-<short sha>`.
+    pub id: String,
+    pub revision: String,
+    /// The gzipped tarball of the app's tree.
+    pub tarball: std::path::PathBuf,
+}
+
+/// How to roll out.
+#[derive(Debug, Clone)]
+pub struct RolloutOptions {
+    pub batch: BatchSize,
+    /// How long a batch may take to be healthy before the deploy rolls back.
+    pub health_timeout: Duration,
+    /// Consecutive healthy observations a new server needs.
+    pub stable_checks: u32,
+    /// How long deregistered servers get to finish their requests.
+    pub drain: Duration,
+    /// How often to ask for health.
+    pub poll: Duration,
+}
+
+impl Default for RolloutOptions {
+    fn default() -> Self {
+        RolloutOptions {
+            batch: BatchSize::default(),
+            health_timeout: Duration::from_secs(600),
+            stable_checks: 2,
+            drain: Duration::from_secs(30),
+            poll: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A deploy that holds the lock and whose release is in the bucket.
+#[derive(Debug, Clone)]
+pub struct StartedDeploy {
+    pub release: String,
+    pub revision: String,
+    pub bucket: String,
+    pub by: String,
+    pub started: u64,
+}
+
+/// Unix seconds now.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn lock_parameter(env: &AwsEnvironment) -> String {
+    env.parameter("deploy/lock")
+}
+
+fn history_path(env: &AwsEnvironment) -> String {
+    env.parameter("deploy/history")
+}
+
+/// The lock's holder, if anyone holds it.
+pub async fn lock_holder(
+    env: &AwsEnvironment,
+    clients: &Clients,
+) -> Result<Option<LockHolder>, AwsError> {
+    let name = lock_parameter(env);
+    match clients
+        .ssm
+        .get_parameter()
+        .name(&name)
+        .send()
+        .await
+        .op("GetParameter", &name)
+    {
+        Ok(answer) => Ok(answer
+            .parameter()
+            .and_then(|p| p.value())
+            .and_then(|v| serde_json::from_str(v).ok())),
+        Err(error)
+            if error.kind() == ErrorKind::NotFound || error.code() == Some("ParameterNotFound") =>
+        {
+            Ok(None)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Takes the lock for `operation`; refuses, naming the holder, when someone holds a lock that
+/// has not expired (an expired one is taken over).
+pub async fn acquire_lock(
+    env: &AwsEnvironment,
+    clients: &Clients,
+    who: &str,
+    operation: &str,
+    now: u64,
+) -> Result<LockHolder, AwsError> {
+    let name = lock_parameter(env);
+    let holder = LockHolder {
+        who: who.to_owned(),
+        operation: operation.to_owned(),
+        since: now,
+        expires: now + LOCK_TTL.as_secs(),
+    };
+    let value = serde_json::to_string(&holder).expect("serializable");
+    for _ in 0..2 {
+        let put = clients
+            .ssm
+            .put_parameter()
+            .name(&name)
+            .value(&value)
+            .r#type(ParameterType::String)
+            .overwrite(false)
+            .send()
+            .await
+            .op("PutParameter", &name);
+        match put {
+            Ok(_) => return Ok(holder),
+            Err(error) if error.code() == Some("ParameterAlreadyExists") => {
+                match lock_holder(env, clients).await? {
+                    Some(other) if other.expires > now => {
+                        return Err(AwsError::precondition(
+                            "PutParameter",
+                            &name,
+                            format!("the deploy lock is held by {other}"),
+                            "wait for that deploy to finish; if its holder is gone, `rigger lock release` removes the lock",
+                        ));
+                    }
+                    // Expired or unreadable: taken over.
+                    _ => release_lock(env, clients).await?,
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Err(AwsError::precondition(
+        "PutParameter",
+        &name,
+        "another deploy took the lock at the same moment",
+        "run the deploy again",
+    ))
+}
+
+/// Removes the lock, whoever holds it.
+pub async fn release_lock(env: &AwsEnvironment, clients: &Clients) -> Result<(), AwsError> {
+    let name = lock_parameter(env);
+    match clients
+        .ssm
+        .delete_parameter()
+        .name(&name)
+        .send()
+        .await
+        .op("DeleteParameter", &name)
+    {
+        Err(error)
+            if !(error.kind() == ErrorKind::NotFound
+                || error.code() == Some("ParameterNotFound")) =>
+        {
+            Err(error)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Appends `record` to the history.
+pub async fn record(
+    env: &AwsEnvironment,
+    clients: &Clients,
+    record: &DeployRecord,
+) -> Result<(), AwsError> {
+    let name = format!(
+        "{}/{:012}-{}",
+        history_path(env),
+        record.started,
+        record.release
+    );
+    clients
+        .ssm
+        .put_parameter()
+        .name(&name)
+        .value(serde_json::to_string(record).expect("serializable"))
+        .r#type(ParameterType::String)
+        .overwrite(true)
+        .send()
+        .await
+        .op("PutParameter", &name)?;
+    Ok(())
+}
+
+/// The deploy history, oldest first.
+pub async fn history(
+    env: &AwsEnvironment,
+    clients: &Clients,
+) -> Result<Vec<DeployRecord>, AwsError> {
+    let path = history_path(env);
+    let pages = clients
+        .ssm
+        .get_parameters_by_path()
+        .path(&path)
+        .recursive(true)
+        .into_paginator()
+        .send()
+        .collect::<Vec<_>>()
+        .await;
+    let mut records: Vec<(String, DeployRecord)> = Vec::new();
+    for page in pages {
+        let page = page.op("GetParametersByPath", &path)?;
+        for parameter in page.parameters() {
+            if let (Some(name), Some(value)) = (parameter.name(), parameter.value())
+                && let Ok(record) = serde_json::from_str(value)
+            {
+                records.push((name.to_owned(), record));
+            }
+        }
+    }
+    records.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(records.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Every parameter under `/<project>/<env>/deploy/` (the lock, the history, the bucket's
+/// name), for `down`.
+pub async fn parameters(env: &AwsEnvironment, clients: &Clients) -> Result<Vec<String>, AwsError> {
+    let path = env.parameter("deploy");
+    let pages = clients
+        .ssm
+        .get_parameters_by_path()
+        .path(&path)
+        .recursive(true)
+        .into_paginator()
+        .send()
+        .collect::<Vec<_>>()
+        .await;
+    let mut names = Vec::new();
+    for page in pages {
+        let page = page.op("GetParametersByPath", &path)?;
+        names.extend(
+            page.parameters()
+                .iter()
+                .filter_map(|p| p.name().map(str::to_owned)),
+        );
+    }
+    Ok(names)
+}
+
+/// Where the health gate's observations come from: the load balancer, or a fake in tests.
+pub trait HealthSource: Send + Sync {
+    /// Each server's state in the gate's terms (`UP`, or the load balancer's state and
+    /// reason), keyed by instance id.
+    fn states<'a>(
+        &'a self,
+        servers: &'a [String],
+    ) -> BoxFuture<'a, Result<BTreeMap<String, String>, AwsError>>;
+}
+
+/// Feeds the gate until it decides: `Ok` when every server in `servers` is healthy, `Err`
+/// with the reason (each unhealthy server and the last state seen) otherwise.
+pub async fn wait_healthy(
+    source: &dyn HealthSource,
+    servers: &[String],
+    options: &RolloutOptions,
+) -> Result<Result<(), String>, AwsError> {
+    let mut gate = HealthGate::new(
+        servers.to_vec(),
+        options.health_timeout,
+        options.stable_checks,
+    );
+    let started = Instant::now();
+    loop {
+        let states = source.states(servers).await?;
+        match gate.observe(started.elapsed(), &states, &[]) {
+            GateResult::Healthy => return Ok(Ok(())),
+            GateResult::Waiting => tokio::time::sleep(options.poll).await,
+            GateResult::TimedOut { unhealthy } => {
+                let list: Vec<String> = unhealthy
+                    .iter()
+                    .map(|(server, state)| format!("{server}: {state}"))
+                    .collect();
+                return Ok(Err(format!(
+                    "not healthy within {} s: {}",
+                    options.health_timeout.as_secs(),
+                    list.join("; ")
+                )));
+            }
+            GateResult::Failed { server, why } => return Ok(Err(format!("{server}: {why}"))),
+        }
+    }
+}
+
+/// The load balancer's view, in the gate's terms: `InService` / `healthy` is `UP`; anything
+/// else is the state with the load balancer's reason.
+pub(crate) fn gate_state(state: &str, reason: &str) -> String {
+    if state == "InService" || state == "healthy" {
+        "UP".into()
+    } else if reason.is_empty() {
+        state.to_owned()
+    } else {
+        format!("{state} ({reason})")
+    }
+}
+
+/// Web servers: the load balancer's instance health.
+pub(crate) struct LoadBalancerHealth<'a> {
+    pub clients: &'a Clients,
+    pub lb: &'a crate::live::LiveLoadBalancer,
+    pub name: String,
+}
+
+impl HealthSource for LoadBalancerHealth<'_> {
+    fn states<'a>(
+        &'a self,
+        _servers: &'a [String],
+    ) -> BoxFuture<'a, Result<BTreeMap<String, String>, AwsError>> {
+        Box::pin(async move {
+            Ok(
+                crate::loadbalancer::instance_health_reasons(self.clients, self.lb, &self.name)
+                    .await?
+                    .into_iter()
+                    .map(|(id, (state, reason))| (id, gate_state(&state, &reason)))
+                    .collect(),
+            )
+        })
+    }
+}
+
+/// Workers (no load balancer): the group's view, `InService` and `Healthy`.
+pub(crate) struct GroupHealth<'a> {
+    pub clients: &'a Clients,
+    pub group: String,
+}
+
+impl HealthSource for GroupHealth<'_> {
+    fn states<'a>(
+        &'a self,
+        _servers: &'a [String],
+    ) -> BoxFuture<'a, Result<BTreeMap<String, String>, AwsError>> {
+        Box::pin(async move {
+            let members = members(self.clients, &self.group).await?;
+            Ok(members
+                .into_iter()
+                .map(|m| {
+                    let up = m.lifecycle == "InService" && m.health == "Healthy";
+                    let state = if up {
+                        "UP".to_owned()
+                    } else {
+                        format!("{} {}", m.lifecycle, m.health)
+                    };
+                    (m.id, state)
+                })
+                .collect())
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Member {
+    pub id: String,
+    pub lifecycle: String,
+    pub health: String,
+}
+
+/// The group's instances that are in service or on their way.
+pub(crate) async fn members(clients: &Clients, group: &str) -> Result<Vec<Member>, AwsError> {
+    let answer = clients
+        .autoscaling
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names(group)
+        .send()
+        .await
+        .op("DescribeAutoScalingGroups", group)?;
+    Ok(answer
+        .auto_scaling_groups()
+        .first()
+        .map(|g| {
+            g.instances()
+                .iter()
+                .filter_map(|i| {
+                    let lifecycle = i.lifecycle_state()?.as_str().to_owned();
+                    (lifecycle == "InService" || lifecycle.starts_with("Pending")).then(|| Member {
+                        id: i.instance_id().unwrap_or_default().to_owned(),
+                        lifecycle,
+                        health: i.health_status().unwrap_or_default().to_owned(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The steps of `plan` of these kinds and action: a deploy makes the new release's launch
+/// templates (or configurations) and deletes the old ones with the same code as `up`.
+pub(crate) fn only(plan: &Plan, action: Action) -> Plan {
+    Plan {
+        steps: plan
+            .steps
+            .iter()
+            .filter(|s| {
+                s.action == action
+                    && matches!(
+                        s.id.kind,
+                        ResourceKind::LaunchTemplate | ResourceKind::LaunchConfiguration
+                    )
+            })
+            .cloned()
+            .collect(),
+        ..plan.clone()
+    }
+}
+
+/// The roles with a group, in rollout order: web first (the load balancer's health decides),
+/// then the worker.
+pub(crate) const GROUP_ROLES: [Role; 2] = [Role::Web, Role::Worker];
+
+impl crate::Provider {
+    /// Takes the deploy lock and uploads the release to the environment's bucket (made if
+    /// `up` did not yet). The caller runs the migrations next, then [`Self::finish_deploy`]
+    /// (or [`Self::abandon_deploy`] when they fail: nothing was switched).
+    pub async fn start_deploy(
+        &self,
+        artifact: &Artifact,
+        who: &str,
+        report: &(dyn Fn(&str) + Sync),
+    ) -> Result<StartedDeploy, AwsError> {
+        let started = now();
+        acquire_lock(
+            &self.env,
+            &self.clients,
+            who,
+            &format!("deploy {}", artifact.id),
+            started,
+        )
+        .await?;
+        let uploaded = async {
+            let bucket = crate::releases::ensure(&self.env, &self.clients, report).await?;
+            report(&format!(
+                "uploading release {} to s3://{bucket}/{}",
+                artifact.id,
+                crate::releases::object_key(&artifact.id)
+            ));
+            crate::releases::upload(&self.clients, &bucket, &artifact.id, &artifact.tarball)
+                .await?;
+            Ok::<_, AwsError>(bucket)
+        }
+        .await;
+        match uploaded {
+            Ok(bucket) => Ok(StartedDeploy {
+                release: artifact.id.clone(),
+                revision: artifact.revision.clone(),
+                bucket,
+                by: who.to_owned(),
+                started,
+            }),
+            Err(error) => {
+                release_lock(&self.env, &self.clients).await?;
+                Err(error)
+            }
+        }
+    }
+
+    /// Records a deploy that stopped before anything switched (a failed migration) and
+    /// releases the lock.
+    pub async fn abandon_deploy(
+        &self,
+        deploy: StartedDeploy,
+        reason: &str,
+    ) -> Result<DeployRecord, AwsError> {
+        self.end_deploy(deploy, "failed", reason.to_owned()).await
+    }
+
+    /// Rolls the release out, records the result and releases the lock. A rollback is not an
+    /// error: the record says `rolled back` and why.
+    pub async fn finish_deploy(
+        &self,
+        deploy: StartedDeploy,
+        options: &RolloutOptions,
+        report: &(dyn Fn(&str) + Sync),
+    ) -> Result<DeployRecord, AwsError> {
+        match self.roll_out(&deploy.release, options, report).await {
+            Ok(Ok(())) => self.end_deploy(deploy, "succeeded", String::new()).await,
+            Ok(Err(reason)) => self.end_deploy(deploy, "rolled back", reason).await,
+            Err(error) => {
+                let _ = self.end_deploy(deploy, "failed", error.to_string()).await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn end_deploy(
+        &self,
+        deploy: StartedDeploy,
+        result: &str,
+        reason: String,
+    ) -> Result<DeployRecord, AwsError> {
+        let entry = DeployRecord {
+            release: deploy.release,
+            revision: deploy.revision,
+            by: deploy.by,
+            started: deploy.started,
+            finished: now(),
+            result: result.to_owned(),
+            reason,
+        };
+        let recorded = record(&self.env, &self.clients, &entry).await;
+        release_lock(&self.env, &self.clients).await?;
+        recorded.map(|()| entry)
+    }
+
+    /// Makes the release's launch templates, points the groups at them and replaces their
+    /// servers batch by batch. `Ok(Err(reason))`: a batch was not healthy and every group is
+    /// back on its previous release.
+    pub async fn roll_out(
+        &self,
+        release: &str,
+        options: &RolloutOptions,
+        report: &(dyn Fn(&str) + Sync),
+    ) -> Result<Result<(), String>, AwsError> {
+        let (network, live) = self.observe().await?;
+        let Some(previous) = self.current_release(&live) else {
+            return Err(AwsError::precondition(
+                "(deploy)",
+                self.env.names.group(Role::Web),
+                "the environment's groups do not exist",
+                "run `rigger up` first",
+            ));
+        };
+        if previous == release {
+            report(&format!("release {release} is already the current one"));
+            return Ok(Ok(()));
+        }
+        let new_topology = self
+            .desired(&live, release)
+            .map_err(crate::topology_error)?;
+        let full = rigger_plan::plan(&live.observed(&self.env), &new_topology);
+        report(&format!("making the launch templates of release {release}"));
+        crate::apply::apply(
+            &self.env,
+            &self.clients,
+            &network,
+            &live,
+            &new_topology,
+            &only(&full, Action::Create),
+            self.waits,
+            report,
+        )
+        .await?;
+        let (_, with_new) = self.observe().await?;
+        // Per group switched: its name, what it launched from before, and the servers this
+        // deploy launched that still run.
+        let mut switched: Vec<(String, Launch, Vec<String>)> = Vec::new();
+        let mut outcome = Ok(());
+        for role in GROUP_ROLES {
+            let group = self.env.names.group(role);
+            let Some(live_group) = live.groups.get(&group) else {
+                continue;
+            };
+            let old_launch = Launch::of(live_group);
+            let max = i32::try_from(live_group.max).unwrap_or(i32::MAX);
+            Launch::for_release(&self.env, &with_new, role, release)
+                .point(&self.clients, &group)
+                .await?;
+            let replaced = self
+                .replace_servers(role, &group, None, max, options, report)
+                .await?;
+            switched.push((group, old_launch, replaced.launched));
+            if let Some((reason, failed)) = replaced.failed {
+                // The failed batch goes at once, shrinking the group back.
+                for instance in &failed {
+                    let _ = self
+                        .clients
+                        .autoscaling
+                        .terminate_instance_in_auto_scaling_group()
+                        .instance_id(instance)
+                        .should_decrement_desired_capacity(true)
+                        .send()
+                        .await
+                        .op("TerminateInstanceInAutoScalingGroup", instance);
+                }
+                outcome = Err(reason);
+                break;
+            }
+        }
+        if let Err(reason) = outcome {
+            report(&format!("rolling back to release {previous}: {reason}"));
+            // Servers already switched are replaced by the previous release, behind the same
+            // health gate.
+            for (group, old_launch, launched) in &switched {
+                old_launch.point(&self.clients, group).await?;
+                if launched.is_empty() {
+                    continue;
+                }
+                let role = if group == &self.env.names.group(Role::Web) {
+                    Role::Web
+                } else {
+                    Role::Worker
+                };
+                let max = live
+                    .groups
+                    .get(group)
+                    .map_or(i32::MAX, |g| i32::try_from(g.max).unwrap_or(i32::MAX));
+                let again = self
+                    .replace_servers(role, group, Some(launched), max, options, report)
+                    .await?;
+                if let Some((why, _)) = again.failed {
+                    report(&format!(
+                        "warning: rolling {group} back was not healthy either: {why}"
+                    ));
+                }
+            }
+            self.delete_unused_templates(&previous, report).await?;
+            return Ok(Err(reason));
+        }
+        self.delete_unused_templates(release, report).await?;
+        Ok(Ok(()))
+    }
+
+    /// Deletes the launch templates (or configurations) of releases other than `release`.
+    async fn delete_unused_templates(
+        &self,
+        release: &str,
+        report: &(dyn Fn(&str) + Sync),
+    ) -> Result<(), AwsError> {
+        let (network, live) = self.observe().await?;
+        let topology = self
+            .desired(&live, release)
+            .map_err(crate::topology_error)?;
+        let full = rigger_plan::plan(&live.observed(&self.env), &topology);
+        crate::apply::apply(
+            &self.env,
+            &self.clients,
+            &network,
+            &live,
+            &topology,
+            &only(&full, Action::Delete),
+            self.waits,
+            report,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Replaces servers of the group (`only` these, or all it runs) in batches with servers
+    /// of its current launch template.
+    async fn replace_servers(
+        &self,
+        role: Role,
+        group: &str,
+        only: Option<&[String]>,
+        max: i32,
+        options: &RolloutOptions,
+        report: &(dyn Fn(&str) + Sync),
+    ) -> Result<Replaced, AwsError> {
+        let running: Vec<String> = members(&self.clients, group)
+            .await?
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        let old: Vec<String> = match only {
+            Some(only) => running
+                .iter()
+                .filter(|id| only.contains(id))
+                .cloned()
+                .collect(),
+            None => running.clone(),
+        };
+        let plan = batches(&old, options.batch);
+        let widest = plan.iter().map(Vec::len).max().unwrap_or(0);
+        let surge = i32::try_from(widest).unwrap_or(0);
+        self.set_max(group, max.saturating_add(surge)).await?;
+        let (_, live) = self.observe().await?;
+        let lb = live.load_balancer(self.env.aws().load_balancer).cloned();
+        let mut known: Vec<String> = running;
+        let mut launched: Vec<String> = Vec::new();
+        for batch in plan {
+            let desired = members(&self.clients, group).await?.len() + batch.len();
+            report(&format!(
+                "{group}: launching {} new server(s) to replace {}",
+                batch.len(),
+                batch.join(", ")
+            ));
+            self.clients
+                .autoscaling
+                .set_desired_capacity()
+                .auto_scaling_group_name(group)
+                .desired_capacity(i32::try_from(desired).unwrap_or(i32::MAX))
+                .honor_cooldown(false)
+                .send()
+                .await
+                .op("SetDesiredCapacity", group)?;
+            let new = self
+                .new_members(group, &known, batch.len(), options)
+                .await?;
+            known.extend(new.iter().cloned());
+            let verdict = match (role, &lb) {
+                (Role::Web, Some(lb)) => {
+                    let source = LoadBalancerHealth {
+                        clients: &self.clients,
+                        lb,
+                        name: self.env.names.load_balancer(),
+                    };
+                    wait_healthy(&source, &new, options).await?
+                }
+                _ => {
+                    let source = GroupHealth {
+                        clients: &self.clients,
+                        group: group.to_owned(),
+                    };
+                    wait_healthy(&source, &new, options).await?
+                }
+            };
+            if let Err(reason) = verdict {
+                self.set_max(group, max).await?;
+                return Ok(Replaced {
+                    launched,
+                    failed: Some((format!("{group}: {reason}"), new)),
+                });
+            }
+            report(&format!(
+                "{group}: {} healthy; draining and terminating {}",
+                new.join(", "),
+                batch.join(", ")
+            ));
+            launched.extend(new);
+            self.retire(group, lb.as_ref(), &batch, options).await?;
+        }
+        self.set_max(group, max).await?;
+        Ok(Replaced {
+            launched,
+            failed: None,
+        })
+    }
+
+    /// Waits (up to the health timeout) for `count` servers of the group not in `known`.
+    async fn new_members(
+        &self,
+        group: &str,
+        known: &[String],
+        count: usize,
+        options: &RolloutOptions,
+    ) -> Result<Vec<String>, AwsError> {
+        let started = Instant::now();
+        loop {
+            let new: Vec<String> = members(&self.clients, group)
+                .await?
+                .into_iter()
+                .map(|m| m.id)
+                .filter(|id| !known.contains(id))
+                .collect();
+            if new.len() >= count || started.elapsed() > options.health_timeout {
+                return Ok(new);
+            }
+            tokio::time::sleep(options.poll).await;
+        }
+    }
+
+    async fn set_max(&self, group: &str, max: i32) -> Result<(), AwsError> {
+        self.clients
+            .autoscaling
+            .update_auto_scaling_group()
+            .auto_scaling_group_name(group)
+            .max_size(max)
+            .send()
+            .await
+            .op("UpdateAutoScalingGroup", group)?;
+        Ok(())
+    }
+
+    /// Old servers leave: out of the group (which shrinks by as many), out of the load
+    /// balancer with connection draining, then terminated.
+    async fn retire(
+        &self,
+        group: &str,
+        lb: Option<&crate::live::LiveLoadBalancer>,
+        instances: &[String],
+        options: &RolloutOptions,
+    ) -> Result<(), AwsError> {
+        self.clients
+            .autoscaling
+            .detach_instances()
+            .auto_scaling_group_name(group)
+            .set_instance_ids(Some(instances.to_vec()))
+            .should_decrement_desired_capacity(true)
+            .send()
+            .await
+            .op("DetachInstances", group)?;
+        if let Some(lb) = lb
+            && group == self.env.names.group(Role::Web)
+        {
+            crate::loadbalancer::deregister(
+                &self.clients,
+                lb,
+                &self.env.names.load_balancer(),
+                instances,
+            )
+            .await?;
+            tokio::time::sleep(options.drain).await;
+        }
+        self.clients
+            .ec2
+            .terminate_instances()
+            .set_instance_ids(Some(instances.to_vec()))
+            .send()
+            .await
+            .op("TerminateInstances", instances.join(", "))?;
+        Ok(())
+    }
+}
+
+/// What [`crate::Provider::replace_servers`] did.
+struct Replaced {
+    /// New servers that passed the gate and now serve.
+    launched: Vec<String>,
+    /// Why a batch failed, and its servers (still in the group).
+    failed: Option<(String, Vec<String>)>,
+}
+
+/// What a group launches from.
+#[derive(Debug, Clone)]
+pub(crate) enum Launch {
+    /// A launch template's `$Default` version.
+    Template(String),
+    /// A launch configuration, by its name on AWS.
+    Configuration(String),
+    Unknown,
+}
+
+impl Launch {
+    fn of(group: &crate::live::LiveGroup) -> Launch {
+        match (&group.launch_template, &group.launch_configuration) {
+            (Some(template), _) => Launch::Template(template.clone()),
+            (None, Some(configuration)) => Launch::Configuration(configuration.clone()),
+            (None, None) => Launch::Unknown,
+        }
+    }
+
+    fn for_release(env: &AwsEnvironment, live: &crate::Live, role: Role, release: &str) -> Launch {
+        match env.aws().launch {
+            rigger_config::LaunchKind::Template => {
+                Launch::Template(env.names.launch_template(role, release))
+            }
+            rigger_config::LaunchKind::Configuration => {
+                let name = env.names.launch_configuration(role, release);
+                live.launch_configurations_by_name()
+                    .into_iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or(Launch::Unknown, |(_, lc)| {
+                        Launch::Configuration(lc.aws_name.clone())
+                    })
+            }
+        }
+    }
+
+    async fn point(&self, clients: &Clients, group: &str) -> Result<(), AwsError> {
+        let update = clients
+            .autoscaling
+            .update_auto_scaling_group()
+            .auto_scaling_group_name(group);
+        let update = match self {
+            Launch::Template(name) => update.launch_template(
+                aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                    .launch_template_name(name)
+                    .version("$Default")
+                    .build(),
+            ),
+            Launch::Configuration(name) => update.launch_configuration_name(name),
+            Launch::Unknown => return Ok(()),
+        };
+        update.send().await.op("UpdateAutoScalingGroup", group)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers from a script: the n-th call gets the n-th answer (the last one repeats).
+    struct Scripted(std::sync::Mutex<Vec<BTreeMap<String, String>>>);
+
+    impl HealthSource for Scripted {
+        fn states<'a>(
+            &'a self,
+            _servers: &'a [String],
+        ) -> BoxFuture<'a, Result<BTreeMap<String, String>, AwsError>> {
+            let mut answers = self.0.lock().unwrap();
+            let answer = if answers.len() > 1 {
+                answers.remove(0)
+            } else {
+                answers[0].clone()
+            };
+            Box::pin(async move { Ok(answer) })
+        }
+    }
+
+    fn states(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn options() -> RolloutOptions {
+        RolloutOptions {
+            health_timeout: Duration::from_millis(200),
+            poll: Duration::from_millis(10),
+            ..RolloutOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unhealthy_batch_is_refused_with_the_load_balancers_reason() {
+        let reason = gate_state(
+            "OutOfService",
+            "Instance: Instance has failed at least the UnhealthyThreshold number of health checks consecutively.",
+        );
+        let source = Scripted(std::sync::Mutex::new(vec![states(&[("i-new", &reason)])]));
+        let verdict = wait_healthy(&source, &["i-new".into()], &options())
+            .await
+            .unwrap();
+        let why = verdict.unwrap_err();
+        assert!(
+            why.contains("i-new: OutOfService (Instance: Instance has failed"),
+            "{why}"
+        );
+        assert!(why.starts_with("not healthy within 0 s"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_batch_passes_after_stable_healthy_checks() {
+        let source = Scripted(std::sync::Mutex::new(vec![
+            states(&[("i-new", "OutOfService")]),
+            states(&[("i-new", &gate_state("InService", ""))]),
+        ]));
+        let verdict = wait_healthy(&source, &["i-new".into()], &options())
+            .await
+            .unwrap();
+        assert_eq!(verdict, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_flapping_server_rolls_back() {
+        let source = Scripted(std::sync::Mutex::new(
+            (0..100)
+                .map(|n| {
+                    states(&[(
+                        "i-new",
+                        if n % 2 == 0 {
+                            "UP"
+                        } else {
+                            "unhealthy (Target.Timeout)"
+                        },
+                    )])
+                })
+                .collect(),
+        ));
+        let verdict = wait_healthy(&source, &["i-new".into()], &options())
+            .await
+            .unwrap();
+        assert!(verdict.is_err());
+    }
+
+    #[test]
+    fn healthy_states_become_up() {
+        assert_eq!(gate_state("InService", "N/A"), "UP");
+        assert_eq!(gate_state("healthy", ""), "UP");
+        assert_eq!(
+            gate_state(
+                "unhealthy",
+                "Target.ResponseCodeMismatch: Health checks failed with these codes: [503]"
+            ),
+            "unhealthy (Target.ResponseCodeMismatch: Health checks failed with these codes: [503])"
+        );
+    }
+}

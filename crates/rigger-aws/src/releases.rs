@@ -1,0 +1,265 @@
+//! The environment's releases bucket: `<project>-<env>-releases-<random suffix>` in S3,
+//! made by `up` (tagged with the environment, versioning on, public access blocked), holding
+//! one gzipped tarball per release at `releases/<id>.tar.gz`. Its name is recorded in SSM at
+//! `/<project>/<env>/deploy/bucket`, which is how rigger finds it again and how a server's
+//! user-data finds it at boot (the instance profile may read the environment's parameters and
+//! `s3:GetObject` in buckets named `<project>-<env>-releases-*`).
+
+use std::path::Path;
+
+use aws_sdk_s3::types::{
+    BucketVersioningStatus, CreateBucketConfiguration, PublicAccessBlockConfiguration, Tag,
+    Tagging, VersioningConfiguration,
+};
+use aws_sdk_ssm::types::ParameterType;
+use rigger_topology::tag;
+
+use crate::Clients;
+use crate::environment::AwsEnvironment;
+use crate::error::{AwsError, Context as _, ErrorKind};
+
+/// The SSM parameter (under the environment's prefix) naming the bucket.
+pub const BUCKET_PARAMETER: &str = "deploy/bucket";
+
+/// The object key of release `id`.
+pub fn object_key(id: &str) -> String {
+    format!("releases/{id}.tar.gz")
+}
+
+/// `<project>-<env>-releases-`: every bucket of the environment starts so (the instance
+/// profile's `s3:GetObject` is scoped to it).
+pub fn bucket_prefix(project: &str, environment: &str) -> String {
+    format!("{project}-{environment}-releases-").to_ascii_lowercase()
+}
+
+/// The bucket's name, when `up` made one.
+pub async fn find(env: &AwsEnvironment, clients: &Clients) -> Result<Option<String>, AwsError> {
+    let name = env.parameter(BUCKET_PARAMETER);
+    match clients
+        .ssm
+        .get_parameter()
+        .name(&name)
+        .send()
+        .await
+        .op("GetParameter", &name)
+    {
+        Ok(answer) => Ok(answer
+            .parameter()
+            .and_then(|p| p.value())
+            .map(str::to_owned)),
+        Err(error) if error.kind() == ErrorKind::NotFound => Ok(None),
+        Err(error) if error.code() == Some("ParameterNotFound") => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// Makes the bucket when the environment has none; returns its name.
+pub async fn ensure(
+    env: &AwsEnvironment,
+    clients: &Clients,
+    report: &(dyn Fn(&str) + Sync),
+) -> Result<String, AwsError> {
+    if let Some(bucket) = find(env, clients).await? {
+        return Ok(bucket);
+    }
+    let mut bucket = bucket_prefix(env.project(), &env.name);
+    bucket.push_str(&random_suffix()?);
+    bucket.truncate(63);
+    report(&format!("creating bucket {bucket} for releases"));
+    let mut create = clients.s3.create_bucket().bucket(&bucket);
+    if env.aws().region != "us-east-1" {
+        create = create.create_bucket_configuration(
+            CreateBucketConfiguration::builder()
+                .location_constraint(env.aws().region.as_str().into())
+                .build(),
+        );
+    }
+    create.send().await.op("CreateBucket", &bucket)?;
+    let tags = [
+        (tag::PROJECT, env.project()),
+        (tag::ENVIRONMENT, env.name.as_str()),
+        ("Name", bucket.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| Tag::builder().key(k).value(v).build())
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(|e| AwsError::precondition("PutBucketTagging", &bucket, e.to_string(), "a bug"))?;
+    clients
+        .s3
+        .put_bucket_tagging()
+        .bucket(&bucket)
+        .tagging(
+            Tagging::builder()
+                .set_tag_set(Some(tags))
+                .build()
+                .map_err(|e| {
+                    AwsError::precondition("PutBucketTagging", &bucket, e.to_string(), "a bug")
+                })?,
+        )
+        .send()
+        .await
+        .op("PutBucketTagging", &bucket)?;
+    clients
+        .s3
+        .put_bucket_versioning()
+        .bucket(&bucket)
+        .versioning_configuration(
+            VersioningConfiguration::builder()
+                .status(BucketVersioningStatus::Enabled)
+                .build(),
+        )
+        .send()
+        .await
+        .op("PutBucketVersioning", &bucket)?;
+    clients
+        .s3
+        .put_public_access_block()
+        .bucket(&bucket)
+        .public_access_block_configuration(
+            PublicAccessBlockConfiguration::builder()
+                .block_public_acls(true)
+                .ignore_public_acls(true)
+                .block_public_policy(true)
+                .restrict_public_buckets(true)
+                .build(),
+        )
+        .send()
+        .await
+        .op("PutPublicAccessBlock", &bucket)?;
+    let parameter = env.parameter(BUCKET_PARAMETER);
+    clients
+        .ssm
+        .put_parameter()
+        .name(&parameter)
+        .value(&bucket)
+        .r#type(ParameterType::String)
+        .overwrite(true)
+        .send()
+        .await
+        .op("PutParameter", &parameter)?;
+    Ok(bucket)
+}
+
+/// Uploads the tarball of release `id`.
+pub async fn upload(
+    clients: &Clients,
+    bucket: &str,
+    id: &str,
+    tarball: &Path,
+) -> Result<(), AwsError> {
+    let key = object_key(id);
+    let body = aws_sdk_s3::primitives::ByteStream::from_path(tarball)
+        .await
+        .map_err(|e| {
+            AwsError::precondition(
+                "PutObject",
+                format!("s3://{bucket}/{key}"),
+                format!("reading {}: {e}", tarball.display()),
+                "check that the release was built",
+            )
+        })?;
+    clients
+        .s3
+        .put_object()
+        .bucket(bucket)
+        .key(&key)
+        .body(body)
+        .send()
+        .await
+        .op("PutObject", format!("s3://{bucket}/{key}"))?;
+    Ok(())
+}
+
+/// Whether release `id` is in the bucket.
+pub async fn exists(clients: &Clients, bucket: &str, id: &str) -> Result<bool, AwsError> {
+    let key = object_key(id);
+    match clients
+        .s3
+        .head_object()
+        .bucket(bucket)
+        .key(&key)
+        .send()
+        .await
+        .op("HeadObject", format!("s3://{bucket}/{key}"))
+    {
+        Ok(_) => Ok(true),
+        Err(error) if error.kind() == ErrorKind::NotFound => Ok(false),
+        Err(error) if matches!(error.code(), Some("NotFound" | "NoSuchKey" | "404")) => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// Deletes every version of every object, then the bucket and its parameter (`down`).
+pub async fn delete(env: &AwsEnvironment, clients: &Clients, bucket: &str) -> Result<(), AwsError> {
+    loop {
+        let listed = clients
+            .s3
+            .list_object_versions()
+            .bucket(bucket)
+            .send()
+            .await
+            .op("ListObjectVersions", bucket)?;
+        let mut objects: Vec<(String, Option<String>)> = listed
+            .versions()
+            .iter()
+            .filter_map(|v| Some((v.key()?.to_owned(), v.version_id().map(str::to_owned))))
+            .collect();
+        objects.extend(
+            listed
+                .delete_markers()
+                .iter()
+                .filter_map(|m| Some((m.key()?.to_owned(), m.version_id().map(str::to_owned)))),
+        );
+        if objects.is_empty() {
+            break;
+        }
+        for (key, version) in objects {
+            clients
+                .s3
+                .delete_object()
+                .bucket(bucket)
+                .key(&key)
+                .set_version_id(version)
+                .send()
+                .await
+                .op("DeleteObject", format!("s3://{bucket}/{key}"))?;
+        }
+    }
+    clients
+        .s3
+        .delete_bucket()
+        .bucket(bucket)
+        .send()
+        .await
+        .op("DeleteBucket", bucket)?;
+    let parameter = env.parameter(BUCKET_PARAMETER);
+    clients
+        .ssm
+        .delete_parameter()
+        .name(&parameter)
+        .send()
+        .await
+        .op("DeleteParameter", &parameter)?;
+    Ok(())
+}
+
+/// Eight random lowercase letters and digits (bucket names are global).
+fn random_suffix() -> Result<String, AwsError> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| {
+            AwsError::precondition(
+                "(random)",
+                "/dev/urandom",
+                e.to_string(),
+                "rigger needs /dev/urandom",
+            )
+        })?;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    Ok(bytes
+        .iter()
+        .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
+        .collect())
+}
