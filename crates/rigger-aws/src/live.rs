@@ -76,6 +76,17 @@ pub struct LiveLaunchTemplate {
     pub tags: Tags,
 }
 
+/// The launch settings a template or a configuration holds, borrowed for observation.
+struct MachineSpec<'a> {
+    release: Option<&'a str>,
+    image: Option<&'a str>,
+    instance_type: Option<&'a str>,
+    security_group_ids: &'a [String],
+    volume_size: Option<i64>,
+    key_pair: Option<&'a str>,
+    instance_profile: Option<&'a str>,
+}
+
 /// A launch configuration of the environment (known by its name: they have no tags).
 #[derive(Debug, Clone, Default)]
 pub struct LiveLaunchConfiguration {
@@ -1047,10 +1058,6 @@ impl Live {
         }
 
         for (name, configuration) in self.launch_configurations_by_name() {
-            let mut attributes = vec![(
-                "security_groups",
-                set(self.sg_names(&configuration.security_group_ids)),
-            )];
             let release = name
                 .strip_prefix(&format!("{}-", env.names.group(Role::Web)))
                 .or_else(|| name.strip_prefix(&format!("{}-", env.names.group(Role::Worker))))
@@ -1061,27 +1068,15 @@ impl Live {
             } else {
                 Role::Worker
             };
-            attributes.push(("release", Value::from(release.as_str())));
-            if let Some(image) = &configuration.image {
-                attributes.push(("image", Value::from(image.as_str())));
-            }
-            if let Some(instance_type) = &configuration.instance_type {
-                attributes.push(("instance_type", Value::from(instance_type.as_str())));
-            }
-            if let Some(size) = configuration.volume_size {
-                attributes.push(("volume_size_gib", Value::Integer(size)));
-            }
-            let mut depends_on: Vec<ResourceId> = self
-                .sg_names(&configuration.security_group_ids)
-                .iter()
-                .map(|n| sg(n))
-                .collect();
-            self.access_attributes(
-                &mut attributes,
-                &mut depends_on,
-                configuration.key_pair.as_deref(),
-                configuration.instance_profile.as_deref(),
-            );
+            let (attributes, depends_on) = self.machine_attributes(&MachineSpec {
+                release: Some(&release),
+                image: configuration.image.as_deref(),
+                instance_type: configuration.instance_type.as_deref(),
+                security_group_ids: &configuration.security_group_ids,
+                volume_size: configuration.volume_size,
+                key_pair: configuration.key_pair.as_deref(),
+                instance_profile: configuration.instance_profile.as_deref(),
+            });
             // Launch configurations have no tags: the name says whose they are.
             let tags: Tags = [
                 (tag::PROJECT, env.project()),
@@ -1102,33 +1097,15 @@ impl Live {
         }
 
         for (name, template) in &self.launch_templates {
-            let mut attributes = vec![(
-                "security_groups",
-                set(self.sg_names(&template.security_group_ids)),
-            )];
-            if let Some(release) = template.tags.get(tag::RELEASE) {
-                attributes.push(("release", Value::from(release.as_str())));
-            }
-            if let Some(image) = &template.image {
-                attributes.push(("image", Value::from(image.as_str())));
-            }
-            if let Some(instance_type) = &template.instance_type {
-                attributes.push(("instance_type", Value::from(instance_type.as_str())));
-            }
-            if let Some(size) = template.volume_size {
-                attributes.push(("volume_size_gib", Value::Integer(size)));
-            }
-            let mut depends_on: Vec<ResourceId> = self
-                .sg_names(&template.security_group_ids)
-                .iter()
-                .map(|n| sg(n))
-                .collect();
-            self.access_attributes(
-                &mut attributes,
-                &mut depends_on,
-                template.key_pair.as_deref(),
-                template.instance_profile.as_deref(),
-            );
+            let (attributes, depends_on) = self.machine_attributes(&MachineSpec {
+                release: template.tags.get(tag::RELEASE).map(String::as_str),
+                image: template.image.as_deref(),
+                instance_type: template.instance_type.as_deref(),
+                security_group_ids: &template.security_group_ids,
+                volume_size: template.volume_size,
+                key_pair: template.key_pair.as_deref(),
+                instance_profile: template.instance_profile.as_deref(),
+            });
             put(
                 ResourceKind::LaunchTemplate,
                 name,
@@ -1278,6 +1255,39 @@ impl Live {
             }
         }
         observed
+    }
+
+    /// What launch templates and launch configurations both say about the servers they
+    /// launch, as the topology's attributes, with the resources they depend on.
+    fn machine_attributes(
+        &self,
+        spec: &MachineSpec<'_>,
+    ) -> (Vec<(&'static str, Value)>, Vec<ResourceId>) {
+        let groups = self.sg_names(spec.security_group_ids);
+        let mut depends_on: Vec<ResourceId> = groups
+            .iter()
+            .map(|n| ResourceId::new(ResourceKind::SecurityGroup, n))
+            .collect();
+        let mut attributes = vec![("security_groups", Value::Set(groups))];
+        if let Some(release) = spec.release {
+            attributes.push(("release", Value::from(release)));
+        }
+        if let Some(image) = spec.image {
+            attributes.push(("image", Value::from(image)));
+        }
+        if let Some(instance_type) = spec.instance_type {
+            attributes.push(("instance_type", Value::from(instance_type)));
+        }
+        if let Some(size) = spec.volume_size {
+            attributes.push(("volume_size_gib", Value::Integer(size)));
+        }
+        self.access_attributes(
+            &mut attributes,
+            &mut depends_on,
+            spec.key_pair,
+            spec.instance_profile,
+        );
+        (attributes, depends_on)
     }
 
     /// A server's (or template's) `key_pair` and `instance_profile`, with dependencies on them
