@@ -54,9 +54,12 @@ replicas = 1
 # [environments.production]
 # provider = "aws"
 # region = "eu-west-1"
-# ami = "ami-0123456789abcdef0"    # an Ubuntu LTS image of that region
+# ami = "ami-0123456789abcdef0"    # a Debian 12 image of that region (its login user is `admin`)
 # certificate = "arn:aws:acm:eu-west-1:123456789012:certificate/00000000-0000-0000-0000-000000000000"
 # admin_cidrs = ["203.0.113.0/24"]    # who may SSH in; leave out to keep SSH closed
+# admin_public_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl admin@example"
+# ssh_identity = "~/.ssh/id_ed25519"    # its private key, for `rigger exec/ssh/logs`
+# bastion = "admin@203.0.113.10"      # when servers have no public address
 #
 # [environments.production.web]
 # min = 2
