@@ -3,7 +3,6 @@
 //! `--endpoint-url`, the SDK's standard chain for the rest), runs it on a tokio runtime and
 //! prints like the local provider does.
 
-use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::path::Path;
 
 use anyhow::{Context as _, anyhow};
@@ -155,12 +154,13 @@ pub(crate) fn down(args: DownArgs, settings: &Settings) -> Result<(), Failure> {
     }
     let project = config.project.name.clone();
     if !yes {
-        confirm(
+        super::confirm(
             &format!(
                 "This deletes every resource tagged {project}/{env} on AWS, the database volumes and the secrets included. Type the environment's name to confirm: ",
                 env = settings.environment
             ),
             &settings.environment,
+            "refusing to delete an AWS environment without confirmation; pass --yes",
         )?;
     }
     let report = |line: &str| say(settings, &format!("  {line}"));
@@ -176,28 +176,6 @@ pub(crate) fn down(args: DownArgs, settings: &Settings) -> Result<(), Failure> {
             plan.summary().delete
         ),
     );
-    Ok(())
-}
-
-fn confirm(question: &str, expected: &str) -> Result<(), Failure> {
-    let stdin = std::io::stdin();
-    if !stdin.is_terminal() {
-        return Err(Failure::Usage(anyhow!(
-            "refusing to delete an AWS environment without confirmation; pass --yes"
-        )));
-    }
-    eprint!("{question}");
-    let _ = std::io::stderr().flush();
-    let mut answer = String::new();
-    stdin
-        .lock()
-        .read_line(&mut answer)
-        .context("reading the confirmation")?;
-    if answer.trim() != expected {
-        return Err(Failure::Usage(anyhow!(
-            "not confirmed; nothing was deleted"
-        )));
-    }
     Ok(())
 }
 
@@ -233,48 +211,8 @@ pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failur
         );
         return Ok(());
     }
-    print!("{}", render(&status));
+    print!("{}", super::render_status(&status));
     Ok(())
-}
-
-fn render(status: &rigger_aws::status::Status) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{}/{}  provider aws  release {}  {:?}: {}",
-        status.project, status.environment, status.release, status.phase, status.message
-    );
-    for url in &status.urls {
-        let _ = writeln!(out, "  {url}");
-    }
-    for group in &status.groups {
-        let _ = writeln!(
-            out,
-            "group {:<7} min {} desired {} max {}",
-            group.name, group.min, group.desired, group.max
-        );
-    }
-    if status.servers.is_empty() {
-        return out;
-    }
-    let _ = writeln!(
-        out,
-        "{:<13} {:<16} {:<15} {:<12} LB",
-        "SERVER", "ROLES", "ADDRESS", "STATE"
-    );
-    for server in &status.servers {
-        let _ = writeln!(
-            out,
-            "{:<13} {:<16} {:<15} {:<12} {}",
-            server.id,
-            server.roles.join(","),
-            server.address,
-            server.state,
-            server.load_balancer.as_deref().unwrap_or("-"),
-        );
-    }
-    out
 }
 
 /// `rigger deploy` on AWS: builds the release from git as the local provider does

@@ -6,7 +6,6 @@ use anyhow::{Context as _, anyhow};
 use rigger_config::{Config, ProviderKind};
 use rigger_local::control::{self, UpOutcome};
 use rigger_local::environment::LocalEnvironment;
-use rigger_local::status::Status;
 
 use crate::args::{DownArgs, ScaleArgs, SecretsCommand, StatusArgs};
 use crate::{Failure, Settings};
@@ -137,7 +136,7 @@ pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failur
         return Ok(());
     }
     match status {
-        Some(status) => print!("{}", render_status(&status)),
+        Some(status) => print!("{}", super::render_status(&status)),
         None => {
             let orphans = rigger_local::process::live_records(&env.paths.servers());
             if orphans.is_empty() {
@@ -159,65 +158,6 @@ pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failur
         }
     }
     Ok(())
-}
-
-fn render_status(status: &Status) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{}/{}  provider local  release {}  {:?}: {}",
-        status.project, status.environment, status.release, status.phase, status.message
-    );
-    for url in &status.urls {
-        let _ = writeln!(out, "  {url}");
-    }
-    for group in &status.groups {
-        let _ = writeln!(
-            out,
-            "group {:<7} min {} desired {} max {}",
-            group.name, group.min, group.desired, group.max
-        );
-    }
-    let _ = writeln!(
-        out,
-        "{:<13} {:<16} {:<12} {:<16} {:<10} processes",
-        "SERVER", "ROLES", "ADDRESS", "STATE", "LB"
-    );
-    for server in &status.servers {
-        let processes: Vec<String> = server
-            .processes
-            .iter()
-            .map(|p| {
-                format!(
-                    "{}:{}",
-                    p.name,
-                    if p.state == "running" { "up" } else { "DOWN" }
-                )
-            })
-            .collect();
-        let _ = writeln!(
-            out,
-            "{:<13} {:<16} {:<12} {:<16} {:<10} {}",
-            server.id,
-            server.roles.join(","),
-            server.address,
-            server.state,
-            server.load_balancer.as_deref().unwrap_or("-"),
-            processes.join(" ")
-        );
-    }
-    for replica in &status.replication {
-        let _ = writeln!(
-            out,
-            "replica {:<12} {:<10} lag {} bytes, {:.3} s",
-            replica.id,
-            replica.state,
-            replica.lag_bytes.map_or("?".into(), |b| b.to_string()),
-            replica.lag_seconds.unwrap_or(f64::NAN)
-        );
-    }
-    out
 }
 
 pub(crate) fn scale(args: ScaleArgs, settings: &Settings) -> Result<(), Failure> {

@@ -104,3 +104,127 @@ pub(crate) fn confirm(
     }
     Ok(())
 }
+
+/// `rigger status` for people: the same `rigger.status` document whatever the provider.
+pub(crate) fn render_status(status: &rigger_plan::status::Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}/{}  provider {}  release {}  {:?}: {}",
+        status.project,
+        status.environment,
+        status.provider,
+        status.release,
+        status.phase,
+        status.message
+    );
+    for url in &status.urls {
+        let _ = writeln!(out, "  {url}");
+    }
+    for group in &status.groups {
+        let _ = writeln!(
+            out,
+            "group {:<7} min {} desired {} max {}",
+            group.name, group.min, group.desired, group.max
+        );
+    }
+    if !status.servers.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<13} {:<16} {:<15} {:<16} {:<10} processes",
+            "SERVER", "ROLES", "ADDRESS", "STATE", "LB"
+        );
+    }
+    for server in &status.servers {
+        // Processes are known only where rigger runs them (empty on AWS).
+        let processes: Vec<String> = server
+            .processes
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}:{}",
+                    p.name,
+                    if p.state == "running" { "up" } else { "DOWN" }
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<13} {:<16} {:<15} {:<16} {:<10} {}",
+            server.id,
+            server.roles.join(","),
+            server.address,
+            server.state,
+            server.load_balancer.as_deref().unwrap_or("-"),
+            processes.join(" ")
+        );
+    }
+    for replica in &status.replication {
+        let _ = writeln!(
+            out,
+            "replica {:<12} {:<10} lag {} bytes, {:.3} s",
+            replica.id,
+            replica.state,
+            replica.lag_bytes.map_or("?".into(), |b| b.to_string()),
+            replica.lag_seconds.unwrap_or(f64::NAN)
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use rigger_plan::status::{Phase, ProcessStatus, ReplicaStatus, ServerStatus, Status};
+
+    #[test]
+    fn status_renders_servers_processes_and_replication() {
+        let status = Status {
+            schema: "rigger.status".into(),
+            version: 1,
+            project: "surveys".into(),
+            environment: "local".into(),
+            provider: "local".into(),
+            phase: Phase::Ready,
+            message: "every server is running".into(),
+            release: "initial".into(),
+            urls: vec!["https://127.77.0.1:8443/".into()],
+            supervisor_pid: Some(1),
+            groups: Vec::new(),
+            servers: vec![ServerStatus {
+                id: "web-1".into(),
+                roles: vec!["web".into()],
+                address: "127.77.1.1".into(),
+                release: "initial".into(),
+                state: "in_service".into(),
+                processes: vec![
+                    ProcessStatus {
+                        name: "nginx".into(),
+                        pid: Some(2),
+                        state: "running".into(),
+                    },
+                    ProcessStatus {
+                        name: "gunicorn".into(),
+                        pid: None,
+                        state: "stopped".into(),
+                    },
+                ],
+                load_balancer: Some("UP".into()),
+            }],
+            replication: vec![ReplicaStatus {
+                id: "db-replica1".into(),
+                state: "streaming".into(),
+                lag_bytes: Some(0),
+                lag_seconds: Some(0.0),
+            }],
+            updated: 0,
+        };
+        insta::assert_snapshot!(super::render_status(&status), @r"
+        surveys/local  provider local  release initial  Ready: every server is running
+          https://127.77.0.1:8443/
+        SERVER        ROLES            ADDRESS         STATE            LB         processes
+        web-1         web              127.77.1.1      in_service       UP         nginx:up gunicorn:DOWN
+        replica db-replica1  streaming  lag 0 bytes, 0.000 s
+        ");
+    }
+}
