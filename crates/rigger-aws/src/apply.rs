@@ -1067,12 +1067,7 @@ async fn ensure_group(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsError
                 .send()
                 .await
                 .op("UpdateAutoScalingGroup", name)?;
-            let stale_classic: Vec<String> = live
-                .load_balancer_names
-                .iter()
-                .filter(|n| !classic.contains(n))
-                .cloned()
-                .collect();
+            let stale_classic = not_in(&live.load_balancer_names, &classic);
             if !stale_classic.is_empty() {
                 client
                     .detach_load_balancers()
@@ -1082,11 +1077,7 @@ async fn ensure_group(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsError
                     .await
                     .op("DetachLoadBalancers", name)?;
             }
-            let new_classic: Vec<String> = classic
-                .iter()
-                .filter(|n| !live.load_balancer_names.contains(n))
-                .cloned()
-                .collect();
+            let new_classic = not_in(&classic, &live.load_balancer_names);
             if !new_classic.is_empty() {
                 client
                     .attach_load_balancers()
@@ -1096,12 +1087,7 @@ async fn ensure_group(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsError
                     .await
                     .op("AttachLoadBalancers", name)?;
             }
-            let stale_groups: Vec<String> = live
-                .target_group_arns
-                .iter()
-                .filter(|a| !target_groups.contains(a))
-                .cloned()
-                .collect();
+            let stale_groups = not_in(&live.target_group_arns, &target_groups);
             if !stale_groups.is_empty() {
                 client
                     .detach_load_balancer_target_groups()
@@ -1111,11 +1097,7 @@ async fn ensure_group(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsError
                     .await
                     .op("DetachLoadBalancerTargetGroups", name)?;
             }
-            let new_groups: Vec<String> = target_groups
-                .iter()
-                .filter(|a| !live.target_group_arns.contains(a))
-                .cloned()
-                .collect();
+            let new_groups = not_in(&target_groups, &live.target_group_arns);
             if !new_groups.is_empty() {
                 client
                     .attach_load_balancer_target_groups()
@@ -1931,4 +1913,13 @@ pub async fn shutting_down(env: &AwsEnvironment, clients: &Clients) -> Result<us
         .iter()
         .map(|r| r.instances().len())
         .sum())
+}
+
+/// The names in `these` that `those` lacks (what to attach, or to detach).
+fn not_in(these: &[String], those: &[String]) -> Vec<String> {
+    these
+        .iter()
+        .filter(|name| !those.contains(name))
+        .cloned()
+        .collect()
 }
