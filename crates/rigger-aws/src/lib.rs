@@ -24,6 +24,7 @@
 
 pub mod apply;
 pub mod client;
+pub mod database;
 pub mod deploy;
 pub mod environment;
 pub mod error;

@@ -1146,3 +1146,98 @@ mod tests {
         );
     }
 }
+
+/// What one server answered to a job run by [`run_captured`].
+#[derive(Debug)]
+pub(crate) struct Answer {
+    /// The server's id (`web-1`, `db-primary`).
+    pub server: String,
+    pub result: Result<ExitStatus, TransportError>,
+    /// Its standard output and error, in order, one line each.
+    pub stdout: Vec<String>,
+    pub stderr: Vec<String>,
+}
+
+impl Answer {
+    pub(crate) fn succeeded(&self) -> bool {
+        matches!(&self.result, Ok(status) if status.success())
+    }
+
+    /// `web-1: exited with 1: <last stderr line>`, or the transport's error.
+    pub(crate) fn describe_failure(&self) -> String {
+        match &self.result {
+            Ok(status) => format!(
+                "{}: {status}{}",
+                self.server,
+                self.stderr
+                    .last()
+                    .map(|l| format!(": {l}"))
+                    .unwrap_or_default()
+            ),
+            Err(error) => format!("{}: {error}", self.server),
+        }
+    }
+}
+
+/// Collects every line per task label instead of printing.
+#[derive(Default)]
+struct Collector {
+    lines: std::sync::Mutex<std::collections::BTreeMap<String, (Vec<String>, Vec<String>)>>,
+}
+
+impl Reporter for Collector {
+    fn line(&self, label: &str, stream: Stream, line: &str) {
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = lines.entry(label.to_owned()).or_default();
+        match stream {
+            Stream::Stdout => entry.0.push(line.to_owned()),
+            Stream::Stderr => entry.1.push(line.to_owned()),
+        }
+    }
+}
+
+/// Runs on each server that `selectors` names (roles or ids, as `rigger exec` takes them;
+/// none: every server) the job `job` makes from the server's layout, all at once, and returns
+/// each server's answer with its output, printing nothing. For commands that operate the
+/// environment (maintenance, worker shutdown, database operations) rather than show output.
+pub(crate) fn run_captured(
+    settings: &Settings,
+    selectors: &[String],
+    job: &dyn Fn(&Layout) -> Job,
+) -> Result<Vec<Answer>, Failure> {
+    let fleet = fleet(settings)?;
+    let servers = fleet.select(selectors)?;
+    let tasks: Vec<Task> = servers
+        .iter()
+        .map(|server| Task::new(Arc::clone(&server.transport), job(&server.layout)))
+        .collect();
+    let collector = Arc::new(Collector::default());
+    let outcomes = runtime()?.block_on(fanout::run(
+        tasks,
+        servers.len().max(1),
+        Arc::clone(&collector) as Arc<dyn Reporter>,
+    ));
+    let mut lines = collector.lines.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(outcomes
+        .into_iter()
+        .map(|outcome| {
+            let (stdout, stderr) = lines.remove(&outcome.server).unwrap_or_default();
+            Answer {
+                server: outcome.server,
+                result: outcome.result,
+                stdout,
+                stderr,
+            }
+        })
+        .collect())
+}
+
+/// `/bin/sh -c LINE` as root (the deploy user's sudo on AWS; the local transport runs as
+/// rigger's user): for operations on a server's files and services.
+pub(crate) fn shell_job(line: &str) -> Job {
+    Job::new(
+        Command::new("/bin/sh")
+            .args(["-c", line])
+            .user("root".to_owned()),
+    )
+}
