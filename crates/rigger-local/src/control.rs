@@ -452,7 +452,7 @@ pub fn maintenance(env: &LocalEnvironment, on: bool) -> anyhow::Result<()> {
         .unwrap_or_else(|| crate::release::INITIAL.to_owned());
     let app_page = env.paths.release(&current).join("maintenance.html");
     let html =
-        std::fs::read_to_string(&app_page).unwrap_or_else(|_| DEFAULT_MAINTENANCE_PAGE.to_owned());
+        std::fs::read_to_string(&app_page).unwrap_or_else(|_| rigger_recipes::operations::DEFAULT_MAINTENANCE_PAGE.to_owned());
     let temporary = dir.join(".maintenance.html.tmp");
     std::fs::write(&temporary, html)?;
     std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o644))?;
@@ -465,7 +465,6 @@ pub fn maintenance_on(env: &LocalEnvironment) -> bool {
     env.paths.maintenance().join("maintenance.html").exists()
 }
 
-const DEFAULT_MAINTENANCE_PAGE: &str = "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Down for maintenance</title></head>\n<body><h1>Down for maintenance</h1><p>We'll be back shortly.</p></body></html>\n";
 
 /// Asks the supervisor for a database operation (`promote`, `reseed`) and waits for it.
 pub async fn db_operation(

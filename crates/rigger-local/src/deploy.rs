@@ -9,7 +9,6 @@
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
@@ -71,37 +70,7 @@ pub fn read_outcome(paths: &EnvPaths) -> Option<DeployOutcome> {
     serde_json::from_slice(&std::fs::read(outcome_path(paths)).ok()?).ok()
 }
 
-/// Who holds the deploy lock, and until when.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LockHolder {
-    /// `user@host`.
-    pub who: String,
-    pub pid: i32,
-    /// What they are doing: `deploy 20261127T204012Z-1a2b3c4d5e6f`.
-    pub operation: String,
-    /// Unix seconds.
-    pub since: u64,
-    /// Unix seconds after which the lock is stale, whoever holds it.
-    pub expires: u64,
-}
-
-impl std::fmt::Display for LockHolder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} (pid {}) since {} UTC, for `{}`; expires at {} UTC",
-            self.who,
-            self.pid,
-            crate::release::timestamp(self.since),
-            self.operation,
-            crate::release::timestamp(self.expires)
-        )
-    }
-}
-
-/// How long a deploy lock lives unless renewed: long enough for a deploy, short enough that a
-/// lock left by a machine that vanished does not block the team for long.
-pub const LOCK_TTL: Duration = Duration::from_secs(30 * 60);
+pub use rigger_plan::lock::{LOCK_TTL, LockHolder};
 
 fn lock_path(paths: &EnvPaths) -> PathBuf {
     paths.root().join("deploy.lock")
@@ -113,10 +82,7 @@ pub fn lock_holder(paths: &EnvPaths) -> Option<LockHolder> {
 
 /// Is the holder gone (its process ended on this machine) or past its expiry?
 fn is_stale(holder: &LockHolder, now: u64) -> bool {
-    let this_host = crate::release::who().split('@').nth(1).map(str::to_owned);
-    let same_host = holder.who.split('@').nth(1).map(str::to_owned) == this_host;
-    now >= holder.expires
-        || (same_host && !std::path::Path::new(&format!("/proc/{}", holder.pid)).exists())
+    holder.is_stale(now, &crate::release::host(), crate::release::process_exists)
 }
 
 /// The deploy lock, held while this value lives; released on drop.
@@ -132,13 +98,12 @@ impl DeployLock {
     pub fn acquire(paths: &EnvPaths, operation: &str, now: u64) -> anyhow::Result<DeployLock> {
         std::fs::create_dir_all(paths.root())?;
         let path = lock_path(paths);
-        let holder = LockHolder {
-            who: crate::release::who(),
-            pid: i32::try_from(std::process::id()).unwrap_or(0),
-            operation: operation.to_owned(),
-            since: now,
-            expires: now + LOCK_TTL.as_secs(),
-        };
+        let holder = LockHolder::new(
+            &crate::release::who(),
+            i32::try_from(std::process::id()).unwrap_or(0),
+            operation,
+            now,
+        );
         for _ in 0..2 {
             match std::fs::OpenOptions::new()
                 .write(true)

@@ -58,9 +58,18 @@ pub fn who() -> String {
         .ok()
         .flatten()
         .map_or_else(|| "?".into(), |u| u.name);
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map_or_else(|_| "?".into(), |h| h.trim().to_owned());
-    format!("{user}@{host}")
+    format!("{user}@{}", host())
+}
+
+/// This machine's host name.
+pub fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "?".into(), |h| h.trim().to_owned())
+}
+
+/// Does process `pid` exist on this machine? (For locks: a holder whose process ended is gone.)
+pub fn process_exists(pid: i32) -> bool {
+    pid > 0 && std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// The working tree's app as the `initial` release (the first `up`, before any deploy).
@@ -373,27 +382,7 @@ async fn git_output(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
-/// `YYYYmmddTHHMMSSZ` for unix seconds `now` (UTC), without a date library.
-pub fn timestamp(now: u64) -> String {
-    let days = i64::try_from(now / 86_400).unwrap_or(0);
-    let seconds = now % 86_400;
-    // Howard Hinnant's civil-from-days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
-        seconds / 3600,
-        (seconds % 3600) / 60,
-        seconds % 60
-    )
-}
+pub use rigger_plan::lock::utc_timestamp as timestamp;
 
 /// One deploy in the environment's history (`releases.jsonl`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -426,16 +415,4 @@ pub fn history(paths: &EnvPaths) -> Vec<DeployRecord> {
         .lines()
         .filter_map(|line| serde_json::from_str(line).ok())
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::timestamp;
-
-    #[test]
-    fn timestamps_are_utc_and_sortable() {
-        assert_eq!(timestamp(0), "19700101T000000Z");
-        assert_eq!(timestamp(951_782_400), "20000229T000000Z");
-        assert_eq!(timestamp(1_795_811_084), "20261127T202444Z");
-    }
 }

@@ -11,6 +11,7 @@
 //! network. Rendering lives in [`render`]; the JSON schema in [`json`].
 
 pub mod json;
+pub mod lock;
 pub mod render;
 pub mod rollout;
 pub mod status;

@@ -66,6 +66,7 @@ mod engine;
 pub mod envfile;
 mod error;
 mod layout;
+pub mod operations;
 pub mod pki;
 mod roles;
 mod spec;

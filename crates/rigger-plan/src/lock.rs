@@ -1,0 +1,118 @@
+//! The deploy lock's record, shared by both providers: who holds it, from where, since when,
+//! for what, and until when. The local provider keeps it in a file, the AWS provider in an
+//! SSM parameter; both decide staleness with [`LockHolder::is_stale`].
+//!
+//! Pure like the rest of this crate: the clock, the host name and "is this process alive" are
+//! the caller's arguments.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How long a deploy lock lives unless renewed: long enough for a deploy, short enough that a
+/// lock left by a machine that vanished does not block the team for long.
+pub const LOCK_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// Who holds the deploy lock, and until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockHolder {
+    /// `user@host`.
+    pub who: String,
+    /// The holder's process on its host.
+    #[serde(default)]
+    pub pid: i32,
+    /// What they are doing: `deploy 20261127T204012Z-1a2b3c4d5e6f`.
+    pub operation: String,
+    /// Unix seconds.
+    pub since: u64,
+    /// Unix seconds after which the lock is stale, whoever holds it.
+    pub expires: u64,
+}
+
+impl LockHolder {
+    /// A lock for `operation` taken at `now` by process `pid` of `who`, for [`LOCK_TTL`].
+    pub fn new(who: &str, pid: i32, operation: &str, now: u64) -> LockHolder {
+        LockHolder {
+            who: who.to_owned(),
+            pid,
+            operation: operation.to_owned(),
+            since: now,
+            expires: now + LOCK_TTL.as_secs(),
+        }
+    }
+
+    /// Is the holder gone? Past its expiry, or its process no longer runs on this host
+    /// (`this_host`, where `process_alive` can tell). A holder on another host is trusted
+    /// until it expires.
+    pub fn is_stale(&self, now: u64, this_host: &str, process_alive: impl Fn(i32) -> bool) -> bool {
+        let same_host = self.who.rsplit_once('@').map(|(_, host)| host) == Some(this_host);
+        now >= self.expires || (same_host && !process_alive(self.pid))
+    }
+}
+
+impl std::fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (pid {}) since {} UTC, for `{}`; expires at {} UTC",
+            self.who,
+            self.pid,
+            utc_timestamp(self.since),
+            self.operation,
+            utc_timestamp(self.expires)
+        )
+    }
+}
+
+/// Unix seconds as `YYYYMMDDTHHMMSSZ` (UTC): release ids and the times rigger prints.
+pub fn utc_timestamp(unix_seconds: u64) -> String {
+    let days = i64::try_from(unix_seconds / 86_400).unwrap_or(0);
+    let seconds = unix_seconds % 86_400;
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
+        seconds / 3600,
+        (seconds % 3600) / 60,
+        seconds % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_utc_calendar_dates() {
+        assert_eq!(utc_timestamp(0), "19700101T000000Z");
+        assert_eq!(utc_timestamp(951_782_400), "20000229T000000Z");
+        assert_eq!(utc_timestamp(1_795_811_084), "20261127T202444Z");
+    }
+
+    #[test]
+    fn a_lock_of_a_dead_process_on_this_host_is_stale() {
+        let holder = LockHolder::new("ann@build-1", 4242, "deploy x", 100);
+        assert!(holder.is_stale(101, "build-1", |_| false));
+        assert!(!holder.is_stale(101, "build-1", |pid| pid == 4242));
+        // Another host's process cannot be checked: trusted until it expires.
+        assert!(!holder.is_stale(101, "laptop", |_| false));
+        assert!(holder.is_stale(100 + LOCK_TTL.as_secs(), "laptop", |_| true));
+    }
+
+    #[test]
+    fn the_holder_is_described_with_utc_times() {
+        let holder = LockHolder::new("ann@build-1", 7, "deploy 20261127T202444Z-abc", 0);
+        assert_eq!(
+            holder.to_string(),
+            "ann@build-1 (pid 7) since 19700101T000000Z UTC, for `deploy 20261127T202444Z-abc`; expires at 19700101T003000Z UTC"
+        );
+    }
+}
