@@ -173,33 +173,10 @@ pub async fn apply(
     waits: Waits,
     report: &(dyn Fn(&str) + Sync),
 ) -> Result<Applied, AwsError> {
-    let ctx = Ctx {
-        env,
-        clients,
-        network,
-        live,
-        topology,
-        waits,
-        report,
-        security_groups: Mutex::new(
-            live.security_groups
-                .iter()
-                .map(|(name, group)| (name.clone(), group.id.clone()))
-                .collect(),
-        ),
-        volumes: Mutex::new(
-            live.volumes_by_name()
-                .into_iter()
-                .filter_map(|(name, list)| Some((name, list.first()?.id.clone())))
-                .collect(),
-        ),
-        launch_configurations: Mutex::new(
-            live.launch_configurations_by_name()
-                .into_iter()
-                .map(|(name, lc)| (name, lc.aws_name.clone()))
-                .collect(),
-        ),
-    };
+    // Stand-alone servers where they really are (after a failover), for every server and
+    // template rendered here.
+    let placed = env.with_placements(crate::database::placements(env, network, live));
+    let ctx = context(&placed, clients, network, live, topology, waits, report);
     let mut applied = Applied::default();
     let mut deferred: Vec<&Step> = Vec::new();
     for wave in plan.waves() {
@@ -245,6 +222,104 @@ pub async fn apply(
         applied.steps += 1;
     }
     Ok(applied)
+}
+
+/// The context steps run in: the ids of what exists, as observed.
+fn context<'a>(
+    env: &'a AwsEnvironment,
+    clients: &'a Clients,
+    network: &'a Network,
+    live: &'a Live,
+    topology: &'a Topology,
+    waits: Waits,
+    report: &'a (dyn Fn(&str) + Sync),
+) -> Ctx<'a> {
+    Ctx {
+        env,
+        clients,
+        network,
+        live,
+        topology,
+        waits,
+        report,
+        security_groups: Mutex::new(
+            live.security_groups
+                .iter()
+                .map(|(name, group)| (name.clone(), group.id.clone()))
+                .collect(),
+        ),
+        volumes: Mutex::new(
+            live.volumes_by_name()
+                .into_iter()
+                .filter_map(|(name, list)| Some((name, list.first()?.id.clone())))
+                .collect(),
+        ),
+        launch_configurations: Mutex::new(
+            live.launch_configurations_by_name()
+                .into_iter()
+                .map(|(name, lc)| (name, lc.aws_name.clone()))
+                .collect(),
+        ),
+    }
+}
+
+/// Gives each of the environment's launch templates a new default version with its
+/// user-data rendered again, for the same release, so that servers launched from now on
+/// point at the database servers where they are now (after a failover). The servers running
+/// are not replaced: a failover repoints them in place.
+pub async fn rewrite_launch_templates(
+    env: &AwsEnvironment,
+    clients: &Clients,
+    network: &Network,
+    live: &Live,
+    topology: &Topology,
+    report: &(dyn Fn(&str) + Sync),
+) -> Result<Vec<String>, AwsError> {
+    let placed = env.with_placements(crate::database::placements(env, network, live));
+    let ctx = context(
+        &placed,
+        clients,
+        network,
+        live,
+        topology,
+        Waits::default(),
+        report,
+    );
+    let mut rewritten = Vec::new();
+    for resource in topology
+        .resources
+        .iter()
+        .filter(|r| r.id.kind == ResourceKind::LaunchTemplate)
+    {
+        let name = &resource.id.name;
+        let Some(template) = live.launch_templates.get(name) else {
+            continue;
+        };
+        let data = template_data(&ctx, resource, true).await?;
+        let created = clients
+            .ec2
+            .create_launch_template_version()
+            .launch_template_id(&template.id)
+            .source_version(template.default_version.to_string())
+            .launch_template_data(data)
+            .send()
+            .await
+            .op("CreateLaunchTemplateVersion", name)?;
+        let version = created
+            .launch_template_version()
+            .and_then(|v| v.version_number())
+            .unwrap_or(template.default_version + 1);
+        clients
+            .ec2
+            .modify_launch_template()
+            .launch_template_id(&template.id)
+            .default_version(version.to_string())
+            .send()
+            .await
+            .op("ModifyLaunchTemplate", name)?;
+        rewritten.push(name.clone());
+    }
+    Ok(rewritten)
 }
 
 async fn run_sequentially(ctx: &Ctx<'_>, steps: Vec<&Step>) -> Vec<Result<(), AwsError>> {
@@ -1482,6 +1557,9 @@ async fn create_server(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsErro
     let roles: Vec<&str> = server.roles.iter().map(|r| r.as_str()).collect();
     let mut tags = ctx.tags(resource);
     tags.push((ROLES_TAG.into(), roles.join(",")));
+    // Its recipe id, which its certificate and replication slot name: it stays when a
+    // failover renames the server (crate::database).
+    tags.push((crate::database::SERVER_TAG.into(), server.id.clone()));
     let mut spec = ec2::TagSpecification::builder().resource_type(ec2::ResourceType::Instance);
     for (key, value) in tags {
         spec = spec.tags(ec2::Tag::builder().key(key).value(value).build());
@@ -1575,6 +1653,13 @@ async fn ensure_interface(
         let value = if key == "Name" { name.clone() } else { value };
         spec = spec.tags(ec2::Tag::builder().key(key).value(value).build());
     }
+    // The interface outlives its instance: the recipe id it holds the address for goes with it.
+    spec = spec.tags(
+        ec2::Tag::builder()
+            .key(crate::database::SERVER_TAG)
+            .value(&server.id)
+            .build(),
+    );
     let created = ctx
         .clients
         .ec2

@@ -9,6 +9,7 @@
 //! A group server's own id and address are known only at boot: its recipe is rendered with
 //! [`SELF_ID`] and [`SELF_ADDRESS`] and the user-data substitutes the instance's values.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use rigger_config::{AwsConfig, Config, Environment, ProviderConfig};
@@ -60,7 +61,7 @@ impl Cidr {
     }
 
     /// The last address AWS lets an instance use (the very last one is reserved).
-    fn last_usable(self) -> u32 {
+    pub(crate) fn last_usable(self) -> u32 {
         let size = 1u64 << (32 - u32::from(self.prefix));
         (u64::from(u32::from(self.addr)) + size - 2) as u32
     }
@@ -97,12 +98,26 @@ pub struct StandAlone {
     pub address: Ipv4Addr,
 }
 
+/// Where a stand-alone server really is when that is no longer what the configuration
+/// implies: after a failover the primary is the former `db-replica1` (its recipe id, which
+/// its certificate and replication slot name, and its address), and the replica rebuilt
+/// next to it needs an id and an address nobody holds. See [`crate::database::placements`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub id: String,
+    pub address: Ipv4Addr,
+}
+
 /// An AWS environment of the configuration.
 #[derive(Debug, Clone)]
 pub struct AwsEnvironment {
     pub config: Config,
     pub name: String,
     pub names: Names,
+    /// Stand-alone servers placed elsewhere than the configuration implies, by the
+    /// topology's name (empty until a failover; [`crate::apply::apply`] fills it from what
+    /// it observes).
+    pub placements: BTreeMap<String, Placement>,
 }
 
 impl AwsEnvironment {
@@ -116,7 +131,16 @@ impl AwsEnvironment {
             names: Names::new(&config.project.name, name),
             config,
             name: name.to_owned(),
+            placements: BTreeMap::new(),
         })
+    }
+
+    /// The same environment with its stand-alone servers placed as `placements` says.
+    pub fn with_placements(&self, placements: BTreeMap<String, Placement>) -> AwsEnvironment {
+        AwsEnvironment {
+            placements,
+            ..self.clone()
+        }
     }
 
     pub fn env(&self) -> &Environment {
@@ -190,8 +214,13 @@ impl AwsEnvironment {
                     .map_or(Ipv4Addr::UNSPECIFIED, |s| {
                         Ipv4Addr::from(s.cidr.last_usable() - 10 - index as u32)
                     });
+                let name = self.names.server(&id);
+                let (id, address) = match self.placements.get(&name) {
+                    Some(placed) => (placed.id.clone(), placed.address),
+                    None => (id, address),
+                };
                 StandAlone {
-                    name: self.names.server(&id),
+                    name,
                     id,
                     role,
                     roles,

@@ -31,6 +31,8 @@ pub mod error;
 pub mod iam;
 pub mod live;
 pub mod loadbalancer;
+pub mod maintenance;
+pub mod parameters;
 pub mod releases;
 pub mod secrets;
 pub mod servers;
@@ -154,6 +156,7 @@ impl Provider {
             .current_release(&live)
             .unwrap_or_else(|| release.to_owned());
         let topology = self.desired(&live, &release).map_err(topology_error)?;
+        database::check_no_failover_interrupted(&self.env, &live)?;
         let secrets_created = secrets::ensure(&self.env, &self.clients, &live.parameters).await?;
         releases::ensure(&self.env, &self.clients, report).await?;
         for name in &secrets_created {
@@ -200,7 +203,9 @@ impl Provider {
     /// Deletes everything tagged as the environment's, in reverse dependency order, and its
     /// secrets. Returns the plan it applied.
     pub async fn down(&self, report: &(dyn Fn(&str) + Sync)) -> Result<Plan, AwsError> {
-        let (network, live) = self.observe().await?;
+        let (network, mut live) = self.observe().await?;
+        // A failover's fenced old primary goes too.
+        live.fenced_included = true;
         let nothing = Topology {
             project: self.env.project().to_owned(),
             environment: self.env.name.clone(),

@@ -183,6 +183,7 @@ pub struct LiveInterface {
     /// The `Name` tag: `<server>-eni`.
     pub name: String,
     pub status: String,
+    pub private_address: Option<String>,
     pub tags: Tags,
 }
 
@@ -216,6 +217,10 @@ pub struct Live {
     pub interfaces: Vec<LiveInterface>,
     /// Names of the SSM parameters under the environment's prefix.
     pub parameters: Vec<String>,
+    /// Whether fenced database servers (a failover's old primary, stopped and tagged
+    /// [`crate::database::FENCED_TAG`]) and their volumes are seen. They are not, by default:
+    /// `plan` and `up` must neither delete nor reuse them; `down` sets this to remove them.
+    pub fenced_included: bool,
 }
 
 /// Finds the environment's VPC (rigger.toml's `vpc`, or the region's default VPC) and its
@@ -524,6 +529,7 @@ impl Live {
                 status: interface
                     .status()
                     .map_or(String::new(), |s| s.as_str().to_owned()),
+                private_address: interface.private_ip_address().map(str::to_owned),
                 tags,
             });
         }
@@ -860,7 +866,9 @@ impl Live {
     pub fn stand_alone_instances(&self) -> BTreeMap<String, Vec<&LiveInstance>> {
         let mut by_name: BTreeMap<String, Vec<&LiveInstance>> = BTreeMap::new();
         for instance in self.instances.values() {
-            if instance.tags.contains_key("aws:autoscaling:groupName") {
+            if instance.tags.contains_key("aws:autoscaling:groupName")
+                || (!self.fenced_included && crate::database::is_fenced(&instance.tags))
+            {
                 continue;
             }
             let name = instance
@@ -880,6 +888,9 @@ impl Live {
     pub fn volumes_by_name(&self) -> BTreeMap<String, Vec<&LiveVolume>> {
         let mut by_name: BTreeMap<String, Vec<&LiveVolume>> = BTreeMap::new();
         for volume in &self.volumes {
+            if !self.fenced_included && crate::database::is_fenced(&volume.tags) {
+                continue;
+            }
             let name = volume
                 .tags
                 .get("Name")

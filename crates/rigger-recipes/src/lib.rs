@@ -79,7 +79,7 @@ pub use context::{
 };
 pub use error::RenderError;
 pub use layout::{Binaries, Layout, ServiceManager, ServiceUsers};
-pub use roles::{render, render_server};
+pub use roles::{render, render_server, slot_name};
 pub use spec::{DirSpec, FileSpec, Phase, Probe, Recipe, ServiceSpec, Signal, StepSpec};
 pub use systemd::{systemd_unit, unit_name};
 

@@ -6,7 +6,7 @@ mod cache;
 mod lb;
 mod postgres;
 
-pub(crate) use postgres::slot_name;
+pub use postgres::slot_name;
 mod queue;
 
 use std::path::{Path, PathBuf};

@@ -132,7 +132,7 @@ pub(super) fn replica(b: &mut Builder) -> Result<(), RenderError> {
 const SLOT_PREFIX: &str = "rigger_";
 
 /// `rigger_<id>` with `-` as `_` (slot names allow lower-case letters, digits and `_`).
-pub(crate) fn slot_name(server_id: &str) -> String {
+pub fn slot_name(server_id: &str) -> String {
     format!("{SLOT_PREFIX}{}", server_id.replace('-', "_"))
 }
 
