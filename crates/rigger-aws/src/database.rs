@@ -381,8 +381,10 @@ impl Provider {
     ) -> Result<(), AwsError> {
         let full = self.env.names.server(name);
         let mut extra = Vec::new();
-        if let Some(when) = fenced {
-            extra.push(tag(FENCED_TAG, when));
+        match fenced {
+            Some(when) => extra.push(tag(FENCED_TAG, when)),
+            // The topology's role tag, on the instance and its volume, as `up` tags them.
+            None => extra.push(tag(rigger_topology::tag::ROLE, Role::DbPrimary.as_str())),
         }
         // Fenced first (it then no longer counts as a primary), named last.
         let mut tags = extra.clone();
