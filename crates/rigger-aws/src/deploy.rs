@@ -25,33 +25,33 @@ use serde::{Deserialize, Serialize};
 
 use crate::Clients;
 use crate::environment::AwsEnvironment;
-use crate::error::{AwsError, Context as _, ErrorKind};
+use crate::error::{AwsError, Context as _};
 
-/// How long a deploy lock lives: long enough for a deploy; a lock left by a vanished machine
-/// blocks the team no longer than this.
-pub const LOCK_TTL: Duration = Duration::from_secs(30 * 60);
+pub use rigger_plan::lock::{LOCK_TTL, LockHolder};
 
-/// Who holds the deploy lock, and until when.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LockHolder {
-    /// `user@host`.
+/// Who asks for the deploy lock: `user@host`, the asking process, and how to tell whether a
+/// process of this host still runs (a lock whose holder ended on this host is taken over at
+/// once: its deploy was interrupted).
+#[derive(Debug, Clone)]
+pub struct Requester {
     pub who: String,
-    /// `deploy 20261127T204012Z-1a2b3c4d5e6f`.
-    pub operation: String,
-    /// Unix seconds.
-    pub since: u64,
-    /// Unix seconds after which anyone may take the lock.
-    pub expires: u64,
+    pub pid: i32,
+    pub process_alive: fn(i32) -> bool,
 }
 
-impl std::fmt::Display for LockHolder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} since {} (unix), for `{}`; expires at {} (unix)",
-            self.who, self.since, self.operation, self.expires
-        )
+impl Requester {
+    fn host(&self) -> &str {
+        self.who.rsplit_once('@').map_or("", |(_, host)| host)
     }
+}
+
+/// The lock, taken.
+#[derive(Debug, Clone)]
+pub struct Acquired {
+    pub holder: LockHolder,
+    /// The stale lock this one replaced: an operation that was interrupted (its process ended,
+    /// or its lock expired).
+    pub interrupted: Option<LockHolder>,
 }
 
 /// One deploy in the environment's history.
@@ -91,6 +91,8 @@ pub struct RolloutOptions {
     pub drain: Duration,
     /// How often to ask for health.
     pub poll: Duration,
+    /// How long an old worker's running tasks may take to finish (Celery's warm shutdown).
+    pub worker_stop_timeout: Duration,
 }
 
 impl Default for RolloutOptions {
@@ -101,6 +103,7 @@ impl Default for RolloutOptions {
             stable_checks: 2,
             drain: Duration::from_secs(30),
             poll: Duration::from_secs(5),
+            worker_stop_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -135,45 +138,23 @@ pub async fn lock_holder(
     env: &AwsEnvironment,
     clients: &Clients,
 ) -> Result<Option<LockHolder>, AwsError> {
-    let name = lock_parameter(env);
-    match clients
-        .ssm
-        .get_parameter()
-        .name(&name)
-        .send()
-        .await
-        .op("GetParameter", &name)
-    {
-        Ok(answer) => Ok(answer
-            .parameter()
-            .and_then(|p| p.value())
-            .and_then(|v| serde_json::from_str(v).ok())),
-        Err(error)
-            if error.kind() == ErrorKind::NotFound || error.code() == Some("ParameterNotFound") =>
-        {
-            Ok(None)
-        }
-        Err(error) => Err(error),
-    }
+    crate::parameters::get_json(clients, &lock_parameter(env)).await
 }
 
 /// Takes the lock for `operation`; refuses, naming the holder, when someone holds a lock that
-/// has not expired (an expired one is taken over).
+/// is not stale (an expired one, or one whose process ended on this host, is taken over and
+/// returned as `interrupted`).
 pub async fn acquire_lock(
     env: &AwsEnvironment,
     clients: &Clients,
-    who: &str,
+    requester: &Requester,
     operation: &str,
     now: u64,
-) -> Result<LockHolder, AwsError> {
+) -> Result<Acquired, AwsError> {
     let name = lock_parameter(env);
-    let holder = LockHolder {
-        who: who.to_owned(),
-        operation: operation.to_owned(),
-        since: now,
-        expires: now + LOCK_TTL.as_secs(),
-    };
+    let holder = LockHolder::new(&requester.who, requester.pid, operation, now);
     let value = serde_json::to_string(&holder).expect("serializable");
+    let mut interrupted = None;
     for _ in 0..2 {
         let put = clients
             .ssm
@@ -186,10 +167,12 @@ pub async fn acquire_lock(
             .await
             .op("PutParameter", &name);
         match put {
-            Ok(_) => return Ok(holder),
+            Ok(_) => return Ok(Acquired { holder, interrupted }),
             Err(error) if error.code() == Some("ParameterAlreadyExists") => {
                 match lock_holder(env, clients).await? {
-                    Some(other) if other.expires > now => {
+                    Some(other)
+                        if !other.is_stale(now, requester.host(), requester.process_alive) =>
+                    {
                         return Err(AwsError::precondition(
                             "PutParameter",
                             &name,
@@ -197,8 +180,11 @@ pub async fn acquire_lock(
                             "wait for that deploy to finish; if its holder is gone, `rigger lock release` removes the lock",
                         ));
                     }
-                    // Expired or unreadable: taken over.
-                    _ => release_lock(env, clients).await?,
+                    // Stale or unreadable: taken over.
+                    stale => {
+                        interrupted = stale;
+                        release_lock(env, clients).await?;
+                    }
                 }
             }
             Err(error) => return Err(error),
@@ -214,23 +200,7 @@ pub async fn acquire_lock(
 
 /// Removes the lock, whoever holds it.
 pub async fn release_lock(env: &AwsEnvironment, clients: &Clients) -> Result<(), AwsError> {
-    let name = lock_parameter(env);
-    match clients
-        .ssm
-        .delete_parameter()
-        .name(&name)
-        .send()
-        .await
-        .op("DeleteParameter", &name)
-    {
-        Err(error)
-            if !(error.kind() == ErrorKind::NotFound
-                || error.code() == Some("ParameterNotFound")) =>
-        {
-            Err(error)
-        }
-        _ => Ok(()),
-    }
+    crate::parameters::delete(clients, &lock_parameter(env)).await
 }
 
 /// Appends `record` to the history.
@@ -245,17 +215,8 @@ pub async fn record(
         record.started,
         record.release
     );
-    clients
-        .ssm
-        .put_parameter()
-        .name(&name)
-        .value(serde_json::to_string(record).expect("serializable"))
-        .r#type(ParameterType::String)
-        .overwrite(true)
-        .send()
-        .await
-        .op("PutParameter", &name)?;
-    Ok(())
+    let value = serde_json::to_string(record).expect("serializable");
+    crate::parameters::put(clients, &name, &value).await
 }
 
 /// The deploy history, oldest first.
@@ -481,6 +442,84 @@ pub(crate) fn only(plan: &Plan, action: Action) -> Plan {
 /// then the worker.
 pub(crate) const GROUP_ROLES: [Role; 2] = [Role::Web, Role::Worker];
 
+/// What a rollout needs from the servers themselves, which this crate does not reach (the
+/// CLI does, over SSH).
+pub trait ServerOps: Send + Sync {
+    /// Stops Celery on old workers with a warm shutdown (running tasks finish), waiting up to
+    /// `timeout`; `Err` says why it could not.
+    fn stop_workers(&self, instances: &[String], timeout: Duration) -> Result<(), String>;
+    /// Evidence from servers that failed their health check: the health probe's status and
+    /// body, the last lines of the app's log. Empty when there is none.
+    fn diagnose(&self, instances: &[String]) -> String;
+}
+
+/// For when no server can be reached (an emulator's servers, tests): says so.
+pub struct NoServerAccess(pub &'static str);
+
+impl ServerOps for NoServerAccess {
+    fn stop_workers(&self, _instances: &[String], _timeout: Duration) -> Result<(), String> {
+        Err(self.0.to_owned())
+    }
+
+    fn diagnose(&self, _instances: &[String]) -> String {
+        String::new()
+    }
+}
+
+/// Everything a rollout runs with.
+pub struct Rollout<'a> {
+    pub options: RolloutOptions,
+    pub servers: &'a dyn ServerOps,
+    /// Where the health gate's observations come from; `None`: the load balancer (web) and
+    /// the group (workers).
+    pub health: Option<&'a dyn HealthSource>,
+    pub report: &'a (dyn Fn(&str) + Sync),
+}
+
+/// A rollout in progress, kept in SSM (`/<project>/<env>/deploy/rollout`) from before the
+/// first change until the end, so that a rollout interrupted half-way is recognised by the
+/// next one: it goes back to the group sizes from before, removes servers the interrupted one
+/// detached, and rolls back (if it must) to the release from before the interrupted one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub release: String,
+    /// The release the environment ran before.
+    pub previous: String,
+    /// Each group's desired count before the rollout raised it.
+    pub desired: BTreeMap<String, i32>,
+}
+
+fn rollout_parameter(env: &AwsEnvironment) -> String {
+    env.parameter("deploy/rollout")
+}
+
+async fn read_rollout(
+    env: &AwsEnvironment,
+    clients: &Clients,
+) -> Result<Option<RolloutRecord>, AwsError> {
+    crate::parameters::get_json(clients, &rollout_parameter(env)).await
+}
+
+async fn write_rollout(
+    env: &AwsEnvironment,
+    clients: &Clients,
+    record: Option<&RolloutRecord>,
+) -> Result<(), AwsError> {
+    let name = rollout_parameter(env);
+    match record {
+        Some(record) => {
+            let value = serde_json::to_string(record).expect("serializable");
+            crate::parameters::put(clients, &name, &value).await
+        }
+        None => crate::parameters::delete(clients, &name).await,
+    }
+}
+
+/// The release an operation in the lock was about (`deploy <id>`, `rollback to <id>`).
+fn release_of(operation: &str) -> &str {
+    operation.rsplit(' ').next().unwrap_or_default()
+}
+
 impl crate::Provider {
     /// Takes the deploy lock and uploads the release to the environment's bucket (made if
     /// `up` did not yet). The caller runs the migrations next, then [`Self::finish_deploy`]
@@ -488,18 +527,12 @@ impl crate::Provider {
     pub async fn start_deploy(
         &self,
         artifact: &Artifact,
-        who: &str,
+        requester: &Requester,
         report: &(dyn Fn(&str) + Sync),
     ) -> Result<StartedDeploy, AwsError> {
         let started = now();
-        acquire_lock(
-            &self.env,
-            &self.clients,
-            who,
-            &format!("deploy {}", artifact.id),
-            started,
-        )
-        .await?;
+        self.lock_for(requester, &format!("deploy {}", artifact.id), started, report)
+            .await?;
         let uploaded = async {
             let bucket = crate::releases::ensure(&self.env, &self.clients, report).await?;
             report(&format!(
@@ -517,7 +550,7 @@ impl crate::Provider {
                 release: artifact.id.clone(),
                 revision: artifact.revision.clone(),
                 bucket,
-                by: who.to_owned(),
+                by: requester.who.clone(),
                 started,
             }),
             Err(error) => {
@@ -525,6 +558,107 @@ impl crate::Provider {
                 Err(error)
             }
         }
+    }
+
+    /// Takes the deploy lock to go back to a release already in the bucket, without
+    /// rebuilding it: `to`, or else the last release that succeeded before the current one.
+    /// The caller goes on with [`Self::finish_deploy`] (no migrations: the release ran them
+    /// when it was first deployed).
+    pub async fn start_rollback(
+        &self,
+        to: Option<&str>,
+        requester: &Requester,
+        report: &(dyn Fn(&str) + Sync),
+    ) -> Result<StartedDeploy, AwsError> {
+        let (_, live) = self.observe().await?;
+        let current = self.current_release(&live).unwrap_or_default();
+        let history = history(&self.env, &self.clients).await?;
+        let succeeded: Vec<&DeployRecord> =
+            history.iter().filter(|r| r.result == "succeeded").collect();
+        let target = match to {
+            Some(id) => history.iter().rev().find(|r| r.release == id).ok_or_else(|| {
+                AwsError::precondition(
+                    "(rollback)",
+                    id,
+                    "no such release in the environment's history",
+                    "`rigger releases` lists them",
+                )
+            })?,
+            None => {
+                let position = succeeded.iter().rposition(|r| r.release == current);
+                let before = match position {
+                    Some(index) => succeeded[..index].iter().rev().find(|r| r.release != current),
+                    None => succeeded.iter().rev().find(|r| r.release != current),
+                };
+                before.copied().ok_or_else(|| {
+                    AwsError::precondition(
+                        "(rollback)",
+                        &current,
+                        format!("no release before {current} to roll back to"),
+                        "`rigger releases` lists them, `--to ID` picks one",
+                    )
+                })?
+            }
+        };
+        let bucket = crate::releases::find(&self.env, &self.clients)
+            .await?
+            .unwrap_or_default();
+        if bucket.is_empty()
+            || !crate::releases::exists(&self.clients, &bucket, &target.release).await?
+        {
+            return Err(AwsError::precondition(
+                "HeadObject",
+                crate::releases::object_key(&target.release),
+                format!(
+                    "release {} is no longer in the environment's bucket",
+                    target.release
+                ),
+                "deploy its revision again with `rigger deploy --revision`",
+            ));
+        }
+        let started = now();
+        self.lock_for(
+            requester,
+            &format!("rollback to {}", target.release),
+            started,
+            report,
+        )
+        .await?;
+        Ok(StartedDeploy {
+            release: target.release.clone(),
+            revision: target.revision.clone(),
+            bucket,
+            by: requester.who.clone(),
+            started,
+        })
+    }
+
+    /// Takes the lock; a stale lock taken over is recorded as an interrupted deploy.
+    async fn lock_for(
+        &self,
+        requester: &Requester,
+        operation: &str,
+        started: u64,
+        report: &(dyn Fn(&str) + Sync),
+    ) -> Result<(), AwsError> {
+        let acquired = acquire_lock(&self.env, &self.clients, requester, operation, started)
+            .await?;
+        if let Some(stale) = acquired.interrupted {
+            report(&format!(
+                "taking over the deploy lock of an interrupted operation: {stale}"
+            ));
+            let entry = DeployRecord {
+                release: release_of(&stale.operation).to_owned(),
+                revision: String::new(),
+                by: stale.who.clone(),
+                started: stale.since,
+                finished: started,
+                result: "interrupted".into(),
+                reason: format!("its process ended before it finished; taken over by {}", requester.who),
+            };
+            record(&self.env, &self.clients, &entry).await?;
+        }
+        Ok(())
     }
 
     /// Records a deploy that stopped before anything switched (a failed migration) and
@@ -542,10 +676,9 @@ impl crate::Provider {
     pub async fn finish_deploy(
         &self,
         deploy: StartedDeploy,
-        options: &RolloutOptions,
-        report: &(dyn Fn(&str) + Sync),
+        rollout: &Rollout<'_>,
     ) -> Result<DeployRecord, AwsError> {
-        match self.roll_out(&deploy.release, options, report).await {
+        match self.roll_out(&deploy.release, rollout).await {
             Ok(Ok(())) => self.end_deploy(deploy, "succeeded", String::new()).await,
             Ok(Err(reason)) => self.end_deploy(deploy, "rolled back", reason).await,
             Err(error) => {
@@ -575,17 +708,83 @@ impl crate::Provider {
         recorded.map(|()| entry)
     }
 
+    /// The group's largest size in rigger.toml (a rollout adds its surge on top, and puts it
+    /// back after, whatever an interrupted rollout left).
+    fn configured_max(&self, role: Role) -> i32 {
+        let env = self.env.env();
+        let sizing = if role == Role::Web { &env.web } else { &env.worker };
+        i32::try_from(sizing.max).unwrap_or(i32::MAX)
+    }
+
+    /// What an interrupted rollout left behind, undone: servers it detached but did not
+    /// terminate, group counts it raised. Returns the record of the interrupted rollout.
+    async fn recover_interrupted_rollout(
+        &self,
+        report: &(dyn Fn(&str) + Sync),
+    ) -> Result<Option<RolloutRecord>, AwsError> {
+        let interrupted = read_rollout(&self.env, &self.clients).await?;
+        let (_, live) = self.observe().await?;
+        let detached: Vec<String> = live
+            .detached_group_instances()
+            .iter()
+            .map(|i| i.id.clone())
+            .collect();
+        if let Some(record) = &interrupted {
+            report(&format!(
+                "an earlier rollout of {} (from {}) was interrupted; putting its groups back first",
+                record.release, record.previous
+            ));
+            for (group, desired) in &record.desired {
+                if live.groups.get(group).is_some_and(|g| g.desired > i64::from(*desired)) {
+                    self.clients
+                        .autoscaling
+                        .set_desired_capacity()
+                        .auto_scaling_group_name(group)
+                        .desired_capacity(*desired)
+                        .honor_cooldown(false)
+                        .send()
+                        .await
+                        .op("SetDesiredCapacity", group)?;
+                }
+            }
+        }
+        if !detached.is_empty() {
+            report(&format!(
+                "terminating {} left detached by an interrupted rollout",
+                detached.join(", ")
+            ));
+            if let Some(lb) = live.load_balancer(self.env.aws().load_balancer) {
+                crate::loadbalancer::deregister(
+                    &self.clients,
+                    lb,
+                    &self.env.names.load_balancer(),
+                    &detached,
+                )
+                .await?;
+            }
+            self.clients
+                .ec2
+                .terminate_instances()
+                .set_instance_ids(Some(detached.clone()))
+                .send()
+                .await
+                .op("TerminateInstances", detached.join(", "))?;
+        }
+        Ok(interrupted)
+    }
+
     /// Makes the release's launch templates, points the groups at them and replaces their
     /// servers batch by batch. `Ok(Err(reason))`: a batch was not healthy and every group is
     /// back on its previous release.
     pub async fn roll_out(
         &self,
         release: &str,
-        options: &RolloutOptions,
-        report: &(dyn Fn(&str) + Sync),
+        rollout: &Rollout<'_>,
     ) -> Result<Result<(), String>, AwsError> {
+        let report = rollout.report;
+        let interrupted = self.recover_interrupted_rollout(report).await?;
         let (network, live) = self.observe().await?;
-        let Some(previous) = self.current_release(&live) else {
+        let Some(current) = self.current_release(&live) else {
             return Err(AwsError::precondition(
                 "(deploy)",
                 self.env.names.group(Role::Web),
@@ -593,20 +792,57 @@ impl crate::Provider {
                 "run `rigger up` first",
             ));
         };
-        if previous == release {
+        // After an interruption the groups may point at a release that never finished: a
+        // rollback goes to the one from before it.
+        let previous = interrupted
+            .as_ref()
+            .map_or_else(|| current.clone(), |r| r.previous.clone());
+        if current == release && interrupted.is_none() {
             report(&format!("release {release} is already the current one"));
             return Ok(Ok(()));
         }
+        let record = RolloutRecord {
+            release: release.to_owned(),
+            previous: previous.clone(),
+            desired: match &interrupted {
+                Some(old) => old.desired.clone(),
+                None => GROUP_ROLES
+                    .iter()
+                    .filter_map(|role| {
+                        let name = self.env.names.group(*role);
+                        let group = live.groups.get(&name)?;
+                        Some((name, i32::try_from(group.desired).unwrap_or(i32::MAX)))
+                    })
+                    .collect(),
+            },
+        };
+        write_rollout(&self.env, &self.clients, Some(&record)).await?;
+        let outcome = self
+            .switch_groups(&network, &live, release, &previous, rollout)
+            .await?;
+        write_rollout(&self.env, &self.clients, None).await?;
+        Ok(outcome)
+    }
+
+    async fn switch_groups(
+        &self,
+        network: &crate::Network,
+        live: &crate::Live,
+        release: &str,
+        previous: &str,
+        rollout: &Rollout<'_>,
+    ) -> Result<Result<(), String>, AwsError> {
+        let report = rollout.report;
         let new_topology = self
-            .desired(&live, release)
+            .desired(live, release)
             .map_err(crate::topology_error)?;
         let full = rigger_plan::plan(&live.observed(&self.env), &new_topology);
         report(&format!("making the launch templates of release {release}"));
         crate::apply::apply(
             &self.env,
             &self.clients,
-            &network,
-            &live,
+            network,
+            live,
             &new_topology,
             &only(&full, Action::Create),
             self.waits,
@@ -614,24 +850,22 @@ impl crate::Provider {
         )
         .await?;
         let (_, with_new) = self.observe().await?;
-        // Per group switched: its name, what it launched from before, and the servers this
+        // Per group switched: its role, what it launched from before, and the servers this
         // deploy launched that still run.
-        let mut switched: Vec<(String, Launch, Vec<String>)> = Vec::new();
+        let mut switched: Vec<(Role, Launch, Vec<String>)> = Vec::new();
         let mut outcome = Ok(());
         for role in GROUP_ROLES {
             let group = self.env.names.group(role);
-            let Some(live_group) = live.groups.get(&group) else {
+            if !live.groups.contains_key(&group) {
                 continue;
-            };
-            let old_launch = Launch::of(live_group);
-            let max = i32::try_from(live_group.max).unwrap_or(i32::MAX);
-            Launch::for_release(&self.env, &with_new, role, release)
-                .point(&self.clients, &group)
-                .await?;
+            }
+            let old_launch = Launch::for_release(&self.env, &with_new, role, previous);
+            let new_launch = Launch::for_release(&self.env, &with_new, role, release);
+            new_launch.point(&self.clients, &group).await?;
             let replaced = self
-                .replace_servers(role, &group, None, max, options, report)
+                .replace_servers(role, None, rollout)
                 .await?;
-            switched.push((group, old_launch, replaced.launched));
+            switched.push((role, old_launch, replaced.launched));
             if let Some((reason, failed)) = replaced.failed {
                 // The failed batch goes at once, shrinking the group back.
                 for instance in &failed {
@@ -653,22 +887,11 @@ impl crate::Provider {
             report(&format!("rolling back to release {previous}: {reason}"));
             // Servers already switched are replaced by the previous release, behind the same
             // health gate.
-            for (group, old_launch, launched) in &switched {
-                old_launch.point(&self.clients, group).await?;
-                if launched.is_empty() {
-                    continue;
-                }
-                let role = if group == &self.env.names.group(Role::Web) {
-                    Role::Web
-                } else {
-                    Role::Worker
-                };
-                let max = live
-                    .groups
-                    .get(group)
-                    .map_or(i32::MAX, |g| i32::try_from(g.max).unwrap_or(i32::MAX));
+            for (role, old_launch, launched) in &switched {
+                let group = self.env.names.group(*role);
+                old_launch.point(&self.clients, &group).await?;
                 let again = self
-                    .replace_servers(role, group, Some(launched), max, options, report)
+                    .replace_servers(*role, Some(launched), rollout)
                     .await?;
                 if let Some((why, _)) = again.failed {
                     report(&format!(
@@ -676,7 +899,7 @@ impl crate::Provider {
                     ));
                 }
             }
-            self.delete_unused_templates(&previous, report).await?;
+            self.delete_unused_templates(previous, report).await?;
             return Ok(Err(reason));
         }
         self.delete_unused_templates(release, report).await?;
@@ -708,35 +931,36 @@ impl crate::Provider {
         Ok(())
     }
 
-    /// Replaces servers of the group (`only` these, or all it runs) in batches with servers
-    /// of its current launch template.
+    /// Replaces, in batches, the group's servers (`only` these, when given) with servers of
+    /// what the group now launches from.
     async fn replace_servers(
         &self,
         role: Role,
-        group: &str,
         only: Option<&[String]>,
-        max: i32,
-        options: &RolloutOptions,
-        report: &(dyn Fn(&str) + Sync),
+        rollout: &Rollout<'_>,
     ) -> Result<Replaced, AwsError> {
-        let running: Vec<String> = members(&self.clients, group)
-            .await?
-            .into_iter()
-            .map(|m| m.id)
+        let options = &rollout.options;
+        let report = rollout.report;
+        let group = self.env.names.group(role);
+        let group = group.as_str();
+        let max = self.configured_max(role);
+        let (_, live) = self.observe().await?;
+        let current = live
+            .groups
+            .get(group)
+            .map(|g| g.instances.clone())
+            .unwrap_or_default();
+        let running: Vec<String> = current.iter().map(|m| m.id.clone()).collect();
+        let old: Vec<String> = current
+            .iter()
+            .filter(|m| only.is_none_or(|only| only.contains(&m.id)))
+            .map(|m| m.id.clone())
             .collect();
-        let old: Vec<String> = match only {
-            Some(only) => running
-                .iter()
-                .filter(|id| only.contains(id))
-                .cloned()
-                .collect(),
-            None => running.clone(),
-        };
         let plan = batches(&old, options.batch);
         let widest = plan.iter().map(Vec::len).max().unwrap_or(0);
         let surge = i32::try_from(widest).unwrap_or(0);
-        self.set_max(group, max.saturating_add(surge)).await?;
-        let (_, live) = self.observe().await?;
+        self.set_max(group, max.max(i32::try_from(running.len()).unwrap_or(0)).saturating_add(surge))
+            .await?;
         let lb = live.load_balancer(self.env.aws().load_balancer).cloned();
         let mut known: Vec<String> = running;
         let mut launched: Vec<String> = Vec::new();
@@ -760,8 +984,9 @@ impl crate::Provider {
                 .new_members(group, &known, batch.len(), options)
                 .await?;
             known.extend(new.iter().cloned());
-            let verdict = match (role, &lb) {
-                (Role::Web, Some(lb)) => {
+            let verdict = match (rollout.health, role, &lb) {
+                (Some(source), _, _) => wait_healthy(source, &new, options).await?,
+                (None, Role::Web, Some(lb)) => {
                     let source = LoadBalancerHealth {
                         clients: &self.clients,
                         lb,
@@ -779,9 +1004,15 @@ impl crate::Provider {
             };
             if let Err(reason) = verdict {
                 self.set_max(group, max).await?;
+                let evidence = rollout.servers.diagnose(&new);
+                let reason = if evidence.is_empty() {
+                    format!("{group}: {reason}")
+                } else {
+                    format!("{group}: {reason}\n{evidence}")
+                };
                 return Ok(Replaced {
                     launched,
-                    failed: Some((format!("{group}: {reason}"), new)),
+                    failed: Some((reason, new)),
                 });
             }
             report(&format!(
@@ -790,7 +1021,7 @@ impl crate::Provider {
                 batch.join(", ")
             ));
             launched.extend(new);
-            self.retire(group, lb.as_ref(), &batch, options).await?;
+            self.retire(role, lb.as_ref(), &batch, rollout).await?;
         }
         self.set_max(group, max).await?;
         Ok(Replaced {
@@ -834,35 +1065,52 @@ impl crate::Provider {
         Ok(())
     }
 
-    /// Old servers leave: out of the group (which shrinks by as many), out of the load
-    /// balancer with connection draining, then terminated.
+    /// Old servers leave: out of the group (which shrinks by as many); web servers out of the
+    /// load balancer with connection draining, workers with a warm shutdown of Celery; then
+    /// terminated.
     async fn retire(
         &self,
-        group: &str,
+        role: Role,
         lb: Option<&crate::live::LiveLoadBalancer>,
         instances: &[String],
-        options: &RolloutOptions,
+        rollout: &Rollout<'_>,
     ) -> Result<(), AwsError> {
+        let group = self.env.names.group(role);
         self.clients
             .autoscaling
             .detach_instances()
-            .auto_scaling_group_name(group)
+            .auto_scaling_group_name(&group)
             .set_instance_ids(Some(instances.to_vec()))
             .should_decrement_desired_capacity(true)
             .send()
             .await
-            .op("DetachInstances", group)?;
-        if let Some(lb) = lb
-            && group == self.env.names.group(Role::Web)
-        {
-            crate::loadbalancer::deregister(
-                &self.clients,
-                lb,
-                &self.env.names.load_balancer(),
-                instances,
-            )
-            .await?;
-            tokio::time::sleep(options.drain).await;
+            .op("DetachInstances", &group)?;
+        match (role, lb) {
+            (Role::Web, Some(lb)) => {
+                crate::loadbalancer::deregister(
+                    &self.clients,
+                    lb,
+                    &self.env.names.load_balancer(),
+                    instances,
+                )
+                .await?;
+                tokio::time::sleep(rollout.options.drain).await;
+            }
+            (Role::Worker, _) => {
+                let timeout = rollout.options.worker_stop_timeout;
+                (rollout.report)(&format!(
+                    "{group}: warm shutdown of Celery on {} (up to {} s for running tasks)",
+                    instances.join(", "),
+                    timeout.as_secs()
+                ));
+                if let Err(why) = rollout.servers.stop_workers(instances, timeout) {
+                    (rollout.report)(&format!(
+                        "warning: no warm shutdown on {}: {why}; tasks they were running are redelivered only if the app acknowledges late",
+                        instances.join(", ")
+                    ));
+                }
+            }
+            _ => {}
         }
         self.clients
             .ec2
@@ -884,7 +1132,7 @@ struct Replaced {
 }
 
 /// What a group launches from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Launch {
     /// A launch template's `$Default` version.
     Template(String),

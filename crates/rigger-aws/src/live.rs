@@ -141,6 +141,8 @@ pub struct LiveGroup {
     pub health_check_type: Option<String>,
     /// Instances in service or on their way, in slot order.
     pub instances: Vec<GroupInstance>,
+    /// Every instance the group lists, whatever its lifecycle state (terminating, detaching).
+    pub attached: BTreeSet<String>,
     pub tags: Tags,
 }
 
@@ -707,6 +709,11 @@ impl Live {
                         target_group_arns: group.target_group_arns().to_vec(),
                         health_check_type: group.health_check_type().map(str::to_owned),
                         instances,
+                        attached: group
+                            .instances()
+                            .iter()
+                            .filter_map(|i| i.instance_id().map(str::to_owned))
+                            .collect(),
                         tags,
                     },
                 );
@@ -862,11 +869,45 @@ impl Live {
         self.load_balancers.iter().find(|lb| lb.kind == Some(kind))
     }
 
+    /// The group that launched the instance: AWS tags its instances with the group's name,
+    /// and rigger's launch templates name them after it (the tag may go when an instance is
+    /// detached).
+    fn launching_group<'a>(&self, instance: &'a LiveInstance) -> Option<&'a str> {
+        instance
+            .tags
+            .get("aws:autoscaling:groupName")
+            .or_else(|| {
+                instance
+                    .tags
+                    .get("Name")
+                    .filter(|n| self.groups.contains_key(n.as_str()))
+            })
+            .map(String::as_str)
+    }
+
+    /// Is the instance a member of the Auto Scaling group that launched it?
+    fn in_its_group(&self, instance: &LiveInstance) -> bool {
+        self.launching_group(instance)
+            .and_then(|group| self.groups.get(group))
+            .is_some_and(|group| group.attached.contains(&instance.id))
+    }
+
+    /// Instances a group launched that are no longer in it: detached by a deploy that was
+    /// interrupted before it terminated them. They still run (and cost), so they are listed
+    /// as stand-alone servers, which no topology wants: `plan` shows them, `up` and `down`
+    /// terminate them, and the next deploy cleans them up first.
+    pub fn detached_group_instances(&self) -> Vec<&LiveInstance> {
+        self.instances
+            .values()
+            .filter(|i| self.launching_group(i).is_some() && !self.in_its_group(i))
+            .collect()
+    }
+
     /// Stand-alone instances (not in a group) by `Name` tag, newest first per name.
     pub fn stand_alone_instances(&self) -> BTreeMap<String, Vec<&LiveInstance>> {
         let mut by_name: BTreeMap<String, Vec<&LiveInstance>> = BTreeMap::new();
         for instance in self.instances.values() {
-            if instance.tags.contains_key("aws:autoscaling:groupName")
+            if self.in_its_group(instance)
                 || (!self.fenced_included && crate::database::is_fenced(&instance.tags))
             {
                 continue;

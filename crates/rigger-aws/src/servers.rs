@@ -212,6 +212,9 @@ certificate = "arn:aws:iam::123456789012:server-certificate/x"
                     member("i-web3", "InService", "Healthy"),
                     member("i-gone", "InService", "Unhealthy"),
                 ],
+                attached: ["i-web1", "i-web2", "i-web3", "i-gone"]
+                    .map(String::from)
+                    .into(),
                 ..LiveGroup::default()
             },
         );

@@ -179,6 +179,8 @@ pub fn script(env: &AwsEnvironment, ctx: &ServerContext) -> Result<String, Strin
 
     write_release_fetch(w, env, ctx);
 
+    write_maintenance(w, ctx);
+
     let _ = writeln!(w, "\nlog 'running the before-start steps'");
     for step in recipe
         .steps
@@ -253,6 +255,22 @@ fn write_release_fetch(w: &mut String, env: &AwsEnvironment, ctx: &ServerContext
         shell_quote(&ctx.layout.app_dir.to_string_lossy()),
         shell_quote(&ctx.layout.venv_dir.to_string_lossy()),
         shell_quote(&env.config.project.requirements.to_string_lossy()),
+    );
+}
+
+/// A web server that boots while the environment is in maintenance (`rigger maintenance on`
+/// records it in SSM as `maintenance` = `on`) starts in maintenance too: the load balancer
+/// must not send it the site while the others answer 503.
+fn write_maintenance(w: &mut String, ctx: &ServerContext) {
+    if !ctx.roles.contains(&Role::Web) {
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "
+if [ \"$(parameter {} 2>/dev/null || true)\" = on ]; then\n  log 'the environment is in maintenance'\n  {}\nfi",
+        crate::maintenance::PARAMETER,
+        rigger_recipes::operations::maintenance_line(&ctx.layout, true)
     );
 }
 

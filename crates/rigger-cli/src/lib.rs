@@ -37,6 +37,15 @@ impl Failure {
     }
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Config(rendered) => f.write_str(rendered),
+            Failure::Usage(error) | Failure::Operation(error) => write!(f, "{error:#}"),
+        }
+    }
+}
+
 impl From<anyhow::Error> for Failure {
     fn from(error: anyhow::Error) -> Self {
         Failure::Operation(error)

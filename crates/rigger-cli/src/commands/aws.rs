@@ -1,4 +1,4 @@
-//! `plan`, `up`, `down`, `status`, `deploy`, `releases` and `lock` for environments with `provider = "aws"`: a thin layer
+//! `plan`, `up`, `down`, `status`, `deploy`, `rollback`, `maintenance`, `releases` and `lock` for environments with `provider = "aws"`: a thin layer
 //! over `rigger_aws::Provider` that resolves the connection (region from rigger.toml,
 //! `--endpoint-url`, the SDK's standard chain for the rest), runs it on a tokio runtime and
 //! prints like the local provider does.
@@ -6,14 +6,21 @@
 use std::path::Path;
 
 use anyhow::{Context as _, anyhow};
-use rigger_aws::deploy::{Artifact, RolloutOptions};
+use std::time::Duration;
+
+use rigger_aws::deploy::{
+    Artifact, NoServerAccess, Requester, Rollout, RolloutOptions, ServerOps,
+};
 use rigger_aws::{Connection, Provider};
 use rigger_config::{Config, ProviderKind};
 use rigger_plan::Observed;
 use rigger_plan::rollout::BatchSize;
 use rigger_topology::Topology;
 
-use crate::args::{DeployArgs, DownArgs, LockCommand, RolloutArgs, StatusArgs};
+use rigger_recipes::operations;
+
+use super::remote::Answer;
+use crate::args::{DeployArgs, DownArgs, LockCommand, RollbackArgs, RolloutArgs, StatusArgs};
 use crate::{Failure, Settings};
 
 /// Whether `-e` names an AWS environment (loading the configuration, which stops the
@@ -47,14 +54,14 @@ fn connection(settings: &Settings) -> Connection {
     }
 }
 
-fn no_credentials() -> Failure {
+pub(crate) fn no_credentials() -> Failure {
     Failure::Operation(anyhow!(
         "no AWS credentials are configured\n  help: {}",
         rigger_aws::ErrorKind::Credentials.hint()
     ))
 }
 
-async fn provider(config: Config, settings: &Settings) -> Result<Provider, Failure> {
+pub(crate) async fn provider(config: Config, settings: &Settings) -> Result<Provider, Failure> {
     Provider::connect(config, &settings.environment, &connection(settings))
         .await
         .ok_or_else(|| {
@@ -65,7 +72,7 @@ async fn provider(config: Config, settings: &Settings) -> Result<Provider, Failu
         })
 }
 
-fn failed(error: rigger_aws::AwsError) -> Failure {
+pub(crate) fn failed(error: rigger_aws::AwsError) -> Failure {
     Failure::Operation(anyhow::Error::new(error))
 }
 
@@ -215,6 +222,140 @@ pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failur
     Ok(())
 }
 
+/// Who is deploying: this user, host and process (a lock left by a process of this host that
+/// ended is taken over at once).
+fn requester() -> Requester {
+    Requester {
+        who: rigger_local::release::who(),
+        pid: i32::try_from(std::process::id()).unwrap_or(0),
+        process_alive: rigger_local::release::process_exists,
+    }
+}
+
+fn rollout_options(rollout: RolloutArgs) -> Result<RolloutOptions, Failure> {
+    let RolloutArgs {
+        batch,
+        health_timeout,
+        worker_stop_timeout,
+        drain_timeout,
+    } = rollout;
+    let batch: BatchSize = batch
+        .parse()
+        .map_err(|e: String| Failure::Usage(anyhow!(e)))?;
+    Ok(RolloutOptions {
+        batch,
+        health_timeout: Duration::from_secs(health_timeout),
+        worker_stop_timeout: Duration::from_secs(worker_stop_timeout),
+        drain: Duration::from_secs(drain_timeout),
+        ..RolloutOptions::default()
+    })
+}
+
+/// Why nothing is done on the servers themselves against an emulator.
+const EMULATED: &str = "skipped: every AWS call goes to an endpoint override (an emulator), whose servers cannot be reached";
+
+/// What a rollout does on the servers, over SSH (`remote::run_captured`).
+struct SshServerOps<'a> {
+    settings: &'a Settings,
+    health_path: String,
+}
+
+impl SshServerOps<'_> {
+    /// Runs `line` as root on `instances`. The rollout calls this from inside its async
+    /// runtime, and `run_captured` runs one of its own: a thread of its own keeps them apart
+    /// (the rollout waits for the answer anyway).
+    fn run(&self, instances: &[String], line: &str) -> Result<Vec<Answer>, String> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    super::remote::run_captured(self.settings, instances, &|_| {
+                        super::remote::shell_job(line)
+                    })
+                })
+                .join()
+        })
+        .map_err(|_| "the SSH fan-out panicked".to_owned())?
+        .map_err(|failure| failure.to_string())
+    }
+}
+
+impl ServerOps for SshServerOps<'_> {
+    fn stop_workers(&self, instances: &[String], timeout: Duration) -> Result<(), String> {
+        let answers = self.run(instances, &operations::warm_stop_workers_line(timeout))?;
+        let failed: Vec<String> = answers
+            .iter()
+            .filter(|a| !a.succeeded())
+            .map(Answer::describe_failure)
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
+    fn diagnose(&self, instances: &[String]) -> String {
+        match self.run(instances, &operations::health_evidence_line(&self.health_path, 15)) {
+            Ok(answers) => answers
+                .iter()
+                .map(|answer| {
+                    if answer.stdout.is_empty() {
+                        format!("  {}: no evidence: {}", answer.server, answer.describe_failure())
+                    } else {
+                        format!("  {}: {}", answer.server, answer.stdout.join("\n  "))
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Err(why) => format!("  no evidence from the servers: {why}"),
+        }
+    }
+}
+
+/// Rolls `started` out with SSH access to the servers (none against an emulator), and
+/// reports the result as `deploy` and `rollback` print it.
+fn finish(
+    settings: &Settings,
+    runtime: &tokio::runtime::Runtime,
+    provider: &Provider,
+    started: rigger_aws::deploy::StartedDeploy,
+    options: RolloutOptions,
+) -> Result<(), Failure> {
+    let report = |line: &str| say(settings, &format!("  {line}"));
+    let ssh = SshServerOps {
+        settings,
+        health_path: provider.env.config.project.health_check_path.clone(),
+    };
+    let emulated = NoServerAccess(EMULATED);
+    let servers: &dyn ServerOps = if provider.clients.endpoint_override {
+        &emulated
+    } else {
+        &ssh
+    };
+    let rollout = Rollout {
+        options,
+        servers,
+        health: None,
+        report: &report,
+    };
+    let record = runtime
+        .block_on(provider.finish_deploy(started, &rollout))
+        .map_err(failed)?;
+    let summary = format!(
+        "release {} {} in {} s",
+        record.release,
+        record.result,
+        record.finished.saturating_sub(record.started)
+    );
+    if record.result == "succeeded" {
+        say(settings, &summary);
+        println!("{}", record.release);
+        Ok(())
+    } else {
+        Err(Failure::Operation(anyhow!("{summary}: {}", record.reason)))
+    }
+}
+
 /// `rigger deploy` on AWS: builds the release from git as the local provider does
 /// (`rigger_local::release::resolve` and `export`), tars it, then the provider takes the lock
 /// in SSM and uploads it; the migrations run once ([`migrate`]); the provider rolls out,
@@ -225,20 +366,7 @@ pub(crate) fn deploy(args: DeployArgs, settings: &Settings) -> Result<(), Failur
         allow_dirty,
         rollout,
     } = args;
-    let RolloutArgs {
-        batch,
-        health_timeout,
-        // The warm shutdown of old workers is the local provider's for now (docs/aws.md).
-        worker_stop_timeout: _,
-    } = rollout;
-    let batch: BatchSize = batch
-        .parse()
-        .map_err(|e: String| Failure::Usage(anyhow!(e)))?;
-    let options = RolloutOptions {
-        batch,
-        health_timeout: std::time::Duration::from_secs(health_timeout),
-        ..RolloutOptions::default()
-    };
+    let options = rollout_options(rollout)?;
     let config = super::load_config(settings)?;
     if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
         return Err(no_credentials());
@@ -259,7 +387,7 @@ pub(crate) fn deploy(args: DeployArgs, settings: &Settings) -> Result<(), Failur
         say(settings, &format!("built release {}", artifact.id));
         let provider = provider(config, settings).await?;
         let started = provider
-            .start_deploy(&artifact, &rigger_local::release::who(), &report)
+            .start_deploy(&artifact, &requester(), &report)
             .await
             .map_err(failed)?;
         Ok::<_, Failure>((provider, started))
@@ -271,21 +399,68 @@ pub(crate) fn deploy(args: DeployArgs, settings: &Settings) -> Result<(), Failur
             .map_err(failed)?;
         return Err(error);
     }
-    let record = runtime
-        .block_on(provider.finish_deploy(started, &options, &report))
-        .map_err(failed)?;
-    let summary = format!(
-        "release {} {} in {} s",
-        record.release,
-        record.result,
-        record.finished.saturating_sub(record.started)
-    );
-    if record.result == "succeeded" {
-        say(settings, &summary);
-        println!("{}", record.release);
+    finish(settings, &runtime, &provider, started, options)
+}
+
+/// `rigger rollback` on AWS: an earlier release from the environment's bucket, rolled out
+/// like a deploy, without rebuilding it and without migrations.
+pub(crate) fn rollback(args: RollbackArgs, settings: &Settings) -> Result<(), Failure> {
+    let RollbackArgs { to, rollout } = args;
+    let options = rollout_options(rollout)?;
+    let config = super::load_config(settings)?;
+    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
+        return Err(no_credentials());
+    }
+    let report = |line: &str| say(settings, &format!("  {line}"));
+    let runtime = runtime()?;
+    let (provider, started) = runtime.block_on(async {
+        let provider = provider(config, settings).await?;
+        let started = provider
+            .start_rollback(to.as_deref(), &requester(), &report)
+            .await
+            .map_err(failed)?;
+        Ok::<_, Failure>((provider, started))
+    })?;
+    say(settings, &format!("rolling back to release {}", started.release));
+    finish(settings, &runtime, &provider, started, options)
+}
+
+/// `rigger maintenance on|off` on AWS: recorded in SSM (servers that boot meanwhile follow
+/// it), then every web server switched over SSH.
+pub(crate) fn maintenance(settings: &Settings, on: bool) -> Result<(), Failure> {
+    let config = super::load_config(settings)?;
+    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
+        return Err(no_credentials());
+    }
+    let endpoint_override = runtime()?.block_on(async {
+        let provider = provider(config, settings).await?;
+        rigger_aws::maintenance::set(&provider.env, &provider.clients, on)
+            .await
+            .map_err(failed)?;
+        Ok::<_, Failure>(provider.clients.endpoint_override)
+    })?;
+    if endpoint_override {
+        say(settings, &format!("  note: web servers not switched: {EMULATED}"));
+        return Ok(());
+    }
+    let answers = super::remote::run_captured(settings, &["web".to_owned()], &|layout| {
+        super::remote::shell_job(&operations::maintenance_line(layout, on))
+    })?;
+    let failed: Vec<String> = answers
+        .iter()
+        .filter(|a| !a.succeeded())
+        .map(Answer::describe_failure)
+        .collect();
+    if failed.is_empty() {
         Ok(())
     } else {
-        Err(Failure::Operation(anyhow!("{summary}: {}", record.reason)))
+        Err(Failure::Operation(anyhow!(
+            "maintenance {} on {} of {} web servers only; run the command again: {}",
+            if on { "on" } else { "off" },
+            answers.len() - failed.len(),
+            answers.len(),
+            failed.join("; ")
+        )))
     }
 }
 

@@ -17,6 +17,8 @@ fn options(args: RolloutArgs) -> DeployOptions {
         batch,
         health_timeout,
         worker_stop_timeout,
+        // The local provider drains each server until its requests are done.
+        drain_timeout: _,
     } = args;
     DeployOptions {
         batch,
@@ -122,6 +124,19 @@ pub(crate) fn maintenance(args: MaintenanceArgs, settings: &Settings) -> Result<
     let MaintenanceArgs { mode } = args;
     let env = local_environment(settings)?;
     control::maintenance(&env, mode == "on")?;
+    maintenance_done(settings, &mode);
+    Ok(())
+}
+
+/// `rigger maintenance` on AWS (`commands/aws.rs`), said as locally.
+pub(crate) fn maintenance_aws(args: MaintenanceArgs, settings: &Settings) -> Result<(), Failure> {
+    let MaintenanceArgs { mode } = args;
+    super::aws::maintenance(settings, mode == "on")?;
+    maintenance_done(settings, &mode);
+    Ok(())
+}
+
+fn maintenance_done(settings: &Settings, mode: &str) {
     say(
         settings,
         &format!(
@@ -133,5 +148,4 @@ pub(crate) fn maintenance(args: MaintenanceArgs, settings: &Settings) -> Result<
             }
         ),
     );
-    Ok(())
 }

@@ -27,6 +27,10 @@ pub(crate) fn dispatch(command: Command, settings: &Settings) -> Result<(), Fail
         Command::Status(args) if aws::is_aws(settings)? => aws::status(args, settings),
         Command::Deploy(args) if aws::is_aws(settings)? => aws::deploy(args, settings),
         Command::Lock(command) if aws::is_aws(settings)? => aws::lock(command, settings),
+        Command::Rollback(args) if aws::is_aws(settings)? => aws::rollback(args, settings),
+        Command::Maintenance(args) if aws::is_aws(settings)? => {
+            deploy::maintenance_aws(args, settings)
+        }
         Command::Up => local::up(settings),
         Command::Down(args) => local::down(args, settings),
         Command::Status(args) => local::status(args, settings),
