@@ -203,6 +203,8 @@ pub async fn status(env: &LocalEnvironment) -> Option<Status> {
     supervisor::lock_holder(env)?;
     let mut status = crate::status::load(&env.paths.status())?;
     status.replication = replication(env).await;
+    // Read now: the supervisor's snapshot may predate the last `rigger maintenance`.
+    status.maintenance = maintenance_on(env);
     Some(status)
 }
 
@@ -532,6 +534,54 @@ pub struct PgBouncerPools {
     pub error: Option<String>,
 }
 
+/// What the primary says of its replicas, one `|`-separated row each (psql `-XAtq -F '|'`):
+/// name, state, lag in bytes and in seconds (`replay_lag`, null, so 0, once everything is
+/// replayed: an idle primary does not look lagged), slot and whether it is active. Both
+/// providers ask it ([`parse_replicas`] reads the answer).
+pub const REPLICATION_STATUS_SQL: &str = "SELECT r.application_name, r.state, COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), r.replay_lsn), 0)::bigint, \
+     COALESCE(EXTRACT(EPOCH FROM r.replay_lag), 0)::float8, s.slot_name, s.active \
+     FROM pg_stat_replication r LEFT JOIN pg_replication_slots s ON s.active_pid = r.pid ORDER BY 1";
+
+/// The rows of [`REPLICATION_STATUS_SQL`]; malformed lines are skipped.
+pub fn parse_replicas(rows: &str) -> Vec<DbReplica> {
+    rows.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split('|').collect();
+            let [id, state, bytes, seconds, slot, active] = fields[..] else {
+                return None;
+            };
+            Some(DbReplica {
+                id: id.to_owned(),
+                state: state.to_owned(),
+                lag_bytes: bytes.parse().ok(),
+                lag_seconds: seconds.parse().ok(),
+                slot: (!slot.is_empty()).then(|| slot.to_owned()),
+                slot_active: (!active.is_empty()).then_some(active == "t"),
+            })
+        })
+        .collect()
+}
+
+/// Client and server connections in PgBouncer's `SHOW POOLS` (psql `-XAtq -F '|'`), summed
+/// over its pools. Columns: database|user|cl_active|cl_waiting|cl_active_cancel_req|
+/// cl_waiting_cancel_req|sv_active|sv_active_cancel|sv_being_canceled|sv_idle|sv_used|
+/// sv_tested|sv_login|...
+pub fn pool_counts(rows: &str) -> (i64, i64) {
+    let (mut clients, mut servers) = (0, 0);
+    for line in rows.lines() {
+        let numbers: Vec<i64> = line
+            .split('|')
+            .skip(2)
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        if numbers.len() >= 11 {
+            clients += numbers[0] + numbers[1];
+            servers += numbers[4..11].iter().sum::<i64>();
+        }
+    }
+    (clients, servers)
+}
+
 pub async fn db_status(env: &LocalEnvironment) -> anyhow::Result<DbStatus> {
     use crate::supervisor::database::run_psql;
     if supervisor::lock_holder(env).is_none() {
@@ -548,26 +598,10 @@ pub async fn db_status(env: &LocalEnvironment) -> anyhow::Result<DbStatus> {
     let mut replicas = Vec::new();
     if let Some(primary) = &primary {
         let socket = env.paths.server(&primary.id).join("run/postgresql");
-        let sql = "SELECT r.application_name, r.state, COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), r.replay_lsn), 0)::bigint, \
-                   COALESCE(EXTRACT(EPOCH FROM r.replay_lag), 0)::float8, s.slot_name, s.active \
-                   FROM pg_stat_replication r LEFT JOIN pg_replication_slots s ON s.active_pid = r.pid ORDER BY 1";
-        let rows = run_psql(&socket, sql)
+        let rows = run_psql(&socket, REPLICATION_STATUS_SQL)
             .await
             .context("asking the primary about its replicas")?;
-        for line in rows.lines() {
-            let fields: Vec<&str> = line.split('|').collect();
-            let [id, state, bytes, seconds, slot, active] = fields[..] else {
-                continue;
-            };
-            replicas.push(DbReplica {
-                id: id.to_owned(),
-                state: state.to_owned(),
-                lag_bytes: bytes.parse().ok(),
-                lag_seconds: seconds.parse().ok(),
-                slot: (!slot.is_empty()).then(|| slot.to_owned()),
-                slot_active: (!active.is_empty()).then_some(active == "t"),
-            });
-        }
+        replicas = parse_replicas(&rows);
         // Replicas the primary does not see streaming are down or catching up: say so.
         for server in registry
             .servers
@@ -610,18 +644,8 @@ pub async fn db_status(env: &LocalEnvironment) -> anyhow::Result<DbStatus> {
         };
         match output {
             Ok(output) if output.status.success() => {
-                // SHOW POOLS: database|user|cl_active|cl_waiting|cl_active_cancel_req|cl_waiting_cancel_req|sv_active|sv_active_cancel|sv_being_canceled|sv_idle|sv_used|sv_tested|sv_login|...
-                for line in String::from_utf8_lossy(&output.stdout).lines() {
-                    let numbers: Vec<i64> = line
-                        .split('|')
-                        .skip(2)
-                        .map(|f| f.parse().unwrap_or(0))
-                        .collect();
-                    if numbers.len() >= 11 {
-                        pools.client_connections += numbers[0] + numbers[1];
-                        pools.server_connections += numbers[4..11].iter().sum::<i64>();
-                    }
-                }
+                (pools.client_connections, pools.server_connections) =
+                    pool_counts(&String::from_utf8_lossy(&output.stdout));
             }
             Ok(output) => {
                 pools.error = Some(String::from_utf8_lossy(&output.stderr).trim().to_owned())

@@ -1,4 +1,5 @@
-//! `rigger db`: replication status, failover, reseed, backup and restore (local provider).
+//! `rigger db`: replication status, failover, reseed, backup and restore (local provider;
+//! AWS environments go to `aws_db`).
 
 use anyhow::{Context as _, anyhow};
 use rigger_local::control;
@@ -9,6 +10,9 @@ use crate::args::DbCommand;
 use crate::{Failure, Settings};
 
 pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure> {
+    if super::aws::is_aws(settings)? {
+        return super::aws_db::run(command, settings);
+    }
     let env = local_environment(settings)?;
     let runtime = runtime()?;
     match command {
@@ -22,25 +26,7 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
                 return Ok(());
             }
             println!("primary  {}", status.primary.as_deref().unwrap_or("(none)"));
-            for replica in &status.replicas {
-                println!(
-                    "replica  {:<14} {:<14} lag {} bytes, {:.3} s  slot {}",
-                    replica.id,
-                    replica.state,
-                    replica.lag_bytes.map_or("?".into(), |b| b.to_string()),
-                    replica.lag_seconds.unwrap_or(f64::NAN),
-                    replica.slot.as_deref().unwrap_or("-")
-                );
-            }
-            for pool in &status.pgbouncers {
-                match &pool.error {
-                    None => println!(
-                        "pgbouncer {:<13} {} client, {} server connections",
-                        pool.server, pool.client_connections, pool.server_connections
-                    ),
-                    Some(error) => println!("pgbouncer {:<13} unreachable: {error}", pool.server),
-                }
-            }
+            print_replication(&status);
         }
         DbCommand::Promote { replica, force } => {
             let outcome = runtime.block_on(control::db_operation(
@@ -110,4 +96,27 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
         }
     }
     Ok(())
+}
+
+/// Each replica's state, lag and slot, and each PgBouncer's connections (both providers).
+pub(crate) fn print_replication(status: &control::DbStatus) {
+    for replica in &status.replicas {
+        println!(
+            "replica  {:<14} {:<14} lag {} bytes, {:.3} s  slot {}",
+            replica.id,
+            replica.state,
+            replica.lag_bytes.map_or("?".into(), |b| b.to_string()),
+            replica.lag_seconds.unwrap_or(f64::NAN),
+            replica.slot.as_deref().unwrap_or("-")
+        );
+    }
+    for pool in &status.pgbouncers {
+        match &pool.error {
+            None => println!(
+                "pgbouncer {:<13} {} client, {} server connections",
+                pool.server, pool.client_connections, pool.server_connections
+            ),
+            Some(error) => println!("pgbouncer {:<13} unreachable: {error}", pool.server),
+        }
+    }
 }

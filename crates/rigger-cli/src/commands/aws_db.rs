@@ -1,0 +1,653 @@
+//! `rigger db` for AWS environments: the AWS calls are `rigger_aws::database`'s; what runs on
+//! the servers (psql on a database server, PgBouncer's admin console on web and worker
+//! servers, pg_dump and pg_restore) goes over SSH through `remote::run_captured`. Against an
+//! emulator (`--endpoint-url`) the servers are fake addresses: every SSH step is skipped with
+//! a note and only the AWS calls run. Decisions are documented in docs/aws.md ("Database
+//! operations").
+
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use rigger_aws::Provider;
+use rigger_aws::database::{self, DbServer};
+use rigger_local::control::{self, DbStatus, PgBouncerPools};
+use rigger_recipes::{Command, Layout, shell_quote};
+use rigger_transport::Job;
+
+use super::local::{runtime, say};
+use super::remote::{Answer, run_captured, shell_job};
+use super::{aws, confirm};
+use crate::args::DbCommand;
+use crate::{Failure, Settings};
+
+/// How long a planned failover waits for pausing and for the replica to catch up before it
+/// gives up (and resumes, changing nothing), as on the local provider.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(15);
+/// The web and worker servers, whose PgBouncer and stunnel point at the databases.
+const APP_SERVERS: [&str; 2] = ["web", "worker"];
+
+const SKIPPED: &str =
+    "every AWS call goes to an endpoint override (an emulator), whose servers cannot be reached";
+
+pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure> {
+    let config = super::load_config(settings)?;
+    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
+        return Err(aws::no_credentials());
+    }
+    let runtime = runtime()?;
+    let provider = runtime.block_on(aws::provider(config, settings))?;
+    let emulated = provider.clients.endpoint_override;
+    match command {
+        DbCommand::Status { json } => status(settings, &runtime, &provider, emulated, json),
+        DbCommand::Promote { replica, force } => {
+            promote(settings, &runtime, &provider, replica.as_deref(), force)
+        }
+        DbCommand::Reseed { replica } => {
+            let databases = result_of(runtime.block_on(provider.databases()))?;
+            // A replica removed by an interrupted reseed is no longer listed: its name is
+            // then taken as given (prepare_reseed checks it against rigger.toml).
+            let name = match replica {
+                Some(name) => name,
+                None => databases.replica(None).map_err(aws::failed)?.name.clone(),
+            };
+            let report = |line: &str| say(settings, &format!("  {line}"));
+            result_of(runtime.block_on(provider.prepare_reseed(&name, &report)))?;
+            say(
+                settings,
+                &format!("rebuilding {name}: it boots with a fresh base backup of the primary"),
+            );
+            drop(runtime);
+            aws::up(settings)
+        }
+        DbCommand::Backup { keep } => {
+            let bucket = result_of(runtime.block_on(provider.bucket()))?;
+            let db = provider.env.db_name();
+            let name = database::backup_name(&db, rigger_aws::deploy::now());
+            if emulated {
+                say(settings, &format!("  note: pg_dump skipped: {SKIPPED}"));
+            } else {
+                let target = format!("s3://{bucket}/{}", database::backup_key(&name));
+                let region = provider.env.aws().region.clone();
+                remote_ok(run_captured(settings, &["db-primary".into()], &|layout| {
+                    shell_job(&backup_line(layout, &db, &region, &target))
+                })?)?;
+            }
+            let deleted = result_of(runtime.block_on(database::prune_backups(
+                &provider.clients,
+                &bucket,
+                keep,
+            )))?;
+            say(
+                settings,
+                &format!(
+                    "backup {name} in s3://{bucket}/{}; keeping the newest {keep} ({} deleted)",
+                    database::BACKUP_PREFIX,
+                    deleted.len()
+                ),
+            );
+            println!("{name}");
+            Ok(())
+        }
+        DbCommand::Backups => {
+            let bucket = result_of(runtime.block_on(provider.bucket()))?;
+            for name in
+                result_of(runtime.block_on(database::list_backups(&provider.clients, &bucket)))?
+            {
+                println!("{name}");
+            }
+            Ok(())
+        }
+        DbCommand::Restore { backup, yes } => {
+            let bucket = result_of(runtime.block_on(provider.bucket()))?;
+            let names =
+                result_of(runtime.block_on(database::list_backups(&provider.clients, &bucket)))?;
+            if !names.contains(&backup) {
+                return Err(Failure::Usage(anyhow!(
+                    "no backup `{backup}` in s3://{bucket}/{}; `rigger db backups -e {}` lists them",
+                    database::BACKUP_PREFIX,
+                    settings.environment
+                )));
+            }
+            if !yes {
+                confirm(
+                    &format!(
+                        "This replaces the database of {}/{} with {backup}. Type the environment's name to confirm: ",
+                        provider.env.project(),
+                        settings.environment
+                    ),
+                    &settings.environment,
+                    "refusing to restore without confirmation; pass --yes",
+                )?;
+            }
+            if emulated {
+                say(
+                    settings,
+                    &format!("  note: maintenance mode and pg_restore skipped: {SKIPPED}"),
+                );
+                return Ok(());
+            }
+            drop(runtime);
+            aws::maintenance(settings, true)?;
+            let source = format!("s3://{bucket}/{}", database::backup_key(&backup));
+            let db = provider.env.db_name();
+            let region = provider.env.aws().region.clone();
+            let restored = run_captured(settings, &["db-primary".into()], &|layout| {
+                shell_job(&restore_line(layout, &db, &region, &source))
+            })
+            .and_then(remote_ok);
+            // Off again whatever happened: the database is either restored or as it was
+            // (pg_restore runs in one transaction).
+            aws::maintenance(settings, false)?;
+            restored?;
+            say(settings, &format!("restored {backup}"));
+            Ok(())
+        }
+    }
+}
+
+fn result_of<T>(result: Result<T, rigger_aws::AwsError>) -> Result<T, Failure> {
+    result.map_err(aws::failed)
+}
+
+/// The answers, or a failure naming each server that failed.
+fn remote_ok(answers: Vec<Answer>) -> Result<Vec<Answer>, Failure> {
+    let failures: Vec<String> = answers
+        .iter()
+        .filter(|a| !a.succeeded())
+        .map(Answer::describe_failure)
+        .collect();
+    if failures.is_empty() {
+        Ok(answers)
+    } else {
+        Err(Failure::Operation(anyhow!("{}", failures.join("\n"))))
+    }
+}
+
+/// One SQL statement as the postgres superuser over the server's socket; rows `|`-separated.
+fn psql_job(layout: &Layout, sql: &str) -> Job {
+    let pg = &layout.users.postgres;
+    Job::new(
+        Command::new(
+            layout
+                .bins
+                .postgres_bin_dir
+                .join("psql")
+                .display()
+                .to_string(),
+        )
+        .args(["-XAtq", "-F", "|", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(layout.run("postgresql").display().to_string())
+        .args(["-p", "5432", "-U", pg, "-d", "postgres", "-c", sql])
+        .env("HOME", layout.home(pg).display().to_string())
+        .user(pg.clone()),
+    )
+}
+
+/// The output of `sql` on database server `server` (`db-primary`, `db-replica1`).
+fn psql_on(settings: &Settings, server: &str, sql: &str) -> Result<String, Failure> {
+    let answers = remote_ok(run_captured(settings, &[server.to_owned()], &|layout| {
+        psql_job(layout, sql)
+    })?)?;
+    Ok(answers
+        .first()
+        .map(|a| a.stdout.join("\n"))
+        .unwrap_or_default())
+}
+
+/// PgBouncer admin console commands (`PAUSE`, `SHOW POOLS`) on a web or worker server, with
+/// the app's credentials from its environment file (never on the command line).
+fn pgbouncer_line(commands: &[&str]) -> String {
+    let commands: Vec<String> = commands
+        .iter()
+        .map(|c| format!("-c {}", shell_quote(c)))
+        .collect();
+    format!(
+        "PGPASSWORD=\"$DATABASE_PASSWORD\" PGCONNECT_TIMEOUT=5 psql \"host=$DATABASE_HOST port=$DATABASE_PORT dbname=pgbouncer user=$DATABASE_USER sslmode=disable\" -XAtq -F '|' {}",
+        commands.join(" ")
+    )
+}
+
+fn pgbouncer_job(layout: &Layout, commands: &[&str]) -> Job {
+    shell_job(&pgbouncer_line(commands)).env_file(layout.etc("app").join("app.env"))
+}
+
+/// pg_dump into a file on the data volume, uploaded whole with the instance profile (an
+/// interrupted upload leaves no object), removed after.
+fn backup_line(layout: &Layout, db: &str, region: &str, target: &str) -> String {
+    format!(
+        "set -e; f=$(mktemp -p {data}); trap 'rm -f \"$f\"' EXIT; chown {pg} \"$f\"; \
+         runuser -u {pg} -- env HOME=/tmp {dump} -Fc -h {socket} -p 5432 -U {pg} -d {db} -f \"$f\"; \
+         aws s3 cp --only-show-errors --region {region} \"$f\" {target}",
+        data = shell_quote(&layout.data_dir.display().to_string()),
+        pg = shell_quote(&layout.users.postgres),
+        dump = shell_quote(
+            &layout
+                .bins
+                .postgres_bin_dir
+                .join("pg_dump")
+                .display()
+                .to_string()
+        ),
+        socket = shell_quote(&layout.run("postgresql").display().to_string()),
+        db = shell_quote(db),
+        region = shell_quote(region),
+        target = shell_quote(target),
+    )
+}
+
+/// Downloads a backup and restores it in one transaction (all or nothing).
+fn restore_line(layout: &Layout, db: &str, region: &str, source: &str) -> String {
+    format!(
+        "set -e; f=$(mktemp -p {data}); trap 'rm -f \"$f\"' EXIT; \
+         aws s3 cp --only-show-errors --region {region} {source} \"$f\"; chown {pg} \"$f\"; \
+         runuser -u {pg} -- env HOME=/tmp {restore} --clean --if-exists --no-owner --single-transaction \
+         --role {db} -h {socket} -p 5432 -U {pg} -d {db} \"$f\"",
+        data = shell_quote(&layout.data_dir.display().to_string()),
+        pg = shell_quote(&layout.users.postgres),
+        restore = shell_quote(
+            &layout
+                .bins
+                .postgres_bin_dir
+                .join("pg_restore")
+                .display()
+                .to_string()
+        ),
+        socket = shell_quote(&layout.run("postgresql").display().to_string()),
+        db = shell_quote(db),
+        region = shell_quote(region),
+        source = shell_quote(source),
+    )
+}
+
+fn status(
+    settings: &Settings,
+    runtime: &tokio::runtime::Runtime,
+    provider: &Provider,
+    emulated: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let databases = result_of(runtime.block_on(provider.databases()))?;
+    let mut status = DbStatus {
+        primary: databases.primary.as_ref().map(|p| p.name.clone()),
+        replicas: Vec::new(),
+        pgbouncers: Vec::new(),
+    };
+    if emulated {
+        say(
+            settings,
+            &format!("note: replication and PgBouncer not asked: {SKIPPED}"),
+        );
+    } else if databases.primary.is_some() {
+        status.replicas = control::parse_replicas(&psql_on(
+            settings,
+            "db-primary",
+            control::REPLICATION_STATUS_SQL,
+        )?);
+        status.pgbouncers = pools(settings)?;
+    }
+    // Replicas by their names (PostgreSQL knows their recipe ids); those it does not see
+    // streaming are down or catching up.
+    for server in &databases.replicas {
+        match status.replicas.iter_mut().find(|r| r.id == server.id) {
+            Some(row) => row.id.clone_from(&server.name),
+            None => status.replicas.push(control::DbReplica {
+                id: server.name.clone(),
+                state: if emulated {
+                    "unknown".into()
+                } else {
+                    "not streaming".into()
+                },
+                lag_bytes: None,
+                lag_seconds: None,
+                slot: None,
+                slot_active: None,
+            }),
+        }
+    }
+    if json {
+        // The local provider's shape, plus the servers as AWS shows them.
+        let encode = |e: serde_json::Error| Failure::Operation(e.into());
+        let mut document = serde_json::to_value(&status).map_err(encode)?;
+        document["servers"] = serde_json::to_value(&databases).map_err(encode)?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&document).map_err(encode)?
+        );
+        return Ok(());
+    }
+    let line = |role: &str, s: &DbServer| {
+        println!(
+            "{role:<8} {:<12} {:<12} {:<20} {:<10} {}",
+            s.name,
+            s.id,
+            s.instance_id,
+            s.state,
+            s.address.as_deref().unwrap_or("-")
+        );
+    };
+    if let Some(primary) = &databases.primary {
+        line("primary", primary);
+    } else {
+        println!("primary  (none)");
+    }
+    for replica in &databases.replicas {
+        line("replica", replica);
+    }
+    for fenced in &databases.fenced {
+        line("fenced", fenced);
+    }
+    super::db::print_replication(&status);
+    Ok(())
+}
+
+fn pools(settings: &Settings) -> Result<Vec<PgBouncerPools>, Failure> {
+    let selectors: Vec<String> = APP_SERVERS.iter().map(|s| (*s).to_owned()).collect();
+    let answers = run_captured(settings, &selectors, &|layout| {
+        pgbouncer_job(layout, &["SHOW POOLS"])
+    })?;
+    Ok(answers
+        .iter()
+        .map(|answer| {
+            let (client_connections, server_connections) = if answer.succeeded() {
+                control::pool_counts(&answer.stdout.join("\n"))
+            } else {
+                (0, 0)
+            };
+            PgBouncerPools {
+                server: answer.server.clone(),
+                client_connections,
+                server_connections,
+                error: (!answer.succeeded()).then(|| answer.describe_failure()),
+            }
+        })
+        .collect())
+}
+
+/// Sends admin commands to every app server's PgBouncer; the servers that failed.
+fn pgbouncer_all(settings: &Settings, commands: &[&str]) -> Result<Vec<String>, Failure> {
+    let selectors: Vec<String> = APP_SERVERS.iter().map(|s| (*s).to_owned()).collect();
+    let answers = run_captured(settings, &selectors, &|layout| {
+        pgbouncer_job(layout, commands)
+    })?;
+    Ok(answers
+        .iter()
+        .filter(|a| !a.succeeded())
+        .map(Answer::describe_failure)
+        .collect())
+}
+
+fn resume(settings: &Settings) {
+    match pgbouncer_all(settings, &["RESUME"]) {
+        Ok(failed) if failed.is_empty() => {}
+        Ok(failed) => say(
+            settings,
+            &format!(
+                "warning: resuming PgBouncer failed on: {}",
+                failed.join("; ")
+            ),
+        ),
+        Err(error) => say(settings, &format!("warning: resuming PgBouncer: {error:?}")),
+    }
+}
+
+/// SQL: whether the replica has replayed up to `lsn`.
+fn caught_up_sql(lsn: &str) -> Option<String> {
+    // An LSN is `hex/hex`; anything else is not put into SQL.
+    let valid = lsn.split_once('/').is_some_and(|(a, b)| {
+        !a.is_empty()
+            && !b.is_empty()
+            && (a.chars().chain(b.chars())).all(|c| c.is_ascii_hexdigit())
+    });
+    valid.then(|| format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"))
+}
+
+/// Promotes only a server still in recovery, so a re-run after an interruption goes on.
+const PROMOTE_SQL: &str = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_promote(wait => true, wait_seconds => 30) ELSE true END";
+
+fn promote(
+    settings: &Settings,
+    runtime: &tokio::runtime::Runtime,
+    provider: &Provider,
+    replica: Option<&str>,
+    force: bool,
+) -> Result<(), Failure> {
+    let databases = result_of(runtime.block_on(provider.databases()))?;
+    let target = databases.replica(replica).map_err(aws::failed)?.clone();
+    let emulated = provider.clients.endpoint_override;
+    // A fenced primary and none in its place: an interrupted failover, which goes on from
+    // where it stopped (the old primary is stopped, nothing to wait for).
+    let resuming = databases.primary.is_none() && !databases.fenced.is_empty();
+    let started = Instant::now();
+    let mut lost = String::new();
+    if emulated {
+        say(
+            settings,
+            &format!(
+                "  note: pausing PgBouncer, waiting for the replica, promoting it and repointing the servers skipped: {SKIPPED}"
+            ),
+        );
+    } else {
+        say(
+            settings,
+            "  pausing PgBouncer on every web and worker server",
+        );
+        let failed = pgbouncer_all(settings, &["PAUSE"])?;
+        if !failed.is_empty() && !force && !resuming {
+            resume(settings);
+            return Err(Failure::Operation(anyhow!(
+                "pausing PgBouncer failed on: {}; nothing was changed, writes resumed",
+                failed.join("; ")
+            )));
+        }
+        if force || resuming || databases.primary.is_none() {
+            let sql = format!(
+                "SELECT COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint FROM pg_stat_replication WHERE application_name = '{}'",
+                target.id.replace('\'', "")
+            );
+            let lag = databases
+                .primary
+                .as_ref()
+                .and_then(|_| psql_on(settings, "db-primary", &sql).ok())
+                .and_then(|out| out.trim().parse::<i64>().ok());
+            lost = match lag {
+                Some(0) => String::new(),
+                Some(bytes) => format!(" (the replica was {bytes} bytes of WAL behind: writes after that point are lost)"),
+                None if resuming => String::new(),
+                None => " (the primary could not be asked how far behind the replica was: the last writes may be lost)".into(),
+            };
+        } else if let Err(error) = wait_caught_up(settings, &target) {
+            resume(settings);
+            return Err(Failure::Operation(anyhow!(
+                "{error:?}; nothing was changed, writes resumed"
+            )));
+        }
+        say(settings, &format!("  promoting {}", target.name));
+        if let Err(error) = psql_on(settings, &target.name, PROMOTE_SQL) {
+            resume(settings);
+            return Err(Failure::Operation(anyhow!(
+                "promoting {}: {error:?}; nothing was changed, writes resumed",
+                target.name
+            )));
+        }
+    }
+    let report = |line: &str| say(settings, &format!("  {line}"));
+    let done = result_of(runtime.block_on(provider.fail_over(&target.instance_id, &report)))?;
+    if !emulated {
+        if let Some(sql) = database::create_slots_sql(&done.replicas_to_build) {
+            psql_on(settings, "db-primary", &sql)?;
+        }
+        repoint(settings, runtime, provider)?;
+        // Server connections made through the old tunnels go; then clients go on.
+        let failed = pgbouncer_all(settings, &["RECONNECT", "RESUME"])?;
+        if !failed.is_empty() {
+            say(
+                settings,
+                &format!(
+                    "warning: resuming PgBouncer failed on: {}",
+                    failed.join("; ")
+                ),
+            );
+        }
+    }
+    let fenced = done.fenced.map_or(String::new(), |id| {
+        format!("; the old primary {id} is fenced (stopped, named db-primary-old)")
+    });
+    say(
+        settings,
+        &format!(
+            "{} ({}) is the primary{fenced}{lost}; writes held for {:.2} s",
+            target.name,
+            target.instance_id,
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    if !done.replicas_to_build.is_empty() {
+        say(
+            settings,
+            &format!(
+                "`rigger up -e {}` builds the replica{} from the new primary",
+                settings.environment,
+                if done.replicas_to_build.len() > 1 {
+                    "s"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
+    Ok(())
+}
+
+fn wait_caught_up(settings: &Settings, target: &DbServer) -> Result<(), Failure> {
+    let lsn = psql_on(settings, "db-primary", "SELECT pg_current_wal_lsn()")?;
+    let sql = caught_up_sql(lsn.trim()).ok_or_else(|| {
+        Failure::Operation(anyhow!(
+            "the primary answered `{}` for its WAL position",
+            lsn.trim()
+        ))
+    })?;
+    let started = Instant::now();
+    loop {
+        if psql_on(settings, &target.name, &sql)?.trim() == "t" {
+            return Ok(());
+        }
+        if started.elapsed() > CATCH_UP_TIMEOUT {
+            return Err(Failure::Operation(anyhow!(
+                "{} did not replay up to {} within {} s",
+                target.name,
+                lsn.trim(),
+                CATCH_UP_TIMEOUT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Rewrites every web and worker server's stunnel.conf to point at the databases where they
+/// are now, and reloads stunnel (no app restart). Written beside, then renamed: a server never
+/// reads half a file.
+fn repoint(
+    settings: &Settings,
+    runtime: &tokio::runtime::Runtime,
+    provider: &Provider,
+) -> Result<(), Failure> {
+    let (network, live) = result_of(runtime.block_on(provider.observe()))?;
+    let placed = provider
+        .env
+        .with_placements(database::placements(&provider.env, &network, &live));
+    let release = provider
+        .current_release(&live)
+        .unwrap_or_else(|| super::plan::INITIAL_RELEASE.to_owned());
+    for server in rigger_aws::servers::servers(&provider.env, &live) {
+        let role = if server.roles.iter().any(|r| r == "web") {
+            rigger_recipes::Role::Web
+        } else if server.roles.iter().any(|r| r == "worker") {
+            rigger_recipes::Role::Worker
+        } else {
+            continue;
+        };
+        let Some(address) = &server.private_address else {
+            continue;
+        };
+        let (path, contents) = database::stunnel_conf(
+            &placed,
+            &network,
+            role,
+            &release,
+            &server.instance_id,
+            address,
+        )
+        .map_err(aws::failed)?;
+        let line = repoint_line(&path.display().to_string(), &contents);
+        say(settings, &format!("  repointing {}", server.id));
+        remote_ok(run_captured(settings, &[server.id.clone()], &|_| {
+            shell_job(&line)
+        })?)?;
+    }
+    Ok(())
+}
+
+fn repoint_line(path: &str, contents: &str) -> String {
+    format!(
+        "set -e; printf '%s' {contents} > {tmp}; chmod 0644 {tmp}; mv -f {tmp} {path}; systemctl reload {unit}",
+        contents = shell_quote(contents),
+        tmp = shell_quote(&format!("{path}.rigger-tmp")),
+        path = shell_quote(path),
+        unit = shell_quote(&rigger_recipes::unit_name("stunnel")),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh_n(line: &str) {
+        let status = std::process::Command::new("sh")
+            .args(["-n", "-c", line])
+            .status()
+            .unwrap();
+        assert!(status.success(), "sh -n rejects: {line}");
+    }
+
+    #[test]
+    fn only_a_well_formed_lsn_goes_into_sql() {
+        assert_eq!(
+            caught_up_sql("0/3000148").as_deref(),
+            Some("SELECT pg_last_wal_replay_lsn() >= '0/3000148'::pg_lsn")
+        );
+        for bad in ["", "0/", "x/1", "0/1'; DROP TABLE t; --", "ERROR"] {
+            assert_eq!(caught_up_sql(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn remote_lines_are_valid_shell_and_keep_secrets_out() {
+        let layout = Layout::systemd("shop");
+        let backup = backup_line(&layout, "shop", "us-east-1", "s3://b/backups/shop-1.dump");
+        assert!(
+            backup.contains("bin/pg_dump -Fc") && backup.contains("aws s3 cp"),
+            "{backup}"
+        );
+        sh_n(&backup);
+        let restore = restore_line(&layout, "shop", "us-east-1", "s3://b/backups/shop-1.dump");
+        assert!(restore.contains("--single-transaction"), "{restore}");
+        sh_n(&restore);
+        let admin = pgbouncer_line(&["RECONNECT", "RESUME"]);
+        // The password comes from the app's environment file on the server.
+        assert!(
+            admin.starts_with("PGPASSWORD=\"$DATABASE_PASSWORD\""),
+            "{admin}"
+        );
+        assert!(admin.ends_with("-c RECONNECT -c RESUME"), "{admin}");
+        sh_n(&admin);
+        let repoint = repoint_line(
+            "/etc/rigger/stunnel/stunnel.conf",
+            "[shop]\nconnect = 10.0.0.1:5432\n",
+        );
+        assert!(
+            repoint.ends_with("systemctl reload rigger-stunnel.service"),
+            "{repoint}"
+        );
+        sh_n(&repoint);
+    }
+}
