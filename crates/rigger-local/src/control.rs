@@ -203,8 +203,6 @@ pub async fn status(env: &LocalEnvironment) -> Option<Status> {
     supervisor::lock_holder(env)?;
     let mut status = crate::status::load(&env.paths.status())?;
     status.replication = replication(env).await;
-    // Read now: the supervisor's snapshot may predate the last `rigger maintenance`.
-    status.maintenance = maintenance_on(env);
     Some(status)
 }
 
