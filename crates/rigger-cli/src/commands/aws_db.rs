@@ -580,9 +580,11 @@ fn repoint(
         .map_err(aws::failed)?;
         let line = repoint_line(&path.display().to_string(), &contents);
         say(settings, &format!("  repointing {}", server.id));
-        remote_ok(run_captured(settings, &[server.id.clone()], &|_| {
-            shell_job(&line)
-        })?)?;
+        remote_ok(run_captured(
+            settings,
+            std::slice::from_ref(&server.id),
+            &|_| shell_job(&line),
+        )?)?;
     }
     Ok(())
 }
