@@ -102,7 +102,7 @@ impl Default for RolloutOptions {
             health_timeout: Duration::from_secs(600),
             stable_checks: 2,
             drain: Duration::from_secs(30),
-            poll: Duration::from_secs(5),
+            poll: Duration::from_secs(2),
             worker_stop_timeout: Duration::from_secs(600),
         }
     }
@@ -167,7 +167,12 @@ pub async fn acquire_lock(
             .await
             .op("PutParameter", &name);
         match put {
-            Ok(_) => return Ok(Acquired { holder, interrupted }),
+            Ok(_) => {
+                return Ok(Acquired {
+                    holder,
+                    interrupted,
+                });
+            }
             Err(error) if error.code() == Some("ParameterAlreadyExists") => {
                 match lock_holder(env, clients).await? {
                     Some(other)
@@ -531,8 +536,13 @@ impl crate::Provider {
         report: &(dyn Fn(&str) + Sync),
     ) -> Result<StartedDeploy, AwsError> {
         let started = now();
-        self.lock_for(requester, &format!("deploy {}", artifact.id), started, report)
-            .await?;
+        self.lock_for(
+            requester,
+            &format!("deploy {}", artifact.id),
+            started,
+            report,
+        )
+        .await?;
         let uploaded = async {
             let bucket = crate::releases::ensure(&self.env, &self.clients, report).await?;
             report(&format!(
@@ -576,18 +586,25 @@ impl crate::Provider {
         let succeeded: Vec<&DeployRecord> =
             history.iter().filter(|r| r.result == "succeeded").collect();
         let target = match to {
-            Some(id) => history.iter().rev().find(|r| r.release == id).ok_or_else(|| {
-                AwsError::precondition(
-                    "(rollback)",
-                    id,
-                    "no such release in the environment's history",
-                    "`rigger releases` lists them",
-                )
-            })?,
+            Some(id) => history
+                .iter()
+                .rev()
+                .find(|r| r.release == id)
+                .ok_or_else(|| {
+                    AwsError::precondition(
+                        "(rollback)",
+                        id,
+                        "no such release in the environment's history",
+                        "`rigger releases` lists them",
+                    )
+                })?,
             None => {
                 let position = succeeded.iter().rposition(|r| r.release == current);
                 let before = match position {
-                    Some(index) => succeeded[..index].iter().rev().find(|r| r.release != current),
+                    Some(index) => succeeded[..index]
+                        .iter()
+                        .rev()
+                        .find(|r| r.release != current),
                     None => succeeded.iter().rev().find(|r| r.release != current),
                 };
                 before.copied().ok_or_else(|| {
@@ -641,8 +658,8 @@ impl crate::Provider {
         started: u64,
         report: &(dyn Fn(&str) + Sync),
     ) -> Result<(), AwsError> {
-        let acquired = acquire_lock(&self.env, &self.clients, requester, operation, started)
-            .await?;
+        let acquired =
+            acquire_lock(&self.env, &self.clients, requester, operation, started).await?;
         if let Some(stale) = acquired.interrupted {
             report(&format!(
                 "taking over the deploy lock of an interrupted operation: {stale}"
@@ -654,7 +671,10 @@ impl crate::Provider {
                 started: stale.since,
                 finished: started,
                 result: "interrupted".into(),
-                reason: format!("its process ended before it finished; taken over by {}", requester.who),
+                reason: format!(
+                    "its process ended before it finished; taken over by {}",
+                    requester.who
+                ),
             };
             record(&self.env, &self.clients, &entry).await?;
         }
@@ -712,7 +732,11 @@ impl crate::Provider {
     /// back after, whatever an interrupted rollout left).
     fn configured_max(&self, role: Role) -> i32 {
         let env = self.env.env();
-        let sizing = if role == Role::Web { &env.web } else { &env.worker };
+        let sizing = if role == Role::Web {
+            &env.web
+        } else {
+            &env.worker
+        };
         i32::try_from(sizing.max).unwrap_or(i32::MAX)
     }
 
@@ -735,7 +759,11 @@ impl crate::Provider {
                 record.release, record.previous
             ));
             for (group, desired) in &record.desired {
-                if live.groups.get(group).is_some_and(|g| g.desired > i64::from(*desired)) {
+                if live
+                    .groups
+                    .get(group)
+                    .is_some_and(|g| g.desired > i64::from(*desired))
+                {
                     self.clients
                         .autoscaling
                         .set_desired_capacity()
@@ -833,9 +861,7 @@ impl crate::Provider {
         rollout: &Rollout<'_>,
     ) -> Result<Result<(), String>, AwsError> {
         let report = rollout.report;
-        let new_topology = self
-            .desired(live, release)
-            .map_err(crate::topology_error)?;
+        let new_topology = self.desired(live, release).map_err(crate::topology_error)?;
         let full = rigger_plan::plan(&live.observed(&self.env), &new_topology);
         report(&format!("making the launch templates of release {release}"));
         crate::apply::apply(
@@ -862,9 +888,7 @@ impl crate::Provider {
             let old_launch = Launch::for_release(&self.env, &with_new, role, previous);
             let new_launch = Launch::for_release(&self.env, &with_new, role, release);
             new_launch.point(&self.clients, &group).await?;
-            let replaced = self
-                .replace_servers(role, None, rollout)
-                .await?;
+            let replaced = self.replace_servers(role, None, rollout).await?;
             switched.push((role, old_launch, replaced.launched));
             if let Some((reason, failed)) = replaced.failed {
                 // The failed batch goes at once, shrinking the group back.
@@ -890,9 +914,7 @@ impl crate::Provider {
             for (role, old_launch, launched) in &switched {
                 let group = self.env.names.group(*role);
                 old_launch.point(&self.clients, &group).await?;
-                let again = self
-                    .replace_servers(*role, Some(launched), rollout)
-                    .await?;
+                let again = self.replace_servers(*role, Some(launched), rollout).await?;
                 if let Some((why, _)) = again.failed {
                     report(&format!(
                         "warning: rolling {group} back was not healthy either: {why}"
@@ -959,8 +981,12 @@ impl crate::Provider {
         let plan = batches(&old, options.batch);
         let widest = plan.iter().map(Vec::len).max().unwrap_or(0);
         let surge = i32::try_from(widest).unwrap_or(0);
-        self.set_max(group, max.max(i32::try_from(running.len()).unwrap_or(0)).saturating_add(surge))
-            .await?;
+        self.set_max(
+            group,
+            max.max(i32::try_from(running.len()).unwrap_or(0))
+                .saturating_add(surge),
+        )
+        .await?;
         let lb = live.load_balancer(self.env.aws().load_balancer).cloned();
         let mut known: Vec<String> = running;
         let mut launched: Vec<String> = Vec::new();
@@ -1142,14 +1168,6 @@ pub(crate) enum Launch {
 }
 
 impl Launch {
-    fn of(group: &crate::live::LiveGroup) -> Launch {
-        match (&group.launch_template, &group.launch_configuration) {
-            (Some(template), _) => Launch::Template(template.clone()),
-            (None, Some(configuration)) => Launch::Configuration(configuration.clone()),
-            (None, None) => Launch::Unknown,
-        }
-    }
-
     fn for_release(env: &AwsEnvironment, live: &crate::Live, role: Role, release: &str) -> Launch {
         match env.aws().launch {
             rigger_config::LaunchKind::Template => {

@@ -259,7 +259,13 @@ impl Provider {
             }
             None => Default::default(),
         };
-        Ok(status::status(&self.env, &live, &health))
+        let mut status = status::status(&self.env, &live, &health);
+        // What the groups launch now (the groups' tags keep the release of their creation).
+        if let Some(release) = self.current_release(&live) {
+            status.release = release;
+        }
+        status.maintenance = maintenance::is_on(&self.env, &self.clients).await?;
+        Ok(status)
     }
 
     /// The running servers, with their roles, state and addresses ([`servers::servers`]).

@@ -124,6 +124,7 @@ pub fn status(
         release,
         urls,
         supervisor_pid: None,
+        maintenance: false,
         groups,
         servers,
         replication: Vec::new(),

@@ -58,8 +58,22 @@ pub fn user_data(env: &AwsEnvironment, ctx: &ServerContext) -> Result<String, St
 /// Debian 12 packages each role needs.
 fn packages(role: Role) -> &'static [&'static str] {
     match role {
-        Role::Web => &["nginx", "pgbouncer", "stunnel4", "python3", "python3-venv"],
-        Role::Worker => &["pgbouncer", "stunnel4", "python3", "python3-venv"],
+        // postgresql-client: `rigger db` pauses and resumes PgBouncer with psql.
+        Role::Web => &[
+            "nginx",
+            "pgbouncer",
+            "stunnel4",
+            "postgresql-client",
+            "python3",
+            "python3-venv",
+        ],
+        Role::Worker => &[
+            "pgbouncer",
+            "stunnel4",
+            "postgresql-client",
+            "python3",
+            "python3-venv",
+        ],
         Role::Cache => &["redis-server"],
         Role::Queue => &["rabbitmq-server"],
         Role::DbPrimary | Role::DbReplica => &["postgresql-15"],

@@ -542,6 +542,7 @@ async fn imported_key_pair_and_instance_profile_are_made_used_and_deleted() {
         [
             "kms:Decrypt via ssm",
             "s3:GetObject s3:::shop-prod-releases-*/*",
+            "s3:PutObject s3:::shop-prod-releases-*/backups/*",
             "ssm:GetParameter /shop/prod/*",
             "ssm:GetParameters /shop/prod/*"
         ]

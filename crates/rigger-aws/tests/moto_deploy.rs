@@ -48,7 +48,10 @@ struct RecordingServers {
 impl ServerOps for RecordingServers {
     fn stop_workers(&self, instances: &[String], timeout: Duration) -> Result<(), String> {
         assert_eq!(timeout, options().worker_stop_timeout);
-        self.stopped.lock().unwrap().extend(instances.iter().cloned());
+        self.stopped
+            .lock()
+            .unwrap()
+            .extend(instances.iter().cloned());
         Ok(())
     }
 
@@ -135,7 +138,11 @@ async fn a_release_replaces_every_server_and_is_recorded() {
 
     let dir = tempfile::tempdir().unwrap();
     let started = provider
-        .start_deploy(&artifact(dir.path(), "r2"), &requester("alice@laptop"), &quiet)
+        .start_deploy(
+            &artifact(dir.path(), "r2"),
+            &requester("alice@laptop"),
+            &quiet,
+        )
         .await
         .unwrap();
     // The release is in the environment's bucket.
@@ -220,7 +227,11 @@ async fn a_second_concurrent_deploy_is_refused_naming_the_holder() {
     let dir = tempfile::tempdir().unwrap();
 
     let first = provider
-        .start_deploy(&artifact(dir.path(), "r2"), &requester("alice@laptop"), &quiet)
+        .start_deploy(
+            &artifact(dir.path(), "r2"),
+            &requester("alice@laptop"),
+            &quiet,
+        )
         .await
         .unwrap();
     let refused = provider
@@ -318,7 +329,11 @@ async fn a_release_failing_its_health_check_rolls_every_group_back_and_says_why(
     let mut options = options();
     options.health_timeout = Duration::from_millis(600);
     let started = provider
-        .start_deploy(&artifact(dir.path(), "r3"), &requester("alice@laptop"), &quiet)
+        .start_deploy(
+            &artifact(dir.path(), "r3"),
+            &requester("alice@laptop"),
+            &quiet,
+        )
         .await
         .unwrap();
     let record = provider
@@ -335,9 +350,23 @@ async fn a_release_failing_its_health_check_rolls_every_group_back_and_says_why(
         .unwrap();
     assert_eq!(record.result, "rolled back", "{record:?}");
     // The reason names the group, the load balancer's reason and the server's evidence.
-    assert!(record.reason.starts_with("shop-prod-web: not healthy within 0 s"), "{}", record.reason);
-    assert!(record.reason.contains("UnhealthyThreshold"), "{}", record.reason);
-    assert!(record.reason.contains("answered 500: Server Error"), "{}", record.reason);
+    assert!(
+        record
+            .reason
+            .starts_with("shop-prod-web: not healthy within 0 s"),
+        "{}",
+        record.reason
+    );
+    assert!(
+        record.reason.contains("UnhealthyThreshold"),
+        "{}",
+        record.reason
+    );
+    assert!(
+        record.reason.contains("answered 500: Server Error"),
+        "{}",
+        record.reason
+    );
     assert_eq!(servers.diagnosed.lock().unwrap().len(), 1);
 
     // Web never switched a server: the same servers serve, on r2; the worker was untouched.
@@ -421,7 +450,10 @@ async fn rollback_deploys_the_previous_release_again_without_rebuilding_it() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(error.contains("no longer in the environment's bucket"), "{error}");
+    assert!(
+        error.contains("no longer in the environment's bucket"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -436,7 +468,11 @@ async fn a_rollout_cut_off_half_way_is_recovered_by_the_next_deploy() {
     // r2's rollout is dropped (as a killed process stops) while the first old web server is
     // draining: detached from its group, not yet terminated.
     let started = provider
-        .start_deploy(&artifact(dir.path(), "r2"), &requester("alice@laptop"), &quiet)
+        .start_deploy(
+            &artifact(dir.path(), "r2"),
+            &requester("alice@laptop"),
+            &quiet,
+        )
         .await
         .unwrap();
     let mut slow = options();
@@ -483,7 +519,11 @@ async fn a_rollout_cut_off_half_way_is_recovered_by_the_next_deploy() {
 
     let (template, web) = group_members(&provider, "shop-prod-web").await;
     assert_eq!(template.as_deref(), Some("shop-prod-web-r3"));
-    assert_eq!(web.len(), 2, "the group's size from before the interrupted rollout");
+    assert_eq!(
+        web.len(),
+        2,
+        "the group's size from before the interrupted rollout"
+    );
     let (_, live) = provider.observe().await.unwrap();
     assert!(live.detached_group_instances().is_empty());
     assert_eq!(live.groups["shop-prod-web"].max, 4);
@@ -521,7 +561,10 @@ async fn a_deploy_with_launch_configurations_replaces_every_server() {
     assert_eq!(web.instances.len(), 2);
     for member in &web.instances {
         assert!(!old_web.contains(&member.id));
-        assert_eq!(member.launch_configuration.as_deref(), Some(configuration.as_str()));
+        assert_eq!(
+            member.launch_configuration.as_deref(),
+            Some(configuration.as_str())
+        );
     }
     let plan = provider.plan(common::RELEASE).await.unwrap();
     assert!(plan.is_empty(), "{:#?}", actions(&plan));

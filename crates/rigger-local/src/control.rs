@@ -203,6 +203,8 @@ pub async fn status(env: &LocalEnvironment) -> Option<Status> {
     supervisor::lock_holder(env)?;
     let mut status = crate::status::load(&env.paths.status())?;
     status.replication = replication(env).await;
+    // Read now: the supervisor's snapshot may predate the last `rigger maintenance`.
+    status.maintenance = maintenance_on(env);
     Some(status)
 }
 
@@ -451,8 +453,8 @@ pub fn maintenance(env: &LocalEnvironment, on: bool) -> anyhow::Result<()> {
         .current_release
         .unwrap_or_else(|| crate::release::INITIAL.to_owned());
     let app_page = env.paths.release(&current).join("maintenance.html");
-    let html =
-        std::fs::read_to_string(&app_page).unwrap_or_else(|_| rigger_recipes::operations::DEFAULT_MAINTENANCE_PAGE.to_owned());
+    let html = std::fs::read_to_string(&app_page)
+        .unwrap_or_else(|_| rigger_recipes::operations::DEFAULT_MAINTENANCE_PAGE.to_owned());
     let temporary = dir.join(".maintenance.html.tmp");
     std::fs::write(&temporary, html)?;
     std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o644))?;
@@ -464,7 +466,6 @@ pub fn maintenance(env: &LocalEnvironment, on: bool) -> anyhow::Result<()> {
 pub fn maintenance_on(env: &LocalEnvironment) -> bool {
     env.paths.maintenance().join("maintenance.html").exists()
 }
-
 
 /// Asks the supervisor for a database operation (`promote`, `reseed`) and waits for it.
 pub async fn db_operation(

@@ -904,6 +904,7 @@ impl Supervisor {
             release: self.current_release(),
             urls: vec![env.url(), env.http_url()],
             supervisor_pid: i32::try_from(std::process::id()).ok(),
+            maintenance: crate::control::maintenance_on(&self.env),
             groups: vec![
                 GroupStatus {
                     name: "web".into(),

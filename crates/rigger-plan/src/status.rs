@@ -77,6 +77,9 @@ pub struct Status {
     pub urls: Vec<String>,
     /// Local provider: the process that owns every service.
     pub supervisor_pid: Option<i32>,
+    /// Whether maintenance mode is on (`rigger maintenance on`): web servers answer 503.
+    #[serde(default)]
+    pub maintenance: bool,
     pub groups: Vec<GroupStatus>,
     pub servers: Vec<ServerStatus>,
     pub replication: Vec<ReplicaStatus>,

@@ -20,7 +20,13 @@ pub fn maintenance_line(layout: &Layout, on: bool) -> String {
     if !on {
         return format!("rm -f {dir}/maintenance.html");
     }
-    let app_page = shell_quote(&layout.app_dir.join("maintenance.html").display().to_string());
+    let app_page = shell_quote(
+        &layout
+            .app_dir
+            .join("maintenance.html")
+            .display()
+            .to_string(),
+    );
     format!(
         "set -e; mkdir -p {dir}; chmod 755 {dir}; \
          if [ -f {app_page} ]; then cp {app_page} {dir}/.maintenance.html.tmp; \

@@ -383,7 +383,8 @@ impl Builder<'_> {
 
     /// The role and instance profile the servers read their secrets with, unless rigger.toml
     /// names one (AWS only): SSM parameters under the environment's path, the KMS key
-    /// that encrypts them, only through SSM, and the objects of the releases bucket.
+    /// that encrypts them, only through SSM, the objects of the releases bucket, and writing
+    /// database backups into it.
     fn instance_profile(&mut self) {
         let ProviderConfig::Aws(aws) = &self.env.provider else {
             return;
@@ -392,15 +393,15 @@ impl Builder<'_> {
             return;
         }
         let path = format!("/{}/{}/*", self.project, self.env.name);
+        let bucket = format!("{}-{}-releases-*", self.project, self.env.name).to_ascii_lowercase();
         let permissions = [
             format!("ssm:GetParameter {path}"),
             format!("ssm:GetParameters {path}"),
             "kms:Decrypt via ssm".to_owned(),
-            // The releases bucket's name ends in a random suffix (see rigger-aws `releases`).
-            format!(
-                "s3:GetObject s3:::{}/*",
-                format!("{}-{}-releases-*", self.project, self.env.name).to_ascii_lowercase()
-            ),
+            // The releases bucket's name ends in a random suffix (see rigger-aws `releases`):
+            // servers read releases (and backups, to restore them) and write backups.
+            format!("s3:GetObject s3:::{bucket}/*"),
+            format!("s3:PutObject s3:::{bucket}/backups/*"),
         ];
         let name = self.names.instance_profile();
         let profile = Resource::new(ResourceKind::InstanceProfile, name.clone())

@@ -8,9 +8,7 @@ use std::path::Path;
 use anyhow::{Context as _, anyhow};
 use std::time::Duration;
 
-use rigger_aws::deploy::{
-    Artifact, NoServerAccess, Requester, Rollout, RolloutOptions, ServerOps,
-};
+use rigger_aws::deploy::{Artifact, NoServerAccess, Requester, Rollout, RolloutOptions, ServerOps};
 use rigger_aws::{Connection, Provider};
 use rigger_config::{Config, ProviderKind};
 use rigger_plan::Observed;
@@ -295,12 +293,19 @@ impl ServerOps for SshServerOps<'_> {
     }
 
     fn diagnose(&self, instances: &[String]) -> String {
-        match self.run(instances, &operations::health_evidence_line(&self.health_path, 15)) {
+        match self.run(
+            instances,
+            &operations::health_evidence_line(&self.health_path, 15),
+        ) {
             Ok(answers) => answers
                 .iter()
                 .map(|answer| {
                     if answer.stdout.is_empty() {
-                        format!("  {}: no evidence: {}", answer.server, answer.describe_failure())
+                        format!(
+                            "  {}: no evidence: {}",
+                            answer.server,
+                            answer.describe_failure()
+                        )
                     } else {
                         format!("  {}: {}", answer.server, answer.stdout.join("\n  "))
                     }
@@ -421,7 +426,10 @@ pub(crate) fn rollback(args: RollbackArgs, settings: &Settings) -> Result<(), Fa
             .map_err(failed)?;
         Ok::<_, Failure>((provider, started))
     })?;
-    say(settings, &format!("rolling back to release {}", started.release));
+    say(
+        settings,
+        &format!("rolling back to release {}", started.release),
+    );
     finish(settings, &runtime, &provider, started, options)
 }
 
@@ -440,7 +448,10 @@ pub(crate) fn maintenance(settings: &Settings, on: bool) -> Result<(), Failure> 
         Ok::<_, Failure>(provider.clients.endpoint_override)
     })?;
     if endpoint_override {
-        say(settings, &format!("  note: web servers not switched: {EMULATED}"));
+        say(
+            settings,
+            &format!("  note: web servers not switched: {EMULATED}"),
+        );
         return Ok(());
     }
     let answers = super::remote::run_captured(settings, &["web".to_owned()], &|layout| {

@@ -124,6 +124,12 @@ pub(crate) fn render_status(status: &rigger_plan::status::Status) -> String {
         status.phase,
         status.message
     );
+    if status.maintenance {
+        let _ = writeln!(
+            out,
+            "  maintenance mode is on: web servers answer 503 (`rigger maintenance off` ends it)"
+        );
+    }
     for url in &status.urls {
         let _ = writeln!(out, "  {url}");
     }
@@ -195,6 +201,7 @@ mod tests {
             release: "initial".into(),
             urls: vec!["https://127.77.0.1:8443/".into()],
             supervisor_pid: Some(1),
+            maintenance: false,
             groups: Vec::new(),
             servers: vec![ServerStatus {
                 id: "web-1".into(),

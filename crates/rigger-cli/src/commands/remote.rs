@@ -1179,10 +1179,13 @@ impl Answer {
     }
 }
 
+/// A task's output: its standard output lines, then its standard error lines.
+type CapturedLines = (Vec<String>, Vec<String>);
+
 /// Collects every line per task label instead of printing.
 #[derive(Default)]
 struct Collector {
-    lines: std::sync::Mutex<std::collections::BTreeMap<String, (Vec<String>, Vec<String>)>>,
+    lines: std::sync::Mutex<std::collections::BTreeMap<String, CapturedLines>>,
 }
 
 impl Reporter for Collector {

@@ -1,0 +1,155 @@
+//! Deploys on AWS from the command line, against moto's server: `deploy` twice from an app's
+//! git history, `rollback`, `releases`, `lock status`, `maintenance on|off` (recorded in SSM
+//! and shown by `status`). Moto's servers cannot be reached, so the steps on the servers
+//! (migrations, warm shutdown, switching nginx) are skipped with a note; the library tests in
+//! rigger-aws cover the rollout's decisions.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+#[path = "../../rigger-aws/tests/common/mod.rs"]
+mod moto;
+
+fn rigger(dir: &Path, url: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_rigger"));
+    command
+        .args(args)
+        .args(["-e", "prod", "--endpoint-url", url])
+        .current_dir(dir)
+        .env("RIGGER_STATE_DIR", dir.join("state"))
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_MAX_ATTEMPTS", "1")
+        .env_remove("AWS_PROFILE")
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1");
+    command
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn ok(dir: &Path, url: &str, args: &[&str]) -> Output {
+    let output = rigger(dir, url, args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "rigger {args:?}: {}",
+        text(&output)
+    );
+    output
+}
+
+fn git(app: &Path, args: &[&str]) {
+    let status = Command::new("git")
+        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com"])
+        .args(args)
+        .current_dir(app)
+        .status()
+        .unwrap();
+    assert!(status.success(), "git {args:?}");
+}
+
+fn status_json(dir: &Path, url: &str) -> serde_json::Value {
+    serde_json::from_slice(&ok(dir, url, &["status", "--json"]).stdout).unwrap()
+}
+
+#[test]
+fn deploy_rollback_releases_lock_and_maintenance_from_the_command_line() {
+    let moto = moto::Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = moto.url.as_str();
+    let config =
+        moto::config_text("", 1, "t3.small").replace("app_path = \".\"", "app_path = \"app\"");
+    std::fs::write(dir.path().join("rigger.toml"), config).unwrap();
+    let app = dir.path().join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::write(app.join("manage.py"), "print('v1')\n").unwrap();
+    std::fs::write(app.join("requirements.txt"), "").unwrap();
+    git(&app, &["init", "-q"]);
+    git(&app, &["add", "."]);
+    git(&app, &["commit", "-qm", "v1"]);
+
+    ok(dir.path(), url, &["up"]);
+    // Before any deploy there is nothing to roll back to: a clear error, exit 1.
+    let refused = rigger(dir.path(), url, &["rollback"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("no release before"),
+        "{}",
+        text(&refused)
+    );
+
+    let fast = ["--health-timeout", "60", "--drain-timeout", "0"];
+    let first = ok(dir.path(), url, &[&["deploy"][..], &fast].concat());
+    assert!(
+        text(&first).contains("migrations skipped"),
+        "{}",
+        text(&first)
+    );
+    let first_id = String::from_utf8_lossy(&first.stdout).trim().to_owned();
+    std::fs::write(app.join("manage.py"), "print('v2')\n").unwrap();
+    git(&app, &["commit", "-qam", "v2"]);
+    // A dirty tree is refused (nothing uploaded, no lock left).
+    std::fs::write(app.join("manage.py"), "print('dirty')\n").unwrap();
+    let dirty = rigger(dir.path(), url, &[&["deploy"][..], &fast].concat())
+        .output()
+        .unwrap();
+    assert!(!dirty.status.success());
+    assert!(text(&dirty).contains("--allow-dirty"), "{}", text(&dirty));
+    git(&app, &["checkout", "-q", "manage.py"]);
+    let second = ok(dir.path(), url, &[&["deploy"][..], &fast].concat());
+    let second_id = String::from_utf8_lossy(&second.stdout).trim().to_owned();
+    assert_ne!(first_id, second_id);
+    assert_eq!(status_json(dir.path(), url)["release"], second_id.as_str());
+
+    let back = ok(dir.path(), url, &[&["rollback"][..], &fast].concat());
+    assert_eq!(String::from_utf8_lossy(&back.stdout).trim(), first_id);
+    assert_eq!(status_json(dir.path(), url)["release"], first_id.as_str());
+
+    let releases: serde_json::Value =
+        serde_json::from_slice(&ok(dir.path(), url, &["releases", "--json"]).stdout).unwrap();
+    let results: Vec<(String, String)> = releases
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["release"].as_str().unwrap().to_owned(),
+                r["result"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [
+            (first_id.clone(), "succeeded".to_owned()),
+            (second_id, "succeeded".to_owned()),
+            (first_id, "succeeded".to_owned()),
+        ]
+    );
+    let lock = ok(dir.path(), url, &["lock", "status"]);
+    assert_eq!(String::from_utf8_lossy(&lock.stdout).trim(), "free");
+
+    let on = ok(dir.path(), url, &["maintenance", "on"]);
+    assert!(
+        text(&on).contains("web servers not switched"),
+        "{}",
+        text(&on)
+    );
+    assert_eq!(status_json(dir.path(), url)["maintenance"], true);
+    let human = ok(dir.path(), url, &["status"]);
+    assert!(
+        String::from_utf8_lossy(&human.stdout).contains("maintenance mode is on"),
+        "{}",
+        text(&human)
+    );
+    ok(dir.path(), url, &["maintenance", "off"]);
+    assert_eq!(status_json(dir.path(), url)["maintenance"], false);
+
+    ok(dir.path(), url, &["down", "--yes"]);
+}
