@@ -268,6 +268,33 @@ impl Provider {
         Ok(status)
     }
 
+    /// Sets the group's desired capacity (checked against rigger.toml's bounds by the
+    /// caller). Refused while a deploy holds the lock: its rollout sets the counts itself.
+    pub async fn scale(&self, role: rigger_topology::Role, count: u32) -> Result<(), AwsError> {
+        use error::Context as _;
+        let group = self.env.names.group(role);
+        if let Some(holder) = deploy::lock_holder(&self.env, &self.clients).await?
+            && holder.expires > deploy::now()
+        {
+            return Err(AwsError::precondition(
+                "SetDesiredCapacity",
+                &group,
+                format!("a deploy is running: the lock is held by {holder}"),
+                "scale after it ends",
+            ));
+        }
+        self.clients
+            .autoscaling
+            .set_desired_capacity()
+            .auto_scaling_group_name(&group)
+            .desired_capacity(i32::try_from(count).unwrap_or(i32::MAX))
+            .honor_cooldown(false)
+            .send()
+            .await
+            .op("SetDesiredCapacity", &group)?;
+        Ok(())
+    }
+
     /// The running servers, with their roles, state and addresses ([`servers::servers`]).
     pub async fn servers(&self) -> Result<Vec<LiveServer>, AwsError> {
         let live = Live::read(&self.env, &self.clients).await?;

@@ -151,5 +151,25 @@ fn deploy_rollback_releases_lock_and_maintenance_from_the_command_line() {
     ok(dir.path(), url, &["maintenance", "off"]);
     assert_eq!(status_json(dir.path(), url)["maintenance"], false);
 
+    // Scaling sets the group's desired count within its bounds; outside them it is refused.
+    ok(dir.path(), url, &["scale", "web=3"]);
+    let web = status_json(dir.path(), url)["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "web")
+        .cloned()
+        .unwrap();
+    assert_eq!(web["desired"], 3, "{web}");
+    let refused = rigger(dir.path(), url, &["scale", "web=9"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("outside the group's bounds 1..=4"),
+        "{}",
+        text(&refused)
+    );
+
     ok(dir.path(), url, &["down", "--yes"]);
 }

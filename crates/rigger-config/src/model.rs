@@ -57,6 +57,27 @@ impl Environment {
             ProviderConfig::Aws(_) => ProviderKind::Aws,
         }
     }
+
+    /// Checks a desired count for group `group` (`web` or `worker`, as `rigger scale` names
+    /// them) against its bounds; the error says what is wrong and where to change it.
+    pub fn check_scale(&self, group: &str, count: u32) -> Result<(), String> {
+        let sizing = match group {
+            "web" => &self.web,
+            "worker" => &self.worker,
+            other => {
+                return Err(format!(
+                    "no group `{other}`: the groups are `web` and `worker`"
+                ));
+            }
+        };
+        if count < sizing.min || count > sizing.max {
+            return Err(format!(
+                "{group}={count} is outside the group's bounds {}..={} (set [environments.{}.{group}] min/max in rigger.toml)",
+                sizing.min, sizing.max, self.name
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

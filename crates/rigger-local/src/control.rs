@@ -262,19 +262,9 @@ async fn replication(env: &LocalEnvironment) -> Vec<ReplicaStatus> {
 
 /// Sets a group's desired count (within its min and max) and tells the supervisor.
 pub fn scale(env: &LocalEnvironment, group: &str, count: u32) -> anyhow::Result<()> {
-    let sizing = match group {
-        "web" => &env.env().web,
-        "worker" => &env.env().worker,
-        other => bail!("no group `{other}`: the groups are `web` and `worker`"),
-    };
-    if count < sizing.min || count > sizing.max {
-        bail!(
-            "{group}={count} is outside the group's bounds {}..={} (set [environments.{}.{group}] min/max in rigger.toml)",
-            sizing.min,
-            sizing.max,
-            env.name
-        );
-    }
+    env.env()
+        .check_scale(group, count)
+        .map_err(anyhow::Error::msg)?;
     let mut counts = DesiredCounts::load(&env.paths.desired());
     match group {
         "web" => counts.web = Some(count),

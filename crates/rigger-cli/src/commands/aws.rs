@@ -1,24 +1,25 @@
-//! `plan`, `up`, `down`, `status`, `deploy`, `rollback`, `maintenance`, `releases` and `lock` for environments with `provider = "aws"`: a thin layer
-//! over `rigger_aws::Provider` that resolves the connection (region from rigger.toml,
+//! `plan`, `up`, `down`, `status`, `scale`, `deploy`, `rollback`, `maintenance`, `releases`
+//! and `lock` for environments with `provider = "aws"`: a thin layer over
+//! `rigger_aws::Provider` that resolves the connection (region from rigger.toml,
 //! `--endpoint-url`, the SDK's standard chain for the rest), runs it on a tokio runtime and
 //! prints like the local provider does.
 
 use std::path::Path;
-
-use anyhow::{Context as _, anyhow};
 use std::time::Duration;
 
+use anyhow::{Context as _, anyhow};
 use rigger_aws::deploy::{Artifact, NoServerAccess, Requester, Rollout, RolloutOptions, ServerOps};
 use rigger_aws::{Connection, Provider};
 use rigger_config::{Config, ProviderKind};
 use rigger_plan::Observed;
 use rigger_plan::rollout::BatchSize;
-use rigger_topology::Topology;
-
 use rigger_recipes::operations;
+use rigger_topology::{Role, Topology};
 
 use super::remote::Answer;
-use crate::args::{DeployArgs, DownArgs, LockCommand, RollbackArgs, RolloutArgs, StatusArgs};
+use crate::args::{
+    DeployArgs, DownArgs, LockCommand, RollbackArgs, RolloutArgs, ScaleArgs, StatusArgs,
+};
 use crate::{Failure, Settings};
 
 /// Whether `-e` names an AWS environment (loading the configuration, which stops the
@@ -431,6 +432,35 @@ pub(crate) fn rollback(args: RollbackArgs, settings: &Settings) -> Result<(), Fa
         &format!("rolling back to release {}", started.release),
     );
     finish(settings, &runtime, &provider, started, options)
+}
+
+/// `rigger scale web=N worker=M` on AWS: each group's desired capacity, within its bounds in
+/// rigger.toml; refused while a deploy holds the lock (a rollout sets the counts itself).
+pub(crate) fn scale(args: ScaleArgs, settings: &Settings) -> Result<(), Failure> {
+    let ScaleArgs { counts } = args;
+    let config = super::load_config(settings)?;
+    let counts = super::scale_counts(&counts)?;
+    let env = super::environment(&config, settings)?;
+    for (group, count) in &counts {
+        env.check_scale(group, *count)
+            .map_err(|e| Failure::Usage(anyhow!(e)))?;
+    }
+    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
+        return Err(no_credentials());
+    }
+    runtime()?.block_on(async {
+        let provider = provider(config, settings).await?;
+        for (group, count) in &counts {
+            let role = if group == "web" {
+                Role::Web
+            } else {
+                Role::Worker
+            };
+            provider.scale(role, *count).await.map_err(failed)?;
+            say(settings, &format!("{group} desired count set to {count}"));
+        }
+        Ok(())
+    })
 }
 
 /// `rigger maintenance on|off` on AWS: recorded in SSM (servers that boot meanwhile follow

@@ -163,17 +163,7 @@ pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failur
 pub(crate) fn scale(args: ScaleArgs, settings: &Settings) -> Result<(), Failure> {
     let ScaleArgs { counts } = args;
     let env = local_environment(settings)?;
-    let mut parsed = Vec::new();
-    for assignment in &counts {
-        let (group, count) = assignment
-            .split_once('=')
-            .and_then(|(g, c)| Some((g, c.parse::<u32>().ok()?)))
-            .ok_or_else(|| {
-                Failure::Usage(anyhow!("`{assignment}` is not GROUP=COUNT (e.g. web=3)"))
-            })?;
-        parsed.push((group.to_owned(), count));
-    }
-    for (group, count) in parsed {
+    for (group, count) in super::scale_counts(&counts)? {
         control::scale(&env, &group, count).map_err(Failure::Usage)?;
         say(settings, &format!("{group} desired count set to {count}"));
     }

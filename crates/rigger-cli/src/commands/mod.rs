@@ -29,6 +29,7 @@ pub(crate) fn dispatch(command: Command, settings: &Settings) -> Result<(), Fail
         Command::Deploy(args) if aws::is_aws(settings)? => aws::deploy(args, settings),
         Command::Lock(command) if aws::is_aws(settings)? => aws::lock(command, settings),
         Command::Rollback(args) if aws::is_aws(settings)? => aws::rollback(args, settings),
+        Command::Scale(args) if aws::is_aws(settings)? => aws::scale(args, settings),
         Command::Maintenance(args) if aws::is_aws(settings)? => {
             deploy::maintenance_aws(args, settings)
         }
@@ -81,6 +82,23 @@ pub(crate) fn environment<'a>(
             )
         })
         .map_err(Failure::Usage)
+}
+
+/// `rigger scale`'s `GROUP=COUNT` pairs.
+pub(crate) fn scale_counts(counts: &[String]) -> Result<Vec<(String, u32)>, Failure> {
+    counts
+        .iter()
+        .map(|assignment| {
+            assignment
+                .split_once('=')
+                .and_then(|(g, c)| Some((g.to_owned(), c.parse::<u32>().ok()?)))
+                .ok_or_else(|| {
+                    Failure::Usage(anyhow::anyhow!(
+                        "`{assignment}` is not GROUP=COUNT (e.g. web=3)"
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// Asks the user to type `expected` to confirm something destructive. Without a terminal it
