@@ -82,7 +82,7 @@ impl Databases {
                     "(database)",
                     "replicas",
                     "the environment has no replica",
-                    "set `replicas` under [environments.<env>.database] in rigger.toml and run `rigger up`",
+                    "`rigger up` builds the replicas that `replicas` under [environments.<env>.database] in rigger.toml asks for (after a promote too)",
                 )
             }),
             Some(wanted) => self

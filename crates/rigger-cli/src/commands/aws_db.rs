@@ -77,6 +77,18 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
                 &bucket,
                 keep,
             )))?;
+            if emulated {
+                // Nothing was uploaded: no name on stdout that `restore` would not find.
+                say(
+                    settings,
+                    &format!(
+                        "no backup made; keeping the newest {keep} in s3://{bucket}/{} ({} deleted)",
+                        database::BACKUP_PREFIX,
+                        deleted.len()
+                    ),
+                );
+                return Ok(());
+            }
             say(
                 settings,
                 &format!(
@@ -119,26 +131,45 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
                     "refusing to restore without confirmation; pass --yes",
                 )?;
             }
+            drop(runtime);
+            // Off again whatever happened, even when turning it on failed half-way: the
+            // database is either restored or as it was (pg_restore runs in one transaction).
+            let restored = aws::maintenance(settings, true).and_then(|()| {
+                if emulated {
+                    say(settings, &format!("  note: pg_restore skipped: {SKIPPED}"));
+                    return Ok(());
+                }
+                let source = format!("s3://{bucket}/{}", database::backup_key(&backup));
+                let db = provider.env.db_name();
+                let region = provider.env.aws().region.clone();
+                run_captured(settings, &["db-primary".into()], &|layout| {
+                    shell_job(&restore_line(layout, &db, &region, &source))
+                })
+                .and_then(remote_ok)
+                .map(drop)
+            });
+            let off = aws::maintenance(settings, false);
+            match (restored, off) {
+                (Ok(()), off) => off?,
+                (Err(error), Ok(())) => return Err(error),
+                (Err(error), Err(off)) => {
+                    say(
+                        settings,
+                        &format!(
+                            "error: turning maintenance mode off: {off}; run `rigger maintenance off -e {}`",
+                            settings.environment
+                        ),
+                    );
+                    return Err(error);
+                }
+            }
             if emulated {
                 say(
                     settings,
-                    &format!("  note: maintenance mode and pg_restore skipped: {SKIPPED}"),
+                    &format!("{backup} not restored (pg_restore skipped)"),
                 );
                 return Ok(());
             }
-            drop(runtime);
-            aws::maintenance(settings, true)?;
-            let source = format!("s3://{bucket}/{}", database::backup_key(&backup));
-            let db = provider.env.db_name();
-            let region = provider.env.aws().region.clone();
-            let restored = run_captured(settings, &["db-primary".into()], &|layout| {
-                shell_job(&restore_line(layout, &db, &region, &source))
-            })
-            .and_then(remote_ok);
-            // Off again whatever happened: the database is either restored or as it was
-            // (pg_restore runs in one transaction).
-            aws::maintenance(settings, false)?;
-            restored?;
             say(settings, &format!("restored {backup}"));
             Ok(())
         }
@@ -336,8 +367,30 @@ fn status(
     for fenced in &databases.fenced {
         line("fenced", fenced);
     }
-    super::db::print_replication(&status);
+    print_replication(&status);
     Ok(())
+}
+
+/// Replication and PgBouncer, below the servers: labelled `replication` (a replica is listed
+/// once as a server already), `?` for what is not known.
+fn print_replication(status: &DbStatus) {
+    for replica in &status.replicas {
+        println!(
+            "replication {:<12} {:<14} lag {} bytes, {} s  slot {}",
+            replica.id,
+            replica.state,
+            replica.lag_bytes.map_or("?".into(), |b| b.to_string()),
+            replica
+                .lag_seconds
+                .map_or("?".into(), |s| format!("{s:.3}")),
+            replica.slot.as_deref().unwrap_or("-")
+        );
+    }
+    super::db::print_replication(&DbStatus {
+        primary: None,
+        replicas: Vec::new(),
+        pgbouncers: status.pgbouncers.clone(),
+    });
 }
 
 fn pools(settings: &Settings) -> Result<Vec<PgBouncerPools>, Failure> {
@@ -492,13 +545,17 @@ fn promote(
     let fenced = done.fenced.map_or(String::new(), |id| {
         format!("; the old primary {id} is fenced (stopped, named db-primary-old)")
     });
+    // Against an emulator PgBouncer was not paused: no writes were held.
+    let held = if emulated {
+        String::new()
+    } else {
+        format!("; writes held for {:.2} s", started.elapsed().as_secs_f64())
+    };
     say(
         settings,
         &format!(
-            "{} ({}) is the primary{fenced}{lost}; writes held for {:.2} s",
-            target.name,
-            target.instance_id,
-            started.elapsed().as_secs_f64()
+            "{} ({}) is the primary{fenced}{lost}{held}",
+            target.name, target.instance_id,
         ),
     );
     if !done.replicas_to_build.is_empty() {
