@@ -48,7 +48,8 @@ pub fn status(
                 None => "unknown".to_owned(),
             };
             servers.push(ServerStatus {
-                id: format!("{role}[{}]", slot + 1),
+                // As `rigger exec` and `ssh` name it (`servers::servers`).
+                id: format!("{role}-{}", slot + 1),
                 roles: vec![role.clone()],
                 address: instance
                     .and_then(|i| i.private_address.clone())

@@ -71,9 +71,9 @@ async fn create_from_empty_then_nothing_to_do() {
     assert_eq!(
         servers,
         vec![
-            ("web[1]".into(), Some("InService".into())),
-            ("web[2]".into(), Some("InService".into())),
-            ("worker[1]".into(), None),
+            ("web-1".into(), Some("InService".into())),
+            ("web-2".into(), Some("InService".into())),
+            ("worker-1".into(), None),
             ("cache".into(), None),
             ("db-primary".into(), None),
             ("db-replica1".into(), None),
