@@ -206,7 +206,7 @@ pub enum DbCommand {
     Backups,
     /// Replace the app's database with a backup (in maintenance mode while it runs).
     Restore {
-        /// A backup's name (`rigger db backups`) or path.
+        /// A backup's name (`rigger db backups`); on the local provider also a dump's path.
         backup: String,
         /// Do not ask for confirmation.
         #[arg(long, short = 'y')]

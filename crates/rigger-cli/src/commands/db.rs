@@ -102,11 +102,13 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
 pub(crate) fn print_replication(status: &control::DbStatus) {
     for replica in &status.replicas {
         println!(
-            "replica  {:<14} {:<14} lag {} bytes, {:.3} s  slot {}",
+            "replica  {:<14} {:<14} lag {} bytes, {} s  slot {}",
             replica.id,
             replica.state,
             replica.lag_bytes.map_or("?".into(), |b| b.to_string()),
-            replica.lag_seconds.unwrap_or(f64::NAN),
+            replica
+                .lag_seconds
+                .map_or("?".into(), |s| format!("{s:.3}")),
             replica.slot.as_deref().unwrap_or("-")
         );
     }
