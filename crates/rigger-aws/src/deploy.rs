@@ -664,6 +664,12 @@ impl crate::Provider {
             report(&format!(
                 "taking over the deploy lock of an interrupted operation: {stale}"
             ));
+            // Only deploys and rollbacks belong in the deploy history.
+            if !(stale.operation.starts_with("deploy ")
+                || stale.operation.starts_with("rollback to "))
+            {
+                return Ok(());
+            }
             let entry = DeployRecord {
                 release: release_of(&stale.operation).to_owned(),
                 revision: String::new(),

@@ -119,6 +119,22 @@ fn s3_request(url: &str, method: &str, path: &str, body: &[u8]) -> String {
     answer
 }
 
+/// Calls moto's SSM (the JSON protocol) with a bare request, as `s3_request` does S3.
+fn ssm_request(url: &str, action: &str, body: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let address = url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "POST / HTTP/1.1\r\nHost: {address}\r\nAuthorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ssm/aws4_request, SignedHeaders=host, Signature=0\r\nX-Amz-Target: AmazonSSM.{action}\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
 /// The environment's bucket, found in moto's bucket list by its prefix.
 fn bucket(url: &str) -> String {
     let listing = s3_request(url, "GET", "/", b"");
@@ -250,6 +266,32 @@ fn db_status_promote_backups_and_restore_from_the_command_line() {
         Vec::<String>::new(),
         "{human}"
     );
+
+    // The promote held the deploy lock while it ran, and gave it back.
+    let lock = stdout(&ok(dir, url, &["lock", "status"]));
+    assert_eq!(lock.trim(), "free", "{lock}");
+    // While someone else's deploy holds the lock, a promote is refused, naming the holder.
+    let holder = serde_json::json!({
+        "who": "ci@build-host", "pid": 7, "operation": "deploy 20261127T000000Z-abc",
+        "since": 1_795_000_000u64, "expires": 4_000_000_000u64,
+    });
+    let put = ssm_request(
+        url,
+        "PutParameter",
+        &serde_json::json!({
+            "Name": "/shop/prod/deploy/lock", "Value": holder.to_string(), "Type": "String",
+        })
+        .to_string(),
+    );
+    assert!(put.starts_with("HTTP/1.1 200"), "{put}");
+    let refused = rigger(dir, url, &["db", "promote"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("held by ci@build-host"),
+        "{}",
+        text(&refused)
+    );
+    ok(dir, url, &["lock", "release"]);
 
     // No replica left to promote until `up` builds one.
     let none = rigger(dir, url, &["db", "promote"]).output().unwrap();

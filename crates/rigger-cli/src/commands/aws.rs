@@ -223,7 +223,7 @@ pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failur
 
 /// Who is deploying: this user, host and process (a lock left by a process of this host that
 /// ended is taken over at once).
-fn requester() -> Requester {
+pub(crate) fn requester() -> Requester {
     Requester {
         who: rigger_local::release::who(),
         pid: i32::try_from(std::process::id()).unwrap_or(0),

@@ -37,6 +37,44 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
     let runtime = runtime()?;
     let provider = runtime.block_on(aws::provider(config, settings))?;
     let emulated = provider.clients.endpoint_override;
+    // Operations that change the databases exclude deploys and each other.
+    let operation = match &command {
+        DbCommand::Promote { .. } => Some("db promote"),
+        DbCommand::Reseed { .. } => Some("db reseed"),
+        DbCommand::Restore { .. } => Some("db restore"),
+        _ => None,
+    };
+    let Some(operation) = operation else {
+        return run_unlocked(command, settings, runtime, provider, emulated);
+    };
+    let acquired = result_of(runtime.block_on(rigger_aws::deploy::acquire_lock(
+        &provider.env,
+        &provider.clients,
+        &aws::requester(),
+        operation,
+        rigger_aws::deploy::now(),
+    )))?;
+    if let Some(stale) = &acquired.interrupted {
+        say(
+            settings,
+            &format!("  taking over the deploy lock of an interrupted operation: {stale}"),
+        );
+    }
+    let env = provider.env.clone();
+    let clients = provider.clients.clone();
+    let outcome = run_unlocked(command, settings, runtime, provider, emulated);
+    let released = self::runtime()?.block_on(rigger_aws::deploy::release_lock(&env, &clients));
+    outcome?;
+    result_of(released)
+}
+
+fn run_unlocked(
+    command: DbCommand,
+    settings: &Settings,
+    runtime: tokio::runtime::Runtime,
+    provider: Provider,
+    emulated: bool,
+) -> Result<(), Failure> {
     match command {
         DbCommand::Status { json } => status(settings, &runtime, &provider, emulated, json),
         DbCommand::Promote { replica, force } => {
