@@ -26,13 +26,7 @@ pub const SELF_ID: &str = "rigger-self-id";
 pub const SELF_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 123);
 
 /// The secrets every environment has, by SSM parameter name (under `/<project>/<env>/`).
-pub const SECRET_NAMES: [&str; 5] = [
-    "db_password",
-    "replication_password",
-    "redis_password",
-    "rabbitmq_password",
-    "django_secret_key",
-];
+pub const SECRET_NAMES: [&str; 6] = Secrets::NAMES;
 /// The environment CA's key and certificate, also in SSM: servers sign their own
 /// certificates at boot.
 pub const CA_KEY: &str = "ca_key";
@@ -234,14 +228,10 @@ impl AwsEnvironment {
     /// Secrets as the recipes see them on AWS: placeholders, replaced at boot by the values
     /// the instance reads from SSM.
     pub fn placeholder_secrets() -> Secrets {
-        let p = |name: &str| Secret::new(secret_placeholder(name));
-        Secrets {
-            db_password: p("db_password"),
-            replication_password: p("replication_password"),
-            redis_password: p("redis_password"),
-            rabbitmq_password: p("rabbitmq_password"),
-            django_secret_key: p("django_secret_key"),
-        }
+        Secrets::try_from_names(|name| {
+            Ok::<_, std::convert::Infallible>(Secret::new(secret_placeholder(name)))
+        })
+        .unwrap_or_else(|never| match never {})
     }
 
     /// Everything the role recipes need to render a server of role `roles`: a stand-alone

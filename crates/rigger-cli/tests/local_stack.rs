@@ -213,6 +213,43 @@ fn the_example_site_runs_on_the_local_provider_with_real_services() {
     );
     let stranger = psql(&format!("{primary} user=intruder sslmode=require"), "guess");
     assert!(!stranger.status.success());
+
+    // PgBouncer's admin console is rigger's: its admin user may read the pools, the app's
+    // user may not (the app cannot pause its own pooler).
+    let web = status(&stack)["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["roles"].as_array().unwrap().iter().any(|r| r == "web"))
+        .cloned()
+        .unwrap();
+    let console = |user: &str, password: &str| {
+        Command::new("psql")
+            .arg(format!(
+                "host={} port=6432 dbname=pgbouncer user={user} sslmode=disable",
+                web["address"].as_str().unwrap()
+            ))
+            .args(["-XAtc", "SHOW POOLS"])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "5")
+            .output()
+            .expect("psql runs")
+    };
+    let admin_password =
+        std::fs::read_to_string(stack.env_dir().join("secrets/pgbouncer_admin_password")).unwrap();
+    let admin = console("rigger_pgbouncer_admin", admin_password.trim());
+    assert!(
+        admin.status.success(),
+        "rigger's admin user: {}",
+        String::from_utf8_lossy(&admin.stderr)
+    );
+    let app = console("e2e", password.trim());
+    assert!(!app.status.success());
+    assert!(
+        String::from_utf8_lossy(&app.stderr).contains("not allowed"),
+        "{}",
+        String::from_utf8_lossy(&app.stderr)
+    );
     let said = String::from_utf8_lossy(&stranger.stderr);
     assert!(said.contains("intruder"), "{said}");
 
@@ -223,7 +260,7 @@ fn the_example_site_runs_on_the_local_provider_with_real_services() {
 
     // Secrets: names only, never values, nowhere rigger writes.
     let names = stack.rigger(&["secrets", "list"]);
-    assert_eq!(String::from_utf8_lossy(&names.stdout).lines().count(), 5);
+    assert_eq!(String::from_utf8_lossy(&names.stdout).lines().count(), 6);
     let plan = stack.rigger(&["plan"]);
     let plan_json = stack.rigger(&["plan", "--json"]);
     for secret in std::fs::read_dir(stack.env_dir().join("secrets")).unwrap() {

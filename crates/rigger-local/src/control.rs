@@ -616,12 +616,12 @@ pub async fn db_status(env: &LocalEnvironment) -> anyhow::Result<DbStatus> {
             .arg(format!(
                 "host={} port=6432 dbname=pgbouncer user={} sslmode=disable",
                 server.address,
-                env.db_name()
+                rigger_recipes::PGBOUNCER_ADMIN_USER
             ))
             .args(["-XAtq", "-F", "|", "-c", "SHOW POOLS"])
             .env_clear()
             .env("PATH", process::DEFAULT_PATH)
-            .env("PGPASSWORD", secrets.db_password.expose())
+            .env("PGPASSWORD", secrets.pgbouncer_admin_password.expose())
             .env("PGCONNECT_TIMEOUT", "5")
             .output()
             .await;

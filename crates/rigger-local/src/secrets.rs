@@ -9,13 +9,7 @@ use std::path::{Path, PathBuf};
 use rigger_recipes::{Secret, Secrets};
 
 /// Every secret a local environment has, by file name.
-pub const NAMES: [&str; 5] = [
-    "db_password",
-    "replication_password",
-    "redis_password",
-    "rabbitmq_password",
-    "django_secret_key",
-];
+pub const NAMES: [&str; 6] = Secrets::NAMES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {
@@ -55,8 +49,8 @@ pub fn load_or_generate(dir: &Path) -> Result<Secrets, SecretsError> {
             source,
         }
     })?;
-    let mut values = Vec::with_capacity(NAMES.len());
-    for name in NAMES {
+    // A secret added in a later version of rigger is generated on the next `up`.
+    Secrets::try_from_names(|name| {
         let path = dir.join(name);
         let value = match fs::read_to_string(&path) {
             Ok(value) if !value.trim().is_empty() => value.trim().to_owned(),
@@ -70,16 +64,7 @@ pub fn load_or_generate(dir: &Path) -> Result<Secrets, SecretsError> {
                 });
             }
         };
-        values.push(Secret::new(value));
-    }
-    let mut values = values.into_iter();
-    let mut next = || values.next().expect("one value per name");
-    Ok(Secrets {
-        db_password: next(),
-        replication_password: next(),
-        redis_password: next(),
-        rabbitmq_password: next(),
-        django_secret_key: next(),
+        Ok(Secret::new(value))
     })
 }
 

@@ -270,17 +270,48 @@ pub struct Secrets {
     /// Password of [`ProjectInfo::amqp_user`].
     pub rabbitmq_password: Secret,
     pub django_secret_key: Secret,
+    /// Password of [`PGBOUNCER_ADMIN_USER`], PgBouncer's admin console user: rigger's, not the
+    /// app's, so the app cannot pause its own pooler.
+    pub pgbouncer_admin_password: Secret,
 }
 
+/// The user rigger reaches PgBouncer's admin console as (PAUSE, RESUME, SHOW POOLS).
+pub const PGBOUNCER_ADMIN_USER: &str = "rigger_pgbouncer_admin";
+
 impl Secrets {
-    pub fn named(&self) -> [(&'static str, &Secret); 5] {
+    /// Every secret's name, as providers store them (a file each, an SSM parameter each).
+    pub const NAMES: [&'static str; 6] = [
+        "db_password",
+        "replication_password",
+        "redis_password",
+        "rabbitmq_password",
+        "django_secret_key",
+        "pgbouncer_admin_password",
+    ];
+
+    pub fn named(&self) -> [(&'static str, &Secret); 6] {
         [
             ("db_password", &self.db_password),
             ("replication_password", &self.replication_password),
             ("redis_password", &self.redis_password),
             ("rabbitmq_password", &self.rabbitmq_password),
             ("django_secret_key", &self.django_secret_key),
+            ("pgbouncer_admin_password", &self.pgbouncer_admin_password),
         ]
+    }
+
+    /// The secrets, each from `value(name)` in the order of [`Self::NAMES`].
+    pub fn try_from_names<E>(
+        mut value: impl FnMut(&'static str) -> Result<Secret, E>,
+    ) -> Result<Secrets, E> {
+        Ok(Secrets {
+            db_password: value("db_password")?,
+            replication_password: value("replication_password")?,
+            redis_password: value("redis_password")?,
+            rabbitmq_password: value("rabbitmq_password")?,
+            django_secret_key: value("django_secret_key")?,
+            pgbouncer_admin_password: value("pgbouncer_admin_password")?,
+        })
     }
 }
 

@@ -13,6 +13,10 @@ use crate::error::RenderError;
 /// Every template, by name. Names are the file names under `templates/`.
 const TEMPLATES: &[(&str, &str)] = &[
     ("app.env", include_str!("../templates/app.env.j2")),
+    (
+        "pgbouncer-admin.env",
+        include_str!("../templates/pgbouncer-admin.env.j2"),
+    ),
     ("nginx.conf", include_str!("../templates/nginx.conf.j2")),
     (
         "pgbouncer.ini",

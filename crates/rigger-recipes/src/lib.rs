@@ -75,11 +75,12 @@ mod validate;
 
 pub use command::{Command, shell_quote};
 pub use context::{
-    Network, Peer, Peers, Ports, ProjectInfo, Role, Secret, Secrets, ServerContext, Tuning,
+    Network, PGBOUNCER_ADMIN_USER, Peer, Peers, Ports, ProjectInfo, Role, Secret, Secrets,
+    ServerContext, Tuning,
 };
 pub use error::RenderError;
 pub use layout::{Binaries, Layout, ServiceManager, ServiceUsers};
-pub use roles::{render, render_server, slot_name};
+pub use roles::{pgbouncer_admin_env, render, render_server, slot_name};
 pub use spec::{DirSpec, FileSpec, Phase, Probe, Recipe, ServiceSpec, Signal, StepSpec};
 pub use systemd::{systemd_unit, unit_name};
 

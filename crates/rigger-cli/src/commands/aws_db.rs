@@ -263,21 +263,22 @@ fn psql_on(settings: &Settings, server: &str, sql: &str) -> Result<String, Failu
         .unwrap_or_default())
 }
 
-/// PgBouncer admin console commands (`PAUSE`, `SHOW POOLS`) on a web or worker server, with
-/// the app's credentials from its environment file (never on the command line).
+/// PgBouncer admin console commands (`PAUSE`, `SHOW POOLS`) on a web or worker server, as
+/// rigger's admin user, with the credentials from the root-only file the recipe writes
+/// (`rigger_recipes::pgbouncer_admin_env`; never on the command line).
 fn pgbouncer_line(commands: &[&str]) -> String {
     let commands: Vec<String> = commands
         .iter()
         .map(|c| format!("-c {}", shell_quote(c)))
         .collect();
     format!(
-        "PGPASSWORD=\"$DATABASE_PASSWORD\" PGCONNECT_TIMEOUT=5 psql \"host=$DATABASE_HOST port=$DATABASE_PORT dbname=pgbouncer user=$DATABASE_USER sslmode=disable\" -XAtq -F '|' {}",
+        "PGPASSWORD=\"$PGBOUNCER_ADMIN_PASSWORD\" PGCONNECT_TIMEOUT=5 psql \"host=$PGBOUNCER_HOST port=$PGBOUNCER_PORT dbname=pgbouncer user=$PGBOUNCER_ADMIN_USER sslmode=disable\" -XAtq -F '|' {}",
         commands.join(" ")
     )
 }
 
 fn pgbouncer_job(layout: &Layout, commands: &[&str]) -> Job {
-    shell_job(&pgbouncer_line(commands)).env_file(layout.etc("app").join("app.env"))
+    shell_job(&pgbouncer_line(commands)).env_file(rigger_recipes::pgbouncer_admin_env(layout))
 }
 
 /// pg_dump into a file on the data volume, uploaded whole with the instance profile (an
@@ -730,9 +731,9 @@ mod tests {
         assert!(restore.contains("--single-transaction"), "{restore}");
         sh_n(&restore);
         let admin = pgbouncer_line(&["RECONNECT", "RESUME"]);
-        // The password comes from the app's environment file on the server.
+        // The password comes from rigger's admin file on the server, not the app's.
         assert!(
-            admin.starts_with("PGPASSWORD=\"$DATABASE_PASSWORD\""),
+            admin.starts_with("PGPASSWORD=\"$PGBOUNCER_ADMIN_PASSWORD\""),
             "{admin}"
         );
         assert!(admin.ends_with("-c RECONNECT -c RESUME"), "{admin}");

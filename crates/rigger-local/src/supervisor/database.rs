@@ -424,7 +424,7 @@ impl Supervisor {
 
     /// Sends an admin console command (PAUSE, RESUME, ...) to an app server's PgBouncer.
     async fn pgbouncer_admin(&self, server: &ServerRecord, command: &str) -> anyhow::Result<()> {
-        let user = self.env.db_name();
+        let user = rigger_recipes::PGBOUNCER_ADMIN_USER;
         let output = tokio::time::timeout(
             PAUSE_TIMEOUT,
             tokio::process::Command::new("psql")
@@ -435,7 +435,10 @@ impl Supervisor {
                 .args(["-XAtq", "-c", command])
                 .env_clear()
                 .env("PATH", process::DEFAULT_PATH)
-                .env("PGPASSWORD", self.prepared().secrets.db_password.expose())
+                .env(
+                    "PGPASSWORD",
+                    self.prepared().secrets.pgbouncer_admin_password.expose(),
+                )
                 .env("PGCONNECT_TIMEOUT", "5")
                 .kill_on_drop(true)
                 .output(),

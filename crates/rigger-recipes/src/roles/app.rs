@@ -8,9 +8,17 @@ use minijinja::value::{Serde, Value};
 use serde::Serialize;
 
 use super::{Builder, s, service, sj};
+use crate::context::PGBOUNCER_ADMIN_USER;
 use crate::engine::percent_encode;
 use crate::error::RenderError;
 use crate::{Command, Probe, Role, ServiceSpec, Signal};
+
+/// The environment file that tells rigger's operations how to reach PgBouncer's admin console
+/// on a web or worker server (`PGBOUNCER_HOST`, `_PORT`, `_ADMIN_USER`, `_ADMIN_PASSWORD`),
+/// readable by root only.
+pub fn pgbouncer_admin_env(layout: &crate::Layout) -> std::path::PathBuf {
+    layout.etc("pgbouncer").join("admin.env")
+}
 
 pub(super) fn web(b: &mut Builder) -> Result<(), RenderError> {
     common(b)?;
@@ -231,12 +239,29 @@ fn common(b: &mut Builder) -> Result<(), RenderError> {
 
     let pgb_etc = l.etc("pgbouncer");
     b.dir(pgb_etc.clone(), 0o755, "root");
-    let userlist = b.template(
-        "userlist.txt",
-        context! { user => &p.db_user, password => ctx.secrets.db_password.expose() },
-    )?;
+    // The app's user, and rigger's for the admin console (the app cannot pause its pooler).
+    let users = [
+        context! { name => &p.db_user, password => ctx.secrets.db_password.expose() },
+        context! {
+            name => PGBOUNCER_ADMIN_USER,
+            password => ctx.secrets.pgbouncer_admin_password.expose(),
+        },
+    ];
+    let userlist = b.template("userlist.txt", context! { users })?;
     let userlist_path = pgb_etc.join("userlist.txt");
     b.secret_file(userlist_path.clone(), userlist, &u.pgbouncer);
+    // How rigger's operations reach the admin console, readable by root only.
+    let admin_vars = [
+        ("PGBOUNCER_HOST", ctx.address.to_string()),
+        ("PGBOUNCER_PORT", ports.pgbouncer.to_string()),
+        ("PGBOUNCER_ADMIN_USER", PGBOUNCER_ADMIN_USER.to_owned()),
+        (
+            "PGBOUNCER_ADMIN_PASSWORD",
+            ctx.secrets.pgbouncer_admin_password.expose().to_owned(),
+        ),
+    ];
+    let admin_env = b.template("pgbouncer-admin.env", context! { vars => admin_vars })?;
+    b.secret_file(pgbouncer_admin_env(l), admin_env, "root");
     let databases: Vec<_> = tunnels
         .iter()
         .map(|t| context! { name => &t.name, host => ctx.address.to_string(), port => t.port })
@@ -248,7 +273,7 @@ fn common(b: &mut Builder) -> Result<(), RenderError> {
             db_name => &p.db_name,
             port => ports.pgbouncer,
             auth_file => s(&userlist_path),
-            admin_user => &p.db_user,
+            admin_user => PGBOUNCER_ADMIN_USER,
         },
     )?;
     let ini_path = pgb_etc.join("pgbouncer.ini");

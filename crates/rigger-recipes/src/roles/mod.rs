@@ -6,6 +6,7 @@ mod cache;
 mod lb;
 mod postgres;
 
+pub use app::pgbouncer_admin_env;
 pub use postgres::slot_name;
 mod queue;
 

@@ -28,6 +28,7 @@ pub fn secrets() -> Secrets {
         redis_password: Secret::new("redis/pw+7"),
         rabbitmq_password: Secret::new("rabbit@pw=9"),
         django_secret_key: Secret::new("dj$ngo 'key' \"#1\\"),
+        pgbouncer_admin_password: Secret::new("pgb-admin@pw/3"),
     }
 }
 
