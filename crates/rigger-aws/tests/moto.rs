@@ -36,8 +36,8 @@ async fn create_from_empty_then_nothing_to_do() {
     let outcome = provider.up(common::RELEASE, &quiet).await.unwrap();
     assert_eq!(
         outcome.secrets_created.len(),
-        7,
-        "5 secrets and the CA's key and certificate"
+        rigger_aws::environment::SECRET_NAMES.len() + 2,
+        "the secrets and the CA's key and certificate"
     );
 
     let again = provider.plan(common::RELEASE).await.unwrap();
