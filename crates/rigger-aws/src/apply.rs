@@ -296,30 +296,42 @@ pub async fn rewrite_launch_templates(
             continue;
         };
         let data = template_data(&ctx, resource, true).await?;
-        let created = clients
-            .ec2
-            .create_launch_template_version()
-            .launch_template_id(&template.id)
-            .source_version(template.default_version.to_string())
-            .launch_template_data(data)
-            .send()
-            .await
-            .op("CreateLaunchTemplateVersion", name)?;
-        let version = created
-            .launch_template_version()
-            .and_then(|v| v.version_number())
-            .unwrap_or(template.default_version + 1);
-        clients
-            .ec2
-            .modify_launch_template()
-            .launch_template_id(&template.id)
-            .default_version(version.to_string())
-            .send()
-            .await
-            .op("ModifyLaunchTemplate", name)?;
+        new_default_version(clients, name, template, data).await?;
         rewritten.push(name.clone());
     }
     Ok(rewritten)
+}
+
+/// Adds a version with `data` to the launch template (from its default version) and makes it
+/// the default, so the groups' next servers launch from it.
+async fn new_default_version(
+    clients: &Clients,
+    name: &str,
+    template: &crate::live::LiveLaunchTemplate,
+    data: ec2::RequestLaunchTemplateData,
+) -> Result<(), AwsError> {
+    let created = clients
+        .ec2
+        .create_launch_template_version()
+        .launch_template_id(&template.id)
+        .source_version(template.default_version.to_string())
+        .launch_template_data(data)
+        .send()
+        .await
+        .op("CreateLaunchTemplateVersion", name)?;
+    let version = created
+        .launch_template_version()
+        .and_then(|v| v.version_number())
+        .unwrap_or(template.default_version + 1);
+    clients
+        .ec2
+        .modify_launch_template()
+        .launch_template_id(&template.id)
+        .default_version(version.to_string())
+        .send()
+        .await
+        .op("ModifyLaunchTemplate", name)?;
+    Ok(())
 }
 
 async fn run_sequentially(ctx: &Ctx<'_>, steps: Vec<&Step>) -> Vec<Result<(), AwsError>> {
@@ -728,28 +740,7 @@ async fn ensure_launch_template(
             // cannot launch from, so leaving it out on an update is also what moto needs; every
             // other field is sent whole, which AWS merges to the same result.
             let data = template_data(ctx, resource, step.action == Action::Replace).await?;
-            let created = ctx
-                .clients
-                .ec2
-                .create_launch_template_version()
-                .launch_template_id(&live.id)
-                .source_version(live.default_version.to_string())
-                .launch_template_data(data)
-                .send()
-                .await
-                .op("CreateLaunchTemplateVersion", name)?;
-            let version = created
-                .launch_template_version()
-                .and_then(|v| v.version_number())
-                .unwrap_or(live.default_version + 1);
-            ctx.clients
-                .ec2
-                .modify_launch_template()
-                .launch_template_id(&live.id)
-                .default_version(version.to_string())
-                .send()
-                .await
-                .op("ModifyLaunchTemplate", name)?;
+            new_default_version(ctx.clients, name, live, data).await?;
             retag_ec2(ctx, resource, &live.id, &live.tags).await?;
             if step.action == Action::Replace {
                 refresh_group_of_template(ctx, name).await?;
@@ -864,30 +855,6 @@ async fn delete_key_pair(ctx: &Ctx<'_>, name: &str) -> Result<(), AwsError> {
 
 // Launch configurations (legacy) -------------------------------------------------------------
 
-/// `YYYYMMDDTHHMMSSZ` of now, in UTC.
-fn utc_timestamp() -> String {
-    let seconds = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rest) = (seconds / 86_400, seconds % 86_400);
-    // Howard Hinnant's civil-from-days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
-}
-
 /// Makes a new launch configuration for `resource` (they cannot be changed), points the
 /// groups that used an older one of the same topology name at it, and deletes the older ones.
 async fn create_launch_configuration(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsError> {
@@ -898,10 +865,11 @@ async fn create_launch_configuration(ctx: &Ctx<'_>, resource: &Resource) -> Resu
         _ => rigger_topology::Role::Web,
     };
     let release = text(resource, "release").unwrap_or(&ctx.topology.release);
-    let mut aws_name =
-        ctx.env
-            .names
-            .launch_configuration_on_aws(topology_role, &utc_timestamp(), release);
+    let mut aws_name = ctx.env.names.launch_configuration_on_aws(
+        topology_role,
+        &rigger_plan::lock::utc_timestamp(crate::deploy::now()),
+        release,
+    );
     if ctx
         .live
         .launch_configurations
@@ -910,10 +878,11 @@ async fn create_launch_configuration(ctx: &Ctx<'_>, resource: &Resource) -> Resu
     {
         // A replacement within the second its predecessor was made.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        aws_name =
-            ctx.env
-                .names
-                .launch_configuration_on_aws(topology_role, &utc_timestamp(), release);
+        aws_name = ctx.env.names.launch_configuration_on_aws(
+            topology_role,
+            &rigger_plan::lock::utc_timestamp(crate::deploy::now()),
+            release,
+        );
     }
     let context = ctx.env.context(ctx.network, &[role], None, release);
     let user_data = userdata::user_data(ctx.env, &context).map_err(|problem| {

@@ -652,28 +652,9 @@ where
 
 /// A backup's name: `<db>-<UTC timestamp>.dump`, which sorts oldest first.
 pub fn backup_name(db_name: &str, unix_seconds: u64) -> String {
-    format!("{db_name}-{}.dump", utc_timestamp(unix_seconds))
-}
-
-/// `YYYYMMDDTHHMMSSZ`.
-fn utc_timestamp(unix_seconds: u64) -> String {
-    let days = unix_seconds / 86_400;
-    let rest = unix_seconds % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
+        "{db_name}-{}.dump",
+        rigger_plan::lock::utc_timestamp(unix_seconds)
     )
 }
 

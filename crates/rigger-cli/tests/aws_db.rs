@@ -6,58 +6,14 @@
 //! reached, so every SSH step is skipped with a note; the AWS calls run for real.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
 #[path = "../../rigger-aws/tests/common/mod.rs"]
 mod moto;
 
-fn rigger(dir: &Path, url: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_rigger"));
-    command
-        .args(args)
-        .args(["-e", "prod", "--endpoint-url", url])
-        .current_dir(dir)
-        // Never a terminal: confirmations are refused rather than waited for.
-        .stdin(Stdio::null())
-        .env("RIGGER_STATE_DIR", dir.join("state"))
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_MAX_ATTEMPTS", "1")
-        .env_remove("AWS_PROFILE")
-        .env_remove("RUST_LOG")
-        .env("NO_COLOR", "1");
-    command
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn ok(dir: &Path, url: &str, args: &[&str]) -> Output {
-    let output = rigger(dir, url, args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "rigger {args:?}: {}",
-        text(&output)
-    );
-    output
-}
-
-fn json(dir: &Path, url: &str, args: &[&str]) -> Value {
-    let output = ok(dir, url, args);
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("rigger {args:?} printed no JSON ({e}): {}", text(&output)))
-}
+mod aws_cli;
+use aws_cli::{json, ok, rigger, stdout, text};
 
 /// `rigger plan --json`'s steps other than no-ops: `create server shop-prod-db-replica1`.
 fn planned(dir: &Path, url: &str) -> Vec<String> {

@@ -5,44 +5,13 @@
 //! rigger-aws cover the rollout's decisions.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 #[path = "../../rigger-aws/tests/common/mod.rs"]
 mod moto;
 
-fn rigger(dir: &Path, url: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_rigger"));
-    command
-        .args(args)
-        .args(["-e", "prod", "--endpoint-url", url])
-        .current_dir(dir)
-        .env("RIGGER_STATE_DIR", dir.join("state"))
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_MAX_ATTEMPTS", "1")
-        .env_remove("AWS_PROFILE")
-        .env_remove("RUST_LOG")
-        .env("NO_COLOR", "1");
-    command
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn ok(dir: &Path, url: &str, args: &[&str]) -> Output {
-    let output = rigger(dir, url, args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "rigger {args:?}: {}",
-        text(&output)
-    );
-    output
-}
+mod aws_cli;
+use aws_cli::{ok, rigger, text};
 
 fn git(app: &Path, args: &[&str]) {
     let status = Command::new("git")

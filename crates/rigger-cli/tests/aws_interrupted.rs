@@ -2,35 +2,13 @@
 //! second run finishes the environment and a plan afterwards finds nothing to do. Against
 //! moto's server, like the AWS provider's own tests; nothing connects anywhere else.
 
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 #[path = "../../rigger-aws/tests/common/mod.rs"]
 mod moto;
 
-fn rigger(dir: &std::path::Path, url: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_rigger"));
-    command
-        .args(args)
-        .args(["-e", "prod", "--endpoint-url", url])
-        .current_dir(dir)
-        .env("RIGGER_STATE_DIR", dir.join("state"))
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_MAX_ATTEMPTS", "1")
-        .env_remove("AWS_PROFILE")
-        .env_remove("RUST_LOG")
-        .env("NO_COLOR", "1");
-    command
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+mod aws_cli;
+use aws_cli::{rigger, text};
 
 #[test]
 fn an_interrupted_up_re_run_converges() {

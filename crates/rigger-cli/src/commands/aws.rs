@@ -281,11 +281,7 @@ impl SshServerOps<'_> {
 impl ServerOps for SshServerOps<'_> {
     fn stop_workers(&self, instances: &[String], timeout: Duration) -> Result<(), String> {
         let answers = self.run(instances, &operations::warm_stop_workers_line(timeout))?;
-        let failed: Vec<String> = answers
-            .iter()
-            .filter(|a| !a.succeeded())
-            .map(Answer::describe_failure)
-            .collect();
+        let failed = super::remote::failures(&answers);
         if failed.is_empty() {
             Ok(())
         } else {
@@ -347,19 +343,14 @@ fn finish(
     let record = runtime
         .block_on(provider.finish_deploy(started, &rollout))
         .map_err(failed)?;
-    let summary = format!(
-        "release {} {} in {} s",
-        record.release,
-        record.result,
-        record.finished.saturating_sub(record.started)
-    );
-    if record.result == "succeeded" {
-        say(settings, &summary);
-        println!("{}", record.release);
-        Ok(())
-    } else {
-        Err(Failure::Operation(anyhow!("{summary}: {}", record.reason)))
-    }
+    let seconds = record.finished.saturating_sub(record.started);
+    super::deploy::finished(
+        settings,
+        &record.release,
+        &record.result,
+        seconds as f64,
+        &record.reason,
+    )
 }
 
 /// `rigger deploy` on AWS: builds the release from git as the local provider does
@@ -487,11 +478,7 @@ pub(crate) fn maintenance(settings: &Settings, on: bool) -> Result<(), Failure> 
     let answers = super::remote::run_captured(settings, &["web".to_owned()], &|layout| {
         super::remote::shell_job(&operations::maintenance_line(layout, on))
     })?;
-    let failed: Vec<String> = answers
-        .iter()
-        .filter(|a| !a.succeeded())
-        .map(Answer::describe_failure)
-        .collect();
+    let failed = super::remote::failures(&answers);
     if failed.is_empty() {
         Ok(())
     } else {

@@ -220,11 +220,7 @@ fn result_of<T>(result: Result<T, rigger_aws::AwsError>) -> Result<T, Failure> {
 
 /// The answers, or a failure naming each server that failed.
 fn remote_ok(answers: Vec<Answer>) -> Result<Vec<Answer>, Failure> {
-    let failures: Vec<String> = answers
-        .iter()
-        .filter(|a| !a.succeeded())
-        .map(Answer::describe_failure)
-        .collect();
+    let failures = super::remote::failures(&answers);
     if failures.is_empty() {
         Ok(answers)
     } else {
@@ -461,11 +457,7 @@ fn pgbouncer_all(settings: &Settings, commands: &[&str]) -> Result<Vec<String>, 
     let answers = run_captured(settings, &selectors, &|layout| {
         pgbouncer_job(layout, commands)
     })?;
-    Ok(answers
-        .iter()
-        .filter(|a| !a.succeeded())
-        .map(Answer::describe_failure)
-        .collect())
+    Ok(super::remote::failures(&answers))
 }
 
 fn resume(settings: &Settings) {

@@ -58,16 +58,31 @@ fn roll_out(
     let outcome = runtime()?.block_on(control::deploy(&env, target, &options, |line| {
         say(settings, &format!("  {line}"));
     }))?;
-    let summary = format!(
-        "release {} {} in {:.1} s",
-        outcome.release, outcome.result, outcome.duration_secs
-    );
-    if outcome.result == "succeeded" {
+    finished(
+        settings,
+        &outcome.release,
+        &outcome.result,
+        outcome.duration_secs,
+        &outcome.reason,
+    )
+}
+
+/// How a deploy or rollback ended, said the same way for both providers: the release on
+/// stdout when it succeeded, otherwise an error with the reason.
+pub(crate) fn finished(
+    settings: &Settings,
+    release: &str,
+    result: &str,
+    seconds: f64,
+    reason: &str,
+) -> Result<(), Failure> {
+    let summary = format!("release {release} {result} in {seconds:.1} s");
+    if result == "succeeded" {
         say(settings, &summary);
-        println!("{}", outcome.release);
+        println!("{release}");
         Ok(())
     } else {
-        Err(Failure::Operation(anyhow!("{summary}: {}", outcome.reason)))
+        Err(Failure::Operation(anyhow!("{summary}: {reason}")))
     }
 }
 

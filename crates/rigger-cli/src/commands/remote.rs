@@ -1182,6 +1182,15 @@ impl Answer {
 /// A task's output: its standard output lines, then its standard error lines.
 type CapturedLines = (Vec<String>, Vec<String>);
 
+/// Each server that did not succeed, described (`web-1: exited with 1: <last line>`).
+pub(crate) fn failures(answers: &[Answer]) -> Vec<String> {
+    answers
+        .iter()
+        .filter(|a| !a.succeeded())
+        .map(Answer::describe_failure)
+        .collect()
+}
+
 /// Collects every line per task label instead of printing.
 #[derive(Default)]
 struct Collector {
