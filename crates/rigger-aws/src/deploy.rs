@@ -535,6 +535,16 @@ impl crate::Provider {
         requester: &Requester,
         report: &(dyn Fn(&str) + Sync),
     ) -> Result<StartedDeploy, AwsError> {
+        // Nothing is uploaded or locked for an environment that is not up.
+        let (_, live) = self.observe().await?;
+        if self.current_release(&live).is_none() {
+            return Err(AwsError::precondition(
+                "(deploy)",
+                self.env.names.group(Role::Web),
+                "the environment's groups do not exist",
+                "run `rigger up` first",
+            ));
+        }
         let started = now();
         self.lock_for(
             requester,

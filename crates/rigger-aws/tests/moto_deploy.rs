@@ -219,6 +219,41 @@ async fn a_release_replaces_every_server_and_is_recorded() {
 }
 
 #[tokio::test]
+async fn a_deploy_before_up_is_refused_with_nothing_uploaded_or_locked() {
+    let moto = Moto::start();
+    let config = config(&config_text("", 1, "t3.small"));
+    let provider = provider(&moto, config).await;
+    let dir = tempfile::tempdir().unwrap();
+    let error = provider
+        .start_deploy(
+            &artifact(dir.path(), "r2"),
+            &requester("alice@laptop"),
+            &quiet,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("rigger up"), "{error}");
+    assert_eq!(
+        rigger_aws::deploy::lock_holder(&provider.env, &provider.clients)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(
+        provider
+            .clients
+            .s3
+            .list_buckets()
+            .send()
+            .await
+            .unwrap()
+            .buckets()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
 async fn a_second_concurrent_deploy_is_refused_naming_the_holder() {
     let moto = Moto::start();
     let config = config(&config_text("", 1, "t3.small"));
