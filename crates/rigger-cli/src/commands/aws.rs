@@ -17,6 +17,7 @@ use rigger_recipes::operations;
 use rigger_topology::{Role, Topology};
 
 use super::remote::Answer;
+use super::{runtime, say};
 use crate::args::{
     DeployArgs, DownArgs, LockCommand, RollbackArgs, RolloutArgs, ScaleArgs, StatusArgs,
 };
@@ -27,20 +28,6 @@ use crate::{Failure, Settings};
 pub(crate) fn is_aws(settings: &Settings) -> Result<bool, Failure> {
     let config = super::load_config(settings)?;
     Ok(super::environment(&config, settings)?.provider_kind() == ProviderKind::Aws)
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-        .map_err(Failure::Operation)
-}
-
-fn say(settings: &Settings, line: &str) {
-    if settings.verbosity >= 0 {
-        eprintln!("{line}");
-    }
 }
 
 fn connection(settings: &Settings) -> Connection {

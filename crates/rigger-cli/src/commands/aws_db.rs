@@ -14,9 +14,9 @@ use rigger_local::control::{self, DbStatus, PgBouncerPools};
 use rigger_recipes::{Command, Layout, shell_quote};
 use rigger_transport::Job;
 
-use super::local::{runtime, say};
 use super::remote::{Answer, run_captured, shell_job};
 use super::{aws, confirm};
+use super::{runtime, say};
 use crate::args::DbCommand;
 use crate::{Failure, Settings};
 

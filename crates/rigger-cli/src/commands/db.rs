@@ -5,7 +5,8 @@ use anyhow::{Context as _, anyhow};
 use rigger_local::control;
 
 use super::confirm;
-use super::local::{local_environment, runtime, say};
+use super::local::local_environment;
+use super::{runtime, say};
 use crate::args::DbCommand;
 use crate::{Failure, Settings};
 

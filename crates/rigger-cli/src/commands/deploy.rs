@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow};
 use rigger_local::control::{self, DeployOptions, DeployTarget};
 
-use super::local::{local_environment, runtime, say};
+use super::local::local_environment;
+use super::{runtime, say};
 use crate::args::{
     DeployArgs, LockCommand, MaintenanceArgs, ReleasesArgs, RollbackArgs, RolloutArgs,
 };

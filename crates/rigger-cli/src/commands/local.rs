@@ -7,6 +7,7 @@ use rigger_config::{Config, ProviderKind};
 use rigger_local::control::{self, UpOutcome};
 use rigger_local::environment::LocalEnvironment;
 
+use super::{runtime, say};
 use crate::args::{DownArgs, ScaleArgs, SecretsCommand, StatusArgs};
 use crate::{Failure, Settings};
 
@@ -49,20 +50,6 @@ pub(crate) fn config_with_scaling(mut config: Config, settings: &Settings) -> Co
         env.worker.desired = worker.clamp(env.worker.min, env.worker.max);
     }
     config
-}
-
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-        .map_err(Failure::Operation)
-}
-
-pub(crate) fn say(settings: &Settings, line: &str) {
-    if settings.verbosity >= 0 {
-        eprintln!("{line}");
-    }
 }
 
 pub(crate) fn up(settings: &Settings) -> Result<(), Failure> {

@@ -52,6 +52,22 @@ pub(crate) fn dispatch(command: Command, settings: &Settings) -> Result<(), Fail
     }
 }
 
+/// The async runtime a command's provider calls run on.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+        .map_err(Failure::Operation)
+}
+
+/// A progress line on stderr, unless `-q`.
+pub(crate) fn say(settings: &Settings, line: &str) {
+    if settings.verbosity >= 0 {
+        eprintln!("{line}");
+    }
+}
+
 /// Loads and validates the configuration; an invalid one stops the command before anything
 /// else happens.
 pub(crate) fn load_config(settings: &Settings) -> Result<Config, Failure> {

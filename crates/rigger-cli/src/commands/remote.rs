@@ -22,6 +22,7 @@ use rigger_transport::local::LocalTransport;
 use rigger_transport::ssh::{SshSettings, SshTarget, SshTransport};
 use rigger_transport::{BoxFuture, ExitStatus, Job, Stream, Transport, TransportError};
 
+use super::{runtime, say};
 use crate::args::{ExecArgs, LogsArgs, ManageArgs, SshArgs};
 use crate::{Failure, Settings};
 
@@ -858,20 +859,6 @@ fn interact(server: &Server, job: Option<&Job>) -> Result<ExitStatus, Failure> {
         .block_on(rigger_transport::run_interactive(process))
         .with_context(|| format!("starting a session on {}", server.transport.describe()))
         .map_err(Failure::Operation)
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-        .map_err(Failure::Operation)
-}
-
-fn say(settings: &Settings, line: &str) {
-    if settings.verbosity >= 0 {
-        eprintln!("{line}");
-    }
 }
 
 #[cfg(test)]
