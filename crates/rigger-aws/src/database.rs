@@ -654,7 +654,7 @@ where
 pub fn backup_name(db_name: &str, unix_seconds: u64) -> String {
     format!(
         "{db_name}-{}.dump",
-        rigger_plan::lock::utc_timestamp(unix_seconds)
+        rigger_plan::deploys::utc_timestamp(unix_seconds)
     )
 }
 

@@ -27,7 +27,7 @@ use crate::Clients;
 use crate::environment::AwsEnvironment;
 use crate::error::{AwsError, Context as _};
 
-pub use rigger_plan::lock::{LOCK_TTL, LockHolder};
+pub use rigger_plan::deploys::{DeployRecord, LOCK_TTL, LockHolder};
 
 /// Who asks for the deploy lock: `user@host`, the asking process, and how to tell whether a
 /// process of this host still runs (a lock whose holder ended on this host is taken over at
@@ -52,21 +52,6 @@ pub struct Acquired {
     /// The stale lock this one replaced: an operation that was interrupted (its process ended,
     /// or its lock expired).
     pub interrupted: Option<LockHolder>,
-}
-
-/// One deploy in the environment's history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeployRecord {
-    pub release: String,
-    pub revision: String,
-    pub by: String,
-    /// Unix seconds.
-    pub started: u64,
-    pub finished: u64,
-    /// `succeeded`, `rolled back`, `failed`.
-    pub result: String,
-    #[serde(default)]
-    pub reason: String,
 }
 
 /// A built release, ready to upload.

@@ -70,7 +70,7 @@ pub fn read_outcome(paths: &EnvPaths) -> Option<DeployOutcome> {
     serde_json::from_slice(&std::fs::read(outcome_path(paths)).ok()?).ok()
 }
 
-pub use rigger_plan::lock::{LOCK_TTL, LockHolder};
+pub use rigger_plan::deploys::{LOCK_TTL, LockHolder};
 
 fn lock_path(paths: &EnvPaths) -> PathBuf {
     paths.root().join("deploy.lock")

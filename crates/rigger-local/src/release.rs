@@ -382,22 +382,10 @@ async fn git_output(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
-pub use rigger_plan::lock::utc_timestamp as timestamp;
+pub use rigger_plan::deploys::utc_timestamp as timestamp;
 
 /// One deploy in the environment's history (`releases.jsonl`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeployRecord {
-    pub release: String,
-    pub revision: String,
-    pub by: String,
-    /// Unix seconds.
-    pub started: u64,
-    pub finished: u64,
-    /// `succeeded`, `rolled back`, `failed`.
-    pub result: String,
-    #[serde(default)]
-    pub reason: String,
-}
+pub use rigger_plan::deploys::DeployRecord;
 
 pub fn append_history(paths: &EnvPaths, record: &DeployRecord) -> anyhow::Result<()> {
     use std::io::Write as _;

@@ -10,8 +10,8 @@
 //! Architecture invariant: this crate does no I/O, reads no clock and cannot fail on the
 //! network. Rendering lives in [`render`]; the JSON schema in [`json`].
 
+pub mod deploys;
 pub mod json;
-pub mod lock;
 pub mod render;
 pub mod rollout;
 pub mod status;

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
-use rigger_aws::deploy::{Artifact, NoServerAccess, Requester, Rollout, RolloutOptions, ServerOps};
+use rigger_aws::deploy::{
+    Artifact, DeployRecord, NoServerAccess, Requester, Rollout, RolloutOptions, ServerOps,
+};
 use rigger_aws::{Connection, Provider};
 use rigger_config::{Config, ProviderKind};
 use rigger_plan::Observed;
@@ -536,32 +538,18 @@ fn migrate(
     )
 }
 
-/// The deploy history in SSM, in the local provider's record shape.
-pub(crate) fn history(
-    settings: &Settings,
-) -> Result<Vec<rigger_local::release::DeployRecord>, Failure> {
+/// The deploy history in SSM.
+pub(crate) fn history(settings: &Settings) -> Result<Vec<DeployRecord>, Failure> {
     let config = super::load_config(settings)?;
     if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
         return Err(no_credentials());
     }
-    let records = runtime()?.block_on(async {
+    runtime()?.block_on(async {
         let provider = provider(config, settings).await?;
         rigger_aws::deploy::history(&provider.env, &provider.clients)
             .await
             .map_err(failed)
-    })?;
-    Ok(records
-        .into_iter()
-        .map(|r| rigger_local::release::DeployRecord {
-            release: r.release,
-            revision: r.revision,
-            by: r.by,
-            started: r.started,
-            finished: r.finished,
-            result: r.result,
-            reason: r.reason,
-        })
-        .collect())
+    })
 }
 
 /// `rigger lock status|release` on AWS: the lock parameter in SSM.

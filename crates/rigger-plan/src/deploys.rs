@@ -1,6 +1,7 @@
-//! The deploy lock's record, shared by both providers: who holds it, from where, since when,
-//! for what, and until when. The local provider keeps it in a file, the AWS provider in an
-//! SSM parameter; both decide staleness with [`LockHolder::is_stale`].
+//! Deploys' records, shared by both providers. [`LockHolder`]: who holds the deploy lock, from
+//! where, since when, for what, and until when (the local provider keeps it in a file, the AWS
+//! provider in an SSM parameter; both decide staleness with [`LockHolder::is_stale`]).
+//! [`DeployRecord`]: one deploy in the environment's history (`rigger releases`).
 //!
 //! Pure like the rest of this crate: the clock, the host name and "is this process alive" are
 //! the caller's arguments.
@@ -62,6 +63,21 @@ impl std::fmt::Display for LockHolder {
             utc_timestamp(self.expires)
         )
     }
+}
+
+/// One deploy in the environment's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployRecord {
+    pub release: String,
+    pub revision: String,
+    pub by: String,
+    /// Unix seconds.
+    pub started: u64,
+    pub finished: u64,
+    /// `succeeded`, `rolled back`, `failed`, `interrupted`.
+    pub result: String,
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// Unix seconds as `YYYYMMDDTHHMMSSZ` (UTC): release ids and the times rigger prints.
