@@ -146,7 +146,7 @@ impl Supervisor {
                 .find(|s| s.has_role(Role::DbReplica))
                 .cloned()
                 .context(
-                    "there is no replica to promote; add one (database.replicas) and `rigger up`",
+                    "there is no replica to promote; `rigger db reseed` builds one from the primary",
                 )?,
         };
         if !replica.has_role(Role::DbReplica) {
