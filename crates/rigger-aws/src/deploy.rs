@@ -101,7 +101,13 @@ pub struct StartedDeploy {
     pub bucket: String,
     pub by: String,
     pub started: u64,
+    /// The lock this deploy holds (renewed while it rolls out).
+    pub lock: LockHolder,
 }
+
+/// How often a rollout pushes its lock's expiry forward: well within [`LOCK_TTL`], so a long
+/// rollout (many batches, workers finishing long tasks) never looks abandoned.
+pub const LOCK_RENEWAL: Duration = Duration::from_secs(5 * 60);
 
 /// Unix seconds now.
 pub fn now() -> u64 {
@@ -186,6 +192,36 @@ pub async fn acquire_lock(
         "another deploy took the lock at the same moment",
         "run the deploy again",
     ))
+}
+
+/// Pushes the expiry of `held` (the caller's lock) to `now` + [`LOCK_TTL`]; refuses when the
+/// lock is no longer the caller's (someone released it and another deploy took it).
+pub async fn renew_lock(
+    env: &AwsEnvironment,
+    clients: &Clients,
+    held: &LockHolder,
+    now: u64,
+) -> Result<LockHolder, AwsError> {
+    let name = lock_parameter(env);
+    let current = lock_holder(env, clients).await?;
+    if current.as_ref() != Some(held) {
+        return Err(AwsError::precondition(
+            "PutParameter",
+            &name,
+            match current {
+                Some(other) => format!("the deploy lock is now held by {other}"),
+                None => "the deploy lock was released by someone else".to_owned(),
+            },
+            "check `rigger lock status`; this deploy goes on, but is no longer exclusive",
+        ));
+    }
+    let renewed = LockHolder {
+        expires: now + LOCK_TTL.as_secs(),
+        ..held.clone()
+    };
+    let value = serde_json::to_string(&renewed).expect("serializable");
+    crate::parameters::put(clients, &name, &value).await?;
+    Ok(renewed)
 }
 
 /// Removes the lock, whoever holds it.
@@ -531,13 +567,14 @@ impl crate::Provider {
             ));
         }
         let started = now();
-        self.lock_for(
-            requester,
-            &format!("deploy {}", artifact.id),
-            started,
-            report,
-        )
-        .await?;
+        let lock = self
+            .lock_for(
+                requester,
+                &format!("deploy {}", artifact.id),
+                started,
+                report,
+            )
+            .await?;
         let uploaded = async {
             let bucket = crate::releases::ensure(&self.env, &self.clients, report).await?;
             report(&format!(
@@ -557,6 +594,7 @@ impl crate::Provider {
                 bucket,
                 by: requester.who.clone(),
                 started,
+                lock,
             }),
             Err(error) => {
                 release_lock(&self.env, &self.clients).await?;
@@ -629,19 +667,21 @@ impl crate::Provider {
             ));
         }
         let started = now();
-        self.lock_for(
-            requester,
-            &format!("rollback to {}", target.release),
-            started,
-            report,
-        )
-        .await?;
+        let lock = self
+            .lock_for(
+                requester,
+                &format!("rollback to {}", target.release),
+                started,
+                report,
+            )
+            .await?;
         Ok(StartedDeploy {
             release: target.release.clone(),
             revision: target.revision.clone(),
             bucket,
             by: requester.who.clone(),
             started,
+            lock,
         })
     }
 
@@ -652,9 +692,10 @@ impl crate::Provider {
         operation: &str,
         started: u64,
         report: &(dyn Fn(&str) + Sync),
-    ) -> Result<(), AwsError> {
+    ) -> Result<LockHolder, AwsError> {
         let acquired =
             acquire_lock(&self.env, &self.clients, requester, operation, started).await?;
+        let holder = acquired.holder;
         if let Some(stale) = acquired.interrupted {
             report(&format!(
                 "taking over the deploy lock of an interrupted operation: {stale}"
@@ -663,7 +704,7 @@ impl crate::Provider {
             if !(stale.operation.starts_with("deploy ")
                 || stale.operation.starts_with("rollback to "))
             {
-                return Ok(());
+                return Ok(holder);
             }
             let entry = DeployRecord {
                 release: release_of(&stale.operation).to_owned(),
@@ -679,7 +720,7 @@ impl crate::Provider {
             };
             record(&self.env, &self.clients, &entry).await?;
         }
-        Ok(())
+        Ok(holder)
     }
 
     /// Records a deploy that stopped before anything switched (a failed migration) and
@@ -699,7 +740,24 @@ impl crate::Provider {
         deploy: StartedDeploy,
         rollout: &Rollout<'_>,
     ) -> Result<DeployRecord, AwsError> {
-        match self.roll_out(&deploy.release, rollout).await {
+        // The lock's expiry moves forward while the rollout runs.
+        let renewing = async {
+            let mut held = deploy.lock.clone();
+            loop {
+                tokio::time::sleep(LOCK_RENEWAL).await;
+                match renew_lock(&self.env, &self.clients, &held, now()).await {
+                    Ok(renewed) => held = renewed,
+                    Err(error) => (rollout.report)(&format!(
+                        "warning: could not renew the deploy lock: {error}"
+                    )),
+                }
+            }
+        };
+        let rolled = tokio::select! {
+            rolled = self.roll_out(&deploy.release, rollout) => rolled,
+            never = renewing => never,
+        };
+        match rolled {
             Ok(Ok(())) => self.end_deploy(deploy, "succeeded", String::new()).await,
             Ok(Err(reason)) => self.end_deploy(deploy, "rolled back", reason).await,
             Err(error) => {

@@ -278,6 +278,37 @@ async fn a_second_concurrent_deploy_is_refused_naming_the_holder() {
     assert!(refused.contains("deploy r2"), "{refused}");
     assert!(refused.contains("rigger lock release"), "{refused}");
 
+    // A long rollout renews its lock; a lock that is no longer its own is not renewed.
+    let renewed = rigger_aws::deploy::renew_lock(
+        &provider.env,
+        &provider.clients,
+        &first.lock,
+        first.lock.since + 600,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        renewed.expires,
+        first.lock.since + 600 + rigger_aws::deploy::LOCK_TTL.as_secs()
+    );
+    assert_eq!(
+        rigger_aws::deploy::lock_holder(&provider.env, &provider.clients)
+            .await
+            .unwrap(),
+        Some(renewed.clone())
+    );
+    let stale_copy = first.lock.clone();
+    let refused = rigger_aws::deploy::renew_lock(
+        &provider.env,
+        &provider.clients,
+        &stale_copy,
+        first.lock.since + 900,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(refused.contains("now held by alice@laptop"), "{refused}");
+
     // The holder finishes; then the next deploy may go.
     provider
         .abandon_deploy(first, "migrations failed")
