@@ -635,3 +635,41 @@ async fn a_deploy_with_launch_configurations_replaces_every_server() {
     let plan = provider.plan(common::RELEASE).await.unwrap();
     assert!(plan.is_empty(), "{:#?}", actions(&plan));
 }
+
+#[tokio::test]
+async fn a_deploy_behind_an_application_load_balancer_replaces_every_target() {
+    let moto = Moto::start();
+    let config = config(&config_text(
+        "load_balancer = \"application\"",
+        2,
+        "t3.small",
+    ));
+    let provider = provider(&moto, config).await;
+    provider.up(common::RELEASE, &quiet).await.unwrap();
+    let (_, old_web) = group_members(&provider, "shop-prod-web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let servers = RecordingServers::default();
+    let record = deploy(&provider, dir.path(), "r2", &servers, None).await;
+    assert_eq!(record.result, "succeeded", "{record:?}");
+
+    let (template, new_web) = group_members(&provider, "shop-prod-web").await;
+    assert_eq!(template.as_deref(), Some("shop-prod-web-r2"));
+    assert!(new_web.iter().all(|id| !old_web.contains(id)));
+    // The target group serves exactly the new servers: the old ones were deregistered.
+    let (_, live) = provider.observe().await.unwrap();
+    let lb = live
+        .load_balancer(rigger_config::LoadBalancerKind::Application)
+        .unwrap();
+    let health = rigger_aws::loadbalancer::instance_health(
+        &provider.clients,
+        lb,
+        &provider.env.names.load_balancer(),
+    )
+    .await
+    .unwrap();
+    let mut targets: Vec<&String> = health.keys().collect();
+    targets.sort();
+    assert_eq!(targets, new_web.iter().collect::<Vec<_>>(), "{health:?}");
+    let plan = provider.plan(common::RELEASE).await.unwrap();
+    assert!(plan.is_empty(), "{:#?}", actions(&plan));
+}
