@@ -134,8 +134,8 @@ pub struct RolloutArgs {
     /// Seconds an old worker may take to finish its running tasks.
     #[arg(long, default_value_t = 600, value_name = "SECONDS")]
     pub worker_stop_timeout: u64,
-    /// Seconds an old web server keeps serving its requests in progress after it leaves the
-    /// load balancer (AWS; the local provider drains until none is left, at most 30 s).
+    /// Seconds an old web server may take to finish its requests in progress after it leaves
+    /// the load balancer (locally it stops as soon as none is left).
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     pub drain_timeout: u64,
 }

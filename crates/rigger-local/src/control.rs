@@ -284,6 +284,7 @@ pub struct DeployOptions {
     pub batch: String,
     pub health_timeout: Duration,
     pub worker_stop_timeout: Duration,
+    pub drain_timeout: Duration,
 }
 
 /// Which release to roll out.
@@ -346,6 +347,7 @@ pub async fn deploy(
         batch: options.batch.clone(),
         health_timeout_secs: options.health_timeout.as_secs(),
         worker_stop_timeout_secs: options.worker_stop_timeout.as_secs(),
+        drain_timeout_secs: options.drain_timeout.as_secs(),
         requested_by: release::who(),
     };
     deploy_files::write_request(&env.paths, &request)?;

@@ -27,6 +27,10 @@ pub struct DeployRequest {
     pub health_timeout_secs: u64,
     /// How long an old worker may take to finish its running tasks (warm shutdown).
     pub worker_stop_timeout_secs: u64,
+    /// How long an old web server may take to finish its requests after it stops getting new
+    /// ones.
+    #[serde(default = "default_drain_timeout_secs")]
+    pub drain_timeout_secs: u64,
     pub requested_by: String,
 }
 
@@ -40,6 +44,10 @@ pub struct DeployOutcome {
     /// health probe's answer, the app's last log lines).
     pub reason: String,
     pub duration_secs: f64,
+}
+
+fn default_drain_timeout_secs() -> u64 {
+    30
 }
 
 pub fn request_path(paths: &EnvPaths) -> PathBuf {

@@ -406,14 +406,7 @@ impl Supervisor {
         {
             self.message = format!("rolling servers of an unfinished deploy back to {current}");
             self.publish(Phase::Starting, self.message.clone());
-            if let Err(failure) = self
-                .roll(
-                    &current,
-                    rigger_plan::rollout::BatchSize::default(),
-                    Duration::from_secs(120),
-                )
-                .await
-            {
+            if let Err(failure) = self.roll(&current, rolling::RollSettings::defaults()).await {
                 bail!("rolling back an unfinished deploy: {}", failure.reason);
             }
         }

@@ -18,13 +18,13 @@ fn options(args: RolloutArgs) -> DeployOptions {
         batch,
         health_timeout,
         worker_stop_timeout,
-        // The local provider drains each server until its requests are done.
-        drain_timeout: _,
+        drain_timeout,
     } = args;
     DeployOptions {
         batch,
         health_timeout: Duration::from_secs(health_timeout),
         worker_stop_timeout: Duration::from_secs(worker_stop_timeout),
+        drain_timeout: Duration::from_secs(drain_timeout),
     }
 }
 

@@ -18,8 +18,30 @@ use crate::registry::ServerRecord;
 use crate::release::{self, DeployRecord, ReleaseManifest};
 use crate::status::Phase;
 
-/// How long draining an old web server may take before it is stopped anyway.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How a rollout goes: servers at a time, and how long each wait may take.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RollSettings {
+    pub(super) batch: BatchSize,
+    /// New servers healthy within this, or the rollout fails.
+    pub(super) health_timeout: Duration,
+    /// An old web server finishes its requests within this, or is stopped anyway.
+    pub(super) drain_timeout: Duration,
+    /// An old worker's running tasks finish within this (Celery's warm shutdown), or it is
+    /// killed.
+    pub(super) worker_stop_timeout: Duration,
+}
+
+impl RollSettings {
+    /// For rolling back an unfinished deploy at start-up: the CLI's defaults.
+    pub(super) fn defaults() -> RollSettings {
+        RollSettings {
+            batch: BatchSize::default(),
+            health_timeout: Duration::from_secs(120),
+            drain_timeout: Duration::from_secs(30),
+            worker_stop_timeout: Duration::from_secs(600),
+        }
+    }
+}
 /// Consecutive healthy observations a new server needs (the load balancer already requires
 /// `rise 2` checks before it says UP).
 const STABLE_OBSERVATIONS: u32 = 2;
@@ -88,27 +110,26 @@ impl Supervisor {
         let failed = |reason: String| ("failed", reason);
         let release = request.release.clone();
         ReleaseManifest::load(&self.env.paths, &release).map_err(|e| failed(format!("{e:#}")))?;
-        let batch: BatchSize = request.batch.parse().map_err(failed)?;
+        let settings = RollSettings {
+            batch: request.batch.parse().map_err(failed)?,
+            health_timeout: Duration::from_secs(request.health_timeout_secs),
+            drain_timeout: Duration::from_secs(request.drain_timeout_secs),
+            worker_stop_timeout: Duration::from_secs(request.worker_stop_timeout_secs),
+        };
         let previous = self.current_release();
-        let health_timeout = Duration::from_secs(request.health_timeout_secs);
-        let usual_timeout = std::mem::replace(&mut self.health_timeout, health_timeout);
-        let result = self
-            .deploy_release(request, release, batch, previous, health_timeout)
-            .await;
+        let usual_timeout = std::mem::replace(&mut self.health_timeout, settings.health_timeout);
+        let result = self.deploy_release(release, previous, settings).await;
         self.health_timeout = usual_timeout;
         result
     }
 
     async fn deploy_release(
         &mut self,
-        request: &DeployRequest,
         release: String,
-        batch: BatchSize,
         previous: String,
-        health_timeout: Duration,
+        settings: RollSettings,
     ) -> Result<(), (&'static str, String)> {
         let failed = |reason: String| ("failed", reason);
-        let _ = request;
 
         // Migrations once, before any server switches; a failure switches nothing.
         self.say(format!("deploy {release}: running migrations"));
@@ -132,7 +153,7 @@ impl Supervisor {
             }
         }
 
-        let Err(failure) = self.roll(&release, batch, health_timeout).await else {
+        let Err(failure) = self.roll(&release, settings).await else {
             self.registry.current_release = Some(release.clone());
             self.save_registry().map_err(|e| failed(format!("{e:#}")))?;
             self.say(format!("deploy {release}: every server runs it"));
@@ -150,7 +171,7 @@ impl Supervisor {
                 tracing::error!("{error:#}");
             }
         }
-        match self.roll(&previous, batch, health_timeout).await {
+        match self.roll(&previous, settings).await {
             Ok(()) => Err(("rolled back", failure.reason)),
             Err(again) => Err(failed(format!(
                 "{}; then rolling back to {previous} failed too: {}",
@@ -164,11 +185,10 @@ impl Supervisor {
     pub(super) async fn roll(
         &mut self,
         release: &str,
-        batch: BatchSize,
-        health_timeout: Duration,
+        settings: RollSettings,
     ) -> Result<(), RollFailure> {
         let old_web: Vec<String> = self.members_not_on(Role::Web, release);
-        for old_batch in rollout::batches(&old_web, batch) {
+        for old_batch in rollout::batches(&old_web, settings.batch) {
             self.say(format!(
                 "deploy {release}: replacing {}",
                 old_batch.join(", ")
@@ -176,9 +196,9 @@ impl Supervisor {
             let new = self
                 .launch(Role::Web, release, old_batch.len(), &[])
                 .await?;
-            self.wait_healthy(&new, health_timeout).await?;
+            self.wait_healthy(&new, settings.health_timeout).await?;
             for old in &old_batch {
-                self.drain(old).await;
+                self.drain(old, settings.drain_timeout).await;
                 if let Err(error) = self.terminate_server(old).await {
                     tracing::error!("{error:#}");
                 }
@@ -198,6 +218,10 @@ impl Supervisor {
             // The new worker starts first, so tasks are consumed throughout; it takes over
             // beat from the old one.
             self.launch(Role::Worker, release, 1, &[old.beat]).await?;
+            // Celery's warm shutdown (SIGTERM) gets the deploy's time for running tasks.
+            if let Some(worker) = self.services.get_mut(&format!("{}/celery-worker", old.id)) {
+                worker.spec.stop_timeout = settings.worker_stop_timeout;
+            }
             if let Err(error) = self.terminate_server(&old.id).await {
                 tracing::error!("{error:#}");
             }
@@ -346,14 +370,14 @@ impl Supervisor {
     }
 
     /// Stops sending requests to a web server and waits (bounded) for those in progress.
-    async fn drain(&mut self, id: &str) {
+    async fn drain(&mut self, id: &str, timeout: Duration) {
         let socket = self.env.paths.server("lb").join("run/haproxy/haproxy.sock");
         if let Err(error) = haproxy::drain(&socket, id).await {
             tracing::warn!(server = %id, "draining: {error}");
             return;
         }
         let started = Instant::now();
-        while started.elapsed() < DRAIN_TIMEOUT {
+        while started.elapsed() < timeout {
             match haproxy::stats(&socket).await {
                 Ok(stats) if stats.get(id).is_none_or(|s| s.current_sessions == 0) => return,
                 Ok(_) => {}
@@ -361,7 +385,7 @@ impl Supervisor {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tracing::warn!(server = %id, "still busy after {} s of draining; stopping it anyway", DRAIN_TIMEOUT.as_secs());
+        tracing::warn!(server = %id, "still busy after {} s of draining; stopping it anyway", timeout.as_secs());
     }
 
     fn say(&mut self, message: String) {
