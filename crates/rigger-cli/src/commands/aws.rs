@@ -151,7 +151,7 @@ pub(crate) fn down(args: DownArgs, settings: &Settings) -> Result<(), Failure> {
     if !yes {
         super::confirm(
             &format!(
-                "This deletes every resource tagged {project}/{env} on AWS, the database volumes and the secrets included. Type the environment's name to confirm: ",
+                "This deletes every resource tagged {project}/{env} on AWS, the database volumes, the bucket of releases and backups, and the secrets included. Type the environment's name to confirm: ",
                 env = settings.environment
             ),
             &settings.environment,
