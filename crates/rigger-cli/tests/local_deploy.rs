@@ -201,10 +201,40 @@ fn deploys_roll_out_and_back_without_dropping_a_request() {
     assert!(project.rigger(&["maintenance", "off"]).status.success());
     assert_eq!(curl(&[&site("/")]).0, 200);
 
-    // Rollback to the release before, without rebuilding.
-    let back = project.rigger(&["rollback"]);
+    // Rollback to the release before, without rebuilding, while a task runs longer than
+    // `--worker-stop-timeout`: the old worker is killed after 2 s instead of being waited for,
+    // and the task (the app acknowledges late) is redelivered to the new worker and completes.
+    let (code, body) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"text":"outlives its worker"}"#,
+        &site("/tasks/slow-note?seconds=45"),
+    ]);
+    assert_eq!(code, 202, "{body}");
+    let task: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let long_task = task["task_id"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_secs(1));
+    let started = std::time::Instant::now();
+    let back = project.rigger(&["rollback", "--worker-stop-timeout", "2"]);
+    let took = started.elapsed();
     assert!(back.status.success());
     assert_eq!(String::from_utf8_lossy(&back.stdout).trim(), "initial");
+    assert!(
+        took < Duration::from_secs(40),
+        "the rollback waited for the task ({took:?}) instead of stopping the worker after 2 s"
+    );
+    eventually(
+        "the interrupted task to complete on the new worker",
+        Duration::from_secs(120),
+        || {
+            let (_, body) = curl(&[&site(&format!("/tasks/{long_task}?wait=5"))]);
+            let state: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (state["successful"] == true).then_some(())
+        },
+    );
     let (_, body) = curl(&[&site("/healthcheck.html")]);
     assert!(
         body.ends_with("initial") || body.trim_end().ends_with("initial"),

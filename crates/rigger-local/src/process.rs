@@ -591,28 +591,61 @@ fn gone(record: &PidRecord, targets: Targets) -> bool {
     !record.is_alive() && (!targets.group || record.live_members().is_empty())
 }
 
+/// Stops a service as systemd's `KillMode=mixed` does (the units rigger writes for servers):
+/// the stop signal goes to the main process alone, which stops its own children its own way
+/// (Celery's warm shutdown lets running tasks finish only if its pool processes are not
+/// signalled too; PostgreSQL and nginx masters stop their workers in order). When the main
+/// process has exited, what is left of its group gets the stop signal, then SIGKILL; after
+/// `timeout`, the whole group is killed.
 async fn stop_group(record: &PidRecord, sig: Signal, timeout: Duration) -> StopOutcome {
     let Some(targets) = targets(record) else {
         return StopOutcome::NotRunning;
     };
-    targets.send(record, sig);
+    let main_only = Targets {
+        leader: targets.leader,
+        group: !targets.leader && targets.group,
+    };
+    main_only.send(record, sig);
     // A stopped (SIGSTOP, or hung under a debugger) process never acts on its stop signal;
     // continuing it lets it shut down cleanly, as systemd does.
     targets.send(record, Signal::SIGCONT);
     let deadline = Instant::now() + timeout;
+    let mut leftovers_signalled = None;
     while !gone(record, targets) {
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             tracing::debug!(name = %record.name, pid = record.pid, ?timeout, "stop timed out, killing");
-            targets.send(record, Signal::SIGKILL);
-            let deadline = Instant::now() + KILL_GRACE;
-            while !gone(record, targets) && Instant::now() < deadline {
-                tokio::time::sleep(POLL).await;
+            return kill_group(record, targets).await;
+        }
+        if targets.group && !record.is_alive() {
+            match leftovers_signalled {
+                None => {
+                    Targets {
+                        leader: false,
+                        group: true,
+                    }
+                    .send(record, sig);
+                    leftovers_signalled = Some(now);
+                }
+                Some(at) if now.duration_since(at) >= KILL_GRACE => {
+                    kill_group(record, targets).await;
+                    return StopOutcome::Exited;
+                }
+                Some(_) => {}
             }
-            return StopOutcome::Killed;
         }
         tokio::time::sleep(POLL).await;
     }
     StopOutcome::Exited
+}
+
+async fn kill_group(record: &PidRecord, targets: Targets) -> StopOutcome {
+    targets.send(record, Signal::SIGKILL);
+    let deadline = Instant::now() + KILL_GRACE;
+    while !gone(record, targets) && Instant::now() < deadline {
+        tokio::time::sleep(POLL).await;
+    }
+    StopOutcome::Killed
 }
 
 /// Builds the command for `program` with exactly `env` (plus a default `PATH`), wrapped in

@@ -96,6 +96,32 @@ async fn stop_reaches_every_process_of_the_group() {
 }
 
 #[tokio::test]
+async fn the_stop_signal_goes_to_the_main_process_which_stops_its_children_its_own_way() {
+    // As Celery's warm shutdown: on SIGTERM the main process waits for its child's work to
+    // finish. Were the child signalled too, its work would be cut short.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup::default();
+    let finished = dir.path().join("child-finished");
+    let script = format!(
+        "(sleep 1; touch {}) & child=$!; trap 'wait $child; exit 0' TERM; wait",
+        finished.display()
+    );
+    let spec = spec(dir.path(), "warm", "bash", &["-c", &script]);
+    let mut main = spawn(&spec).await.unwrap();
+    cleanup.add(main.record());
+    let pid = main.pid();
+    eventually("the child to start", || group(pid).len() >= 2).await;
+
+    let outcome = stop_supervised(&mut main, Signal::SIGTERM, Duration::from_secs(10)).await;
+    assert_eq!(outcome, StopOutcome::Exited);
+    assert!(
+        finished.exists(),
+        "the child was stopped before its work was done"
+    );
+    assert_eq!(group(pid), Vec::<i32>::new());
+}
+
+#[tokio::test]
 async fn members_outliving_their_leader_are_stopped_too() {
     let dir = tempfile::tempdir().unwrap();
     let mut cleanup = Cleanup::default();
