@@ -1,17 +1,22 @@
-//! Deploys on AWS: the deploy lock and history in SSM Parameter Store, and the rolling
-//! replacement rigger drives itself (the emulator has no instance refresh).
+//! Deploys on AWS: the deploy lock, the history and the rollout in progress in SSM Parameter
+//! Store, and the rolling replacement rigger drives itself (the emulator has no instance
+//! refresh, and instance refresh could not warm-stop Celery or quote a failing server).
 //!
-//! [`crate::Provider::start_deploy`] takes the lock (`/<project>/<env>/deploy/lock`, created
-//! with `Overwrite=false` so two deploys cannot both take it) and uploads the release to the
-//! environment's bucket ([`crate::releases`]); the caller then runs the migrations (over SSH,
-//! outside this crate) and [`crate::Provider::finish_deploy`] rolls out: a launch template (or
+//! [`crate::Provider::start_deploy`] (or [`crate::Provider::start_rollback`], for a release
+//! already in the bucket) takes the lock (`/<project>/<env>/deploy/lock`, created with
+//! `Overwrite=false` so two deploys cannot both take it; a stale one is taken over and the
+//! interrupted deploy recorded) and uploads the release to the environment's bucket
+//! ([`crate::releases`]); the caller then runs the migrations (over SSH, outside this crate)
+//! and [`crate::Provider::finish_deploy`] rolls out, renewing the lock meanwhile: first it
+//! undoes what an interrupted rollout left ([`RolloutRecord`]), then a launch template (or
 //! configuration) for the release, the groups pointed at it, then per group batches from
 //! [`rigger_plan::rollout::batches`]: raise the desired count, wait with
 //! [`rigger_plan::rollout::HealthGate`] fed by [`HealthSource`] (the load balancer's instance
-//! health for web servers, the group's for workers), deregister the old servers (connection
-//! draining), terminate them. A gate that times out points the group back at the previous
-//! release and terminates the new servers. Every deploy ends as a record under
-//! `/<project>/<env>/deploy/history/`.
+//! health for web servers, the group's for workers), detach the old servers, drain web
+//! servers (deregistered) and warm-stop workers ([`ServerOps`]), terminate them. A gate that
+//! times out points the groups back at the previous release, terminates the new servers and
+//! quotes the servers' evidence ([`ServerOps::diagnose`]). Every deploy ends as a record
+//! under `/<project>/<env>/deploy/history/`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
