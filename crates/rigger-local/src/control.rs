@@ -208,54 +208,28 @@ pub async fn status(env: &LocalEnvironment) -> Option<Status> {
     Some(status)
 }
 
-/// Each replica's state and lag as the primary sees it. Lag in seconds is `replay_lag`, which
-/// PostgreSQL resets to null when the replica has replayed everything, so an idle primary does
-/// not look lagged; it is reported as 0 then.
+/// Each replica's state and lag as the primary sees it ([`REPLICATION_STATUS_SQL`]), for
+/// `rigger status`; nothing when the primary does not answer within 5 s.
 async fn replication(env: &LocalEnvironment) -> Vec<ReplicaStatus> {
     let socket = env
         .paths
         .server(crate::environment::DB_PRIMARY)
         .join("run/postgresql");
-    let query = "SELECT application_name, state, COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint, \
-                 COALESCE(EXTRACT(EPOCH FROM replay_lag), 0)::float8 FROM pg_stat_replication ORDER BY 1";
-    let mut command = tokio::process::Command::new("setpriv");
-    command
-        .args([
-            "--reuid=postgres",
-            "--regid=postgres",
-            "--init-groups",
-            "--",
-            "psql",
-            "-XAtq",
-            "-F",
-            "|",
-            "-h",
-        ])
-        .arg(&socket)
-        .args([
-            "-p", "5432", "-U", "postgres", "-d", "postgres", "-c", query,
-        ])
-        .env_clear()
-        .env("PATH", process::DEFAULT_PATH)
-        .env("HOME", "/tmp")
-        .kill_on_drop(true);
-    let Ok(Ok(output)) = tokio::time::timeout(Duration::from_secs(5), command.output()).await
-    else {
+    let asked = tokio::time::timeout(
+        Duration::from_secs(5),
+        crate::supervisor::database::run_psql(&socket, REPLICATION_STATUS_SQL),
+    )
+    .await;
+    let Ok(Ok(rows)) = asked else {
         return Vec::new();
     };
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split('|').collect();
-            let [id, state, bytes, seconds] = fields[..] else {
-                return None;
-            };
-            Some(ReplicaStatus {
-                id: id.to_owned(),
-                state: state.to_owned(),
-                lag_bytes: bytes.parse().ok(),
-                lag_seconds: seconds.parse().ok(),
-            })
+    parse_replicas(&rows)
+        .into_iter()
+        .map(|r| ReplicaStatus {
+            id: r.id,
+            state: r.state,
+            lag_bytes: r.lag_bytes,
+            lag_seconds: r.lag_seconds,
         })
         .collect()
 }
@@ -510,8 +484,8 @@ pub struct DbReplica {
     pub id: String,
     pub state: String,
     pub lag_bytes: Option<i64>,
-    /// `replay_lag`: reset to 0 by PostgreSQL when the replica has replayed everything, so an
-    /// idle primary does not look lagged.
+    /// `replay_lag` while WAL is left to replay, 0 once everything is replayed (so an idle
+    /// primary does not look lagged).
     pub lag_seconds: Option<f64>,
     pub slot: Option<String>,
     pub slot_active: Option<bool>,
@@ -526,11 +500,14 @@ pub struct PgBouncerPools {
 }
 
 /// What the primary says of its replicas, one `|`-separated row each (psql `-XAtq -F '|'`):
-/// name, state, lag in bytes and in seconds (`replay_lag`, null, so 0, once everything is
-/// replayed: an idle primary does not look lagged), slot and whether it is active. Both
-/// providers ask it ([`parse_replicas`] reads the answer).
+/// name, state, lag in bytes and in seconds, slot and whether it is active. Both providers ask
+/// it ([`parse_replicas`] reads the answer). The lag in seconds is `replay_lag` while the
+/// replica has WAL left to replay, and 0 once it has replayed everything: PostgreSQL keeps
+/// showing the last measured `replay_lag` for a while after the primary goes idle, which would
+/// make an idle primary look lagged.
 pub const REPLICATION_STATUS_SQL: &str = "SELECT r.application_name, r.state, COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), r.replay_lsn), 0)::bigint, \
-     COALESCE(EXTRACT(EPOCH FROM r.replay_lag), 0)::float8, s.slot_name, s.active \
+     CASE WHEN r.replay_lsn >= pg_current_wal_lsn() THEN 0 ELSE COALESCE(EXTRACT(EPOCH FROM r.replay_lag), 0) END::float8, \
+     s.slot_name, s.active \
      FROM pg_stat_replication r LEFT JOIN pg_replication_slots s ON s.active_pid = r.pid ORDER BY 1";
 
 /// The rows of [`REPLICATION_STATUS_SQL`]; malformed lines are skipped.
