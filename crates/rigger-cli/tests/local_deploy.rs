@@ -106,7 +106,9 @@ fn deploys_roll_out_and_back_without_dropping_a_request() {
         "content-type: application/json",
         "-d",
         r#"{"text":"survives the deploy"}"#,
-        &site("/tasks/slow-note?seconds=8"),
+        // Longer than the deploy takes to reach the worker: its warm shutdown must wait, with
+        // its database connection still up, for the task to write its note.
+        &site("/tasks/slow-note?seconds=25"),
     ]);
     assert_eq!(code, 202, "{body}");
     let task: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -164,6 +166,8 @@ fn deploys_roll_out_and_back_without_dropping_a_request() {
     let (_, body) = curl(&[&site(&format!("/tasks/{task_id}?wait=20"))]);
     let state: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(state["successful"], true, "{state}");
+    // On the worker that ran it when the deploy began, kept alive by its warm shutdown.
+    assert_eq!(state["result"]["written_by"], "worker-1", "{state}");
 
     // A release whose health check fails: rolled back by itself, no request lost, and why.
     let broken = project.commit_change(

@@ -793,13 +793,20 @@ impl Supervisor {
             record.state = ServerState::Unhealthy;
         }
         self.update_load_balancer().await?;
-        let names: Vec<String> = self
-            .services
-            .iter()
-            .filter(|(_, s)| s.server == id)
-            .map(|(n, _)| n.clone())
+        let own: Vec<&RunningService> = self.services.values().filter(|s| s.server == id).collect();
+        // Reverse start order: beat, then the app (a worker's warm shutdown still reaches the
+        // database), then the things it uses.
+        let names: Vec<String> = dependency_order(own.iter().map(|s| &s.spec))
+            .map(|specs| {
+                specs
+                    .iter()
+                    .map(|spec| spec.name.clone())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_else(|_| own.iter().map(|s| s.spec.name.clone()).collect())
+            .into_iter()
+            .map(|service| format!("{id}/{service}"))
             .collect();
-        // Reverse start order: the app before the things it uses.
         for name in names.iter().rev() {
             if let Some(service) = self.services.remove(name) {
                 stop_service(&service).await;
@@ -1177,8 +1184,16 @@ pub(crate) async fn run_steps(recipe: &Recipe, phase: StepPhase, log: &Path) -> 
 
 /// Services in an order where each comes after those it depends on.
 fn ordered_services(recipe: &Recipe) -> anyhow::Result<Vec<&ServiceSpec>> {
+    dependency_order(&recipe.services)
+}
+
+/// `services` in an order where each comes after those it depends on: the start order; its
+/// reverse is the stop order.
+fn dependency_order<'a>(
+    services: impl IntoIterator<Item = &'a ServiceSpec>,
+) -> anyhow::Result<Vec<&'a ServiceSpec>> {
     let mut ordered: Vec<&ServiceSpec> = Vec::new();
-    let mut remaining: Vec<&ServiceSpec> = recipe.services.iter().collect();
+    let mut remaining: Vec<&ServiceSpec> = services.into_iter().collect();
     while !remaining.is_empty() {
         let before = remaining.len();
         remaining.retain(|service| {

@@ -167,6 +167,9 @@ pub(super) fn worker(b: &mut Builder) -> Result<(), RenderError> {
         let beat = app_env(b, beat);
         b.service(ServiceSpec {
             env_file: Some(env_file_path(b)),
+            // Started after the worker and stopped before it: no task is scheduled while no
+            // worker consumes, and a worker's warm shutdown runs with beat already stopped.
+            depends_on: vec!["celery-worker".into()],
             ..service(l, "celery-beat", www, beat, Probe::Running)
         });
     }
