@@ -793,21 +793,12 @@ impl Supervisor {
             record.state = ServerState::Unhealthy;
         }
         self.update_load_balancer().await?;
-        let own: Vec<&RunningService> = self.services.values().filter(|s| s.server == id).collect();
-        // Reverse start order: beat, then the app (a worker's warm shutdown still reaches the
-        // database), then the things it uses.
-        let names: Vec<String> = dependency_order(own.iter().map(|s| &s.spec))
-            .map(|specs| {
-                specs
-                    .iter()
-                    .map(|spec| spec.name.clone())
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_else(|_| own.iter().map(|s| s.spec.name.clone()).collect())
-            .into_iter()
-            .map(|service| format!("{id}/{service}"))
-            .collect();
-        for name in names.iter().rev() {
+        let names: Vec<String> =
+            stop_order(self.services.values().filter(|s| s.server == id).collect())
+                .into_iter()
+                .map(|s| format!("{}/{}", s.server, s.spec.name))
+                .collect();
+        for name in &names {
             if let Some(service) = self.services.remove(name) {
                 stop_service(&service).await;
             }
@@ -845,7 +836,7 @@ impl Supervisor {
                 by_server.entry(&service.server).or_default().push(service);
             }
             let stops = by_server.into_values().map(|services| async move {
-                for service in services.into_iter().rev() {
+                for service in stop_order(services) {
                     stop_service(service).await;
                 }
             });
@@ -1185,6 +1176,20 @@ pub(crate) async fn run_steps(recipe: &Recipe, phase: StepPhase, log: &Path) -> 
 /// Services in an order where each comes after those it depends on.
 fn ordered_services(recipe: &Recipe) -> anyhow::Result<Vec<&ServiceSpec>> {
     dependency_order(&recipe.services)
+}
+
+/// One server's services in the order they stop: the reverse of their start order, so beat
+/// stops before the worker, and the app (a worker's warm shutdown still reaching the database)
+/// before PgBouncer and stunnel.
+fn stop_order(services: Vec<&RunningService>) -> Vec<&RunningService> {
+    let Ok(order) = dependency_order(services.iter().map(|s| &s.spec)) else {
+        return services;
+    };
+    order
+        .into_iter()
+        .rev()
+        .filter_map(|spec| services.iter().copied().find(|s| s.spec.name == spec.name))
+        .collect()
 }
 
 /// `services` in an order where each comes after those it depends on: the start order; its
