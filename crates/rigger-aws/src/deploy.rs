@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_ssm::types::ParameterType;
 use futures_util::future::BoxFuture;
-use rigger_plan::rollout::{BatchSize, GateResult, HealthGate, batches};
+use rigger_plan::rollout::{self, BatchSize, GateResult, HealthGate, batches};
 use rigger_plan::{Action, Plan};
 use rigger_topology::{ResourceKind, Role};
 use serde::{Deserialize, Serialize};
@@ -46,7 +46,7 @@ pub struct Requester {
 
 impl Requester {
     fn host(&self) -> &str {
-        self.who.rsplit_once('@').map_or("", |(_, host)| host)
+        rigger_plan::deploys::host_of(&self.who)
     }
 }
 
@@ -89,11 +89,11 @@ impl Default for RolloutOptions {
     fn default() -> Self {
         RolloutOptions {
             batch: BatchSize::default(),
-            health_timeout: Duration::from_secs(600),
+            health_timeout: rollout::DEFAULT_HEALTH_TIMEOUT,
             stable_checks: 2,
-            drain: Duration::from_secs(30),
+            drain: rollout::DEFAULT_DRAIN_TIMEOUT,
             poll: Duration::from_secs(2),
-            worker_stop_timeout: Duration::from_secs(600),
+            worker_stop_timeout: rollout::DEFAULT_WORKER_STOP_TIMEOUT,
         }
     }
 }
@@ -104,9 +104,7 @@ pub struct StartedDeploy {
     pub release: String,
     pub revision: String,
     pub bucket: String,
-    pub by: String,
-    pub started: u64,
-    /// The lock this deploy holds (renewed while it rolls out).
+    /// The lock this deploy holds (renewed while it rolls out): who deploys, since when.
     pub lock: LockHolder,
 }
 
@@ -563,14 +561,7 @@ impl crate::Provider {
     ) -> Result<StartedDeploy, AwsError> {
         // Nothing is uploaded or locked for an environment that is not up.
         let (_, live) = self.observe().await?;
-        if self.current_release(&live).is_none() {
-            return Err(AwsError::precondition(
-                "(deploy)",
-                self.env.names.group(Role::Web),
-                "the environment's groups do not exist",
-                "run `rigger up` first",
-            ));
-        }
+        self.running_release(&live)?;
         let started = now();
         let lock = self
             .lock_for(
@@ -597,8 +588,6 @@ impl crate::Provider {
                 release: artifact.id.clone(),
                 revision: artifact.revision.clone(),
                 bucket,
-                by: requester.who.clone(),
-                started,
                 lock,
             }),
             Err(error) => {
@@ -684,8 +673,6 @@ impl crate::Provider {
             release: target.release.clone(),
             revision: target.revision.clone(),
             bucket,
-            by: requester.who.clone(),
-            started,
             lock,
         })
     }
@@ -781,8 +768,8 @@ impl crate::Provider {
         let entry = DeployRecord {
             release: deploy.release,
             revision: deploy.revision,
-            by: deploy.by,
-            started: deploy.started,
+            by: deploy.lock.who,
+            started: deploy.lock.since,
             finished: now(),
             result: result.to_owned(),
             reason,
@@ -804,20 +791,22 @@ impl crate::Provider {
         i32::try_from(sizing.max).unwrap_or(i32::MAX)
     }
 
-    /// What an interrupted rollout left behind, undone: servers it detached but did not
-    /// terminate, group counts it raised. Returns the record of the interrupted rollout.
+    /// What an interrupted rollout (`interrupted`, its record) left behind in `live`, undone:
+    /// servers it detached but did not terminate, group counts it raised. Whether it changed
+    /// anything.
     async fn recover_interrupted_rollout(
         &self,
+        live: &crate::Live,
+        interrupted: Option<&RolloutRecord>,
         report: &(dyn Fn(&str) + Sync),
-    ) -> Result<Option<RolloutRecord>, AwsError> {
-        let interrupted = read_rollout(&self.env, &self.clients).await?;
-        let (_, live) = self.observe().await?;
+    ) -> Result<bool, AwsError> {
+        let mut changed = false;
         let detached: Vec<String> = live
             .detached_group_instances()
             .iter()
             .map(|i| i.id.clone())
             .collect();
-        if let Some(record) = &interrupted {
+        if let Some(record) = interrupted {
             report(&format!(
                 "an earlier rollout of {} (from {}) was interrupted; putting its groups back first",
                 record.release, record.previous
@@ -837,10 +826,12 @@ impl crate::Provider {
                         .send()
                         .await
                         .op("SetDesiredCapacity", group)?;
+                    changed = true;
                 }
             }
         }
         if !detached.is_empty() {
+            changed = true;
             report(&format!(
                 "terminating {} left detached by an interrupted rollout",
                 detached.join(", ")
@@ -862,7 +853,19 @@ impl crate::Provider {
                 .await
                 .op("TerminateInstances", detached.join(", "))?;
         }
-        Ok(interrupted)
+        Ok(changed)
+    }
+
+    /// The release the groups run; an error saying to run `up` when there are no groups.
+    fn running_release(&self, live: &crate::Live) -> Result<String, AwsError> {
+        self.current_release(live).ok_or_else(|| {
+            AwsError::precondition(
+                "(deploy)",
+                self.env.names.group(Role::Web),
+                "the environment's groups do not exist",
+                "run `rigger up` first",
+            )
+        })
     }
 
     /// Makes the release's launch templates, points the groups at them and replaces their
@@ -874,16 +877,15 @@ impl crate::Provider {
         rollout: &Rollout<'_>,
     ) -> Result<Result<(), String>, AwsError> {
         let report = rollout.report;
-        let interrupted = self.recover_interrupted_rollout(report).await?;
-        let (network, live) = self.observe().await?;
-        let Some(current) = self.current_release(&live) else {
-            return Err(AwsError::precondition(
-                "(deploy)",
-                self.env.names.group(Role::Web),
-                "the environment's groups do not exist",
-                "run `rigger up` first",
-            ));
-        };
+        let (mut network, mut live) = self.observe().await?;
+        let interrupted = read_rollout(&self.env, &self.clients).await?;
+        if self
+            .recover_interrupted_rollout(&live, interrupted.as_ref(), report)
+            .await?
+        {
+            (network, live) = self.observe().await?;
+        }
+        let current = self.running_release(&live)?;
         // After an interruption the groups may point at a release that never finished: a
         // rollback goes to the one from before it.
         let previous = interrupted

@@ -100,6 +100,26 @@ fn artifact(dir: &std::path::Path, id: &str) -> Artifact {
     }
 }
 
+/// Who holds the deploy lock.
+async fn lock(provider: &rigger_aws::Provider) -> Option<rigger_aws::deploy::LockHolder> {
+    rigger_aws::deploy::lock_holder(&provider.env, &provider.clients)
+        .await
+        .unwrap()
+}
+
+/// How many buckets moto holds.
+async fn buckets(provider: &rigger_aws::Provider) -> usize {
+    provider
+        .clients
+        .s3
+        .list_buckets()
+        .send()
+        .await
+        .unwrap()
+        .buckets()
+        .len()
+}
+
 async fn group_members(
     provider: &rigger_aws::Provider,
     group: &str,
@@ -190,12 +210,7 @@ async fn a_release_replaces_every_server_and_is_recorded() {
         ("r2", "succeeded", "alice@laptop")
     );
     // The lock was released.
-    assert_eq!(
-        rigger_aws::deploy::lock_holder(&provider.env, &provider.clients)
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(lock(&provider).await, None);
 
     // `down` removes the bucket and the deploy's parameters too.
     provider.down(&quiet).await.unwrap();
@@ -205,17 +220,7 @@ async fn a_release_replaces_every_server_and_is_recorded() {
             .unwrap()
             .is_empty()
     );
-    assert!(
-        provider
-            .clients
-            .s3
-            .list_buckets()
-            .send()
-            .await
-            .unwrap()
-            .buckets()
-            .is_empty()
-    );
+    assert_eq!(buckets(&provider).await, 0);
 }
 
 #[tokio::test]
@@ -234,23 +239,8 @@ async fn a_deploy_before_up_is_refused_with_nothing_uploaded_or_locked() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("rigger up"), "{error}");
-    assert_eq!(
-        rigger_aws::deploy::lock_holder(&provider.env, &provider.clients)
-            .await
-            .unwrap(),
-        None
-    );
-    assert!(
-        provider
-            .clients
-            .s3
-            .list_buckets()
-            .send()
-            .await
-            .unwrap()
-            .buckets()
-            .is_empty()
-    );
+    assert_eq!(lock(&provider).await, None);
+    assert_eq!(buckets(&provider).await, 0);
 }
 
 #[tokio::test]
@@ -291,12 +281,7 @@ async fn a_second_concurrent_deploy_is_refused_naming_the_holder() {
         renewed.expires,
         first.lock.since + 600 + rigger_aws::deploy::LOCK_TTL.as_secs()
     );
-    assert_eq!(
-        rigger_aws::deploy::lock_holder(&provider.env, &provider.clients)
-            .await
-            .unwrap(),
-        Some(renewed.clone())
-    );
+    assert_eq!(lock(&provider).await, Some(renewed.clone()));
     let stale_copy = first.lock.clone();
     let refused = rigger_aws::deploy::renew_lock(
         &provider.env,
@@ -318,10 +303,7 @@ async fn a_second_concurrent_deploy_is_refused_naming_the_holder() {
         .start_deploy(&artifact(dir.path(), "r3"), &requester("bob@desk"), &quiet)
         .await
         .unwrap();
-    let holder = rigger_aws::deploy::lock_holder(&provider.env, &provider.clients)
-        .await
-        .unwrap()
-        .unwrap();
+    let holder = lock(&provider).await.unwrap();
     assert_eq!(holder.who, "bob@desk");
     provider.abandon_deploy(second, "test").await.unwrap();
     let history = rigger_aws::deploy::history(&provider.env, &provider.clients)
@@ -491,12 +473,7 @@ async fn rollback_deploys_the_previous_release_again_without_rebuilding_it() {
         .to_string();
     assert!(error.contains("r9"), "{error}");
     assert!(error.contains("rigger releases"), "{error}");
-    assert_eq!(
-        rigger_aws::deploy::lock_holder(&provider.env, &provider.clients)
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(lock(&provider).await, None);
     // `--to` a release whose object is gone from the bucket is refused too.
     let bucket = rigger_aws::releases::find(&provider.env, &provider.clients)
         .await

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use rigger_plan::rollout;
 
 /// rigger builds, deploys and operates a classic Django production architecture:
 /// load balancer, auto-scaled web and worker servers, Redis, RabbitMQ, and a PostgreSQL
@@ -129,14 +130,14 @@ pub struct RolloutArgs {
     pub batch: String,
     /// Seconds new servers may take to be healthy behind the load balancer before the deploy
     /// rolls back.
-    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    #[arg(long, default_value_t = rollout::DEFAULT_HEALTH_TIMEOUT.as_secs(), value_name = "SECONDS")]
     pub health_timeout: u64,
     /// Seconds an old worker may take to finish its running tasks.
-    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    #[arg(long, default_value_t = rollout::DEFAULT_WORKER_STOP_TIMEOUT.as_secs(), value_name = "SECONDS")]
     pub worker_stop_timeout: u64,
     /// Seconds an old web server may take to finish its requests in progress after it leaves
     /// the load balancer (locally it stops as soon as none is left).
-    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    #[arg(long, default_value_t = rollout::DEFAULT_DRAIN_TIMEOUT.as_secs(), value_name = "SECONDS")]
     pub drain_timeout: u64,
 }
 

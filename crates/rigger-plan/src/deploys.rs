@@ -46,7 +46,8 @@ impl LockHolder {
     /// (`this_host`, where `process_alive` can tell). A holder on another host is trusted
     /// until it expires.
     pub fn is_stale(&self, now: u64, this_host: &str, process_alive: impl Fn(i32) -> bool) -> bool {
-        let same_host = self.who.rsplit_once('@').map(|(_, host)| host) == Some(this_host);
+        let host = host_of(&self.who);
+        let same_host = !host.is_empty() && host == this_host;
         now >= self.expires || (same_host && !process_alive(self.pid))
     }
 }
@@ -78,6 +79,11 @@ pub struct DeployRecord {
     pub result: String,
     #[serde(default)]
     pub reason: String,
+}
+
+/// The host of `user@host` (empty without one).
+pub fn host_of(who: &str) -> &str {
+    who.rsplit_once('@').map_or("", |(_, host)| host)
 }
 
 /// Unix seconds as `YYYYMMDDTHHMMSSZ` (UTC): release ids and the times rigger prints.

@@ -16,6 +16,14 @@ pub enum BatchSize {
     Percent(u8),
 }
 
+/// How long a batch's new servers may take to be healthy before the rollout rolls back
+/// (`--health-timeout`); the default of both providers.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an old web server may take to finish its requests (`--drain-timeout`).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an old worker's running tasks may take to finish (`--worker-stop-timeout`).
+pub const DEFAULT_WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(600);
+
 impl Default for BatchSize {
     /// One at a time: the slowest, and the one that never lowers capacity by more than one.
     fn default() -> Self {

@@ -36,9 +36,9 @@ impl RollSettings {
     pub(super) fn defaults() -> RollSettings {
         RollSettings {
             batch: BatchSize::default(),
-            health_timeout: Duration::from_secs(120),
-            drain_timeout: Duration::from_secs(30),
-            worker_stop_timeout: Duration::from_secs(600),
+            health_timeout: rollout::DEFAULT_HEALTH_TIMEOUT,
+            drain_timeout: rollout::DEFAULT_DRAIN_TIMEOUT,
+            worker_stop_timeout: rollout::DEFAULT_WORKER_STOP_TIMEOUT,
         }
     }
 }
