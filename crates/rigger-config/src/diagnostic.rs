@@ -104,7 +104,11 @@ impl Diagnostics {
 
         let pad = " ".repeat(line.to_string().len());
         let (e, b, g, r) = (s.error, s.bold, s.gutter, s.reset);
-        let _ = writeln!(out, "{e}error{r}{b}: {}{r}", item.message);
+        let _ = writeln!(
+            out,
+            "{e}error{r}{b}: {}{r}",
+            printable(&item.message, false)
+        );
         let _ = writeln!(out, "{pad}{g}-->{r} {}:{line}:{column}", self.file_name);
         let _ = writeln!(out, "{pad} {g}|{r}");
         // Tabs would shift the underline; one space each keeps columns counted in characters.
@@ -112,7 +116,7 @@ impl Diagnostics {
         let label = if item.label.is_empty() {
             String::new()
         } else {
-            format!(" {}", item.label)
+            format!(" {}", printable(&item.label, false))
         };
         let _ = writeln!(
             out,
@@ -126,7 +130,7 @@ impl Diagnostics {
             let _ = writeln!(
                 out,
                 "{pad} {g}={r} {b}help{r}: {}",
-                help.replace('\n', &indent)
+                printable(help, true).replace('\n', &indent)
             );
         }
     }
@@ -160,6 +164,21 @@ impl Style {
         gutter: "\x1b[1;34m",
         reset: "\x1b[0m",
     };
+}
+
+/// `text` with every control character escaped (`\u{1b}`, `\n`), but for line breaks when
+/// `lines`: messages quote values from the file, and a value's escape sequence must not reach
+/// the terminal nor its line break split a message.
+fn printable(text: &str, lines: bool) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && !(lines && c == '\n') {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn floor_char_boundary(s: &str, mut offset: usize) -> usize {
@@ -215,6 +234,20 @@ mod tests {
     fn empty_span_at_end_of_line_gets_one_caret() {
         let out = render("[project\n", 8..8, None);
         assert!(out.contains("1 | [project\n  |         ^ here"), "{out}");
+    }
+
+    #[test]
+    fn control_characters_in_messages_are_escaped() {
+        let mut d = Diagnostic::new("bad `a\nb\u{1b}[2J`", 0..1, "\u{1b}]0;x\u{7}");
+        d.help = Some("line one\nline two \r\u{1b}[31m".into());
+        let out = Diagnostics::new("f", "x\n", vec![d]).to_string();
+        assert!(!out.contains('\u{1b}') && !out.contains('\r'), "{out:?}");
+        assert!(out.starts_with("error: bad `a\\nb\\u{1b}[2J`\n"), "{out:?}");
+        assert!(out.contains("^ \\u{1b}]0;x\\u{7}\n"), "{out:?}");
+        assert!(
+            out.contains("help: line one\n          line two \\r\\u{1b}[31m\n"),
+            "{out:?}"
+        );
     }
 
     #[test]

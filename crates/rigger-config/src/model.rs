@@ -229,6 +229,18 @@ pub struct GroupSizing {
     pub volume_size: u32,
 }
 
+impl GroupSizing {
+    /// The most servers `min`, `max` and `desired` may ask for on AWS. Every server of a group
+    /// is a resource of the plan (`web[1]`, `web[2]`, ...); a larger number is a typo, and far
+    /// beyond any account's default EC2 quota.
+    pub const MAX_SERVERS: u32 = 1000;
+    /// The most servers a local group may have. A group's servers take their addresses from
+    /// the 250 hosts of its `/24` of the environment's block (`127.B.1.N` web, `127.B.2.N`
+    /// worker), numbered for the environment's lifetime, and a rolling deploy runs up to twice
+    /// `max` at once (a whole batch of new servers beside the old ones); 100 leaves headroom.
+    pub const MAX_LOCAL_SERVERS: u32 = 100;
+}
+
 /// `[environments.NAME.database]`: one primary and `replicas` streaming replicas.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DatabaseConfig {
@@ -236,6 +248,14 @@ pub struct DatabaseConfig {
     pub replicas: u32,
     pub instance_type: String,
     pub volume_size: u32,
+}
+
+impl DatabaseConfig {
+    /// The most streaming replicas an environment may have. Each replica holds one of the
+    /// primary's WAL senders, and PostgreSQL runs with `max_wal_senders = 10` (rigger's
+    /// recipe): a replica being rebuilt takes two (its base backup and its WAL stream) while
+    /// the others keep streaming, so 8 replicas always fit.
+    pub const MAX_REPLICAS: u32 = 8;
 }
 
 /// `[environments.NAME.cache]`: Redis and RabbitMQ.

@@ -116,11 +116,13 @@ pub(crate) fn is_aws_id(s: &str, prefix: &str) -> bool {
         })
 }
 
-/// An EC2 key pair name: 1 to 255 printable ASCII characters, no leading or trailing space.
+/// An EC2 key pair name as rigger accepts it: 1 to 255 of letters, digits, `.`, `_` and `-`.
+/// EC2 allows more, but the name is printed in plans and messages and handed to tools, so
+/// rigger keeps to characters that mean nothing to a shell or a terminal.
 pub(crate) fn is_key_pair_name(s: &str) -> bool {
     (1..=255).contains(&s.len())
-        && s.chars().all(|c| c.is_ascii_graphic() || c == ' ')
-        && s.trim() == s
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
 /// An IAM instance profile name: 1 to 128 of letters, digits and `+=,.@_-`.
@@ -252,6 +254,169 @@ pub(crate) fn parse_public_key(s: &str) -> Result<String, PublicKeyProblem> {
     Ok(format!("{kind} {data}"))
 }
 
+/// Why a text is not a relative path rigger accepts (`app_path`, `requirements`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RelativePathProblem {
+    Empty,
+    /// Starts with `/` or `~`.
+    Absolute,
+    /// Has a `..` component: it would leave the directory it is relative to.
+    Parent,
+    /// A component starts with `-`, which a command would read as an option.
+    Dash,
+    /// A character outside letters, digits, `.`, `_`, `-` and `/`.
+    Character(char),
+    TooLong,
+}
+
+/// The longest path, URL path or ARN rigger accepts.
+pub(crate) const MAX_PATH_LENGTH: usize = 255;
+
+/// A path below the directory it is relative to: components of letters, digits, `.`, `_`
+/// and `-` (not `..`, not starting with `-`) separated by `/`. Such a path stays inside that
+/// directory and means the same to every shell, template and tool it reaches.
+pub(crate) fn check_relative_path(s: &str) -> Result<(), RelativePathProblem> {
+    if s.is_empty() {
+        return Err(RelativePathProblem::Empty);
+    }
+    if s.starts_with(['/', '~']) {
+        return Err(RelativePathProblem::Absolute);
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._-/".contains(*c)))
+    {
+        return Err(RelativePathProblem::Character(c));
+    }
+    if s.split('/').any(|part| part == "..") {
+        return Err(RelativePathProblem::Parent);
+    }
+    if s.split('/').any(|part| part.starts_with('-')) {
+        return Err(RelativePathProblem::Dash);
+    }
+    if s.len() > MAX_PATH_LENGTH {
+        return Err(RelativePathProblem::TooLong);
+    }
+    Ok(())
+}
+
+/// Why a text is not a health check path rigger accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UrlPathProblem {
+    /// Does not start with `/`.
+    Relative,
+    /// A character outside letters, digits, `.`, `_`, `-` and `/`.
+    Character(char),
+    /// Has a `..` segment.
+    Parent,
+    TooLong,
+}
+
+/// An absolute URL path of letters, digits, `.`, `_`, `-` and `/`, without `..` segments:
+/// it reaches the load balancer, nginx's configuration and shell lines on the servers, so
+/// nothing in it may mean anything to them (no query string, no escapes, no quotes).
+pub(crate) fn check_url_path(s: &str) -> Result<(), UrlPathProblem> {
+    if !s.starts_with('/') {
+        return Err(UrlPathProblem::Relative);
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._-/".contains(*c)))
+    {
+        return Err(UrlPathProblem::Character(c));
+    }
+    if s.split('/').any(|segment| segment == "..") {
+        return Err(UrlPathProblem::Parent);
+    }
+    if s.len() > MAX_PATH_LENGTH {
+        return Err(UrlPathProblem::TooLong);
+    }
+    Ok(())
+}
+
+/// Why a text is not the ARN of a server certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CertificateProblem {
+    /// Not `arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE` at all.
+    NotArn,
+    /// An ARN, but not of an ACM certificate or an IAM server certificate.
+    NotCertificate,
+    /// An ACM ARN whose region is not a region code.
+    Region,
+    /// The account is not 12 digits.
+    Account,
+    /// The certificate's id or name has a character outside its grammar.
+    Character(char),
+    TooLong,
+}
+
+/// A server certificate's ARN: `arn:aws[-...]:acm:REGION:ACCOUNT:certificate/ID` (ACM; `ID` of
+/// letters, digits and `-`) or `arn:aws[-...]:iam::ACCOUNT:server-certificate/[PATH/]NAME`
+/// (IAM; letters, digits and `+=,.@_-/`), `ACCOUNT` being 12 digits. Returns the region of an
+/// ACM certificate, which must be the environment's.
+pub(crate) fn check_certificate_arn(s: &str) -> Result<Option<&str>, CertificateProblem> {
+    let parts: Vec<&str> = s.splitn(6, ':').collect();
+    let [arn, partition, service, region, account, resource] = parts[..] else {
+        return Err(CertificateProblem::NotArn);
+    };
+    let partition_ok = partition == "aws"
+        || partition.strip_prefix("aws-").is_some_and(|rest| {
+            !rest.is_empty() && rest.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+        });
+    if arn != "arn" || !partition_ok {
+        return Err(CertificateProblem::NotArn);
+    }
+    if s.len() > MAX_PATH_LENGTH * 2 {
+        return Err(CertificateProblem::TooLong);
+    }
+    let (id, allowed, region): (&str, &str, Option<&str>) = match service {
+        "acm" => {
+            let Some(id) = resource.strip_prefix("certificate/") else {
+                return Err(CertificateProblem::NotCertificate);
+            };
+            if !is_region(region) {
+                return Err(CertificateProblem::Region);
+            }
+            (id, "-", Some(region))
+        }
+        "iam" => {
+            let Some(id) = resource.strip_prefix("server-certificate/") else {
+                return Err(CertificateProblem::NotCertificate);
+            };
+            if !region.is_empty() {
+                return Err(CertificateProblem::Region);
+            }
+            (id, "+=,.@_-/", None)
+        }
+        _ => return Err(CertificateProblem::NotCertificate),
+    };
+    if account.len() != 12 || !account.chars().all(|c| c.is_ascii_digit()) {
+        return Err(CertificateProblem::Account);
+    }
+    if id.is_empty() {
+        return Err(CertificateProblem::NotCertificate);
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || allowed.contains(*c)))
+    {
+        return Err(CertificateProblem::Character(c));
+    }
+    Ok(region)
+}
+
+/// A character as a message quotes it: in backticks, a control character as its escape
+/// (`\n`, `\u{1b}`), which would otherwise break the line or drive the terminal, and a space
+/// or a backtick by name.
+pub(crate) fn shown(c: char) -> String {
+    match c {
+        ' ' => "a space".to_owned(),
+        '`' => "a backtick".to_owned(),
+        c if c.is_control() => format!("`{}`", c.escape_default()),
+        c => format!("`{c}`"),
+    }
+}
+
 /// `family.size`, e.g. `t3.small`, `m7g.2xlarge`, `u-6tb1.metal`.
 pub(crate) fn is_instance_type(s: &str) -> bool {
     s.split_once('.').is_some_and(|(family, size)| {
@@ -349,13 +514,124 @@ mod tests {
         assert!(is_aws_id("subnet-0123456789abcdef0", "subnet"));
         assert!(!is_aws_id("subnet-0a1b2c3d", "vpc"));
         assert!(!is_aws_id("vpc-main", "vpc"));
-        assert!(is_key_pair_name("admin key"));
-        assert!(!is_key_pair_name(" admin"));
+        assert!(is_key_pair_name("admin_key-2.old"));
+        assert!(!is_key_pair_name("admin key"));
+        assert!(!is_key_pair_name("admin;reboot"));
+        assert!(!is_key_pair_name("$(id)"));
+        assert!(!is_key_pair_name(&"a".repeat(256)));
         assert!(!is_key_pair_name(""));
         assert!(is_instance_profile_name("shop-prod+web@x.y_z"));
         assert!(!is_instance_profile_name(
             "arn:aws:iam::1:instance-profile/x"
         ));
+    }
+
+    #[test]
+    fn relative_paths() {
+        for ok in [
+            "app",
+            ".",
+            "src/site",
+            "requirements/production.txt",
+            "app/",
+            "a_b-c.d",
+        ] {
+            assert_eq!(check_relative_path(ok), Ok(()), "{ok}");
+        }
+        use RelativePathProblem as P;
+        assert_eq!(check_relative_path(""), Err(P::Empty));
+        assert_eq!(check_relative_path("/srv/app"), Err(P::Absolute));
+        assert_eq!(check_relative_path("~/app"), Err(P::Absolute));
+        assert_eq!(check_relative_path("../../etc"), Err(P::Parent));
+        assert_eq!(check_relative_path("app/.."), Err(P::Parent));
+        assert_eq!(check_relative_path("$(id)"), Err(P::Character('$')));
+        assert_eq!(check_relative_path("a\nb"), Err(P::Character('\n')));
+        assert_eq!(check_relative_path("a\\b"), Err(P::Character('\\')));
+        assert_eq!(check_relative_path("my app"), Err(P::Character(' ')));
+        assert_eq!(check_relative_path("-r"), Err(P::Dash));
+        assert_eq!(check_relative_path("x/--help"), Err(P::Dash));
+        assert_eq!(check_relative_path(&"a".repeat(256)), Err(P::TooLong));
+    }
+
+    #[test]
+    fn url_paths() {
+        for ok in [
+            "/",
+            "/healthcheck.html",
+            "/health/check-1_x",
+            "/.well-known/h",
+        ] {
+            assert_eq!(check_url_path(ok), Ok(()), "{ok}");
+        }
+        use UrlPathProblem as P;
+        assert_eq!(check_url_path("health"), Err(P::Relative));
+        assert_eq!(
+            check_url_path("/$(touch${IFS}/tmp/pwned)"),
+            Err(P::Character('$'))
+        );
+        assert_eq!(check_url_path("/h?x=1"), Err(P::Character('?')));
+        assert_eq!(check_url_path("/a\"b"), Err(P::Character('"')));
+        assert_eq!(check_url_path("/a/../b"), Err(P::Parent));
+        assert_eq!(
+            check_url_path(&format!("/{}", "a".repeat(255))),
+            Err(P::TooLong)
+        );
+    }
+
+    #[test]
+    fn certificate_arns() {
+        assert_eq!(
+            check_certificate_arn(
+                "arn:aws:acm:eu-west-1:123456789012:certificate/0a1b2c3d-4e5f-6789-abcd-ef0123456789"
+            ),
+            Ok(Some("eu-west-1"))
+        );
+        assert_eq!(
+            check_certificate_arn("arn:aws-us-gov:acm:us-gov-west-1:123456789012:certificate/x1"),
+            Ok(Some("us-gov-west-1"))
+        );
+        assert_eq!(
+            check_certificate_arn("arn:aws:iam::123456789012:server-certificate/prod/site+2024@x"),
+            Ok(None)
+        );
+        use CertificateProblem as P;
+        assert_eq!(check_certificate_arn("my-cert"), Err(P::NotArn));
+        assert_eq!(
+            check_certificate_arn("arn:gcp:acm:eu-west-1:1:certificate/x"),
+            Err(P::NotArn)
+        );
+        assert_eq!(
+            check_certificate_arn("arn:aws:s3:::bucket/certificate/x:y"),
+            Err(P::NotCertificate)
+        );
+        assert_eq!(
+            check_certificate_arn("arn:aws:acm:europe:123456789012:certificate/x"),
+            Err(P::Region)
+        );
+        assert_eq!(
+            check_certificate_arn("arn:aws:acm:eu-west-1:1234:certificate/x"),
+            Err(P::Account)
+        );
+        assert_eq!(
+            check_certificate_arn("arn:aws:acm:eu-west-1:123456789012:certificate/x;reboot"),
+            Err(P::Character(';'))
+        );
+        assert_eq!(
+            check_certificate_arn("arn:aws:acm:eu-west-1:123456789012:certificate/$(id)"),
+            Err(P::Character('$'))
+        );
+        assert_eq!(
+            check_certificate_arn("arn:aws:iam::123456789012:server-certificate/a b"),
+            Err(P::Character(' '))
+        );
+    }
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(shown('$'), "`$`");
+        assert_eq!(shown('`'), "a backtick");
+        assert_eq!(shown('\n'), "`\\n`");
+        assert_eq!(shown('\u{1b}'), "`\\u{1b}`");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use toml_edit::{Array, Document, Item, TableLike, Value};
 
@@ -18,9 +18,11 @@ use crate::model::{
     KeyPair, LaunchKind, LoadBalancerKind, LocalConfig, Project, ProviderConfig, ProviderKind,
 };
 use crate::rules::{
-    BastionProblem, PublicKeyProblem, check_domain, fix_name, is_ami, is_aws_id, is_dotted_path,
-    is_identifier, is_instance_profile_name, is_instance_type, is_key_pair_name, is_name,
-    is_region, is_unix_user, parse_bastion, parse_public_key,
+    BastionProblem, CertificateProblem, MAX_PATH_LENGTH, PublicKeyProblem, RelativePathProblem,
+    UrlPathProblem, check_certificate_arn, check_domain, check_relative_path, check_url_path,
+    fix_name, is_ami, is_aws_id, is_dotted_path, is_identifier, is_instance_profile_name,
+    is_instance_type, is_key_pair_name, is_name, is_region, is_unix_user, parse_bastion,
+    parse_public_key, shown,
 };
 use crate::suggest::closest;
 use crate::{CidrError, defaults};
@@ -228,6 +230,7 @@ impl Validator<'_> {
                 p,
                 "app_path",
                 "manage.py's directory, relative to rigger.toml",
+                "keep rigger.toml in the repository, in the app's directory or above it",
             );
         }
 
@@ -254,6 +257,7 @@ impl Validator<'_> {
                 r,
                 "requirements",
                 "the pip requirements file, relative to `app_path`",
+                "a release holds only what is inside `app_path`",
             );
         }
 
@@ -395,6 +399,7 @@ impl Validator<'_> {
         };
         self.environment_keys(name, t, provider);
 
+        let kind = provider;
         let mut block = None;
         let provider = match provider {
             Some(ProviderKind::Local) => {
@@ -405,8 +410,8 @@ impl Validator<'_> {
             Some(ProviderKind::Aws) => ProviderConfig::Aws(self.aws(name, t)),
             None => ProviderConfig::Local(placeholder_local()),
         };
-        let web = self.group(t, "web", Role::Web);
-        let worker = self.group(t, "worker", Role::Worker);
+        let web = self.group(t, "web", Role::Web, kind);
+        let worker = self.group(t, "worker", Role::Worker, kind);
         let database = self.database(t);
         let cache = self.cache(t);
         let environment = Environment {
@@ -602,19 +607,11 @@ impl Validator<'_> {
 
         let certificate = match self.string(t, "certificate") {
             Lookup::Found(c) => {
-                if !c.value.starts_with("arn:aws") {
-                    self.push(
-                        Diagnostic::new(
-                            "`certificate` must be the ARN of a certificate",
-                            c.span.clone(),
-                            "not an ARN",
-                        )
-                        .help(format!(
-                            "give the ARN that `aws acm list-certificates` shows, e.g. `{}`",
-                            example("certificate")
-                        )),
-                    );
-                }
+                let region = region
+                    .as_ref()
+                    .map(|r| r.value.as_str())
+                    .filter(|r| is_region(r));
+                self.check_certificate(&c, region);
                 Some(c.value)
             }
             Lookup::Absent => {
@@ -635,13 +632,25 @@ impl Validator<'_> {
             Lookup::Invalid => None,
         };
 
-        let mut admin_cidrs = Vec::new();
+        let mut admin_cidrs: Vec<Cidr> = Vec::new();
         if let Some(array) = self.array(t, "admin_cidrs").found() {
             for text in self.strings_of(t, "admin_cidrs", array.value) {
                 let Some(cidr) = self.cidr(&text, "admin_cidrs") else {
                     continue;
                 };
-                if cidr.prefix == 0 {
+                if admin_cidrs.contains(&cidr) {
+                    // EC2 refuses a rule given twice, after the other resources were made.
+                    self.push(
+                        Diagnostic::new(
+                            format!("`{cidr}` is listed twice in `admin_cidrs`"),
+                            text.span,
+                            "listed again",
+                        )
+                        .help(
+                            "remove one of the two: each network becomes one security group rule",
+                        ),
+                    );
+                } else if cidr.prefix == 0 {
                     self.push(
                         Diagnostic::new(
                             "`admin_cidrs` would open SSH to the whole internet",
@@ -691,6 +700,73 @@ impl Validator<'_> {
             bastion,
             ssh_port,
         }
+    }
+
+    /// `certificate`: the ARN of an ACM certificate of the environment's `region` (when that
+    /// is valid) or of an IAM server certificate (`rules::check_certificate_arn`).
+    fn check_certificate(&mut self, c: &Spanned<String>, region: Option<&str>) {
+        const GRAMMAR: &str = "an ACM certificate's ARN is \
+                               `arn:aws:acm:REGION:ACCOUNT:certificate/ID` (ID: letters, digits \
+                               and `-`), an IAM server certificate's \
+                               `arn:aws:iam::ACCOUNT:server-certificate/NAME` (NAME: letters, \
+                               digits and `+=,.@_-/`), ACCOUNT being 12 digits";
+        let problem = match check_certificate_arn(&c.value) {
+            Ok(Some(acm_region)) if region.is_some_and(|r| r != acm_region) => {
+                let region = region.unwrap_or_default();
+                self.push(
+                    Diagnostic::new(
+                        format!(
+                            "the certificate is in `{acm_region}`, the environment in `{region}`"
+                        ),
+                        c.span.clone(),
+                        format!("not in {region}"),
+                    )
+                    .help(format!(
+                        "a load balancer can only use an ACM certificate of its own region: \
+                         request or import the certificate in `{region}` and give that ARN \
+                         (`aws acm list-certificates --region {region}`)"
+                    )),
+                );
+                return;
+            }
+            Ok(_) => return,
+            Err(problem) => problem,
+        };
+        let (message, label) = match problem {
+            CertificateProblem::NotArn => (
+                "`certificate` must be the ARN of a certificate".to_owned(),
+                "not an ARN".to_owned(),
+            ),
+            CertificateProblem::NotCertificate => (
+                "`certificate` is not the ARN of an ACM or IAM server certificate".to_owned(),
+                "not a certificate's ARN".to_owned(),
+            ),
+            CertificateProblem::Region => (
+                "the region in `certificate` is not a region code".to_owned(),
+                "not `arn:aws:acm:REGION:...`".to_owned(),
+            ),
+            CertificateProblem::Account => (
+                "the account in `certificate` is not 12 digits".to_owned(),
+                "bad account id".to_owned(),
+            ),
+            CertificateProblem::Character(c) => (
+                format!(
+                    "`certificate` contains {}, which no certificate's ARN has",
+                    shown(c)
+                ),
+                format!("{} is not allowed", shown(c)),
+            ),
+            CertificateProblem::TooLong => (
+                "`certificate` is too long for an ARN".to_owned(),
+                "too long".to_owned(),
+            ),
+        };
+        self.push(
+            Diagnostic::new(message, c.span.clone(), label).help(format!(
+                "give the ARN that `aws acm list-certificates` shows, e.g. `{}`;\n{GRAMMAR}",
+                example("certificate")
+            )),
+        );
     }
 
     fn vpc(&mut self, t: &Tbl<'_>) -> Option<String> {
@@ -784,18 +860,28 @@ impl Validator<'_> {
             if is_key_pair_name(&name.value) {
                 return Some(KeyPair::Existing(name.value));
             }
-            self.push(
-                Diagnostic::new(
-                    format!("`{}` is not a key pair name", name.value),
-                    name.span,
-                    "not a key pair name",
-                )
-                .help(
-                    "give the name `aws ec2 describe-key-pairs` shows (1 to 255 characters), \
-                     e.g. `key_pair = \"admin\"`;\nto import a public key instead, use \
-                     `admin_public_key`",
+            let bad = name
+                .value
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c)));
+            let (message, label) = match bad {
+                Some(c) => (
+                    format!(
+                        "`key_pair` contains {}, which rigger does not accept in it",
+                        shown(c)
+                    ),
+                    format!("{} is not allowed", shown(c)),
                 ),
-            );
+                None => (
+                    format!("`{}` is not a key pair name", name.value),
+                    "not a key pair name".to_owned(),
+                ),
+            };
+            self.push(Diagnostic::new(message, name.span, label).help(
+                "give the name `aws ec2 describe-key-pairs` shows: rigger accepts 1 to 255 \
+                     letters, digits, `.`, `_` and `-`, e.g. `key_pair = \"admin\"`;\nfor a key \
+                     pair named otherwise, import its public key with `admin_public_key` instead",
+            ));
             return None;
         }
         let key = public_key?;
@@ -966,6 +1052,21 @@ impl Validator<'_> {
                     example("ssh_identity")
                 ),
             )
+        } else if let Some(c) = path
+            .value
+            .chars()
+            .find(|c| c.is_whitespace() || c.is_control() || "\"'\\".contains(*c))
+        {
+            (
+                format!(
+                    "`ssh_identity` contains {}, which rigger does not accept in it",
+                    shown(c)
+                ),
+                "not allowed in the path",
+                "ssh reads the path as an option's value, where white space, quotes and `\\` \
+                 change its meaning; move or link the key to a path without them"
+                    .to_owned(),
+            )
         } else if let Some(private) = path.value.strip_suffix(".pub") {
             (
                 "`ssh_identity` names a public key".to_owned(),
@@ -1029,7 +1130,13 @@ impl Validator<'_> {
         None
     }
 
-    fn group(&mut self, env: &Tbl<'_>, key: &str, role: Role) -> GroupSizing {
+    fn group(
+        &mut self,
+        env: &Tbl<'_>,
+        key: &str,
+        role: Role,
+        provider: Option<ProviderKind>,
+    ) -> GroupSizing {
         let d = match role {
             Role::Web => defaults::web(),
             Role::Worker => defaults::worker(),
@@ -1040,11 +1147,44 @@ impl Validator<'_> {
         let t = t.value;
         self.unknown_keys(&t, GROUP_KEYS);
 
-        let min = self.count(&t, "min");
-        let max = self.count(&t, "max");
-        let desired = self.count(&t, "desired");
+        let mut min = self.count(&t, "min");
+        let mut max = self.count(&t, "max");
+        let mut desired = self.count(&t, "desired");
         let instance_type = self.instance_type(&t);
         let volume_size = self.volume_size(&t);
+
+        let (limit, why) = if provider == Some(ProviderKind::Local) {
+            (
+                GroupSizing::MAX_LOCAL_SERVERS,
+                "a local group's servers take their addresses from the 250 hosts of one /24 \
+                 of `addresses`, numbered for the environment's lifetime, and a rolling deploy \
+                 runs up to twice `max` at once",
+            )
+        } else {
+            (
+                GroupSizing::MAX_SERVERS,
+                "every server of a group is a resource of the plan; a larger group is almost \
+                 certainly a typo (and beyond any account's default EC2 quota)",
+            )
+        };
+        let mut too_large = false;
+        for (k, count) in [
+            ("min", &mut min),
+            ("desired", &mut desired),
+            ("max", &mut max),
+        ] {
+            if let Some(c) = count.take_if(|c| c.value > limit) {
+                too_large = true;
+                self.push(
+                    Diagnostic::new(
+                        format!("`{k}` in `{}` is {}, more than {limit}", t.path, c.value),
+                        c.span,
+                        format!("at most {limit}"),
+                    )
+                    .help(format!("give a group at most {limit} servers: {why}")),
+                );
+            }
+        }
 
         let zero_allowed: &[&str] = match role {
             Role::Web => &[],
@@ -1081,8 +1221,9 @@ impl Validator<'_> {
         let min_v = min.as_ref().map_or(d.min, |c| c.value);
         let max_v = max.as_ref().map_or(d.max, |c| c.value);
         let mut desired_v = desired.as_ref().map_or(d.desired, |c| c.value);
-        if zero {
-            // A count of 0 already explains the group; its bounds would only repeat it.
+        if zero || too_large {
+            // A count of 0 or too many already explains the group; its bounds would only
+            // repeat it.
         } else if min_v > max_v {
             self.push(min_above_max(&t, &min, &max, min_v, max_v));
         } else if let Some(des) = &desired {
@@ -1133,7 +1274,28 @@ impl Validator<'_> {
         };
         let t = t.value;
         self.unknown_keys(&t, DATABASE_KEYS);
-        let replicas = self.count(&t, "replicas").map(|r| r.value);
+        let limit = DatabaseConfig::MAX_REPLICAS;
+        let replicas = match self.count(&t, "replicas") {
+            Some(r) if r.value > limit => {
+                self.push(
+                    Diagnostic::new(
+                        format!(
+                            "`replicas` in `{}` is {}, more than {limit}",
+                            t.path, r.value
+                        ),
+                        r.span,
+                        format!("at most {limit}"),
+                    )
+                    .help(format!(
+                        "give at most {limit} replicas: each holds one of the primary's 10 WAL \
+                         senders (PostgreSQL's `max_wal_senders`), and rebuilding a replica \
+                         takes two more while the others stream"
+                    )),
+                );
+                None
+            }
+            r => r.map(|r| r.value),
+        };
         DatabaseConfig {
             replicas: replicas.unwrap_or(d.replicas),
             instance_type: self.instance_type(&t).unwrap_or(d.instance_type),
@@ -1178,24 +1340,63 @@ impl Validator<'_> {
         );
     }
 
-    fn check_relative_path(&mut self, p: &Spanned<String>, key: &str, what: &str) {
-        let (message, label, help) = if p.value.trim().is_empty() {
-            (
+    /// `app_path` and `requirements`: a path below the directory it is relative to, in
+    /// characters that mean nothing to a shell (`rules::check_relative_path`).
+    fn check_relative_path(&mut self, p: &Spanned<String>, key: &str, what: &str, inside: &str) {
+        const CHARACTERS: &str = "letters, digits, `.`, `_`, `-` and `/`";
+        let problem = match check_relative_path(&p.value) {
+            Ok(()) => return,
+            Err(problem) => problem,
+        };
+        let (message, label, help) = match problem {
+            RelativePathProblem::Empty => (
                 format!("`{key}` is empty"),
-                "empty path",
+                "empty path".to_owned(),
                 format!("give {what}, e.g. `{}`", example(key)),
-            )
-        } else if Path::new(&p.value).is_absolute() || p.value.starts_with('~') {
-            (
+            ),
+            RelativePathProblem::Absolute => (
                 format!("`{key}` must be a relative path"),
-                "absolute path",
+                "absolute path".to_owned(),
                 format!(
                     "give {what}, so the project works from any checkout, e.g. `{}`",
                     example(key)
                 ),
-            )
-        } else {
-            return;
+            ),
+            RelativePathProblem::Parent => (
+                format!("`{key}` must not leave its directory with `..`"),
+                "goes up with `..`".to_owned(),
+                format!(
+                    "give {what}, without `..`: {inside}; e.g. `{}`",
+                    example(key)
+                ),
+            ),
+            RelativePathProblem::Dash => (
+                format!("a part of `{key}` starts with `-`"),
+                "starts with `-`".to_owned(),
+                format!(
+                    "commands would read it as an option; rename the file or directory, e.g. \
+                     `{}`",
+                    example(key)
+                ),
+            ),
+            RelativePathProblem::Character(c) => (
+                format!(
+                    "`{key}` contains {}, which rigger does not accept in a path",
+                    shown(c)
+                ),
+                format!("{} is not allowed", shown(c)),
+                format!(
+                    "a path in rigger.toml uses only {CHARACTERS} (no spaces, quotes or shell \
+                     characters): it reaches shell lines and configuration files on the \
+                     servers; rename the file or directory, e.g. `{}`",
+                    example(key)
+                ),
+            ),
+            RelativePathProblem::TooLong => (
+                format!("`{key}` is longer than {MAX_PATH_LENGTH} characters"),
+                "too long".to_owned(),
+                format!("give {what}, e.g. `{}`", example(key)),
+            ),
         };
         self.push(Diagnostic::new(message, p.span.clone(), label).help(help));
     }
@@ -1255,25 +1456,58 @@ impl Validator<'_> {
         );
     }
 
+    /// The health check path: an absolute URL path in characters that mean nothing to the
+    /// load balancer, nginx or a shell (`rules::check_url_path`).
     fn check_health_check_path(&mut self, h: &Spanned<String>) {
-        let help = if h.value.chars().any(char::is_whitespace) {
-            "a URL path has no spaces, e.g. `health_check_path = \"/healthcheck.html\"`".to_owned()
-        } else if !h.value.starts_with('/') {
-            format!("did you mean `\"/{}\"`?", h.value)
-        } else {
-            return;
+        const RULE: &str = "a health check path is `/` followed by letters, digits, `.`, `_`, \
+                            `-` and `/`, without a query string or `..`: it reaches the load \
+                            balancer, nginx and shell lines on the servers;\ne.g. \
+                            `health_check_path = \"/healthcheck.html\"`";
+        let problem = match check_url_path(&h.value) {
+            Ok(()) => return,
+            Err(problem) => problem,
         };
-        self.push(
-            Diagnostic::new(
+        let (message, label, help) = match problem {
+            UrlPathProblem::Character(c) if c.is_whitespace() => (
+                "`health_check_path` contains white space".to_owned(),
+                "not a URL path".to_owned(),
+                "a URL path has no spaces, e.g. `health_check_path = \"/healthcheck.html\"`"
+                    .to_owned(),
+            ),
+            // A relative path of good characters: the fix is a leading `/`.
+            UrlPathProblem::Relative if check_url_path(&format!("/{}", h.value)).is_ok() => (
                 format!(
                     "`health_check_path` must be a path starting with `/`, not `{}`",
                     h.value
                 ),
-                h.span.clone(),
-                "not an absolute URL path",
-            )
-            .help(help),
-        );
+                "not an absolute URL path".to_owned(),
+                format!("did you mean `\"/{}\"`?", h.value),
+            ),
+            UrlPathProblem::Relative => (
+                "`health_check_path` must be a path starting with `/`".to_owned(),
+                "not an absolute URL path".to_owned(),
+                RULE.to_owned(),
+            ),
+            UrlPathProblem::Character(c) => (
+                format!(
+                    "`health_check_path` contains {}, which rigger does not accept in it",
+                    shown(c)
+                ),
+                format!("{} is not allowed", shown(c)),
+                RULE.to_owned(),
+            ),
+            UrlPathProblem::Parent => (
+                "`health_check_path` must not contain `..`".to_owned(),
+                "has a `..` segment".to_owned(),
+                RULE.to_owned(),
+            ),
+            UrlPathProblem::TooLong => (
+                format!("`health_check_path` is longer than {MAX_PATH_LENGTH} characters"),
+                "too long".to_owned(),
+                RULE.to_owned(),
+            ),
+        };
+        self.push(Diagnostic::new(message, h.span.clone(), label).help(help));
     }
 
     fn count(&mut self, t: &Tbl<'_>, key: &str) -> Option<Spanned<u32>> {

@@ -178,6 +178,39 @@ fn inline_and_dotted_tables_mean_the_same() {
     assert_eq!(local.database.replicas, 0);
 }
 
+#[test]
+fn values_at_the_edge_of_their_rules_are_accepted() {
+    let source = MINIMAL
+        .replace("app_path = \"app\"", "app_path = \"./src/my_site-2/\"")
+        .replace(
+            "[environments.local]",
+            "health_check_path = \"/.well-known/health_check-1.html\"\n\
+             requirements = \"requirements/prod.txt\"\n\n[environments.local]",
+        );
+    let source = format!(
+        "{source}web = {{ min = 100, max = 100 }}\ndatabase.replicas = {replicas}\n\
+         [environments.production]\nprovider = \"aws\"\nregion = \"us-gov-west-1\"\n\
+         ami = \"ami-12345678\"\n\
+         certificate = \"arn:aws-us-gov:acm:us-gov-west-1:123456789012:certificate/0a1b-2c3d\"\n\
+         key_pair = \"ops_admin-2024.old\"\n\
+         admin_cidrs = [\"10.0.0.0/8\", \"10.1.0.0/16\"]\n\
+         web = {{ min = 1000, max = 1000 }}\n\
+         [environments.iam]\nprovider = \"aws\"\nregion = \"eu-west-1\"\n\
+         ami = \"ami-12345678\"\n\
+         certificate = \"arn:aws:iam::123456789012:server-certificate/cloudfront/site+2024@x.y\"\n",
+        replicas = DatabaseConfig::MAX_REPLICAS,
+    );
+    let config = parse_ok(&source);
+    assert_eq!(config.project.app_path, PathBuf::from("./src/my_site-2/"));
+    let local = &config.environments["local"];
+    assert_eq!(local.web.max, GroupSizing::MAX_LOCAL_SERVERS);
+    assert_eq!(local.database.replicas, 8);
+    assert_eq!(
+        config.environments["production"].web.max,
+        GroupSizing::MAX_SERVERS
+    );
+}
+
 /// The ```toml block under "## Full example" in docs/config.md.
 fn docs_full_example() -> String {
     let docs =

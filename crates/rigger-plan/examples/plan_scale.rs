@@ -24,7 +24,7 @@ admin_cidrs = ["203.0.113.0/24"]
 [environments.prod.web]
 min = 1000
 desired = 1000
-max = 1200
+max = 1000
 
 [environments.prod.database]
 replicas = 3
