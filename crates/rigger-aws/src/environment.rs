@@ -299,6 +299,8 @@ impl AwsEnvironment {
                 web_backends: Vec::new(),
                 db_client_networks: vec![vpc],
                 db_replication_networks: vec![vpc],
+                // The load balancer's nodes have their addresses in the VPC's subnets.
+                load_balancer_networks: vec![vpc],
             },
             secrets: Self::placeholder_secrets(),
             tuning: Tuning::default(),

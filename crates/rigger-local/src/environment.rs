@@ -272,6 +272,8 @@ impl LocalEnvironment {
                     loopback,
                 ],
                 db_replication_networks: vec![network(subnet::DATABASE), loopback],
+                // HAProxy connects to the web servers from its own address.
+                load_balancer_networks: vec![Network::host(self.lb_address())],
             },
             secrets: secrets.clone(),
             tuning: local_tuning(),

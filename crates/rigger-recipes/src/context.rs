@@ -79,6 +79,27 @@ impl Role {
             Role::DbReplica => "db-replica",
         }
     }
+
+    /// The secrets (of [`Secrets::NAMES`]) this role's recipe writes into its files, and so
+    /// all a server of the role may read: the AWS provider gives each role's instance profile
+    /// exactly these. A test renders every role and checks the list against what it uses.
+    pub fn secrets(self) -> &'static [&'static str] {
+        match self {
+            Role::Lb => &[],
+            Role::Web | Role::Worker => &[
+                "db_password",
+                "redis_password",
+                "rabbitmq_password",
+                "django_secret_key",
+                "pgbouncer_admin_password",
+            ],
+            Role::Cache => &["redis_password"],
+            Role::Queue => &["rabbitmq_password"],
+            // The primary creates the app's database user with its password.
+            Role::DbPrimary => &["db_password", "replication_password"],
+            Role::DbReplica => &["replication_password"],
+        }
+    }
 }
 
 impl fmt::Display for Role {
@@ -193,6 +214,9 @@ pub struct Peers {
     /// (where a connection between two loopback addresses comes from `127.0.0.1`) this must
     /// include `127.0.0.1/32`.
     pub db_replication_networks: Vec<Network>,
+    /// Where the load balancer's requests come from: nginx takes the client's address from
+    /// `X-Forwarded-For` only on connections from these networks.
+    pub load_balancer_networks: Vec<Network>,
 }
 
 /// Another server, by id (its certificate's name) and address.

@@ -6,7 +6,10 @@
 //! Each step is guarded by `creates`, so applying again keeps existing keys. Private keys are
 //! written by `openssl genpkey`, which creates them with mode 0600, into directories of mode
 //! 0700 owned by root. The CA key stays where the provider runs the CA recipe (the local
-//! provider: the environment's shared directory); a server recipe never needs it.
+//! provider: the environment's shared directory; the AWS provider: the operator's machine,
+//! which signs each stand-alone server's certificate before the server exists); a server
+//! recipe never needs it. A server nothing verifies by the CA (an AWS web server, whose load
+//! balancer accepts any backend certificate) signs its own: [`self_signed_cert`].
 //!
 //! Certificates are not renewed: a server certificate lasts 825 days, the CA 10 years.
 
@@ -63,9 +66,36 @@ pub fn ca(layout: &Layout, common_name: &str) -> Result<Recipe, RenderError> {
 /// `server.crt`), for DNS name `name` and IP address `address`, signed by the CA of
 /// `layout.pki_dir` (whose key must be there when the steps run).
 pub fn server_cert(layout: &Layout, name: &str, address: Ipv4Addr) -> Result<Recipe, RenderError> {
+    validate::safe_path("pki_dir", &layout.pki_dir)?;
+    leaf_cert(layout, name, address, |x509| {
+        x509.args(["-CA", &s(&layout.ca_cert()), "-CAkey", &s(&ca_key(layout))])
+    })
+}
+
+/// Like [`server_cert`], but the certificate is signed with its own key: for a server whose
+/// clients do not check it against the CA, so that the server never needs the CA's key. It
+/// verifies against itself (`openssl verify -CAfile server.crt server.crt`).
+pub fn self_signed_cert(
+    layout: &Layout,
+    name: &str,
+    address: Ipv4Addr,
+) -> Result<Recipe, RenderError> {
+    let key = layout.tls_key();
+    leaf_cert(layout, name, address, |x509| {
+        x509.args(["-signkey", &s(&key)])
+    })
+}
+
+/// The key, request and certificate steps of a server certificate; `signer` adds the
+/// signing arguments to `openssl x509 -req`.
+fn leaf_cert(
+    layout: &Layout,
+    name: &str,
+    address: Ipv4Addr,
+    signer: impl FnOnce(Command) -> Command,
+) -> Result<Recipe, RenderError> {
     validate::name_id("pki.name", name)?;
     validate::safe_path("tls_dir", &layout.tls_dir)?;
-    validate::safe_path("pki_dir", &layout.pki_dir)?;
     let openssl = s(&layout.bins.openssl);
     let dir = &layout.tls_dir;
     let key = layout.tls_key();
@@ -76,6 +106,7 @@ pub fn server_cert(layout: &Layout, name: &str, address: Ipv4Addr) -> Result<Rec
         "openssl-leaf.cnf",
         context! { name, address => address.to_string() },
     )?;
+    let x509 = signer(Command::new(&openssl).args(["x509", "-req", "-in", &s(&csr)]));
     Ok(Recipe {
         dirs: vec![dir_spec(dir.clone(), 0o700)],
         files: vec![file_spec(cnf.clone(), contents)],
@@ -91,10 +122,7 @@ pub fn server_cert(layout: &Layout, name: &str, address: Ipv4Addr) -> Result<Rec
             ),
             step(
                 "pki-server-cert",
-                Command::new(&openssl)
-                    .args(["x509", "-req", "-in", &s(&csr)])
-                    .args(["-CA", &s(&layout.ca_cert()), "-CAkey", &s(&ca_key(layout))])
-                    .args(["-extfile", &s(&cnf), "-extensions", "leaf", "-sha256"])
+                x509.args(["-extfile", &s(&cnf), "-extensions", "leaf", "-sha256"])
                     .args(["-days", &SERVER_DAYS.to_string(), "-out", &s(&cert)]),
                 &cert,
             ),

@@ -146,6 +146,38 @@ fn no_command_carries_a_secret() {
     }
 }
 
+/// `Role::secrets` is what each role may read (on AWS, exactly what its instance profile
+/// allows): it must name every secret the role's recipe writes, and nothing else.
+#[test]
+fn each_role_declares_exactly_the_secrets_its_recipe_uses() {
+    let marker = |name: &str| format!("MARKER{}X", name.to_ascii_uppercase().replace('_', ""));
+    for (id, _, roles) in SERVERS {
+        for &role in *roles {
+            let mut ctx = systemd(id);
+            ctx.roles = vec![role];
+            ctx.secrets = rigger_recipes::Secrets::try_from_names(|name| {
+                Ok::<_, std::convert::Infallible>(Secret::new(marker(name)))
+            })
+            .unwrap();
+            let recipe = rigger_recipes::render(role, &ctx).unwrap();
+            let used: Vec<&str> = rigger_recipes::Secrets::NAMES
+                .into_iter()
+                .filter(|name| {
+                    recipe
+                        .files
+                        .iter()
+                        .any(|f| f.contents.contains(&marker(name)))
+                })
+                .collect();
+            let mut declared = role.secrets().to_vec();
+            declared.sort_unstable();
+            let mut used = used;
+            used.sort_unstable();
+            assert_eq!(used, declared, "{}", role.as_str());
+        }
+    }
+}
+
 #[test]
 fn pg_hba_allows_tcp_only_over_tls() {
     for id in ["db-1", "db-2"] {

@@ -61,6 +61,29 @@ fn pki_steps_make_a_verifiable_chain() {
 }
 
 #[test]
+fn a_self_signed_server_certificate_verifies_against_itself_without_a_ca() {
+    if missing(&["/usr/bin/openssl"]) {
+        return;
+    }
+    let scratch = Scratch::new("self-signed");
+    let layout = scratch.layout("web-1");
+    let recipe = pki::self_signed_cert(&layout, "web-1", common::addr_in(BLOCK, "web-1")).unwrap();
+    apply_fs(&recipe);
+    run_steps(&recipe, Phase::BeforeStart);
+    assert!(!pki::ca_key(&layout).exists() && !layout.ca_cert().exists());
+    let out = run_checked(
+        std::process::Command::new("/usr/bin/openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(layout.tls_cert())
+            .args(["-verify_hostname", "web-1", "-verify_ip"])
+            .arg(common::addr_in(BLOCK, "web-1").to_string())
+            .arg(layout.tls_cert()),
+    );
+    assert!(out.contains(": OK"), "{out}");
+}
+
+#[test]
 fn nginx_accepts_the_web_config() {
     if missing(&["/usr/sbin/nginx", "/usr/bin/openssl"]) {
         return;
@@ -73,6 +96,98 @@ fn nginx_accepts_the_web_config() {
     let nginx = recipe.service("nginx").unwrap();
     let out = run_checked(process(&nginx.command, None).arg("-t"));
     assert!(out.contains("test is successful"), "{out}");
+}
+
+/// nginx hands the app the client's address: from X-Forwarded-For only on connections from
+/// the load balancer (its rightmost address, the one the load balancer added), the
+/// connection's own address from anyone else; other forwarding headers a client sent never
+/// reach the app.
+#[test]
+fn nginx_takes_the_client_address_only_from_the_load_balancer() {
+    if missing(&["/usr/sbin/nginx", "/usr/bin/openssl", "/usr/bin/curl"]) || !is_root() {
+        return;
+    }
+    let _one = SERVICES.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("nginx-xff");
+    make_certs(&scratch, &["web-1"]);
+    let ctx = scratch.context("web-1");
+    let recipe = render_server(&ctx).unwrap();
+    apply_fs(&recipe);
+    // A stand-in for gunicorn that answers every request and keeps its headers.
+    let upstream = std::net::TcpListener::bind((ctx.address, ctx.ports.gunicorn)).unwrap();
+    let (sender, received) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::{BufRead as _, Write as _};
+        for stream in upstream.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line.to_ascii_lowercase());
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+            if sender.send(head).is_err() {
+                return;
+            }
+        }
+    });
+    let mut running = Running::default();
+    let nginx = recipe.service("nginx").unwrap();
+    let child = process(&nginx.command, None)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    running.0.push(("nginx".into(), nginx.stop_signal, child));
+    wait_ready(
+        "nginx",
+        &Probe::Tcp {
+            addr: ctx.address,
+            port: ctx.ports.nginx_http,
+        },
+        &nginx.log_file,
+    );
+
+    let ask_from = |source: std::net::Ipv4Addr| {
+        run_checked(std::process::Command::new("/usr/bin/curl").args([
+            "-sS",
+            "--interface",
+            &source.to_string(),
+            "-H",
+            "X-Forwarded-For: 198.51.100.66, 203.0.113.7",
+            "-H",
+            "X-Forwarded-Host: evil.example",
+            "-H",
+            "X-Forwarded-Proto: http",
+            &format!("http://{}{}", ctx.address, ctx.project.health_check_path),
+        ]));
+        received
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the request reached the app")
+    };
+    let lb = common::addr_in(BLOCK, "lb-1");
+    let from_lb = ask_from(lb);
+    assert!(
+        from_lb.contains("x-forwarded-for: 203.0.113.7\r\n"),
+        "from the load balancer: {from_lb}"
+    );
+    let stranger = common::addr_in(BLOCK, "worker-1");
+    let from_stranger = ask_from(stranger);
+    assert!(
+        from_stranger.contains(&format!("x-forwarded-for: {stranger}\r\n")),
+        "from another address: {from_stranger}"
+    );
+    for head in [&from_lb, &from_stranger] {
+        assert!(!head.contains("x-forwarded-host"), "{head}");
+        assert!(head.contains("x-forwarded-proto: https\r\n"), "{head}");
+        assert!(!head.contains("198.51.100.66"), "{head}");
+    }
 }
 
 #[test]

@@ -61,6 +61,10 @@ pub(super) fn web(b: &mut Builder) -> Result<(), RenderError> {
             http_port => ports.nginx_http,
             https_port => ports.nginx_https,
             https_port_suffix,
+            load_balancer_networks => ctx.peers.load_balancer_networks
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
         },
     )?;
     let conf_path = etc.join("nginx.conf");

@@ -92,6 +92,7 @@ pub fn context_in(block: u8, id: &str, layout: Layout) -> ServerContext {
                 Network::host(addr("db-1")),
                 Network::host(addr("db-2")),
             ],
+            load_balancer_networks: vec![Network::host(addr("lb-1"))],
         },
         secrets: secrets(),
         tuning: Tuning {
