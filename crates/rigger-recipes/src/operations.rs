@@ -42,31 +42,35 @@ pub fn maintenance_line(layout: &Layout, on: bool) -> String {
 /// `TimeoutStopSec` for this stop only, under /run) before it kills what is left.
 pub fn warm_stop_workers_line(timeout: Duration) -> String {
     let worker = unit_name("celery-worker");
-    let dropin = format!("/run/systemd/system/{worker}.d");
+    let dropin = shell_quote(&format!("/run/systemd/system/{worker}.d"));
     format!(
         "set -e; mkdir -p {dropin}; printf '[Service]\\nTimeoutStopSec=%s\\n' {secs} > {dropin}/rigger-warm-stop.conf; \
          systemctl daemon-reload; systemctl stop {beat} {worker}; \
          rm -f {dropin}/rigger-warm-stop.conf; systemctl daemon-reload",
         secs = timeout.as_secs(),
-        beat = unit_name("celery-beat"),
+        beat = shell_quote(&unit_name("celery-beat")),
+        worker = shell_quote(&worker),
     )
 }
 
 /// What rigger quotes when a new web server fails its health check: the health path as the
 /// load balancer asks it (HTTPS on the server's own address, any certificate), with status
 /// and the start of the body, then the last lines of the app's log from the journal.
+///
+/// rigger.toml's validation allows only plain characters in the health path; the line quotes
+/// it all the same (and turns off curl's URL globbing), as every value a shell line takes.
 pub fn health_evidence_line(health_path: &str, lines: u32) -> String {
     format!(
         "address=$(hostname -I | cut -d' ' -f1); \
          body=$(mktemp); \
-         code=$(curl -sk -m 5 -o \"$body\" -w '%{{http_code}}' \"https://$address{path}\" || true); \
-         echo \"GET {path} answered ${{code:-nothing}}: $(head -c 300 \"$body\" | tr '\\n' ' ')\"; \
+         code=$(curl -gsk -m 5 -o \"$body\" -w '%{{http_code}}' \"https://$address\"{path} || true); \
+         printf 'GET %s answered %s: %s\\n' {path} \"${{code:-nothing}}\" \"$(head -c 300 \"$body\" | tr '\\n' ' ')\"; \
          rm -f \"$body\"; \
          echo \"last lines of the app's log:\"; \
          journalctl --no-pager -o cat -n {lines} -u {gunicorn} -u {worker} | sed 's/^/    /'",
-        path = health_path,
-        gunicorn = unit_name("gunicorn"),
-        worker = unit_name("celery-worker"),
+        path = shell_quote(health_path),
+        gunicorn = shell_quote(&unit_name("gunicorn")),
+        worker = shell_quote(&unit_name("celery-worker")),
     )
 }
 
@@ -80,6 +84,56 @@ mod tests {
             .status()
             .unwrap();
         assert!(status.success(), "sh -n rejects: {line}");
+    }
+
+    /// A hostile health path reaches the shell as one quoted word: the command substitution,
+    /// the `;`, the quote and the newline in it run nothing, and curl is asked for the path as
+    /// written (stand-ins for `hostname`, `curl` and `journalctl` record what they are given).
+    #[test]
+    fn health_evidence_quotes_a_hostile_path() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let pwned = dir.path().join("pwned");
+        let curl_args = dir.path().join("curl.args");
+        for (name, body) in [
+            ("hostname", "echo 192.0.2.10".to_owned()),
+            (
+                "curl",
+                format!(
+                    "printf '%s\\n' \"$@\" > {}; echo 500",
+                    shell_quote(&curl_args.display().to_string())
+                ),
+            ),
+            ("journalctl", "echo app log line".to_owned()),
+        ] {
+            let path = bin.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let touch = format!("touch {}", pwned.display());
+        let hostile = format!("/$({touch})`{touch}`;{touch};'\"\n{touch}");
+        let line = health_evidence_line(&hostile, 5);
+        sh_n(&line);
+        let output = std::process::Command::new("sh")
+            .args(["-c", &line])
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{output:?}");
+        assert!(!pwned.exists(), "the health path ran a command: {line}");
+        let args = std::fs::read_to_string(&curl_args).unwrap();
+        assert!(
+            args.contains(&format!("\nhttps://192.0.2.10{hostile}\n")),
+            "{args}"
+        );
+        assert!(
+            stdout.starts_with(&format!("GET {hostile} answered 500")),
+            "{stdout}"
+        );
+        assert!(stdout.contains("    app log line"), "{stdout}");
     }
 
     #[test]
@@ -140,7 +194,10 @@ mod tests {
     #[test]
     fn health_evidence_probes_the_health_path_and_reads_the_journal() {
         let line = health_evidence_line("/healthcheck.html", 20);
-        assert!(line.contains("https://$address/healthcheck.html"), "{line}");
+        assert!(
+            line.contains("\"https://$address\"/healthcheck.html"),
+            "{line}"
+        );
         assert!(line.contains("-u rigger-gunicorn.service"), "{line}");
         sh_n(&line);
     }
