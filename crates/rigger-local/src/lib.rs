@@ -22,6 +22,7 @@ pub mod environment;
 pub mod haproxy;
 pub mod observe;
 pub mod paths;
+pub mod pgbouncer;
 pub mod prepare;
 pub mod registry;
 pub mod release;

@@ -1,11 +1,37 @@
 //! Shell lines that operate a running server of the systemd layout (AWS), as rigger sends
 //! them over SSH, as root: maintenance mode on a web server, the warm shutdown of an old
-//! worker, and the evidence rigger collects from a server that failed its health check. Pure
-//! functions of the [`Layout`], tested by comparing text and by `sh -n`.
+//! worker, the evidence rigger collects from a server that failed its health check, and
+//! PgBouncer's admin console during a failover (a pause that ends by itself at a deadline).
+//! Pure functions of the [`Layout`], tested by comparing text and by `sh -n`; the failover's
+//! deadline figures are shared with the local provider.
 
 use std::time::Duration;
 
 use crate::{Layout, shell_quote, unit_name};
+
+/// How long a failover may hold PgBouncer paused: before pausing a pool, rigger arms a
+/// deadline on the server's side (a systemd timer on AWS, a detached helper process locally)
+/// that sends `RESUME` by itself, so a rigger killed between `PAUSE` and `RESUME` never leaves
+/// the site waiting for ever. A planned failover's pause normally lasts seconds: pausing (each
+/// `PAUSE` waits for running transactions), the replica catching up (15 s at most), promoting
+/// (30 s at most), fencing and repointing; 120 s covers them with room to spare.
+pub const PAUSE_DEADLINE: Duration = Duration::from_secs(120);
+
+/// The least time a failover must have left on its pause deadline to go past its point of no
+/// return (promoting the replica, then fencing the old primary): promoting waits up to 30 s,
+/// fencing takes seconds. With less left, rigger gives up and resumes, changing nothing, so a
+/// deadline can never resume clients onto an old primary that still accepts writes; a deadline
+/// that fires after fencing only sends them to a stopped primary (errors, never lost writes)
+/// until they are repointed.
+pub const PROMOTE_BUDGET: Duration = Duration::from_secs(60);
+
+/// The transient systemd unit (a `.timer` and its `.service`) that resumes PgBouncer at the
+/// failover's deadline on a server.
+pub const PGBOUNCER_RESUME_UNIT: &str = "rigger-pgbouncer-resume";
+
+/// Where the deadline's script lives on a server: root's own directory under `/run` (a tmpfs,
+/// gone at reboot, when PgBouncer restarts unpaused anyway).
+const PGBOUNCER_RESUME_DIR: &str = "/run/rigger-failover";
 
 /// The page every web server answers 503 with in maintenance mode, unless the app's release
 /// has its own `maintenance.html` at its root.
@@ -71,6 +97,67 @@ pub fn health_evidence_line(health_path: &str, lines: u32) -> String {
         path = shell_quote(health_path),
         gunicorn = shell_quote(&unit_name("gunicorn")),
         worker = shell_quote(&unit_name("celery-worker")),
+    )
+}
+
+/// `psql` on PgBouncer's admin console as rigger's admin user, running `commands` (`PAUSE`,
+/// `SHOW POOLS`) in one session, rows `|`-separated. The credentials come from the variables of
+/// the root-only admin file the recipe writes ([`crate::pgbouncer_admin_env`], loaded into the
+/// job's environment; never on a command line).
+pub fn pgbouncer_admin_line(commands: &[&str]) -> String {
+    let commands: Vec<String> = commands
+        .iter()
+        .map(|c| format!("-c {}", shell_quote(c)))
+        .collect();
+    format!(
+        "PGPASSWORD=\"$PGBOUNCER_ADMIN_PASSWORD\" PGCONNECT_TIMEOUT=5 psql \"host=$PGBOUNCER_HOST port=$PGBOUNCER_PORT dbname=pgbouncer user=$PGBOUNCER_ADMIN_USER sslmode=disable\" -XAtq -F '|' {}",
+        commands.join(" ")
+    )
+}
+
+/// Pauses PgBouncer with a deadline: first a transient systemd timer
+/// ([`PGBOUNCER_RESUME_UNIT`], replacing one an interrupted failover left) that runs `RESUME`
+/// `deadline` from now, then `PAUSE`. The timer's script loads the root-only admin file
+/// itself; it is written to a root-only directory, since systemd would expand `$VARIABLES` in
+/// a command given to `systemd-run`. Run with the admin file loaded, as
+/// [`pgbouncer_admin_line`].
+pub fn pgbouncer_pause_line(layout: &Layout, deadline: Duration) -> String {
+    let script = format!(
+        "set -a\n. {admin_env}\nset +a\nexec {resume}\n",
+        admin_env = shell_quote(&crate::pgbouncer_admin_env(layout).display().to_string()),
+        resume = pgbouncer_admin_line(&["RESUME"]),
+    );
+    let dir = PGBOUNCER_RESUME_DIR;
+    let unit = PGBOUNCER_RESUME_UNIT;
+    format!(
+        "set -e; systemctl stop {unit}.timer {unit}.service >/dev/null 2>&1 || true; \
+         install -d -m 0700 {dir}; printf '%s' {script} > {dir}/resume.sh.tmp; \
+         chmod 0700 {dir}/resume.sh.tmp; mv -f {dir}/resume.sh.tmp {dir}/resume.sh; \
+         systemd-run --quiet --collect --unit={unit} --on-active={secs}s \
+         --timer-property=AccuracySec=1s /bin/sh {dir}/resume.sh; {pause}",
+        script = shell_quote(&script),
+        secs = deadline.as_secs().max(1),
+        pause = pgbouncer_admin_line(&["PAUSE"]),
+    )
+}
+
+/// Resumes PgBouncer after a failover (`RECONNECT` first when `reconnect`: server connections
+/// made through the old tunnels go) and cancels the deadline's timer. A pool the deadline
+/// already resumed counts as resumed (said on standard error); when `RESUME` fails otherwise,
+/// the timer stays armed, so the pool still resumes at the deadline.
+pub fn pgbouncer_resume_line(reconnect: bool) -> String {
+    let commands: &[&str] = if reconnect {
+        &["RECONNECT", "RESUME"]
+    } else {
+        &["RESUME"]
+    };
+    format!(
+        "if ! out=$({admin} 2>&1); then case $out in \
+         *'not paused'*) echo 'rigger: the pause deadline had already resumed PgBouncer' >&2 ;; \
+         *) printf '%s\\n' \"$out\" >&2; exit 1 ;; esac; fi; \
+         systemctl stop {unit}.timer >/dev/null 2>&1 || true",
+        admin = pgbouncer_admin_line(commands),
+        unit = PGBOUNCER_RESUME_UNIT,
     )
 }
 
@@ -189,6 +276,135 @@ mod tests {
             "{line}"
         );
         sh_n(&line);
+    }
+
+    #[test]
+    fn a_pause_arms_its_deadline_before_pausing() {
+        let layout = Layout::systemd("shop");
+        let line = pgbouncer_pause_line(&layout, Duration::from_secs(120));
+        sh_n(&line);
+        let timer = line
+            .find("systemd-run --quiet --collect --unit=rigger-pgbouncer-resume --on-active=120s")
+            .unwrap_or_else(|| panic!("no timer: {line}"));
+        let pause = line.find("-c PAUSE").unwrap();
+        assert!(timer < pause, "PAUSE before its deadline is armed: {line}");
+        assert!(line.starts_with("set -e; "), "{line}");
+        // An interrupted failover's timer is replaced, not an error.
+        assert!(
+            line.contains("systemctl stop rigger-pgbouncer-resume.timer rigger-pgbouncer-resume.service >/dev/null 2>&1 || true"),
+            "{line}"
+        );
+        // The timer runs a root-only script, so systemd has no `$` to expand in its command.
+        let command = &line[timer..line[timer..].find(';').unwrap() + timer];
+        assert!(!command.contains('$'), "{command}");
+        assert!(
+            command.ends_with("/bin/sh /run/rigger-failover/resume.sh"),
+            "{command}"
+        );
+    }
+
+    #[test]
+    fn the_deadlines_script_loads_the_admin_file_and_resumes() {
+        let layout = Layout::systemd("shop");
+        let line = pgbouncer_pause_line(&layout, Duration::from_secs(90));
+        let dir = tempfile::tempdir().unwrap();
+        // The script as the line writes it: run the line's printf alone.
+        let printf = line
+            .split("; ")
+            .find(|part| part.starts_with("printf '%s' "))
+            .unwrap()
+            .replace("/run/rigger-failover/resume.sh.tmp", "\"$1\"");
+        let script = dir.path().join("resume.sh");
+        let status = std::process::Command::new("sh")
+            .args(["-c", &printf, "sh"])
+            .arg(&script)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let text = std::fs::read_to_string(&script).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "set -a\n. /etc/rigger/pgbouncer/admin.env\nset +a\nexec {}\n",
+                pgbouncer_admin_line(&["RESUME"])
+            )
+        );
+        sh_n(&text);
+    }
+
+    /// Runs `line` with stand-ins for `psql` (printing `psql_says` on stderr and exiting with
+    /// `psql_exit`) and `systemctl` (recording its arguments); returns the exit code, stderr
+    /// and systemctl's calls.
+    fn run_with_stubs(line: &str, psql_says: &str, psql_exit: i32) -> (i32, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let calls = dir.path().join("systemctl.calls");
+        let stub = |name: &str, body: String| {
+            let path = bin.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        stub(
+            "psql",
+            format!(
+                "printf '%s\\n' {} >&2; exit {psql_exit}",
+                shell_quote(psql_says)
+            ),
+        );
+        stub(
+            "systemctl",
+            format!(
+                "echo \"$*\" >> {}",
+                shell_quote(&calls.display().to_string())
+            ),
+        );
+        let output = std::process::Command::new("sh")
+            .args(["-c", line])
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .output()
+            .unwrap();
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+            std::fs::read_to_string(&calls).unwrap_or_default(),
+        )
+    }
+
+    #[test]
+    fn resuming_cancels_the_deadline_and_accepts_a_pool_it_resumed() {
+        let line = pgbouncer_resume_line(true);
+        sh_n(&line);
+        assert!(line.contains("-c RECONNECT -c RESUME"), "{line}");
+        // Resumed by rigger: the timer is cancelled.
+        let (code, _, calls) = run_with_stubs(&line, "", 0);
+        assert_eq!(
+            (code, calls.as_str()),
+            (0, "stop rigger-pgbouncer-resume.timer\n")
+        );
+        // Resumed by the deadline already: fine, and said.
+        let (code, stderr, calls) =
+            run_with_stubs(&line, "ERROR:  pooler is not paused/suspended", 1);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stderr.contains("the pause deadline had already resumed PgBouncer"));
+        assert_eq!(calls, "stop rigger-pgbouncer-resume.timer\n");
+        // Not resumed: the failure is reported and the deadline stays armed.
+        let (code, stderr, calls) = run_with_stubs(&line, "connection refused", 2);
+        assert_eq!(code, 1);
+        assert!(stderr.contains("connection refused"), "{stderr}");
+        assert_eq!(calls, "");
+    }
+
+    #[test]
+    fn the_admin_console_line_keeps_the_password_in_the_environment() {
+        let admin = pgbouncer_admin_line(&["RECONNECT", "RESUME"]);
+        assert!(
+            admin.starts_with("PGPASSWORD=\"$PGBOUNCER_ADMIN_PASSWORD\""),
+            "{admin}"
+        );
+        assert!(admin.ends_with("-c RECONNECT -c RESUME"), "{admin}");
+        sh_n(&admin);
     }
 
     #[test]

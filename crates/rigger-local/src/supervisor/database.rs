@@ -5,17 +5,23 @@
 //! waits until the replica has replayed everything the primary wrote, promotes it, fences the
 //! old primary (stopped, its directory moved to `terminated/`: it never accepts a write
 //! again), points every web and worker server's stunnel and PgBouncer at the new primary with
-//! a reload (no app restart), and resumes. Writes wait for a few seconds; none is lost.
+//! a reload (no app restart), and resumes. Writes wait for a few seconds; none is lost. Each
+//! pool is paused with a deadline that resumes it by itself if this supervisor dies before it
+//! does ([`crate::pgbouncer`]); the failover promotes only with time left on every deadline to
+//! fence the old primary first, so a deadline never resumes writes onto it.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use rigger_recipes::operations::{PAUSE_DEADLINE, PROMOTE_BUDGET};
 use rigger_recipes::{Phase as StepPhase, Role};
 use serde::{Deserialize, Serialize};
 
 use super::{Supervisor, run_steps};
 use crate::apply;
 use crate::paths::EnvPaths;
+use crate::pgbouncer::{AdminConsole, HelperFiles, ResumeDeadline, Resumed};
 use crate::process;
 use crate::registry::{ServerRecord, ServerState, write_atomically};
 use crate::status::Phase;
@@ -169,12 +175,15 @@ impl Supervisor {
             .collect();
 
         let paused_at = Instant::now();
+        // Each pool is paused with a deadline that resumes it by itself should this supervisor
+        // die before resuming it (crate::pgbouncer).
+        let mut deadlines: BTreeMap<String, ResumeDeadline> = BTreeMap::new();
         let mut lost_warning = String::new();
         if force {
             // The primary may be gone: nothing to wait for. Pausing is still worth trying, so
             // that requests wait for the new primary instead of failing against the old one.
             for server in &app_servers {
-                if let Err(error) = self.pgbouncer_admin(server, "PAUSE").await {
+                if let Err(error) = self.pause(server, &mut deadlines).await {
                     tracing::warn!(server = %server.id, "pausing PgBouncer (continuing, forced): {error:#}");
                 }
             }
@@ -186,23 +195,64 @@ impl Supervisor {
             };
         } else {
             for server in &app_servers {
-                if let Err(error) = self.pgbouncer_admin(server, "PAUSE").await {
-                    self.resume_all(&app_servers).await;
+                if let Err(error) = self.pause(server, &mut deadlines).await {
+                    self.resume_all(&app_servers, deadlines).await;
                     bail!(
-                        "pausing PgBouncer on {}: {error:#}; nothing was changed",
+                        "pausing PgBouncer on {}: {error:#}; nothing was changed, writes resumed",
                         server.id
                     );
                 }
             }
             if let Err(error) = self.wait_caught_up(&primary, &replica).await {
-                self.resume_all(&app_servers).await;
+                self.resume_all(&app_servers, deadlines).await;
                 bail!("{error:#}; nothing was changed, writes resumed");
             }
         }
+        // Past this point the old primary must be fenced before any pool resumes: go on only
+        // with time left on every deadline for promoting and fencing.
+        if let Some(left) = deadlines.values().map(ResumeDeadline::remaining).min()
+            && left < PROMOTE_BUDGET
+        {
+            self.resume_all(&app_servers, deadlines).await;
+            bail!(
+                "pausing and catching up took {:.0} s, leaving {:.0} s of the pools' {} s pause \
+                 deadline, less than the {} s promoting and fencing may take; nothing was \
+                 changed, writes resumed",
+                paused_at.elapsed().as_secs_f64(),
+                left.as_secs_f64(),
+                PAUSE_DEADLINE.as_secs(),
+                PROMOTE_BUDGET.as_secs()
+            );
+        }
+        // Whatever happens from here, the pools resume at the end (their deadline would
+        // otherwise do it, later).
+        let failed_over = self
+            .fail_over_paused(&primary, &replica, &app_servers)
+            .await;
+        self.resume_all(&app_servers, deadlines).await;
+        failed_over?;
+        let paused = paused_at.elapsed().as_secs_f64();
+        Ok((
+            format!(
+                "{} is the primary; {} is fenced (stopped){lost_warning}",
+                replica.id, primary.id
+            ),
+            Some(paused),
+        ))
+    }
 
+    /// The part of a failover done while the pools are paused: promotes `replica`, fences
+    /// `primary`, rebuilds the other replicas from the new primary and repoints every app
+    /// server at it.
+    async fn fail_over_paused(
+        &mut self,
+        primary: &ServerRecord,
+        replica: &ServerRecord,
+        app_servers: &[ServerRecord],
+    ) -> anyhow::Result<()> {
         // Promote, then fence the old primary before anyone can write to it again.
         self.psql(
-            &replica,
+            replica,
             "SELECT pg_promote(wait => true, wait_seconds => 30)",
         )
         .await
@@ -230,20 +280,12 @@ impl Supervisor {
             self.reseed(Some(&other.id)).await?;
         }
         // Every app server's stunnel and PgBouncer now point at the new primary.
-        for server in &app_servers {
+        for server in app_servers {
             self.reapply(&server.id)
                 .await
                 .with_context(|| format!("repointing {}", server.id))?;
         }
-        self.resume_all(&app_servers).await;
-        let paused = paused_at.elapsed().as_secs_f64();
-        Ok((
-            format!(
-                "{} is the primary; {} is fenced (stopped){lost_warning}",
-                replica.id, primary.id
-            ),
-            Some(paused),
-        ))
+        Ok(())
     }
 
     /// Rebuilds a replica (default: the first) from the primary: the old one goes and a new
@@ -359,10 +401,45 @@ impl Supervisor {
         Ok(())
     }
 
-    async fn resume_all(&self, servers: &[ServerRecord]) {
+    /// Arms `server`'s pause deadline (recorded in `deadlines`, so it is disarmed or left to
+    /// fire with the others), then pauses its PgBouncer.
+    async fn pause(
+        &self,
+        server: &ServerRecord,
+        deadlines: &mut BTreeMap<String, ResumeDeadline>,
+    ) -> anyhow::Result<()> {
+        let console = self.pgbouncer_console(server);
+        let dir = self.env.paths.server(&server.id);
+        let files = HelperFiles {
+            pid: dir.join("pids").join("pgbouncer-resume.pid"),
+            log: dir.join("log").join("pgbouncer-resume.log"),
+        };
+        let name = format!("{}/pgbouncer-resume", server.id);
+        let deadline = ResumeDeadline::arm(&name, &console, PAUSE_DEADLINE, &files).await?;
+        deadlines.insert(server.id.clone(), deadline);
+        console.run("PAUSE", PAUSE_TIMEOUT).await.map(drop)
+    }
+
+    /// Resumes every pool, then disarms the deadline of each one resumed. A pool that cannot
+    /// be resumed keeps its deadline, which tries again when it fires.
+    async fn resume_all(
+        &self,
+        servers: &[ServerRecord],
+        mut deadlines: BTreeMap<String, ResumeDeadline>,
+    ) {
         for server in servers {
-            if let Err(error) = self.pgbouncer_admin(server, "RESUME").await {
-                tracing::error!(server = %server.id, "resuming PgBouncer: {error:#}");
+            match self.pgbouncer_console(server).resume(PAUSE_TIMEOUT).await {
+                Ok(resumed) => {
+                    if resumed == Resumed::Already {
+                        tracing::warn!(server = %server.id, "PgBouncer was no longer paused: its pause deadline had resumed it");
+                    }
+                    if let Some(deadline) = deadlines.remove(&server.id) {
+                        deadline.disarm().await;
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(server = %server.id, "resuming PgBouncer (its pause deadline will): {error:#}");
+                }
             }
         }
     }
@@ -422,41 +499,18 @@ impl Supervisor {
         run_psql(&socket, sql).await
     }
 
-    /// Sends an admin console command (PAUSE, RESUME, ...) to an app server's PgBouncer.
-    async fn pgbouncer_admin(&self, server: &ServerRecord, command: &str) -> anyhow::Result<()> {
-        let user = rigger_recipes::PGBOUNCER_ADMIN_USER;
-        let output = tokio::time::timeout(
-            PAUSE_TIMEOUT,
-            tokio::process::Command::new("psql")
-                .arg(format!(
-                    "host={} port=6432 dbname=pgbouncer user={user} sslmode=disable",
-                    server.address
-                ))
-                .args(["-XAtq", "-c", command])
-                .env_clear()
-                .env("PATH", process::DEFAULT_PATH)
-                .env(
-                    "PGPASSWORD",
-                    self.prepared().secrets.pgbouncer_admin_password.expose(),
-                )
-                .env("PGCONNECT_TIMEOUT", "5")
-                .kill_on_drop(true)
-                .output(),
+    /// The admin console of an app server's PgBouncer, as rigger's admin user.
+    fn pgbouncer_console(&self, server: &ServerRecord) -> AdminConsole {
+        AdminConsole::new(
+            server.address.to_string(),
+            6432,
+            rigger_recipes::PGBOUNCER_ADMIN_USER,
+            self.prepared()
+                .secrets
+                .pgbouncer_admin_password
+                .expose()
+                .to_owned(),
         )
-        .await
-        .with_context(|| {
-            format!(
-                "`{command}` did not finish within {} s",
-                PAUSE_TIMEOUT.as_secs()
-            )
-        })??;
-        if !output.status.success() {
-            bail!(
-                "`{command}`: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        Ok(())
     }
 }
 
