@@ -80,7 +80,7 @@ pub use context::{
 };
 pub use error::RenderError;
 pub use layout::{Binaries, Layout, ServiceManager, ServiceUsers};
-pub use roles::{pgbouncer_admin_env, render, render_server, slot_name};
+pub use roles::{MAX_WAL_SENDERS, pgbouncer_admin_env, render, render_server, slot_name};
 pub use spec::{DirSpec, FileSpec, Phase, Probe, Recipe, ServiceSpec, Signal, StepSpec};
 pub use systemd::{systemd_unit, unit_name};
 

@@ -7,7 +7,7 @@ mod lb;
 mod postgres;
 
 pub use app::pgbouncer_admin_env;
-pub use postgres::slot_name;
+pub use postgres::{MAX_WAL_SENDERS, slot_name};
 mod queue;
 
 use std::path::{Path, PathBuf};

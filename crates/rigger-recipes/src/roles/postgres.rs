@@ -22,6 +22,12 @@ use crate::engine::{conninfo_value, pgpass_field};
 use crate::error::RenderError;
 use crate::{Command, Network, Phase, Probe, ServiceSpec, Signal};
 
+/// PostgreSQL's `max_wal_senders` and `max_replication_slots` on every database server. Each
+/// streaming replica holds one WAL sender and one slot; a replica being rebuilt takes two
+/// senders (its base backup and its WAL stream). rigger.toml's limit on replicas
+/// (`rigger_config::DatabaseConfig::MAX_REPLICAS`) is derived from it.
+pub const MAX_WAL_SENDERS: u32 = 10;
+
 pub(super) fn primary(b: &mut Builder) -> Result<(), RenderError> {
     let ctx = b.ctx;
     let l = b.layout();
@@ -174,6 +180,7 @@ fn server(b: &mut Builder, standby: Value) -> Result<(), RenderError> {
             ssl_key_file => sj(&etc, "server.key"),
             shared_buffers => &ctx.tuning.postgres_shared_buffers,
             max_slot_wal_keep_size => &ctx.tuning.postgres_max_slot_wal_keep_size,
+            max_wal_senders => MAX_WAL_SENDERS,
             standby,
         },
     )?;
