@@ -10,6 +10,11 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+/// The script that loads an environment file (`$1`) and then runs the rest of its arguments.
+/// `set -a` exports every variable the file sets; rigger writes these files in a syntax that
+/// a POSIX shell reads exactly as systemd's `EnvironmentFile=` does.
+pub const ENV_FILE_SCRIPT: &str = r#"set -a && . "$1" && set +a && shift && exec "$@""#;
+
 /// A program with its arguments, environment, working directory and user.
 ///
 /// Invariant: no secret value appears in `program`, `args` or `env`. Secrets reach processes
@@ -69,6 +74,28 @@ impl Command {
         self
     }
 
+    /// This command behind a loader that reads `env_file` (`KEY=value` lines, see
+    /// [`crate::envfile`]) into its environment, in the process that runs it: `/bin/sh -c
+    /// LOADER rigger-env FILE PROGRAM ARGS...`. The values stay in the file (mode 0600, the
+    /// user's), so they are never on a command line, in a logged command or in an error.
+    /// The loader runs as the command's `user`, so nobody else's file is ever sourced.
+    pub fn with_env_file(self, env_file: impl Into<PathBuf>) -> Command {
+        let env_file: PathBuf = env_file.into();
+        let mut args = vec![
+            "-c".to_owned(),
+            ENV_FILE_SCRIPT.to_owned(),
+            "rigger-env".to_owned(),
+            env_file.display().to_string(),
+            self.program,
+        ];
+        args.extend(self.args);
+        Command {
+            program: "/bin/sh".to_owned(),
+            args,
+            ..self
+        }
+    }
+
     /// Every word of the command line: `program` then `args`.
     pub fn argv(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.program.as_str()).chain(self.args.iter().map(String::as_str))
@@ -118,6 +145,21 @@ mod tests {
             command.to_string(),
             r"HOME='/home/x y' /usr/bin/env plain 'two words' '' 'it'\''s' a=b,c:d/e"
         );
+    }
+
+    #[test]
+    fn with_env_file_loads_the_file_in_the_process_and_keeps_values_off_the_line() {
+        let command = Command::new("/srv/venv/bin/python")
+            .args(["manage.py", "migrate"])
+            .user("www-data")
+            .cwd("/srv/app")
+            .with_env_file("/srv/app.env");
+        assert_eq!(
+            command.to_string(),
+            r#"/bin/sh -c 'set -a && . "$1" && set +a && shift && exec "$@"' rigger-env /srv/app.env /srv/venv/bin/python manage.py migrate"#
+        );
+        assert_eq!(command.user.as_deref(), Some("www-data"));
+        assert_eq!(command.cwd.as_deref(), Some(std::path::Path::new("/srv/app")));
     }
 
     #[test]

@@ -73,7 +73,7 @@ mod spec;
 mod systemd;
 mod validate;
 
-pub use command::{Command, shell_quote};
+pub use command::{Command, ENV_FILE_SCRIPT, shell_quote};
 pub use context::{
     Network, PGBOUNCER_ADMIN_USER, Peer, Peers, Ports, ProjectInfo, Role, Secret, Secrets,
     ServerContext, Tuning,

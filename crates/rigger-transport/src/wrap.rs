@@ -15,10 +15,7 @@ use rigger_recipes::{Command, shell_quote};
 
 use crate::Job;
 
-/// The script that loads an environment file (`$1`) and then runs the rest of its arguments.
-/// `set -a` exports every variable the file sets; rigger writes these files in a syntax that
-/// a POSIX shell reads exactly as systemd's `EnvironmentFile=` does.
-pub const ENV_FILE_SCRIPT: &str = r#"set -a && . "$1" && set +a && shift && exec "$@""#;
+pub use rigger_recipes::ENV_FILE_SCRIPT;
 
 /// Where `setpriv` is: util-linux, on every Debian system.
 pub const SETPRIV: &str = "/usr/bin/setpriv";
@@ -91,18 +88,15 @@ pub fn copy_line(destination: &Path, mode: u32) -> String {
 
 /// The program and arguments, behind the environment file loader when there is one.
 fn inner_words(job: &Job) -> Vec<String> {
-    let mut words = Vec::new();
-    if let Some(env_file) = &job.env_file {
-        words.extend([
-            "/bin/sh".to_owned(),
-            "-c".to_owned(),
-            ENV_FILE_SCRIPT.to_owned(),
-            "rigger-env".to_owned(),
-            env_file.display().to_string(),
-        ]);
-    }
-    words.extend(job.command.argv().map(str::to_owned));
-    words
+    let bare = Command {
+        env: Default::default(),
+        ..job.command.clone()
+    };
+    let loaded = match &job.env_file {
+        Some(env_file) => bare.with_env_file(env_file),
+        None => bare,
+    };
+    loaded.argv().map(str::to_owned).collect()
 }
 
 fn setpriv_words(user: &str) -> Vec<String> {

@@ -29,10 +29,11 @@ pub(super) fn web(b: &mut Builder) -> Result<(), RenderError> {
     let (g_run, g_log) = (l.run("gunicorn"), l.log("gunicorn"));
     b.dir(etc.clone(), 0o755, "root");
     b.dir(run.clone(), 0o755, "root");
-    b.dir(log.clone(), 0o755, "root");
+    // Logs may quote requests and settings: readable by their writer only.
+    b.dir(log.clone(), 0o700, "root");
     b.dir(l.maintenance_dir.clone(), 0o755, "root");
     b.dir(g_run.clone(), 0o755, &u.www);
-    b.dir(g_log.clone(), 0o755, &u.www);
+    b.dir(g_log.clone(), 0o700, &u.www);
 
     let p = &ctx.project;
     let ports = &ctx.ports;

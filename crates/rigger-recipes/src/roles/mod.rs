@@ -108,12 +108,14 @@ impl<'a> Builder<'a> {
         });
     }
 
-    /// Adds a service, and the directory of its log file.
+    /// Adds a service, and the directory of its log file: root's, which every service user
+    /// may traverse (to its own log subdirectory, mode 0700) but not list. The runner creates
+    /// each service's output log in it with mode 0600.
     pub fn service(&mut self, service: ServiceSpec) {
         if let Some(dir) = service.log_file.parent()
             && !self.recipe.dirs.iter().any(|d| d.path == dir)
         {
-            self.dir(dir.to_path_buf(), 0o755, "root");
+            self.dir(dir.to_path_buf(), 0o711, "root");
         }
         self.recipe.services.push(service);
     }

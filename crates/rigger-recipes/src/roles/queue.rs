@@ -27,7 +27,7 @@ pub(super) fn render(b: &mut Builder) -> Result<(), RenderError> {
     );
     b.dir(etc.clone(), 0o755, "root");
     b.dir(data.clone(), 0o750, user);
-    b.dir(log.clone(), 0o755, user);
+    b.dir(log.clone(), 0o700, user);
     b.dir(run.clone(), 0o755, user);
     b.dir(home.clone(), 0o700, user);
 
