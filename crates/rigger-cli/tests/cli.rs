@@ -74,6 +74,50 @@ fn an_invalid_config_exits_2_with_located_errors_and_runs_nothing() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// rigger writes `desired.json` (`rigger scale`) and `registry.json` (the supervisor): a
+/// damaged one stops `plan` with an error naming it and saying what to do, where it used to
+/// be read as "nothing scaled" and "nothing deployed".
+#[test]
+fn plan_reports_a_damaged_state_file() {
+    let dir = temp_dir("damaged-state");
+    std::fs::write(dir.join("rigger.toml"), rigger_config::starter("mysite")).unwrap();
+    let state = dir.join("state");
+    let env_dir = state.join("mysite/local");
+    std::fs::create_dir_all(&env_dir).unwrap();
+    let plan = || {
+        Command::new(env!("CARGO_BIN_EXE_rigger"))
+            .arg("plan")
+            .current_dir(&dir)
+            .env_remove("RUST_LOG")
+            .env("RIGGER_STATE_DIR", &state)
+            .output()
+            .expect("rigger runs")
+    };
+    for (file, what_to_do) in [
+        (
+            "desired.json",
+            "remove it to go back to rigger.toml's `desired` counts",
+        ),
+        ("registry.json", "move the file aside"),
+    ] {
+        let path = env_dir.join(file);
+        std::fs::write(&path, "{\"web\": 3").unwrap();
+        let out = plan();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{file}: {stderr}");
+        assert!(out.stdout.is_empty(), "{file}: {}", text(&out.stdout));
+        assert!(
+            stderr.contains(&format!("{} is damaged (", path.display())),
+            "{stderr}"
+        );
+        assert!(stderr.contains(what_to_do), "{stderr}");
+        std::fs::remove_file(&path).unwrap();
+    }
+    let out = plan();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn an_unknown_environment_names_the_known_ones() {
     let dir = temp_dir("unknown-env");

@@ -252,9 +252,10 @@ pub struct DatabaseConfig {
 
 impl DatabaseConfig {
     /// The most streaming replicas an environment may have. Each replica holds one of the
-    /// primary's WAL senders, and PostgreSQL runs with `max_wal_senders = 10` (rigger's
-    /// recipe): a replica being rebuilt takes two (its base backup and its WAL stream) while
-    /// the others keep streaming, so 8 replicas always fit.
+    /// primary's WAL senders, and PostgreSQL runs with `max_wal_senders = 10`
+    /// (`rigger_recipes::MAX_WAL_SENDERS`; rigger-local's `tests/config_limits.rs` ties the
+    /// two): a replica being rebuilt takes two (its base backup and its WAL stream) while the
+    /// others keep streaming, so 8 replicas always fit.
     pub const MAX_REPLICAS: u32 = 8;
 }
 

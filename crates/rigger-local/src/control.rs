@@ -239,7 +239,7 @@ pub fn scale(env: &LocalEnvironment, group: &str, count: u32) -> anyhow::Result<
     env.env()
         .check_scale(group, count)
         .map_err(anyhow::Error::msg)?;
-    let mut counts = DesiredCounts::load(&env.paths.desired());
+    let mut counts = DesiredCounts::load(&env.paths.desired())?;
     match group {
         "web" => counts.web = Some(count),
         _ => counts.worker = Some(count),

@@ -66,6 +66,24 @@ impl LocalEnvironment {
         &self.config.environments[&self.name]
     }
 
+    /// This environment with the group sizes `rigger scale` set (`desired.json`) in place of
+    /// rigger.toml's `desired`, as `plan` and `up` compare against ([`DesiredCounts::resolve`]).
+    /// A damaged `desired.json` is an error naming it.
+    ///
+    /// [`DesiredCounts::resolve`]: crate::supervisor::DesiredCounts::resolve
+    pub fn scaled(mut self) -> std::io::Result<LocalEnvironment> {
+        let counts = crate::supervisor::DesiredCounts::load(&self.paths.desired())?;
+        let (web, worker) = counts.resolve(self.env());
+        let env = self
+            .config
+            .environments
+            .get_mut(&self.name)
+            .expect("checked in LocalEnvironment::new");
+        env.web.desired = web;
+        env.worker.desired = worker;
+        Ok(self)
+    }
+
     pub fn local(&self) -> &LocalConfig {
         match &self.env().provider {
             ProviderConfig::Local(local) => local,
@@ -137,18 +155,20 @@ impl LocalEnvironment {
             .filter(|s| s.has_role(Role::DbReplica))
             .count();
         let configured = usize::try_from(self.env().database.replicas).unwrap_or(0);
+        registry.servers.extend(added.iter().cloned());
         for _ in replicas..configured {
-            let number = registry.last_number.entry("db-replica".into()).or_insert(0);
-            *number += 1;
-            let host = u8::try_from(*number % 250 + 1).unwrap_or(u8::MAX);
-            added.push(record(
-                &db_replica_id(*number),
+            // Replicas take hosts from .2 on: .1 is the first primary's.
+            let number = registry.next_number("db-replica");
+            let mut replica = record(
+                &db_replica_id(number),
                 &[Role::DbReplica],
                 subnet::DATABASE,
-                host,
-            ));
+                0,
+            );
+            replica.address = registry.address_for(block, subnet::DATABASE, 2, number);
+            registry.servers.push(replica.clone());
+            added.push(replica);
         }
-        registry.servers.extend(added.iter().cloned());
         added
     }
 
@@ -307,5 +327,71 @@ fn local_tuning() -> Tuning {
         redis_maxmemory: Some("64mb".into()),
         rabbitmq_memory_limit: Some("256MB".into()),
         ..Tuning::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `local` of the starter file: web group `2..=4` (desired 2), worker `1..=1` (desired 1),
+    /// its state under `root`.
+    fn environment(root: &Path) -> LocalEnvironment {
+        let config = rigger_config::parse(&rigger_config::starter("shop"), "rigger.toml").unwrap();
+        let mut env = LocalEnvironment::new(config, "local", Path::new("rigger.toml")).unwrap();
+        env.paths = EnvPaths::for_root_for_tests(root);
+        env
+    }
+
+    #[test]
+    fn scaled_counts_replace_desired_within_the_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = environment(dir.path());
+        let unscaled = env.clone().scaled().unwrap();
+        assert_eq!(
+            (unscaled.env().web.desired, unscaled.env().worker.desired),
+            (2, 1)
+        );
+        // A count set before rigger.toml's bounds shrank is brought within them.
+        std::fs::write(env.paths.desired(), r#"{"web": 9, "worker": null}"#).unwrap();
+        let scaled = env.scaled().unwrap();
+        assert_eq!(
+            (scaled.env().web.desired, scaled.env().worker.desired),
+            (4, 1)
+        );
+    }
+
+    #[test]
+    fn a_damaged_desired_json_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = environment(dir.path());
+        std::fs::write(env.paths.desired(), r#"{"web": "#).unwrap();
+        let error = env.clone().scaled().unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!("{} is damaged (", env.paths.desired().display())),
+            "{error}"
+        );
+        assert!(
+            error.contains("remove it to go back to rigger.toml's"),
+            "{error}"
+        );
+    }
+
+    /// Replicas number on over the environment's life; the 250th must not take the primary's
+    /// address (.1), as the cycling of host numbers used to make it.
+    #[test]
+    fn replicas_never_take_a_live_servers_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = environment(dir.path());
+        let mut registry = Registry::default();
+        registry.last_number.insert("db-replica".into(), 249);
+        let added = env.add_missing_stand_alone_servers(&mut registry, "r1");
+        let primary = registry.get(DB_PRIMARY).unwrap().address;
+        let replica = added.iter().find(|s| s.id == "db-replica250").unwrap();
+        assert_eq!(primary, Ipv4Addr::new(127, 77, 4, 1));
+        assert_eq!(replica.address, Ipv4Addr::new(127, 77, 4, 251));
+        let first = env.add_missing_stand_alone_servers(&mut Registry::default(), "r1");
+        let first = first.iter().find(|s| s.id == "db-replica1").unwrap();
+        assert_eq!(first.address, Ipv4Addr::new(127, 77, 4, 2));
     }
 }

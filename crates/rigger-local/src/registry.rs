@@ -86,12 +86,17 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The registry at `path`; empty when there is none yet. A file that cannot be read or
+    /// parsed is an error naming it, never an empty registry: that would lose the servers'
+    /// numbers and the migrated releases.
     pub fn load(path: &Path) -> std::io::Result<Registry> {
-        match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(std::io::Error::other),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Registry::default()),
-            Err(error) => Err(error),
-        }
+        read_state(
+            path,
+            "rigger's record of the environment's servers and releases; stop the environment \
+             (`rigger down`), move the file aside and `rigger up` again (the current release's \
+             migrations run once more)",
+        )
+        .map(Option::unwrap_or_default)
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
@@ -116,32 +121,86 @@ impl Registry {
     }
 
     /// A new server for group `role`: the next number, and an address derived from it so
-    /// that a replacement gets a different one (addresses cycle after 250 servers).
+    /// that a replacement gets a different one ([`Registry::address_for`]).
     pub fn new_group_server(&mut self, role: Role, block: Cidr, release: &str) -> ServerRecord {
-        let number = self
-            .last_number
-            .entry(role.as_str().to_owned())
-            .or_insert(0);
-        *number += 1;
+        let number = self.next_number(role.as_str());
         let subnet = if role == Role::Web {
             subnet::WEB
         } else {
             subnet::WORKER
         };
-        let host = u8::try_from((*number - 1) % 250 + 1).expect("1..=250 fits");
         ServerRecord {
             id: format!("{}-{number}", role.as_str()),
             roles: vec![role.as_str().to_owned()],
-            address: address(block, subnet, host),
+            address: self.address_for(block, subnet, 1, number),
             release: release.to_owned(),
             state: ServerState::Pending,
             beat: false,
         }
     }
 
+    /// The next number of the servers of `kind` (`web`, `db-replica`), counted over the
+    /// environment's lifetime.
+    pub fn next_number(&mut self, kind: &str) -> u32 {
+        let number = self.last_number.entry(kind.to_owned()).or_insert(0);
+        *number += 1;
+        *number
+    }
+
+    /// The address of the `number`th server of a kind in `subnet`: host `first + (number - 1)
+    /// % 250`, so numbers cycle through 250 hosts from `first`; a host a server of the
+    /// registry still holds is skipped, so a long-lived server's address is never given
+    /// twice. rigger.toml's limits keep far fewer than 250 servers of a kind alive at once
+    /// (`rigger_config::GroupSizing::MAX_LOCAL_SERVERS`); were all 250 held, the cycled host
+    /// is returned.
+    pub fn address_for(&self, block: Cidr, subnet: u8, first: u8, number: u32) -> Ipv4Addr {
+        const HOSTS: u32 = 250;
+        let host = |offset: u32| {
+            let index = (number.saturating_sub(1) + offset) % HOSTS;
+            address(
+                block,
+                subnet,
+                u8::try_from(u32::from(first) + index).unwrap_or(u8::MAX),
+            )
+        };
+        (0..HOSTS)
+            .map(host)
+            .find(|candidate| self.servers.iter().all(|s| s.address != *candidate))
+            .unwrap_or_else(|| host(0))
+    }
+
     pub fn remove(&mut self, id: &str) {
         self.servers.retain(|server| server.id != id);
     }
+}
+
+/// The state file at `path` (`registry.json`, `desired.json`) as `T`; `None` when it does not
+/// exist. An unreadable or unparseable file is an error that names it, says what it is
+/// (`what_to_do` starts with that) and what to do: rigger wrote it, so a damaged one means
+/// something went wrong that silently starting afresh would hide.
+pub(crate) fn read_state<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what_to_do: &str,
+) -> std::io::Result<Option<T>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => {
+            return Err(std::io::Error::new(
+                error.kind(),
+                format!("cannot read {}: {error}", path.display()),
+            ));
+        }
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|error| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} is damaged ({error}); it is {what_to_do}",
+                path.display()
+            ),
+        )
+    })
 }
 
 /// The address `127.<block>.<subnet>.<host>`.
@@ -181,5 +240,38 @@ mod tests {
             (worker.id.as_str(), worker.address),
             ("worker-1", Ipv4Addr::new(127, 77, 2, 1))
         );
+    }
+
+    /// web-1 lives on while 250 other web servers come and go: web-251's number cycles back
+    /// to web-1's host, which is skipped (it was given web-1's address before).
+    #[test]
+    fn a_live_servers_address_is_never_given_again() {
+        let block: Cidr = "127.77.0.0/16".parse().unwrap();
+        let mut registry = Registry::default();
+        let first = registry.new_group_server(Role::Web, block, "r1");
+        registry.servers.push(first.clone());
+        for _ in 2..=250 {
+            let passing = registry.new_group_server(Role::Web, block, "r1");
+            assert_ne!(passing.address, first.address);
+        }
+        let wrapped = registry.new_group_server(Role::Web, block, "r1");
+        assert_eq!(wrapped.id, "web-251");
+        assert_eq!(wrapped.address, Ipv4Addr::new(127, 77, 1, 2));
+    }
+
+    #[test]
+    fn a_damaged_registry_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.json");
+        assert_eq!(Registry::load(&path).unwrap(), Registry::default());
+        std::fs::write(&path, "{\"servers\": [").unwrap();
+        let error = Registry::load(&path).unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!("{} is damaged (", path.display())),
+            "{error}"
+        );
+        assert!(error.contains("move the file aside"), "{error}");
+        std::fs::write(&path, "").unwrap();
+        assert!(Registry::load(&path).is_err());
     }
 }

@@ -57,11 +57,24 @@ pub struct DesiredCounts {
 }
 
 impl DesiredCounts {
-    pub fn load(path: &Path) -> DesiredCounts {
-        std::fs::read(path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default()
+    /// The counts at `path` (`desired.json`); none set when there is no file. A damaged file
+    /// is an error naming it, never "no counts": that would silently resize the groups.
+    pub fn load(path: &Path) -> std::io::Result<DesiredCounts> {
+        crate::registry::read_state(
+            path,
+            "the group sizes `rigger scale` set; remove it to go back to rigger.toml's \
+             `desired` counts, then `rigger scale` again if needed",
+        )
+        .map(Option::unwrap_or_default)
+    }
+
+    /// The web and worker groups' desired counts: those `rigger scale` set, brought within
+    /// rigger.toml's `min..=max` (which may have changed since), else rigger.toml's.
+    pub fn resolve(&self, env: &rigger_config::Environment) -> (u32, u32) {
+        let pick = |scaled: Option<u32>, group: &rigger_config::GroupSizing| {
+            scaled.map_or(group.desired, |count| count.clamp(group.min, group.max))
+        };
+        (pick(self.web, &env.web), pick(self.worker, &env.worker))
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
@@ -180,6 +193,9 @@ struct Supervisor {
     /// How long a new web server may take to answer its health check (a deploy's
     /// `--health-timeout` while it runs).
     health_timeout: Duration,
+    /// The counts `rigger scale` set, read at start and at each SIGHUP (a damaged file then
+    /// keeps these).
+    scaled: DesiredCounts,
 }
 
 impl Supervisor {
@@ -200,6 +216,7 @@ impl Supervisor {
             down_since: BTreeMap::new(),
             last_deploy_request: deploy_outcome_request(&env_paths_for_new),
             health_timeout: READY_TIMEOUT,
+            scaled: DesiredCounts::default(),
             last_db_request: std::fs::read(database::outcome_path(&env_paths_for_new))
                 .ok()
                 .and_then(|bytes| serde_json::from_slice::<database::DbOutcome>(&bytes).ok())
@@ -240,8 +257,8 @@ impl Supervisor {
             tracing::warn!(process = %name, ?outcome, "stopped a process left by an earlier supervisor");
         }
         self.prepared = Some(Arc::new(prepare::prepare(&self.env).await?));
-        self.registry =
-            Registry::load(&self.env.paths.registry()).context("reading registry.json")?;
+        self.registry = Registry::load(&self.env.paths.registry())?;
+        self.scaled = DesiredCounts::load(&self.env.paths.desired())?;
         if self.registry.current_release.is_none() {
             release::ensure_initial(&self.env).await?;
             self.registry.current_release = Some(release::INITIAL.to_owned());
@@ -414,12 +431,7 @@ impl Supervisor {
     }
 
     fn desired(&self) -> (u32, u32) {
-        let counts = DesiredCounts::load(&self.env.paths.desired());
-        let env = self.env.env();
-        (
-            counts.web.unwrap_or(env.web.desired),
-            counts.worker.unwrap_or(env.worker.desired),
-        )
+        self.scaled.resolve(self.env.env())
     }
 
     /// `rigger up` or `rigger scale` on a running environment: re-reads rigger.toml (an
@@ -435,6 +447,10 @@ impl Supervisor {
                 }
             }
             Err(error) => tracing::warn!("keeping the running configuration: {error}"),
+        }
+        match DesiredCounts::load(&self.env.paths.desired()) {
+            Ok(scaled) => self.scaled = scaled,
+            Err(error) => tracing::warn!("keeping the running desired counts: {error}"),
         }
         let release = self.current_release();
         let added = self

@@ -3,7 +3,7 @@
 //! a clear error instead of a silent no-op.
 
 use anyhow::{Context as _, anyhow};
-use rigger_config::{Config, ProviderKind};
+use rigger_config::ProviderKind;
 use rigger_local::control::{self, UpOutcome};
 use rigger_local::environment::LocalEnvironment;
 
@@ -23,37 +23,23 @@ pub(crate) fn local_environment(settings: &Settings) -> Result<LocalEnvironment,
             env.name
         )));
     }
-    Ok(LocalEnvironment::new(
-        config_with_scaling(config.clone(), settings),
-        &settings.environment,
-        &settings.config_path,
+    Ok(
+        LocalEnvironment::new(config.clone(), &settings.environment, &settings.config_path)
+            .expect("checked: a local environment"),
     )
-    .expect("checked: a local environment"))
 }
 
-/// `rigger scale` sets a group's desired count outside rigger.toml, as one would on an Auto
-/// Scaling group; the plan and the supervisor both use that count rather than fight it.
-pub(crate) fn config_with_scaling(mut config: Config, settings: &Settings) -> Config {
-    let Some(env) = config.environments.get_mut(&settings.environment) else {
-        return config;
-    };
-    if env.provider_kind() != ProviderKind::Local {
-        return config;
-    }
-    let paths =
-        rigger_local::paths::EnvPaths::for_environment(&config.project.name, &settings.environment);
-    let counts = rigger_local::supervisor::DesiredCounts::load(&paths.desired());
-    if let Some(web) = counts.web {
-        env.web.desired = web.clamp(env.web.min, env.web.max);
-    }
-    if let Some(worker) = counts.worker {
-        env.worker.desired = worker.clamp(env.worker.min, env.worker.max);
-    }
-    config
+/// The local environment with the group sizes `rigger scale` set in place of rigger.toml's
+/// `desired`, as one sets an Auto Scaling group's: `plan` and `up` use those counts rather
+/// than fight them (the supervisor reads them itself). A damaged `desired.json` is an error.
+pub(crate) fn scaled_local_environment(settings: &Settings) -> Result<LocalEnvironment, Failure> {
+    local_environment(settings)?
+        .scaled()
+        .map_err(|error| Failure::Operation(error.into()))
 }
 
 pub(crate) fn up(settings: &Settings) -> Result<(), Failure> {
-    let env = local_environment(settings)?;
+    let env = scaled_local_environment(settings)?;
     let rigger = std::env::current_exe().context("finding the rigger executable")?;
     let started = std::time::Instant::now();
     let outcome =

@@ -15,14 +15,13 @@ pub(crate) fn run(args: PlanArgs, settings: &Settings) -> Result<(), Failure> {
     let provider = super::environment(&config, settings)?.provider_kind();
     let (observed, topology) = match provider {
         ProviderKind::Local => {
-            let config = super::local::config_with_scaling(config, settings);
-            let env = super::local::local_environment(settings)?;
+            let env = super::local::scaled_local_environment(settings)?;
             // The release the environment's groups run (the last deploy's), not the first.
             let release = rigger_local::registry::Registry::load(&env.paths.registry())
-                .ok()
-                .and_then(|registry| registry.current_release)
+                .map_err(|error| Failure::Operation(error.into()))?
+                .current_release
                 .unwrap_or_else(|| INITIAL_RELEASE.to_owned());
-            let topology = rigger_topology::desired(&config, &settings.environment, &release)
+            let topology = rigger_topology::desired(&env.config, &settings.environment, &release)
                 .map_err(|error| Failure::Usage(error.into()))?;
             (rigger_local::observe::observe(&env, &topology), topology)
         }
