@@ -28,6 +28,7 @@ pub mod database;
 pub mod deploy;
 pub mod environment;
 pub mod error;
+pub mod hostkeys;
 pub mod iam;
 pub mod live;
 pub mod loadbalancer;
@@ -193,11 +194,25 @@ impl Provider {
             report,
         )
         .await?;
+        self.prune_host_keys(report).await?;
         Ok(UpOutcome {
             plan,
             topology,
             secrets_created,
         })
+    }
+
+    /// Deletes the published SSH host keys of servers that are gone ([`hostkeys::prune`]).
+    pub async fn prune_host_keys(&self, report: &(dyn Fn(&str) + Sync)) -> Result<(), AwsError> {
+        let pruned = hostkeys::prune(&self.env, &self.clients).await?;
+        if !pruned.is_empty() {
+            report(&format!(
+                "deleted the published host keys of {} servers that are gone ({})",
+                pruned.len(),
+                pruned.join(", ")
+            ));
+        }
+        Ok(())
     }
 
     /// Deletes everything tagged as the environment's, in reverse dependency order, and its
@@ -246,6 +261,15 @@ impl Provider {
             ));
             secrets::delete(&self.clients, &live.parameters).await?;
         }
+        // Every server is gone: so are the host keys they published.
+        let host_keys: Vec<String> = hostkeys::published(&self.env, &self.clients)
+            .await?
+            .into_keys()
+            .collect();
+        if !host_keys.is_empty() {
+            report("deleting the servers' published SSH host keys from SSM");
+            hostkeys::forget(&self.env, &self.clients, &host_keys).await?;
+        }
         Ok(plan)
     }
 
@@ -265,6 +289,10 @@ impl Provider {
             status.release = release;
         }
         status.maintenance = maintenance::is_on(&self.env, &self.clients).await?;
+        // A sweep on the way: credentials that may only read leave the keys for `up`.
+        if let Err(error) = hostkeys::prune(&self.env, &self.clients).await {
+            tracing::warn!("not deleting the host keys of servers that are gone: {error}");
+        }
         Ok(status)
     }
 
@@ -295,10 +323,20 @@ impl Provider {
         Ok(())
     }
 
-    /// The running servers, with their roles, state and addresses ([`servers::servers`]).
+    /// The running servers, with their roles, state, addresses ([`servers::servers`]) and the
+    /// SSH host keys each published ([`hostkeys`]; those of servers that are gone are deleted
+    /// on the way).
     pub async fn servers(&self) -> Result<Vec<LiveServer>, AwsError> {
         let live = Live::read(&self.env, &self.clients).await?;
-        Ok(servers::servers(&self.env, &live))
+        if let Err(error) = hostkeys::prune(&self.env, &self.clients).await {
+            tracing::warn!("not deleting the host keys of servers that are gone: {error}");
+        }
+        let mut published = hostkeys::published(&self.env, &self.clients).await?;
+        let mut servers = servers::servers(&self.env, &live);
+        for server in &mut servers {
+            server.host_keys = published.remove(&server.instance_id);
+        }
+        Ok(servers)
     }
 
     /// Fails early, naming the image, when the configured AMI does not exist in the region.

@@ -9,6 +9,7 @@
 //! `db-primary`, `db-replica1`), as on the local provider. Slots follow the group: when
 //! `web-1` is replaced, the next oldest becomes `web-1`. Each server also answers to its
 //! instance id and to its name in `rigger status` (`web[1]`), its aliases.
+//! [`crate::Provider::servers`] adds the SSH host keys each one published.
 
 use serde::Serialize;
 
@@ -31,9 +32,12 @@ pub struct LiveServer {
     pub state: String,
     pub public_address: Option<String>,
     pub private_address: Option<String>,
-    /// The instance carries the environment's `project` and `environment` tags: rigger
-    /// launched it (or its group did), so its first host key may be recorded on sight.
-    pub rigger_tagged: bool,
+    /// The SSH host keys the server published at boot (one public key a line,
+    /// [`crate::hostkeys`]); `None` until it has, or when it never will (it was launched
+    /// before rigger pinned host keys). Filled by [`crate::Provider::servers`].
+    pub host_keys: Option<String>,
+    /// The SSM parameter the server publishes them in.
+    pub host_keys_parameter: String,
 }
 
 /// The running servers of `env` in `live`: the groups' in slot order (groups by name), then
@@ -43,10 +47,6 @@ pub struct LiveServer {
 pub fn servers(env: &AwsEnvironment, live: &Live) -> Vec<LiveServer> {
     let prefix = format!("{}-{}-", env.project(), env.name);
     let short = |name: &str| name.strip_prefix(&prefix).unwrap_or(name).to_owned();
-    let tagged = |tags: &crate::live::Tags| {
-        tags.get(rigger_topology::tag::PROJECT).map(String::as_str) == Some(env.project())
-            && tags.get(rigger_topology::tag::ENVIRONMENT) == Some(&env.name)
-    };
     let mut servers = Vec::new();
     for (name, group) in &live.groups {
         let role = short(name);
@@ -72,7 +72,8 @@ pub fn servers(env: &AwsEnvironment, live: &Live) -> Vec<LiveServer> {
                 state: state.to_owned(),
                 public_address: instance.public_address.clone(),
                 private_address: instance.private_address.clone(),
-                rigger_tagged: tagged(&instance.tags),
+                host_keys: None,
+                host_keys_parameter: crate::hostkeys::parameter(env, &instance.id),
             });
         }
     }
@@ -98,7 +99,8 @@ pub fn servers(env: &AwsEnvironment, live: &Live) -> Vec<LiveServer> {
                 state: "in_service".to_owned(),
                 public_address: instance.public_address.clone(),
                 private_address: instance.private_address.clone(),
-                rigger_tagged: tagged(&instance.tags),
+                host_keys: None,
+                host_keys_parameter: crate::hostkeys::parameter(env, &instance.id),
             });
         }
     }
@@ -166,13 +168,13 @@ certificate = "arn:aws:iam::123456789012:server-certificate/x"
             .iter()
             .map(|s| {
                 format!(
-                    "{} {:?} {} {} {:?} tagged={}",
+                    "{} {:?} {} {} {:?} {}",
                     s.id,
                     s.aliases,
                     s.roles.join(","),
                     s.state,
                     s.public_address,
-                    s.rigger_tagged
+                    s.host_keys_parameter
                 )
             })
             .collect()
@@ -221,10 +223,10 @@ certificate = "arn:aws:iam::123456789012:server-certificate/x"
         assert_eq!(
             summary(&servers(&env(), &live)),
             [
-                r#"web-1 ["i-web1", "web[1]"] web in_service Some("54.0.0.1") tagged=true"#,
-                r#"web-2 ["i-web2", "web[2]"] web pending None tagged=true"#,
-                r#"cache ["i-cache"] cache,queue in_service Some("54.0.0.9") tagged=true"#,
-                r#"i-stray [] cache,queue in_service None tagged=true"#,
+                r#"web-1 ["i-web1", "web[1]"] web in_service Some("54.0.0.1") /shop/prod/hostkeys/i-web1"#,
+                r#"web-2 ["i-web2", "web[2]"] web pending None /shop/prod/hostkeys/i-web2"#,
+                r#"cache ["i-cache"] cache,queue in_service Some("54.0.0.9") /shop/prod/hostkeys/i-cache"#,
+                r#"i-stray [] cache,queue in_service None /shop/prod/hostkeys/i-stray"#,
             ]
         );
     }

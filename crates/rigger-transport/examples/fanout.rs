@@ -2,23 +2,25 @@
 //! servers: what `bench/ssh-fanout` times.
 //!
 //! ```text
-//! fanout --hosts FILE --user USER --key KEY --state DIR [--parallel N] -- COMMAND...
-//! fanout --hosts FILE --user USER --key KEY --state DIR --disconnect
+//! fanout --hosts FILE --user USER --key KEY --host-keys KEYS --state DIR [--parallel N] -- COMMAND...
+//! fanout --hosts FILE --user USER --key KEY --host-keys KEYS --state DIR --disconnect
 //! ```
 //!
 //! Runs each COMMAND (a shell line) on every host of FILE (one address a line), one command
-//! after the other, each on all hosts at once (at most N at a time, default 10), with host
-//! keys recorded in DIR/known_hosts on first contact and master connections in DIR/cm that
-//! outlive the process for 60 s, as `rigger exec` does. Output goes to stdout, prefixed; a
-//! summary of failures to stderr; exits 1 when any host failed. `--disconnect` closes the
-//! master connections instead.
+//! after the other, each on all hosts at once (at most N at a time, default 10), with each
+//! host's key pinned to KEYS/<address>/host_key.pub (`--host-keys KEYS`: what a server rigger
+//! created publishes) and master connections in DIR/cm that outlive the process for 60 s, as
+//! `rigger exec` does. Output goes to stdout, prefixed; a summary of failures to stderr;
+//! exits 1 when any host failed. `--disconnect` closes the master connections instead.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use rigger_transport::fanout::{self, Reporter, Task};
-use rigger_transport::ssh::{SshSettings, SshTarget, SshTransport};
+use rigger_transport::ssh::{
+    HostKey, HostKeyCheck, PinnedKeys, SshSettings, SshTarget, SshTransport,
+};
 use rigger_transport::{Command, Job, Stream, Transport};
 
 struct Printer {
@@ -39,6 +41,7 @@ struct Options {
     hosts: PathBuf,
     user: String,
     key: PathBuf,
+    host_keys: PathBuf,
     state: PathBuf,
     parallel: usize,
     disconnect: bool,
@@ -47,7 +50,7 @@ struct Options {
 
 fn parse() -> Result<Options, String> {
     let mut args = std::env::args().skip(1);
-    let (mut hosts, mut user, mut key, mut state) = (None, None, None, None);
+    let (mut hosts, mut user, mut key, mut host_keys, mut state) = (None, None, None, None, None);
     let mut parallel = 10;
     let mut disconnect = false;
     let mut commands = Vec::new();
@@ -57,6 +60,7 @@ fn parse() -> Result<Options, String> {
             "--hosts" => hosts = Some(PathBuf::from(value()?)),
             "--user" => user = Some(value()?),
             "--key" => key = Some(PathBuf::from(value()?)),
+            "--host-keys" => host_keys = Some(PathBuf::from(value()?)),
             "--state" => state = Some(PathBuf::from(value()?)),
             "--parallel" => {
                 parallel = value()?.parse().map_err(|e| format!("--parallel: {e}"))?;
@@ -71,6 +75,7 @@ fn parse() -> Result<Options, String> {
         hosts: hosts.ok_or_else(|| missing("--hosts"))?,
         user: user.ok_or_else(|| missing("--user"))?,
         key: key.ok_or_else(|| missing("--key"))?,
+        host_keys: host_keys.ok_or_else(|| missing("--host-keys"))?,
         state: state.ok_or_else(|| missing("--state"))?,
         parallel,
         disconnect,
@@ -96,17 +101,31 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let hosts = std::fs::read_to_string(&options.hosts).unwrap_or_default();
-    let transports: Vec<Arc<SshTransport>> = hosts
-        .split_whitespace()
-        .map(|host| {
-            let target = SshTarget {
-                identity_file: Some(options.key.clone()),
-                trust_first_key: true,
-                ..SshTarget::new(host, options.user.clone())
-            };
-            Arc::new(SshTransport::new(host, target, Arc::clone(&settings)))
-        })
-        .collect();
+    let mut transports: Vec<Arc<SshTransport>> = Vec::new();
+    for host in hosts.split_whitespace() {
+        let file = options.host_keys.join(host).join("host_key.pub");
+        let pinned = std::fs::read_to_string(&file)
+            .map_err(|e| format!("reading {}: {e}", file.display()))
+            .and_then(|text| HostKey::parse_all(&text))
+            .and_then(|keys| PinnedKeys::new(host, keys, file.display().to_string()));
+        let pinned = match pinned {
+            Ok(pinned) => pinned,
+            Err(error) => {
+                eprintln!("fanout: {host}: {error}");
+                return ExitCode::from(2);
+            }
+        };
+        let target = SshTarget {
+            identity_file: Some(options.key.clone()),
+            host_keys: HostKeyCheck::Pinned(pinned),
+            ..SshTarget::new(host, options.user.clone())
+        };
+        transports.push(Arc::new(SshTransport::new(
+            host,
+            target,
+            Arc::clone(&settings),
+        )));
+    }
     if options.disconnect {
         for transport in &transports {
             transport.disconnect().await;

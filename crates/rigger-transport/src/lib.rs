@@ -1,6 +1,6 @@
 //! Running commands on servers, whatever reaches them: processes on this machine for the local
-//! provider's servers, the system OpenSSH client (multiplexed, host keys checked and recorded)
-//! for real ones.
+//! provider's servers, the system OpenSSH client (multiplexed, host keys pinned to the ones
+//! each server published) for real ones.
 //!
 //! Start at [`Transport`]: run a [`Job`] (a [`rigger_recipes::Command`], optionally with the
 //! server's app environment file) and stream its output line by line, copy a file, or build the
@@ -203,6 +203,17 @@ pub enum TransportError {
         fix: String,
     },
     #[error(
+        "{server} ({address}) did not show any of the host keys it published ({published_in}): \
+         someone may be intercepting the connection, or the address now belongs to another \
+         machine; rigger does not connect. `rigger status` shows whether the server still runs"
+    )]
+    HostKeyNotPublished {
+        server: String,
+        address: String,
+        /// Where the server published its keys.
+        published_in: String,
+    },
+    #[error(
         "no host key of {server} ({address}) is recorded in {}, and this server was not created \
          by rigger, so its key is not trusted on first sight; check its fingerprint, then add its \
          key to that file (e.g. `ssh-keyscan -p PORT HOST >> {}`)",
@@ -260,6 +271,7 @@ impl TransportError {
             self,
             TransportError::Unreachable { .. }
                 | TransportError::HostKeyChanged { .. }
+                | TransportError::HostKeyNotPublished { .. }
                 | TransportError::HostKeyUnknown { .. }
                 | TransportError::AuthenticationFailed { .. }
         )

@@ -7,12 +7,16 @@
 //! trip instead of a key exchange. Servers behind a bastion are reached through it
 //! (`ProxyCommand ssh -W`), over the bastion's own multiplexed connection.
 //!
-//! Host keys are checked against a per-environment `known_hosts` file, never ignored: a
-//! server rigger created may record its key on first contact (`StrictHostKeyChecking
-//! accept-new`); once recorded (or for a server rigger did not create) the key must match
-//! (`yes`). A changed key is refused with a message saying how to forget the old one if the
-//! server was really rebuilt. Start at [`SshTransport::new`]; [`SshTransport::ssh_args`] is
-//! the pure part, tested by comparing text.
+//! Host keys are always checked (`StrictHostKeyChecking=yes`), never trusted on first use.
+//! A server rigger created is checked against the keys it published itself ([`PinnedKeys`]: on
+//! AWS an SSM parameter each server writes at boot with its own instance role): they are
+//! written to a `known_hosts` file of that server's own, under an alias that names the server
+//! (its instance id, `HostKeyAlias`), so nothing else is accepted, and an address that a new
+//! server reuses is never a conflict (the new server has another alias and its own keys). A
+//! host rigger did not create (a bastion) must have its key recorded in the environment's
+//! `known_hosts` beforehand ([`HostKeyCheck::Recorded`]); a changed key is refused with how to
+//! forget the old one. Start at [`SshTransport::new`]; [`SshTransport::ssh_args`] is the pure
+//! part, tested by comparing text.
 
 use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
@@ -46,13 +50,199 @@ pub struct SshTarget {
     pub identity_file: Option<PathBuf>,
     /// The jump host this server is reached through.
     pub bastion: Option<Box<SshTarget>>,
-    /// rigger created this server, so the first host key it shows is recorded rather than
-    /// refused. Keys already recorded are always enforced.
-    pub trust_first_key: bool,
+    /// Which host keys are accepted.
+    pub host_keys: HostKeyCheck,
+}
+
+/// Which host keys a connection accepts. Either way the key must match
+/// (`StrictHostKeyChecking=yes`): none is ever recorded on first sight.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostKeyCheck {
+    /// Only the keys the server published (a server rigger created).
+    Pinned(PinnedKeys),
+    /// The key recorded in the environment's `known_hosts` by the operator, after checking
+    /// its fingerprint (a host rigger did not create, such as a bastion).
+    Recorded,
+}
+
+/// The host keys a server published, and the name they are kept under.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PinnedKeys {
+    alias: String,
+    keys: Vec<HostKey>,
+    source: String,
+}
+
+impl PinnedKeys {
+    /// `keys` for the server named `alias` (its instance id: letters, digits, `.`, `_`, `-`),
+    /// published in `source` (for messages: `SSM parameter /shop/prod/hostkeys/i-0abc`).
+    pub fn new(
+        alias: impl Into<String>,
+        keys: Vec<HostKey>,
+        source: impl Into<String>,
+    ) -> Result<PinnedKeys, String> {
+        let alias = alias.into();
+        let valid = !alias.is_empty()
+            && alias.len() <= 128
+            && !alias.starts_with(['.', '-'])
+            && alias
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !valid {
+            return Err(format!(
+                "`{}` cannot name a server's host keys: use letters, digits, `.`, `_` and `-`",
+                alias.escape_debug()
+            ));
+        }
+        if keys.is_empty() {
+            return Err(format!("no host key of {alias} was published"));
+        }
+        Ok(PinnedKeys {
+            alias,
+            keys,
+            source: source.into(),
+        })
+    }
+
+    /// The name the keys are looked up under (`HostKeyAlias`).
+    pub fn alias(&self) -> &str {
+        &self.alias
+    }
+
+    pub fn keys(&self) -> &[HostKey] {
+        &self.keys
+    }
+
+    /// Where the server published them.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The `known_hosts` text that accepts exactly these keys for the alias.
+    pub fn known_hosts(&self) -> String {
+        self.keys
+            .iter()
+            .map(|key| format!("{} {} {}\n", self.alias, key.algorithm, key.key))
+            .collect()
+    }
+}
+
+/// One public host key: `ssh-ed25519 AAAAC3Nz...`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostKey {
+    algorithm: String,
+    key: String,
+}
+
+/// The host key algorithms OpenSSH servers offer.
+const HOST_KEY_ALGORITHMS: [&str; 7] = [
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "ssh-rsa",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+impl HostKey {
+    /// A public key line as in `ssh_host_ed25519_key.pub` (`ALGORITHM BASE64 [COMMENT]`; the
+    /// comment is dropped). Anything else is refused, so a published value can never add a
+    /// line of its own to a `known_hosts` file (a `*` pattern, a `@revoked` marker).
+    pub fn parse(line: &str) -> Result<HostKey, String> {
+        let mut words = line.split_ascii_whitespace();
+        let (Some(algorithm), Some(key)) = (words.next(), words.next()) else {
+            return Err(format!(
+                "`{}` is not a public key (`ALGORITHM BASE64`)",
+                line.escape_debug()
+            ));
+        };
+        if !HOST_KEY_ALGORITHMS.contains(&algorithm) {
+            return Err(format!(
+                "`{}` is not a host key algorithm (one of {})",
+                algorithm.escape_debug(),
+                HOST_KEY_ALGORITHMS.join(", ")
+            ));
+        }
+        if !key_blob_names(key, algorithm) {
+            return Err(format!(
+                "the {algorithm} key `{}` is not base64 of an {algorithm} key",
+                key.escape_debug()
+            ));
+        }
+        Ok(HostKey {
+            algorithm: algorithm.to_owned(),
+            key: key.to_owned(),
+        })
+    }
+
+    /// Every key of `text`, one a line (blank lines skipped): what a server published.
+    pub fn parse_all(text: &str) -> Result<Vec<HostKey>, String> {
+        text.lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(HostKey::parse)
+            .collect()
+    }
+
+    pub fn algorithm(&self) -> &str {
+        &self.algorithm
+    }
+}
+
+/// Whether `key` is base64 whose decoded blob starts with `algorithm` as an SSH string (a
+/// 4-byte big-endian length, then the name), as every public key blob does.
+fn key_blob_names(key: &str, algorithm: &str) -> bool {
+    let Some(blob) = base64_decode(key) else {
+        return false;
+    };
+    let name = algorithm.as_bytes();
+    blob.len() > 4 + name.len()
+        && blob[..4] == u32::try_from(name.len()).unwrap_or(0).to_be_bytes()
+        && &blob[4..4 + name.len()] == name
+}
+
+/// Standard base64 with padding; `None` for anything else.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let bytes = text.as_bytes();
+    if bytes.is_empty() || bytes.len() % 4 != 0 {
+        return None;
+    }
+    let padding = bytes.iter().rev().take_while(|&&c| c == b'=').count();
+    if padding > 2 || bytes[..bytes.len() - padding].contains(&b'=') {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        let mut pads = 0;
+        for &c in chunk {
+            n <<= 6;
+            if c == b'=' {
+                pads += 1;
+            } else if pads > 0 {
+                return None;
+            } else {
+                n |= value(c)?;
+            }
+        }
+        let [_, a, b, c] = n.to_be_bytes();
+        out.extend_from_slice(&[a, b, c][..3 - pads]);
+    }
+    Some(out)
 }
 
 impl SshTarget {
-    /// `user@host` on port 22, no identity file, no bastion, key not trusted on first sight.
+    /// `user@host` on port 22, no identity file, no bastion, its key recorded beforehand.
     pub fn new(host: impl Into<String>, user: impl Into<String>) -> SshTarget {
         SshTarget {
             host: host.into(),
@@ -60,7 +250,7 @@ impl SshTarget {
             user: user.into(),
             identity_file: None,
             bastion: None,
-            trust_first_key: false,
+            host_keys: HostKeyCheck::Recorded,
         }
     }
 
@@ -113,8 +303,8 @@ impl SshSettings {
     }
 
     /// Creates the control directory (mode 0700, refusing one that someone else owns or
-    /// others can enter) and the known_hosts file's directory, and checks that socket paths
-    /// fit.
+    /// others can enter), the known_hosts file's directory and the one of pinned keys beside
+    /// it, and checks that socket paths fit.
     pub fn prepare(&self) -> Result<(), SetupError> {
         let longest = self.control_dir.as_os_str().len() + 1 + 16 + CONTROL_SUFFIX;
         if longest >= SUN_PATH {
@@ -122,11 +312,13 @@ impl SshSettings {
                 dir: self.control_dir.clone(),
             });
         }
+        let pinned = self.pinned_dir();
         for dir in [
             Some(self.control_dir.as_path()),
             self.known_hosts
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty()),
+            Some(pinned.as_path()),
         ]
         .into_iter()
         .flatten()
@@ -134,6 +326,40 @@ impl SshSettings {
             private_dir(dir)?;
         }
         Ok(())
+    }
+
+    /// Where each server's pinned keys are written for ssh: `pinned/` beside `known_hosts`.
+    pub fn pinned_dir(&self) -> PathBuf {
+        self.known_hosts
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("pinned")
+    }
+
+    /// The `known_hosts` file of the server whose keys are `pinned`: `pinned/<alias>`.
+    pub fn pinned_known_hosts(&self, pinned: &PinnedKeys) -> PathBuf {
+        self.pinned_dir().join(pinned.alias())
+    }
+
+    /// Removes the pinned keys of every server but `keep` (aliases): those of servers that no
+    /// longer run. Returns the aliases removed.
+    pub fn prune_pinned(&self, keep: &[&str]) -> std::io::Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let entries = match std::fs::read_dir(self.pinned_dir()) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+            Err(error) => return Err(error),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name.as_str()) {
+                std::fs::remove_file(entry.path())?;
+                removed.push(name);
+            }
+        }
+        removed.sort();
+        Ok(removed)
     }
 }
 
@@ -216,9 +442,13 @@ impl SshTransport {
     }
 
     /// Removes this server's recorded host key from rigger's known_hosts (after the server
-    /// was rebuilt) and closes its master connection. Returns whether a key was removed.
+    /// was rebuilt) and closes its master connection. Returns whether a key was removed; a
+    /// server with pinned keys has none recorded (its keys are the ones it publishes).
     pub async fn forget_host_key(&self) -> Result<bool, TransportError> {
         self.disconnect().await;
+        if matches!(self.target.host_keys, HostKeyCheck::Pinned(_)) {
+            return Ok(false);
+        }
         let name = self.target.known_hosts_name();
         if !is_known(&self.settings.known_hosts, &name) {
             return Ok(false);
@@ -256,6 +486,14 @@ impl SshTransport {
         let mut connected = self.connected.lock().await;
         if *connected {
             return Ok(());
+        }
+        // The pinned keys as ssh reads them, whether this connection starts a master or finds
+        // one (an interactive session may need its own key exchange).
+        for target in [Some(&self.target), self.target.bastion.as_deref()]
+            .into_iter()
+            .flatten()
+        {
+            write_pinned(&self.server, target, &self.settings)?;
         }
         // A master left by an earlier rigger command (ControlPersist) answers on its socket:
         // reuse it without starting a process.
@@ -412,13 +650,45 @@ impl Transport for SshTransport {
     }
 }
 
+/// Writes `target`'s pinned keys to its own known_hosts file (whole, then renamed into
+/// place, mode 0600), when it has pinned keys.
+fn write_pinned(
+    server: &str,
+    target: &SshTarget,
+    settings: &SshSettings,
+) -> Result<(), TransportError> {
+    use std::io::Write as _;
+    let HostKeyCheck::Pinned(pinned) = &target.host_keys else {
+        return Ok(());
+    };
+    let path = settings.pinned_known_hosts(pinned);
+    let io_error = |source| TransportError::Io {
+        server: server.into(),
+        what: format!("writing the pinned host keys {}", path.display()),
+        source,
+    };
+    let dir = settings.pinned_dir();
+    let (temporary, mut file) = tempfile_in(&dir).map_err(io_error)?;
+    let written = file
+        .write_all(pinned.known_hosts().as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&temporary, &path));
+    if let Err(source) = written {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(io_error(source));
+    }
+    Ok(())
+}
+
 /// The arguments of `ssh` that reach `target`.
 fn target_args(target: &SshTarget, settings: &SshSettings, mode: Mode) -> Vec<String> {
-    let known = is_known(&settings.known_hosts, &target.known_hosts_name());
-    let checking = if !known && target.trust_first_key {
-        "accept-new"
-    } else {
-        "yes"
+    // Never `accept-new`: a key is pinned or recorded beforehand, or the host is refused.
+    let (known_hosts, alias) = match &target.host_keys {
+        HostKeyCheck::Pinned(pinned) => (
+            settings.pinned_known_hosts(pinned),
+            Some(pinned.alias().to_owned()),
+        ),
+        HostKeyCheck::Recorded => (settings.known_hosts.clone(), None),
     };
     let mut options: Vec<(&str, String)> = Vec::new();
     if mode == Mode::Batch {
@@ -433,10 +703,10 @@ fn target_args(target: &SshTarget, settings: &SshSettings, mode: Mode) -> Vec<St
         ("ServerAliveCountMax", "4".into()),
         (
             "UserKnownHostsFile",
-            percent_escape(&settings.known_hosts.display().to_string()),
+            percent_escape(&known_hosts.display().to_string()),
         ),
         ("GlobalKnownHostsFile", "/dev/null".into()),
-        ("StrictHostKeyChecking", checking.into()),
+        ("StrictHostKeyChecking", "yes".into()),
         ("HashKnownHosts", "no".into()),
         ("CheckHostIP", "no".into()),
         ("UpdateHostKeys", "no".into()),
@@ -451,6 +721,9 @@ fn target_args(target: &SshTarget, settings: &SshSettings, mode: Mode) -> Vec<St
         ),
         ("LogLevel", "ERROR".into()),
     ]);
+    if let Some(alias) = alias {
+        options.push(("HostKeyAlias", alias));
+    }
     if let Some(identity) = &target.identity_file {
         options.push(("IdentitiesOnly", "yes".into()));
         options.push((
@@ -606,6 +879,17 @@ fn failure(
 ) -> TransportError {
     let text = stderr.join("\n");
     let address = target.address();
+    let key_refused = text.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+        || text.contains("Host key for") && text.contains("has changed")
+        || text.contains("host key is known") && text.contains("strict checking")
+        || text.contains("Host key verification failed");
+    if key_refused && let HostKeyCheck::Pinned(pinned) = &target.host_keys {
+        return TransportError::HostKeyNotPublished {
+            server: server.into(),
+            address,
+            published_in: pinned.source().to_owned(),
+        };
+    }
     if text.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
         || text.contains("Host key for") && text.contains("has changed")
     {
@@ -744,11 +1028,33 @@ mod tests {
         Arc::new(settings)
     }
 
+    const ED25519: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIgKJC2VezGCTLU08GeruvaGyF60q4hSSIfqjAx6IhNr";
+    const ECDSA: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBMNaf4bYL2VnrUTlcF4N4qKGgVV5rd6LvLmIAYyYoAlsvAyeSvfqDhyDrtaA/eTlxuaLlH/iyw+BooFd2FK/wGM=";
+
+    fn pinned(alias: &str) -> PinnedKeys {
+        PinnedKeys::new(
+            alias,
+            HostKey::parse_all(&format!("{ED25519} root@web\n\n{ECDSA}\n")).unwrap(),
+            format!("SSM parameter /shop/prod/hostkeys/{alias}"),
+        )
+        .unwrap()
+    }
+
+    /// A server rigger created, with the keys it published.
     fn target() -> SshTarget {
         SshTarget {
             identity_file: Some("/etc/rigger/deploy_key".into()),
-            trust_first_key: true,
+            host_keys: HostKeyCheck::Pinned(pinned("i-0abc")),
             ..SshTarget::new("203.0.113.7", "admin")
+        }
+    }
+
+    /// A host rigger did not create: its key is recorded beforehand.
+    fn recorded() -> SshTarget {
+        SshTarget {
+            host_keys: HostKeyCheck::Recorded,
+            ..target()
         }
     }
 
@@ -762,7 +1068,7 @@ mod tests {
     }
 
     #[test]
-    fn first_contact_to_a_server_rigger_created_records_its_key() {
+    fn a_server_rigger_created_is_checked_against_the_keys_it_published() {
         let dir = tempfile::tempdir().unwrap();
         let transport = SshTransport::new("web-1", target(), settings(dir.path()));
         let control = transport.control_path().display().to_string();
@@ -770,39 +1076,113 @@ mod tests {
             args(&transport, Mode::Batch),
             format!(
                 "-F /dev/null -o BatchMode=yes -o ConnectTimeout=10 -o ServerAliveInterval=15 \
-                 -o ServerAliveCountMax=4 -o UserKnownHostsFile={kh} \
-                 -o GlobalKnownHostsFile=/dev/null -o StrictHostKeyChecking=accept-new \
+                 -o ServerAliveCountMax=4 -o UserKnownHostsFile={pinned} \
+                 -o GlobalKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes \
                  -o HashKnownHosts=no -o CheckHostIP=no -o UpdateHostKeys=no \
                  -o ControlMaster=auto -o ControlPath={control} -o ControlPersist=60s \
-                 -o LogLevel=ERROR -o IdentitiesOnly=yes \
+                 -o LogLevel=ERROR -o HostKeyAlias=i-0abc -o IdentitiesOnly=yes \
                  -o IdentityFile=/etc/rigger/deploy_key -p 22 -l admin 203.0.113.7",
-                kh = dir.path().join("known_hosts").display()
+                pinned = dir.path().join("pinned/i-0abc").display()
             )
         );
         assert!(control.starts_with("/run/rigger/cm/"), "{control}");
     }
 
     #[test]
-    fn a_recorded_key_is_always_enforced() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("known_hosts"),
-            "[203.0.113.7]:2222 ssh-ed25519 AAAA\n203.0.113.7 ssh-ed25519 AAAA\n",
-        )
-        .unwrap();
-        let transport = SshTransport::new("web-1", target(), settings(dir.path()));
-        assert!(args(&transport, Mode::Batch).contains("StrictHostKeyChecking=yes"));
+    fn pinned_keys_are_exactly_the_published_ones_under_the_alias() {
+        assert_eq!(
+            pinned("i-0abc").known_hosts(),
+            format!("i-0abc {ED25519}\ni-0abc {ECDSA}\n")
+        );
     }
 
     #[test]
-    fn a_server_rigger_did_not_create_needs_a_recorded_key() {
+    fn a_host_rigger_did_not_create_needs_a_recorded_key() {
         let dir = tempfile::tempdir().unwrap();
-        let target = SshTarget {
-            trust_first_key: false,
-            ..target()
-        };
-        let transport = SshTransport::new("web-1", target, settings(dir.path()));
-        assert!(args(&transport, Mode::Batch).contains("StrictHostKeyChecking=yes"));
+        let transport = SshTransport::new("bastion", recorded(), settings(dir.path()));
+        let args = args(&transport, Mode::Batch);
+        assert!(args.contains("StrictHostKeyChecking=yes"), "{args}");
+        assert!(
+            args.contains(&format!(
+                "UserKnownHostsFile={}",
+                dir.path().join("known_hosts").display()
+            )),
+            "{args}"
+        );
+        assert!(!args.contains("HostKeyAlias"), "{args}");
+    }
+
+    #[test]
+    fn no_key_is_ever_accepted_on_first_sight() {
+        let dir = tempfile::tempdir().unwrap();
+        for target in [target(), recorded()] {
+            let transport = SshTransport::new("web-1", target, settings(dir.path()));
+            for mode in [Mode::Batch, Mode::Interactive] {
+                let args = args(&transport, mode);
+                assert!(!args.contains("accept-new"), "{args}");
+                assert!(!args.contains("StrictHostKeyChecking=no"), "{args}");
+            }
+        }
+    }
+
+    #[test]
+    fn published_keys_are_parsed_strictly() {
+        let key = HostKey::parse(&format!("{ED25519} root@ip-10-0-1-5")).unwrap();
+        assert_eq!(key.algorithm(), "ssh-ed25519");
+        let refused = [
+            // Another line smuggled into a known_hosts file, whatever the value says.
+            format!("* {ED25519}"),
+            format!("@revoked {ED25519}"),
+            "ssh-ed25519".to_owned(),
+            "ssh-ed25519 AAAA$(reboot)".to_owned(),
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIgK=JC2V".to_owned(),
+            // The blob names another algorithm than the line.
+            format!("ssh-rsa {}", &ED25519["ssh-ed25519 ".len()..]),
+            format!("ecdsa-sha2-nistp256 {}", &ED25519["ssh-ed25519 ".len()..]),
+        ];
+        for line in refused {
+            assert!(HostKey::parse(&line).is_err(), "accepted: {line}");
+        }
+        assert!(HostKey::parse_all(&format!("{ED25519}\n* {ECDSA}\n")).is_err());
+        assert_eq!(
+            HostKey::parse_all(&format!("{ED25519}\r\n{ECDSA}\r\n"))
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn an_alias_is_a_plain_name() {
+        let keys = || HostKey::parse_all(ED25519).unwrap();
+        assert!(PinnedKeys::new("i-0123456789abcdef0", keys(), "x").is_ok());
+        for bad in [
+            "",
+            "../etc/passwd",
+            "i-1 *",
+            "-oProxyCommand",
+            ".hidden",
+            "i-1\n",
+        ] {
+            assert!(
+                PinnedKeys::new(bad, keys(), "x").is_err(),
+                "accepted {bad:?}"
+            );
+        }
+        assert!(PinnedKeys::new("i-1", Vec::new(), "x").is_err());
+    }
+
+    #[test]
+    fn pruning_keeps_only_the_servers_that_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = settings(dir.path());
+        std::fs::create_dir_all(settings.pinned_dir()).unwrap();
+        for alias in ["i-1", "i-2", "i-3"] {
+            std::fs::write(settings.pinned_known_hosts(&pinned(alias)), "x").unwrap();
+        }
+        assert_eq!(settings.prune_pinned(&["i-2"]).unwrap(), ["i-1", "i-3"]);
+        assert!(settings.pinned_known_hosts(&pinned("i-2")).exists());
+        assert!(!settings.pinned_known_hosts(&pinned("i-1")).exists());
     }
 
     #[test]
@@ -820,7 +1200,7 @@ mod tests {
             bastion: Some(Box::new(SshTarget {
                 host: "bastion.example.com".into(),
                 port: 2222,
-                ..target()
+                ..recorded()
             })),
             ..target()
         };
@@ -838,10 +1218,8 @@ mod tests {
             proxy.ends_with("-p 2222 -l admin -W '[%h]:%p' bastion.example.com"),
             "{proxy}"
         );
-        assert!(
-            proxy.contains("StrictHostKeyChecking=accept-new"),
-            "{proxy}"
-        );
+        assert!(proxy.contains("StrictHostKeyChecking=yes"), "{proxy}");
+        assert!(!proxy.contains("HostKeyAlias"), "{proxy}");
         assert_eq!(args.last().unwrap(), "10.0.1.5");
     }
 
@@ -852,7 +1230,7 @@ mod tests {
         settings.persist = Duration::from_secs(5);
         let transport = SshTransport::new("web-1", target(), Arc::new(settings));
         let args = args(&transport, Mode::Batch);
-        assert!(args.contains("100%%/known_hosts"), "{args}");
+        assert!(args.contains("100%%/pinned/i-0abc"), "{args}");
         assert!(args.contains("ControlPersist=5s"), "{args}");
     }
 
@@ -866,7 +1244,7 @@ mod tests {
             "Host key verification failed.",
         ]
         .map(String::from);
-        let error = failure("web-1", &target(), &settings, &stderr);
+        let error = failure("web-1", &recorded(), &settings, &stderr);
         assert!(matches!(error, TransportError::HostKeyChanged { .. }));
         let message = error.to_string();
         assert!(
@@ -879,10 +1257,30 @@ mod tests {
     }
 
     #[test]
+    fn a_key_the_server_did_not_publish_is_refused_with_nothing_to_forget() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = settings(dir.path());
+        for line in [
+            "@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @",
+            "No ED25519 host key is known for i-0abc and you have requested strict checking.",
+        ] {
+            let error = failure("web-1", &target(), &settings, &[line.to_owned()]);
+            assert_eq!(
+                error.to_string(),
+                "web-1 (admin@203.0.113.7:22) did not show any of the host keys it published \
+                 (SSM parameter /shop/prod/hostkeys/i-0abc): someone may be intercepting the \
+                 connection, or the address now belongs to another machine; rigger does not \
+                 connect. `rigger status` shows whether the server still runs"
+            );
+            assert!(error.is_unreachable());
+        }
+    }
+
+    #[test]
     fn failures_are_told_apart() {
         let dir = tempfile::tempdir().unwrap();
         let settings = settings(dir.path());
-        let check = |line: &str| failure("web-1", &target(), &settings, &[line.to_owned()]);
+        let check = |line: &str| failure("web-1", &recorded(), &settings, &[line.to_owned()]);
         assert!(matches!(
             check(
                 "No ED25519 host key is known for 203.0.113.7 and you have requested strict checking."

@@ -1,6 +1,7 @@
 //! The SSH transport against real sshd servers on their own loopback addresses (see
-//! `support`): fan-out, a failing host, an unreachable host, host keys recorded, enforced,
-//! changed and forgotten, a bastion, users and environment files, file copies.
+//! `support`): fan-out, a failing host, an unreachable host, host keys pinned to the published
+//! ones (another key refused, an address reused by a new server reached as it is), a bastion's
+//! recorded key enforced, changed and forgotten, users and environment files, file copies.
 //!
 //! Each test has its own block of addresses (127.90.<block>.x) so they run in parallel.
 
@@ -83,9 +84,15 @@ async fn fan_out_to_20_hosts_runs_on_each_over_one_connection() {
             [format!("on {address}")]
         );
     }
-    // Every host key was recorded on first contact.
-    let known = std::fs::read_to_string(&lab.settings.known_hosts).unwrap();
-    assert_eq!(known.lines().count(), 20, "{known}");
+    // Nothing was recorded on first sight: each server's published key is pinned in a file
+    // of its own.
+    assert!(!lab.settings.known_hosts.exists());
+    assert_eq!(
+        std::fs::read_dir(lab.settings.pinned_dir())
+            .unwrap()
+            .count(),
+        20
+    );
 
     // A second command reuses each server's master connection.
     let (outcomes, _) = fan_out(&transports, &shell("exit 0"), 20).await;
@@ -142,7 +149,15 @@ async fn an_unreachable_host_is_reported_and_the_others_still_run() {
         .enumerate()
         .map(|(i, a)| lab.transport(&format!("web-{}", i + 1), lab.target(a)))
         .collect();
-    transports.insert(1, lab.transport("web-9", lab.target(nothing_there)));
+    // Nothing listens there; whatever key it published, the connection is refused first.
+    let published = lab.host_key(std::net::Ipv4Addr::new(127, 90, 2, 1));
+    transports.insert(
+        1,
+        lab.transport(
+            "web-9",
+            lab.pinned_target(nothing_there, "i-0web9", &published),
+        ),
+    );
 
     let (outcomes, lines) = fan_out(&transports, &shell("echo ran"), 10).await;
     let states: Vec<State> = outcomes.iter().map(Outcome::state).collect();
@@ -163,21 +178,99 @@ async fn an_unreachable_host_is_reported_and_the_others_still_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_changed_host_key_is_refused_until_forgotten() {
+async fn a_server_showing_a_key_it_did_not_publish_is_refused() {
     let lab = Lab::new();
     let address = std::net::Ipv4Addr::new(127, 90, 3, 1);
-    let mut sshd = lab.sshd(address);
-    let transport = lab.transport("db-primary", lab.target(address));
+    let other = std::net::Ipv4Addr::new(127, 90, 3, 2);
+    let _sshds = lab.sshds([address, other]);
     let ignore = |_: Stream, _: &str| {};
-    let first = transport.run(&shell("true"), &ignore).await.unwrap();
-    assert!(first.success());
-    let recorded = std::fs::read_to_string(&lab.settings.known_hosts).unwrap();
+    // The published key is the right one: connected.
+    let transport = lab.transport(
+        "db-primary",
+        lab.pinned_target(address, "i-0aaa", &lab.host_key(address)),
+    );
+    assert!(
+        transport
+            .run(&shell("true"), &ignore)
+            .await
+            .unwrap()
+            .success()
+    );
     transport.disconnect().await;
 
-    // The server is rebuilt at the same address, with a new host key.
+    // Another machine answers at the address (its key is not the one published): refused,
+    // and there is nothing to forget.
+    let transport = lab.transport(
+        "db-primary",
+        lab.pinned_target(address, "i-0aaa", &lab.host_key(other)),
+    );
+    let error = transport.run(&shell("true"), &ignore).await.unwrap_err();
+    assert!(
+        matches!(error, TransportError::HostKeyNotPublished { .. }),
+        "{error}"
+    );
+    assert!(
+        error.to_string().starts_with(
+            "db-primary (root@127.90.3.1:22) did not show any of the host keys it published \
+             (the test's i-0aaa)"
+        ),
+        "{error}"
+    );
+    assert!(error.is_unreachable());
+    assert!(!transport.forget_host_key().await.unwrap());
+    assert!(!lab.settings.known_hosts.exists(), "a key was recorded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_reused_by_a_new_server_is_reached_without_any_action() {
+    let lab = Lab::new();
+    let address = std::net::Ipv4Addr::new(127, 90, 8, 1);
+    let ignore = |_: Stream, _: &str| {};
+    let mut sshd = lab.sshd(address);
+    let old_key = lab.host_key(address);
+    let old = lab.transport("web-1", lab.pinned_target(address, "i-0old", &old_key));
+    assert!(old.run(&shell("true"), &ignore).await.unwrap().success());
+    old.disconnect().await;
+
+    // The server is terminated; a new one (new instance id, new host key) gets the address.
     sshd.stop();
     let _sshd = lab.sshd(address);
-    let transport = lab.transport("db-primary", lab.target(address));
+    let new_key = lab.host_key(address);
+    assert_ne!(new_key, old_key);
+    let new = lab.transport("web-1", lab.pinned_target(address, "i-0new", &new_key));
+    assert!(new.run(&shell("true"), &ignore).await.unwrap().success());
+    new.disconnect().await;
+    // The old server's keys would not let anything else in under its name.
+    let old = lab.transport("web-1", lab.pinned_target(address, "i-0old", &old_key));
+    let error = old.run(&shell("true"), &ignore).await.unwrap_err();
+    assert!(
+        matches!(error, TransportError::HostKeyNotPublished { .. }),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_recorded_key_is_refused_until_forgotten() {
+    let lab = Lab::new();
+    let address = std::net::Ipv4Addr::new(127, 90, 9, 1);
+    let mut sshd = lab.sshd(address);
+    lab.record(address);
+    let recorded = std::fs::read_to_string(&lab.settings.known_hosts).unwrap();
+    let transport = lab.transport("bastion", lab.recorded_target(address));
+    let ignore = |_: Stream, _: &str| {};
+    assert!(
+        transport
+            .run(&shell("true"), &ignore)
+            .await
+            .unwrap()
+            .success()
+    );
+    transport.disconnect().await;
+
+    // The host is rebuilt at the same address, with a new host key.
+    sshd.stop();
+    let _sshd = lab.sshd(address);
+    let transport = lab.transport("bastion", lab.recorded_target(address));
     let error = transport.run(&shell("true"), &ignore).await.unwrap_err();
     assert!(
         matches!(error, TransportError::HostKeyChanged { .. }),
@@ -187,34 +280,35 @@ async fn a_changed_host_key_is_refused_until_forgotten() {
     let known_hosts = lab.settings.known_hosts.display();
     assert!(
         message.starts_with(
-            "the host key of db-primary (root@127.90.3.1:22) is not the one rigger recorded in"
+            "the host key of bastion (root@127.90.9.1:22) is not the one rigger recorded in"
         ),
         "{message}"
     );
     assert!(
         message.ends_with(&format!(
-            "forget the old key with `rigger ssh -e test --forget-host-key db-primary` (or `ssh-keygen -R 127.90.3.1 -f {known_hosts}`) and retry"
+            "forget the old key with `rigger ssh -e test --forget-host-key bastion` (or `ssh-keygen -R 127.90.9.1 -f {known_hosts}`) and retry"
         )),
         "{message}"
     );
     assert!(error.is_unreachable());
-    // The recorded key was kept, not replaced.
+    // The recorded key was kept, not replaced, and nothing is recorded on first sight.
     assert_eq!(
         std::fs::read_to_string(&lab.settings.known_hosts).unwrap(),
         recorded
     );
-
     assert!(transport.forget_host_key().await.unwrap());
+    let error = transport.run(&shell("true"), &ignore).await.unwrap_err();
+    assert!(
+        matches!(error, TransportError::HostKeyUnknown { .. }),
+        "{error}"
+    );
+    lab.record(address);
     assert!(
         transport
             .run(&shell("true"), &ignore)
             .await
             .unwrap()
             .success()
-    );
-    assert_ne!(
-        std::fs::read_to_string(&lab.settings.known_hosts).unwrap(),
-        recorded
     );
     transport.disconnect().await;
 }
@@ -224,11 +318,7 @@ async fn a_server_rigger_did_not_create_needs_its_key_recorded_first() {
     let lab = Lab::new();
     let address = std::net::Ipv4Addr::new(127, 90, 4, 1);
     let _sshd = lab.sshd(address);
-    let target = SshTarget {
-        trust_first_key: false,
-        ..lab.target(address)
-    };
-    let transport = lab.transport("bastion", target);
+    let transport = lab.transport("bastion", lab.recorded_target(address));
     let error = transport.connect().await.unwrap_err();
     assert!(
         matches!(error, TransportError::HostKeyUnknown { .. }),
@@ -247,7 +337,9 @@ async fn servers_behind_a_bastion_share_its_connection() {
     let lab = Lab::new();
     let bastion_address = std::net::Ipv4Addr::new(127, 90, 5, 100);
     let _sshds = lab.sshds(addresses(5, 3).chain([bastion_address]));
-    let bastion = lab.target(bastion_address);
+    // rigger did not create the bastion: its key is recorded by the operator.
+    lab.record(bastion_address);
+    let bastion = lab.recorded_target(bastion_address);
     let transports: Vec<_> = addresses(5, 3)
         .enumerate()
         .map(|(i, a)| {
@@ -266,9 +358,7 @@ async fn servers_behind_a_bastion_share_its_connection() {
             [format!("on {address}")]
         );
     }
-    // The bastion's key was recorded too, and its master connection serves them all.
-    let known = std::fs::read_to_string(&lab.settings.known_hosts).unwrap();
-    assert!(known.contains("127.90.5.100 "), "{known}");
+    // The bastion's master connection serves them all.
     let bastion_transport = lab.transport("bastion", bastion);
     assert!(bastion_transport.control_path().exists());
     disconnect(&transports).await;

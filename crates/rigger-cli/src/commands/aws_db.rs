@@ -11,7 +11,7 @@ use anyhow::anyhow;
 use rigger_aws::Provider;
 use rigger_aws::database::{self, DbServer};
 use rigger_local::control::{self, DbStatus, PgBouncerPools};
-use rigger_recipes::{Command, Layout, shell_quote};
+use rigger_recipes::{Command, Layout, operations, shell_quote};
 use rigger_transport::Job;
 
 use super::remote::{Answer, run_captured, shell_job};
@@ -259,22 +259,11 @@ fn psql_on(settings: &Settings, server: &str, sql: &str) -> Result<String, Failu
         .unwrap_or_default())
 }
 
-/// PgBouncer admin console commands (`PAUSE`, `SHOW POOLS`) on a web or worker server, as
-/// rigger's admin user, with the credentials from the root-only file the recipe writes
-/// (`rigger_recipes::pgbouncer_admin_env`; never on the command line).
-fn pgbouncer_line(commands: &[&str]) -> String {
-    let commands: Vec<String> = commands
-        .iter()
-        .map(|c| format!("-c {}", shell_quote(c)))
-        .collect();
-    format!(
-        "PGPASSWORD=\"$PGBOUNCER_ADMIN_PASSWORD\" PGCONNECT_TIMEOUT=5 psql \"host=$PGBOUNCER_HOST port=$PGBOUNCER_PORT dbname=pgbouncer user=$PGBOUNCER_ADMIN_USER sslmode=disable\" -XAtq -F '|' {}",
-        commands.join(" ")
-    )
-}
-
-fn pgbouncer_job(layout: &Layout, commands: &[&str]) -> Job {
-    shell_job(&pgbouncer_line(commands)).env_file(rigger_recipes::pgbouncer_admin_env(layout))
+/// A shell line on PgBouncer's admin console of a web or worker server (`operations`'
+/// `pgbouncer_*_line`), run as root with the credentials of the root-only file the recipe
+/// writes (`rigger_recipes::pgbouncer_admin_env`; never on the command line).
+fn pgbouncer_job(layout: &Layout, line: &str) -> Job {
+    shell_job(line).env_file(rigger_recipes::pgbouncer_admin_env(layout))
 }
 
 /// pg_dump into a file on the data volume, uploaded whole with the instance profile (an
@@ -431,7 +420,7 @@ fn print_replication(status: &DbStatus) {
 fn pools(settings: &Settings) -> Result<Vec<PgBouncerPools>, Failure> {
     let selectors: Vec<String> = APP_SERVERS.iter().map(|s| (*s).to_owned()).collect();
     let answers = run_captured(settings, &selectors, &|layout| {
-        pgbouncer_job(layout, &["SHOW POOLS"])
+        pgbouncer_job(layout, &operations::pgbouncer_admin_line(&["SHOW POOLS"]))
     })?;
     Ok(answers
         .iter()
@@ -451,17 +440,36 @@ fn pools(settings: &Settings) -> Result<Vec<PgBouncerPools>, Failure> {
         .collect())
 }
 
-/// Sends admin commands to every app server's PgBouncer; the servers that failed.
-fn pgbouncer_all(settings: &Settings, commands: &[&str]) -> Result<Vec<String>, Failure> {
+/// Runs the admin console line `line(layout)` on every app server's PgBouncer; the servers
+/// that failed.
+fn pgbouncer_all(
+    settings: &Settings,
+    line: &dyn Fn(&Layout) -> String,
+) -> Result<Vec<String>, Failure> {
     let selectors: Vec<String> = APP_SERVERS.iter().map(|s| (*s).to_owned()).collect();
     let answers = run_captured(settings, &selectors, &|layout| {
-        pgbouncer_job(layout, commands)
+        pgbouncer_job(layout, &line(layout))
     })?;
     Ok(super::remote::failures(&answers))
 }
 
+/// Pauses every app server's PgBouncer, each with its deadline armed first
+/// (`operations::PAUSE_DEADLINE`): should rigger die before resuming, every pool resumes by
+/// itself.
+fn pause(settings: &Settings) -> Result<Vec<String>, Failure> {
+    pgbouncer_all(settings, &|layout| {
+        operations::pgbouncer_pause_line(layout, operations::PAUSE_DEADLINE)
+    })
+}
+
+/// Resumes every app server's PgBouncer and cancels its deadline (`RECONNECT` first when
+/// `reconnect`).
+fn resume_all(settings: &Settings, reconnect: bool) -> Result<Vec<String>, Failure> {
+    pgbouncer_all(settings, &|_| operations::pgbouncer_resume_line(reconnect))
+}
+
 fn resume(settings: &Settings) {
-    match pgbouncer_all(settings, &["RESUME"]) {
+    match resume_all(settings, false) {
         Ok(failed) if failed.is_empty() => {}
         Ok(failed) => say(
             settings,
@@ -515,7 +523,7 @@ fn promote(
             settings,
             "  pausing PgBouncer on every web and worker server",
         );
-        let failed = pgbouncer_all(settings, &["PAUSE"])?;
+        let failed = pause(settings)?;
         if !failed.is_empty() && !force && !resuming {
             resume(settings);
             return Err(Failure::Operation(anyhow!(
@@ -545,6 +553,21 @@ fn promote(
                 "{error:?}; nothing was changed, writes resumed"
             )));
         }
+        // Past this point the old primary must be fenced before any pool's deadline resumes
+        // it: go on only with time left for promoting and fencing (the deadlines were armed
+        // after `started`).
+        let elapsed = started.elapsed();
+        if elapsed + operations::PROMOTE_BUDGET > operations::PAUSE_DEADLINE {
+            resume(settings);
+            return Err(Failure::Operation(anyhow!(
+                "pausing and catching up took {:.0} s of the pools' {} s pause deadline, leaving \
+                 less than the {} s promoting and fencing may take; nothing was changed, writes \
+                 resumed",
+                elapsed.as_secs_f64(),
+                operations::PAUSE_DEADLINE.as_secs(),
+                operations::PROMOTE_BUDGET.as_secs()
+            )));
+        }
         say(settings, &format!("  promoting {}", target.name));
         if let Err(error) = psql_on(settings, &target.name, PROMOTE_SQL) {
             resume(settings);
@@ -562,7 +585,7 @@ fn promote(
         }
         repoint(settings, runtime, provider)?;
         // Server connections made through the old tunnels go; then clients go on.
-        let failed = pgbouncer_all(settings, &["RECONNECT", "RESUME"])?;
+        let failed = resume_all(settings, true)?;
         if !failed.is_empty() {
             say(
                 settings,
@@ -722,14 +745,12 @@ mod tests {
         let restore = restore_line(&layout, "shop", "us-east-1", "s3://b/backups/shop-1.dump");
         assert!(restore.contains("--single-transaction"), "{restore}");
         sh_n(&restore);
-        let admin = pgbouncer_line(&["RECONNECT", "RESUME"]);
-        // The password comes from rigger's admin file on the server, not the app's.
-        assert!(
-            admin.starts_with("PGPASSWORD=\"$PGBOUNCER_ADMIN_PASSWORD\""),
-            "{admin}"
+        // The admin console's password comes from rigger's admin file on the server.
+        let pause = pgbouncer_job(&layout, "true");
+        assert_eq!(
+            pause.env_file.as_deref(),
+            Some(std::path::Path::new("/etc/rigger/pgbouncer/admin.env"))
         );
-        assert!(admin.ends_with("-c RECONNECT -c RESUME"), "{admin}");
-        sh_n(&admin);
         let repoint = repoint_line(
             "/etc/rigger/stunnel/stunnel.conf",
             "[shop]\nconnect = 10.0.0.1:5432\n",

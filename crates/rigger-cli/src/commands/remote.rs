@@ -7,7 +7,8 @@
 //! an interactive session for one). A local environment's servers come from its supervisor's
 //! `status.json` and are reached with `LocalTransport`; an AWS environment's from its provider
 //! ([`rigger_aws::Provider::servers`]), reached over SSH as the deploy user at their public
-//! address or through the configured bastion ([`ssh_targets`], a pure function).
+//! address or through the configured bastion ([`ssh_targets`], a pure function), each checked
+//! against the host keys it published at boot (never trusted on first sight).
 
 use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -19,7 +20,9 @@ use rigger_config::{AwsConfig, Config, ProviderConfig, ProviderKind};
 use rigger_recipes::{Command, Layout, ServiceManager};
 use rigger_transport::fanout::{self, Reporter, Task};
 use rigger_transport::local::LocalTransport;
-use rigger_transport::ssh::{SshSettings, SshTarget, SshTransport};
+use rigger_transport::ssh::{
+    HostKey, HostKeyCheck, PinnedKeys, SshSettings, SshTarget, SshTransport,
+};
 use rigger_transport::{BoxFuture, ExitStatus, Job, Stream, Transport, TransportError};
 
 use super::{runtime, say};
@@ -176,6 +179,16 @@ pub(crate) fn ssh(args: SshArgs, settings: &Settings) -> Result<(), Failure> {
     let fleet = fleet(settings)?;
     let server = fleet.find(&server)?;
     if forget_host_key {
+        if let Some(transport) = &server.ssh
+            && let HostKeyCheck::Pinned(pinned) = &transport.target().host_keys
+        {
+            return Err(Failure::Usage(anyhow!(
+                "the host keys of {} are pinned to the ones it published ({}); there is no \
+                 recorded key to forget: a server that takes over its address has keys of its own",
+                server.id,
+                pinned.source()
+            )));
+        }
         let Some(transport) = &server.ssh else {
             let how = if server.layout.service_manager == ServiceManager::Rigger {
                 "is a local server, reached without SSH"
@@ -579,8 +592,8 @@ struct SshAccess {
     port: u16,
     /// `ssh_identity`, made absolute.
     identity_file: Option<PathBuf>,
-    /// `bastion`, logged in to with the same identity file; never trusted on first sight
-    /// (rigger did not create it).
+    /// `bastion`, logged in to with the same identity file; its key must be recorded in
+    /// rigger's known_hosts (rigger did not create it).
     bastion: Option<SshTarget>,
 }
 
@@ -619,7 +632,7 @@ fn ssh_access(aws: &AwsConfig, config_dir: &Path, home: Option<&Path>) -> SshAcc
         user: b.user.clone(),
         identity_file: identity_file.clone(),
         bastion: None,
-        trust_first_key: false,
+        host_keys: HostKeyCheck::Recorded,
     });
     SshAccess {
         user: aws.deploy_user.clone(),
@@ -630,40 +643,43 @@ fn ssh_access(aws: &AwsConfig, config_dir: &Path, home: Option<&Path>) -> SshAcc
 }
 
 /// Each server's SSH target: the deploy user at its public address, or at its private
-/// address through the bastion when there is one. A server with neither is unroutable, with
-/// what to set. Only servers carrying the environment's tags have their first host key
-/// recorded on sight.
+/// address through the bastion when there is one, checked against the host keys the server
+/// published (pinned under its instance id). A server with no address is unroutable, with
+/// what to set; so is one that published no readable host keys, with why.
 fn ssh_targets(environment: &str, servers: Vec<LiveServer>, access: &SshAccess) -> Vec<Route> {
     servers
         .into_iter()
         .map(|server| {
             let host = match (&access.bastion, &server.public_address) {
-                (Some(_), _) => server
-                    .private_address
-                    .clone()
-                    .ok_or("it has no private address"),
+                (Some(_), _) => server.private_address.clone().ok_or_else(|| {
+                    format!(
+                        "it has no private address; to reach servers at their private \
+                         addresses, name a jump host in their VPC in \
+                         `[environments.{environment}]`: `bastion = \"user@host\"`"
+                    )
+                }),
                 (None, Some(public)) => Ok(public.clone()),
-                (None, None) => Err("it has no public address, and there is no bastion"),
+                (None, None) => Err(format!(
+                    "it has no public address, and there is no bastion; to reach servers at \
+                     their private addresses, name a jump host in their VPC in \
+                     `[environments.{environment}]`: `bastion = \"user@host\"`"
+                )),
             };
-            let target = match host {
-                Ok(host) => Ok(SshTarget {
+            let target = host
+                .and_then(|host| Ok((host, pinned_keys(&server)?)))
+                .map(|(host, pinned)| SshTarget {
                     host,
                     port: access.port,
                     user: access.user.clone(),
                     identity_file: access.identity_file.clone(),
                     bastion: access.bastion.clone().map(Box::new),
-                    trust_first_key: server.rigger_tagged,
-                }),
-                Err(why) => Err(Unroutable {
+                    host_keys: HostKeyCheck::Pinned(pinned),
+                })
+                .map_err(|reason| Unroutable {
                     server: server.id.clone(),
                     instance: server.instance_id.clone(),
-                    reason: format!(
-                        "{why}; to reach servers at their private addresses, name a jump host \
-                         in their VPC in `[environments.{environment}]`: \
-                         `bastion = \"user@host\"`"
-                    ),
-                }),
-            };
+                    reason,
+                });
             Route {
                 id: server.id,
                 aliases: server.aliases,
@@ -673,6 +689,23 @@ fn ssh_targets(environment: &str, servers: Vec<LiveServer>, access: &SshAccess) 
             }
         })
         .collect()
+}
+
+/// The host keys `server` published, pinned under its instance id; why it cannot be
+/// reached when it published none or unreadable ones.
+fn pinned_keys(server: &LiveServer) -> Result<PinnedKeys, String> {
+    let source = format!("SSM parameter {}", server.host_keys_parameter);
+    let Some(text) = &server.host_keys else {
+        return Err(format!(
+            "it has not published its SSH host keys ({source}), so rigger cannot tell it from \
+             an impostor: a server publishes them early in its first boot, so wait until \
+             `rigger status` shows it in service; one launched before rigger pinned host keys \
+             never will: replace it (`rigger deploy` replaces group servers)"
+        ));
+    };
+    HostKey::parse_all(text)
+        .and_then(|keys| PinnedKeys::new(&server.instance_id, keys, &source))
+        .map_err(|error| format!("its published SSH host keys ({source}) are unusable: {error}"))
 }
 
 /// What `rigger exec --list` prints: one line per server, its id, roles, state and how it is
@@ -723,6 +756,21 @@ fn ssh_fleet(project: &str, environment: &str, routes: Vec<Route>) -> Result<Fle
     settings
         .prepare()
         .context("preparing rigger's SSH directory")
+        .map_err(Failure::Operation)?;
+    // Keys pinned for servers that no longer run go (a running one's are rewritten on use).
+    let running: Vec<&str> = routes
+        .iter()
+        .filter_map(|route| match &route.target {
+            Ok(SshTarget {
+                host_keys: HostKeyCheck::Pinned(pinned),
+                ..
+            }) => Some(pinned.alias()),
+            _ => None,
+        })
+        .collect();
+    settings
+        .prune_pinned(&running)
+        .context("removing the pinned host keys of servers that are gone")
         .map_err(Failure::Operation)?;
     let settings = Arc::new(settings);
     Ok(Fleet {
@@ -1006,7 +1054,16 @@ mod tests {
         assert_eq!(log_jobs(&server, Some("redis"), 5, false).len(), 0);
     }
 
-    fn live(id: &str, public: Option<&str>, private: Option<&str>, tagged: bool) -> LiveServer {
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIgKJC2VezGCTLU08GeruvaGyF60q4hSSIfqjAx6IhNr";
+
+    /// A running server with `keys` published (`None`: none yet).
+    fn live(
+        id: &str,
+        public: Option<&str>,
+        private: Option<&str>,
+        keys: Option<&str>,
+    ) -> LiveServer {
         LiveServer {
             id: id.into(),
             aliases: vec![format!("i-{id}")],
@@ -1015,7 +1072,8 @@ mod tests {
             state: "in_service".into(),
             public_address: public.map(str::to_owned),
             private_address: private.map(str::to_owned),
-            rigger_tagged: tagged,
+            host_keys: keys.map(str::to_owned),
+            host_keys_parameter: format!("/shop/prod/hostkeys/i-{id}"),
         }
     }
 
@@ -1033,7 +1091,15 @@ mod tests {
         }
     }
 
-    /// `id: user@host:port via bastion key=FILE trust` or `id: unreachable (reason)`.
+    /// How a host key is checked: `pinned:ALIAS` or `recorded`.
+    fn check(host_keys: &HostKeyCheck) -> String {
+        match host_keys {
+            HostKeyCheck::Pinned(pinned) => format!("pinned:{}", pinned.alias()),
+            HostKeyCheck::Recorded => "recorded".into(),
+        }
+    }
+
+    /// `id: user@host:port via bastion key=FILE keys=CHECK` or `id: unreachable (reason)`.
     fn check_targets(extra: &str, servers: Vec<LiveServer>, expected: &[&str]) {
         let access = ssh_access(
             &aws_config(extra),
@@ -1044,17 +1110,18 @@ mod tests {
             .into_iter()
             .map(|route| match route.target {
                 Ok(target) => format!(
-                    "{}: {} key={} trust={} bastion_key={}",
+                    "{}: {} key={} keys={} bastion_key={}",
                     route.id,
                     target.address(),
                     target
                         .identity_file
                         .as_deref()
                         .map_or("agent".into(), |p| p.display().to_string()),
-                    target.trust_first_key,
+                    check(&target.host_keys),
                     target.bastion.as_ref().map_or("-".into(), |b| format!(
-                        "{:?} trust={}",
-                        b.identity_file, b.trust_first_key
+                        "{:?} keys={}",
+                        b.identity_file,
+                        check(&b.host_keys)
                     )),
                 ),
                 Err(unroutable) => format!("{}: {}", route.id, unroutable.error()),
@@ -1068,22 +1135,24 @@ mod tests {
         check_targets(
             "",
             vec![
-                live("web-1", Some("54.1.2.3"), Some("10.0.1.5"), true),
-                live("db-primary", None, Some("10.0.1.245"), true),
-                live("cache", Some("54.1.2.9"), Some("10.0.1.244"), false),
+                live("web-1", Some("54.1.2.3"), Some("10.0.1.5"), Some(KEY)),
+                live("db-primary", None, Some("10.0.1.245"), Some(KEY)),
+                live("cache", Some("54.1.2.9"), Some("10.0.1.244"), Some(KEY)),
             ],
             &[
-                "web-1: admin@54.1.2.3:22 key=agent trust=true bastion_key=-",
+                "web-1: admin@54.1.2.3:22 key=agent keys=pinned:i-web-1 bastion_key=-",
                 "db-primary: cannot reach db-primary (i-db-primary): it has no public address, \
                  and there is no bastion; to reach servers at their private addresses, name a \
                  jump host in their VPC in `[environments.prod]`: `bastion = \"user@host\"`",
-                "cache: admin@54.1.2.9:22 key=agent trust=false bastion_key=-",
+                "cache: admin@54.1.2.9:22 key=agent keys=pinned:i-cache bastion_key=-",
             ],
         );
         check_targets(
             "deploy_user = \"ubuntu\"\nssh_port = 2222\nssh_identity = \"keys/prod\"",
-            vec![live("web-1", Some("54.1.2.3"), Some("10.0.1.5"), true)],
-            &["web-1: ubuntu@54.1.2.3:2222 key=/srv/shop/keys/prod trust=true bastion_key=-"],
+            vec![live("web-1", Some("54.1.2.3"), Some("10.0.1.5"), Some(KEY))],
+            &[
+                "web-1: ubuntu@54.1.2.3:2222 key=/srv/shop/keys/prod keys=pinned:i-web-1 bastion_key=-",
+            ],
         );
     }
 
@@ -1092,18 +1161,40 @@ mod tests {
         check_targets(
             "bastion = \"ops@bastion.example.com:2200\"\nssh_identity = \"~/.ssh/prod\"",
             vec![
-                live("web-1", Some("54.1.2.3"), Some("10.0.1.5"), true),
-                live("db-primary", None, Some("10.0.1.245"), true),
-                live("cache", None, None, true),
+                live("web-1", Some("54.1.2.3"), Some("10.0.1.5"), Some(KEY)),
+                live("db-primary", None, Some("10.0.1.245"), Some(KEY)),
+                live("cache", None, None, Some(KEY)),
             ],
             &[
                 "web-1: admin@10.0.1.5:22 via ops@bastion.example.com:2200 \
-                 key=/home/me/.ssh/prod trust=true bastion_key=Some(\"/home/me/.ssh/prod\") trust=false",
+                 key=/home/me/.ssh/prod keys=pinned:i-web-1 bastion_key=Some(\"/home/me/.ssh/prod\") keys=recorded",
                 "db-primary: admin@10.0.1.245:22 via ops@bastion.example.com:2200 \
-                 key=/home/me/.ssh/prod trust=true bastion_key=Some(\"/home/me/.ssh/prod\") trust=false",
+                 key=/home/me/.ssh/prod keys=pinned:i-db-primary bastion_key=Some(\"/home/me/.ssh/prod\") keys=recorded",
                 "cache: cannot reach cache (i-cache): it has no private address; to reach \
                  servers at their private addresses, name a jump host in their VPC in \
                  `[environments.prod]`: `bastion = \"user@host\"`",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_server_without_published_host_keys_is_not_reached() {
+        check_targets(
+            "",
+            vec![
+                live("web-1", Some("54.1.2.3"), None, None),
+                live("web-2", Some("54.1.2.4"), None, Some(&format!("* {KEY}"))),
+            ],
+            &[
+                "web-1: cannot reach web-1 (i-web-1): it has not published its SSH host keys \
+                 (SSM parameter /shop/prod/hostkeys/i-web-1), so rigger cannot tell it from an \
+                 impostor: a server publishes them early in its first boot, so wait until \
+                 `rigger status` shows it in service; one launched before rigger pinned host \
+                 keys never will: replace it (`rigger deploy` replaces group servers)",
+                "web-2: cannot reach web-2 (i-web-2): its published SSH host keys (SSM parameter \
+                 /shop/prod/hostkeys/i-web-2) are unusable: `*` is not a host key algorithm (one \
+                 of ssh-ed25519, ecdsa-sha2-nistp256, ecdsa-sha2-nistp384, ecdsa-sha2-nistp521, \
+                 ssh-rsa, sk-ssh-ed25519@openssh.com, sk-ecdsa-sha2-nistp256@openssh.com)",
             ],
         );
     }

@@ -14,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rigger_transport::ssh::{SshSettings, SshTarget, SshTransport};
+use rigger_transport::ssh::{
+    HostKey, HostKeyCheck, PinnedKeys, SshSettings, SshTarget, SshTransport,
+};
 
 pub const SSHD: &str = "/usr/sbin/sshd";
 
@@ -73,13 +75,50 @@ impl Lab {
         })
     }
 
-    /// Root at `address`:22 with the lab's client key, trusted on first contact.
+    /// Root at `address`:22 with the lab's client key, checked against the host key the sshd
+    /// there was started with, as a server rigger created publishes it (under the alias
+    /// `srv-<address>`).
     pub fn target(&self, address: Ipv4Addr) -> SshTarget {
+        let alias = format!("srv-{address}");
+        self.pinned_target(address, &alias, &self.host_key(address))
+    }
+
+    /// Root at `address`:22, checked against `public_key` (a `.pub` line) under `alias`.
+    pub fn pinned_target(&self, address: Ipv4Addr, alias: &str, public_key: &str) -> SshTarget {
+        let keys = HostKey::parse_all(public_key).expect("a public key");
         SshTarget {
             identity_file: Some(self.client_key.clone()),
-            trust_first_key: true,
+            host_keys: HostKeyCheck::Pinned(
+                PinnedKeys::new(alias, keys, format!("the test's {alias}")).unwrap(),
+            ),
             ..SshTarget::new(address.to_string(), "root")
         }
+    }
+
+    /// Root at `address`:22, whose key must be in the lab's known_hosts already.
+    pub fn recorded_target(&self, address: Ipv4Addr) -> SshTarget {
+        SshTarget {
+            identity_file: Some(self.client_key.clone()),
+            ..SshTarget::new(address.to_string(), "root")
+        }
+    }
+
+    /// The public host key of the sshd last started at `address`.
+    pub fn host_key(&self, address: Ipv4Addr) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("sshd-{address}/host_key.pub")))
+            .expect("the sshd at this address was started")
+    }
+
+    /// Records the key of the sshd at `address` in the lab's known_hosts, as an operator does
+    /// after checking its fingerprint.
+    pub fn record(&self, address: Ipv4Addr) {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.settings.known_hosts)
+            .unwrap();
+        writeln!(file, "{address} {}", self.host_key(address).trim()).unwrap();
     }
 
     pub fn transport(&self, server: &str, target: SshTarget) -> Arc<SshTransport> {

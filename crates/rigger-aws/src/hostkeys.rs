@@ -1,0 +1,146 @@
+//! The SSH host keys each server publishes, so that rigger pins them instead of trusting the
+//! first key a server shows.
+//!
+//! At boot, a server's user-data writes the public keys of `/etc/ssh/ssh_host_*_key.pub` to
+//! the plain SSM parameter `/<project>/<env>/hostkeys/<instance id>` with its own instance
+//! profile, which may write that one parameter only (`ssm:PutParameter` on
+//! `.../hostkeys/${ec2:InstanceID}`, see the topology's instance profile): no server can
+//! publish keys under another's name. [`published`] reads them all for the CLI, which pins
+//! each server's SSH connection to its own keys under its instance id
+//! (`rigger_transport::ssh::PinnedKeys`), so an address a new server reuses is never a
+//! conflict. [`prune`] deletes the keys of instances that are gone (terminated by rigger, by
+//! a group's scaling, or by hand): `up`, `down`, `status` and every command that reaches the
+//! servers sweep them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::Clients;
+use crate::environment::AwsEnvironment;
+use crate::error::{AwsError, Context as _};
+
+/// The parameter path the keys are published under: `/<project>/<env>/hostkeys/`.
+pub fn path(env: &AwsEnvironment) -> String {
+    env.parameter("hostkeys/")
+}
+
+/// The parameter instance `instance_id` publishes its keys in.
+pub fn parameter(env: &AwsEnvironment, instance_id: &str) -> String {
+    format!("{}{instance_id}", path(env))
+}
+
+/// Every server's published keys (the parameter's text: one public key a line), by instance
+/// id.
+pub async fn published(
+    env: &AwsEnvironment,
+    clients: &Clients,
+) -> Result<BTreeMap<String, String>, AwsError> {
+    let path = path(env);
+    let pages = clients
+        .ssm
+        .get_parameters_by_path()
+        .path(&path)
+        .recursive(false)
+        .into_paginator()
+        .send()
+        .collect::<Vec<_>>()
+        .await;
+    let mut keys = BTreeMap::new();
+    for page in pages {
+        let page = page.op("GetParametersByPath", &path)?;
+        for parameter in page.parameters() {
+            if let (Some(name), Some(value)) = (parameter.name(), parameter.value())
+                && let Some(instance) = name.strip_prefix(&path)
+            {
+                keys.insert(instance.to_owned(), value.to_owned());
+            }
+        }
+    }
+    Ok(keys)
+}
+
+/// Deletes the published keys of every instance that no longer exists or is terminating;
+/// returns their instance ids. The instances are asked after the keys are listed, so a server
+/// that publishes its keys meanwhile is never taken for gone.
+pub async fn prune(env: &AwsEnvironment, clients: &Clients) -> Result<Vec<String>, AwsError> {
+    let published: Vec<String> = published(env, clients).await?.into_keys().collect();
+    if published.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut alive = BTreeSet::new();
+    // A filter (unlike instance ids) tolerates ids EC2 no longer knows; at most 200 values.
+    for ids in published.chunks(200) {
+        let pages = clients
+            .ec2
+            .describe_instances()
+            .filters(crate::live::filter(
+                "instance-id",
+                ids.iter().map(String::as_str),
+            ))
+            .into_paginator()
+            .send()
+            .collect::<Vec<_>>()
+            .await;
+        for page in pages {
+            let page = page.op("DescribeInstances", "instances with published host keys")?;
+            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
+                let state = instance
+                    .state()
+                    .and_then(|s| s.name())
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_default();
+                if let Some(id) = instance.instance_id()
+                    && !is_gone(&state)
+                {
+                    alive.insert(id.to_owned());
+                }
+            }
+        }
+    }
+    let gone: Vec<String> = published
+        .into_iter()
+        .filter(|id| !alive.contains(id))
+        .collect();
+    forget(env, clients, &gone).await?;
+    Ok(gone)
+}
+
+/// Whether an instance in EC2 state `state` is gone for good.
+fn is_gone(state: &str) -> bool {
+    matches!(state, "shutting-down" | "terminated")
+}
+
+/// Deletes the published keys of `instance_ids` (some may have none).
+pub async fn forget(
+    env: &AwsEnvironment,
+    clients: &Clients,
+    instance_ids: &[String],
+) -> Result<(), AwsError> {
+    let names: Vec<String> = instance_ids.iter().map(|id| parameter(env, id)).collect();
+    // DeleteParameters takes at most 10 names; missing ones are reported, not an error.
+    for batch in names.chunks(10) {
+        clients
+            .ssm
+            .delete_parameters()
+            .set_names(Some(batch.to_vec()))
+            .send()
+            .await
+            .op("DeleteParameters", path(env))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_terminating_or_terminated_instances_are_gone() {
+        for state in ["shutting-down", "terminated"] {
+            assert!(is_gone(state), "{state}");
+        }
+        // A stopped server comes back with the same keys; a pending one is about to publish.
+        for state in ["pending", "running", "stopping", "stopped"] {
+            assert!(!is_gone(state), "{state}");
+        }
+    }
+}
