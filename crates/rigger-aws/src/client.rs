@@ -47,12 +47,9 @@ impl Clients {
     /// Loads the shared configuration. Nothing is sent yet: missing credentials show up at
     /// the first call, as an error naming it.
     pub async fn connect(connection: &Connection) -> Clients {
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-            .build_https();
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(connection.region.clone()))
-            .http_client(http);
+            .http_client(https());
         if let Some(url) = &connection.endpoint_url {
             loader = loader.endpoint_url(url);
         }
@@ -87,6 +84,19 @@ impl Clients {
                 || std::env::var_os("AWS_ENDPOINT_URL").is_some(),
         }
     }
+
+    /// An S3 client configured as [`Self::s3`] with a connection pool of its own, for a
+    /// thread with its own runtime (connections belong to the runtime that opened them).
+    pub fn separate_s3(&self) -> aws_sdk_s3::Client {
+        aws_sdk_s3::Client::from_conf(self.s3.config().to_builder().http_client(https()).build())
+    }
+}
+
+/// The HTTPS client every service's client uses (rustls with ring).
+fn https() -> aws_sdk_s3::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .build_https()
 }
 
 /// Whether credentials can come from somewhere without asking the network: the environment,

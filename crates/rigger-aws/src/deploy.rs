@@ -1,16 +1,17 @@
-//! Deploys on AWS: the deploy lock, the history and the rollout in progress in SSM Parameter
-//! Store, and the rolling replacement rigger drives itself (the emulator has no instance
-//! refresh, and instance refresh could not warm-stop Celery or quote a failing server).
+//! Deploys on AWS: the history and the rollout in progress in SSM Parameter Store, and the
+//! rolling replacement rigger drives itself (the emulator has no instance refresh, and
+//! instance refresh could not warm-stop Celery or quote a failing server).
 //!
 //! [`crate::Provider::start_deploy`] (or [`crate::Provider::start_rollback`], for a release
-//! already in the bucket) takes the lock (`/<project>/<env>/deploy/lock`, created with
-//! `Overwrite=false` so two deploys cannot both take it; a stale one is taken over and the
-//! interrupted deploy recorded) and uploads the release to the environment's bucket
-//! ([`crate::releases`]); the caller then runs the migrations (over SSH, outside this crate)
-//! and [`crate::Provider::finish_deploy`] rolls out, renewing the lock meanwhile: first it
-//! undoes what an interrupted rollout left ([`RolloutRecord`]), then a launch template (or
-//! configuration) for the release, the groups pointed at it, then per group batches from
-//! [`rigger_plan::rollout::batches`]: raise the desired count, wait with
+//! already in the bucket) takes the deploy lock ([`crate::lock`]: an object in the
+//! environment's bucket changed only by conditional requests; a stale one is taken over and
+//! the interrupted deploy recorded), which a [`LockKeeper`] renews from then on until the
+//! deploy ends, and uploads the release to the environment's bucket ([`crate::releases`]); the
+//! caller then runs the migrations (over SSH, outside this crate) and
+//! [`crate::Provider::finish_deploy`] rolls out: first it undoes what an interrupted rollout
+//! left ([`RolloutRecord`]), then a launch template (or configuration) for the release, the
+//! groups pointed at it, then per group batches from [`rigger_plan::rollout::batches`]: raise
+//! the desired count, wait with
 //! [`rigger_plan::rollout::HealthGate`] fed by [`HealthSource`] (the load balancer's instance
 //! health for web servers, the group's for workers), detach the old servers, drain web
 //! servers (deregistered) and warm-stop workers ([`ServerOps`]), terminate them. A gate that
@@ -21,7 +22,6 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use aws_sdk_ssm::types::ParameterType;
 use futures_util::future::BoxFuture;
 use rigger_plan::rollout::{self, BatchSize, GateResult, HealthGate, batches};
 use rigger_plan::{Action, Plan};
@@ -32,32 +32,11 @@ use crate::Clients;
 use crate::environment::AwsEnvironment;
 use crate::error::{AwsError, Context as _};
 
-pub use rigger_plan::deploys::{DeployRecord, LOCK_TTL, LockHolder};
-
-/// Who asks for the deploy lock: `user@host`, the asking process, and how to tell whether a
-/// process of this host still runs (a lock whose holder ended on this host is taken over at
-/// once: its deploy was interrupted).
-#[derive(Debug, Clone)]
-pub struct Requester {
-    pub who: String,
-    pub pid: i32,
-    pub process_alive: fn(i32) -> bool,
-}
-
-impl Requester {
-    fn host(&self) -> &str {
-        rigger_plan::deploys::host_of(&self.who)
-    }
-}
-
-/// The lock, taken.
-#[derive(Debug, Clone)]
-pub struct Acquired {
-    pub holder: LockHolder,
-    /// The stale lock this one replaced: an operation that was interrupted (its process ended,
-    /// or its lock expired).
-    pub interrupted: Option<LockHolder>,
-}
+pub use crate::lock::{
+    Acquired, HeldLock, LOCK_RENEWAL, LOCK_TTL, LockHolder, LockKeeper, Requester, acquire_lock,
+    lock_holder, release_lock, release_lock_by_id, renew_lock,
+};
+pub use rigger_plan::deploys::DeployRecord;
 
 /// A built release, ready to upload.
 #[derive(Debug, Clone)]
@@ -99,18 +78,15 @@ impl Default for RolloutOptions {
 }
 
 /// A deploy that holds the lock and whose release is in the bucket.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct StartedDeploy {
     pub release: String,
     pub revision: String,
     pub bucket: String,
-    /// The lock this deploy holds (renewed while it rolls out): who deploys, since when.
-    pub lock: LockHolder,
+    /// The lock this deploy holds, renewed from the moment it was taken until the deploy
+    /// ends: who deploys, since when.
+    pub lock: LockKeeper,
 }
-
-/// How often a rollout pushes its lock's expiry forward: well within [`LOCK_TTL`], so a long
-/// rollout (many batches, workers finishing long tasks) never looks abandoned.
-pub const LOCK_RENEWAL: Duration = Duration::from_secs(5 * 60);
 
 /// Unix seconds now.
 pub fn now() -> u64 {
@@ -119,117 +95,8 @@ pub fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn lock_parameter(env: &AwsEnvironment) -> String {
-    env.parameter("deploy/lock")
-}
-
 fn history_path(env: &AwsEnvironment) -> String {
     env.parameter("deploy/history")
-}
-
-/// The lock's holder, if anyone holds it.
-pub async fn lock_holder(
-    env: &AwsEnvironment,
-    clients: &Clients,
-) -> Result<Option<LockHolder>, AwsError> {
-    crate::parameters::get_json(clients, &lock_parameter(env)).await
-}
-
-/// Takes the lock for `operation`; refuses, naming the holder, when someone holds a lock that
-/// is not stale (an expired one, or one whose process ended on this host, is taken over and
-/// returned as `interrupted`).
-pub async fn acquire_lock(
-    env: &AwsEnvironment,
-    clients: &Clients,
-    requester: &Requester,
-    operation: &str,
-    now: u64,
-) -> Result<Acquired, AwsError> {
-    let name = lock_parameter(env);
-    let holder = LockHolder::new(&requester.who, requester.pid, operation, now);
-    let value = serde_json::to_string(&holder).expect("serializable");
-    let mut interrupted = None;
-    for _ in 0..2 {
-        let put = clients
-            .ssm
-            .put_parameter()
-            .name(&name)
-            .value(&value)
-            .r#type(ParameterType::String)
-            .overwrite(false)
-            .send()
-            .await
-            .op("PutParameter", &name);
-        match put {
-            Ok(_) => {
-                return Ok(Acquired {
-                    holder,
-                    interrupted,
-                });
-            }
-            Err(error) if error.code() == Some("ParameterAlreadyExists") => {
-                match lock_holder(env, clients).await? {
-                    Some(other)
-                        if !other.is_stale(now, requester.host(), requester.process_alive) =>
-                    {
-                        return Err(AwsError::precondition(
-                            "PutParameter",
-                            &name,
-                            format!("the deploy lock is held by {other}"),
-                            "wait for that deploy to finish; if its holder is gone, `rigger lock release` removes the lock",
-                        ));
-                    }
-                    // Stale or unreadable: taken over.
-                    stale => {
-                        interrupted = stale;
-                        release_lock(env, clients).await?;
-                    }
-                }
-            }
-            Err(error) => return Err(error),
-        }
-    }
-    Err(AwsError::precondition(
-        "PutParameter",
-        &name,
-        "another deploy took the lock at the same moment",
-        "run the deploy again",
-    ))
-}
-
-/// Pushes the expiry of `held` (the caller's lock) to `now` + [`LOCK_TTL`]; refuses when the
-/// lock is no longer the caller's (someone released it and another deploy took it).
-pub async fn renew_lock(
-    env: &AwsEnvironment,
-    clients: &Clients,
-    held: &LockHolder,
-    now: u64,
-) -> Result<LockHolder, AwsError> {
-    let name = lock_parameter(env);
-    let current = lock_holder(env, clients).await?;
-    if current.as_ref() != Some(held) {
-        return Err(AwsError::precondition(
-            "PutParameter",
-            &name,
-            match current {
-                Some(other) => format!("the deploy lock is now held by {other}"),
-                None => "the deploy lock was released by someone else".to_owned(),
-            },
-            "check `rigger lock status`; this deploy goes on, but is no longer exclusive",
-        ));
-    }
-    let renewed = LockHolder {
-        expires: now + LOCK_TTL.as_secs(),
-        ..held.clone()
-    };
-    let value = serde_json::to_string(&renewed).expect("serializable");
-    crate::parameters::put(clients, &name, &value).await?;
-    Ok(renewed)
-}
-
-/// Removes the lock, whoever holds it.
-pub async fn release_lock(env: &AwsEnvironment, clients: &Clients) -> Result<(), AwsError> {
-    crate::parameters::delete(clients, &lock_parameter(env)).await
 }
 
 /// Appends `record` to the history.
@@ -550,9 +417,10 @@ fn release_of(operation: &str) -> &str {
 }
 
 impl crate::Provider {
-    /// Takes the deploy lock and uploads the release to the environment's bucket (made if
-    /// `up` did not yet). The caller runs the migrations next, then [`Self::finish_deploy`]
-    /// (or [`Self::abandon_deploy`] when they fail: nothing was switched).
+    /// Takes the deploy lock (in the environment's bucket, made if `up` did not yet) and
+    /// uploads the release there. The lock is renewed from now on; the caller runs the
+    /// migrations next, then [`Self::finish_deploy`] (or [`Self::abandon_deploy`] when they
+    /// fail: nothing was switched).
     pub async fn start_deploy(
         &self,
         artifact: &Artifact,
@@ -562,9 +430,10 @@ impl crate::Provider {
         // Nothing is uploaded or locked for an environment that is not up.
         let (_, live) = self.observe().await?;
         self.running_release(&live)?;
+        let bucket = crate::releases::ensure(&self.env, &self.clients, report).await?;
         let started = now();
         let lock = self
-            .lock_for(
+            .take_lock(
                 requester,
                 &format!("deploy {}", artifact.id),
                 started,
@@ -572,26 +441,23 @@ impl crate::Provider {
             )
             .await?;
         let uploaded = async {
-            let bucket = crate::releases::ensure(&self.env, &self.clients, report).await?;
             report(&format!(
                 "uploading release {} to s3://{bucket}/{}",
                 artifact.id,
                 crate::releases::object_key(&artifact.id)
             ));
-            crate::releases::upload(&self.clients, &bucket, &artifact.id, &artifact.tarball)
-                .await?;
-            Ok::<_, AwsError>(bucket)
+            crate::releases::upload(&self.clients, &bucket, &artifact.id, &artifact.tarball).await
         }
         .await;
         match uploaded {
-            Ok(bucket) => Ok(StartedDeploy {
+            Ok(()) => Ok(StartedDeploy {
                 release: artifact.id.clone(),
                 revision: artifact.revision.clone(),
                 bucket,
                 lock,
             }),
             Err(error) => {
-                release_lock(&self.env, &self.clients).await?;
+                lock.release().await?;
                 Err(error)
             }
         }
@@ -662,7 +528,7 @@ impl crate::Provider {
         }
         let started = now();
         let lock = self
-            .lock_for(
+            .take_lock(
                 requester,
                 &format!("rollback to {}", target.release),
                 started,
@@ -677,17 +543,27 @@ impl crate::Provider {
         })
     }
 
-    /// Takes the lock; a stale lock taken over is recorded as an interrupted deploy.
-    async fn lock_for(
+    /// Takes the deploy lock for `operation` (a deploy, a rollback, a database operation) at
+    /// `started`, renewed every [`crate::Provider::lock_renewal`] from now on until the
+    /// keeper's release; a stale lock taken over is reported, and recorded as an interrupted
+    /// deploy when it was one.
+    pub async fn take_lock(
         &self,
         requester: &Requester,
         operation: &str,
         started: u64,
         report: &(dyn Fn(&str) + Sync),
-    ) -> Result<LockHolder, AwsError> {
+    ) -> Result<LockKeeper, AwsError> {
         let acquired =
             acquire_lock(&self.env, &self.clients, requester, operation, started).await?;
-        let holder = acquired.holder;
+        let keeper =
+            match LockKeeper::start(&self.clients, acquired.lock.clone(), self.lock_renewal) {
+                Ok(keeper) => keeper,
+                Err(error) => {
+                    release_lock(&self.clients, &acquired.lock).await?;
+                    return Err(error);
+                }
+            };
         if let Some(stale) = acquired.interrupted {
             report(&format!(
                 "taking over the deploy lock of an interrupted operation: {stale}"
@@ -696,7 +572,7 @@ impl crate::Provider {
             if !(stale.operation.starts_with("deploy ")
                 || stale.operation.starts_with("rollback to "))
             {
-                return Ok(holder);
+                return Ok(keeper);
             }
             let entry = DeployRecord {
                 release: release_of(&stale.operation).to_owned(),
@@ -710,9 +586,12 @@ impl crate::Provider {
                     requester.who
                 ),
             };
-            record(&self.env, &self.clients, &entry).await?;
+            if let Err(error) = record(&self.env, &self.clients, &entry).await {
+                keeper.release().await?;
+                return Err(error);
+            }
         }
-        Ok(holder)
+        Ok(keeper)
     }
 
     /// Records a deploy that stopped before anything switched (a failed migration) and
@@ -732,23 +611,8 @@ impl crate::Provider {
         deploy: StartedDeploy,
         rollout: &Rollout<'_>,
     ) -> Result<DeployRecord, AwsError> {
-        // The lock's expiry moves forward while the rollout runs.
-        let renewing = async {
-            let mut held = deploy.lock.clone();
-            loop {
-                tokio::time::sleep(LOCK_RENEWAL).await;
-                match renew_lock(&self.env, &self.clients, &held, now()).await {
-                    Ok(renewed) => held = renewed,
-                    Err(error) => (rollout.report)(&format!(
-                        "warning: could not renew the deploy lock: {error}"
-                    )),
-                }
-            }
-        };
-        let rolled = tokio::select! {
-            rolled = self.roll_out(&deploy.release, rollout) => rolled,
-            never = renewing => never,
-        };
+        // The lock's keeper renews it meanwhile.
+        let rolled = self.roll_out(&deploy.release, rollout).await;
         match rolled {
             Ok(Ok(())) => self.end_deploy(deploy, "succeeded", String::new()).await,
             Ok(Err(reason)) => self.end_deploy(deploy, "rolled back", reason).await,
@@ -765,17 +629,29 @@ impl crate::Provider {
         result: &str,
         reason: String,
     ) -> Result<DeployRecord, AwsError> {
+        let holder = deploy.lock.holder();
+        let reason = match (deploy.lock.lost(), reason.is_empty()) {
+            (Some(lost), true) => format!("lost the deploy lock during the deploy: {lost}"),
+            (Some(lost), false) => {
+                format!("{reason}; lost the deploy lock during the deploy: {lost}")
+            }
+            (None, _) => reason,
+        };
         let entry = DeployRecord {
             release: deploy.release,
             revision: deploy.revision,
-            by: deploy.lock.who,
-            started: deploy.lock.since,
+            by: holder.who,
+            started: holder.since,
             finished: now(),
             result: result.to_owned(),
             reason,
         };
         let recorded = record(&self.env, &self.clients, &entry).await;
-        release_lock(&self.env, &self.clients).await?;
+        if !deploy.lock.release().await? {
+            tracing::warn!(
+                "the deploy lock was no longer this deploy's when it ended; left to its holder"
+            );
+        }
         recorded.map(|()| entry)
     }
 

@@ -10,9 +10,9 @@
 //! [`Provider::status`] reports in the local provider's `rigger.status` schema ([`status`]);
 //! [`Provider::servers`] lists the running servers and their addresses for `rigger exec`,
 //! `logs`, `manage` and `ssh` ([`servers`]).
-//! [`Provider::start_deploy`] and [`Provider::finish_deploy`] deploy a release: the deploy
-//! lock and history in SSM, the release in the environment's S3 bucket ([`releases`]), a
-//! health-gated rolling replacement driven by rigger ([`deploy`]).
+//! [`Provider::start_deploy`] and [`Provider::finish_deploy`] deploy a release: the history in
+//! SSM, the release and the deploy lock in the environment's S3 bucket ([`releases`],
+//! [`lock`]), a health-gated rolling replacement driven by rigger ([`deploy`]).
 //! Servers boot with user-data rendered from the role recipes ([`userdata`]) and read their
 //! secrets with the instance profile ([`iam`]).
 //!
@@ -32,6 +32,7 @@ pub mod hostkeys;
 pub mod iam;
 pub mod live;
 pub mod loadbalancer;
+pub mod lock;
 pub mod maintenance;
 pub mod parameters;
 pub mod releases;
@@ -57,6 +58,8 @@ pub struct Provider {
     pub env: AwsEnvironment,
     pub clients: Clients,
     pub waits: Waits,
+    /// How often a held deploy lock is renewed ([`deploy::LOCK_RENEWAL`]; tests shorten it).
+    pub lock_renewal: std::time::Duration,
 }
 
 /// What `up` did.
@@ -86,6 +89,7 @@ impl Provider {
             clients: Clients::connect(&connection).await,
             env,
             waits: Waits::default(),
+            lock_renewal: deploy::LOCK_RENEWAL,
         })
     }
 
@@ -251,7 +255,7 @@ impl Provider {
         }
         let deploy_parameters = deploy::parameters(&self.env, &self.clients).await?;
         if !deploy_parameters.is_empty() {
-            report("deleting the deploy history and lock from SSM");
+            report("deleting the deploy history from SSM");
             secrets::delete(&self.clients, &deploy_parameters).await?;
         }
         if !live.parameters.is_empty() {

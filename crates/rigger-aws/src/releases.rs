@@ -126,18 +126,41 @@ pub async fn ensure(
         .send()
         .await
         .op("PutPublicAccessBlock", &bucket)?;
+    // Created only if missing: of two runs making the environment's first bucket at once,
+    // one records its own; the other deletes its (empty) bucket and uses that one, so the
+    // releases, the backups and the deploy lock ([`crate::lock`]) live in a single bucket.
     let parameter = env.parameter(BUCKET_PARAMETER);
-    clients
+    match clients
         .ssm
         .put_parameter()
         .name(&parameter)
         .value(&bucket)
         .r#type(ParameterType::String)
-        .overwrite(true)
+        .overwrite(false)
         .send()
         .await
-        .op("PutParameter", &parameter)?;
-    Ok(bucket)
+        .op("PutParameter", &parameter)
+    {
+        Ok(_) => Ok(bucket),
+        Err(error) if error.code() == Some("ParameterAlreadyExists") => {
+            clients
+                .s3
+                .delete_bucket()
+                .bucket(&bucket)
+                .send()
+                .await
+                .op("DeleteBucket", &bucket)?;
+            find(env, clients).await?.ok_or_else(|| {
+                AwsError::precondition(
+                    "GetParameter",
+                    &parameter,
+                    "another run recorded the environment's bucket, then it was deleted",
+                    "run the command again",
+                )
+            })
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// Uploads the tarball of release `id`.
@@ -187,6 +210,23 @@ pub async fn exists(clients: &Clients, bucket: &str, id: &str) -> Result<bool, A
         Err(error) if matches!(error.code(), Some("NotFound" | "NoSuchKey" | "404")) => Ok(false),
         Err(error) => Err(error),
     }
+}
+
+/// Eight bytes from the system's random source (a bucket's suffix, a deploy lock's id).
+pub(crate) fn random_bytes() -> Result<[u8; 8], AwsError> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| {
+            AwsError::precondition(
+                "(random)",
+                "/dev/urandom",
+                e.to_string(),
+                "rigger needs /dev/urandom",
+            )
+        })?;
+    Ok(bytes)
 }
 
 /// Deletes every version of every object, then the bucket and its parameter (`down`).
@@ -245,18 +285,7 @@ pub async fn delete(env: &AwsEnvironment, clients: &Clients, bucket: &str) -> Re
 
 /// Eight random lowercase letters and digits (bucket names are global).
 fn random_suffix() -> Result<String, AwsError> {
-    use std::io::Read as _;
-    let mut bytes = [0u8; 8];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| {
-            AwsError::precondition(
-                "(random)",
-                "/dev/urandom",
-                e.to_string(),
-                "rigger needs /dev/urandom",
-            )
-        })?;
+    let bytes = random_bytes()?;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     Ok(bytes
         .iter()

@@ -1,9 +1,12 @@
 //! Deploys against moto's server: a release goes to the environment's bucket, the groups
 //! point at its launch template (or configuration) and every old server is replaced, old
 //! workers get a warm shutdown, the history records it; a second deploy is refused while the
-//! lock in SSM is held, naming the holder; a release whose servers fail the health check rolls
-//! every group back, with the load balancer's reason and the servers' evidence; `rollback`
-//! goes back to an earlier release; a rollout cut off half-way is recovered by the next one.
+//! lock in the bucket is held, naming the holder; the lock is renewed from the moment it is
+//! taken, a holder whose lock was taken over is told and does not delete the new one, and 12
+//! concurrent takers get exactly one holder (a free lock, a stale one; 50 trials each); a
+//! release whose servers fail the health check rolls every group back, with the load
+//! balancer's reason and the servers' evidence; `rollback` goes back to an earlier release; a
+//! rollout cut off half-way is recovered by the next one.
 //!
 //! Moto reports every instance healthy, so the rollback test feeds the health gate from a
 //! fake that fails the bad release's servers; everything else is moto's real API.
@@ -266,33 +269,13 @@ async fn a_second_concurrent_deploy_is_refused_naming_the_holder() {
         .to_string();
     assert!(refused.contains("held by alice@laptop"), "{refused}");
     assert!(refused.contains("deploy r2"), "{refused}");
-    assert!(refused.contains("rigger lock release"), "{refused}");
-
-    // A long rollout renews its lock; a lock that is no longer its own is not renewed.
-    let renewed = rigger_aws::deploy::renew_lock(
-        &provider.env,
-        &provider.clients,
-        &first.lock,
-        first.lock.since + 600,
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        renewed.expires,
-        first.lock.since + 600 + rigger_aws::deploy::LOCK_TTL.as_secs()
+    assert!(
+        refused.contains(&format!(
+            "rigger lock release --id {}",
+            first.lock.holder().id
+        )),
+        "{refused}"
     );
-    assert_eq!(lock(&provider).await, Some(renewed.clone()));
-    let stale_copy = first.lock.clone();
-    let refused = rigger_aws::deploy::renew_lock(
-        &provider.env,
-        &provider.clients,
-        &stale_copy,
-        first.lock.since + 900,
-    )
-    .await
-    .unwrap_err()
-    .to_string();
-    assert!(refused.contains("now held by alice@laptop"), "{refused}");
 
     // The holder finishes; then the next deploy may go.
     provider
@@ -315,6 +298,261 @@ async fn a_second_concurrent_deploy_is_refused_naming_the_holder() {
             .map(|r| r.result.as_str())
             .collect::<Vec<_>>(),
         ["failed", "failed"]
+    );
+}
+
+/// A provider on moto with the environment's bucket (which holds the lock) and nothing else:
+/// the lock needs no servers.
+async fn lock_provider(moto: &Moto) -> rigger_aws::Provider {
+    let provider = provider(moto, config(&config_text("", 1, "t3.small"))).await;
+    rigger_aws::releases::ensure(&provider.env, &provider.clients, &quiet)
+        .await
+        .unwrap();
+    provider
+}
+
+/// Until `condition` holds (checked every 20 ms), at most 20 s.
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, condition: impl Fn() -> F) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !condition().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_lock_is_renewed_from_the_moment_it_is_taken() {
+    let moto = Moto::start();
+    let mut provider = lock_provider(&moto).await;
+    provider.lock_renewal = Duration::from_millis(100);
+    // Taken at a time long past (already expired): only a renewal, by the real clock, makes it
+    // live again. Nothing else runs: no upload, no migration, no rollout.
+    let keeper = provider
+        .take_lock(&requester("alice@laptop"), "deploy r2", 1_000, &quiet)
+        .await
+        .unwrap();
+    let first_expiry = 1_000 + rigger_aws::deploy::LOCK_TTL.as_secs();
+    eventually("the lock to be renewed", || async {
+        lock(&provider).await.unwrap().expires > first_expiry
+    })
+    .await;
+    let refused = rigger_aws::deploy::acquire_lock(
+        &provider.env,
+        &provider.clients,
+        &requester("bob@desk"),
+        "deploy r3",
+        rigger_aws::deploy::now(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(refused.contains("held by alice@laptop"), "{refused}");
+    assert_eq!(keeper.lost(), None);
+    assert!(keeper.release().await.unwrap());
+    assert_eq!(lock(&provider).await, None);
+}
+
+#[tokio::test]
+async fn a_holder_whose_lock_was_taken_over_is_told_and_leaves_the_new_lock_alone() {
+    let moto = Moto::start();
+    let mut provider = lock_provider(&moto).await;
+    provider.lock_renewal = Duration::from_secs(3600);
+    let elsewhere = |who: &str| Requester {
+        process_alive: |_| true,
+        ..requester(who)
+    };
+    // Expired (taken long ago, never renewed): bob takes it over.
+    let alice = provider
+        .take_lock(&elsewhere("alice@laptop"), "deploy r2", 1_000, &quiet)
+        .await
+        .unwrap();
+    let bob = rigger_aws::deploy::acquire_lock(
+        &provider.env,
+        &provider.clients,
+        &elsewhere("bob@desk"),
+        "deploy r3",
+        rigger_aws::deploy::now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(bob.interrupted, Some(alice.holder()));
+    let refused =
+        rigger_aws::deploy::renew_lock(&provider.clients, &alice.held(), rigger_aws::deploy::now())
+            .await
+            .unwrap_err()
+            .to_string();
+    assert!(refused.contains("now held by bob@desk"), "{refused}");
+    assert!(!alice.release().await.unwrap(), "alice deleted bob's lock");
+    assert_eq!(lock(&provider).await, Some(bob.lock.holder.clone()));
+
+    // A live lock goes only with its id; its holder's next renewal says it is gone.
+    let release = |id: Option<String>| {
+        let provider = &provider;
+        async move {
+            rigger_aws::deploy::release_lock_by_id(
+                &provider.env,
+                &provider.clients,
+                id.as_deref(),
+                &elsewhere("carol@ops"),
+                rigger_aws::deploy::now(),
+            )
+            .await
+        }
+    };
+    let refused = release(None).await.unwrap_err().to_string();
+    assert!(
+        refused.contains(&format!("rigger lock release --id {}", bob.lock.holder.id)),
+        "{refused}"
+    );
+    assert!(release(Some("0000000000000000".into())).await.is_err());
+    let released = release(Some(bob.lock.holder.id.clone())).await.unwrap();
+    assert!(released.unwrap().contains("bob@desk"));
+    let refused =
+        rigger_aws::deploy::renew_lock(&provider.clients, &bob.lock, rigger_aws::deploy::now())
+            .await
+            .unwrap_err()
+            .to_string();
+    assert!(refused.contains("released by someone else"), "{refused}");
+    assert!(
+        !rigger_aws::deploy::release_lock(&provider.clients, &bob.lock)
+            .await
+            .unwrap()
+    );
+    assert_eq!(release(None).await.unwrap(), None);
+}
+
+/// Runs making the environment's first bucket at once agree on one bucket (the lock lives in
+/// it: two buckets would be two locks).
+#[tokio::test]
+async fn concurrent_runs_make_one_bucket() {
+    let moto = Moto::start();
+    let provider = provider(&moto, config(&config_text("", 1, "t3.small"))).await;
+    let makers =
+        (0..RACERS).map(|_| rigger_aws::releases::ensure(&provider.env, &provider.clients, &quiet));
+    let names: Vec<String> = futures_util::future::join_all(makers)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(names.iter().all(|name| *name == names[0]), "{names:?}");
+    assert_eq!(buckets(&provider).await, 1);
+    let found = rigger_aws::releases::find(&provider.env, &provider.clients)
+        .await
+        .unwrap();
+    assert_eq!(found.as_ref(), Some(&names[0]));
+}
+
+/// Racers per trial, trials per race test (issue 11: the local lock this replaced got two
+/// holders in 5 of 20 trials of 12 processes).
+const RACERS: usize = 12;
+const TRIALS: usize = 50;
+
+/// `RACERS` concurrent `acquire_lock` calls (retries off: one request each), by requesters on
+/// other hosts whose processes run.
+async fn race(
+    provider: &rigger_aws::Provider,
+    now: u64,
+) -> Vec<Result<rigger_aws::deploy::Acquired, AwsError>> {
+    let racers = (0..RACERS).map(|racer| async move {
+        let requester = Requester {
+            who: format!("racer{racer}@host{racer}"),
+            pid: 1,
+            process_alive: |_| true,
+        };
+        rigger_aws::deploy::acquire_lock(
+            &provider.env,
+            &provider.clients,
+            &requester,
+            "deploy race",
+            now,
+        )
+        .await
+    });
+    futures_util::future::join_all(racers).await
+}
+
+/// The one winner of a race; every other racer was refused naming a holder.
+fn one_winner(
+    trial: usize,
+    results: Vec<Result<rigger_aws::deploy::Acquired, AwsError>>,
+) -> rigger_aws::deploy::Acquired {
+    let mut winners = Vec::new();
+    for result in results {
+        match result {
+            Ok(acquired) => winners.push(acquired),
+            Err(error) => {
+                let error = error.to_string();
+                assert!(
+                    error.contains("the deploy lock is held by"),
+                    "trial {trial}: {error}"
+                );
+            }
+        }
+    }
+    assert_eq!(winners.len(), 1, "trial {trial}: {} holders", winners.len());
+    winners.pop().unwrap()
+}
+
+/// 12 concurrent takers of a free lock, 50 times, against moto: exactly one holder each time.
+/// Moto checks a condition and then writes, in two Python steps without a lock: a thread
+/// switch between them could let two conditional writes through (S3 itself decides
+/// atomically); it has not happened in any of our runs (see the issue's report).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_acquirers_of_a_free_lock_get_exactly_one_holder() {
+    let moto = Moto::start();
+    let provider = lock_provider(&moto).await;
+    let started = std::time::Instant::now();
+    for trial in 0..TRIALS {
+        let winner = one_winner(trial, race(&provider, rigger_aws::deploy::now()).await);
+        assert_eq!(lock(&provider).await, Some(winner.lock.holder.clone()));
+        assert!(
+            rigger_aws::deploy::release_lock(&provider.clients, &winner.lock)
+                .await
+                .unwrap()
+        );
+    }
+    eprintln!(
+        "{TRIALS} trials of {RACERS} racers: {:?}",
+        started.elapsed()
+    );
+}
+
+/// 12 concurrent takers of the same expired lock, 50 times: exactly one takes it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_takers_of_a_stale_lock_get_exactly_one_holder() {
+    let moto = Moto::start();
+    let provider = lock_provider(&moto).await;
+    let started = std::time::Instant::now();
+    for trial in 0..TRIALS {
+        let stale = rigger_aws::deploy::acquire_lock(
+            &provider.env,
+            &provider.clients,
+            &requester("gone@elsewhere"),
+            "deploy gone",
+            1_000,
+        )
+        .await
+        .unwrap();
+        let later = 1_000 + rigger_aws::deploy::LOCK_TTL.as_secs();
+        let winner = one_winner(trial, race(&provider, later).await);
+        assert_eq!(
+            winner.interrupted,
+            Some(stale.lock.holder.clone()),
+            "trial {trial}"
+        );
+        assert_eq!(lock(&provider).await, Some(winner.lock.holder.clone()));
+        assert!(
+            rigger_aws::deploy::release_lock(&provider.clients, &winner.lock)
+                .await
+                .unwrap()
+        );
+    }
+    eprintln!(
+        "{TRIALS} trials of {RACERS} racers: {:?}",
+        started.elapsed()
     );
 }
 

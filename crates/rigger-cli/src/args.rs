@@ -171,10 +171,15 @@ pub struct ReleasesArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum LockCommand {
-    /// Who holds the deploy lock, since when, for what.
+    /// Who holds the deploy lock, since when, for what, and its id.
     Status,
-    /// Remove the lock whoever holds it (when its holder is known to be gone).
-    Release,
+    /// Remove a stale lock (expired, or its process ended on this host); with `--id`, remove
+    /// that lock even while its holder runs (it is told at its next renewal).
+    Release {
+        /// The lock's id, as `rigger lock status` prints it: removes that lock only.
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -75,22 +75,6 @@ fn s3_request(url: &str, method: &str, path: &str, body: &[u8]) -> String {
     answer
 }
 
-/// Calls moto's SSM (the JSON protocol) with a bare request, as `s3_request` does S3.
-fn ssm_request(url: &str, action: &str, body: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let address = url.trim_start_matches("http://");
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
-    write!(
-        stream,
-        "POST / HTTP/1.1\r\nHost: {address}\r\nAuthorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ssm/aws4_request, SignedHeaders=host, Signature=0\r\nX-Amz-Target: AmazonSSM.{action}\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    answer
-}
-
 /// The environment's bucket, found in moto's bucket list by its prefix.
 fn bucket(url: &str) -> String {
     let listing = s3_request(url, "GET", "/", b"");
@@ -228,16 +212,15 @@ fn db_status_promote_backups_and_restore_from_the_command_line() {
     assert_eq!(lock.trim(), "free", "{lock}");
     // While someone else's deploy holds the lock, a promote is refused, naming the holder.
     let holder = serde_json::json!({
-        "who": "ci@build-host", "pid": 7, "operation": "deploy 20261127T000000Z-abc",
+        "id": "00000000000000ab", "who": "ci@build-host", "pid": 7,
+        "operation": "deploy 20261127T000000Z-abc",
         "since": 1_795_000_000u64, "expires": 4_000_000_000u64,
     });
-    let put = ssm_request(
+    let put = s3_request(
         url,
-        "PutParameter",
-        &serde_json::json!({
-            "Name": "/shop/prod/deploy/lock", "Value": holder.to_string(), "Type": "String",
-        })
-        .to_string(),
+        "PUT",
+        &format!("/{}/deploy/lock.json", bucket(url)),
+        holder.to_string().as_bytes(),
     );
     assert!(put.starts_with("HTTP/1.1 200"), "{put}");
     let refused = rigger(dir, url, &["db", "promote"]).output().unwrap();
@@ -247,7 +230,19 @@ fn db_status_promote_backups_and_restore_from_the_command_line() {
         "{}",
         text(&refused)
     );
-    ok(dir, url, &["lock", "release"]);
+    // A live holder's lock goes only with its id.
+    let kept = rigger(dir, url, &["lock", "release"]).output().unwrap();
+    assert_eq!(kept.status.code(), Some(1), "{}", text(&kept));
+    assert!(
+        text(&kept).contains("`rigger lock release --id 00000000000000ab`"),
+        "{}",
+        text(&kept)
+    );
+    let status = stdout(&ok(dir, url, &["lock", "status"]));
+    assert!(status.contains("lock id 00000000000000ab"), "{status}");
+    ok(dir, url, &["lock", "release", "--id", "00000000000000ab"]);
+    let lock = stdout(&ok(dir, url, &["lock", "status"]));
+    assert_eq!(lock.trim(), "free", "{lock}");
 
     // No replica left to promote until `up` builds one.
     let none = rigger(dir, url, &["db", "promote"]).output().unwrap();

@@ -300,7 +300,7 @@ pub async fn deploy(
         DeployTarget::Existing(id) => format!("rollback to {id}"),
         DeployTarget::Previous => "rollback to the previous release".into(),
     };
-    let mut lock = DeployLock::acquire(&env.paths, &description, now)?;
+    let lock = DeployLock::acquire(&env.paths, &description, now)?;
     let release = match target {
         DeployTarget::Build {
             revision,
@@ -328,7 +328,7 @@ pub async fn deploy(
     kill(Pid::from_raw(holder.pid), Signal::SIGUSR1).context("signalling the supervisor")?;
     let dead = "the supervisor exited during the deploy; `rigger up` restarts it (servers of an \
                 unfinished release are rolled back to the group's release)";
-    await_outcome(env, holder.pid, &mut lock, dead, &mut progress, || {
+    await_outcome(env, holder.pid, &lock, dead, &mut progress, || {
         deploy_files::read_outcome(&env.paths).filter(|outcome| outcome.request == request.id)
     })
     .await
@@ -342,18 +342,18 @@ fn request_id() -> String {
     format!("{}-{nanos}", std::process::id())
 }
 
-/// Waits for the supervisor's answer to a request, narrating its status messages and keeping
-/// the lock alive; fails with `dead` if the supervisor exits first.
+/// Waits for the supervisor's answer to a request, narrating its status messages and a lost
+/// lock (the lock renews itself); fails with `dead` if the supervisor exits first.
 async fn await_outcome<T>(
     env: &LocalEnvironment,
     supervisor_pid: i32,
-    lock: &mut crate::deploy::DeployLock,
+    lock: &crate::deploy::DeployLock,
     dead: &str,
     progress: &mut impl FnMut(&str),
     outcome: impl Fn() -> Option<T>,
 ) -> anyhow::Result<T> {
     let mut last_message = String::new();
-    let mut last_renewal = Instant::now();
+    let mut told_lost = false;
     loop {
         if let Some(outcome) = outcome() {
             return Ok(outcome);
@@ -367,9 +367,9 @@ async fn await_outcome<T>(
         if !pid_alive(supervisor_pid) {
             bail!("{dead}");
         }
-        if last_renewal.elapsed() > Duration::from_secs(60) {
-            lock.renew(crate::status::now())?;
-            last_renewal = Instant::now();
+        if !told_lost && let Some(lost) = lock.lost() {
+            progress(&format!("warning: {lost}"));
+            told_lost = true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -450,7 +450,7 @@ pub async fn db_operation(
         );
     };
     // Database operations and deploys exclude each other.
-    let mut lock = crate::deploy::DeployLock::acquire(
+    let lock = crate::deploy::DeployLock::acquire(
         &env.paths,
         &format!("db {operation}"),
         crate::status::now(),
@@ -464,7 +464,7 @@ pub async fn db_operation(
     database::write_request(&env.paths, &request)?;
     kill(Pid::from_raw(holder.pid), Signal::SIGUSR2).context("signalling the supervisor")?;
     let dead = format!("the supervisor exited during `db {operation}`; `rigger up` restarts it");
-    await_outcome(env, holder.pid, &mut lock, &dead, &mut progress, || {
+    await_outcome(env, holder.pid, &lock, &dead, &mut progress, || {
         database::read_outcome(&env.paths).filter(|outcome| outcome.request == request.id)
     })
     .await

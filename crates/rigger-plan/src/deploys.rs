@@ -1,6 +1,8 @@
-//! Deploys' records, shared by both providers. [`LockHolder`]: who holds the deploy lock, from
-//! where, since when, for what, and until when (the local provider keeps it in a file, the AWS
-//! provider in an SSM parameter; both decide staleness with [`LockHolder::is_stale`]).
+//! Deploys' records, shared by both providers. [`LockHolder`]: which lock (a random id), who
+//! holds it, from where, since when, for what, and until when (the local provider keeps it in
+//! the state directory, the AWS provider as an object in the environment's bucket; both change
+//! it only by compare-and-swap, decide staleness with [`LockHolder::is_stale`] and what
+//! `rigger lock release [--id ID]` may remove with [`LockHolder::may_release`]).
 //! [`DeployRecord`]: one deploy in the environment's history (`rigger releases`).
 //!
 //! Pure like the rest of this crate: the clock, the host name and "is this process alive" are
@@ -14,9 +16,18 @@ use serde::{Deserialize, Serialize};
 /// lock left by a machine that vanished does not block the team for long.
 pub const LOCK_TTL: Duration = Duration::from_secs(30 * 60);
 
+/// How often a holder pushes its lock's expiry forward, from the moment it takes the lock until
+/// it releases it: well within [`LOCK_TTL`], so a long build, migration or rollout never looks
+/// abandoned.
+pub const LOCK_RENEWAL: Duration = Duration::from_secs(5 * 60);
+
 /// Who holds the deploy lock, and until when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockHolder {
+    /// Random, one per acquisition (kept when renewed): what `rigger lock release --id`
+    /// names, and what makes two holders' records differ even when everything else is equal.
+    #[serde(default)]
+    pub id: String,
     /// `user@host`.
     pub who: String,
     /// The holder's process on its host.
@@ -31,9 +42,11 @@ pub struct LockHolder {
 }
 
 impl LockHolder {
-    /// A lock for `operation` taken at `now` by process `pid` of `who`, for [`LOCK_TTL`].
-    pub fn new(who: &str, pid: i32, operation: &str, now: u64) -> LockHolder {
+    /// A lock for `operation` taken at `now` by process `pid` of `who`, for [`LOCK_TTL`];
+    /// `random` (from the system's random source: this crate does no I/O) becomes its id.
+    pub fn new(random: [u8; 8], who: &str, pid: i32, operation: &str, now: u64) -> LockHolder {
         LockHolder {
+            id: random.iter().map(|b| format!("{b:02x}")).collect(),
             who: who.to_owned(),
             pid,
             operation: operation.to_owned(),
@@ -50,18 +63,50 @@ impl LockHolder {
         let same_host = !host.is_empty() && host == this_host;
         now >= self.expires || (same_host && !process_alive(self.pid))
     }
+
+    /// May `rigger lock release` remove this lock? With `--id`, exactly when the id is this
+    /// lock's (a live holder is never removed otherwise); without, only when it is stale (an
+    /// expired lock or a dead process on this host, which the next deploy would take over
+    /// anyway). The refusal says who holds it and the `--id` to pass.
+    pub fn may_release(
+        &self,
+        id: Option<&str>,
+        now: u64,
+        this_host: &str,
+        process_alive: impl Fn(i32) -> bool,
+    ) -> Result<(), String> {
+        match id {
+            Some(id) if id == self.id => Ok(()),
+            Some(id) => Err(format!(
+                "the deploy lock is held by {self}, not by lock {id}: nothing released \
+                 (`rigger lock status` shows the current one)"
+            )),
+            None if self.is_stale(now, this_host, process_alive) => Ok(()),
+            None => Err(format!(
+                "the deploy lock is held by {self}, which is not known to be gone (it has not \
+                 expired{}). If it must stop being exclusive anyway: `rigger lock release --id {}`",
+                if host_of(&self.who) == this_host {
+                    " and its process still runs"
+                } else {
+                    ""
+                },
+                self.id
+            )),
+        }
+    }
 }
 
 impl std::fmt::Display for LockHolder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} (pid {}) since {} UTC, for `{}`; expires at {} UTC",
+            "{} (pid {}) since {} UTC, for `{}`; expires at {} UTC; lock id {}",
             self.who,
             self.pid,
             utc_timestamp(self.since),
             self.operation,
-            utc_timestamp(self.expires)
+            utc_timestamp(self.expires),
+            self.id
         )
     }
 }
@@ -121,7 +166,7 @@ mod tests {
 
     #[test]
     fn a_lock_of_a_dead_process_on_this_host_is_stale() {
-        let holder = LockHolder::new("ann@build-1", 4242, "deploy x", 100);
+        let holder = LockHolder::new([0; 8], "ann@build-1", 4242, "deploy x", 100);
         assert!(holder.is_stale(101, "build-1", |_| false));
         assert!(!holder.is_stale(101, "build-1", |pid| pid == 4242));
         // Another host's process cannot be checked: trusted until it expires.
@@ -131,10 +176,50 @@ mod tests {
 
     #[test]
     fn the_holder_is_described_with_utc_times() {
-        let holder = LockHolder::new("ann@build-1", 7, "deploy 20261127T202444Z-abc", 0);
+        let holder = LockHolder::new(
+            [0x0f, 1, 2, 3, 4, 5, 6, 0xff],
+            "ann@build-1",
+            7,
+            "deploy 20261127T202444Z-abc",
+            0,
+        );
         assert_eq!(
             holder.to_string(),
-            "ann@build-1 (pid 7) since 19700101T000000Z UTC, for `deploy 20261127T202444Z-abc`; expires at 19700101T003000Z UTC"
+            "ann@build-1 (pid 7) since 19700101T000000Z UTC, for `deploy 20261127T202444Z-abc`; expires at 19700101T003000Z UTC; lock id 0f010203040506ff"
+        );
+    }
+
+    #[test]
+    fn a_live_lock_is_released_only_by_its_id_and_a_stale_one_without() {
+        let holder = LockHolder::new([7; 8], "ann@build-1", 4242, "deploy x", 100);
+        let alive = |pid: i32| pid == 4242;
+        // Live, on another host or this one: refused without the id, naming the id to pass.
+        for host in ["laptop", "build-1"] {
+            let refused = holder.may_release(None, 101, host, alive).unwrap_err();
+            assert!(refused.contains("held by ann@build-1"), "{refused}");
+            assert!(
+                refused.contains("`rigger lock release --id 0707070707070707`"),
+                "{refused}"
+            );
+        }
+        assert_eq!(
+            holder.may_release(Some("0707070707070707"), 101, "laptop", alive),
+            Ok(())
+        );
+        // Another id (the lock changed hands since it was looked at): refused.
+        let other = holder
+            .may_release(Some("0808080808080808"), 101, "laptop", alive)
+            .unwrap_err();
+        assert!(other.contains("not by lock 0808080808080808"), "{other}");
+        // Stale: expired, or its process gone on this host.
+        let expired = 100 + LOCK_TTL.as_secs();
+        assert_eq!(holder.may_release(None, expired, "laptop", alive), Ok(()));
+        assert_eq!(holder.may_release(None, 101, "build-1", |_| false), Ok(()));
+        // A stale lock is still not removed by someone else's id.
+        assert!(
+            holder
+                .may_release(Some("0808080808080808"), expired, "laptop", alive)
+                .is_err()
         );
     }
 }

@@ -552,7 +552,7 @@ pub(crate) fn history(settings: &Settings) -> Result<Vec<DeployRecord>, Failure>
     })
 }
 
-/// `rigger lock status|release` on AWS: the lock parameter in SSM.
+/// `rigger lock status|release` on AWS: the lock object in the environment's bucket.
 pub(crate) fn lock(command: LockCommand, settings: &Settings) -> Result<(), Failure> {
     let config = super::load_config(settings)?;
     if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
@@ -560,19 +560,27 @@ pub(crate) fn lock(command: LockCommand, settings: &Settings) -> Result<(), Fail
     }
     runtime()?.block_on(async {
         let provider = provider(config, settings).await?;
-        let holder = rigger_aws::deploy::lock_holder(&provider.env, &provider.clients)
-            .await
-            .map_err(failed)?;
         match command {
-            LockCommand::Status => match holder {
-                Some(holder) => println!("held by {holder}"),
-                None => println!("free"),
-            },
-            LockCommand::Release => {
-                rigger_aws::deploy::release_lock(&provider.env, &provider.clients)
+            LockCommand::Status => {
+                match rigger_aws::deploy::lock_holder(&provider.env, &provider.clients)
                     .await
-                    .map_err(failed)?;
-                match holder {
+                    .map_err(failed)?
+                {
+                    Some(holder) => println!("held by {holder}"),
+                    None => println!("free"),
+                }
+            }
+            LockCommand::Release { id } => {
+                let released = rigger_aws::deploy::release_lock_by_id(
+                    &provider.env,
+                    &provider.clients,
+                    id.as_deref(),
+                    &requester(),
+                    rigger_aws::deploy::now(),
+                )
+                .await
+                .map_err(failed)?;
+                match released {
                     Some(holder) => say(settings, &format!("released the lock held by {holder}")),
                     None => say(settings, "the lock was free"),
                 }

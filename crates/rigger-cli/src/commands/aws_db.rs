@@ -47,25 +47,26 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
     let Some(operation) = operation else {
         return run_unlocked(command, settings, runtime, provider, emulated);
     };
-    let acquired = result_of(runtime.block_on(rigger_aws::deploy::acquire_lock(
-        &provider.env,
-        &provider.clients,
+    let report = |line: &str| say(settings, &format!("  {line}"));
+    // Renewed from a thread of its own until released, whatever becomes of this runtime.
+    let lock = result_of(runtime.block_on(provider.take_lock(
         &aws::requester(),
         operation,
         rigger_aws::deploy::now(),
+        &report,
     )))?;
-    if let Some(stale) = &acquired.interrupted {
+    let outcome = run_unlocked(command, settings, runtime, provider, emulated);
+    let released = result_of(self::runtime()?.block_on(lock.release()));
+    outcome?;
+    if !released? {
         say(
             settings,
-            &format!("  taking over the deploy lock of an interrupted operation: {stale}"),
+            &format!(
+                "warning: the deploy lock was no longer `{operation}`'s when it ended; left to its holder"
+            ),
         );
     }
-    let env = provider.env.clone();
-    let clients = provider.clients.clone();
-    let outcome = run_unlocked(command, settings, runtime, provider, emulated);
-    let released = self::runtime()?.block_on(rigger_aws::deploy::release_lock(&env, &clients));
-    outcome?;
-    result_of(released)
+    Ok(())
 }
 
 fn run_unlocked(

@@ -126,8 +126,12 @@ pub(crate) fn lock(command: LockCommand, settings: &Settings) -> Result<(), Fail
             Some(holder) => println!("held by {holder}"),
             None => println!("free"),
         },
-        LockCommand::Release => {
-            match rigger_local::deploy::force_release(&env.paths).context("releasing the lock")? {
+        LockCommand::Release { id } => {
+            match rigger_local::deploy::release(
+                &env.paths,
+                id.as_deref(),
+                rigger_local::status::now(),
+            )? {
                 Some(holder) => say(settings, &format!("released the lock held by {holder}")),
                 None => say(settings, "the lock was free"),
             }
