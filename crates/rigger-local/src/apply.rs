@@ -1,7 +1,10 @@
 //! Putting a rendered recipe on this machine: directories and files with their owners and
 //! modes, and one-shot steps run as their users.
+//!
+//! Directories and files are reached and changed through handles ([`crate::safe_fs`]), never
+//! by path twice: some live in directories service users own, and a symbolic link planted
+//! there must not turn root's `chmod`, `chown` or write onto a file of root's.
 
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 use std::process::Stdio;
 
@@ -9,67 +12,75 @@ use anyhow::{Context as _, bail};
 use rigger_recipes::{Command, DirSpec, FileSpec, StepSpec};
 use tokio::io::AsyncWriteExt as _;
 
+use crate::safe_fs;
+
 /// Is rigger running as root (and so able to give files and processes to service users)?
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-fn chown(path: &Path, owner: &str) -> anyhow::Result<()> {
+/// The user and group ids `owner` (a user, or `user:group`) stands for when rigger is root;
+/// without a group, the user's primary group (of the same name for service users). `None`
+/// when rigger is not root and so cannot give files away.
+pub fn owner_ids(owner: &str) -> anyhow::Result<Option<safe_fs::Owner>> {
     if !is_root() {
-        return Ok(());
+        return Ok(None);
     }
-    let user = nix::unistd::User::from_name(owner)
-        .with_context(|| format!("looking up user `{owner}`"))?
-        .with_context(|| format!("user `{owner}` does not exist; is its package installed? (scripts/install-packages.sh)"))?;
-    nix::unistd::chown(path, Some(user.uid), Some(user.gid))
-        .with_context(|| format!("giving {} to {owner}", path.display()))
+    let (user_name, group_name) = owner
+        .split_once(':')
+        .map_or((owner, None), |(user, group)| (user, Some(group)));
+    let user = nix::unistd::User::from_name(user_name)
+        .with_context(|| format!("looking up user `{user_name}`"))?
+        .with_context(|| format!("user `{user_name}` does not exist; is its package installed? (scripts/install-packages.sh)"))?;
+    let gid = match group_name {
+        None => user.gid,
+        Some(group_name) => {
+            nix::unistd::Group::from_name(group_name)
+                .with_context(|| format!("looking up group `{group_name}`"))?
+                .with_context(|| format!("group `{group_name}` does not exist; is its package installed? (scripts/install-packages.sh)"))?
+                .gid
+        }
+    };
+    Ok(Some((user.uid, gid)))
 }
 
 pub fn ensure_dir(dir: &DirSpec) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&dir.path)
+    let owner = owner_ids(&dir.owner)?;
+    let handle = safe_fs::Dir::create(&dir.path)
         .with_context(|| format!("creating {}", dir.path.display()))?;
-    std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(dir.mode))
-        .with_context(|| format!("setting the mode of {}", dir.path.display()))?;
-    chown(&dir.path, &dir.owner)
+    handle.set_owner_and_mode(owner, dir.mode).with_context(|| {
+        format!(
+            "giving {} to {} with mode {:04o}",
+            dir.path.display(),
+            dir.owner,
+            dir.mode
+        )
+    })
 }
 
 /// Writes the file if its content, mode or owner differ; returns whether anything changed.
-/// Created with its final mode before any byte is written, then renamed into place, so a
-/// secret is never readable by others, even for an instant.
+/// Written whole to a new private file beside it, given its owner and mode, then renamed into
+/// place, so a secret is never readable by others, even for an instant.
 pub fn ensure_file(file: &FileSpec) -> anyhow::Result<bool> {
-    use std::os::unix::fs::MetadataExt as _;
     let path = &file.path;
-    if let Ok(existing) = std::fs::read(path) {
-        let metadata = std::fs::metadata(path)?;
-        let owner_ok = !is_root()
-            || nix::unistd::User::from_name(&file.owner)
-                .ok()
-                .flatten()
-                .is_some_and(|u| u.uid.as_raw() == metadata.uid());
-        if existing == file.contents.as_bytes() && metadata.mode() & 0o7777 == file.mode && owner_ok
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        bail!("{} is not a file path", path.display());
+    };
+    let owner = owner_ids(&file.owner)?;
+    let dir =
+        safe_fs::Dir::create(parent).with_context(|| format!("creating {}", parent.display()))?;
+    if let Some((existing, metadata)) = dir.read_file(name)? {
+        let owner_ok = owner.is_none_or(|(uid, gid)| {
+            metadata.st_uid == uid.as_raw() && metadata.st_gid == gid.as_raw()
+        });
+        if existing == file.contents.as_bytes()
+            && metadata.st_mode & 0o7777 == file.mode
+            && owner_ok
         {
             return Ok(false);
         }
     }
-    let parent = path.parent().context("a file path has a parent")?;
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let temporary = parent.join(format!(
-        ".{}.rigger-tmp",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let _ = std::fs::remove_file(&temporary);
-    let mut handle = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(file.mode)
-        .open(&temporary)
-        .with_context(|| format!("writing {}", path.display()))?;
-    std::io::Write::write_all(&mut handle, file.contents.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))?;
-    drop(handle);
-    std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(file.mode))?;
-    chown(&temporary, &file.owner)?;
-    std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
+    dir.write_file(name, file.contents.as_bytes(), file.mode, owner)?;
     Ok(true)
 }
 

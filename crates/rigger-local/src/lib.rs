@@ -26,6 +26,7 @@ pub mod pgbouncer;
 pub mod prepare;
 pub mod registry;
 pub mod release;
+pub mod safe_fs;
 pub mod secrets;
 pub mod status;
 pub mod supervisor;

@@ -66,12 +66,18 @@ fn openssl(args: &[&str]) -> Command {
     Command::new("openssl").args(args.iter().copied())
 }
 
-async fn ensure_ca(pki: &Path, log: &Path) -> anyhow::Result<()> {
+/// Creates the environment's CA (`ca.key`, `ca.crt` in `pki`) unless both are there. Both
+/// appear together or not at all: they are made in a private scratch directory and renamed
+/// into place, key first and certificate last (a key alone counts as no CA and is replaced);
+/// a failure leaves no key behind.
+pub async fn ensure_ca(pki: &Path, log: &Path) -> anyhow::Result<()> {
     let (cert, key) = (pki.join("ca.crt"), pki.join("ca.key"));
     if cert.exists() && key.exists() {
         return Ok(());
     }
-    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+    let scratch = Scratch::new(pki, "ca")?;
+    let (new_cert, new_key) = (scratch.path().join("ca.crt"), scratch.path().join("ca.key"));
+    let s = |p: &Path| p.display().to_string();
     run_command(
         &openssl(&[
             "req",
@@ -86,22 +92,25 @@ async fn ensure_ca(pki: &Path, log: &Path) -> anyhow::Result<()> {
             "-subj",
             "/CN=rigger environment CA",
             "-keyout",
-            &key_s,
+            &s(&new_key),
             "-out",
-            &cert_s,
+            &s(&new_cert),
         ]),
         None,
         log,
     )
     .await
     .context("creating the environment's certificate authority")?;
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::set_permissions(&cert, std::fs::Permissions::from_mode(0o644))?;
-    Ok(())
+    give(&new_key, None, 0o600)?;
+    give(&new_cert, None, 0o644)?;
+    install_pair((&new_key, &key), (&new_cert, &cert))
+        .context("putting the environment's certificate authority in place")
 }
 
 /// A certificate for a server, signed by the environment's CA, valid for its id and address.
-/// The key is given to `owner` with mode 0600.
+/// The key is given to `owner` with mode 0600. Key and certificate appear together: they are
+/// made in a private scratch directory and renamed into place, so a failed signing leaves no
+/// key (and no request) behind.
 pub async fn ensure_server_certificate(
     pki: &Path,
     tls_dir: &Path,
@@ -114,11 +123,17 @@ pub async fn ensure_server_certificate(
     if cert.exists() && key.exists() {
         return Ok(());
     }
+    let owner_ids = apply::owner_ids(owner)?;
     std::fs::create_dir_all(tls_dir)?;
     std::fs::set_permissions(tls_dir, std::fs::Permissions::from_mode(0o755))?;
     let log = tls_dir.join("openssl.log");
-    let csr = tls_dir.join("server.csr");
-    let extensions = tls_dir.join("server.ext");
+    let scratch = Scratch::new(tls_dir, "server")?;
+    let (new_cert, new_key) = (
+        scratch.path().join("server.crt"),
+        scratch.path().join("server.key"),
+    );
+    let csr = scratch.path().join("server.csr");
+    let extensions = scratch.path().join("server.ext");
     let mut names = vec![format!("DNS:{id}"), format!("IP:{address}")];
     names.extend(
         extra_names
@@ -139,7 +154,7 @@ pub async fn ensure_server_certificate(
             "-subj",
             &format!("/CN={id}"),
             "-keyout",
-            &s(&key),
+            &s(&new_key),
             "-out",
             &s(&csr),
         ]),
@@ -167,21 +182,72 @@ pub async fn ensure_server_certificate(
             "-extfile",
             &s(&extensions),
             "-out",
-            &s(&cert),
+            &s(&new_cert),
         ]),
         None,
         &log,
     )
     .await
     .with_context(|| format!("signing the certificate of {id}"))?;
-    let _ = std::fs::remove_file(&csr);
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::set_permissions(&cert, std::fs::Permissions::from_mode(0o644))?;
-    if apply::is_root() {
-        let user = nix::unistd::User::from_name(owner)?
-            .with_context(|| format!("user `{owner}` does not exist"))?;
-        nix::unistd::chown(&key, Some(user.uid), Some(user.gid))?;
-        nix::unistd::chown(&cert, Some(user.uid), Some(user.gid))?;
+    give(&new_key, owner_ids, 0o600)?;
+    give(&new_cert, owner_ids, 0o644)?;
+    install_pair((&new_key, &key), (&new_cert, &cert))
+        .with_context(|| format!("putting the certificate of {id} in place"))
+}
+
+/// A private (0700) directory for making a key and its certificate, removed with whatever is
+/// left in it when dropped: a failure never leaves a half-made key where it would be used.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(parent: &Path, what: &str) -> anyhow::Result<Scratch> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let path = parent.join(format!(".{what}.partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        Ok(Scratch(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Gives a file made in a [`Scratch`] its owner and mode, through its handle.
+fn give(path: &Path, owner: Option<crate::safe_fs::Owner>, mode: u32) -> anyhow::Result<()> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&file, Some(uid.as_raw()), Some(gid.as_raw()))
+            .with_context(|| format!("giving {} away", path.display()))?;
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// Renames a new key and then its certificate into place. Readers take a pair as present
+/// only when both files are, so an old certificate goes first and the new one comes last (a
+/// crash in between leaves a key alone, which counts as nothing); if the certificate cannot
+/// be put in place, the key just placed is removed again.
+fn install_pair(key: (&Path, &Path), cert: (&Path, &Path)) -> anyhow::Result<()> {
+    match std::fs::remove_file(cert.1) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("replacing {}", cert.1.display()));
+        }
+        _ => {}
+    }
+    std::fs::rename(key.0, key.1).with_context(|| format!("writing {}", key.1.display()))?;
+    if let Err(error) = std::fs::rename(cert.0, cert.1) {
+        let _ = std::fs::remove_file(key.1);
+        return Err(error).with_context(|| format!("writing {}", cert.1.display()));
     }
     Ok(())
 }

@@ -10,6 +10,12 @@
 //! rigger started after the supervisor was killed can still stop everything:
 //! [`stop_leftovers`] walks a state directory and stops whatever its pid files name.
 //!
+//! Root signals what a pid file names, so a pid file is trusted only where nobody but root
+//! (rigger's user) can write: it is written into a directory of mode 0700 whose every parent
+//! only root can write ([`crate::safe_fs::check_private`]), it must belong to rigger's user,
+//! and [`stop_leftovers`] never descends into a directory a service user could write (Celery's
+//! and RabbitMQ's own pid files live in such directories; a record planted there is ignored).
+//!
 //! Stopping is polled (every 20 ms), never a fixed sleep: [`stop`] sends the stop signal to the
 //! group, waits until the leader and every member are gone, and SIGKILLs the group when the
 //! timeout passes. A leader that already died while members of its group live on (a shell that
@@ -18,7 +24,6 @@
 //! Everything reads Linux's `/proc`; this module is Linux-only, as is the local provider.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -201,9 +206,12 @@ pub enum ProcessError {
 pub async fn spawn(spec: &ProcessSpec) -> Result<Supervised, ProcessError> {
     let name = &spec.name;
     let (stdout, stderr) = open_log(name, &spec.log_path)?;
-    if let Some(dir) = spec.pid_path.parent() {
-        create_dir(name, dir)?;
-    }
+    let pid_dir = spec.pid_path.parent().unwrap_or(Path::new("."));
+    create_pid_dir(pid_dir).map_err(|source| ProcessError::CreateDir {
+        name: name.clone(),
+        path: pid_dir.to_path_buf(),
+        source,
+    })?;
     let mut command = command(
         name,
         &spec.program,
@@ -292,9 +300,10 @@ pub async fn stop_supervised(
     outcome
 }
 
-/// Stops every process recorded in a `*.pid` file under `dir` (recursively), concurrently,
-/// each with its record's stop signal then SIGKILL after `timeout`, and removes the pid files
-/// of processes that are gone. Unreadable pid files are removed and reported as not running.
+/// Stops every process recorded in a `*.pid` file under `dir` (recursively, through
+/// directories only root can write), concurrently, each with its record's stop signal then
+/// SIGKILL after `timeout`, and removes the pid files of processes that are gone. Unreadable
+/// pid files are removed and reported as not running.
 ///
 /// Used when a supervisor starts after a crash, and by `rigger down` when no supervisor is
 /// alive, so no process is ever orphaned. Results are sorted by pid file path.
@@ -467,10 +476,17 @@ impl Supervised {
 }
 
 impl PidRecord {
-    /// Reads a pid file; `None` when it is missing or not a record.
+    /// Reads a pid file; `None` when it is missing, not a record, a symbolic link, or not
+    /// rigger's own (root's) file.
     pub fn read(path: &Path) -> Option<PidRecord> {
-        let text = fs::read_to_string(path).ok()?;
-        let mut record: PidRecord = serde_json::from_str(&text).ok()?;
+        let dir = crate::safe_fs::Dir::open(path.parent()?).ok()?;
+        let (bytes, metadata) = dir.read_file(path.file_name()?).ok()??;
+        if !crate::safe_fs::is_trusted_owner(metadata.st_uid) {
+            tracing::warn!(path = %path.display(), uid = metadata.st_uid,
+                "ignoring a pid file that is not rigger's");
+            return None;
+        }
+        let mut record: PidRecord = serde_json::from_slice(&bytes).ok()?;
         record.pid_path = Some(path.to_path_buf());
         Some(record)
     }
@@ -481,7 +497,8 @@ impl PidRecord {
         self.leader() == Leader::Alive
     }
 
-    /// Writes the record atomically (temporary file, then rename) so a reader never sees half.
+    /// Writes the record atomically (temporary file, then rename) so a reader never sees
+    /// half, mode 0600, through a handle on its directory.
     fn write(&self, path: &Path) -> Result<(), ProcessError> {
         let error = |source| ProcessError::WritePidFile {
             name: self.name.clone(),
@@ -489,10 +506,13 @@ impl PidRecord {
             source,
         };
         let json = serde_json::to_string(self).map_err(|e| error(e.into()))?;
-        let mut tmp = OsString::from(path.as_os_str());
-        tmp.push(".tmp");
-        fs::write(&tmp, json + "\n").map_err(error)?;
-        fs::rename(&tmp, path).map_err(error)
+        let name = path
+            .file_name()
+            .ok_or_else(|| error(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        let dir =
+            crate::safe_fs::Dir::open(path.parent().unwrap_or(Path::new("."))).map_err(error)?;
+        dir.write_file(name, (json + "\n").as_bytes(), 0o600, None)
+            .map_err(error)
     }
 
     /// Removes the pid file if it still describes this process.
@@ -748,6 +768,16 @@ fn open_log(name: &str, path: &Path) -> Result<(File, File), ProcessError> {
     Ok((stdout, stderr))
 }
 
+/// Creates the directory of pid files, mode 0700, and checks that only root (rigger's user)
+/// can change what it holds, so a record read back from it is one rigger wrote.
+fn create_pid_dir(dir: &Path) -> io::Result<()> {
+    let handle = crate::safe_fs::Dir::create(dir)?;
+    if handle.metadata()?.st_uid == geteuid().as_raw() {
+        handle.set_owner_and_mode(None, 0o700)?;
+    }
+    crate::safe_fs::check_private(dir)
+}
+
 fn create_dir(name: &str, dir: &Path) -> Result<(), ProcessError> {
     if dir.as_os_str().is_empty() {
         return Ok(());
@@ -770,15 +800,38 @@ pub fn live_records(dir: &Path) -> Vec<PidRecord> {
         .collect()
 }
 
+/// The `*.pid` files under `dir`, found through directories only root (rigger's user) can
+/// write: a directory a service user could write (its own run directory, PGDATA) is not
+/// entered, so a record planted there is never read.
 fn find_pid_files(dir: &Path, found: &mut Vec<PathBuf>) {
+    if !dir.exists() {
+        return;
+    }
+    if let Err(err) = crate::safe_fs::check_private(dir) {
+        tracing::warn!(dir = %dir.display(), "not reading pid files: {err}");
+        return;
+    }
+    find_pid_files_below(dir, found);
+}
+
+fn find_pid_files_below(dir: &Path, found: &mut Vec<PathBuf>) {
+    use std::os::unix::fs::MetadataExt as _;
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        // file_type does not follow symlinks, so a link loop cannot trap the walk.
+        // file_type and metadata do not follow symlinks, so a link can neither trap the walk
+        // in a loop nor lead it elsewhere.
         match entry.file_type() {
-            Ok(kind) if kind.is_dir() => find_pid_files(&path, found),
+            Ok(kind) if kind.is_dir() => {
+                let private = entry
+                    .metadata()
+                    .is_ok_and(|m| crate::safe_fs::only_trusted_can_write_mode(m.uid(), m.mode()));
+                if private {
+                    find_pid_files_below(&path, found);
+                }
+            }
             Ok(kind) if kind.is_file() && path.extension().is_some_and(|ext| ext == "pid") => {
                 found.push(path);
             }

@@ -266,18 +266,19 @@ async fn finish(
     revision: String,
     source: String,
 ) -> anyhow::Result<ReleaseManifest> {
-    let requirements = staging.join(&env.config.project.requirements);
-    let venv = ensure_venv(&env.paths, &requirements).await?;
-    let freeze = tokio::process::Command::new(venv.join("bin/pip"))
-        .args(["freeze", "--disable-pip-version-check"])
-        .env(
-            "HOME",
-            std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
-        )
-        .output()
-        .await
-        .context("running pip freeze")?;
-    std::fs::write(staging.join("requirements.lock"), &freeze.stdout)?;
+    let log = env.paths.releases().join("build.log");
+    // Readable by the service users (and the build user, which reads the requirements),
+    // writable by nobody: a release never changes. The top stays rigger's to finish.
+    run_command(
+        &Command::new("chmod").args(["-R", "a+rX,a-w", &staging.display().to_string()]),
+        None,
+        &log,
+    )
+    .await?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755))?;
+    let venv = ensure_venv(&env.paths, &staging, &env.config.project.requirements).await?;
+    let freeze = pip_freeze(&venv).await?;
+    write_read_only(&staging.join("requirements.lock"), &freeze)?;
     let manifest = ReleaseManifest {
         id: id.to_owned(),
         revision,
@@ -286,75 +287,244 @@ async fn finish(
         created_by: who(),
         venv,
     };
-    std::fs::write(
-        staging.join("release.json"),
-        serde_json::to_vec_pretty(&manifest)?,
+    write_read_only(
+        &staging.join("release.json"),
+        &serde_json::to_vec_pretty(&manifest)?,
     )?;
-    let log = env.paths.releases().join("build.log");
-    // Readable by the service users, writable by nobody: a release never changes.
-    run_command(
-        &Command::new("chmod").args(["-R", "a+rX,a-w", &staging.display().to_string()]),
-        None,
-        &log,
-    )
-    .await?;
-    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755))?;
     let dir = env.paths.release(id);
     std::fs::rename(&staging, &dir)
         .with_context(|| format!("moving the release into {}", dir.display()))?;
     Ok(manifest)
 }
 
+fn write_read_only(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444))?;
+    Ok(())
+}
+
+/// The user that builds the app's venvs when rigger runs as root
+/// ([`rigger_recipes::ServiceUsers::build`]). Building runs the app's dependencies' code
+/// (`setup.py`, build backends), so it never runs as root, nor as a service user whose files
+/// it could then change: this system user owns nothing once a build ends (the venv is then
+/// root's, read-only to everyone else). rigger creates it when missing.
+pub fn build_user_name() -> String {
+    rigger_recipes::ServiceUsers::debian().build
+}
+
+/// Name of the file that marks a venv complete (written by rigger once the venv is root's).
+const VENV_COMPLETE: &str = ".rigger-complete";
+
 /// A venv per distinct requirements file (named by its hash), made with the system Python so
 /// that service users can run it, shared by every release and environment that needs it.
-pub async fn ensure_venv(paths: &EnvPaths, requirements: &Path) -> anyhow::Result<PathBuf> {
-    let text = std::fs::read(requirements).with_context(|| {
+///
+/// `requirements` is relative to `app` (the release's copy of the app, as
+/// `project.requirements` is relative to `app_path`) and must stay inside it, links
+/// resolved. The venv is built by the build user ([`build_user_name`], when rigger is root),
+/// under an exclusive lock per requirements hash so that two environments or processes never
+/// build the same venv at once, then made root's and read-only.
+pub async fn ensure_venv(
+    paths: &EnvPaths,
+    app: &Path,
+    requirements: &Path,
+) -> anyhow::Result<PathBuf> {
+    let requirements = confined_requirements(app, requirements)?;
+    let text = std::fs::read(&requirements).with_context(|| {
         format!(
             "reading the app's requirements {} (project.requirements)",
             requirements.display()
         )
     })?;
-    let venv = paths.venvs().join(format!("{:016x}", fnv1a(&text)));
-    let stamp = venv.join(".rigger-complete");
-    if stamp.exists() {
+    let hash = format!("{:016x}", fnv1a(&text));
+    let venv = paths.venvs().join(&hash);
+    if is_complete(&venv) {
         return Ok(venv);
     }
-    std::fs::create_dir_all(paths.venvs())?;
-    std::fs::set_permissions(paths.venvs(), std::fs::Permissions::from_mode(0o755))?;
+    let venvs = crate::safe_fs::Dir::create(&paths.venvs())?;
+    venvs.set_owner_and_mode(None, 0o755)?;
+    let _lock = lock(paths.venvs().join(format!(".{hash}.lock"))).await?;
+    // Built by another rigger while this one waited for the lock.
+    if is_complete(&venv) {
+        return Ok(venv);
+    }
+    let builder = build_user().await?;
+    let home = paths.venvs().join(".build-home");
+    let owner = builder.as_ref().map(|user| (user.uid, user.gid));
+    // pip keeps its cache in the builder's home: the only place the builder can write.
+    crate::safe_fs::Dir::create(&home)?.set_owner_and_mode(owner, 0o700)?;
     let log = paths.venvs().join("install.log");
     let venv_s = venv.display().to_string();
-    let _ = std::fs::remove_dir_all(&venv);
+    match std::fs::remove_dir_all(&venv) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing the incomplete venv {venv_s}"));
+        }
+        _ => {}
+    }
+    crate::safe_fs::Dir::create(&venv)?.set_owner_and_mode(owner, 0o755)?;
     tracing::info!(venv = %venv.display(), "creating the app's venv");
+    let as_builder = |command: Command| {
+        let command = command.env("HOME", home.display().to_string()).cwd(app);
+        match &builder {
+            Some(user) => command.user(user.name.clone()),
+            None => command,
+        }
+    };
     run_command(
-        &Command::new("/usr/bin/python3").args(["-m", "venv", &venv_s]),
+        &as_builder(Command::new("/usr/bin/python3").args(["-m", "venv", &venv_s])),
         None,
         &log,
     )
     .await
     .context("creating the app's venv (is python3-venv installed? scripts/install-packages.sh)")?;
     let pip = venv.join("bin/pip").display().to_string();
-    let install = Command::new(pip)
-        .args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "-r",
-            &requirements.display().to_string(),
-        ])
-        // pip needs a writable HOME for its cache; the invoking user's is fine.
-        .env(
-            "HOME",
-            std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
-        );
-    run_command(&install, None, &log).await.with_context(|| {
+    let install = Command::new(pip).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-r",
+        &requirements.display().to_string(),
+    ]);
+    run_command(&as_builder(install), None, &log)
+        .await
+        .with_context(|| {
+            format!(
+                "installing {} into the venv (log: {})",
+                requirements.display(),
+                log.display()
+            )
+        })?;
+    if builder.is_some() {
+        // Root's from now on: neither the builder nor a service user can change what the app
+        // runs. `chown -R` does not follow links (it changes the links themselves), `chmod -R`
+        // skips them.
+        for command in [
+            Command::new("chown").args(["-R", "0:0", &venv_s]),
+            Command::new("chmod").args(["-R", "go-w", &venv_s]),
+        ] {
+            run_command(&command, None, &log).await?;
+        }
+    }
+    std::fs::write(venv.join(VENV_COMPLETE), b"")?;
+    Ok(venv)
+}
+
+/// `requirements` resolved against `app`, links included, refused unless it is a file
+/// inside `app`: a link in the app's tree must not make rigger install from elsewhere.
+pub fn confined_requirements(app: &Path, requirements: &Path) -> anyhow::Result<PathBuf> {
+    let tree = app
+        .canonicalize()
+        .with_context(|| format!("reading the app's tree {}", app.display()))?;
+    let given = app.join(requirements);
+    let real = given.canonicalize().with_context(|| {
         format!(
-            "installing {} into the venv (log: {})",
-            requirements.display(),
-            log.display()
+            "reading the app's requirements {} (project.requirements)",
+            given.display()
         )
     })?;
-    std::fs::write(&stamp, b"")?;
-    Ok(venv)
+    if !real.starts_with(&tree) {
+        bail!(
+            "the app's requirements {} lead outside the app ({}, through a link or `..`);              project.requirements must name a file inside app_path",
+            given.display(),
+            real.display()
+        );
+    }
+    if !real.is_file() {
+        bail!(
+            "the app's requirements {} is not a file (project.requirements)",
+            given.display()
+        );
+    }
+    Ok(real)
+}
+
+/// A venv is complete once rigger marked it so after making it its own: the directory and
+/// the mark are root's (rigger's), and nobody else can write the directory. A build cut short
+/// leaves the venv the builder's, so it is built again.
+fn is_complete(venv: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = std::fs::symlink_metadata(venv);
+    let mark = std::fs::symlink_metadata(venv.join(VENV_COMPLETE));
+    dir.is_ok_and(|m| m.is_dir() && crate::safe_fs::only_trusted_can_write_mode(m.uid(), m.mode()))
+        && mark.is_ok_and(|m| m.is_file() && crate::safe_fs::is_trusted_owner(m.uid()))
+}
+
+/// Takes the exclusive `flock` on `path` (created 0600), waiting for its holder; released
+/// when the returned value is dropped, or by the kernel when the process dies.
+async fn lock(path: PathBuf) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&path)
+            .with_context(|| format!("opening the lock {}", path.display()))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| errno)
+            .with_context(|| format!("locking {}", path.display()))
+    })
+    .await?
+}
+
+/// The build user ([`build_user_name`]) when rigger is root (created if missing), `None`
+/// otherwise: an unprivileged rigger builds as itself.
+async fn build_user() -> anyhow::Result<Option<nix::unistd::User>> {
+    if !crate::apply::is_root() {
+        return Ok(None);
+    }
+    let name = build_user_name();
+    let find = || nix::unistd::User::from_name(&name).context("looking up the build user");
+    if let Some(user) = find()? {
+        return Ok(Some(user));
+    }
+    // One creation at a time on the machine: builds of different venvs, or of environments
+    // with different state directories, may start together, and concurrent `useradd`s do
+    // not mix well. /run is root's alone.
+    let _lock = lock(PathBuf::from("/run/rigger-build-user.lock")).await?;
+    if let Some(user) = find()? {
+        return Ok(Some(user));
+    }
+    let created = tokio::process::Command::new("useradd")
+        .args(["--system", "--user-group", "--no-create-home"])
+        .args(["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"])
+        .arg(&name)
+        .output()
+        .await
+        .context("running useradd")?;
+    match find()? {
+        Some(user) => Ok(Some(user)),
+        None => bail!(
+            "creating the user `{name}`, which builds the app's venvs, failed: {}; create it \
+             with `useradd --system --user-group --no-create-home --shell /usr/sbin/nologin \
+             {name}`",
+            String::from_utf8_lossy(&created.stderr).trim()
+        ),
+    }
+}
+
+/// `pip freeze` of `venv`, run as the build user: it runs code the app's dependencies
+/// installed (`.pth` files), which root never runs.
+async fn pip_freeze(venv: &Path) -> anyhow::Result<Vec<u8>> {
+    let builder = build_user_name();
+    let user = crate::apply::is_root().then_some(builder.as_str());
+    let env = std::collections::BTreeMap::from([("HOME".to_owned(), "/nonexistent".to_owned())]);
+    let args = ["freeze", "--disable-pip-version-check"].map(String::from);
+    let output = crate::process::command("pip freeze", &venv.join("bin/pip"), &args, &env, user)?
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("running pip freeze")?;
+    if !output.status.success() {
+        bail!(
+            "pip freeze in {} failed: {}",
+            venv.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output.stdout)
 }
 
 /// 64-bit FNV-1a: names a venv by its requirements; not a security boundary.

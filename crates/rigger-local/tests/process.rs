@@ -248,6 +248,91 @@ async fn stop_leftovers_stops_what_a_crashed_supervisor_left() {
     assert_eq!(left, vec![state.join("notes.txt")]);
 }
 
+/// A directory a service user can write: anyone can (mode 0777); as root, it also belongs to
+/// `nobody`, as Celery's run directory belongs to www-data.
+fn service_dir(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::create_dir_all(path).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o777)).unwrap();
+    if geteuid().is_root() {
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        nix::unistd::chown(path, Some(nobody.uid), Some(nobody.gid)).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_record_planted_where_a_service_user_writes_is_never_signalled() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut cleanup = Cleanup::default();
+    // Any process of the machine (sshd, say): what a service user would like root to kill.
+    let mut victim = spec(dir.path(), "victim", "sleep", &["1000"]);
+    victim.pid_path = dir.path().join("elsewhere/victim.pid");
+    let victim = spawn(&victim).await.unwrap();
+    cleanup.add(victim.record());
+    let record = serde_json::to_string(&victim.record()).unwrap();
+    // The service's own run directory, inside the state directory rigger walks.
+    let run = state.join("servers/worker-1/run/celery");
+    service_dir(&run);
+    fs::write(run.join("beat.pid"), &record).unwrap();
+    // A record in root's own directory, but a file that is not root's (as root only: a
+    // file of another user).
+    let pids = state.join("servers/worker-1/pids");
+    fs::create_dir_all(&pids).unwrap();
+    fs::write(pids.join("planted.pid"), &record).unwrap();
+    if geteuid().is_root() {
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        nix::unistd::chown(&pids.join("planted.pid"), Some(nobody.uid), None).unwrap();
+    } else {
+        fs::remove_file(pids.join("planted.pid")).unwrap();
+    }
+
+    assert_eq!(process::live_records(&state), Vec::<PidRecord>::new());
+    let stopped = stop_leftovers(&state, Duration::from_secs(5)).await;
+    assert!(
+        stopped
+            .iter()
+            .all(|(_, outcome)| *outcome == StopOutcome::NotRunning),
+        "{stopped:?}"
+    );
+    assert!(
+        victim.record().is_alive(),
+        "root signalled a planted record"
+    );
+    assert!(
+        run.join("beat.pid").exists(),
+        "root removed a service's file"
+    );
+}
+
+#[tokio::test]
+async fn pid_files_are_kept_only_where_nobody_else_can_write() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup::default();
+    let open = dir.path().join("open");
+    service_dir(&open);
+    let mut unsafe_spec = spec(dir.path(), "unsafe", "sleep", &["1000"]);
+    unsafe_spec.pid_path = open.join("pids/sleep.pid");
+    match spawn(&unsafe_spec).await {
+        Err(ProcessError::CreateDir { source, .. }) => {
+            assert!(source.to_string().contains("can be written"), "{source}");
+        }
+        Err(other) => panic!("unexpected error: {other}"),
+        Ok(started) => {
+            cleanup.add(started.record());
+            panic!("a pid file was written where other users can write");
+        }
+    }
+
+    let spec = spec(dir.path(), "web-1/sleep", "sleep", &["1000"]);
+    let sleep = spawn(&spec).await.unwrap();
+    cleanup.add(sleep.record());
+    let pid_dir = spec.pid_path.parent().unwrap();
+    assert_eq!(fs::metadata(pid_dir).unwrap().mode() & 0o7777, 0o700);
+    assert_eq!(fs::metadata(&spec.pid_path).unwrap().mode() & 0o7777, 0o600);
+}
+
 #[tokio::test]
 async fn a_user_process_runs_with_that_users_ids() {
     if !geteuid().is_root() {

@@ -159,7 +159,10 @@ mod tests {
             r#"/bin/sh -c 'set -a && . "$1" && set +a && shift && exec "$@"' rigger-env /srv/app.env /srv/venv/bin/python manage.py migrate"#
         );
         assert_eq!(command.user.as_deref(), Some("www-data"));
-        assert_eq!(command.cwd.as_deref(), Some(std::path::Path::new("/srv/app")));
+        assert_eq!(
+            command.cwd.as_deref(),
+            Some(std::path::Path::new("/srv/app"))
+        );
     }
 
     #[test]

@@ -75,6 +75,10 @@ pub struct ServiceUsers {
     pub haproxy: String,
     pub pgbouncer: String,
     pub stunnel: String,
+    /// Builds the app's venv (pip runs the dependencies' build code): never root, never a
+    /// service user, and owning nothing once a build ends (the venv is then root's). Not a
+    /// Debian package's user: rigger creates it.
+    pub build: String,
 }
 
 /// Absolute paths of the programs recipes run.
@@ -245,10 +249,11 @@ impl ServiceUsers {
             haproxy: "haproxy".into(),
             pgbouncer: "postgres".into(),
             stunnel: "stunnel4".into(),
+            build: "rigger-build".into(),
         }
     }
 
-    pub(crate) fn named(&self) -> [(&'static str, &str); 7] {
+    pub(crate) fn named(&self) -> [(&'static str, &str); 8] {
         [
             ("users.postgres", &self.postgres),
             ("users.www", &self.www),
@@ -257,6 +262,7 @@ impl ServiceUsers {
             ("users.haproxy", &self.haproxy),
             ("users.pgbouncer", &self.pgbouncer),
             ("users.stunnel", &self.stunnel),
+            ("users.build", &self.build),
         ]
     }
 }

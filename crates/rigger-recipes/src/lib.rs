@@ -18,9 +18,10 @@
 //!
 //! # Rules every recipe follows
 //! - **Secrets only in files.** Secret values ([`Secret`]) appear only in [`FileSpec`]s with
-//!   `contains_secret` and mode 0600, never in a [`Command`]'s arguments or environment: the
-//!   app gets its settings from an `EnvironmentFile` ([`ServiceSpec::env_file`], format in
-//!   [`envfile`]), PgBouncer from its `auth_file`, replicas from a libpq passfile.
+//!   `contains_secret` and mode 0600 (or 0640, root's, for a file root reads too: the app's
+//!   environment), never in a [`Command`]'s arguments or environment: the app gets its
+//!   settings from an `EnvironmentFile` ([`ServiceSpec::env_file`], format in [`envfile`]),
+//!   PgBouncer from its `auth_file`, replicas from a libpq passfile.
 //! - **Foreground services.** No service daemonizes; the supervisor's child is the service.
 //!   Readiness is a probe (a port, a TLS handshake, `pg_isready`, `rabbitmqctl await_startup`),
 //!   never a sleep.
@@ -40,7 +41,7 @@
 //! provider can give each server its own loopback address.
 //!
 //! # Choices, and why
-//! - **App environment through `env_file`.** `app.env` (0600, the www user's) is named in
+//! - **App environment through `env_file`.** `app.env` (0640, root's, group www) is named in
 //!   [`ServiceSpec::env_file`]: systemd loads it with `EnvironmentFile=`, rigger's supervisor
 //!   with [`envfile::parse`], which reads exactly the syntax [`envfile`] writes. An `env`
 //!   wrapper could not read a file, and a wrapper script would hide the command line.

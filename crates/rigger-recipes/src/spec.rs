@@ -43,10 +43,11 @@ pub struct FileSpec {
     pub contents: String,
     /// Permission bits, e.g. `0o600`.
     pub mode: u32,
-    /// User name; the group is the user's group of the same name.
+    /// User name, or `user:group`; without a group, the user's group of the same name.
     pub owner: String,
-    /// The contents include a secret value. Such files have mode 0600; a provider must not
-    /// log or display their contents, and may replace placeholders in them (AWS).
+    /// The contents include a secret value. Such files have mode 0600 (or 0640, owned by
+    /// root and readable by one group); a provider must not log or display their contents,
+    /// and may replace placeholders in them (AWS).
     pub contains_secret: bool,
 }
 

@@ -118,8 +118,52 @@ fn secrets_appear_only_in_secret_files_of_mode_0600() {
                 );
             }
             if file.contains_secret {
-                assert_eq!(file.mode, 0o600, "{}", file.path.display());
+                // Private to its owner, or root's and readable by one group only.
+                let root_and_group = file.owner.starts_with("root:") && file.mode == 0o640;
+                assert!(
+                    file.mode == 0o600 || root_and_group,
+                    "{}: {:04o} {}",
+                    file.path.display(),
+                    file.mode,
+                    file.owner
+                );
             }
+        }
+    }
+}
+
+/// Root writes every file of a recipe (and runs the steps without a user), so no such write
+/// lands in a directory a service user owns: there, the user could swap the name for a link
+/// between two of root's calls and have root write or chown something else.
+#[test]
+fn root_writes_only_into_directories_root_owns() {
+    for ctx in all_contexts() {
+        let recipe = render_server(&ctx).unwrap();
+        // The recipe's own directories; the layout's other directories are root's.
+        let owner_of = |path: &Path| {
+            recipe
+                .dirs
+                .iter()
+                .find(|d| d.path == path)
+                .map_or("root", |d| d.owner.as_str())
+        };
+        let mut written: Vec<&Path> = recipe.files.iter().map(|f| f.path.as_path()).collect();
+        // Steps run as root that copy a file: the destination is their last argument.
+        for step in &recipe.steps {
+            if step.command.user.is_none() && step.command.program.ends_with("/install") {
+                written.push(Path::new(step.command.args.last().unwrap()));
+            }
+        }
+        for path in written {
+            let dir = path.parent().unwrap();
+            assert_eq!(
+                owner_of(dir),
+                "root",
+                "{}: root writes {} into {}, which a service user owns",
+                ctx.server_id,
+                path.display(),
+                dir.display()
+            );
         }
     }
 }
@@ -218,7 +262,8 @@ fn app_env_file_follows_the_contract() {
     let env_path = ctx.layout.etc("app").join("app.env");
     let file = recipe.file(&env_path).unwrap();
     assert!(file.contains_secret);
-    assert_eq!((file.mode, file.owner.as_str()), (0o600, "www-data"));
+    // Readable by the app, which cannot rewrite it: root reads it.
+    assert_eq!((file.mode, file.owner.as_str()), (0o640, "root:www-data"));
     let vars = envfile::parse(&file.contents).unwrap();
     let contract = include_str!("../../../docs/app-contract.md");
     let documented: Vec<&str> = contract

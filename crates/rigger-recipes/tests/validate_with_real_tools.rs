@@ -581,8 +581,9 @@ fn is_root() -> bool {
     root
 }
 
-/// Gives `path` to `user` and the user's primary group (when running as root).
-fn chown(path: &Path, user: &str) {
+/// Gives `path` to `owner` (a user, or `user:group`) and, without a group, the user's
+/// primary group (when running as root).
+fn chown(path: &Path, owner: &str) {
     if std::fs::metadata("/proc/self")
         .map(|m| m.uid())
         .unwrap_or(1)
@@ -590,12 +591,22 @@ fn chown(path: &Path, user: &str) {
     {
         return;
     }
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
-    let entry = passwd
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| f[0] == user)
-        .unwrap_or_else(|| panic!("no user {user}"));
-    let (uid, gid) = (entry[2].parse().unwrap(), entry[3].parse().unwrap());
+    let entry = |file: &str, name: &str| -> Vec<String> {
+        std::fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .map(|l| l.split(':').map(str::to_owned).collect::<Vec<_>>())
+            .find(|f| f[0] == name)
+            .unwrap_or_else(|| panic!("no {name} in {file}"))
+    };
+    let (user, group) = owner
+        .split_once(':')
+        .map_or((owner, None), |(u, g)| (u, Some(g)));
+    let passwd = entry("/etc/passwd", user);
+    let uid = passwd[2].parse().unwrap();
+    let gid = match group {
+        Some(group) => entry("/etc/group", group)[2].parse().unwrap(),
+        None => passwd[3].parse().unwrap(),
+    };
     std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
 }

@@ -194,7 +194,9 @@ fn common(b: &mut Builder) -> Result<(), RenderError> {
     b.dir(l.home(&u.www), 0o755, &u.www);
     let vars = app_env_vars(b);
     let env = b.template("app.env", context! { vars })?;
-    b.secret_file(env_file_path(b), env, &u.www);
+    // Root's, readable by the app: root reads it (systemd, rigger's supervisor), so the app
+    // must not be able to rewrite it.
+    b.secret_file_readable_by(env_file_path(b), env, &u.www);
 
     // Databases: the primary, then replica N at stunnel_base + N.
     #[derive(Serialize)]

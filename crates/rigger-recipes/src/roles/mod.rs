@@ -108,6 +108,18 @@ impl<'a> Builder<'a> {
         });
     }
 
+    /// A file holding a secret that a service reads and root writes and reads: root's, mode
+    /// 0640, readable by `group`. The service cannot rewrite what root later reads.
+    pub fn secret_file_readable_by(&mut self, path: PathBuf, contents: String, group: &str) {
+        self.recipe.files.push(FileSpec {
+            path,
+            contents,
+            mode: 0o640,
+            owner: format!("root:{group}"),
+            contains_secret: true,
+        });
+    }
+
     /// Adds a service, and the directory of its log file: root's, which every service user
     /// may traverse (to its own log subdirectory, mode 0700) but not list. The runner creates
     /// each service's output log in it with mode 0600.

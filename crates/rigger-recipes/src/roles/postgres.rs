@@ -145,7 +145,9 @@ pub fn slot_name(server_id: &str) -> String {
 fn dirs(b: &mut Builder) {
     let l = b.layout();
     let pg = &l.users.postgres;
-    b.dir(l.etc("postgresql"), 0o755, pg);
+    // Root's: root writes the configuration and copies the key here, so postgres must not be
+    // able to swap a name in it for a link (it reads its files, owns none of the entries).
+    b.dir(l.etc("postgresql"), 0o755, "root");
     b.dir(l.data("postgresql"), 0o700, pg);
     b.dir(l.run("postgresql"), 0o755, pg);
     b.dir(l.home(pg), 0o700, pg);
