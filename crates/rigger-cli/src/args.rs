@@ -303,7 +303,4 @@ pub struct SshArgs {
     /// The server's id, e.g. `web-1` (`rigger status` lists them).
     #[arg(value_name = "SERVER")]
     pub server: String,
-    /// Forget the server's recorded host key (after it was rebuilt) instead of connecting.
-    #[arg(long)]
-    pub forget_host_key: bool,
 }

@@ -319,10 +319,6 @@ fn ssh_opens_a_shell_in_the_server_directory() {
         text(&out.stdout),
         format!("web-2 {}\n", env.root().join("servers/web-2").display())
     );
-
-    let out = env.rigger(&["ssh", "web-2", "--forget-host-key"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("web-2 is a local server, reached without SSH"));
 }
 
 #[test]
@@ -341,19 +337,40 @@ fn commands_on_a_stopped_environment_say_how_to_start_it() {
 #[path = "../../rigger-aws/tests/common/mod.rs"]
 mod moto;
 
-/// `rigger exec --list` against the AWS emulator: an environment brought up there, listed
-/// with how each server would be reached, first at public addresses, then through a bastion.
-/// Nothing connects: moto's addresses are fake and must never be dialled.
+/// A server's SSH host key, as its user-data publishes it.
+const HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIgKJC2VezGCTLU08GeruvaGyF60q4hSSIfqjAx6IhNr";
+
+/// `rigger exec --list` against the AWS emulator: an environment brought up there, its servers
+/// publishing their host keys as their user-data does (but worker-1, still booting), listed
+/// with how each server would be reached, first at public addresses, then through a bastion;
+/// then a terminated server's keys are deleted. Nothing connects: moto's addresses are fake
+/// and must never be dialled.
 #[test]
 fn exec_list_shows_how_each_aws_server_is_reached_without_connecting() {
     let moto = moto::Moto::start();
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    let config = moto::config(&moto::config_text("", 2, "t3.small"));
+    let provider = runtime.block_on(moto::provider(&moto, config));
     let servers = runtime.block_on(async {
-        let config = moto::config(&moto::config_text("", 2, "t3.small"));
-        let provider = moto::provider(&moto, config).await;
         provider.up(moto::RELEASE, &moto::quiet).await.unwrap();
+        for server in provider.servers().await.unwrap() {
+            if server.id != "worker-1" {
+                publish_host_key(&provider, &server.instance_id).await;
+            }
+        }
         provider.servers().await.unwrap()
     });
+    let published = |id: &str| {
+        servers
+            .iter()
+            .find(|s| s.id == id)
+            .unwrap()
+            .host_keys
+            .clone()
+    };
+    assert_eq!(published("web-1").as_deref(), Some(HOST_KEY));
+    assert_eq!(published("worker-1"), None);
     let address = |id: &str, public: bool| {
         let server = servers.iter().find(|s| s.id == id).unwrap();
         let address = if public {
@@ -364,6 +381,10 @@ fn exec_list_shows_how_each_aws_server_is_reached_without_connecting() {
         address.clone().unwrap_or_else(|| "none".into())
     };
     let dir = tempfile::tempdir().unwrap();
+    // Keys pinned for a server that is gone are removed whenever the servers are listed.
+    let pinned = dir.path().join("state/shop/prod/ssh/pinned");
+    std::fs::create_dir_all(&pinned).unwrap();
+    std::fs::write(pinned.join("i-0gone"), format!("i-0gone {HOST_KEY}\n")).unwrap();
     let list = |extra: &str| {
         std::fs::write(
             dir.path().join("rigger.toml"),
@@ -391,6 +412,18 @@ fn exec_list_shows_how_each_aws_server_is_reached_without_connecting() {
 
     // Group servers get a public address; stand-alone servers sit on their own network
     // interface, which has none, so they need a bastion.
+    let unpublished = format!(
+        "worker-1 worker in_service unreachable (it has not published its SSH host keys (SSM \
+         parameter /shop/prod/hostkeys/{}), so rigger cannot tell it from an impostor: a server \
+         publishes them early in its first boot, so wait until `rigger status` shows it in \
+         service; one launched before rigger pinned host keys never will: replace it (`rigger \
+         deploy` replaces group servers))",
+        servers
+            .iter()
+            .find(|s| s.id == "worker-1")
+            .unwrap()
+            .instance_id
+    );
     let no_route = "unreachable (it has no public address, and there is no bastion; to reach \
                     servers at their private addresses, name a jump host in their VPC in \
                     `[environments.prod]`: `bastion = \"user@host\"`)";
@@ -405,16 +438,17 @@ fn exec_list_shows_how_each_aws_server_is_reached_without_connecting() {
                 "web-2 web in_service ssh admin@{}:22",
                 address("web-2", true)
             ),
-            format!(
-                "worker-1 worker in_service ssh admin@{}:22",
-                address("worker-1", true)
-            ),
+            unpublished.clone(),
             format!("cache cache,queue in_service {no_route}"),
             format!("db-primary db-primary in_service {no_route}"),
             format!("db-replica1 db-replica in_service {no_route}"),
         ]
     );
     assert!(address("web-1", true).parse::<std::net::Ipv4Addr>().is_ok());
+    assert!(
+        !pinned.join("i-0gone").exists(),
+        "a gone server's keys stayed pinned"
+    );
 
     let via = "via ops@bastion.example.com:2200";
     let behind = |id: &str, roles: &str| {
@@ -430,12 +464,41 @@ fn exec_list_shows_how_each_aws_server_is_reached_without_connecting() {
         [
             behind("web-1", "web"),
             behind("web-2", "web"),
-            behind("worker-1", "worker"),
+            unpublished,
             behind("cache", "cache,queue"),
             behind("db-primary", "db-primary"),
             behind("db-replica1", "db-replica"),
         ]
     );
+
+    // A server terminated (by scaling, by hand) takes its published keys with it at the next
+    // sweep; the others keep theirs.
+    let replica = servers.iter().find(|s| s.id == "db-replica1").unwrap();
+    runtime.block_on(async {
+        provider
+            .clients
+            .ec2
+            .terminate_instances()
+            .instance_ids(&replica.instance_id)
+            .send()
+            .await
+            .unwrap();
+        provider.status().await.unwrap();
+        let left = rigger_aws::hostkeys::published(&provider.env, &provider.clients)
+            .await
+            .unwrap();
+        assert!(!left.contains_key(&replica.instance_id), "{left:?}");
+        let web = servers.iter().find(|s| s.id == "web-1").unwrap();
+        assert!(left.contains_key(&web.instance_id), "{left:?}");
+    });
+}
+
+/// Writes `instance`'s host key where its user-data would publish it.
+async fn publish_host_key(provider: &rigger_aws::Provider, instance: &str) {
+    let name = rigger_aws::hostkeys::parameter(&provider.env, instance);
+    rigger_aws::parameters::put(&provider.clients, &name, HOST_KEY)
+        .await
+        .unwrap();
 }
 
 /// Before asking AWS anything: a missing `ssh_identity` file, then missing credentials, each

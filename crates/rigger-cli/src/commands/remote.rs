@@ -172,50 +172,9 @@ pub(crate) fn logs(args: LogsArgs, settings: &Settings) -> Result<(), Failure> {
 }
 
 pub(crate) fn ssh(args: SshArgs, settings: &Settings) -> Result<(), Failure> {
-    let SshArgs {
-        server,
-        forget_host_key,
-    } = args;
+    let SshArgs { server } = args;
     let fleet = fleet(settings)?;
     let server = fleet.find(&server)?;
-    if forget_host_key {
-        if let Some(transport) = &server.ssh
-            && let HostKeyCheck::Pinned(pinned) = &transport.target().host_keys
-        {
-            return Err(Failure::Usage(anyhow!(
-                "the host keys of {} are pinned to the ones it published ({}); there is no \
-                 recorded key to forget: a server that takes over its address has keys of its own",
-                server.id,
-                pinned.source()
-            )));
-        }
-        let Some(transport) = &server.ssh else {
-            let how = if server.layout.service_manager == ServiceManager::Rigger {
-                "is a local server, reached without SSH"
-            } else {
-                "has no address rigger can reach over SSH"
-            };
-            return Err(Failure::Usage(anyhow!(
-                "{} {how}: it has no host key to forget",
-                server.id
-            )));
-        };
-        let forgotten = runtime()?
-            .block_on(transport.forget_host_key())
-            .map_err(|e| Failure::Operation(e.into()))?;
-        say(
-            settings,
-            &if forgotten {
-                format!(
-                    "forgot the host key of {}; the next connection records the key it shows",
-                    server.id
-                )
-            } else {
-                format!("no host key of {} was recorded", server.id)
-            },
-        );
-        return Ok(());
-    }
     let status = interact(server, None)?;
     // ssh's own failures are 255; a shell's last status is the user's business.
     if server.ssh.is_some() && status == ExitStatus::Code(255) {
@@ -743,9 +702,9 @@ fn ssh_settings(project: &str, environment: &str) -> SshSettings {
         let short: String = name.chars().take(40).collect();
         control_dir = std::env::temp_dir().join(short);
     }
-    let mut settings = SshSettings::new(root.join("known_hosts"), control_dir);
-    settings.forget_hint = Some(format!("rigger ssh -e {environment} --forget-host-key"));
-    settings
+    // No forget hint: the only recorded keys are the bastion's, which `ssh-keygen -R` forgets
+    // (servers' keys are pinned, with nothing to forget).
+    SshSettings::new(root.join("known_hosts"), control_dir)
 }
 
 /// The fleet of a provider whose servers are systemd hosts reached over SSH (AWS), in the
@@ -1218,10 +1177,7 @@ mod tests {
                 .known_hosts
                 .ends_with("p".repeat(60) + "/production/ssh/known_hosts")
         );
-        assert_eq!(
-            settings.forget_hint.as_deref(),
-            Some("rigger ssh -e production --forget-host-key")
-        );
+        assert_eq!(settings.forget_hint, None);
     }
 }
 
