@@ -485,9 +485,10 @@ impl LockKeeper {
                         }
                     };
                     if release {
-                        let kept = keeping.lock().unwrap_or_else(|e| e.into_inner());
-                        let (held, lost) = (kept.held.clone(), kept.lost.is_some());
-                        drop(kept);
+                        let (held, lost) = {
+                            let kept = keeping.lock().unwrap_or_else(|e| e.into_inner());
+                            (kept.held.clone(), kept.lost.is_some())
+                        };
                         let result = if lost {
                             Ok(false)
                         } else {
