@@ -652,14 +652,16 @@ async fn template_data(
     let role = role_of(resource);
     let release = text(resource, "release").unwrap_or(&ctx.topology.release);
     let context = ctx.env.context(ctx.network, &[role], None, release);
-    let user_data = userdata::user_data(ctx.env, &context).map_err(|problem| {
-        AwsError::precondition(
-            "CreateLaunchTemplate",
-            &resource.id.name,
-            problem,
-            "this is a bug in rigger's recipes or user-data; please report it",
-        )
-    })?;
+    let user_data = userdata::user_data(ctx.env, &context, &userdata::DataVolume::Mapped).map_err(
+        |problem| {
+            AwsError::precondition(
+                "CreateLaunchTemplate",
+                &resource.id.name,
+                problem,
+                "this is a bug in rigger's recipes or user-data; please report it",
+            )
+        },
+    )?;
     let groups = desired_set(resource, "security_groups")
         .iter()
         .map(|name| ctx.sg_id(name))
@@ -885,14 +887,16 @@ async fn create_launch_configuration(ctx: &Ctx<'_>, resource: &Resource) -> Resu
         );
     }
     let context = ctx.env.context(ctx.network, &[role], None, release);
-    let user_data = userdata::user_data(ctx.env, &context).map_err(|problem| {
-        AwsError::precondition(
-            "CreateLaunchConfiguration",
-            name,
-            problem,
-            "this is a bug in rigger's recipes or user-data; please report it",
-        )
-    })?;
+    let user_data = userdata::user_data(ctx.env, &context, &userdata::DataVolume::Mapped).map_err(
+        |problem| {
+            AwsError::precondition(
+                "CreateLaunchConfiguration",
+                name,
+                problem,
+                "this is a bug in rigger's recipes or user-data; please report it",
+            )
+        },
+    )?;
     let groups = desired_set(resource, "security_groups")
         .iter()
         .map(|group| ctx.sg_id(group))
@@ -1515,7 +1519,14 @@ async fn create_server(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsErro
         Some(&server),
         &ctx.topology.release,
     );
-    let user_data = userdata::user_data(ctx.env, &context).map_err(|problem| {
+    // The volume rigger attaches after launch: the server finds it by this id.
+    let volume = data_volume_id(ctx, resource, "RunInstances")?;
+    let user_data = userdata::user_data(
+        ctx.env,
+        &context,
+        &userdata::DataVolume::Attached(volume.clone()),
+    )
+    .map_err(|problem| {
         AwsError::precondition(
             "RunInstances",
             name,
@@ -1588,9 +1599,7 @@ async fn create_server(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsErro
         .unwrap_or_default()
         .to_owned();
     wait_instance_state(ctx, name, &id, ec2::InstanceStateName::Running).await?;
-    if let Some(volume) = text(resource, "data_volume") {
-        attach_volume(ctx, name, &id, volume).await?;
-    }
+    attach_volume(ctx, name, &id, &volume).await?;
     Ok(())
 }
 
@@ -1695,35 +1704,46 @@ pub async fn delete_orphan_interface(
     }
 }
 
-async fn attach_volume(
+/// The id of the data volume of stand-alone server `resource` (its `data_volume`), created
+/// by an earlier step; `operation` names the call that needs it in errors.
+fn data_volume_id(
     ctx: &Ctx<'_>,
-    server: &str,
-    instance: &str,
-    volume: &str,
-) -> Result<(), AwsError> {
-    let volume_id = ctx
-        .volumes
+    resource: &Resource,
+    operation: &'static str,
+) -> Result<String, AwsError> {
+    let volume = text(resource, "data_volume").unwrap_or_default();
+    ctx.volumes
         .lock()
         .expect("not poisoned")
         .get(volume)
         .cloned()
         .ok_or_else(|| {
             AwsError::precondition(
-                "AttachVolume",
-                volume,
-                "the volume does not exist",
+                operation,
+                &resource.id.name,
+                format!("its data volume {volume} does not exist"),
                 "run `rigger up` again: the volume is created by an earlier step",
             )
-        })?;
+        })
+}
+
+/// Attaches the data volume whose id is `volume_id` to `instance`, the stand-alone server
+/// `server`, at the device the boot script looks for on Xen instances.
+async fn attach_volume(
+    ctx: &Ctx<'_>,
+    server: &str,
+    instance: &str,
+    volume_id: &str,
+) -> Result<(), AwsError> {
     ctx.clients
         .ec2
         .attach_volume()
-        .volume_id(&volume_id)
+        .volume_id(volume_id)
         .instance_id(instance)
         .device(DATA_DEVICE)
         .send()
         .await
-        .op("AttachVolume", format!("{volume} to {server}"))?;
+        .op("AttachVolume", format!("{volume_id} to {server}"))?;
     Ok(())
 }
 
@@ -1844,7 +1864,8 @@ async fn update_server(
             .volume(volume)
             .is_some_and(|v| v.attached_to.as_deref() == Some(instance.id.as_str()));
         if !attached {
-            attach_volume(ctx, name, &instance.id, volume).await?;
+            let volume_id = data_volume_id(ctx, resource, "AttachVolume")?;
+            attach_volume(ctx, name, &instance.id, &volume_id).await?;
         }
     }
     if let Some(profile) = text(resource, "instance_profile")

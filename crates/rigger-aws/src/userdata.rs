@@ -9,6 +9,11 @@
 //! secrets), runs the before-start steps, starts the units, waits for each service's
 //! readiness probe, and runs the after-start steps.
 //!
+//! Right after the packages, the server publishes its SSH host keys for rigger to pin
+//! ([`crate::hostkeys`]). Its data volume is only ever the EBS volume rigger attached, found
+//! by its id ([`DataVolume`], [`DATA_VOLUME_FUNCTIONS`]): never instance storage, never a disk
+//! holding something rigger did not make; every rigger unit requires its mount.
+//!
 //! Secrets are never in the script: the recipes get placeholders
 //! ([`crate::environment::secret_placeholder`]) and only files flagged `contains_secret` get
 //! them substituted, at boot, in memory. A group server's id and address are known only at
@@ -37,8 +42,12 @@ pub const MAX_USER_DATA: usize = 16 * 1024;
 const READY_SECONDS: u32 = 300;
 
 /// The base64 of the gzipped script, ready for RunInstances or a launch template.
-pub fn user_data(env: &AwsEnvironment, ctx: &ServerContext) -> Result<String, String> {
-    let text = script(env, ctx)?;
+pub fn user_data(
+    env: &AwsEnvironment,
+    ctx: &ServerContext,
+    volume: &DataVolume,
+) -> Result<String, String> {
+    let text = script(env, ctx, volume)?;
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     encoder
         .write_all(text.as_bytes())
@@ -93,8 +102,12 @@ const DEBIAN_UNITS: [&str; 7] = [
 ];
 
 /// Renders the whole recipe of the server described by `ctx` (every role, plus its
-/// certificate) into the boot script.
-pub fn script(env: &AwsEnvironment, ctx: &ServerContext) -> Result<String, String> {
+/// certificate) into the boot script, with `volume` as its data volume.
+pub fn script(
+    env: &AwsEnvironment,
+    ctx: &ServerContext,
+    volume: &DataVolume,
+) -> Result<String, String> {
     let recipe = rigger_recipes::render_server(ctx).map_err(|e| e.to_string())?;
     let pki = rigger_recipes::pki::server_cert(&ctx.layout, &ctx.server_id, ctx.address)
         .map_err(|e| e.to_string())?;
@@ -119,6 +132,7 @@ pub fn script(env: &AwsEnvironment, ctx: &ServerContext) -> Result<String, Strin
         "# Secrets are not in this script: they are read from SSM Parameter Store at boot."
     );
     w.push_str(PRELUDE);
+    w.push_str(DATA_VOLUME_FUNCTIONS);
     let _ = writeln!(w, "PARAMETERS={}", shell_quote(&env.parameter_prefix()));
     let _ = writeln!(w, "REGION={}", shell_quote(&env.aws().region));
     if group_server {
@@ -139,11 +153,24 @@ pub fn script(env: &AwsEnvironment, ctx: &ServerContext) -> Result<String, Strin
     let _ = writeln!(w, "for unit in {}; do", DEBIAN_UNITS.join(" "));
     w.push_str("  systemctl disable --now \"$unit\" >/dev/null 2>&1 || true\ndone\n");
 
-    let _ = writeln!(w, "\nlog 'mounting the data volume'");
+    // As soon as the AWS CLI is there: rigger reaches no server whose keys it cannot pin, and
+    // a server that fails later in its boot should still be reachable to be looked at.
+    let _ = writeln!(w, "\nlog 'publishing the SSH host keys'");
     let _ = writeln!(
         w,
-        "mount_data_volume {}",
-        q(&layout.data_dir.to_string_lossy())
+        "publish_host_keys || log 'warning: could not publish the SSH host keys: rigger will not reach this server'"
+    );
+
+    let _ = writeln!(w, "\nlog 'mounting the data volume'");
+    let volume_id = match volume {
+        DataVolume::Attached(id) => id.as_str(),
+        DataVolume::Mapped => "",
+    };
+    let _ = writeln!(
+        w,
+        "mount_data_volume {} {}",
+        q(&layout.data_dir.to_string_lossy()),
+        shell_quote(volume_id)
     );
 
     // Secrets and the CA, held in memory only.
@@ -205,6 +232,14 @@ pub fn script(env: &AwsEnvironment, ctx: &ServerContext) -> Result<String, Strin
     }
 
     let _ = writeln!(w, "\nlog 'starting the services'");
+    for service in &recipe.services {
+        let _ = writeln!(
+            w,
+            "needs_data_volume {} {}",
+            shell_quote(&rigger_recipes::unit_name(&service.name)),
+            q(&layout.data_dir.to_string_lossy())
+        );
+    }
     w.push_str("systemctl daemon-reload\nsystemd-tmpfiles --create\n");
     for service in &recipe.services {
         let unit = rigger_recipes::unit_name(&service.name);
@@ -311,25 +346,6 @@ install_packages() {
   rm -f /usr/sbin/policy-rc.d
 }
 
-# Finds the one disk without partitions that is not the root disk, formats it once, and
-# mounts it by label at $1 (also at every later boot).
-mount_data_volume() {
-  local target=$1 root device='' tries=0
-  root=$(lsblk -no PKNAME "$(findmnt -no SOURCE /)")
-  while [ -z "$device" ]; do
-    device=$(lsblk -dpno NAME,TYPE | awk -v root="/dev/$root" '$2 == "disk" && $1 != root { print $1; exit }')
-    if [ -z "$device" ]; then
-      tries=$((tries + 1))
-      [ "$tries" -lt 300 ] || die "no data volume attached"
-      sleep 1
-    fi
-  done
-  blkid "$device" >/dev/null || mkfs.ext4 -q -L rigger-data "$device"
-  install -d -m 0755 "$target"
-  grep -q '^LABEL=rigger-data ' /etc/fstab || printf 'LABEL=rigger-data %s ext4 defaults,nofail 0 2\n' "$target" >>/etc/fstab
-  mountpoint -q "$target" || mount "$target"
-}
-
 parameter() {
   aws ssm get-parameter --region "$REGION" --with-decryption --name "$PARAMETERS$1" --query Parameter.Value --output text
 }
@@ -342,6 +358,17 @@ replace_all() {
     rest=${rest#*"$2"}
   done
   REPLY=$out$rest
+}
+
+# publish_host_keys: this server's SSH host public keys, in the SSM parameter only its own
+# instance profile may write (hostkeys/<instance id>): rigger pins them instead of trusting
+# the first key it is shown.
+publish_host_keys() {
+  local id keys
+  id=$(imds instance-id)
+  keys=$(awk '{ print $1, $2 }' /etc/ssh/ssh_host_*_key.pub)
+  aws ssm put-parameter --region "$REGION" --name "${PARAMETERS}hostkeys/$id" --type String \
+    --overwrite --value "$keys" >/dev/null
 }
 
 # put_stdin PATH MODE OWNER: writes standard input to PATH atomically.
@@ -402,6 +429,116 @@ wait_ready() {
 
 tcp_open() { timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2"; }
 "#;
+
+/// The shell functions that find, check and mount the data volume (part of every script; the
+/// tests run them against a fake `/dev` tree, whose root is their first argument). Only the
+/// EBS volume rigger attached is ever formatted: on an instance type with instance storage,
+/// the "first other disk" may be ephemeral, and a stop/start would wipe the database.
+pub const DATA_VOLUME_FUNCTIONS: &str = r#"
+# data_device ROOT VOLUME ROOT_DISK: prints the data volume's device (under ROOT: '' on a
+# server), or nothing while it is not attached yet. VOLUME is the id of the EBS volume rigger
+# attached (a stand-alone server's), or '' for the one of a group server's launch template. On
+# Nitro instances an EBS volume is an NVMe disk whose serial is its id without the dash, linked
+# by udev as /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol...; instance storage has
+# another model name and is never chosen, nor is the root disk ROOT_DISK. Without such links
+# (Xen instances) the disk is named after the mapping: /dev/sdf is /dev/xvdf. Fails when two
+# disks could be it.
+data_device() {
+  local root=$1 serial=${2//-/} root_disk=$3 link name target found=''
+  if compgen -G "$root/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_*" >/dev/null; then
+    for link in "$root"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol*; do
+      name=${link##*/}
+      case $name in *-part*) continue ;; esac
+      if [ -n "$serial" ]; then
+        case $name in
+          "nvme-Amazon_Elastic_Block_Store_$serial" | "nvme-Amazon_Elastic_Block_Store_${serial}_"*) ;;
+          *) continue ;;
+        esac
+      fi
+      target=$(readlink -f "$link")
+      if [ ! -e "$target" ] || [ "$target" = "$root_disk" ] || [ "$target" = "$found" ]; then
+        continue
+      fi
+      if [ -n "$found" ]; then
+        log "error: two EBS disks could be the data volume: $found and $target"
+        return 1
+      fi
+      found=$target
+    done
+  elif [ -e "$root/dev/xvdf" ]; then
+    found=$root/dev/xvdf
+  fi
+  printf '%s' "$found"
+}
+
+# data_filesystem DEVICE: prints `empty` (nothing on it: format it) or `ours` (the ext4
+# filesystem labelled rigger-data rigger made on it); refuses anything else, or a device it
+# cannot probe: rigger formats nothing it did not make.
+data_filesystem() {
+  local probe status=0
+  # blkid says "nothing found" of a device it cannot open too.
+  if ! head -c 4096 "$1" >/dev/null 2>&1; then
+    log "error: cannot tell what $1 holds (it cannot be read): refusing to format it"
+    return 1
+  fi
+  probe=$(blkid -p -o export "$1") || status=$?
+  case $status in
+    2) echo empty ;;
+    0)
+      if grep -qx 'TYPE=ext4' <<<"$probe" && grep -qx 'LABEL=rigger-data' <<<"$probe"; then
+        echo ours
+      else
+        log "error: $1 holds $(grep -E '^(TYPE|PTTYPE|LABEL)=' <<<"$probe" | tr '\n' ' ')which rigger did not make: refusing to format or mount it as the data volume"
+        return 1
+      fi
+      ;;
+    *)
+      log "error: cannot tell what $1 holds (blkid exited $status): refusing to format it"
+      return 1
+      ;;
+  esac
+}
+
+# mount_data_volume TARGET VOLUME: waits (300 s at most) for the data volume (see
+# data_device), formats it if it is empty, and mounts it at TARGET by its filesystem's UUID,
+# also at every later boot (nofail: the server still boots to be repaired; the units that
+# need TARGET do not start without it, see needs_data_volume).
+mount_data_volume() {
+  local target=$1 volume=$2 root_disk device='' state uuid tries=0
+  root_disk=/dev/$(lsblk -no PKNAME "$(findmnt -no SOURCE /)")
+  while :; do
+    device=$(data_device '' "$volume" "$root_disk") || die "cannot tell which disk is the data volume"
+    [ -z "$device" ] || break
+    tries=$((tries + 1))
+    [ "$tries" -lt 300 ] || die "the data volume ${volume:-at /dev/sdf} is not attached after 300 s"
+    sleep 1
+  done
+  state=$(data_filesystem "$device") || die "$device is not the data volume rigger made"
+  [ "$state" = ours ] || mkfs.ext4 -q -L rigger-data "$device"
+  uuid=$(blkid -p -o value -s UUID "$device")
+  [ -n "$uuid" ] || die "$device has no filesystem UUID after formatting"
+  install -d -m 0755 "$target"
+  grep -q "^UUID=$uuid " /etc/fstab || printf 'UUID=%s %s ext4 defaults,nofail 0 2\n' "$uuid" "$target" >>/etc/fstab
+  mountpoint -q "$target" || mount "$target"
+}
+
+# needs_data_volume UNIT DIR: UNIT starts only with DIR's volume mounted, never on the root
+# disk (a missing volume must not look like an empty database).
+needs_data_volume() {
+  install -d -m 0755 "/etc/systemd/system/$1.d"
+  printf '[Unit]\nRequiresMountsFor=%s\n' "$2" >"/etc/systemd/system/$1.d/rigger-data-volume.conf"
+}
+"#;
+
+/// Which disk a server formats and mounts as its data volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataVolume {
+    /// The EBS volume rigger attaches to a stand-alone server, by id (`vol-0123...`).
+    Attached(String),
+    /// The EBS volume a group server's launch template maps at `/dev/sdf`, made with the
+    /// instance (its id is known only then).
+    Mapped,
+}
 
 /// Quotes a word for the script. On a group server a word holding the id or address
 /// placeholder becomes a double-quoted word that expands `$SELF_ID` / `$SELF_ADDRESS`.

@@ -6,6 +6,7 @@ mod common;
 use std::process::Command;
 
 use rigger_aws::environment::{AwsEnvironment, Cidr, Network, Subnet};
+use rigger_aws::userdata::{DATA_VOLUME_FUNCTIONS, DataVolume};
 use rigger_recipes::Role;
 
 fn network() -> Network {
@@ -29,6 +30,11 @@ fn env() -> AwsEnvironment {
     AwsEnvironment::new(common::config(&text), "prod").unwrap()
 }
 
+/// A stand-alone server's data volume, as rigger attaches it.
+fn attached() -> DataVolume {
+    DataVolume::Attached("vol-0123456789abcdef0".into())
+}
+
 /// Every server kind: (label, roles, stand-alone id or None for a group server).
 fn scripts() -> Vec<(String, String)> {
     let env = env();
@@ -38,14 +44,14 @@ fn scripts() -> Vec<(String, String)> {
         let ctx = env.context(&network, &[role], None, "r1");
         out.push((
             role.to_string(),
-            rigger_aws::userdata::script(&env, &ctx).unwrap(),
+            rigger_aws::userdata::script(&env, &ctx, &DataVolume::Mapped).unwrap(),
         ));
     }
     for server in env.stand_alone_servers(&network) {
         let ctx = env.context(&network, &server.roles, Some(&server), "r1");
         out.push((
             server.id.clone(),
-            rigger_aws::userdata::script(&env, &ctx).unwrap(),
+            rigger_aws::userdata::script(&env, &ctx, &attached()).unwrap(),
         ));
     }
     out
@@ -120,10 +126,190 @@ fn user_data_fits_in_ec2s_limit() {
     let network = network();
     for server in env.stand_alone_servers(&network) {
         let ctx = env.context(&network, &server.roles, Some(&server), "r1");
-        rigger_aws::userdata::user_data(&env, &ctx).unwrap();
+        rigger_aws::userdata::user_data(&env, &ctx, &attached()).unwrap();
     }
     for role in [Role::Web, Role::Worker] {
         let ctx = env.context(&network, &[role], None, "r1");
-        rigger_aws::userdata::user_data(&env, &ctx).unwrap();
+        rigger_aws::userdata::user_data(&env, &ctx, &DataVolume::Mapped).unwrap();
     }
+}
+
+#[test]
+fn every_server_publishes_its_host_keys_and_mounts_its_own_volume() {
+    for (label, script) in scripts() {
+        let publish = script.find("\npublish_host_keys ||").unwrap_or_else(|| panic!("{label}"));
+        let install = script.find("\ninstall_packages ").unwrap();
+        assert!(install < publish, "{label}: keys published before the AWS CLI is there");
+        let volume = if label.starts_with("web") || label.starts_with("worker") {
+            "''"
+        } else {
+            "vol-0123456789abcdef0"
+        };
+        assert!(
+            script.contains(&format!("\nmount_data_volume /var/lib/rigger {volume}\n")),
+            "{label}"
+        );
+        // Every unit needs the data volume mounted, written before systemd reads the units.
+        let reload = script.find("\nsystemctl daemon-reload\nsystemd-tmpfiles").unwrap();
+        let needs = script
+            .find("\nneeds_data_volume ")
+            .unwrap_or_else(|| panic!("{label}"));
+        assert!(needs < reload, "{label}");
+    }
+    let (_, db) = scripts()
+        .into_iter()
+        .find(|(l, _)| l == "db-primary")
+        .unwrap();
+    assert!(db.contains("\nneeds_data_volume rigger-postgresql.service /var/lib/rigger\n"));
+}
+
+/// A fake `/dev` of a Nitro instance: the root EBS disk, instance storage, and EBS volumes
+/// with the given serials (`vol...`), each an NVMe namespace linked by udev's rules.
+struct FakeDev {
+    root: tempfile::TempDir,
+}
+
+impl FakeDev {
+    fn nitro(ebs: &[&str]) -> FakeDev {
+        let fake = FakeDev {
+            root: tempfile::tempdir().unwrap(),
+        };
+        let by_id = fake.root.path().join("dev/disk/by-id");
+        std::fs::create_dir_all(&by_id).unwrap();
+        let mut disks = vec![
+            ("nvme0n1", "Amazon_Elastic_Block_Store_vol0aaaaaaaaaaaaaaaa".to_owned()),
+            ("nvme1n1", "Amazon_EC2_NVMe_Instance_Storage_AWS1F2E3D4C5B6A7980".to_owned()),
+        ];
+        let names = ["nvme2n1", "nvme3n1", "nvme4n1"];
+        for (serial, name) in ebs.iter().zip(names) {
+            disks.push((name, format!("Amazon_Elastic_Block_Store_{serial}")));
+        }
+        for (device, model_serial) in disks {
+            std::fs::write(fake.root.path().join("dev").join(device), "").unwrap();
+            let link = by_id.join(format!("nvme-{model_serial}"));
+            std::os::unix::fs::symlink(format!("../../{device}"), &link).unwrap();
+            // Newer udev adds the namespace, and partitions have links of their own.
+            std::os::unix::fs::symlink(
+                format!("../../{device}"),
+                by_id.join(format!("nvme-{model_serial}_1")),
+            )
+            .unwrap();
+            std::fs::write(fake.root.path().join(format!("dev/{device}p1")), "").unwrap();
+            std::os::unix::fs::symlink(
+                format!("../../{device}p1"),
+                by_id.join(format!("nvme-{model_serial}-part1")),
+            )
+            .unwrap();
+        }
+        fake
+    }
+
+    fn dev(&self, name: &str) -> String {
+        self.root.path().join("dev").join(name).display().to_string()
+    }
+
+    /// What `data_device ROOT VOLUME ROOT_DISK` prints, or its error.
+    fn data_device(&self, volume: &str) -> Result<String, String> {
+        run_functions(&format!(
+            "data_device {} {volume} {}",
+            self.root.path().display(),
+            self.dev("nvme0n1")
+        ))
+    }
+}
+
+/// Runs `line` after the data volume functions (with the prelude's `log`).
+fn run_functions(line: &str) -> Result<String, String> {
+    let script = format!(
+        "set -euo pipefail\nlog() {{ printf 'rigger: %s\\n' \"$*\" >&2; }}\n{DATA_VOLUME_FUNCTIONS}\n{line}\n"
+    );
+    let output = Command::new("bash").args(["-c", &script]).output().unwrap();
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+#[test]
+fn the_data_volume_is_the_ebs_volume_with_its_id_never_instance_storage() {
+    let fake = FakeDev::nitro(&["vol0123456789abcdef0", "vol0fedcba9876543210"]);
+    assert_eq!(
+        fake.data_device("vol-0123456789abcdef0"),
+        Ok(fake.dev("nvme2n1"))
+    );
+    assert_eq!(
+        fake.data_device("vol-0fedcba9876543210"),
+        Ok(fake.dev("nvme3n1"))
+    );
+    // Not attached (yet): nothing, so the caller waits; instance storage is never taken.
+    assert_eq!(fake.data_device("vol-0999999999999999"), Ok(String::new()));
+    let only_instance_storage = FakeDev::nitro(&[]);
+    assert_eq!(only_instance_storage.data_device("''"), Ok(String::new()));
+    // The root disk is never the data volume, even when named.
+    assert_eq!(fake.data_device("vol-0aaaaaaaaaaaaaaaa"), Ok(String::new()));
+}
+
+#[test]
+fn a_group_servers_data_volume_is_its_one_other_ebs_disk() {
+    let fake = FakeDev::nitro(&["vol0123456789abcdef0"]);
+    assert_eq!(fake.data_device("''"), Ok(fake.dev("nvme2n1")));
+    let two = FakeDev::nitro(&["vol0123456789abcdef0", "vol0fedcba9876543210"]);
+    let error = two.data_device("''").unwrap_err();
+    assert!(
+        error.contains("two EBS disks could be the data volume"),
+        "{error}"
+    );
+}
+
+#[test]
+fn on_xen_the_data_volume_is_the_mapped_device() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("dev")).unwrap();
+    let xvdb = root.path().join("dev/xvdb");
+    std::fs::write(&xvdb, "").unwrap();
+    let run = || {
+        run_functions(&format!(
+            "data_device {} vol-0123456789abcdef0 {}/dev/xvda",
+            root.path().display(),
+            root.path().display()
+        ))
+    };
+    // Instance storage (xvdb) only: not attached yet.
+    assert_eq!(run(), Ok(String::new()));
+    let xvdf = root.path().join("dev/xvdf");
+    std::fs::write(&xvdf, "").unwrap();
+    assert_eq!(run(), Ok(xvdf.display().to_string()));
+}
+
+#[test]
+fn only_an_empty_disk_or_riggers_own_filesystem_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = |name: &str, mkfs: Option<&[&str]>| {
+        let path = dir.path().join(name);
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(16 * 1024 * 1024).unwrap();
+        if let Some(args) = mkfs {
+            let status = Command::new(args[0])
+                .args(&args[1..])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(status.status.success(), "{args:?}: {status:?}");
+        }
+        path.display().to_string()
+    };
+    let empty = disk("empty", None);
+    let ours = disk("ours", Some(&["mkfs.ext4", "-q", "-L", "rigger-data"]));
+    let foreign = disk("foreign", Some(&["mkfs.ext4", "-q", "-L", "scratch"]));
+    let other = disk("other", Some(&["mkfs.ext2", "-q", "-L", "rigger-data"]));
+    let check = |device: &str| run_functions(&format!("data_filesystem {device}"));
+    assert_eq!(check(&empty), Ok("empty\n".into()));
+    assert_eq!(check(&ours), Ok("ours\n".into()));
+    for refused in [&foreign, &other] {
+        let error = check(refused).unwrap_err();
+        assert!(error.contains("which rigger did not make"), "{error}");
+    }
+    let error = check(&dir.path().join("missing").display().to_string()).unwrap_err();
+    assert!(error.contains("cannot tell what"), "{error}");
 }
