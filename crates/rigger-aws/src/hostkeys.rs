@@ -9,8 +9,7 @@
 //! each server's SSH connection to its own keys under its instance id
 //! (`rigger_transport::ssh::PinnedKeys`), so an address a new server reuses is never a
 //! conflict. [`prune`] deletes the keys of instances that are gone (terminated by rigger, by
-//! a group's scaling, or by hand): `up`, `down`, `status` and every command that reaches the
-//! servers sweep them.
+//! a group's scaling, or by hand): `up` and `status` sweep them, `down` deletes them all.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -328,13 +328,9 @@ impl Provider {
     }
 
     /// The running servers, with their roles, state, addresses ([`servers::servers`]) and the
-    /// SSH host keys each published ([`hostkeys`]; those of servers that are gone are deleted
-    /// on the way).
+    /// SSH host keys each published ([`hostkeys`]).
     pub async fn servers(&self) -> Result<Vec<LiveServer>, AwsError> {
         let live = Live::read(&self.env, &self.clients).await?;
-        if let Err(error) = hostkeys::prune(&self.env, &self.clients).await {
-            tracing::warn!("not deleting the host keys of servers that are gone: {error}");
-        }
         let mut published = hostkeys::published(&self.env, &self.clients).await?;
         let mut servers = servers::servers(&self.env, &live);
         for server in &mut servers {

@@ -789,8 +789,14 @@ fn control_args(target: &SshTarget, settings: &SshSettings, command: &str) -> Ve
 /// `<control_dir>/<16 hex digits>`: a hash of everything that makes a connection different,
 /// short enough for a socket path whatever the host's name.
 fn control_path(target: &SshTarget, settings: &SshSettings) -> PathBuf {
+    // The pinned alias too: a master connection to a server that is gone never serves the
+    // new one at its address.
+    let alias = match &target.host_keys {
+        HostKeyCheck::Pinned(pinned) => pinned.alias(),
+        HostKeyCheck::Recorded => "",
+    };
     let key = format!(
-        "{}|{}",
+        "{}|{}|{alias}",
         target.address(),
         target
             .identity_file
@@ -1086,6 +1092,21 @@ mod tests {
             )
         );
         assert!(control.starts_with("/run/rigger/cm/"), "{control}");
+    }
+
+    #[test]
+    fn a_new_server_at_a_reused_address_gets_its_own_master_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SshTransport::new("web-1", target(), settings(dir.path()));
+        let new = SshTransport::new(
+            "web-1",
+            SshTarget {
+                host_keys: HostKeyCheck::Pinned(pinned("i-0def")),
+                ..target()
+            },
+            settings(dir.path()),
+        );
+        assert_ne!(old.control_path(), new.control_path());
     }
 
     #[test]
