@@ -14,6 +14,12 @@
 //! by its id ([`DataVolume`], [`DATA_VOLUME_FUNCTIONS`]): never instance storage, never a disk
 //! holding something rigger did not make; every rigger unit requires its mount.
 //!
+//! Root never sources, runs or writes through what a service user can change: a command
+//! probe loads the service's environment file as the service's user (`runuser`), recipe files
+//! go into root's directories, the release is unpacked as root's files, and the app's
+//! requirements are installed by an unprivileged build user into a venv that is root's once
+//! built.
+//!
 //! Secrets are never in the script: the recipes get placeholders
 //! ([`crate::environment::secret_placeholder`]) and only files flagged `contains_secret` get
 //! them substituted, at boot, in memory. A group server's id and address are known only at
@@ -277,9 +283,10 @@ pub fn script(
 }
 
 /// Web and worker servers fetch their release from the environment's bucket (named in SSM)
-/// with the instance profile, unpack it into the layout's app directory and install its
-/// requirements into the venv. The first `up` runs no release yet (`initial`): nothing to
-/// fetch until the first deploy.
+/// with the instance profile, unpack it into the layout's app directory (root's files, whatever
+/// owners the tarball records) and have the layout's build user install its requirements into
+/// the venv, which then becomes root's. The first `up` runs no release yet (`initial`):
+/// nothing to fetch until the first deploy.
 fn write_release_fetch(w: &mut String, env: &AwsEnvironment, ctx: &ServerContext) {
     if !ctx
         .roles
@@ -299,11 +306,12 @@ fn write_release_fetch(w: &mut String, env: &AwsEnvironment, ctx: &ServerContext
     let _ = writeln!(w, "\nlog 'fetching release {release}'");
     let _ = writeln!(
         w,
-        "fetch_release {} {} {} {}",
+        "fetch_release {} {} {} {} {}",
         shell_quote(&crate::releases::object_key(release)),
         shell_quote(&ctx.layout.app_dir.to_string_lossy()),
         shell_quote(&ctx.layout.venv_dir.to_string_lossy()),
         shell_quote(&env.config.project.requirements.to_string_lossy()),
+        shell_quote(&ctx.layout.users.build),
     );
 }
 
@@ -371,13 +379,17 @@ publish_host_keys() {
     --overwrite --value "$keys" >/dev/null
 }
 
-# put_stdin PATH MODE OWNER: writes standard input to PATH atomically.
+# put_stdin PATH MODE OWNER: writes standard input to PATH atomically. OWNER is a user (with
+# its group of the same name) or USER:GROUP.
 put_stdin() {
   local tmp
   install -d -m 0755 "$(dirname "$1")"
   tmp=$(mktemp "$1.XXXXXX")
   cat >"$tmp"
-  chown "$3:$3" "$tmp"
+  case $3 in
+    *:*) chown "$3" "$tmp" ;;
+    *) chown "$3:$3" "$tmp" ;;
+  esac
   chmod "$2" "$tmp"
   mv -f "$tmp" "$1"
 }
@@ -402,18 +414,34 @@ put() {
   printf '%s' "$contents" | put_stdin "$1" "$2" "$3"
 }
 
-# fetch_release KEY APP_DIR VENV_DIR REQUIREMENTS: the release's tarball from the
-# environment's bucket (named in SSM), unpacked into APP_DIR, its requirements in VENV_DIR.
+# fetch_release KEY APP_DIR VENV_DIR REQUIREMENTS BUILDER: the release's tarball from the
+# environment's bucket (named in SSM), unpacked into APP_DIR as root's files (not with the
+# owners and modes of whoever built it), its requirements (a file inside APP_DIR) installed
+# into VENV_DIR by the unprivileged BUILDER (pip runs the dependencies' code), after which the
+# venv is root's: neither the builder nor the app can change what the app runs.
 fetch_release() {
-  local bucket tarball
+  local bucket tarball requirements home
   bucket=$(parameter deploy/bucket)
   tarball=$(mktemp)
   aws s3 cp --region "$REGION" --only-show-errors "s3://$bucket/$1" "$tarball"
   install -d -m 0755 "$2"
-  tar -xzf "$tarball" -C "$2"
+  tar -xzf "$tarball" -C "$2" --no-same-owner --no-same-permissions
   rm -f "$tarball"
-  [ -x "$3/bin/python" ] || python3 -m venv "$3"
-  "$3/bin/pip" install --quiet --disable-pip-version-check -r "$2/$4"
+  requirements=$(realpath -e -- "$2/$4") || die "the release has no requirements file $4"
+  case $requirements in
+    "$(realpath -e -- "$2")"/*) ;;
+    *) die "the requirements $4 lead outside the release (to $requirements)" ;;
+  esac
+  id -u "$5" >/dev/null 2>&1 ||
+    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$5"
+  home=$(mktemp -d)
+  chown "$5:$5" "$home"
+  install -d -m 0755 -o "$5" -g "$5" "$3"
+  (cd "$2" && runuser -u "$5" -- env HOME="$home" python3 -m venv "$3")
+  (cd "$2" && runuser -u "$5" -- env HOME="$home" "$3/bin/pip" install --quiet --disable-pip-version-check -r "$requirements")
+  rm -rf "$home"
+  chown -R 0:0 "$3"
+  chmod -R go-w "$3"
 }
 
 # wait_ready NAME SECONDS COMMAND...: runs COMMAND until it succeeds.
@@ -680,16 +708,15 @@ fn probe(
             q(server_name),
             q(path)
         ),
-        Probe::Command(command) => {
-            let line = command_line(command, group_server);
-            match env_file {
-                Some(file) => format!(
-                    "  (\n    set -a\n    # shellcheck source=/dev/null\n    . {}\n    set +a\n    {line}\n  )",
-                    q(&file.to_string_lossy())
-                ),
-                None => format!("  {line}"),
-            }
-        }
+        // The service's environment file is loaded by the probe's own process, after
+        // `runuser` made it the service's user: root never sources a file of a service's.
+        Probe::Command(command) => match env_file {
+            Some(file) => format!(
+                "  # shellcheck disable=SC2016 # \"$1\" and \"$@\" are the loader's own\n  {}",
+                command_line(&command.clone().with_env_file(file), group_server)
+            ),
+            None => format!("  {}", command_line(command, group_server)),
+        },
         Probe::Running => format!("  systemctl is-active --quiet {}", shell_quote(unit)),
     }
 }

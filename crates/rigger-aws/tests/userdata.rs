@@ -137,9 +137,14 @@ fn user_data_fits_in_ec2s_limit() {
 #[test]
 fn every_server_publishes_its_host_keys_and_mounts_its_own_volume() {
     for (label, script) in scripts() {
-        let publish = script.find("\npublish_host_keys ||").unwrap_or_else(|| panic!("{label}"));
+        let publish = script
+            .find("\npublish_host_keys ||")
+            .unwrap_or_else(|| panic!("{label}"));
         let install = script.find("\ninstall_packages ").unwrap();
-        assert!(install < publish, "{label}: keys published before the AWS CLI is there");
+        assert!(
+            install < publish,
+            "{label}: keys published before the AWS CLI is there"
+        );
         let volume = if label.starts_with("web") || label.starts_with("worker") {
             "''"
         } else {
@@ -150,7 +155,9 @@ fn every_server_publishes_its_host_keys_and_mounts_its_own_volume() {
             "{label}"
         );
         // Every unit needs the data volume mounted, written before systemd reads the units.
-        let reload = script.find("\nsystemctl daemon-reload\nsystemd-tmpfiles").unwrap();
+        let reload = script
+            .find("\nsystemctl daemon-reload\nsystemd-tmpfiles")
+            .unwrap();
         let needs = script
             .find("\nneeds_data_volume ")
             .unwrap_or_else(|| panic!("{label}"));
@@ -177,8 +184,14 @@ impl FakeDev {
         let by_id = fake.root.path().join("dev/disk/by-id");
         std::fs::create_dir_all(&by_id).unwrap();
         let mut disks = vec![
-            ("nvme0n1", "Amazon_Elastic_Block_Store_vol0aaaaaaaaaaaaaaaa".to_owned()),
-            ("nvme1n1", "Amazon_EC2_NVMe_Instance_Storage_AWS1F2E3D4C5B6A7980".to_owned()),
+            (
+                "nvme0n1",
+                "Amazon_Elastic_Block_Store_vol0aaaaaaaaaaaaaaaa".to_owned(),
+            ),
+            (
+                "nvme1n1",
+                "Amazon_EC2_NVMe_Instance_Storage_AWS1F2E3D4C5B6A7980".to_owned(),
+            ),
         ];
         let names = ["nvme2n1", "nvme3n1", "nvme4n1"];
         for (serial, name) in ebs.iter().zip(names) {
@@ -205,7 +218,12 @@ impl FakeDev {
     }
 
     fn dev(&self, name: &str) -> String {
-        self.root.path().join("dev").join(name).display().to_string()
+        self.root
+            .path()
+            .join("dev")
+            .join(name)
+            .display()
+            .to_string()
     }
 
     /// What `data_device ROOT VOLUME ROOT_DISK` prints, or its error.
@@ -312,4 +330,65 @@ fn only_an_empty_disk_or_riggers_own_filesystem_is_used() {
     }
     let error = check(&dir.path().join("missing").display().to_string()).unwrap_err();
     assert!(error.contains("cannot tell what"), "{error}");
+}
+
+/// Root never loads a file a service user can write: no line of any script sources a file
+/// (`.`/`source`) except in a loader that `runuser` started as the service's user.
+#[test]
+fn root_sources_no_file_a_service_user_can_write() {
+    for (label, script) in scripts() {
+        for line in script.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            assert!(
+                !matches!(words.first(), Some(&".") | Some(&"source")),
+                "{label}: root sources a file: {line}"
+            );
+            if line.contains("set -a") {
+                // Only inside a loader, started by runuser as the service's user.
+                let loader = line.find("/bin/sh -c 'set -a");
+                let runuser = line.find("runuser -u ");
+                assert!(
+                    matches!((runuser, loader), (Some(r), Some(l)) if r < l),
+                    "{label}: an environment file is loaded as root: {line}"
+                );
+            }
+        }
+    }
+    let (_, worker) = scripts().into_iter().find(|(l, _)| l == "worker").unwrap();
+    assert!(
+        worker.contains("runuser -u www-data -- env HOME=/var/lib/rigger/home/www-data PYTHONUNBUFFERED=1 /bin/sh -c 'set -a && . \"$1\" && set +a && shift && exec \"$@\"' rigger-env /etc/rigger/app/app.env /srv/shop/venv/bin/celery"),
+        "the worker's probe loads app.env as www-data"
+    );
+    // The app's environment file is root's: the app reads it, cannot rewrite it.
+    assert!(worker.contains("put /etc/rigger/app/app.env 0640 root:www-data secret "));
+}
+
+/// The release is unpacked as root's files and its requirements installed by the build user,
+/// from a file inside the release, into a venv that is root's afterwards.
+#[test]
+fn releases_are_unpacked_as_roots_and_built_unprivileged() {
+    let (_, web) = scripts().into_iter().find(|(l, _)| l == "web").unwrap();
+    assert!(web.contains("tar -xzf \"$tarball\" -C \"$2\" --no-same-owner --no-same-permissions"));
+    assert!(web.contains("\"$(realpath -e -- \"$2\")\"/*) ;;"));
+    for builder_step in [
+        "runuser -u \"$5\" -- env HOME=\"$home\" python3 -m venv \"$3\"",
+        "runuser -u \"$5\" -- env HOME=\"$home\" \"$3/bin/pip\" install",
+    ] {
+        assert!(web.contains(builder_step), "{builder_step}");
+    }
+    let pip_lines: Vec<&str> = web
+        .lines()
+        .filter(|l| l.contains("bin/pip") || l.contains("-m venv"))
+        .collect();
+    assert!(!pip_lines.is_empty());
+    for line in pip_lines {
+        assert!(
+            line.contains("runuser -u \"$5\""),
+            "pip or venv as root: {line}"
+        );
+    }
+    assert!(web.contains("chown -R 0:0 \"$3\""));
+    assert!(web.contains(
+        "fetch_release releases/r1.tar.gz /srv/shop/app /srv/shop/venv requirements.txt rigger-build"
+    ));
 }
