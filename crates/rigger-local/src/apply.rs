@@ -150,10 +150,7 @@ pub async fn run_command(
     let output = child.wait_with_output().await?;
     let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&output.stderr));
-    let mut log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
+    let mut log_file = crate::files::open_private_log(log)?;
     std::io::Write::write_all(&mut log_file, format!("$ {command}\n{text}").as_bytes())?;
     if !output.status.success() {
         let tail: Vec<&str> = text

@@ -60,12 +60,10 @@ pub async fn up(
         }
     }
     let _ = std::fs::remove_file(env.paths.status());
-    std::fs::create_dir_all(env.paths.root())
+    env.paths
+        .create_root()
         .with_context(|| format!("creating {}", env.paths.root().display()))?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(env.paths.supervisor_log())
+    let log = crate::files::open_private_log(&env.paths.supervisor_log())
         .with_context(|| format!("opening {}", env.paths.supervisor_log().display()))?;
     let config_path =
         std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
@@ -244,7 +242,7 @@ pub fn scale(env: &LocalEnvironment, group: &str, count: u32) -> anyhow::Result<
         "web" => counts.web = Some(count),
         _ => counts.worker = Some(count),
     }
-    std::fs::create_dir_all(env.paths.root())?;
+    env.paths.create_root()?;
     counts.save(&env.paths.desired())?;
     if let Some(holder) = supervisor::lock_holder(env) {
         kill(Pid::from_raw(holder.pid), Signal::SIGHUP).context("signalling the supervisor")?;
@@ -644,8 +642,7 @@ pub async fn db_backup(env: &LocalEnvironment, keep: usize) -> anyhow::Result<st
         .server_with_role(&registry, rigger_recipes::Role::DbPrimary)
         .context("there is no primary")?;
     let dir = env.paths.root().join("backups");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    crate::files::create_private_dir(&dir)?;
     let name = format!(
         "{}-{}.dump",
         env.db_name(),

@@ -19,6 +19,7 @@ pub mod apply;
 pub mod control;
 pub mod deploy;
 pub mod environment;
+pub mod files;
 pub mod haproxy;
 pub mod observe;
 pub mod paths;

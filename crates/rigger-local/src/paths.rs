@@ -47,6 +47,11 @@ impl EnvPaths {
     pub fn root(&self) -> &Path {
         &self.root
     }
+    /// Creates the root (mode [`crate::files::ROOT_MODE`]) if needed; call before writing
+    /// anything in it.
+    pub fn create_root(&self) -> std::io::Result<()> {
+        crate::files::create_dir_with_mode(&self.root, crate::files::ROOT_MODE)
+    }
     /// Mode 0700, one file per secret with mode 0600.
     pub fn secrets(&self) -> PathBuf {
         self.root.join("secrets")

@@ -20,16 +20,18 @@ pub struct Prepared {
 
 pub async fn prepare(env: &LocalEnvironment) -> anyhow::Result<Prepared> {
     let paths = &env.paths;
-    for dir in [
-        paths.root().to_path_buf(),
-        paths.servers(),
-        paths.shared(),
-        paths.releases(),
-        paths.venvs(),
-        paths.pki(),
+    // Service users traverse the root and `servers/` to their own server's directory but
+    // cannot list them; code, static files and certificates are public to them.
+    for (dir, mode) in [
+        (paths.root().to_path_buf(), crate::files::ROOT_MODE),
+        (paths.servers(), 0o711),
+        (paths.shared(), 0o755),
+        (paths.releases(), 0o755),
+        (paths.venvs(), 0o755),
+        (paths.pki(), 0o755),
     ] {
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        crate::files::create_dir_with_mode(&dir, mode)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     ensure_traversable(paths.root())?;
     for dir in [paths.media(), paths.static_root()] {

@@ -24,7 +24,7 @@
 //! Everything reads Linux's `/proc`; this module is Linux-only, as is the local provider.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -759,11 +759,8 @@ fn open_log(name: &str, path: &Path) -> Result<(File, File), ProcessError> {
         path: path.to_path_buf(),
         source,
     };
-    let stdout = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(error)?;
+    // The service writes through the descriptor; the file stays root's, readable by root only.
+    let stdout = crate::files::open_private_log(path).map_err(error)?;
     let stderr = stdout.try_clone().map_err(error)?;
     Ok((stdout, stderr))
 }

@@ -209,13 +209,7 @@ pub fn address(block: Cidr, subnet: u8, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(a, b, subnet, host)
 }
 
-/// Writes `bytes` to a temporary file beside `path` and renames it over `path`, so readers
-/// never see half a file and a crash leaves either the old or the new one.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let temporary = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&temporary, bytes)?;
-    std::fs::rename(&temporary, path)
-}
+pub use crate::files::write_atomically;
 
 #[cfg(test)]
 mod tests {

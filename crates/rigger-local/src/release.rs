@@ -559,10 +559,7 @@ pub use rigger_plan::deploys::DeployRecord;
 
 pub fn append_history(paths: &EnvPaths, record: &DeployRecord) -> anyhow::Result<()> {
     use std::io::Write as _;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(paths.root().join("releases.jsonl"))?;
+    let mut file = crate::files::open_private_log(&paths.root().join("releases.jsonl"))?;
     writeln!(file, "{}", serde_json::to_string(record)?)?;
     Ok(())
 }

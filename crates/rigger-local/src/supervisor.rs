@@ -126,7 +126,7 @@ pub async fn run(env: LocalEnvironment) -> anyhow::Result<()> {
 /// Takes the environment's supervisor lock, or says who holds it.
 fn acquire_lock(env: &LocalEnvironment) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
     let path = env.paths.supervisor_lock();
-    std::fs::create_dir_all(env.paths.root())?;
+    env.paths.create_root()?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -824,7 +824,8 @@ impl Supervisor {
         let dir = self.env.paths.server(id);
         if dir.exists() {
             let graveyard = self.env.paths.root().join("terminated");
-            std::fs::create_dir_all(&graveyard)?;
+            // Private: a terminated server's logs and settings stay readable by root only.
+            crate::files::create_private_dir(&graveyard)?;
             let _ = std::fs::remove_dir_all(graveyard.join(id));
             std::fs::rename(&dir, graveyard.join(id))?;
         }
@@ -1092,17 +1093,36 @@ async fn migrate(
         ctx.layout.ca_cert().display().to_string(),
     );
     variables.insert("HOME".into(), env.paths.shared().display().to_string());
+    // The app's settings hold secrets: they reach manage.py through a 0600 file of the app
+    // user's, loaded by the process itself, never as a command's variables (which rigger logs).
+    let mut env_text = String::new();
+    for (key, value) in &variables {
+        env_text.push_str(&rigger_recipes::envfile::line(key, value).with_context(|| {
+            format!("the app variable {key} has a control character in its value")
+        })?);
+    }
+    let env_dir = env.paths.root().join("migrate");
+    // Root's directory; the app user may only traverse it to read its own file.
+    crate::files::create_dir_with_mode(&env_dir, 0o711)?;
+    let env_file = env_dir.join("app.env");
+    apply::ensure_file(&rigger_recipes::FileSpec {
+        path: env_file.clone(),
+        contents: env_text,
+        mode: 0o600,
+        owner: ctx.layout.users.www.clone(),
+        contains_secret: true,
+    })?;
     let python = manifest.venv.join("bin/python").display().to_string();
     let log = env.paths.root().join("migrate.log");
     for args in [
         &["manage.py", "migrate", "--noinput"][..],
         &["manage.py", "collectstatic", "--noinput", "-v0"],
     ] {
-        let mut command = rigger_recipes::Command::new(python.clone())
+        let command = rigger_recipes::Command::new(python.clone())
             .args(args.iter().copied())
             .cwd(&release_dir)
-            .user(ctx.layout.users.www.clone());
-        command.env = variables.clone();
+            .user(ctx.layout.users.www.clone())
+            .with_env_file(&env_file);
         apply::run_command(&command, None, &log)
             .await
             .with_context(|| format!("running `manage.py {}` (log: {})", args[1], log.display()))?;

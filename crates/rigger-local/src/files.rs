@@ -1,0 +1,84 @@
+//! Files rigger itself writes in an environment's state directory: private by default.
+//!
+//! The state directory holds secrets, the app's settings and logs that may quote them, so
+//! nothing rigger writes there for itself is readable by another local user: its records
+//! and logs are created 0600 (before any byte is written, not chmod-ed after), its own
+//! directories 0700. The environment's root is 0711: service users must traverse it to reach
+//! their server's directory, but cannot list it.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::Path;
+
+/// Mode of an environment's root directory: traversable, not listable, by service users.
+pub const ROOT_MODE: u32 = 0o711;
+
+/// Creates `dir` (and its parents) if needed and gives it `mode`, whatever the umask.
+pub fn create_dir_with_mode(dir: &Path, mode: u32) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+}
+
+/// A directory only root (rigger) can enter.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    create_dir_with_mode(dir, 0o700)
+}
+
+/// Opens `path` for appending, creating it 0600; an existing file is made 0600 too (an older
+/// rigger created its logs 0644).
+pub fn open_private_log(path: &Path) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
+/// Writes `bytes` to a temporary file beside `path` (created 0600) and renames it over
+/// `path`, so readers never see half a file and a crash leaves either the old or the new one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let temporary = path.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&temporary);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temporary, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn records_and_logs_are_private_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let record = dir.path().join("status.json");
+        write_atomically(&record, b"{}").unwrap();
+        let log = dir.path().join("migrate.log");
+        std::fs::write(&log, "old").unwrap();
+        open_private_log(&log).unwrap();
+        let private = dir.path().join("deploy");
+        create_private_dir(&private).unwrap();
+        nix::sys::stat::umask(old);
+        assert_eq!(mode(&record), 0o600);
+        assert_eq!(mode(&log), 0o600);
+        assert_eq!(mode(&private), 0o700);
+    }
+}
