@@ -2,7 +2,8 @@
 //! whose migration fails, and a failover, every secret the environment generated is searched
 //! for in every file under the state directory, in everything rigger printed (stdout and
 //! stderr of every command, errors included). A secret may only be in a file that is private
-//! to its owner (no group or other permission bits) and is not a log or a record of rigger's
+//! to its owner (at most readable by the owner's group, e.g. the app's settings, root's file
+//! that the app user's group reads) and is not a log or a record of rigger's
 //! (`*.log`, `*.json`, `*.jsonl`); no log or record can be read by another local user (the
 //! environment's root is 0711: service users traverse it to their server's directory and can
 //! list nothing; rigger's own files in it are 0600, its own directories 0700).
@@ -123,7 +124,7 @@ fn scan(env_dir: &Path, outputs: &[(String, Output)]) -> Vec<String> {
             }
             if is_record_or_log(&path) {
                 problems.push(format!("{} (a log or record) holds {name}", path.display()));
-            } else if mode & 0o077 != 0 {
+            } else if mode & 0o027 != 0 {
                 problems.push(format!(
                     "{} holds {name} and is mode {mode:04o}",
                     path.display()
