@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use aws_sdk_ec2::types as ec2;
+use rigger_recipes::quote_literal;
 use rigger_topology::Role;
 
 use crate::environment::{AwsEnvironment, Network, Placement, SELF_ADDRESS, SELF_ID};
@@ -323,7 +324,7 @@ pub fn create_slots_sql(replica_ids: &[String]) -> Option<String> {
     }
     let values: Vec<String> = replica_ids
         .iter()
-        .map(|id| format!("('{}')", rigger_recipes::slot_name(id)))
+        .map(|id| format!("({})", quote_literal(&rigger_recipes::slot_name(id))))
         .collect();
     Some(format!(
         "SELECT pg_create_physical_replication_slot(name) FROM (VALUES {}) AS wanted(name) \

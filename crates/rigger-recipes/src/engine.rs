@@ -7,8 +7,8 @@ use std::sync::OnceLock;
 use minijinja::syntax::SyntaxConfig;
 use minijinja::{Environment, ErrorKind, UndefinedBehavior, Value};
 
-use crate::envfile;
 use crate::error::RenderError;
+use crate::{envfile, sql};
 
 /// Every template, by name. Names are the file names under `templates/`.
 const TEMPLATES: &[(&str, &str)] = &[
@@ -76,8 +76,8 @@ fn environment() -> &'static Environment<'static> {
                 .expect("static syntax config is valid"),
         );
         env.add_filter("pgconf", |v: &str| pg_conf_literal(v));
-        env.add_filter("sql_literal", |v: &str| sql_literal(v));
-        env.add_filter("sql_ident", |v: &str| sql_ident(v));
+        env.add_filter("sql_literal", |v: &str| sql::quote_literal(v));
+        env.add_filter("sql_ident", |v: &str| sql::quote_ident(v));
         env.add_filter("redis_quote", |v: &str| redis_quote(v));
         env.add_filter("userlist_quote", |v: &str| userlist_quote(v));
         env.add_filter("envquote", |v: &str| {
@@ -100,16 +100,6 @@ fn environment() -> &'static Environment<'static> {
 /// processes C-style backslash escapes inside quotes).
 pub(crate) fn pg_conf_literal(value: &str) -> String {
     format!("'{}'", value.replace('\\', r"\\").replace('\'', "''"))
-}
-
-/// An SQL string literal (`standard_conforming_strings` on, as by default).
-pub(crate) fn sql_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
-}
-
-/// An SQL quoted identifier.
-pub(crate) fn sql_ident(value: &str) -> String {
-    format!("\"{}\"", value.replace('"', "\"\""))
 }
 
 /// A Redis config argument in double quotes.
@@ -189,8 +179,6 @@ mod tests {
     #[test]
     fn quoting() {
         assert_eq!(pg_conf_literal(r"it's a \ path"), r"'it''s a \\ path'");
-        assert_eq!(sql_literal("it's"), "'it''s'");
-        assert_eq!(sql_ident("we\"ird"), "\"we\"\"ird\"");
         assert_eq!(redis_quote(r#"a"b\c"#), r#""a\"b\\c""#);
         assert_eq!(userlist_quote(r#"a"b"#), r#""a""b""#);
         assert_eq!(conninfo_value("/plain/path"), "/plain/path");

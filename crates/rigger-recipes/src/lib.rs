@@ -71,18 +71,20 @@ pub mod operations;
 pub mod pki;
 mod roles;
 mod spec;
+pub mod sql;
 mod systemd;
 mod validate;
 
 pub use command::{Command, ENV_FILE_SCRIPT, shell_quote};
 pub use context::{
-    Network, PGBOUNCER_ADMIN_USER, Peer, Peers, Ports, ProjectInfo, Role, Secret, Secrets,
+    Hsts, Network, PGBOUNCER_ADMIN_USER, Peer, Peers, Ports, ProjectInfo, Role, Secret, Secrets,
     ServerContext, Tuning,
 };
 pub use error::RenderError;
 pub use layout::{Binaries, Layout, ServiceManager, ServiceUsers};
 pub use roles::{MAX_WAL_SENDERS, pgbouncer_admin_env, render, render_server, slot_name};
 pub use spec::{DirSpec, FileSpec, Phase, Probe, Recipe, ServiceSpec, Signal, StepSpec};
+pub use sql::{quote_ident, quote_literal};
 pub use systemd::{systemd_unit, unit_name};
 
 /// The name of the replication slot the primary keeps for replica `server_id`.

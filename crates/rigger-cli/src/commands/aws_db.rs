@@ -11,7 +11,7 @@ use anyhow::anyhow;
 use rigger_aws::Provider;
 use rigger_aws::database::{self, DbServer};
 use rigger_local::control::{self, DbStatus, PgBouncerPools};
-use rigger_recipes::{Command, Layout, operations, shell_quote};
+use rigger_recipes::{Command, Layout, operations, shell_quote, sql};
 use rigger_transport::Job;
 
 use super::remote::{Answer, run_captured, shell_job};
@@ -483,17 +483,6 @@ fn resume(settings: &Settings) {
     }
 }
 
-/// SQL: whether the replica has replayed up to `lsn`.
-fn caught_up_sql(lsn: &str) -> Option<String> {
-    // An LSN is `hex/hex`; anything else is not put into SQL.
-    let valid = lsn.split_once('/').is_some_and(|(a, b)| {
-        !a.is_empty()
-            && !b.is_empty()
-            && (a.chars().chain(b.chars())).all(|c| c.is_ascii_hexdigit())
-    });
-    valid.then(|| format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"))
-}
-
 /// Promotes only a server still in recovery, so a re-run after an interruption goes on.
 const PROMOTE_SQL: &str = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_promote(wait => true, wait_seconds => 30) ELSE true END";
 
@@ -533,10 +522,8 @@ fn promote(
             )));
         }
         if force || resuming || databases.primary.is_none() {
-            let sql = format!(
-                "SELECT COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint FROM pg_stat_replication WHERE application_name = '{}'",
-                target.id.replace('\'', "")
-            );
+            // The id comes from the instance's tags: quoted, never trusted.
+            let sql = sql::replica_lag_bytes(&target.id);
             let lag = databases
                 .primary
                 .as_ref()
@@ -632,7 +619,7 @@ fn promote(
 
 fn wait_caught_up(settings: &Settings, target: &DbServer) -> Result<(), Failure> {
     let lsn = psql_on(settings, "db-primary", "SELECT pg_current_wal_lsn()")?;
-    let sql = caught_up_sql(lsn.trim()).ok_or_else(|| {
+    let sql = sql::replayed_up_to(lsn.trim()).ok_or_else(|| {
         Failure::Operation(anyhow!(
             "the primary answered `{}` for its WAL position",
             lsn.trim()
@@ -721,17 +708,6 @@ mod tests {
             .status()
             .unwrap();
         assert!(status.success(), "sh -n rejects: {line}");
-    }
-
-    #[test]
-    fn only_a_well_formed_lsn_goes_into_sql() {
-        assert_eq!(
-            caught_up_sql("0/3000148").as_deref(),
-            Some("SELECT pg_last_wal_replay_lsn() >= '0/3000148'::pg_lsn")
-        );
-        for bad in ["", "0/", "x/1", "0/1'; DROP TABLE t; --", "ERROR"] {
-            assert_eq!(caught_up_sql(bad), None, "{bad}");
-        }
     }
 
     #[test]

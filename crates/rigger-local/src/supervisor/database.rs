@@ -454,16 +454,16 @@ impl Supervisor {
             .psql(primary, "SELECT pg_current_wal_lsn()")
             .await
             .context("reading the primary's position")?;
+        let Some(caught_up_sql) = rigger_recipes::sql::replayed_up_to(target.trim()) else {
+            bail!(
+                "the primary answered `{}` for its WAL position",
+                target.trim()
+            );
+        };
         let started = Instant::now();
         loop {
             let caught_up = self
-                .psql(
-                    replica,
-                    &format!(
-                        "SELECT pg_last_wal_replay_lsn() >= '{}'::pg_lsn",
-                        target.trim()
-                    ),
-                )
+                .psql(replica, &caught_up_sql)
                 .await
                 .context("reading the replica's position")?;
             if caught_up.trim() == "t" {
@@ -486,10 +486,7 @@ impl Supervisor {
         primary: &ServerRecord,
         replica: &ServerRecord,
     ) -> Option<i64> {
-        let sql = format!(
-            "SELECT COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint FROM pg_stat_replication WHERE application_name = '{}'",
-            replica.id
-        );
+        let sql = rigger_recipes::sql::replica_lag_bytes(&replica.id);
         self.psql(primary, &sql).await.ok()?.trim().parse().ok()
     }
 
