@@ -289,6 +289,10 @@ impl AwsEnvironment {
                 amqp_user: db_name.clone(),
                 amqp_vhost: db_name,
             },
+                hsts: self.env().hsts.map(|h| rigger_recipes::Hsts {
+                    max_age: h.max_age,
+                    include_subdomains: h.include_subdomains,
+                }),
             ports: Ports::default(),
             peers: Peers {
                 db_primary,

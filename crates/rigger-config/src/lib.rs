@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 pub use cidr::CidrError;
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use model::{
-    AwsConfig, Bastion, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing,
+    AwsConfig, Bastion, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing, Hsts,
     KeyPair, LaunchKind, LoadBalancerKind, LocalConfig, Project, ProviderConfig, ProviderKind,
 };
 pub use starter::starter;

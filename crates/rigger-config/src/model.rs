@@ -48,6 +48,25 @@ pub struct Environment {
     pub worker: GroupSizing,
     pub database: DatabaseConfig,
     pub cache: CacheConfig,
+    /// `hsts_max_age` (and `hsts_include_subdomains`): the `Strict-Transport-Security` header
+    /// the web servers add to every HTTPS response; `None` (the default) sends none.
+    pub hsts: Option<Hsts>,
+}
+
+/// HTTP Strict Transport Security: browsers that saw the header reach the site's domains only
+/// over HTTPS for `max_age` seconds. Off unless asked for: a browser remembers it, so a local
+/// environment with its own CA (or a domain not yet on HTTPS everywhere) would stay pinned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Hsts {
+    /// Seconds, `0..=MAX_AGE_LIMIT`; 0 tells browsers to forget an earlier header.
+    pub max_age: u32,
+    /// Also every subdomain of the domain a browser visited (`includeSubDomains`).
+    pub include_subdomains: bool,
+}
+
+impl Hsts {
+    /// Two years: the longest `max-age` browsers honour, and what HSTS preload lists ask for.
+    pub const MAX_AGE_LIMIT: u32 = 63_072_000;
 }
 
 impl Environment {

@@ -36,6 +36,7 @@ provider = "local"
 # http_port = 8080
 # https_port = 8443
 # addresses = "127.77.0.0/16"    # loopback block the servers take their addresses from
+# No HSTS here: browsers would remember it for this machine's addresses and rigger's local CA.
 
 [environments.local.web]
 min = 2
@@ -60,6 +61,7 @@ replicas = 1
 # admin_public_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl admin@example"
 # ssh_identity = "~/.ssh/id_ed25519"    # its private key, for `rigger exec/ssh/logs`
 # bastion = "admin@203.0.113.10"      # when servers have no public address
+# hsts_max_age = 31536000    # HSTS for a year, once the domains are on HTTPS for good
 #
 # [environments.production.web]
 # min = 2

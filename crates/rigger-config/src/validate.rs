@@ -14,7 +14,7 @@ use toml_edit::{Array, Document, Item, TableLike, Value};
 
 use crate::diagnostic::Diagnostic;
 use crate::model::{
-    AwsConfig, Bastion, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing,
+    AwsConfig, Bastion, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing, Hsts,
     KeyPair, LaunchKind, LoadBalancerKind, LocalConfig, Project, ProviderConfig, ProviderKind,
 };
 use crate::rules::{
@@ -56,7 +56,15 @@ const PROJECT_KEYS: &[&str] = &[
     "health_check_path",
     "requirements",
 ];
-const ENV_KEYS: &[&str] = &["provider", "web", "worker", "database", "cache"];
+const ENV_KEYS: &[&str] = &[
+    "provider",
+    "web",
+    "worker",
+    "database",
+    "cache",
+    "hsts_max_age",
+    "hsts_include_subdomains",
+];
 const LOCAL_KEYS: &[&str] = &["http_port", "https_port", "addresses"];
 const AWS_KEYS: &[&str] = &[
     "region",
@@ -414,6 +422,7 @@ impl Validator<'_> {
         let worker = self.group(t, "worker", Role::Worker, kind);
         let database = self.database(t);
         let cache = self.cache(t);
+        let hsts = self.hsts(t);
         let environment = Environment {
             name: name.to_owned(),
             provider,
@@ -421,6 +430,7 @@ impl Validator<'_> {
             worker,
             database,
             cache,
+            hsts,
         };
         (environment, block)
     }
@@ -1318,6 +1328,56 @@ impl Validator<'_> {
         }
     }
 
+    /// `hsts_max_age` and `hsts_include_subdomains`: no header unless a max age is given.
+    fn hsts(&mut self, t: &Tbl<'_>) -> Option<Hsts> {
+        let max_age = self.integer(t, "hsts_max_age").found();
+        let include_subdomains = self.boolean(t, "hsts_include_subdomains").found();
+        let Some(max_age) = max_age else {
+            if let Some(include) = include_subdomains {
+                self.push(
+                    Diagnostic::new(
+                        format!(
+                            "`hsts_include_subdomains` without `hsts_max_age` in `{}`",
+                            t.path
+                        ),
+                        include.span,
+                        "no header to add it to",
+                    )
+                    .help(
+                        "HSTS is off unless `hsts_max_age` is set: add e.g. \
+                         `hsts_max_age = 31536000` (one year), or remove this key",
+                    ),
+                );
+            }
+            return None;
+        };
+        let Some(seconds) = u32::try_from(max_age.value)
+            .ok()
+            .filter(|s| *s <= Hsts::MAX_AGE_LIMIT)
+        else {
+            self.push(
+                Diagnostic::new(
+                    format!(
+                        "`hsts_max_age` in `{}` must be between 0 and {} (two years)",
+                        t.path,
+                        Hsts::MAX_AGE_LIMIT
+                    ),
+                    max_age.span,
+                    "out of range",
+                )
+                .help(
+                    "give the seconds browsers keep to HTTPS, e.g. `hsts_max_age = 31536000` \
+                     (one year); 0 tells them to forget an earlier header",
+                ),
+            );
+            return None;
+        };
+        Some(Hsts {
+            max_age: seconds,
+            include_subdomains: include_subdomains.is_some_and(|i| i.value),
+        })
+    }
+
     // ----- single values -----
 
     fn check_name(&mut self, name: &str, span: Range<usize>, what: &str) {
@@ -1952,6 +2012,8 @@ fn example(key: &str) -> &'static str {
         "volume_size" => "volume_size = 20",
         "replicas" => "replicas = 1",
         "shared_with_queue" => "shared_with_queue = true",
+        "hsts_max_age" => "hsts_max_age = 31536000",
+        "hsts_include_subdomains" => "hsts_include_subdomains = true",
         _ => "key = \"value\"",
     }
 }

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use rigger_config::{
-    AwsConfig, Bastion, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing,
+    AwsConfig, Bastion, CacheConfig, Cidr, Config, DatabaseConfig, Environment, GroupSizing, Hsts,
     KeyPair, LaunchKind, LoadBalancerKind, LoadError, LocalConfig, Project, ProviderConfig,
     ProviderKind, load, parse, starter,
 };
@@ -76,6 +76,7 @@ fn minimal_config_takes_every_default() {
                     instance_type: "t3.medium".into(),
                     volume_size: 20,
                 },
+                hsts: None,
             },
         )]),
     };
@@ -194,9 +195,10 @@ fn values_at_the_edge_of_their_rules_are_accepted() {
          certificate = \"arn:aws-us-gov:acm:us-gov-west-1:123456789012:certificate/0a1b-2c3d\"\n\
          key_pair = \"ops_admin-2024.old\"\n\
          admin_cidrs = [\"10.0.0.0/8\", \"10.1.0.0/16\"]\n\
+         hsts_max_age = 63072000\n\
          web = {{ min = 1000, max = 1000 }}\n\
          [environments.iam]\nprovider = \"aws\"\nregion = \"eu-west-1\"\n\
-         ami = \"ami-12345678\"\n\
+         ami = \"ami-12345678\"\nhsts_max_age = 0\n\
          certificate = \"arn:aws:iam::123456789012:server-certificate/cloudfront/site+2024@x.y\"\n",
         replicas = DatabaseConfig::MAX_REPLICAS,
     );
@@ -209,6 +211,15 @@ fn values_at_the_edge_of_their_rules_are_accepted() {
         config.environments["production"].web.max,
         GroupSizing::MAX_SERVERS
     );
+    // Two years at most; 0 tells browsers to forget an earlier header.
+    assert_eq!(
+        config.environments["production"].hsts,
+        Some(Hsts {
+            max_age: Hsts::MAX_AGE_LIMIT,
+            include_subdomains: false,
+        })
+    );
+    assert_eq!(config.environments["iam"].hsts.map(|h| h.max_age), Some(0));
 }
 
 /// The ```toml block under "## Full example" in docs/config.md.
@@ -264,6 +275,7 @@ fn full_example_in_docs() {
     assert_eq!(local.worker, sizing(1, 2, 1, "t3.small", 20));
     assert_eq!(local.database.replicas, 1);
     assert!(local.cache.shared_with_queue);
+    assert_eq!(local.hsts, None);
 
     let production = &config.environments["production"];
     assert_eq!(production.name, "production");
@@ -293,6 +305,13 @@ fn full_example_in_docs() {
                 port: 2222,
             }),
             ssh_port: 22,
+        })
+    );
+    assert_eq!(
+        production.hsts,
+        Some(Hsts {
+            max_age: 31_536_000,
+            include_subdomains: true,
         })
     );
     assert_eq!(production.web, sizing(2, 8, 3, "c6i.large", 30));
@@ -325,6 +344,7 @@ fn starter_parses() {
     assert_eq!(local.web.desired, 2);
     assert_eq!(local.worker.desired, 1);
     assert_eq!(config.environments.len(), 1);
+    assert_eq!(local.hsts, None, "no HSTS pinned to a local CA by default");
 }
 
 #[test]
@@ -343,6 +363,10 @@ fn starter_aws_example_parses_when_uncommented() {
     assert_eq!(
         config.environments["production"].provider_kind(),
         ProviderKind::Aws
+    );
+    assert_eq!(
+        config.environments["production"].hsts.map(|h| h.max_age),
+        Some(31_536_000)
     );
 }
 

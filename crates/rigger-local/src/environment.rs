@@ -273,6 +273,10 @@ impl LocalEnvironment {
                 replication_user: "replicator".into(),
                 amqp_user: db_name.clone(),
                 amqp_vhost: db_name,
+                hsts: self.env().hsts.map(|h| rigger_recipes::Hsts {
+                    max_age: h.max_age,
+                    include_subdomains: h.include_subdomains,
+                }),
             },
             ports,
             peers: rigger_recipes::Peers {

@@ -134,6 +134,29 @@ pub struct ProjectInfo {
     /// RabbitMQ user and vhost of the project (RabbitMQ's `guest` is never created).
     pub amqp_user: String,
     pub amqp_vhost: String,
+    /// The `Strict-Transport-Security` header of the site's HTTPS responses; `None`: none.
+    pub hsts: Option<Hsts>,
+}
+
+/// HTTP Strict Transport Security, as nginx sends it on the site's HTTPS responses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Hsts {
+    /// Seconds browsers keep to HTTPS; 0 makes them forget an earlier header.
+    pub max_age: u32,
+    /// `includeSubDomains`: every subdomain of the visited domain too.
+    pub include_subdomains: bool,
+}
+
+impl Hsts {
+    /// The header's value: `max-age=N`, then `; includeSubDomains` when asked (never
+    /// `preload`: a commitment to browsers' lists that rigger does not make).
+    pub fn header_value(&self) -> String {
+        let mut value = format!("max-age={}", self.max_age);
+        if self.include_subdomains {
+            value.push_str("; includeSubDomains");
+        }
+        value
+    }
 }
 
 impl ProjectInfo {

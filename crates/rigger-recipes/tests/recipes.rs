@@ -297,6 +297,48 @@ fn app_env_file_follows_the_contract() {
     );
 }
 
+/// HSTS is off unless asked for; when on, nginx sends it (`always`: errors too) on the site's
+/// HTTPS server only, including the maintenance page, whose own `add_header`s would otherwise
+/// hide the server's.
+#[test]
+fn nginx_sends_hsts_only_when_asked_and_only_over_https() {
+    let nginx_conf = |ctx: &ServerContext| {
+        let recipe = render_server(ctx).unwrap();
+        let path = ctx.layout.etc("nginx").join("nginx.conf");
+        recipe.file(&path).unwrap().contents.clone()
+    };
+    let mut ctx = local("web-1");
+    assert!(!nginx_conf(&ctx).contains("Strict-Transport-Security"));
+
+    ctx.project.hsts = Some(common::hsts());
+    let conf = nginx_conf(&ctx);
+    let header =
+        r#"add_header Strict-Transport-Security "max-age=31536000; includeSubDomains" always;"#;
+    assert_eq!(conf.matches(header).count(), 2, "{conf}");
+    // Every server block that carries it listens with TLS.
+    for block in conf.split("\n    server {").skip(1) {
+        if block.contains("Strict-Transport-Security") {
+            assert!(block.contains(" ssl;"), "HSTS outside HTTPS: {block}");
+            assert!(
+                !block.contains("default_server"),
+                "HSTS for unknown hosts: {block}"
+            );
+        }
+    }
+    let maintenance = conf
+        .split("location = /.rigger/maintenance.html {")
+        .nth(1)
+        .unwrap();
+    let maintenance = maintenance.split('}').next().unwrap();
+    assert!(maintenance.contains(header), "{maintenance}");
+
+    ctx.project.hsts = Some(rigger_recipes::Hsts {
+        max_age: 0,
+        include_subdomains: false,
+    });
+    assert!(nginx_conf(&ctx).contains(r#"Strict-Transport-Security "max-age=0" always;"#));
+}
+
 #[test]
 fn web_and_worker_on_one_server_merge() {
     let mut ctx = local("web-1");

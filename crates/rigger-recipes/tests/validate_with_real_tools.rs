@@ -111,48 +111,8 @@ fn nginx_takes_the_client_address_only_from_the_load_balancer() {
     let scratch = Scratch::new("nginx-xff");
     make_certs(&scratch, &["web-1"]);
     let ctx = scratch.context("web-1");
-    let recipe = render_server(&ctx).unwrap();
-    apply_fs(&recipe);
-    // A stand-in for gunicorn that answers every request and keeps its headers.
-    let upstream = std::net::TcpListener::bind((ctx.address, ctx.ports.gunicorn)).unwrap();
-    let (sender, received) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::{BufRead as _, Write as _};
-        for stream in upstream.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
-            let mut head = String::new();
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                head.push_str(&line.to_ascii_lowercase());
-            }
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
-            if sender.send(head).is_err() {
-                return;
-            }
-        }
-    });
     let mut running = Running::default();
-    let nginx = recipe.service("nginx").unwrap();
-    let child = process(&nginx.command, None)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    running.0.push(("nginx".into(), nginx.stop_signal, child));
-    wait_ready(
-        "nginx",
-        &Probe::Tcp {
-            addr: ctx.address,
-            port: ctx.ports.nginx_http,
-        },
-        &nginx.log_file,
-    );
+    let app = start_nginx_before_a_stand_in_app(&ctx, &mut running);
 
     let ask_from = |source: std::net::Ipv4Addr| {
         run_checked(std::process::Command::new("/usr/bin/curl").args([
@@ -167,7 +127,7 @@ fn nginx_takes_the_client_address_only_from_the_load_balancer() {
             "X-Forwarded-Proto: http",
             &format!("http://{}{}", ctx.address, ctx.project.health_check_path),
         ]));
-        received
+        app.received
             .recv_timeout(Duration::from_secs(30))
             .expect("the request reached the app")
     };
@@ -187,6 +147,129 @@ fn nginx_takes_the_client_address_only_from_the_load_balancer() {
         assert!(!head.contains("x-forwarded-host"), "{head}");
         assert!(head.contains("x-forwarded-proto: https\r\n"), "{head}");
         assert!(!head.contains("198.51.100.66"), "{head}");
+    }
+}
+
+/// With HSTS on, every HTTPS response of the site carries it (the app's, the health check's,
+/// the maintenance page's 503), and no plain-HTTP response does.
+#[test]
+fn nginx_sends_hsts_on_https_responses_only() {
+    if missing(&["/usr/sbin/nginx", "/usr/bin/openssl", "/usr/bin/curl"]) || !is_root() {
+        return;
+    }
+    let _one = SERVICES.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("nginx-hsts");
+    make_certs(&scratch, &["web-1"]);
+    let mut ctx = scratch.context("web-1");
+    ctx.project.hsts = Some(common::hsts());
+    let mut running = Running::default();
+    let _app = start_nginx_before_a_stand_in_app(&ctx, &mut running);
+
+    let domain = ctx.project.canonical_domain().to_owned();
+    let headers = |scheme: &str, port: u16, path: &str| {
+        let out = run_checked(std::process::Command::new("/usr/bin/curl").args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            "--cacert",
+            &ctx.layout.ca_cert().to_string_lossy(),
+            // The server's certificate names its address; the Host header picks the site.
+            "-H",
+            &format!("Host: {domain}"),
+            &format!("{scheme}://{}:{port}{path}", ctx.address),
+        ]));
+        out.to_ascii_lowercase()
+    };
+    let hsts = "strict-transport-security: max-age=31536000; includesubdomains\r\n";
+    let https = ctx.ports.nginx_https;
+    let app = headers("https", https, "/polls/");
+    assert!(app.starts_with("http/1.1 200"), "{app}");
+    assert!(app.contains(hsts), "{app}");
+    let health = headers("https", https, &ctx.project.health_check_path);
+    assert!(health.contains(hsts), "{health}");
+
+    let maintenance = ctx.layout.maintenance_dir.join("maintenance.html");
+    std::fs::write(&maintenance, "down for maintenance").unwrap();
+    let page = headers("https", https, "/polls/");
+    std::fs::remove_file(&maintenance).unwrap();
+    assert!(page.starts_with("http/1.1 503"), "{page}");
+    assert!(page.contains(hsts), "{page}");
+    assert!(page.contains("retry-after: 60\r\n"), "{page}");
+
+    let plain = headers("http", ctx.ports.nginx_http, "/polls/");
+    assert!(plain.starts_with("http/1.1 301"), "{plain}");
+    assert!(!plain.contains("strict-transport-security"), "{plain}");
+}
+
+/// Applies the web server's recipe, starts a stand-in for gunicorn on its port (answers `ok`
+/// to every request and sends each request's head, lower-cased, to [`StandInApp::received`]),
+/// then nginx.
+fn start_nginx_before_a_stand_in_app(ctx: &ServerContext, running: &mut Running) -> StandInApp {
+    let recipe = render_server(ctx).unwrap();
+    apply_fs(&recipe);
+    let address = SocketAddr::from((ctx.address, ctx.ports.gunicorn));
+    let upstream = std::net::TcpListener::bind(address).unwrap();
+    let (sender, received) = std::sync::mpsc::channel::<String>();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    std::thread::spawn(move || {
+        use std::io::{BufRead as _, Write as _};
+        for stream in upstream.incoming() {
+            if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let Ok(mut stream) = stream else { return };
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line.to_ascii_lowercase());
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+            let _ = sender.send(head);
+        }
+    });
+    let nginx = recipe.service("nginx").unwrap();
+    let child = process(&nginx.command, None)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    running.0.push(("nginx".into(), nginx.stop_signal, child));
+    wait_ready(
+        "nginx",
+        &Probe::Tcp {
+            addr: ctx.address,
+            port: ctx.ports.nginx_http,
+        },
+        &nginx.log_file,
+    );
+    StandInApp {
+        received,
+        address,
+        stop,
+    }
+}
+
+/// The stand-in app's requests; dropping it closes its port (its thread stops at the next
+/// connection, which the drop makes).
+struct StandInApp {
+    received: std::sync::mpsc::Receiver<String>,
+    address: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for StandInApp {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.address, Duration::from_secs(5));
     }
 }
 
@@ -259,6 +342,25 @@ fn database_path_works_end_to_end() {
         "CREATE TABLE t (x int); INSERT INTO t VALUES (42); SELECT pg_is_in_recovery()",
     ));
     assert!(out.contains('f'), "{out}");
+    // PostgreSQL reads a quoted hostile value back as written, whatever
+    // standard_conforming_strings says: it cannot end its literal.
+    for hostile in [
+        "x'; SELECT 'pwned",
+        r"x\'; SELECT 1; --",
+        r"x\",
+        "''",
+        "a\nb",
+    ] {
+        for strings in ["on", "off"] {
+            let sql = format!(
+                "SET standard_conforming_strings = {strings}; SELECT {}",
+                rigger_recipes::quote_literal(hostile)
+            );
+            let out = run_checked(&mut psql(&env["DATABASE_NAME"], &sql));
+            let value = out.strip_prefix("SET\n").and_then(|v| v.strip_suffix('\n'));
+            assert_eq!(value, Some(hostile), "{sql}");
+        }
+    }
     let replica_db = env["DATABASE_REPLICA_NAMES"].clone();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

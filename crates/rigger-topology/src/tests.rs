@@ -34,6 +34,7 @@ pub(crate) fn config(provider: ProviderConfig, replicas: u32, shared_with_queue:
             instance_type: "t3.medium".into(),
             volume_size: 20,
         },
+        hsts: None,
     };
     Config {
         project: Project {

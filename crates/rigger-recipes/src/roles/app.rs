@@ -62,6 +62,7 @@ pub(super) fn web(b: &mut Builder) -> Result<(), RenderError> {
             http_port => ports.nginx_http,
             https_port => ports.nginx_https,
             https_port_suffix,
+            hsts => p.hsts.map(|h| h.header_value()),
             load_balancer_networks => ctx.peers.load_balancer_networks
                 .iter()
                 .map(ToString::to_string)

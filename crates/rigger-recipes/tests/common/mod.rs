@@ -6,7 +6,8 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use rigger_recipes::{
-    Layout, Network, Peer, Peers, Ports, ProjectInfo, Role, Secret, Secrets, ServerContext, Tuning,
+    Hsts, Layout, Network, Peer, Peers, Ports, ProjectInfo, Role, Secret, Secrets, ServerContext,
+    Tuning,
 };
 
 /// Every server of the sample environment: id, address, roles.
@@ -72,6 +73,7 @@ pub fn context_in(block: u8, id: &str, layout: Layout) -> ServerContext {
             replication_user: "replicator".into(),
             amqp_user: "surveys".into(),
             amqp_vhost: "surveys_local".into(),
+            hsts: None,
         },
         ports: Ports {
             lb_http: 8080,
@@ -114,9 +116,18 @@ pub fn local(id: &str) -> ServerContext {
     context(id, local_layout(Path::new("/state/surveys-local"), id))
 }
 
-/// The sample server `id` on a systemd host.
+/// The sample server `id` on a systemd host, with HSTS on (as a production site would be).
 pub fn systemd(id: &str) -> ServerContext {
     let mut ctx = context(id, Layout::systemd("surveys"));
     ctx.start_epmd = false;
+    ctx.project.hsts = Some(hsts());
     ctx
+}
+
+/// A year of HSTS, subdomains included.
+pub fn hsts() -> Hsts {
+    Hsts {
+        max_age: 31_536_000,
+        include_subdomains: true,
+    }
 }

@@ -116,8 +116,9 @@ SESSION_COOKIE_SECURE = True
 CSRF_COOKIE_SECURE = True
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
-# nginx redirects plain HTTP to HTTPS and sets HSTS; gunicorn is never reached over plain HTTP
-# from outside, and the load balancers probe the health check by address.
+# nginx redirects plain HTTP to HTTPS (and sends HSTS when rigger.toml sets hsts_max_age);
+# gunicorn is never reached over plain HTTP from outside, and the load balancers probe the
+# health check by address.
 SECURE_SSL_REDIRECT = False
 
 # --- databases: the primary and each replica through this server's PgBouncer -------------------
