@@ -2,7 +2,9 @@
 //! servers goes over SSH, which moto's fake addresses cannot take): the primary and replica
 //! found by their tags, a failover's fencing and renaming, launch templates pointing at the
 //! new primary, the plan afterwards wanting only the replica, `up` building it, `down`
-//! removing everything with the fenced server; backups' listing and retention in the bucket.
+//! removing everything with the fenced server; backups' listing and retention in the bucket;
+//! a database server's user-data naming the volume attached to it, and `down` deleting the
+//! host keys the servers published.
 
 mod common;
 
@@ -292,5 +294,95 @@ async fn backups_are_listed_oldest_first_and_pruned_to_the_newest() {
             .await
             .unwrap(),
         sorted[3..]
+    );
+}
+
+/// The user-data an instance was launched with (gzipped; moto may hand it back base64
+/// encoded once more).
+async fn instance_user_data(provider: &rigger_aws::Provider, id: &str) -> String {
+    let answer = provider
+        .clients
+        .ec2
+        .describe_instance_attribute()
+        .instance_id(id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let mut bytes = answer
+        .user_data()
+        .and_then(|u| u.value())
+        .unwrap()
+        .as_bytes()
+        .to_vec();
+    // Decoded until gzip's magic shows.
+    while !bytes.starts_with(&[0x1f, 0x8b]) {
+        bytes = base64::engine::general_purpose::STANDARD
+            .decode(&bytes)
+            .expect("base64 user-data");
+    }
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&bytes[..])
+        .read_to_string(&mut text)
+        .unwrap();
+    text
+}
+
+#[tokio::test]
+async fn stand_alone_servers_boot_with_their_volume_id_and_down_deletes_their_host_keys() {
+    let moto = Moto::start();
+    let provider = provider(&moto, config(&config_text("", 1, "t3.small"))).await;
+    provider.up(common::RELEASE, &quiet).await.unwrap();
+    let servers = provider.servers().await.unwrap();
+    let primary = servers.iter().find(|s| s.id == "db-primary").unwrap();
+    // The volume rigger made for it, and attached to it, is the one its script looks for.
+    let volumes = provider
+        .clients
+        .ec2
+        .describe_volumes()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("tag:Name")
+                .values("shop-prod-db-primary-data")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let volume = &volumes.volumes()[0];
+    let volume_id = volume.volume_id().unwrap();
+    assert_eq!(
+        volume.attachments()[0].instance_id(),
+        Some(primary.instance_id.as_str())
+    );
+    let script = instance_user_data(&provider, &primary.instance_id).await;
+    assert!(
+        script.contains(&format!(
+            "\nmount_data_volume /var/lib/rigger {volume_id}\n"
+        )),
+        "{volume_id} not in the script"
+    );
+
+    // Every server publishes its keys at boot (done here as its user-data would); `down`
+    // deletes them with the servers.
+    for server in &servers {
+        let name = rigger_aws::hostkeys::parameter(&provider.env, &server.instance_id);
+        rigger_aws::parameters::put(&provider.clients, &name, "ssh-ed25519 AAAA")
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        rigger_aws::hostkeys::published(&provider.env, &provider.clients)
+            .await
+            .unwrap()
+            .len(),
+        servers.len()
+    );
+    provider.down(&quiet).await.unwrap();
+    assert!(
+        rigger_aws::hostkeys::published(&provider.env, &provider.clients)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
