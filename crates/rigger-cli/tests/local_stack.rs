@@ -253,6 +253,50 @@ fn the_example_site_runs_on_the_local_provider_with_real_services() {
     let said = String::from_utf8_lossy(&stranger.stderr);
     assert!(said.contains("intruder"), "{said}");
 
+    // Redis and RabbitMQ (which the sessions and tasks above went through) speak only TLS,
+    // behind certificates of the environment's CA for the cache server's address.
+    let cache = status(&stack)["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["roles"].as_array().unwrap().iter().any(|r| r == "cache"))
+        .map(|s| s["address"].as_str().unwrap().to_owned())
+        .unwrap();
+    let ca = stack.env_dir().join("pki/ca.crt");
+    let redis_password =
+        std::fs::read_to_string(stack.env_dir().join("secrets/redis_password")).unwrap();
+    let ping = Command::new("redis-cli")
+        .args(["-h", &cache, "-p", "6380", "--tls", "--cacert"])
+        .arg(&ca)
+        .arg("ping")
+        .env("REDISCLI_AUTH", redis_password.trim())
+        .output()
+        .expect("redis-cli runs");
+    assert_eq!(
+        String::from_utf8_lossy(&ping.stdout).trim(),
+        "PONG",
+        "{}",
+        String::from_utf8_lossy(&ping.stderr)
+    );
+    let amqps = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("{cache}:5671"), "-CAfile"])
+        .arg(&ca)
+        .args(["-verify_return_error", "-verify_ip", &cache])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl runs");
+    assert!(
+        amqps.status.success(),
+        "AMQPS: {}",
+        String::from_utf8_lossy(&amqps.stderr)
+    );
+    for plain in [6379, 5672] {
+        assert!(
+            std::net::TcpStream::connect((cache.as_str(), plain)).is_err(),
+            "something listens in clear on {cache}:{plain}"
+        );
+    }
+
     // Replication is visible in status.
     let status = status(&stack);
     assert_eq!(status["replication"][0]["id"], "db-replica1", "{status}");

@@ -1152,10 +1152,14 @@ async fn start_server(
     );
     let recipe = rigger_recipes::render_server(&ctx)
         .with_context(|| format!("rendering the recipes of {}", server.id))?;
-    let needs_certificate = server
-        .roles()
-        .iter()
-        .any(|r| matches!(r, Role::Web | Role::Lb | Role::DbPrimary | Role::DbReplica));
+    // Every server that serves TLS: all but a worker (Redis and RabbitMQ too, whose clients
+    // check them against the CA as stunnel checks PostgreSQL).
+    let needs_certificate = server.roles().iter().any(|r| {
+        matches!(
+            r,
+            Role::Web | Role::Lb | Role::Cache | Role::Queue | Role::DbPrimary | Role::DbReplica
+        )
+    });
     if needs_certificate {
         let names = env.config.project.domains.clone();
         prepare::ensure_server_certificate(

@@ -188,8 +188,10 @@ pub struct Ports {
     /// stunnel's local port for the primary; replica N (from 1) gets `stunnel_base + N`.
     pub stunnel_base: u16,
     pub postgres: u16,
-    pub redis: u16,
-    pub amqp: u16,
+    /// Redis over TLS (its plain port is closed).
+    pub redis_tls: u16,
+    /// RabbitMQ's AMQP over TLS (AMQPS; its plain AMQP port is closed).
+    pub amqps: u16,
     pub rabbit_dist: u16,
     pub epmd: u16,
     /// The load balancer's plain port. Locally HAProxy listens on it; on AWS it is 80.
@@ -208,8 +210,8 @@ impl Default for Ports {
             pgbouncer: 6432,
             stunnel_base: 7432,
             postgres: 5432,
-            redis: 6379,
-            amqp: 5672,
+            redis_tls: 6380,
+            amqps: 5671,
             rabbit_dist: 25672,
             epmd: 4369,
             lb_http: 80,

@@ -36,7 +36,7 @@
 //! directory). A supervised service's stdout and stderr go to `log/<service>.log`; most
 //! services log there (nginx writes `log/nginx/{error,access}.log`, RabbitMQ `log/rabbitmq`).
 //! Ports are in [`Ports`] (nginx 80/443, gunicorn 8000, PgBouncer 6432, stunnel 7432 + N,
-//! PostgreSQL 5432, Redis 6379, AMQP 5672, Erlang distribution 25672, epmd 4369). Every
+//! PostgreSQL 5432, Redis over TLS 6380, AMQPS 5671, Erlang distribution 25672, epmd 4369). Every
 //! service listens on the server's own address, never on a wildcard, so that the local
 //! provider can give each server its own loopback address.
 //!
@@ -56,6 +56,11 @@
 //!   port 80 as the seed's load balancer did (nginx redirects to https), and checks nginx's
 //!   certificate against the environment CA (`verify required`) rather than `verify none`.
 //!   Its certificate and key stay separate files (`ssl-load-extra-del-ext`).
+//! - **Redis and RabbitMQ speak TLS only** (Redis `port 0` with a `tls-port`, RabbitMQ
+//!   `listeners.tcp = none` with an AMQPS listener), with the server's certificate signed by
+//!   the environment CA, as PostgreSQL's is; the app's URLs are `rediss://` and `amqps://` and
+//!   `RIGGER_CA_CERT` names the CA to check them against. Each service reads its own copy of
+//!   the key ([`Builder::server_tls_copy`](roles)), as PostgreSQL does.
 //! - **Redis keeps nothing on disk** (`save ""`, no AOF): it is a cache and a session store
 //!   that rigger may replace at any time.
 //! - **Service users get `HOME`** in their command's environment (the layout's

@@ -271,7 +271,7 @@ fn app_env_file_follows_the_contract() {
         .filter_map(|l| l.strip_prefix("| `"))
         .filter_map(|l| l.split('`').next())
         .collect();
-    assert_eq!(documented.len(), 17);
+    assert_eq!(documented.len(), 18);
     let keys: Vec<&str> = vars.keys().map(String::as_str).collect();
     let mut sorted = documented.clone();
     sorted.sort();
@@ -283,10 +283,18 @@ fn app_env_file_follows_the_contract() {
         ctx.secrets.django_secret_key.expose()
     );
     assert_eq!(vars["DATABASE_PASSWORD"], ctx.secrets.db_password.expose());
-    assert_eq!(vars["REDIS_URL"], "redis://:redis%2Fpw%2B7@127.77.3.1:6379");
+    // Redis and RabbitMQ over TLS only, checked against the environment's CA.
+    assert_eq!(
+        vars["REDIS_URL"],
+        "rediss://:redis%2Fpw%2B7@127.77.3.1:6380"
+    );
     assert_eq!(
         vars["CELERY_BROKER_URL"],
-        "amqp://surveys:rabbit%40pw%3D9@127.77.3.1:5672/surveys_local"
+        "amqps://surveys:rabbit%40pw%3D9@127.77.3.1:5671/surveys_local"
+    );
+    assert_eq!(
+        vars["RIGGER_CA_CERT"],
+        ctx.layout.ca_cert().to_string_lossy()
     );
     assert_eq!(vars["DATABASE_REPLICA_NAMES"], "surveys_local_replica1");
     assert_eq!(vars["RIGGER_ROLE"], "web");

@@ -409,39 +409,65 @@ fn database_path_works_end_to_end() {
     run_steps(&recipe, Phase::AfterStart);
 }
 
+/// Redis answers only over TLS, with a certificate that verifies against the environment's CA
+/// for the server's address, and only to its password.
 #[test]
-fn redis_requires_its_password() {
-    if missing(&["/usr/bin/redis-server", "/usr/bin/redis-cli"]) || !is_root() {
+fn redis_speaks_only_tls_and_requires_its_password() {
+    if missing(&[
+        "/usr/bin/redis-server",
+        "/usr/bin/redis-cli",
+        "/usr/bin/openssl",
+    ]) || !is_root()
+    {
         return;
     }
     let _one_at_a_time = SERVICES.lock().unwrap_or_else(|e| e.into_inner());
     let scratch = Scratch::new("redis");
+    make_certs(&scratch, &["cache-1"]);
     let mut ctx = scratch.context("cache-1");
     ctx.roles = vec![Role::Cache];
     let mut running = Running::default();
     bring_up(&render_server(&ctx).unwrap(), &mut running);
-    let cli = |password: Option<&str>| {
+    let port = ctx.ports.redis_tls.to_string();
+    let cli = |tls: bool, password: Option<&str>| {
         let mut c = std::process::Command::new("/usr/bin/redis-cli");
-        c.args(["-h", &ctx.address.to_string(), "ping"]);
+        c.args(["-h", &ctx.address.to_string(), "-p", &port]);
+        if tls {
+            c.arg("--tls").arg("--cacert").arg(ctx.layout.ca_cert());
+        }
+        c.arg("ping");
         if let Some(p) = password {
             c.env("REDISCLI_AUTH", p);
         }
-        String::from_utf8_lossy(&c.output().unwrap().stdout).into_owned()
+        let out = c.output().unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     };
-    assert!(cli(None).contains("NOAUTH"));
-    assert_eq!(
-        cli(Some(ctx.secrets.redis_password.expose())).trim(),
-        "PONG"
-    );
+    let password = ctx.secrets.redis_password.expose();
+    assert!(cli(true, None).contains("NOAUTH"));
+    assert_eq!(cli(true, Some(password)).trim(), "PONG");
+    // In clear, the TLS port answers nothing, and Redis's usual port is closed.
+    assert!(!cli(false, Some(password)).contains("PONG"));
+    assert!(TcpStream::connect((ctx.address, 6379)).is_err());
+    assert_answers_over_verified_tls(&ctx, ctx.ports.redis_tls, b"PING\r\n", b"-NOAUTH");
 }
 
 #[test]
-fn rabbitmq_starts_with_the_project_user_and_no_guest() {
-    if missing(&["/usr/lib/rabbitmq/bin/rabbitmq-server", "/usr/bin/epmd"]) || !is_root() {
+fn rabbitmq_starts_with_the_project_user_and_no_guest_and_speaks_only_amqps() {
+    if missing(&[
+        "/usr/lib/rabbitmq/bin/rabbitmq-server",
+        "/usr/bin/epmd",
+        "/usr/bin/openssl",
+    ]) || !is_root()
+    {
         return;
     }
     let _one_at_a_time = SERVICES.lock().unwrap_or_else(|e| e.into_inner());
     let scratch = Scratch::new("rabbitmq");
+    make_certs(&scratch, &["cache-1"]);
     let mut ctx = scratch.context("cache-1");
     ctx.roles = vec![Role::Queue];
     // RabbitMQ checks that its distribution port is free on every address, and epmd may
@@ -478,6 +504,60 @@ fn rabbitmq_starts_with_the_project_user_and_no_guest() {
     );
     let vhosts = ctl(&["list_vhosts", "-s"]);
     assert!(String::from_utf8_lossy(&vhosts.stdout).contains("surveys_local"));
+
+    // AMQP only over TLS: the AMQPS port answers the protocol header with the broker's
+    // Connection.Start, behind a certificate of the CA; plain AMQP's port is closed.
+    assert_answers_over_verified_tls(&ctx, ctx.ports.amqps, b"AMQP\x00\x00\x09\x01", b"RabbitMQ");
+    assert!(TcpStream::connect((ctx.address, 5672)).is_err());
+}
+
+/// Connects to `port` of the server with TLS, checking its certificate against the
+/// environment's CA and the server's address (what the app's clients check), sends `request`
+/// and waits for `answer` among what the server says.
+fn assert_answers_over_verified_tls(ctx: &ServerContext, port: u16, request: &[u8], answer: &[u8]) {
+    use std::io::{Read as _, Write as _};
+    let mut client = std::process::Command::new("/usr/bin/openssl")
+        .args(["s_client", "-quiet", "-verify_return_error"])
+        .arg("-connect")
+        .arg(format!("{}:{port}", ctx.address))
+        .arg("-CAfile")
+        .arg(ctx.layout.ca_cert())
+        .args(["-verify_ip", &ctx.address.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    client.stdin.as_mut().unwrap().write_all(request).unwrap();
+    let mut stdout = client.stdout.take().unwrap();
+    let (sender, said) = std::sync::mpsc::channel();
+    let expected = answer.to_vec();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 4096];
+        // Until the answer arrives or the connection ends (a failed verification ends it).
+        while !seen
+            .windows(expected.len())
+            .any(|w| w == expected.as_slice())
+        {
+            match stdout.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buffer[..n]),
+            }
+        }
+        let _ = sender.send(seen);
+    });
+    let seen = said.recv_timeout(Duration::from_secs(30));
+    let _ = client.kill();
+    let out = client.wait_with_output().unwrap();
+    let seen = seen.expect("the server answered within 30 s");
+    assert!(
+        seen.windows(answer.len()).any(|w| w == answer),
+        "TLS to {port} did not answer {:?}: {:?}; openssl: {}",
+        String::from_utf8_lossy(answer),
+        String::from_utf8_lossy(&seen),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 // ---- a minimal applier: just enough of a provider to run recipes in tests ----

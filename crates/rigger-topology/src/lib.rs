@@ -26,8 +26,10 @@ pub mod port {
     pub const SSH: u16 = 22;
     pub const HTTP: u16 = 80;
     pub const HTTPS: u16 = 443;
-    pub const REDIS: u16 = 6379;
-    pub const AMQP: u16 = 5672;
+    /// Redis over TLS: its plain port is closed (`rigger_recipes::Ports::redis_tls`).
+    pub const REDIS_TLS: u16 = 6380;
+    /// AMQP over TLS: its plain port is closed (`rigger_recipes::Ports::amqps`).
+    pub const AMQPS: u16 = 5671;
     pub const POSTGRES: u16 = 5432;
 }
 
@@ -300,11 +302,14 @@ impl Builder<'_> {
         let worker = self.names.security_group(Role::Worker);
         let app_clients = [Role::Web, Role::Worker];
         let cache_rules = vec![
-            rule(port::REDIS, &sg(&web)),
-            rule(port::REDIS, &sg(&worker)),
+            rule(port::REDIS_TLS, &sg(&web)),
+            rule(port::REDIS_TLS, &sg(&worker)),
         ];
         self.security_group(Role::Cache, "Redis", cache_rules, &app_clients);
-        let queue_rules = vec![rule(port::AMQP, &sg(&web)), rule(port::AMQP, &sg(&worker))];
+        let queue_rules = vec![
+            rule(port::AMQPS, &sg(&web)),
+            rule(port::AMQPS, &sg(&worker)),
+        ];
         self.security_group(Role::Queue, "RabbitMQ", queue_rules, &app_clients);
 
         let db = self.names.security_group(Role::DbPrimary);

@@ -110,6 +110,42 @@ fn aws_environment_has_the_seed_architecture() {
     insta::assert_snapshot!(describe(&topology));
 }
 
+/// The security groups open the ports the recipes' servers listen on: Redis and RabbitMQ
+/// only on their TLS ports.
+#[test]
+fn security_groups_open_the_recipes_tls_ports() {
+    let recipes = rigger_recipes::Ports::default();
+    assert_eq!(port::REDIS_TLS, recipes.redis_tls);
+    assert_eq!(port::AMQPS, recipes.amqps);
+    assert_eq!(port::POSTGRES, recipes.postgres);
+    let topology = desired(&config(aws(), 1, false), "prod", "r1").unwrap();
+    let ingress = |name: &str| {
+        let group = topology
+            .resources
+            .iter()
+            .find(|r| r.id.kind == ResourceKind::SecurityGroup && r.id.name == name)
+            .unwrap();
+        match &group.attributes["ingress"].value {
+            Value::Set(rules) => rules.iter().cloned().collect::<Vec<_>>(),
+            other => panic!("{other}"),
+        }
+    };
+    assert_eq!(
+        ingress("surveys-prod-cache-sg"),
+        [
+            "tcp/6380 from sg:surveys-prod-web-sg",
+            "tcp/6380 from sg:surveys-prod-worker-sg"
+        ]
+    );
+    assert_eq!(
+        ingress("surveys-prod-queue-sg"),
+        [
+            "tcp/5671 from sg:surveys-prod-web-sg",
+            "tcp/5671 from sg:surveys-prod-worker-sg"
+        ]
+    );
+}
+
 #[test]
 fn local_environment_leaves_out_machine_attributes() {
     let topology = desired(&config(local(), 1, true), "prod", "r1").unwrap();

@@ -352,26 +352,29 @@ fn app_env_vars(b: &Builder) -> Vec<(&'static str, String)> {
         ("DATABASE_PASSWORD", secrets.db_password.expose().to_owned()),
         ("DATABASE_NAME", p.db_name.clone()),
         ("DATABASE_REPLICA_NAMES", replica_names.join(",")),
+        // Both over TLS, checked against RIGGER_CA_CERT (the servers' certificates name
+        // their addresses).
         (
             "REDIS_URL",
             format!(
-                "redis://:{}@{}:{}",
+                "rediss://:{}@{}:{}",
                 percent_encode(secrets.redis_password.expose()),
                 ctx.peers.redis,
-                ports.redis
+                ports.redis_tls
             ),
         ),
         (
             "CELERY_BROKER_URL",
             format!(
-                "amqp://{}:{}@{}:{}/{}",
+                "amqps://{}:{}@{}:{}/{}",
                 percent_encode(&p.amqp_user),
                 percent_encode(secrets.rabbitmq_password.expose()),
                 ctx.peers.amqp,
-                ports.amqp,
+                ports.amqps,
                 percent_encode(&p.amqp_vhost)
             ),
         ),
+        ("RIGGER_CA_CERT", s(&l.ca_cert())),
         ("MEDIA_ROOT", s(&l.media_root)),
         ("STATIC_ROOT", s(&l.static_root)),
     ]

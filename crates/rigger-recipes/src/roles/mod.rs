@@ -142,6 +142,26 @@ impl<'a> Builder<'a> {
         });
     }
 
+    /// Steps that copy this server's certificate and key (root's, in the layout's TLS
+    /// directory) into `dir` as `server.crt` (0644) and `server.key` (0600), owned by `owner`,
+    /// for a service that reads its key as its own user. `dir` is root's, so the service
+    /// cannot swap a name in it for a link root would follow. Copied at every apply, so a
+    /// renewed certificate is picked up. Steps `<component>-tls-crt`, `<component>-tls-key`.
+    pub fn server_tls_copy(&mut self, component: &str, dir: &Path, owner: &str) {
+        let l = self.layout();
+        for (name, source, mode) in [("crt", l.tls_cert(), "0644"), ("key", l.tls_key(), "0600")] {
+            let install = Command::new(s(&l.bins.install))
+                .args(["-m", mode, "-o", owner, "-g", owner])
+                .args([s(&source), sj(dir, &format!("server.{name}"))]);
+            self.step(
+                &format!("{component}-tls-{name}"),
+                Phase::BeforeStart,
+                install,
+                None,
+            );
+        }
+    }
+
     /// Renders template `name` with the server's id and address added to `ctx`.
     pub fn template(&self, name: &str, ctx: Value) -> Result<String, RenderError> {
         let common = minijinja::context! {

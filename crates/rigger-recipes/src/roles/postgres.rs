@@ -12,7 +12,6 @@
 //! can simply be retried. Adding a replica therefore means re-applying the primary first,
 //! which adding its `pg_hba.conf` line requires anyway.
 
-use std::path::Path;
 use std::time::Duration;
 
 use minijinja::{Value, context};
@@ -211,15 +210,8 @@ fn server(b: &mut Builder, standby: Value) -> Result<(), RenderError> {
     );
 
     // PostgreSQL wants its key owned by its user; the server's key in the TLS directory is
-    // root's. Copied at every apply, so a renewed certificate is picked up.
-    for (name, source, mode) in [("crt", l.tls_cert(), "0644"), ("key", l.tls_key(), "0600")] {
-        b.step(
-            &format!("postgresql-tls-{name}"),
-            Phase::BeforeStart,
-            install(b, &source, &etc.join(format!("server.{name}")), mode, pg),
-            None,
-        );
-    }
+    // root's.
+    b.server_tls_copy("postgresql", &etc, pg);
 
     let mut postgres = pg_command(b, "postgres")
         .args(["-D", &s(&data)])
@@ -257,10 +249,4 @@ fn pg_command(b: &Builder, program: &str) -> Command {
     Command::new(sj(&l.bins.postgres_bin_dir, program))
         .env("HOME", s(&l.home(&l.users.postgres)))
         .user(&l.users.postgres)
-}
-
-fn install(b: &Builder, from: &Path, to: &Path, mode: &str, owner: &str) -> Command {
-    Command::new(s(&b.layout().bins.install))
-        .args(["-m", mode, "-o", owner, "-g", owner])
-        .args([s(from), s(to)])
 }

@@ -1,5 +1,11 @@
 //! The queue server: RabbitMQ (and, when asked, the epmd it registers with).
 //!
+//! AMQP is served over TLS only (AMQPS, `listeners.tcp = none`), with the server's certificate
+//! signed by the environment CA, so the app's `amqps://` connections check whom they talk to
+//! and nobody on the network reads the password or the tasks. Clients present no certificate:
+//! the password authenticates them. Erlang distribution (rabbitmqctl, on the server itself)
+//! stays as it is.
+//!
 //! The node is configured through `RABBITMQ_*` variables (none secret) that point every file
 //! and directory into the layout, so several nodes can share a machine and the system's
 //! `/etc/rabbitmq` is never read. The Erlang cookie is created by the node itself in its
@@ -25,11 +31,13 @@ pub(super) fn render(b: &mut Builder) -> Result<(), RenderError> {
         l.run("rabbitmq"),
         l.home(user),
     );
+    // Root's: root copies the key into it (see `server_tls_copy`).
     b.dir(etc.clone(), 0o755, "root");
     b.dir(data.clone(), 0o750, user);
     b.dir(log.clone(), 0o700, user);
     b.dir(run.clone(), 0o755, user);
     b.dir(home.clone(), 0o700, user);
+    b.server_tls_copy("rabbitmq", &etc, user);
 
     let p = &ctx.project;
     let conf = b.template(
@@ -39,6 +47,10 @@ pub(super) fn render(b: &mut Builder) -> Result<(), RenderError> {
             password => ctx.secrets.rabbitmq_password.expose(),
             vhost => &p.amqp_vhost,
             memory_limit => &ctx.tuning.rabbitmq_memory_limit,
+            amqps_port => ctx.ports.amqps,
+            ca_file => s(&l.ca_cert()),
+            cert_file => sj(&etc, "server.crt"),
+            key_file => sj(&etc, "server.key"),
         },
     )?;
     b.secret_file(etc.join("rabbitmq.conf"), conf, user);
@@ -62,8 +74,6 @@ pub(super) fn render(b: &mut Builder) -> Result<(), RenderError> {
         c.env("HOME", s(&home))
             .env("RABBITMQ_NODENAME", &node)
             .env("RABBITMQ_USE_LONGNAME", "true")
-            .env("RABBITMQ_NODE_IP_ADDRESS", ctx.address.to_string())
-            .env("RABBITMQ_NODE_PORT", ctx.ports.amqp.to_string())
             .env("RABBITMQ_DIST_PORT", ctx.ports.rabbit_dist.to_string())
             .env("RABBITMQ_MNESIA_BASE", sj(&data, "mnesia"))
             .env("RABBITMQ_LOG_BASE", s(&log))

@@ -6,6 +6,7 @@ with an error that names it. Only when RIGGER_ALLOW_DEFAULTS=1 is set (for `mana
 or `makemigrations` on a developer machine) are harmless placeholders used instead.
 """
 import os
+import ssl
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -30,6 +31,7 @@ _FALLBACKS = {
     "DATABASE_NAME": "surveys",
     "REDIS_URL": "redis://127.0.0.1:6379",
     "CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
+    "RIGGER_CA_CERT": "",
     "MEDIA_ROOT": str(BASE_DIR / ".dev-media"),
     "STATIC_ROOT": str(BASE_DIR / ".dev-static"),
 }
@@ -155,9 +157,19 @@ for _index, _name in enumerate(env_list("DATABASE_REPLICA_NAMES"), start=1):
 DATABASE_ROUTERS = ["polls.routers.PrimaryReplicaRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# --- TLS to Redis and RabbitMQ: rigger serves both over TLS only (rediss://, amqps://), with
+# certificates of the environment's CA for the servers' addresses. Check them against that CA,
+# names included; never against the system's CAs, never without checking.
+RIGGER_CA_CERT = env("RIGGER_CA_CERT")
+
 # --- Redis: db 0 cache, db 1 sessions, db 2 Celery results ------------------------------------
 REDIS_URL = env("REDIS_URL").rstrip("/")
-_REDIS_OPTIONS = {"socket_connect_timeout": 2, "socket_timeout": 2}
+_REDIS_TLS = {"ssl_cert_reqs": "required", "ssl_ca_certs": RIGGER_CA_CERT}
+_REDIS_OPTIONS = {
+    "socket_connect_timeout": 2,
+    "socket_timeout": 2,
+    **(_REDIS_TLS if REDIS_URL.startswith("rediss://") else {}),
+}
 
 CACHES = {
     "default": {
@@ -178,8 +190,21 @@ SESSION_CACHE_ALIAS = "sessions"
 
 # --- Celery: RabbitMQ broker, Redis results ---------------------------------------------------
 CELERY_BROKER_URL = env("CELERY_BROKER_URL")
+if CELERY_BROKER_URL.startswith("amqps://"):
+    # server_hostname None: py-amqp checks the certificate's name against the URL's host
+    # (without it, only the chain is checked).
+    CELERY_BROKER_USE_SSL = {
+        "cert_reqs": ssl.CERT_REQUIRED,
+        "ca_certs": RIGGER_CA_CERT,
+        "server_hostname": None,
+    }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_RESULT_BACKEND = f"{REDIS_URL}/2"
+if REDIS_URL.startswith("rediss://"):
+    CELERY_REDIS_BACKEND_USE_SSL = {
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        "ssl_ca_certs": RIGGER_CA_CERT,
+    }
 CELERY_RESULT_EXPIRES = 24 * 3600
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_TRACK_STARTED = True
