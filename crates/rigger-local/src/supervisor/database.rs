@@ -58,7 +58,7 @@ pub fn outcome_path(paths: &EnvPaths) -> std::path::PathBuf {
 }
 
 pub fn write_request(paths: &EnvPaths, request: &DbRequest) -> anyhow::Result<()> {
-    std::fs::create_dir_all(paths.root().join("db"))?;
+    crate::files::create_private_dir(&paths.root().join("db"))?;
     Ok(write_atomically(
         &request_path(paths),
         &serde_json::to_vec_pretty(request)?,
@@ -120,7 +120,7 @@ impl Supervisor {
             message,
         );
         if let Ok(bytes) = serde_json::to_vec_pretty(&outcome) {
-            let _ = std::fs::create_dir_all(self.env.paths.root().join("db"));
+            let _ = crate::files::create_private_dir(&self.env.paths.root().join("db"));
             let _ = write_atomically(&outcome_path(&self.env.paths), &bytes);
         }
     }
