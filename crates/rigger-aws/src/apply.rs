@@ -23,6 +23,11 @@ use crate::error::{AwsError, Context as _, ErrorKind};
 use crate::live::{DATA_DEVICE, Live, ROLES_TAG, filter};
 use crate::{Clients, loadbalancer, userdata};
 
+/// Every server's metadata service answers only session requests (IMDSv2) whose responses
+/// cannot travel past the server itself: a container or anything the server forwards for
+/// cannot fetch the instance role's credentials. (User-data also lets only root reach it.)
+const METADATA_HOP_LIMIT: i32 = 1;
+
 /// How long to wait for AWS to finish something, and how often to look.
 #[derive(Debug, Clone, Copy)]
 pub struct Waits {
@@ -682,6 +687,7 @@ async fn template_data(
         .metadata_options(
             ec2::LaunchTemplateInstanceMetadataOptionsRequest::builder()
                 .http_tokens(ec2::LaunchTemplateHttpTokensState::Required)
+                .http_put_response_hop_limit(METADATA_HOP_LIMIT)
                 .build(),
         )
         .block_device_mappings(
@@ -914,6 +920,7 @@ async fn create_launch_configuration(ctx: &Ctx<'_>, resource: &Resource) -> Resu
         .metadata_options(
             asg::InstanceMetadataOptions::builder()
                 .http_tokens(asg::InstanceMetadataHttpTokensState::Required)
+                .http_put_response_hop_limit(METADATA_HOP_LIMIT)
                 .build(),
         )
         .block_device_mappings(
@@ -1513,6 +1520,10 @@ async fn create_server(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsErro
         .map(|group| ctx.sg_id(group))
         .collect::<Result<Vec<_>, _>>()?;
     let interface = ensure_interface(ctx, resource, &server, &subnet.id, &groups).await?;
+    // Its certificate, signed here so that no server ever needs the CA's key: the server
+    // reads it at boot with its role's profile.
+    crate::secrets::issue_server_certificate(ctx.env, ctx.clients, &server.id, server.address)
+        .await?;
     let context = ctx.env.context(
         ctx.network,
         &server.roles,
@@ -1562,6 +1573,7 @@ async fn create_server(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsErro
         .metadata_options(
             ec2::InstanceMetadataOptionsRequest::builder()
                 .http_tokens(ec2::HttpTokensState::Required)
+                .http_put_response_hop_limit(METADATA_HOP_LIMIT)
                 .build(),
         )
         .tag_specifications(spec.build())

@@ -27,10 +27,11 @@ pub const SELF_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 123);
 
 /// The secrets every environment has, by SSM parameter name (under `/<project>/<env>/`).
 pub const SECRET_NAMES: [&str; 6] = Secrets::NAMES;
-/// The environment CA's key and certificate, also in SSM: servers sign their own
-/// certificates at boot.
-pub const CA_KEY: &str = "ca_key";
-pub const CA_CERT: &str = "ca_cert";
+/// The environment CA's key and certificate, also in SSM: rigger signs each stand-alone
+/// server's certificate with the key before the server starts ([`crate::secrets`]); servers
+/// may read only the certificate.
+pub const CA_KEY: &str = rigger_topology::parameter::CA_KEY;
+pub const CA_CERT: &str = rigger_topology::parameter::CA_CERT;
 
 /// The placeholder a recipe gets instead of secret `name`; only `A-Z 0-9 _`, so every
 /// encoding a recipe applies leaves it intact for the substitution at boot.
@@ -288,11 +289,11 @@ impl AwsEnvironment {
                 replication_user: "replicator".into(),
                 amqp_user: db_name.clone(),
                 amqp_vhost: db_name,
-            },
                 hsts: self.env().hsts.map(|h| rigger_recipes::Hsts {
                     max_age: h.max_age,
                     include_subdomains: h.include_subdomains,
                 }),
+            },
             ports: Ports::default(),
             peers: Peers {
                 db_primary,

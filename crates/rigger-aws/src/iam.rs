@@ -1,10 +1,12 @@
-//! The servers' IAM role and instance profile, `<project>-<env>-instance`, made by rigger when
-//! rigger.toml names none: the servers read their secrets from SSM with it at boot.
+//! The servers' IAM roles and instance profiles, one per server role
+//! (`<project>-<env>-<role>-instance`, the role of the same name), made by rigger when
+//! rigger.toml names no profile: the servers read their secrets from SSM with them at boot.
 //!
-//! The topology spells what the role allows as a set of lines (`ssm:GetParameter
-//! /<project>/<env>/*`, `kms:Decrypt via ssm`); [`policy_document`] turns them into the role's
-//! inline policy and [`permissions`] reads a policy back into the same lines, so a policy
-//! changed by hand shows in the plan as drift and `up` puts it back.
+//! The topology spells what each role allows as a set of lines (`ssm:GetParameter
+//! /<project>/<env>/db_password`, `kms:Decrypt via ssm`, `s3:GetObject
+//! s3:::<bucket>/releases/*`); [`policy_document`] turns them into the role's inline policy
+//! and [`permissions`] reads a policy back into the same lines, so a policy changed by hand
+//! shows in the plan as drift and `up` puts it back.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -167,7 +169,7 @@ pub(crate) async fn ensure(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), Aws
     let name = &resource.id.name;
     let iam = &ctx.clients.iam;
     let empty = LiveInstanceProfile::default();
-    let live = ctx.live.instance_profile.as_ref().unwrap_or(&empty);
+    let live = ctx.live.instance_profiles.get(name).unwrap_or(&empty);
     let role = match resource.attributes.get("role").map(|a| &a.value) {
         Some(Value::Text(role)) => role.clone(),
         _ => name.clone(),
@@ -183,7 +185,8 @@ pub(crate) async fn ensure(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), Aws
             .role_name(&role)
             .assume_role_policy_document(TRUST_POLICY)
             .description(format!(
-                "rigger: servers of {}/{} read their secrets",
+                "rigger: {} servers of {}/{} read their secrets",
+                resource.tags.get(tag::ROLE).map_or("the", String::as_str),
                 ctx.env.project(),
                 ctx.env.name
             ))
@@ -262,14 +265,9 @@ pub(crate) async fn ensure(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), Aws
     Ok(())
 }
 
-/// Deletes the instance profile and its role, whichever of them exists.
+/// Deletes instance profile `name` and its role, whichever of them exists.
 pub(crate) async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<(), AwsError> {
-    let Some(live) = ctx
-        .live
-        .instance_profile
-        .as_ref()
-        .filter(|p| p.name == name)
-    else {
+    let Some(live) = ctx.live.instance_profiles.get(name) else {
         return Ok(());
     };
     let iam = &ctx.clients.iam;

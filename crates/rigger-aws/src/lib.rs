@@ -14,7 +14,7 @@
 //! SSM, the release and the deploy lock in the environment's S3 bucket ([`releases`],
 //! [`lock`]), a health-gated rolling replacement driven by rigger ([`deploy`]).
 //! Servers boot with user-data rendered from the role recipes ([`userdata`]) and read their
-//! secrets with the instance profile ([`iam`]).
+//! secrets with their role's instance profile ([`iam`]), which allows exactly those.
 //!
 //! Architecture invariant: this is the only crate that depends on the AWS SDK. Everything it
 //! decides comes from the pure crates (topology, plan, recipes); it only talks to AWS.
@@ -264,6 +264,11 @@ impl Provider {
                 live.parameters.len()
             ));
             secrets::delete(&self.clients, &live.parameters).await?;
+        }
+        let certificates = secrets::server_certificates(&self.env, &self.clients).await?;
+        if !certificates.is_empty() {
+            report("deleting the servers' keys and certificates from SSM");
+            secrets::delete(&self.clients, &certificates).await?;
         }
         // Every server is gone: so are the host keys they published.
         let host_keys: Vec<String> = hostkeys::published(&self.env, &self.clients)

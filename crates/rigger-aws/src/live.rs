@@ -4,8 +4,9 @@
 //! so that after `up` the planner finds nothing to do and drift shows as actions.
 //!
 //! Mapping: security groups, key pair, load balancer, launch templates and Auto Scaling groups
-//! by name; the instance profile by its name, `<project>-<env>-instance`, and its tags (IAM
-//! cannot search by tag); launch configurations, which have no tags, by their name
+//! by name; the instance profiles by their names (`<project>-<env>-<role>-instance`, and the
+//! one profile all roles shared before, so that `up` deletes it) and tags (IAM cannot search
+//! by tag); launch configurations, which have no tags, by their name
 //! `<project>-<env>-<role>-<UTC timestamp>-<release>`, shown without the timestamp as the
 //! topology names them, with the tags their name implies; a group's servers by slot (its
 //! instances sorted by launch time, then id, are `<group>[1..n]`); stand-alone servers and
@@ -58,6 +59,9 @@ pub struct LiveLoadBalancer {
     pub health_check: Option<String>,
     pub security_group_ids: Vec<String>,
     pub certificate: Option<String>,
+    /// The HTTPS listener's TLS (security) policy: an application load balancer's `SslPolicy`,
+    /// the predefined policy a classic one's listener policy references.
+    pub tls_policy: Option<String>,
     pub cross_zone: Option<bool>,
     pub draining_seconds: Option<i64>,
     pub tags: Tags,
@@ -112,7 +116,8 @@ pub struct LiveKeyPair {
     pub tags: Tags,
 }
 
-/// rigger's instance profile and its role (either may be missing after an interrupted run).
+/// One of rigger's instance profiles and its role, of the same name (either may be missing
+/// after an interrupted run).
 #[derive(Debug, Clone, Default)]
 pub struct LiveInstanceProfile {
     pub name: String,
@@ -207,7 +212,8 @@ pub struct LiveVolume {
 pub struct Live {
     pub security_groups: BTreeMap<String, LiveSecurityGroup>,
     pub key_pairs: Vec<LiveKeyPair>,
-    pub instance_profile: Option<LiveInstanceProfile>,
+    /// rigger's instance profiles (and roles), by name.
+    pub instance_profiles: BTreeMap<String, LiveInstanceProfile>,
     pub load_balancers: Vec<LiveLoadBalancer>,
     pub launch_templates: BTreeMap<String, LiveLaunchTemplate>,
     /// Newest first.
@@ -591,7 +597,11 @@ impl Live {
 
         live.read_key_pairs(clients, ours().to_vec(), &scope)
             .await?;
-        live.instance_profile = read_instance_profile(env, clients).await?;
+        for name in env.names.instance_profiles() {
+            if let Some(profile) = read_instance_profile(env, clients, &name).await? {
+                live.instance_profiles.insert(name, profile);
+            }
+        }
         live.read_launch_configurations(env, clients).await?;
 
         live.read_groups(env, clients, &scope).await?;
@@ -1043,6 +1053,9 @@ impl Live {
             if let Some(certificate) = &lb.certificate {
                 attributes.push(("certificate", Value::from(certificate.as_str())));
             }
+            if let Some(policy) = &lb.tls_policy {
+                attributes.push(("tls_policy", Value::from(policy.as_str())));
+            }
             if let Some(cross_zone) = lb.cross_zone {
                 attributes.push(("cross_zone", Value::Bool(cross_zone)));
             }
@@ -1088,7 +1101,7 @@ impl Live {
             );
         }
 
-        if let Some(profile) = &self.instance_profile {
+        for profile in self.instance_profiles.values() {
             let mut attributes = Vec::new();
             // The profile holds its role; a missing profile or role shows as a different one.
             if profile.profile_exists
@@ -1359,11 +1372,7 @@ impl Live {
         }
         if let Some(profile) = instance_profile {
             attributes.push(("instance_profile", Value::from(profile)));
-            if self
-                .instance_profile
-                .as_ref()
-                .is_some_and(|p| p.name == profile)
-            {
+            if self.instance_profiles.contains_key(profile) {
                 depends_on.push(ResourceId::new(ResourceKind::InstanceProfile, profile));
             }
         }
@@ -1450,13 +1459,14 @@ fn profile_name(arn_or_name: &str) -> String {
         .to_owned()
 }
 
-/// rigger's instance profile and role, `<project>-<env>-instance`, if either exists with the
-/// environment's tags (one of the same name without them is not rigger's and is left alone).
+/// rigger's instance profile and role `name`, if either exists with the environment's tags
+/// (one of the same name without them is not rigger's and is left alone).
 async fn read_instance_profile(
     env: &AwsEnvironment,
     clients: &Clients,
+    name: &str,
 ) -> Result<Option<LiveInstanceProfile>, AwsError> {
-    let name = env.names.instance_profile();
+    let name = name.to_owned();
     let owned = |tags: &Tags| {
         tags.get(tag::PROJECT).map(String::as_str) == Some(env.project())
             && tags.get(tag::ENVIRONMENT) == Some(&env.name)

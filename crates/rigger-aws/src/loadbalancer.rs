@@ -1,6 +1,11 @@
 //! The load balancer, classic or application, read ([`read_classic`], [`read_application`])
 //! and converged to the topology ([`ensure`]): listeners 80->80 HTTP and 443->443 HTTPS with
-//! the certificate, the health check `HTTPS:443<path>`, connection draining and cross-zone.
+//! the certificate and a TLS policy of TLS 1.2 and later (`rigger_topology::tls_policy`), the
+//! health check `HTTPS:443<path>`, connection draining and cross-zone.
+//!
+//! A classic load balancer takes its TLS policy as a listener policy of its own
+//! (`rigger-<predefined policy>`, of type `SSLNegotiationPolicyType`) that references the
+//! predefined one; an application load balancer's HTTPS listener names it (`SslPolicy`).
 //!
 //! An application load balancer gets two target groups, `<lb>-443` (HTTPS) and `<lb>-80`
 //! (HTTP), so each listener forwards to the same port on the instances as a classic one would;
@@ -28,6 +33,55 @@ const UNHEALTHY_THRESHOLD: i32 = 2;
 const HEALTH_INTERVAL: i32 = 15;
 const HEALTH_TIMEOUT: i32 = 5;
 
+/// The attribute of a classic listener policy that names the predefined policy it copies.
+const REFERENCE_POLICY: &str = "Reference-Security-Policy";
+/// The type of a classic load balancer's listener policies that hold TLS settings.
+const TLS_POLICY_TYPE: &str = "SSLNegotiationPolicyType";
+
+/// The name rigger gives a classic load balancer's listener policy referencing `predefined`.
+fn classic_policy_name(predefined: &str) -> String {
+    format!("rigger-{predefined}")
+}
+
+/// The predefined TLS policy a classic load balancer's HTTPS listener uses: the one its
+/// listener policy references (or names, when the listener uses a predefined policy as is).
+async fn read_classic_tls_policy(
+    clients: &Clients,
+    name: &str,
+    policy_names: &[String],
+) -> Result<Option<String>, AwsError> {
+    if let Some(predefined) = policy_names
+        .iter()
+        .find(|p| p.starts_with("ELBSecurityPolicy-"))
+    {
+        return Ok(Some(predefined.clone()));
+    }
+    if policy_names.is_empty() {
+        return Ok(None);
+    }
+    let described = clients
+        .elb
+        .describe_load_balancer_policies()
+        .load_balancer_name(name)
+        .set_policy_names(Some(policy_names.to_vec()))
+        .send()
+        .await
+        .op("DescribeLoadBalancerPolicies", name);
+    let described = match described {
+        Ok(described) => described,
+        Err(error) if error.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    Ok(described
+        .policy_descriptions()
+        .iter()
+        .filter(|p| p.policy_type_name() == Some(TLS_POLICY_TYPE))
+        .flat_map(|p| p.policy_attribute_descriptions())
+        .find(|a| a.attribute_name() == Some(REFERENCE_POLICY))
+        .and_then(|a| a.attribute_value())
+        .map(str::to_owned))
+}
+
 /// The classic load balancer named `name`, if it exists.
 pub async fn read_classic(
     clients: &Clients,
@@ -54,6 +108,16 @@ pub async fn read_classic(
         .filter_map(|l| l.listener())
         .collect();
     listeners.sort_by_key(|l| l.load_balancer_port());
+    let https_policies: Vec<String> = description
+        .listener_descriptions()
+        .iter()
+        .find(|l| {
+            l.listener()
+                .is_some_and(|l| l.protocol().eq_ignore_ascii_case("HTTPS"))
+        })
+        .map(|l| l.policy_names().to_vec())
+        .unwrap_or_default();
+    let tls_policy = read_classic_tls_policy(clients, name, &https_policies).await?;
     let tags = clients
         .elb
         .describe_tags()
@@ -103,6 +167,7 @@ pub async fn read_classic(
             .find(|l| l.load_balancer_port() == 443)
             .and_then(|l| l.ssl_certificate_id())
             .map(str::to_owned),
+        tls_policy,
         cross_zone: attributes
             .and_then(|a| a.cross_zone_load_balancing())
             .map(|c| c.enabled()),
@@ -236,6 +301,11 @@ pub async fn read_application(
             .and_then(|l| l.certificates().first())
             .and_then(|c| c.certificate_arn())
             .map(str::to_owned),
+        tls_policy: listeners
+            .iter()
+            .find(|l| l.protocol() == Some(&elbv2::types::ProtocolEnum::Https))
+            .and_then(|l| l.ssl_policy())
+            .map(str::to_owned),
         // Cross-zone balancing is always on for application load balancers.
         cross_zone: Some(true),
         draining_seconds,
@@ -249,6 +319,7 @@ struct Wanted {
     health_check: String,
     health_path: String,
     certificate: Option<String>,
+    tls_policy: Option<String>,
     security_groups: Vec<String>,
     cross_zone: bool,
     draining: i64,
@@ -285,6 +356,7 @@ fn wanted(ctx: &Ctx<'_>, resource: &Resource) -> Result<Wanted, AwsError> {
         health_check,
         health_path,
         certificate: text("certificate"),
+        tls_policy: text("tls_policy"),
         security_groups,
         cross_zone: matches!(
             resource.attributes.get("cross_zone").map(|a| &a.value),
@@ -353,8 +425,11 @@ async fn ensure_classic(
         }
         builder.build().expect("every required field is set")
     };
+    // Whether the HTTPS listener is new (a new listener has the default TLS policy).
+    let mut https_listener_made = false;
     match live {
         None => {
+            https_listener_made = true;
             let mut request = client
                 .create_load_balancer()
                 .load_balancer_name(name)
@@ -402,6 +477,7 @@ async fn ensure_classic(
                 .map(listener)
                 .collect();
             if !missing.is_empty() {
+                https_listener_made = missing.iter().any(|l| l.protocol() == "HTTPS");
                 client
                     .create_load_balancer_listeners()
                     .load_balancer_name(name)
@@ -433,6 +509,16 @@ async fn ensure_classic(
                     .op("ApplySecurityGroupsToLoadBalancer", name)?;
             }
         }
+    }
+    let https_port = wanted
+        .listeners
+        .iter()
+        .find(|(_, _, protocol)| protocol == "HTTPS")
+        .map(|(from, _, _)| *from);
+    if let (Some(policy), Some(port)) = (&wanted.tls_policy, https_port)
+        && (https_listener_made || live.and_then(|l| l.tls_policy.as_ref()) != Some(policy))
+    {
+        set_classic_tls_policy(ctx, name, port, policy).await?;
     }
     if live.and_then(|l| l.health_check.as_deref()) != Some(wanted.health_check.as_str()) {
         client
@@ -477,6 +563,48 @@ async fn ensure_classic(
             .await
             .op("ModifyLoadBalancerAttributes", name)?;
     }
+    Ok(())
+}
+
+/// Gives the classic load balancer's HTTPS listener on `port` a listener policy referencing
+/// predefined TLS policy `predefined` (made first if missing; the one it replaces stays
+/// defined on the load balancer, unused).
+async fn set_classic_tls_policy(
+    ctx: &Ctx<'_>,
+    name: &str,
+    port: i32,
+    predefined: &str,
+) -> Result<(), AwsError> {
+    let client = &ctx.clients.elb;
+    let policy = classic_policy_name(predefined);
+    let created = client
+        .create_load_balancer_policy()
+        .load_balancer_name(name)
+        .policy_name(&policy)
+        .policy_type_name(TLS_POLICY_TYPE)
+        .policy_attributes(
+            elb::types::PolicyAttribute::builder()
+                .attribute_name(REFERENCE_POLICY)
+                .attribute_value(predefined)
+                .build(),
+        )
+        .send()
+        .await
+        .op("CreateLoadBalancerPolicy", name);
+    match created {
+        Err(error) if error.code() == Some("DuplicatePolicyName") => {}
+        other => {
+            other?;
+        }
+    }
+    client
+        .set_load_balancer_policies_of_listener()
+        .load_balancer_name(name)
+        .load_balancer_port(port)
+        .policy_names(&policy)
+        .send()
+        .await
+        .op("SetLoadBalancerPoliciesOfListener", name)?;
     Ok(())
 }
 
@@ -630,6 +758,11 @@ async fn ensure_application(
                     .build(),
             ]
         });
+        let tls_policy = if protocol == "HTTPS" {
+            wanted.tls_policy.clone()
+        } else {
+            None
+        };
         match listener_arns.get(from) {
             None => {
                 client
@@ -638,6 +771,7 @@ async fn ensure_application(
                     .port(*from)
                     .protocol(ProtocolEnum::from(protocol.as_str()))
                     .set_certificates(certificates)
+                    .set_ssl_policy(tls_policy)
                     .default_actions(forward)
                     .send()
                     .await
@@ -646,7 +780,9 @@ async fn ensure_application(
             Some(listener) => {
                 let same = live.is_some_and(|l| {
                     l.listeners.contains(&format!("{from}->{to} {protocol}"))
-                        && (protocol != "HTTPS" || l.certificate == wanted.certificate)
+                        && (protocol != "HTTPS"
+                            || (l.certificate == wanted.certificate
+                                && l.tls_policy == wanted.tls_policy))
                 });
                 if !same {
                     client
@@ -655,6 +791,7 @@ async fn ensure_application(
                         .port(*from)
                         .protocol(ProtocolEnum::from(protocol.as_str()))
                         .set_certificates(certificates)
+                        .set_ssl_policy(tls_policy)
                         .default_actions(forward)
                         .send()
                         .await

@@ -1,13 +1,18 @@
 //! User-data: the bash script a server runs at first boot, rendered from the same role
 //! recipes as the local provider with [`rigger_recipes::Layout::systemd`].
 //!
-//! The script installs the role's Debian packages (their own services disabled: rigger's
-//! systemd units run the programs), mounts the data volume at the layout's data directory,
-//! fetches the secrets and the environment CA from SSM Parameter Store with the instance
-//! profile (`aws ssm get-parameter --with-decryption`), signs the server's certificate, writes
+//! The script first lets only root reach the instance metadata service (an nftables rule
+//! matching the packet's owner, loaded again at every boot before the network comes up), so no
+//! service user can take the instance role's credentials. It then installs the role's Debian
+//! packages (their own services disabled: rigger's systemd units run the programs), mounts the
+//! data volume at the layout's data directory, fetches the secrets its roles' recipes use
+//! ([`rigger_recipes::Role::secrets`], the only ones its instance profile allows) and the
+//! environment CA's certificate from SSM Parameter Store (`aws ssm get-parameter
+//! --with-decryption`), installs the server's certificate (a stand-alone server's, signed by
+//! rigger, from SSM; a group server signs its own, which only the load balancer sees), writes
 //! every file of the recipe (base64, with its mode and owner, placeholders replaced by the
 //! secrets), runs the before-start steps, starts the units, waits for each service's
-//! readiness probe, and runs the after-start steps.
+//! readiness probe, and runs the after-start steps. No server ever holds the CA's key.
 //!
 //! Right after the packages, the server publishes its SSH host keys for rigger to pin
 //! ([`crate::hostkeys`]). Its data volume is only ever the EBS volume rigger attached, found
@@ -38,7 +43,7 @@ use rigger_recipes::{
 };
 
 use crate::environment::{
-    AwsEnvironment, CA_CERT, CA_KEY, SECRET_NAMES, SELF_ADDRESS, SELF_ID, secret_placeholder,
+    AwsEnvironment, CA_CERT, SECRET_NAMES, SELF_ADDRESS, SELF_ID, secret_placeholder,
 };
 
 /// EC2's limit on user-data, before base64.
@@ -115,8 +120,6 @@ pub fn script(
     volume: &DataVolume,
 ) -> Result<String, String> {
     let recipe = rigger_recipes::render_server(ctx).map_err(|e| e.to_string())?;
-    let pki = rigger_recipes::pki::server_cert(&ctx.layout, &ctx.server_id, ctx.address)
-        .map_err(|e| e.to_string())?;
     let group_server = ctx.server_id == SELF_ID;
     let q = |word: &str| quote(word, group_server);
     let layout = &ctx.layout;
@@ -139,7 +142,13 @@ pub fn script(
     );
     w.push_str(PRELUDE);
     w.push_str(DATA_VOLUME_FUNCTIONS);
-    let _ = writeln!(w, "PARAMETERS={}", shell_quote(&env.parameter_prefix()));
+    // Before anything else runs, above all any service of a user other than root.
+    let _ = writeln!(
+        w,
+        "\nlog 'letting only root reach the instance metadata service'"
+    );
+    let _ = writeln!(w, "block_metadata_for_non_root");
+    let _ = writeln!(w, "\nPARAMETERS={}", shell_quote(&env.parameter_prefix()));
     let _ = writeln!(w, "REGION={}", shell_quote(&env.aws().region));
     if group_server {
         w.push_str(
@@ -179,18 +188,16 @@ pub fn script(
         shell_quote(volume_id)
     );
 
-    // Secrets and the CA, held in memory only.
+    // The secrets this server's recipes use (all its profile may read), in memory only.
     let _ = writeln!(w, "\nlog 'reading secrets from SSM'");
     w.push_str("declare -A SECRETS=()\n");
-    for name in SECRET_NAMES {
+    for name in secrets_of(&ctx.roles) {
         let _ = writeln!(
             w,
             "SECRETS[{}]=$(parameter {name})",
             secret_placeholder(name)
         );
     }
-    let ca_cert = layout.ca_cert();
-    let ca_key = rigger_recipes::pki::ca_key(layout);
     let _ = writeln!(
         w,
         "install -d -m 0755 {}",
@@ -198,27 +205,10 @@ pub fn script(
     );
     let _ = writeln!(
         w,
-        "install -d -m 0700 {}",
-        q(&ca_key.parent().unwrap_or(&layout.pki_dir).to_string_lossy())
-    );
-    let _ = writeln!(
-        w,
         "parameter {CA_CERT} | put_stdin {} 0644 root",
-        q(&ca_cert.to_string_lossy())
+        q(&layout.ca_cert().to_string_lossy())
     );
-    let _ = writeln!(
-        w,
-        "parameter {CA_KEY} | put_stdin {} 0600 root",
-        q(&ca_key.to_string_lossy())
-    );
-
-    // The server's certificate, signed with the CA key, which is then removed.
-    let _ = writeln!(w, "\nlog 'signing the server certificate'");
-    write_recipe_files(w, &pki, group_server);
-    for step in &pki.steps {
-        write_step(w, step, group_server);
-    }
-    let _ = writeln!(w, "rm -f {}", q(&ca_key.to_string_lossy()));
+    write_certificate(w, ctx)?;
 
     let _ = writeln!(w, "\nlog 'writing the recipe'");
     write_recipe_files(w, &recipe, group_server);
@@ -261,6 +251,7 @@ pub fn script(
             &unit,
             service.env_file.as_deref(),
             group_server,
+            layout,
         );
         let _ = writeln!(w, "{check}() {{\n{body}\n}}");
         let _ = writeln!(
@@ -280,6 +271,52 @@ pub fn script(
     }
     let _ = writeln!(w, "log 'ready'");
     Ok(s)
+}
+
+/// The secrets the recipes of `roles` use, in [`SECRET_NAMES`]' order.
+fn secrets_of(roles: &[Role]) -> Vec<&'static str> {
+    SECRET_NAMES
+        .into_iter()
+        .filter(|name| roles.iter().any(|role| role.secrets().contains(name)))
+        .collect()
+}
+
+/// The server's key and certificate. A stand-alone server's were signed by rigger with the
+/// environment CA before it started ([`crate::secrets::issue_server_certificate`]): its
+/// clients check them against the CA. A group server's id and address are known only now,
+/// and the only client of its certificate is the load balancer, which accepts any: it signs
+/// its own. Either way the CA's key stays with rigger.
+fn write_certificate(w: &mut String, ctx: &ServerContext) -> Result<(), String> {
+    let layout = &ctx.layout;
+    if ctx.server_id == SELF_ID {
+        let _ = writeln!(w, "\nlog 'signing the server certificate'");
+        let pki = rigger_recipes::pki::self_signed_cert(layout, &ctx.server_id, ctx.address)
+            .map_err(|e| e.to_string())?;
+        write_recipe_files(w, &pki, true);
+        for step in &pki.steps {
+            write_step(w, step, true);
+        }
+        return Ok(());
+    }
+    let _ = writeln!(w, "\nlog 'installing the server certificate'");
+    let _ = writeln!(
+        w,
+        "install -d -m 0700 -o root -g root {}",
+        shell_quote(&layout.tls_dir.to_string_lossy())
+    );
+    let _ = writeln!(
+        w,
+        "parameter {} | put_stdin {} 0644 root",
+        shell_quote(&rigger_topology::parameter::tls_cert(&ctx.server_id)),
+        shell_quote(&layout.tls_cert().to_string_lossy())
+    );
+    let _ = writeln!(
+        w,
+        "parameter {} | put_stdin {} 0600 root",
+        shell_quote(&rigger_topology::parameter::tls_key(&ctx.server_id)),
+        shell_quote(&layout.tls_key().to_string_lossy())
+    );
+    Ok(())
 }
 
 /// Web and worker servers fetch their release from the environment's bucket (named in SSM)
@@ -346,6 +383,42 @@ imds() {
   curl -fsS -H "X-aws-ec2-metadata-token: $token" "http://169.254.169.254/latest/meta-data/$1"
 }
 
+# Only root may reach the instance metadata service, and so the instance role's credentials:
+# an nftables rule rejects every other user's packets to it. A unit loads it again at every
+# boot, before the network and every service.
+block_metadata_for_non_root() {
+  command -v nft >/dev/null || install_packages nftables
+  install -d -m 0755 /etc/rigger
+  cat >/etc/rigger/metadata-firewall.nft <<'RULES'
+table inet rigger_metadata
+delete table inet rigger_metadata
+table inet rigger_metadata {
+  chain output {
+    type filter hook output priority filter; policy accept;
+    ip daddr 169.254.169.254 meta skuid != 0 reject
+    ip6 daddr fd00:ec2::254 meta skuid != 0 reject
+  }
+}
+RULES
+  cat >/etc/systemd/system/rigger-metadata-firewall.service <<'UNIT'
+[Unit]
+Description=rigger: only root may reach the instance metadata service
+DefaultDependencies=no
+Before=network-pre.target
+Wants=network-pre.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/sbin/nft -f /etc/rigger/metadata-firewall.nft
+
+[Install]
+WantedBy=sysinit.target
+UNIT
+  systemctl daemon-reload
+  systemctl enable --now rigger-metadata-firewall.service
+}
+
 install_packages() {
   printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
   chmod 0755 /usr/sbin/policy-rc.d
@@ -380,10 +453,11 @@ publish_host_keys() {
 }
 
 # put_stdin PATH MODE OWNER: writes standard input to PATH atomically. OWNER is a user (with
-# its group of the same name) or USER:GROUP.
+# its group of the same name) or USER:GROUP. A missing directory is made 0755; an existing one
+# keeps its mode (a key's 0700 directory stays so).
 put_stdin() {
   local tmp
-  install -d -m 0755 "$(dirname "$1")"
+  [ -d "$(dirname "$1")" ] || install -d -m 0755 "$(dirname "$1")"
   tmp=$(mktemp "$1.XXXXXX")
   cat >"$tmp"
   case $3 in
@@ -670,14 +744,23 @@ fn write_step(w: &mut String, step: &StepSpec, group_server: bool) {
     }
 }
 
-/// The body of a service's readiness function for `wait_ready`.
+/// The body of a service's readiness function for `wait_ready`. A probe that checks a
+/// certificate against the CA checks a group server's against itself: it signed its own.
 fn probe(
     readiness: &Probe,
     unit: &str,
     env_file: Option<&std::path::Path>,
     group_server: bool,
+    layout: &rigger_recipes::Layout,
 ) -> String {
     let q = |word: &str| quote(word, group_server);
+    let trusted = |ca_file: &std::path::Path| {
+        if group_server && ca_file == layout.ca_cert() {
+            layout.tls_cert()
+        } else {
+            ca_file.to_path_buf()
+        }
+    };
     match readiness {
         Probe::Tcp { addr, port } => format!("  tcp_open {} {port}", q(&addr.to_string())),
         Probe::Tls {
@@ -689,7 +772,7 @@ fn probe(
             "  openssl s_client -connect {}:{port} -servername {} -CAfile {} -verify_return_error </dev/null",
             q(&addr.to_string()),
             q(server_name),
-            q(&ca_file.to_string_lossy())
+            q(&trusted(ca_file).to_string_lossy())
         ),
         Probe::Https {
             addr,
@@ -701,7 +784,7 @@ fn probe(
             expect_status,
         } => format!(
             "  [ \"$(curl -sS -o /dev/null -w '%{{http_code}}' --cacert {} --resolve {}:{port}:{} -H {} https://{}:{port}{})\" = {expect_status} ]",
-            q(&ca_file.to_string_lossy()),
+            q(&trusted(ca_file).to_string_lossy()),
             q(server_name),
             q(&addr.to_string()),
             q(&format!("Host: {host}")),

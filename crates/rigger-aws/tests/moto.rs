@@ -337,10 +337,15 @@ async fn down_leaves_nothing_tagged() {
         .ssm
         .get_parameters_by_path()
         .path("/shop/prod/")
+        .recursive(true)
         .send()
         .await
         .unwrap();
-    assert!(parameters.parameters().is_empty());
+    assert!(
+        parameters.parameters().is_empty(),
+        "{:?}",
+        parameters.parameters()
+    );
     let profiles = c.iam.list_instance_profiles().send().await.unwrap();
     assert!(profiles.instance_profiles().is_empty());
     let roles = c.iam.list_roles().send().await.unwrap();
@@ -405,6 +410,29 @@ async fn application_load_balancer_converges() {
         "{:?}",
         status.urls
     );
+    let elbv2 = &provider.clients.elbv2;
+    let lbs = elbv2
+        .describe_load_balancers()
+        .names("shop-prod-lb")
+        .send()
+        .await
+        .unwrap();
+    let listeners = elbv2
+        .describe_listeners()
+        .load_balancer_arn(lbs.load_balancers()[0].load_balancer_arn().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let https = listeners
+        .listeners()
+        .iter()
+        .find(|l| l.port() == Some(443))
+        .unwrap();
+    assert_eq!(
+        https.ssl_policy(),
+        Some("ELBSecurityPolicy-TLS13-1-2-2021-06"),
+        "TLS 1.2 and 1.3 only"
+    );
     provider.down(&quiet).await.unwrap();
     let lbs = provider
         .clients
@@ -464,7 +492,10 @@ async fn imported_key_pair_and_instance_profile_are_made_used_and_deleted() {
         made,
         vec![
             "Create key_pair shop-prod: public_key",
-            "Create instance_profile shop-prod-instance: permissions, role",
+            "Create instance_profile shop-prod-web-instance: permissions, role",
+            "Create instance_profile shop-prod-worker-instance: permissions, role",
+            "Create instance_profile shop-prod-cache-instance: permissions, role",
+            "Create instance_profile shop-prod-db-instance: permissions, role",
         ]
     );
     provider.up(common::RELEASE, &quiet).await.unwrap();
@@ -492,7 +523,7 @@ async fn imported_key_pair_and_instance_profile_are_made_used_and_deleted() {
         .and_then(|p| p.arn())
         .unwrap();
     assert!(
-        profile_arn.ends_with("/shop-prod-instance"),
+        profile_arn.ends_with("/shop-prod-db-instance"),
         "{profile_arn}"
     );
     let template = ec2
@@ -508,49 +539,30 @@ async fn imported_key_pair_and_instance_profile_are_made_used_and_deleted() {
     assert_eq!(data.key_name(), Some("shop-prod"));
     assert_eq!(
         data.iam_instance_profile().and_then(|p| p.name()),
-        Some("shop-prod-instance")
+        Some("shop-prod-web-instance")
     );
 
-    // The role and profile, tagged, allowing the environment's secrets only.
+    // The role and profile, tagged (what they allow: each_role_reads_only_its_own...).
     let iam = &provider.clients.iam;
     let profile = iam
         .get_instance_profile()
-        .instance_profile_name("shop-prod-instance")
+        .instance_profile_name("shop-prod-web-instance")
         .send()
         .await
         .unwrap();
     let profile = profile.instance_profile().unwrap();
     let roles: Vec<&str> = profile.roles().iter().map(|r| r.role_name()).collect();
-    assert_eq!(roles, ["shop-prod-instance"]);
+    assert_eq!(roles, ["shop-prod-web-instance"]);
     assert!(
         profile
             .tags()
             .iter()
             .any(|t| t.key() == "environment" && t.value() == "prod")
     );
-    let policy = iam
-        .get_role_policy()
-        .role_name("shop-prod-instance")
-        .policy_name("rigger-secrets")
-        .send()
-        .await
-        .unwrap();
-    // IAM answers with the document URL-encoded, as AWS does.
-    let allowed = rigger_aws::iam::permissions(policy.policy_document());
-    assert_eq!(
-        allowed.into_iter().collect::<Vec<_>>(),
-        [
-            "kms:Decrypt via ssm",
-            "s3:GetObject s3:::shop-prod-releases-*/*",
-            "s3:PutObject s3:::shop-prod-releases-*/backups/*",
-            "ssm:GetParameter /shop/prod/*",
-            "ssm:GetParameters /shop/prod/*"
-        ]
-    );
 
     // A policy widened by hand is drift, and repaired.
     iam.put_role_policy()
-        .role_name("shop-prod-instance")
+        .role_name("shop-prod-web-instance")
         .policy_name("rigger-secrets")
         .policy_document(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"ssm:GetParameter","Resource":"*"}]}"#)
         .send()
@@ -559,7 +571,7 @@ async fn imported_key_pair_and_instance_profile_are_made_used_and_deleted() {
     let plan = provider.plan(common::RELEASE).await.unwrap();
     assert_eq!(
         actions(&plan),
-        vec!["Update instance_profile shop-prod-instance: permissions"]
+        vec!["Update instance_profile shop-prod-web-instance: permissions"]
     );
     provider.up(common::RELEASE, &quiet).await.unwrap();
     let again = provider.plan(common::RELEASE).await.unwrap();
@@ -584,9 +596,315 @@ async fn imported_key_pair_and_instance_profile_are_made_used_and_deleted() {
         roles
             .roles()
             .iter()
-            .all(|r| r.role_name() != "shop-prod-instance"),
+            .all(|r| !r.role_name().starts_with("shop-prod-")),
         "{:?}",
         roles.roles()
+    );
+}
+
+/// Whether `pattern` (IAM's `*` wildcard) matches `text`.
+fn glob(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, tail)) => {
+            text.starts_with(head)
+                && (0..=text.len() - head.len()).any(|skip| glob(tail, &text[head.len() + skip..]))
+        }
+    }
+}
+
+/// Each role's policy as IAM holds it, in the topology's lines.
+async fn policies(
+    provider: &rigger_aws::Provider,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    let iam = &provider.clients.iam;
+    let mut out = std::collections::BTreeMap::new();
+    let profiles = iam.list_instance_profiles().send().await.unwrap();
+    for profile in profiles.instance_profiles() {
+        for role in profile.roles() {
+            let policy = iam
+                .get_role_policy()
+                .role_name(role.role_name())
+                .policy_name("rigger-secrets")
+                .send()
+                .await
+                .unwrap();
+            // IAM answers with the document URL-encoded, as AWS does.
+            out.insert(
+                profile.instance_profile_name().to_owned(),
+                rigger_aws::iam::permissions(policy.policy_document())
+                    .into_iter()
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+/// Whether policy `lines` allow `action` on `target` (an SSM parameter path or
+/// `s3:::bucket/key`).
+fn allows(lines: &[String], action: &str, target: &str) -> bool {
+    lines.iter().any(|line| {
+        line.split_once(' ')
+            .is_some_and(|(a, pattern)| a == action && glob(pattern, target))
+    })
+}
+
+/// Least privilege: every server role has its own instance profile, which lets it read its
+/// own secrets and objects only; no server may read the CA's key, which signs stand-alone
+/// servers' certificates on this side; every server's metadata service takes tokens only,
+/// one hop; the HTTPS listener refuses TLS below 1.2. A profile all roles shared (rigger
+/// before per-role profiles) is deleted.
+#[tokio::test]
+async fn each_role_reads_only_its_own_secrets_and_no_server_the_ca_key() {
+    let moto = Moto::start();
+    let provider = provider(&moto, config(&config_text("", 2, "t3.small"))).await;
+    let iam = &provider.clients.iam;
+    let env_tags = || {
+        [("project", "shop"), ("environment", "prod")].map(|(k, v)| {
+            aws_sdk_iam::types::Tag::builder()
+                .key(k)
+                .value(v)
+                .build()
+                .unwrap()
+        })
+    };
+    iam.create_role()
+        .role_name("shop-prod-instance")
+        .assume_role_policy_document("{}")
+        .set_tags(Some(env_tags().to_vec()))
+        .send()
+        .await
+        .unwrap();
+    iam.create_instance_profile()
+        .instance_profile_name("shop-prod-instance")
+        .set_tags(Some(env_tags().to_vec()))
+        .send()
+        .await
+        .unwrap();
+    let plan = provider.plan(common::RELEASE).await.unwrap();
+    assert!(
+        actions(&plan).contains(&"Delete instance_profile shop-prod-instance: ".to_owned()),
+        "{:#?}",
+        actions(&plan)
+    );
+    provider.up(common::RELEASE, &quiet).await.unwrap();
+    let again = provider.plan(common::RELEASE).await.unwrap();
+    assert!(again.is_empty(), "second plan: {:#?}", actions(&again));
+
+    let policies = policies(&provider).await;
+    assert_eq!(
+        policies.keys().map(String::as_str).collect::<Vec<_>>(),
+        [
+            "shop-prod-cache-instance",
+            "shop-prod-db-instance",
+            "shop-prod-web-instance",
+            "shop-prod-worker-instance",
+        ],
+        "the shared profile is gone"
+    );
+    let bucket = rigger_aws::releases::find(&provider.env, &provider.clients)
+        .await
+        .unwrap()
+        .unwrap();
+    let read = |profile: &str, name: &str| {
+        allows(
+            &policies[&format!("shop-prod-{profile}-instance")],
+            "ssm:GetParameter",
+            &format!("/shop/prod/{name}"),
+        )
+    };
+    let object = |profile: &str, action: &str, key: &str| {
+        allows(
+            &policies[&format!("shop-prod-{profile}-instance")],
+            action,
+            &format!("s3:::{bucket}/{key}"),
+        )
+    };
+    for profile in ["web", "worker", "cache", "db"] {
+        assert!(!read(profile, "ca_key"), "{profile} may read the CA's key");
+        assert!(read(profile, "ca_cert"), "{profile}");
+        assert!(
+            !read(profile, "deploy/lock"),
+            "{profile} may read rigger's records"
+        );
+    }
+    for profile in ["web", "worker"] {
+        assert!(read(profile, "django_secret_key"), "{profile}");
+        assert!(read(profile, "db_password"), "{profile}");
+        assert!(read(profile, "deploy/bucket"), "{profile}");
+        assert!(!read(profile, "replication_password"), "{profile}");
+        assert!(!read(profile, "tls/db-primary/key"), "{profile}");
+        assert!(
+            object(profile, "s3:GetObject", "releases/r1.tar.gz"),
+            "{profile}"
+        );
+        assert!(
+            !object(profile, "s3:GetObject", "backups/shop.dump"),
+            "{profile}"
+        );
+        assert!(
+            !object(profile, "s3:PutObject", "releases/r2.tar.gz"),
+            "{profile}"
+        );
+    }
+    assert!(read("web", "maintenance"));
+    assert!(read("db", "replication_password"));
+    assert!(read("db", "tls/db-replica1/key"));
+    assert!(!read("db", "django_secret_key"));
+    assert!(!read("db", "redis_password"));
+    assert!(!read("db", "tls/cache/key"));
+    assert!(object("db", "s3:PutObject", "backups/shop.dump"));
+    assert!(object("db", "s3:GetObject", "backups/shop.dump"));
+    assert!(!object("db", "s3:GetObject", "releases/r1.tar.gz"));
+    assert!(read("cache", "redis_password") && read("cache", "rabbitmq_password"));
+    assert!(read("cache", "tls/cache/key"));
+    assert!(!read("cache", "db_password") && !read("cache", "tls/db-primary/key"));
+
+    // Each server runs with its role's profile.
+    for (server, profile) in [
+        ("shop-prod-cache", "cache"),
+        ("shop-prod-db-primary", "db"),
+        ("shop-prod-db-replica1", "db"),
+    ] {
+        let instance = instance(&provider, server).await;
+        let arn = instance
+            .iam_instance_profile()
+            .and_then(|p| p.arn())
+            .unwrap();
+        assert!(
+            arn.ends_with(&format!("/shop-prod-{profile}-instance")),
+            "{arn}"
+        );
+        let metadata = instance.metadata_options().unwrap();
+        assert_eq!(
+            metadata.http_tokens(),
+            Some(&aws_sdk_ec2::types::HttpTokensState::Required),
+            "{server}"
+        );
+        assert_eq!(metadata.http_put_response_hop_limit(), Some(1), "{server}");
+    }
+    let ec2 = &provider.clients.ec2;
+    for role in ["web", "worker"] {
+        let versions = ec2
+            .describe_launch_template_versions()
+            .launch_template_name(format!("shop-prod-{role}-r1"))
+            .versions("$Default")
+            .send()
+            .await
+            .unwrap();
+        let data = versions.launch_template_versions()[0]
+            .launch_template_data()
+            .unwrap();
+        assert_eq!(
+            data.iam_instance_profile().and_then(|p| p.name()),
+            Some(format!("shop-prod-{role}-instance").as_str())
+        );
+        let metadata = data.metadata_options().unwrap();
+        assert_eq!(
+            metadata.http_tokens(),
+            Some(&aws_sdk_ec2::types::LaunchTemplateHttpTokensState::Required),
+            "{role}"
+        );
+        assert_eq!(metadata.http_put_response_hop_limit(), Some(1), "{role}");
+    }
+
+    // The stand-alone servers' certificates, signed by rigger, verify against the CA for
+    // their names and addresses.
+    let ssm = &provider.clients.ssm;
+    let value = |name: &'static str| async move {
+        ssm.get_parameter()
+            .name(format!("/shop/prod/{name}"))
+            .with_decryption(true)
+            .send()
+            .await
+            .unwrap()
+            .parameter()
+            .unwrap()
+            .value()
+            .unwrap()
+            .to_owned()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.crt"), value("ca_cert").await).unwrap();
+    for (id, name) in [
+        ("db-primary", "tls/db-primary/cert"),
+        ("db-replica1", "tls/db-replica1/cert"),
+        ("cache", "tls/cache/cert"),
+    ] {
+        let address = instance(&provider, &format!("shop-prod-{id}"))
+            .await
+            .private_ip_address()
+            .unwrap()
+            .to_owned();
+        std::fs::write(dir.path().join("server.crt"), value(name).await).unwrap();
+        let verified = std::process::Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(dir.path().join("ca.crt"))
+            .args(["-verify_hostname", id, "-verify_ip", &address])
+            .arg(dir.path().join("server.crt"))
+            .output()
+            .unwrap();
+        assert!(
+            verified.status.success(),
+            "{id}: {}",
+            String::from_utf8_lossy(&verified.stderr)
+        );
+    }
+    assert!(value("tls/db-primary/key").await.contains("PRIVATE KEY"));
+
+    // The HTTPS listener's TLS policy; one changed by hand is drift, and repaired.
+    let elb = &provider.clients.elb;
+    let tls_policy = || async {
+        let lbs = elb
+            .describe_load_balancers()
+            .load_balancer_names("shop-prod-lb")
+            .send()
+            .await
+            .unwrap();
+        let names: Vec<String> = lbs.load_balancer_descriptions()[0]
+            .listener_descriptions()
+            .iter()
+            .find(|l| l.listener().unwrap().load_balancer_port() == 443)
+            .unwrap()
+            .policy_names()
+            .to_vec();
+        let policies = elb
+            .describe_load_balancer_policies()
+            .load_balancer_name("shop-prod-lb")
+            .set_policy_names(Some(names))
+            .send()
+            .await
+            .unwrap();
+        policies
+            .policy_descriptions()
+            .iter()
+            .flat_map(|p| p.policy_attribute_descriptions())
+            .find(|a| a.attribute_name() == Some("Reference-Security-Policy"))
+            .and_then(|a| a.attribute_value())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        tls_policy().await.as_deref(),
+        Some("ELBSecurityPolicy-TLS-1-2-2017-01")
+    );
+    elb.set_load_balancer_policies_of_listener()
+        .load_balancer_name("shop-prod-lb")
+        .load_balancer_port(443)
+        .set_policy_names(Some(Vec::new()))
+        .send()
+        .await
+        .unwrap();
+    let plan = provider.plan(common::RELEASE).await.unwrap();
+    assert_eq!(
+        actions(&plan),
+        vec!["Update load_balancer shop-prod-lb: tls_policy"]
+    );
+    provider.up(common::RELEASE, &quiet).await.unwrap();
+    assert_eq!(
+        tls_policy().await.as_deref(),
+        Some("ELBSecurityPolicy-TLS-1-2-2017-01")
     );
 }
 

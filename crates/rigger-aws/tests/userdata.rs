@@ -95,12 +95,106 @@ fn user_data_fetches_secrets_instead_of_carrying_them() {
             script.contains("aws ssm get-parameter --region \"$REGION\" --with-decryption"),
             "{label}"
         );
-        assert!(script.contains("SECRETS[RIGGER_SECRET_DB_PASSWORD_]=$(parameter db_password)"));
-        // The CA key is used to sign the server's certificate, then removed.
+    }
+    let (_, web) = &scripts()[0];
+    assert!(web.contains("SECRETS[RIGGER_SECRET_DB_PASSWORD_]=$(parameter db_password)"));
+}
+
+/// Each server reads exactly the secrets its roles' recipes use: the only ones its instance
+/// profile allows (a read of any other would fail the boot).
+#[test]
+fn each_server_fetches_only_its_own_secrets() {
+    let fetched = |script: &str| -> Vec<String> {
+        script
+            .lines()
+            .filter(|line| line.starts_with("SECRETS["))
+            .filter_map(|line| line.split_once("=$(parameter ").map(|(_, rest)| rest))
+            .map(|rest| rest.trim_end_matches(')').to_owned())
+            .collect()
+    };
+    let scripts = scripts();
+    let of = |label: &str| {
+        let (_, script) = scripts.iter().find(|(l, _)| l == label).unwrap();
+        fetched(script)
+    };
+    let app = [
+        "db_password",
+        "redis_password",
+        "rabbitmq_password",
+        "django_secret_key",
+        "pgbouncer_admin_password",
+    ];
+    assert_eq!(of("web"), app);
+    assert_eq!(of("worker"), app);
+    assert_eq!(of("cache"), ["redis_password", "rabbitmq_password"]);
+    assert_eq!(of("db-primary"), ["db_password", "replication_password"]);
+    assert_eq!(of("db-replica1"), ["replication_password"]);
+}
+
+#[test]
+fn no_server_reads_the_ca_key() {
+    for (label, script) in scripts() {
+        assert!(!script.contains("ca_key"), "{label}");
+        assert!(!script.contains("ca.key"), "{label}");
+        assert!(!script.contains("-CAkey"), "{label}");
         assert!(
-            script.contains("rm -f /etc/rigger/pki/private/ca.key"),
+            script.contains("parameter ca_cert | put_stdin /etc/rigger/pki/ca.crt 0644 root"),
             "{label}"
         );
+    }
+}
+
+/// A stand-alone server installs the certificate rigger signed for it; a group server, whose
+/// only client is the load balancer, signs its own and checks its readiness against it.
+#[test]
+fn servers_get_their_certificate_without_the_ca() {
+    for (label, script) in scripts() {
+        if label == "web" || label == "worker" {
+            assert!(script.contains("-signkey"), "{label}");
+            assert!(!script.contains("parameter tls/"), "{label}");
+        } else {
+            assert!(
+                script.contains(&format!("parameter tls/{label}/key | put_stdin ")),
+                "{label}"
+            );
+            assert!(
+                script.contains(&format!("parameter tls/{label}/cert | put_stdin ")),
+                "{label}"
+            );
+            assert!(!script.contains("-signkey"), "{label}");
+        }
+    }
+    let (_, web) = &scripts()[0];
+    assert!(
+        web.contains("-CAfile /etc/rigger/tls/server.crt -verify_return_error"),
+        "nginx's readiness trusts its own certificate"
+    );
+}
+
+/// Only root may reach the instance metadata service (so no service user can take the
+/// instance role's credentials): the rule is loaded before packages are installed and any
+/// service starts, and again at every boot.
+#[test]
+fn only_root_reaches_the_metadata_service() {
+    for (label, script) in scripts() {
+        assert!(
+            script.contains("ip daddr 169.254.169.254 meta skuid != 0 reject"),
+            "{label}"
+        );
+        assert!(script.contains("WantedBy=sysinit.target"), "{label}");
+        let blocked = script
+            .find("\nblock_metadata_for_non_root\n")
+            .unwrap_or_else(|| panic!("{label}: the rule is never loaded"));
+        for later in [
+            "\ninstall_packages ",
+            "\nlog 'reading secrets from SSM'",
+            "\nlog 'starting the services'",
+            "SELF_ID=$(imds",
+        ] {
+            if let Some(at) = script.find(later) {
+                assert!(blocked < at, "{label}: {later:?} comes before the rule");
+            }
+        }
     }
 }
 

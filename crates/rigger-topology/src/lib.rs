@@ -2,7 +2,7 @@
 //!
 //! [`desired`] turns a validated [`rigger_config::Config`] and an environment name into the
 //! list of [`Resource`]s that environment should consist of: security groups per role, on AWS the
-//! imported key pair and the servers' instance profile, the load balancer, a launch template (or
+//! imported key pair and an instance profile per server role, the load balancer, a launch template (or
 //! legacy launch configuration) per release, Auto Scaling groups and their servers, the
 //! cache/queue server(s), the database primary and replicas with their data volumes. Everything
 //! carries the tags `project`, `environment`, `role` and `release`.
@@ -19,7 +19,9 @@
 pub mod resource;
 
 pub use resource::{Attribute, OnChange, Resource, ResourceId, ResourceKind, Value, tag};
-use rigger_config::{Cidr, Config, Environment, KeyPair, LaunchKind, ProviderConfig};
+use rigger_config::{
+    Cidr, Config, Environment, KeyPair, LaunchKind, LoadBalancerKind, ProviderConfig,
+};
 
 /// Ports of the architecture, as the seed describes them.
 pub mod port {
@@ -31,6 +33,53 @@ pub mod port {
     /// AMQP over TLS: its plain port is closed (`rigger_recipes::Ports::amqps`).
     pub const AMQPS: u16 = 5671;
     pub const POSTGRES: u16 = 5432;
+}
+
+/// The SSM parameters under `/<project>/<env>/` that servers read at boot on AWS, besides the
+/// secrets (`rigger_recipes::Secrets::NAMES`): named once, for the instance profiles that allow
+/// reading them and for the provider that writes them.
+pub mod parameter {
+    /// The environment CA's certificate: public, every server may read it.
+    pub const CA_CERT: &str = "ca_cert";
+    /// The environment CA's key: the operator's alone. No instance profile allows reading it.
+    pub const CA_KEY: &str = "ca_key";
+    /// The name of the environment's bucket (releases and backups).
+    pub const BUCKET: &str = "deploy/bucket";
+    /// `on` while the environment is in maintenance.
+    pub const MAINTENANCE: &str = "maintenance";
+    /// Under this, each stand-alone server's key and certificate, signed by rigger before the
+    /// server is started: `tls/<server id>/key` and `tls/<server id>/cert`.
+    pub const TLS: &str = "tls/";
+
+    /// Where stand-alone server `server`'s key and certificate are: `tls/<server>/`.
+    pub fn tls(server: &str) -> String {
+        format!("{TLS}{server}/")
+    }
+
+    /// The parameter of stand-alone server `server`'s private key.
+    pub fn tls_key(server: &str) -> String {
+        format!("{}key", tls(server))
+    }
+
+    /// The parameter of stand-alone server `server`'s certificate.
+    pub fn tls_cert(server: &str) -> String {
+        format!("{}cert", tls(server))
+    }
+}
+
+/// Key prefixes in the environment's bucket.
+pub mod bucket {
+    /// Release tarballs, which web and worker servers fetch.
+    pub const RELEASES: &str = "releases/";
+    /// Database dumps, which only database servers read and write.
+    pub const BACKUPS: &str = "backups/";
+}
+
+/// The TLS policies of the load balancer's HTTPS listener: TLS 1.2 and later with forward
+/// secrecy only, the most modern each kind offers (classic load balancers have no TLS 1.3).
+pub mod tls_policy {
+    pub const CLASSIC: &str = "ELBSecurityPolicy-TLS-1-2-2017-01";
+    pub const APPLICATION: &str = "ELBSecurityPolicy-TLS13-1-2-2021-06";
 }
 
 /// The roles a server or resource plays; the `role` tag's values.
@@ -151,9 +200,30 @@ impl Names {
         self.prefix.clone()
     }
 
-    /// The instance profile (and its role) rigger creates: `<project>-<env>-instance`.
-    pub fn instance_profile(&self) -> String {
+    /// The instance profile (and its IAM role) rigger creates for the servers of `role`:
+    /// `<project>-<env>-<role>-instance`; both database roles share `-db-instance`, as a
+    /// failover makes a replica the primary in place.
+    pub fn instance_profile(&self, role: Role) -> String {
+        match role {
+            Role::DbPrimary | Role::DbReplica => format!("{}-db-instance", self.prefix),
+            other => format!("{}-{}-instance", self.prefix, other.as_str()),
+        }
+    }
+
+    /// The one profile all servers shared before each role had its own,
+    /// `<project>-<env>-instance`: providers observe it so that `up` deletes it.
+    pub fn shared_instance_profile(&self) -> String {
         format!("{}-instance", self.prefix)
+    }
+
+    /// Every instance profile name rigger may have made for the environment.
+    pub fn instance_profiles(&self) -> Vec<String> {
+        let mut names: Vec<String> = PROFILE_ROLES
+            .iter()
+            .map(|role| self.instance_profile(*role))
+            .collect();
+        names.push(self.shared_instance_profile());
+        names
     }
 
     pub fn group(&self, role: Role) -> String {
@@ -174,6 +244,15 @@ impl Names {
         format!("{server}-data")
     }
 }
+
+/// The roles with an instance profile of their own (the database's is shared by its roles).
+const PROFILE_ROLES: [Role; 5] = [
+    Role::Web,
+    Role::Worker,
+    Role::Cache,
+    Role::Queue,
+    Role::DbPrimary,
+];
 
 /// `YYYYMMDDTHHMMSSZ`
 fn is_timestamp(s: &str) -> bool {
@@ -236,7 +315,7 @@ pub fn desired_scaled(
     };
     builder.security_groups();
     builder.key_pair();
-    builder.instance_profile();
+    builder.instance_profiles();
     builder.load_balancer();
     builder.groups();
     builder.stand_alone_servers();
@@ -366,10 +445,15 @@ impl Builder<'_> {
         if let Some(certificate) = certificate {
             lb = lb.set("certificate", certificate);
         }
-        if !self.is_local() {
+        if let ProviderConfig::Aws(aws) = &self.env.provider {
+            let tls_policy = match aws.load_balancer {
+                LoadBalancerKind::Classic => tls_policy::CLASSIC,
+                LoadBalancerKind::Application => tls_policy::APPLICATION,
+            };
             lb = lb
                 .set("cross_zone", true)
-                .set("connection_draining_seconds", 30u32);
+                .set("connection_draining_seconds", 30u32)
+                .set("tls_policy", tls_policy);
         }
         self.push(Role::LoadBalancer, lb);
     }
@@ -386,39 +470,106 @@ impl Builder<'_> {
         }
     }
 
-    /// The role and instance profile the servers read their secrets with, unless rigger.toml
-    /// names one (AWS only): SSM parameters under the environment's path, the KMS key
-    /// that encrypts them, only through SSM, the objects of the releases bucket, and writing
-    /// database backups into it.
-    fn instance_profile(&mut self) {
+    /// An IAM role and instance profile per server role, unless rigger.toml names a profile
+    /// for every server (AWS only). Each allows exactly what its servers read at boot or use
+    /// later, and nothing another role needs: see [`Builder::permissions`].
+    fn instance_profiles(&mut self) {
         let ProviderConfig::Aws(aws) = &self.env.provider else {
             return;
         };
         if aws.instance_profile.is_some() {
             return;
         }
-        let path = format!("/{}/{}/*", self.project, self.env.name);
-        let bucket = format!("{}-{}-releases-*", self.project, self.env.name).to_ascii_lowercase();
-        let permissions = [
-            format!("ssm:GetParameter {path}"),
-            format!("ssm:GetParameters {path}"),
-            "kms:Decrypt via ssm".to_owned(),
-            // The releases bucket's name ends in a random suffix (see rigger-aws `releases`):
-            // servers read releases (and backups, to restore them) and write backups.
-            format!("s3:GetObject s3:::{bucket}/*"),
-            format!("s3:PutObject s3:::{bucket}/backups/*"),
-        ];
-        let name = self.names.instance_profile();
-        let profile = Resource::new(ResourceKind::InstanceProfile, name.clone())
-            .set_immutable("role", name)
-            .set("permissions", Value::Set(permissions.into_iter().collect()));
-        self.push(Role::All, profile);
+        for role in PROFILE_ROLES {
+            if role == Role::Queue && self.env.cache.shared_with_queue {
+                continue;
+            }
+            let name = self.names.instance_profile(role);
+            let profile = Resource::new(ResourceKind::InstanceProfile, name.clone())
+                .set_immutable("role", name)
+                .set("permissions", Value::Set(self.permissions(role)));
+            self.push(role, profile);
+        }
     }
 
-    /// What every server is started with on AWS: the key pair and the instance profile, with
-    /// the dependencies on them when rigger makes them. `replace_on_key_change`: a running
-    /// instance's key cannot change.
-    fn with_access(&self, mut resource: Resource, replace_on_key_change: bool) -> Resource {
+    /// What the servers of `role` may do, one line per grant (`ACTION /ssm/path`,
+    /// `ACTION s3:::bucket/key`, `kms:Decrypt via ssm`): read exactly the secrets their
+    /// recipes use (`rigger_recipes::Role::secrets`) and the CA's certificate, decrypting
+    /// them only through SSM; web servers the maintenance record, web and worker servers the
+    /// bucket's name and its releases; a stand-alone server its key and certificate, which
+    /// rigger signed; database servers read and write backups. No role may read the CA's key,
+    /// another role's secrets, or another prefix of the bucket.
+    fn permissions(&self, role: Role) -> std::collections::BTreeSet<String> {
+        use rigger_recipes::Role as Recipe;
+        let read = |name: &str| {
+            format!(
+                "ssm:GetParameter /{}/{}/{name}",
+                self.project, self.env.name
+            )
+        };
+        // The bucket's name ends in a random suffix (see rigger-aws `releases`).
+        let bucket = format!("{}-{}-releases-*", self.project, self.env.name).to_ascii_lowercase();
+        let objects = |action: &str, prefix: &str| format!("{action} s3:::{bucket}/{prefix}*");
+        let (recipes, grants): (&[Recipe], Vec<String>) = match role {
+            Role::Web => (
+                &[Recipe::Web],
+                vec![
+                    read(parameter::MAINTENANCE),
+                    read(parameter::BUCKET),
+                    objects("s3:GetObject", bucket::RELEASES),
+                ],
+            ),
+            Role::Worker => (
+                &[Recipe::Worker],
+                vec![
+                    read(parameter::BUCKET),
+                    objects("s3:GetObject", bucket::RELEASES),
+                ],
+            ),
+            Role::Cache if self.env.cache.shared_with_queue => (
+                &[Recipe::Cache, Recipe::Queue],
+                vec![read(&format!("{}*", parameter::tls("cache")))],
+            ),
+            Role::Cache => (
+                &[Recipe::Cache],
+                vec![read(&format!("{}*", parameter::tls("cache")))],
+            ),
+            Role::Queue => (
+                &[Recipe::Queue],
+                vec![read(&format!("{}*", parameter::tls("queue")))],
+            ),
+            Role::DbPrimary | Role::DbReplica => (
+                &[Recipe::DbPrimary, Recipe::DbReplica],
+                vec![
+                    // Every database server's id starts with `db-` (a failover's new
+                    // replicas too), and any of them may become the primary.
+                    read(&format!("{}db-*", parameter::TLS)),
+                    objects("s3:GetObject", bucket::BACKUPS),
+                    objects("s3:PutObject", bucket::BACKUPS),
+                ],
+            ),
+            Role::All | Role::LoadBalancer => (&[], Vec::new()),
+        };
+        let mut lines: std::collections::BTreeSet<String> = recipes
+            .iter()
+            .flat_map(|recipe| recipe.secrets())
+            .map(|secret| read(secret))
+            .collect();
+        lines.extend(grants);
+        lines.insert(read(parameter::CA_CERT));
+        lines.insert("kms:Decrypt via ssm".to_owned());
+        lines
+    }
+
+    /// What every server of `role` is started with on AWS: the key pair and its role's
+    /// instance profile, with the dependencies on them when rigger makes them.
+    /// `replace_on_key_change`: a running instance's key cannot change.
+    fn with_access(
+        &self,
+        mut resource: Resource,
+        role: Role,
+        replace_on_key_change: bool,
+    ) -> Resource {
         let ProviderConfig::Aws(aws) = &self.env.provider else {
             return resource;
         };
@@ -442,7 +593,7 @@ impl Builder<'_> {
         let profile = match &aws.instance_profile {
             Some(name) => name.clone(),
             None => {
-                let name = self.names.instance_profile();
+                let name = self.names.instance_profile(role);
                 resource = resource.depends_on(&ResourceId::new(
                     ResourceKind::InstanceProfile,
                     name.clone(),
@@ -492,7 +643,7 @@ impl Builder<'_> {
                 .depends_on(&self.sg_id(Role::All))
                 .depends_on(&self.sg_id(role));
             template = self.with_machine(template, &sizing.instance_type);
-            template = self.with_access(template, false);
+            template = self.with_access(template, role, false);
             if kind == ResourceKind::LaunchConfiguration {
                 // A launch configuration cannot be changed: every difference makes a new one.
                 for attribute in template.attributes.values_mut() {
@@ -626,7 +777,7 @@ impl Builder<'_> {
             server = server.depends_on(primary);
         }
         server = self.with_machine(server, instance_type);
-        server = self.with_access(server, true);
+        server = self.with_access(server, role, true);
         self.push(role, server)
     }
 

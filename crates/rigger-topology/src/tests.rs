@@ -385,3 +385,74 @@ fn scaled_counts_replace_desired_within_min_and_max() {
         "brought up to min"
     );
 }
+
+#[test]
+fn each_server_role_has_a_profile_allowing_only_its_own_secrets() {
+    let permissions = |shared_with_queue: bool| -> BTreeMap<String, BTreeSet<String>> {
+        desired(&config(aws(), 1, shared_with_queue), "prod", "r1")
+            .unwrap()
+            .resources
+            .into_iter()
+            .filter(|r| r.id.kind == ResourceKind::InstanceProfile)
+            .map(|r| match &r.attributes["permissions"].value {
+                Value::Set(lines) => (r.id.name.clone(), lines.clone()),
+                other => panic!("{other}"),
+            })
+            .collect()
+    };
+    let separate = permissions(false);
+    assert_eq!(
+        separate.keys().map(String::as_str).collect::<Vec<_>>(),
+        [
+            "surveys-prod-cache-instance",
+            "surveys-prod-db-instance",
+            "surveys-prod-queue-instance",
+            "surveys-prod-web-instance",
+            "surveys-prod-worker-instance",
+        ]
+    );
+    let allows = |profile: &str, needle: &str| {
+        separate[&format!("surveys-prod-{profile}-instance")]
+            .iter()
+            .any(|line| line.contains(needle))
+    };
+    for (profile, needles) in [
+        ("web", &["replication_password", "backups/", "tls/"][..]),
+        (
+            "worker",
+            &["replication_password", "backups/", "maintenance"][..],
+        ),
+        (
+            "db",
+            &["django_secret_key", "redis_password", "releases/"][..],
+        ),
+        (
+            "cache",
+            &["rabbitmq_password", "db_password", "deploy/bucket"][..],
+        ),
+        ("queue", &["redis_password", "tls/cache/"][..]),
+    ] {
+        for needle in needles {
+            assert!(!allows(profile, needle), "{profile} may read {needle}");
+        }
+    }
+    assert!(allows("web", "/surveys/prod/django_secret_key"));
+    assert!(allows("db", "/surveys/prod/replication_password"));
+    assert!(allows(
+        "db",
+        "s3:PutObject s3:::surveys-prod-releases-*/backups/*"
+    ));
+    for (name, lines) in &separate {
+        for line in lines {
+            assert!(!line.contains("ca_key"), "{name}: {line}");
+            assert!(!line.ends_with("/prod/*"), "{name}: {line}");
+        }
+    }
+    // A cache server that is also the queue reads both their secrets.
+    let shared = permissions(true);
+    assert!(!shared.contains_key("surveys-prod-queue-instance"));
+    assert!(
+        shared["surveys-prod-cache-instance"]
+            .contains("ssm:GetParameter /surveys/prod/rabbitmq_password")
+    );
+}
