@@ -198,6 +198,26 @@ fn only_root_reaches_the_metadata_service() {
     }
 }
 
+/// The metadata rule is valid nftables (checked with `nft -c`, which applies nothing, when nft
+/// is installed and the test runs as root).
+#[test]
+fn the_metadata_rule_is_valid_nftables() {
+    let nft = std::path::Path::new("/usr/sbin/nft");
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt as _;
+        m.uid() == 0
+    });
+    if !nft.exists() || !root {
+        eprintln!("skipped: needs /usr/sbin/nft and root");
+        return;
+    }
+    let (_, web) = &scripts()[0];
+    let start = web.find("<<'RULES'\n").expect("the rules' here-document") + 10;
+    let rules = &web[start..start + web[start..].find("\nRULES\n").unwrap() + 1];
+    assert!(rules.contains("meta skuid != 0 reject"), "{rules}");
+    check_tool("/usr/sbin/nft", &["-c", "-f"], "metadata-rules", rules);
+}
+
 #[test]
 fn group_servers_learn_their_id_and_address_at_boot() {
     let (_, web) = &scripts()[0];
