@@ -329,11 +329,19 @@ mod tests {
             "ssm:GetParameters /shop/prod/*",
             "kms:Decrypt via ssm",
             "s3:GetObject s3:::shop-prod-releases-*/*",
+            "ssm:PutParameter /shop/prod/hostkeys/${ec2:InstanceID}",
         ]
         .into_iter()
         .map(str::to_owned)
         .collect();
         let document = policy_document(&lines, "eu-west-1");
+        // A server may write only the parameter named by its own instance id.
+        assert!(
+            document.contains(
+                r#""Resource":"arn:aws:ssm:eu-west-1:*:parameter/shop/prod/hostkeys/${ec2:InstanceID}""#
+            ),
+            "{document}"
+        );
         assert!(
             document.contains("arn:aws:s3:::shop-prod-releases-*/*"),
             "{document}"

@@ -448,6 +448,18 @@ fn each_server_role_has_a_profile_allowing_only_its_own_secrets() {
             assert!(!line.ends_with("/prod/*"), "{name}: {line}");
         }
     }
+    // Each server may write one parameter: its own published SSH host keys.
+    for (name, lines) in &separate {
+        let writes: Vec<&String> = lines
+            .iter()
+            .filter(|line| line.starts_with("ssm:Put"))
+            .collect();
+        assert_eq!(
+            writes,
+            ["ssm:PutParameter /surveys/prod/hostkeys/${ec2:InstanceID}"],
+            "{name}"
+        );
+    }
     // A cache server that is also the queue reads both their secrets.
     let shared = permissions(true);
     assert!(!shared.contains_key("surveys-prod-queue-instance"));
