@@ -27,7 +27,11 @@ fn secret_values(env_dir: &Path) -> Vec<(String, String)> {
         let entry = entry.unwrap();
         let value = std::fs::read_to_string(entry.path()).unwrap();
         let value = value.trim().to_owned();
-        assert!(value.len() >= 16, "{:?} is too short to be a secret", entry.path());
+        assert!(
+            value.len() >= 16,
+            "{:?} is too short to be a secret",
+            entry.path()
+        );
         values.push((entry.file_name().to_string_lossy().into_owned(), value));
     }
     assert!(values.len() >= 4, "secrets found: {values:?}");
