@@ -1084,14 +1084,9 @@ async fn migrate(
         &release_dir,
     );
     let mut variables = app_environment(&ctx)?;
-    variables.insert("DATABASE_HOST".into(), primary.address.to_string());
-    variables.insert("DATABASE_PORT".into(), ctx.ports.postgres.to_string());
-    variables.insert("DATABASE_REPLICA_NAMES".into(), String::new());
-    variables.insert("PGSSLMODE".into(), "verify-full".into());
-    variables.insert(
-        "PGSSLROOTCERT".into(),
-        ctx.layout.ca_cert().display().to_string(),
-    );
+    for (key, value) in rigger_recipes::primary_direct_env(&ctx) {
+        variables.insert(key.into(), value);
+    }
     variables.insert("HOME".into(), env.paths.shared().display().to_string());
     // The app's settings hold secrets: they reach manage.py through a 0600 file of the app
     // user's, loaded by the process itself, never as a command's variables (which rigger logs).

@@ -87,8 +87,13 @@ pub use context::{
 };
 pub use error::RenderError;
 pub use layout::{Binaries, Layout, ServiceManager, ServiceUsers};
-pub use roles::{MAX_WAL_SENDERS, pgbouncer_admin_env, render, render_server, slot_name};
-pub use spec::{DirSpec, FileSpec, Phase, Probe, Recipe, ServiceSpec, Signal, StepSpec};
+pub use roles::{
+    MAX_WAL_SENDERS, MIGRATION_LOCK, app_env_file, boot_migrations, pgbouncer_admin_env,
+    primary_direct_env, render, render_server, slot_name,
+};
+pub use spec::{
+    DirSpec, FileSpec, PEER_WAIT, Phase, Probe, Recipe, Retry, ServiceSpec, Signal, StepSpec,
+};
 pub use sql::{quote_ident, quote_literal};
 pub use systemd::{systemd_unit, unit_name};
 

@@ -144,6 +144,7 @@ fn step(name: &str, command: Command, creates: &std::path::Path) -> StepSpec {
         phase: Phase::BeforeStart,
         creates: Some(creates.to_path_buf()),
         stdin_file: None,
+        retry: None,
     }
 }
 

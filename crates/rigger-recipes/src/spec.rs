@@ -93,7 +93,28 @@ pub struct StepSpec {
     pub creates: Option<PathBuf>,
     /// File connected to the command's standard input.
     pub stdin_file: Option<PathBuf>,
+    /// Set when the step needs a peer on another server that may not be ready yet (a
+    /// replica's base backup needs the primary up and set up). A provider that starts
+    /// servers in dependency order (local) runs it once; one whose servers boot together
+    /// and run their script once (AWS user-data) retries it, see [`Retry`].
+    pub retry: Option<Retry>,
 }
+
+/// How a provider whose servers boot together retries a step that waits for a peer: until it
+/// succeeds, with pauses that grow, for `within` at most, then it fails saying so.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Retry {
+    pub within: Duration,
+    /// A directory the step fills, emptied after each failed attempt, so a half-made copy is
+    /// never mistaken for a whole one (or refused as "not empty") by the next attempt.
+    pub clean: Option<PathBuf>,
+}
+
+/// How long a step retried for a peer ([`Retry`]) may wait: servers launched together reach
+/// "ready" within minutes of each other (the slowest, a database installing its packages on
+/// a stock image, in about one); 15 minutes covers a slow archive mirror or a busy region
+/// without leaving a server that can never succeed waiting for long.
+pub const PEER_WAIT: Duration = Duration::from_secs(15 * 60);
 
 /// When a step runs relative to the recipe's services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -292,6 +313,17 @@ impl fmt::Display for Recipe {
             }
             if let Some(stdin) = &s.stdin_file {
                 writeln!(f, "    stdin: {}", stdin.display())?;
+            }
+            if let Some(retry) = &s.retry {
+                write!(
+                    f,
+                    "    retried for a peer: up to {}s",
+                    retry.within.as_secs()
+                )?;
+                match &retry.clean {
+                    Some(dir) => writeln!(f, ", emptying {} after a failure", dir.display())?,
+                    None => writeln!(f)?,
+                }
             }
         }
         Ok(())

@@ -7,12 +7,21 @@
 //! (nginx, PostgreSQL, Celery and HAProxy stop their own children gracefully) and SIGKILL to
 //! whatever is left after `TimeoutStopSec=`. Run directories, emptied at boot, are recreated
 //! by a `tmpfiles.d` file per role.
+//!
+//! A service that stops is restarted ([`RESTART_DELAY`] later) for as long as it keeps
+//! failing: `StartLimitIntervalSec=0` turns off systemd's start limit, whose default (5 starts
+//! in 10 s) left a service that failed fast (a database not up yet, a full disk) failed for
+//! good, on a server nobody watches. The delay keeps a failing service from hammering what
+//! it waits for. (Debian 12's systemd 252 has no `RestartSteps=` to grow it.)
 
 use minijinja::context;
 
 use crate::error::RenderError;
 use crate::roles::s;
 use crate::{FileSpec, Layout, Recipe, Role, ServiceSpec, engine};
+
+/// How long systemd waits before restarting a service that stopped (`RestartSec=`).
+pub const RESTART_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The unit's name: `rigger-<service>.service`.
 pub fn unit_name(service: &str) -> String {
@@ -49,6 +58,7 @@ pub fn systemd_unit(service: &ServiceSpec, layout: &Layout) -> Result<FileSpec, 
             reload_signal => service.reload_signal.map(|sig| sig.name()),
             stop_signal => service.stop_signal.name(),
             stop_timeout => service.stop_timeout.as_secs(),
+            restart_delay => RESTART_DELAY.as_secs(),
         },
     )?;
     Ok(FileSpec {

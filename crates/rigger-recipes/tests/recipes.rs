@@ -458,6 +458,107 @@ fn systemd_layout_emits_a_unit_per_service() {
     }
 }
 
+/// Each unit's section, as `[Section]` -> its `Key=value` lines.
+fn unit_sections(contents: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut sections = std::collections::BTreeMap::new();
+    let mut current = String::new();
+    for line in contents.lines() {
+        if line.starts_with('[') {
+            current = line.to_owned();
+        } else if line.contains('=') && !line.starts_with('#') {
+            sections
+                .entry(current.clone())
+                .or_insert_with(Vec::new)
+                .push(line.to_owned());
+        }
+    }
+    sections
+}
+
+/// A service that keeps failing is restarted for as long as it fails, 5 s apart: systemd's
+/// default start limit (5 starts in 10 s) left one that failed fast 5 times failed for good.
+#[test]
+fn units_restart_for_as_long_as_they_fail_without_hammering() {
+    for (id, _, _) in SERVERS {
+        let recipe = render_server(&systemd(id)).unwrap();
+        let units: Vec<_> = recipe
+            .files
+            .iter()
+            .filter(|f| f.path.extension() == Some("service".as_ref()))
+            .collect();
+        assert!(!units.is_empty(), "{id}");
+        for unit in units {
+            let sections = unit_sections(&unit.contents);
+            let path = unit.path.display();
+            assert!(
+                sections["[Unit]"].contains(&"StartLimitIntervalSec=0".to_owned()),
+                "{id} {path}: no StartLimitIntervalSec=0 in [Unit]"
+            );
+            let service = &sections["[Service]"];
+            assert!(
+                service.contains(&"Restart=always".to_owned()),
+                "{id} {path}"
+            );
+            assert!(service.contains(&"RestartSec=5s".to_owned()), "{id} {path}");
+            assert!(
+                !service.iter().any(|l| l.starts_with("StartLimit")),
+                "{id} {path}: start limits belong in [Unit]"
+            );
+        }
+    }
+}
+
+/// The first release's migrations at boot (AWS): as the app's user with its environment
+/// file, straight to the primary over verified TLS, under the advisory lock, retried while the
+/// primary boots; no secret on the line.
+#[test]
+fn boot_migrations_run_once_at_a_time_straight_to_the_primary() {
+    let ctx = systemd("worker-1");
+    let step = rigger_recipes::boot_migrations(&ctx);
+    assert_eq!(step.phase, Phase::BeforeStart);
+    assert_eq!(step.command.user.as_deref(), Some("www-data"));
+    assert_eq!(
+        step.command.cwd.as_deref(),
+        Some(ctx.layout.app_dir.as_path())
+    );
+    let line = step.command.to_string();
+    let loader = format!(
+        "rigger-env {} /usr/bin/env ",
+        ctx.layout.etc("app").join("app.env").display()
+    );
+    assert!(line.contains(&loader), "{line}");
+    for variable in [
+        format!("DATABASE_HOST={}", ctx.peers.db_primary.address),
+        "DATABASE_PORT=5432".to_owned(),
+        "DATABASE_REPLICA_NAMES=".to_owned(),
+        "PGSSLMODE=verify-full".to_owned(),
+        "PGSSLROOTCERT=/etc/rigger/pki/ca.crt".to_owned(),
+    ] {
+        // After the loader: the file's PgBouncer address must not win.
+        let at = line
+            .find(&format!(" {variable} "))
+            .unwrap_or_else(|| panic!("{variable}: {line}"));
+        assert!(
+            at > line.find(&loader).unwrap(),
+            "{variable} before the loader: {line}"
+        );
+    }
+    let code = step.command.args.last().unwrap();
+    assert!(
+        code.contains(&format!(
+            "pg_advisory_lock(%s)', [{}]); call_command('migrate', interactive=False)",
+            rigger_recipes::MIGRATION_LOCK
+        )),
+        "{code}"
+    );
+    let retry = step.retry.expect("retried while the primary boots");
+    assert_eq!(retry.within, rigger_recipes::PEER_WAIT);
+    assert_eq!(retry.clean, None);
+    for secret in secret_values(&ctx) {
+        assert!(!line.contains(secret), "a secret on the migration's line");
+    }
+}
+
 #[test]
 fn stunnel_and_pgbouncer_reach_every_database() {
     let mut ctx = local("worker-1");

@@ -26,6 +26,67 @@ const BLOCK: u8 = 93;
 /// Tests that start services share addresses: one at a time.
 static SERVICES: Mutex<()> = Mutex::new(());
 
+/// systemd itself reads every unit of every server without a complaint (a key in the wrong
+/// section is only a warning, ignored at run time: `StartLimitIntervalSec=` in `[Service]`
+/// would silently leave the start limit on). Programs of the servers that this machine lacks
+/// (the app's venv) are the only complaint allowed.
+#[test]
+fn systemd_reads_every_unit_without_a_warning() {
+    if missing(&["/usr/bin/systemd-analyze"]) {
+        return;
+    }
+    for (id, _, _) in common::SERVERS {
+        let recipe = render_server(&common::systemd(id)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut units = Vec::new();
+        for file in recipe
+            .files
+            .iter()
+            .filter(|f| f.path.extension() == Some("service".as_ref()))
+        {
+            let path = dir.path().join(file.path.file_name().unwrap());
+            std::fs::write(&path, &file.contents).unwrap();
+            units.push(path);
+        }
+        let out = std::process::Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .args(&units)
+            .output()
+            .unwrap();
+        let complaints: Vec<String> = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .chain(String::from_utf8_lossy(&out.stdout).lines())
+            .filter(|line| !line.trim().is_empty())
+            .filter(|line| !line.contains("is not executable: No such file or directory"))
+            .map(str::to_owned)
+            .collect();
+        assert!(complaints.is_empty(), "{id}: {complaints:#?}");
+    }
+}
+
+/// The migrations' code that `manage.py shell -c` runs is Python (checked by Python's parser).
+#[test]
+fn boot_migrations_code_is_python() {
+    if missing(&["/usr/bin/python3"]) {
+        return;
+    }
+    let step = rigger_recipes::boot_migrations(&common::systemd("web-1"));
+    // `... manage.py shell -c CODE`.
+    let args = &step.command.args;
+    let shell = args.iter().position(|a| a == "shell").unwrap();
+    assert_eq!(args[shell + 1], "-c");
+    let python = &args[shell + 2];
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import ast, sys; ast.parse(sys.argv[1])", python])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{python}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn pki_steps_make_a_verifiable_chain() {
     if missing(&["/usr/bin/openssl"]) {

@@ -11,13 +11,79 @@ use super::{Builder, s, service, sj};
 use crate::context::PGBOUNCER_ADMIN_USER;
 use crate::engine::percent_encode;
 use crate::error::RenderError;
-use crate::{Command, Probe, Role, ServiceSpec, Signal};
+use crate::{
+    Command, PEER_WAIT, Phase, Probe, Retry, Role, ServerContext, ServiceSpec, Signal, StepSpec,
+};
 
 /// The environment file that tells rigger's operations how to reach PgBouncer's admin console
 /// on a web or worker server (`PGBOUNCER_HOST`, `_PORT`, `_ADMIN_USER`, `_ADMIN_PASSWORD`),
 /// readable by root only.
 pub fn pgbouncer_admin_env(layout: &crate::Layout) -> std::path::PathBuf {
     layout.etc("pgbouncer").join("admin.env")
+}
+
+/// The app's environment file on a web or worker server (`etc/app/app.env`).
+pub fn app_env_file(layout: &crate::Layout) -> std::path::PathBuf {
+    layout.etc("app").join("app.env")
+}
+
+/// The app's variables, on top of its environment file, that make `manage.py` talk straight
+/// to the primary over TLS checked against the environment CA, instead of through this
+/// server's PgBouncer: migrations want a session of their own (PgBouncer pools transactions),
+/// and need no replica. Both providers run migrations so.
+pub fn primary_direct_env(ctx: &ServerContext) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_HOST", ctx.peers.db_primary.address.to_string()),
+        ("DATABASE_PORT", ctx.ports.postgres.to_string()),
+        ("DATABASE_REPLICA_NAMES", String::new()),
+        ("PGSSLMODE", "verify-full".to_owned()),
+        ("PGSSLROOTCERT", s(&ctx.layout.ca_cert())),
+    ]
+}
+
+/// The PostgreSQL advisory lock (a `bigint`, the bytes of `riggermi`) the migrations of
+/// [`boot_migrations`] run under.
+pub const MIGRATION_LOCK: i64 = 0x7269_6767_6572_6d69;
+
+/// The step that runs the release's migrations on a server at boot, before its app starts:
+/// `manage.py shell` takes [`MIGRATION_LOCK`] on its database connection (straight to the
+/// primary, [`primary_direct_env`]) and runs `migrate` on that same connection, so servers
+/// booting together migrate one at a time: the first does the work, the others find nothing
+/// to do. The lock goes with the process, whatever ends it. The primary may still be booting,
+/// so the step is retried ([`Retry`], [`PEER_WAIT`]). The app's settings reach it as they
+/// reach its services: the environment file, loaded as the app's user.
+pub fn boot_migrations(ctx: &ServerContext) -> StepSpec {
+    let l = &ctx.layout;
+    let www = &l.users.www;
+    let code = format!(
+        "from django.core.management import call_command; from django.db import connection; \
+         connection.cursor().execute('SELECT pg_advisory_lock(%s)', [{MIGRATION_LOCK}]); \
+         call_command('migrate', interactive=False)"
+    );
+    let command = Command::new("/usr/bin/env")
+        .args(
+            primary_direct_env(ctx)
+                .into_iter()
+                .map(|(key, value)| format!("{key}={value}")),
+        )
+        .args([sj(&l.venv_dir, "bin/python"), "manage.py".into()])
+        .args(["shell", "-c", &code])
+        .cwd(&l.app_dir)
+        .user(www)
+        .env("HOME", s(&l.home(www)))
+        .env("PYTHONUNBUFFERED", "1")
+        .with_env_file(app_env_file(l));
+    StepSpec {
+        name: "migrate".into(),
+        command,
+        phase: Phase::BeforeStart,
+        creates: None,
+        stdin_file: None,
+        retry: Some(Retry {
+            within: PEER_WAIT,
+            clean: None,
+        }),
+    }
 }
 
 pub(super) fn web(b: &mut Builder) -> Result<(), RenderError> {
@@ -309,7 +375,7 @@ fn common(b: &mut Builder) -> Result<(), RenderError> {
 }
 
 fn env_file_path(b: &Builder) -> std::path::PathBuf {
-    b.layout().etc("app").join("app.env")
+    app_env_file(b.layout())
 }
 
 /// The non-secret environment every app process gets on top of its env file.

@@ -6,7 +6,9 @@ mod cache;
 mod lb;
 mod postgres;
 
-pub use app::pgbouncer_admin_env;
+pub use app::{
+    MIGRATION_LOCK, app_env_file, boot_migrations, pgbouncer_admin_env, primary_direct_env,
+};
 pub use postgres::{MAX_WAL_SENDERS, slot_name};
 mod queue;
 
@@ -132,14 +134,24 @@ impl<'a> Builder<'a> {
         self.recipe.services.push(service);
     }
 
-    pub fn step(&mut self, name: &str, phase: Phase, command: Command, creates: Option<PathBuf>) {
+    /// Adds a step; returns it for the rarer settings (`retry`).
+    pub fn step(
+        &mut self,
+        name: &str,
+        phase: Phase,
+        command: Command,
+        creates: Option<PathBuf>,
+    ) -> &mut StepSpec {
         self.recipe.steps.push(StepSpec {
             name: name.to_owned(),
             command,
             phase,
             creates,
             stdin_file: None,
+            retry: None,
         });
+        let last = self.recipe.steps.len() - 1;
+        &mut self.recipe.steps[last]
     }
 
     /// Steps that copy this server's certificate and key (root's, in the layout's TLS

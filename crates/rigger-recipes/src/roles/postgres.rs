@@ -9,8 +9,10 @@
 //! Replication slots are the primary's business: its AfterStart SQL creates `rigger_<id>` for
 //! each replica in [`crate::Peers::db_replicas`] and drops rigger's inactive slots of replicas
 //! that left. A replica's `pg_basebackup` uses its slot without `-C`, so a failed base backup
-//! can simply be retried. Adding a replica therefore means re-applying the primary first,
-//! which adding its `pg_hba.conf` line requires anyway.
+//! can simply be retried: it is marked [`crate::Retry`], for servers that boot together with
+//! their primary (AWS), whose base backup may come before the primary is up or set up.
+//! Adding a replica therefore means re-applying the primary first, which adding its
+//! `pg_hba.conf` line requires anyway.
 
 use std::time::Duration;
 
@@ -19,7 +21,7 @@ use minijinja::{Value, context};
 use super::{Builder, s, service, sj};
 use crate::engine::{conninfo_value, pgpass_field};
 use crate::error::RenderError;
-use crate::{Command, Network, Phase, Probe, ServiceSpec, Signal};
+use crate::{Command, Network, PEER_WAIT, Phase, Probe, Retry, ServiceSpec, Signal};
 
 /// PostgreSQL's `max_wal_senders` and `max_replication_slots` on every database server. Each
 /// streaming replica holds one WAL sender and one slot; a replica being rebuilt takes two
@@ -111,6 +113,9 @@ pub(super) fn replica(b: &mut Builder) -> Result<(), RenderError> {
     .join(" ");
     let slot = slot_name(&ctx.server_id);
 
+    // The primary may still be booting (servers launched together boot in any order): refused
+    // connections, no `replicator` or no slot yet until its setup SQL ran. Retried, with the
+    // data directory emptied between attempts, by a provider that cannot order the servers.
     b.step(
         "postgresql-basebackup",
         Phase::BeforeStart,
@@ -119,7 +124,11 @@ pub(super) fn replica(b: &mut Builder) -> Result<(), RenderError> {
             .args(["-d", &conninfo])
             .args(["-X", "stream", "-S", &slot, "--checkpoint=fast", "-w"]),
         Some(data.join("PG_VERSION")),
-    );
+    )
+    .retry = Some(Retry {
+        within: PEER_WAIT,
+        clean: Some(data.clone()),
+    });
     // Every apply: a server rendered as a replica is a standby. Promotion makes it a primary
     // (and removes the file); rigger then renders it as one.
     b.step(

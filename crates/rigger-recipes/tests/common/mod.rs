@@ -118,8 +118,8 @@ pub fn local(id: &str) -> ServerContext {
 
 /// The sample server `id` on a systemd host, with HSTS on (as a production site would be).
 pub fn systemd(id: &str) -> ServerContext {
+    // As on AWS: the queue server runs rigger's own epmd there too.
     let mut ctx = context(id, Layout::systemd("surveys"));
-    ctx.start_epmd = false;
     ctx.project.hsts = Some(hsts());
     ctx
 }
