@@ -309,8 +309,9 @@ impl AwsEnvironment {
             },
             secrets: Self::placeholder_secrets(),
             tuning: Tuning::default(),
-            // Debian's epmd.socket serves RabbitMQ on a systemd host.
-            start_epmd: false,
+            // rigger's own epmd, on the queue server's address and loopback only, as locally;
+            // user-data masks Debian's epmd.socket, which listens on every address.
+            start_epmd: true,
             // Exactly one worker may run beat: only a group that can never grow past one
             // server gets it (see docs/aws.md).
             celery_beat: is_worker && self.env().worker.max <= 1,

@@ -122,16 +122,27 @@ impl Provider {
         let group = live
             .groups
             .get(&self.env.names.group(rigger_topology::Role::Web))?;
+        self.release_launched_by(
+            group.launch_template.as_deref(),
+            group.launch_configuration.as_deref(),
+        )
+    }
+
+    /// The release of the web group's launch template or launch configuration, by name.
+    pub(crate) fn release_launched_by(
+        &self,
+        launch_template: Option<&str>,
+        launch_configuration: Option<&str>,
+    ) -> Option<String> {
         let prefix = self
             .env
             .names
             .launch_template(rigger_topology::Role::Web, "");
-        if let Some(template) = &group.launch_template {
+        if let Some(template) = launch_template {
             return template.strip_prefix(&prefix).map(str::to_owned);
         }
-        let configuration = group.launch_configuration.as_deref()?;
         // `<prefix><UTC timestamp>-<release>`.
-        configuration
+        launch_configuration?
             .strip_prefix(&prefix)
             .and_then(|rest| rest.get(17..))
             .map(str::to_owned)

@@ -4,6 +4,11 @@
 //! `/<project>/<env>/deploy/bucket`, which is how rigger finds it again and how a server's
 //! user-data finds it at boot (the instance profile may read the environment's parameters and
 //! `s3:GetObject` in buckets named `<project>-<env>-releases-*`).
+//!
+//! Every release a server launches with is there first: a deploy uploads its own, and the
+//! first `up` uploads the first release ([`FIRST`]) before it creates the groups
+//! ([`crate::Provider::first_release_missing`], [`crate::Provider::upload_first_release`]),
+//! so web and worker servers boot with the app.
 
 use std::path::Path;
 
@@ -20,6 +25,12 @@ use crate::error::{AwsError, Context as _, ErrorKind};
 
 /// The SSM parameter (under the environment's prefix) naming the bucket.
 pub const BUCKET_PARAMETER: &str = "deploy/bucket";
+
+/// The release the first `up` launches the groups with, before any deploy: the app at git
+/// `HEAD` when `up` ran, uploaded once (never replaced: servers may already run it). Named as
+/// the local provider's first release (`rigger_local::release::INITIAL`). Its servers run its
+/// migrations at boot ([`crate::userdata`]): there is no earlier release to keep serving.
+pub const FIRST: &str = "initial";
 
 /// The object key of release `id`.
 pub fn object_key(id: &str) -> String {
@@ -170,6 +181,30 @@ pub async fn upload(
     id: &str,
     tarball: &Path,
 ) -> Result<(), AwsError> {
+    put(clients, bucket, id, tarball, false).await.map(|_| ())
+}
+
+/// Uploads the tarball of release `id` unless the bucket has it already (a conditional
+/// `PutObject`, `If-None-Match: *`, so two runs cannot both write it). Returns whether this
+/// call uploaded it.
+pub async fn upload_once(
+    clients: &Clients,
+    bucket: &str,
+    id: &str,
+    tarball: &Path,
+) -> Result<bool, AwsError> {
+    put(clients, bucket, id, tarball, true).await
+}
+
+/// `PutObject` of release `id`'s tarball; `only_if_absent`: conditional, `false` when the
+/// object was there already.
+async fn put(
+    clients: &Clients,
+    bucket: &str,
+    id: &str,
+    tarball: &Path,
+    only_if_absent: bool,
+) -> Result<bool, AwsError> {
     let key = object_key(id);
     let body = aws_sdk_s3::primitives::ByteStream::from_path(tarball)
         .await
@@ -181,16 +216,27 @@ pub async fn upload(
                 "check that the release was built",
             )
         })?;
-    clients
-        .s3
-        .put_object()
-        .bucket(bucket)
-        .key(&key)
-        .body(body)
+    let mut request = clients.s3.put_object().bucket(bucket).key(&key).body(body);
+    if only_if_absent {
+        request = request.if_none_match("*");
+    }
+    match request
         .send()
         .await
-        .op("PutObject", format!("s3://{bucket}/{key}"))?;
-    Ok(())
+        .op("PutObject", format!("s3://{bucket}/{key}"))
+    {
+        Ok(_) => Ok(true),
+        Err(error)
+            if only_if_absent
+                && matches!(
+                    error.code(),
+                    Some("PreconditionFailed" | "ConditionalRequestConflict")
+                ) =>
+        {
+            Ok(false)
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// Whether release `id` is in the bucket.
@@ -209,6 +255,57 @@ pub async fn exists(clients: &Clients, bucket: &str, id: &str) -> Result<bool, A
         Err(error) if error.kind() == ErrorKind::NotFound => Ok(false),
         Err(error) if matches!(error.code(), Some("NotFound" | "NoSuchKey" | "404")) => Ok(false),
         Err(error) => Err(error),
+    }
+}
+
+impl crate::Provider {
+    /// Whether `up` must upload the first release ([`FIRST`]) before it launches anything:
+    /// the groups do not exist yet (or run the first release, made by an earlier `up` that
+    /// uploaded nothing), and the bucket lacks it. A few calls, so that `up` builds the
+    /// release only when it needs it.
+    pub async fn first_release_missing(&self) -> Result<bool, AwsError> {
+        let group = self.env.names.group(rigger_topology::Role::Web);
+        let groups = self
+            .clients
+            .autoscaling
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(&group)
+            .send()
+            .await
+            .op("DescribeAutoScalingGroups", &group)?;
+        if let Some(group) = groups.auto_scaling_groups().first() {
+            let release = self.release_launched_by(
+                group
+                    .launch_template()
+                    .and_then(|t| t.launch_template_name()),
+                group.launch_configuration_name(),
+            );
+            if release.as_deref() != Some(FIRST) {
+                return Ok(false);
+            }
+        }
+        match find(&self.env, &self.clients).await? {
+            Some(bucket) => Ok(!exists(&self.clients, &bucket, FIRST).await?),
+            None => Ok(true),
+        }
+    }
+
+    /// Uploads `artifact` as the first release ([`FIRST`], whatever its id), into the
+    /// environment's bucket (made if missing), unless the bucket has one already.
+    pub async fn upload_first_release(
+        &self,
+        artifact: &crate::deploy::Artifact,
+        report: &(dyn Fn(&str) + Sync),
+    ) -> Result<(), AwsError> {
+        let bucket = ensure(&self.env, &self.clients, report).await?;
+        if upload_once(&self.clients, &bucket, FIRST, &artifact.tarball).await? {
+            report(&format!(
+                "uploaded the first release ({}) to s3://{bucket}/{}",
+                artifact.revision,
+                object_key(FIRST)
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -14,6 +14,14 @@
 //! secrets), runs the before-start steps, starts the units, waits for each service's
 //! readiness probe, and runs the after-start steps. No server ever holds the CA's key.
 //!
+//! Servers launched together boot in any order and the script runs once, so a step that needs
+//! a peer (a replica's base backup needs its primary up and set up) is retried with growing
+//! pauses for a bounded time ([`RETRY_FUNCTION`]). Web and worker servers fetch their release
+//! before anything starts; those of the first release ([`crate::releases::FIRST`]) run its
+//! migrations first, one server at a time, so none serves before them. Debian's own units for
+//! the programs rigger runs are disabled, and its epmd (which listens on every address)
+//! masked.
+//!
 //! Right after the packages, the server publishes its SSH host keys for rigger to pin
 //! ([`crate::hostkeys`]). Its data volume is only ever the EBS volume rigger attached, found
 //! by its id ([`DataVolume`], [`DATA_VOLUME_FUNCTIONS`]): never instance storage, never a disk
@@ -112,6 +120,10 @@ const DEBIAN_UNITS: [&str; 7] = [
     "postgresql@15-main.service",
 ];
 
+/// Debian's socket-activated epmd (package erlang-base), masked on every server: rigger's
+/// queue recipe runs its own ([`rigger_recipes::ServerContext::start_epmd`]).
+pub const DEBIAN_EPMD_UNITS: [&str; 2] = ["epmd.socket", "epmd.service"];
+
 /// Renders the whole recipe of the server described by `ctx` (every role, plus its
 /// certificate) into the boot script, with `volume` as its data volume.
 pub fn script(
@@ -141,6 +153,7 @@ pub fn script(
         "# Secrets are not in this script: they are read from SSM Parameter Store at boot."
     );
     w.push_str(PRELUDE);
+    w.push_str(RETRY_FUNCTION);
     w.push_str(DATA_VOLUME_FUNCTIONS);
     // Before anything else runs, above all any service of a user other than root.
     let _ = writeln!(
@@ -167,6 +180,19 @@ pub fn script(
     let _ = writeln!(w, "install_packages {}", wanted.join(" "));
     let _ = writeln!(w, "for unit in {}; do", DEBIAN_UNITS.join(" "));
     w.push_str("  systemctl disable --now \"$unit\" >/dev/null 2>&1 || true\ndone\n");
+    // Masked, not only disabled: Debian's epmd.socket listens on every address of every
+    // server whose image has Erlang (a baked image), and rabbitmq-server.service wants it.
+    // The queue server runs rigger's own epmd, on its own address and loopback only.
+    let _ = writeln!(
+        w,
+        "systemctl mask {} >/dev/null",
+        DEBIAN_EPMD_UNITS.join(" ")
+    );
+    let _ = writeln!(
+        w,
+        "systemctl stop {} >/dev/null 2>&1 || true",
+        DEBIAN_EPMD_UNITS.join(" ")
+    );
 
     // As soon as the AWS CLI is there: rigger reaches no server whose keys it cannot pin, and
     // a server that fails later in its boot should still be reachable to be looked at.
@@ -226,6 +252,7 @@ pub fn script(
     {
         write_step(w, step, group_server);
     }
+    write_first_release_migrations(w, ctx, group_server);
 
     let _ = writeln!(w, "\nlog 'starting the services'");
     for service in &recipe.services {
@@ -322,24 +349,14 @@ fn write_certificate(w: &mut String, ctx: &ServerContext) -> Result<(), String> 
 /// Web and worker servers fetch their release from the environment's bucket (named in SSM)
 /// with the instance profile, unpack it into the layout's app directory (root's files, whatever
 /// owners the tarball records) and have the layout's build user install its requirements into
-/// the venv, which then becomes root's. The first `up` runs no release yet (`initial`):
-/// nothing to fetch until the first deploy.
+/// the venv, which then becomes root's. Every release is in the bucket before a server
+/// launches with it: a deploy uploads its own, `up` the first one
+/// ([`crate::releases::FIRST`]).
 fn write_release_fetch(w: &mut String, env: &AwsEnvironment, ctx: &ServerContext) {
-    if !ctx
-        .roles
-        .iter()
-        .any(|r| matches!(r, Role::Web | Role::Worker))
-    {
+    if !is_app_server(ctx) {
         return;
     }
     let release = &ctx.project.release;
-    if release == "initial" {
-        let _ = writeln!(
-            w,
-            "\nlog 'no release deployed yet: the app arrives with the first rigger deploy'"
-        );
-        return;
-    }
     let _ = writeln!(w, "\nlog 'fetching release {release}'");
     let _ = writeln!(
         w,
@@ -350,6 +367,30 @@ fn write_release_fetch(w: &mut String, env: &AwsEnvironment, ctx: &ServerContext
         shell_quote(&env.config.project.requirements.to_string_lossy()),
         shell_quote(&ctx.layout.users.build),
     );
+}
+
+/// Whether the server runs the app (a web or worker role).
+fn is_app_server(ctx: &ServerContext) -> bool {
+    ctx.roles
+        .iter()
+        .any(|r| matches!(r, Role::Web | Role::Worker))
+}
+
+/// The first release's migrations, on every app server that boots with it, before its app
+/// starts ([`rigger_recipes::boot_migrations`]: under a PostgreSQL advisory lock, so the first
+/// server does the work and the others find nothing to do; retried while the primary, launched
+/// at the same time, is not up or set up yet). No server serves the first release before its
+/// migrations ran, and the first `up` needs no SSH. Later releases are migrated by `rigger
+/// deploy` before any server switches to them.
+fn write_first_release_migrations(w: &mut String, ctx: &ServerContext, group_server: bool) {
+    if !is_app_server(ctx) || ctx.project.release != crate::releases::FIRST {
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "\nlog 'running the migrations of the first release (one server at a time)'"
+    );
+    write_step(w, &rigger_recipes::boot_migrations(ctx), group_server);
 }
 
 /// A web server that boots while the environment is in maintenance (`rigger maintenance on`
@@ -530,6 +571,41 @@ wait_ready() {
 }
 
 tcp_open() { timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2"; }
+"#;
+
+/// The shell function that runs a step waiting for a peer on another server
+/// ([`rigger_recipes::Retry`]): servers launched together boot in any order, and user-data
+/// runs once, so a single failed attempt (a replica's base backup before its primary is up)
+/// would leave the server broken for good. Part of every script; the tests run it with
+/// stand-in commands, and a `sleep` that only moves bash's `SECONDS` on.
+pub const RETRY_FUNCTION: &str = r#"
+# retry SECONDS WHAT CLEAN COMMAND...: runs COMMAND until it succeeds. After a failure it
+# empties the directory CLEAN (when not ''), logs the attempt, and waits 5 s, then twice as
+# long after each further failure (60 s at most); it gives up, ending the script, when the
+# next attempt would start more than SECONDS after the first.
+retry() {
+  local seconds=$1 what=$2 clean=$3 attempt=0 pause=5 started=$SECONDS status
+  shift 3
+  while :; do
+    attempt=$((attempt + 1))
+    status=0
+    "$@" || status=$?
+    if [ "$status" -eq 0 ]; then
+      [ "$attempt" -eq 1 ] || log "$what: succeeded at attempt $attempt"
+      return 0
+    fi
+    if [ -n "$clean" ] && [ -d "$clean" ]; then
+      find "$clean" -mindepth 1 -delete
+    fi
+    if [ $((SECONDS - started + pause)) -gt "$seconds" ]; then
+      die "$what: attempt $attempt failed (exit status $status); giving up after $((SECONDS - started)) s (its limit is $seconds s)"
+    fi
+    log "$what: attempt $attempt failed (exit status $status); trying again in $pause s"
+    sleep "$pause"
+    pause=$((pause * 2))
+    [ "$pause" -le 60 ] || pause=60
+  done
+}
 "#;
 
 /// The shell functions that find, check and mount the data volume (part of every script; the
@@ -721,6 +797,8 @@ fn command_line(command: &Command, group_server: bool) -> String {
     }
 }
 
+/// A step's line; a step that waits for a peer ([`rigger_recipes::Retry`]) becomes a function
+/// that [`RETRY_FUNCTION`] runs until it succeeds or its time is up.
 fn write_step(w: &mut String, step: &StepSpec, group_server: bool) {
     let mut line = format!("({})", command_line(&step.command, group_server));
     if let Some(stdin) = &step.stdin_file {
@@ -730,6 +808,29 @@ fn write_step(w: &mut String, step: &StepSpec, group_server: bool) {
         ));
     }
     let _ = writeln!(w, "# step {}", step.name);
+    if let Some(retry) = &step.retry {
+        let function = format!(
+            "step_{}",
+            step.name.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        );
+        // The environment file's loader quotes its own "$1" and "$@".
+        let directive = if line.contains(rigger_recipes::ENV_FILE_SCRIPT) {
+            "  # shellcheck disable=SC2016 # \"$1\" and \"$@\" are the loader's own\n"
+        } else {
+            ""
+        };
+        let _ = writeln!(w, "{function}() {{\n{directive}  {line}\n}}");
+        let clean = retry
+            .clean
+            .as_ref()
+            .map_or_else(String::new, |dir| dir.to_string_lossy().into_owned());
+        line = format!(
+            "retry {} {} {} {function}",
+            retry.within.as_secs(),
+            shell_quote(&format!("step {}", step.name)),
+            quote(&clean, group_server)
+        );
+    }
     match &step.creates {
         Some(path) => {
             let _ = writeln!(

@@ -246,6 +246,63 @@ async fn a_deploy_before_up_is_refused_with_nothing_uploaded_or_locked() {
     assert_eq!(buckets(&provider).await, 0);
 }
 
+/// The release `up` launches the groups with is in the bucket before they launch, uploaded
+/// once and never replaced (servers may run it already); an environment whose groups run a
+/// deployed release needs none.
+#[tokio::test]
+async fn the_first_release_is_uploaded_once_before_the_groups_launch() {
+    use rigger_aws::releases::{FIRST, exists, find, object_key};
+    let moto = Moto::start();
+    let provider = provider(&moto, config(&config_text("", 1, "t3.small"))).await;
+    assert!(
+        provider.first_release_missing().await.unwrap(),
+        "no bucket yet"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let first = artifact(dir.path(), "20261204-first");
+    provider.upload_first_release(&first, &quiet).await.unwrap();
+    let bucket = find(&provider.env, &provider.clients)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exists(&provider.clients, &bucket, FIRST).await.unwrap());
+    assert!(!provider.first_release_missing().await.unwrap());
+
+    // A second upload (another `up`, racing or later) leaves the first one as it was.
+    let other = dir.path().join("other.tar.gz");
+    std::fs::write(&other, b"another tree").unwrap();
+    let again = Artifact {
+        tarball: other,
+        ..first.clone()
+    };
+    provider.upload_first_release(&again, &quiet).await.unwrap();
+    let stored = provider
+        .clients
+        .s3
+        .get_object()
+        .bucket(&bucket)
+        .key(object_key(FIRST))
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    assert_eq!(&stored[..], b"not really a tarball");
+
+    provider.up(FIRST, &quiet).await.unwrap();
+    assert!(!provider.first_release_missing().await.unwrap());
+
+    // Groups at a deployed release: the first one is not needed, even if it is gone.
+    let moto = Moto::start();
+    let provider = common::provider(&moto, config(&config_text("", 1, "t3.small"))).await;
+    provider.up(common::RELEASE, &quiet).await.unwrap();
+    assert!(!provider.first_release_missing().await.unwrap());
+}
+
 #[tokio::test]
 async fn a_second_concurrent_deploy_is_refused_naming_the_holder() {
     let moto = Moto::start();

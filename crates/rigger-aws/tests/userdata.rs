@@ -57,6 +57,22 @@ fn scripts() -> Vec<(String, String)> {
     out
 }
 
+/// The web and worker servers' scripts at the first release (`up`'s, before any deploy).
+fn first_release_scripts() -> Vec<(String, String)> {
+    let env = env();
+    let network = network();
+    [Role::Web, Role::Worker]
+        .into_iter()
+        .map(|role| {
+            let ctx = env.context(&network, &[role], None, rigger_aws::releases::FIRST);
+            (
+                format!("{role}-first-release"),
+                rigger_aws::userdata::script(&env, &ctx, &DataVolume::Mapped).unwrap(),
+            )
+        })
+        .collect()
+}
+
 fn check_tool(tool: &str, args: &[&str], label: &str, script: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("{label}.sh"));
@@ -76,14 +92,14 @@ fn check_tool(tool: &str, args: &[&str], label: &str, script: &str) {
 
 #[test]
 fn user_data_is_valid_bash() {
-    for (label, script) in scripts() {
+    for (label, script) in scripts().into_iter().chain(first_release_scripts()) {
         check_tool("bash", &["-n"], &label, &script);
     }
 }
 
 #[test]
 fn user_data_passes_shellcheck() {
-    for (label, script) in scripts() {
+    for (label, script) in scripts().into_iter().chain(first_release_scripts()) {
         check_tool("shellcheck", &["-s", "bash"], &label, &script);
     }
 }
@@ -243,9 +259,205 @@ fn user_data_fits_in_ec2s_limit() {
         rigger_aws::userdata::user_data(&env, &ctx, &attached()).unwrap();
     }
     for role in [Role::Web, Role::Worker] {
-        let ctx = env.context(&network, &[role], None, "r1");
-        rigger_aws::userdata::user_data(&env, &ctx, &DataVolume::Mapped).unwrap();
+        for release in ["r1", rigger_aws::releases::FIRST] {
+            let ctx = env.context(&network, &[role], None, release);
+            rigger_aws::userdata::user_data(&env, &ctx, &DataVolume::Mapped).unwrap();
+        }
     }
+}
+
+/// The first `up`'s web and worker servers boot with the app: they fetch the first release,
+/// run its migrations (one server at a time, retried while the primary boots), and only then
+/// start their services. Later releases are migrated by `rigger deploy`, not at boot.
+#[test]
+fn the_first_release_is_fetched_and_migrated_before_the_app_starts() {
+    for (label, script) in first_release_scripts() {
+        let fetch = script
+            .find("\nfetch_release releases/initial.tar.gz /srv/shop/app /srv/shop/venv requirements.txt rigger-build\n")
+            .unwrap_or_else(|| panic!("{label}: the first release is not fetched"));
+        let migrate = script
+            .find("\nretry 900 'step migrate' '' step_migrate\n")
+            .unwrap_or_else(|| panic!("{label}: no migrations at boot"));
+        let function = script.find("\nstep_migrate() {\n").unwrap();
+        let app = if label.starts_with("web") {
+            "\nsystemctl enable --now rigger-gunicorn.service\n"
+        } else {
+            "\nsystemctl enable --now rigger-celery-worker.service\n"
+        };
+        let app = script.find(app).unwrap_or_else(|| panic!("{label}"));
+        assert!(
+            fetch < function && function < migrate && migrate < app,
+            "{label}"
+        );
+        let body = &script[function..migrate];
+        assert!(
+            body.contains("runuser -u www-data -- ")
+                && body.contains("rigger-env /etc/rigger/app/app.env /usr/bin/env DATABASE_HOST=")
+                && body.contains("PGSSLMODE=verify-full")
+                && body.contains("manage.py shell -c")
+                && body.contains("pg_advisory_lock"),
+            "{label}: {body}"
+        );
+    }
+    for (label, script) in scripts() {
+        assert!(!script.contains("step_migrate"), "{label} migrates at boot");
+    }
+}
+
+/// A replica launched with its primary retries its base backup (the primary may refuse
+/// connections, or not have made `replicator` or the slot yet), emptying its data directory
+/// between attempts, for up to 15 minutes; a single attempt left it empty for good.
+#[test]
+fn the_replica_retries_its_base_backup_until_the_primary_is_ready() {
+    let (_, replica) = scripts()
+        .into_iter()
+        .find(|(l, _)| l == "db-replica1")
+        .unwrap();
+    let function = replica
+        .find("\nstep_postgresql_basebackup() {\n")
+        .expect("the base backup is a function retry runs");
+    let call = replica
+        .find("\n[ -e /var/lib/rigger/postgresql/PG_VERSION ] || retry 900 'step postgresql-basebackup' /var/lib/rigger/postgresql step_postgresql_basebackup\n")
+        .expect("retried, emptying the data directory");
+    assert!(function < call);
+    assert!(
+        replica[function..call]
+            .contains("/usr/lib/postgresql/15/bin/pg_basebackup -D /var/lib/rigger/postgresql")
+    );
+    let start = replica
+        .find("\nsystemctl enable --now rigger-postgresql.service\n")
+        .unwrap();
+    assert!(call < start);
+}
+
+/// Runs `line` after the retry function, with the prelude's `log` and `die`, stand-in
+/// commands in `bin`, and a `sleep` that records each pause in `pauses` and moves bash's
+/// clock (`SECONDS`) on instead of waiting. Returns (success, stdout, stderr).
+fn run_retry(bin: &std::path::Path, line: &str) -> (bool, String, String) {
+    let script = format!(
+        "set -euo pipefail\nlog() {{ printf 'rigger: %s\\n' \"$*\" >&2; }}\ndie() {{ log \"error: $*\"; exit 1; }}\n\
+         pauses=()\nsleep() {{ pauses+=(\"$1\"); SECONDS=$((SECONDS + $1)); }}\n\
+         PATH={}:$PATH\n{}\n{line}\necho \"pauses: ${{pauses[*]}}\"\n",
+        bin.display(),
+        rigger_aws::userdata::RETRY_FUNCTION
+    );
+    let output = Command::new("bash").args(["-c", &script]).output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A stand-in `pg_basebackup -D DIR`: refuses a directory that is not empty (as the real one
+/// does), leaves a half-made copy and fails until its `FAILURES`-th call has passed, then
+/// makes a whole one. Counts its calls in `DIR/../calls`.
+fn fake_basebackup(failures: u32) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    let path = bin.join("pg_basebackup");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/bash\nset -eu\ndata=$2\ncalls=$(dirname \"$data\")/calls\n\
+             echo x >>\"$calls\"\n\
+             if [ -n \"$(ls -A \"$data\")\" ]; then echo \"pg_basebackup: directory $data exists but is not empty\" >&2; exit 1; fi\n\
+             echo half >\"$data/base.tar.partial\"\n\
+             if [ \"$(wc -l <\"$calls\")\" -le {failures} ]; then echo 'pg_basebackup: error: connection refused' >&2; exit 1; fi\n\
+             rm \"$data/base.tar.partial\"; echo 15 >\"$data/PG_VERSION\"\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+#[test]
+fn retry_runs_a_step_until_it_succeeds_emptying_its_directory_between_attempts() {
+    let fake = fake_basebackup(3);
+    let data = fake.path().join("data");
+    let (ok, stdout, stderr) = run_retry(
+        &fake.path().join("bin"),
+        &format!(
+            "retry 900 'step postgresql-basebackup' {data} pg_basebackup -D {data}",
+            data = data.display()
+        ),
+    );
+    assert!(ok, "{stderr}");
+    // A half-made copy never made the next attempt fail as "not empty".
+    assert!(!stderr.contains("not empty"), "{stderr}");
+    for attempt in 1..=3 {
+        assert!(
+            stderr.contains(&format!(
+                "rigger: step postgresql-basebackup: attempt {attempt} failed (exit status 1); trying again in"
+            )),
+            "{stderr}"
+        );
+    }
+    assert!(stderr.contains("succeeded at attempt 4"), "{stderr}");
+    assert_eq!(stdout.trim(), "pauses: 5 10 20");
+    let left: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["PG_VERSION"]);
+}
+
+#[test]
+fn retry_gives_up_at_its_limit_saying_so() {
+    let fake = fake_basebackup(u32::MAX);
+    let data = fake.path().join("data");
+    let (ok, stdout, stderr) = run_retry(
+        &fake.path().join("bin"),
+        &format!(
+            "retry 200 'step postgresql-basebackup' {data} pg_basebackup -D {data}",
+            data = data.display()
+        ),
+    );
+    assert!(!ok, "{stdout}");
+    // Pauses of 5, 10, 20, 40, 60, 60 s: the next would end past 200 s.
+    let calls = std::fs::read_to_string(fake.path().join("calls")).unwrap();
+    assert_eq!(calls.lines().count(), 7, "{stderr}");
+    assert!(
+        stderr.contains("trying again in 40 s")
+            && stderr.contains("attempt 6 failed (exit status 1); trying again in 60 s"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("rigger: error: step postgresql-basebackup: attempt 7 failed (exit status 1); giving up after 195 s (its limit is 200 s)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&data).unwrap().count(),
+        0,
+        "left half-made"
+    );
+}
+
+/// Debian's epmd listens on every address once enabled (a baked image has it on every
+/// server): masked everywhere, and the queue server runs rigger's own, on its address and
+/// loopback, before RabbitMQ.
+#[test]
+fn debians_epmd_is_masked_and_the_queue_server_runs_riggers_own() {
+    for (label, script) in scripts().into_iter().chain(first_release_scripts()) {
+        let mask = script
+            .find("\nsystemctl mask epmd.socket epmd.service >/dev/null\n")
+            .unwrap_or_else(|| panic!("{label}: Debian's epmd is not masked"));
+        let install = script.find("\ninstall_packages ").unwrap();
+        assert!(install < mask, "{label}");
+    }
+    let (_, cache) = scripts().into_iter().find(|(l, _)| l == "cache").unwrap();
+    let epmd = cache
+        .find("\nsystemctl enable --now rigger-epmd.service\n")
+        .expect("rigger's epmd");
+    let rabbitmq = cache
+        .find("\nsystemctl enable --now rigger-rabbitmq.service\n")
+        .unwrap();
+    assert!(epmd < rabbitmq);
+    assert!(cache.contains("\nwait_ready epmd 300 ready_epmd\n"));
 }
 
 #[test]

@@ -99,6 +99,7 @@ fn db_status_promote_backups_and_restore_from_the_command_line() {
     )
     .unwrap();
     let dir = dir.path();
+    aws_cli::committed_app(dir);
 
     ok(dir, url, &["up"]);
     assert_no_changes(dir, url);

@@ -5,26 +5,64 @@
 //! rigger-aws cover the rollout's decisions.
 
 use std::path::Path;
-use std::process::Command;
 
 #[path = "../../rigger-aws/tests/common/mod.rs"]
 mod moto;
 
 mod aws_cli;
-use aws_cli::{ok, rigger, text};
-
-fn git(app: &Path, args: &[&str]) {
-    let status = Command::new("git")
-        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com"])
-        .args(args)
-        .current_dir(app)
-        .status()
-        .unwrap();
-    assert!(status.success(), "git {args:?}");
-}
+use aws_cli::{committed_app, git, ok, rigger, text};
 
 fn status_json(dir: &Path, url: &str) -> serde_json::Value {
     serde_json::from_slice(&ok(dir, url, &["status", "--json"]).stdout).unwrap()
+}
+
+/// The first `up` builds the first release from the app's git HEAD, and refuses, before
+/// anything is made, an app it cannot build one from; uncommitted changes are left out, with
+/// a warning.
+#[test]
+fn up_builds_the_first_release_from_git_head_or_refuses_before_making_anything() {
+    let moto = moto::Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = moto.url.as_str();
+    let config =
+        moto::config_text("", 1, "t3.small").replace("app_path = \".\"", "app_path = \"app\"");
+    std::fs::write(dir.path().join("rigger.toml"), config).unwrap();
+    let app = dir.path().join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::write(app.join("manage.py"), "print('v1')\n").unwrap();
+
+    let refused = |needle: &str| {
+        let out = rigger(dir.path(), url, &["up"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(text(&out).contains(needle), "{}", text(&out));
+        let plan = ok(dir.path(), url, &["plan"]);
+        assert!(
+            !String::from_utf8_lossy(&plan.stdout).contains("No changes"),
+            "something was made: {}",
+            text(&plan)
+        );
+    };
+    refused("is not in a git repository");
+    git(&app, &["init", "-q"]);
+    git(&app, &["add", "manage.py"]);
+    git(&app, &["commit", "-qm", "no requirements"]);
+    refused("has no requirements.txt");
+
+    std::fs::write(app.join("requirements.txt"), "").unwrap();
+    git(&app, &["add", "requirements.txt"]);
+    git(&app, &["commit", "-qm", "v1"]);
+    std::fs::write(app.join("manage.py"), "print('dirty')\n").unwrap();
+    let up = ok(dir.path(), url, &["up"]);
+    assert!(
+        text(&up).contains("uncommitted changes, which the first release leaves out"),
+        "{}",
+        text(&up)
+    );
+    assert!(
+        text(&up).contains("uploaded the first release ("),
+        "{}",
+        text(&up)
+    );
 }
 
 #[test]
@@ -36,14 +74,19 @@ fn deploy_rollback_releases_lock_and_maintenance_from_the_command_line() {
         moto::config_text("", 1, "t3.small").replace("app_path = \".\"", "app_path = \"app\"");
     std::fs::write(dir.path().join("rigger.toml"), config).unwrap();
     let app = dir.path().join("app");
-    std::fs::create_dir_all(&app).unwrap();
-    std::fs::write(app.join("manage.py"), "print('v1')\n").unwrap();
-    std::fs::write(app.join("requirements.txt"), "").unwrap();
-    git(&app, &["init", "-q"]);
-    git(&app, &["add", "."]);
-    git(&app, &["commit", "-qm", "v1"]);
+    committed_app(&app);
 
-    ok(dir.path(), url, &["up"]);
+    // The first release is the app at HEAD, uploaded before the groups launch, once.
+    let up = ok(dir.path(), url, &["up"]);
+    assert!(
+        text(&up).contains("built the first release from ")
+            && text(&up).contains("uploaded the first release (")
+            && text(&up).contains("/releases/initial.tar.gz"),
+        "{}",
+        text(&up)
+    );
+    let again = ok(dir.path(), url, &["up"]);
+    assert!(!text(&again).contains("first release"), "{}", text(&again));
     // Before any deploy there is nothing to roll back to: a clear error, exit 1.
     let refused = rigger(dir.path(), url, &["rollback"]).output().unwrap();
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));

@@ -19,6 +19,7 @@ fn an_interrupted_up_re_run_converges() {
         moto::config_text("", 2, "t3.small"),
     )
     .unwrap();
+    aws_cli::committed_app(dir.path());
 
     // Kill `up` part-way: shorter and shorter delays until one run is cut before finishing.
     let mut interrupted = false;

@@ -145,9 +145,7 @@ pub async fn resolve(
     .await
     .with_context(|| format!("`{wanted}` is not a revision of {top}"))?;
     let short = &sha[..sha.len().min(12)];
-    let dirty = !git_output(app, &["status", "--porcelain", "--", "."])
-        .await?
-        .is_empty();
+    let dirty = has_uncommitted_changes(app).await?;
     let use_working_tree = dirty && revision.is_none();
     if use_working_tree && !allow_dirty {
         bail!(
@@ -176,6 +174,14 @@ pub async fn resolve(
         },
         archive: (!use_working_tree).then_some((top, tree)),
     })
+}
+
+/// Whether the working tree has changes under `app` that are not committed (untracked files
+/// included).
+pub async fn has_uncommitted_changes(app: &Path) -> anyhow::Result<bool> {
+    Ok(!git_output(app, &["status", "--porcelain", "--", "."])
+        .await?
+        .is_empty())
 }
 
 /// Writes the app's tree of `source` into the empty directory `dest` (`git archive`, or a

@@ -107,8 +107,22 @@ pub(crate) fn up(settings: &Settings) -> Result<(), Failure> {
     }
     let started = std::time::Instant::now();
     let report = |line: &str| say(settings, &format!("  {line}"));
+    let app = app_dir(settings, &config);
+    let requirements = config.project.requirements.clone();
     let status = runtime()?.block_on(async {
         let provider = provider(config, settings).await?;
+        // Servers boot with the app: the first release is in the bucket before any launches.
+        if provider.first_release_missing().await.map_err(failed)? {
+            let build =
+                tempfile::tempdir().context("making a directory to build the release in")?;
+            let artifact = build_first_release(settings, &app, &requirements, build.path())
+                .await
+                .map_err(Failure::Operation)?;
+            provider
+                .upload_first_release(&artifact, &report)
+                .await
+                .map_err(failed)?;
+        }
         let outcome = provider
             .up(super::plan::INITIAL_RELEASE, &report)
             .await
@@ -357,19 +371,20 @@ pub(crate) fn deploy(args: DeployArgs, settings: &Settings) -> Result<(), Failur
     if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
         return Err(no_credentials());
     }
-    let config_dir = settings
-        .config_path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let app = config_dir.join(&config.project.app_path);
+    let app = app_dir(settings, &config);
     let build = tempfile::tempdir().context("making a directory to build the release in")?;
     let report = |line: &str| say(settings, &format!("  {line}"));
     let runtime = runtime()?;
     let (provider, started) = runtime.block_on(async {
-        let artifact = build_release(&app, revision.as_deref(), allow_dirty, build.path())
-            .await
-            .map_err(Failure::Operation)?;
+        let artifact = build_release(
+            &app,
+            &config.project.requirements,
+            revision.as_deref(),
+            allow_dirty,
+            build.path(),
+        )
+        .await
+        .map_err(Failure::Operation)?;
         say(settings, &format!("built release {}", artifact.id));
         let provider = provider(config, settings).await?;
         let started = provider
@@ -481,9 +496,55 @@ pub(crate) fn maintenance(settings: &Settings, on: bool) -> Result<(), Failure> 
     }
 }
 
-/// The app's tree at `revision`, as a gzipped tarball in `dir`.
+/// The app's directory: rigger.toml's `app_path`, relative to the file.
+fn app_dir(settings: &Settings, config: &Config) -> std::path::PathBuf {
+    settings
+        .config_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+        .join(&config.project.app_path)
+}
+
+/// The first release `up` launches the groups with ([`rigger_aws::releases::FIRST`]): the app
+/// at git `HEAD`, so that what runs is a commit (uncommitted changes are left out, with a
+/// warning: `rigger deploy --allow-dirty` ships them). A deploy's rules, without refusing a
+/// dirty tree: nothing runs yet that a mistake could break.
+async fn build_first_release(
+    settings: &Settings,
+    app: &Path,
+    requirements: &Path,
+    dir: &Path,
+) -> Result<Artifact, anyhow::Error> {
+    let built = build_release(app, requirements, Some("HEAD"), false, dir)
+        .await
+        .context("building the first release from the app's git HEAD")?;
+    if rigger_local::release::has_uncommitted_changes(app).await? {
+        say(
+            settings,
+            &format!(
+                "warning: {} has uncommitted changes, which the first release leaves out (it is HEAD, {}); `rigger deploy --allow-dirty` ships them",
+                app.display(),
+                built.revision
+            ),
+        );
+    }
+    say(
+        settings,
+        &format!("built the first release from {}", built.revision),
+    );
+    Ok(Artifact {
+        id: rigger_aws::releases::FIRST.to_owned(),
+        ..built
+    })
+}
+
+/// The app's tree at `revision`, as a gzipped tarball in `dir`. A tree without `manage.py`
+/// or without its requirements file (`requirements`, relative to the app) is refused here:
+/// the servers could not run it.
 async fn build_release(
     app: &Path,
+    requirements: &Path,
     revision: Option<&str>,
     allow_dirty: bool,
     dir: &Path,
@@ -494,6 +555,19 @@ async fn build_release(
     let tree = dir.join("app");
     std::fs::create_dir_all(&tree)?;
     rigger_local::release::export(app, &source, &tree, &dir.join("build.log")).await?;
+    for (file, what) in [
+        (Path::new("manage.py"), "project.app_path"),
+        (requirements, "project.requirements"),
+    ] {
+        anyhow::ensure!(
+            tree.join(file).is_file(),
+            "release {} ({}) has no {} in {}; check {what} in rigger.toml, and that the file is committed",
+            source.id,
+            source.kind,
+            file.display(),
+            app.display()
+        );
+    }
     let tarball = dir.join(format!("{}.tar.gz", source.id));
     let tar = tokio::process::Command::new("tar")
         .arg("-czf")
@@ -588,4 +662,17 @@ pub(crate) fn lock(command: LockCommand, settings: &Settings) -> Result<(), Fail
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// `up` names the first release as the local provider does, and the servers' scripts
+    /// recognise it by that name (they run its migrations at boot).
+    #[test]
+    fn the_first_release_has_one_name() {
+        assert_eq!(
+            super::super::plan::INITIAL_RELEASE,
+            rigger_aws::releases::FIRST
+        );
+    }
 }

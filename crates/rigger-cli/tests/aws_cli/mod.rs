@@ -55,3 +55,25 @@ pub fn json(dir: &Path, url: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&output.stdout)
         .unwrap_or_else(|e| panic!("rigger {args:?} printed no JSON ({e}): {}", text(&output)))
 }
+
+/// `git ARGS` in `dir`, as a test user.
+pub fn git(dir: &Path, args: &[&str]) {
+    let status = Command::new("git")
+        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com"])
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "git {args:?}");
+}
+
+/// A Django app's minimum (`manage.py`, an empty `requirements.txt`) committed in a git
+/// repository at `app`: what `up` builds the first release from.
+pub fn committed_app(app: &Path) {
+    std::fs::create_dir_all(app).unwrap();
+    std::fs::write(app.join("manage.py"), "print('v1')\n").unwrap();
+    std::fs::write(app.join("requirements.txt"), "").unwrap();
+    git(app, &["init", "-q"]);
+    git(app, &["add", "manage.py", "requirements.txt"]);
+    git(app, &["commit", "-qm", "v1"]);
+}
