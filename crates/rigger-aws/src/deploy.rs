@@ -120,27 +120,12 @@ pub async fn history(
     env: &AwsEnvironment,
     clients: &Clients,
 ) -> Result<Vec<DeployRecord>, AwsError> {
-    let path = history_path(env);
-    let pages = clients
-        .ssm
-        .get_parameters_by_path()
-        .path(&path)
-        .recursive(true)
-        .into_paginator()
-        .send()
-        .collect::<Vec<_>>()
-        .await;
-    let mut records: Vec<(String, DeployRecord)> = Vec::new();
-    for page in pages {
-        let page = page.op("GetParametersByPath", &path)?;
-        for parameter in page.parameters() {
-            if let (Some(name), Some(value)) = (parameter.name(), parameter.value())
-                && let Ok(record) = serde_json::from_str(value)
-            {
-                records.push((name.to_owned(), record));
-            }
-        }
-    }
+    let mut records: Vec<(String, DeployRecord)> =
+        crate::parameters::under(clients, &history_path(env), true)
+            .await?
+            .into_iter()
+            .filter_map(|(name, value)| Some((name, serde_json::from_str(&value).ok()?)))
+            .collect();
     records.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(records.into_iter().map(|(_, r)| r).collect())
 }
@@ -148,26 +133,7 @@ pub async fn history(
 /// Every parameter under `/<project>/<env>/deploy/` (the lock, the history, the bucket's
 /// name), for `down`.
 pub async fn parameters(env: &AwsEnvironment, clients: &Clients) -> Result<Vec<String>, AwsError> {
-    let path = env.parameter("deploy");
-    let pages = clients
-        .ssm
-        .get_parameters_by_path()
-        .path(&path)
-        .recursive(true)
-        .into_paginator()
-        .send()
-        .collect::<Vec<_>>()
-        .await;
-    let mut names = Vec::new();
-    for page in pages {
-        let page = page.op("GetParametersByPath", &path)?;
-        names.extend(
-            page.parameters()
-                .iter()
-                .filter_map(|p| p.name().map(str::to_owned)),
-        );
-    }
-    Ok(names)
+    crate::parameters::names_under(clients, &env.parameter("deploy")).await
 }
 
 /// Where the health gate's observations come from: the load balancer, or a fake in tests.

@@ -34,27 +34,11 @@ pub async fn published(
     clients: &Clients,
 ) -> Result<BTreeMap<String, String>, AwsError> {
     let path = path(env);
-    let pages = clients
-        .ssm
-        .get_parameters_by_path()
-        .path(&path)
-        .recursive(false)
-        .into_paginator()
-        .send()
-        .collect::<Vec<_>>()
-        .await;
-    let mut keys = BTreeMap::new();
-    for page in pages {
-        let page = page.op("GetParametersByPath", &path)?;
-        for parameter in page.parameters() {
-            if let (Some(name), Some(value)) = (parameter.name(), parameter.value())
-                && let Some(instance) = name.strip_prefix(&path)
-            {
-                keys.insert(instance.to_owned(), value.to_owned());
-            }
-        }
-    }
-    Ok(keys)
+    Ok(crate::parameters::under(clients, &path, false)
+        .await?
+        .into_iter()
+        .filter_map(|(name, value)| Some((name.strip_prefix(&path)?.to_owned(), value)))
+        .collect())
 }
 
 /// Deletes the published keys of every instance that no longer exists or is terminating;

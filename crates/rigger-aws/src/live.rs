@@ -607,23 +607,12 @@ impl Live {
         live.read_groups(env, clients, &scope).await?;
         live.read_load_balancers(env, clients).await?;
 
-        let parameters = clients
-            .ssm
-            .get_parameters_by_path()
-            .path(env.parameter_prefix())
-            .recursive(false)
-            .into_paginator()
-            .send()
-            .collect::<Vec<_>>()
-            .await;
-        for page in parameters {
-            let page = page.op("GetParametersByPath", env.parameter_prefix())?;
-            live.parameters.extend(
-                page.parameters()
-                    .iter()
-                    .filter_map(|p| p.name().map(str::to_owned)),
-            );
-        }
+        live.parameters.extend(
+            crate::parameters::under(clients, &env.parameter_prefix(), false)
+                .await?
+                .into_iter()
+                .map(|(name, _)| name),
+        );
         Ok(live)
     }
 

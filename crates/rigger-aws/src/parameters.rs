@@ -40,6 +40,42 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(
         .and_then(|value| serde_json::from_str(&value).ok()))
 }
 
+/// Every parameter under `path` (below it at any depth when `recursive`), as (name, value)
+/// pairs in the order SSM gives them, all pages read. A SecureString's value is its
+/// ciphertext: callers that list secrets use only the names.
+pub async fn under(
+    clients: &Clients,
+    path: &str,
+    recursive: bool,
+) -> Result<Vec<(String, String)>, AwsError> {
+    let pages = clients
+        .ssm
+        .get_parameters_by_path()
+        .path(path)
+        .recursive(recursive)
+        .into_paginator()
+        .send()
+        .collect::<Vec<_>>()
+        .await;
+    let mut found = Vec::new();
+    for page in pages {
+        let page = page.op("GetParametersByPath", path)?;
+        found.extend(page.parameters().iter().filter_map(|p| {
+            Some((p.name()?.to_owned(), p.value().unwrap_or_default().to_owned()))
+        }));
+    }
+    Ok(found)
+}
+
+/// The names of every parameter under `path`, at any depth.
+pub async fn names_under(clients: &Clients, path: &str) -> Result<Vec<String>, AwsError> {
+    Ok(under(clients, path, true)
+        .await?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect())
+}
+
 /// Writes the parameter, replacing its value.
 pub async fn put(clients: &Clients, name: &str, value: &str) -> Result<(), AwsError> {
     clients

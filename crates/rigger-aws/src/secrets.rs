@@ -144,26 +144,7 @@ pub async fn server_certificates(
     env: &AwsEnvironment,
     clients: &Clients,
 ) -> Result<Vec<String>, AwsError> {
-    let path = env.parameter(parameter::TLS);
-    let pages = clients
-        .ssm
-        .get_parameters_by_path()
-        .path(&path)
-        .recursive(true)
-        .into_paginator()
-        .send()
-        .collect::<Vec<_>>()
-        .await;
-    let mut names = Vec::new();
-    for page in pages {
-        let page = page.op("GetParametersByPath", &path)?;
-        names.extend(
-            page.parameters()
-                .iter()
-                .filter_map(|p| p.name().map(str::to_owned)),
-        );
-    }
-    Ok(names)
+    crate::parameters::names_under(clients, &env.parameter(parameter::TLS)).await
 }
 
 fn ssm_tag(key: &str, value: &str) -> Tag {
