@@ -1,6 +1,6 @@
 //! Connecting to AWS: one SDK configuration (credentials and endpoint from aws-config's
 //! standard chain) shared by the EC2, Auto Scaling, Elastic Load Balancing (classic and v2),
-//! SSM, IAM and S3 clients.
+//! SSM, IAM, S3 and STS clients.
 //!
 //! The HTTP client is hyper + rustls on ring, built here rather than through the SDK's
 //! default-https-client feature, whose aws-lc build costs minutes of compile time.
@@ -38,6 +38,8 @@ pub struct Clients {
     pub iam: aws_sdk_iam::Client,
     /// The releases bucket ([`crate::releases`]).
     pub s3: aws_sdk_s3::Client,
+    /// Instance profiles' credentials in the lab's metadata service ([`crate::lab`]).
+    pub sts: aws_sdk_sts::Client,
     pub region: String,
     /// Whether every call goes to `--endpoint-url` (an emulator).
     pub endpoint_override: bool,
@@ -79,6 +81,7 @@ impl Clients {
                     .force_path_style(connection.endpoint_url.is_some())
                     .build(),
             ),
+            sts: aws_sdk_sts::Client::new(&shared),
             region: connection.region.clone(),
             endpoint_override: connection.endpoint_url.is_some()
                 || std::env::var_os("AWS_ENDPOINT_URL").is_some(),

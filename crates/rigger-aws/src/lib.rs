@@ -30,6 +30,7 @@ pub mod environment;
 pub mod error;
 pub mod hostkeys;
 pub mod iam;
+pub mod lab;
 pub mod live;
 pub mod loadbalancer;
 pub mod lock;

@@ -97,6 +97,9 @@ pub enum Command {
     Logs(LogsArgs),
     /// Open an interactive shell on a server.
     Ssh(SshArgs),
+    /// The AWS lab: the emulator's instances booted as real machines on this one
+    /// (docs/lab.md).
+    Lab(LabArgs),
 }
 
 #[derive(Debug, Args)]
@@ -303,4 +306,48 @@ pub struct SshArgs {
     /// The server's id, e.g. `web-1` (`rigger status` lists them).
     #[arg(value_name = "SERVER")]
     pub server: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    /// The lab's state directory (one lab per directory).
+    #[arg(long, env = "RIGGER_LAB_DIR", value_name = "DIR", default_value = rigger_lab::layout::DEFAULT_STATE_DIR)]
+    pub dir: PathBuf,
+    /// Where lab images are built and cached.
+    #[arg(long, env = "RIGGER_LAB_IMAGES", value_name = "DIR", default_value = rigger_lab::layout::DEFAULT_IMAGES_DIR)]
+    pub images: PathBuf,
+    #[command(subcommand)]
+    pub command: LabCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Build the lab image (Debian 12, once; cached) and print its AMI id.
+    Image,
+    /// Start the emulator and the runner that boots its instances as machines.
+    Up(LabUpArgs),
+    /// Stop every machine, the runner and the emulator, and remove all the lab made.
+    Down,
+    /// The emulator's endpoint, the lab image's AMI, and every machine.
+    Status(LabStatusArgs),
+    /// Run the lab's runner in the foreground (`rigger lab up` starts it for you).
+    #[command(hide = true)]
+    Run,
+}
+
+#[derive(Debug, Args)]
+pub struct LabUpArgs {
+    /// The region whose instances become machines.
+    #[arg(long, default_value = "us-east-1")]
+    pub region: String,
+    /// moto's `moto_server` (default: the one scripts/moto.sh installs, else PATH's).
+    #[arg(long, env = "RIGGER_LAB_EMULATOR", value_name = "PATH")]
+    pub emulator: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct LabStatusArgs {
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
 }

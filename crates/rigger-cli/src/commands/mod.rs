@@ -6,6 +6,7 @@ mod aws_db;
 mod db;
 mod deploy;
 mod init;
+mod lab;
 mod local;
 mod plan;
 mod remote;
@@ -49,6 +50,7 @@ pub(crate) fn dispatch(command: Command, settings: &Settings) -> Result<(), Fail
         Command::Lock(command) => deploy::lock(command, settings),
         Command::Maintenance(args) => deploy::maintenance(args, settings),
         Command::Db(command) => db::run(command, settings),
+        Command::Lab(args) => lab::run(args, settings),
     }
 }
 

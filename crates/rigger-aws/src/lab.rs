@@ -1,0 +1,230 @@
+//! What the lab (`rigger-lab`, `rigger lab`) asks of the AWS API it stands behind: the
+//! instances to make real machines of, what their metadata service answers (user-data, the
+//! key pair's public key, the credentials of the instance profile's role) and the default
+//! VPC whose range the lab's network carries.
+//!
+//! The lab runs no AWS SDK of its own (only this crate depends on it): every call is here and
+//! returns plain values, so the lab never sees an SDK type. The SDK crates are re-exported in
+//! [`sdk`] for the lab's tests, which launch instances the way a user's tools would.
+
+use base64::Engine as _;
+use serde::Serialize;
+
+use crate::client::Clients;
+use crate::error::{AwsError, Context as _};
+
+/// The SDK crates, for tests that drive the emulator the way a user's tools would.
+pub mod sdk {
+    pub use aws_sdk_ec2 as ec2;
+    pub use aws_sdk_iam as iam;
+    pub use aws_sdk_sts as sts;
+}
+
+/// One EC2 instance as the lab needs it, whatever its state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LabInstance {
+    pub id: String,
+    /// EC2's state name: `pending`, `running`, `stopping`, `stopped`, `shutting-down`,
+    /// `terminated`.
+    pub state: String,
+    pub private_address: Option<String>,
+    /// `None` when it was launched without one (moto then gives it a random 10.x address
+    /// outside every VPC; AWS would use the default VPC's default subnet).
+    pub subnet_id: Option<String>,
+    pub private_dns_name: Option<String>,
+    pub image_id: Option<String>,
+    pub instance_type: Option<String>,
+    pub availability_zone: Option<String>,
+    pub key_name: Option<String>,
+    /// `arn:aws:iam::<account>:instance-profile/<path><name>`.
+    pub instance_profile_arn: Option<String>,
+    pub instance_profile_id: Option<String>,
+}
+
+/// Temporary credentials of a role, as an instance's metadata service hands them out.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RoleCredentials {
+    pub role_name: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    /// Seconds since the Unix epoch.
+    pub expiration: i64,
+}
+
+impl std::fmt::Debug for RoleCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret parts (they could end up in a log).
+        f.debug_struct("RoleCredentials")
+            .field("role_name", &self.role_name)
+            .field("access_key_id", &self.access_key_id)
+            .field("expiration", &self.expiration)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every instance of the region, in every state.
+pub async fn instances(clients: &Clients) -> Result<Vec<LabInstance>, AwsError> {
+    let mut found = Vec::new();
+    let mut pages = clients.ec2.describe_instances().into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = page.op("DescribeInstances", &clients.region)?;
+        for reservation in page.reservations() {
+            for instance in reservation.instances() {
+                let Some(id) = instance.instance_id() else {
+                    continue;
+                };
+                let profile = instance.iam_instance_profile();
+                found.push(LabInstance {
+                    id: id.to_owned(),
+                    state: instance
+                        .state()
+                        .and_then(|s| s.name())
+                        .map_or_else(|| "unknown".to_owned(), |n| n.as_str().to_owned()),
+                    private_address: instance.private_ip_address().map(str::to_owned),
+                    subnet_id: instance
+                        .subnet_id()
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned),
+                    private_dns_name: instance
+                        .private_dns_name()
+                        .filter(|n| !n.is_empty())
+                        .map(str::to_owned),
+                    image_id: instance.image_id().map(str::to_owned),
+                    instance_type: instance.instance_type().map(|t| t.as_str().to_owned()),
+                    availability_zone: instance
+                        .placement()
+                        .and_then(|p| p.availability_zone())
+                        .map(str::to_owned),
+                    key_name: instance.key_name().map(str::to_owned),
+                    instance_profile_arn: profile.and_then(|p| p.arn()).map(str::to_owned),
+                    instance_profile_id: profile.and_then(|p| p.id()).map(str::to_owned),
+                });
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The instance's user-data, decoded from base64 (still gzipped if it was sent gzipped);
+/// `None` when it has none.
+pub async fn user_data(clients: &Clients, instance_id: &str) -> Result<Option<Vec<u8>>, AwsError> {
+    let answer = clients
+        .ec2
+        .describe_instance_attribute()
+        .instance_id(instance_id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .op("DescribeInstanceAttribute userData", instance_id)?;
+    let Some(encoded) = answer.user_data().and_then(|v| v.value()) else {
+        return Ok(None);
+    };
+    if encoded.is_empty() {
+        return Ok(None);
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map(Some)
+        .map_err(|error| {
+            AwsError::precondition(
+                "DescribeInstanceAttribute userData",
+                instance_id,
+                format!("the user-data is not base64: {error}"),
+                "launch the instance with base64-encoded user-data, as EC2 requires",
+            )
+        })
+}
+
+/// The public key of key pair `name` (OpenSSH format); `None` when the key pair is gone.
+pub async fn public_key(clients: &Clients, name: &str) -> Result<Option<String>, AwsError> {
+    match clients
+        .ec2
+        .describe_key_pairs()
+        .key_names(name)
+        .include_public_key(true)
+        .send()
+        .await
+        .op("DescribeKeyPairs", name)
+    {
+        Ok(answer) => Ok(answer
+            .key_pairs()
+            .first()
+            .and_then(|pair| pair.public_key())
+            .map(|key| key.trim().to_owned())),
+        Err(error) if error.kind() == crate::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// The default VPC's IPv4 range (`172.31.0.0/16` on AWS and in moto); `None` without one.
+pub async fn default_vpc_cidr(clients: &Clients) -> Result<Option<String>, AwsError> {
+    let answer = clients
+        .ec2
+        .describe_vpcs()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("is-default")
+                .values("true")
+                .build(),
+        )
+        .send()
+        .await
+        .op("DescribeVpcs", "is-default=true")?;
+    Ok(answer
+        .vpcs()
+        .first()
+        .and_then(|vpc| vpc.cidr_block())
+        .map(str::to_owned))
+}
+
+/// Credentials of the role in instance profile `profile_arn`, for `session` (the instance
+/// id), valid `seconds`: the role is assumed through STS, so the emulator knows them as that
+/// role's. `None` when the profile is gone or holds no role.
+pub async fn role_credentials(
+    clients: &Clients,
+    profile_arn: &str,
+    session: &str,
+    seconds: i32,
+) -> Result<Option<RoleCredentials>, AwsError> {
+    let name = profile_arn.rsplit('/').next().unwrap_or(profile_arn);
+    let profile = match clients
+        .iam
+        .get_instance_profile()
+        .instance_profile_name(name)
+        .send()
+        .await
+        .op("GetInstanceProfile", name)
+    {
+        Ok(answer) => answer,
+        Err(error) if error.kind() == crate::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let Some(role) = profile.instance_profile().and_then(|p| p.roles().first()) else {
+        return Ok(None);
+    };
+    let assumed = clients
+        .sts
+        .assume_role()
+        .role_arn(role.arn())
+        .role_session_name(session)
+        .duration_seconds(seconds)
+        .send()
+        .await
+        .op("AssumeRole", role.arn())?;
+    let Some(credentials) = assumed.credentials() else {
+        return Err(AwsError::precondition(
+            "AssumeRole",
+            role.arn(),
+            "the answer carries no credentials",
+            "check the emulator's STS",
+        ));
+    };
+    Ok(Some(RoleCredentials {
+        role_name: role.role_name().to_owned(),
+        access_key_id: credentials.access_key_id().to_owned(),
+        secret_access_key: credentials.secret_access_key().to_owned(),
+        session_token: credentials.session_token().to_owned(),
+        expiration: credentials.expiration().secs(),
+    }))
+}

@@ -1,0 +1,156 @@
+//! `rigger lab image | up | down | status | run`: the AWS lab (crates/rigger-lab,
+//! docs/lab.md). Needs no rigger.toml.
+
+use std::ffi::OsString;
+
+use anyhow::Context as _;
+use rigger_lab::Lab;
+use rigger_lab::control::{self, UpOptions, UpOutcome};
+use rigger_lab::image::{self, Built};
+use rigger_lab::status::LabStatus;
+
+use super::{runtime, say};
+use crate::args::{LabArgs, LabCommand, LabStatusArgs, LabUpArgs};
+use crate::{Failure, Settings};
+
+pub(crate) fn run(args: LabArgs, settings: &Settings) -> Result<(), Failure> {
+    let lab = Lab::new(&args.dir, &args.images).map_err(Failure::Usage)?;
+    match args.command {
+        LabCommand::Image => build_image(&lab, settings),
+        LabCommand::Up(up_args) => up(&lab, up_args, settings),
+        LabCommand::Down => down(&lab, settings),
+        LabCommand::Status(status_args) => status(&lab, status_args),
+        LabCommand::Run => runtime()?
+            .block_on(rigger_lab::runner::run(lab))
+            .map_err(Failure::Operation),
+    }
+}
+
+fn build_image(lab: &Lab, settings: &Settings) -> Result<(), Failure> {
+    let (image, built) = image::build(&lab.images, |line| say(settings, line))?;
+    match built {
+        Built::Cached => say(
+            settings,
+            &format!(
+                "lab image {} is built ({:.0} MB, {})",
+                &image.hash[..16],
+                image.size_bytes as f64 / 1e6,
+                image.rootfs.display()
+            ),
+        ),
+        Built::Now => say(
+            settings,
+            &format!(
+                "built lab image {} in {:.0} s ({:.0} MB, {})",
+                &image.hash[..16],
+                image.build_seconds,
+                image.size_bytes as f64 / 1e6,
+                image.rootfs.display()
+            ),
+        ),
+    }
+    let running = control::status(lab)?;
+    if running.state == "up" && running.ami.as_deref() != Some(image.ami_id.as_str()) {
+        say(
+            settings,
+            "the running lab uses an older image: `rigger lab down && rigger lab up` to use this one",
+        );
+    }
+    println!("{}", image.ami_id);
+    Ok(())
+}
+
+fn up(lab: &Lab, args: LabUpArgs, settings: &Settings) -> Result<(), Failure> {
+    let emulator = control::find_emulator(args.emulator.as_deref()).map_err(Failure::Usage)?;
+    let rigger = std::env::current_exe().context("finding the rigger executable")?;
+    let runner: Vec<OsString> = vec![
+        rigger.into_os_string(),
+        "lab".into(),
+        "--dir".into(),
+        lab.state.clone().into_os_string(),
+        "--images".into(),
+        lab.images.clone().into_os_string(),
+        "-v".into(),
+        "run".into(),
+    ];
+    let options = UpOptions {
+        region: args.region,
+        emulator,
+        runner,
+    };
+    let outcome = runtime()?.block_on(control::up(lab, &options, |line| say(settings, line)))?;
+    let status = match outcome {
+        UpOutcome::Started(status) => status,
+        UpOutcome::AlreadyUp(status) => {
+            say(settings, "the lab is already up");
+            status
+        }
+    };
+    print_status(&status);
+    Ok(())
+}
+
+fn down(lab: &Lab, settings: &Settings) -> Result<(), Failure> {
+    runtime()?.block_on(control::down(lab, |line| say(settings, line)))?;
+    say(settings, "the lab is down; nothing of it is left");
+    Ok(())
+}
+
+fn status(lab: &Lab, args: LabStatusArgs) -> Result<(), Failure> {
+    let status = control::status(lab)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).context("encoding the status")?
+        );
+    } else {
+        print_status(&status);
+    }
+    Ok(())
+}
+
+fn print_status(status: &LabStatus) {
+    println!("lab: {}", status.state);
+    if let Some(endpoint) = &status.endpoint {
+        println!("endpoint: {endpoint}   (--endpoint-url)");
+    }
+    if let Some(ami) = &status.ami {
+        println!("ami: {ami}");
+    }
+    if let Some(region) = &status.region {
+        println!("region: {region}");
+    }
+    if let (Some(network), Some(address)) = (&status.network, &status.lab_address) {
+        println!(
+            "network: {network}, reached from {address} in namespace {}: ip netns exec {} ssh admin@ADDRESS",
+            status.namespace, status.namespace
+        );
+    }
+    if let Some(message) = status.message.as_ref().filter(|_| status.state != "up") {
+        println!("runner: {message}");
+    }
+    if !status.machines.is_empty() {
+        println!("machines:");
+        for machine in &status.machines {
+            let memory = machine
+                .memory_pss_bytes
+                .map(|b| format!("  {:.0} MiB", b as f64 / 1_048_576.0))
+                .unwrap_or_default();
+            println!(
+                "  {}  {:<15}  {} (instance {}){memory}{}",
+                machine.instance_id,
+                machine.address.as_deref().unwrap_or("-"),
+                machine.state.as_str(),
+                machine.instance_state,
+                machine
+                    .detail
+                    .as_deref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    for leftover in &status.leftovers {
+        println!("left over: {leftover}   (`rigger lab down` removes it)");
+    }
+}

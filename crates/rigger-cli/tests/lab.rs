@@ -1,0 +1,498 @@
+//! The AWS lab end to end, through the real `rigger` binary: `rigger lab up`, an instance
+//! launched with the SDK from the lab image's AMI boots as a machine that answers SSH at its
+//! private address with the key pair's key, runs its user-data exactly once (a stop and start
+//! of the instance does not run it again), and is answered by its own metadata service
+//! (IMDSv2 only, credentials of its instance profile that the emulator knows as the role's);
+//! terminating the instance removes the machine; `rigger lab down` leaves nothing.
+//!
+//! Needs root, the lab image (`rigger lab image`, which scripts/test runs before the tests)
+//! and moto (scripts/moto.sh). When any is missing the test fails, saying which: it never
+//! skips.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use rigger_aws::lab::sdk::{ec2, sts};
+use rigger_aws::{Clients, Connection};
+
+const REGION: &str = "us-east-1";
+const ROLE: &str = "lab-test-role";
+const PROFILE: &str = "lab-test-profile";
+
+/// The user-data: appends a line each time it runs.
+const USER_DATA: &str = "#!/bin/bash\nset -e\ninstall -d /var/lib/lab-test\necho \"ran at $(date +%s.%N)\" >>/var/lib/lab-test/runs\n";
+
+/// A lab of this test's own (its own state directory, the shared image cache), taken down
+/// when dropped, whatever happened.
+struct TestLab {
+    state: tempfile::TempDir,
+    images: PathBuf,
+}
+
+impl TestLab {
+    fn rigger(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_rigger"))
+            .arg("lab")
+            .arg("--dir")
+            .arg(self.state.path())
+            .arg("--images")
+            .arg(&self.images)
+            .args(args)
+            .output()
+            .expect("running rigger")
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let output = self.rigger(&["status", "--json"]);
+        assert!(
+            output.status.success(),
+            "rigger lab status: {}",
+            text(&output)
+        );
+        serde_json::from_slice(&output.stdout).expect("status JSON")
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let _ = self.rigger(&["down"]);
+    }
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Polls `check` every 100 ms until it gives a value, failing after `limit` with `what`.
+fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{what}: not after {} s",
+            limit.as_secs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn machine<'a>(status: &'a serde_json::Value, instance_id: &str) -> Option<&'a serde_json::Value> {
+    status["machines"]
+        .as_array()?
+        .iter()
+        .find(|m| m["instance_id"] == instance_id)
+}
+
+/// SSH as the image's default user, from the lab's namespace, trusting only the host key
+/// read from the machine's own disk.
+struct Ssh {
+    namespace: String,
+    address: String,
+    key: PathBuf,
+    known_hosts: PathBuf,
+}
+
+impl Ssh {
+    fn run(&self, command: &str) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.namespace, "ssh"])
+            .arg("-i")
+            .arg(&self.key)
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
+            .args([
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=2",
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .arg(format!("admin@{}", self.address))
+            .arg(command)
+            .output()
+            .expect("running ssh")
+    }
+
+    fn ok(&self, command: &str) -> String {
+        let output = self.run(command);
+        assert!(output.status.success(), "ssh {command}: {}", text(&output));
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+}
+
+fn is_running(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.chars().next());
+        !matches!(state, Some('Z' | 'X'))
+    })
+}
+
+#[test]
+fn an_instance_boots_as_a_machine_and_down_leaves_nothing() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the lab needs root (network namespaces, mounts, systemd-nspawn): run the tests as root (scripts/test)"
+    );
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let images = std::env::var_os("RIGGER_LAB_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(rigger_lab::layout::DEFAULT_IMAGES_DIR));
+    assert!(
+        rigger_lab::image::find(&images).is_some(),
+        "no lab image in {} for this rigger: build it with `rigger lab image` (scripts/test does, before the tests)",
+        images.display()
+    );
+    let installed = Command::new(root.join("scripts/moto.sh"))
+        .output()
+        .expect("running scripts/moto.sh");
+    assert!(
+        installed.status.success(),
+        "scripts/moto.sh: {}",
+        text(&installed)
+    );
+    let emulator = String::from_utf8(installed.stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    let lab = TestLab {
+        state: tempfile::Builder::new()
+            .prefix("rigger-lab-test-")
+            .tempdir_in("/var/tmp")
+            .unwrap(),
+        images,
+    };
+    let up = lab.rigger(&["up", "--emulator", &emulator]);
+    assert!(up.status.success(), "rigger lab up: {}", text(&up));
+    let status = lab.status();
+    assert_eq!(status["state"], "up", "{status:#}");
+    let endpoint = status["endpoint"].as_str().unwrap().to_owned();
+    let ami = status["ami"].as_str().unwrap().to_owned();
+    let namespace = status["namespace"].as_str().unwrap().to_owned();
+    let emulator_pid = status["emulator_pid"].as_i64().unwrap();
+    let runner_pid = status["runner_pid"].as_i64().unwrap();
+    assert!(endpoint.starts_with("http://127.0.0.1:"), "{endpoint}");
+    assert!(ami.starts_with("ami-"), "{ami}");
+
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("id_ed25519");
+    let generated = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        generated.status.success(),
+        "ssh-keygen: {}",
+        text(&generated)
+    );
+    let public_key = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let clients = runtime.block_on(Clients::connect(&Connection {
+        region: REGION.into(),
+        endpoint_url: Some(endpoint.clone()),
+        max_attempts: Some(1),
+        static_credentials: Some(("testing".into(), "testing".into())),
+    }));
+    let instance_id = runtime.block_on(async {
+        clients
+            .ec2
+            .import_key_pair()
+            .key_name("lab-test")
+            .public_key_material(ec2::primitives::Blob::new(public_key.as_bytes()))
+            .send()
+            .await
+            .expect("ImportKeyPair");
+        clients
+            .iam
+            .create_role()
+            .role_name(ROLE)
+            .assume_role_policy_document(
+                r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#,
+            )
+            .send()
+            .await
+            .expect("CreateRole");
+        clients
+            .iam
+            .create_instance_profile()
+            .instance_profile_name(PROFILE)
+            .send()
+            .await
+            .expect("CreateInstanceProfile");
+        clients
+            .iam
+            .add_role_to_instance_profile()
+            .instance_profile_name(PROFILE)
+            .role_name(ROLE)
+            .send()
+            .await
+            .expect("AddRoleToInstanceProfile");
+        let subnets = clients
+            .ec2
+            .describe_subnets()
+            .filters(ec2::types::Filter::builder().name("default-for-az").values("true").build())
+            .filters(ec2::types::Filter::builder().name("availability-zone").values("us-east-1a").build())
+            .send()
+            .await
+            .expect("DescribeSubnets");
+        let subnet = subnets.subnets()[0].subnet_id().unwrap().to_owned();
+        let launched = clients
+            .ec2
+            .run_instances()
+            .image_id(&ami)
+            .instance_type(ec2::types::InstanceType::T3Micro)
+            .min_count(1)
+            .max_count(1)
+            .key_name("lab-test")
+            .subnet_id(subnet)
+            .user_data(base64::engine::general_purpose::STANDARD.encode(USER_DATA))
+            .iam_instance_profile(
+                ec2::types::IamInstanceProfileSpecification::builder()
+                    .name(PROFILE)
+                    .build(),
+            )
+            .metadata_options(
+                ec2::types::InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(ec2::types::HttpTokensState::Required)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("RunInstances");
+        launched.instances()[0].instance_id().unwrap().to_owned()
+    });
+    let launched = Instant::now();
+
+    // The machine runs with the instance's private address.
+    let address = wait_for(
+        "the instance's machine running",
+        Duration::from_secs(60),
+        || {
+            let status = lab.status();
+            let machine = machine(&status, &instance_id)?;
+            assert_ne!(machine["state"], "failed", "{machine:#}");
+            (machine["state"] == "running").then(|| machine["address"].as_str().unwrap().to_owned())
+        },
+    );
+    assert!(address.starts_with("172.31."), "{address}");
+
+    // sshd answers, with host keys the machine made for itself at first boot.
+    let host_key_file = lab
+        .state
+        .path()
+        .join("machines")
+        .join(&instance_id)
+        .join("upper/etc/ssh/ssh_host_ed25519_key.pub");
+    let host_key = wait_for(
+        "the machine's own host key",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(&host_key_file)
+                .ok()
+                .filter(|k| k.ends_with('\n'))
+        },
+    );
+    let known_hosts = keys.path().join("known_hosts");
+    std::fs::write(&known_hosts, format!("{address} {host_key}")).unwrap();
+    let ssh = Ssh {
+        namespace: namespace.clone(),
+        address: address.clone(),
+        key: key.clone(),
+        known_hosts,
+    };
+    wait_for(
+        "SSH as admin at the private address",
+        Duration::from_secs(60),
+        || ssh.run("true").status.success().then_some(()),
+    );
+    let boot_to_ssh = launched.elapsed();
+    assert_eq!(ssh.ok("id -un"), "admin");
+    assert_eq!(ssh.ok("sudo -n id -un"), "root", "passwordless sudo");
+
+    // The user-data ran once, logged as cloud-init logs it.
+    wait_for("the user-data to finish", Duration::from_secs(60), || {
+        ssh.run("sudo test -e /var/lib/cloud/instance/boot-finished")
+            .status
+            .success()
+            .then_some(())
+    });
+    assert_eq!(ssh.ok("sudo cat /var/lib/lab-test/runs").lines().count(), 1);
+    let log = ssh.ok("sudo cat /var/log/cloud-init-output.log");
+    assert!(log.contains("the user-data exited with 0"), "{log}");
+
+    // Its metadata service: IMDSv2 only, about this instance.
+    let refused = ssh.ok(
+        "curl -s -o /dev/null -w '%{http_code}' http://169.254.169.254/latest/meta-data/instance-id",
+    );
+    assert_eq!(refused, "401", "a request without a token is refused");
+    let imds = |path: &str| {
+        ssh.ok(&format!(
+            "T=$(curl -fsS -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token) && \
+             sudo curl -fsS -H \"X-aws-ec2-metadata-token: $T\" http://169.254.169.254/latest/{path}"
+        ))
+    };
+    assert_eq!(imds("meta-data/instance-id"), instance_id);
+    assert_eq!(imds("meta-data/local-ipv4"), address);
+    assert_eq!(imds("meta-data/placement/availability-zone"), "us-east-1a");
+    assert_eq!(imds("meta-data/iam/security-credentials/"), ROLE);
+    let credentials: serde_json::Value =
+        serde_json::from_str(&imds(&format!("meta-data/iam/security-credentials/{ROLE}"))).unwrap();
+    // The emulator knows them as the role's, assumed for this instance.
+    let caller = runtime.block_on(async {
+        let conf = clients
+            .sts
+            .config()
+            .to_builder()
+            .credentials_provider(sts::config::Credentials::new(
+                credentials["AccessKeyId"].as_str().unwrap(),
+                credentials["SecretAccessKey"].as_str().unwrap(),
+                credentials["Token"].as_str().map(str::to_owned),
+                None,
+                "lab-imds",
+            ))
+            .build();
+        sts::Client::from_conf(conf)
+            .get_caller_identity()
+            .send()
+            .await
+            .expect("GetCallerIdentity with the machine's credentials")
+    });
+    let arn = caller.arn().unwrap_or_default();
+    assert!(
+        arn.contains(&format!("assumed-role/{ROLE}/{instance_id}")),
+        "{arn}"
+    );
+
+    // No route leaves the lab: nothing is sent to a public address, it fails where it starts.
+    let route = ssh.run("ip route get 8.8.8.8");
+    assert!(
+        !route.status.success(),
+        "a route to a public address: {}",
+        text(&route)
+    );
+
+    // Memory of the booted machine (the runner measures every few seconds).
+    let memory = wait_for(
+        "the machine's memory measured",
+        Duration::from_secs(15),
+        || machine(&lab.status(), &instance_id)?["memory_pss_bytes"].as_u64(),
+    );
+
+    // Stopped and started again: the same disk boots, the user-data does not run again.
+    runtime.block_on(async {
+        clients
+            .ec2
+            .stop_instances()
+            .instance_ids(&instance_id)
+            .send()
+            .await
+            .expect("StopInstances")
+    });
+    wait_for("the machine stopped", Duration::from_secs(60), || {
+        (machine(&lab.status(), &instance_id)?["state"] == "stopped").then_some(())
+    });
+    runtime.block_on(async {
+        clients
+            .ec2
+            .start_instances()
+            .instance_ids(&instance_id)
+            .send()
+            .await
+            .expect("StartInstances")
+    });
+    wait_for("SSH after the restart", Duration::from_secs(60), || {
+        ssh.run("systemctl is-system-running --wait >/dev/null; true")
+            .status
+            .success()
+            .then_some(())
+    });
+    assert_eq!(
+        ssh.ok("sudo cat /var/lib/lab-test/runs").lines().count(),
+        1,
+        "the user-data ran again after a restart"
+    );
+
+    // Terminated: the machine, its namespace and its disk's mount are gone.
+    runtime.block_on(async {
+        clients
+            .ec2
+            .terminate_instances()
+            .instance_ids(&instance_id)
+            .send()
+            .await
+            .expect("TerminateInstances")
+    });
+    let machine_namespace = format!("{namespace}-{instance_id}");
+    wait_for("the machine removed", Duration::from_secs(60), || {
+        machine(&lab.status(), &instance_id).is_none().then_some(())
+    });
+    assert!(!namespaces().contains(&machine_namespace));
+    assert!(
+        !lab.state
+            .path()
+            .join("machines")
+            .join(&instance_id)
+            .exists()
+    );
+
+    let down = lab.rigger(&["down"]);
+    assert!(down.status.success(), "rigger lab down: {}", text(&down));
+    let lab_namespaces: Vec<String> = namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&namespace))
+        .collect();
+    assert!(
+        lab_namespaces.is_empty(),
+        "namespaces left: {lab_namespaces:?}"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let state = lab.state.path().display().to_string();
+    assert!(
+        !mounts.contains(&state),
+        "mounts left under {state}:\n{mounts}"
+    );
+    let lab_id = namespace.trim_start_matches("rigger-lab-");
+    for hierarchy in ["systemd", "unified", ""] {
+        let cgroup = Path::new("/sys/fs/cgroup")
+            .join(hierarchy)
+            .join(format!("rigger-lab-{lab_id}"));
+        assert!(!cgroup.exists(), "cgroup left: {}", cgroup.display());
+    }
+    assert!(!is_running(emulator_pid), "the emulator still runs");
+    assert!(!is_running(runner_pid), "the runner still runs");
+    let after = lab.status();
+    assert_eq!(after["state"], "down", "{after:#}");
+
+    eprintln!(
+        "lab: launch to SSH {:.1} s; machine memory (PSS) {:.0} MiB",
+        boot_to_ssh.as_secs_f64(),
+        memory as f64 / 1_048_576.0
+    );
+}
+
+fn namespaces() -> Vec<String> {
+    let output = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}

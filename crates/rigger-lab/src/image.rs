@@ -1,0 +1,540 @@
+//! The lab image: a Debian 12 root filesystem built once with mmdebstrap, cached outside any
+//! clone under a hash of its recipe, and known to the emulator as an AMI whose id derives from
+//! that hash (so a rigger.toml naming it stays valid across `rigger lab up`s).
+//!
+//! The recipe ([`recipe_text`]) is everything that decides the image: the suite, the packages
+//! (systemd, sshd, the AWS CLI and every package a role's user-data installs, so machines need
+//! no package archive), the units the image leaves disabled (Debian's own copies of the
+//! services rigger runs under its own units), and the lab's stand-in for cloud-init (`assets/`):
+//! host keys of each machine's own, the key pair's key for the default user `admin`
+//! (passwordless sudo, as on Debian's EC2 images), the user-data run once at first boot with
+//! its output in /var/log/cloud-init-output.log. Changing any of it changes the hash: the next
+//! `rigger lab image` builds a new image beside the old ones.
+//!
+//! Builds hold an exclusive lock on the cache, so concurrent builders build once; a build
+//! happens in a scratch directory renamed into place when complete, so a cached image is
+//! always a whole one.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use crate::layout::hex;
+
+/// The image's default user, as on Debian's EC2 images.
+pub const DEFAULT_USER: &str = "admin";
+
+/// Debian 12.
+pub const SUITE: &str = "bookworm";
+
+/// Bumped when the build changes in a way the recipe text does not show.
+const BUILD_VERSION: u32 = 1;
+
+/// Every package of the image besides Debian's essential ones: a bootable system with sshd,
+/// then what rigger's user-data installs for each role (`rigger_aws::userdata`), so a machine
+/// boots with them already there, as from a baked AMI.
+pub const PACKAGES: &[&str] = &[
+    // The machine itself.
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "sudo",
+    "iproute2",
+    "procps",
+    "less",
+    "curl",
+    "ca-certificates",
+    "python3",
+    "awscli",
+    "openssl",
+    "nftables",
+    // The roles' packages.
+    "nginx",
+    "pgbouncer",
+    "stunnel4",
+    "postgresql-15",
+    "postgresql-client",
+    "python3-venv",
+    "redis-server",
+    "rabbitmq-server",
+];
+
+/// Units the packages enable that the image leaves off: Debian's own instances of the
+/// services rigger runs under units of its own (its user-data disables them too), and
+/// Erlang's port mapper, which RabbitMQ starts itself when it needs one.
+pub const DISABLED_UNITS: &[&str] = &[
+    "nginx.service",
+    "pgbouncer.service",
+    "stunnel4.service",
+    "stunnel.target",
+    "redis-server.service",
+    "rabbitmq-server.service",
+    "postgresql.service",
+    "epmd.service",
+    "epmd.socket",
+];
+
+/// A file the image carries for the lab.
+struct ImageFile {
+    path: &'static str,
+    mode: u32,
+    contents: &'static str,
+}
+
+const FILES: &[ImageFile] = &[
+    ImageFile {
+        path: "usr/local/lib/rigger-lab/instance-init",
+        mode: 0o755,
+        contents: include_str!("../assets/instance-init"),
+    },
+    ImageFile {
+        path: "usr/local/lib/rigger-lab/user-data",
+        mode: 0o755,
+        contents: include_str!("../assets/user-data"),
+    },
+    ImageFile {
+        path: "etc/systemd/system/rigger-lab-init.service",
+        mode: 0o644,
+        contents: include_str!("../assets/rigger-lab-init.service"),
+    },
+    ImageFile {
+        path: "etc/systemd/system/rigger-lab-user-data.service",
+        mode: 0o644,
+        contents: include_str!("../assets/rigger-lab-user-data.service"),
+    },
+    ImageFile {
+        path: "etc/ssh/sshd_config.d/50-rigger-lab.conf",
+        mode: 0o644,
+        contents: include_str!("../assets/sshd.conf"),
+    },
+    ImageFile {
+        // Nothing answers at the VPC resolver's address yet; lookups fail at once.
+        path: "etc/resolv.conf",
+        mode: 0o644,
+        contents: "nameserver 169.254.169.253\n",
+    },
+    ImageFile {
+        path: "etc/hosts",
+        mode: 0o644,
+        contents: "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
+    },
+    ImageFile {
+        path: "etc/sudoers.d/90-rigger-lab-admin",
+        mode: 0o440,
+        contents: "# rigger lab: the default user, as on Debian's EC2 images.\nadmin ALL=(ALL) NOPASSWD:ALL\n",
+    },
+];
+
+/// Units of the lab's own that the image enables.
+const ENABLED_UNITS: &[&str] = &["rigger-lab-init.service", "rigger-lab-user-data.service"];
+
+/// dpkg leaves out documentation and translations (as Debian's container images do).
+const DPKG_OPTIONS: &[&str] = &[
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/locale/*",
+];
+
+/// The whole recipe as text: what the hash is taken of.
+pub fn recipe_text() -> String {
+    let mut text = format!(
+        "rigger lab image {BUILD_VERSION}\nsuite {SUITE}\nvariant minbase\nuser {DEFAULT_USER}\n"
+    );
+    for package in PACKAGES {
+        text.push_str(&format!("package {package}\n"));
+    }
+    for option in DPKG_OPTIONS {
+        text.push_str(&format!("dpkg {option}\n"));
+    }
+    for unit in DISABLED_UNITS {
+        text.push_str(&format!("disable {unit}\n"));
+    }
+    for unit in ENABLED_UNITS {
+        text.push_str(&format!("enable {unit}\n"));
+    }
+    for file in FILES {
+        text.push_str(&format!(
+            "file {} {:o} {}\n{}\n",
+            file.path,
+            file.mode,
+            file.contents.len(),
+            file.contents
+        ));
+    }
+    text
+}
+
+/// The recipe's hash (64 hex digits).
+pub fn recipe_hash() -> String {
+    hex(&sha2::Sha256::digest(recipe_text().as_bytes()))
+}
+
+/// The AMI id of the image with recipe hash `hash`: `ami-` and its first 17 hex digits, the
+/// form of today's AMI ids.
+pub fn ami_id(hash: &str) -> String {
+    format!("ami-{}", &hash[..17])
+}
+
+/// A built image, as recorded in its `image.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Image {
+    pub hash: String,
+    pub ami_id: String,
+    /// The AMI's name, `rigger-lab-debian-12-<12 hex digits>`.
+    pub name: String,
+    pub suite: String,
+    pub packages: Vec<String>,
+    /// Seconds since the Unix epoch.
+    pub built_at: u64,
+    pub build_seconds: f64,
+    pub size_bytes: u64,
+    /// The image's root filesystem (not recorded: the directory it was found in decides).
+    #[serde(skip)]
+    pub rootfs: PathBuf,
+}
+
+/// The directory of the image with `hash` in the cache at `images`.
+fn image_dir(images: &Path, hash: &str) -> PathBuf {
+    images.join(&hash[..16])
+}
+
+/// The cached image of the current recipe, if it was built.
+pub fn find(images: &Path) -> Option<Image> {
+    let dir = image_dir(images, &recipe_hash());
+    let text = std::fs::read_to_string(dir.join("image.json")).ok()?;
+    let mut image: Image = serde_json::from_str(&text).ok()?;
+    if image.hash != recipe_hash() {
+        return None;
+    }
+    image.rootfs = dir.join("rootfs");
+    image.rootfs.is_dir().then_some(image)
+}
+
+/// Whether [`build`] found the image or made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Built {
+    Cached,
+    Now,
+}
+
+/// The image of the current recipe: the cached one, or one built now (minutes; needs root,
+/// mmdebstrap and Debian's package archive). `progress` gets one line per step.
+pub fn build(images: &Path, mut progress: impl FnMut(&str)) -> anyhow::Result<(Image, Built)> {
+    if let Some(image) = find(images) {
+        return Ok((image, Built::Cached));
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "building the lab image needs root (mmdebstrap, chroot): run `sudo rigger lab image`"
+        );
+    }
+    which("mmdebstrap").context(
+        "mmdebstrap is not installed: `apt-get install mmdebstrap` (scripts/install-packages.sh does)",
+    )?;
+    std::fs::create_dir_all(images)
+        .with_context(|| format!("creating the image cache {}", images.display()))?;
+    let lock_path = images.join(".build.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    progress("waiting for other builds of the lab image");
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| errno)
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    // Another builder may have finished while this one waited.
+    if let Some(image) = find(images) {
+        return Ok((image, Built::Cached));
+    }
+    let hash = recipe_hash();
+    let scratch = images.join(format!(".build-{}", &hash[..16]));
+    crate::sys::remove_tree(&scratch)?;
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let log_path = scratch.join("build.log");
+    let started = Instant::now();
+    let result = build_into(&scratch, &log_path, &mut progress);
+    if let Err(error) = result {
+        let kept = images.join(format!("build-{}.log", &hash[..16]));
+        let _ = std::fs::rename(&log_path, &kept);
+        let _ = crate::sys::remove_tree(&scratch);
+        let tail = rigger_local::process::log_tail(&kept, 20).join("\n  ");
+        return Err(error.context(format!(
+            "building the lab image failed; the end of its log ({}):\n  {tail}",
+            kept.display()
+        )));
+    }
+    let rootfs = scratch.join("rootfs");
+    let image = Image {
+        ami_id: ami_id(&hash),
+        name: format!("rigger-lab-debian-12-{}", &hash[..12]),
+        hash: hash.clone(),
+        suite: SUITE.to_owned(),
+        packages: PACKAGES.iter().map(|p| (*p).to_owned()).collect(),
+        built_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        build_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        size_bytes: tree_size(&rootfs),
+        rootfs: PathBuf::new(),
+    };
+    let json = serde_json::to_string_pretty(&image).context("recording the image")?;
+    std::fs::write(scratch.join("image.json"), json + "\n").context("writing image.json")?;
+    let dir = image_dir(images, &hash);
+    std::fs::rename(&scratch, &dir)
+        .with_context(|| format!("moving the built image to {}", dir.display()))?;
+    let image = find(images).context("the image just built cannot be read back")?;
+    Ok((image, Built::Now))
+}
+
+/// mmdebstrap, then the lab's changes, into `scratch/rootfs`.
+fn build_into(
+    scratch: &Path,
+    log_path: &Path,
+    progress: &mut impl FnMut(&str),
+) -> anyhow::Result<()> {
+    let rootfs = scratch.join("rootfs");
+    let log = rigger_local::files::open_private_log(log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    progress(&format!(
+        "mmdebstrap {SUITE} with {} packages (a few minutes; log: {})",
+        PACKAGES.len(),
+        log_path.display()
+    ));
+    let mut command = Command::new("mmdebstrap");
+    command
+        .args(["--variant=minbase", "--mode=root", "--format=directory"])
+        .arg(format!("--include={}", PACKAGES.join(",")))
+        .arg("--aptopt=Acquire::Retries \"3\"");
+    for option in DPKG_OPTIONS {
+        command.arg(format!("--dpkgopt={option}"));
+    }
+    command.arg(SUITE).arg(&rootfs);
+    checked(
+        command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log.try_clone()?),
+        "mmdebstrap",
+    )?;
+
+    progress("adding the default user, the lab's units and files");
+    let chroot = |args: &[&str]| -> anyhow::Result<()> {
+        let mut command = Command::new("chroot");
+        command
+            .arg(&rootfs)
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log.try_clone()?);
+        checked(&mut command, &format!("chroot {}", args.join(" ")))
+    };
+    chroot(&[
+        "useradd",
+        "--create-home",
+        "--shell",
+        "/bin/bash",
+        "--user-group",
+        "--groups",
+        "adm,sudo",
+        "--comment",
+        "Debian (rigger lab)",
+        DEFAULT_USER,
+    ])?;
+    for file in FILES {
+        let path = rootfs.join(file.path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        // resolv.conf may be a link into /run: replace, never follow.
+        let _ = std::fs::remove_file(&path);
+        write_mode(&path, file.contents.as_bytes(), file.mode)?;
+    }
+    let present: Vec<&str> = DISABLED_UNITS
+        .iter()
+        .copied()
+        .filter(|unit| {
+            // A unit of its own, or one systemd makes of a SysV script (stunnel4).
+            let script = unit.strip_suffix(".service").unwrap_or(unit);
+            rootfs.join("usr/lib/systemd/system").join(unit).exists()
+                || rootfs.join("etc/init.d").join(script).exists()
+        })
+        .collect();
+    if !present.is_empty() {
+        let mut args = vec!["systemctl", "disable", "--quiet"];
+        args.extend(&present);
+        chroot(&args)?;
+    }
+    let mut args = vec!["systemctl", "enable", "--quiet"];
+    args.extend(ENABLED_UNITS);
+    chroot(&args)?;
+    // Each machine makes its own host keys, machine id and name.
+    for entry in std::fs::read_dir(rootfs.join("etc/ssh")).context("reading etc/ssh")? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with("ssh_host_") {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    write_mode(&rootfs.join("etc/machine-id"), b"", 0o444)?;
+    let _ = std::fs::remove_file(rootfs.join("etc/hostname"));
+    write_mode(
+        &rootfs.join("etc/rigger-lab-image"),
+        format!("{}\n", recipe_hash()).as_bytes(),
+        0o644,
+    )?;
+    let mut log = log;
+    let _ = writeln!(log, "rigger: the lab image is complete");
+    Ok(())
+}
+
+fn write_mode(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))
+}
+
+fn checked(command: &mut Command, what: &str) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("running {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn which(program: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+        .with_context(|| format!("{program} not found on PATH"))
+}
+
+/// Bytes in regular files under `dir` (each inode once), without following links.
+fn tree_size(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&current) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(metadata) = entry.metadata() else {
+                continue;
+            };
+            if metadata.is_dir() {
+                pending.push(entry.path());
+            } else if metadata.is_file() && seen.insert(metadata.ino()) {
+                total += metadata.len();
+            }
+        }
+    }
+    total
+}
+
+/// The emulator's AMI list (moto's `MOTO_AMIS_PATH`): the lab's image, in every region.
+pub fn emulator_amis(image: &Image) -> serde_json::Value {
+    serde_json::json!([{
+        "ami_id": image.ami_id,
+        "name": image.name,
+        "description": format!("rigger lab: Debian 12 ({SUITE}) with every role's packages, image {}", &image.hash[..16]),
+        "owner_id": "123456789012",
+        "public": false,
+        "state": "available",
+        "image_location": format!("123456789012/{}", image.name),
+        "architecture": "x86_64",
+        "virtualization_type": "hvm",
+        "hypervisor": "xen",
+        "root_device_type": "ebs",
+        "root_device_name": "/dev/xvda",
+        "image_type": "machine",
+        "sriov": "simple"
+    }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hash_covers_packages_units_and_files() {
+        let text = recipe_text();
+        assert!(text.contains("package postgresql-15\n"));
+        assert!(text.contains("disable epmd.socket\n"));
+        assert!(text.contains("enable rigger-lab-user-data.service\n"));
+        assert!(text.contains(include_str!("../assets/user-data")));
+        assert_eq!(recipe_hash().len(), 64);
+        assert_eq!(recipe_hash(), recipe_hash());
+    }
+
+    #[test]
+    fn ami_ids_have_todays_form() {
+        let id = ami_id(&recipe_hash());
+        assert_eq!(id.len(), 4 + 17);
+        assert!(id.starts_with("ami-"));
+        assert!(
+            id[4..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+    }
+
+    #[test]
+    fn the_scripts_name_the_default_user() {
+        assert!(
+            include_str!("../assets/instance-init").contains(&format!("user=\"{DEFAULT_USER}\""))
+        );
+        let sudoers = FILES
+            .iter()
+            .find(|f| f.path.starts_with("etc/sudoers.d/"))
+            .unwrap();
+        assert!(
+            sudoers
+                .contents
+                .contains(&format!("\n{DEFAULT_USER} ALL=(ALL) NOPASSWD:ALL\n"))
+        );
+        assert_eq!(sudoers.mode, 0o440);
+    }
+
+    #[test]
+    fn every_package_rigger_installs_at_boot_is_in_the_image() {
+        // What crates/rigger-aws/src/userdata.rs installs (its `packages` and the common ones).
+        for package in [
+            "awscli",
+            "ca-certificates",
+            "curl",
+            "openssl",
+            "nginx",
+            "pgbouncer",
+            "stunnel4",
+            "postgresql-client",
+            "python3",
+            "python3-venv",
+            "redis-server",
+            "rabbitmq-server",
+            "postgresql-15",
+            "nftables",
+        ] {
+            assert!(PACKAGES.contains(&package), "{package}");
+        }
+    }
+
+    #[test]
+    fn a_missing_image_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(find(dir.path()).is_none());
+    }
+}

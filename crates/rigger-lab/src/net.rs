@@ -1,0 +1,311 @@
+//! The lab's network, made only of network namespaces the lab creates, with no link to this
+//! machine's own network:
+//!
+//! - the lab's namespace (`rigger-lab-<id>`) holds a bridge carrying the emulator's default
+//!   VPC range (`172.31.0.0/16`), with the VPC router's address (`172.31.0.1`, which AWS
+//!   reserves in every subnet's first block, so no instance gets it) from which this machine
+//!   reaches the machines (`ip netns exec rigger-lab-<id> ssh ...`), and the link-local
+//!   addresses of the instance metadata service (169.254.169.254) and of the VPC's DNS
+//!   resolver (169.254.169.253);
+//! - each machine has a namespace of its own with one interface, `eth0`, a veth whose other
+//!   end is on the bridge, holding exactly the private address the emulator assigned, and
+//!   on-link routes to the VPC and to the two link-local services. No default route.
+//!
+//! So a packet to any other address fails where it is sent (no route), nothing is forwarded
+//! (forwarding is off in every namespace, and no namespace has a way out), IPv6 is off, and the
+//! public addresses the emulator hands out are never configured anywhere.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use anyhow::{Context as _, bail};
+
+use crate::sys::run;
+
+/// The instance metadata service's address.
+pub const METADATA_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The VPC's DNS resolver's link-local address (Route 53 Resolver's on AWS). Nothing answers
+/// there yet: lookups fail at once (the lab owns the address, so the kernel refuses the port).
+pub const RESOLVER_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 253);
+/// The bridge in the lab's namespace.
+const BRIDGE: &str = "br0";
+
+/// An IPv4 network, `a.b.c.d/n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub network: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    fn mask(self) -> u32 {
+        if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix))
+        }
+    }
+
+    pub fn contains(self, address: Ipv4Addr) -> bool {
+        u32::from(address) & self.mask() == u32::from(self.network)
+    }
+
+    pub fn broadcast(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) | !self.mask())
+    }
+
+    /// The VPC router's address: the network's first host.
+    pub fn router(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 1)
+    }
+
+    /// Whether the whole network is private address space (RFC 1918).
+    pub fn is_private(self) -> bool {
+        let within = |outer: Cidr| outer.prefix <= self.prefix && outer.contains(self.network);
+        ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+            .iter()
+            .any(|range| within(range.parse().expect("constant")))
+    }
+
+    /// Why `address` cannot be a machine's on this network, if it cannot: outside it, its
+    /// network or broadcast address, or the lab's own (the router's).
+    pub fn refuse_machine_address(self, address: Ipv4Addr) -> Option<String> {
+        if !self.contains(address) {
+            Some(format!("{address} is outside the lab's network {self}"))
+        } else if address == self.network || address == self.broadcast() {
+            Some(format!(
+                "{address} is the network's own address, not a host's"
+            ))
+        } else if address == self.router() {
+            Some(format!(
+                "{address} is the VPC router's address, which the lab holds"
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = anyhow::Error;
+
+    fn from_str(text: &str) -> anyhow::Result<Cidr> {
+        let (address, prefix) = text
+            .split_once('/')
+            .with_context(|| format!("{text:?} is not a network (a.b.c.d/n)"))?;
+        let address: Ipv4Addr = address
+            .parse()
+            .with_context(|| format!("{text:?}: {address:?} is not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .with_context(|| format!("{text:?}: the prefix must be 0 to 32"))?;
+        let cidr = Cidr {
+            network: address,
+            prefix,
+        };
+        if u32::from(address) & cidr.mask() != u32::from(address) {
+            bail!(
+                "{text:?}: host bits are set; the network is {}",
+                Cidr {
+                    network: Ipv4Addr::from(u32::from(address) & cidr.mask()),
+                    prefix
+                }
+            );
+        }
+        Ok(cidr)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+/// The lab's side of a machine's link, in the lab's namespace; `index` is the runner's
+/// count of machines started (interface names have at most 15 characters, instance ids 19).
+pub fn bridge_port(index: u64) -> String {
+    format!("vm{index}")
+}
+
+/// The MAC address of an instance's `eth0`, as the metadata service reports it: locally
+/// administered, derived from the instance id.
+pub fn mac_address(instance_id: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(instance_id.as_bytes());
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        digest[0], digest[1], digest[2], digest[3], digest[4]
+    )
+}
+
+/// Network namespaces that exist now (the names under /run/netns).
+pub fn namespaces() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Sets the sysctls every lab namespace has: no forwarding, no IPv6.
+async fn isolate(namespace: &str) -> anyhow::Result<()> {
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            namespace,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=0",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ],
+    )
+    .await
+    .map(drop)
+}
+
+/// Creates the lab's namespace and bridge for `vpc` (a private range).
+pub async fn create_lab(namespace: &str, vpc: Cidr) -> anyhow::Result<()> {
+    if !vpc.is_private() {
+        bail!(
+            "the lab's network {vpc} is not private address space (RFC 1918); refusing to carry it"
+        );
+    }
+    run("ip", &["netns", "add", namespace]).await?;
+    isolate(namespace).await?;
+    let router = format!("{}/{}", vpc.router(), vpc.prefix);
+    let metadata = format!("{METADATA_ADDRESS}/32");
+    let resolver = format!("{RESOLVER_ADDRESS}/32");
+    let steps: [&[&str]; 6] = [
+        &["link", "set", "lo", "up"],
+        &["link", "add", BRIDGE, "type", "bridge"],
+        &["addr", "add", &router, "dev", BRIDGE],
+        &["addr", "add", &metadata, "dev", BRIDGE],
+        &["addr", "add", &resolver, "dev", BRIDGE],
+        &["link", "set", BRIDGE, "up"],
+    ];
+    for step in steps {
+        let mut args = vec!["-n", namespace];
+        args.extend_from_slice(step);
+        run("ip", &args).await?;
+    }
+    Ok(())
+}
+
+/// One machine's link: what [`create_machine`] sets up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineLink {
+    pub lab_namespace: String,
+    pub namespace: String,
+    /// The bridge port's name ([`bridge_port`]).
+    pub port: String,
+    pub mac: String,
+    pub address: Ipv4Addr,
+    pub vpc: Cidr,
+}
+
+/// Creates the machine's namespace with `eth0` on the lab's bridge.
+pub async fn create_machine(link: &MachineLink) -> anyhow::Result<()> {
+    let ns = link.namespace.as_str();
+    let lab = link.lab_namespace.as_str();
+    run("ip", &["netns", "add", ns]).await?;
+    isolate(ns).await?;
+    run(
+        "ip",
+        &[
+            "-n", lab, "link", "add", &link.port, "type", "veth", "peer", "name", "eth0",
+            "address", &link.mac, "netns", ns,
+        ],
+    )
+    .await?;
+    run(
+        "ip",
+        &["-n", lab, "link", "set", &link.port, "master", BRIDGE, "up"],
+    )
+    .await?;
+    let address = format!("{}/{}", link.address, link.vpc.prefix);
+    let metadata = format!("{METADATA_ADDRESS}/32");
+    let resolver = format!("{RESOLVER_ADDRESS}/32");
+    let steps: [&[&str]; 5] = [
+        &["link", "set", "lo", "up"],
+        &["addr", "add", &address, "dev", "eth0"],
+        &["link", "set", "eth0", "up"],
+        &["route", "add", &metadata, "dev", "eth0"],
+        &["route", "add", &resolver, "dev", "eth0"],
+    ];
+    for step in steps {
+        let mut args = vec!["-n", ns];
+        args.extend_from_slice(step);
+        run("ip", &args).await?;
+    }
+    Ok(())
+}
+
+/// Deletes network namespace `name` (its interfaces go with it; a veth's peer too); nothing
+/// when it does not exist.
+pub async fn remove_namespace(name: &str) -> anyhow::Result<()> {
+    if !namespaces().iter().any(|n| n == name) {
+        return Ok(());
+    }
+    run("ip", &["netns", "delete", name]).await.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn networks() {
+        let vpc: Cidr = "172.31.0.0/16".parse().unwrap();
+        assert!(vpc.is_private());
+        assert!(vpc.contains("172.31.200.4".parse().unwrap()));
+        assert!(!vpc.contains("172.32.0.4".parse().unwrap()));
+        assert_eq!(vpc.router(), Ipv4Addr::new(172, 31, 0, 1));
+        assert_eq!(vpc.broadcast(), Ipv4Addr::new(172, 31, 255, 255));
+        assert_eq!(vpc.to_string(), "172.31.0.0/16");
+        assert!(
+            vpc.refuse_machine_address("172.31.0.4".parse().unwrap())
+                .is_none()
+        );
+        for refused in [
+            "172.31.0.0",
+            "172.31.0.1",
+            "172.31.255.255",
+            "10.0.0.4",
+            "54.1.2.3",
+        ] {
+            assert!(
+                vpc.refuse_machine_address(refused.parse().unwrap())
+                    .is_some(),
+                "{refused}"
+            );
+        }
+        assert!("10.99.0.0/16".parse::<Cidr>().unwrap().is_private());
+        assert!("192.168.4.0/24".parse::<Cidr>().unwrap().is_private());
+        assert!(!"172.0.0.0/8".parse::<Cidr>().unwrap().is_private());
+        assert!(!"54.0.0.0/16".parse::<Cidr>().unwrap().is_private());
+        assert!("172.31.0.1/16".parse::<Cidr>().is_err());
+        assert!("172.31.0.0/33".parse::<Cidr>().is_err());
+        assert!("nonsense".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn macs_are_locally_administered_and_stable() {
+        let mac = mac_address("i-0123456789abcdef0");
+        assert!(mac.starts_with("02:"));
+        assert_eq!(mac.len(), 17);
+        assert_eq!(mac, mac_address("i-0123456789abcdef0"));
+        assert_ne!(mac, mac_address("i-0123456789abcdef1"));
+    }
+}

@@ -1,0 +1,664 @@
+//! The runner: the long-running process (`rigger lab run`, started detached by `rigger lab
+//! up`) that makes the emulator's instances real machines.
+//!
+//! It sets up the lab's network for the emulator's default VPC ([`crate::net`]), serves the
+//! metadata service in it ([`crate::imds`]), then polls DescribeInstances and converges: a
+//! pending or running instance gets a machine ([`crate::machine`]), a stopping or stopped one
+//! has its machine stopped (its disk kept), a terminated one (or one the emulator forgot) has
+//! its machine removed. An instance the lab cannot run (not the lab's AMI, an address outside
+//! the lab's network) is reported `failed` with why; a machine that stops by itself is
+//! reported `exited`. Every change is written to `status.json` ([`crate::status`]).
+//!
+//! SIGTERM (or SIGINT) stops every machine, removes the network, reports `stopped` and exits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use rigger_aws::lab::LabInstance;
+use rigger_aws::{Clients, Connection};
+use rigger_local::process::Supervised;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::imds::{IssuedCredentials, MachineMetadata, Machines, Profile, Service};
+use crate::layout::{Lab, is_instance_id};
+use crate::machine::{self, MachineSpec};
+use crate::net::{self, Cidr};
+use crate::status::{self, MachineState, MachineStatus, Phase, RunnerStatus, Settings};
+
+/// How often the emulator is asked for its instances.
+pub const POLL: Duration = Duration::from_millis(500);
+/// How long the credentials handed to machines live.
+const CREDENTIALS_SECONDS: i32 = 6 * 3600;
+/// Credentials are renewed when less than this is left.
+const CREDENTIALS_RENEWAL: i64 = 15 * 60;
+/// How often the machines' memory is measured for the status.
+const MEMORY_EVERY: Duration = Duration::from_secs(5);
+
+/// The credentials the runner uses with the emulator (which checks none).
+pub fn emulator_connection(settings: &Settings) -> Connection {
+    Connection {
+        region: settings.region.clone(),
+        endpoint_url: Some(settings.endpoint.clone()),
+        max_attempts: Some(1),
+        static_credentials: Some(("testing".into(), "testing".into())),
+    }
+}
+
+/// One instance's machine, as the runner tracks it.
+struct Entry {
+    instance: LabInstance,
+    state: MachineState,
+    detail: Option<String>,
+    process: Option<Supervised>,
+    hostname: Option<String>,
+    memory: Option<u64>,
+}
+
+/// Runs the lab until SIGTERM. The status file says how it went.
+pub async fn run(lab: Lab) -> anyhow::Result<()> {
+    let settings: Settings = status::read(&lab.settings_file())?
+        .context("the lab has no settings (lab.json): start it with `rigger lab up`")?;
+    let mut runner = Runner {
+        status: RunnerStatus {
+            pid: std::process::id() as i32,
+            phase: Phase::Starting,
+            message: "setting up the network".to_owned(),
+            network: None,
+            lab_address: None,
+            machines: Vec::new(),
+        },
+        machines: Arc::new(RwLock::new(HashMap::new())),
+        entries: BTreeMap::new(),
+        clients: Clients::connect(&emulator_connection(&settings)).await,
+        lab,
+        settings,
+        next_port: 0,
+        written: None,
+    };
+    let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    runner.write();
+    let vpc = match runner.set_up().await {
+        Ok(vpc) => vpc,
+        Err(error) => {
+            runner.status.phase = Phase::Failed;
+            runner.status.message = format!("{error:#}");
+            runner.tear_down().await;
+            runner.status.phase = Phase::Failed;
+            runner.status.message = format!("{error:#}");
+            runner.write();
+            return Err(error);
+        }
+    };
+    runner.status.phase = Phase::Ready;
+    runner.status.message = "following the emulator's instances".to_owned();
+    runner.write();
+    tracing::info!(network = %vpc, "lab ready");
+    let mut memory_measured = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+        match rigger_aws::lab::instances(&runner.clients).await {
+            Ok(instances) => {
+                runner.converge(instances, vpc).await;
+                runner.status.message = "following the emulator's instances".to_owned();
+            }
+            Err(error) => {
+                tracing::warn!(%error, "DescribeInstances");
+                runner.status.message = format!("the emulator did not answer: {error}");
+            }
+        }
+        runner.renew_credentials().await;
+        if memory_measured.elapsed() >= MEMORY_EVERY {
+            runner.measure_memory();
+            memory_measured = Instant::now();
+        }
+        runner.write();
+    }
+    tracing::info!("stopping every machine");
+    runner.status.phase = Phase::Stopping;
+    runner.status.message = "stopping every machine".to_owned();
+    runner.write();
+    runner.tear_down().await;
+    runner.status.phase = Phase::Stopped;
+    runner.status.message = "stopped".to_owned();
+    runner.write();
+    Ok(())
+}
+
+struct Runner {
+    lab: Lab,
+    settings: Settings,
+    clients: Clients,
+    status: RunnerStatus,
+    machines: Machines,
+    entries: BTreeMap<String, Entry>,
+    /// The next bridge port number.
+    next_port: u64,
+    /// The status last written, to write only changes.
+    written: Option<RunnerStatus>,
+}
+
+/// What an instance's state asks of its machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Run,
+    Stop,
+    Remove,
+}
+
+fn want(instance_state: &str) -> Want {
+    match instance_state {
+        "pending" | "running" => Want::Run,
+        "shutting-down" | "terminated" => Want::Remove,
+        _ => Want::Stop,
+    }
+}
+
+/// Why `instance` cannot be a machine of this lab, if it cannot.
+fn refusal(instance: &LabInstance, settings: &Settings, vpc: Cidr) -> Result<Ipv4Addr, String> {
+    match instance.image_id.as_deref() {
+        Some(ami) if ami == settings.ami => {}
+        other => {
+            return Err(format!(
+                "its AMI {} is not the lab image ({}); launch instances from the lab's AMI",
+                other.unwrap_or("(none)"),
+                settings.ami
+            ));
+        }
+    }
+    if instance.subnet_id.is_none() {
+        return Err(
+            "it was launched without a subnet, so the emulator gave it an address outside \
+             every VPC (AWS would have used a default subnet): launch it into a subnet of the \
+             default VPC (DescribeSubnets, filter default-for-az=true)"
+                .to_owned(),
+        );
+    }
+    let address: Ipv4Addr = instance
+        .private_address
+        .as_deref()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| "it has no private IPv4 address".to_owned())?;
+    if let Some(why) = vpc.refuse_machine_address(address) {
+        return Err(format!(
+            "{why}: the lab carries the emulator's default VPC only"
+        ));
+    }
+    Ok(address)
+}
+
+impl Runner {
+    async fn set_up(&mut self) -> anyhow::Result<Cidr> {
+        let vpc_text = rigger_aws::lab::default_vpc_cidr(&self.clients)
+            .await?
+            .context("the emulator has no default VPC in the lab's region")?;
+        let vpc: Cidr = vpc_text.parse()?;
+        if !vpc.is_private() {
+            bail!("the emulator's default VPC {vpc} is not private address space");
+        }
+        let namespace = self.lab.namespace();
+        net::remove_namespace(&namespace).await?;
+        net::create_lab(&namespace, vpc).await?;
+        self.status.network = Some(vpc.to_string());
+        self.status.lab_address = Some(vpc.router().to_string());
+        let listener = crate::sys::in_namespace(&namespace, || {
+            let listener = std::net::TcpListener::bind((net::METADATA_ADDRESS, 80))?;
+            listener.set_nonblocking(true)?;
+            Ok(listener)
+        })
+        .context("listening on 169.254.169.254:80 in the lab's namespace")?;
+        let listener =
+            tokio::net::TcpListener::from_std(listener).context("serving the metadata service")?;
+        tokio::spawn(crate::imds::serve(
+            listener,
+            Arc::new(Service::new(Arc::clone(&self.machines))),
+        ));
+        Ok(vpc)
+    }
+
+    /// Stops every machine (concurrently) and removes the network and the lab's cgroups.
+    async fn tear_down(&mut self) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (id, entry) in std::mem::take(&mut self.entries) {
+            let lab = self.lab.clone();
+            tasks.spawn(async move {
+                let result = machine::stop(&lab, &id, machine::STOP_TIMEOUT).await;
+                drop(entry);
+                (id, result)
+            });
+        }
+        for (id, result) in tasks.join_all().await {
+            if let Err(error) = result {
+                tracing::warn!(%id, error = %format!("{error:#}"), "stopping a machine");
+            }
+        }
+        self.machines.write().expect("metadata lock").clear();
+        if let Err(error) = net::remove_namespace(&self.lab.namespace()).await {
+            tracing::warn!(error = %format!("{error:#}"), "removing the lab's namespace");
+        }
+        for root in crate::sys::cgroup_roots() {
+            let dir = root.join(self.lab.cgroup());
+            if let Err(error) = crate::sys::remove_cgroup_tree(&dir, Duration::from_secs(10)) {
+                tracing::warn!(error = %format!("{error:#}"), "removing the lab's cgroups");
+            }
+        }
+        self.status.machines.clear();
+    }
+
+    /// One round: every instance's machine towards what its state asks.
+    async fn converge(&mut self, instances: Vec<LabInstance>, vpc: Cidr) {
+        let listed: HashMap<String, LabInstance> = instances
+            .into_iter()
+            .filter(|i| is_instance_id(&i.id))
+            .map(|i| (i.id.clone(), i))
+            .collect();
+        // Machines whose process ended by itself.
+        let mut ended: Vec<String> = Vec::new();
+        for (id, entry) in &mut self.entries {
+            if entry.state != MachineState::Running {
+                continue;
+            }
+            let exited = entry
+                .process
+                .as_mut()
+                .and_then(|p| p.try_wait().ok().flatten());
+            if let Some(code) = exited {
+                entry.state = MachineState::Exited;
+                let console = rigger_local::process::log_tail(
+                    &self.lab.machine_dir(id).join("console.log"),
+                    3,
+                )
+                .join(" | ");
+                entry.detail = Some(format!(
+                    "systemd-nspawn exited ({code}); console: {console}"
+                ));
+                entry.process = None;
+                tracing::warn!(%id, detail = entry.detail.as_deref().unwrap_or_default(), "machine exited");
+                ended.push(id.clone());
+            }
+        }
+        for id in ended {
+            self.forget_metadata(&id);
+            if let Err(error) = machine::stop(&self.lab, &id, machine::STOP_TIMEOUT).await {
+                tracing::warn!(%id, error = %format!("{error:#}"), "cleaning up an exited machine");
+            }
+        }
+        // Gone from the emulator, or terminated: removed.
+        let mut removals = Vec::new();
+        for id in self.entries.keys() {
+            let gone = listed
+                .get(id)
+                .is_none_or(|i| want(&i.state) == Want::Remove);
+            if gone {
+                removals.push(id.clone());
+            }
+        }
+        for id in removals {
+            let entry = self.entries.remove(&id);
+            self.forget_metadata(&id);
+            tracing::info!(%id, "removing machine");
+            if let Err(error) = machine::remove(&self.lab, &id, machine::STOP_TIMEOUT).await {
+                tracing::warn!(%id, error = %format!("{error:#}"), "removing a machine");
+            }
+            drop(entry);
+        }
+        // Starts and stops, concurrently.
+        let mut starts = Vec::new();
+        let mut stops = Vec::new();
+        let mut ids: Vec<&String> = listed.keys().collect();
+        ids.sort();
+        for id in ids {
+            let instance = &listed[id];
+            let current = self.entries.get(id).map(|e| e.state);
+            match (want(&instance.state), current) {
+                (Want::Run, None | Some(MachineState::Stopped)) => starts.push(instance.clone()),
+                (Want::Stop, Some(MachineState::Running)) => stops.push(id.clone()),
+                (Want::Stop, Some(MachineState::Exited | MachineState::Failed)) => {
+                    if let Some(entry) = self.entries.get_mut(id) {
+                        entry.state = MachineState::Stopped;
+                        entry.detail = None;
+                    }
+                }
+                _ => {}
+            }
+            if let Some(entry) = self.entries.get_mut(id) {
+                entry.instance = instance.clone();
+            }
+        }
+        let mut stopping = tokio::task::JoinSet::new();
+        for id in stops {
+            self.forget_metadata(&id);
+            let entry = self.entries.get_mut(&id).expect("listed above");
+            let process = entry.process.take();
+            let lab = self.lab.clone();
+            tracing::info!(%id, "stopping machine");
+            stopping.spawn(async move {
+                let result = machine::stop(&lab, &id, machine::STOP_TIMEOUT).await;
+                drop(process);
+                (id, result)
+            });
+        }
+        for (id, result) in stopping.join_all().await {
+            if let Some(entry) = self.entries.get_mut(&id) {
+                match result {
+                    Ok(_) => {
+                        entry.state = MachineState::Stopped;
+                        entry.detail = None;
+                    }
+                    Err(error) => {
+                        entry.state = MachineState::Failed;
+                        entry.detail = Some(format!("stopping it failed: {error:#}"));
+                    }
+                }
+            }
+        }
+        let mut starting = tokio::task::JoinSet::new();
+        for instance in starts {
+            let address = match refusal(&instance, &self.settings, vpc) {
+                Ok(address) => address,
+                Err(why) => {
+                    self.fail(instance, why);
+                    continue;
+                }
+            };
+            let taken = self.entries.iter().any(|(id, e)| {
+                id != &instance.id
+                    && e.state == MachineState::Running
+                    && e.instance.private_address == instance.private_address
+            });
+            if taken {
+                let why = format!("its address {address} is another running machine's");
+                self.fail(instance, why);
+                continue;
+            }
+            let spec = MachineSpec {
+                instance_id: instance.id.clone(),
+                address,
+                vpc,
+                hostname: machine::hostname(address),
+                mac: net::mac_address(&instance.id),
+                rootfs: PathBuf::from(&self.settings.image_rootfs),
+                port_index: self.next_port,
+            };
+            self.next_port += 1;
+            let lab = self.lab.clone();
+            let clients = self.clients.clone();
+            let region = self.settings.region.clone();
+            let machines = Arc::clone(&self.machines);
+            tracing::info!(id = %instance.id, %address, "starting machine");
+            starting.spawn(async move {
+                let result = async {
+                    let metadata = metadata(&clients, &instance, &spec, &region).await?;
+                    machines
+                        .write()
+                        .expect("metadata lock")
+                        .insert(address, metadata);
+                    machine::start(&lab, &spec).await
+                }
+                .await;
+                (instance, spec, result)
+            });
+        }
+        for (instance, spec, result) in starting.join_all().await {
+            match result {
+                Ok(process) => {
+                    self.entries.insert(
+                        instance.id.clone(),
+                        Entry {
+                            instance,
+                            state: MachineState::Running,
+                            detail: None,
+                            process: Some(process),
+                            hostname: Some(spec.hostname),
+                            memory: None,
+                        },
+                    );
+                }
+                Err(error) => {
+                    self.forget_metadata(&instance.id);
+                    let why = format!("starting it failed: {error:#}");
+                    self.fail(instance, why);
+                }
+            }
+        }
+        self.status.machines = self
+            .entries
+            .iter()
+            .map(|(id, entry)| MachineStatus {
+                instance_id: id.clone(),
+                address: entry.instance.private_address.clone(),
+                state: entry.state,
+                instance_state: entry.instance.state.clone(),
+                hostname: entry.hostname.clone(),
+                detail: entry.detail.clone(),
+                pid: entry.process.as_ref().map(Supervised::pid),
+                memory_pss_bytes: entry.memory,
+            })
+            .collect();
+    }
+
+    fn fail(&mut self, instance: LabInstance, why: String) {
+        tracing::warn!(id = %instance.id, %why, "the lab cannot run this instance");
+        self.entries.insert(
+            instance.id.clone(),
+            Entry {
+                instance,
+                state: MachineState::Failed,
+                detail: Some(why),
+                process: None,
+                hostname: None,
+                memory: None,
+            },
+        );
+    }
+
+    fn forget_metadata(&self, instance_id: &str) {
+        self.machines
+            .write()
+            .expect("metadata lock")
+            .retain(|_, m| m.instance_id != instance_id);
+    }
+
+    /// Renews credentials that expire within [`CREDENTIALS_RENEWAL`].
+    async fn renew_credentials(&mut self) {
+        let now = unix_now();
+        let due: Vec<(Ipv4Addr, String, String)> = self
+            .machines
+            .read()
+            .expect("metadata lock")
+            .values()
+            .filter_map(|m| {
+                let profile = m.profile.as_ref()?;
+                let fresh = m
+                    .credentials
+                    .as_ref()
+                    .is_some_and(|c| c.credentials.expiration - now > CREDENTIALS_RENEWAL);
+                (!fresh).then(|| (m.address, profile.arn.clone(), m.instance_id.clone()))
+            })
+            .collect();
+        for (address, arn, instance_id) in due {
+            match credentials(&self.clients, &arn, &instance_id).await {
+                Ok(issued) => {
+                    let mut machines = self.machines.write().expect("metadata lock");
+                    // Unless another instance holds the address by now.
+                    if let Some(m) = machines
+                        .get_mut(&address)
+                        .filter(|m| m.instance_id == instance_id)
+                    {
+                        m.credentials = issued;
+                    }
+                }
+                Err(error) => tracing::warn!(%instance_id, %error, "renewing credentials"),
+            }
+        }
+    }
+
+    fn measure_memory(&mut self) {
+        for entry in self.entries.values_mut() {
+            entry.memory = entry
+                .process
+                .as_ref()
+                .and_then(|p| machine::memory_pss_bytes(&p.record()));
+        }
+        for status in &mut self.status.machines {
+            status.memory_pss_bytes = self.entries.get(&status.instance_id).and_then(|e| e.memory);
+        }
+    }
+
+    fn write(&mut self) {
+        if self.written.as_ref() == Some(&self.status) {
+            return;
+        }
+        match status::write(&self.lab.status_file(), &self.status) {
+            Ok(()) => self.written = Some(self.status.clone()),
+            Err(error) => tracing::warn!(error = %format!("{error:#}"), "writing the status"),
+        }
+    }
+}
+
+/// What the metadata service answers the machine of `instance`.
+async fn metadata(
+    clients: &Clients,
+    instance: &LabInstance,
+    spec: &MachineSpec,
+    region: &str,
+) -> anyhow::Result<MachineMetadata> {
+    let user_data = rigger_aws::lab::user_data(clients, &instance.id).await?;
+    let public_key = match &instance.key_name {
+        Some(name) => rigger_aws::lab::public_key(clients, name).await?,
+        None => None,
+    };
+    let profile = instance.instance_profile_arn.as_ref().map(|arn| Profile {
+        arn: arn.clone(),
+        id: instance.instance_profile_id.clone().unwrap_or_default(),
+    });
+    let credentials = match &profile {
+        Some(profile) => match credentials(clients, &profile.arn, &instance.id).await {
+            Ok(issued) => issued,
+            Err(error) => {
+                // The machine still boots; the runner tries again at its next round.
+                tracing::warn!(id = %instance.id, %error, "credentials of the instance profile");
+                None
+            }
+        },
+        None => None,
+    };
+    let suffix = if region == "us-east-1" {
+        "ec2.internal".to_owned()
+    } else {
+        format!("{region}.compute.internal")
+    };
+    Ok(MachineMetadata {
+        instance_id: instance.id.clone(),
+        address: spec.address,
+        ami_id: instance.image_id.clone().unwrap_or_default(),
+        instance_type: instance.instance_type.clone().unwrap_or_default(),
+        availability_zone: instance.availability_zone.clone().unwrap_or_default(),
+        region: region.to_owned(),
+        local_hostname: instance
+            .private_dns_name
+            .clone()
+            .unwrap_or_else(|| format!("{}.{suffix}", spec.hostname)),
+        mac: spec.mac.clone(),
+        key_name: instance.key_name.clone(),
+        public_key,
+        user_data,
+        profile,
+        credentials,
+    })
+}
+
+async fn credentials(
+    clients: &Clients,
+    profile_arn: &str,
+    instance_id: &str,
+) -> Result<Option<IssuedCredentials>, rigger_aws::AwsError> {
+    let issued =
+        rigger_aws::lab::role_credentials(clients, profile_arn, instance_id, CREDENTIALS_SECONDS)
+            .await?;
+    Ok(issued.map(|credentials| IssuedCredentials {
+        credentials,
+        issued_at: unix_now(),
+    }))
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(state: &str, ami: &str, address: &str) -> LabInstance {
+        LabInstance {
+            id: "i-0123456789abcdef0".to_owned(),
+            state: state.to_owned(),
+            private_address: Some(address.to_owned()),
+            subnet_id: Some("subnet-1".to_owned()),
+            private_dns_name: None,
+            image_id: Some(ami.to_owned()),
+            instance_type: Some("t3.micro".to_owned()),
+            availability_zone: Some("us-east-1a".to_owned()),
+            key_name: None,
+            instance_profile_arn: None,
+            instance_profile_id: None,
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            endpoint: "http://127.0.0.1:1".to_owned(),
+            region: "us-east-1".to_owned(),
+            ami: "ami-0123456789abcdef0".to_owned(),
+            image_hash: "0".repeat(64),
+            image_rootfs: "/var/tmp/rigger-lab/images/x/rootfs".to_owned(),
+        }
+    }
+
+    #[test]
+    fn instance_states_decide() {
+        assert_eq!(want("pending"), Want::Run);
+        assert_eq!(want("running"), Want::Run);
+        assert_eq!(want("stopping"), Want::Stop);
+        assert_eq!(want("stopped"), Want::Stop);
+        assert_eq!(want("shutting-down"), Want::Remove);
+        assert_eq!(want("terminated"), Want::Remove);
+    }
+
+    #[test]
+    fn only_the_lab_image_in_the_lab_network_runs() {
+        let vpc: Cidr = "172.31.0.0/16".parse().unwrap();
+        let s = settings();
+        assert_eq!(
+            refusal(&instance("running", &s.ami, "172.31.0.4"), &s, vpc),
+            Ok(Ipv4Addr::new(172, 31, 0, 4))
+        );
+        let other_ami = refusal(&instance("running", "ami-03cf127a", "172.31.0.4"), &s, vpc);
+        assert!(other_ami.unwrap_err().contains("not the lab image"));
+        let outside = refusal(&instance("running", &s.ami, "10.0.0.4"), &s, vpc);
+        assert!(outside.unwrap_err().contains("outside"));
+        let router = refusal(&instance("running", &s.ami, "172.31.0.1"), &s, vpc);
+        assert!(router.unwrap_err().contains("router"));
+        let mut none = instance("running", &s.ami, "172.31.0.4");
+        none.private_address = None;
+        assert!(refusal(&none, &s, vpc).unwrap_err().contains("no private"));
+        let mut classic = instance("running", &s.ami, "10.86.254.0");
+        classic.subnet_id = None;
+        assert!(
+            refusal(&classic, &s, vpc)
+                .unwrap_err()
+                .contains("without a subnet")
+        );
+    }
+}
