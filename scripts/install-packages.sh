@@ -14,6 +14,7 @@ PACKAGES=(
   nginx-light haproxy postgresql postgresql-client pgbouncer stunnel4 redis-server
   rabbitmq-server ssl-cert openssl python3 python3-venv python3-pip curl ca-certificates git
   shellcheck openssh-server openssh-client procps iproute2 util-linux nftables
+  mmdebstrap systemd-container
 )
 # Any of these provides /usr/sbin/nginx; nginx-light is wanted only when none is installed.
 NGINX_FLAVOURS=(nginx-light nginx nginx-core nginx-full nginx-extras)

@@ -32,6 +32,16 @@ struct TestLab {
 }
 
 impl TestLab {
+    fn new(images: PathBuf) -> TestLab {
+        TestLab {
+            state: tempfile::Builder::new()
+                .prefix("rigger-lab-test-")
+                .tempdir_in("/var/tmp")
+                .unwrap(),
+            images,
+        }
+    }
+
     fn rigger(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_rigger"))
             .arg("lab")
@@ -143,13 +153,12 @@ fn is_running(pid: i64) -> bool {
     })
 }
 
-#[test]
-fn an_instance_boots_as_a_machine_and_down_leaves_nothing() {
+/// A lab of this test's own, up; fails (never skips) when the machine cannot run one.
+fn start_lab() -> (TestLab, Started) {
     assert!(
         nix::unistd::geteuid().is_root(),
         "the lab needs root (network namespaces, mounts, systemd-nspawn): run the tests as root (scripts/test)"
     );
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let images = std::env::var_os("RIGGER_LAB_IMAGES")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(rigger_lab::layout::DEFAULT_IMAGES_DIR));
@@ -158,6 +167,39 @@ fn an_instance_boots_as_a_machine_and_down_leaves_nothing() {
         "no lab image in {} for this rigger: build it with `rigger lab image` (scripts/test does, before the tests)",
         images.display()
     );
+    let lab = TestLab::new(images);
+    let up = lab.rigger(&["up", "--emulator", &emulator()]);
+    assert!(up.status.success(), "rigger lab up: {}", text(&up));
+    let status = lab.status();
+    assert_eq!(status["state"], "up", "{status:#}");
+    let started = Started {
+        endpoint: status["endpoint"].as_str().unwrap().to_owned(),
+        ami: status["ami"].as_str().unwrap().to_owned(),
+        namespace: status["namespace"].as_str().unwrap().to_owned(),
+        emulator_pid: status["emulator_pid"].as_i64().unwrap(),
+        runner_pid: status["runner_pid"].as_i64().unwrap(),
+    };
+    assert!(
+        started.endpoint.starts_with("http://127.0.0.1:"),
+        "{}",
+        started.endpoint
+    );
+    assert!(started.ami.starts_with("ami-"), "{}", started.ami);
+    (lab, started)
+}
+
+/// What `rigger lab status --json` said once the lab was up.
+struct Started {
+    endpoint: String,
+    ami: String,
+    namespace: String,
+    emulator_pid: i64,
+    runner_pid: i64,
+}
+
+/// moto's server, installed by scripts/moto.sh if needed.
+fn emulator() -> String {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let installed = Command::new(root.join("scripts/moto.sh"))
         .output()
         .expect("running scripts/moto.sh");
@@ -166,29 +208,91 @@ fn an_instance_boots_as_a_machine_and_down_leaves_nothing() {
         "scripts/moto.sh: {}",
         text(&installed)
     );
-    let emulator = String::from_utf8(installed.stdout)
+    String::from_utf8(installed.stdout)
         .unwrap()
         .trim()
-        .to_owned();
+        .to_owned()
+}
 
-    let lab = TestLab {
-        state: tempfile::Builder::new()
-            .prefix("rigger-lab-test-")
-            .tempdir_in("/var/tmp")
-            .unwrap(),
-        images,
-    };
-    let up = lab.rigger(&["up", "--emulator", &emulator]);
-    assert!(up.status.success(), "rigger lab up: {}", text(&up));
-    let status = lab.status();
-    assert_eq!(status["state"], "up", "{status:#}");
-    let endpoint = status["endpoint"].as_str().unwrap().to_owned();
-    let ami = status["ami"].as_str().unwrap().to_owned();
-    let namespace = status["namespace"].as_str().unwrap().to_owned();
-    let emulator_pid = status["emulator_pid"].as_i64().unwrap();
-    let runner_pid = status["runner_pid"].as_i64().unwrap();
-    assert!(endpoint.starts_with("http://127.0.0.1:"), "{endpoint}");
-    assert!(ami.starts_with("ami-"), "{ami}");
+/// The SDK's clients against the lab's emulator, retries off.
+fn connect(runtime: &tokio::runtime::Runtime, endpoint: &str) -> Clients {
+    runtime.block_on(Clients::connect(&Connection {
+        region: REGION.into(),
+        endpoint_url: Some(endpoint.to_owned()),
+        max_attempts: Some(1),
+        static_credentials: Some(("testing".into(), "testing".into())),
+    }))
+}
+
+/// A default subnet of the default VPC (moto gives an instance launched without one an
+/// address outside every VPC).
+async fn default_subnet(clients: &Clients) -> String {
+    let subnets = clients
+        .ec2
+        .describe_subnets()
+        .filters(
+            ec2::types::Filter::builder()
+                .name("default-for-az")
+                .values("true")
+                .build(),
+        )
+        .filters(
+            ec2::types::Filter::builder()
+                .name("availability-zone")
+                .values("us-east-1a")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("DescribeSubnets");
+    subnets.subnets()[0].subnet_id().unwrap().to_owned()
+}
+
+/// Asserts that nothing of the lab is left: namespaces, mounts, cgroups, its processes.
+fn assert_nothing_left(lab: &TestLab, started: &Started) {
+    let lab_namespaces: Vec<String> = namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&started.namespace))
+        .collect();
+    assert!(
+        lab_namespaces.is_empty(),
+        "namespaces left: {lab_namespaces:?}"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let state = lab.state.path().display().to_string();
+    assert!(
+        !mounts.contains(&state),
+        "mounts left under {state}:\n{mounts}"
+    );
+    for hierarchy in ["systemd", "unified", ""] {
+        let cgroup = Path::new("/sys/fs/cgroup")
+            .join(hierarchy)
+            .join(&started.namespace);
+        assert!(!cgroup.exists(), "cgroup left: {}", cgroup.display());
+    }
+    assert!(!is_running(started.emulator_pid), "the emulator still runs");
+    assert!(!is_running(started.runner_pid), "the runner still runs");
+    let nspawns: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains("systemd-nspawn") && cmdline.contains(&state))
+        .collect();
+    assert!(nspawns.is_empty(), "machines left: {nspawns:?}");
+    let after = lab.status();
+    assert_eq!(after["state"], "down", "{after:#}");
+}
+
+#[test]
+fn an_instance_boots_as_a_machine_and_down_leaves_nothing() {
+    let (lab, started) = start_lab();
+    let Started {
+        endpoint,
+        ami,
+        namespace,
+        ..
+    } = &started;
 
     let keys = tempfile::tempdir().unwrap();
     let key = keys.path().join("id_ed25519");
@@ -205,12 +309,7 @@ fn an_instance_boots_as_a_machine_and_down_leaves_nothing() {
     let public_key = std::fs::read_to_string(key.with_extension("pub")).unwrap();
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let clients = runtime.block_on(Clients::connect(&Connection {
-        region: REGION.into(),
-        endpoint_url: Some(endpoint.clone()),
-        max_attempts: Some(1),
-        static_credentials: Some(("testing".into(), "testing".into())),
-    }));
+    let clients = connect(&runtime, endpoint);
     let instance_id = runtime.block_on(async {
         clients
             .ec2
@@ -245,19 +344,11 @@ fn an_instance_boots_as_a_machine_and_down_leaves_nothing() {
             .send()
             .await
             .expect("AddRoleToInstanceProfile");
-        let subnets = clients
-            .ec2
-            .describe_subnets()
-            .filters(ec2::types::Filter::builder().name("default-for-az").values("true").build())
-            .filters(ec2::types::Filter::builder().name("availability-zone").values("us-east-1a").build())
-            .send()
-            .await
-            .expect("DescribeSubnets");
-        let subnet = subnets.subnets()[0].subnet_id().unwrap().to_owned();
+        let subnet = default_subnet(&clients).await;
         let launched = clients
             .ec2
             .run_instances()
-            .image_id(&ami)
+            .image_id(ami)
             .instance_type(ec2::types::InstanceType::T3Micro)
             .min_count(1)
             .max_count(1)
@@ -455,37 +546,83 @@ fn an_instance_boots_as_a_machine_and_down_leaves_nothing() {
 
     let down = lab.rigger(&["down"]);
     assert!(down.status.success(), "rigger lab down: {}", text(&down));
-    let lab_namespaces: Vec<String> = namespaces()
-        .into_iter()
-        .filter(|n| n.starts_with(&namespace))
-        .collect();
-    assert!(
-        lab_namespaces.is_empty(),
-        "namespaces left: {lab_namespaces:?}"
-    );
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let state = lab.state.path().display().to_string();
-    assert!(
-        !mounts.contains(&state),
-        "mounts left under {state}:\n{mounts}"
-    );
-    let lab_id = namespace.trim_start_matches("rigger-lab-");
-    for hierarchy in ["systemd", "unified", ""] {
-        let cgroup = Path::new("/sys/fs/cgroup")
-            .join(hierarchy)
-            .join(format!("rigger-lab-{lab_id}"));
-        assert!(!cgroup.exists(), "cgroup left: {}", cgroup.display());
-    }
-    assert!(!is_running(emulator_pid), "the emulator still runs");
-    assert!(!is_running(runner_pid), "the runner still runs");
-    let after = lab.status();
-    assert_eq!(after["state"], "down", "{after:#}");
+    assert_nothing_left(&lab, &started);
 
     eprintln!(
         "lab: launch to SSH {:.1} s; machine memory (PSS) {:.0} MiB",
         boot_to_ssh.as_secs_f64(),
         memory as f64 / 1_048_576.0
     );
+}
+
+#[test]
+fn down_cleans_up_after_a_killed_runner() {
+    let (lab, started) = start_lab();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let clients = connect(&runtime, &started.endpoint);
+    let instance_id = runtime.block_on(async {
+        let subnet = default_subnet(&clients).await;
+        let launched = clients
+            .ec2
+            .run_instances()
+            .image_id(&started.ami)
+            .instance_type(ec2::types::InstanceType::T3Micro)
+            .min_count(1)
+            .max_count(1)
+            .subnet_id(subnet)
+            .send()
+            .await
+            .expect("RunInstances");
+        launched.instances()[0].instance_id().unwrap().to_owned()
+    });
+    wait_for(
+        "the instance's machine running",
+        Duration::from_secs(60),
+        || (machine(&lab.status(), &instance_id)?["state"] == "running").then_some(()),
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(started.runner_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let broken = wait_for("the lab reported broken", Duration::from_secs(10), || {
+        let status = lab.status();
+        (status["state"] == "broken").then_some(status)
+    });
+    let leftovers = broken["leftovers"].to_string();
+    for expected in [
+        "lab emulator",
+        "machine ",
+        "network namespace",
+        "mount ",
+        "cgroup ",
+    ] {
+        assert!(leftovers.contains(expected), "{expected} in {leftovers}");
+    }
+    let down = lab.rigger(&["down"]);
+    assert!(down.status.success(), "rigger lab down: {}", text(&down));
+    assert!(
+        String::from_utf8_lossy(&down.stderr).contains("cleaning up"),
+        "{}",
+        text(&down)
+    );
+    assert_nothing_left(&lab, &started);
+}
+
+#[test]
+fn up_without_an_image_says_how_to_build_it() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the lab needs root: run the tests as root (scripts/test)"
+    );
+    let images = tempfile::tempdir().unwrap();
+    let lab = TestLab::new(images.path().to_path_buf());
+    let up = lab.rigger(&["up", "--emulator", "/bin/true"]);
+    assert_eq!(up.status.code(), Some(1), "{}", text(&up));
+    let stderr = String::from_utf8_lossy(&up.stderr);
+    assert!(stderr.contains("no lab image"), "{stderr}");
+    assert!(stderr.contains("rigger lab image"), "{stderr}");
+    assert_eq!(lab.status()["state"], "down");
 }
 
 fn namespaces() -> Vec<String> {

@@ -100,6 +100,9 @@ pub async fn up(
     mut progress: impl FnMut(&str),
 ) -> anyhow::Result<UpOutcome> {
     check_machine()?;
+    sys::create_trusted_dir(&lab.state, 0o700)?;
+    // One `up` or `down` at a time.
+    let _lock = sys::lock_exclusive(&lab.lock_file())?;
     let current = status(lab)?;
     if current.state == "up" {
         return Ok(UpOutcome::AlreadyUp(current));
@@ -110,6 +113,7 @@ pub async fn up(
             lab.images.display()
         )
     })?;
+    sys::check_trusted_dir(&lab.images)?;
     if !current.leftovers.is_empty() {
         progress(&format!(
             "cleaning up what an earlier lab left: {}",
@@ -118,7 +122,6 @@ pub async fn up(
     }
     sweep(lab).await?;
     forget(lab)?;
-    create_private_dir(&lab.state)?;
 
     status::write(&lab.amis_file(), &image::emulator_amis(&image))?;
     let port = free_port()?;
@@ -247,6 +250,11 @@ pub async fn up(
 /// Returns what had to be cleaned up after a runner that did not (or could not) do it.
 pub async fn down(lab: &Lab, mut progress: impl FnMut(&str)) -> anyhow::Result<Vec<String>> {
     check_machine()?;
+    if !lab.state.is_dir() {
+        return Ok(Vec::new());
+    }
+    sys::check_trusted_dir(&lab.state)?;
+    let _lock = sys::lock_exclusive(&lab.lock_file())?;
     if let Some(runner) = PidRecord::read(&lab.runner_pid_file()).filter(PidRecord::is_alive) {
         progress(&format!(
             "stopping the runner (pid {}) and its machines",
@@ -377,13 +385,6 @@ fn forget(lab: &Lab) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("making {} private", dir.display()))
 }
 
 fn base_env() -> std::collections::BTreeMap<String, String> {

@@ -238,19 +238,9 @@ pub fn build(images: &Path, mut progress: impl FnMut(&str)) -> anyhow::Result<(I
     which("mmdebstrap").context(
         "mmdebstrap is not installed: `apt-get install mmdebstrap` (scripts/install-packages.sh does)",
     )?;
-    std::fs::create_dir_all(images)
-        .with_context(|| format!("creating the image cache {}", images.display()))?;
-    let lock_path = images.join(".build.lock");
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("opening {}", lock_path.display()))?;
+    crate::sys::create_trusted_dir(images, 0o755)?;
     progress("waiting for other builds of the lab image");
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, errno)| errno)
-        .with_context(|| format!("locking {}", lock_path.display()))?;
+    let _lock = crate::sys::lock_exclusive(&images.join(".build.lock"))?;
     // Another builder may have finished while this one waited.
     if let Some(image) = find(images) {
         return Ok((image, Built::Cached));

@@ -74,6 +74,11 @@ impl Lab {
         format!("rigger-lab-{}", self.id)
     }
 
+    /// Held by `up` and `down`, so that one runs at a time.
+    pub fn lock_file(&self) -> PathBuf {
+        self.state.join("lab.lock")
+    }
+
     /// What `rigger lab up` recorded: the emulator's endpoint, the AMI, the network.
     pub fn settings_file(&self) -> PathBuf {
         self.state.join("lab.json")

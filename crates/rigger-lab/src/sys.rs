@@ -1,5 +1,6 @@
 //! The few system operations the lab builds on: running a tool and reporting its failure in
-//! full, the mount table (what is mounted under the lab's state), removing a directory tree
+//! full, directories only root can change (the lab boots what is in them as root) and locks
+//! on them, the mount table (what is mounted under the lab's state), removing a directory tree
 //! that may hold mount points without ever descending into one, and cgroups (one per machine,
 //! so each `systemd-nspawn` gets its own, and every process of a machine can be found and
 //! killed).
@@ -36,6 +37,43 @@ pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> anyhow::Result<S
         );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Creates `dir` (and its parents) with `mode` if missing, then checks that nobody but root
+/// can change what it holds: the lab boots images and trusts records from these directories,
+/// so one that another user created first (or could write) is refused.
+pub fn create_trusted_dir(dir: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    }
+    check_trusted_dir(dir)
+}
+
+/// Checks that nobody but root can change what `dir` holds (see [`create_trusted_dir`]).
+pub fn check_trusted_dir(dir: &Path) -> anyhow::Result<()> {
+    rigger_local::safe_fs::check_private(dir).with_context(|| {
+        format!(
+            "refusing to use {}: the lab runs what it holds as root; remove it or choose another directory",
+            dir.display()
+        )
+    })
+}
+
+/// Holds an exclusive lock on `path` (created if missing) until the returned value is
+/// dropped; waits for another holder.
+pub fn lock_exclusive(path: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| errno)
+        .with_context(|| format!("locking {}", path.display()))
 }
 
 /// Mount points at or under `dir` in this mount namespace, deepest first (the order to
@@ -223,6 +261,31 @@ mod tests {
         assert_eq!(unescape_mount_path(r"/a\040b\134c"), r"/a b\c");
         assert_eq!(unescape_mount_path("/plain"), "/plain");
         assert_eq!(unescape_mount_path(r"/trailing\04"), r"/trailing\04");
+    }
+
+    #[test]
+    fn a_directory_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("images");
+        create_trusted_dir(&ours, 0o755).unwrap();
+        assert_eq!(
+            std::fs::metadata(&ours).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let error = create_trusted_dir(&ours, 0o755).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("refusing to use"),
+            "{error:#}"
+        );
+        // Nor anything below it.
+        let below = ours.join("state");
+        let error = create_trusted_dir(&below, 0o700).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("refusing to use"),
+            "{error:#}"
+        );
     }
 
     #[test]
