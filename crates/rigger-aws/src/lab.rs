@@ -228,3 +228,46 @@ pub async fn role_credentials(
         expiration: credentials.expiration().secs(),
     }))
 }
+
+/// What EC2 does when an instance's operating system shuts it down: `stop` (its default) or
+/// `terminate` (the instance's `InstanceInitiatedShutdownBehavior`), done to the emulator's
+/// instance as AWS would. Returns the behaviour applied.
+pub async fn shut_down_from_inside(
+    clients: &Clients,
+    instance_id: &str,
+) -> Result<&'static str, AwsError> {
+    let behaviour = clients
+        .ec2
+        .describe_instance_attribute()
+        .instance_id(instance_id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::InstanceInitiatedShutdownBehavior)
+        .send()
+        .await
+        .op(
+            "DescribeInstanceAttribute instanceInitiatedShutdownBehavior",
+            instance_id,
+        )?;
+    let terminate = behaviour
+        .instance_initiated_shutdown_behavior()
+        .and_then(|v| v.value())
+        == Some("terminate");
+    if terminate {
+        clients
+            .ec2
+            .terminate_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .op("TerminateInstances", instance_id)?;
+        Ok("terminate")
+    } else {
+        clients
+            .ec2
+            .stop_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .op("StopInstances", instance_id)?;
+        Ok("stop")
+    }
+}

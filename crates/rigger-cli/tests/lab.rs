@@ -1,9 +1,10 @@
 //! The AWS lab end to end, through the real `rigger` binary: `rigger lab up`, an instance
 //! launched with the SDK from the lab image's AMI boots as a machine that answers SSH at its
 //! private address with the key pair's key, runs its user-data exactly once (a stop and start
-//! of the instance does not run it again), and is answered by its own metadata service
-//! (IMDSv2 only, credentials of its instance profile that the emulator knows as the role's);
-//! terminating the instance removes the machine; `rigger lab down` leaves nothing.
+//! of the instance, a reboot from inside, do not run it again), and is answered by its own
+//! metadata service (IMDSv2 only, credentials of its instance profile that the emulator knows
+//! as the role's); a poweroff from inside stops the instance; terminating it removes the
+//! machine; `rigger lab down` leaves nothing, also after the runner was killed.
 //!
 //! Needs root, the lab image (`rigger lab image`, which scripts/test runs before the tests)
 //! and moto (scripts/moto.sh). When any is missing the test fails, saying which: it never
@@ -487,7 +488,39 @@ fn an_instance_boots_as_a_machine_and_down_leaves_nothing() {
         || machine(&lab.status(), &instance_id)?["memory_pss_bytes"].as_u64(),
     );
 
+    // Root on the machine manages its own network (rigger's boot script loads nftables rules).
+    ssh.ok("sudo nft add table inet lab_test && sudo nft delete table inet lab_test");
+
     // Stopped and started again: the same disk boots, the user-data does not run again.
+    let start = || {
+        runtime.block_on(async {
+            clients
+                .ec2
+                .start_instances()
+                .instance_ids(&instance_id)
+                .send()
+                .await
+                .expect("StartInstances")
+        });
+    };
+    let booted = || {
+        wait_for("SSH after booting again", Duration::from_secs(60), || {
+            ssh.run("systemctl is-system-running --wait >/dev/null; true")
+                .status
+                .success()
+                .then_some(())
+        });
+        assert_eq!(
+            ssh.ok("sudo cat /var/lib/lab-test/runs").lines().count(),
+            1,
+            "the user-data ran again"
+        );
+    };
+    let stopped = |what: &str| {
+        wait_for(what, Duration::from_secs(60), || {
+            (machine(&lab.status(), &instance_id)?["state"] == "stopped").then_some(())
+        });
+    };
     runtime.block_on(async {
         clients
             .ec2
@@ -497,29 +530,39 @@ fn an_instance_boots_as_a_machine_and_down_leaves_nothing() {
             .await
             .expect("StopInstances")
     });
-    wait_for("the machine stopped", Duration::from_secs(60), || {
-        (machine(&lab.status(), &instance_id)?["state"] == "stopped").then_some(())
+    stopped("the machine stopped");
+    start();
+    booted();
+
+    // Rebooted from inside: it boots its disk again.
+    let pid = machine(&lab.status(), &instance_id).unwrap()["pid"].clone();
+    let _ = ssh.run("sudo systemctl reboot");
+    wait_for("the machine booted again", Duration::from_secs(60), || {
+        let status = lab.status();
+        let machine = machine(&status, &instance_id)?;
+        (machine["state"] == "running" && machine["pid"] != pid).then_some(())
     });
-    runtime.block_on(async {
-        clients
+    booted();
+
+    // Powered off from inside: the instance stops, as on EC2.
+    let _ = ssh.run("sudo systemctl poweroff");
+    stopped("the machine powered off");
+    let state = runtime.block_on(async {
+        let described = clients
             .ec2
-            .start_instances()
+            .describe_instances()
             .instance_ids(&instance_id)
             .send()
             .await
-            .expect("StartInstances")
+            .expect("DescribeInstances");
+        described.reservations()[0].instances()[0]
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_owned())
     });
-    wait_for("SSH after the restart", Duration::from_secs(60), || {
-        ssh.run("systemctl is-system-running --wait >/dev/null; true")
-            .status
-            .success()
-            .then_some(())
-    });
-    assert_eq!(
-        ssh.ok("sudo cat /var/lib/lab-test/runs").lines().count(),
-        1,
-        "the user-data ran again after a restart"
-    );
+    assert_eq!(state.as_deref(), Some("stopped"));
+    start();
+    booted();
 
     // Terminated: the machine, its namespace and its disk's mount are gone.
     runtime.block_on(async {

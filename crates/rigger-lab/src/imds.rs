@@ -35,6 +35,9 @@ pub const MAX_TOKEN_TTL: u64 = 21_600;
 const MAX_HEAD: usize = 16 * 1024;
 /// A request body larger than this is refused (the service takes none).
 const MAX_BODY: usize = 64 * 1024;
+/// What is read and thrown away after refusing a request, before closing.
+const MAX_DRAIN: usize = 1024 * 1024;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a connection may take to send a request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The account every emulator resource belongs to (moto's default).
@@ -451,6 +454,18 @@ async fn connection(
                 Head::Invalid(status) => {
                     let response = Response::text(status, "");
                     stream.write_all(&response.encode(false, false)).await?;
+                    // Closing with unread input would reset the connection and could lose the
+                    // answer: read (a bounded amount, for a bounded time) until the client is
+                    // done.
+                    stream.shutdown().await?;
+                    let mut discarded = 0;
+                    let mut chunk = [0u8; 4096];
+                    while discarded < MAX_DRAIN {
+                        match tokio::time::timeout(DRAIN_TIMEOUT, stream.read(&mut chunk)).await {
+                            Ok(Ok(read)) if read > 0 => discarded += read,
+                            _ => break,
+                        }
+                    }
                     return Ok(());
                 }
                 Head::Partial => {}

@@ -5,8 +5,9 @@
 //! network is a namespace of its own ([`crate::net`]). It boots with `systemd-nspawn -b` in a
 //! cgroup of its own under each hierarchy (on a machine whose PID 1 is not systemd, nspawn
 //! otherwise shares one with every other machine), with the instance's private address's
-//! host name, without registering with a systemd on this machine, without touching this
-//! machine's resolv.conf, journal or time zone. `systemd-nspawn` is started as a process-group
+//! host name, with the right to manage its own network (as root on an instance has), without
+//! registering with a systemd on this machine, without touching this machine's resolv.conf,
+//! journal or time zone. `systemd-nspawn` is started as a process-group
 //! leader with a pid record ([`rigger_local::process`]), so a later `rigger lab down` stops it
 //! even when the runner that started it was killed.
 //!
@@ -156,6 +157,9 @@ async fn start_inner(lab: &Lab, spec: &MachineSpec) -> anyhow::Result<Supervised
         "--resolv-conf=off".to_owned(),
         "--link-journal=no".to_owned(),
         "--timezone=off".to_owned(),
+        // Root on an instance manages its own network: rigger's boot script loads nftables
+        // rules. Only this machine's namespace, which leads nowhere but the lab's bridge.
+        "--capability=CAP_NET_ADMIN".to_owned(),
     ]);
     let spec = ProcessSpec {
         name: format!("machine {id}"),

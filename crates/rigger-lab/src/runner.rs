@@ -6,8 +6,10 @@
 //! pending or running instance gets a machine ([`crate::machine`]), a stopping or stopped one
 //! has its machine stopped (its disk kept), a terminated one (or one the emulator forgot) has
 //! its machine removed. An instance the lab cannot run (not the lab's AMI, an address outside
-//! the lab's network) is reported `failed` with why; a machine that stops by itself is
-//! reported `exited`. Every change is written to `status.json` ([`crate::status`]).
+//! the lab's network) is reported `failed` with why. A machine that reboots boots its disk
+//! again; one that powers off has its instance stopped (or terminated, as the instance's
+//! shutdown behaviour says), as EC2 does; one that dies otherwise is reported `exited`. Every
+//! change is written to `status.json` ([`crate::status`]).
 //!
 //! SIGTERM (or SIGINT) stops every machine, removes the network, reports `stopped` and exits.
 
@@ -146,6 +148,16 @@ struct Runner {
     written: Option<RunnerStatus>,
 }
 
+/// systemd-nspawn's exit status when the machine rebooted.
+const NSPAWN_REBOOT: i32 = 133;
+
+/// How a machine's `systemd-nspawn` ended without being asked to.
+enum Ending {
+    Reboot,
+    Poweroff,
+    Crash(String),
+}
+
 /// What an instance's state asks of its machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Want {
@@ -255,13 +267,15 @@ impl Runner {
 
     /// One round: every instance's machine towards what its state asks.
     async fn converge(&mut self, instances: Vec<LabInstance>, vpc: Cidr) {
-        let listed: HashMap<String, LabInstance> = instances
+        let mut listed: HashMap<String, LabInstance> = instances
             .into_iter()
             .filter(|i| is_instance_id(&i.id))
             .map(|i| (i.id.clone(), i))
             .collect();
-        // Machines whose process ended by itself.
-        let mut ended: Vec<String> = Vec::new();
+        // Machines whose process ended by itself: a reboot inside boots the same disk again
+        // (systemd-nspawn exits with 133 then), a poweroff does to the instance what EC2 does
+        // (stop it, or terminate it if the instance says so), anything else is reported.
+        let mut ended: Vec<(String, Ending)> = Vec::new();
         for (id, entry) in &mut self.entries {
             if entry.state != MachineState::Running {
                 continue;
@@ -270,25 +284,65 @@ impl Runner {
                 .process
                 .as_mut()
                 .and_then(|p| p.try_wait().ok().flatten());
-            if let Some(code) = exited {
-                entry.state = MachineState::Exited;
-                let console = rigger_local::process::log_tail(
-                    &self.lab.machine_dir(id).join("console.log"),
-                    3,
-                )
-                .join(" | ");
-                entry.detail = Some(format!(
-                    "systemd-nspawn exited ({code}); console: {console}"
-                ));
+            if let Some(status) = exited {
                 entry.process = None;
-                tracing::warn!(%id, detail = entry.detail.as_deref().unwrap_or_default(), "machine exited");
-                ended.push(id.clone());
+                let ending = match status.code() {
+                    Some(NSPAWN_REBOOT) => Ending::Reboot,
+                    Some(0) => Ending::Poweroff,
+                    _ => {
+                        let console = rigger_local::process::log_tail(
+                            &self.lab.machine_dir(id).join("console.log"),
+                            3,
+                        )
+                        .join(" | ");
+                        Ending::Crash(format!(
+                            "systemd-nspawn exited ({status}); console: {console}"
+                        ))
+                    }
+                };
+                ended.push((id.clone(), ending));
             }
         }
-        for id in ended {
+        for (id, ending) in ended {
             self.forget_metadata(&id);
             if let Err(error) = machine::stop(&self.lab, &id, machine::STOP_TIMEOUT).await {
-                tracing::warn!(%id, error = %format!("{error:#}"), "cleaning up an exited machine");
+                tracing::warn!(%id, error = %format!("{error:#}"), "cleaning up after a machine");
+            }
+            let (state, detail) = match ending {
+                Ending::Reboot => {
+                    tracing::info!(%id, "machine rebooted");
+                    (MachineState::Stopped, None)
+                }
+                Ending::Poweroff => {
+                    match rigger_aws::lab::shut_down_from_inside(&self.clients, &id).await {
+                        Ok(behaviour) => {
+                            tracing::info!(%id, behaviour, "machine powered off");
+                            // What the emulator says now, not what it said before.
+                            if let Some(instance) = listed.get_mut(&id) {
+                                instance.state = if behaviour == "terminate" {
+                                    "shutting-down".to_owned()
+                                } else {
+                                    "stopping".to_owned()
+                                };
+                            }
+                            (MachineState::Stopped, None)
+                        }
+                        Err(error) => (
+                            MachineState::Exited,
+                            Some(format!(
+                                "it powered off, and telling the emulator failed: {error}"
+                            )),
+                        ),
+                    }
+                }
+                Ending::Crash(detail) => {
+                    tracing::warn!(%id, %detail, "machine exited");
+                    (MachineState::Exited, Some(detail))
+                }
+            };
+            if let Some(entry) = self.entries.get_mut(&id) {
+                entry.state = state;
+                entry.detail = detail;
             }
         }
         // Gone from the emulator, or terminated: removed.
