@@ -666,6 +666,9 @@ fn up_without_an_image_says_how_to_build_it() {
     assert!(stderr.contains("no lab image"), "{stderr}");
     assert!(stderr.contains("rigger lab image"), "{stderr}");
     assert_eq!(lab.status()["state"], "down");
+    // The lab runs an emulator of its own: another endpoint is a mistake, not ignored.
+    let misdirected = lab.rigger(&["--endpoint-url", "http://127.0.0.1:1", "status"]);
+    assert_eq!(misdirected.status.code(), Some(2), "{}", text(&misdirected));
 }
 
 fn namespaces() -> Vec<String> {

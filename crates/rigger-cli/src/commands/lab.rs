@@ -14,6 +14,12 @@ use crate::args::{LabArgs, LabCommand, LabStatusArgs, LabUpArgs};
 use crate::{Failure, Settings};
 
 pub(crate) fn run(args: LabArgs, settings: &Settings) -> Result<(), Failure> {
+    if let Some(url) = &settings.endpoint_url {
+        return Err(Failure::Usage(anyhow::anyhow!(
+            "--endpoint-url {url} is for AWS environments: the lab starts an emulator of its own \
+             (`rigger lab status` prints its endpoint)"
+        )));
+    }
     let lab = Lab::new(&args.dir, &args.images).map_err(Failure::Usage)?;
     match args.command {
         LabCommand::Image => build_image(&lab, settings),
