@@ -61,7 +61,10 @@ pub async fn under(
     for page in pages {
         let page = page.op("GetParametersByPath", path)?;
         found.extend(page.parameters().iter().filter_map(|p| {
-            Some((p.name()?.to_owned(), p.value().unwrap_or_default().to_owned()))
+            Some((
+                p.name()?.to_owned(),
+                p.value().unwrap_or_default().to_owned(),
+            ))
         }));
     }
     Ok(found)
