@@ -83,6 +83,23 @@ pub fn user_data(
     Ok(base64::engine::general_purpose::STANDARD.encode(gzipped))
 }
 
+/// Packages every server installs, whatever its roles (the metadata firewall's `nftables` is
+/// installed first, on its own, when missing).
+const COMMON_PACKAGES: &[&str] = &["awscli", "ca-certificates", "curl", "openssl"];
+
+/// Every Debian package a server's boot script may install, for images that bake them in
+/// (the lab's, `rigger image build`), sorted.
+pub fn boot_packages() -> Vec<&'static str> {
+    let mut all: Vec<&str> = COMMON_PACKAGES.to_vec();
+    all.push("nftables");
+    for role in Role::ALL {
+        all.extend(packages(role));
+    }
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
 /// Debian 12 packages each role needs.
 fn packages(role: Role) -> &'static [&'static str] {
     match role {
@@ -170,7 +187,7 @@ pub fn script(
     }
 
     // Packages, without letting Debian start its own copies of the services.
-    let mut wanted: Vec<&str> = vec!["awscli", "ca-certificates", "curl", "openssl"];
+    let mut wanted: Vec<&str> = COMMON_PACKAGES.to_vec();
     for role in &ctx.roles {
         wanted.extend(packages(*role));
     }

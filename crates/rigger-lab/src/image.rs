@@ -501,23 +501,7 @@ mod tests {
 
     #[test]
     fn every_package_rigger_installs_at_boot_is_in_the_image() {
-        // What crates/rigger-aws/src/userdata.rs installs (its `packages` and the common ones).
-        for package in [
-            "awscli",
-            "ca-certificates",
-            "curl",
-            "openssl",
-            "nginx",
-            "pgbouncer",
-            "stunnel4",
-            "postgresql-client",
-            "python3",
-            "python3-venv",
-            "redis-server",
-            "rabbitmq-server",
-            "postgresql-15",
-            "nftables",
-        ] {
+        for package in rigger_aws::userdata::boot_packages() {
             assert!(PACKAGES.contains(&package), "{package}");
         }
     }
