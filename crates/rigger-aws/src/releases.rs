@@ -32,6 +32,22 @@ pub const BUCKET_PARAMETER: &str = "deploy/bucket";
 /// migrations at boot ([`crate::userdata`]): there is no earlier release to keep serving.
 pub const FIRST: &str = "initial";
 
+/// Where a release's wheels are, relative to its top: one for every requirement, built on the
+/// operator's machine, so servers install the app with `pip install --no-index --find-links`
+/// and never need PyPI.
+pub const WHEELS: &str = "wheels";
+
+/// The Python the servers run (Debian 12's, on x86_64): what the wheels a release carries
+/// must suit. rigger builds them with the operator's `/usr/bin/python3` and refuses one that
+/// differs (another minor version, architecture, implementation, or a newer C library).
+pub const SERVER_PYTHON: &str = "3.11";
+/// The servers' architecture (`platform.machine()`): rigger's AMIs are Debian 12's amd64.
+pub const SERVER_MACHINE: &str = "x86_64";
+/// Debian 12's glibc: wheels needing a newer one would not install on the servers.
+pub const SERVER_GLIBC: (u32, u32) = (2, 36);
+/// What runs the servers, as error messages name it.
+pub const SERVER_SYSTEM: &str = "Debian 12";
+
 /// The object key of release `id`.
 pub fn object_key(id: &str) -> String {
     format!("releases/{id}.tar.gz")

@@ -172,6 +172,9 @@ pub fn script(
     w.push_str(PRELUDE);
     w.push_str(RETRY_FUNCTION);
     w.push_str(DATA_VOLUME_FUNCTIONS);
+    if is_app_server(ctx) {
+        w.push_str(INSTALL_RELEASE_FUNCTION);
+    }
     // Before anything else runs, above all any service of a user other than root.
     let _ = writeln!(
         w,
@@ -270,6 +273,7 @@ pub fn script(
         write_step(w, step, group_server);
     }
     write_first_release_migrations(w, ctx, group_server);
+    write_collect_static(w, ctx, group_server);
 
     let _ = writeln!(w, "\nlog 'starting the services'");
     for service in &recipe.services {
@@ -364,9 +368,10 @@ fn write_certificate(w: &mut String, ctx: &ServerContext) -> Result<(), String> 
 }
 
 /// Web and worker servers fetch their release from the environment's bucket (named in SSM)
-/// with the instance profile, unpack it into the layout's app directory (root's files, whatever
-/// owners the tarball records) and have the layout's build user install its requirements into
-/// the venv, which then becomes root's. Every release is in the bucket before a server
+/// with the instance profile and install it ([`INSTALL_RELEASE_FUNCTION`]): unpacked into the
+/// layout's app directory (root's files, whatever owners the tarball records), its
+/// requirements installed from the release's own wheels by the layout's build user into the
+/// venv, which then becomes root's. Every release is in the bucket before a server
 /// launches with it: a deploy uploads its own, `up` the first one
 /// ([`crate::releases::FIRST`]).
 fn write_release_fetch(w: &mut String, env: &AwsEnvironment, ctx: &ServerContext) {
@@ -377,7 +382,12 @@ fn write_release_fetch(w: &mut String, env: &AwsEnvironment, ctx: &ServerContext
     let _ = writeln!(w, "\nlog 'fetching release {release}'");
     let _ = writeln!(
         w,
-        "fetch_release {} {} {} {} {}",
+        "bucket=$(parameter {})",
+        crate::releases::BUCKET_PARAMETER
+    );
+    let _ = writeln!(
+        w,
+        "install_release \"$bucket\" {} \"$REGION\" {} {} {} {}",
         shell_quote(&crate::releases::object_key(release)),
         shell_quote(&ctx.layout.app_dir.to_string_lossy()),
         shell_quote(&ctx.layout.venv_dir.to_string_lossy()),
@@ -408,6 +418,26 @@ fn write_first_release_migrations(w: &mut String, ctx: &ServerContext, group_ser
         "\nlog 'running the migrations of the first release (one server at a time)'"
     );
     write_step(w, &rigger_recipes::boot_migrations(ctx), group_server);
+}
+
+/// Every web server gathers its release's static files into the layout's static root (the
+/// app's `STATIC_ROOT`, the app user's directory) before its app and nginx start
+/// ([`rigger_recipes::collect_static`]: as the app's user, its settings loaded by that user),
+/// so the first request finds them. Each server has its own copy: nothing is shared between
+/// servers on AWS.
+fn write_collect_static(w: &mut String, ctx: &ServerContext, group_server: bool) {
+    if !ctx.roles.contains(&Role::Web) {
+        return;
+    }
+    let layout = &ctx.layout;
+    let _ = writeln!(w, "\nlog 'collecting the static files'");
+    let _ = writeln!(
+        w,
+        "install -d -m 0755 -o {www} -g {www} {}",
+        quote(&layout.static_root.to_string_lossy(), group_server),
+        www = shell_quote(&layout.users.www),
+    );
+    write_step(w, &rigger_recipes::collect_static(ctx), group_server);
 }
 
 /// A web server that boots while the environment is in maintenance (`rigger maintenance on`
@@ -546,36 +576,6 @@ put() {
   printf '%s' "$contents" | put_stdin "$1" "$2" "$3"
 }
 
-# fetch_release KEY APP_DIR VENV_DIR REQUIREMENTS BUILDER: the release's tarball from the
-# environment's bucket (named in SSM), unpacked into APP_DIR as root's files (not with the
-# owners and modes of whoever built it), its requirements (a file inside APP_DIR) installed
-# into VENV_DIR by the unprivileged BUILDER (pip runs the dependencies' code), after which the
-# venv is root's: neither the builder nor the app can change what the app runs.
-fetch_release() {
-  local bucket tarball requirements home
-  bucket=$(parameter deploy/bucket)
-  tarball=$(mktemp)
-  aws s3 cp --region "$REGION" --only-show-errors "s3://$bucket/$1" "$tarball"
-  install -d -m 0755 "$2"
-  tar -xzf "$tarball" -C "$2" --no-same-owner --no-same-permissions
-  rm -f "$tarball"
-  requirements=$(realpath -e -- "$2/$4") || die "the release has no requirements file $4"
-  case $requirements in
-    "$(realpath -e -- "$2")"/*) ;;
-    *) die "the requirements $4 lead outside the release (to $requirements)" ;;
-  esac
-  id -u "$5" >/dev/null 2>&1 ||
-    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$5"
-  home=$(mktemp -d)
-  chown "$5:$5" "$home"
-  install -d -m 0755 -o "$5" -g "$5" "$3"
-  (cd "$2" && runuser -u "$5" -- env HOME="$home" python3 -m venv "$3")
-  (cd "$2" && runuser -u "$5" -- env HOME="$home" "$3/bin/pip" install --quiet --disable-pip-version-check -r "$requirements")
-  rm -rf "$home"
-  chown -R 0:0 "$3"
-  chmod -R go-w "$3"
-}
-
 # wait_ready NAME SECONDS COMMAND...: runs COMMAND until it succeeds.
 wait_ready() {
   local name=$1 seconds=$2 tries=0
@@ -588,6 +588,53 @@ wait_ready() {
 }
 
 tcp_open() { timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2"; }
+"#;
+
+/// The shell function that installs a release on an app server: at boot into the layout's app
+/// directory and venv (user-data), and on the worker that runs a deploy's migrations into a
+/// directory of their own (`rigger deploy`, over SSH, as root), so both get a release the same
+/// way. The release's own wheels ([`crate::releases::WHEELS`]) are all pip may install from
+/// (`--no-index`): servers never reach PyPI. Self-contained (no other function of the script).
+pub const INSTALL_RELEASE_FUNCTION: &str = r#"
+# install_release BUCKET KEY REGION APP_DIR VENV_DIR REQUIREMENTS BUILDER: the release's
+# tarball from the bucket, unpacked into APP_DIR as root's files (not with the owners and modes
+# of whoever built it), its requirements (a file inside APP_DIR) installed into VENV_DIR from
+# the release's own wheels only (APP_DIR/wheels, pip --no-index) by the unprivileged BUILDER
+# (pip runs the dependencies' code), after which the venv is root's: neither the builder nor
+# the app can change what the app runs.
+install_release() {
+  local tarball requirements home
+  tarball=$(mktemp)
+  aws s3 cp --region "$3" --only-show-errors "s3://$1/$2" "$tarball"
+  install -d -m 0755 "$4"
+  tar -xzf "$tarball" -C "$4" --no-same-owner --no-same-permissions
+  rm -f "$tarball"
+  requirements=$(realpath -e -- "$4/$6") || {
+    printf 'rigger: error: the release has no requirements file %s\n' "$6" >&2
+    return 1
+  }
+  case $requirements in
+    "$(realpath -e -- "$4")"/*) ;;
+    *)
+      printf 'rigger: error: the requirements %s lead outside the release (to %s)\n' "$6" "$requirements" >&2
+      return 1
+      ;;
+  esac
+  if [ ! -d "$4/wheels" ] || [ -L "$4/wheels" ]; then
+    printf 'rigger: error: release %s carries no wheels (built by a rigger from before releases did): deploy a new release\n' "$2" >&2
+    return 1
+  fi
+  id -u "$7" >/dev/null 2>&1 ||
+    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$7"
+  home=$(mktemp -d)
+  chown "$7:$7" "$home"
+  install -d -m 0755 -o "$7" -g "$7" "$5"
+  (cd "$4" && runuser -u "$7" -- env HOME="$home" python3 -m venv "$5")
+  (cd "$4" && runuser -u "$7" -- env HOME="$home" "$5/bin/pip" install --quiet --disable-pip-version-check --no-index --find-links "$4/wheels" -r "$requirements")
+  rm -rf "$home"
+  chown -R 0:0 "$5"
+  chmod -R go-w "$5"
+}
 "#;
 
 /// The shell function that runs a step waiting for a peer on another server
@@ -825,18 +872,22 @@ fn write_step(w: &mut String, step: &StepSpec, group_server: bool) {
         ));
     }
     let _ = writeln!(w, "# step {}", step.name);
+    // The environment file's loader quotes its own "$1" and "$@".
+    let directive = if line.contains(rigger_recipes::ENV_FILE_SCRIPT) {
+        "# shellcheck disable=SC2016 # \"$1\" and \"$@\" are the loader's own\n"
+    } else {
+        ""
+    };
     if let Some(retry) = &step.retry {
         let function = format!(
             "step_{}",
             step.name.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
         );
-        // The environment file's loader quotes its own "$1" and "$@".
-        let directive = if line.contains(rigger_recipes::ENV_FILE_SCRIPT) {
-            "  # shellcheck disable=SC2016 # \"$1\" and \"$@\" are the loader's own\n"
-        } else {
-            ""
-        };
-        let _ = writeln!(w, "{function}() {{\n{directive}  {line}\n}}");
+        let _ = writeln!(w, "{function}() {{");
+        if !directive.is_empty() {
+            let _ = write!(w, "  {directive}");
+        }
+        let _ = writeln!(w, "  {line}\n}}");
         let clean = retry
             .clean
             .as_ref()
@@ -847,6 +898,8 @@ fn write_step(w: &mut String, step: &StepSpec, group_server: bool) {
             shell_quote(&format!("step {}", step.name)),
             quote(&clean, group_server)
         );
+    } else {
+        w.push_str(directive);
     }
     match &step.creates {
         Some(path) => {

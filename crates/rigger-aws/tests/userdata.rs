@@ -273,7 +273,7 @@ fn user_data_fits_in_ec2s_limit() {
 fn the_first_release_is_fetched_and_migrated_before_the_app_starts() {
     for (label, script) in first_release_scripts() {
         let fetch = script
-            .find("\nfetch_release releases/initial.tar.gz /srv/shop/app /srv/shop/venv requirements.txt rigger-build\n")
+            .find("\ninstall_release \"$bucket\" releases/initial.tar.gz \"$REGION\" /srv/shop/app /srv/shop/venv requirements.txt rigger-build\n")
             .unwrap_or_else(|| panic!("{label}: the first release is not fetched"));
         let migrate = script
             .find("\nretry 900 'step migrate' '' step_migrate\n")
@@ -694,11 +694,11 @@ fn root_sources_no_file_a_service_user_can_write() {
 #[test]
 fn releases_are_unpacked_as_roots_and_built_unprivileged() {
     let (_, web) = scripts().into_iter().find(|(l, _)| l == "web").unwrap();
-    assert!(web.contains("tar -xzf \"$tarball\" -C \"$2\" --no-same-owner --no-same-permissions"));
-    assert!(web.contains("\"$(realpath -e -- \"$2\")\"/*) ;;"));
+    assert!(web.contains("tar -xzf \"$tarball\" -C \"$4\" --no-same-owner --no-same-permissions"));
+    assert!(web.contains("\"$(realpath -e -- \"$4\")\"/*) ;;"));
     for builder_step in [
-        "runuser -u \"$5\" -- env HOME=\"$home\" python3 -m venv \"$3\"",
-        "runuser -u \"$5\" -- env HOME=\"$home\" \"$3/bin/pip\" install",
+        "runuser -u \"$7\" -- env HOME=\"$home\" python3 -m venv \"$5\"",
+        "runuser -u \"$7\" -- env HOME=\"$home\" \"$5/bin/pip\" install",
     ] {
         assert!(web.contains(builder_step), "{builder_step}");
     }
@@ -709,12 +709,92 @@ fn releases_are_unpacked_as_roots_and_built_unprivileged() {
     assert!(!pip_lines.is_empty());
     for line in pip_lines {
         assert!(
-            line.contains("runuser -u \"$5\""),
+            line.contains("runuser -u \"$7\""),
             "pip or venv as root: {line}"
         );
     }
-    assert!(web.contains("chown -R 0:0 \"$3\""));
+    assert!(web.contains("chown -R 0:0 \"$5\""));
     assert!(web.contains(
-        "fetch_release releases/r1.tar.gz /srv/shop/app /srv/shop/venv requirements.txt rigger-build"
+        "install_release \"$bucket\" releases/r1.tar.gz \"$REGION\" /srv/shop/app /srv/shop/venv requirements.txt rigger-build"
     ));
+}
+
+/// Servers install a release from the wheels it carries, never from PyPI: every pip line of
+/// every app server's script says `--no-index --find-links` the release's wheels, and a
+/// release without wheels is refused with a clear error.
+#[test]
+fn app_servers_install_the_release_from_its_wheels_only() {
+    let all: Vec<(String, String)> = scripts()
+        .into_iter()
+        .chain(first_release_scripts())
+        .collect();
+    for (label, script) in &all {
+        let installs: Vec<&str> = script
+            .lines()
+            .filter(|l| l.contains("pip\" install") || l.contains("pip install"))
+            .collect();
+        if !label.starts_with("web") && !label.starts_with("worker") {
+            assert!(installs.is_empty(), "{label} installs Python packages");
+            continue;
+        }
+        assert_eq!(installs.len(), 1, "{label}: {installs:?}");
+        assert!(
+            installs[0].contains(&format!(
+                "--no-index --find-links \"$4/{}\"",
+                rigger_aws::releases::WHEELS
+            )),
+            "{label}: {}",
+            installs[0]
+        );
+    }
+    assert!(
+        rigger_aws::userdata::INSTALL_RELEASE_FUNCTION
+            .contains("carries no wheels (built by a rigger from before releases did)")
+    );
+}
+
+/// Every web server gathers the static files of its release, as the app's user with the
+/// app's environment file loaded by that user, after unpacking it and before its app and
+/// nginx start; workers do not.
+#[test]
+fn web_servers_collect_static_files_before_serving() {
+    let all: Vec<(String, String)> = scripts()
+        .into_iter()
+        .chain(first_release_scripts())
+        .collect();
+    for (label, script) in &all {
+        let collect = script
+            .lines()
+            .position(|l| l.contains("manage.py collectstatic --noinput"));
+        if !label.starts_with("web") {
+            assert!(collect.is_none(), "{label} collects static files");
+            continue;
+        }
+        let lines: Vec<&str> = script.lines().collect();
+        let collect = collect.unwrap_or_else(|| panic!("{label}: no collectstatic"));
+        let line = lines[collect];
+        assert!(
+            line.starts_with("(cd /srv/shop/app && runuser -u www-data -- env HOME=/var/lib/rigger/home/www-data PYTHONUNBUFFERED=1 /bin/sh -c 'set -a && . \"$1\" && set +a && shift && exec \"$@\"' rigger-env /etc/rigger/app/app.env /srv/shop/venv/bin/python manage.py collectstatic --noinput"),
+            "{label}: {line}"
+        );
+        let at = |needle: &str| {
+            lines
+                .iter()
+                .position(|l| l.starts_with(needle))
+                .unwrap_or_else(|| panic!("{label}: no {needle}"))
+        };
+        let static_dir = at("install -d -m 0755 -o www-data -g www-data /srv/shop/static");
+        assert!(
+            at("install_release ") < static_dir && static_dir < collect,
+            "{label}"
+        );
+        assert!(
+            collect < at("systemctl enable --now rigger-gunicorn.service"),
+            "{label}"
+        );
+        assert!(
+            collect < at("systemctl enable --now rigger-nginx.service"),
+            "{label}"
+        );
+    }
 }

@@ -353,11 +353,7 @@ pub async fn ensure_venv(
     if is_complete(&venv) {
         return Ok(venv);
     }
-    let builder = build_user().await?;
-    let home = paths.venvs().join(".build-home");
-    let owner = builder.as_ref().map(|user| (user.uid, user.gid));
-    // pip keeps its cache in the builder's home: the only place the builder can write.
-    crate::safe_fs::Dir::create(&home)?.set_owner_and_mode(owner, 0o700)?;
+    let builder = Builder::new(paths.venvs().join(".build-home")).await?;
     let log = paths.venvs().join("install.log");
     let venv_s = venv.display().to_string();
     match std::fs::remove_dir_all(&venv) {
@@ -366,15 +362,9 @@ pub async fn ensure_venv(
         }
         _ => {}
     }
-    crate::safe_fs::Dir::create(&venv)?.set_owner_and_mode(owner, 0o755)?;
+    crate::safe_fs::Dir::create(&venv)?.set_owner_and_mode(builder.owner(), 0o755)?;
     tracing::info!(venv = %venv.display(), "creating the app's venv");
-    let as_builder = |command: Command| {
-        let command = command.env("HOME", home.display().to_string()).cwd(app);
-        match &builder {
-            Some(user) => command.user(user.name.clone()),
-            None => command,
-        }
-    };
+    let as_builder = |command: Command| builder.command(command, app);
     run_command(
         &as_builder(Command::new("/usr/bin/python3").args(["-m", "venv", &venv_s])),
         None,
@@ -399,19 +389,188 @@ pub async fn ensure_venv(
                 log.display()
             )
         })?;
-    if builder.is_some() {
-        // Root's from now on: neither the builder nor a service user can change what the app
-        // runs. `chown -R` does not follow links (it changes the links themselves), `chmod -R`
-        // skips them.
-        for command in [
-            Command::new("chown").args(["-R", "0:0", &venv_s]),
-            Command::new("chmod").args(["-R", "go-w", &venv_s]),
-        ] {
-            run_command(&command, None, &log).await?;
-        }
-    }
+    // Root's from now on: neither the builder nor a service user can change what the app runs.
+    builder.hand_to_root(&venv, &log).await?;
     std::fs::write(venv.join(VENV_COMPLETE), b"")?;
     Ok(venv)
+}
+
+/// Who runs pip for rigger: the build user ([`build_user_name`]) when rigger is root, rigger
+/// itself otherwise, with a `HOME` of its own (pip keeps its cache there: the only place the
+/// builder can write besides what it builds). Shared by the app's venvs and a release's wheels.
+struct Builder {
+    user: Option<nix::unistd::User>,
+    home: PathBuf,
+}
+
+impl Builder {
+    /// The builder, its `home` made (0700, its own).
+    async fn new(home: PathBuf) -> anyhow::Result<Builder> {
+        let user = build_user().await?;
+        let builder = Builder { user, home };
+        crate::safe_fs::Dir::create(&builder.home)?.set_owner_and_mode(builder.owner(), 0o700)?;
+        Ok(builder)
+    }
+
+    /// The owner of what the builder makes (`None`: rigger's own user).
+    fn owner(&self) -> Option<crate::safe_fs::Owner> {
+        self.user.as_ref().map(|user| (user.uid, user.gid))
+    }
+
+    /// `command` run in `cwd` as the builder, with its `HOME`.
+    fn command(&self, command: Command, cwd: &Path) -> Command {
+        let command = command
+            .env("HOME", self.home.display().to_string())
+            .cwd(cwd);
+        match &self.user {
+            Some(user) => command.user(user.name.clone()),
+            None => command,
+        }
+    }
+
+    /// Makes `path` (what the builder made) root's and writable by nobody else, when rigger
+    /// is root. `chown -R` does not follow links (it changes the links themselves), `chmod -R`
+    /// skips them.
+    async fn hand_to_root(&self, path: &Path, log: &Path) -> anyhow::Result<()> {
+        if self.user.is_none() {
+            return Ok(());
+        }
+        let path = path.display().to_string();
+        for command in [
+            Command::new("chown").args(["-R", "0:0", &path]),
+            Command::new("chmod").args(["-R", "go-w", &path]),
+        ] {
+            run_command(&command, None, log).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The Python that servers run a release with, which its wheels must suit: `python` is
+/// CPython's `major.minor`, `machine` the architecture (`platform.machine()`), `glibc` the
+/// newest C library the wheels may need (manylinux tags above it would not install).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WheelTarget {
+    pub python: &'static str,
+    pub machine: &'static str,
+    pub glibc: (u32, u32),
+    /// Said in errors: what runs the servers (`Debian 12`).
+    pub system: &'static str,
+}
+
+/// Builds wheels for every requirement of the app tree `app` (its `requirements`, relative to
+/// it and inside it) into the new directory `wheels`, so servers install the release with
+/// `pip install --no-index --find-links`, never reaching PyPI. pip downloads and builds here,
+/// with this machine's `/usr/bin/python3`, which must be `target`'s (a wheel built for another
+/// Python or platform would not install there): anything else is refused before pip runs.
+/// pip runs as the build user (it runs the dependencies' build code); `work` is an empty
+/// directory for its venv and home, which must be reachable by that user; the wheels end up
+/// root's. `log` collects pip's output.
+pub async fn build_wheels(
+    app: &Path,
+    requirements: &Path,
+    wheels: &Path,
+    work: &Path,
+    target: WheelTarget,
+    log: &Path,
+) -> anyhow::Result<()> {
+    check_wheel_python(target).await?;
+    let requirements = confined_requirements(app, requirements)?;
+    let builder = Builder::new(work.join("home")).await?;
+    let venv = work.join("pip");
+    for dir in [venv.as_path(), wheels] {
+        crate::safe_fs::Dir::create(dir)?.set_owner_and_mode(builder.owner(), 0o755)?;
+    }
+    let venv_s = venv.display().to_string();
+    run_command(
+        &builder.command(
+            Command::new("/usr/bin/python3").args(["-m", "venv", &venv_s]),
+            app,
+        ),
+        None,
+        log,
+    )
+    .await
+    .context("creating a venv to build the release's wheels in (is python3-venv installed?)")?;
+    let pip = venv.join("bin/pip").display().to_string();
+    let wheel = Command::new(pip).args([
+        "wheel",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--wheel-dir",
+        &wheels.display().to_string(),
+        "-r",
+        &requirements.display().to_string(),
+    ]);
+    run_command(&builder.command(wheel, app), None, log)
+        .await
+        .with_context(|| {
+            format!(
+                "building the wheels of {} (log: {})",
+                requirements.display(),
+                log.display()
+            )
+        })?;
+    builder.hand_to_root(wheels, log).await
+}
+
+/// Refuses, before pip runs, a `/usr/bin/python3` whose wheels would not install on servers
+/// running `target`.
+async fn check_wheel_python(target: WheelTarget) -> anyhow::Result<()> {
+    // -I -S: the system's interpreter alone, no site packages or environment variables.
+    let output = tokio::process::Command::new("/usr/bin/python3")
+        .args(["-I", "-S", "-c"])
+        .arg(
+            "import platform, sys; \
+             print('%d.%d' % sys.version_info[:2], platform.machine(), \
+             platform.python_implementation(), *platform.libc_ver())",
+        )
+        .env_clear()
+        .output()
+        .await
+        .context("running /usr/bin/python3, which builds the release's wheels (install python3)")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "/usr/bin/python3 failed: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let found = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    wheel_python_suits(&found, target)
+}
+
+/// Whether `found` (`3.11 x86_64 CPython glibc 2.36`, what [`check_wheel_python`] prints)
+/// can build wheels for `target`; the error says what differs and what to do.
+fn wheel_python_suits(found: &str, target: WheelTarget) -> anyhow::Result<()> {
+    let words: Vec<&str> = found.split_whitespace().collect();
+    let glibc = match words.get(3..5) {
+        Some(["glibc", version]) => {
+            let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+            match (parts.next().flatten(), parts.next().flatten()) {
+                (Some(major), Some(minor)) => Some((major, minor)),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    let suits = words.first() == Some(&target.python)
+        && words.get(1) == Some(&target.machine)
+        && words.get(2) == Some(&"CPython")
+        && glibc.is_some_and(|version| version <= target.glibc);
+    anyhow::ensure!(
+        suits,
+        "this machine's /usr/bin/python3 is `{found}`, but the servers run CPython {} on {} \
+         ({}, glibc {}.{}): a release carries wheels built here for them, which would not \
+         install there; build releases on a machine like the servers ({} {} with its own \
+         python3)",
+        target.python,
+        target.machine,
+        target.system,
+        target.glibc.0,
+        target.glibc.1,
+        target.system,
+        target.machine,
+    );
+    Ok(())
 }
 
 /// `requirements` resolved against `app`, links included, refused unless it is a file
@@ -576,4 +735,37 @@ pub fn history(paths: &EnvPaths) -> Vec<DeployRecord> {
         .lines()
         .filter_map(|line| serde_json::from_str(line).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEBIAN_12: WheelTarget = WheelTarget {
+        python: "3.11",
+        machine: "x86_64",
+        glibc: (2, 36),
+        system: "Debian 12",
+    };
+
+    #[test]
+    fn wheels_are_built_only_by_a_python_like_the_servers() {
+        wheel_python_suits("3.11 x86_64 CPython glibc 2.36", DEBIAN_12).unwrap();
+        // An older C library's wheels install on a newer one.
+        wheel_python_suits("3.11 x86_64 CPython glibc 2.31", DEBIAN_12).unwrap();
+        for (found, differs) in [
+            ("3.12 x86_64 CPython glibc 2.36", "3.12"),
+            ("3.11 aarch64 CPython glibc 2.36", "aarch64"),
+            ("3.11 x86_64 PyPy glibc 2.36", "PyPy"),
+            ("3.11 x86_64 CPython glibc 2.39", "2.39"),
+            ("3.11 x86_64 CPython", "3.11 x86_64 CPython"),
+        ] {
+            let error = wheel_python_suits(found, DEBIAN_12)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(differs), "{error}");
+            assert!(error.contains("CPython 3.11 on x86_64"), "{error}");
+            assert!(error.contains("Debian 12"), "{error}");
+        }
+    }
 }

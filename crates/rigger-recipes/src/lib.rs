@@ -88,8 +88,8 @@ pub use context::{
 pub use error::RenderError;
 pub use layout::{Binaries, Layout, ServiceManager, ServiceUsers};
 pub use roles::{
-    MAX_WAL_SENDERS, MIGRATION_LOCK, app_env_file, boot_migrations, pgbouncer_admin_env,
-    primary_direct_env, render, render_server, slot_name,
+    MAX_WAL_SENDERS, MIGRATION_LOCK, app_env_file, boot_migrations, collect_static,
+    pgbouncer_admin_env, primary_direct_env, render, render_server, slot_name,
 };
 pub use spec::{
     DirSpec, FileSpec, PEER_WAIT, Phase, Probe, Recipe, Retry, ServiceSpec, Signal, StepSpec,

@@ -539,9 +539,10 @@ async fn build_first_release(
     })
 }
 
-/// The app's tree at `revision`, as a gzipped tarball in `dir`. A tree without `manage.py`
-/// or without its requirements file (`requirements`, relative to the app) is refused here:
-/// the servers could not run it.
+/// The app's tree at `revision` with a wheel for every requirement
+/// ([`rigger_aws::releases::WHEELS`]), as a gzipped tarball in `dir`. A tree without
+/// `manage.py` or without its requirements file (`requirements`, relative to the app) is
+/// refused here: the servers could not run it.
 async fn build_release(
     app: &Path,
     requirements: &Path,
@@ -568,6 +569,9 @@ async fn build_release(
             app.display()
         );
     }
+    build_wheels(&tree, requirements, dir)
+        .await
+        .with_context(|| format!("building release {} ({})", source.id, source.kind))?;
     let tarball = dir.join(format!("{}.tar.gz", source.id));
     let tar = tokio::process::Command::new("tar")
         .arg("-czf")
@@ -590,6 +594,39 @@ async fn build_release(
     })
 }
 
+/// Wheels for every requirement of the app tree `tree`, in its `wheels` directory, built
+/// with this machine's Python for the servers' ([`rigger_aws::releases::SERVER_PYTHON`]; any
+/// other is refused) by the unprivileged build user when rigger is root. pip reaches PyPI
+/// here, on the operator's machine: servers install the release from these wheels alone.
+async fn build_wheels(tree: &Path, requirements: &Path, dir: &Path) -> anyhow::Result<()> {
+    use rigger_aws::releases::{
+        SERVER_GLIBC, SERVER_MACHINE, SERVER_PYTHON, SERVER_SYSTEM, WHEELS,
+    };
+    let wheels = tree.join(WHEELS);
+    anyhow::ensure!(
+        std::fs::symlink_metadata(&wheels).is_err(),
+        "the app has a `{WHEELS}` of its own ({}), where a release carries the wheels rigger builds; rename it",
+        wheels.display()
+    );
+    // The build user traverses the build directory to the app's tree and its own work.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+    let log = dir.join("build.log");
+    rigger_local::release::build_wheels(
+        tree,
+        requirements,
+        &wheels,
+        &dir.join("wheel-build"),
+        rigger_local::release::WheelTarget {
+            python: SERVER_PYTHON,
+            machine: SERVER_MACHINE,
+            glibc: SERVER_GLIBC,
+            system: SERVER_SYSTEM,
+        },
+        &log,
+    )
+    .await
+}
+
 /// The migrations, once, before anything switches: over SSH on one worker. Skipped, with a
 /// note, when every call goes to an emulator (`--endpoint-url`): its servers are fake
 /// addresses rigger never connects to.
@@ -607,8 +644,12 @@ fn migrate(
     }
     super::remote::migrate_release(
         settings,
-        &started.bucket,
-        &rigger_aws::releases::object_key(&started.release),
+        &super::remote::ReleaseToMigrate {
+            bucket: &started.bucket,
+            key: &rigger_aws::releases::object_key(&started.release),
+            region: &provider.env.aws().region,
+            requirements: &provider.env.config.project.requirements,
+        },
     )
 }
 

@@ -187,36 +187,39 @@ pub(crate) fn ssh(args: SshArgs, settings: &Settings) -> Result<(), Failure> {
 }
 
 /// `/bin/sh -c LINE`: what `rigger exec -- WORDS` runs, the words joined as ssh joins them.
-/// Runs the migrations of release `key` (in the environment's `bucket`) once, on one worker,
-/// before any server switches: the release is fetched into a directory of its own there (the
-/// worker's instance profile may read the bucket) and `manage.py migrate` runs with it, the
-/// worker's venv and its environment file. AWS only; called by `rigger deploy`.
-pub(crate) fn migrate_release(settings: &Settings, bucket: &str, key: &str) -> Result<(), Failure> {
+/// A release a deploy migrates: where it is (`bucket`, `key`, in `region`), and its
+/// requirements file (relative to the app, rigger.toml's `project.requirements`).
+pub(crate) struct ReleaseToMigrate<'a> {
+    pub bucket: &'a str,
+    pub key: &'a str,
+    pub region: &'a str,
+    pub requirements: &'a Path,
+}
+
+/// Runs the migrations of a release once, on one worker, before any server switches: the
+/// worker installs the release beside its own ([`install_for_migrations`]: its code, and a
+/// venv of its own built from the release's wheels), and `manage.py migrate` runs with that
+/// code and venv and the worker's environment file. Migrating with the worker's running venv
+/// would run a release that adds a requirement against the old one. AWS only; called by
+/// `rigger deploy`.
+pub(crate) fn migrate_release(
+    settings: &Settings,
+    release: &ReleaseToMigrate<'_>,
+) -> Result<(), Failure> {
     let fleet = fleet(settings)?;
     let server = fleet.manage_server(None)?;
-    let dir = format!(
-        "/tmp/rigger-migrate-{}",
-        key.trim_start_matches("releases/")
-            .trim_end_matches(".tar.gz")
-    );
-    let fetch = exec_job(&format!(
-        "set -e; rm -rf {dir}; mkdir -p {dir}; aws s3 cp --only-show-errors {source} {dir}/release.tar.gz; tar -xzf {dir}/release.tar.gz -C {dir}; chmod -R a+rX {dir}",
-        dir = rigger_recipes::shell_quote(&dir),
-        source = rigger_recipes::shell_quote(&format!("s3://{bucket}/{key}")),
-    ));
+    let (install, layout) = install_for_migrations(&server.layout, release);
     say(
         settings,
-        &format!("fetching the release on {} for its migrations", server.id),
+        &format!("installing the release on {} for its migrations", server.id),
     );
-    let status = interact(server, Some(&fetch))?;
+    let status = interact(server, Some(&install))?;
     if !status.success() {
         return Err(Failure::Operation(anyhow!(
-            "fetching the release on {} for its migrations ended with {status}",
+            "installing the release on {} for its migrations ended with {status}; nothing was switched",
             server.id
         )));
     }
-    let mut layout = server.layout.clone();
-    layout.app_dir = PathBuf::from(&dir);
     let migrate = manage_job(&layout, &["migrate".into(), "--noinput".into()]);
     say(settings, &format!("manage.py migrate on {}", server.id));
     let status = interact(server, Some(&migrate))?;
@@ -228,6 +231,37 @@ pub(crate) fn migrate_release(settings: &Settings, bucket: &str, key: &str) -> R
             server.id
         )))
     }
+}
+
+/// The job, run as root on a worker, that installs `release` for its migrations into
+/// `migrate/` beside the app's directory (root's, like the app's; the previous deploy's copy
+/// removed first): its code in `migrate/app`, its requirements from its own wheels into
+/// `migrate/venv` by the build user, exactly as servers install a release at boot
+/// ([`rigger_aws::userdata::INSTALL_RELEASE_FUNCTION`]). Returns the job and the layout
+/// whose app and venv are that copy's.
+fn install_for_migrations(layout: &Layout, release: &ReleaseToMigrate<'_>) -> (Job, Layout) {
+    let top = layout
+        .app_dir
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join("migrate");
+    let mut migrating = layout.clone();
+    migrating.app_dir = top.join("app");
+    migrating.venv_dir = top.join("venv");
+    let script = format!(
+        "set -euo pipefail\n{}\nrm -rf -- \"$1\"\ninstall -d -m 0755 -- \"$1\"\ninstall_release \"$2\" \"$3\" \"$4\" \"$1/app\" \"$1/venv\" \"$5\" \"$6\"\n",
+        rigger_aws::userdata::INSTALL_RELEASE_FUNCTION.trim()
+    );
+    let job = Job::new(
+        Command::new("/bin/bash")
+            .args(["-c", &script, "rigger-install-release"])
+            .arg(top.display().to_string())
+            .args([release.bucket, release.key, release.region])
+            .arg(release.requirements.display().to_string())
+            .arg(layout.users.build.clone())
+            .user("root"),
+    );
+    (job, migrating)
 }
 
 fn exec_job(line: &str) -> Job {
@@ -927,6 +961,45 @@ mod tests {
         assert_eq!(
             rigger_transport::wrap::remote_line(&job, "admin"),
             r#"cd /srv/surveys/app && exec sudo -n -H -u www-data -- env HOME=/var/lib/rigger/home/www-data PYTHONUNBUFFERED=1 /bin/sh -c 'set -a && . "$1" && set +a && shift && exec "$@"' rigger-env /etc/rigger/app/app.env /srv/surveys/venv/bin/python manage.py migrate --plan"#
+        );
+    }
+
+    /// A deploy's migrations run with the new release's code and a venv built from its own
+    /// wheels, installed as servers install a release at boot, never with the worker's
+    /// running venv (a release adding a requirement would migrate against the old one).
+    #[test]
+    fn migrations_run_with_the_new_releases_code_and_venv() {
+        let layout = Layout::systemd("surveys");
+        let release = ReleaseToMigrate {
+            bucket: "surveys-prod-releases-abc",
+            key: "releases/20260101T000000Z-0123abcd.tar.gz",
+            region: "eu-west-1",
+            requirements: Path::new("requirements.txt"),
+        };
+        let (install, migrating) = install_for_migrations(&layout, &release);
+        let line = rigger_transport::wrap::remote_line(&install, "admin");
+        assert!(
+            line.starts_with("exec sudo -n -H -u root -- /bin/bash -c "),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(
+                " rigger-install-release /srv/surveys/migrate surveys-prod-releases-abc releases/20260101T000000Z-0123abcd.tar.gz eu-west-1 requirements.txt rigger-build"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.contains(r#"install_release "$2" "$3" "$4" "$1/app" "$1/venv" "$5" "$6""#),
+            "{line}"
+        );
+        assert!(
+            line.contains(r#"--no-index --find-links "$4/wheels""#),
+            "{line}"
+        );
+        let migrate = manage_job(&migrating, &["migrate".into(), "--noinput".into()]);
+        assert_eq!(
+            rigger_transport::wrap::remote_line(&migrate, "admin"),
+            r#"cd /srv/surveys/migrate/app && exec sudo -n -H -u www-data -- env HOME=/var/lib/rigger/home/www-data PYTHONUNBUFFERED=1 /bin/sh -c 'set -a && . "$1" && set +a && shift && exec "$@"' rigger-env /etc/rigger/app/app.env /srv/surveys/migrate/venv/bin/python manage.py migrate --noinput"#
         );
     }
 

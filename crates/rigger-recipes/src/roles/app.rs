@@ -86,6 +86,32 @@ pub fn boot_migrations(ctx: &ServerContext) -> StepSpec {
     }
 }
 
+/// The step that gathers the release's static files into `STATIC_ROOT` (the layout's
+/// `static_root`, which the app's environment file names) on a web server, before its app
+/// starts: `manage.py collectstatic --noinput` as the app's user, its settings loaded from the
+/// environment file by that user, as its services get them. On AWS every web server runs it
+/// after unpacking its release (the local supervisor runs collectstatic once per release into
+/// the environment's shared static directory).
+pub fn collect_static(ctx: &ServerContext) -> StepSpec {
+    let l = &ctx.layout;
+    let www = &l.users.www;
+    let command = Command::new(sj(&l.venv_dir, "bin/python"))
+        .args(["manage.py", "collectstatic", "--noinput", "-v0"])
+        .cwd(&l.app_dir)
+        .user(www)
+        .env("HOME", s(&l.home(www)))
+        .env("PYTHONUNBUFFERED", "1")
+        .with_env_file(app_env_file(l));
+    StepSpec {
+        name: "collectstatic".into(),
+        command,
+        phase: Phase::BeforeStart,
+        creates: None,
+        stdin_file: None,
+        retry: None,
+    }
+}
+
 pub(super) fn web(b: &mut Builder) -> Result<(), RenderError> {
     common(b)?;
     let ctx = b.ctx;

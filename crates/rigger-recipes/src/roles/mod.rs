@@ -7,7 +7,8 @@ mod lb;
 mod postgres;
 
 pub use app::{
-    MIGRATION_LOCK, app_env_file, boot_migrations, pgbouncer_admin_env, primary_direct_env,
+    MIGRATION_LOCK, app_env_file, boot_migrations, collect_static, pgbouncer_admin_env,
+    primary_direct_env,
 };
 pub use postgres::{MAX_WAL_SENDERS, slot_name};
 mod queue;
