@@ -185,3 +185,131 @@ fn deploy_rollback_releases_lock_and_maintenance_from_the_command_line() {
 
     ok(dir.path(), url, &["down", "--yes"]);
 }
+
+/// A release carries a wheel for every requirement, built on this machine, so servers install
+/// it without PyPI: the example site's first release, fetched back from the bucket, holds a
+/// wheel for each line of its requirements, and the servers' own install function
+/// (`install_release`, with `aws s3 cp` answered from the emulator's bucket) installs it into
+/// a fresh venv with `pip --no-index`, by the unprivileged build user. Root only: the build
+/// user and `runuser` need it, as on servers.
+#[test]
+fn a_release_carries_its_wheels_and_installs_from_them_alone() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (the build user, runuser)");
+        return;
+    }
+    let moto = moto::Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = moto.url.as_str();
+    let config =
+        moto::config_text("", 1, "t3.small").replace("app_path = \".\"", "app_path = \"app\"");
+    std::fs::write(dir.path().join("rigger.toml"), config).unwrap();
+    let app = dir.path().join("app");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/site/app");
+    let copied = std::process::Command::new("cp")
+        .arg("-R")
+        .arg(&example)
+        .arg(&app)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    git(&app, &["init", "-q"]);
+    git(&app, &["add", "."]);
+    git(&app, &["commit", "-qm", "the example site"]);
+
+    let up = ok(dir.path(), url, &["up"]);
+    let object = text(&up)
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("s3://").map(str::to_owned))
+        .unwrap_or_else(|| panic!("no release uploaded: {}", text(&up)));
+    let (bucket, key) = object.split_once('/').unwrap();
+
+    // What the servers get: the tarball in the bucket.
+    let server = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        server.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let bin = server.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    // `aws s3 cp --region R --only-show-errors s3://BUCKET/KEY DEST`, from the emulator
+    // (which checks that a request is signed, not its signature).
+    let authorization = "Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0";
+    std::fs::write(
+        bin.join("aws"),
+        format!(
+            "#!/bin/sh\n[ \"$1 $2\" = 's3 cp' ] || exit 2\nexec curl -fsS -H '{authorization}' -o \"$7\" \"{url}/${{6#s3://}}\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("aws"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let release = server.path().join("app");
+    let venv = server.path().join("venv");
+    let install = std::process::Command::new("/bin/bash")
+        .arg("-c")
+        .arg(format!(
+            "set -euo pipefail\n{}\ninstall_release \"$@\"",
+            rigger_aws::userdata::INSTALL_RELEASE_FUNCTION
+        ))
+        .arg("install")
+        .args([bucket, key, "us-east-1"])
+        .arg(&release)
+        .arg(&venv)
+        .args(["requirements.txt", "rigger-build"])
+        // The servers' python3 is Debian's; any index pip would try is a closed port.
+        .env_clear()
+        .env(
+            "PATH",
+            format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin.display()),
+        )
+        .env("PIP_INDEX_URL", "http://127.0.0.1:9/simple/")
+        .output()
+        .unwrap();
+    assert!(install.status.success(), "{}", text(&install));
+
+    // A wheel for every requirement, whatever the spelling of its name.
+    let normalize = |name: &str| name.to_ascii_lowercase().replace(['-', '.'], "_");
+    let wheels: Vec<String> = std::fs::read_dir(release.join(rigger_aws::releases::WHEELS))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(wheels.iter().all(|w| w.ends_with(".whl")), "{wheels:?}");
+    let requirements = std::fs::read_to_string(release.join("requirements.txt")).unwrap();
+    let mut required = 0;
+    for line in requirements.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name = normalize(line.split(['[', '=', '<', '>', ';', ' ']).next().unwrap());
+        required += 1;
+        assert!(
+            wheels
+                .iter()
+                .any(|w| normalize(w.split('-').next().unwrap()) == name),
+            "no wheel for {line}: {wheels:?}"
+        );
+    }
+    assert!(required >= 5, "{requirements}");
+
+    // Installed from them alone, by the build user, into a venv that is root's now.
+    let imported = std::process::Command::new(venv.join("bin/python"))
+        .args(["-c", "import django, celery, gunicorn, redis, psycopg"])
+        .output()
+        .unwrap();
+    assert!(imported.status.success(), "{}", text(&imported));
+    use std::os::unix::fs::MetadataExt as _;
+    for made in [venv.join("bin/pip"), venv.join("pyvenv.cfg")] {
+        assert_eq!(
+            std::fs::symlink_metadata(&made).unwrap().uid(),
+            0,
+            "{}",
+            made.display()
+        );
+    }
+    ok(dir.path(), url, &["down", "--yes"]);
+}
