@@ -133,9 +133,30 @@ pub fn host_of(who: &str) -> &str {
 
 /// Unix seconds as `YYYYMMDDTHHMMSSZ` (UTC): release ids and the times rigger prints.
 pub fn utc_timestamp(unix_seconds: u64) -> String {
+    let (year, month, day, seconds) = civil(unix_seconds);
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
+        seconds / 3600,
+        (seconds % 3600) / 60,
+        seconds % 60
+    )
+}
+
+/// Unix seconds as ISO 8601 `YYYY-MM-DDTHH:MM:SSZ` (UTC), as AWS APIs write times.
+pub fn utc_iso8601(unix_seconds: u64) -> String {
+    let (year, month, day, seconds) = civil(unix_seconds);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        seconds / 3600,
+        (seconds % 3600) / 60,
+        seconds % 60
+    )
+}
+
+/// (year, month, day, seconds into the day) of a Unix time, by Howard Hinnant's
+/// civil-from-days.
+fn civil(unix_seconds: u64) -> (i64, i64, i64, u64) {
     let days = i64::try_from(unix_seconds / 86_400).unwrap_or(0);
-    let seconds = unix_seconds % 86_400;
-    // Howard Hinnant's civil-from-days.
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -145,12 +166,7 @@ pub fn utc_timestamp(unix_seconds: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
-        seconds / 3600,
-        (seconds % 3600) / 60,
-        seconds % 60
-    )
+    (year, month, day, unix_seconds % 86_400)
 }
 
 #[cfg(test)]

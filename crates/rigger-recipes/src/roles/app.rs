@@ -12,7 +12,8 @@ use crate::context::PGBOUNCER_ADMIN_USER;
 use crate::engine::percent_encode;
 use crate::error::RenderError;
 use crate::{
-    Command, PEER_WAIT, Phase, Probe, Retry, Role, ServerContext, ServiceSpec, Signal, StepSpec,
+    Command, Layout, PEER_WAIT, Phase, Probe, Retry, Role, ServerContext, ServiceSpec, Signal,
+    StepSpec,
 };
 
 /// The environment file that tells rigger's operations how to reach PgBouncer's admin console
@@ -54,25 +55,22 @@ pub const MIGRATION_LOCK: i64 = 0x7269_6767_6572_6d69;
 /// reach its services: the environment file, loaded as the app's user.
 pub fn boot_migrations(ctx: &ServerContext) -> StepSpec {
     let l = &ctx.layout;
-    let www = &l.users.www;
     let code = format!(
         "from django.core.management import call_command; from django.db import connection; \
          connection.cursor().execute('SELECT pg_advisory_lock(%s)', [{MIGRATION_LOCK}]); \
          call_command('migrate', interactive=False)"
     );
-    let command = Command::new("/usr/bin/env")
-        .args(
-            primary_direct_env(ctx)
-                .into_iter()
-                .map(|(key, value)| format!("{key}={value}")),
-        )
-        .args([sj(&l.venv_dir, "bin/python"), "manage.py".into()])
-        .args(["shell", "-c", &code])
-        .cwd(&l.app_dir)
-        .user(www)
-        .env("HOME", s(&l.home(www)))
-        .env("PYTHONUNBUFFERED", "1")
-        .with_env_file(app_env_file(l));
+    let command = as_app_user(
+        l,
+        Command::new("/usr/bin/env")
+            .args(
+                primary_direct_env(ctx)
+                    .into_iter()
+                    .map(|(key, value)| format!("{key}={value}")),
+            )
+            .args([sj(&l.venv_dir, "bin/python"), "manage.py".into()])
+            .args(["shell", "-c", &code]),
+    );
     StepSpec {
         name: "migrate".into(),
         command,
@@ -86,6 +84,18 @@ pub fn boot_migrations(ctx: &ServerContext) -> StepSpec {
     }
 }
 
+/// `command` run in the app's directory as the app's user, with its settings loaded from the
+/// environment file by that user (as its services get them).
+fn as_app_user(l: &Layout, command: Command) -> Command {
+    let www = &l.users.www;
+    command
+        .cwd(&l.app_dir)
+        .user(www)
+        .env("HOME", s(&l.home(www)))
+        .env("PYTHONUNBUFFERED", "1")
+        .with_env_file(app_env_file(l))
+}
+
 /// The step that gathers the release's static files into `STATIC_ROOT` (the layout's
 /// `static_root`, which the app's environment file names) on a web server, before its app
 /// starts: `manage.py collectstatic --noinput` as the app's user, its settings loaded from the
@@ -94,14 +104,15 @@ pub fn boot_migrations(ctx: &ServerContext) -> StepSpec {
 /// the environment's shared static directory).
 pub fn collect_static(ctx: &ServerContext) -> StepSpec {
     let l = &ctx.layout;
-    let www = &l.users.www;
-    let command = Command::new(sj(&l.venv_dir, "bin/python"))
-        .args(["manage.py", "collectstatic", "--noinput", "-v0"])
-        .cwd(&l.app_dir)
-        .user(www)
-        .env("HOME", s(&l.home(www)))
-        .env("PYTHONUNBUFFERED", "1")
-        .with_env_file(app_env_file(l));
+    let command = as_app_user(
+        l,
+        Command::new(sj(&l.venv_dir, "bin/python")).args([
+            "manage.py",
+            "collectstatic",
+            "--noinput",
+            "-v0",
+        ]),
+    );
     StepSpec {
         name: "collectstatic".into(),
         command,
