@@ -55,6 +55,17 @@ impl Lab {
         format!("rigger-lab-{}", self.id)
     }
 
+    /// The loopback address with host number `host` in this lab's block, `127.31.N.host`:
+    /// where this machine reaches what the lab serves from its own network namespace (the
+    /// bastion, the load balancers). `N` (1 to 254) comes from the lab's id, so two labs with
+    /// different state directories almost never share a block, and no block is one of the
+    /// local provider's (its default is 127.77, its tests use 78 to 84).
+    /// Whoever binds one of these addresses reports a clear error when it is taken.
+    pub fn loopback_address(&self, host: u8) -> std::net::Ipv4Addr {
+        let n = u32::from_str_radix(&self.id, 16).unwrap_or(0) % 254 + 1;
+        std::net::Ipv4Addr::new(127, 31, n as u8, host)
+    }
+
     /// The network namespace of the machine of instance `instance_id`.
     pub fn machine_namespace(&self, instance_id: &str) -> String {
         format!("rigger-lab-{}-{instance_id}", self.id)
