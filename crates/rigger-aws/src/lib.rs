@@ -356,6 +356,21 @@ impl Provider {
         Ok(servers)
     }
 
+    /// Whether the environment's servers are machines rigger can reach over SSH, or only rows
+    /// in an emulator's table. On AWS they are machines. Against an endpoint override they
+    /// are machines when one of them ran its boot script far enough to publish its SSH host
+    /// keys (the lab boots the emulator's instances for real); an emulator alone never runs a
+    /// boot script, so nothing is published and the SSH steps are skipped. One rule for every
+    /// command, decided from what the servers did rather than from where the API answers.
+    pub async fn servers_are_machines(&self) -> Result<bool, AwsError> {
+        if !self.clients.endpoint_override {
+            return Ok(true);
+        }
+        Ok(!hostkeys::published(&self.env, &self.clients)
+            .await?
+            .is_empty())
+    }
+
     /// Fails early, naming the image, when the configured AMI does not exist in the region.
     async fn check_image(&self) -> Result<(), AwsError> {
         use error::Context as _;

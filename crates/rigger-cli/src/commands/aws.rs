@@ -253,8 +253,14 @@ fn rollout_options(rollout: RolloutArgs) -> Result<RolloutOptions, Failure> {
     })
 }
 
-/// Why nothing is done on the servers themselves against an emulator.
-const EMULATED: &str = "skipped: every AWS call goes to an endpoint override (an emulator), whose servers cannot be reached";
+/// Why nothing is done on the servers themselves against an emulator alone.
+pub(crate) const EMULATED: &str = "every AWS call goes to an endpoint override (an emulator) and no server has published its SSH host keys: the instances are the emulator's rows, not machines (`rigger lab` makes them machines)";
+
+/// Whether the SSH steps run: on AWS always; against an endpoint override only when the
+/// servers are machines (the lab), as [`Provider::servers_are_machines`] decides.
+pub(crate) async fn servers_are_machines(provider: &Provider) -> Result<bool, Failure> {
+    provider.servers_are_machines().await.map_err(failed)
+}
 
 /// What a rollout does on the servers, over SSH (`remote::run_captured`).
 struct SshServerOps<'a> {
@@ -332,10 +338,10 @@ fn finish(
         health_path: provider.env.config.project.health_check_path.clone(),
     };
     let emulated = NoServerAccess(EMULATED);
-    let servers: &dyn ServerOps = if provider.clients.endpoint_override {
-        &emulated
-    } else {
+    let servers: &dyn ServerOps = if runtime.block_on(servers_are_machines(provider))? {
         &ssh
+    } else {
+        &emulated
     };
     let rollout = Rollout {
         options,
@@ -393,7 +399,7 @@ pub(crate) fn deploy(args: DeployArgs, settings: &Settings) -> Result<(), Failur
             .map_err(failed)?;
         Ok::<_, Failure>((provider, started))
     })?;
-    if let Err(error) = migrate(settings, &provider, &started) {
+    if let Err(error) = migrate(settings, &runtime, &provider, &started) {
         let reason = format!("{error:?}");
         runtime
             .block_on(provider.abandon_deploy(started, &reason))
@@ -465,14 +471,14 @@ pub(crate) fn maintenance(settings: &Settings, on: bool) -> Result<(), Failure> 
     if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
         return Err(no_credentials());
     }
-    let endpoint_override = runtime()?.block_on(async {
+    let machines = runtime()?.block_on(async {
         let provider = provider(config, settings).await?;
         rigger_aws::maintenance::set(&provider.env, &provider.clients, on)
             .await
             .map_err(failed)?;
-        Ok::<_, Failure>(provider.clients.endpoint_override)
+        servers_are_machines(&provider).await
     })?;
-    if endpoint_override {
+    if !machines {
         say(
             settings,
             &format!("  note: web servers not switched: {EMULATED}"),
@@ -628,18 +634,16 @@ async fn build_wheels(tree: &Path, requirements: &Path, dir: &Path) -> anyhow::R
 }
 
 /// The migrations, once, before anything switches: over SSH on one worker. Skipped, with a
-/// note, when every call goes to an emulator (`--endpoint-url`): its servers are fake
-/// addresses rigger never connects to.
+/// note, when the servers are an emulator's rows rather than machines
+/// ([`servers_are_machines`]).
 fn migrate(
     settings: &Settings,
+    runtime: &tokio::runtime::Runtime,
     provider: &Provider,
     started: &rigger_aws::deploy::StartedDeploy,
 ) -> Result<(), Failure> {
-    if provider.clients.endpoint_override {
-        say(
-            settings,
-            "  note: migrations skipped: every AWS call goes to an endpoint override (an emulator), whose servers cannot be reached",
-        );
+    if !runtime.block_on(servers_are_machines(provider))? {
+        say(settings, &format!("  note: migrations skipped: {EMULATED}"));
         return Ok(());
     }
     super::remote::migrate_release(

@@ -26,9 +26,6 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(15);
 /// The web and worker servers, whose PgBouncer and stunnel point at the databases.
 const APP_SERVERS: [&str; 2] = ["web", "worker"];
 
-const SKIPPED: &str =
-    "every AWS call goes to an endpoint override (an emulator), whose servers cannot be reached";
-
 pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure> {
     let config = super::load_config(settings)?;
     if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
@@ -36,7 +33,7 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
     }
     let runtime = runtime()?;
     let provider = runtime.block_on(aws::provider(config, settings))?;
-    let emulated = provider.clients.endpoint_override;
+    let emulated = !runtime.block_on(aws::servers_are_machines(&provider))?;
     // Operations that change the databases exclude deploys and each other.
     let operation = match &command {
         DbCommand::Promote { .. } => Some("db promote"),
@@ -103,7 +100,10 @@ fn run_unlocked(
             let db = provider.env.db_name();
             let name = database::backup_name(&db, rigger_aws::deploy::now());
             if emulated {
-                say(settings, &format!("  note: pg_dump skipped: {SKIPPED}"));
+                say(
+                    settings,
+                    &format!("  note: pg_dump skipped: {}", aws::EMULATED),
+                );
             } else {
                 let target = format!("s3://{bucket}/{}", database::backup_key(&name));
                 let region = provider.env.aws().region.clone();
@@ -175,7 +175,10 @@ fn run_unlocked(
             // database is either restored or as it was (pg_restore runs in one transaction).
             let restored = aws::maintenance(settings, true).and_then(|()| {
                 if emulated {
-                    say(settings, &format!("  note: pg_restore skipped: {SKIPPED}"));
+                    say(
+                        settings,
+                        &format!("  note: pg_restore skipped: {}", aws::EMULATED),
+                    );
                     return Ok(());
                 }
                 let source = format!("s3://{bucket}/{}", database::backup_key(&backup));
@@ -331,7 +334,10 @@ fn status(
     if emulated {
         say(
             settings,
-            &format!("note: replication and PgBouncer not asked: {SKIPPED}"),
+            &format!(
+                "note: replication and PgBouncer not asked: {}",
+                aws::EMULATED
+            ),
         );
     } else if databases.primary.is_some() {
         status.replicas = control::parse_replicas(&psql_on(
@@ -495,7 +501,7 @@ fn promote(
 ) -> Result<(), Failure> {
     let databases = result_of(runtime.block_on(provider.databases()))?;
     let target = databases.replica(replica).map_err(aws::failed)?.clone();
-    let emulated = provider.clients.endpoint_override;
+    let emulated = !runtime.block_on(aws::servers_are_machines(provider))?;
     // A fenced primary and none in its place: an interrupted failover, which goes on from
     // where it stopped (the old primary is stopped, nothing to wait for).
     let resuming = databases.primary.is_none() && !databases.fenced.is_empty();
@@ -505,7 +511,8 @@ fn promote(
         say(
             settings,
             &format!(
-                "  note: pausing PgBouncer, waiting for the replica, promoting it and repointing the servers skipped: {SKIPPED}"
+                "  note: pausing PgBouncer, waiting for the replica, promoting it and repointing the servers skipped: {}",
+                aws::EMULATED
             ),
         );
     } else {
