@@ -136,6 +136,23 @@ pub async fn user_data(clients: &Clients, instance_id: &str) -> Result<Option<Ve
         })
 }
 
+/// The public keys of every key pair in the region (OpenSSH format).
+pub async fn public_keys(clients: &Clients) -> Result<Vec<String>, AwsError> {
+    let answer = clients
+        .ec2
+        .describe_key_pairs()
+        .include_public_key(true)
+        .send()
+        .await
+        .op("DescribeKeyPairs", "(all)")?;
+    Ok(answer
+        .key_pairs()
+        .iter()
+        .filter_map(|pair| pair.public_key())
+        .map(|key| key.trim().to_owned())
+        .collect())
+}
+
 /// The public key of key pair `name` (OpenSSH format); `None` when the key pair is gone.
 pub async fn public_key(clients: &Clients, name: &str) -> Result<Option<String>, AwsError> {
     match clients

@@ -419,6 +419,97 @@ fn an_instance_boots_as_a_machine_and_down_leaves_nothing() {
     assert_eq!(ssh.ok("id -un"), "admin");
     assert_eq!(ssh.ok("sudo -n id -un"), "root", "passwordless sudo");
 
+    // From this machine's own network, through the lab's bastion, as rigger reaches servers
+    // behind a jump host: the same machine answers; the bastion itself gives no shell and
+    // forwards to machines' sshd only.
+    let bastion = lab.status()["bastion"].clone();
+    let jump = bastion["target"].as_str().expect("the bastion's target");
+    assert!(jump.starts_with("nobody@127.31."), "{bastion:#}");
+    let jump_known_hosts = keys.path().join("known_hosts.jump");
+    std::fs::write(
+        &jump_known_hosts,
+        format!(
+            "{}\n{address} {host_key}",
+            bastion["known_hosts_line"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let through_bastion = |destination: &str, command: &[&str]| {
+        let proxy = format!(
+            "ssh -i {} -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes -o LogLevel=ERROR -W %h:%p {jump}",
+            key.display(),
+            jump_known_hosts.display()
+        );
+        Command::new("ssh")
+            .arg("-i")
+            .arg(&key)
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", jump_known_hosts.display()))
+            .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
+            .args(["-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR"])
+            .arg("-o")
+            .arg(format!("ProxyCommand={proxy}"))
+            .arg(destination)
+            .args(command)
+            .output()
+            .expect("running ssh")
+    };
+    let hostname = through_bastion(&format!("admin@{address}"), &["hostname"]);
+    assert!(
+        hostname.status.success(),
+        "ssh through the bastion: {}",
+        text(&hostname)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&hostname.stdout).trim(),
+        format!("ip-{}", address.replace('.', "-"))
+    );
+    let shell = Command::new("ssh")
+        .arg("-i")
+        .arg(&key)
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", jump_known_hosts.display()))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .arg(jump)
+        .arg("echo shell")
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&shell.stdout).contains("shell") && !shell.status.success(),
+        "the bastion gave a shell: {}",
+        text(&shell)
+    );
+    let other_port = Command::new("ssh")
+        .arg("-i")
+        .arg(&key)
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", jump_known_hosts.display()))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .args(["-W", &format!("{address}:80")])
+        .arg(jump)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        !other_port.status.success(),
+        "the bastion forwarded to port 80: {}",
+        text(&other_port)
+    );
+
     // The user-data ran once, logged as cloud-init logs it.
     wait_for("the user-data to finish", Duration::from_secs(60), || {
         ssh.run("sudo test -e /var/lib/cloud/instance/boot-finished")

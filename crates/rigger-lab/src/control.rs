@@ -317,6 +317,7 @@ pub fn status(lab: &Lab) -> anyhow::Result<LabStatus> {
         namespace: lab.namespace(),
         network: reported.as_ref().and_then(|s| s.network.clone()),
         lab_address: reported.as_ref().and_then(|s| s.lab_address.clone()),
+        bastion: reported.as_ref().and_then(|s| s.bastion.clone()),
         emulator_pid: emulator.map(|r| r.pid),
         runner_pid: runner.map(|r| r.pid),
         runner_phase: reported.as_ref().map(|s| s.phase),

@@ -136,13 +136,7 @@ async fn start_inner(lab: &Lab, spec: &MachineSpec) -> anyhow::Result<Supervised
     }
     // A shell puts itself in the machine's cgroups and becomes systemd-nspawn (same pid), so
     // nspawn and everything it starts are in them from the first instruction.
-    let mut args = vec![
-        "-c".to_owned(),
-        r#"n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ >"$1/cgroup.procs" || exit 1; shift; n=$((n - 1)); done; exec "$@""#.to_owned(),
-        "sh".to_owned(),
-        groups.len().to_string(),
-    ];
-    args.extend(groups.iter().map(|g| g.display().to_string()));
+    let mut args = sys::enter_cgroups_args(&groups);
     args.extend([
         "systemd-nspawn".to_owned(),
         "--quiet".to_owned(),

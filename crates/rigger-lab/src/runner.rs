@@ -25,11 +25,14 @@ use rigger_aws::{Clients, Connection};
 use rigger_local::process::Supervised;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::bastion::Bastion;
 use crate::imds::{IssuedCredentials, MachineMetadata, Machines, Profile, Service};
 use crate::layout::{Lab, is_instance_id};
 use crate::machine::{self, MachineSpec};
 use crate::net::{self, Cidr};
-use crate::status::{self, MachineState, MachineStatus, Phase, RunnerStatus, Settings};
+use crate::status::{
+    self, BastionStatus, MachineState, MachineStatus, Phase, RunnerStatus, Settings,
+};
 
 /// How often the emulator is asked for its instances.
 pub const POLL: Duration = Duration::from_millis(500);
@@ -37,6 +40,8 @@ pub const POLL: Duration = Duration::from_millis(500);
 const CREDENTIALS_SECONDS: i32 = 6 * 3600;
 /// Credentials are renewed when less than this is left.
 const CREDENTIALS_RENEWAL: i64 = 15 * 60;
+/// How often the emulator's key pairs are read for the bastion.
+const KEY_PAIRS_EVERY: Duration = Duration::from_secs(2);
 /// How often the machines' memory is measured for the status.
 const MEMORY_EVERY: Duration = Duration::from_secs(5);
 
@@ -71,6 +76,7 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
             message: "setting up the network".to_owned(),
             network: None,
             lab_address: None,
+            bastion: None,
             machines: Vec::new(),
         },
         machines: Arc::new(RwLock::new(HashMap::new())),
@@ -80,6 +86,8 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
         settings,
         next_port: 0,
         written: None,
+        bastion: None,
+        keys_read: None,
     };
     let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
@@ -118,6 +126,7 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
             }
         }
         runner.renew_credentials().await;
+        runner.authorize_key_pairs().await;
         if memory_measured.elapsed() >= MEMORY_EVERY {
             runner.measure_memory();
             memory_measured = Instant::now();
@@ -146,6 +155,10 @@ struct Runner {
     next_port: u64,
     /// The status last written, to write only changes.
     written: Option<RunnerStatus>,
+    /// The jump host, its sshd and its forwarder (dropped: stopped).
+    bastion: Option<(Arc<Bastion>, Supervised, tokio::task::JoinHandle<()>)>,
+    /// When the key pairs were last read for the bastion.
+    keys_read: Option<Instant>,
 }
 
 /// systemd-nspawn's exit status when the machine rebooted.
@@ -233,11 +246,57 @@ impl Runner {
             listener,
             Arc::new(Service::new(Arc::clone(&self.machines))),
         ));
+        let bastion = Arc::new(Bastion::prepare(&self.lab, vpc.router())?);
+        let listener = bastion.listen()?;
+        let sshd = bastion
+            .start(&self.lab, &self.lab.state.join("bastion.log"))
+            .await?;
+        let forwarder = tokio::spawn(Arc::clone(&bastion).forward(listener));
+        self.status.bastion = Some(BastionStatus {
+            target: bastion.target(),
+            host_key: bastion.host_key.clone(),
+            known_hosts_line: bastion.known_hosts_line(),
+        });
+        self.bastion = Some((bastion, sshd, forwarder));
+        self.authorize_key_pairs().await;
         Ok(vpc)
+    }
+
+    /// Lets the emulator's key pairs through the bastion (read every few seconds: a key pair
+    /// imported now is usable a moment later, as the machines launched with it are).
+    async fn authorize_key_pairs(&mut self) {
+        if self
+            .keys_read
+            .is_some_and(|at| at.elapsed() < KEY_PAIRS_EVERY)
+        {
+            return;
+        }
+        let Some((bastion, _, _)) = &self.bastion else {
+            return;
+        };
+        self.keys_read = Some(Instant::now());
+        match rigger_aws::lab::public_keys(&self.clients).await {
+            Ok(keys) => match bastion.authorize(&keys) {
+                Ok(true) => tracing::info!(keys = keys.len(), "bastion: key pairs authorized"),
+                Ok(false) => {}
+                Err(error) => tracing::warn!(error = %format!("{error:#}"), "bastion: authorizing"),
+            },
+            Err(error) => tracing::warn!(%error, "bastion: DescribeKeyPairs"),
+        }
     }
 
     /// Stops every machine (concurrently) and removes the network and the lab's cgroups.
     async fn tear_down(&mut self) {
+        if let Some((_, mut sshd, forwarder)) = self.bastion.take() {
+            forwarder.abort();
+            rigger_local::process::stop_supervised(
+                &mut sshd,
+                nix::sys::signal::Signal::SIGTERM,
+                Duration::from_secs(5),
+            )
+            .await;
+        }
+        self.status.bastion = None;
         let mut tasks = tokio::task::JoinSet::new();
         for (id, entry) in std::mem::take(&mut self.entries) {
             let lab = self.lab.clone();

@@ -98,7 +98,21 @@ pub struct RunnerStatus {
     pub network: Option<String>,
     /// The address this machine reaches machines from, in the lab's namespace.
     pub lab_address: Option<String>,
+    /// The jump host this machine reaches machines through over SSH.
+    #[serde(default)]
+    pub bastion: Option<BastionStatus>,
     pub machines: Vec<MachineStatus>,
+}
+
+/// The lab's bastion ([`crate::bastion`]), as rigger.toml and `known_hosts` name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BastionStatus {
+    /// `nobody@127.31.N.1`: the value of `bastion` in rigger.toml.
+    pub target: String,
+    /// Its host key, `ssh-ed25519 AAAA...`.
+    pub host_key: String,
+    /// The line for the environment's `known_hosts`.
+    pub known_hosts_line: String,
 }
 
 /// What `rigger lab status` prints.
@@ -116,6 +130,8 @@ pub struct LabStatus {
     pub namespace: String,
     pub network: Option<String>,
     pub lab_address: Option<String>,
+    /// The jump host machines are reached through from this machine, while up.
+    pub bastion: Option<BastionStatus>,
     pub emulator_pid: Option<i32>,
     pub runner_pid: Option<i32>,
     pub runner_phase: Option<Phase>,

@@ -234,6 +234,20 @@ pub fn remove_cgroup_tree(dir: &Path, timeout: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The arguments of `/bin/sh` that put the shell in cgroups `groups` (one per hierarchy) and
+/// then become the command appended after them (same pid), so the command and everything it
+/// starts are in them from its first instruction.
+pub fn enter_cgroups_args(groups: &[PathBuf]) -> Vec<String> {
+    let mut args = vec![
+        "-c".to_owned(),
+        r#"n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ >"$1/cgroup.procs" || exit 1; shift; n=$((n - 1)); done; exec "$@""#.to_owned(),
+        "sh".to_owned(),
+        groups.len().to_string(),
+    ];
+    args.extend(groups.iter().map(|g| g.display().to_string()));
+    args
+}
+
 /// Runs `work` on a thread of its own that has entered network namespace `namespace` (a name
 /// under /run/netns): sockets it creates live in that namespace for good, whichever thread
 /// uses them later. The rest of the process stays where it is.

@@ -132,6 +132,12 @@ fn print_status(status: &LabStatus) {
             status.namespace, status.namespace
         );
     }
+    if let Some(bastion) = &status.bastion {
+        println!(
+            "bastion: {}   (rigger.toml: bastion = \"{}\"; known_hosts: {})",
+            bastion.target, bastion.target, bastion.known_hosts_line
+        );
+    }
     if let Some(message) = status.message.as_ref().filter(|_| status.state != "up") {
         println!("runner: {message}");
     }
