@@ -171,6 +171,7 @@ pub fn script(
     );
     w.push_str(PRELUDE);
     w.push_str(RETRY_FUNCTION);
+    w.push_str(INSTALL_PACKAGES_FUNCTION);
     w.push_str(DATA_VOLUME_FUNCTIONS);
     if is_app_server(ctx) {
         w.push_str(INSTALL_RELEASE_FUNCTION);
@@ -507,13 +508,6 @@ UNIT
   systemctl enable --now rigger-metadata-firewall.service
 }
 
-install_packages() {
-  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-  chmod 0755 /usr/sbin/policy-rc.d
-  apt-get update -q
-  apt-get install -y -q --no-install-recommends "$@"
-  rm -f /usr/sbin/policy-rc.d
-}
 
 parameter() {
   aws ssm get-parameter --region "$REGION" --with-decryption --name "$PARAMETERS$1" --query Parameter.Value --output text
@@ -634,6 +628,33 @@ install_release() {
   rm -rf "$home"
   chown -R 0:0 "$5"
   chmod -R go-w "$5"
+}
+"#;
+
+/// The shell function that installs Debian packages a server needs: only those missing, so
+/// a server booted from a baked image (`rigger image build`) never reaches the package
+/// archive, and one from a stock image installs what it lacks (Debian's own units kept from
+/// starting while they install: rigger runs the daemons under units of its own).
+pub const INSTALL_PACKAGES_FUNCTION: &str = r#"
+# install_packages PACKAGE...: installs the packages that are not installed yet; touches
+# neither the archive nor the package lists when every one is.
+install_packages() {
+  local missing=() package
+  for package in "$@"; do
+    if [ "$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null)" != 'install ok installed' ]; then
+      missing+=("$package")
+    fi
+  done
+  if [ ${#missing[@]} -eq 0 ]; then
+    log "packages: all $# installed already"
+    return 0
+  fi
+  log "packages: installing ${missing[*]}"
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+  chmod 0755 /usr/sbin/policy-rc.d
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+  rm -f /usr/sbin/policy-rc.d
 }
 "#;
 

@@ -798,3 +798,58 @@ fn web_servers_collect_static_files_before_serving() {
         );
     }
 }
+
+/// Runs `install_packages PACKAGES` with stand-in `dpkg-query` (the packages in `installed`
+/// are installed) and `apt-get` (records its calls in `apt.log`); returns (success, the
+/// apt-get calls).
+fn run_install_packages(installed: &[&str], packages: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let log = dir.path().join("apt.log");
+    let write = |name: &str, text: String| {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = bin.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    write(
+        "dpkg-query",
+        format!(
+            "#!/bin/bash\ncase \" {} \" in *\" ${{@: -1}} \"*) printf 'install ok installed';; *) exit 1;; esac\n",
+            installed.join(" ")
+        ),
+    );
+    write(
+        "apt-get",
+        format!("#!/bin/bash\necho \"apt-get $*\" >>{}\n", log.display()),
+    );
+    // policy-rc.d is written where the function writes it: run in a root of our own.
+    let function = rigger_aws::userdata::INSTALL_PACKAGES_FUNCTION.replace(
+        "/usr/sbin/policy-rc.d",
+        &dir.path().join("policy-rc.d").display().to_string(),
+    );
+    let script = format!(
+        "set -euo pipefail\nlog() {{ printf 'rigger: %s\\n' \"$*\" >&2; }}\nPATH={}:$PATH\n{function}\ninstall_packages {packages}\n",
+        bin.display()
+    );
+    let output = Command::new("bash").args(["-c", &script]).output().unwrap();
+    (
+        output.status.success(),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+    )
+}
+
+#[test]
+fn a_baked_image_boots_without_the_package_archive() {
+    let (ok, calls) = run_install_packages(&["nginx", "pgbouncer"], "nginx pgbouncer");
+    assert!(ok);
+    assert_eq!(calls, "", "apt-get ran although every package is installed");
+    let (ok, calls) = run_install_packages(&["nginx"], "nginx pgbouncer stunnel4");
+    assert!(ok);
+    assert_eq!(
+        calls,
+        "apt-get update -q\napt-get install -y -q --no-install-recommends pgbouncer stunnel4\n",
+        "only the missing packages are installed"
+    );
+}
