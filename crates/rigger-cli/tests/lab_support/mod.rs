@@ -1,0 +1,285 @@
+//! What the lab's end-to-end tests share: a lab of the test's own (`rigger lab up` in a
+//! temporary state directory, taken down when dropped), SSH to its machines, the emulator's
+//! clients, waiting on conditions, and the check that `rigger lab down` left nothing.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use rigger_aws::lab::sdk::ec2;
+use rigger_aws::{Clients, Connection};
+
+pub const REGION: &str = "us-east-1";
+
+/// A lab of this test's own (its own state directory, the shared image cache), taken down
+/// when dropped, whatever happened.
+pub struct TestLab {
+    pub state: tempfile::TempDir,
+    pub images: PathBuf,
+}
+
+impl TestLab {
+    pub fn new(images: PathBuf) -> TestLab {
+        TestLab {
+            state: tempfile::Builder::new()
+                .prefix("rigger-lab-test-")
+                .tempdir_in("/var/tmp")
+                .unwrap(),
+            images,
+        }
+    }
+
+    pub fn rigger(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_rigger"))
+            .arg("lab")
+            .arg("--dir")
+            .arg(self.state.path())
+            .arg("--images")
+            .arg(&self.images)
+            .args(args)
+            .output()
+            .expect("running rigger")
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let output = self.rigger(&["status", "--json"]);
+        assert!(
+            output.status.success(),
+            "rigger lab status: {}",
+            text(&output)
+        );
+        serde_json::from_slice(&output.stdout).expect("status JSON")
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let _ = self.rigger(&["down"]);
+    }
+}
+
+pub fn text(output: &Output) -> String {
+    format!(
+        "{}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Polls `check` every 100 ms until it gives a value, failing after `limit` with `what`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{what}: not after {} s",
+            limit.as_secs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn machine<'a>(
+    status: &'a serde_json::Value,
+    instance_id: &str,
+) -> Option<&'a serde_json::Value> {
+    status["machines"]
+        .as_array()?
+        .iter()
+        .find(|m| m["instance_id"] == instance_id)
+}
+
+/// SSH as the image's default user, from the lab's namespace, trusting only the host key
+/// read from the machine's own disk.
+pub struct Ssh {
+    pub namespace: String,
+    pub address: String,
+    pub key: PathBuf,
+    pub known_hosts: PathBuf,
+}
+
+impl Ssh {
+    pub fn run(&self, command: &str) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.namespace, "ssh"])
+            .arg("-i")
+            .arg(&self.key)
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
+            .args([
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=2",
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .arg(format!("admin@{}", self.address))
+            .arg(command)
+            .output()
+            .expect("running ssh")
+    }
+
+    pub fn ok(&self, command: &str) -> String {
+        let output = self.run(command);
+        assert!(output.status.success(), "ssh {command}: {}", text(&output));
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+}
+
+pub fn is_running(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.chars().next());
+        !matches!(state, Some('Z' | 'X'))
+    })
+}
+
+/// A lab of this test's own, up; fails (never skips) when the machine cannot run one.
+pub fn start_lab() -> (TestLab, Started) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the lab needs root (network namespaces, mounts, systemd-nspawn): run the tests as root (scripts/test)"
+    );
+    let images = std::env::var_os("RIGGER_LAB_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(rigger_lab::layout::DEFAULT_IMAGES_DIR));
+    assert!(
+        rigger_lab::image::find(&images).is_some(),
+        "no lab image in {} for this rigger: build it with `rigger lab image` (scripts/test does, before the tests)",
+        images.display()
+    );
+    let lab = TestLab::new(images);
+    let up = lab.rigger(&["up", "--emulator", &emulator()]);
+    assert!(up.status.success(), "rigger lab up: {}", text(&up));
+    let status = lab.status();
+    assert_eq!(status["state"], "up", "{status:#}");
+    let started = Started {
+        endpoint: status["endpoint"].as_str().unwrap().to_owned(),
+        ami: status["ami"].as_str().unwrap().to_owned(),
+        namespace: status["namespace"].as_str().unwrap().to_owned(),
+        emulator_pid: status["emulator_pid"].as_i64().unwrap(),
+        runner_pid: status["runner_pid"].as_i64().unwrap(),
+    };
+    assert!(
+        started.endpoint.starts_with("http://127.0.0.1:"),
+        "{}",
+        started.endpoint
+    );
+    assert!(started.ami.starts_with("ami-"), "{}", started.ami);
+    (lab, started)
+}
+
+/// What `rigger lab status --json` said once the lab was up.
+pub struct Started {
+    pub endpoint: String,
+    pub ami: String,
+    pub namespace: String,
+    pub emulator_pid: i64,
+    pub runner_pid: i64,
+}
+
+/// moto's server, installed by scripts/moto.sh if needed.
+pub fn emulator() -> String {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let installed = Command::new(root.join("scripts/moto.sh"))
+        .output()
+        .expect("running scripts/moto.sh");
+    assert!(
+        installed.status.success(),
+        "scripts/moto.sh: {}",
+        text(&installed)
+    );
+    String::from_utf8(installed.stdout)
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// The SDK's clients against the lab's emulator, retries off.
+pub fn connect(runtime: &tokio::runtime::Runtime, endpoint: &str) -> Clients {
+    runtime.block_on(Clients::connect(&Connection {
+        region: REGION.into(),
+        endpoint_url: Some(endpoint.to_owned()),
+        max_attempts: Some(1),
+        static_credentials: Some(("testing".into(), "testing".into())),
+    }))
+}
+
+/// A default subnet of the default VPC (moto gives an instance launched without one an
+/// address outside every VPC).
+pub async fn default_subnet(clients: &Clients) -> String {
+    let subnets = clients
+        .ec2
+        .describe_subnets()
+        .filters(
+            ec2::types::Filter::builder()
+                .name("default-for-az")
+                .values("true")
+                .build(),
+        )
+        .filters(
+            ec2::types::Filter::builder()
+                .name("availability-zone")
+                .values("us-east-1a")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("DescribeSubnets");
+    subnets.subnets()[0].subnet_id().unwrap().to_owned()
+}
+
+/// Asserts that nothing of the lab is left: namespaces, mounts, cgroups, its processes.
+pub fn assert_nothing_left(lab: &TestLab, started: &Started) {
+    let lab_namespaces: Vec<String> = namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&started.namespace))
+        .collect();
+    assert!(
+        lab_namespaces.is_empty(),
+        "namespaces left: {lab_namespaces:?}"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let state = lab.state.path().display().to_string();
+    assert!(
+        !mounts.contains(&state),
+        "mounts left under {state}:\n{mounts}"
+    );
+    for hierarchy in ["systemd", "unified", ""] {
+        let cgroup = Path::new("/sys/fs/cgroup")
+            .join(hierarchy)
+            .join(&started.namespace);
+        assert!(!cgroup.exists(), "cgroup left: {}", cgroup.display());
+    }
+    assert!(!is_running(started.emulator_pid), "the emulator still runs");
+    assert!(!is_running(started.runner_pid), "the runner still runs");
+    let nspawns: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains("systemd-nspawn") && cmdline.contains(&state))
+        .collect();
+    assert!(nspawns.is_empty(), "machines left: {nspawns:?}");
+    let after = lab.status();
+    assert_eq!(after["state"], "down", "{after:#}");
+}
+
+pub fn namespaces() -> Vec<String> {
+    let output = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
