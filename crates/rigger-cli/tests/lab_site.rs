@@ -1,0 +1,431 @@
+//! The whole AWS path, for real: the example site's AWS environment brought up by `rigger up`
+//! against the lab (issue 12), whose instances are machines that run rigger's real user-data,
+//! behind a load balancer that is HAProxy checking their health. Through the real `rigger`
+//! binary, as an operator would: `up` reaches ready on the first try with the primary and the
+//! replica launched together; the site answers HTTPS through the load balancer from both web
+//! servers; a first deploy migrates and serves the new release; `exec`, `logs`, `manage`
+//! reach the machines through the lab's bastion; `scale web=3` puts a third server behind the
+//! load balancer; a killed web machine is replaced; rebooting every machine brings the site
+//! back; `down` removes everything.
+//!
+//! Needs root, the lab image and moto (scripts/test provides them); fails, never skips.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+mod lab_support;
+use lab_support::*;
+
+/// The environment's name in the test's rigger.toml.
+const ENV: &str = "lab";
+/// Booting a stock machine, installing the release's wheels and migrating take a while; the
+/// bound is for a loaded 2-core machine.
+const BOOT: Duration = Duration::from_secs(600);
+
+/// The example site, copied into a git repository of the test's own with a rigger.toml whose
+/// `lab` environment is an AWS one pointed at the lab.
+struct Site {
+    dir: tempfile::TempDir,
+    endpoint: String,
+    key: PathBuf,
+}
+
+impl Site {
+    fn rigger(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rigger"));
+        command
+            .args(args)
+            .args(["-e", ENV, "--endpoint-url", &self.endpoint])
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .env("RIGGER_STATE_DIR", self.dir.path().join("state"))
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_MAX_ATTEMPTS", "1")
+            .env_remove("AWS_PROFILE")
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1");
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.rigger(args).output().expect("running rigger")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "rigger {args:?}: {}",
+            text(&output)
+        );
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let output = self.run(&["status", "--json"]);
+        assert!(output.status.success(), "rigger status: {}", text(&output));
+        serde_json::from_slice(&output.stdout).expect("status JSON")
+    }
+
+    fn app(&self) -> PathBuf {
+        self.dir.path().join("app")
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let status = Command::new("git")
+        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com"])
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "git {args:?}");
+}
+
+/// The example site's app and an AWS environment for the lab: two web servers, a worker, the
+/// cache and queue server, a primary and a replica; the key pair imported from a key made
+/// here, servers reached through the lab's bastion, whose host key is recorded.
+fn site(lab: &TestLab, started: &Started) -> Site {
+    let dir = tempfile::Builder::new()
+        .prefix("rigger-lab-site-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/site/app");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&example)
+        .arg(dir.path().join("app"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    git(&dir.path().join("app"), &["init", "-q"]);
+    git(&dir.path().join("app"), &["add", "."]);
+    git(
+        &dir.path().join("app"),
+        &["commit", "-qm", "the example site"],
+    );
+
+    let key = dir.path().join("id_ed25519");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "ssh-keygen: {}", text(&made));
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let public: Vec<&str> = public.split_whitespace().take(2).collect();
+
+    let status = lab.status();
+    let bastion = &status["bastion"];
+    let known_hosts = dir.path().join("state/surveys").join(ENV).join("ssh");
+    std::fs::create_dir_all(&known_hosts).unwrap();
+    std::fs::write(
+        known_hosts.join("known_hosts"),
+        format!("{}\n", bastion["known_hosts_line"].as_str().unwrap()),
+    )
+    .unwrap();
+
+    // The load balancer's certificate, uploaded with its key as an operator would.
+    let certificate = upload_certificate(&started.endpoint, dir.path());
+    let config = format!(
+        r#"[project]
+name = "surveys"
+app_path = "app"
+wsgi_module = "surveys.wsgi:application"
+celery_app = "surveys"
+domains = ["surveys.example.com"]
+health_check_path = "/healthcheck.html"
+requirements = "requirements.txt"
+
+[environments.{ENV}]
+provider = "aws"
+region = "{REGION}"
+ami = "{ami}"
+load_balancer = "classic"
+certificate = "{certificate}"
+admin_cidrs = ["172.31.0.0/16"]
+admin_public_key = "{public_key}"
+ssh_identity = "id_ed25519"
+bastion = "{bastion}"
+
+[environments.{ENV}.web]
+min = 2
+desired = 2
+max = 3
+
+[environments.{ENV}.worker]
+min = 1
+desired = 1
+max = 2
+
+[environments.{ENV}.database]
+replicas = 1
+"#,
+        ami = started.ami,
+        public_key = public.join(" "),
+        bastion = bastion["target"].as_str().unwrap(),
+    );
+    std::fs::write(dir.path().join("rigger.toml"), config).unwrap();
+    Site {
+        dir,
+        endpoint: started.endpoint.clone(),
+        key,
+    }
+}
+
+/// Uploads a self-signed certificate for the site's domain as an IAM server certificate;
+/// returns its ARN.
+fn upload_certificate(endpoint: &str, dir: &Path) -> String {
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+        ])
+        .args(["-subj", "/CN=surveys.example.com", "-keyout"])
+        .arg(dir.join("lb.key"))
+        .arg("-out")
+        .arg(dir.join("lb.crt"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "openssl: {}", text(&made));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let clients = connect(&runtime, endpoint);
+    runtime.block_on(async {
+        clients
+            .iam
+            .upload_server_certificate()
+            .server_certificate_name("surveys-lab")
+            .certificate_body(std::fs::read_to_string(dir.join("lb.crt")).unwrap())
+            .private_key(std::fs::read_to_string(dir.join("lb.key")).unwrap())
+            .send()
+            .await
+            .expect("UploadServerCertificate")
+            .server_certificate_metadata()
+            .expect("metadata")
+            .arn()
+            .to_owned()
+    })
+}
+
+/// `GET path` through the load balancer at `url` (the status's `https://ADDRESS/`), as the
+/// site's domain; the status code and body. Never verifies the certificate: it is the test's
+/// own self-signed one.
+fn get(url: &str, path: &str) -> (u16, String) {
+    let address = url
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_owned();
+    let output = Command::new("curl")
+        .args(["-sk", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args([
+            "--resolve",
+            &format!("surveys.example.com:443:{address}"),
+            &format!("https://surveys.example.com{path}"),
+        ])
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = body.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// Waits until `rigger status` says ready with `web` web servers in service.
+fn wait_ready(site: &Site, web: usize, what: &str) -> serde_json::Value {
+    wait_for(what, BOOT, || {
+        let status = site.status();
+        let in_service = status["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s["roles"].as_array().unwrap().iter().any(|r| r == "web")
+                    && s["state"] == "in_service"
+            })
+            .count();
+        (status["phase"] == "ready" && in_service == web).then_some(status)
+    })
+}
+
+/// How many requests carrying `token` each web server's nginx logged, by server id.
+fn served_by(site: &Site, token: &str) -> Vec<(String, usize)> {
+    let output = site.ok(&[
+        "exec",
+        "web",
+        "--",
+        &format!("sudo grep -c {token} /var/log/rigger/nginx/access.log || true"),
+    ]);
+    output
+        .lines()
+        .filter_map(|line| {
+            let (server, count) = line.split_once(" | ")?;
+            Some((server.trim().to_owned(), count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn the_example_site_runs_on_the_lab_from_up_to_down() {
+    let (lab, started) = start_lab();
+    let site = site(&lab, &started);
+    let timeline = Instant::now();
+
+    // Up: every server boots rigger's real user-data, the primary and the replica together.
+    let up = site.ok(&["up"]);
+    assert!(up.contains("every server is in service"), "{up}");
+    let up_seconds = timeline.elapsed().as_secs_f64();
+    let status = site.status();
+    assert_eq!(status["phase"], "ready", "{status:#}");
+    let url = status["urls"][0].as_str().unwrap().to_owned();
+    assert!(
+        url.starts_with("https://127.31."),
+        "a URL that works from here: {url}"
+    );
+
+    // The site through the load balancer, from both web servers.
+    let token = "lab-probe-up";
+    for _ in 0..20 {
+        let (code, _) = get(&url, &format!("/?{token}"));
+        assert_eq!(code, 200);
+    }
+    let served = served_by(&site, token);
+    assert_eq!(served.len(), 2, "{served:?}");
+    assert!(
+        served.iter().all(|(_, n)| *n > 0),
+        "both web servers answer: {served:?}"
+    );
+
+    // The replica streams from the primary.
+    let db = site.ok(&["db", "status"]);
+    assert!(db.contains("streaming"), "{db}");
+
+    // A first deploy migrates and serves the new release: it brings a migration.
+    std::fs::write(
+        site.app().join("polls/migrations/0002_lab_marker.py"),
+        "from django.db import migrations\n\n\n\
+         class Migration(migrations.Migration):\n    \
+         dependencies = [(\"polls\", \"0001_initial\")]\n    \
+         operations = [migrations.RunSQL(\"CREATE TABLE lab_marker (id integer)\", \"DROP TABLE lab_marker\")]\n",
+    )
+    .unwrap();
+    git(&site.app(), &["add", "."]);
+    git(
+        &site.app(),
+        &["commit", "-qm", "a second release, with a migration"],
+    );
+    let deployed = site.ok(&["deploy", "--drain-timeout", "5"]);
+    assert!(!deployed.contains("migrations skipped"), "{deployed}");
+    let status = wait_ready(&site, 2, "ready after the deploy");
+    let releases: Vec<&str> = status["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["release"].as_str())
+        .collect();
+    assert!(!releases.contains(&"initial"), "{status:#}");
+    let (code, _) = get(&url, "/");
+    assert_eq!(code, 200);
+
+    // exec, manage, logs reach the machines through the bastion.
+    let hostnames = site.ok(&["exec", "--", "hostname"]);
+    assert_eq!(
+        hostnames
+            .lines()
+            .filter(|l| l.contains("ip-172-31-"))
+            .count(),
+        6,
+        "{hostnames}"
+    );
+    let migrations = site.ok(&["manage", "--", "showmigrations", "polls"]);
+    assert!(migrations.contains("[X] 0002_lab_marker"), "{migrations}");
+    let logs = site.ok(&["logs", "web", "--lines", "5"]);
+    assert!(!logs.is_empty());
+
+    // Scale: a third web server behind the load balancer.
+    site.ok(&["scale", "web=3"]);
+    wait_ready(&site, 3, "three web servers in service");
+
+    // A killed web machine is replaced by its group.
+    let victim = status["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["roles"].as_array().unwrap().iter().any(|r| r == "web"))
+        .unwrap()["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let machine = lab.status()["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["address"] == victim.as_str())
+        .cloned()
+        .expect("the victim's machine");
+    kill_machine(&lab, machine["instance_id"].as_str().unwrap());
+    wait_for("the killed machine's replacement", BOOT, || {
+        let status = site.status();
+        let addresses: Vec<&str> = status["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["address"].as_str())
+            .collect();
+        (status["phase"] == "ready" && !addresses.contains(&victim.as_str())).then_some(())
+    });
+    assert_eq!(get(&url, "/").0, 200);
+
+    // Every machine rebooted: the site comes back by itself.
+    let _ = site.run(&[
+        "exec",
+        "--",
+        "sudo systemd-run --on-active=1 systemctl reboot",
+    ]);
+    wait_for("the site back after rebooting every machine", BOOT, || {
+        (get(&url, "/").0 == 200 && site.status()["phase"] == "ready").then_some(())
+    });
+
+    // Down removes everything.
+    site.ok(&["down", "--yes"]);
+    let status = site.status();
+    assert_eq!(status["phase"], "down", "{status:#}");
+    let machines = wait_for("every machine gone", Duration::from_secs(120), || {
+        let machines = lab.status()["machines"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        machines.is_empty().then_some(machines)
+    });
+    assert!(machines.is_empty());
+    let down = lab.rigger(&["down"]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert_nothing_left(&lab, &started);
+    eprintln!(
+        "measured: up to ready {up_seconds:.0} s; whole test {:.0} s",
+        timeline.elapsed().as_secs_f64()
+    );
+    drop(site.key);
+}
+
+/// Kills the machine of `instance_id` with SIGKILL, as a host failure would: its
+/// `systemd-nspawn`.
+fn kill_machine(lab: &TestLab, instance_id: &str) {
+    let pid_file = lab
+        .state
+        .path()
+        .join("machines")
+        .join(instance_id)
+        .join("pids/nspawn.pid");
+    let pid = rigger_local::process::PidRecord::read(&pid_file)
+        .unwrap_or_else(|| panic!("no machine record at {}", pid_file.display()))
+        .pid;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
