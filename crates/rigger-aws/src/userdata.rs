@@ -380,7 +380,11 @@ fn write_release_fetch(w: &mut String, env: &AwsEnvironment, ctx: &ServerContext
         return;
     }
     let release = &ctx.project.release;
-    let _ = writeln!(w, "\nlog 'fetching release {release}'");
+    let _ = writeln!(
+        w,
+        "\nlog {}",
+        shell_quote(&format!("fetching release {release}"))
+    );
     let _ = writeln!(
         w,
         "bucket=$(parameter {})",
