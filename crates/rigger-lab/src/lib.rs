@@ -16,6 +16,7 @@
 
 pub mod bastion;
 pub mod control;
+pub mod front;
 pub mod image;
 pub mod imds;
 pub mod layout;
