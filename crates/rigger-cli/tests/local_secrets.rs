@@ -6,7 +6,9 @@
 //! that the app user's group reads) and is not a log or a record of rigger's
 //! (`*.log`, `*.json`, `*.jsonl`); no log or record can be read by another local user (the
 //! environment's root is 0711: service users traverse it to their server's directory and can
-//! list nothing; rigger's own files in it are 0600, its own directories 0700).
+//! list nothing; rigger's own files in it are 0600, its own directories 0700); and no running
+//! process of the environment has a secret on its command line (which every local user can
+//! read).
 //! Needs root and the packages of scripts/install-packages.sh, like local_stack.rs.
 
 mod common;
@@ -139,6 +141,29 @@ fn scan(env_dir: &Path, outputs: &[(String, Output)]) -> Vec<String> {
     problems
 }
 
+/// Every running process whose command line carries a secret (any local user can read every
+/// process's command line in /proc), as `pid (program): secret name`.
+fn secrets_on_command_lines(env_dir: &Path) -> Vec<String> {
+    let secrets = secret_values(env_dir);
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        for (name, value) in &secrets {
+            if text.contains(value.as_str()) {
+                let program = text.split(' ').next().unwrap_or("?").to_owned();
+                found.push(format!(
+                    "pid {} ({program}): {name}",
+                    entry.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    found
+}
+
 #[test]
 fn no_secret_in_any_file_log_output_or_error() {
     let project = Site::new("secrets", 84, HTTP_PORT, HTTPS_PORT, AppSource::GitCopy);
@@ -179,7 +204,9 @@ fn no_secret_in_any_file_log_output_or_error() {
     assert!(run(&["releases", "--json"]).0);
     assert!(run(&["status", "--json"]).0);
 
-    let problems = scan(&project.env_dir(), &outputs);
+    let mut problems = scan(&project.env_dir(), &outputs);
+    // Every service of the environment runs now: none was handed a secret on its command line.
+    problems.extend(secrets_on_command_lines(&project.env_dir()));
     assert!(
         problems.is_empty(),
         "secrets or open modes:\n{}",
