@@ -16,12 +16,14 @@
 
 pub mod bastion;
 pub mod control;
+pub mod dns;
 pub mod front;
 pub mod image;
 pub mod imds;
 pub mod layout;
 pub mod machine;
 pub mod net;
+pub mod pki;
 pub mod runner;
 pub mod status;
 pub mod sys;
