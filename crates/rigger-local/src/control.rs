@@ -589,34 +589,19 @@ pub async fn db_status(env: &LocalEnvironment) -> anyhow::Result<DbStatus> {
     let secrets = crate::secrets::load_or_generate(&env.paths.secrets())?;
     let mut pgbouncers = Vec::new();
     for server in registry.servers.iter().filter(|s| s.group().is_some()) {
-        let output = tokio::process::Command::new("psql")
-            .arg(format!(
-                "host={} port=6432 dbname=pgbouncer user={} sslmode=disable",
-                server.address,
-                rigger_recipes::PGBOUNCER_ADMIN_USER
-            ))
-            .args(["-XAtq", "-F", "|", "-c", "SHOW POOLS"])
-            .env_clear()
-            .env("PATH", process::DEFAULT_PATH)
-            .env("PGPASSWORD", secrets.pgbouncer_admin_password.expose())
-            .env("PGCONNECT_TIMEOUT", "5")
-            .output()
-            .await;
+        let console = crate::pgbouncer::AdminConsole::of_server(
+            server.address.to_string(),
+            secrets.pgbouncer_admin_password.expose(),
+        );
         let mut pools = PgBouncerPools {
             server: server.id.clone(),
             client_connections: 0,
             server_connections: 0,
             error: None,
         };
-        match output {
-            Ok(output) if output.status.success() => {
-                (pools.client_connections, pools.server_connections) =
-                    pool_counts(&String::from_utf8_lossy(&output.stdout));
-            }
-            Ok(output) => {
-                pools.error = Some(String::from_utf8_lossy(&output.stderr).trim().to_owned())
-            }
-            Err(error) => pools.error = Some(error.to_string()),
+        match console.run("SHOW POOLS", Duration::from_secs(10)).await {
+            Ok(rows) => (pools.client_connections, pools.server_connections) = pool_counts(&rows),
+            Err(error) => pools.error = Some(format!("{error:#}")),
         }
         pgbouncers.push(pools);
     }

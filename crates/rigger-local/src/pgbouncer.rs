@@ -75,6 +75,17 @@ impl AdminConsole {
         }
     }
 
+    /// The console of the PgBouncer of the app server at `address` (on rigger's port for it),
+    /// as rigger's admin user with `password`: the one way rigger talks to a local PgBouncer.
+    pub fn of_server(address: impl Into<String>, password: impl Into<String>) -> AdminConsole {
+        AdminConsole::new(
+            address,
+            rigger_recipes::Ports::default().pgbouncer,
+            rigger_recipes::PGBOUNCER_ADMIN_USER,
+            password,
+        )
+    }
+
     /// The libpq connection string (no password: it travels in `PGPASSWORD`).
     fn conninfo(&self) -> String {
         format!(

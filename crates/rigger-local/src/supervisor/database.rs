@@ -498,10 +498,8 @@ impl Supervisor {
 
     /// The admin console of an app server's PgBouncer, as rigger's admin user.
     fn pgbouncer_console(&self, server: &ServerRecord) -> AdminConsole {
-        AdminConsole::new(
+        AdminConsole::of_server(
             server.address.to_string(),
-            6432,
-            rigger_recipes::PGBOUNCER_ADMIN_USER,
             self.prepared()
                 .secrets
                 .pgbouncer_admin_password
