@@ -3,10 +3,13 @@
 //! `up` starts two detached processes, each a process-group leader with a pid record under
 //! `pids/` ([`rigger_local::process`]): the emulator (moto's server on 127.0.0.1 and a free
 //! port, loading the lab image's AMI at start so its id is the same in every lab), then the
-//! runner ([`crate::runner`]), and returns once the runner reports ready. `down` stops the
-//! runner (which stops its machines and removes its network), then the emulator, then sweeps:
-//! whatever a killed runner left (machines' processes, cgroups, mounts, namespaces) is removed,
-//! and `down` fails if anything is still there. [`leftovers`] is that inventory.
+//! runner ([`crate::runner`]), and returns once the runner reports ready. The lab's endpoint is
+//! not the emulator's port but another one, where the runner's front ([`crate::front`])
+//! answers and forwards to the emulator: every client goes through the one front. `down`
+//! stops the runner (which stops its machines and removes its network), then the emulator,
+//! then sweeps: whatever a killed runner left (machines' processes, cgroups, mounts,
+//! namespaces) is removed, and `down` fails if anything is still there. [`leftovers`] is that
+//! inventory.
 
 use std::ffi::OsString;
 use std::net::TcpListener;
@@ -124,8 +127,10 @@ pub async fn up(
     forget(lab)?;
 
     status::write(&lab.amis_file(), &image::emulator_amis(&image))?;
-    let port = free_port()?;
-    let endpoint = format!("http://127.0.0.1:{port}");
+    let port = free_port(None)?;
+    let emulator_url = format!("http://127.0.0.1:{port}");
+    // The front's, which the runner listens on.
+    let endpoint = format!("http://127.0.0.1:{}", free_port(Some(port))?);
     let mut env = base_env();
     env.insert(
         "MOTO_AMIS_PATH".to_owned(),
@@ -151,7 +156,7 @@ pub async fn up(
     .await
     .context("starting the emulator")?;
     progress(&format!(
-        "emulator started (pid {}, {endpoint}, log {})",
+        "emulator started (pid {}, {emulator_url}, log {})",
         emulator.pid(),
         lab.emulator_log().display()
     ));
@@ -167,7 +172,7 @@ pub async fn up(
         }
         if started.elapsed() > START_TIMEOUT {
             bail!(
-                "the emulator did not listen on {endpoint} within {} s",
+                "the emulator did not listen on {emulator_url} within {} s",
                 START_TIMEOUT.as_secs()
             );
         }
@@ -178,6 +183,7 @@ pub async fn up(
         &lab.settings_file(),
         &Settings {
             endpoint: endpoint.clone(),
+            emulator: emulator_url.clone(),
             region: options.region.clone(),
             ami: image.ami_id.clone(),
             image_hash: image.hash.clone(),
@@ -394,9 +400,15 @@ fn base_env() -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("finding a free port for the emulator")?
-        .port())
+/// A loopback port free now, other than `taken`.
+fn free_port(taken: Option<u16>) -> anyhow::Result<u16> {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("finding a free loopback port for the lab")?
+            .port();
+        if Some(port) != taken {
+            return Ok(port);
+        }
+    }
 }

@@ -2,10 +2,10 @@
 //! on this machine and the AWS CLI inside machines alike.
 //!
 //! - Inside the lab it answers HTTPS on port 443 of the front's address in the VPC
-//!   ([`crate::net::front_address`]), where the lab's resolver ([`crate::dns`]) sends every
-//!   `*.amazonaws.com` name, with a certificate of the lab's CA ([`crate::pki`]) that machines
-//!   trust: Debian 12's AWS CLI ignores every endpoint variable, so rigger's boot scripts call
-//!   the real host names, unchanged.
+//!   ([`crate::net::Cidr::front`]: reserved in its subnet, so no machine has it), where the
+//!   lab's resolver ([`crate::dns`]) sends every `*.amazonaws.com` name, with a certificate of
+//!   the lab's CA ([`crate::pki`]) that machines trust: Debian 12's AWS CLI ignores every
+//!   endpoint variable, so rigger's boot scripts call the real host names, unchanged.
 //! - On this machine it answers plain HTTP on 127.0.0.1: the lab's `endpoint`, what
 //!   `--endpoint-url` takes.
 //!
@@ -503,14 +503,19 @@ fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> 
         .map(|(_, v)| v.as_slice())
 }
 
-fn connection_tokens(headers: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
+/// The comma-separated tokens of every field `name`, in order, lower-cased.
+fn field_tokens(headers: &[(String, Vec<u8>)], name: &str) -> Vec<Vec<u8>> {
     headers
         .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
         .flat_map(|(_, v)| v.split(|b| *b == b','))
         .map(|t| t.trim_ascii().to_ascii_lowercase())
         .filter(|t| !t.is_empty())
         .collect()
+}
+
+fn connection_tokens(headers: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
+    field_tokens(headers, "connection")
 }
 
 /// Whether field `name` travels on: not hop-by-hop, not named by a `Connection` field.
@@ -524,13 +529,7 @@ fn forwarded_field(name: &str, connection: &[Vec<u8>]) -> bool {
 /// none.
 fn request_framing(headers: &[(String, Vec<u8>)]) -> Result<Framing, Failure> {
     let refuse = |message: &str| Failure::Refused(400, message.to_owned());
-    let codings: Vec<Vec<u8>> = headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"))
-        .flat_map(|(_, v)| v.split(|b| *b == b','))
-        .map(|t| t.trim_ascii().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
+    let codings = transfer_codings(headers);
     if let Some(last) = codings.last() {
         if last.as_slice() != b"chunked" {
             return Err(refuse(
@@ -555,14 +554,7 @@ fn response_framing(method: &str, response: &ResponseHead) -> Result<Framing, Fa
     {
         return Ok(Framing::None);
     }
-    let chunked = response
-        .headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"))
-        .flat_map(|(_, v)| v.split(|b| *b == b','))
-        .map(|t| t.trim_ascii().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .next_back();
+    let chunked = transfer_codings(&response.headers).pop();
     if let Some(last) = chunked {
         return Ok(if last.as_slice() == b"chunked" {
             Framing::Chunked
@@ -578,6 +570,11 @@ fn response_framing(method: &str, response: &ResponseHead) -> Result<Framing, Fa
             "the lab's emulator answered with an unreadable Content-Length".to_owned(),
         )),
     }
+}
+
+/// The transfer codings of a message, in order, lower-cased.
+fn transfer_codings(headers: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
+    field_tokens(headers, "transfer-encoding")
 }
 
 /// The one `Content-Length` of `headers` (repeats must agree).
@@ -1224,11 +1221,14 @@ mod tests {
         );
     }
 
+    /// What the stand-in emulator was sent: each request's line and fields, and its body.
+    type Seen = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
     /// A stand-in for the emulator: answers by path, records what it was sent.
-    async fn fake_emulator() -> (SocketAddr, Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>) {
+    async fn fake_emulator() -> (SocketAddr, Seen) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let seen: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Default::default();
+        let seen: Seen = Default::default();
         let record = Arc::clone(&seen);
         tokio::spawn(async move {
             loop {

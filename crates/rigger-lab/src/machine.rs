@@ -1,7 +1,9 @@
 //! One machine: the instance's disk, network and `systemd-nspawn`.
 //!
 //! Its disk is an overlay: the lab image read-only below, the machine's own `upper` above
-//! (what it writes; kept while its instance is stopped, deleted when it is terminated). Its
+//! (what it writes; kept while its instance is stopped, deleted when it is terminated).
+//! Before its first boot the lab's CA is added to its trust ([`crate::pki::trust_in_machine`],
+//! in its own layer), so the AWS CLI inside trusts the lab's front at the AWS host names. Its
 //! network is a namespace of its own ([`crate::net`]). It boots with `systemd-nspawn -b` in a
 //! cgroup of its own under each hierarchy (on a machine whose PID 1 is not systemd, nspawn
 //! otherwise shares one with every other machine), with the instance's private address's
@@ -58,6 +60,8 @@ struct Paths {
     root: PathBuf,
     console: PathBuf,
     pid: PathBuf,
+    /// Written once the lab's CA is in the machine's trust, before its first boot.
+    trusted: PathBuf,
 }
 
 fn paths(lab: &Lab, instance_id: &str) -> Paths {
@@ -68,6 +72,7 @@ fn paths(lab: &Lab, instance_id: &str) -> Paths {
         root: dir.join("root"),
         console: dir.join("console.log"),
         pid: dir.join("pids").join("nspawn.pid"),
+        trusted: dir.join("lab-ca-trusted"),
         dir,
     }
 }
@@ -114,6 +119,17 @@ async fn start_inner(lab: &Lab, spec: &MachineSpec) -> anyhow::Result<Supervised
             Some(options.as_str()),
         )
         .with_context(|| format!("mounting the machine's disk at {}", p.root.display()))?;
+    }
+    // Until the marker exists the machine has never booted: its disk holds only the image's
+    // files and the lab's.
+    if !p.trusted.exists() {
+        let ca = crate::pki::Pki::of(lab).ca_certificate();
+        let pem = std::fs::read_to_string(&ca)
+            .with_context(|| format!("reading the lab's CA {}", ca.display()))?;
+        crate::pki::trust_in_machine(&pem, &p.root)
+            .context("adding the lab's CA to the machine's trust")?;
+        std::fs::write(&p.trusted, "")
+            .with_context(|| format!("writing {}", p.trusted.display()))?;
     }
 
     let namespace = lab.machine_namespace(id);

@@ -4,9 +4,10 @@
 //! - the lab's namespace (`rigger-lab-<id>`) holds a bridge carrying the emulator's default
 //!   VPC range (`172.31.0.0/16`), with the VPC router's address (`172.31.0.1`, which AWS
 //!   reserves in every subnet's first block, so no instance gets it) from which this machine
-//!   reaches the machines (`ip netns exec rigger-lab-<id> ssh ...`), and the link-local
-//!   addresses of the instance metadata service (169.254.169.254) and of the VPC's DNS
-//!   resolver (169.254.169.253);
+//!   reaches the machines (`ip netns exec rigger-lab-<id> ssh ...`), the address of the lab's
+//!   front to the AWS API ([`Cidr::front`], where the resolver sends `*.amazonaws.com`), and
+//!   the link-local addresses of the instance metadata service (169.254.169.254) and of the
+//!   VPC's DNS resolver (169.254.169.253);
 //! - each machine has a namespace of its own with one interface, `eth0`, a veth whose other
 //!   end is on the bridge, holding exactly the private address the emulator assigned, and
 //!   on-link routes to the VPC and to the two link-local services. No default route.
@@ -25,8 +26,8 @@ use crate::sys::run;
 
 /// The instance metadata service's address.
 pub const METADATA_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
-/// The VPC's DNS resolver's link-local address (Route 53 Resolver's on AWS). Nothing answers
-/// there yet: lookups fail at once (the lab owns the address, so the kernel refuses the port).
+/// The VPC's DNS resolver's link-local address (Route 53 Resolver's on AWS), where the lab's
+/// resolver ([`crate::dns`]) answers and the image's `/etc/resolv.conf` points.
 pub const RESOLVER_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 253);
 /// The bridge in the lab's namespace.
 const BRIDGE: &str = "br0";
@@ -60,6 +61,17 @@ impl Cidr {
         Ipv4Addr::from(u32::from(self.network) + 1)
     }
 
+    /// The address of the lab's front to the AWS API ([`crate::front`]): the network's fourth
+    /// address. AWS reserves the first four addresses of every subnet (network, router, DNS,
+    /// "future use"), and moto keeps them too; a subnet holding this address must start at
+    /// the network's base (subnets are aligned blocks of /28 or more), so it is the fourth
+    /// address of whichever subnet holds it and no instance ever gets it, whatever subnets
+    /// are made. (An address merely outside the default subnets would be free for a subnet
+    /// created later to hand out.)
+    pub fn front(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 3)
+    }
+
     /// Whether the whole network is private address space (RFC 1918).
     pub fn is_private(self) -> bool {
         let within = |outer: Cidr| outer.prefix <= self.prefix && outer.contains(self.network);
@@ -69,7 +81,7 @@ impl Cidr {
     }
 
     /// Why `address` cannot be a machine's on this network, if it cannot: outside it, its
-    /// network or broadcast address, or the lab's own (the router's).
+    /// network or broadcast address, or the lab's own (the router's, the front's).
     pub fn refuse_machine_address(self, address: Ipv4Addr) -> Option<String> {
         if !self.contains(address) {
             Some(format!("{address} is outside the lab's network {self}"))
@@ -80,6 +92,10 @@ impl Cidr {
         } else if address == self.router() {
             Some(format!(
                 "{address} is the VPC router's address, which the lab holds"
+            ))
+        } else if address == self.front() {
+            Some(format!(
+                "{address} is reserved in its subnet, and the lab's front to the AWS API holds it"
             ))
         } else {
             None
@@ -185,12 +201,14 @@ pub async fn create_lab(namespace: &str, vpc: Cidr) -> anyhow::Result<()> {
     run("ip", &["netns", "add", namespace]).await?;
     isolate(namespace).await?;
     let router = format!("{}/{}", vpc.router(), vpc.prefix);
+    let front = format!("{}/32", vpc.front());
     let metadata = format!("{METADATA_ADDRESS}/32");
     let resolver = format!("{RESOLVER_ADDRESS}/32");
-    let steps: [&[&str]; 6] = [
+    let steps: [&[&str]; 7] = [
         &["link", "set", "lo", "up"],
         &["link", "add", BRIDGE, "type", "bridge"],
         &["addr", "add", &router, "dev", BRIDGE],
+        &["addr", "add", &front, "dev", BRIDGE],
         &["addr", "add", &metadata, "dev", BRIDGE],
         &["addr", "add", &resolver, "dev", BRIDGE],
         &["link", "set", BRIDGE, "up"],
@@ -272,6 +290,7 @@ mod tests {
         assert!(vpc.contains("172.31.200.4".parse().unwrap()));
         assert!(!vpc.contains("172.32.0.4".parse().unwrap()));
         assert_eq!(vpc.router(), Ipv4Addr::new(172, 31, 0, 1));
+        assert_eq!(vpc.front(), Ipv4Addr::new(172, 31, 0, 3));
         assert_eq!(vpc.broadcast(), Ipv4Addr::new(172, 31, 255, 255));
         assert_eq!(vpc.to_string(), "172.31.0.0/16");
         assert!(
@@ -281,6 +300,7 @@ mod tests {
         for refused in [
             "172.31.0.0",
             "172.31.0.1",
+            "172.31.0.3",
             "172.31.255.255",
             "10.0.0.4",
             "54.1.2.3",

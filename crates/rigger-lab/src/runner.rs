@@ -2,7 +2,9 @@
 //! up`) that makes the emulator's instances real machines.
 //!
 //! It sets up the lab's network for the emulator's default VPC ([`crate::net`]), serves the
-//! metadata service in it ([`crate::imds`]), then polls DescribeInstances and converges: a
+//! metadata service in it ([`crate::imds`]), the front to the emulator ([`crate::front`]:
+//! HTTPS for machines, the lab's endpoint on this machine) and the resolver that sends
+//! machines' AWS names to it ([`crate::dns`]), then polls DescribeInstances and converges: a
 //! pending or running instance gets a machine ([`crate::machine`]), a stopping or stopped one
 //! has its machine stopped (its disk kept), a terminated one (or one the emulator forgot) has
 //! its machine removed. An instance the lab cannot run (not the lab's AMI, an address outside
@@ -14,7 +16,7 @@
 //! SIGTERM (or SIGINT) stops every machine, removes the network, reports `stopped` and exits.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,10 +28,13 @@ use rigger_local::process::Supervised;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::bastion::Bastion;
+use crate::dns::LabZone;
+use crate::front::{Edges, Front};
 use crate::imds::{IssuedCredentials, MachineMetadata, Machines, Profile, Service};
 use crate::layout::{Lab, is_instance_id};
 use crate::machine::{self, MachineSpec};
 use crate::net::{self, Cidr};
+use crate::pki::Pki;
 use crate::status::{
     self, BastionStatus, MachineState, MachineStatus, Phase, RunnerStatus, Settings,
 };
@@ -45,11 +50,12 @@ const KEY_PAIRS_EVERY: Duration = Duration::from_secs(2);
 /// How often the machines' memory is measured for the status.
 const MEMORY_EVERY: Duration = Duration::from_secs(5);
 
-/// The credentials the runner uses with the emulator (which checks none).
+/// The credentials the runner uses with the emulator (which checks none), straight to it:
+/// the lab's own calls are not the front's to answer.
 pub fn emulator_connection(settings: &Settings) -> Connection {
     Connection {
         region: settings.region.clone(),
-        endpoint_url: Some(settings.endpoint.clone()),
+        endpoint_url: Some(settings.emulator.clone()),
         max_attempts: Some(1),
         static_credentials: Some(("testing".into(), "testing".into())),
     }
@@ -69,6 +75,11 @@ struct Entry {
 pub async fn run(lab: Lab) -> anyhow::Result<()> {
     let settings: Settings = status::read(&lab.settings_file())?
         .context("the lab has no settings (lab.json): start it with `rigger lab up`")?;
+    if settings.emulator.is_empty() {
+        bail!(
+            "the lab's settings (lab.json) were written by an older rigger: `rigger lab down`, then `rigger lab up`"
+        );
+    }
     let mut runner = Runner {
         status: RunnerStatus {
             pid: std::process::id() as i32,
@@ -88,6 +99,7 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
         written: None,
         bastion: None,
         keys_read: None,
+        edges: Edges::new(),
     };
     let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
@@ -159,6 +171,9 @@ struct Runner {
     bastion: Option<(Arc<Bastion>, Supervised, tokio::task::JoinHandle<()>)>,
     /// When the key pairs were last read for the bastion.
     keys_read: Option<Instant>,
+    /// The parts of the lab that answer some of the emulator's calls themselves, which the
+    /// front consults ([`crate::front::Edge`]).
+    edges: Edges,
 }
 
 /// systemd-nspawn's exit status when the machine rebooted.
@@ -234,6 +249,8 @@ impl Runner {
         net::create_lab(&namespace, vpc).await?;
         self.status.network = Some(vpc.to_string());
         self.status.lab_address = Some(vpc.router().to_string());
+        self.serve_aws(vpc)
+            .context("serving the lab's AWS API (front, certificates, resolver)")?;
         let listener = crate::sys::in_namespace(&namespace, || {
             let listener = std::net::TcpListener::bind((net::METADATA_ADDRESS, 80))?;
             listener.set_nonblocking(true)?;
@@ -260,6 +277,66 @@ impl Runner {
         self.bastion = Some((bastion, sshd, forwarder));
         self.authorize_key_pairs().await;
         Ok(vpc)
+    }
+
+    /// The lab's AWS API: the front to the emulator, in HTTPS on its address in the lab's
+    /// namespace with a certificate of the lab's CA (machines reach it at the AWS host names)
+    /// and in plain HTTP on this machine's loopback (the lab's endpoint); and the VPC's
+    /// resolver, which sends every `*.amazonaws.com` name to the front.
+    fn serve_aws(&mut self, vpc: Cidr) -> anyhow::Result<()> {
+        let pki = Pki::of(&self.lab);
+        pki.ensure_ca(&self.lab.id)?;
+        pki.issue_front_certificate(&self.settings.region)?;
+        let tls = pki.front_tls()?;
+        let emulator = loopback_url_address(&self.settings.emulator)?;
+        let endpoint = loopback_url_address(&self.settings.endpoint)?;
+        let front = Front::new(emulator, self.edges.clone());
+        let namespace = self.lab.namespace();
+
+        let inside = SocketAddr::from((vpc.front(), 443));
+        let listener = crate::sys::in_namespace(&namespace, move || {
+            let listener = std::net::TcpListener::bind(inside)?;
+            listener.set_nonblocking(true)?;
+            Ok(listener)
+        })
+        .with_context(|| format!("listening on {inside} in the lab's namespace"))?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        tokio::spawn(Arc::clone(&front).serve_tls(listener, tls));
+        let listener = std::net::TcpListener::bind(endpoint)
+            .and_then(|listener| {
+                listener.set_nonblocking(true)?;
+                Ok(listener)
+            })
+            .with_context(|| {
+                format!(
+                    "listening on {endpoint}, the lab's endpoint (something took the port after \
+                     `rigger lab up` chose it: `rigger lab down`, then `rigger lab up` again)"
+                )
+            })?;
+        tokio::spawn(front.serve_plain(tokio::net::TcpListener::from_std(listener)?));
+
+        let zone: Arc<dyn crate::dns::Zone> = Arc::new(LabZone {
+            front: vpc.front(),
+            machines: Arc::clone(&self.machines),
+        });
+        let resolver = SocketAddr::from((net::RESOLVER_ADDRESS, crate::dns::PORT));
+        let (udp, tcp) = crate::sys::in_namespace(&namespace, move || {
+            let udp = std::net::UdpSocket::bind(resolver)?;
+            udp.set_nonblocking(true)?;
+            let tcp = std::net::TcpListener::bind(resolver)?;
+            tcp.set_nonblocking(true)?;
+            Ok((udp, tcp))
+        })
+        .with_context(|| format!("listening on {resolver} in the lab's namespace"))?;
+        tokio::spawn(crate::dns::serve_udp(
+            tokio::net::UdpSocket::from_std(udp)?,
+            Arc::clone(&zone),
+        ));
+        tokio::spawn(crate::dns::serve_tcp(
+            tokio::net::TcpListener::from_std(tcp)?,
+            zone,
+        ));
+        Ok(())
     }
 
     /// Lets the emulator's key pairs through the bastion (read every few seconds: a key pair
@@ -637,6 +714,14 @@ impl Runner {
     }
 }
 
+/// The address of `url`, `http://127.0.0.1:PORT` (the emulator's, the lab's endpoint).
+fn loopback_url_address(url: &str) -> anyhow::Result<SocketAddr> {
+    url.strip_prefix("http://")
+        .and_then(|rest| rest.parse::<SocketAddr>().ok())
+        .filter(|address| address.ip().is_loopback())
+        .with_context(|| format!("{url:?} in the lab's settings is not http://127.0.0.1:PORT"))
+}
+
 /// What the metadata service answers the machine of `instance`.
 async fn metadata(
     clients: &Clients,
@@ -732,6 +817,7 @@ mod tests {
     fn settings() -> Settings {
         Settings {
             endpoint: "http://127.0.0.1:1".to_owned(),
+            emulator: "http://127.0.0.1:2".to_owned(),
             region: "us-east-1".to_owned(),
             ami: "ami-0123456789abcdef0".to_owned(),
             image_hash: "0".repeat(64),

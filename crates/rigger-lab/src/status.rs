@@ -12,8 +12,12 @@ use serde::{Deserialize, Serialize};
 /// What `rigger lab up` decided, for the runner and for `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settings {
-    /// The emulator's URL: what `--endpoint-url` takes.
+    /// The lab's AWS endpoint, the front's plain-HTTP listener on 127.0.0.1 ([`crate::front`]):
+    /// what `--endpoint-url` takes.
     pub endpoint: String,
+    /// The emulator's own URL, on a loopback port only the front and the runner use.
+    #[serde(default)]
+    pub emulator: String,
     /// The one region whose instances become machines.
     pub region: String,
     /// The lab image's AMI id.
@@ -120,7 +124,7 @@ pub struct BastionStatus {
 pub struct LabStatus {
     /// `up`, `down`, or `broken` (some of its processes died: `rigger lab down` cleans up).
     pub state: String,
-    /// The emulator's URL (`--endpoint-url`), while up.
+    /// The lab's AWS endpoint (`--endpoint-url`; the front before the emulator), while up.
     pub endpoint: Option<String>,
     /// The lab image's AMI id: the current recipe's image, or the one the running lab uses.
     pub ami: Option<String>,
