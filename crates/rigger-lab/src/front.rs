@@ -755,11 +755,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Reads more into the buffer; `false` at the end of the stream.
     async fn fill(&mut self) -> std::io::Result<bool> {
-        let mut chunk = vec![0u8; COPY_BUFFER];
-        let read = tokio::time::timeout(IO_TIMEOUT, self.stream.read(&mut chunk))
+        self.buffer.reserve(COPY_BUFFER);
+        let read = tokio::time::timeout(IO_TIMEOUT, self.stream.read_buf(&mut self.buffer))
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        self.buffer.extend_from_slice(&chunk[..read]);
         Ok(read > 0)
     }
 

@@ -114,7 +114,7 @@ const FILES: &[ImageFile] = &[
         contents: include_str!("../assets/sshd.conf"),
     },
     ImageFile {
-        // Nothing answers at the VPC resolver's address yet; lookups fail at once.
+        // The VPC resolver's address, as on EC2: the lab's resolver answers there (dns.rs).
         path: "etc/resolv.conf",
         mode: 0o644,
         contents: "nameserver 169.254.169.253\n",
