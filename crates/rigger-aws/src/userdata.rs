@@ -770,9 +770,20 @@ data_filesystem() {
 # data_device), formats it if it is empty, and mounts it at TARGET by its filesystem's UUID,
 # also at every later boot (nofail: the server still boots to be repaired; the units that
 # need TARGET do not start without it, see needs_data_volume).
+# root_disk: prints the disk holding the root filesystem (the partition's disk, or the device
+# itself when the filesystem fills a whole disk), or nothing when the root filesystem is on no
+# block device (a container's overlay, a network root): no disk to keep away from then.
+root_disk() {
+  local source parent
+  source=$(findmnt -no SOURCE /)
+  [ -b "$source" ] || return 0
+  parent=$(lsblk -no PKNAME "$source" | head -n 1)
+  if [ -n "$parent" ]; then echo "/dev/$parent"; else echo "$source"; fi
+}
+
 mount_data_volume() {
   local target=$1 volume=$2 root_disk device='' state uuid tries=0
-  root_disk=/dev/$(lsblk -no PKNAME "$(findmnt -no SOURCE /)")
+  root_disk=$(root_disk)
   while :; do
     device=$(data_device '' "$volume" "$root_disk") || die "cannot tell which disk is the data volume"
     [ -z "$device" ] || break

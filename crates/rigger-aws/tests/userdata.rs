@@ -853,3 +853,49 @@ fn a_baked_image_boots_without_the_package_archive() {
         "only the missing packages are installed"
     );
 }
+
+/// Runs `root_disk` with a stand-in `findmnt` printing `source` for `/` and a stand-in
+/// `lsblk` printing `parent` as its PKNAME.
+fn root_disk_with(source: &str, parent: &str) -> Result<String, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: String| {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    write("findmnt", format!("#!/bin/sh\necho '{source}'\n"));
+    write(
+        "lsblk",
+        format!(
+            "#!/bin/sh\n[ -b \"$3\" ] || {{ echo \"lsblk: $3: not a block device\" >&2; exit 32; }}\necho '{parent}'\n"
+        ),
+    );
+    run_functions(&format!("PATH={}:$PATH; root_disk", dir.path().display()))
+}
+
+/// A block device of this machine, to stand for the root filesystem's.
+fn some_block_device() -> String {
+    use std::os::unix::fs::FileTypeExt as _;
+    std::fs::read_dir("/dev")
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_type().is_ok_and(|t| t.is_block_device()))
+        .map(|e| e.path().display().to_string())
+        .expect("a block device in /dev")
+}
+
+#[test]
+fn the_root_disk_is_found_on_partitions_whole_disks_and_containers() {
+    let device = some_block_device();
+    // A partition: its disk.
+    assert_eq!(
+        root_disk_with(&device, "nvme0n1").unwrap().trim(),
+        "/dev/nvme0n1"
+    );
+    // A filesystem on a whole disk: the disk itself (was `/dev/`).
+    assert_eq!(root_disk_with(&device, "").unwrap().trim(), device);
+    // A container's overlay (the lab's machines): no disk, and no failure (lsblk failed with
+    // 32 there, ending the boot script).
+    assert_eq!(root_disk_with("overlay", "").unwrap().trim(), "");
+}
