@@ -39,6 +39,8 @@ pub struct LabInstance {
     /// `arn:aws:iam::<account>:instance-profile/<path><name>`.
     pub instance_profile_arn: Option<String>,
     pub instance_profile_id: Option<String>,
+    /// The Auto Scaling group that launched it (its `aws:autoscaling:groupName` tag).
+    pub autoscaling_group: Option<String>,
 }
 
 /// Temporary credentials of a role, as an instance's metadata service hands them out.
@@ -99,8 +101,135 @@ pub async fn instances(clients: &Clients) -> Result<Vec<LabInstance>, AwsError> 
                     key_name: instance.key_name().map(str::to_owned),
                     instance_profile_arn: profile.and_then(|p| p.arn()).map(str::to_owned),
                     instance_profile_id: profile.and_then(|p| p.id()).map(str::to_owned),
+                    autoscaling_group: instance
+                        .tags()
+                        .iter()
+                        .find(|t| t.key() == Some("aws:autoscaling:groupName"))
+                        .and_then(|t| t.value())
+                        .map(str::to_owned),
                 });
             }
+        }
+    }
+    Ok(found)
+}
+
+/// The instance profile (its ARN or name, as the group's launch template or launch
+/// configuration names it) that group `group` launches its instances with; `None` when it
+/// names none or the group is gone. AWS gives a group's instances this profile; the emulator
+/// leaves them without one, so the lab's metadata service asks here.
+pub async fn group_instance_profile(
+    clients: &Clients,
+    group: &str,
+) -> Result<Option<String>, AwsError> {
+    let groups = clients
+        .autoscaling
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names(group)
+        .send()
+        .await
+        .op("DescribeAutoScalingGroups", group)?;
+    let Some(found) = groups.auto_scaling_groups().first() else {
+        return Ok(None);
+    };
+    if let Some(template) = found.launch_template().or_else(|| {
+        found
+            .mixed_instances_policy()
+            .and_then(|p| p.launch_template())
+            .and_then(|t| t.launch_template_specification())
+    }) {
+        let mut request = clients.ec2.describe_launch_template_versions();
+        request = match (template.launch_template_id(), template.launch_template_name()) {
+            (Some(id), _) => request.launch_template_id(id),
+            (None, Some(name)) => request.launch_template_name(name),
+            (None, None) => return Ok(None),
+        };
+        let version = template.version().unwrap_or("$Default");
+        let versions = request
+            .versions(version)
+            .send()
+            .await
+            .op("DescribeLaunchTemplateVersions", group)?;
+        let profile = versions
+            .launch_template_versions()
+            .first()
+            .and_then(|v| v.launch_template_data())
+            .and_then(|d| d.iam_instance_profile());
+        return Ok(profile.and_then(|p| p.arn().or(p.name())).map(str::to_owned));
+    }
+    let Some(configuration) = found.launch_configuration_name() else {
+        return Ok(None);
+    };
+    let configurations = clients
+        .autoscaling
+        .describe_launch_configurations()
+        .launch_configuration_names(configuration)
+        .send()
+        .await
+        .op("DescribeLaunchConfigurations", configuration)?;
+    Ok(configurations
+        .launch_configurations()
+        .first()
+        .and_then(|c| c.iam_instance_profile())
+        .map(str::to_owned))
+}
+
+/// The ARN and id of instance profile `name_or_arn`; `None` when it does not exist.
+pub async fn instance_profile(
+    clients: &Clients,
+    name_or_arn: &str,
+) -> Result<Option<(String, String)>, AwsError> {
+    let name = name_or_arn.rsplit('/').next().unwrap_or(name_or_arn);
+    match clients
+        .iam
+        .get_instance_profile()
+        .instance_profile_name(name)
+        .send()
+        .await
+        .op("GetInstanceProfile", name)
+    {
+        Ok(answer) => Ok(answer
+            .instance_profile()
+            .map(|p| (p.arn().to_owned(), p.instance_profile_id().to_owned()))),
+        Err(error) if error.kind() == crate::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// An EBS volume as the lab sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabVolume {
+    pub id: String,
+    pub size_gib: i32,
+    /// The instance it is attached to and the device name it was attached as (`/dev/sdf`).
+    pub attachment: Option<(String, String)>,
+}
+
+/// Every EBS volume in the region.
+pub async fn volumes(clients: &Clients) -> Result<Vec<LabVolume>, AwsError> {
+    let mut found = Vec::new();
+    let mut pages = clients.ec2.describe_volumes().into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = page.op("DescribeVolumes", &clients.region)?;
+        for volume in page.volumes() {
+            let Some(id) = volume.volume_id() else {
+                continue;
+            };
+            let attachment = volume
+                .attachments()
+                .iter()
+                .find(|a| {
+                    matches!(
+                        a.state().map(|s| s.as_str()),
+                        Some("attached" | "attaching")
+                    )
+                })
+                .and_then(|a| Some((a.instance_id()?.to_owned(), a.device()?.to_owned())));
+            found.push(LabVolume {
+                id: id.to_owned(),
+                size_gib: volume.size().unwrap_or(1),
+                attachment,
+            });
         }
     }
     Ok(found)

@@ -356,6 +356,9 @@ pub fn leftovers(lab: &Lab) -> Vec<String> {
             found.push(format!("cgroup {}", dir.display()));
         }
     }
+    for device in crate::volume::loop_devices_under(&lab.state) {
+        found.push(format!("loop device {device}"));
+    }
     found
 }
 
@@ -371,6 +374,7 @@ async fn sweep(lab: &Lab) -> anyhow::Result<()> {
     for point in sys::mounts_under(&lab.state) {
         sys::unmount(&point)?;
     }
+    crate::volume::sweep(&lab.state.join("volumes")).await;
     for name in net::namespaces() {
         if lab.owns_namespace(&name) {
             net::remove_namespace(&name).await?;

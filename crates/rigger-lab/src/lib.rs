@@ -27,5 +27,6 @@ pub mod pki;
 pub mod runner;
 pub mod status;
 pub mod sys;
+pub mod volume;
 
 pub use layout::Lab;

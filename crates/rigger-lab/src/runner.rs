@@ -38,6 +38,7 @@ use crate::pki::Pki;
 use crate::status::{
     self, BastionStatus, MachineState, MachineStatus, Phase, RunnerStatus, Settings,
 };
+use crate::volume::Volumes;
 
 /// How often the emulator is asked for its instances.
 pub const POLL: Duration = Duration::from_millis(500);
@@ -45,6 +46,8 @@ pub const POLL: Duration = Duration::from_millis(500);
 const CREDENTIALS_SECONDS: i32 = 6 * 3600;
 /// Credentials are renewed when less than this is left.
 const CREDENTIALS_RENEWAL: i64 = 15 * 60;
+/// How often the emulator's volumes are read.
+const VOLUMES_EVERY: Duration = Duration::from_secs(1);
 /// How often the emulator's key pairs are read for the bastion.
 const KEY_PAIRS_EVERY: Duration = Duration::from_secs(2);
 /// How often the machines' memory is measured for the status.
@@ -80,6 +83,7 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
             "the lab's settings (lab.json) were written by an older rigger: `rigger lab down`, then `rigger lab up`"
         );
     }
+    let volumes = Volumes::new(&lab.state);
     let mut runner = Runner {
         status: RunnerStatus {
             pid: std::process::id() as i32,
@@ -100,6 +104,8 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
         bastion: None,
         keys_read: None,
         edges: Edges::new(),
+        volumes,
+        volumes_read: None,
     };
     let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
@@ -139,6 +145,7 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
         }
         runner.renew_credentials().await;
         runner.authorize_key_pairs().await;
+        runner.converge_volumes().await;
         if memory_measured.elapsed() >= MEMORY_EVERY {
             runner.measure_memory();
             memory_measured = Instant::now();
@@ -174,6 +181,10 @@ struct Runner {
     /// The parts of the lab that answer some of the emulator's calls themselves, which the
     /// front consults ([`crate::front::Edge`]).
     edges: Edges,
+    /// The emulator's EBS volumes as loop devices in machines.
+    volumes: Volumes,
+    /// When the volumes were last read.
+    volumes_read: Option<Instant>,
 }
 
 /// systemd-nspawn's exit status when the machine rebooted.
@@ -339,6 +350,34 @@ impl Runner {
         Ok(())
     }
 
+    /// Plugs every attached volume into its instance's running machine (read every second).
+    async fn converge_volumes(&mut self) {
+        if self
+            .volumes_read
+            .is_some_and(|at| at.elapsed() < VOLUMES_EVERY)
+        {
+            return;
+        }
+        self.volumes_read = Some(Instant::now());
+        let volumes = match rigger_aws::lab::volumes(&self.clients).await {
+            Ok(volumes) => volumes,
+            Err(error) => {
+                tracing::warn!(%error, "DescribeVolumes");
+                return;
+            }
+        };
+        let machines: HashMap<String, i32> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.state == MachineState::Running)
+            .filter_map(|(id, e)| {
+                let init = crate::volume::machine_init(e.process.as_ref()?.pid())?;
+                Some((id.clone(), init))
+            })
+            .collect();
+        self.volumes.converge(&volumes, &machines).await;
+    }
+
     /// Lets the emulator's key pairs through the bastion (read every few seconds: a key pair
     /// imported now is usable a moment later, as the machines launched with it are).
     async fn authorize_key_pairs(&mut self) {
@@ -388,6 +427,7 @@ impl Runner {
                 tracing::warn!(%id, error = %format!("{error:#}"), "stopping a machine");
             }
         }
+        self.volumes.tear_down().await;
         self.machines.write().expect("metadata lock").clear();
         if let Err(error) = net::remove_namespace(&self.lab.namespace()).await {
             tracing::warn!(error = %format!("{error:#}"), "removing the lab's namespace");
@@ -734,10 +774,23 @@ async fn metadata(
         Some(name) => rigger_aws::lab::public_key(clients, name).await?,
         None => None,
     };
-    let profile = instance.instance_profile_arn.as_ref().map(|arn| Profile {
+    let mut profile = instance.instance_profile_arn.as_ref().map(|arn| Profile {
         arn: arn.clone(),
         id: instance.instance_profile_id.clone().unwrap_or_default(),
     });
+    // The emulator launches a group's instances without the profile its launch template
+    // names; AWS launches them with it.
+    if let (None, Some(group)) = (&profile, &instance.autoscaling_group) {
+        let found = match rigger_aws::lab::group_instance_profile(clients, group).await {
+            Ok(Some(named)) => rigger_aws::lab::instance_profile(clients, &named).await,
+            other => other.map(|_| None),
+        };
+        match found {
+            Ok(Some((arn, id))) => profile = Some(Profile { arn, id }),
+            Ok(None) => {}
+            Err(error) => tracing::warn!(id = %instance.id, %error, "the group's instance profile"),
+        }
+    }
     let credentials = match &profile {
         Some(profile) => match credentials(clients, &profile.arn, &instance.id).await {
             Ok(issued) => issued,
@@ -811,6 +864,7 @@ mod tests {
             key_name: None,
             instance_profile_arn: None,
             instance_profile_id: None,
+            autoscaling_group: None,
         }
     }
 
