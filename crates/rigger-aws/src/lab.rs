@@ -139,7 +139,10 @@ pub async fn group_instance_profile(
             .and_then(|t| t.launch_template_specification())
     }) {
         let mut request = clients.ec2.describe_launch_template_versions();
-        request = match (template.launch_template_id(), template.launch_template_name()) {
+        request = match (
+            template.launch_template_id(),
+            template.launch_template_name(),
+        ) {
             (Some(id), _) => request.launch_template_id(id),
             (None, Some(name)) => request.launch_template_name(name),
             (None, None) => return Ok(None),
@@ -155,7 +158,9 @@ pub async fn group_instance_profile(
             .first()
             .and_then(|v| v.launch_template_data())
             .and_then(|d| d.iam_instance_profile());
-        return Ok(profile.and_then(|p| p.arn().or(p.name())).map(str::to_owned));
+        return Ok(profile
+            .and_then(|p| p.arn().or(p.name()))
+            .map(str::to_owned));
     }
     let Some(configuration) = found.launch_configuration_name() else {
         return Ok(None);
@@ -194,6 +199,67 @@ pub async fn instance_profile(
         Err(error) if error.kind() == crate::ErrorKind::NotFound => Ok(None),
         Err(error) => Err(error),
     }
+}
+
+/// A classic load balancer as the lab runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabLoadBalancer {
+    pub name: String,
+    pub dns_name: String,
+    /// (load balancer port, its protocol, instance port, instance protocol).
+    pub listeners: Vec<(i32, String, i32, String)>,
+    /// `HTTPS:443/healthcheck.html`.
+    pub health_target: String,
+    pub interval_seconds: i32,
+    pub timeout_seconds: i32,
+    pub healthy_threshold: i32,
+    pub unhealthy_threshold: i32,
+    pub instances: Vec<String>,
+}
+
+/// Every classic load balancer in the region.
+pub async fn classic_load_balancers(clients: &Clients) -> Result<Vec<LabLoadBalancer>, AwsError> {
+    let answer = clients
+        .elb
+        .describe_load_balancers()
+        .send()
+        .await
+        .op("DescribeLoadBalancers", &clients.region)?;
+    Ok(answer
+        .load_balancer_descriptions()
+        .iter()
+        .filter_map(|lb| {
+            let health = lb.health_check();
+            Some(LabLoadBalancer {
+                name: lb.load_balancer_name()?.to_owned(),
+                dns_name: lb.dns_name().unwrap_or_default().to_owned(),
+                listeners: lb
+                    .listener_descriptions()
+                    .iter()
+                    .filter_map(|d| d.listener())
+                    .map(|l| {
+                        (
+                            l.load_balancer_port(),
+                            l.protocol().to_owned(),
+                            l.instance_port(),
+                            l.instance_protocol().unwrap_or(l.protocol()).to_owned(),
+                        )
+                    })
+                    .collect(),
+                health_target: health.map_or("TCP:80", |h| h.target()).to_owned(),
+                interval_seconds: health.map_or(30, |h| h.interval()),
+                timeout_seconds: health.map_or(5, |h| h.timeout()),
+                healthy_threshold: health.map_or(10, |h| h.healthy_threshold()),
+                unhealthy_threshold: health.map_or(2, |h| h.unhealthy_threshold()),
+                instances: lb
+                    .instances()
+                    .iter()
+                    .filter_map(|i| i.instance_id())
+                    .map(str::to_owned)
+                    .collect(),
+            })
+        })
+        .collect())
 }
 
 /// An EBS volume as the lab sees it.

@@ -14,6 +14,7 @@
 //! namespace of the lab's own, machines have no default route, no namespace forwards. Start
 //! reading at [`control::up`], then [`runner::run`].
 
+pub mod balancer;
 pub mod bastion;
 pub mod control;
 pub mod dns;

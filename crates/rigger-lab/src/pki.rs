@@ -111,12 +111,30 @@ impl Pki {
     /// Issues the front's certificate for the AWS host names of `region`
     /// ([`aws_host_names`]), replacing the last one.
     pub fn issue_front_certificate(&self, region: &str) -> anyhow::Result<()> {
-        let names = aws_host_names(region)?;
-        let alt_names = names
-            .iter()
+        let names: Vec<String> = aws_host_names(region)?
+            .into_iter()
             .map(|name| format!("DNS:{name}"))
-            .collect::<Vec<_>>()
-            .join(",");
+            .collect();
+        self.issue(
+            &self.front_certificate(),
+            &self.front_key(),
+            "amazonaws.com",
+            &names,
+        )
+        .context("issuing the lab front's certificate")
+    }
+
+    /// Issues a server certificate of the lab's CA for `alt_names` (`DNS:name`, `IP:address`)
+    /// into `certificate` and `key` (0600), replacing the last one.
+    pub fn issue(
+        &self,
+        certificate: &Path,
+        key: &Path,
+        common_name: &str,
+        alt_names: &[String],
+    ) -> anyhow::Result<()> {
+        let alt_names = alt_names.join(",");
+        let subject = format!("/CN={common_name}");
         let alt_names = format!("subjectAltName={alt_names}");
         openssl(&[
             "req".as_ref(),
@@ -128,13 +146,13 @@ impl Pki {
             "ec_paramgen_curve:prime256v1".as_ref(),
             "-nodes".as_ref(),
             "-keyout".as_ref(),
-            self.front_key().as_os_str(),
+            key.as_os_str(),
             "-out".as_ref(),
-            self.front_certificate().as_os_str(),
+            certificate.as_os_str(),
             "-days".as_ref(),
             LEAF_DAYS.as_ref(),
             "-subj".as_ref(),
-            "/CN=amazonaws.com".as_ref(),
+            subject.as_ref(),
             "-CA".as_ref(),
             self.ca_certificate().as_os_str(),
             "-CAkey".as_ref(),
@@ -147,9 +165,8 @@ impl Pki {
             "keyUsage=critical,digitalSignature".as_ref(),
             "-addext".as_ref(),
             "extendedKeyUsage=serverAuth".as_ref(),
-        ])
-        .context("issuing the lab front's certificate")?;
-        private(&self.front_key())
+        ])?;
+        private(key)
     }
 
     /// The TLS configuration of the front: its certificate and the CA's, its key, with the

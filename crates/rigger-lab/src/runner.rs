@@ -27,6 +27,7 @@ use rigger_aws::{Clients, Connection};
 use rigger_local::process::Supervised;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::balancer::{BalancerEdge, Balancers};
 use crate::bastion::Bastion;
 use crate::dns::LabZone;
 use crate::front::{Edges, Front};
@@ -84,6 +85,7 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
         );
     }
     let volumes = Volumes::new(&lab.state);
+    let balancers = Arc::new(Balancers::new(&lab));
     let mut runner = Runner {
         status: RunnerStatus {
             pid: std::process::id() as i32,
@@ -106,6 +108,8 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
         edges: Edges::new(),
         volumes,
         volumes_read: None,
+        balancers,
+        balancers_read: None,
     };
     let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
@@ -146,6 +150,7 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
         runner.renew_credentials().await;
         runner.authorize_key_pairs().await;
         runner.converge_volumes().await;
+        runner.converge_balancers().await;
         if memory_measured.elapsed() >= MEMORY_EVERY {
             runner.measure_memory();
             memory_measured = Instant::now();
@@ -185,6 +190,10 @@ struct Runner {
     volumes: Volumes,
     /// When the volumes were last read.
     volumes_read: Option<Instant>,
+    /// The emulator's load balancers as HAProxy.
+    balancers: Arc<Balancers>,
+    /// When the load balancers were last read.
+    balancers_read: Option<Instant>,
 }
 
 /// systemd-nspawn's exit status when the machine rebooted.
@@ -301,6 +310,8 @@ impl Runner {
         let tls = pki.front_tls()?;
         let emulator = loopback_url_address(&self.settings.emulator)?;
         let endpoint = loopback_url_address(&self.settings.endpoint)?;
+        self.edges
+            .register(Arc::new(BalancerEdge(Arc::clone(&self.balancers))));
         let front = Front::new(emulator, self.edges.clone());
         let namespace = self.lab.namespace();
 
@@ -348,6 +359,39 @@ impl Runner {
             zone,
         ));
         Ok(())
+    }
+
+    /// Serves every classic load balancer with HAProxy (read every second).
+    async fn converge_balancers(&mut self) {
+        if self
+            .balancers_read
+            .is_some_and(|at| at.elapsed() < VOLUMES_EVERY)
+        {
+            return;
+        }
+        self.balancers_read = Some(Instant::now());
+        let lbs = match rigger_aws::lab::classic_load_balancers(&self.clients).await {
+            Ok(lbs) => lbs,
+            Err(error) => {
+                tracing::warn!(%error, "DescribeLoadBalancers");
+                return;
+            }
+        };
+        let addresses: HashMap<String, Ipv4Addr> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.state == MachineState::Running)
+            .filter_map(|(id, e)| {
+                Some((
+                    id.clone(),
+                    e.instance.private_address.as_deref()?.parse().ok()?,
+                ))
+            })
+            .collect();
+        let pki = Pki::of(&self.lab);
+        if let Err(error) = self.balancers.converge(lbs, &addresses, &pki).await {
+            tracing::warn!(error = %format!("{error:#}"), "load balancers");
+        }
     }
 
     /// Plugs every attached volume into its instance's running machine (read every second).
@@ -427,6 +471,7 @@ impl Runner {
                 tracing::warn!(%id, error = %format!("{error:#}"), "stopping a machine");
             }
         }
+        self.balancers.stop().await;
         self.volumes.tear_down().await;
         self.machines.write().expect("metadata lock").clear();
         if let Err(error) = net::remove_namespace(&self.lab.namespace()).await {

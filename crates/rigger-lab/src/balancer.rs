@@ -1,0 +1,589 @@
+//! The lab's load balancers: every classic load balancer of the emulator is HAProxy on this
+//! machine, with its listeners, its health check and its registered instances as backends,
+//! and what rigger reads back about instance health is HAProxy's own view.
+//!
+//! - One HAProxy (master-worker, a cgroup of the lab's, a pid record) serves every load
+//!   balancer. Load balancer number `i` (in name order) listens on this machine's loopback at
+//!   [`Lab::loopback_address`]`(10 + i)`, on each of its listeners' ports. Backends are the
+//!   registered instances at their private addresses, reached in the lab's namespace
+//!   (HAProxy's `namespace` keyword): nothing of the lab is routed from this machine.
+//! - HTTPS listeners terminate TLS with a certificate of the lab's CA for the load balancer's
+//!   name and address: the emulator never gives back an uploaded certificate's private key.
+//!   Connections to instances are TLS again when the instance protocol is HTTPS (not
+//!   verified, as ELB does not verify instances' certificates).
+//! - The health check is the load balancer's (`HTTPS:443/healthcheck.html`, interval,
+//!   timeout, thresholds). An instance starts out of service and needs the healthy threshold
+//!   of passing checks, as on ELB: a server HAProxy has not seen before is set down through its
+//!   runtime API after each (re)load, and the state of the others is carried across reloads.
+//! - [`Balancers`] is an [`Edge`] of the front: `DescribeInstanceHealth` is answered from
+//!   HAProxy's `show stat`, and `DescribeLoadBalancers` names each load balancer by its
+//!   loopback address instead of its DNS name (which resolves nowhere), so the URL rigger
+//!   prints works from this machine.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rigger_aws::lab::LabLoadBalancer;
+use rigger_local::process::{self, ProcessSpec, Supervised};
+
+use crate::front::{Edge, EmulatorCall};
+use crate::layout::Lab;
+use crate::sys;
+
+/// The first host number of the load balancers in the lab's loopback block.
+pub const FIRST_LOOPBACK_HOST: u8 = 10;
+
+/// A load balancer as the lab runs it: the emulator's description, its loopback address and
+/// its backends' addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    pub lb: LabLoadBalancer,
+    pub address: Ipv4Addr,
+    /// Instance id -> private address (instances without a machine are left out).
+    pub backends: BTreeMap<String, Ipv4Addr>,
+}
+
+/// The lab's HAProxy and what it serves.
+pub struct Balancers {
+    dir: PathBuf,
+    namespace: String,
+    lab: Lab,
+    process: Mutex<Option<Supervised>>,
+    /// What HAProxy was last configured with.
+    running: Mutex<Vec<Running>>,
+    /// Servers (`backend/server`) HAProxy knows, so that only new ones are set down.
+    known: Mutex<BTreeSet<String>>,
+}
+
+impl Balancers {
+    pub fn new(lab: &Lab) -> Balancers {
+        Balancers {
+            dir: lab.state.join("haproxy"),
+            namespace: lab.namespace(),
+            lab: lab.clone(),
+            process: Mutex::new(None),
+            running: Mutex::new(Vec::new()),
+            known: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("stats.sock")
+    }
+
+    /// Makes HAProxy serve `lbs` (addresses of the instances from `addresses`), starting,
+    /// reloading or stopping it when that changes.
+    pub async fn converge(
+        &self,
+        mut lbs: Vec<LabLoadBalancer>,
+        addresses: &HashMap<String, Ipv4Addr>,
+        pki: &crate::pki::Pki,
+    ) -> anyhow::Result<()> {
+        lbs.sort_by(|a, b| a.name.cmp(&b.name));
+        let wanted: Vec<Running> = lbs
+            .into_iter()
+            .enumerate()
+            .map(|(index, lb)| Running {
+                address: self
+                    .lab
+                    .loopback_address(FIRST_LOOPBACK_HOST.saturating_add(index as u8)),
+                backends: lb
+                    .instances
+                    .iter()
+                    .filter_map(|id| Some((id.clone(), *addresses.get(id)?)))
+                    .collect(),
+                lb,
+            })
+            .collect();
+        if *self.running.lock().expect("lock") == wanted {
+            return Ok(());
+        }
+        if wanted.is_empty() {
+            self.stop().await;
+            *self.running.lock().expect("lock") = wanted;
+            return Ok(());
+        }
+        sys::create_trusted_dir(&self.dir, 0o700)?;
+        for running in &wanted {
+            let pem = self.dir.join(format!("{}.pem", running.lb.name));
+            if !pem.exists() {
+                let (certificate, key) = (pem.with_extension("crt"), pem.with_extension("key"));
+                pki.issue(
+                    &certificate,
+                    &key,
+                    &running.lb.name,
+                    &[
+                        format!("DNS:{}", running.lb.dns_name),
+                        format!("IP:{}", running.address),
+                    ],
+                )?;
+                let text = std::fs::read_to_string(&certificate)? + &std::fs::read_to_string(&key)?;
+                write_private(&pem, &text)?;
+            }
+        }
+        let config = render(&wanted, &self.dir, &self.namespace);
+        // Carry the servers' health across the reload (a reload must not put a failing server
+        // back in service).
+        if let Ok(state) = self.command("show servers state") {
+            write_private(&self.dir.join("server-state"), &state)?;
+        }
+        write_private(&self.dir.join("haproxy.cfg"), &config)?;
+        let started = {
+            let mut process = self.process.lock().expect("lock");
+            let alive = process
+                .as_mut()
+                .is_some_and(|p| matches!(p.try_wait(), Ok(None)));
+            match process.as_ref() {
+                Some(running) if alive => {
+                    nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(running.pid()),
+                        nix::sys::signal::Signal::SIGUSR2,
+                    )
+                    .context("reloading HAProxy")?;
+                    false
+                }
+                _ => {
+                    drop(process.take());
+                    true
+                }
+            }
+        };
+        if started {
+            let spawned = self.start().await?;
+            *self.process.lock().expect("lock") = Some(spawned);
+        }
+        // New servers start out of service, as on ELB: set down once the (new) worker answers.
+        let servers: BTreeSet<String> = wanted
+            .iter()
+            .flat_map(|r| {
+                r.lb.listeners.iter().flat_map(move |l| {
+                    r.backends
+                        .keys()
+                        .map(move |id| format!("{}/{id}", backend_name(&r.lb.name, l.2)))
+                })
+            })
+            .collect();
+        let fresh: Vec<String> = {
+            let known = self.known.lock().expect("lock");
+            servers.difference(&known).cloned().collect()
+        };
+        for attempt in 0..50 {
+            let answered = fresh.iter().all(|server| {
+                self.command(&format!("set server {server} health down"))
+                    .is_ok_and(|said| said.trim().is_empty())
+            });
+            if answered {
+                break;
+            }
+            if attempt == 49 {
+                tracing::warn!("HAProxy did not take the new servers' initial state");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        *self.known.lock().expect("lock") = servers;
+        *self.running.lock().expect("lock") = wanted;
+        Ok(())
+    }
+
+    async fn start(&self) -> anyhow::Result<Supervised> {
+        let groups: Vec<PathBuf> = sys::cgroup_roots()
+            .into_iter()
+            .map(|root| root.join(self.lab.cgroup()).join("haproxy"))
+            .collect();
+        for group in &groups {
+            std::fs::create_dir_all(group)
+                .with_context(|| format!("creating cgroup {}", group.display()))?;
+        }
+        let mut args = sys::enter_cgroups_args(&groups);
+        args.extend([
+            "haproxy".to_owned(),
+            "-W".to_owned(),
+            "-db".to_owned(),
+            "-f".to_owned(),
+            self.dir.join("haproxy.cfg").display().to_string(),
+        ]);
+        let spec = ProcessSpec {
+            name: "load balancers".to_owned(),
+            program: PathBuf::from("/bin/sh"),
+            args,
+            env: [("PATH".to_owned(), process::DEFAULT_PATH.to_owned())]
+                .into_iter()
+                .collect(),
+            cwd: Some(self.dir.clone()),
+            user: None,
+            log_path: self.lab.state.join("haproxy.log"),
+            pid_path: self.lab.pids_dir().join("haproxy.pid"),
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
+            stop_timeout: Duration::from_secs(5),
+        };
+        process::spawn(&spec).await.context("starting HAProxy")
+    }
+
+    /// Stops HAProxy.
+    pub async fn stop(&self) {
+        let taken = self.process.lock().expect("lock").take();
+        if let Some(mut running) = taken {
+            process::stop_supervised(
+                &mut running,
+                nix::sys::signal::Signal::SIGTERM,
+                Duration::from_secs(5),
+            )
+            .await;
+        }
+        self.known.lock().expect("lock").clear();
+        *self.running.lock().expect("lock") = Vec::new();
+    }
+
+    /// One command on HAProxy's runtime API; its answer.
+    fn command(&self, line: &str) -> std::io::Result<String> {
+        let mut stream = UnixStream::connect(self.socket())?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(format!("{line}\n").as_bytes())?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    }
+
+    /// Each instance's state behind load balancer `name`: (instance id, in service). An
+    /// instance registered without a machine is out of service.
+    pub fn health(&self, name: &str) -> Option<Vec<(String, bool)>> {
+        let running = self.running.lock().expect("lock").clone();
+        let lb = running.iter().find(|r| r.lb.name == name)?;
+        let stats = self.command("show stat").unwrap_or_default();
+        let up = servers_up(&stats);
+        let checked = health_backend(&lb.lb);
+        Some(
+            lb.lb
+                .instances
+                .iter()
+                .map(|id| {
+                    let server = format!("{}/{id}", backend_name(name, checked));
+                    (id.clone(), up.contains(&server))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The backend of load balancer `lb`'s listeners to instance port `port`.
+fn backend_name(lb: &str, port: i32) -> String {
+    format!("{lb}-{port}")
+}
+
+/// The instance port whose backend carries the health check (the others track it).
+fn health_backend(lb: &LabLoadBalancer) -> i32 {
+    let (_, port, _) = parse_target(&lb.health_target);
+    lb.listeners
+        .iter()
+        .map(|l| l.2)
+        .find(|p| *p == port)
+        .or_else(|| lb.listeners.first().map(|l| l.2))
+        .unwrap_or(port)
+}
+
+/// `HTTPS:443/healthcheck.html` -> ("HTTPS", 443, "/healthcheck.html").
+fn parse_target(target: &str) -> (String, i32, String) {
+    let (protocol, rest) = target.split_once(':').unwrap_or(("TCP", target));
+    let (port, path) = match rest.find('/') {
+        Some(at) => (&rest[..at], &rest[at..]),
+        None => (rest, ""),
+    };
+    (
+        protocol.to_ascii_uppercase(),
+        port.parse().unwrap_or(80),
+        path.to_owned(),
+    )
+}
+
+/// Whether `text` may go into HAProxy's configuration as one word.
+fn is_plain(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:".contains(&b))
+}
+
+/// HAProxy's configuration for `lbs`.
+fn render(lbs: &[Running], dir: &Path, namespace: &str) -> String {
+    let d = dir.display();
+    let mut out = format!(
+        "# The rigger lab's load balancers (crates/rigger-lab/src/balancer.rs): made by the lab.\n\
+         global\n  stats socket {d}/stats.sock mode 600 level admin expose-fd listeners\n  \
+         server-state-file {d}/server-state\n  maxconn 4096\n\n\
+         defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  \
+         timeout server 60s\n  load-server-state-from-file global\n"
+    );
+    for running in lbs {
+        let lb = &running.lb;
+        if !is_plain(&lb.name) {
+            continue;
+        }
+        let (check_protocol, check_port, check_path) = parse_target(&lb.health_target);
+        let checked = health_backend(lb);
+        for (lb_port, lb_protocol, instance_port, instance_protocol) in &lb.listeners {
+            let ssl = if lb_protocol.eq_ignore_ascii_case("HTTPS")
+                || lb_protocol.eq_ignore_ascii_case("SSL")
+            {
+                format!(" ssl crt {d}/{}.pem", lb.name)
+            } else {
+                String::new()
+            };
+            let mode = if lb_protocol.eq_ignore_ascii_case("TCP") {
+                "tcp"
+            } else {
+                "http"
+            };
+            let backend = backend_name(&lb.name, *instance_port);
+            let _ = write!(
+                out,
+                "\nfrontend {}-{lb_port}\n  mode {mode}\n  bind {}:{lb_port}{ssl}\n",
+                lb.name, running.address
+            );
+            if mode == "http" {
+                let _ = writeln!(out, "  option forwardfor");
+                let proto = if ssl.is_empty() { "http" } else { "https" };
+                let _ = writeln!(out, "  http-request set-header X-Forwarded-Proto {proto}");
+            }
+            let _ = writeln!(out, "  default_backend {backend}");
+            if out.contains(&format!("\nbackend {backend}\n")) {
+                continue;
+            }
+            let _ = write!(out, "\nbackend {backend}\n  mode {mode}\n");
+            let server_ssl = if instance_protocol.eq_ignore_ascii_case("HTTPS")
+                || instance_protocol.eq_ignore_ascii_case("SSL")
+            {
+                " ssl verify none"
+            } else {
+                ""
+            };
+            let tracked = *instance_port != checked;
+            if !tracked {
+                if matches!(check_protocol.as_str(), "HTTP" | "HTTPS") && is_plain(&check_path) {
+                    let _ = writeln!(out, "  option httpchk GET {check_path}");
+                    let _ = writeln!(out, "  http-check expect status 200");
+                }
+                let _ = writeln!(
+                    out,
+                    "  timeout check {}s\n  default-server inter {}s rise {} fall {}",
+                    lb.timeout_seconds.max(1),
+                    lb.interval_seconds.max(1),
+                    lb.healthy_threshold.max(1),
+                    lb.unhealthy_threshold.max(1)
+                );
+            }
+            for (id, address) in &running.backends {
+                let check = if tracked {
+                    format!(" track {}/{id}", backend_name(&lb.name, checked))
+                } else {
+                    let check_ssl = if check_protocol == "HTTPS" || check_protocol == "SSL" {
+                        " check-ssl"
+                    } else {
+                        ""
+                    };
+                    format!(" check port {check_port}{check_ssl}")
+                };
+                let _ = writeln!(
+                    out,
+                    "  server {id} {address}:{instance_port} namespace {namespace}{server_ssl}{check}"
+                );
+            }
+        }
+    }
+    out
+}
+
+/// The servers (`backend/server`) `show stat` says are UP.
+fn servers_up(stats: &str) -> BTreeSet<String> {
+    let mut lines = stats.lines();
+    let Some(header) = lines.next() else {
+        return BTreeSet::new();
+    };
+    let columns: Vec<&str> = header.trim_start_matches("# ").split(',').collect();
+    let at = |name: &str| columns.iter().position(|c| *c == name);
+    let (Some(px), Some(sv), Some(status)) = (at("pxname"), at("svname"), at("status")) else {
+        return BTreeSet::new();
+    };
+    lines
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(',').collect();
+            let server = fields.get(sv)?;
+            if matches!(*server, "FRONTEND" | "BACKEND") {
+                return None;
+            }
+            let backend = fields.get(px)?;
+            fields
+                .get(status)?
+                .starts_with("UP")
+                .then(|| format!("{backend}/{server}"))
+        })
+        .collect()
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, text).with_context(|| format!("writing {}", temporary.display()))?;
+    std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The balancers as an edge of the front: HAProxy's view of instance health, and load
+/// balancers named by their loopback address.
+pub struct BalancerEdge(pub Arc<Balancers>);
+
+impl Edge for BalancerEdge {
+    fn rewrite(&self, call: &EmulatorCall, _status: u16, body: &[u8]) -> Option<Vec<u8>> {
+        if call.service != "elasticloadbalancing" || call.param("Version") != Some("2012-06-01") {
+            return None;
+        }
+        match call.action.as_str() {
+            "DescribeInstanceHealth" => {
+                let name = call.param("LoadBalancerName")?;
+                let asked: Vec<&str> = call
+                    .params
+                    .iter()
+                    .filter(|(k, _)| {
+                        k.starts_with("Instances.member.") && k.ends_with(".InstanceId")
+                    })
+                    .map(|(_, v)| v.as_str())
+                    .collect();
+                match self.0.health(name) {
+                    Some(health) => Some(instance_health_xml(&health, &asked).into_bytes()),
+                    // Not served yet (created a moment ago): nothing is in service behind it.
+                    None => Some(
+                        String::from_utf8_lossy(body)
+                            .replace("<State>InService</State>", "<State>OutOfService</State>")
+                            .into_bytes(),
+                    ),
+                }
+            }
+            "DescribeLoadBalancers" => {
+                let mut text = String::from_utf8(body.to_vec()).ok()?;
+                let running = self.0.running.lock().expect("lock").clone();
+                for lb in &running {
+                    if !lb.lb.dns_name.is_empty() {
+                        text = text.replace(&lb.lb.dns_name, &lb.address.to_string());
+                    }
+                }
+                Some(text.into_bytes())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// DescribeInstanceHealth's answer for `health` (only `asked`, when any were named).
+fn instance_health_xml(health: &[(String, bool)], asked: &[&str]) -> String {
+    let mut members = String::new();
+    for (id, in_service) in health {
+        if !asked.is_empty() && !asked.contains(&id.as_str()) {
+            continue;
+        }
+        let (state, reason, description) = if *in_service {
+            ("InService", "N/A", "N/A")
+        } else {
+            (
+                "OutOfService",
+                "Instance",
+                "Instance has failed at least the UnhealthyThreshold number of health checks consecutively.",
+            )
+        };
+        let _ = write!(
+            members,
+            "<member><Description>{description}</Description><InstanceId>{id}</InstanceId>\
+             <State>{state}</State><ReasonCode>{reason}</ReasonCode></member>"
+        );
+    }
+    format!(
+        "<DescribeInstanceHealthResponse xmlns=\"http://elasticloadbalancing.amazonaws.com/doc/2012-06-01/\">\
+         <DescribeInstanceHealthResult><InstanceStates>{members}</InstanceStates>\
+         </DescribeInstanceHealthResult><ResponseMetadata><RequestId>rigger-lab</RequestId>\
+         </ResponseMetadata></DescribeInstanceHealthResponse>"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lb() -> LabLoadBalancer {
+        LabLoadBalancer {
+            name: "site-lb".into(),
+            dns_name: "site-lb-1.us-east-1.elb.amazonaws.com".into(),
+            listeners: vec![
+                (80, "HTTP".into(), 80, "HTTP".into()),
+                (443, "HTTPS".into(), 443, "HTTPS".into()),
+            ],
+            health_target: "HTTPS:443/healthcheck.html".into(),
+            interval_seconds: 10,
+            timeout_seconds: 5,
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            instances: vec!["i-0a".into(), "i-0b".into()],
+        }
+    }
+
+    #[test]
+    fn the_check_and_listeners_are_the_load_balancers() {
+        let running = Running {
+            lb: lb(),
+            address: Ipv4Addr::new(127, 31, 5, 10),
+            backends: [("i-0a".to_owned(), Ipv4Addr::new(172, 31, 0, 4))].into(),
+        };
+        let text = render(&[running], Path::new("/l/haproxy"), "rigger-lab-x");
+        for line in [
+            "  bind 127.31.5.10:443 ssl crt /l/haproxy/site-lb.pem",
+            "  bind 127.31.5.10:80",
+            "  option httpchk GET /healthcheck.html",
+            "  default-server inter 10s rise 2 fall 3",
+            "  server i-0a 172.31.0.4:443 namespace rigger-lab-x ssl verify none check port 443 check-ssl",
+            "  server i-0a 172.31.0.4:80 namespace rigger-lab-x track site-lb-443/i-0a",
+            "  http-request set-header X-Forwarded-Proto https",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("i-0b"),
+            "an instance without a machine has no server"
+        );
+    }
+
+    #[test]
+    fn health_is_read_from_haproxys_stats() {
+        let stats = "# pxname,svname,qcur,status,weight\n\
+                     site-lb-443,FRONTEND,,OPEN,\n\
+                     site-lb-443,i-0a,0,UP,1\n\
+                     site-lb-443,i-0b,0,DOWN,1\n\
+                     site-lb-443,i-0c,0,UP 1/2,1\n\
+                     site-lb-443,BACKEND,0,UP,1\n";
+        let up = servers_up(stats);
+        assert!(up.contains("site-lb-443/i-0a"));
+        assert!(!up.contains("site-lb-443/i-0b"));
+        assert!(
+            up.contains("site-lb-443/i-0c"),
+            "going down: still in service"
+        );
+        assert_eq!(up.len(), 2);
+    }
+
+    #[test]
+    fn instance_health_answers_as_elb_does() {
+        let xml = instance_health_xml(&[("i-0a".into(), true), ("i-0b".into(), false)], &[]);
+        assert!(xml.contains("<InstanceId>i-0a</InstanceId><State>InService</State>"));
+        assert!(xml.contains("<InstanceId>i-0b</InstanceId><State>OutOfService</State><ReasonCode>Instance</ReasonCode>"));
+        let only = instance_health_xml(&[("i-0a".into(), true), ("i-0b".into(), false)], &["i-0b"]);
+        assert!(!only.contains("i-0a"));
+        assert_eq!(
+            parse_target("HTTPS:443/healthcheck.html"),
+            ("HTTPS".into(), 443, "/healthcheck.html".into())
+        );
+        assert_eq!(parse_target("TCP:22"), ("TCP".into(), 22, String::new()));
+    }
+}
