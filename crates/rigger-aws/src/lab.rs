@@ -262,6 +262,29 @@ pub async fn classic_load_balancers(clients: &Clients) -> Result<Vec<LabLoadBala
         .collect())
 }
 
+/// Marks the group instance `instance_id` unhealthy and has its group replace it (terminated
+/// without shrinking the group), as Auto Scaling does with an instance that fails EC2's
+/// status checks.
+pub async fn replace_in_group(clients: &Clients, instance_id: &str) -> Result<(), AwsError> {
+    clients
+        .autoscaling
+        .set_instance_health()
+        .instance_id(instance_id)
+        .health_status("Unhealthy")
+        .send()
+        .await
+        .op("SetInstanceHealth", instance_id)?;
+    clients
+        .autoscaling
+        .terminate_instance_in_auto_scaling_group()
+        .instance_id(instance_id)
+        .should_decrement_desired_capacity(false)
+        .send()
+        .await
+        .op("TerminateInstanceInAutoScalingGroup", instance_id)?;
+    Ok(())
+}
+
 /// An EBS volume as the lab sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LabVolume {

@@ -174,7 +174,7 @@ impl Balancers {
             let known = self.known.lock().expect("lock");
             servers.difference(&known).cloned().collect()
         };
-        for attempt in 0..50 {
+        for attempt in 0..100 {
             let answered = fresh.iter().all(|server| {
                 self.command(&format!("set server {server} health down"))
                     .is_ok_and(|said| said.trim().is_empty())
@@ -182,7 +182,7 @@ impl Balancers {
             if answered {
                 break;
             }
-            if attempt == 49 {
+            if attempt == 99 {
                 tracing::warn!("HAProxy did not take the new servers' initial state");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -410,6 +410,7 @@ fn servers_up(stats: &str) -> BTreeSet<String> {
     let (Some(px), Some(sv), Some(status)) = (at("pxname"), at("svname"), at("status")) else {
         return BTreeSet::new();
     };
+    let check = at("check_status");
     lines
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(',').collect();
@@ -418,9 +419,12 @@ fn servers_up(stats: &str) -> BTreeSet<String> {
                 return None;
             }
             let backend = fields.get(px)?;
-            fields
-                .get(status)?
-                .starts_with("UP")
+            // UP, and its last check passed: HAProxy counts a server it has not checked yet
+            // (`INI`) as up, ELB does not. A server that only tracks another has no check.
+            let checked = check.and_then(|c| fields.get(c)).is_none_or(|c| {
+                c.is_empty() || matches!(c.trim_start_matches("* "), "L4OK" | "L6OK" | "L7OK")
+            });
+            (fields.get(status)?.starts_with("UP") && checked)
                 .then(|| format!("{backend}/{server}"))
         })
         .collect()
@@ -557,12 +561,14 @@ mod tests {
 
     #[test]
     fn health_is_read_from_haproxys_stats() {
-        let stats = "# pxname,svname,qcur,status,weight\n\
-                     site-lb-443,FRONTEND,,OPEN,\n\
-                     site-lb-443,i-0a,0,UP,1\n\
-                     site-lb-443,i-0b,0,DOWN,1\n\
-                     site-lb-443,i-0c,0,UP 1/2,1\n\
-                     site-lb-443,BACKEND,0,UP,1\n";
+        let stats = "# pxname,svname,qcur,status,weight,check_status\n\
+                     site-lb-443,FRONTEND,,OPEN,,\n\
+                     site-lb-443,i-0a,0,UP,1,L7OK\n\
+                     site-lb-443,i-0b,0,DOWN,1,L4CON\n\
+                     site-lb-443,i-0c,0,UP 1/2,1,* L7OK\n\
+                     site-lb-443,i-0d,0,UP,1,INI\n\
+                     site-lb-443,i-0e,0,UP 1/3,1,L4CON\n\
+                     site-lb-443,BACKEND,0,UP,1,\n";
         let up = servers_up(stats);
         assert!(up.contains("site-lb-443/i-0a"));
         assert!(!up.contains("site-lb-443/i-0b"));
@@ -570,6 +576,11 @@ mod tests {
             up.contains("site-lb-443/i-0c"),
             "going down: still in service"
         );
+        assert!(
+            !up.contains("site-lb-443/i-0d"),
+            "never checked: out of service"
+        );
+        assert!(!up.contains("site-lb-443/i-0e"), "its last check failed");
         assert_eq!(up.len(), 2);
     }
 

@@ -558,6 +558,25 @@ impl Runner {
                 }
                 Ending::Crash(detail) => {
                     tracing::warn!(%id, %detail, "machine exited");
+                    // As EC2's failed status checks make Auto Scaling replace the instance.
+                    let group = self
+                        .entries
+                        .get(&id)
+                        .and_then(|e| e.instance.autoscaling_group.clone());
+                    let detail = match group {
+                        Some(group) => {
+                            match rigger_aws::lab::replace_in_group(&self.clients, &id).await {
+                                Ok(()) => {
+                                    tracing::info!(%id, %group, "reported unhealthy; the group replaces it");
+                                    format!("{detail}; replaced by its group {group}")
+                                }
+                                Err(error) => format!(
+                                    "{detail}; reporting it to its group {group} failed: {error}"
+                                ),
+                            }
+                        }
+                        None => detail,
+                    };
                     (MachineState::Exited, Some(detail))
                 }
             };
