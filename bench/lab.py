@@ -1,0 +1,149 @@
+"""Driver of bench/lab (read it first): a lab of its own, the example site's AWS environment
+`bench` in it, `rigger up` timed to serving through the lab's load balancer, then each
+machine's boot time and memory. Runs with moto's venv (boto3); cleans up whatever happens."""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = "bench"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rigger", required=True)
+    parser.add_argument("--emulator", required=True)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="rigger-bench-lab.", dir="/var/tmp"))
+    lab = [args.rigger, "lab", "--dir", str(work / "lab")]
+    try:
+        run(lab + ["up", "--emulator", args.emulator])
+        bench(args, work, lab)
+    finally:
+        subprocess.run(lab + ["down"], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(command, **kwargs) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if done.returncode != 0:
+        sys.exit(f"bench/lab: {' '.join(map(str, command))} failed:\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def bench(args, work: Path, lab) -> None:
+    status = json.loads(run(lab + ["status", "--json"]))
+    endpoint = status["endpoint"]
+    session = dict(
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    site = work / "site"
+    shutil.copytree(REPO / "examples/site/app", site / "app")
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com", "-C", str(site / "app")]
+    run(git + ["init", "-q"])
+    run(git + ["add", "."])
+    run(git + ["commit", "-qm", "site"])
+    state = work / "state"
+    ssh = state / "surveys" / ENV / "ssh"
+    ssh.mkdir(parents=True)
+    (ssh / "known_hosts").write_text(status["bastion"]["known_hosts_line"] + "\n")
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(site / "id_ed25519")])
+    public = " ".join((site / "id_ed25519.pub").read_text().split()[:2])
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+         "-subj", "/CN=surveys.example.com", "-keyout", str(site / "lb.key"),
+         "-out", str(site / "lb.crt")])
+    certificate = boto3.client("iam", **session).upload_server_certificate(
+        ServerCertificateName="surveys-bench",
+        CertificateBody=(site / "lb.crt").read_text(),
+        PrivateKey=(site / "lb.key").read_text(),
+    )["ServerCertificateMetadata"]["Arn"]
+    (site / "rigger.toml").write_text(f"""[project]
+name = "surveys"
+app_path = "app"
+wsgi_module = "surveys.wsgi:application"
+celery_app = "surveys"
+domains = ["surveys.example.com"]
+health_check_path = "/healthcheck.html"
+requirements = "requirements.txt"
+
+[environments.{ENV}]
+provider = "aws"
+region = "us-east-1"
+ami = "{status['ami']}"
+load_balancer = "classic"
+certificate = "{certificate}"
+admin_cidrs = ["172.31.0.0/16"]
+admin_public_key = "{public}"
+ssh_identity = "id_ed25519"
+bastion = "{status['bastion']['target']}"
+
+[environments.{ENV}.web]
+min = 2
+desired = 2
+max = 2
+
+[environments.{ENV}.worker]
+min = 1
+desired = 1
+max = 1
+
+[environments.{ENV}.database]
+replicas = 1
+""")
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+               AWS_MAX_ATTEMPTS="1", RIGGER_STATE_DIR=str(state), NO_COLOR="1")
+
+    def rigger(*words) -> str:
+        return run([args.rigger, *words, "-e", ENV, "--endpoint-url", endpoint], cwd=site, env=env)
+
+    started = time.monotonic()
+    rigger("up")
+    up_done = time.monotonic()
+    url = json.loads(rigger("status", "--json"))["urls"][0]
+    address = url.removeprefix("https://").rstrip("/")
+    while True:
+        code = subprocess.run(
+            ["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
+             "--resolve", f"surveys.example.com:443:{address}", "https://surveys.example.com/"],
+            capture_output=True, text=True).stdout
+        if code == "200":
+            break
+        time.sleep(0.2)
+    serving = time.monotonic()
+    print(f"rigger up (returns when every server is in service): {up_done - started:.1f} s")
+    print(f"first 200 through the load balancer: {serving - started:.1f} s after up started")
+
+    memory = {m["instance_id"]: m.get("memory_pss_bytes") or 0
+              for m in json.loads(run(lab + ["status", "--json"]))["machines"]}
+    print("machine: launch to user-data done; memory (PSS)")
+    ec2 = boto3.client("ec2", **session)
+    rows = []
+    for reservation in ec2.describe_instances()["Reservations"]:
+        for instance in reservation["Instances"]:
+            if instance["State"]["Name"] != "running":
+                continue
+            name = next((t["Value"] for t in instance.get("Tags", []) if t["Key"] == "Name"), "?")
+            done = work / "lab/machines" / instance["InstanceId"] / "upper/var/lib/cloud/instance/boot-finished"
+            boot = (f"{done.stat().st_mtime - instance['LaunchTime'].timestamp():5.1f} s"
+                    if done.exists() else "not finished")
+            rows.append((name, boot, memory.get(instance["InstanceId"], 0)))
+    for name, boot, pss in sorted(rows):
+        print(f"  {name:<26} {boot:>12}  {pss / 2**20:6.0f} MiB")
+    print(f"memory, all machines: {sum(m for _, _, m in rows) / 2**20:.0f} MiB")
+    rigger("down", "--yes")
+
+
+if __name__ == "__main__":
+    main()
