@@ -255,7 +255,7 @@ pub fn assert_nothing_left(lab: &TestLab, started: &Started) {
         !mounts.contains(&state),
         "mounts left under {state}:\n{mounts}"
     );
-    for hierarchy in ["systemd", "unified", ""] {
+    for hierarchy in ["systemd", "unified", "devices", ""] {
         let cgroup = Path::new("/sys/fs/cgroup")
             .join(hierarchy)
             .join(&started.namespace);
