@@ -9,9 +9,7 @@
 //! otherwise shares one with every other machine), with the instance's private address's
 //! host name, with the right to manage its own network (as root on an instance has), without
 //! registering with a systemd on this machine, without touching this machine's resolv.conf,
-//! journal or time zone, allowed none of this machine's devices but its own terminals, the
-//! harmless character devices and its volumes (the `devices` cgroup, where there is one), with
-//! its EBS volumes bound at their device names and a `/dev/disk` of
+//! journal or time zone, with its EBS volumes bound at their device names and a `/dev/disk` of
 //! the runner's ([`crate::volume`]), and a systemd generator that mounts fstab's device
 //! entries at boot as an instance's systemd does (in a container systemd skips them). `systemd-nspawn` is started as a process-group
 //! leader with a pid record ([`rigger_local::process`]), so a later `rigger lab down` stops it
@@ -83,51 +81,6 @@ fn paths(lab: &Lab, instance_id: &str) -> Paths {
         trusted: dir.join("lab-ca-trusted"),
         dir,
     }
-}
-
-/// The devices of this machine a machine may use: what `systemd-nspawn` allows a container
-/// it registers (the null, zero, full, random and urandom devices, its terminals, tun), and
-/// its volumes' loop devices while they are plugged ([`allow_disk`]).
-const MACHINE_DEVICES: &[&str] = &[
-    "c 1:3 rwm",
-    "c 1:5 rwm",
-    "c 1:7 rwm",
-    "c 1:8 rwm",
-    "c 1:9 rwm",
-    "c 5:0 rwm",
-    "c 5:2 rwm",
-    "c 136:* rwm",
-    "c 10:200 rwm",
-];
-
-/// The devices cgroup rule for block device `device` (`/dev/loop3` -> `b 7:3 rw`).
-fn disk_rule(device: &str) -> anyhow::Result<String> {
-    let rdev = std::os::unix::fs::MetadataExt::rdev(
-        &std::fs::metadata(device).with_context(|| format!("reading {device}"))?,
-    );
-    Ok(format!(
-        "b {}:{} rw",
-        nix::sys::stat::major(rdev),
-        nix::sys::stat::minor(rdev)
-    ))
-}
-
-/// Lets the machine of `instance_id` use block device `device` (a volume hot-plugged into
-/// it), or (`allow` false) no longer. Nothing to do where devices are not confined.
-pub fn allow_disk(lab: &Lab, instance_id: &str, device: &str, allow: bool) -> anyhow::Result<()> {
-    let groups = cgroups(lab, instance_id);
-    let Some(devices) = sys::devices_cgroup(&groups) else {
-        return Ok(());
-    };
-    if !devices.is_dir() {
-        return Ok(());
-    }
-    let file = if allow {
-        "devices.allow"
-    } else {
-        "devices.deny"
-    };
-    sys::write_device_rule(devices, file, &disk_rule(device)?)
 }
 
 /// The cgroups of the machine of `instance_id`, one per hierarchy.
@@ -213,12 +166,6 @@ async fn start_inner(lab: &Lab, spec: &MachineSpec) -> anyhow::Result<Supervised
     for group in &groups {
         std::fs::create_dir_all(group)
             .with_context(|| format!("creating cgroup {}", group.display()))?;
-    }
-    if let Some(devices) = sys::devices_cgroup(&groups) {
-        sys::confine_devices(devices, MACHINE_DEVICES)?;
-        for disk in &spec.disks {
-            sys::write_device_rule(devices, "devices.allow", &disk_rule(&disk.loop_device)?)?;
-        }
     }
     // A shell puts itself in the machine's cgroups and becomes systemd-nspawn (same pid), so
     // nspawn and everything it starts are in them from the first instruction.

@@ -153,49 +153,17 @@ pub fn remove_tree(dir: &Path) -> anyhow::Result<()> {
 
 /// The cgroup hierarchies a machine is placed in: the unified one alone on a pure cgroup v2
 /// system; on a hybrid one (this kind of machine) `name=systemd`, which systemd inside the
-/// machine manages, the unified one, which it also expects its own part of, and `devices`,
-/// which confines what devices of this machine a machine may use ([`confine_devices`]).
+/// machine manages, and the unified one, which it also expects its own part of.
 pub fn cgroup_roots() -> Vec<PathBuf> {
     let base = Path::new("/sys/fs/cgroup");
     if base.join("cgroup.controllers").exists() {
         return vec![base.to_path_buf()];
     }
-    ["systemd", "unified", DEVICES_HIERARCHY]
+    ["systemd", "unified"]
         .iter()
         .map(|name| base.join(name))
         .filter(|path| path.join("cgroup.procs").exists())
         .collect()
-}
-
-/// The cgroup v1 hierarchy of the `devices` controller.
-const DEVICES_HIERARCHY: &str = "devices";
-
-/// Of a process's cgroups (one per [`cgroup_roots`]), the one of the `devices` controller;
-/// `None` on a pure cgroup v2 system (there devices are confined by BPF programs, which the
-/// lab does not load).
-pub fn devices_cgroup(groups: &[PathBuf]) -> Option<&Path> {
-    let root = Path::new("/sys/fs/cgroup").join(DEVICES_HIERARCHY);
-    groups
-        .iter()
-        .find(|group| group.starts_with(&root))
-        .map(PathBuf::as_path)
-}
-
-/// Lets the processes of the devices cgroup `group` use only the devices `allowed` (rules
-/// of `devices.allow`: `c 1:3 rwm`); everything else of this machine's (its disks, memory,
-/// other machines' volumes) is refused to them, also through nodes they make themselves.
-pub fn confine_devices(group: &Path, allowed: &[&str]) -> anyhow::Result<()> {
-    write_device_rule(group, "devices.deny", "a")?;
-    for rule in allowed {
-        write_device_rule(group, "devices.allow", rule)?;
-    }
-    Ok(())
-}
-
-/// Writes one rule (`b 7:3 rw`) to `file` (`devices.allow` or `devices.deny`) of `group`.
-pub fn write_device_rule(group: &Path, file: &str, rule: &str) -> anyhow::Result<()> {
-    let path = group.join(file);
-    std::fs::write(&path, rule).with_context(|| format!("writing {rule:?} to {}", path.display()))
 }
 
 /// Processes in the cgroup tree at `dir` (the cgroup and all below it).

@@ -332,7 +332,6 @@ impl Volumes {
         .to_owned();
         let made = async {
             if let Some(boot) = boot {
-                crate::machine::allow_disk(&self.lab, instance, &loop_device, true)?;
                 make_node(boot, name, &loop_device).await?;
             }
             let uuid = filesystem_uuid(&loop_device).await;
@@ -354,7 +353,6 @@ impl Volumes {
                 // No node may be left leading to a loop device that another volume may get.
                 if let Some(boot) = boot {
                     remove_node(boot, name).await;
-                    let _ = crate::machine::allow_disk(&self.lab, instance, &loop_device, false);
                 }
                 let _ = run("losetup", &["-d", loop_device.as_str()]).await;
                 Err(error.context(format!("plugging {} into {instance}", volume.id)))
@@ -368,12 +366,6 @@ impl Volumes {
     async fn unplug(&mut self, id: &str, plugged: &Plugged) {
         if let Some(boot) = plugged.boot {
             remove_node(boot, &plugged.name).await;
-        }
-        // Also a volume bound at boot (allowed by machine::start).
-        if let Err(error) =
-            crate::machine::allow_disk(&self.lab, &plugged.instance, &plugged.loop_device, false)
-        {
-            tracing::warn!(volume = %id, error = %format!("{error:#}"), "denying a volume's device to its machine");
         }
         remove_links(&links_dir(&self.lab, &plugged.instance), &plugged.name);
         if let Err(error) = run("losetup", &["-d", plugged.loop_device.as_str()]).await {

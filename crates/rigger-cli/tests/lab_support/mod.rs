@@ -255,7 +255,7 @@ pub fn assert_nothing_left(lab: &TestLab, started: &Started) {
         !mounts.contains(&state),
         "mounts left under {state}:\n{mounts}"
     );
-    for hierarchy in ["systemd", "unified", "devices", ""] {
+    for hierarchy in ["systemd", "unified", ""] {
         let cgroup = Path::new("/sys/fs/cgroup")
             .join(hierarchy)
             .join(&started.namespace);
