@@ -58,7 +58,11 @@ fn volumes_are_block_devices_that_outlive_machines() {
     let ssh = reach(&lab, &started, &keys, &first);
 
     // Its backing file, sparse, at its size, before it is attached anywhere.
-    let file = volume_file(&lab, &volume);
+    let file = lab
+        .state
+        .path()
+        .join("volumes")
+        .join(format!("{volume}.img"));
     wait_for("the volume's backing file", Duration::from_secs(10), || {
         std::fs::metadata(&file).ok().filter(|m| m.len() == 1 << 30)
     });
@@ -261,18 +265,6 @@ fn a_dead_group_machine_is_replaced_and_group_machines_get_their_instance_profil
                             .http_tokens(ec2::types::LaunchTemplateHttpTokensState::Required)
                             .build(),
                     )
-                    // A data volume made with each instance, as rigger's group servers have.
-                    .block_device_mappings(
-                        ec2::types::LaunchTemplateBlockDeviceMappingRequest::builder()
-                            .device_name("/dev/sdf")
-                            .ebs(
-                                ec2::types::LaunchTemplateEbsBlockDeviceRequest::builder()
-                                    .volume_size(1)
-                                    .delete_on_termination(true)
-                                    .build(),
-                            )
-                            .build(),
-                    )
                     .build(),
             )
             .send()
@@ -301,14 +293,9 @@ fn a_dead_group_machine_is_replaced_and_group_machines_get_their_instance_profil
         members[0].clone()
     });
 
-    // The launch template's instance profile, served by the machine's metadata service; its
-    // data volume there from the first instant (bound at boot, not hot-plugged).
+    // The launch template's instance profile, served by the machine's metadata service.
     let ssh = reach(&lab, &started, &keys, &first);
     assert_credentials(&ssh);
-    assert_bound_at_boot(&ssh);
-    let first_volume = runtime.block_on(volume_of(&clients, &first));
-    let first_file = volume_file(&lab, &first_volume);
-    assert!(first_file.exists());
 
     // Its systemd-nspawn killed: the group is told and launches a replacement, which boots.
     let pid = machine_pid(&lab, &first).expect("the machine runs");
@@ -332,13 +319,8 @@ fn a_dead_group_machine_is_replaced_and_group_machines_get_their_instance_profil
         killed.elapsed()
     );
     assert_credentials(&ssh);
-    assert_bound_at_boot(&ssh);
     let members = runtime.block_on(in_service(&clients));
-    assert_eq!(
-        members,
-        std::slice::from_ref(&replacement),
-        "one in service, the new one"
-    );
+    assert_eq!(members, [replacement], "one in service, the new one");
     let capacity = runtime.block_on(async {
         clients
             .autoscaling
@@ -354,12 +336,6 @@ fn a_dead_group_machine_is_replaced_and_group_machines_get_their_instance_profil
     wait_for("the dead machine removed", Duration::from_secs(60), || {
         machine(&lab.status(), &first).is_none().then_some(())
     });
-    // Its volume went with it (DeleteOnTermination), and so did its file.
-    wait_for(
-        "the dead machine's volume file removed",
-        Duration::from_secs(10),
-        || (!first_file.exists()).then_some(()),
-    );
 
     // The status says what was replaced and why.
     let status = lab.status();
@@ -378,70 +354,7 @@ fn a_dead_group_machine_is_replaced_and_group_machines_get_their_instance_profil
         "{text}"
     );
 
-    // A runner killed with a volume plugged: the loop device is a leftover, which down removes.
-    let replacement_volume = runtime.block_on(volume_of(&clients, &replacement));
-    let replacement_file = volume_file(&lab, &replacement_volume);
-    assert_eq!(loop_devices_of(&replacement_file).len(), 1);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(started.runner_pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let broken = wait_for("the lab reported broken", Duration::from_secs(10), || {
-        let status = lab.status();
-        (status["state"] == "broken").then_some(status)
-    });
-    let leftovers = broken["leftovers"].to_string();
-    assert!(
-        leftovers.contains(&format!("({})", replacement_file.display())),
-        "the loop device in {leftovers}"
-    );
-
     take_down(&lab, &started);
-}
-
-/// The data volume is `/dev/xvdf`, bound by systemd-nspawn (a mount), so it was there before
-/// the machine's first unit started.
-fn assert_bound_at_boot(ssh: &Ssh) {
-    assert!(ssh.run("test -b /dev/xvdf").status.success(), "/dev/xvdf");
-    assert!(
-        ssh.ok("findmnt -n -o SOURCE /dev/xvdf").contains("loop"),
-        "bound by nspawn"
-    );
-}
-
-/// The volume attached to `instance` at `/dev/sdf`.
-async fn volume_of(clients: &Clients, instance: &str) -> String {
-    let volumes = clients
-        .ec2
-        .describe_volumes()
-        .filters(
-            ec2::types::Filter::builder()
-                .name("attachment.instance-id")
-                .values(instance)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("DescribeVolumes");
-    volumes
-        .volumes()
-        .iter()
-        .find(|v| {
-            v.attachments()
-                .iter()
-                .any(|a| a.device() == Some("/dev/sdf"))
-        })
-        .and_then(|v| v.volume_id())
-        .expect("a volume at /dev/sdf")
-        .to_owned()
-}
-
-fn volume_file(lab: &TestLab, volume: &str) -> PathBuf {
-    lab.state
-        .path()
-        .join("volumes")
-        .join(format!("{volume}.img"))
 }
 
 /// A fresh ed25519 key pair in a directory of its own.
