@@ -15,7 +15,6 @@ use crate::error::{AwsError, Context as _};
 
 /// The SDK crates, for tests that drive the emulator the way a user's tools would.
 pub mod sdk {
-    pub use aws_sdk_autoscaling as autoscaling;
     pub use aws_sdk_ec2 as ec2;
     pub use aws_sdk_iam as iam;
     pub use aws_sdk_sts as sts;

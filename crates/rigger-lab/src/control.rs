@@ -328,10 +328,6 @@ pub fn status(lab: &Lab) -> anyhow::Result<LabStatus> {
         runner_pid: runner.map(|r| r.pid),
         runner_phase: reported.as_ref().map(|s| s.phase),
         message: reported.as_ref().map(|s| s.message.clone()),
-        replaced: reported
-            .as_ref()
-            .map(|s| s.replaced.clone())
-            .unwrap_or_default(),
         machines: reported.map(|s| s.machines).unwrap_or_default(),
         leftovers,
     })

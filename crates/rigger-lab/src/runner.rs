@@ -10,10 +10,8 @@
 //! its machine removed. An instance the lab cannot run (not the lab's AMI, an address outside
 //! the lab's network) is reported `failed` with why. A machine that reboots boots its disk
 //! again; one that powers off has its instance stopped (or terminated, as the instance's
-//! shutdown behaviour says), as EC2 does; one that dies otherwise is reported `exited`, and
-//! if its instance is in an Auto Scaling group, the group is told and replaces it. Attached
-//! EBS volumes are plugged into machines ([`crate::volume`]). Every change is written to
-//! `status.json` ([`crate::status`]).
+//! shutdown behaviour says), as EC2 does; one that dies otherwise is reported `exited`. Every
+//! change is written to `status.json` ([`crate::status`]).
 //!
 //! SIGTERM (or SIGINT) stops every machine, removes the network, reports `stopped` and exits.
 
@@ -39,9 +37,9 @@ use crate::machine::{self, MachineSpec};
 use crate::net::{self, Cidr};
 use crate::pki::Pki;
 use crate::status::{
-    self, BastionStatus, MachineState, MachineStatus, Phase, Replacement, RunnerStatus, Settings,
+    self, BastionStatus, MachineState, MachineStatus, Phase, RunnerStatus, Settings,
 };
-use crate::volume::{RunningMachines, Volumes};
+use crate::volume::Volumes;
 
 /// How often the emulator is asked for its instances.
 pub const POLL: Duration = Duration::from_millis(500);
@@ -75,9 +73,6 @@ struct Entry {
     process: Option<Supervised>,
     hostname: Option<String>,
     memory: Option<u64>,
-    /// Its machine died while it runs in an Auto Scaling group, and the group has not been
-    /// told yet (tried again every round until the emulator takes it).
-    dead_in_group: Option<String>,
 }
 
 /// Runs the lab until SIGTERM. The status file says how it went.
@@ -89,7 +84,7 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
             "the lab's settings (lab.json) were written by an older rigger: `rigger lab down`, then `rigger lab up`"
         );
     }
-    let volumes = Volumes::new(&lab);
+    let volumes = Volumes::new(&lab.state);
     let balancers = Arc::new(Balancers::new(&lab));
     let mut runner = Runner {
         status: RunnerStatus {
@@ -100,7 +95,6 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
             lab_address: None,
             bastion: None,
             machines: Vec::new(),
-            replaced: Vec::new(),
         },
         machines: Arc::new(RwLock::new(HashMap::new())),
         entries: BTreeMap::new(),
@@ -209,11 +203,7 @@ const NSPAWN_REBOOT: i32 = 133;
 enum Ending {
     Reboot,
     Poweroff,
-    /// Why (how systemd-nspawn ended) and the console's last lines.
-    Crash {
-        why: String,
-        console: String,
-    },
+    Crash(String),
 }
 
 /// What an instance's state asks of its machine.
@@ -274,7 +264,6 @@ impl Runner {
         if !vpc.is_private() {
             bail!("the emulator's default VPC {vpc} is not private address space");
         }
-        machine::write_generators(&self.lab)?;
         let namespace = self.lab.namespace();
         net::remove_namespace(&namespace).await?;
         net::create_lab(&namespace, vpc).await?;
@@ -421,13 +410,13 @@ impl Runner {
                 return;
             }
         };
-        let machines: RunningMachines = self
+        let machines: HashMap<String, i32> = self
             .entries
             .iter()
             .filter(|(_, e)| e.state == MachineState::Running)
             .filter_map(|(id, e)| {
-                let nspawn = e.process.as_ref()?.pid();
-                Some((id.clone(), crate::volume::machine_boot(nspawn)))
+                let init = crate::volume::machine_init(e.process.as_ref()?.pid())?;
+                Some((id.clone(), init))
             })
             .collect();
         self.volumes.converge(&volumes, &machines).await;
@@ -527,10 +516,9 @@ impl Runner {
                             3,
                         )
                         .join(" | ");
-                        Ending::Crash {
-                            why: format!("systemd-nspawn exited ({status})"),
-                            console,
-                        }
+                        Ending::Crash(format!(
+                            "systemd-nspawn exited ({status}); console: {console}"
+                        ))
                     }
                 };
                 ended.push((id.clone(), ending));
@@ -568,15 +556,28 @@ impl Runner {
                         ),
                     }
                 }
-                Ending::Crash { why, console } => {
-                    tracing::warn!(%id, %why, %console, "machine exited");
-                    if let Some(entry) = self.entries.get_mut(&id) {
-                        entry.dead_in_group = Some(why.clone());
-                    }
-                    (
-                        MachineState::Exited,
-                        Some(format!("{why}; console: {console}")),
-                    )
+                Ending::Crash(detail) => {
+                    tracing::warn!(%id, %detail, "machine exited");
+                    // As EC2's failed status checks make Auto Scaling replace the instance.
+                    let group = self
+                        .entries
+                        .get(&id)
+                        .and_then(|e| e.instance.autoscaling_group.clone());
+                    let detail = match group {
+                        Some(group) => {
+                            match rigger_aws::lab::replace_in_group(&self.clients, &id).await {
+                                Ok(()) => {
+                                    tracing::info!(%id, %group, "reported unhealthy; the group replaces it");
+                                    format!("{detail}; replaced by its group {group}")
+                                }
+                                Err(error) => format!(
+                                    "{detail}; reporting it to its group {group} failed: {error}"
+                                ),
+                            }
+                        }
+                        None => detail,
+                    };
+                    (MachineState::Exited, Some(detail))
                 }
             };
             if let Some(entry) = self.entries.get_mut(&id) {
@@ -584,7 +585,6 @@ impl Runner {
                 entry.detail = detail;
             }
         }
-        self.report_dead_group_machines(&listed).await;
         // Gone from the emulator, or terminated: removed.
         let mut removals = Vec::new();
         for id in self.entries.keys() {
@@ -654,18 +654,6 @@ impl Runner {
                 }
             }
         }
-        // The volumes attached to the instances about to boot, bound into their machines.
-        let volumes = if starts.is_empty() {
-            Vec::new()
-        } else {
-            rigger_aws::lab::volumes(&self.clients)
-                .await
-                .unwrap_or_else(|error| {
-                    // Their volumes are hot-plugged instead, a moment after boot.
-                    tracing::warn!(%error, "DescribeVolumes");
-                    Vec::new()
-                })
-        };
         let mut starting = tokio::task::JoinSet::new();
         for instance in starts {
             let address = match refusal(&instance, &self.settings, vpc) {
@@ -693,7 +681,6 @@ impl Runner {
                 mac: net::mac_address(&instance.id),
                 rootfs: PathBuf::from(&self.settings.image_rootfs),
                 port_index: self.next_port,
-                disks: self.volumes.plug_at_boot(&volumes, &instance.id).await,
             };
             self.next_port += 1;
             let lab = self.lab.clone();
@@ -726,7 +713,6 @@ impl Runner {
                             process: Some(process),
                             hostname: Some(spec.hostname),
                             memory: None,
-                            dead_in_group: None,
                         },
                     );
                 }
@@ -753,60 +739,6 @@ impl Runner {
             .collect();
     }
 
-    /// Tells the Auto Scaling group of each machine that died that its instance is unhealthy,
-    /// and has the group replace it without shrinking (SetInstanceHealth,
-    /// TerminateInstanceInAutoScalingGroup), as Auto Scaling does with an instance failing
-    /// EC2's status checks; the emulator then launches a replacement, which boots as a new
-    /// machine. A failed call is tried again at the next round.
-    async fn report_dead_group_machines(&mut self, listed: &HashMap<String, LabInstance>) {
-        let dead: Vec<(String, String)> = self
-            .entries
-            .iter()
-            .filter_map(|(id, e)| Some((id.clone(), e.dead_in_group.clone()?)))
-            .collect();
-        for (id, why) in dead {
-            let group = listed
-                .get(&id)
-                .filter(|i| want(&i.state) == Want::Run)
-                .and_then(|i| i.autoscaling_group.clone());
-            let Some(group) = group else {
-                // A stand-alone instance (reported `exited`), or one already on its way out.
-                if let Some(entry) = self.entries.get_mut(&id) {
-                    entry.dead_in_group = None;
-                }
-                continue;
-            };
-            let result = rigger_aws::lab::replace_in_group(&self.clients, &id).await;
-            let Some(entry) = self.entries.get_mut(&id) else {
-                continue;
-            };
-            match result {
-                Ok(()) => {
-                    tracing::info!(%id, %group, %why, "reported unhealthy; the group replaces it");
-                    entry.dead_in_group = None;
-                    entry.detail = Some(format!("{why}; replaced by its group {group}"));
-                    record_replacement(
-                        &mut self.status.replaced,
-                        Replacement {
-                            group,
-                            instance_id: id,
-                            reason: why,
-                            at: rigger_plan::deploys::utc_iso8601(
-                                u64::try_from(unix_now()).unwrap_or(0),
-                            ),
-                        },
-                    );
-                }
-                Err(error) => {
-                    tracing::warn!(%id, %group, %error, "reporting a dead machine to its group");
-                    entry.detail = Some(format!(
-                        "{why}; telling its group {group} failed (tried again): {error}"
-                    ));
-                }
-            }
-        }
-    }
-
     fn fail(&mut self, instance: LabInstance, why: String) {
         tracing::warn!(id = %instance.id, %why, "the lab cannot run this instance");
         self.entries.insert(
@@ -818,7 +750,6 @@ impl Runner {
                 process: None,
                 hostname: None,
                 memory: None,
-                dead_in_group: None,
             },
         );
     }
@@ -974,16 +905,6 @@ async fn credentials(
     }))
 }
 
-/// How many replacements the status keeps (the newest).
-const REPLACEMENTS_KEPT: usize = 100;
-
-/// Adds `replacement` to the status's list, dropping the oldest beyond [`REPLACEMENTS_KEPT`].
-fn record_replacement(replaced: &mut Vec<Replacement>, replacement: Replacement) {
-    replaced.push(replacement);
-    let excess = replaced.len().saturating_sub(REPLACEMENTS_KEPT);
-    replaced.drain(..excess);
-}
-
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1020,28 +941,6 @@ mod tests {
             image_hash: "0".repeat(64),
             image_rootfs: "/var/tmp/rigger-lab/images/x/rootfs".to_owned(),
         }
-    }
-
-    #[test]
-    fn the_status_keeps_the_newest_replacements() {
-        let mut replaced = Vec::new();
-        for n in 0..REPLACEMENTS_KEPT + 3 {
-            record_replacement(
-                &mut replaced,
-                Replacement {
-                    group: "web".to_owned(),
-                    instance_id: format!("i-{n}"),
-                    reason: "died".to_owned(),
-                    at: String::new(),
-                },
-            );
-        }
-        assert_eq!(replaced.len(), REPLACEMENTS_KEPT);
-        assert_eq!(replaced[0].instance_id, "i-3");
-        assert_eq!(
-            replaced.last().unwrap().instance_id,
-            format!("i-{}", REPLACEMENTS_KEPT + 2)
-        );
     }
 
     #[test]

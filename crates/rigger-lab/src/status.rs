@@ -106,23 +106,6 @@ pub struct RunnerStatus {
     #[serde(default)]
     pub bastion: Option<BastionStatus>,
     pub machines: Vec<MachineStatus>,
-    /// Group instances whose machine died and that their Auto Scaling group replaced, oldest
-    /// first (the last 100).
-    #[serde(default)]
-    pub replaced: Vec<Replacement>,
-}
-
-/// A machine that died and that its Auto Scaling group was told to replace.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Replacement {
-    /// The Auto Scaling group.
-    pub group: String,
-    /// The instance whose machine died (terminated by its group).
-    pub instance_id: String,
-    /// How its machine ended (`systemd-nspawn exited (signal: 9 (SIGKILL))`).
-    pub reason: String,
-    /// When the group was told (UTC, ISO 8601).
-    pub at: String,
 }
 
 /// The lab's bastion ([`crate::bastion`]), as rigger.toml and `known_hosts` name it.
@@ -158,35 +141,9 @@ pub struct LabStatus {
     pub runner_phase: Option<Phase>,
     pub message: Option<String>,
     pub machines: Vec<MachineStatus>,
-    /// Machines that died and were replaced by their Auto Scaling group, oldest first.
-    pub replaced: Vec<Replacement>,
     /// What is left of a lab that is not running cleanly (processes, namespaces, mounts,
     /// cgroups).
     pub leftovers: Vec<String>,
-}
-
-impl LabStatus {
-    /// One line per Auto Scaling group that replaced dead machines: how many, and the last.
-    pub fn replacements_by_group(&self) -> Vec<String> {
-        let mut groups: std::collections::BTreeMap<&str, (usize, &Replacement)> =
-            std::collections::BTreeMap::new();
-        for replacement in &self.replaced {
-            let counted = groups
-                .entry(replacement.group.as_str())
-                .or_insert((0, replacement));
-            counted.0 += 1;
-            counted.1 = replacement;
-        }
-        groups
-            .into_iter()
-            .map(|(group, (count, last))| {
-                format!(
-                    "{group}: {count} replaced; last {} at {}: {}",
-                    last.instance_id, last.at, last.reason
-                )
-            })
-            .collect()
-    }
 }
 
 /// Reads a record; `None` when it does not exist.
@@ -208,57 +165,4 @@ pub fn write<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
     let json = serde_json::to_vec_pretty(value).context("encoding a lab record")?;
     rigger_local::files::write_atomically(path, &json)
         .with_context(|| format!("writing {}", path.display()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn replacement(group: &str, instance_id: &str, at: &str) -> Replacement {
-        Replacement {
-            group: group.to_owned(),
-            instance_id: instance_id.to_owned(),
-            reason: "systemd-nspawn exited (signal: 9 (SIGKILL))".to_owned(),
-            at: at.to_owned(),
-        }
-    }
-
-    #[test]
-    fn replacements_are_counted_per_group_with_the_last_one() {
-        let status = LabStatus {
-            state: "up".to_owned(),
-            endpoint: None,
-            ami: None,
-            region: None,
-            namespace: "rigger-lab-0".to_owned(),
-            network: None,
-            lab_address: None,
-            bastion: None,
-            emulator_pid: None,
-            runner_pid: None,
-            runner_phase: None,
-            message: None,
-            machines: Vec::new(),
-            replaced: vec![
-                replacement("web", "i-1", "2026-01-01T00:00:01Z"),
-                replacement("worker", "i-2", "2026-01-01T00:00:02Z"),
-                replacement("web", "i-3", "2026-01-01T00:00:03Z"),
-            ],
-            leftovers: Vec::new(),
-        };
-        assert_eq!(
-            status.replacements_by_group(),
-            [
-                "web: 2 replaced; last i-3 at 2026-01-01T00:00:03Z: systemd-nspawn exited (signal: 9 (SIGKILL))",
-                "worker: 1 replaced; last i-2 at 2026-01-01T00:00:02Z: systemd-nspawn exited (signal: 9 (SIGKILL))",
-            ]
-        );
-    }
-
-    #[test]
-    fn a_status_written_before_replacements_were_recorded_still_reads() {
-        let old = r#"{"pid":1,"phase":"ready","message":"","network":null,"lab_address":null,"machines":[]}"#;
-        let status: RunnerStatus = serde_json::from_str(old).unwrap();
-        assert!(status.replaced.is_empty());
-    }
 }

@@ -162,12 +162,6 @@ fn print_status(status: &LabStatus) {
             );
         }
     }
-    if !status.replaced.is_empty() {
-        println!("replaced by their Auto Scaling groups:");
-        for group in status.replacements_by_group() {
-            println!("  {group}");
-        }
-    }
     for leftover in &status.leftovers {
         println!("left over: {leftover}   (`rigger lab down` removes it)");
     }
