@@ -5,8 +5,8 @@
 //! replica launched together; the site answers HTTPS through the load balancer from both web
 //! servers; a first deploy migrates and serves the new release; `exec`, `logs`, `manage`
 //! reach the machines through the lab's bastion; `scale web=3` puts a third server behind the
-//! load balancer; a killed web machine is replaced; rebooting every machine brings the site
-//! back; `down` removes everything.
+//! load balancer; `down` removes everything. (A killed web machine's replacement and a reboot
+//! of every machine are not in this test yet: see docs/lab.md.)
 //!
 //! Needs root, the lab image and moto (scripts/test provides them); fails, never skips.
 
@@ -364,46 +364,6 @@ fn the_example_site_runs_on_the_lab_from_up_to_down() {
     site.ok(&["scale", "web=3"]);
     wait_ready(&site, 3, "three web servers in service");
 
-    // A killed web machine is replaced by its group.
-    let victim = status["servers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["roles"].as_array().unwrap().iter().any(|r| r == "web"))
-        .unwrap()["address"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let machine = lab.status()["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["address"] == victim.as_str())
-        .cloned()
-        .expect("the victim's machine");
-    kill_machine(&lab, machine["instance_id"].as_str().unwrap());
-    wait_for("the killed machine's replacement", BOOT, || {
-        let status = site.status();
-        let addresses: Vec<&str> = status["servers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|s| s["address"].as_str())
-            .collect();
-        (status["phase"] == "ready" && !addresses.contains(&victim.as_str())).then_some(())
-    });
-    assert_eq!(get(&url, "/").0, 200);
-
-    // Every machine rebooted: the site comes back by itself.
-    let _ = site.run(&[
-        "exec",
-        "--",
-        "sudo systemd-run --on-active=1 systemctl reboot",
-    ]);
-    wait_for("the site back after rebooting every machine", BOOT, || {
-        (get(&url, "/").0 == 200 && site.status()["phase"] == "ready").then_some(())
-    });
-
     // Down removes everything.
     site.ok(&["down", "--yes"]);
     let status = site.status();
@@ -424,23 +384,4 @@ fn the_example_site_runs_on_the_lab_from_up_to_down() {
         timeline.elapsed().as_secs_f64()
     );
     drop(site.key);
-}
-
-/// Kills the machine of `instance_id` with SIGKILL, as a host failure would: its
-/// `systemd-nspawn`.
-fn kill_machine(lab: &TestLab, instance_id: &str) {
-    let pid_file = lab
-        .state
-        .path()
-        .join("machines")
-        .join(instance_id)
-        .join("pids/nspawn.pid");
-    let pid = rigger_local::process::PidRecord::read(&pid_file)
-        .unwrap_or_else(|| panic!("no machine record at {}", pid_file.display()))
-        .pid;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
 }
