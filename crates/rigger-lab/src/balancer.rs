@@ -60,6 +60,23 @@ pub struct Balancers {
     running: Mutex<Vec<Running>>,
     /// Servers (`backend/server`) HAProxy knows, so that only new ones are set down.
     known: Mutex<BTreeSet<String>>,
+    /// Each load balancer's host number in the lab's loopback block, kept while it exists so
+    /// that another's creation or deletion never moves it.
+    hosts: Mutex<BTreeMap<String, u8>>,
+}
+
+/// An instance's health behind a lab load balancer, from HAProxy's view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Its last check passed and HAProxy has it up.
+    InService,
+    /// Not checked enough yet since it was registered (ELB: "registration is still in
+    /// progress").
+    Initial,
+    /// Its checks fail (down, or going down with a failed last check).
+    Failing,
+    /// Registered, but no running machine has its address.
+    NoMachine,
 }
 
 impl Balancers {
@@ -71,7 +88,28 @@ impl Balancers {
             process: Mutex::new(None),
             running: Mutex::new(Vec::new()),
             known: Mutex::new(BTreeSet::new()),
+            hosts: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Host numbers for `names` (sorted): the ones they had, the lowest free for new ones;
+    /// names gone release theirs. A load balancer with no host left is not served.
+    fn assign_hosts(&self, names: &[&str]) -> BTreeMap<String, u8> {
+        let mut hosts = self.hosts.lock().expect("lock");
+        hosts.retain(|name, _| names.contains(&name.as_str()));
+        for name in names {
+            if hosts.contains_key(*name) {
+                continue;
+            }
+            let taken: BTreeSet<u8> = hosts.values().copied().collect();
+            match (FIRST_LOOPBACK_HOST..=254).find(|host| !taken.contains(host)) {
+                Some(host) => {
+                    hosts.insert((*name).to_owned(), host);
+                }
+                None => tracing::warn!(%name, "no loopback address left for this load balancer"),
+            }
+        }
+        hosts.clone()
     }
 
     fn socket(&self) -> PathBuf {
@@ -87,13 +125,12 @@ impl Balancers {
         pki: &crate::pki::Pki,
     ) -> anyhow::Result<()> {
         lbs.sort_by(|a, b| a.name.cmp(&b.name));
+        let hosts = self.assign_hosts(&lbs.iter().map(|lb| lb.name.as_str()).collect::<Vec<_>>());
         let wanted: Vec<Running> = lbs
             .into_iter()
-            .enumerate()
-            .map(|(index, lb)| Running {
-                address: self
-                    .lab
-                    .loopback_address(FIRST_LOOPBACK_HOST.saturating_add(index as u8)),
+            .filter_map(|lb| Some((*hosts.get(&lb.name)?, lb)))
+            .map(|(host, lb)| Running {
+                address: self.lab.loopback_address(host),
                 backends: lb
                     .instances
                     .iter()
@@ -251,25 +288,77 @@ impl Balancers {
         Ok(answer)
     }
 
-    /// Each instance's state behind load balancer `name`: (instance id, in service). An
-    /// instance registered without a machine is out of service.
-    pub fn health(&self, name: &str) -> Option<Vec<(String, bool)>> {
+    /// Each instance's health behind load balancer `name`, in registration order.
+    pub fn health(&self, name: &str) -> Option<Vec<(String, Health)>> {
         let running = self.running.lock().expect("lock").clone();
         let lb = running.iter().find(|r| r.lb.name == name)?;
         let stats = self.command("show stat").unwrap_or_default();
-        let up = servers_up(&stats);
-        let checked = health_backend(&lb.lb);
-        Some(
-            lb.lb
-                .instances
-                .iter()
-                .map(|id| {
-                    let server = format!("{}/{id}", backend_name(name, checked));
-                    (id.clone(), up.contains(&server))
-                })
-                .collect(),
-        )
+        Some(instance_health(lb, &server_health(&stats)))
     }
+
+    /// Every load balancer served, with its backends' health, for the lab's status.
+    pub fn status(&self) -> Vec<crate::status::BalancerStatus> {
+        let running = self.running.lock().expect("lock").clone();
+        if running.is_empty() {
+            return Vec::new();
+        }
+        let servers = server_health(&self.command("show stat").unwrap_or_default());
+        running
+            .iter()
+            .map(|r| crate::status::BalancerStatus {
+                name: r.lb.name.clone(),
+                kind: "classic".to_owned(),
+                address: r.address.to_string(),
+                url: url(r),
+                backends: instance_health(r, &servers)
+                    .into_iter()
+                    .map(|(id, health)| crate::status::BackendStatus {
+                        address: r.backends.get(&id).map(|a| a.to_string()),
+                        state: if health == Health::InService {
+                            "in_service"
+                        } else {
+                            "out_of_service"
+                        }
+                        .to_owned(),
+                        instance_id: id,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// `https://ADDRESS/` for a load balancer with an HTTPS listener on 443, as rigger's
+/// status prints it, else `http://ADDRESS/`.
+fn url(running: &Running) -> String {
+    let https = running
+        .lb
+        .listeners
+        .iter()
+        .any(|l| l.0 == 443 && l.1.eq_ignore_ascii_case("HTTPS"));
+    format!(
+        "{}://{}/",
+        if https { "https" } else { "http" },
+        running.address
+    )
+}
+
+/// Each registered instance's health behind `lb`, given HAProxy's servers' health.
+fn instance_health(lb: &Running, servers: &BTreeMap<String, Health>) -> Vec<(String, Health)> {
+    let checked = health_backend(&lb.lb);
+    lb.lb
+        .instances
+        .iter()
+        .map(|id| {
+            let server = format!("{}/{id}", backend_name(&lb.lb.name, checked));
+            let health = if lb.backends.contains_key(id) {
+                servers.get(&server).copied().unwrap_or(Health::Initial)
+            } else {
+                Health::NoMachine
+            };
+            (id.clone(), health)
+        })
+        .collect()
 }
 
 /// The backend of load balancer `lb`'s listeners to instance port `port`.
@@ -399,16 +488,16 @@ fn render(lbs: &[Running], dir: &Path, namespace: &str) -> String {
     out
 }
 
-/// The servers (`backend/server`) `show stat` says are UP.
-fn servers_up(stats: &str) -> BTreeSet<String> {
+/// Every server's (`backend/server`) health in HAProxy's `show stat`.
+fn server_health(stats: &str) -> BTreeMap<String, Health> {
     let mut lines = stats.lines();
     let Some(header) = lines.next() else {
-        return BTreeSet::new();
+        return BTreeMap::new();
     };
     let columns: Vec<&str> = header.trim_start_matches("# ").split(',').collect();
     let at = |name: &str| columns.iter().position(|c| *c == name);
     let (Some(px), Some(sv), Some(status)) = (at("pxname"), at("svname"), at("status")) else {
-        return BTreeSet::new();
+        return BTreeMap::new();
     };
     let check = at("check_status");
     lines
@@ -421,11 +510,19 @@ fn servers_up(stats: &str) -> BTreeSet<String> {
             let backend = fields.get(px)?;
             // UP, and its last check passed: HAProxy counts a server it has not checked yet
             // (`INI`) as up, ELB does not. A server that only tracks another has no check.
-            let checked = check.and_then(|c| fields.get(c)).is_none_or(|c| {
-                c.is_empty() || matches!(c.trim_start_matches("* "), "L4OK" | "L6OK" | "L7OK")
-            });
-            (fields.get(status)?.starts_with("UP") && checked)
-                .then(|| format!("{backend}/{server}"))
+            let last = check
+                .and_then(|c| fields.get(c))
+                .map(|c| c.trim_start_matches("* "))
+                .unwrap_or("");
+            let passed = last.is_empty() || matches!(last, "L4OK" | "L6OK" | "L7OK");
+            let health = if fields.get(status)?.starts_with("UP") && passed {
+                Health::InService
+            } else if last == "INI" || last.is_empty() {
+                Health::Initial
+            } else {
+                Health::Failing
+            };
+            Some((format!("{backend}/{server}"), health))
         })
         .collect()
 }
@@ -483,21 +580,27 @@ impl Edge for BalancerEdge {
     }
 }
 
-/// DescribeInstanceHealth's answer for `health` (only `asked`, when any were named).
-fn instance_health_xml(health: &[(String, bool)], asked: &[&str]) -> String {
+/// DescribeInstanceHealth's answer for `health` (only `asked`, when any were named), in
+/// ELB's words.
+fn instance_health_xml(health: &[(String, Health)], asked: &[&str]) -> String {
     let mut members = String::new();
-    for (id, in_service) in health {
+    for (id, health) in health {
         if !asked.is_empty() && !asked.contains(&id.as_str()) {
             continue;
         }
-        let (state, reason, description) = if *in_service {
-            ("InService", "N/A", "N/A")
-        } else {
-            (
+        let (state, reason, description) = match health {
+            Health::InService => ("InService", "N/A", "N/A"),
+            Health::Initial => (
+                "OutOfService",
+                "ELB",
+                "Instance registration is still in progress.",
+            ),
+            Health::Failing => (
                 "OutOfService",
                 "Instance",
                 "Instance has failed at least the UnhealthyThreshold number of health checks consecutively.",
-            )
+            ),
+            Health::NoMachine => ("OutOfService", "Instance", "Instance is in stopped state."),
         };
         let _ = write!(
             members,
@@ -569,27 +672,72 @@ mod tests {
                      site-lb-443,i-0d,0,UP,1,INI\n\
                      site-lb-443,i-0e,0,UP 1/3,1,L4CON\n\
                      site-lb-443,BACKEND,0,UP,1,\n";
-        let up = servers_up(stats);
-        assert!(up.contains("site-lb-443/i-0a"));
-        assert!(!up.contains("site-lb-443/i-0b"));
-        assert!(
-            up.contains("site-lb-443/i-0c"),
+        let health = server_health(stats);
+        let of = |server: &str| health.get(&format!("site-lb-443/{server}")).copied();
+        assert_eq!(of("i-0a"), Some(Health::InService));
+        assert_eq!(of("i-0b"), Some(Health::Failing));
+        assert_eq!(
+            of("i-0c"),
+            Some(Health::InService),
             "going down: still in service"
         );
-        assert!(
-            !up.contains("site-lb-443/i-0d"),
+        assert_eq!(
+            of("i-0d"),
+            Some(Health::Initial),
             "never checked: out of service"
         );
-        assert!(!up.contains("site-lb-443/i-0e"), "its last check failed");
-        assert_eq!(up.len(), 2);
+        assert_eq!(of("i-0e"), Some(Health::Failing), "its last check failed");
+        assert_eq!(health.len(), 5);
+    }
+
+    #[test]
+    fn registered_instances_are_reported_with_their_health_and_the_url_is_https() {
+        let running = Running {
+            lb: lb(),
+            address: Ipv4Addr::new(127, 31, 5, 10),
+            backends: [("i-0a".to_owned(), Ipv4Addr::new(172, 31, 0, 4))].into(),
+        };
+        let servers: BTreeMap<String, Health> =
+            [("site-lb-443/i-0a".to_owned(), Health::Failing)].into();
+        assert_eq!(
+            instance_health(&running, &servers),
+            vec![
+                ("i-0a".to_owned(), Health::Failing),
+                ("i-0b".to_owned(), Health::NoMachine)
+            ]
+        );
+        assert_eq!(
+            instance_health(&running, &BTreeMap::new())[0].1,
+            Health::Initial,
+            "not in HAProxy's stats yet"
+        );
+        assert_eq!(url(&running), "https://127.31.5.10/");
+    }
+
+    #[test]
+    fn a_load_balancer_keeps_its_address_when_another_comes_or_goes() {
+        let state = tempfile::tempdir().unwrap();
+        let balancers = Balancers::new(&Lab::new(state.path(), Path::new("/i")).unwrap());
+        let first = balancers.assign_hosts(&["b", "c"]);
+        assert_eq!(first, [("b".to_owned(), 10), ("c".to_owned(), 11)].into());
+        let second = balancers.assign_hosts(&["a", "c"]);
+        assert_eq!(second, [("a".to_owned(), 10), ("c".to_owned(), 11)].into());
+        let third = balancers.assign_hosts(&["a", "c", "d"]);
+        assert_eq!(third["d"], 12);
     }
 
     #[test]
     fn instance_health_answers_as_elb_does() {
-        let xml = instance_health_xml(&[("i-0a".into(), true), ("i-0b".into(), false)], &[]);
+        let health = [
+            ("i-0a".to_owned(), Health::InService),
+            ("i-0b".to_owned(), Health::Failing),
+            ("i-0c".to_owned(), Health::Initial),
+        ];
+        let xml = instance_health_xml(&health, &[]);
         assert!(xml.contains("<InstanceId>i-0a</InstanceId><State>InService</State>"));
         assert!(xml.contains("<InstanceId>i-0b</InstanceId><State>OutOfService</State><ReasonCode>Instance</ReasonCode>"));
-        let only = instance_health_xml(&[("i-0a".into(), true), ("i-0b".into(), false)], &["i-0b"]);
+        assert!(xml.contains("<Description>Instance registration is still in progress.</Description><InstanceId>i-0c</InstanceId><State>OutOfService</State><ReasonCode>ELB</ReasonCode>"));
+        let only = instance_health_xml(&health, &["i-0b"]);
         assert!(!only.contains("i-0a"));
         assert_eq!(
             parse_target("HTTPS:443/healthcheck.html"),

@@ -16,7 +16,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::{bail, Context as _};
 use nix::sys::signal::Signal;
 use rigger_local::process::{self, PidRecord, ProcessSpec};
 
@@ -328,6 +328,10 @@ pub fn status(lab: &Lab) -> anyhow::Result<LabStatus> {
         runner_pid: runner.map(|r| r.pid),
         runner_phase: reported.as_ref().map(|s| s.phase),
         message: reported.as_ref().map(|s| s.message.clone()),
+        load_balancers: reported
+            .as_ref()
+            .map(|s| s.load_balancers.clone())
+            .unwrap_or_default(),
         machines: reported.map(|s| s.machines).unwrap_or_default(),
         leftovers,
     })

@@ -21,18 +21,18 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, bail};
+use anyhow::{bail, Context as _};
 use rigger_aws::lab::LabInstance;
 use rigger_aws::{Clients, Connection};
 use rigger_local::process::Supervised;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::balancer::{BalancerEdge, Balancers};
 use crate::bastion::Bastion;
 use crate::dns::LabZone;
 use crate::front::{Edges, Front};
 use crate::imds::{IssuedCredentials, MachineMetadata, Machines, Profile, Service};
-use crate::layout::{Lab, is_instance_id};
+use crate::layout::{is_instance_id, Lab};
 use crate::machine::{self, MachineSpec};
 use crate::net::{self, Cidr};
 use crate::pki::Pki;
@@ -95,6 +95,7 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
             lab_address: None,
             bastion: None,
             machines: Vec::new(),
+            load_balancers: Vec::new(),
         },
         machines: Arc::new(RwLock::new(HashMap::new())),
         entries: BTreeMap::new(),
@@ -392,6 +393,7 @@ impl Runner {
         if let Err(error) = self.balancers.converge(lbs, &addresses, &pki).await {
             tracing::warn!(error = %format!("{error:#}"), "load balancers");
         }
+        self.status.load_balancers = self.balancers.status();
     }
 
     /// Plugs every attached volume into its instance's running machine (read every second).
@@ -484,6 +486,7 @@ impl Runner {
             }
         }
         self.status.machines.clear();
+        self.status.load_balancers.clear();
     }
 
     /// One round: every instance's machine towards what its state asks.
@@ -972,10 +975,8 @@ mod tests {
         assert!(refusal(&none, &s, vpc).unwrap_err().contains("no private"));
         let mut classic = instance("running", &s.ami, "10.86.254.0");
         classic.subnet_id = None;
-        assert!(
-            refusal(&classic, &s, vpc)
-                .unwrap_err()
-                .contains("without a subnet")
-        );
+        assert!(refusal(&classic, &s, vpc)
+            .unwrap_err()
+            .contains("without a subnet"));
     }
 }

@@ -106,6 +106,34 @@ pub struct RunnerStatus {
     #[serde(default)]
     pub bastion: Option<BastionStatus>,
     pub machines: Vec<MachineStatus>,
+    /// The emulator's load balancers as HAProxy serves them ([`crate::balancer`]).
+    #[serde(default)]
+    pub load_balancers: Vec<BalancerStatus>,
+}
+
+/// A load balancer of the emulator as the lab serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalancerStatus {
+    pub name: String,
+    /// `classic`.
+    pub kind: String,
+    /// Where it listens on this machine's loopback.
+    pub address: String,
+    /// `https://ADDRESS/` when it has an HTTPS listener on 443, else `http://ADDRESS/`: what
+    /// `rigger status` prints, and it works from this machine.
+    pub url: String,
+    /// Its registered instances, with HAProxy's view of their health.
+    pub backends: Vec<BackendStatus>,
+}
+
+/// A registered instance behind a lab load balancer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub instance_id: String,
+    /// Its private address; none while it has no running machine.
+    pub address: Option<String>,
+    /// `in_service` (its health check passes in HAProxy) or `out_of_service`.
+    pub state: String,
 }
 
 /// The lab's bastion ([`crate::bastion`]), as rigger.toml and `known_hosts` name it.
@@ -141,6 +169,7 @@ pub struct LabStatus {
     pub runner_phase: Option<Phase>,
     pub message: Option<String>,
     pub machines: Vec<MachineStatus>,
+    pub load_balancers: Vec<BalancerStatus>,
     /// What is left of a lab that is not running cleanly (processes, namespaces, mounts,
     /// cgroups).
     pub leftovers: Vec<String>,

@@ -4,10 +4,10 @@
 use std::ffi::OsString;
 
 use anyhow::Context as _;
-use rigger_lab::Lab;
 use rigger_lab::control::{self, UpOptions, UpOutcome};
 use rigger_lab::image::{self, Built};
 use rigger_lab::status::LabStatus;
+use rigger_lab::Lab;
 
 use super::{runtime, say};
 use crate::args::{LabArgs, LabCommand, LabStatusArgs, LabUpArgs};
@@ -160,6 +160,20 @@ fn print_status(status: &LabStatus) {
                     .map(|d| format!(": {d}"))
                     .unwrap_or_default()
             );
+        }
+    }
+    if !status.load_balancers.is_empty() {
+        println!("load balancers:");
+        for balancer in &status.load_balancers {
+            println!("  {}  {}  ({})", balancer.name, balancer.url, balancer.kind);
+            for backend in &balancer.backends {
+                println!(
+                    "    {}  {:<15}  {}",
+                    backend.instance_id,
+                    backend.address.as_deref().unwrap_or("-"),
+                    backend.state
+                );
+            }
         }
     }
     for leftover in &status.leftovers {
