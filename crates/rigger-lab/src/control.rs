@@ -16,7 +16,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use nix::sys::signal::Signal;
 use rigger_local::process::{self, PidRecord, ProcessSpec};
 

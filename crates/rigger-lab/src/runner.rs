@@ -21,18 +21,18 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context as _};
+use anyhow::{Context as _, bail};
 use rigger_aws::lab::LabInstance;
 use rigger_aws::{Clients, Connection};
 use rigger_local::process::Supervised;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::balancer::{BalancerEdge, Balancers};
 use crate::bastion::Bastion;
 use crate::dns::LabZone;
 use crate::front::{Edges, Front};
 use crate::imds::{IssuedCredentials, MachineMetadata, Machines, Profile, Service};
-use crate::layout::{is_instance_id, Lab};
+use crate::layout::{Lab, is_instance_id};
 use crate::machine::{self, MachineSpec};
 use crate::net::{self, Cidr};
 use crate::pki::Pki;
@@ -975,8 +975,10 @@ mod tests {
         assert!(refusal(&none, &s, vpc).unwrap_err().contains("no private"));
         let mut classic = instance("running", &s.ami, "10.86.254.0");
         classic.subnet_id = None;
-        assert!(refusal(&classic, &s, vpc)
-            .unwrap_err()
-            .contains("without a subnet"));
+        assert!(
+            refusal(&classic, &s, vpc)
+                .unwrap_err()
+                .contains("without a subnet")
+        );
     }
 }

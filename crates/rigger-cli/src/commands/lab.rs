@@ -4,10 +4,10 @@
 use std::ffi::OsString;
 
 use anyhow::Context as _;
+use rigger_lab::Lab;
 use rigger_lab::control::{self, UpOptions, UpOutcome};
 use rigger_lab::image::{self, Built};
 use rigger_lab::status::LabStatus;
-use rigger_lab::Lab;
 
 use super::{runtime, say};
 use crate::args::{LabArgs, LabCommand, LabStatusArgs, LabUpArgs};
