@@ -508,14 +508,15 @@ fn server_health(stats: &str) -> BTreeMap<String, Health> {
                 return None;
             }
             let backend = fields.get(px)?;
-            // UP, and its last check passed: HAProxy counts a server it has not checked yet
-            // (`INI`) as up, ELB does not. A server that only tracks another has no check.
+            // UP and checked: in service, also while going down (`UP 1/3` after a failed
+            // check), as ELB keeps an instance in service until the unhealthy threshold of
+            // failed checks. HAProxy counts a server it has not checked yet (`INI`) as up, ELB
+            // does not. A server that only tracks another has no check status.
             let last = check
                 .and_then(|c| fields.get(c))
                 .map(|c| c.trim_start_matches("* "))
                 .unwrap_or("");
-            let passed = last.is_empty() || matches!(last, "L4OK" | "L6OK" | "L7OK");
-            let health = if fields.get(status)?.starts_with("UP") && passed {
+            let health = if fields.get(status)?.starts_with("UP") && last != "INI" {
                 Health::InService
             } else if last == "INI" || last.is_empty() {
                 Health::Initial
@@ -686,7 +687,11 @@ mod tests {
             Some(Health::Initial),
             "never checked: out of service"
         );
-        assert_eq!(of("i-0e"), Some(Health::Failing), "its last check failed");
+        assert_eq!(
+            of("i-0e"),
+            Some(Health::InService),
+            "one failed check, below the unhealthy threshold: still in service"
+        );
         assert_eq!(health.len(), 5);
     }
 
