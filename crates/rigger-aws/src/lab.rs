@@ -1,7 +1,8 @@
 //! What the lab (`rigger-lab`, `rigger lab`) asks of the AWS API it stands behind: the
 //! instances to make real machines of, what their metadata service answers (user-data, the
-//! key pair's public key, the credentials of the instance profile's role) and the default
-//! VPC whose range the lab's network carries.
+//! key pair's public key, the credentials of the instance profile's role), the default
+//! VPC whose range the lab's network carries, and the load balancers (classic; application
+//! with their target groups) it serves with HAProxy.
 //!
 //! The lab runs no AWS SDK of its own (only this crate depends on it): every call is here and
 //! returns plain values, so the lab never sees an SDK type. The SDK crates are re-exported in
@@ -17,6 +18,7 @@ use crate::error::{AwsError, Context as _};
 pub mod sdk {
     pub use aws_sdk_ec2 as ec2;
     pub use aws_sdk_elasticloadbalancing as elb;
+    pub use aws_sdk_elasticloadbalancingv2 as elbv2;
     pub use aws_sdk_iam as iam;
     pub use aws_sdk_sts as sts;
 }
@@ -261,6 +263,172 @@ pub async fn classic_load_balancers(clients: &Clients) -> Result<Vec<LabLoadBala
             })
         })
         .collect())
+}
+
+/// An application load balancer as the lab runs it (its target groups apart: a target group
+/// may serve several listeners, or none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabApplicationLoadBalancer {
+    pub name: String,
+    pub arn: String,
+    pub dns_name: String,
+    /// (port, protocol, the target group its default action forwards to). A listener whose
+    /// default action forwards nowhere (redirect, fixed response) has none.
+    pub listeners: Vec<(i32, String, Option<String>)>,
+}
+
+/// A target group as the lab runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabTargetGroup {
+    pub arn: String,
+    pub name: String,
+    /// The targets' protocol (`HTTP`, `HTTPS`).
+    pub protocol: String,
+    pub port: i32,
+    pub health_enabled: bool,
+    pub health_protocol: String,
+    /// `None`: the traffic port (each target's own).
+    pub health_port: Option<i32>,
+    pub health_path: String,
+    pub interval_seconds: i32,
+    pub timeout_seconds: i32,
+    pub healthy_threshold: i32,
+    pub unhealthy_threshold: i32,
+    /// The codes a passing check answers (`200`, `200-299`, `200,302`).
+    pub matcher: String,
+    /// How long a deregistered target drains (`deregistration_delay.timeout_seconds`).
+    pub deregistration_delay_seconds: i32,
+    /// The load balancers that forward to it.
+    pub load_balancer_arns: Vec<String>,
+    /// Registered targets: (instance id, port).
+    pub targets: Vec<(String, i32)>,
+}
+
+/// Every application load balancer in the region, and every target group.
+pub async fn application_load_balancers(
+    clients: &Clients,
+) -> Result<(Vec<LabApplicationLoadBalancer>, Vec<LabTargetGroup>), AwsError> {
+    use aws_sdk_elasticloadbalancingv2::types::{ActionTypeEnum, LoadBalancerTypeEnum};
+    let mut balancers = Vec::new();
+    let mut pages = clients
+        .elbv2
+        .describe_load_balancers()
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.op("DescribeLoadBalancers (application)", &clients.region)?;
+        for lb in page.load_balancers() {
+            if lb.r#type() != Some(&LoadBalancerTypeEnum::Application) {
+                continue;
+            }
+            let (Some(name), Some(arn)) = (lb.load_balancer_name(), lb.load_balancer_arn()) else {
+                continue;
+            };
+            let listeners = clients
+                .elbv2
+                .describe_listeners()
+                .load_balancer_arn(arn)
+                .send()
+                .await
+                .op("DescribeListeners", name)?;
+            let mut listeners: Vec<(i32, String, Option<String>)> = listeners
+                .listeners()
+                .iter()
+                .filter_map(|l| {
+                    let forward = l
+                        .default_actions()
+                        .iter()
+                        .find(|a| a.r#type() == Some(&ActionTypeEnum::Forward))
+                        .and_then(|a| {
+                            a.target_group_arn().map(str::to_owned).or_else(|| {
+                                a.forward_config()?
+                                    .target_groups()
+                                    .iter()
+                                    .find_map(|g| g.target_group_arn())
+                                    .map(str::to_owned)
+                            })
+                        });
+                    Some((l.port()?, l.protocol()?.as_str().to_owned(), forward))
+                })
+                .collect();
+            listeners.sort();
+            balancers.push(LabApplicationLoadBalancer {
+                name: name.to_owned(),
+                arn: arn.to_owned(),
+                dns_name: lb.dns_name().unwrap_or_default().to_owned(),
+                listeners,
+            });
+        }
+    }
+    let mut groups = Vec::new();
+    let mut pages = clients
+        .elbv2
+        .describe_target_groups()
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.op("DescribeTargetGroups", &clients.region)?;
+        for group in page.target_groups() {
+            let (Some(arn), Some(name)) = (group.target_group_arn(), group.target_group_name())
+            else {
+                continue;
+            };
+            let health = clients
+                .elbv2
+                .describe_target_health()
+                .target_group_arn(arn)
+                .send()
+                .await
+                .op("DescribeTargetHealth", name)?;
+            let attributes = clients
+                .elbv2
+                .describe_target_group_attributes()
+                .target_group_arn(arn)
+                .send()
+                .await
+                .op("DescribeTargetGroupAttributes", name)?;
+            let port = group.port().unwrap_or(80);
+            let protocol = group.protocol().map_or("HTTP", |p| p.as_str()).to_owned();
+            groups.push(LabTargetGroup {
+                arn: arn.to_owned(),
+                name: name.to_owned(),
+                port,
+                health_enabled: group.health_check_enabled().unwrap_or(true),
+                health_protocol: group
+                    .health_check_protocol()
+                    .map_or(protocol.as_str(), |p| p.as_str())
+                    .to_owned(),
+                protocol,
+                health_port: group.health_check_port().and_then(|p| p.parse().ok()),
+                health_path: group.health_check_path().unwrap_or("/").to_owned(),
+                interval_seconds: group.health_check_interval_seconds().unwrap_or(30),
+                timeout_seconds: group.health_check_timeout_seconds().unwrap_or(5),
+                healthy_threshold: group.healthy_threshold_count().unwrap_or(5),
+                unhealthy_threshold: group.unhealthy_threshold_count().unwrap_or(2),
+                matcher: group
+                    .matcher()
+                    .and_then(|m| m.http_code())
+                    .unwrap_or("200")
+                    .to_owned(),
+                deregistration_delay_seconds: attributes
+                    .attributes()
+                    .iter()
+                    .find(|a| a.key() == Some("deregistration_delay.timeout_seconds"))
+                    .and_then(|a| a.value()?.parse().ok())
+                    .unwrap_or(300),
+                load_balancer_arns: group.load_balancer_arns().to_vec(),
+                targets: health
+                    .target_health_descriptions()
+                    .iter()
+                    .filter_map(|d| {
+                        let target = d.target()?;
+                        Some((target.id()?.to_owned(), target.port().unwrap_or(port)))
+                    })
+                    .collect(),
+            });
+        }
+    }
+    Ok((balancers, groups))
 }
 
 /// Marks the group instance `instance_id` unhealthy and has its group replace it (terminated

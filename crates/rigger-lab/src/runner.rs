@@ -362,7 +362,8 @@ impl Runner {
         Ok(())
     }
 
-    /// Serves every classic load balancer with HAProxy (read every second).
+    /// Serves every load balancer (classic, and application with its target groups) with
+    /// HAProxy (read every second).
     async fn converge_balancers(&mut self) {
         if self
             .balancers_read
@@ -371,12 +372,25 @@ impl Runner {
             return;
         }
         self.balancers_read = Some(Instant::now());
-        let lbs = match rigger_aws::lab::classic_load_balancers(&self.clients).await {
+        let classic = match rigger_aws::lab::classic_load_balancers(&self.clients).await {
             Ok(lbs) => lbs,
             Err(error) => {
                 tracing::warn!(%error, "DescribeLoadBalancers");
                 return;
             }
+        };
+        let (application, target_groups) =
+            match rigger_aws::lab::application_load_balancers(&self.clients).await {
+                Ok(read) => read,
+                Err(error) => {
+                    tracing::warn!(%error, "application load balancers");
+                    return;
+                }
+            };
+        let emulated = crate::balancer::Emulated {
+            classic,
+            application,
+            target_groups,
         };
         let addresses: HashMap<String, Ipv4Addr> = self
             .entries
@@ -390,7 +404,7 @@ impl Runner {
             })
             .collect();
         let pki = Pki::of(&self.lab);
-        if let Err(error) = self.balancers.converge(lbs, &addresses, &pki).await {
+        if let Err(error) = self.balancers.converge(emulated, &addresses, &pki).await {
             tracing::warn!(error = %format!("{error:#}"), "load balancers");
         }
         self.status.load_balancers = self.balancers.status();

@@ -115,7 +115,7 @@ pub struct RunnerStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalancerStatus {
     pub name: String,
-    /// `classic`.
+    /// `classic` or `application`.
     pub kind: String,
     /// Where it listens on this machine's loopback.
     pub address: String,
@@ -132,8 +132,13 @@ pub struct BackendStatus {
     pub instance_id: String,
     /// Its private address; none while it has no running machine.
     pub address: Option<String>,
-    /// `in_service` (its health check passes in HAProxy) or `out_of_service`.
+    /// `in_service` (its health check passes in HAProxy), `out_of_service`, or `draining`
+    /// (deregistered from a target group, finishing its connections).
     pub state: String,
+    /// The target group it is registered with (application load balancers: an instance in
+    /// two groups is listed twice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_group: Option<String>,
 }
 
 /// The lab's bastion ([`crate::bastion`]), as rigger.toml and `known_hosts` name it.

@@ -168,10 +168,15 @@ fn print_status(status: &LabStatus) {
             println!("  {}  {}  ({})", balancer.name, balancer.url, balancer.kind);
             for backend in &balancer.backends {
                 println!(
-                    "    {}  {:<15}  {}",
+                    "    {}  {:<15}  {}{}",
                     backend.instance_id,
                     backend.address.as_deref().unwrap_or("-"),
-                    backend.state
+                    backend.state,
+                    backend
+                        .target_group
+                        .as_ref()
+                        .map(|group| format!("  (target group {group})"))
+                        .unwrap_or_default()
                 );
             }
         }
