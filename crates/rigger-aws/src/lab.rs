@@ -16,6 +16,7 @@ use crate::error::{AwsError, Context as _};
 
 /// The SDK crates, for tests that drive the emulator the way a user's tools would.
 pub mod sdk {
+    pub use aws_sdk_autoscaling as autoscaling;
     pub use aws_sdk_ec2 as ec2;
     pub use aws_sdk_elasticloadbalancing as elb;
     pub use aws_sdk_elasticloadbalancingv2 as elbv2;

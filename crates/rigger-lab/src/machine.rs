@@ -9,7 +9,10 @@
 //! otherwise shares one with every other machine), with the instance's private address's
 //! host name, with the right to manage its own network (as root on an instance has), without
 //! registering with a systemd on this machine, without touching this machine's resolv.conf,
-//! journal or time zone. `systemd-nspawn` is started as a process-group
+//! journal or time zone, with the EBS volumes attached when it starts bound at their device
+//! names ([`crate::volume`]) and a systemd generator that mounts fstab's device entries at
+//! boot as an instance's systemd does (in a container systemd skips them). `systemd-nspawn`
+//! is started as a process-group
 //! leader with a pid record ([`rigger_local::process`]), so a later `rigger lab down` stops it
 //! even when the runner that started it was killed.
 //!
@@ -28,6 +31,7 @@ use rigger_local::process::{self, PidRecord, ProcessSpec, StopOutcome, Supervise
 use crate::layout::Lab;
 use crate::net::{self, Cidr, MachineLink};
 use crate::sys;
+use crate::volume::BootDisk;
 
 /// How long a machine may take to shut down before it is killed.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,6 +49,8 @@ pub struct MachineSpec {
     pub rootfs: PathBuf,
     /// The bridge port's number ([`net::bridge_port`]).
     pub port_index: u64,
+    /// The EBS volumes attached when it starts ([`crate::volume::Volumes::boot_disks`]).
+    pub disks: Vec<BootDisk>,
 }
 
 /// The host name EC2 gives an instance with private address `address`.
@@ -145,6 +151,8 @@ async fn start_inner(lab: &Lab, spec: &MachineSpec) -> anyhow::Result<Supervised
     })
     .await?;
 
+    let generators = write_generators(lab)?;
+
     let groups = cgroups(lab, id);
     for group in &groups {
         std::fs::create_dir_all(group)
@@ -170,7 +178,15 @@ async fn start_inner(lab: &Lab, spec: &MachineSpec) -> anyhow::Result<Supervised
         // Root on an instance manages its own network: rigger's boot script loads nftables
         // rules. Only this machine's namespace, which leads nowhere but the lab's bridge.
         "--capability=CAP_NET_ADMIN".to_owned(),
+        // fstab's device entries mounted at boot, as on an instance (see the generator).
+        format!("--bind-ro={}:{GENERATORS_IN_MACHINE}", generators.display()),
     ]);
+    // Its volumes, there before its first unit starts.
+    args.extend(
+        spec.disks
+            .iter()
+            .map(|disk| format!("--bind={}:/dev/{}", disk.loop_device, disk.name)),
+    );
     let spec = ProcessSpec {
         name: format!("machine {id}"),
         program: PathBuf::from("/bin/sh"),
@@ -188,6 +204,31 @@ async fn start_inner(lab: &Lab, spec: &MachineSpec) -> anyhow::Result<Supervised
     process::spawn(&spec)
         .await
         .with_context(|| format!("starting systemd-nspawn for {id}"))
+}
+
+/// Where a machine finds the lab's systemd generators (bound read-only): a directory of
+/// systemd's search path that Debian leaves empty.
+const GENERATORS_IN_MACHINE: &str = "/usr/local/lib/systemd/system-generators";
+
+/// The generator that mounts fstab's device entries in a machine, which systemd skips in a
+/// container (its /sys is read-only) and an instance's systemd mounts: rigger's data volume
+/// line must hold across a reboot.
+const FSTAB_DEVICES_GENERATOR: &str = include_str!("../assets/fstab-devices-generator");
+
+/// Writes the lab's generators for machines (unless they are there as they should be) and
+/// returns their directory.
+fn write_generators(lab: &Lab) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = lab.state.join("machine-generators");
+    sys::create_trusted_dir(&dir, 0o755)?;
+    let file = dir.join("rigger-lab-fstab-devices");
+    if std::fs::read_to_string(&file).ok().as_deref() != Some(FSTAB_DEVICES_GENERATOR) {
+        rigger_local::files::write_atomically(&file, FSTAB_DEVICES_GENERATOR.as_bytes())
+            .with_context(|| format!("writing {}", file.display()))?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {} executable", file.display()))?;
+    }
+    Ok(dir)
 }
 
 /// The record of the machine's running `systemd-nspawn`, if it runs.

@@ -426,13 +426,14 @@ impl Runner {
                 return;
             }
         };
-        let machines: HashMap<String, i32> = self
+        // A machine whose PID 1 is not there yet is starting (its volumes bound at boot).
+        let machines: HashMap<String, Option<i32>> = self
             .entries
             .iter()
             .filter(|(_, e)| e.state == MachineState::Running)
             .filter_map(|(id, e)| {
-                let init = crate::volume::machine_init(e.process.as_ref()?.pid())?;
-                Some((id.clone(), init))
+                let nspawn = e.process.as_ref()?.pid();
+                Some((id.clone(), crate::volume::machine_init(nspawn)))
             })
             .collect();
         self.volumes.converge(&volumes, &machines).await;
@@ -671,6 +672,17 @@ impl Runner {
                 }
             }
         }
+        // The volumes attached to the machines that start are bound at boot.
+        let attached = if starts.is_empty() {
+            Vec::new()
+        } else {
+            rigger_aws::lab::volumes(&self.clients)
+                .await
+                .unwrap_or_else(|error| {
+                    tracing::warn!(%error, "DescribeVolumes (their volumes are hot-plugged)");
+                    Vec::new()
+                })
+        };
         let mut starting = tokio::task::JoinSet::new();
         for instance in starts {
             let address = match refusal(&instance, &self.settings, vpc) {
@@ -698,6 +710,7 @@ impl Runner {
                 mac: net::mac_address(&instance.id),
                 rootfs: PathBuf::from(&self.settings.image_rootfs),
                 port_index: self.next_port,
+                disks: self.volumes.boot_disks(&attached, &instance.id).await,
             };
             self.next_port += 1;
             let lab = self.lab.clone();

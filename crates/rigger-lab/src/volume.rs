@@ -5,12 +5,22 @@
 //! across detaching and its instance's end, removed when the volume is deleted. While it is
 //! attached to an instance whose machine runs, it is a loop device of this machine, and a
 //! device node in the machine named as a Xen instance names it (`/dev/sdf` attaches as
-//! `/dev/xvdf`), hot-plugged into the running machine (rigger attaches a stand-alone server's
-//! volume after the instance starts, and its boot script waits for the disk). udev does not
-//! run in a machine, so the lab also makes the `/dev/disk/by-uuid/` link of a disk that holds a
-//! filesystem, as udev would: the boot script's fstab line names the filesystem's UUID. A
-//! machine that boots again (a reboot) has its disks plugged again. The instance's root device
+//! `/dev/xvdf`). Two ways in:
+//! - **at boot** ([`Volumes::boot_disks`]): a machine that starts (launched with a launch
+//!   template's volume, started again, rebooted) gets its attached volumes' loop devices bound
+//!   by `systemd-nspawn` at their names (`--bind=/dev/loopN:/dev/xvdf`), so they are there
+//!   before its first unit (its fstab) runs;
+//! - **hot-plugged** ([`Volumes::converge`], every second): a volume attached to a machine
+//!   that is already up (rigger attaches a stand-alone server's volume after launch, and its
+//!   boot script waits for the disk) gets its node made in the machine's own `/dev`
+//!   (`nsenter` into its mount namespace, `mknod`).
+//!
+//! udev does not run in a machine, so the lab also makes the `/dev/disk/by-uuid/` link of a
+//! hot-plugged disk that holds a filesystem, as udev would. The instance's root device
 //! (`/dev/sda1`, `/dev/xvda`) is the machine's overlay, not a volume.
+//!
+//! The machines' device cgroup (v1 `devices`, where there is one) is the lab's, which allows
+//! every device as its parent does: a node made in a machine is usable there.
 //!
 //! `rigger lab down` detaches every loop device backed by a file of this lab and removes the
 //! files: the emulator's volumes end with it.
@@ -34,10 +44,65 @@ pub struct Volumes {
 struct Plugged {
     instance: String,
     /// The machine's PID 1 (as seen from here) when it was plugged: another one is a new boot.
-    init: i32,
+    /// `None`: bound at boot, and that boot's PID 1 not seen yet.
+    init: Option<i32>,
     /// `xvdf`.
     name: String,
     loop_device: String,
+}
+
+/// A volume bound into a machine by `systemd-nspawn` when it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootDisk {
+    /// `/dev/loop3`.
+    pub loop_device: String,
+    /// `xvdf`: the machine's `/dev/xvdf`.
+    pub name: String,
+}
+
+/// What one round does with one volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Keep,
+    /// It was bound at boot into this boot (PID 1).
+    Adopt(i32),
+    /// Make its node in this boot (PID 1) of its machine, after unplugging it from elsewhere.
+    Plug(i32),
+    Unplug,
+}
+
+/// Where a volume goes: `current`, where it is plugged; `wanted`, the instance and device
+/// name the emulator attaches it as; `machines`, each running machine's PID 1 (`None` while
+/// nspawn has not started it yet).
+fn step(
+    current: Option<&Plugged>,
+    wanted: Option<(&str, &str)>,
+    machines: &HashMap<String, Option<i32>>,
+) -> Step {
+    let target = wanted.and_then(|(instance, _)| machines.get(instance).copied());
+    match current {
+        Some(now) if wanted == Some((now.instance.as_str(), now.name.as_str())) => {
+            match (target, now.init) {
+                (None, _) => Step::Unplug,
+                // Between nspawn and its PID 1: bound at boot, or the node comes next round.
+                (Some(None), _) => Step::Keep,
+                (Some(Some(init)), None) => Step::Adopt(init),
+                (Some(Some(init)), Some(plugged)) if init == plugged => Step::Keep,
+                // Another boot, which it was not bound into.
+                (Some(Some(init)), Some(_)) => Step::Plug(init),
+            }
+        }
+        Some(now) => match (machines.get(&now.instance), target) {
+            // Bound into a machine that is starting: it cannot be taken out before it is up.
+            (Some(None), _) => Step::Keep,
+            (_, Some(Some(init))) => Step::Plug(init),
+            _ => Step::Unplug,
+        },
+        None => match target {
+            Some(Some(init)) => Step::Plug(init),
+            _ => Step::Keep,
+        },
+    }
 }
 
 impl Volumes {
@@ -49,22 +114,37 @@ impl Volumes {
     }
 
     /// One round: every attached volume plugged into its instance's running machine
-    /// (`machines`: instance id -> the machine's PID 1), every other one unplugged, deleted
-    /// ones' files removed.
-    pub async fn converge(&mut self, volumes: &[LabVolume], machines: &HashMap<String, i32>) {
+    /// (`machines`: instance id -> the machine's PID 1, `None` while it is starting), every
+    /// other one unplugged, deleted ones' files removed.
+    pub async fn converge(
+        &mut self,
+        volumes: &[LabVolume],
+        machines: &HashMap<String, Option<i32>>,
+    ) {
         let listed: HashSet<&str> = volumes.iter().map(|v| v.id.as_str()).collect();
         for volume in volumes {
             let wanted = volume.attachment.as_ref().and_then(|(instance, device)| {
-                let name = machine_device_name(device)?;
-                let init = *machines.get(instance)?;
-                Some((instance.clone(), name, init))
+                Some((instance.clone(), machine_device_name(device)?))
             });
             let current = self.plugged.get(&volume.id).cloned();
-            match (wanted, current) {
-                (Some((instance, name, init)), Some(now))
-                    if now.instance == instance && now.name == name && now.init == init => {}
-                (Some((instance, name, init)), current) => {
+            let wanted_ref = wanted.as_ref().map(|(i, n)| (i.as_str(), n.as_str()));
+            match step(current.as_ref(), wanted_ref, machines) {
+                Step::Keep => {}
+                Step::Adopt(init) => {
+                    if let Some(plugged) = self.plugged.get_mut(&volume.id) {
+                        plugged.init = Some(init);
+                    }
+                }
+                Step::Unplug => {
                     if let Some(now) = current {
+                        self.unplug(&volume.id, &now).await;
+                    }
+                }
+                Step::Plug(init) => {
+                    let (instance, name) = wanted.expect("a plug has a target");
+                    if let Some(now) =
+                        current.filter(|now| now.instance != instance || now.name != name)
+                    {
                         self.unplug(&volume.id, &now).await;
                     }
                     match self.plug(volume, &instance, &name, init).await {
@@ -77,10 +157,6 @@ impl Volumes {
                             error = %format!("{error:#}"), "plugging a volume"),
                     }
                 }
-                (None, Some(now)) => {
-                    self.unplug(&volume.id, &now).await;
-                }
-                (None, None) => {}
             }
         }
         // Volumes the emulator no longer has: deleted.
@@ -116,23 +192,7 @@ impl Volumes {
         name: &str,
         init: i32,
     ) -> anyhow::Result<Plugged> {
-        crate::sys::create_trusted_dir(&self.dir, 0o700)?;
-        let file = self.dir.join(format!("{}.img", volume.id));
-        if !file.exists() {
-            let made = std::fs::File::create(&file)
-                .with_context(|| format!("creating {}", file.display()))?;
-            made.set_len(u64::try_from(volume.size_gib.max(1))? << 30)?;
-        }
-        let loop_device = match loops_of(&file).into_iter().next() {
-            Some(device) => device,
-            None => run(
-                "losetup",
-                &["--find", "--show", &file.display().to_string()],
-            )
-            .await?
-            .trim()
-            .to_owned(),
-        };
+        let loop_device = self.loop_device(volume).await?;
         let rdev = std::os::unix::fs::MetadataExt::rdev(
             &std::fs::metadata(&loop_device).with_context(|| format!("reading {loop_device}"))?,
         );
@@ -146,7 +206,9 @@ impl Volumes {
         .unwrap_or_default();
         // In the machine's mount namespace (its /dev is its own): the node, and the link udev
         // would make for a disk with a filesystem.
-        let script = "set -e; [ -b \"/dev/$1\" ] || mknod -m 0660 \"/dev/$1\" b \"$2\" \"$3\"; \
+        // Not `mknod -m`: it sets the mode through /proc/self, which is the machine's /proc
+        // here (another PID namespace), and fails.
+        let script = "set -e; [ -b \"/dev/$1\" ] || { mknod \"/dev/$1\" b \"$2\" \"$3\"; chmod 0660 \"/dev/$1\"; }; \
              if [ -n \"$4\" ]; then mkdir -p /dev/disk/by-uuid; ln -sfn \"../../$1\" \"/dev/disk/by-uuid/$4\"; fi";
         let init_text = init.to_string();
         let (major_text, minor_text) = (major.to_string(), minor.to_string());
@@ -171,18 +233,86 @@ impl Volumes {
         .with_context(|| format!("making /dev/{name} in the machine of {instance}"))?;
         Ok(Plugged {
             instance: instance.to_owned(),
-            init,
+            init: Some(init),
             name: name.to_owned(),
             loop_device,
         })
+    }
+
+    /// The volume's loop device: its sparse file made (the volume's size) if it has none yet,
+    /// attached to a loop device unless one is already.
+    async fn loop_device(&self, volume: &LabVolume) -> anyhow::Result<String> {
+        crate::sys::create_trusted_dir(&self.dir, 0o700)?;
+        let file = self.dir.join(format!("{}.img", volume.id));
+        if !file.exists() {
+            let made = std::fs::File::create(&file)
+                .with_context(|| format!("creating {}", file.display()))?;
+            made.set_len(u64::try_from(volume.size_gib.max(1))? << 30)?;
+        }
+        Ok(match loops_of(&file).into_iter().next() {
+            Some(device) => device,
+            None => run(
+                "losetup",
+                &["--find", "--show", &file.display().to_string()],
+            )
+            .await?
+            .trim()
+            .to_owned(),
+        })
+    }
+
+    /// The volumes attached to `instance` as loop devices for its machine's `systemd-nspawn`
+    /// to bind at their names: the machine is starting, and they are there at its first
+    /// instant (its fstab mounts them, as an instance's does at boot). A volume plugged into
+    /// another machine is left out (hot-plugged later, when that one lets go).
+    pub async fn boot_disks(&mut self, volumes: &[LabVolume], instance: &str) -> Vec<BootDisk> {
+        let mut disks = Vec::new();
+        for volume in volumes {
+            let Some((attached_to, device)) = &volume.attachment else {
+                continue;
+            };
+            let Some(name) = machine_device_name(device) else {
+                continue;
+            };
+            if attached_to != instance
+                || self
+                    .plugged
+                    .get(&volume.id)
+                    .is_some_and(|p| p.instance != instance)
+            {
+                continue;
+            }
+            match self.loop_device(volume).await {
+                Ok(loop_device) => {
+                    self.plugged.insert(
+                        volume.id.clone(),
+                        Plugged {
+                            instance: instance.to_owned(),
+                            init: None,
+                            name: name.clone(),
+                            loop_device: loop_device.clone(),
+                        },
+                    );
+                    tracing::info!(volume = %volume.id, %instance, device = %name,
+                        %loop_device, "volume bound at boot");
+                    disks.push(BootDisk { loop_device, name });
+                }
+                Err(error) => tracing::warn!(volume = %volume.id, %instance,
+                    error = %format!("{error:#}"), "a volume for a machine's boot"),
+            }
+        }
+        disks
     }
 
     /// Removes the node from the machine (when it still runs the same boot) and detaches the
     /// loop device. A filesystem still mounted in the machine keeps the device busy: the
     /// detach completes when it is unmounted (`losetup -d` is lazy), as a forced detach.
     async fn unplug(&mut self, id: &str, plugged: &Plugged) {
-        if Path::new(&format!("/proc/{}", plugged.init)).exists() {
-            let init = plugged.init.to_string();
+        if let Some(init) = plugged
+            .init
+            .filter(|init| Path::new(&format!("/proc/{init}")).exists())
+        {
+            let init = init.to_string();
             let node = format!("/dev/{}", plugged.name);
             let _ = run(
                 "nsenter",
@@ -311,6 +441,54 @@ mod tests {
         ] {
             assert_eq!(machine_device_name(root_or_odd), None, "{root_or_odd}");
         }
+    }
+
+    fn plugged(instance: &str, init: Option<i32>) -> Plugged {
+        Plugged {
+            instance: instance.to_owned(),
+            init,
+            name: "xvdf".to_owned(),
+            loop_device: "/dev/loop7".to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_volume_bound_at_boot_is_adopted_not_plugged_again() {
+        let starting: HashMap<String, Option<i32>> = [("i-1".to_owned(), None)].into();
+        let up: HashMap<String, Option<i32>> = [("i-1".to_owned(), Some(40))].into();
+        let at_boot = plugged("i-1", None);
+        let wanted = Some(("i-1", "xvdf"));
+        assert_eq!(step(Some(&at_boot), wanted, &starting), Step::Keep);
+        assert_eq!(step(Some(&at_boot), wanted, &up), Step::Adopt(40));
+        assert_eq!(
+            step(Some(&plugged("i-1", Some(40))), wanted, &up),
+            Step::Keep
+        );
+        // A boot it was not bound into (its PID 1 another): hot-plugged there.
+        assert_eq!(
+            step(Some(&plugged("i-1", Some(39))), wanted, &up),
+            Step::Plug(40)
+        );
+        // Attached to a machine that is up: hot-plugged; to one that is starting: not yet.
+        assert_eq!(step(None, wanted, &up), Step::Plug(40));
+        assert_eq!(step(None, wanted, &starting), Step::Keep);
+    }
+
+    #[test]
+    fn a_volume_leaves_with_its_attachment_or_its_machine() {
+        let up: HashMap<String, Option<i32>> =
+            [("i-1".to_owned(), Some(40)), ("i-2".to_owned(), Some(50))].into();
+        let none = HashMap::new();
+        let now = plugged("i-1", Some(40));
+        assert_eq!(step(Some(&now), None, &up), Step::Unplug);
+        assert_eq!(step(Some(&now), Some(("i-1", "xvdf")), &none), Step::Unplug);
+        assert_eq!(step(Some(&now), Some(("i-2", "xvdf")), &up), Step::Plug(50));
+        // Still bound into a machine that is starting: it waits.
+        let starting: HashMap<String, Option<i32>> = [("i-1".to_owned(), None)].into();
+        assert_eq!(
+            step(Some(&plugged("i-1", None)), None, &starting),
+            Step::Keep
+        );
     }
 
     #[test]
