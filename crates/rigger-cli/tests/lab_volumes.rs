@@ -10,8 +10,9 @@
 //!   instance no profile) and the volume at boot; a machine killed (SIGKILL to its
 //!   `systemd-nspawn`) is replaced by the group, and the replacement boots.
 //!
-//! `rigger lab down` leaves nothing, no loop device either. Needs root, the lab image
-//! (`rigger lab image`) and moto (scripts/moto.sh); fails, never skips, when one is missing.
+//! `rigger lab down` leaves nothing, no loop device either (also after the runner was
+//! killed). Needs root, the lab image (`rigger lab image`) and moto (scripts/moto.sh); fails,
+//! never skips, when one is missing.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -200,9 +201,9 @@ fn a_volume_is_a_disk_that_outlives_reboots_and_its_instance() {
     // As rigger's boot script does (mount_data_volume): format, mount, fstab by UUID, nofail.
     ssh.ok(
         "set -e; sudo mkfs.ext4 -q -L rigger-data /dev/xvdf; sudo install -d /data; \
-         sudo mount /dev/xvdf /data; echo kept | sudo tee /data/file >/dev/null; \
          uuid=$(sudo blkid -p -o value -s UUID /dev/xvdf); \
-         echo \"UUID=$uuid /data ext4 defaults,nofail 0 2\" | sudo tee -a /etc/fstab >/dev/null",
+         echo \"UUID=$uuid /data ext4 defaults,nofail 0 2\" | sudo tee -a /etc/fstab >/dev/null; \
+         sudo mount /data; echo kept | sudo tee /data/file >/dev/null",
     );
 
     // A reboot from inside: the runner boots the disk again, with the volume bound at boot.
@@ -451,5 +452,15 @@ fn a_group_instance_has_its_profile_and_a_dead_one_is_replaced() {
         machine(&status, &first).is_none(),
         "the dead machine is removed with its instance: {status:#}"
     );
+    // A runner killed with the replacement's volume plugged: down removes its loop device.
+    assert!(!loop_devices_of(f.lab.state.path()).is_empty());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(f.started.runner_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for("the runner gone", Duration::from_secs(10), || {
+        (!is_running(f.started.runner_pid)).then_some(())
+    });
     f.down();
 }
