@@ -30,6 +30,7 @@ pub mod environment;
 pub mod error;
 pub mod hostkeys;
 pub mod iam;
+pub mod image;
 pub mod lab;
 pub mod live;
 pub mod loadbalancer;
@@ -114,7 +115,16 @@ impl Provider {
             web: count(rigger_topology::Role::Web),
             worker: count(rigger_topology::Role::Worker),
         };
-        rigger_topology::desired_scaled(&self.env.config, &self.env.name, release, scaled)
+        let mut topology =
+            rigger_topology::desired_scaled(&self.env.config, &self.env.name, release, scaled)?;
+        image::use_image(&mut topology, &self.image(live), &live.observed(&self.env));
+        Ok(topology)
+    }
+
+    /// The image the environment's servers launch from: the one `rigger image build` baked
+    /// from rigger.toml's `ami`, else `ami` itself ([`image::choose`]).
+    pub fn image(&self, live: &Live) -> image::ImageChoice {
+        image::choose(&self.env.aws().ami, live.image.as_ref())
     }
 
     /// The release the environment's groups run (their launch template's or configuration's
@@ -197,7 +207,7 @@ impl Provider {
                 )
         });
         if launches {
-            self.check_image().await?;
+            self.check_image(&self.image(&live)).await?;
         }
         apply::apply(
             &self.env,
@@ -371,10 +381,11 @@ impl Provider {
             .is_empty())
     }
 
-    /// Fails early, naming the image, when the configured AMI does not exist in the region.
-    async fn check_image(&self) -> Result<(), AwsError> {
+    /// Fails early, naming the image, when the AMI servers launch from does not exist in the
+    /// region.
+    async fn check_image(&self, choice: &image::ImageChoice) -> Result<(), AwsError> {
         use error::Context as _;
-        let ami = &self.env.aws().ami;
+        let ami = &choice.ami;
         let found = self
             .clients
             .ec2
@@ -388,7 +399,13 @@ impl Provider {
                 "DescribeImages",
                 ami,
                 format!("the image does not exist in {}", self.env.aws().region),
-                ErrorKind::MissingImage.hint(),
+                match &choice.baked {
+                    Some(_) => format!(
+                        "the image `rigger image build` recorded was deregistered: run `rigger image build -e {}` again",
+                        self.env.name
+                    ),
+                    None => ErrorKind::MissingImage.hint().to_owned(),
+                },
             ));
         }
         Ok(())

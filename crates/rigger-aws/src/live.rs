@@ -225,6 +225,8 @@ pub struct Live {
     pub interfaces: Vec<LiveInterface>,
     /// Names of the SSM parameters under the environment's prefix.
     pub parameters: Vec<String>,
+    /// The image `rigger image build` recorded for the environment ([`crate::image`]).
+    pub image: Option<crate::image::RecordedImage>,
     /// Whether fenced database servers (a failover's old primary, stopped and tagged
     /// [`crate::database::FENCED_TAG`]) and their volumes are seen. They are not, by default:
     /// `plan` and `up` must neither delete nor reuse them; `down` sets this to remove them.
@@ -613,6 +615,7 @@ impl Live {
                 .into_iter()
                 .map(|(name, _)| name),
         );
+        live.image = crate::image::recorded(env, clients).await?;
         Ok(live)
     }
 

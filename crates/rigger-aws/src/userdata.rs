@@ -127,7 +127,7 @@ fn packages(role: Role) -> &'static [&'static str] {
 }
 
 /// Debian's own units for the programs rigger runs under its own units.
-const DEBIAN_UNITS: [&str; 7] = [
+pub(crate) const DEBIAN_UNITS: [&str; 7] = [
     "nginx.service",
     "pgbouncer.service",
     "stunnel4.service",

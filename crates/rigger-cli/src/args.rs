@@ -100,6 +100,23 @@ pub enum Command {
     /// The AWS lab: the emulator's instances booted as real machines on this one
     /// (docs/lab.md).
     Lab(LabArgs),
+    /// Machine images of an AWS environment.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Bake every role's packages into an AMI (a builder instance from rigger.toml's `ami`,
+    /// then CreateImage) and record it: the environment's servers launch from it from now on.
+    Build(ImageBuildArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImageBuildArgs {
+    /// Build a new image even when one with the same packages exists.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

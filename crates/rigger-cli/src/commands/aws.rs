@@ -94,6 +94,11 @@ pub(crate) fn observe(
         let topology = provider
             .desired(&live, &release)
             .map_err(|error| Failure::Usage(error.into()))?;
+        // The AMI launch templates and new servers use (a baked one, or rigger.toml's).
+        say(
+            settings,
+            &provider.image(&live).describe(&settings.environment),
+        );
         Ok((live.observed(&provider.env), topology))
     })
 }

@@ -5,6 +5,7 @@ mod aws;
 mod aws_db;
 mod db;
 mod deploy;
+mod image;
 mod init;
 mod lab;
 mod local;
@@ -51,6 +52,7 @@ pub(crate) fn dispatch(command: Command, settings: &Settings) -> Result<(), Fail
         Command::Maintenance(args) => deploy::maintenance(args, settings),
         Command::Db(command) => db::run(command, settings),
         Command::Lab(args) => lab::run(args, settings),
+        Command::Image(command) => image::run(command, settings),
     }
 }
 
