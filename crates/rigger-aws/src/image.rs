@@ -361,11 +361,11 @@ pub async fn build(
     let base = env.aws().ami.clone();
     check_base(clients, &base).await?;
     let hash = packages_hash(env, &base);
-    if !options.force {
-        if let Some(image) = existing(env, clients, &hash, waits, report).await? {
-            record(env, clients, &image).await?;
-            return Ok(BuildOutcome::Reused(image));
-        }
+    if !options.force
+        && let Some(image) = existing(env, clients, &hash, waits, report).await?
+    {
+        record(env, clients, &image).await?;
+        return Ok(BuildOutcome::Reused(image));
     }
     let result = bake(env, clients, network, &base, &hash, waits, report).await;
     // Every path: the builder and its group go, whether the bake worked or not.

@@ -188,6 +188,17 @@ pub async fn instance_profile(
     clients: &Clients,
     name_or_arn: &str,
 ) -> Result<Option<(String, String)>, AwsError> {
+    Ok(get_instance_profile(clients, name_or_arn)
+        .await?
+        .map(|p| (p.arn().to_owned(), p.instance_profile_id().to_owned())))
+}
+
+/// Instance profile `name_or_arn` (a name, or an ARN ending in it); `None` when it does not
+/// exist.
+async fn get_instance_profile(
+    clients: &Clients,
+    name_or_arn: &str,
+) -> Result<Option<aws_sdk_iam::types::InstanceProfile>, AwsError> {
     let name = name_or_arn.rsplit('/').next().unwrap_or(name_or_arn);
     match clients
         .iam
@@ -197,9 +208,7 @@ pub async fn instance_profile(
         .await
         .op("GetInstanceProfile", name)
     {
-        Ok(answer) => Ok(answer
-            .instance_profile()
-            .map(|p| (p.arn().to_owned(), p.instance_profile_id().to_owned()))),
+        Ok(answer) => Ok(answer.instance_profile),
         Err(error) if error.kind() == crate::ErrorKind::NotFound => Ok(None),
         Err(error) => Err(error),
     }
@@ -592,20 +601,8 @@ pub async fn role_credentials(
     session: &str,
     seconds: i32,
 ) -> Result<Option<RoleCredentials>, AwsError> {
-    let name = profile_arn.rsplit('/').next().unwrap_or(profile_arn);
-    let profile = match clients
-        .iam
-        .get_instance_profile()
-        .instance_profile_name(name)
-        .send()
-        .await
-        .op("GetInstanceProfile", name)
-    {
-        Ok(answer) => answer,
-        Err(error) if error.kind() == crate::ErrorKind::NotFound => return Ok(None),
-        Err(error) => return Err(error),
-    };
-    let Some(role) = profile.instance_profile().and_then(|p| p.roles().first()) else {
+    let profile = get_instance_profile(clients, profile_arn).await?;
+    let Some(role) = profile.as_ref().and_then(|p| p.roles().first()) else {
         return Ok(None);
     };
     let assumed = clients

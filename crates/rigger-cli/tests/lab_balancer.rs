@@ -153,14 +153,7 @@ impl Fixture {
         let (lab, started) = start_lab();
         let ca = lab.state.path().join("pki/ca.crt");
         let keys = tempfile::tempdir().unwrap();
-        let key = keys.path().join("id_ed25519");
-        let generated = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&key)
-            .output()
-            .unwrap();
-        assert!(generated.status.success(), "{}", text(&generated));
-        let public_key = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        let (_, public_key) = make_key(keys.path());
         // The load balancer's certificate, uploaded to IAM as rigger's operator would.
         let (certificate, private_key) = (keys.path().join("lb.crt"), keys.path().join("lb.key"));
         let made = Command::new("openssl")
@@ -178,14 +171,7 @@ impl Fixture {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let clients = connect(&runtime, &started.endpoint);
         let (ids, subnet) = runtime.block_on(async {
-            clients
-                .ec2
-                .import_key_pair()
-                .key_name("lab-balancer")
-                .public_key_material(ec2::primitives::Blob::new(public_key.as_bytes()))
-                .send()
-                .await
-                .expect("ImportKeyPair");
+            import_key(&clients, "lab-balancer", &public_key).await;
             let subnet = default_subnet(&clients).await;
             let launched = clients
                 .ec2

@@ -42,18 +42,7 @@ fn machines_call_the_aws_api_at_its_real_names_through_the_labs_front() {
     assert_ne!(settings["emulator"], endpoint.as_str(), "{settings:#}");
 
     let keys = tempfile::tempdir().unwrap();
-    let key = keys.path().join("id_ed25519");
-    let generated = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(
-        generated.status.success(),
-        "ssh-keygen: {}",
-        text(&generated)
-    );
-    let public_key = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let (key, public_key) = make_key(keys.path());
 
     let notes = "the lab's front carried this\n";
     let large: Vec<u8> = (0..LARGE_SIZE)
@@ -94,39 +83,8 @@ fn machines_call_the_aws_api_at_its_real_names_through_the_labs_front() {
             .send()
             .await
             .expect("PutParameter");
-        clients
-            .ec2
-            .import_key_pair()
-            .key_name("lab-front")
-            .public_key_material(ec2::primitives::Blob::new(public_key.as_bytes()))
-            .send()
-            .await
-            .expect("ImportKeyPair");
-        clients
-            .iam
-            .create_role()
-            .role_name(ROLE)
-            .assume_role_policy_document(
-                r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#,
-            )
-            .send()
-            .await
-            .expect("CreateRole");
-        clients
-            .iam
-            .create_instance_profile()
-            .instance_profile_name(PROFILE)
-            .send()
-            .await
-            .expect("CreateInstanceProfile");
-        clients
-            .iam
-            .add_role_to_instance_profile()
-            .instance_profile_name(PROFILE)
-            .role_name(ROLE)
-            .send()
-            .await
-            .expect("AddRoleToInstanceProfile");
+        import_key(&clients, "lab-front", &public_key).await;
+        make_instance_profile(&clients, ROLE, PROFILE).await;
         let subnet = default_subnet(&clients).await;
         let launched = clients
             .ec2

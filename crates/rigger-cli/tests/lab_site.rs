@@ -28,7 +28,6 @@ const BOOT: Duration = Duration::from_secs(600);
 struct Site {
     dir: tempfile::TempDir,
     endpoint: String,
-    key: PathBuf,
 }
 
 impl Site {
@@ -112,14 +111,8 @@ fn site(lab: &TestLab, started: &Started) -> Site {
         &["commit", "-qm", "the example site"],
     );
 
-    let key = dir.path().join("id_ed25519");
-    let made = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "ssh-keygen: {}", text(&made));
-    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    // The key pair's key; `ssh_identity` names the private key, beside rigger.toml.
+    let (_, public) = make_key(dir.path());
     let public: Vec<&str> = public.split_whitespace().take(2).collect();
 
     let status = lab.status();
@@ -176,7 +169,6 @@ replicas = 1
     Site {
         dir,
         endpoint: started.endpoint.clone(),
-        key,
     }
 }
 
@@ -383,5 +375,4 @@ fn the_example_site_runs_on_the_lab_from_up_to_down() {
         "measured: up to ready {up_seconds:.0} s; whole test {:.0} s",
         timeline.elapsed().as_secs_f64()
     );
-    drop(site.key);
 }

@@ -38,25 +38,11 @@ impl Fixture {
     fn new() -> Fixture {
         let (lab, started) = start_lab();
         let keys = tempfile::tempdir().unwrap();
-        let key = keys.path().join("id_ed25519");
-        let generated = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&key)
-            .output()
-            .unwrap();
-        assert!(generated.status.success(), "{}", text(&generated));
-        let public_key = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        let (_, public_key) = make_key(keys.path());
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let clients = connect(&runtime, &started.endpoint);
         let subnet = runtime.block_on(async {
-            clients
-                .ec2
-                .import_key_pair()
-                .key_name(KEY)
-                .public_key_material(ec2::primitives::Blob::new(public_key.as_bytes()))
-                .send()
-                .await
-                .expect("ImportKeyPair");
+            import_key(&clients, KEY, &public_key).await;
             default_subnet(&clients).await
         });
         Fixture {
@@ -322,26 +308,7 @@ fn a_group_instance_has_its_profile_and_a_dead_one_is_replaced() {
     const GROUP: &str = "lab-volumes-group";
     let f = Fixture::new();
     f.runtime.block_on(async {
-        let iam = &f.clients.iam;
-        iam.create_role()
-            .role_name(ROLE)
-            .assume_role_policy_document(
-                r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#,
-            )
-            .send()
-            .await
-            .expect("CreateRole");
-        iam.create_instance_profile()
-            .instance_profile_name(PROFILE)
-            .send()
-            .await
-            .expect("CreateInstanceProfile");
-        iam.add_role_to_instance_profile()
-            .instance_profile_name(PROFILE)
-            .role_name(ROLE)
-            .send()
-            .await
-            .expect("AddRoleToInstanceProfile");
+        make_instance_profile(&f.clients, ROLE, PROFILE).await;
         let data = ec2::types::RequestLaunchTemplateData::builder()
             .image_id(&f.started.ami)
             .instance_type(ec2::types::InstanceType::T3Micro)

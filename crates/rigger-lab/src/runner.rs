@@ -49,6 +49,8 @@ const CREDENTIALS_SECONDS: i32 = 6 * 3600;
 const CREDENTIALS_RENEWAL: i64 = 15 * 60;
 /// How often the emulator's volumes are read.
 const VOLUMES_EVERY: Duration = Duration::from_secs(1);
+/// How often the emulator's load balancers are read.
+const BALANCERS_EVERY: Duration = Duration::from_secs(1);
 /// How often the emulator's key pairs are read for the bastion.
 const KEY_PAIRS_EVERY: Duration = Duration::from_secs(2);
 /// How often the machines' memory is measured for the status.
@@ -367,7 +369,7 @@ impl Runner {
     async fn converge_balancers(&mut self) {
         if self
             .balancers_read
-            .is_some_and(|at| at.elapsed() < VOLUMES_EVERY)
+            .is_some_and(|at| at.elapsed() < BALANCERS_EVERY)
         {
             return;
         }

@@ -283,3 +283,61 @@ pub fn namespaces() -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// An ed25519 key made with ssh-keygen in `dir`: the private key's path and the public key.
+pub fn make_key(dir: &Path) -> (PathBuf, String) {
+    let key = dir.join("id_ed25519");
+    let generated = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        generated.status.success(),
+        "ssh-keygen: {}",
+        text(&generated)
+    );
+    let public_key = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    (key, public_key)
+}
+
+/// Imports `public_key` into the emulator as key pair `name`.
+pub async fn import_key(clients: &Clients, name: &str, public_key: &str) {
+    clients
+        .ec2
+        .import_key_pair()
+        .key_name(name)
+        .public_key_material(ec2::primitives::Blob::new(public_key.as_bytes()))
+        .send()
+        .await
+        .expect("ImportKeyPair");
+}
+
+/// Makes role `role` (for EC2) and instance profile `profile` holding it.
+pub async fn make_instance_profile(clients: &Clients, role: &str, profile: &str) {
+    clients
+        .iam
+        .create_role()
+        .role_name(role)
+        .assume_role_policy_document(
+            r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#,
+        )
+        .send()
+        .await
+        .expect("CreateRole");
+    clients
+        .iam
+        .create_instance_profile()
+        .instance_profile_name(profile)
+        .send()
+        .await
+        .expect("CreateInstanceProfile");
+    clients
+        .iam
+        .add_role_to_instance_profile()
+        .instance_profile_name(profile)
+        .role_name(role)
+        .send()
+        .await
+        .expect("AddRoleToInstanceProfile");
+}
