@@ -146,12 +146,50 @@ pub trait HealthSource: Send + Sync {
     ) -> BoxFuture<'a, Result<BTreeMap<String, String>, AwsError>>;
 }
 
-/// Feeds the gate until it decides: `Ok` when every server in `servers` is healthy, `Err`
-/// with the reason (each unhealthy server and the last state seen) otherwise.
+/// Where the boot reports of new servers are read ([`crate::boot`]) when they must report
+/// before they count as healthy: servers that are machines.
+pub struct BootReports<'a> {
+    pub env: &'a AwsEnvironment,
+    pub clients: &'a Clients,
+}
+
+impl BootReports<'_> {
+    /// Overlays the boot reports on the health source's `states`: a server that has not
+    /// reported yet is `booting` whatever else is said of it; one whose boot failed is
+    /// returned with why, to fail the batch at once.
+    async fn overlay(
+        &self,
+        servers: &[String],
+        states: &mut BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, String>, AwsError> {
+        let reports = crate::boot::reports(self.env, self.clients).await?;
+        let mut failed = BTreeMap::new();
+        for server in servers {
+            match reports.get(server) {
+                Some(crate::boot::BootReport::Finished) => {}
+                Some(crate::boot::BootReport::Failed(why)) => {
+                    failed.insert(server.clone(), format!("its boot failed: {why}"));
+                }
+                None => {
+                    let said = states
+                        .get(server)
+                        .map_or_else(String::new, |state| format!(", {state}"));
+                    states.insert(server.clone(), format!("booting{said}"));
+                }
+            }
+        }
+        Ok(failed)
+    }
+}
+
+/// Feeds the gate until it decides: `Ok` when every server in `servers` is healthy (and has
+/// reported a finished boot, where `boots` says they must), `Err` with the reason (each
+/// unhealthy server and the last state seen, or the failed boot) otherwise.
 pub async fn wait_healthy(
     source: &dyn HealthSource,
     servers: &[String],
     options: &RolloutOptions,
+    boots: Option<&BootReports<'_>>,
 ) -> Result<Result<(), String>, AwsError> {
     let mut gate = HealthGate::new(
         servers.to_vec(),
@@ -160,8 +198,12 @@ pub async fn wait_healthy(
     );
     let started = Instant::now();
     loop {
-        let states = source.states(servers).await?;
-        match gate.observe(started.elapsed(), &states, &[]) {
+        let mut states = source.states(servers).await?;
+        let failed = match boots {
+            Some(boots) => boots.overlay(servers, &mut states).await?,
+            None => BTreeMap::new(),
+        };
+        match gate.observe(started.elapsed(), &states, &failed) {
             GateResult::Healthy => return Ok(Ok(())),
             GateResult::Waiting => tokio::time::sleep(options.poll).await,
             GateResult::TimedOut { unhealthy } => {
@@ -887,6 +929,12 @@ impl crate::Provider {
             .map(|m| m.id.clone())
             .collect();
         let plan = batches(&old, options.batch);
+        // New servers count only once their boot script says it finished, where it runs.
+        let boot_reports = BootReports {
+            env: &self.env,
+            clients: &self.clients,
+        };
+        let boots = self.servers_are_machines().await?.then_some(&boot_reports);
         let widest = plan.iter().map(Vec::len).max().unwrap_or(0);
         let surge = i32::try_from(widest).unwrap_or(0);
         self.set_max(
@@ -919,21 +967,21 @@ impl crate::Provider {
                 .await?;
             known.extend(new.iter().cloned());
             let verdict = match (rollout.health, role, &lb) {
-                (Some(source), _, _) => wait_healthy(source, &new, options).await?,
+                (Some(source), _, _) => wait_healthy(source, &new, options, boots).await?,
                 (None, Role::Web, Some(lb)) => {
                     let source = LoadBalancerHealth {
                         clients: &self.clients,
                         lb,
                         name: self.env.names.load_balancer(),
                     };
-                    wait_healthy(&source, &new, options).await?
+                    wait_healthy(&source, &new, options, boots).await?
                 }
                 _ => {
                     let source = GroupHealth {
                         clients: &self.clients,
                         group: group.to_owned(),
                     };
-                    wait_healthy(&source, &new, options).await?
+                    wait_healthy(&source, &new, options, boots).await?
                 }
             };
             if let Err(reason) = verdict {
@@ -1157,7 +1205,7 @@ mod tests {
             "Instance: Instance has failed at least the UnhealthyThreshold number of health checks consecutively.",
         );
         let source = Scripted(std::sync::Mutex::new(vec![states(&[("i-new", &reason)])]));
-        let verdict = wait_healthy(&source, &["i-new".into()], &options())
+        let verdict = wait_healthy(&source, &["i-new".into()], &options(), None)
             .await
             .unwrap();
         let why = verdict.unwrap_err();
@@ -1174,7 +1222,7 @@ mod tests {
             states(&[("i-new", "OutOfService")]),
             states(&[("i-new", &gate_state("InService", ""))]),
         ]));
-        let verdict = wait_healthy(&source, &["i-new".into()], &options())
+        let verdict = wait_healthy(&source, &["i-new".into()], &options(), None)
             .await
             .unwrap();
         assert_eq!(verdict, Ok(()));
@@ -1196,7 +1244,7 @@ mod tests {
                 })
                 .collect(),
         ));
-        let verdict = wait_healthy(&source, &["i-new".into()], &options())
+        let verdict = wait_healthy(&source, &["i-new".into()], &options(), None)
             .await
             .unwrap();
         assert!(verdict.is_err());

@@ -1,15 +1,17 @@
-//! The SSH host keys each server publishes, so that rigger pins them instead of trusting the
-//! first key a server shows.
+//! What each server publishes about itself, each in a parameter named by its instance id:
+//! its SSH host keys, so that rigger pins them instead of trusting the first key a server
+//! shows, and how its boot went ([`crate::boot`]).
 //!
 //! At boot, a server's user-data writes the public keys of `/etc/ssh/ssh_host_*_key.pub` to
-//! the plain SSM parameter `/<project>/<env>/hostkeys/<instance id>` with its own instance
-//! profile, which may write that one parameter only (`ssm:PutParameter` on
-//! `.../hostkeys/${ec2:InstanceID}`, see the topology's instance profile): no server can
-//! publish keys under another's name. [`published`] reads them all for the CLI, which pins
-//! each server's SSH connection to its own keys under its instance id
-//! (`rigger_transport::ssh::PinnedKeys`), so an address a new server reuses is never a
-//! conflict. [`prune`] deletes the keys of instances that are gone (terminated by rigger, by
-//! a group's scaling, or by hand): `up` and `status` sweep them, `down` deletes them all.
+//! the plain SSM parameter `/<project>/<env>/hostkeys/<instance id>`, and at its end
+//! `/<project>/<env>/boot/<instance id>`, with its own instance profile, which may write
+//! those parameters only (`ssm:PutParameter` on `.../hostkeys/${ec2:InstanceID}` and
+//! `.../boot/${ec2:InstanceID}`, see the topology's instance profile): no server can publish
+//! under another's name. [`published`] reads the keys for the CLI, which pins each server's
+//! SSH connection to its own keys under its instance id (`rigger_transport::ssh::PinnedKeys`),
+//! so an address a new server reuses is never a conflict. [`prune`] deletes what instances
+//! that are gone published (terminated by rigger, by a group's scaling, or by hand): `up` and
+//! `status` sweep them, `down` deletes them all.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -17,14 +19,35 @@ use crate::Clients;
 use crate::environment::AwsEnvironment;
 use crate::error::{AwsError, Context as _};
 
+/// Where the host keys are published, under the environment's parameters.
+const HOST_KEYS: &str = "hostkeys/";
+/// Where the boot reports are published ([`crate::boot`]).
+pub(crate) const BOOT: &str = "boot/";
+/// Everything a server publishes about itself.
+const PUBLISHED: [&str; 2] = [HOST_KEYS, BOOT];
+
 /// The parameter path the keys are published under: `/<project>/<env>/hostkeys/`.
 pub fn path(env: &AwsEnvironment) -> String {
-    env.parameter("hostkeys/")
+    env.parameter(HOST_KEYS)
 }
 
 /// The parameter instance `instance_id` publishes its keys in.
 pub fn parameter(env: &AwsEnvironment, instance_id: &str) -> String {
     format!("{}{instance_id}", path(env))
+}
+
+/// What every server published under `dir` ([`HOST_KEYS`], [`BOOT`]), by instance id.
+pub(crate) async fn published_under(
+    env: &AwsEnvironment,
+    clients: &Clients,
+    dir: &str,
+) -> Result<BTreeMap<String, String>, AwsError> {
+    let path = env.parameter(dir);
+    Ok(crate::parameters::under(clients, &path, false)
+        .await?
+        .into_iter()
+        .filter_map(|(name, value)| Some((name.strip_prefix(&path)?.to_owned(), value)))
+        .collect())
 }
 
 /// Every server's published keys (the parameter's text: one public key a line), by instance
@@ -33,19 +56,26 @@ pub async fn published(
     env: &AwsEnvironment,
     clients: &Clients,
 ) -> Result<BTreeMap<String, String>, AwsError> {
-    let path = path(env);
-    Ok(crate::parameters::under(clients, &path, false)
-        .await?
-        .into_iter()
-        .filter_map(|(name, value)| Some((name.strip_prefix(&path)?.to_owned(), value)))
-        .collect())
+    published_under(env, clients, HOST_KEYS).await
 }
 
-/// Deletes the published keys of every instance that no longer exists or is terminating;
-/// returns their instance ids. The instances are asked after the keys are listed, so a server
-/// that publishes its keys meanwhile is never taken for gone.
+/// Every instance that published anything, host keys or a boot report.
+pub async fn publishers(
+    env: &AwsEnvironment,
+    clients: &Clients,
+) -> Result<BTreeSet<String>, AwsError> {
+    let mut ids = BTreeSet::new();
+    for dir in PUBLISHED {
+        ids.extend(published_under(env, clients, dir).await?.into_keys());
+    }
+    Ok(ids)
+}
+
+/// Deletes what every instance that no longer exists or is terminating published; returns
+/// their instance ids. The instances are asked after the parameters are listed, so a server
+/// that publishes meanwhile is never taken for gone.
 pub async fn prune(env: &AwsEnvironment, clients: &Clients) -> Result<Vec<String>, AwsError> {
-    let published: Vec<String> = published(env, clients).await?.into_keys().collect();
+    let published: Vec<String> = publishers(env, clients).await?.into_iter().collect();
     if published.is_empty() {
         return Ok(Vec::new());
     }
@@ -92,13 +122,20 @@ fn is_gone(state: &str) -> bool {
     matches!(state, "shutting-down" | "terminated")
 }
 
-/// Deletes the published keys of `instance_ids` (some may have none).
+/// Deletes what `instance_ids` published (some may have published nothing).
 pub async fn forget(
     env: &AwsEnvironment,
     clients: &Clients,
     instance_ids: &[String],
 ) -> Result<(), AwsError> {
-    let names: Vec<String> = instance_ids.iter().map(|id| parameter(env, id)).collect();
+    let names: Vec<String> = PUBLISHED
+        .iter()
+        .flat_map(|dir| {
+            instance_ids
+                .iter()
+                .map(move |id| format!("{}{id}", env.parameter(dir)))
+        })
+        .collect();
     // DeleteParameters takes at most 10 names; missing ones are reported, not an error.
     for batch in names.chunks(10) {
         clients
@@ -107,7 +144,7 @@ pub async fn forget(
             .set_names(Some(batch.to_vec()))
             .send()
             .await
-            .op("DeleteParameters", path(env))?;
+            .op("DeleteParameters", env.parameter(""))?;
     }
     Ok(())
 }

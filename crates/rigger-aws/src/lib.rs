@@ -23,6 +23,7 @@
 //! Start reading at [`Provider`], then [`live::Live::observed`] and [`apply::apply`].
 
 pub mod apply;
+pub mod boot;
 pub mod client;
 pub mod database;
 pub mod deploy;
@@ -220,7 +221,7 @@ impl Provider {
             report,
         )
         .await?;
-        self.prune_host_keys(report).await?;
+        self.prune_published(report).await?;
         Ok(UpOutcome {
             plan,
             topology,
@@ -228,12 +229,12 @@ impl Provider {
         })
     }
 
-    /// Deletes the published SSH host keys of servers that are gone ([`hostkeys::prune`]).
-    pub async fn prune_host_keys(&self, report: &(dyn Fn(&str) + Sync)) -> Result<(), AwsError> {
+    /// Deletes what servers that are gone published ([`hostkeys::prune`]).
+    pub async fn prune_published(&self, report: &(dyn Fn(&str) + Sync)) -> Result<(), AwsError> {
         let pruned = hostkeys::prune(&self.env, &self.clients).await?;
         if !pruned.is_empty() {
             report(&format!(
-                "deleted the published host keys of {} servers that are gone ({})",
+                "deleted what {} servers that are gone published (host keys, boot reports: {})",
                 pruned.len(),
                 pruned.join(", ")
             ));
@@ -292,14 +293,14 @@ impl Provider {
             report("deleting the servers' keys and certificates from SSM");
             secrets::delete(&self.clients, &certificates).await?;
         }
-        // Every server is gone: so are the host keys they published.
-        let host_keys: Vec<String> = hostkeys::published(&self.env, &self.clients)
+        // Every server is gone: so is what they published (host keys, boot reports).
+        let publishers: Vec<String> = hostkeys::publishers(&self.env, &self.clients)
             .await?
-            .into_keys()
+            .into_iter()
             .collect();
-        if !host_keys.is_empty() {
-            report("deleting the servers' published SSH host keys from SSM");
-            hostkeys::forget(&self.env, &self.clients, &host_keys).await?;
+        if !publishers.is_empty() {
+            report("deleting the servers' published SSH host keys and boot reports from SSM");
+            hostkeys::forget(&self.env, &self.clients, &publishers).await?;
         }
         Ok(plan)
     }
@@ -314,7 +315,8 @@ impl Provider {
             }
             None => Default::default(),
         };
-        let mut status = status::status(&self.env, &live, &health);
+        let boots = self.boot_reports().await?;
+        let mut status = status::status(&self.env, &live, &health, boots.as_ref());
         // What the groups launch now (the groups' tags keep the release of their creation).
         if let Some(release) = self.current_release(&live) {
             status.release = release;
@@ -322,7 +324,7 @@ impl Provider {
         status.maintenance = maintenance::is_on(&self.env, &self.clients).await?;
         // A sweep on the way: credentials that may only read leave the keys for `up`.
         if let Err(error) = hostkeys::prune(&self.env, &self.clients).await {
-            tracing::warn!("not deleting the host keys of servers that are gone: {error}");
+            tracing::warn!("not deleting what servers that are gone published: {error}");
         }
         Ok(status)
     }
@@ -364,6 +366,17 @@ impl Provider {
             server.host_keys = published.remove(&server.instance_id);
         }
         Ok(servers)
+    }
+
+    /// Every server's boot report ([`boot`]), or `None` where none is awaited: servers that
+    /// are not machines ([`Self::servers_are_machines`]) never boot.
+    pub async fn boot_reports(
+        &self,
+    ) -> Result<Option<std::collections::BTreeMap<String, boot::BootReport>>, AwsError> {
+        if !self.servers_are_machines().await? {
+            return Ok(None);
+        }
+        Ok(Some(boot::reports(&self.env, &self.clients).await?))
     }
 
     /// Whether the environment's servers are machines rigger can reach over SSH, or only rows

@@ -108,11 +108,12 @@ pub fn servers(env: &AwsEnvironment, live: &Live) -> Vec<LiveServer> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::live::{GroupInstance, LiveGroup, LiveInstance};
 
-    fn env() -> AwsEnvironment {
+    /// Fixtures the status tests share.
+    pub(crate) fn env() -> AwsEnvironment {
         let text = r#"
 [project]
 name = "shop"
@@ -131,7 +132,7 @@ certificate = "arn:aws:iam::123456789012:server-certificate/x"
         AwsEnvironment::new(config, "prod").unwrap()
     }
 
-    fn instance(
+    pub(crate) fn instance(
         id: &str,
         state: &str,
         public: Option<&str>,
@@ -154,7 +155,7 @@ certificate = "arn:aws:iam::123456789012:server-certificate/x"
         }
     }
 
-    fn member(id: &str, lifecycle: &str, health: &str) -> GroupInstance {
+    pub(crate) fn member(id: &str, lifecycle: &str, health: &str) -> GroupInstance {
         GroupInstance {
             id: id.into(),
             lifecycle: lifecycle.into(),

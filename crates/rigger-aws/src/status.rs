@@ -7,19 +7,41 @@ pub use rigger_plan::status::{
     GroupStatus, Phase, ProcessStatus, ReplicaStatus, ServerStatus, Status,
 };
 
+use std::collections::BTreeMap;
+
+use crate::boot::BootReport;
 use crate::environment::AwsEnvironment;
 use crate::live::{Live, ROLES_TAG};
 
-/// The status of `env` from an observation and the load balancer's instance health.
+/// A running server whose boot script has not reported yet ([`crate::boot`]).
+pub const BOOTING: &str = "booting";
+/// A running server whose boot script reported a failure.
+pub const BOOT_FAILED: &str = "boot_failed";
+
+/// What a running server's boot report says of its state: `None` when it finished (or
+/// reports are not awaited, `boots` is `None`), else [`BOOTING`] or [`BOOT_FAILED`].
+fn boot_state(boots: Option<&BTreeMap<String, BootReport>>, id: &str) -> Option<&'static str> {
+    match boots?.get(id) {
+        Some(BootReport::Finished) => None,
+        Some(BootReport::Failed(_)) => Some(BOOT_FAILED),
+        None => Some(BOOTING),
+    }
+}
+
+/// The status of `env` from an observation, the load balancer's instance health and the
+/// servers' boot reports (`None` where they are not awaited: an emulator's instances).
 pub fn status(
     env: &AwsEnvironment,
     live: &Live,
-    health: &std::collections::BTreeMap<String, String>,
+    health: &BTreeMap<String, String>,
+    boots: Option<&BTreeMap<String, BootReport>>,
 ) -> Status {
     let prefix = format!("{}-{}-", env.project(), env.name);
     let short = |name: &str| name.strip_prefix(&prefix).unwrap_or(name).to_owned();
     let mut servers = Vec::new();
     let mut groups = Vec::new();
+    // Each server's instance id, by the name it is shown under.
+    let mut instance_ids: BTreeMap<String, String> = BTreeMap::new();
     for (name, group) in &live.groups {
         let role = short(name);
         groups.push(GroupStatus {
@@ -40,16 +62,20 @@ pub fn status(
                 Some(h) => h == "InService" || h == "healthy",
                 None => member.lifecycle == "InService",
             };
+            let boot = boot_state(boots, &member.id);
             let state = match instance.map(|i| i.state.as_str()) {
+                Some("running") if let Some(boot) = boot => boot.to_owned(),
                 Some("running") if in_service => "in_service".to_owned(),
                 Some("running") if member.health == "Unhealthy" => "unhealthy".to_owned(),
                 Some("running") | Some("pending") => "pending".to_owned(),
                 Some(other) => other.to_owned(),
                 None => "unknown".to_owned(),
             };
+            let id = format!("{role}-{}", slot + 1);
+            instance_ids.insert(id.clone(), member.id.clone());
             servers.push(ServerStatus {
                 // As `rigger exec` and `ssh` name it (`servers::servers`).
-                id: format!("{role}-{}", slot + 1),
+                id,
                 roles: vec![role.clone()],
                 address: instance
                     .and_then(|i| i.private_address.clone())
@@ -67,6 +93,7 @@ pub fn status(
         let Some(instance) = instances.first() else {
             continue;
         };
+        instance_ids.insert(short(&name), instance.id.clone());
         servers.push(ServerStatus {
             id: short(&name),
             roles: instance
@@ -77,7 +104,9 @@ pub fn status(
             address: instance.private_address.clone().unwrap_or_default(),
             release: instance.tags.get("release").cloned().unwrap_or_default(),
             state: match instance.state.as_str() {
-                "running" => "in_service".to_owned(),
+                "running" => boot_state(boots, &instance.id)
+                    .unwrap_or("in_service")
+                    .to_owned(),
                 other => other.to_owned(),
             },
             processes: Vec::new(),
@@ -93,6 +122,18 @@ pub fn status(
             ]
         })
         .unwrap_or_default();
+    // The servers' own words on a failed boot, for `up` and `status` to show.
+    let failed_boots: Vec<String> = servers
+        .iter()
+        .filter(|s| s.state == BOOT_FAILED)
+        .filter_map(|s| {
+            let id = instance_ids.get(&s.id)?;
+            match boots?.get(id.as_str())? {
+                BootReport::Failed(why) => Some(format!("{}'s boot failed: {why}", s.id)),
+                BootReport::Finished => None,
+            }
+        })
+        .collect();
     let nothing = servers.is_empty() && groups.is_empty() && lb.is_none();
     let ready = !nothing && lb.is_some() && servers.iter().all(|s| s.state == "in_service");
     let (phase, message) = if nothing {
@@ -102,6 +143,8 @@ pub fn status(
             Phase::Ready,
             format!("{} servers in service", servers.len()),
         )
+    } else if !failed_boots.is_empty() {
+        (Phase::Starting, failed_boots.join("; "))
     } else {
         let waiting = servers.iter().filter(|s| s.state != "in_service").count();
         (
@@ -132,5 +175,87 @@ pub fn status(
         updated: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live::LiveGroup;
+    use crate::servers::tests::{env, instance, member};
+
+    /// A web group of two and a stand-alone cache server, every instance running and the
+    /// load balancer saying both web servers are in service.
+    fn live() -> (Live, BTreeMap<String, String>) {
+        let group = [("aws:autoscaling:groupName", "shop-prod-web")];
+        let mut live = Live::default();
+        for i in [
+            instance("i-web1", "running", None, &group),
+            instance("i-web2", "running", None, &group),
+            instance(
+                "i-cache",
+                "running",
+                None,
+                &[("Name", "shop-prod-cache"), ("roles", "cache,queue")],
+            ),
+        ] {
+            live.instances.insert(i.id.clone(), i);
+        }
+        live.groups.insert(
+            "shop-prod-web".into(),
+            LiveGroup {
+                instances: vec![
+                    member("i-web1", "InService", "Healthy"),
+                    member("i-web2", "InService", "Healthy"),
+                ],
+                attached: ["i-web1", "i-web2"].map(String::from).into(),
+                ..LiveGroup::default()
+            },
+        );
+        let health = [("i-web1", "InService"), ("i-web2", "InService")]
+            .map(|(id, state)| (id.to_owned(), state.to_owned()))
+            .into();
+        (live, health)
+    }
+
+    fn states(status: &Status) -> Vec<String> {
+        status
+            .servers
+            .iter()
+            .map(|s| format!("{} {}", s.id, s.state))
+            .collect()
+    }
+
+    #[test]
+    fn a_running_server_is_in_service_only_once_its_boot_reported_finished() {
+        let (live, health) = live();
+        let boots: BTreeMap<String, BootReport> = [
+            ("i-web1".to_owned(), BootReport::Finished),
+            (
+                "i-cache".to_owned(),
+                BootReport::Failed("starting the services (exit 1)".into()),
+            ),
+        ]
+        .into();
+        let status = status(&env(), &live, &health, Some(&boots));
+        assert_eq!(
+            states(&status),
+            ["web-1 in_service", "web-2 booting", "cache boot_failed"]
+        );
+        assert_eq!(status.phase, Phase::Starting);
+        assert_eq!(
+            status.message,
+            "cache's boot failed: starting the services (exit 1)"
+        );
+    }
+
+    #[test]
+    fn without_machines_running_is_enough() {
+        let (live, health) = live();
+        let status = status(&env(), &live, &health, None);
+        assert_eq!(
+            states(&status),
+            ["web-1 in_service", "web-2 in_service", "cache in_service"]
+        );
     }
 }

@@ -176,14 +176,15 @@ pub fn script(
     if is_app_server(ctx) {
         w.push_str(INSTALL_RELEASE_FUNCTION);
     }
+    let _ = writeln!(w, "\nPARAMETERS={}", shell_quote(&env.parameter_prefix()));
+    let _ = writeln!(w, "REGION={}", shell_quote(&env.aws().region));
+    let _ = writeln!(w, "trap report_failed_boot EXIT");
     // Before anything else runs, above all any service of a user other than root.
     let _ = writeln!(
         w,
-        "\nlog 'letting only root reach the instance metadata service'"
+        "\nstep 'letting only root reach the instance metadata service'"
     );
     let _ = writeln!(w, "block_metadata_for_non_root");
-    let _ = writeln!(w, "\nPARAMETERS={}", shell_quote(&env.parameter_prefix()));
-    let _ = writeln!(w, "REGION={}", shell_quote(&env.aws().region));
     if group_server {
         w.push_str(
             "SELF_ID=$(imds instance-id)\nSELF_ADDRESS=$(imds local-ipv4)\nexport SELF_ID SELF_ADDRESS\n",
@@ -197,7 +198,7 @@ pub fn script(
     }
     wanted.sort_unstable();
     wanted.dedup();
-    let _ = writeln!(w, "\nlog 'installing packages'");
+    let _ = writeln!(w, "\nstep 'installing packages'");
     let _ = writeln!(w, "install_packages {}", wanted.join(" "));
     let _ = writeln!(w, "for unit in {}; do", DEBIAN_UNITS.join(" "));
     w.push_str("  systemctl disable --now \"$unit\" >/dev/null 2>&1 || true\ndone\n");
@@ -217,13 +218,13 @@ pub fn script(
 
     // As soon as the AWS CLI is there: rigger reaches no server whose keys it cannot pin, and
     // a server that fails later in its boot should still be reachable to be looked at.
-    let _ = writeln!(w, "\nlog 'publishing the SSH host keys'");
+    let _ = writeln!(w, "\nstep 'publishing the SSH host keys'");
     let _ = writeln!(
         w,
         "publish_host_keys || log 'warning: could not publish the SSH host keys: rigger will not reach this server'"
     );
 
-    let _ = writeln!(w, "\nlog 'mounting the data volume'");
+    let _ = writeln!(w, "\nstep 'mounting the data volume'");
     let volume_id = match volume {
         DataVolume::Attached(id) => id.as_str(),
         DataVolume::Mapped => "",
@@ -236,7 +237,7 @@ pub fn script(
     );
 
     // The secrets this server's recipes use (all its profile may read), in memory only.
-    let _ = writeln!(w, "\nlog 'reading secrets from SSM'");
+    let _ = writeln!(w, "\nstep 'reading secrets from SSM'");
     w.push_str("declare -A SECRETS=()\n");
     for name in secrets_of(&ctx.roles) {
         let _ = writeln!(
@@ -257,7 +258,7 @@ pub fn script(
     );
     write_certificate(w, ctx)?;
 
-    let _ = writeln!(w, "\nlog 'writing the recipe'");
+    let _ = writeln!(w, "\nstep 'writing the recipe'");
     write_recipe_files(w, &recipe, group_server);
     let _ = writeln!(w, "unset SECRETS");
 
@@ -265,7 +266,7 @@ pub fn script(
 
     write_maintenance(w, ctx);
 
-    let _ = writeln!(w, "\nlog 'running the before-start steps'");
+    let _ = writeln!(w, "\nstep 'running the before-start steps'");
     for step in recipe
         .steps
         .iter()
@@ -276,7 +277,7 @@ pub fn script(
     write_first_release_migrations(w, ctx, group_server);
     write_collect_static(w, ctx, group_server);
 
-    let _ = writeln!(w, "\nlog 'starting the services'");
+    let _ = writeln!(w, "\nstep 'starting the services'");
     for service in &recipe.services {
         let _ = writeln!(
             w,
@@ -310,7 +311,7 @@ pub fn script(
         );
     }
 
-    let _ = writeln!(w, "\nlog 'running the after-start steps'");
+    let _ = writeln!(w, "\nstep 'running the after-start steps'");
     for step in recipe
         .steps
         .iter()
@@ -319,6 +320,8 @@ pub fn script(
         write_step(w, step, group_server);
     }
     let _ = writeln!(w, "log 'ready'");
+    // Last: a server counts as booted only once every step above ran (crate::boot).
+    let _ = writeln!(w, "report_boot {}", crate::boot::FINISHED);
     Ok(s)
 }
 
@@ -338,7 +341,7 @@ fn secrets_of(roles: &[Role]) -> Vec<&'static str> {
 fn write_certificate(w: &mut String, ctx: &ServerContext) -> Result<(), String> {
     let layout = &ctx.layout;
     if ctx.server_id == SELF_ID {
-        let _ = writeln!(w, "\nlog 'signing the server certificate'");
+        let _ = writeln!(w, "\nstep 'signing the server certificate'");
         let pki = rigger_recipes::pki::self_signed_cert(layout, &ctx.server_id, ctx.address)
             .map_err(|e| e.to_string())?;
         write_recipe_files(w, &pki, true);
@@ -347,7 +350,7 @@ fn write_certificate(w: &mut String, ctx: &ServerContext) -> Result<(), String> 
         }
         return Ok(());
     }
-    let _ = writeln!(w, "\nlog 'installing the server certificate'");
+    let _ = writeln!(w, "\nstep 'installing the server certificate'");
     let _ = writeln!(
         w,
         "install -d -m 0700 -o root -g root {}",
@@ -420,7 +423,7 @@ fn write_first_release_migrations(w: &mut String, ctx: &ServerContext, group_ser
     }
     let _ = writeln!(
         w,
-        "\nlog 'running the migrations of the first release (one server at a time)'"
+        "\nstep 'running the migrations of the first release (one server at a time)'"
     );
     write_step(w, &rigger_recipes::boot_migrations(ctx), group_server);
 }
@@ -435,7 +438,7 @@ fn write_collect_static(w: &mut String, ctx: &ServerContext, group_server: bool)
         return;
     }
     let layout = &ctx.layout;
-    let _ = writeln!(w, "\nlog 'collecting the static files'");
+    let _ = writeln!(w, "\nstep 'collecting the static files'");
     let _ = writeln!(
         w,
         "install -d -m 0755 -o {www} -g {www} {}",
@@ -469,6 +472,9 @@ export DEBIAN_FRONTEND=noninteractive
 
 log() { printf 'rigger: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+# step WHAT: logs the step the boot is at, which a failure report names.
+STEP='starting'
+step() { STEP=$*; log "$*"; }
 
 imds() {
   local token
@@ -536,6 +542,24 @@ publish_host_keys() {
   keys=$(awk '{ print $1, $2 }' /etc/ssh/ssh_host_*_key.pub)
   aws ssm put-parameter --region "$REGION" --name "${PARAMETERS}hostkeys/$id" --type String \
     --overwrite --value "$keys" >/dev/null
+}
+
+# report_boot REPORT: how this server's boot went (`finished`, or `failed: STEP (exit N)`),
+# in the SSM parameter only its own instance profile may write (boot/<instance id>): rigger
+# counts a server booted only when it says so.
+report_boot() {
+  local id
+  id=$(imds instance-id)
+  aws ssm put-parameter --region "$REGION" --name "${PARAMETERS}boot/$id" --type String \
+    --overwrite --value "$1" >/dev/null
+}
+
+# report_failed_boot: the EXIT trap; a boot that stops early reports the step it stopped at
+# (best effort: before the AWS CLI is installed there is nothing to report with).
+report_failed_boot() {
+  local status=$?
+  [ "$status" -eq 0 ] && return 0
+  report_boot "failed: $STEP (exit $status)" || log "warning: could not report the failed boot"
 }
 
 # put_stdin PATH MODE OWNER: writes standard input to PATH atomically. OWNER is a user (with
@@ -767,8 +791,8 @@ data_filesystem() {
 }
 
 # mount_data_volume TARGET VOLUME: waits (300 s at most) for the data volume (see
-# data_device), formats it if it is empty, and mounts it at TARGET by its filesystem's UUID,
-# also at every later boot (nofail: the server still boots to be repaired; the units that
+# data_device), formats it if it is empty, mounts it at TARGET, and has fstab mount it there
+# by its filesystem's UUID at every later boot (nofail: the server still boots to be repaired; the units that
 # need TARGET do not start without it, see needs_data_volume).
 # root_disk: prints the disk holding the root filesystem (the partition's disk, or the device
 # itself when the filesystem fills a whole disk), or nothing when the root filesystem is on no
@@ -797,7 +821,11 @@ mount_data_volume() {
   [ -n "$uuid" ] || die "$device has no filesystem UUID after formatting"
   install -d -m 0755 "$target"
   grep -q "^UUID=$uuid " /etc/fstab || printf 'UUID=%s %s ext4 defaults,nofail 0 2\n' "$uuid" "$target" >>/etc/fstab
-  mountpoint -q "$target" || mount "$target"
+  # By the device found, not by the fstab line: `nofail` makes `mount TARGET` succeed without
+  # mounting anything when the UUID cannot be resolved yet (no udev link right after mkfs),
+  # and everything after would land on the root disk.
+  mountpoint -q "$target" || mount -t ext4 "$device" "$target"
+  mountpoint -q "$target" || die "$device did not mount at $target"
 }
 
 # needs_data_volume UNIT DIR: UNIT starts only with DIR's volume mounted, never on the root

@@ -6,7 +6,8 @@
 //! concurrent takers get exactly one holder (a free lock, a stale one; 50 trials each); a
 //! release whose servers fail the health check rolls every group back, with the load
 //! balancer's reason and the servers' evidence; `rollback` goes back to an earlier release; a
-//! rollout cut off half-way is recovered by the next one.
+//! rollout cut off half-way is recovered by the next one; a new server counts only once its
+//! boot script reported it finished, and one reporting a failed boot fails the batch at once.
 //!
 //! Moto reports every instance healthy, so the rollback test feeds the health gate from a
 //! fake that fails the bad release's servers; everything else is moto's real API.
@@ -21,7 +22,8 @@ use common::{Moto, actions, config, config_text, provider, quiet};
 use futures_util::future::BoxFuture;
 use rigger_aws::AwsError;
 use rigger_aws::deploy::{
-    Artifact, DeployRecord, HealthSource, Requester, Rollout, RolloutOptions, ServerOps,
+    Artifact, BootReports, DeployRecord, HealthSource, Requester, Rollout, RolloutOptions,
+    ServerOps, wait_healthy,
 };
 
 fn options() -> RolloutOptions {
@@ -944,4 +946,65 @@ async fn a_deploy_behind_an_application_load_balancer_replaces_every_target() {
     assert_eq!(targets, new_web.iter().collect::<Vec<_>>(), "{health:?}");
     let plan = provider.plan(common::RELEASE).await.unwrap();
     assert!(plan.is_empty(), "{:#?}", actions(&plan));
+}
+
+/// The load balancer's view of a server that passes its health checks.
+struct AlwaysUp;
+
+impl HealthSource for AlwaysUp {
+    fn states<'a>(
+        &'a self,
+        servers: &'a [String],
+    ) -> BoxFuture<'a, Result<BTreeMap<String, String>, AwsError>> {
+        Box::pin(async move { Ok(servers.iter().map(|s| (s.clone(), "UP".into())).collect()) })
+    }
+}
+
+#[tokio::test]
+async fn a_new_server_counts_once_its_boot_reported_finished_and_a_failed_boot_fails_at_once() {
+    let moto = Moto::start();
+    let provider = provider(&moto, config(&config_text("", 2, "t3.small"))).await;
+    let boots = BootReports {
+        env: &provider.env,
+        clients: &provider.clients,
+    };
+    let servers = ["i-new".to_owned()];
+    let mut options = options();
+    options.health_timeout = Duration::from_millis(300);
+    let report = |value: &str| {
+        let request = provider
+            .clients
+            .ssm
+            .put_parameter()
+            .name(rigger_aws::boot::parameter(&provider.env, "i-new"))
+            .value(value)
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .overwrite(true);
+        async move { request.send().await.expect("PutParameter") }
+    };
+
+    // Healthy behind the load balancer, but its boot script has not said it finished.
+    let verdict = wait_healthy(&AlwaysUp, &servers, &options, Some(&boots))
+        .await
+        .unwrap();
+    assert_eq!(
+        verdict,
+        Err("not healthy within 0 s: i-new: booting, UP".to_owned())
+    );
+
+    report("failed: running the before-start steps (exit 1)").await;
+    options.health_timeout = Duration::from_secs(600);
+    let verdict = wait_healthy(&AlwaysUp, &servers, &options, Some(&boots))
+        .await
+        .unwrap();
+    assert_eq!(
+        verdict,
+        Err("i-new: its boot failed: running the before-start steps (exit 1)".to_owned())
+    );
+
+    report(rigger_aws::boot::FINISHED).await;
+    let verdict = wait_healthy(&AlwaysUp, &servers, &options, Some(&boots))
+        .await
+        .unwrap();
+    assert_eq!(verdict, Ok(()));
 }

@@ -203,8 +203,8 @@ fn only_root_reaches_the_metadata_service() {
             .unwrap_or_else(|| panic!("{label}: the rule is never loaded"));
         for later in [
             "\ninstall_packages ",
-            "\nlog 'reading secrets from SSM'",
-            "\nlog 'starting the services'",
+            "\nstep 'reading secrets from SSM'",
+            "\nstep 'starting the services'",
             "SELF_ID=$(imds",
         ] {
             if let Some(at) = script.find(later) {

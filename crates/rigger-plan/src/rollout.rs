@@ -78,7 +78,7 @@ pub enum GateResult {
     Healthy,
     /// Time is up: these servers were not healthy, with the last state seen for each.
     TimedOut { unhealthy: BTreeMap<String, String> },
-    /// A server failed outright (its process died): no point waiting.
+    /// A server failed outright (a process died, its boot failed): no point waiting.
     Failed { server: String, why: String },
 }
 
@@ -108,17 +108,21 @@ impl HealthGate {
 
     /// One observation at `now` (time since the batch was launched): each server's state as
     /// the load balancer reports it (`UP`, `DOWN`, ...; absent means not registered), and the
-    /// servers whose processes died.
+    /// servers that failed outright, with why (a process died, its boot reported a failure).
     pub fn observe(
         &mut self,
         now: Duration,
         states: &BTreeMap<String, String>,
-        dead: &[String],
+        failed: &BTreeMap<String, String>,
     ) -> GateResult {
-        if let Some(server) = self.servers.iter().find(|s| dead.contains(s)) {
+        if let Some((server, why)) = self
+            .servers
+            .iter()
+            .find_map(|s| failed.get(s).map(|why| (s, why)))
+        {
             return GateResult::Failed {
                 server: server.clone(),
-                why: "a process of the server exited".into(),
+                why: why.clone(),
             };
         }
         for server in &self.servers {
@@ -205,15 +209,23 @@ mod tests {
     fn the_gate_opens_after_stable_checks() {
         let mut gate = HealthGate::new(vec!["web-3".into(), "web-4".into()], 60 * S, 2);
         assert_eq!(
-            gate.observe(S, &states(&[("web-3", "DOWN")]), &[]),
+            gate.observe(S, &states(&[("web-3", "DOWN")]), &BTreeMap::new()),
             GateResult::Waiting
         );
         assert_eq!(
-            gate.observe(2 * S, &states(&[("web-3", "UP"), ("web-4", "UP")]), &[]),
+            gate.observe(
+                2 * S,
+                &states(&[("web-3", "UP"), ("web-4", "UP")]),
+                &BTreeMap::new()
+            ),
             GateResult::Waiting
         );
         assert_eq!(
-            gate.observe(3 * S, &states(&[("web-3", "UP"), ("web-4", "UP")]), &[]),
+            gate.observe(
+                3 * S,
+                &states(&[("web-3", "UP"), ("web-4", "UP")]),
+                &BTreeMap::new()
+            ),
             GateResult::Healthy
         );
     }
@@ -224,12 +236,12 @@ mod tests {
         for second in 1..5 {
             let state = if second % 2 == 0 { "UP" } else { "DOWN 1/2" };
             assert_eq!(
-                gate.observe(second * S, &states(&[("web-3", state)]), &[]),
+                gate.observe(second * S, &states(&[("web-3", state)]), &BTreeMap::new()),
                 GateResult::Waiting
             );
         }
         assert_eq!(
-            gate.observe(5 * S, &states(&[("web-3", "DOWN")]), &[]),
+            gate.observe(5 * S, &states(&[("web-3", "DOWN")]), &BTreeMap::new()),
             GateResult::TimedOut {
                 unhealthy: states(&[("web-3", "DOWN")])
             }
@@ -239,7 +251,7 @@ mod tests {
     #[test]
     fn the_timeout_names_only_the_unhealthy_servers() {
         let mut gate = HealthGate::new(vec!["web-3".into(), "web-4".into()], 10 * S, 1);
-        let result = gate.observe(11 * S, &states(&[("web-3", "UP")]), &[]);
+        let result = gate.observe(11 * S, &states(&[("web-3", "UP")]), &BTreeMap::new());
         assert_eq!(
             result,
             GateResult::TimedOut {
@@ -251,7 +263,11 @@ mod tests {
     #[test]
     fn a_dead_server_fails_at_once() {
         let mut gate = HealthGate::new(vec!["web-3".into()], 600 * S, 1);
-        let result = gate.observe(S, &states(&[]), &["web-3".into()]);
+        let result = gate.observe(
+            S,
+            &states(&[]),
+            &states(&[("web-3", "a process of the server exited")]),
+        );
         assert!(matches!(result, GateResult::Failed { server, .. } if server == "web-3"));
     }
 }

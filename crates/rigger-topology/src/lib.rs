@@ -558,13 +558,16 @@ impl Builder<'_> {
         lines.extend(grants);
         lines.insert(read(parameter::CA_CERT));
         lines.insert("kms:Decrypt via ssm".to_owned());
-        // A separate grant (rigger-aws `hostkeys`): every server publishes its own SSH host keys
-        // at boot, in the one parameter named by its instance id (a policy variable of EC2
-        // role sessions), so that rigger pins them; no server can publish keys for another.
-        lines.insert(format!(
-            "ssm:PutParameter /{}/{}/hostkeys/${{ec2:InstanceID}}",
-            self.project, self.env.name
-        ));
+        // Separate grants (rigger-aws `hostkeys`): every server publishes its own SSH host
+        // keys and how its boot went, each in the one parameter named by its instance id (a
+        // policy variable of EC2 role sessions), so that rigger pins the keys and waits for
+        // the boot; no server can publish for another.
+        for published in ["hostkeys", "boot"] {
+            lines.insert(format!(
+                "ssm:PutParameter /{}/{}/{published}/${{ec2:InstanceID}}",
+                self.project, self.env.name
+            ));
+        }
         lines
     }
 

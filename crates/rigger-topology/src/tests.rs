@@ -448,7 +448,8 @@ fn each_server_role_has_a_profile_allowing_only_its_own_secrets() {
             assert!(!line.ends_with("/prod/*"), "{name}: {line}");
         }
     }
-    // Each server may write one parameter: its own published SSH host keys.
+    // Each server may write two parameters, both its own: its SSH host keys and its boot
+    // report.
     for (name, lines) in &separate {
         let writes: Vec<&String> = lines
             .iter()
@@ -456,7 +457,10 @@ fn each_server_role_has_a_profile_allowing_only_its_own_secrets() {
             .collect();
         assert_eq!(
             writes,
-            ["ssm:PutParameter /surveys/prod/hostkeys/${ec2:InstanceID}"],
+            [
+                "ssm:PutParameter /surveys/prod/boot/${ec2:InstanceID}",
+                "ssm:PutParameter /surveys/prod/hostkeys/${ec2:InstanceID}"
+            ],
             "{name}"
         );
     }

@@ -164,8 +164,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// How often `up` looks while it waits.
 const READY_POLL: Duration = Duration::from_secs(2);
 
-/// Waits until the environment is ready (every server running, every web server in service
-/// behind the load balancer), reporting each change of what it waits for; fails after
+/// Waits until the environment is ready (every server running and, where servers are
+/// machines, done booting by its own report; every web server in service behind the load
+/// balancer), reporting each change of what it waits for; fails at once when a server reports
+/// a failed boot, and after
 /// [`READY_TIMEOUT`] naming the servers that are not, with where to look. The resources are
 /// all made by then: waiting changes nothing, and being interrupted loses nothing.
 async fn wait_until_ready(
@@ -184,6 +186,23 @@ async fn wait_until_ready(
                 ));
             }
             return Ok(status);
+        }
+        // A failed boot never comes right by waiting: the server's own words, at once.
+        if status
+            .servers
+            .iter()
+            .any(|s| s.state == rigger_aws::status::BOOT_FAILED)
+        {
+            return Err(Failure::Operation(anyhow!(
+                "{}/{} was made, but {}; its boot log is /var/log/cloud-init-output.log \
+                 (`rigger exec -e {} SERVER -- sudo tail -50 /var/log/cloud-init-output.log`); \
+                 a boot script runs once: once the cause is fixed, terminate the server and \
+                 `rigger up` (or its group) makes a new one",
+                status.project,
+                status.environment,
+                status.message,
+                status.environment
+            )));
         }
         let waiting = not_in_service(&status);
         if waiting != said {

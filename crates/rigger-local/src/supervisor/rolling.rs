@@ -285,14 +285,14 @@ impl Supervisor {
         let started = Instant::now();
         loop {
             self.refresh_lb_states().await;
-            let dead: Vec<String> = new
+            let dead: std::collections::BTreeMap<String, String> = new
                 .iter()
                 .filter(|id| {
                     self.services
                         .values()
                         .any(|s| &s.server == *id && !s.record.is_alive())
                 })
-                .cloned()
+                .map(|id| (id.clone(), "a process of the server exited".to_owned()))
                 .collect();
             match gate.observe(started.elapsed(), &self.lb_states, &dead) {
                 GateResult::Healthy => return Ok(()),
