@@ -99,14 +99,14 @@ const FILES: &[ImageFile] = &[
         contents: include_str!("../assets/user-data"),
     },
     ImageFile {
-        path: "etc/systemd/system/rigger-lab-init.service",
+        path: "etc/systemd/system/lab-cloud-init.service",
         mode: 0o644,
-        contents: include_str!("../assets/rigger-lab-init.service"),
+        contents: include_str!("../assets/lab-cloud-init.service"),
     },
     ImageFile {
-        path: "etc/systemd/system/rigger-lab-user-data.service",
+        path: "etc/systemd/system/lab-cloud-final.service",
         mode: 0o644,
-        contents: include_str!("../assets/rigger-lab-user-data.service"),
+        contents: include_str!("../assets/lab-cloud-final.service"),
     },
     ImageFile {
         path: "etc/ssh/sshd_config.d/50-rigger-lab.conf",
@@ -132,7 +132,7 @@ const FILES: &[ImageFile] = &[
 ];
 
 /// Units of the lab's own that the image enables.
-const ENABLED_UNITS: &[&str] = &["rigger-lab-init.service", "rigger-lab-user-data.service"];
+const ENABLED_UNITS: &[&str] = &["lab-cloud-init.service", "lab-cloud-final.service"];
 
 /// dpkg leaves out documentation and translations (as Debian's container images do).
 const DPKG_OPTIONS: &[&str] = &[
@@ -464,7 +464,7 @@ mod tests {
         let text = recipe_text();
         assert!(text.contains("package postgresql-15\n"));
         assert!(text.contains("disable epmd.socket\n"));
-        assert!(text.contains("enable rigger-lab-user-data.service\n"));
+        assert!(text.contains("enable lab-cloud-final.service\n"));
         assert!(text.contains(include_str!("../assets/user-data")));
         assert_eq!(recipe_hash().len(), 64);
         assert_eq!(recipe_hash(), recipe_hash());
