@@ -5,6 +5,7 @@ machine's boot time and memory. Runs with moto's venv (boto3); cleans up whateve
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,7 +110,7 @@ replicas = 1
         return run([args.rigger, *words, "-e", ENV, "--endpoint-url", endpoint], cwd=site, env=env)
 
     started = time.monotonic()
-    rigger("up")
+    phases = timed_up([args.rigger, "up", "-e", ENV, "--endpoint-url", endpoint], site, env, started)
     up_done = time.monotonic()
     url = json.loads(rigger("status", "--json"))["urls"][0]
     address = url.removeprefix("https://").rstrip("/")
@@ -124,10 +125,12 @@ replicas = 1
     serving = time.monotonic()
     print(f"rigger up (returns when every server is in service): {up_done - started:.1f} s")
     print(f"first 200 through the load balancer: {serving - started:.1f} s after up started")
+    print("rigger up's phases (seconds after it started): " + "; ".join(
+        f"{what} {at:.1f}" for what, at in phases))
 
     memory = {m["instance_id"]: m.get("memory_pss_bytes") or 0
               for m in json.loads(run(lab + ["status", "--json"]))["machines"]}
-    print("machine: launch to user-data done; memory (PSS)")
+    print("machine: launch to user-data done; memory (PSS); boot steps of 3 s or more")
     ec2 = boto3.client("ec2", **session)
     rows = []
     for reservation in ec2.describe_instances()["Reservations"]:
@@ -138,11 +141,52 @@ replicas = 1
             done = work / "lab/machines" / instance["InstanceId"] / "upper/var/lib/cloud/instance/boot-finished"
             boot = (f"{done.stat().st_mtime - instance['LaunchTime'].timestamp():5.1f} s"
                     if done.exists() else "not finished")
-            rows.append((name, boot, memory.get(instance["InstanceId"], 0)))
-    for name, boot, pss in sorted(rows):
-        print(f"  {name:<26} {boot:>12}  {pss / 2**20:6.0f} MiB")
-    print(f"memory, all machines: {sum(m for _, _, m in rows) / 2**20:.0f} MiB")
+            log = work / "lab/machines" / instance["InstanceId"] / "upper/var/log/cloud-init-output.log"
+            rows.append((name, boot, memory.get(instance["InstanceId"], 0), slow_steps(log)))
+    for name, boot, pss, steps in sorted(rows):
+        print(f"  {name:<26} {boot:>12}  {pss / 2**20:6.0f} MiB   {steps}")
+    print(f"memory, all machines: {sum(row[2] for row in rows) / 2**20:.0f} MiB")
     rigger("down", "--yes")
+
+
+# The first line of `rigger up`'s output that marks each phase, and the phase's name.
+UP_PHASES = [
+    ("built the first release", "release built"),
+    ("uploaded the first release", "release uploaded"),
+    ("creating group_server", "first server launched"),
+    ("waiting for", "every resource made, waiting"),
+    ("every server is in service", "every server in service"),
+]
+
+
+def timed_up(command, site: Path, env, started: float):
+    """Runs `rigger up`, noting when each of UP_PHASES first shows in its output."""
+    process = subprocess.Popen(command, cwd=site, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    phases, output = [], []
+    for line in process.stdout:
+        output.append(line)
+        for marker, name in UP_PHASES:
+            if marker in line and name not in (n for n, _ in phases):
+                phases.append((name, time.monotonic() - started))
+    if process.wait() != 0:
+        sys.exit("bench/lab: rigger up failed:\n" + "".join(output))
+    return phases
+
+
+def slow_steps(log: Path) -> str:
+    """The boot script's steps that took 3 s or more, slowest first, from the times its `step`
+    lines carry (`rigger: [12 s] installing packages`)."""
+    if not log.exists():
+        return ""
+    marks = []
+    for line in log.read_text(errors="replace").splitlines():
+        match = re.match(r"rigger: \[(\d+) s\] (.*)", line)
+        if match:
+            marks.append((int(match.group(1)), match.group(2)))
+    durations = [(end[0] - start[0], start[1]) for start, end in zip(marks, marks[1:])]
+    slow = sorted((d for d in durations if d[0] >= 3), reverse=True)
+    return "; ".join(f"{step} {seconds} s" for seconds, step in slow)
 
 
 if __name__ == "__main__":

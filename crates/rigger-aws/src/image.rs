@@ -184,20 +184,11 @@ fn builder_body(env: &AwsEnvironment) -> String {
     w.push_str("set -uo pipefail\numask 022\nexport DEBIAN_FRONTEND=noninteractive\n\n");
     w.push_str("log() { printf 'rigger: %s\\n' \"$*\" >&2; }\n");
     w.push_str(crate::userdata::INSTALL_PACKAGES_FUNCTION);
+    w.push_str(&crate::userdata::leave_debian_daemons_off());
     w.push_str("\nbake() {\n  set -e\n");
     let _ = writeln!(w, "  install_packages {}", packages.join(" "));
-    w.push_str(
-        "  # Debian's own daemons for what rigger runs under units of its own stay off, as every\n  # boot script leaves them; its epmd (listening on every address) is masked.\n",
-    );
-    let _ = writeln!(
-        w,
-        "  for unit in {}; do",
-        crate::userdata::DEBIAN_UNITS.join(" ")
-    );
-    w.push_str("    systemctl disable --now \"$unit\" >/dev/null 2>&1 || true\n  done\n");
-    let epmd = crate::userdata::DEBIAN_EPMD_UNITS.join(" ");
-    let _ = writeln!(w, "  systemctl mask {epmd} >/dev/null");
-    let _ = writeln!(w, "  systemctl stop {epmd} >/dev/null 2>&1 || true");
+    // Debian's own daemons stay off, as every boot script leaves them.
+    w.push_str("  leave_debian_daemons_off\n");
     w.push_str(
         r#"  # What every instance launched from the image makes its own.
   apt-get clean

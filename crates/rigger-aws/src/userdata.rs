@@ -141,6 +141,37 @@ pub(crate) const DEBIAN_UNITS: [&str; 7] = [
 /// queue recipe runs its own ([`rigger_recipes::ServerContext::start_epmd`]).
 pub const DEBIAN_EPMD_UNITS: [&str; 2] = ["epmd.socket", "epmd.service"];
 
+/// The shell function `leave_debian_daemons_off`, for every boot script and the image
+/// builder's: Debian's own daemons for what rigger runs under units of its own
+/// ([`DEBIAN_UNITS`]) disabled and stopped, in one call for those installed (each call is a
+/// daemon reload, a second or so at boot), and Debian's epmd masked. Masked, not only
+/// disabled: epmd.socket listens on every address of every server whose image has Erlang (a
+/// baked image), and rabbitmq-server.service wants it; the queue server runs rigger's own
+/// epmd, on its own address and loopback only.
+pub fn leave_debian_daemons_off() -> String {
+    format!(
+        r#"
+leave_debian_daemons_off() {{
+  local units=()
+  mapfile -t units < <(systemctl list-unit-files --no-legend --plain {units} 2>/dev/null | awk '{{print $1}}')
+  [ "${{#units[@]}}" -eq 0 ] || systemctl disable --now "${{units[@]}}" >/dev/null 2>&1 || true
+  # Template instances have no unit file of their own to list.
+  systemctl stop {instances} >/dev/null 2>&1 || true
+  systemctl mask {epmd} >/dev/null
+  systemctl stop {epmd} >/dev/null 2>&1 || true
+}}
+"#,
+        units = DEBIAN_UNITS.join(" "),
+        instances = DEBIAN_UNITS
+            .iter()
+            .filter(|unit| unit.contains('@'))
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" "),
+        epmd = DEBIAN_EPMD_UNITS.join(" "),
+    )
+}
+
 /// Renders the whole recipe of the server described by `ctx` (every role, plus its
 /// certificate) into the boot script, with `volume` as its data volume.
 pub fn script(
@@ -200,21 +231,8 @@ pub fn script(
     wanted.dedup();
     let _ = writeln!(w, "\nstep 'installing packages'");
     let _ = writeln!(w, "install_packages {}", wanted.join(" "));
-    let _ = writeln!(w, "for unit in {}; do", DEBIAN_UNITS.join(" "));
-    w.push_str("  systemctl disable --now \"$unit\" >/dev/null 2>&1 || true\ndone\n");
-    // Masked, not only disabled: Debian's epmd.socket listens on every address of every
-    // server whose image has Erlang (a baked image), and rabbitmq-server.service wants it.
-    // The queue server runs rigger's own epmd, on its own address and loopback only.
-    let _ = writeln!(
-        w,
-        "systemctl mask {} >/dev/null",
-        DEBIAN_EPMD_UNITS.join(" ")
-    );
-    let _ = writeln!(
-        w,
-        "systemctl stop {} >/dev/null 2>&1 || true",
-        DEBIAN_EPMD_UNITS.join(" ")
-    );
+    w.push_str(&leave_debian_daemons_off());
+    w.push_str("leave_debian_daemons_off\n");
 
     // As soon as the AWS CLI is there: rigger reaches no server whose keys it cannot pin, and
     // a server that fails later in its boot should still be reachable to be looked at.
@@ -239,12 +257,12 @@ pub fn script(
     // The secrets this server's recipes use (all its profile may read), in memory only.
     let _ = writeln!(w, "\nstep 'reading secrets from SSM'");
     w.push_str("declare -A SECRETS=()\n");
-    for name in secrets_of(&ctx.roles) {
-        let _ = writeln!(
-            w,
-            "SECRETS[{}]=$(parameter {name})",
-            secret_placeholder(name)
-        );
+    let wanted: Vec<String> = secrets_of(&ctx.roles)
+        .into_iter()
+        .map(|name| format!("{} {name}", secret_placeholder(name)))
+        .collect();
+    if !wanted.is_empty() {
+        let _ = writeln!(w, "read_secrets {}", wanted.join(" "));
     }
     let _ = writeln!(
         w,
@@ -319,7 +337,7 @@ pub fn script(
     {
         write_step(w, step, group_server);
     }
-    let _ = writeln!(w, "log 'ready'");
+    let _ = writeln!(w, "step 'ready'");
     // Last: a server counts as booted only once every step above ran (crate::boot).
     let _ = writeln!(w, "report_boot {}", crate::boot::FINISHED);
     Ok(s)
@@ -472,9 +490,10 @@ export DEBIAN_FRONTEND=noninteractive
 
 log() { printf 'rigger: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
-# step WHAT: logs the step the boot is at, which a failure report names.
+# step WHAT: logs the step the boot is at, with the seconds since the script started (where a
+# slow boot spends its time), and remembers it for a failure report.
 STEP='starting'
-step() { STEP=$*; log "$*"; }
+step() { STEP=$*; log "[${SECONDS} s] $*"; }
 
 imds() {
   local token
@@ -521,6 +540,40 @@ UNIT
 
 parameter() {
   aws ssm get-parameter --region "$REGION" --with-decryption --name "$PARAMETERS$1" --query Parameter.Value --output text
+}
+
+# read_secrets PLACEHOLDER NAME...: reads the parameters NAME (this environment's, decrypted)
+# in as few calls as GetParameters allows (10 names each: each AWS CLI call costs a second or
+# more at boot) and sets SECRETS[PLACEHOLDER] to each value, in memory only. The values come
+# base64-encoded from the CLI's JSON, so that any text survives the shell; like `$(parameter)`,
+# trailing newlines are dropped. A parameter that is missing fails the boot, naming it.
+read_secrets() {
+  local -A placeholder_of=()
+  local names=() batch lines name encoded
+  while [ $# -gt 0 ]; do
+    placeholder_of[$PARAMETERS$2]=$1
+    names+=("$PARAMETERS$2")
+    shift 2
+  done
+  while [ ${#names[@]} -gt 0 ]; do
+    batch=("${names[@]:0:10}")
+    names=("${names[@]:10}")
+    lines=$(aws ssm get-parameters --region "$REGION" --with-decryption --names "${batch[@]}" --output json |
+      python3 -c '
+import base64, json, sys
+answer = json.load(sys.stdin)
+if answer.get("InvalidParameters"):
+    sys.exit("missing parameters: " + " ".join(answer["InvalidParameters"]))
+for parameter in answer["Parameters"]:
+    print(parameter["Name"], base64.b64encode(parameter["Value"].encode()).decode())
+')
+    while read -r name encoded; do
+      SECRETS[${placeholder_of[$name]}]=$(printf '%s' "$encoded" | base64 -d)
+    done <<<"$lines"
+  done
+  for name in "${!placeholder_of[@]}"; do
+    [ -n "${SECRETS[${placeholder_of[$name]}]+set}" ] || die "SSM did not return $name"
+  done
 }
 
 # replace_all TEXT NEEDLE VALUE: sets REPLY to TEXT with every NEEDLE replaced by VALUE.

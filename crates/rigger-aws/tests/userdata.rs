@@ -113,7 +113,7 @@ fn user_data_fetches_secrets_instead_of_carrying_them() {
         );
     }
     let (_, web) = &scripts()[0];
-    assert!(web.contains("SECRETS[RIGGER_SECRET_DB_PASSWORD_]=$(parameter db_password)"));
+    assert!(web.contains("\nread_secrets RIGGER_SECRET_DB_PASSWORD_ db_password "));
 }
 
 /// Each server reads exactly the secrets its roles' recipes use: the only ones its instance
@@ -121,11 +121,18 @@ fn user_data_fetches_secrets_instead_of_carrying_them() {
 #[test]
 fn each_server_fetches_only_its_own_secrets() {
     let fetched = |script: &str| -> Vec<String> {
+        // `read_secrets PLACEHOLDER NAME ...`: every second word is a parameter's name.
         script
             .lines()
-            .filter(|line| line.starts_with("SECRETS["))
-            .filter_map(|line| line.split_once("=$(parameter ").map(|(_, rest)| rest))
-            .map(|rest| rest.trim_end_matches(')').to_owned())
+            .filter_map(|line| line.strip_prefix("read_secrets "))
+            .flat_map(|words| {
+                words
+                    .split_whitespace()
+                    .skip(1)
+                    .step_by(2)
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
             .collect()
     };
     let scripts = scripts();
@@ -443,9 +450,13 @@ fn retry_gives_up_at_its_limit_saying_so() {
 #[test]
 fn debians_epmd_is_masked_and_the_queue_server_runs_riggers_own() {
     for (label, script) in scripts().into_iter().chain(first_release_scripts()) {
+        assert!(
+            script.contains("\n  systemctl mask epmd.socket epmd.service >/dev/null\n"),
+            "{label}: Debian's epmd is not masked"
+        );
         let mask = script
-            .find("\nsystemctl mask epmd.socket epmd.service >/dev/null\n")
-            .unwrap_or_else(|| panic!("{label}: Debian's epmd is not masked"));
+            .find("\nleave_debian_daemons_off\n")
+            .unwrap_or_else(|| panic!("{label}: Debian's daemons are left on"));
         let install = script.find("\ninstall_packages ").unwrap();
         assert!(install < mask, "{label}");
     }
@@ -898,4 +909,73 @@ fn the_root_disk_is_found_on_partitions_whole_disks_and_containers() {
     // A container's overlay (the lab's machines): no disk, and no failure (lsblk failed with
     // 32 there, ending the boot script).
     assert_eq!(root_disk_with("overlay", "").unwrap().trim(), "");
+}
+
+/// The boot script's `read_secrets` against a stand-in `aws` that answers as the CLI's JSON
+/// does (names that are missing listed as `InvalidParameters`): values with any text, read in
+/// batches of 10, and a missing parameter fails naming it.
+#[test]
+fn secrets_are_read_in_batches_whatever_they_hold() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (_, web) = &scripts()[0];
+    let start = web.find("\nread_secrets() {").expect("read_secrets");
+    let end = start + web[start..].find("\n}\n").unwrap() + 3;
+    let function = &web[start..end];
+    let dir = tempfile::tempdir().unwrap();
+    // Answers every name it is asked for with a value of its own, except `missing`; logs how
+    // many names each call asked for.
+    let aws = dir.path().join("aws");
+    std::fs::write(
+        &aws,
+        r#"#!/usr/bin/python3
+import json, sys
+names = sys.argv[sys.argv.index("--names") + 1:sys.argv.index("--output")]
+with open(sys.argv[0] + ".calls", "a") as calls:
+    calls.write(f"{len(names)}\n")
+values = {name: f"{name} & \\1 \"quoted\" $HOME `x`\n  second line\ttab" for name in names if not name.endswith("missing")}
+print(json.dumps({"Parameters": [{"Name": n, "Value": v} for n, v in values.items()],
+                  "InvalidParameters": [n for n in names if n.endswith("missing")]}))
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&aws, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = |arguments: &str| {
+        let script = format!(
+            "set -euo pipefail\nlog() {{ printf 'rigger: %s\\n' \"$*\" >&2; }}\n\
+             die() {{ log \"error: $*\"; exit 1; }}\nPARAMETERS=/shop/prod/ REGION=eu-west-1\n\
+             {function}\ndeclare -A SECRETS=()\nread_secrets {arguments}\n\
+             for key in $(printf '%s\\n' \"${{!SECRETS[@]}}\" | sort); do printf '%s=[%s]\\n' \"$key\" \"${{SECRETS[$key]}}\"; done\n"
+        );
+        let output = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .env("PATH", format!("{}:/usr/bin:/bin", dir.path().display()))
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let arguments: Vec<String> = (1..=12).map(|i| format!("P{i:02} s{i:02}")).collect();
+    let (ok, stdout, stderr) = run(&arguments.join(" "));
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("aws.calls")).unwrap(),
+        "10\n2\n",
+        "GetParameters takes 10 names a call"
+    );
+    assert_eq!(stdout.matches("=[").count(), 12, "{stdout}");
+    assert!(
+        stdout.contains("P07=[/shop/prod/s07 & \\1 \"quoted\" $HOME `x`\n  second line\ttab]\n"),
+        "{stdout}"
+    );
+
+    let (ok, _, stderr) = run("P01 s01 P02 missing");
+    assert!(!ok);
+    assert!(
+        stderr.contains("missing parameters: /shop/prod/missing"),
+        "{stderr}"
+    );
 }
