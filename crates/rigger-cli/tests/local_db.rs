@@ -1,7 +1,8 @@
 //! End to end: database operations on the local provider, on the real services. A planned
 //! failover under steady writes through the site loses no acknowledged write, the site takes
 //! writes again within 10 s, the old primary refuses connections; a replica is rebuilt from
-//! the new primary; a backup restored gives back the same rows.
+//! the new primary; a backup restored gives back the same rows, and one cut short changes
+//! nothing.
 //! Needs root and the packages of scripts/install-packages.sh, like local_stack.rs.
 
 mod common;
@@ -272,6 +273,19 @@ fn failover_reseed_backup_and_restore_on_real_postgres() {
         sql(&stack, &primary, "SELECT count(*) FROM polls_note"),
         rows_at_backup
     );
+    // A restore that fails half-way (a backup cut short) changes nothing: one transaction.
+    let rows_now = sql(&stack, &primary, "SELECT count(*) FROM polls_note");
+    let whole = std::fs::read(&path).unwrap();
+    let cut = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(cut.path(), &whole[..whole.len() * 3 / 4]).unwrap();
+    let failed = stack.rigger(&["db", "restore", cut.path().to_str().unwrap(), "--yes"]);
+    assert!(!failed.status.success(), "a cut backup restored");
+    assert_eq!(
+        sql(&stack, &primary, "SELECT count(*) FROM polls_note"),
+        rows_now,
+        "a failed restore left the database changed"
+    );
+    write_note("after the failed restore").unwrap();
     let name = path.file_name().unwrap().to_str().unwrap().to_owned();
     assert!(
         stack

@@ -736,12 +736,10 @@ pub async fn db_restore(env: &LocalEnvironment, backup: &str) -> anyhow::Result<
             "--init-groups",
             "--",
             "pg_restore",
-            "--clean",
-            "--if-exists",
-            "--no-owner",
-            "--role",
         ])
-        .arg(env.db_name())
+        .args(rigger_recipes::operations::pg_restore_options(
+            &env.db_name(),
+        ))
         .arg("-h")
         .arg(&socket)
         .args(["-p", "5432", "-U", "postgres", "-d", &env.db_name()])

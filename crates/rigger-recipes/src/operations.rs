@@ -100,6 +100,23 @@ pub fn health_evidence_line(health_path: &str, lines: u32) -> String {
     )
 }
 
+/// `pg_restore`'s options for restoring a backup over the app's database `db`: objects
+/// dropped and made again, owned by the app's role, all in one transaction, so that a restore
+/// that fails half-way (a backup cut short, a full disk) leaves the database as it was rather
+/// than half-dropped. Every provider's restore uses these.
+pub fn pg_restore_options(db: &str) -> Vec<String> {
+    [
+        "--clean",
+        "--if-exists",
+        "--no-owner",
+        "--single-transaction",
+        "--role",
+        db,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// `psql` on PgBouncer's admin console as rigger's admin user, running `commands` (`PAUSE`,
 /// `SHOW POOLS`) in one session, rows `|`-separated. The credentials come from the variables of
 /// the root-only admin file the recipe writes ([`crate::pgbouncer_admin_env`], loaded into the

@@ -299,8 +299,13 @@ fn restore_line(layout: &Layout, db: &str, region: &str, source: &str) -> String
     format!(
         "set -e; f=$(mktemp -p {data}); trap 'rm -f \"$f\"' EXIT; \
          aws s3 cp --only-show-errors --region {region} {source} \"$f\"; chown {pg} \"$f\"; \
-         runuser -u {pg} -- env HOME=/tmp {restore} --clean --if-exists --no-owner --single-transaction \
-         --role {db} -h {socket} -p 5432 -U {pg} -d {db} \"$f\"",
+         runuser -u {pg} -- env HOME=/tmp {restore} {options} \
+         -h {socket} -p 5432 -U {pg} -d {db} \"$f\"",
+        options = rigger_recipes::operations::pg_restore_options(db)
+            .iter()
+            .map(|option| shell_quote(option))
+            .collect::<Vec<_>>()
+            .join(" "),
         data = shell_quote(&layout.data_dir.display().to_string()),
         pg = shell_quote(&layout.users.postgres),
         restore = shell_quote(
