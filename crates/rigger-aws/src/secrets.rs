@@ -45,6 +45,18 @@ pub async fn ensure(
     Ok(created)
 }
 
+/// The names of the environment's secrets that exist in SSM (`rigger secrets list`), in
+/// [`SECRET_NAMES`]' order then the CA's; never their values.
+pub async fn names(env: &AwsEnvironment, clients: &Clients) -> Result<Vec<String>, AwsError> {
+    let existing: Vec<String> = crate::parameters::names_under(clients, &env.parameter("")).await?;
+    Ok(SECRET_NAMES
+        .into_iter()
+        .chain([CA_KEY, CA_CERT])
+        .filter(|name| existing.contains(&env.parameter(name)))
+        .map(str::to_owned)
+        .collect())
+}
+
 /// Stores a SecureString, tagged. `replace`: an existing value is overwritten (SSM takes no
 /// tags with an overwrite: the parameter keeps those it was created with).
 async fn put(

@@ -63,6 +63,14 @@ fn up_builds_the_first_release_from_git_head_or_refuses_before_making_anything()
         "{}",
         text(&up)
     );
+
+    // `secrets list` names the secrets `up` stored in SSM, never their values.
+    let listed = ok(dir.path(), url, &["secrets", "list", "--json"]);
+    let names: Vec<String> = serde_json::from_slice(&listed.stdout).expect("a JSON list");
+    for name in ["db_password", "django_secret_key", "ca_key", "ca_cert"] {
+        assert!(names.iter().any(|n| n == name), "{name}: {names:?}");
+    }
+    assert!(!text(&listed).contains("BEGIN"), "{}", text(&listed));
 }
 
 #[test]

@@ -748,6 +748,20 @@ fn migrate(
     )
 }
 
+/// The names of the environment's secrets in SSM (`rigger secrets list`).
+pub(crate) fn secret_names(settings: &Settings) -> Result<Vec<String>, Failure> {
+    let config = super::load_config(settings)?;
+    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
+        return Err(no_credentials());
+    }
+    runtime()?.block_on(async {
+        let provider = provider(config, settings).await?;
+        rigger_aws::secrets::names(&provider.env, &provider.clients)
+            .await
+            .map_err(failed)
+    })
+}
+
 /// The deploy history in SSM.
 pub(crate) fn history(settings: &Settings) -> Result<Vec<DeployRecord>, Failure> {
     let config = super::load_config(settings)?;

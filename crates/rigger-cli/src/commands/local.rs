@@ -1,6 +1,6 @@
 //! Commands that act on a running environment: `up`, `down`, `status`, `scale`, `secrets`,
-//! and the hidden `supervise`. Only the local provider exists so far; an AWS environment gets
-//! a clear error instead of a silent no-op.
+//! and the hidden `supervise` (the AWS provider's `up`, `down`, `status` and `scale` are in
+//! `aws.rs`; `secrets list` reads either provider's).
 
 use anyhow::{Context as _, anyhow};
 use rigger_config::ProviderKind;
@@ -145,8 +145,11 @@ pub(crate) fn scale(args: ScaleArgs, settings: &Settings) -> Result<(), Failure>
 
 pub(crate) fn secrets(command: SecretsCommand, settings: &Settings) -> Result<(), Failure> {
     let SecretsCommand::List { json } = command;
-    let env = local_environment(settings)?;
-    let names = rigger_local::secrets::names(&env.paths.secrets());
+    let names = if super::aws::is_aws(settings)? {
+        super::aws::secret_names(settings)?
+    } else {
+        rigger_local::secrets::names(&local_environment(settings)?.paths.secrets())
+    };
     if json {
         println!(
             "{}",
