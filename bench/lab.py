@@ -23,6 +23,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rigger", required=True)
     parser.add_argument("--emulator", required=True)
+    parser.add_argument("--load-balancer", choices=["classic", "application"], default="classic",
+                        help="the kind of load balancer rigger makes (rigger.toml's load_balancer)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rigger-bench-lab.", dir="/var/tmp"))
     lab = [args.rigger, "lab", "--dir", str(work / "lab")]
@@ -83,7 +85,7 @@ requirements = "requirements.txt"
 provider = "aws"
 region = "us-east-1"
 ami = "{status['ami']}"
-load_balancer = "classic"
+load_balancer = "{args.load_balancer}"
 certificate = "{certificate}"
 admin_cidrs = ["172.31.0.0/16"]
 admin_public_key = "{public}"

@@ -6,7 +6,8 @@
 //! servers; a first deploy migrates and serves the new release; `exec`, `logs`, `manage`
 //! reach the machines through the lab's bastion; `scale web=3` puts a third server behind the
 //! load balancer; a killed web machine is replaced; rebooting every machine brings the site
-//! back, its database on its volume; `down` removes everything.
+//! back, its database on its volume; `down` removes everything; then the same environment
+//! behind an application load balancer comes up, serves from both web servers, and goes.
 //!
 //! Needs root, the lab image and moto (scripts/test provides them); fails, never skips.
 
@@ -433,13 +434,42 @@ fn the_example_site_runs_on_the_lab_from_up_to_down() {
         machines.is_empty().then_some(machines)
     });
     assert!(machines.is_empty());
+
+    // The same environment behind an application load balancer (target groups, their
+    // health as HAProxy sees it): up, both web servers answer, down.
+    let toml = site.dir.path().join("rigger.toml");
+    let text_now = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        text_now.replace(
+            "load_balancer = \"classic\"",
+            "load_balancer = \"application\"",
+        ),
+    )
+    .unwrap();
+    let application = Instant::now();
+    site.ok(&["up"]);
+    let application_seconds = application.elapsed().as_secs_f64();
+    let url = site.status()["urls"][0].as_str().unwrap().to_owned();
+    assert_eq!(
+        answering(&url, 20).len(),
+        2,
+        "both web servers answer behind the application load balancer"
+    );
+    site.ok(&["down", "--yes"]);
+    wait_for("every machine gone", Duration::from_secs(120), || {
+        lab.status()["machines"]
+            .as_array()
+            .is_none_or(|m| m.is_empty())
+            .then_some(())
+    });
     let down = lab.rigger(&["down"]);
     assert!(down.status.success(), "{}", text(&down));
     assert_nothing_left(&lab, &started);
     eprintln!(
         "measured: up to ready {up_seconds:.0} s; killed web machine to replaced and ready \
          {replaced_seconds:.0} s; reboot of every machine to the site back {back_seconds:.0} s; \
-         whole test {:.0} s",
+         up behind an application load balancer {application_seconds:.0} s; whole test {:.0} s",
         timeline.elapsed().as_secs_f64()
     );
 }
