@@ -60,6 +60,15 @@ pub(crate) async fn provider(config: Config, settings: &Settings) -> Result<Prov
         })
 }
 
+/// Stops a command that would call AWS itself (no endpoint override) before it does anything
+/// when no credentials are configured, saying how to configure them.
+pub(crate) fn require_credentials(settings: &Settings) -> Result<(), Failure> {
+    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
+        return Err(no_credentials());
+    }
+    Ok(())
+}
+
 pub(crate) fn failed(error: rigger_aws::AwsError) -> Failure {
     Failure::Operation(anyhow::Error::new(error))
 }
@@ -107,9 +116,7 @@ pub(crate) fn up(settings: &Settings) -> Result<(), Failure> {
     let config = super::load_config(settings)?;
     // An unknown environment stops here, before anything is asked of AWS.
     super::environment(&config, settings)?;
-    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
-        return Err(no_credentials());
-    }
+    require_credentials(settings)?;
     let started = std::time::Instant::now();
     let report = |line: &str| say(settings, &format!("  {line}"));
     let app = app_dir(settings, &config);
@@ -249,9 +256,7 @@ pub(crate) fn down(args: DownArgs, settings: &Settings) -> Result<(), Failure> {
     // the confirmation is always asked unless --yes.
     let DownArgs { purge: _, yes } = args;
     let config = super::load_config(settings)?;
-    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
-        return Err(no_credentials());
-    }
+    require_credentials(settings)?;
     let project = config.project.name.clone();
     if !yes {
         super::confirm(
@@ -285,9 +290,7 @@ pub(crate) fn servers(
     config: &Config,
     settings: &Settings,
 ) -> Result<Vec<rigger_aws::LiveServer>, Failure> {
-    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
-        return Err(no_credentials());
-    }
+    require_credentials(settings)?;
     runtime()?.block_on(async {
         let provider = provider(config.clone(), settings).await?;
         provider.servers().await.map_err(failed)
@@ -297,9 +300,7 @@ pub(crate) fn servers(
 pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failure> {
     let StatusArgs { json } = args;
     let config = super::load_config(settings)?;
-    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
-        return Err(no_credentials());
-    }
+    require_credentials(settings)?;
     let status = runtime()?.block_on(async {
         let provider = provider(config, settings).await?;
         provider.status().await.map_err(failed)
@@ -465,9 +466,7 @@ pub(crate) fn deploy(args: DeployArgs, settings: &Settings) -> Result<(), Failur
     } = args;
     let options = rollout_options(rollout)?;
     let config = super::load_config(settings)?;
-    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
-        return Err(no_credentials());
-    }
+    require_credentials(settings)?;
     let app = app_dir(settings, &config);
     let build = tempfile::tempdir().context("making a directory to build the release in")?;
     let report = |line: &str| say(settings, &format!("  {line}"));
@@ -506,9 +505,7 @@ pub(crate) fn rollback(args: RollbackArgs, settings: &Settings) -> Result<(), Fa
     let RollbackArgs { to, rollout } = args;
     let options = rollout_options(rollout)?;
     let config = super::load_config(settings)?;
-    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
-        return Err(no_credentials());
-    }
+    require_credentials(settings)?;
     let report = |line: &str| say(settings, &format!("  {line}"));
     let runtime = runtime()?;
     let (provider, started) = runtime.block_on(async {
@@ -537,9 +534,7 @@ pub(crate) fn scale(args: ScaleArgs, settings: &Settings) -> Result<(), Failure>
         env.check_scale(group, *count)
             .map_err(|e| Failure::Usage(anyhow!(e)))?;
     }
-    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
-        return Err(no_credentials());
-    }
+    require_credentials(settings)?;
     runtime()?.block_on(async {
         let provider = provider(config, settings).await?;
         for (group, count) in &counts {
@@ -559,9 +554,7 @@ pub(crate) fn scale(args: ScaleArgs, settings: &Settings) -> Result<(), Failure>
 /// it), then every web server switched over SSH.
 pub(crate) fn maintenance(settings: &Settings, on: bool) -> Result<(), Failure> {
     let config = super::load_config(settings)?;
-    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
-        return Err(no_credentials());
-    }
+    require_credentials(settings)?;
     let machines = runtime()?.block_on(async {
         let provider = provider(config, settings).await?;
         rigger_aws::maintenance::set(&provider.env, &provider.clients, on)
@@ -751,9 +744,7 @@ fn migrate(
 /// The names of the environment's secrets in SSM (`rigger secrets list`).
 pub(crate) fn secret_names(settings: &Settings) -> Result<Vec<String>, Failure> {
     let config = super::load_config(settings)?;
-    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
-        return Err(no_credentials());
-    }
+    require_credentials(settings)?;
     runtime()?.block_on(async {
         let provider = provider(config, settings).await?;
         rigger_aws::secrets::names(&provider.env, &provider.clients)
@@ -765,9 +756,7 @@ pub(crate) fn secret_names(settings: &Settings) -> Result<Vec<String>, Failure> 
 /// The deploy history in SSM.
 pub(crate) fn history(settings: &Settings) -> Result<Vec<DeployRecord>, Failure> {
     let config = super::load_config(settings)?;
-    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
-        return Err(no_credentials());
-    }
+    require_credentials(settings)?;
     runtime()?.block_on(async {
         let provider = provider(config, settings).await?;
         rigger_aws::deploy::history(&provider.env, &provider.clients)
@@ -779,9 +768,7 @@ pub(crate) fn history(settings: &Settings) -> Result<Vec<DeployRecord>, Failure>
 /// `rigger lock status|release` on AWS: the lock object in the environment's bucket.
 pub(crate) fn lock(command: LockCommand, settings: &Settings) -> Result<(), Failure> {
     let config = super::load_config(settings)?;
-    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
-        return Err(no_credentials());
-    }
+    require_credentials(settings)?;
     runtime()?.block_on(async {
         let provider = provider(config, settings).await?;
         match command {

@@ -28,9 +28,7 @@ const APP_SERVERS: [&str; 2] = ["web", "worker"];
 
 pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure> {
     let config = super::load_config(settings)?;
-    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
-        return Err(aws::no_credentials());
-    }
+    aws::require_credentials(settings)?;
     let runtime = runtime()?;
     let provider = runtime.block_on(aws::provider(config, settings))?;
     let emulated = !runtime.block_on(aws::servers_are_machines(&provider))?;

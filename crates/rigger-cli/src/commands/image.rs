@@ -27,9 +27,7 @@ fn build(args: ImageBuildArgs, settings: &Settings) -> Result<(), Failure> {
             settings.environment
         )));
     }
-    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
-        return Err(super::aws::no_credentials());
-    }
+    super::aws::require_credentials(settings)?;
     let report = |line: &str| say(settings, &format!("  {line}"));
     let started = std::time::Instant::now();
     let (outcome, parameter) = runtime()?.block_on(async {
