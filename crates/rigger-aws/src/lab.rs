@@ -673,3 +673,38 @@ pub async fn shut_down_from_inside(
         Ok("stop")
     }
 }
+
+/// An AMI of the emulator, as the lab runs machines from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabImage {
+    pub id: String,
+    /// The emulator's state (moto's are `available` at once; the lab says when they are).
+    pub state: String,
+    /// The instance `CreateImage` made it of (moto reports it as `sourceInstanceId`); none
+    /// for an image the emulator was started with or one registered otherwise.
+    pub source_instance: Option<String>,
+}
+
+/// Every AMI of this account in the region.
+pub async fn images(clients: &Clients) -> Result<Vec<LabImage>, AwsError> {
+    let answer = clients
+        .ec2
+        .describe_images()
+        .owners("self")
+        .send()
+        .await
+        .op("DescribeImages", "(owner self)")?;
+    Ok(answer
+        .images()
+        .iter()
+        .filter_map(|image| {
+            Some(LabImage {
+                id: image.image_id()?.to_owned(),
+                state: image
+                    .state()
+                    .map_or(String::new(), |s| s.as_str().to_owned()),
+                source_instance: image.source_instance_id().map(str::to_owned),
+            })
+        })
+        .collect())
+}

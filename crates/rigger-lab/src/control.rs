@@ -387,9 +387,11 @@ async fn sweep(lab: &Lab) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes a stopped lab's records and machines' disks; keeps the logs.
+/// Removes a stopped lab's records, machines' disks and the images made in it; keeps the
+/// logs.
 fn forget(lab: &Lab) -> anyhow::Result<()> {
     sys::remove_tree(&lab.machines_dir())?;
+    sys::remove_tree(&lab.created_images_dir())?;
     for file in [lab.settings_file(), lab.status_file(), lab.amis_file()] {
         match std::fs::remove_file(&file) {
             Ok(()) => {}

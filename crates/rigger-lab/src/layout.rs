@@ -130,6 +130,12 @@ impl Lab {
         self.state.join("machines")
     }
 
+    /// The layers of the images `CreateImage` made of this lab's instances
+    /// ([`crate::images`]): they go with the lab.
+    pub fn created_images_dir(&self) -> PathBuf {
+        self.state.join("created-images")
+    }
+
     /// The machine of instance `instance_id`: its disk (`upper`, `work`), its root (`root`,
     /// the overlay mount), its console log and its pid record.
     pub fn machine_dir(&self, instance_id: &str) -> PathBuf {

@@ -20,6 +20,7 @@ pub mod control;
 pub mod dns;
 pub mod front;
 pub mod image;
+pub mod images;
 pub mod imds;
 pub mod layout;
 pub mod machine;

@@ -1,7 +1,9 @@
 //! One machine: the instance's disk, network and `systemd-nspawn`.
 //!
-//! Its disk is an overlay: the lab image read-only below, the machine's own `upper` above
-//! (what it writes; kept while its instance is stopped, deleted when it is terminated).
+//! Its disk is an overlay: its AMI's layers read-only below (the lab image, and for an image
+//! made of an instance that instance's frozen layer above it: [`crate::images`]), the
+//! machine's own `upper` above (what it writes; kept while its instance is stopped, deleted
+//! when it is terminated).
 //! Before its first boot the lab's CA is added to its trust ([`crate::pki::trust_in_machine`],
 //! in its own layer), so the AWS CLI inside trusts the lab's front at the AWS host names. Its
 //! network is a namespace of its own ([`crate::net`]). It boots with `systemd-nspawn -b` in a
@@ -45,8 +47,9 @@ pub struct MachineSpec {
     /// `ip-172-31-0-4`, as EC2 names an instance by its private address.
     pub hostname: String,
     pub mac: String,
-    /// The image's root filesystem (the overlay's lower layer).
-    pub rootfs: PathBuf,
+    /// The AMI's layers, top first (the overlay's lower layers): a lab image's root
+    /// filesystem, below the layers of images made of instances ([`crate::images`]).
+    pub lowers: Vec<PathBuf>,
     /// The bridge port's number ([`net::bridge_port`]).
     pub port_index: u64,
     /// The EBS volumes attached when it starts ([`crate::volume::Volumes::boot_disks`]).
@@ -111,9 +114,17 @@ async fn start_inner(lab: &Lab, spec: &MachineSpec) -> anyhow::Result<Supervised
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     if sys::mounts_under(&p.root).is_empty() {
+        if spec.lowers.is_empty() {
+            anyhow::bail!("the machine's image has no layer");
+        }
+        let lowers: Vec<String> = spec
+            .lowers
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         let options = format!(
             "lowerdir={},upperdir={},workdir={}",
-            spec.rootfs.display(),
+            lowers.join(":"),
             p.upper.display(),
             p.work.display()
         );
@@ -171,7 +182,9 @@ async fn start_inner(lab: &Lab, spec: &MachineSpec) -> anyhow::Result<Supervised
         "--register=no".to_owned(),
         "--keep-unit".to_owned(),
         format!("--network-namespace-path=/run/netns/{namespace}"),
-        "--console=pipe".to_owned(),
+        // A pty whose output goes to console.log (`pipe` gives the machine no /dev/console:
+        // what a boot writes there, as a builder reports its outcome, would be lost).
+        "--console=read-only".to_owned(),
         "--resolv-conf=off".to_owned(),
         "--link-journal=no".to_owned(),
         "--timezone=off".to_owned(),

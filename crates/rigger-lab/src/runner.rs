@@ -31,6 +31,7 @@ use crate::balancer::{BalancerEdge, Balancers};
 use crate::bastion::Bastion;
 use crate::dns::LabZone;
 use crate::front::{Edges, Front};
+use crate::images::{ConsoleEdge, ImageEdge, ImageState, LabImages, Source};
 use crate::imds::{IssuedCredentials, MachineMetadata, Machines, Profile, Service};
 use crate::layout::{Lab, is_instance_id};
 use crate::machine::{self, MachineSpec};
@@ -88,6 +89,11 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
     }
     let volumes = Volumes::new(&lab.state);
     let balancers = Arc::new(Balancers::new(&lab));
+    // The image the lab was started with; CreateImage adds more ([`crate::images`]).
+    let images = Arc::new(LabImages::new(
+        &lab,
+        &[(settings.ami.clone(), PathBuf::from(&settings.image_rootfs))],
+    ));
     let mut runner = Runner {
         status: RunnerStatus {
             pid: std::process::id() as i32,
@@ -113,6 +119,7 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
         volumes_read: None,
         balancers,
         balancers_read: None,
+        images,
     };
     let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
@@ -143,6 +150,7 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
         match rigger_aws::lab::instances(&runner.clients).await {
             Ok(instances) => {
                 runner.converge(instances, vpc).await;
+                runner.converge_images().await;
                 runner.status.message = "following the emulator's instances".to_owned();
             }
             Err(error) => {
@@ -197,6 +205,8 @@ struct Runner {
     balancers: Arc<Balancers>,
     /// When the load balancers were last read.
     balancers_read: Option<Instant>,
+    /// The AMIs machines boot from: the lab's image and those made of its instances.
+    images: Arc<LabImages>,
 }
 
 /// systemd-nspawn's exit status when the machine rebooted.
@@ -225,18 +235,25 @@ fn want(instance_state: &str) -> Want {
     }
 }
 
-/// Why `instance` cannot be a machine of this lab, if it cannot.
-fn refusal(instance: &LabInstance, settings: &Settings, vpc: Cidr) -> Result<Ipv4Addr, String> {
-    match instance.image_id.as_deref() {
-        Some(ami) if ami == settings.ami => {}
-        other => {
-            return Err(format!(
-                "its AMI {} is not the lab image ({}); launch instances from the lab's AMI",
-                other.unwrap_or("(none)"),
-                settings.ami
-            ));
-        }
+/// The layers of `instance`'s AMI: `Ok(None)` while the lab is still making that image,
+/// `Err` when it is not one machines of this lab can boot.
+fn layers(instance: &LabInstance, images: &LabImages) -> Result<Option<Vec<PathBuf>>, String> {
+    let Some(ami) = instance.image_id.as_deref() else {
+        return Err("it has no AMI".to_owned());
+    };
+    match images.state(ami) {
+        Some(ImageState::Ready(layers)) => Ok(Some(layers)),
+        Some(ImageState::Making) => Ok(None),
+        Some(ImageState::Failed(why)) => Err(format!("its AMI {ami} cannot be booted: {why}")),
+        None => Err(format!(
+            "its AMI {ami} is not the lab's image nor one made of the lab's instances; launch \
+             instances from the lab's AMI (`rigger lab status`)"
+        )),
     }
+}
+
+/// Why `instance` cannot be a machine of this lab, if it cannot.
+fn refusal(instance: &LabInstance, vpc: Cidr) -> Result<Ipv4Addr, String> {
     if instance.subnet_id.is_none() {
         return Err(
             "it was launched without a subnet, so the emulator gave it an address outside \
@@ -315,6 +332,9 @@ impl Runner {
         let endpoint = loopback_url_address(&self.settings.endpoint)?;
         self.edges
             .register(Arc::new(BalancerEdge(Arc::clone(&self.balancers))));
+        self.edges
+            .register(Arc::new(ImageEdge(Arc::clone(&self.images))));
+        self.edges.register(Arc::new(ConsoleEdge(self.lab.clone())));
         let front = Front::new(emulator, self.edges.clone());
         let namespace = self.lab.namespace();
 
@@ -362,6 +382,26 @@ impl Runner {
             zone,
         ));
         Ok(())
+    }
+
+    /// Makes the layers of images the emulator made of the lab's instances (every round: a
+    /// machine may wait for one).
+    async fn converge_images(&mut self) {
+        let Some(listed) = crate::images::emulator_images(&self.clients).await else {
+            return;
+        };
+        let entries = &self.entries;
+        let lab = &self.lab;
+        self.images
+            .converge(&listed, |id| {
+                entries.get(id).map(|entry| Source {
+                    instance_state: entry.instance.state.as_str(),
+                    machine_running: entry.state == MachineState::Running
+                        || machine::running(lab, id).is_some(),
+                    image_id: entry.instance.image_id.as_deref(),
+                })
+            })
+            .await;
     }
 
     /// Serves every load balancer (classic, and application with its target groups) with
@@ -687,8 +727,17 @@ impl Runner {
         };
         let mut starting = tokio::task::JoinSet::new();
         for instance in starts {
-            let address = match refusal(&instance, &self.settings, vpc) {
+            let address = match refusal(&instance, vpc) {
                 Ok(address) => address,
+                Err(why) => {
+                    self.fail(instance, why);
+                    continue;
+                }
+            };
+            let lowers = match layers(&instance, &self.images) {
+                Ok(Some(lowers)) => lowers,
+                // Its image's layer is still being made: started in a later round.
+                Ok(None) => continue,
                 Err(why) => {
                     self.fail(instance, why);
                     continue;
@@ -710,7 +759,7 @@ impl Runner {
                 vpc,
                 hostname: machine::hostname(address),
                 mac: net::mac_address(&instance.id),
-                rootfs: PathBuf::from(&self.settings.image_rootfs),
+                lowers,
                 port_index: self.next_port,
                 disks: self.volumes.boot_disks(&attached, &instance.id).await,
             };
@@ -986,26 +1035,24 @@ mod tests {
     }
 
     #[test]
-    fn only_the_lab_image_in_the_lab_network_runs() {
+    fn only_addresses_of_the_lab_network_run() {
         let vpc: Cidr = "172.31.0.0/16".parse().unwrap();
         let s = settings();
         assert_eq!(
-            refusal(&instance("running", &s.ami, "172.31.0.4"), &s, vpc),
+            refusal(&instance("running", &s.ami, "172.31.0.4"), vpc),
             Ok(Ipv4Addr::new(172, 31, 0, 4))
         );
-        let other_ami = refusal(&instance("running", "ami-03cf127a", "172.31.0.4"), &s, vpc);
-        assert!(other_ami.unwrap_err().contains("not the lab image"));
-        let outside = refusal(&instance("running", &s.ami, "10.0.0.4"), &s, vpc);
+        let outside = refusal(&instance("running", &s.ami, "10.0.0.4"), vpc);
         assert!(outside.unwrap_err().contains("outside"));
-        let router = refusal(&instance("running", &s.ami, "172.31.0.1"), &s, vpc);
+        let router = refusal(&instance("running", &s.ami, "172.31.0.1"), vpc);
         assert!(router.unwrap_err().contains("router"));
         let mut none = instance("running", &s.ami, "172.31.0.4");
         none.private_address = None;
-        assert!(refusal(&none, &s, vpc).unwrap_err().contains("no private"));
+        assert!(refusal(&none, vpc).unwrap_err().contains("no private"));
         let mut classic = instance("running", &s.ami, "10.86.254.0");
         classic.subnet_id = None;
         assert!(
-            refusal(&classic, &s, vpc)
+            refusal(&classic, vpc)
                 .unwrap_err()
                 .contains("without a subnet")
         );
