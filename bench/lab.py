@@ -72,39 +72,14 @@ def bench(args, work: Path, lab) -> None:
         CertificateBody=(site / "lb.crt").read_text(),
         PrivateKey=(site / "lb.key").read_text(),
     )["ServerCertificateMetadata"]["Arn"]
-    (site / "rigger.toml").write_text(f"""[project]
-name = "surveys"
-app_path = "app"
-wsgi_module = "surveys.wsgi:application"
-celery_app = "surveys"
-domains = ["surveys.example.com"]
-health_check_path = "/healthcheck.html"
-requirements = "requirements.txt"
-
-[environments.{ENV}]
-provider = "aws"
-region = "us-east-1"
-ami = "{status['ami']}"
-load_balancer = "{args.load_balancer}"
-certificate = "{certificate}"
-admin_cidrs = ["172.31.0.0/16"]
-admin_public_key = "{public}"
-ssh_identity = "id_ed25519"
-bastion = "{status['bastion']['target']}"
-
-[environments.{ENV}.web]
-min = 2
-desired = 2
-max = 2
-
-[environments.{ENV}.worker]
-min = 1
-desired = 1
-max = 1
-
-[environments.{ENV}.database]
-replicas = 1
-""")
+    config = (REPO / "examples/site/lab.toml.template").read_text()
+    for placeholder, value in {
+        "@ENV@": ENV, "@AMI@": status["ami"], "@LOAD_BALANCER@": args.load_balancer,
+        "@CERTIFICATE@": certificate, "@PUBLIC_KEY@": public,
+        "@BASTION@": status["bastion"]["target"],
+    }.items():
+        config = config.replace(placeholder, value)
+    (site / "rigger.toml").write_text(config)
     env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                AWS_MAX_ATTEMPTS="1", RIGGER_STATE_DIR=str(state), NO_COLOR="1")
 

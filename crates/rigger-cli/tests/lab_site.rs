@@ -128,44 +128,23 @@ fn site(lab: &TestLab, started: &Started) -> Site {
 
     // The load balancer's certificate, uploaded with its key as an operator would.
     let certificate = upload_certificate(&started.endpoint, dir.path());
-    let config = format!(
-        r#"[project]
-name = "surveys"
-app_path = "app"
-wsgi_module = "surveys.wsgi:application"
-celery_app = "surveys"
-domains = ["surveys.example.com"]
-health_check_path = "/healthcheck.html"
-requirements = "requirements.txt"
-
-[environments.{ENV}]
-provider = "aws"
-region = "{REGION}"
-ami = "{ami}"
-load_balancer = "classic"
-certificate = "{certificate}"
-admin_cidrs = ["172.31.0.0/16"]
-admin_public_key = "{public_key}"
-ssh_identity = "id_ed25519"
-bastion = "{bastion}"
-
-[environments.{ENV}.web]
-min = 2
-desired = 2
-max = 3
-
-[environments.{ENV}.worker]
-min = 1
-desired = 1
-max = 2
-
-[environments.{ENV}.database]
-replicas = 1
-"#,
-        ami = started.ami,
-        public_key = public.join(" "),
-        bastion = bastion["target"].as_str().unwrap(),
-    );
+    let template = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/site/lab.toml.template"),
+    )
+    .unwrap();
+    let public_key = public.join(" ");
+    let mut config = template;
+    for (placeholder, value) in [
+        ("@ENV@", ENV),
+        ("@AMI@", started.ami.as_str()),
+        ("@LOAD_BALANCER@", "classic"),
+        ("@CERTIFICATE@", certificate.as_str()),
+        ("@PUBLIC_KEY@", public_key.as_str()),
+        ("@BASTION@", bastion["target"].as_str().unwrap()),
+    ] {
+        config = config.replace(placeholder, value);
+    }
+    assert_eq!(REGION, "us-east-1", "the template's region is the lab's");
     std::fs::write(dir.path().join("rigger.toml"), config).unwrap();
     Site {
         dir,
