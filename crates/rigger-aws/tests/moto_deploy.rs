@@ -561,7 +561,7 @@ fn one_winner(
 /// atomically); it has not happened in any of our runs (see the report).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_acquirers_of_a_free_lock_get_exactly_one_holder() {
-    let moto = Moto::start();
+    let moto = Moto::start_serialized();
     let provider = lock_provider(&moto).await;
     let started = std::time::Instant::now();
     for trial in 0..TRIALS {
@@ -579,10 +579,12 @@ async fn concurrent_acquirers_of_a_free_lock_get_exactly_one_holder() {
     );
 }
 
-/// 12 concurrent takers of the same expired lock, 50 times: exactly one takes it over.
+/// 12 concurrent takers of the same expired lock, 50 times: exactly one takes it over. Against
+/// a moto that decides one request at a time, as S3 decides conditional writes atomically
+/// (moto's check and write race: two holders in 1 of a few hundred trials under load).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_takers_of_a_stale_lock_get_exactly_one_holder() {
-    let moto = Moto::start();
+    let moto = Moto::start_serialized();
     let provider = lock_provider(&moto).await;
     let started = std::time::Instant::now();
     for trial in 0..TRIALS {

@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,19 @@ pub struct Moto {
 impl Moto {
     /// Installs moto if needed (scripts/moto.sh) and starts a server for this test alone.
     pub fn start() -> Moto {
+        Moto::start_serving(false)
+    }
+
+    /// As [`Moto::start`], but the server answers one request at a time. moto checks a
+    /// conditional write (`If-Match`, `If-None-Match`) and then writes, without a lock, so
+    /// two racing requests can both pass where S3 decides atomically: the tests of rigger's
+    /// compare-and-swap protocol under real concurrency need requests serialized as S3's
+    /// decisions are.
+    pub fn start_serialized() -> Moto {
+        Moto::start_serving(true)
+    }
+
+    fn start_serving(serialized: bool) -> Moto {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
         let installed = Command::new(root.join("scripts/moto.sh"))
             .stderr(Stdio::inherit())
@@ -41,8 +54,24 @@ impl Moto {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(&server)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let mut command = if serialized {
+            // moto_server's own start-up, with werkzeug's server unthreaded.
+            let mut command = Command::new(Path::new(&server).with_file_name("python"));
+            command.args([
+                "-c",
+                "import sys\n\
+                 from werkzeug.serving import run_simple\n\
+                 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app\n\
+                 run_simple('127.0.0.1', int(sys.argv[1]), DomainDispatcherApplication(create_backend_app), threaded=False, request_handler=MotoRequestHandler)\n",
+                &port.to_string(),
+            ]);
+            command
+        } else {
+            let mut command = Command::new(&server);
+            command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+            command
+        };
+        let child = command
             .stdout(Stdio::null())
             .stderr(match std::env::var_os("RIGGER_MOTO_LOG") {
                 // For debugging the emulator's 500s: its tracebacks go to this file.
