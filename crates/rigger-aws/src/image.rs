@@ -367,15 +367,22 @@ pub async fn build(
     Ok(outcome)
 }
 
-async fn check_base(clients: &Clients, base: &str) -> Result<(), AwsError> {
-    let found = clients
+/// Whether AMI `ami` exists in the clients' region (the builder's base, the image servers
+/// launch from).
+pub(crate) async fn image_exists(clients: &Clients, ami: &str) -> Result<bool, AwsError> {
+    Ok(!clients
         .ec2
         .describe_images()
-        .image_ids(base)
+        .image_ids(ami)
         .send()
         .await
-        .op("DescribeImages", base)?;
-    if found.images().is_empty() {
+        .op("DescribeImages", ami)?
+        .images()
+        .is_empty())
+}
+
+async fn check_base(clients: &Clients, base: &str) -> Result<(), AwsError> {
+    if !image_exists(clients, base).await? {
         return Err(AwsError::precondition(
             "DescribeImages",
             base,

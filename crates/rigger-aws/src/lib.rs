@@ -397,17 +397,8 @@ impl Provider {
     /// Fails early, naming the image, when the AMI servers launch from does not exist in the
     /// region.
     async fn check_image(&self, choice: &image::ImageChoice) -> Result<(), AwsError> {
-        use error::Context as _;
         let ami = &choice.ami;
-        let found = self
-            .clients
-            .ec2
-            .describe_images()
-            .image_ids(ami)
-            .send()
-            .await
-            .op("DescribeImages", ami)?;
-        if found.images().is_empty() {
+        if !image::image_exists(&self.clients, ami).await? {
             return Err(AwsError::precondition(
                 "DescribeImages",
                 ami,

@@ -40,8 +40,13 @@ pub fn status(
     let short = |name: &str| name.strip_prefix(&prefix).unwrap_or(name).to_owned();
     let mut servers = Vec::new();
     let mut groups = Vec::new();
-    // Each server's instance id, by the name it is shown under.
-    let mut instance_ids: BTreeMap<String, String> = BTreeMap::new();
+    // The servers' own words on a failed boot, for `up` and `status` to show.
+    let mut failed_boots: Vec<String> = Vec::new();
+    let mut note_failed_boot = |server: &str, instance_id: &str| {
+        if let Some(BootReport::Failed(why)) = boots.and_then(|b| b.get(instance_id)) {
+            failed_boots.push(format!("{server}'s boot failed: {why}"));
+        }
+    };
     for (name, group) in &live.groups {
         let role = short(name);
         groups.push(GroupStatus {
@@ -72,7 +77,9 @@ pub fn status(
                 None => "unknown".to_owned(),
             };
             let id = format!("{role}-{}", slot + 1);
-            instance_ids.insert(id.clone(), member.id.clone());
+            if state == BOOT_FAILED {
+                note_failed_boot(&id, &member.id);
+            }
             servers.push(ServerStatus {
                 // As `rigger exec` and `ssh` name it (`servers::servers`).
                 id,
@@ -93,7 +100,15 @@ pub fn status(
         let Some(instance) = instances.first() else {
             continue;
         };
-        instance_ids.insert(short(&name), instance.id.clone());
+        let state = match instance.state.as_str() {
+            "running" => boot_state(boots, &instance.id)
+                .unwrap_or("in_service")
+                .to_owned(),
+            other => other.to_owned(),
+        };
+        if state == BOOT_FAILED {
+            note_failed_boot(&short(&name), &instance.id);
+        }
         servers.push(ServerStatus {
             id: short(&name),
             roles: instance
@@ -103,12 +118,7 @@ pub fn status(
                 .unwrap_or_default(),
             address: instance.private_address.clone().unwrap_or_default(),
             release: instance.tags.get("release").cloned().unwrap_or_default(),
-            state: match instance.state.as_str() {
-                "running" => boot_state(boots, &instance.id)
-                    .unwrap_or("in_service")
-                    .to_owned(),
-                other => other.to_owned(),
-            },
+            state,
             processes: Vec::new(),
             load_balancer: None,
         });
@@ -122,18 +132,6 @@ pub fn status(
             ]
         })
         .unwrap_or_default();
-    // The servers' own words on a failed boot, for `up` and `status` to show.
-    let failed_boots: Vec<String> = servers
-        .iter()
-        .filter(|s| s.state == BOOT_FAILED)
-        .filter_map(|s| {
-            let id = instance_ids.get(&s.id)?;
-            match boots?.get(id.as_str())? {
-                BootReport::Failed(why) => Some(format!("{}'s boot failed: {why}", s.id)),
-                BootReport::Finished => None,
-            }
-        })
-        .collect();
     let nothing = servers.is_empty() && groups.is_empty() && lb.is_none();
     let ready = !nothing && lb.is_some() && servers.iter().all(|s| s.state == "in_service");
     let (phase, message) = if nothing {

@@ -154,20 +154,6 @@ impl Fixture {
         let ca = lab.state.path().join("pki/ca.crt");
         let keys = tempfile::tempdir().unwrap();
         let (_, public_key) = make_key(keys.path());
-        // The load balancer's certificate, uploaded to IAM as rigger's operator would.
-        let (certificate, private_key) = (keys.path().join("lb.crt"), keys.path().join("lb.key"));
-        let made = Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            ])
-            .args(["-subj", "/CN=lab-balancer.example.com", "-keyout"])
-            .arg(&private_key)
-            .arg("-out")
-            .arg(&certificate)
-            .output()
-            .unwrap();
-        assert!(made.status.success(), "{}", text(&made));
-
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let clients = connect(&runtime, &started.endpoint);
         let (ids, subnet) = runtime.block_on(async {
@@ -193,21 +179,14 @@ impl Fixture {
                 .collect();
             (ids, subnet)
         });
-        let certificate_arn = runtime.block_on(async {
-            clients
-                .iam
-                .upload_server_certificate()
-                .server_certificate_name("lab-balancer")
-                .certificate_body(std::fs::read_to_string(&certificate).unwrap())
-                .private_key(std::fs::read_to_string(&private_key).unwrap())
-                .send()
-                .await
-                .expect("UploadServerCertificate")
-                .server_certificate_metadata()
-                .expect("metadata")
-                .arn()
-                .to_owned()
-        });
+        // The load balancer's certificate, uploaded to IAM as rigger's operator would.
+        let certificate_arn = upload_self_signed_certificate(
+            &runtime,
+            &clients,
+            keys.path(),
+            "lab-balancer",
+            "lab-balancer.example.com",
+        );
         Fixture {
             lab,
             started,
@@ -237,18 +216,13 @@ impl Fixture {
                 .join("upper/etc/ssh/ssh_host_ed25519_key.pub"),
         )
         .unwrap();
-        let known_hosts = self.keys.path().join(format!("known_hosts-{id}"));
-        std::fs::write(&known_hosts, format!("{address} {host_key}")).unwrap();
-        let ssh = Ssh {
-            namespace: self.started.namespace.clone(),
+        Ssh::when_up(
+            &self.started.namespace,
             address,
-            key: self.keys.path().join("id_ed25519"),
-            known_hosts,
-        };
-        wait_for("SSH to the machine", Duration::from_secs(60), || {
-            ssh.run("true").status.success().then_some(())
-        });
-        ssh
+            self.keys.path(),
+            id,
+            &host_key,
+        )
     }
 
     /// `rigger lab down`, and nothing of the lab (HAProxy included) is left.

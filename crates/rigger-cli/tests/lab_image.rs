@@ -18,32 +18,13 @@ use lab_support::*;
 fn project(dir: &Path, endpoint: &str, ami: &str) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let clients = connect(&runtime, endpoint);
-    let made = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
-        ])
-        .args(["-subj", "/CN=surveys.example.com", "-keyout"])
-        .arg(dir.join("lb.key"))
-        .arg("-out")
-        .arg(dir.join("lb.crt"))
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "openssl: {}", text(&made));
-    let certificate = runtime.block_on(async {
-        clients
-            .iam
-            .upload_server_certificate()
-            .server_certificate_name("surveys-image")
-            .certificate_body(std::fs::read_to_string(dir.join("lb.crt")).unwrap())
-            .private_key(std::fs::read_to_string(dir.join("lb.key")).unwrap())
-            .send()
-            .await
-            .expect("UploadServerCertificate")
-            .server_certificate_metadata()
-            .expect("metadata")
-            .arn()
-            .to_owned()
-    });
+    let certificate = upload_self_signed_certificate(
+        &runtime,
+        &clients,
+        dir,
+        "surveys-image",
+        "surveys.example.com",
+    );
     std::fs::write(
         dir.join("rigger.toml"),
         format!(

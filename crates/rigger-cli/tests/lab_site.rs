@@ -127,7 +127,14 @@ fn site(lab: &TestLab, started: &Started) -> Site {
     .unwrap();
 
     // The load balancer's certificate, uploaded with its key as an operator would.
-    let certificate = upload_certificate(&started.endpoint, dir.path());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let certificate = upload_self_signed_certificate(
+        &runtime,
+        &connect(&runtime, &started.endpoint),
+        dir.path(),
+        "surveys-lab",
+        "surveys.example.com",
+    );
     let template = std::fs::read_to_string(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/site/lab.toml.template"),
     )
@@ -150,39 +157,6 @@ fn site(lab: &TestLab, started: &Started) -> Site {
         dir,
         endpoint: started.endpoint.clone(),
     }
-}
-
-/// Uploads a self-signed certificate for the site's domain as an IAM server certificate;
-/// returns its ARN.
-fn upload_certificate(endpoint: &str, dir: &Path) -> String {
-    let made = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
-        ])
-        .args(["-subj", "/CN=surveys.example.com", "-keyout"])
-        .arg(dir.join("lb.key"))
-        .arg("-out")
-        .arg(dir.join("lb.crt"))
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "openssl: {}", text(&made));
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let clients = connect(&runtime, endpoint);
-    runtime.block_on(async {
-        clients
-            .iam
-            .upload_server_certificate()
-            .server_certificate_name("surveys-lab")
-            .certificate_body(std::fs::read_to_string(dir.join("lb.crt")).unwrap())
-            .private_key(std::fs::read_to_string(dir.join("lb.key")).unwrap())
-            .send()
-            .await
-            .expect("UploadServerCertificate")
-            .server_certificate_metadata()
-            .expect("metadata")
-            .arn()
-            .to_owned()
-    })
 }
 
 /// `GET path` through the load balancer at `url` (the status's `https://ADDRESS/`), as the

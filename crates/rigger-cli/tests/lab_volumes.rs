@@ -99,18 +99,13 @@ impl Fixture {
         let host_key = wait_for("the machine's host key", Duration::from_secs(60), || {
             std::fs::read_to_string(&host_key_file).ok()
         });
-        let known_hosts = self.keys.path().join(format!("known_hosts-{id}"));
-        std::fs::write(&known_hosts, format!("{address} {host_key}")).unwrap();
-        let ssh = Ssh {
-            namespace: self.started.namespace.clone(),
+        Ssh::when_up(
+            &self.started.namespace,
             address,
-            key: self.keys.path().join("id_ed25519"),
-            known_hosts,
-        };
-        wait_for("SSH to the machine", Duration::from_secs(60), || {
-            ssh.run("true").status.success().then_some(())
-        });
-        ssh
+            self.keys.path(),
+            id,
+            &host_key,
+        )
     }
 
     fn volume_file(&self, volume: &str) -> PathBuf {

@@ -104,6 +104,23 @@ pub struct Ssh {
 }
 
 impl Ssh {
+    /// SSH to machine `id` at `address` with the key `keys/id_ed25519` (from [`make_key`]),
+    /// trusting only `host_key` (read from the machine's disk), once it answers.
+    pub fn when_up(namespace: &str, address: String, keys: &Path, id: &str, host_key: &str) -> Ssh {
+        let known_hosts = keys.join(format!("known_hosts-{id}"));
+        std::fs::write(&known_hosts, format!("{address} {host_key}")).unwrap();
+        let ssh = Ssh {
+            namespace: namespace.to_owned(),
+            address,
+            key: keys.join("id_ed25519"),
+            known_hosts,
+        };
+        wait_for("SSH to the machine", Duration::from_secs(60), || {
+            ssh.run("true").status.success().then_some(())
+        });
+        ssh
+    }
+
     pub fn run(&self, command: &str) -> Output {
         Command::new("ip")
             .args(["netns", "exec", &self.namespace, "ssh"])
@@ -340,4 +357,42 @@ pub async fn make_instance_profile(clients: &Clients, role: &str, profile: &str)
         .send()
         .await
         .expect("AddRoleToInstanceProfile");
+}
+
+/// Makes a self-signed certificate for `domain` (`dir/lb.crt`, key `dir/lb.key`) and uploads
+/// it as IAM server certificate `name`, as an operator does for the load balancer; its ARN.
+pub fn upload_self_signed_certificate(
+    runtime: &tokio::runtime::Runtime,
+    clients: &Clients,
+    dir: &Path,
+    name: &str,
+    domain: &str,
+) -> String {
+    let (certificate, key) = (dir.join("lb.crt"), dir.join("lb.key"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+        ])
+        .args(["-subj", &format!("/CN={domain}"), "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&certificate)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "openssl: {}", text(&made));
+    runtime.block_on(async {
+        clients
+            .iam
+            .upload_server_certificate()
+            .server_certificate_name(name)
+            .certificate_body(std::fs::read_to_string(&certificate).unwrap())
+            .private_key(std::fs::read_to_string(&key).unwrap())
+            .send()
+            .await
+            .expect("UploadServerCertificate")
+            .server_certificate_metadata()
+            .expect("metadata")
+            .arn()
+            .to_owned()
+    })
 }
