@@ -25,6 +25,11 @@ def main() -> None:
     parser.add_argument("--emulator", required=True)
     parser.add_argument("--load-balancer", choices=["classic", "application"], default="classic",
                         help="the kind of load balancer rigger makes (rigger.toml's load_balancer)")
+    parser.add_argument("--image", choices=["baked", "stock", "built"], default="baked",
+                        help="what the servers boot: the lab's baked image (every role's packages); "
+                             "the stock one (Debian's EC2 AMI as it is: boots install packages "
+                             "from Debian's archive through the lab's mirror); or the stock one "
+                             "with `rigger image build` first (timed), as in production")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rigger-bench-lab.", dir="/var/tmp"))
     lab = [args.rigger, "lab", "--dir", str(work / "lab")]
@@ -74,7 +79,8 @@ def bench(args, work: Path, lab) -> None:
     )["ServerCertificateMetadata"]["Arn"]
     config = (REPO / "examples/site/lab.toml.template").read_text()
     for placeholder, value in {
-        "@ENV@": ENV, "@AMI@": status["ami"], "@LOAD_BALANCER@": args.load_balancer,
+        "@ENV@": ENV, "@AMI@": status["amis"]["baked" if args.image == "baked" else "stock"],
+        "@LOAD_BALANCER@": args.load_balancer,
         "@CERTIFICATE@": certificate, "@PUBLIC_KEY@": public,
         "@BASTION@": status["bastion"]["target"],
     }.items():
@@ -86,6 +92,11 @@ def bench(args, work: Path, lab) -> None:
     def rigger(*words) -> str:
         return run([args.rigger, *words, "-e", ENV, "--endpoint-url", endpoint], cwd=site, env=env)
 
+    print(f"image: {args.image}")
+    if args.image == "built":
+        building = time.monotonic()
+        ami = rigger("image", "build").strip()
+        print(f"rigger image build (from the stock image): {time.monotonic() - building:.1f} s -> {ami}")
     started = time.monotonic()
     phases = timed_up([args.rigger, "up", "-e", ENV, "--endpoint-url", endpoint], site, env, started)
     up_done = time.monotonic()

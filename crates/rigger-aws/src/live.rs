@@ -57,6 +57,8 @@ pub struct LiveLoadBalancer {
     /// Application load balancers: target group port -> ARN.
     pub target_groups: BTreeMap<i32, String>,
     pub health_check: Option<String>,
+    /// Its interval, timeout and thresholds (`rigger_topology::health_check::timing`).
+    pub health_check_timing: Option<String>,
     pub security_group_ids: Vec<String>,
     pub certificate: Option<String>,
     /// The HTTPS listener's TLS (security) policy: an application load balancer's `SslPolicy`,
@@ -1041,6 +1043,9 @@ impl Live {
             ];
             if let Some(health) = &lb.health_check {
                 attributes.push(("health_check", Value::from(health.as_str())));
+            }
+            if let Some(timing) = &lb.health_check_timing {
+                attributes.push(("health_check_timing", Value::from(timing.as_str())));
             }
             if let Some(certificate) = &lb.certificate {
                 attributes.push(("certificate", Value::from(certificate.as_str())));

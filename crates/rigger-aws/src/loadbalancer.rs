@@ -28,15 +28,10 @@ use crate::apply::Ctx;
 use crate::error::{AwsError, Context as _, ErrorKind};
 use crate::live::{LiveLoadBalancer, Tags};
 
-// The web servers' health check. A server that is ready comes into service within two
-// checks (12 s), and one that stops answering leaves within two: with 3 checks of 15 s a
-// booted server waited 45 s for traffic, most of `up`'s time after the boots (bench/lab).
-// A rolling deploy's gate asks for stable checks on top. The timeout stays below the
-// interval, as both kinds of load balancer require.
-const HEALTHY_THRESHOLD: i32 = 2;
-const UNHEALTHY_THRESHOLD: i32 = 2;
-const HEALTH_INTERVAL: i32 = 6;
-const HEALTH_TIMEOUT: i32 = 5;
+use rigger_topology::health_check::{
+    HEALTHY_THRESHOLD, INTERVAL_SECONDS as HEALTH_INTERVAL, TIMEOUT_SECONDS as HEALTH_TIMEOUT,
+    UNHEALTHY_THRESHOLD,
+};
 
 /// The attribute of a classic listener policy that names the predefined policy it copies.
 const REFERENCE_POLICY: &str = "Reference-Security-Policy";
@@ -166,6 +161,14 @@ pub async fn read_classic(
             .health_check()
             .map(|h| h.target().to_owned())
             .filter(|t| !t.is_empty()),
+        health_check_timing: description.health_check().map(|h| {
+            rigger_topology::health_check::timing(
+                h.interval(),
+                h.timeout(),
+                h.healthy_threshold(),
+                h.unhealthy_threshold(),
+            )
+        }),
         security_group_ids: description.security_groups().to_vec(),
         certificate: listeners
             .iter()
@@ -232,6 +235,7 @@ pub async fn read_application(
         .op("DescribeTargetGroups", name)?;
     let mut target_groups = BTreeMap::new();
     let mut health_check = None;
+    let mut health_check_timing = None;
     let mut draining_seconds = None;
     let mut port_of_group = BTreeMap::new();
     for group in groups.target_groups() {
@@ -249,6 +253,12 @@ pub async fn read_application(
                     .health_check_protocol()
                     .map_or("HTTP".to_owned(), |p| p.as_str().to_owned()),
                 group.health_check_path().unwrap_or("/")
+            ));
+            health_check_timing = Some(rigger_topology::health_check::timing(
+                group.health_check_interval_seconds().unwrap_or_default(),
+                group.health_check_timeout_seconds().unwrap_or_default(),
+                group.healthy_threshold_count().unwrap_or_default(),
+                group.unhealthy_threshold_count().unwrap_or_default(),
             ));
             let attributes = clients
                 .elbv2
@@ -299,6 +309,7 @@ pub async fn read_application(
             .collect(),
         target_groups,
         health_check,
+        health_check_timing,
         security_group_ids: lb.security_groups().to_vec(),
         certificate: listeners
             .iter()
@@ -318,10 +329,20 @@ pub async fn read_application(
     }))
 }
 
+/// Whether the live load balancer's health check is the wanted one: its target and its timing
+/// (a changed interval or threshold is applied to an existing load balancer too).
+fn health_check_matches(live: Option<&LiveLoadBalancer>, wanted: &Wanted) -> bool {
+    live.is_some_and(|l| {
+        l.health_check.as_deref() == Some(wanted.health_check.as_str())
+            && l.health_check_timing.as_deref() == Some(wanted.health_check_timing.as_str())
+    })
+}
+
 /// What the topology asks of the load balancer, parsed from its attributes.
 struct Wanted {
     listeners: Vec<(i32, i32, String)>,
     health_check: String,
+    health_check_timing: String,
     health_path: String,
     certificate: Option<String>,
     tls_policy: Option<String>,
@@ -358,6 +379,8 @@ fn wanted(ctx: &Ctx<'_>, resource: &Resource) -> Result<Wanted, AwsError> {
     };
     Ok(Wanted {
         listeners,
+        health_check_timing: text("health_check_timing")
+            .unwrap_or_else(rigger_topology::health_check::wanted_timing),
         health_check,
         health_path,
         certificate: text("certificate"),
@@ -525,7 +548,7 @@ async fn ensure_classic(
     {
         set_classic_tls_policy(ctx, name, port, policy).await?;
     }
-    if live.and_then(|l| l.health_check.as_deref()) != Some(wanted.health_check.as_str()) {
+    if !health_check_matches(live, wanted) {
         client
             .configure_health_check()
             .load_balancer_name(name)
@@ -670,7 +693,7 @@ async fn ensure_application(
                 arn
             }
         };
-        if live.and_then(|l| l.health_check.as_deref()) != Some(wanted.health_check.as_str()) {
+        if !health_check_matches(live, wanted) {
             let (protocol, port) = wanted
                 .health_check
                 .split_once('/')

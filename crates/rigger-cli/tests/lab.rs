@@ -452,7 +452,7 @@ fn up_without_an_image_says_how_to_build_it() {
     let up = lab.rigger(&["up", "--emulator", "/bin/true"]);
     assert_eq!(up.status.code(), Some(1), "{}", text(&up));
     let stderr = String::from_utf8_lossy(&up.stderr);
-    assert!(stderr.contains("no lab image"), "{stderr}");
+    assert!(stderr.contains("no stock lab image"), "{stderr}");
     assert!(stderr.contains("rigger lab image"), "{stderr}");
     assert_eq!(lab.status()["state"], "down");
     // The lab runs an emulator of its own: another endpoint is a mistake, not ignored.

@@ -88,15 +88,38 @@ const START_AGAIN: &str = "sudo systemd-run --unit=lab-web python3 /srv/lab/serv
 /// `GET url`, verifying an HTTPS load balancer's certificate with the lab's CA; the body, or
 /// `None` when it did not answer 200.
 fn fetch(ca: &Path, url: &str) -> Option<String> {
+    fetch_or_why(ca, url).ok()
+}
+
+/// `GET url` as [`fetch`]: the body, or what went wrong (the status and body, or curl's error).
+fn fetch_or_why(ca: &Path, url: &str) -> Result<String, String> {
     let output = Command::new("curl")
-        .args(["-s", "--max-time", "10", "-w", "\n%{http_code}", "--cacert"])
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+        ])
         .arg(ca)
         .arg(url)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n')?;
-    (code == "200").then(|| body.trim().to_owned())
+    let why = || {
+        format!(
+            "{url}: {} {text:?} {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+    };
+    let (body, code) = text.rsplit_once('\n').ok_or_else(why)?;
+    if code == "200" {
+        Ok(body.trim().to_owned())
+    } else {
+        Err(why())
+    }
 }
 
 /// `GET /` over HTTPS at `address`.
@@ -852,7 +875,11 @@ fn the_labs_application_load_balancer_is_haproxy_with_real_target_health() {
         },
     );
     assert_eq!(reason, "Target.DeregistrationInProgress");
-    assert_eq!(get(ca, &address).as_deref(), Some(other.as_str()));
+    assert_eq!(
+        fetch_or_why(ca, &format!("https://{address}/")),
+        Ok(other.clone()),
+        "a new request while the other drains"
+    );
     let answers: Vec<Option<String>> = in_flight.into_iter().map(|t| t.join().unwrap()).collect();
     assert!(
         answers

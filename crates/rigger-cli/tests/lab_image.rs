@@ -1,9 +1,12 @@
-//! `rigger image build -e ENV` against the lab (issue 12): the builder boots from the
-//! environment's AMI as a real machine, runs rigger's builder script, reports its outcome on
-//! its console (GetConsoleOutput: what the machine wrote to `/dev/console`) and powers off;
-//! the lab's CreateImage freezes its disk as a layer, and an instance launched from the new
-//! AMI boots that layer above the lab image. A second build with nothing changed reuses the
-//! image. `rigger lab down` removes the image's layer with the lab.
+//! `rigger image build -e ENV` against the lab (issue 12), from the stock lab image (Debian's
+//! EC2 AMI as it is, none of the roles' packages): the builder boots from the environment's
+//! AMI as a real machine, runs rigger's builder script, which installs every role's packages
+//! from Debian's archive through the lab's package mirror (and the AWS CLI it installs trusts
+//! the lab's CA), reports its outcome on its console (GetConsoleOutput: what the machine wrote
+//! to `/dev/console`) and powers off; the lab's CreateImage freezes its disk as a layer, and an
+//! instance launched from the new AMI boots that layer above the stock image, packages there.
+//! A second build with nothing changed reuses the image. `rigger lab down` removes the image's
+//! layer with the lab.
 //!
 //! Needs root, the lab image and moto (scripts/test provides them); fails, never skips.
 
@@ -67,7 +70,7 @@ fn rigger(dir: &Path, endpoint: &str, args: &[&str]) -> std::process::Output {
 fn an_image_built_in_the_lab_boots_its_own_layer() {
     let (lab, started) = start_lab();
     let dir = tempfile::tempdir().unwrap();
-    project(dir.path(), &started.endpoint, &started.ami);
+    project(dir.path(), &started.endpoint, &started.stock_ami);
 
     let building = Instant::now();
     let built = rigger(dir.path(), &started.endpoint, &["image", "build"]);
@@ -75,11 +78,12 @@ fn an_image_built_in_the_lab_boots_its_own_layer() {
     let build_seconds = building.elapsed().as_secs_f64();
     let ami = String::from_utf8_lossy(&built.stdout).trim().to_owned();
     assert!(
-        ami.starts_with("ami-") && ami != started.ami,
+        ami.starts_with("ami-") && ami != started.stock_ami && ami != started.ami,
         "{}",
         text(&built)
     );
-    // The builder's work is in the image's layer: Debian's epmd masked by its script.
+    // The builder's work is in the image's layer: the roles' packages, installed from the
+    // archive (the stock image has none), and Debian's epmd masked by its script.
     let layer = lab
         .state
         .path()
@@ -91,6 +95,16 @@ fn an_image_built_in_the_lab_boots_its_own_layer() {
         Path::new("/dev/null"),
         "the builder's changes are in the image"
     );
+    for installed in [
+        "usr/lib/postgresql/15/bin/postgres",
+        "usr/sbin/nginx",
+        "usr/bin/aws",
+    ] {
+        assert!(
+            layer.join(installed).exists(),
+            "{installed} installed by the builder"
+        );
+    }
 
     // Nothing changed: the image is reused.
     let again = rigger(dir.path(), &started.endpoint, &["image", "build"]);
@@ -103,9 +117,18 @@ fn an_image_built_in_the_lab_boots_its_own_layer() {
     let instance = runtime.block_on(async {
         let subnet = default_subnet(&clients).await;
         use base64::Engine as _;
+        // The AWS CLI the builder installed reaches the lab's API (its TLS trusts the lab's CA).
         let user_data = "#!/bin/bash\n\
-             if [ \"$(readlink /etc/systemd/system/epmd.socket)\" = /dev/null ]; then\n\
+             epmd=$(readlink /etc/systemd/system/epmd.socket)\n\
+             postgresql=$(dpkg-query -W -f='${Status}' postgresql-15 2>&1)\n\
+             AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing \\\n\
+               aws --region us-east-1 ec2 describe-regions --output text \\\n\
+               >/tmp/aws.out 2>&1 && aws=ok || aws=$(head -c 400 /tmp/aws.out)\n\
+             if [ \"$epmd\" = /dev/null ] && [ \"$postgresql\" = 'install ok installed' ] \\\n\
+                && [ \"$aws\" = ok ]; then\n\
                echo 'booted the baked layer' >/dev/console\n\
+             else\n\
+               echo \"the baked layer is not complete: epmd.socket=$epmd postgresql-15=$postgresql aws=$aws\" >/dev/console\n\
              fi\n";
         clients
             .ec2
@@ -135,9 +158,13 @@ fn an_image_built_in_the_lab_boots_its_own_layer() {
         || {
             std::fs::read_to_string(&console)
                 .ok()
-                .filter(|text| text.contains("booted the baked layer"))
-                .map(drop)
+                .filter(|text| text.contains("the baked layer"))
         },
+    );
+    let console_text = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        console_text.contains("booted the baked layer"),
+        "{console_text}"
     );
 
     let down = lab.rigger(&["down"]);

@@ -11,6 +11,7 @@
 //! namespaces) is removed, and `down` fails if anything is still there. [`leftovers`] is that
 //! inventory.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,7 @@ use anyhow::{Context as _, bail};
 use nix::sys::signal::Signal;
 use rigger_local::process::{self, PidRecord, ProcessSpec};
 
-use crate::image;
+use crate::image::{self, Flavor, Image};
 use crate::layout::Lab;
 use crate::net;
 use crate::status::{self, LabStatus, Phase, RunnerStatus, Settings};
@@ -110,12 +111,16 @@ pub async fn up(
     if current.state == "up" {
         return Ok(UpOutcome::AlreadyUp(current));
     }
-    let image = image::find(&lab.images).with_context(|| {
-        format!(
-            "no lab image in {} for this rigger: build it with `rigger lab image` (a few minutes, once)",
-            lab.images.display()
-        )
-    })?;
+    let mut built = Vec::new();
+    for flavor in Flavor::ALL {
+        built.push(image::find(&lab.images, flavor).with_context(|| {
+            format!(
+                "no {flavor} lab image in {} for this rigger: build the lab's images with `rigger lab image` (a few minutes, once)",
+                lab.images.display()
+            )
+        })?);
+    }
+    let [stock, image] = <[Image; 2]>::try_from(built).expect("one image per flavor");
     sys::check_trusted_dir(&lab.images)?;
     if !current.leftovers.is_empty() {
         progress(&format!(
@@ -126,7 +131,10 @@ pub async fn up(
     sweep(lab).await?;
     forget(lab)?;
 
-    status::write(&lab.amis_file(), &image::emulator_amis(&image))?;
+    status::write(
+        &lab.amis_file(),
+        &image::emulator_amis(&[stock.clone(), image.clone()]),
+    )?;
     let port = free_port(None)?;
     let emulator_url = format!("http://127.0.0.1:{port}");
     // The front's, which the runner listens on.
@@ -188,6 +196,8 @@ pub async fn up(
             ami: image.ami_id.clone(),
             image_hash: image.hash.clone(),
             image_rootfs: image.rootfs.display().to_string(),
+            stock_ami: stock.ami_id.clone(),
+            stock_image_rootfs: stock.rootfs.display().to_string(),
         },
     )?;
     let Some((program, args)) = options.runner.split_first() else {
@@ -305,10 +315,23 @@ pub fn status(lab: &Lab) -> anyhow::Result<LabStatus> {
     } else {
         "broken"
     };
-    let ami = match (&settings, running) {
-        (Some(settings), true) => Some(settings.ami.clone()),
-        _ => image::find(&lab.images).map(|image| image.ami_id),
+    let amis: BTreeMap<String, String> = match (&settings, running) {
+        (Some(settings), true) => [
+            (Flavor::Stock, &settings.stock_ami),
+            (Flavor::Baked, &settings.ami),
+        ]
+        .into_iter()
+        .filter(|(_, ami)| !ami.is_empty())
+        .map(|(flavor, ami)| (flavor.to_string(), ami.clone()))
+        .collect(),
+        _ => Flavor::ALL
+            .into_iter()
+            .filter_map(|flavor| {
+                image::find(&lab.images, flavor).map(|image| (flavor.to_string(), image.ami_id))
+            })
+            .collect(),
     };
+    let ami = amis.get(Flavor::Baked.as_str()).cloned();
     Ok(LabStatus {
         state: state.to_owned(),
         endpoint: settings
@@ -316,6 +339,7 @@ pub fn status(lab: &Lab) -> anyhow::Result<LabStatus> {
             .filter(|_| running)
             .map(|s| s.endpoint.clone()),
         ami,
+        amis,
         region: settings
             .as_ref()
             .filter(|_| running)

@@ -1,13 +1,16 @@
 //! The VPC's DNS resolver, as the lab answers it: on 169.254.169.253:53 (UDP and TCP) in the
 //! lab's namespace, where machines' `/etc/resolv.conf` (the image's) points, as on EC2.
 //!
-//! It knows three kinds of names and nothing else:
+//! It knows four kinds of names and nothing else:
 //! - every name under `amazonaws.com` is the lab's front ([`crate::front`]), so the AWS CLI in
 //!   a machine reaches the emulator at the real host names (it ignores endpoint variables);
+//! - the names of Debian's archive ([`crate::front::ARCHIVE_NAMES`]) are the front's address
+//!   too, where the lab's package mirror answers plain HTTP, so apt in a machine installs
+//!   from Debian's archive as on EC2 (and reaches nothing else);
 //! - a machine's EC2 name (`ip-172-31-0-4.ec2.internal`, `ip-....<region>.compute.internal`,
 //!   as its metadata service's `local-hostname` says) is its private address;
 //! - anything else does not exist (NXDOMAIN), answered at once: machines reach nothing outside
-//!   the lab, so a lookup of the package archive fails now instead of after a timeout.
+//!   the lab, so a lookup of PyPI fails now instead of after a timeout.
 //!
 //! Only standard queries of class IN with one question are answered; other types of a known
 //! name get an empty answer (as a resolver says for a name with no such record). [`respond`]
@@ -53,7 +56,8 @@ pub trait Zone: Send + Sync {
     fn lookup(&self, name: &str) -> Lookup;
 }
 
-/// The lab's names: the AWS API at the front, machines at their addresses.
+/// The lab's names: the AWS API and the package mirror at the front, machines at their
+/// addresses.
 pub struct LabZone {
     pub front: Ipv4Addr,
     pub machines: Machines,
@@ -61,7 +65,10 @@ pub struct LabZone {
 
 impl Zone for LabZone {
     fn lookup(&self, name: &str) -> Lookup {
-        if name == "amazonaws.com" || name.ends_with(".amazonaws.com") {
+        if name == "amazonaws.com"
+            || name.ends_with(".amazonaws.com")
+            || crate::front::ARCHIVE_NAMES.contains(&name)
+        {
             return Lookup::Address(self.front);
         }
         let machines = self.machines.read().expect("metadata lock");
@@ -387,6 +394,8 @@ mod tests {
             "amazonaws.com",
             "ssm.us-east-1.amazonaws.com",
             "bucket.s3.us-east-1.amazonaws.com",
+            "deb.debian.org",
+            "security.debian.org",
         ] {
             assert_eq!(zone.lookup(name), Lookup::Address(front), "{name}");
         }
@@ -398,7 +407,9 @@ mod tests {
             "ip-172-31-0-5.ec2.internal",
             "amazonaws.com.example.org",
             "notamazonaws.com",
-            "deb.debian.org",
+            "debian.org",
+            "ftp.debian.org",
+            "pypi.org",
         ] {
             assert_eq!(zone.lookup(name), Lookup::NoSuchName, "{name}");
         }

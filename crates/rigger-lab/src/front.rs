@@ -126,15 +126,142 @@ const HOP_BY_HOP: &[&str] = &[
     "content-length",
 ];
 
+/// The names of Debian's archive the lab's package mirror answers for (the lab's resolver
+/// sends them to the front's address): Debian's own, and the one Debian's EC2 AMIs list.
+pub const ARCHIVE_NAMES: &[&str] = &[
+    "deb.debian.org",
+    "security.debian.org",
+    "cdn-aws.deb.debian.org",
+];
+
+/// The archive's trees the mirror serves (the packages and the security updates).
+const ARCHIVE_TREES: &[&str] = &["/debian/", "/debian-security/"];
+
+/// The port Debian's archive answers plain HTTP on (apt checks signatures, not TLS).
+pub const ARCHIVE_PORT: u16 = 80;
+
+/// Where a front forwards, and what it lets through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// The emulator, on a loopback port: every request, its `Host` kept.
+    Emulator(SocketAddr),
+    /// Debian's package archive at `host` (port 80), for machines (the lab's package mirror):
+    /// only `GET` and `HEAD` of the archive's trees, asked of one of [`ARCHIVE_NAMES`], sent on
+    /// with `host` as `Host`. Nothing else of this machine's network is reachable through it.
+    DebianArchive { host: String },
+}
+
+impl Upstream {
+    /// What the client is told failed.
+    fn describe(&self) -> String {
+        match self {
+            Upstream::Emulator(address) => format!("the lab's emulator at {address}"),
+            Upstream::DebianArchive { host } => format!("Debian's archive at {host}"),
+        }
+    }
+
+    /// What to do about it.
+    fn hint(&self) -> &'static str {
+        match self {
+            Upstream::Emulator(_) => "is the lab up? (`rigger lab status`)",
+            Upstream::DebianArchive { .. } => {
+                "can this machine reach Debian's archive? (`apt-get update` here)"
+            }
+        }
+    }
+
+    async fn connect(&self) -> std::io::Result<TcpStream> {
+        let connecting = async {
+            match self {
+                Upstream::Emulator(address) => TcpStream::connect(address).await,
+                Upstream::DebianArchive { host } => {
+                    TcpStream::connect((host.as_str(), ARCHIVE_PORT)).await
+                }
+            }
+        };
+        tokio::time::timeout(IO_TIMEOUT, connecting)
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    }
+
+    /// The request as it goes on, or why it may not.
+    fn admit(&self, mut request: RequestHead) -> Result<RequestHead, Failure> {
+        let Upstream::DebianArchive { host } = self else {
+            return Ok(request);
+        };
+        let refuse = |status: u16, why: &str| {
+            Failure::Refused(
+                status,
+                format!("the lab's package mirror serves Debian's archive only: {why}"),
+            )
+        };
+        if request.method != "GET" && request.method != "HEAD" {
+            return Err(refuse(405, "GET and HEAD only"));
+        }
+        let asked = request
+            .header("host")
+            .and_then(|value| std::str::from_utf8(value).ok())
+            .map(|value| value.trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        let asked = asked.strip_suffix(":80").unwrap_or(&asked);
+        if !ARCHIVE_NAMES.contains(&asked) {
+            return Err(refuse(403, &format!("not for the host {asked:?}")));
+        }
+        if !archive_path(&request.target) {
+            return Err(refuse(
+                403,
+                "the path is not a plain path under /debian/ or /debian-security/",
+            ));
+        }
+        if request_framing(&request.headers)? != Framing::None {
+            return Err(refuse(400, "a request to the archive has no body"));
+        }
+        request
+            .headers
+            .retain(|(name, _)| !name.eq_ignore_ascii_case("host"));
+        request
+            .headers
+            .push(("Host".to_owned(), host.as_bytes().to_vec()));
+        Ok(request)
+    }
+}
+
+/// Whether `target` is a plain path in one of the archive's trees: no query, no `.` or `..`
+/// segment, no empty segment, only the characters file names in the archive use.
+fn archive_path(target: &str) -> bool {
+    ARCHIVE_TREES.iter().any(|tree| target.starts_with(tree))
+        && target.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'.' | b'_' | b'~' | b'+' | b'%')
+        })
+        && !target.contains("//")
+        && !target
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+}
+
 /// The front: where it forwards, and the edges it consults.
 pub struct Front {
-    emulator: SocketAddr,
+    upstream: Upstream,
     edges: Edges,
 }
 
 impl Front {
+    /// A front to the emulator at `emulator`, consulting `edges`.
     pub fn new(emulator: SocketAddr, edges: Edges) -> Arc<Front> {
-        Arc::new(Front { emulator, edges })
+        Arc::new(Front {
+            upstream: Upstream::Emulator(emulator),
+            edges,
+        })
+    }
+
+    /// The lab's package mirror: a front to Debian's archive at `host`.
+    pub fn debian_archive(host: &str) -> Arc<Front> {
+        Arc::new(Front {
+            upstream: Upstream::DebianArchive {
+                host: host.to_owned(),
+            },
+            edges: Edges::new(),
+        })
     }
 
     /// Serves plain HTTP on `listener` until the runner exits.
@@ -209,6 +336,7 @@ impl Front {
         emulator: &mut Option<Conn<TcpStream>>,
         request: RequestHead,
     ) -> Result<bool, Failure> {
+        let request = self.upstream.admit(request)?;
         let framing = request_framing(&request.headers)?;
         let expects_continue = request
             .header("expect")
@@ -247,19 +375,16 @@ impl Front {
             let connection = match emulator {
                 Some(connection) => connection,
                 None => {
-                    let stream = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(self.emulator))
-                        .await
-                        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))
-                        .and_then(|r| r)
-                        .map_err(|error| {
-                            Failure::Refused(
-                                502,
-                                format!(
-                                    "the lab's emulator at {} does not answer ({error}): is the lab up? (`rigger lab status`)",
-                                    self.emulator
-                                ),
-                            )
-                        })?;
+                    let stream = self.upstream.connect().await.map_err(|error| {
+                        Failure::Refused(
+                            502,
+                            format!(
+                                "{} does not answer ({error}): {}",
+                                self.upstream.describe(),
+                                self.upstream.hint()
+                            ),
+                        )
+                    })?;
                     let _ = stream.set_nodelay(true);
                     emulator.insert(Conn::new(stream))
                 }
@@ -286,7 +411,8 @@ impl Front {
                             return Err(Failure::Refused(
                                 504,
                                 format!(
-                                    "the lab's emulator did not answer within {} s",
+                                    "{} did not answer within {} s",
+                                    self.upstream.describe(),
                                     UPSTREAM_TIMEOUT.as_secs()
                                 ),
                             ));
@@ -304,14 +430,17 @@ impl Front {
                     *emulator = None;
                     return Err(Failure::Refused(
                         502,
-                        "the lab's emulator closed the connection without answering".to_owned(),
+                        format!(
+                            "{} closed the connection without answering",
+                            self.upstream.describe()
+                        ),
                     ));
                 }
                 Err(Failure::Io(error)) => {
                     *emulator = None;
                     return Err(Failure::Refused(
                         502,
-                        format!("talking to the lab's emulator failed: {error}"),
+                        format!("talking to {} failed: {error}", self.upstream.describe()),
                     ));
                 }
                 Err(refused) => {
@@ -567,7 +696,7 @@ fn response_framing(method: &str, response: &ResponseHead) -> Result<Framing, Fa
         Ok(None) => Ok(Framing::UntilClose),
         Err(()) => Err(Failure::Refused(
             502,
-            "the lab's emulator answered with an unreadable Content-Length".to_owned(),
+            "the server behind the front answered with an unreadable Content-Length".to_owned(),
         )),
     }
 }
@@ -842,7 +971,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 Ok(httparse::Status::Partial) | Err(_) => {
                     return Err(Failure::Refused(
                         502,
-                        "the lab's emulator answered something that is not HTTP".to_owned(),
+                        "the server behind the front answered something that is not HTTP"
+                            .to_owned(),
                     ));
                 }
             }
@@ -1008,6 +1138,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     async fn refuse(&mut self, status: u16, message: &str) {
         let reason = match status {
             400 => "Bad Request",
+            403 => "Forbidden",
+            405 => "Method Not Allowed",
             413 => "Content Too Large",
             431 => "Request Header Fields Too Large",
             502 => "Bad Gateway",
@@ -1042,11 +1174,12 @@ fn from_emulator(failure: Failure) -> Failure {
     match failure {
         Failure::Io(error) => Failure::Refused(
             502,
-            format!("reading the lab's emulator's answer failed: {error}"),
+            format!("reading the answer of the server behind the front failed: {error}"),
         ),
-        Failure::Refused(_, message) => {
-            Failure::Refused(502, format!("the lab's emulator's answer: {message}"))
-        }
+        Failure::Refused(_, message) => Failure::Refused(
+            502,
+            format!("the answer of the server behind the front: {message}"),
+        ),
     }
 }
 
@@ -1196,6 +1329,108 @@ mod tests {
             response_framing("GET", &response(200, &[])).unwrap(),
             Framing::UntilClose
         );
+    }
+
+    fn archive_request(method: &str, host: &str, target: &str) -> RequestHead {
+        RequestHead {
+            method: method.to_owned(),
+            target: target.to_owned(),
+            minor_version: 1,
+            headers: fields(&[("Host", host), ("User-Agent", "Debian APT-HTTP/1.3")]),
+        }
+    }
+
+    #[test]
+    fn the_package_mirror_lets_through_only_the_archive() {
+        let mirror = Upstream::DebianArchive {
+            host: "deb.debian.org".to_owned(),
+        };
+        for (host, target) in [
+            ("deb.debian.org", "/debian/dists/bookworm/InRelease"),
+            (
+                "security.debian.org",
+                "/debian-security/dists/bookworm-security/InRelease",
+            ),
+            (
+                "cdn-aws.deb.debian.org:80",
+                "/debian/pool/main/n/nginx/nginx_1.22.1-9+deb12u1_amd64.deb",
+            ),
+            (
+                "DEB.debian.org",
+                "/debian/dists/bookworm/main/binary-amd64/by-hash/SHA256/0a1b",
+            ),
+        ] {
+            let admitted = mirror
+                .admit(archive_request("GET", host, target))
+                .unwrap_or_else(|_| panic!("{host}{target} refused"));
+            assert_eq!(admitted.target, target);
+            assert_eq!(
+                admitted.header("host"),
+                Some(&b"deb.debian.org"[..]),
+                "{host}"
+            );
+            assert_eq!(
+                admitted
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case("host"))
+                    .count(),
+                1
+            );
+        }
+        assert!(
+            mirror
+                .admit(archive_request(
+                    "HEAD",
+                    "deb.debian.org",
+                    "/debian/dists/bookworm/Release"
+                ))
+                .is_ok()
+        );
+
+        let status = |method: &str, host: &str, target: &str| match mirror
+            .admit(archive_request(method, host, target))
+        {
+            Err(Failure::Refused(status, message)) => {
+                assert!(message.contains("Debian's archive only"), "{message}");
+                status
+            }
+            _ => panic!("{method} {host}{target} let through"),
+        };
+        assert_eq!(status("POST", "deb.debian.org", "/debian/x"), 405);
+        assert_eq!(status("CONNECT", "deb.debian.org", "example.org:443"), 405);
+        assert_eq!(
+            status("GET", "example.org", "/debian/dists/bookworm/InRelease"),
+            403
+        );
+        assert_eq!(status("GET", "", "/debian/dists/bookworm/InRelease"), 403);
+        assert_eq!(status("GET", "pypi.org", "/simple/django/"), 403);
+        for target in [
+            "/",
+            "/ubuntu/dists/",
+            "/debian/../etc/passwd",
+            "/debian/./dists",
+            "/debian//dists",
+            "/debian/dists?x=1",
+            "/debian/dists#x",
+            "http://example.org/debian/dists",
+            "/debian/dists/\\x",
+        ] {
+            assert_eq!(status("GET", "deb.debian.org", target), 403, "{target}");
+        }
+        let mut with_body = archive_request("GET", "deb.debian.org", "/debian/x");
+        with_body
+            .headers
+            .push(("Content-Length".to_owned(), b"3".to_vec()));
+        assert!(matches!(
+            mirror.admit(with_body),
+            Err(Failure::Refused(400, _))
+        ));
+
+        // The emulator's front lets everything through, as it came.
+        let emulator = Upstream::Emulator("127.0.0.1:1".parse().unwrap());
+        let request = archive_request("POST", "sts.amazonaws.com", "/");
+        assert_eq!(emulator.admit(request.clone()).unwrap(), request);
     }
 
     #[test]

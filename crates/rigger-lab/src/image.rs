@@ -1,11 +1,18 @@
-//! The lab image: a Debian 12 root filesystem built once with mmdebstrap, cached outside any
-//! clone under a hash of its recipe, and known to the emulator as an AMI whose id derives from
-//! that hash (so a rigger.toml naming it stays valid across `rigger lab up`s).
+//! The lab images: Debian 12 root filesystems built once with mmdebstrap, cached outside any
+//! clone under a hash of their recipe, and known to the emulator as AMIs whose ids derive from
+//! that hash (so a rigger.toml naming one stays valid across `rigger lab up`s).
 //!
-//! The recipe ([`recipe_text`]) is everything that decides the image: the suite, the packages
-//! (systemd, sshd, the AWS CLI and every package a role's user-data installs, so machines need
-//! no package archive), the units the image leaves disabled (Debian's own copies of the
-//! services rigger runs under its own units), and the lab's stand-in for cloud-init (`assets/`):
+//! There are two ([`Flavor`]): the **stock** image, what Debian's own EC2 AMI carries (a
+//! bootable system with sshd, sudo, curl, Python; no AWS CLI, none of the roles' packages), on
+//! which rigger's boot script installs what it needs from Debian's archive (reached through
+//! the lab's package mirror, [`crate::front::Upstream::DebianArchive`]), as on AWS; and the
+//! **baked** image, the stock one with every package a role's user-data installs, so a boot
+//! installs nothing (what `rigger image build` makes of the stock one; built here directly so
+//! tests boot fast, and the lab's default `ami`).
+//!
+//! A recipe ([`recipe_text`]) is everything that decides an image: the suite, the packages,
+//! the units the image leaves disabled (Debian's own copies of the services rigger runs under
+//! its own units), and the lab's stand-in for cloud-init (`assets/`):
 //! host keys of each machine's own, the key pair's key for the default user `admin`
 //! (passwordless sudo, as on Debian's EC2 images), the user-data run once at first boot with
 //! its output in /var/log/cloud-init-output.log. Changing any of it changes the hash: the next
@@ -35,11 +42,54 @@ pub const SUITE: &str = "bookworm";
 /// Bumped when the build changes in a way the recipe text does not show.
 const BUILD_VERSION: u32 = 1;
 
-/// Every package of the image besides Debian's essential ones: a bootable system with sshd,
-/// then what rigger's user-data installs for each role (`rigger_aws::userdata`), so a machine
-/// boots with them already there, as from a baked AMI.
-pub const PACKAGES: &[&str] = &[
-    // The machine itself.
+/// Which of the lab's two images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Flavor {
+    /// What Debian's EC2 AMI carries: [`STOCK_PACKAGES`].
+    Stock,
+    /// The stock image and every role's packages: [`ROLE_PACKAGES`].
+    Baked,
+}
+
+impl Flavor {
+    pub const ALL: [Flavor; 2] = [Flavor::Stock, Flavor::Baked];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flavor::Stock => "stock",
+            Flavor::Baked => "baked",
+        }
+    }
+
+    /// Every package of the image besides Debian's essential ones.
+    pub fn packages(self) -> Vec<&'static str> {
+        let mut packages = STOCK_PACKAGES.to_vec();
+        if self == Flavor::Baked {
+            packages.extend(ROLE_PACKAGES);
+        }
+        packages
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Flavor::Stock => "Debian 12 as Debian's EC2 AMI is, no role's packages",
+            Flavor::Baked => "Debian 12 with every role's packages",
+        }
+    }
+}
+
+impl std::fmt::Display for Flavor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The stock image's packages besides Debian's essential ones: a bootable system with sshd,
+/// as Debian's EC2 AMI has it. python3-certifi is there as on that AMI (cloud-init needs
+/// python3-requests, which needs it); it also makes an AWS CLI installed later use the
+/// system's trust store, where the lab's CA is, instead of the bundle it carries.
+pub const STOCK_PACKAGES: &[&str] = &[
     "systemd",
     "systemd-sysv",
     "dbus",
@@ -51,10 +101,15 @@ pub const PACKAGES: &[&str] = &[
     "curl",
     "ca-certificates",
     "python3",
+    "python3-certifi",
+];
+
+/// What rigger's user-data installs for the roles (`rigger_aws::userdata::boot_packages`),
+/// baked into the baked image so a machine boots with them already there.
+pub const ROLE_PACKAGES: &[&str] = &[
     "awscli",
     "openssl",
     "nftables",
-    // The roles' packages.
     "nginx",
     "pgbouncer",
     "stunnel4",
@@ -120,6 +175,13 @@ const FILES: &[ImageFile] = &[
         contents: "nameserver 169.254.169.253\n",
     },
     ImageFile {
+        // Debian's archive, as Debian's own images list it (deb822; mmdebstrap's one-line
+        // sources.list is removed). In the lab these names are the lab's package mirror.
+        path: "etc/apt/sources.list.d/debian.sources",
+        mode: 0o644,
+        contents: "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\nTypes: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+    },
+    ImageFile {
         path: "etc/hosts",
         mode: 0o644,
         contents: "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
@@ -143,11 +205,11 @@ const DPKG_OPTIONS: &[&str] = &[
 ];
 
 /// The whole recipe as text: what the hash is taken of.
-pub fn recipe_text() -> String {
+pub fn recipe_text(flavor: Flavor) -> String {
     let mut text = format!(
-        "rigger lab image {BUILD_VERSION}\nsuite {SUITE}\nvariant minbase\nuser {DEFAULT_USER}\n"
+        "rigger lab image {BUILD_VERSION}\nflavor {flavor}\nsuite {SUITE}\nvariant minbase\nuser {DEFAULT_USER}\n"
     );
-    for package in PACKAGES {
+    for package in flavor.packages() {
         text.push_str(&format!("package {package}\n"));
     }
     for option in DPKG_OPTIONS {
@@ -172,8 +234,8 @@ pub fn recipe_text() -> String {
 }
 
 /// The recipe's hash (64 hex digits).
-pub fn recipe_hash() -> String {
-    hex(&sha2::Sha256::digest(recipe_text().as_bytes()))
+pub fn recipe_hash(flavor: Flavor) -> String {
+    hex(&sha2::Sha256::digest(recipe_text(flavor).as_bytes()))
 }
 
 /// The AMI id of the image with recipe hash `hash`: `ami-` and its first 17 hex digits, the
@@ -185,6 +247,7 @@ pub fn ami_id(hash: &str) -> String {
 /// A built image, as recorded in its `image.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Image {
+    pub flavor: Flavor,
     pub hash: String,
     pub ami_id: String,
     /// The AMI's name, `rigger-lab-debian-12-<12 hex digits>`.
@@ -205,12 +268,12 @@ fn image_dir(images: &Path, hash: &str) -> PathBuf {
     images.join(&hash[..16])
 }
 
-/// The cached image of the current recipe, if it was built.
-pub fn find(images: &Path) -> Option<Image> {
-    let dir = image_dir(images, &recipe_hash());
+/// The cached image of the current recipe of `flavor`, if it was built.
+pub fn find(images: &Path, flavor: Flavor) -> Option<Image> {
+    let dir = image_dir(images, &recipe_hash(flavor));
     let text = std::fs::read_to_string(dir.join("image.json")).ok()?;
     let mut image: Image = serde_json::from_str(&text).ok()?;
-    if image.hash != recipe_hash() {
+    if image.hash != recipe_hash(flavor) {
         return None;
     }
     image.rootfs = dir.join("rootfs");
@@ -224,10 +287,14 @@ pub enum Built {
     Now,
 }
 
-/// The image of the current recipe: the cached one, or one built now (minutes; needs root,
-/// mmdebstrap and Debian's package archive). `progress` gets one line per step.
-pub fn build(images: &Path, mut progress: impl FnMut(&str)) -> anyhow::Result<(Image, Built)> {
-    if let Some(image) = find(images) {
+/// The image of the current recipe of `flavor`: the cached one, or one built now (a minute or
+/// two; needs root, mmdebstrap and Debian's package archive). `progress` gets one line per step.
+pub fn build(
+    images: &Path,
+    flavor: Flavor,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<(Image, Built)> {
+    if let Some(image) = find(images, flavor) {
         return Ok((image, Built::Cached));
     }
     if !nix::unistd::geteuid().is_root() {
@@ -239,36 +306,39 @@ pub fn build(images: &Path, mut progress: impl FnMut(&str)) -> anyhow::Result<(I
         "mmdebstrap is not installed: `apt-get install mmdebstrap` (scripts/install-packages.sh does)",
     )?;
     crate::sys::create_trusted_dir(images, 0o755)?;
-    progress("waiting for other builds of the lab image");
+    progress(&format!(
+        "waiting for other builds of the {flavor} lab image"
+    ));
     let _lock = crate::sys::lock_exclusive(&images.join(".build.lock"))?;
     // Another builder may have finished while this one waited.
-    if let Some(image) = find(images) {
+    if let Some(image) = find(images, flavor) {
         return Ok((image, Built::Cached));
     }
-    let hash = recipe_hash();
+    let hash = recipe_hash(flavor);
     let scratch = images.join(format!(".build-{}", &hash[..16]));
     crate::sys::remove_tree(&scratch)?;
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let log_path = scratch.join("build.log");
     let started = Instant::now();
-    let result = build_into(&scratch, &log_path, &mut progress);
+    let result = build_into(flavor, &scratch, &log_path, &mut progress);
     if let Err(error) = result {
         let kept = images.join(format!("build-{}.log", &hash[..16]));
         let _ = std::fs::rename(&log_path, &kept);
         let _ = crate::sys::remove_tree(&scratch);
         let tail = rigger_local::process::log_tail(&kept, 20).join("\n  ");
         return Err(error.context(format!(
-            "building the lab image failed; the end of its log ({}):\n  {tail}",
+            "building the {flavor} lab image failed; the end of its log ({}):\n  {tail}",
             kept.display()
         )));
     }
     let rootfs = scratch.join("rootfs");
     let image = Image {
+        flavor,
         ami_id: ami_id(&hash),
-        name: format!("rigger-lab-debian-12-{}", &hash[..12]),
+        name: format!("rigger-lab-debian-12-{flavor}-{}", &hash[..12]),
         hash: hash.clone(),
         suite: SUITE.to_owned(),
-        packages: PACKAGES.iter().map(|p| (*p).to_owned()).collect(),
+        packages: flavor.packages().iter().map(|p| (*p).to_owned()).collect(),
         built_at: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -281,12 +351,13 @@ pub fn build(images: &Path, mut progress: impl FnMut(&str)) -> anyhow::Result<(I
     let dir = image_dir(images, &hash);
     std::fs::rename(&scratch, &dir)
         .with_context(|| format!("moving the built image to {}", dir.display()))?;
-    let image = find(images).context("the image just built cannot be read back")?;
+    let image = find(images, flavor).context("the image just built cannot be read back")?;
     Ok((image, Built::Now))
 }
 
 /// mmdebstrap, then the lab's changes, into `scratch/rootfs`.
 fn build_into(
+    flavor: Flavor,
     scratch: &Path,
     log_path: &Path,
     progress: &mut impl FnMut(&str),
@@ -294,15 +365,16 @@ fn build_into(
     let rootfs = scratch.join("rootfs");
     let log = rigger_local::files::open_private_log(log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
+    let packages = flavor.packages();
     progress(&format!(
-        "mmdebstrap {SUITE} with {} packages (a few minutes; log: {})",
-        PACKAGES.len(),
+        "mmdebstrap {SUITE}, the {flavor} image, with {} packages (a minute or two; log: {})",
+        packages.len(),
         log_path.display()
     ));
     let mut command = Command::new("mmdebstrap");
     command
         .args(["--variant=minbase", "--mode=root", "--format=directory"])
-        .arg(format!("--include={}", PACKAGES.join(",")))
+        .arg(format!("--include={}", packages.join(",")))
         .arg("--aptopt=Acquire::Retries \"3\"");
     for option in DPKG_OPTIONS {
         command.arg(format!("--dpkgopt={option}"));
@@ -349,6 +421,8 @@ fn build_into(
         let _ = std::fs::remove_file(&path);
         write_mode(&path, file.contents.as_bytes(), file.mode)?;
     }
+    // debian.sources (above) says it all.
+    let _ = std::fs::remove_file(rootfs.join("etc/apt/sources.list"));
     let present: Vec<&str> = DISABLED_UNITS
         .iter()
         .copied()
@@ -378,7 +452,7 @@ fn build_into(
     let _ = std::fs::remove_file(rootfs.join("etc/hostname"));
     write_mode(
         &rootfs.join("etc/rigger-lab-image"),
-        format!("{}\n", recipe_hash()).as_bytes(),
+        format!("{}\n", recipe_hash(flavor)).as_bytes(),
         0o644,
     )?;
     let mut log = log;
@@ -436,11 +510,15 @@ fn tree_size(dir: &Path) -> u64 {
 }
 
 /// The emulator's AMI list (moto's `MOTO_AMIS_PATH`): the lab's image, in every region.
-pub fn emulator_amis(image: &Image) -> serde_json::Value {
-    serde_json::json!([{
+pub fn emulator_amis(images: &[Image]) -> serde_json::Value {
+    images.iter().map(emulator_ami).collect()
+}
+
+fn emulator_ami(image: &Image) -> serde_json::Value {
+    serde_json::json!({
         "ami_id": image.ami_id,
         "name": image.name,
-        "description": format!("rigger lab: Debian 12 ({SUITE}) with every role's packages, image {}", &image.hash[..16]),
+        "description": format!("rigger lab: {} ({SUITE}), image {}", image.flavor.describe(), &image.hash[..16]),
         "owner_id": "123456789012",
         "public": false,
         "state": "available",
@@ -452,7 +530,7 @@ pub fn emulator_amis(image: &Image) -> serde_json::Value {
         "root_device_name": "/dev/xvda",
         "image_type": "machine",
         "sriov": "simple"
-    }])
+    })
 }
 
 #[cfg(test)]
@@ -461,18 +539,31 @@ mod tests {
 
     #[test]
     fn the_hash_covers_packages_units_and_files() {
-        let text = recipe_text();
+        let text = recipe_text(Flavor::Baked);
         assert!(text.contains("package postgresql-15\n"));
         assert!(text.contains("disable epmd.socket\n"));
         assert!(text.contains("enable lab-cloud-final.service\n"));
         assert!(text.contains(include_str!("../assets/user-data")));
-        assert_eq!(recipe_hash().len(), 64);
-        assert_eq!(recipe_hash(), recipe_hash());
+        assert_eq!(recipe_hash(Flavor::Baked).len(), 64);
+        assert_eq!(recipe_hash(Flavor::Baked), recipe_hash(Flavor::Baked));
+        assert_ne!(recipe_hash(Flavor::Stock), recipe_hash(Flavor::Baked));
+    }
+
+    #[test]
+    fn the_stock_image_has_none_of_the_roles_packages() {
+        let stock = Flavor::Stock.packages();
+        let baked = Flavor::Baked.packages();
+        for package in ROLE_PACKAGES {
+            assert!(!stock.contains(package), "{package}");
+            assert!(baked.contains(package), "{package}");
+        }
+        assert!(stock.iter().all(|package| baked.contains(package)));
+        assert!(!recipe_text(Flavor::Stock).contains("package awscli\n"));
     }
 
     #[test]
     fn ami_ids_have_todays_form() {
-        let id = ami_id(&recipe_hash());
+        let id = ami_id(&recipe_hash(Flavor::Stock));
         assert_eq!(id.len(), 4 + 17);
         assert!(id.starts_with("ami-"));
         assert!(
@@ -502,13 +593,14 @@ mod tests {
     #[test]
     fn every_package_rigger_installs_at_boot_is_in_the_image() {
         for package in rigger_aws::userdata::boot_packages() {
-            assert!(PACKAGES.contains(&package), "{package}");
+            assert!(Flavor::Baked.packages().contains(&package), "{package}");
         }
     }
 
     #[test]
     fn a_missing_image_is_not_found() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(find(dir.path()).is_none());
+        assert!(find(dir.path(), Flavor::Stock).is_none());
+        assert!(find(dir.path(), Flavor::Baked).is_none());
     }
 }

@@ -56,6 +56,10 @@ const BALANCERS_EVERY: Duration = Duration::from_secs(1);
 const KEY_PAIRS_EVERY: Duration = Duration::from_secs(2);
 /// How often the machines' memory is measured for the status.
 const MEMORY_EVERY: Duration = Duration::from_secs(5);
+/// Where the package mirror fetches Debian's archive from: the name this machine's own apt
+/// uses (Debian's CDN), resolved and reached from this machine's network, never from a
+/// machine's.
+const ARCHIVE_UPSTREAM: &str = "deb.debian.org";
 
 /// The credentials the runner uses with the emulator (which checks none), straight to it:
 /// the lab's own calls are not the front's to answer.
@@ -89,11 +93,17 @@ pub async fn run(lab: Lab) -> anyhow::Result<()> {
     }
     let volumes = Volumes::new(&lab.state);
     let balancers = Arc::new(Balancers::new(&lab));
-    // The image the lab was started with; CreateImage adds more ([`crate::images`]).
-    let images = Arc::new(LabImages::new(
-        &lab,
-        &[(settings.ami.clone(), PathBuf::from(&settings.image_rootfs))],
-    ));
+    // The images the lab was started with (baked and stock); CreateImage adds more
+    // ([`crate::images`]).
+    let bases: Vec<(String, PathBuf)> = [
+        (&settings.ami, &settings.image_rootfs),
+        (&settings.stock_ami, &settings.stock_image_rootfs),
+    ]
+    .into_iter()
+    .filter(|(ami, _)| !ami.is_empty())
+    .map(|(ami, rootfs)| (ami.clone(), PathBuf::from(rootfs)))
+    .collect();
+    let images = Arc::new(LabImages::new(&lab, &bases));
     let mut runner = Runner {
         status: RunnerStatus {
             pid: std::process::id() as i32,
@@ -321,8 +331,9 @@ impl Runner {
 
     /// The lab's AWS API: the front to the emulator, in HTTPS on its address in the lab's
     /// namespace with a certificate of the lab's CA (machines reach it at the AWS host names)
-    /// and in plain HTTP on this machine's loopback (the lab's endpoint); and the VPC's
-    /// resolver, which sends every `*.amazonaws.com` name to the front.
+    /// and in plain HTTP on this machine's loopback (the lab's endpoint); the package mirror,
+    /// in plain HTTP on the front's address; and the VPC's resolver, which sends every
+    /// `*.amazonaws.com` name and the archive's names to the front.
     fn serve_aws(&mut self, vpc: Cidr) -> anyhow::Result<()> {
         let pki = Pki::of(&self.lab);
         pki.ensure_ca(&self.lab.id)?;
@@ -359,6 +370,20 @@ impl Runner {
                 )
             })?;
         tokio::spawn(front.serve_plain(tokio::net::TcpListener::from_std(listener)?));
+
+        // The package mirror: plain HTTP on the front's address, where the resolver sends the
+        // names of Debian's archive.
+        let mirror_address = SocketAddr::from((vpc.front(), crate::front::ARCHIVE_PORT));
+        let listener = crate::sys::in_namespace(&namespace, move || {
+            let listener = std::net::TcpListener::bind(mirror_address)?;
+            listener.set_nonblocking(true)?;
+            Ok(listener)
+        })
+        .with_context(|| format!("listening on {mirror_address} in the lab's namespace"))?;
+        tokio::spawn(
+            Front::debian_archive(ARCHIVE_UPSTREAM)
+                .serve_plain(tokio::net::TcpListener::from_std(listener)?),
+        );
 
         let zone: Arc<dyn crate::dns::Zone> = Arc::new(LabZone {
             front: vpc.front(),
@@ -1021,6 +1046,8 @@ mod tests {
             ami: "ami-0123456789abcdef0".to_owned(),
             image_hash: "0".repeat(64),
             image_rootfs: "/var/tmp/rigger-lab/images/x/rootfs".to_owned(),
+            stock_ami: String::new(),
+            stock_image_rootfs: String::new(),
         }
     }
 

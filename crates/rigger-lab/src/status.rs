@@ -20,12 +20,18 @@ pub struct Settings {
     pub emulator: String,
     /// The one region whose instances become machines.
     pub region: String,
-    /// The lab image's AMI id.
+    /// The baked lab image's AMI id (the lab's `ami`).
     pub ami: String,
     /// Its recipe hash.
     pub image_hash: String,
     /// Its root filesystem.
     pub image_rootfs: String,
+    /// The stock lab image's AMI id ([`crate::image::Flavor::Stock`]).
+    #[serde(default)]
+    pub stock_ami: String,
+    /// Its root filesystem.
+    #[serde(default)]
+    pub stock_image_rootfs: String,
 }
 
 /// The runner's phase.
@@ -159,8 +165,12 @@ pub struct LabStatus {
     pub state: String,
     /// The lab's AWS endpoint (`--endpoint-url`; the front before the emulator), while up.
     pub endpoint: Option<String>,
-    /// The lab image's AMI id: the current recipe's image, or the one the running lab uses.
+    /// The baked lab image's AMI id (every role's packages; what tests launch): the current
+    /// recipe's image, or the one the running lab uses.
     pub ami: Option<String>,
+    /// Both lab images' AMI ids by flavor (`stock`: Debian's EC2 AMI as it is; `baked`: the
+    /// `ami` above), the same way.
+    pub amis: std::collections::BTreeMap<String, String>,
     pub region: Option<String>,
     /// The network namespace machines are reached from: `ip netns exec NAMESPACE ssh
     /// admin@ADDRESS`.

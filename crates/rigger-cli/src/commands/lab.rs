@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use anyhow::Context as _;
 use rigger_lab::Lab;
 use rigger_lab::control::{self, UpOptions, UpOutcome};
-use rigger_lab::image::{self, Built};
+use rigger_lab::image::{self, Built, Flavor};
 use rigger_lab::status::LabStatus;
 
 use super::{runtime, say};
@@ -32,37 +32,40 @@ pub(crate) fn run(args: LabArgs, settings: &Settings) -> Result<(), Failure> {
     }
 }
 
+/// Builds (or finds) both lab images; prints each AMI as `FLAVOR AMI` on stdout.
 fn build_image(lab: &Lab, settings: &Settings) -> Result<(), Failure> {
-    let (image, built) = image::build(&lab.images, |line| say(settings, line))?;
-    match built {
-        Built::Cached => say(
-            settings,
-            &format!(
-                "lab image {} is built ({:.0} MB, {})",
-                &image.hash[..16],
-                image.size_bytes as f64 / 1e6,
-                image.rootfs.display()
-            ),
-        ),
-        Built::Now => say(
-            settings,
-            &format!(
-                "built lab image {} in {:.0} s ({:.0} MB, {})",
-                &image.hash[..16],
-                image.build_seconds,
-                image.size_bytes as f64 / 1e6,
-                image.rootfs.display()
-            ),
-        ),
-    }
     let running = control::status(lab)?;
-    if running.state == "up" && running.ami.as_deref() != Some(image.ami_id.as_str()) {
+    let mut lines = Vec::new();
+    for flavor in Flavor::ALL {
+        let (image, built) = image::build(&lab.images, flavor, |line| say(settings, line))?;
+        let size = image.size_bytes as f64 / 1e6;
+        let hash = &image.hash[..16];
+        let rootfs = image.rootfs.display();
         say(
             settings,
-            "the running lab uses an older image: `rigger lab down && rigger lab up` to use this one",
+            &match built {
+                Built::Cached => {
+                    format!("{flavor} lab image {hash} is built ({size:.0} MB, {rootfs})")
+                }
+                Built::Now => format!(
+                    "built the {flavor} lab image {hash} in {:.0} s ({size:.0} MB, {rootfs})",
+                    image.build_seconds
+                ),
+            },
         );
+        if running.state == "up" && running.amis.get(flavor.as_str()) != Some(&image.ami_id) {
+            say(
+                settings,
+                &format!(
+                    "the running lab uses an older {flavor} image: `rigger lab down && rigger lab up` to use this one"
+                ),
+            );
+        }
+        lines.push(format!("{flavor} {}", image.ami_id));
     }
-    println!("{}", image.ami_id);
+    for line in lines {
+        println!("{line}");
+    }
     Ok(())
 }
 
@@ -121,7 +124,12 @@ fn print_status(status: &LabStatus) {
         println!("endpoint: {endpoint}   (--endpoint-url)");
     }
     if let Some(ami) = &status.ami {
-        println!("ami: {ami}");
+        println!("ami: {ami}   (baked: every role's packages)");
+    }
+    if let Some(stock) = status.amis.get(Flavor::Stock.as_str()) {
+        println!(
+            "stock ami: {stock}   (Debian's EC2 AMI as it is; boots install from Debian's archive)"
+        );
     }
     if let Some(region) = &status.region {
         println!("region: {region}");

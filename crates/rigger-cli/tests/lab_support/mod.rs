@@ -170,11 +170,13 @@ pub fn start_lab() -> (TestLab, Started) {
     let images = std::env::var_os("RIGGER_LAB_IMAGES")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(rigger_lab::layout::DEFAULT_IMAGES_DIR));
-    assert!(
-        rigger_lab::image::find(&images).is_some(),
-        "no lab image in {} for this rigger: build it with `rigger lab image` (scripts/test does, before the tests)",
-        images.display()
-    );
+    for flavor in rigger_lab::image::Flavor::ALL {
+        assert!(
+            rigger_lab::image::find(&images, flavor).is_some(),
+            "no {flavor} lab image in {} for this rigger: build the lab's images with `rigger lab image` (scripts/test does, before the tests)",
+            images.display()
+        );
+    }
     let lab = TestLab::new(images);
     let up = lab.rigger(&["up", "--emulator", &emulator()]);
     assert!(up.status.success(), "rigger lab up: {}", text(&up));
@@ -183,6 +185,7 @@ pub fn start_lab() -> (TestLab, Started) {
     let started = Started {
         endpoint: status["endpoint"].as_str().unwrap().to_owned(),
         ami: status["ami"].as_str().unwrap().to_owned(),
+        stock_ami: status["amis"]["stock"].as_str().unwrap().to_owned(),
         namespace: status["namespace"].as_str().unwrap().to_owned(),
         emulator_pid: status["emulator_pid"].as_i64().unwrap(),
         runner_pid: status["runner_pid"].as_i64().unwrap(),
@@ -193,13 +196,21 @@ pub fn start_lab() -> (TestLab, Started) {
         started.endpoint
     );
     assert!(started.ami.starts_with("ami-"), "{}", started.ami);
+    assert_eq!(status["amis"]["baked"], status["ami"], "{status:#}");
+    assert!(
+        started.stock_ami.starts_with("ami-") && started.stock_ami != started.ami,
+        "{status:#}"
+    );
     (lab, started)
 }
 
 /// What `rigger lab status --json` said once the lab was up.
 pub struct Started {
     pub endpoint: String,
+    /// The baked lab image's AMI (every role's packages).
     pub ami: String,
+    /// The stock lab image's AMI (Debian's EC2 AMI as it is).
+    pub stock_ami: String,
     pub namespace: String,
     pub emulator_pid: i64,
     pub runner_pid: i64,
