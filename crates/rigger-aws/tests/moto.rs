@@ -162,7 +162,7 @@ async fn drift_is_detected_and_repaired() {
         actions(&plan),
         vec![
             "Update security_group shop-prod-db-sg: ingress",
-            "Update load_balancer shop-prod-lb: health_check",
+            "Update load_balancer shop-prod-lb: health_check, health_check_timing",
             "Create server shop-prod-cache: data_volume, image, instance_profile, instance_type, roles, security_groups",
         ]
     );
@@ -175,6 +175,34 @@ async fn drift_is_detected_and_repaired() {
     assert!(format!("{:?}", change.old).contains("tcp/5432 from 198.51.100.0/24"));
     assert!(!format!("{:?}", change.new).contains("198.51.100.0/24"));
 
+    provider.up(common::RELEASE, &quiet).await.unwrap();
+    let again = provider.plan(common::RELEASE).await.unwrap();
+    assert!(again.is_empty(), "after repair: {:#?}", actions(&again));
+
+    // Only the timing changed by hand (an interval of an older rigger, say): drift too.
+    provider
+        .clients
+        .elb
+        .configure_health_check()
+        .load_balancer_name("shop-prod-lb")
+        .health_check(
+            aws_sdk_elasticloadbalancing::types::HealthCheck::builder()
+                .target("HTTPS:443/healthcheck.html")
+                .interval(15)
+                .timeout(5)
+                .healthy_threshold(3)
+                .unhealthy_threshold(2)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let plan = provider.plan(common::RELEASE).await.unwrap();
+    assert_eq!(
+        actions(&plan),
+        vec!["Update load_balancer shop-prod-lb: health_check_timing"]
+    );
     provider.up(common::RELEASE, &quiet).await.unwrap();
     let again = provider.plan(common::RELEASE).await.unwrap();
     assert!(again.is_empty(), "after repair: {:#?}", actions(&again));
@@ -433,6 +461,34 @@ async fn application_load_balancer_converges() {
         Some("ELBSecurityPolicy-TLS13-1-2-2021-06"),
         "TLS 1.2 and 1.3 only"
     );
+    // A target group's check timing changed by hand is drift, and repaired.
+    let groups = elbv2
+        .describe_target_groups()
+        .load_balancer_arn(lbs.load_balancers()[0].load_balancer_arn().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let https_group = groups
+        .target_groups()
+        .iter()
+        .find(|g| g.port() == Some(443))
+        .unwrap();
+    elbv2
+        .modify_target_group()
+        .target_group_arn(https_group.target_group_arn().unwrap())
+        .health_check_interval_seconds(30)
+        .healthy_threshold_count(5)
+        .send()
+        .await
+        .unwrap();
+    let plan = provider.plan(common::RELEASE).await.unwrap();
+    assert_eq!(
+        actions(&plan),
+        vec!["Update load_balancer shop-prod-lb: health_check_timing"]
+    );
+    provider.up(common::RELEASE, &quiet).await.unwrap();
+    let again = provider.plan(common::RELEASE).await.unwrap();
+    assert!(again.is_empty(), "after repair: {:#?}", actions(&again));
     provider.down(&quiet).await.unwrap();
     let lbs = provider
         .clients
