@@ -201,12 +201,12 @@ fn machines_call_the_aws_api_at_its_real_names_through_the_labs_front() {
         address
     );
     let started_lookup = Instant::now();
-    let elsewhere = ssh.run("getent hosts deb.debian.org");
+    let elsewhere = ssh.run("getent hosts pypi.org");
     let lookup = started_lookup.elapsed();
     assert_eq!(
         elsewhere.status.code(),
         Some(2),
-        "deb.debian.org does not exist in the lab: {}",
+        "pypi.org does not exist in the lab: {}",
         text(&elsewhere)
     );
     // The SSH round trip included; a resolver that did not answer would take 5 s per try.
@@ -214,6 +214,36 @@ fn machines_call_the_aws_api_at_its_real_names_through_the_labs_front() {
         lookup < Duration::from_secs(2),
         "the lookup took {lookup:?}"
     );
+
+    // Debian's archive is the lab's package mirror, at the front's address: the archive's
+    // trees go through (to the real archive), nothing else does.
+    assert_eq!(
+        ssh.ok("getent ahostsv4 deb.debian.org | awk 'NR == 1 { print $1 }'"),
+        front
+    );
+    let status = |args: &str| ssh.ok(&format!("curl -s -o /dev/null -w '%{{http_code}}' {args}"));
+    assert_eq!(
+        status("http://deb.debian.org/debian/dists/bookworm/InRelease"),
+        "200"
+    );
+    assert_eq!(
+        status("-I http://security.debian.org/debian-security/dists/bookworm-security/InRelease"),
+        "200"
+    );
+    assert_eq!(status("http://deb.debian.org/other/"), "403");
+    assert_eq!(
+        status("http://deb.debian.org/debian/../etc/passwd --path-as-is"),
+        "403"
+    );
+    assert_eq!(
+        status("-H 'Host: example.org' http://172.31.0.3/debian/dists/bookworm/InRelease"),
+        "403"
+    );
+    assert_eq!(
+        status("-X POST http://deb.debian.org/debian/dists/bookworm/InRelease"),
+        "405"
+    );
+    assert_eq!(status("-x http://172.31.0.3:80 http://example.org/"), "403");
 
     // The AWS CLI as rigger's boot scripts run it: no endpoint option, the instance profile's
     // credentials from the metadata service.
