@@ -875,7 +875,7 @@ async fn create_launch_configuration(ctx: &Ctx<'_>, resource: &Resource) -> Resu
     let release = text(resource, "release").unwrap_or(&ctx.topology.release);
     let mut aws_name = ctx.env.names.launch_configuration_on_aws(
         topology_role,
-        &rigger_plan::deploys::utc_timestamp(crate::deploy::now()),
+        &rigger_plan::deploys::utc_timestamp(rigger_engine::clock::unix_now()),
         release,
     );
     if ctx
@@ -888,7 +888,7 @@ async fn create_launch_configuration(ctx: &Ctx<'_>, resource: &Resource) -> Resu
         tokio::time::sleep(Duration::from_secs(1)).await;
         aws_name = ctx.env.names.launch_configuration_on_aws(
             topology_role,
-            &rigger_plan::deploys::utc_timestamp(crate::deploy::now()),
+            &rigger_plan::deploys::utc_timestamp(rigger_engine::clock::unix_now()),
             release,
         );
     }

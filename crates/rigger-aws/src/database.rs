@@ -240,7 +240,7 @@ pub fn placements(
             let top = network
                 .subnets
                 .get(server.subnet)
-                .map_or(0, |s| s.cidr.last_usable());
+                .map_or(0, |s| crate::environment::last_usable(s.cidr));
             // Below the block the configuration's servers take (10 below the top, down).
             address = (configured.len() as u32..)
                 .map(|n| Ipv4Addr::from(top - 10 - n))
@@ -445,7 +445,7 @@ impl Provider {
                 "fencing the old primary {} ({}): stopped, renamed db-primary{FENCED_SUFFIX}",
                 old.name, old.instance_id
             ));
-            let when = crate::deploy::now().to_string();
+            let when = rigger_engine::clock::unix_now().to_string();
             self.rename_server(
                 &live,
                 instance,
@@ -743,17 +743,17 @@ replicas = {replicas}
     fn network() -> Network {
         Network {
             vpc_id: "vpc-1".into(),
-            vpc_cidr: Cidr::parse("172.31.0.0/16").unwrap(),
+            vpc_cidr: "172.31.0.0/16".parse::<Cidr>().unwrap(),
             subnets: vec![
                 Subnet {
                     id: "subnet-a".into(),
                     zone: "us-east-1a".into(),
-                    cidr: Cidr::parse("172.31.0.0/20").unwrap(),
+                    cidr: "172.31.0.0/20".parse::<Cidr>().unwrap(),
                 },
                 Subnet {
                     id: "subnet-b".into(),
                     zone: "us-east-1b".into(),
-                    cidr: Cidr::parse("172.31.16.0/20").unwrap(),
+                    cidr: "172.31.16.0/20".parse::<Cidr>().unwrap(),
                 },
             ],
         }

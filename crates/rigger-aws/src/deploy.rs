@@ -88,13 +88,6 @@ pub struct StartedDeploy {
     pub lock: LockKeeper,
 }
 
-/// Unix seconds now.
-pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 fn history_path(env: &AwsEnvironment) -> String {
     env.parameter("deploy/history")
 }
@@ -439,7 +432,7 @@ impl crate::Provider {
         let (_, live) = self.observe().await?;
         self.running_release(&live)?;
         let bucket = crate::releases::ensure(&self.env, &self.clients, report).await?;
-        let started = now();
+        let started = rigger_engine::clock::unix_now();
         let lock = self
             .take_lock(
                 requester,
@@ -534,7 +527,7 @@ impl crate::Provider {
                 "deploy its revision again with `rigger deploy --revision`",
             ));
         }
-        let started = now();
+        let started = rigger_engine::clock::unix_now();
         let lock = self
             .take_lock(
                 requester,
@@ -650,7 +643,7 @@ impl crate::Provider {
             revision: deploy.revision,
             by: holder.who,
             started: holder.since,
-            finished: now(),
+            finished: rigger_engine::clock::unix_now(),
             result: result.to_owned(),
             reason,
         };

@@ -39,27 +39,12 @@ pub fn secret_placeholder(name: &str) -> String {
     format!("RIGGER_SECRET_{}_", name.to_ascii_uppercase())
 }
 
-/// An IPv4 network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: Ipv4Addr,
-    pub prefix: u8,
-}
+/// An IPv4 network: the project's one type for them.
+pub use rigger_config::Cidr;
 
-impl Cidr {
-    pub fn parse(text: &str) -> Option<Cidr> {
-        let (addr, prefix) = text.split_once('/')?;
-        Some(Cidr {
-            addr: addr.parse().ok()?,
-            prefix: prefix.parse().ok().filter(|p| *p <= 32)?,
-        })
-    }
-
-    /// The last address AWS lets an instance use (the very last one is reserved).
-    pub(crate) fn last_usable(self) -> u32 {
-        let size = 1u64 << (32 - u32::from(self.prefix));
-        (u64::from(u32::from(self.addr)) + size - 2) as u32
-    }
+/// The last address of `subnet` AWS lets an instance use (the very last one is reserved).
+pub(crate) fn last_usable(subnet: Cidr) -> u32 {
+    u32::from(subnet.broadcast()) - 1
 }
 
 /// A subnet of the environment's VPC.
@@ -207,7 +192,7 @@ impl AwsEnvironment {
                     .subnets
                     .get(subnet)
                     .map_or(Ipv4Addr::UNSPECIFIED, |s| {
-                        Ipv4Addr::from(s.cidr.last_usable() - 10 - index as u32)
+                        Ipv4Addr::from(last_usable(s.cidr) - 10 - index as u32)
                     });
                 let name = self.names.server(&id);
                 let (id, address) = match self.placements.get(&name) {
@@ -325,11 +310,10 @@ mod tests {
 
     #[test]
     fn fixed_addresses_come_from_the_top_of_the_subnet() {
-        let cidr = Cidr::parse("172.31.0.0/20").unwrap();
+        let cidr: Cidr = "172.31.0.0/20".parse().unwrap();
         assert_eq!(
-            Ipv4Addr::from(cidr.last_usable()),
+            Ipv4Addr::from(last_usable(cidr)),
             Ipv4Addr::new(172, 31, 15, 254)
         );
-        assert_eq!(Cidr::parse("10.0.0.0/33"), None);
     }
 }

@@ -335,7 +335,7 @@ impl Provider {
         use error::Context as _;
         let group = self.env.names.group(role);
         if let Some(holder) = deploy::lock_holder(&self.env, &self.clients).await?
-            && holder.expires > deploy::now()
+            && holder.expires > rigger_engine::clock::unix_now()
         {
             return Err(AwsError::precondition(
                 "SetDesiredCapacity",

@@ -270,10 +270,13 @@ pub async fn network(env: &AwsEnvironment, clients: &Clients) -> Result<Network,
         });
     };
     let vpc_id = vpc.vpc_id().unwrap_or_default().to_owned();
-    let vpc_cidr = vpc.cidr_block().and_then(Cidr::parse).unwrap_or(Cidr {
-        addr: [172, 31, 0, 0].into(),
-        prefix: 16,
-    });
+    let vpc_cidr = vpc
+        .cidr_block()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(Cidr {
+            addr: [172, 31, 0, 0].into(),
+            prefix: 16,
+        });
     let chosen = &aws.subnets;
     let answer = if chosen.is_empty() {
         clients
@@ -334,7 +337,7 @@ pub async fn network(env: &AwsEnvironment, clients: &Clients) -> Result<Network,
             Some(Subnet {
                 id: s.subnet_id()?.to_owned(),
                 zone: s.availability_zone()?.to_owned(),
-                cidr: Cidr::parse(s.cidr_block()?)?,
+                cidr: s.cidr_block()?.parse().ok()?,
             })
         })
         .collect();

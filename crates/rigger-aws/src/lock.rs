@@ -466,7 +466,7 @@ impl LockKeeper {
                             .unwrap_or_else(|e| e.into_inner())
                             .held
                             .clone();
-                        match renew(&s3, &held, crate::deploy::now()).await {
+                        match renew(&s3, &held, rigger_engine::clock::unix_now()).await {
                             Ok(Ok(renewed)) => {
                                 keeping.lock().unwrap_or_else(|e| e.into_inner()).held = renewed;
                             }

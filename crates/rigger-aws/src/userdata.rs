@@ -718,7 +718,8 @@ install_release() {
 /// starting while they install: rigger runs the daemons under units of its own).
 pub const INSTALL_PACKAGES_FUNCTION: &str = r#"
 # install_packages PACKAGE...: installs the packages that are not installed yet; touches
-# neither the archive nor the package lists when every one is.
+# neither the archive nor the package lists when every one is, and reads the lists once per
+# run (a stock boot installs nftables first, then the role's packages).
 install_packages() {
   local missing=() package
   for package in "$@"; do
@@ -733,7 +734,10 @@ install_packages() {
   log "packages: installing ${missing[*]}"
   printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
   chmod 0755 /usr/sbin/policy-rc.d
-  apt-get update -q
+  if [ -z "${package_lists_read:-}" ]; then
+    apt-get update -q
+    package_lists_read=1
+  fi
   apt-get install -y -q --no-install-recommends "${missing[@]}"
   rm -f /usr/sbin/policy-rc.d
 }

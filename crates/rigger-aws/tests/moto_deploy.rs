@@ -403,7 +403,7 @@ async fn the_lock_is_renewed_from_the_moment_it_is_taken() {
         &provider.clients,
         &requester("bob@desk"),
         "deploy r3",
-        rigger_aws::deploy::now(),
+        rigger_engine::clock::unix_now(),
     )
     .await
     .unwrap_err()
@@ -433,16 +433,19 @@ async fn a_holder_whose_lock_was_taken_over_is_told_and_leaves_the_new_lock_alon
         &provider.clients,
         &elsewhere("bob@desk"),
         "deploy r3",
-        rigger_aws::deploy::now(),
+        rigger_engine::clock::unix_now(),
     )
     .await
     .unwrap();
     assert_eq!(bob.interrupted, Some(alice.holder()));
-    let refused =
-        rigger_aws::deploy::renew_lock(&provider.clients, &alice.held(), rigger_aws::deploy::now())
-            .await
-            .unwrap_err()
-            .to_string();
+    let refused = rigger_aws::deploy::renew_lock(
+        &provider.clients,
+        &alice.held(),
+        rigger_engine::clock::unix_now(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(refused.contains("now held by bob@desk"), "{refused}");
     assert!(!alice.release().await.unwrap(), "alice deleted bob's lock");
     assert_eq!(lock(&provider).await, Some(bob.lock.holder.clone()));
@@ -456,7 +459,7 @@ async fn a_holder_whose_lock_was_taken_over_is_told_and_leaves_the_new_lock_alon
                 &provider.clients,
                 id.as_deref(),
                 &elsewhere("carol@ops"),
-                rigger_aws::deploy::now(),
+                rigger_engine::clock::unix_now(),
             )
             .await
         }
@@ -469,11 +472,14 @@ async fn a_holder_whose_lock_was_taken_over_is_told_and_leaves_the_new_lock_alon
     assert!(release(Some("0000000000000000".into())).await.is_err());
     let released = release(Some(bob.lock.holder.id.clone())).await.unwrap();
     assert!(released.unwrap().contains("bob@desk"));
-    let refused =
-        rigger_aws::deploy::renew_lock(&provider.clients, &bob.lock, rigger_aws::deploy::now())
-            .await
-            .unwrap_err()
-            .to_string();
+    let refused = rigger_aws::deploy::renew_lock(
+        &provider.clients,
+        &bob.lock,
+        rigger_engine::clock::unix_now(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(refused.contains("released by someone else"), "{refused}");
     assert!(
         !rigger_aws::deploy::release_lock(&provider.clients, &bob.lock)
@@ -565,7 +571,10 @@ async fn concurrent_acquirers_of_a_free_lock_get_exactly_one_holder() {
     let provider = lock_provider(&moto).await;
     let started = std::time::Instant::now();
     for trial in 0..TRIALS {
-        let winner = one_winner(trial, race(&provider, rigger_aws::deploy::now()).await);
+        let winner = one_winner(
+            trial,
+            race(&provider, rigger_engine::clock::unix_now()).await,
+        );
         assert_eq!(lock(&provider).await, Some(winner.lock.holder.clone()));
         assert!(
             rigger_aws::deploy::release_lock(&provider.clients, &winner.lock)

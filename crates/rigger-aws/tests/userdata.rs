@@ -12,14 +12,14 @@ use rigger_recipes::Role;
 fn network() -> Network {
     Network {
         vpc_id: "vpc-1".into(),
-        vpc_cidr: Cidr::parse("172.31.0.0/16").unwrap(),
+        vpc_cidr: "172.31.0.0/16".parse::<Cidr>().unwrap(),
         subnets: ["a", "b"]
             .iter()
             .enumerate()
             .map(|(i, zone)| Subnet {
                 id: format!("subnet-{i}"),
                 zone: format!("us-east-1{zone}"),
-                cidr: Cidr::parse(&format!("172.31.{}.0/20", i * 16)).unwrap(),
+                cidr: format!("172.31.{}.0/20", i * 16).parse::<Cidr>().unwrap(),
             })
             .collect(),
     }

@@ -56,6 +56,22 @@ impl Cidr {
         other.prefix >= self.prefix
             && u32::from(other.addr) & mask(self.prefix) == u32::from(self.addr)
     }
+
+    /// Whether `address` is in `self`.
+    pub fn contains_address(&self, address: Ipv4Addr) -> bool {
+        u32::from(address) & mask(self.prefix) == u32::from(self.addr)
+    }
+
+    /// The network's last address (its broadcast address).
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) | !mask(self.prefix))
+    }
+
+    /// The network's `n`th address (0 is the network's own), if it has that many.
+    pub fn nth(&self, n: u32) -> Option<Ipv4Addr> {
+        let size = 1u64 << (32 - u32::from(self.prefix));
+        (u64::from(n) < size).then(|| Ipv4Addr::from(u32::from(self.addr) + n))
+    }
 }
 
 impl fmt::Display for CidrError {
@@ -92,6 +108,22 @@ mod tests {
         assert_eq!("127.77.0.0/16".parse(), Ok(cidr([127, 77, 0, 0], 16)));
         assert_eq!("203.0.113.7/32".parse(), Ok(cidr([203, 0, 113, 7], 32)));
         assert_eq!("0.0.0.0/0".parse(), Ok(Cidr::ANYWHERE));
+    }
+
+    #[test]
+    fn addresses_in_a_network() {
+        let vpc: Cidr = "172.31.0.0/16".parse().unwrap();
+        assert!(vpc.contains_address(Ipv4Addr::new(172, 31, 255, 255)));
+        assert!(!vpc.contains_address(Ipv4Addr::new(172, 32, 0, 0)));
+        assert_eq!(vpc.broadcast(), Ipv4Addr::new(172, 31, 255, 255));
+        assert_eq!(vpc.nth(3), Some(Ipv4Addr::new(172, 31, 0, 3)));
+        assert_eq!(vpc.nth(65_535), Some(Ipv4Addr::new(172, 31, 255, 255)));
+        assert_eq!(vpc.nth(65_536), None);
+        assert!(Cidr::ANYWHERE.contains_address(Ipv4Addr::new(203, 0, 113, 9)));
+        assert_eq!(Cidr::ANYWHERE.broadcast(), Ipv4Addr::BROADCAST);
+        let host: Cidr = "203.0.113.7/32".parse().unwrap();
+        assert_eq!(host.broadcast(), host.addr);
+        assert_eq!(host.nth(1), None);
     }
 
     #[test]

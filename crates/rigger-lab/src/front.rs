@@ -2,7 +2,7 @@
 //! on this machine and the AWS CLI inside machines alike.
 //!
 //! - Inside the lab it answers HTTPS on port 443 of the front's address in the VPC
-//!   ([`crate::net::Cidr::front`]: reserved in its subnet, so no machine has it), where the
+//!   ([`crate::net::Vpc::front`]: reserved in its subnet, so no machine has it), where the
 //!   lab's resolver ([`crate::dns`]) sends every `*.amazonaws.com` name, with a certificate of
 //!   the lab's CA ([`crate::pki`]) that machines trust: Debian 12's AWS CLI ignores every
 //!   endpoint variable, so rigger's boot scripts call the real host names, unchanged.

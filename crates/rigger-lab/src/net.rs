@@ -5,7 +5,7 @@
 //!   VPC range (`172.31.0.0/16`), with the VPC router's address (`172.31.0.1`, which AWS
 //!   reserves in every subnet's first block, so no instance gets it) from which this machine
 //!   reaches the machines (`ip netns exec rigger-lab-<id> ssh ...`), the address of the lab's
-//!   front to the AWS API ([`Cidr::front`], where the resolver sends `*.amazonaws.com`), and
+//!   front to the AWS API ([`Vpc::front`], where the resolver sends `*.amazonaws.com`), and
 //!   the link-local addresses of the instance metadata service (169.254.169.254) and of the
 //!   VPC's DNS resolver (169.254.169.253);
 //! - each machine has a namespace of its own with one interface, `eth0`, a veth whose other
@@ -16,11 +16,9 @@
 //! (forwarding is off in every namespace, and no namespace has a way out), IPv6 is off, and the
 //! public addresses the emulator hands out are never configured anywhere.
 
-use std::fmt;
 use std::net::Ipv4Addr;
-use std::str::FromStr;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use crate::sys::run;
 
@@ -32,35 +30,13 @@ pub const RESOLVER_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 253);
 /// The bridge in the lab's namespace.
 const BRIDGE: &str = "br0";
 
-/// An IPv4 network, `a.b.c.d/n`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub network: Ipv4Addr,
-    pub prefix: u8,
-}
+/// An IPv4 network: the project's one type for them.
+pub use rigger_config::Cidr;
 
-impl Cidr {
-    fn mask(self) -> u32 {
-        if self.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(self.prefix))
-        }
-    }
-
-    pub fn contains(self, address: Ipv4Addr) -> bool {
-        u32::from(address) & self.mask() == u32::from(self.network)
-    }
-
-    pub fn broadcast(self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.network) | !self.mask())
-    }
-
+/// What the lab makes of its VPC's network.
+pub trait Vpc {
     /// The VPC router's address: the network's first host.
-    pub fn router(self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.network) + 1)
-    }
-
+    fn router(&self) -> Ipv4Addr;
     /// The address of the lab's front to the AWS API ([`crate::front`]): the network's fourth
     /// address. AWS reserves the first four addresses of every subnet (network, router, DNS,
     /// "future use"), and moto keeps them too; a subnet holding this address must start at
@@ -68,24 +44,33 @@ impl Cidr {
     /// address of whichever subnet holds it and no instance ever gets it, whatever subnets
     /// are made. (An address merely outside the default subnets would be free for a subnet
     /// created later to hand out.)
-    pub fn front(self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.network) + 3)
-    }
-
+    fn front(&self) -> Ipv4Addr;
     /// Whether the whole network is private address space (RFC 1918).
-    pub fn is_private(self) -> bool {
-        let within = |outer: Cidr| outer.prefix <= self.prefix && outer.contains(self.network);
-        ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
-            .iter()
-            .any(|range| within(range.parse().expect("constant")))
-    }
-
+    fn is_private(&self) -> bool;
     /// Why `address` cannot be a machine's on this network, if it cannot: outside it, its
     /// network or broadcast address, or the lab's own (the router's, the front's).
-    pub fn refuse_machine_address(self, address: Ipv4Addr) -> Option<String> {
-        if !self.contains(address) {
+    fn refuse_machine_address(&self, address: Ipv4Addr) -> Option<String>;
+}
+
+impl Vpc for Cidr {
+    fn router(&self) -> Ipv4Addr {
+        self.nth(1).unwrap_or(self.addr)
+    }
+
+    fn front(&self) -> Ipv4Addr {
+        self.nth(3).unwrap_or(self.addr)
+    }
+
+    fn is_private(&self) -> bool {
+        ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+            .iter()
+            .any(|range| range.parse::<Cidr>().expect("constant").contains(self))
+    }
+
+    fn refuse_machine_address(&self, address: Ipv4Addr) -> Option<String> {
+        if !self.contains_address(address) {
             Some(format!("{address} is outside the lab's network {self}"))
-        } else if address == self.network || address == self.broadcast() {
+        } else if address == self.addr || address == self.broadcast() {
             Some(format!(
                 "{address} is the network's own address, not a host's"
             ))
@@ -100,44 +85,6 @@ impl Cidr {
         } else {
             None
         }
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = anyhow::Error;
-
-    fn from_str(text: &str) -> anyhow::Result<Cidr> {
-        let (address, prefix) = text
-            .split_once('/')
-            .with_context(|| format!("{text:?} is not a network (a.b.c.d/n)"))?;
-        let address: Ipv4Addr = address
-            .parse()
-            .with_context(|| format!("{text:?}: {address:?} is not an IPv4 address"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .with_context(|| format!("{text:?}: the prefix must be 0 to 32"))?;
-        let cidr = Cidr {
-            network: address,
-            prefix,
-        };
-        if u32::from(address) & cidr.mask() != u32::from(address) {
-            bail!(
-                "{text:?}: host bits are set; the network is {}",
-                Cidr {
-                    network: Ipv4Addr::from(u32::from(address) & cidr.mask()),
-                    prefix
-                }
-            );
-        }
-        Ok(cidr)
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.network, self.prefix)
     }
 }
 
@@ -287,8 +234,8 @@ mod tests {
     fn networks() {
         let vpc: Cidr = "172.31.0.0/16".parse().unwrap();
         assert!(vpc.is_private());
-        assert!(vpc.contains("172.31.200.4".parse().unwrap()));
-        assert!(!vpc.contains("172.32.0.4".parse().unwrap()));
+        assert!(vpc.contains_address("172.31.200.4".parse().unwrap()));
+        assert!(!vpc.contains_address("172.32.0.4".parse().unwrap()));
         assert_eq!(vpc.router(), Ipv4Addr::new(172, 31, 0, 1));
         assert_eq!(vpc.front(), Ipv4Addr::new(172, 31, 0, 3));
         assert_eq!(vpc.broadcast(), Ipv4Addr::new(172, 31, 255, 255));

@@ -35,7 +35,7 @@ use crate::images::{ConsoleEdge, ImageEdge, ImageState, LabImages, Source};
 use crate::imds::{IssuedCredentials, MachineMetadata, Machines, Profile, Service};
 use crate::layout::{Lab, is_instance_id};
 use crate::machine::{self, MachineSpec};
-use crate::net::{self, Cidr};
+use crate::net::{self, Cidr, Vpc as _};
 use crate::pki::Pki;
 use crate::status::{
     self, BastionStatus, MachineState, MachineStatus, Phase, RunnerStatus, Settings,
@@ -290,7 +290,9 @@ impl Runner {
         let vpc_text = rigger_aws::lab::default_vpc_cidr(&self.clients)
             .await?
             .context("the emulator has no default VPC in the lab's region")?;
-        let vpc: Cidr = vpc_text.parse()?;
+        let vpc: Cidr = vpc_text
+            .parse()
+            .with_context(|| format!("the emulator's default VPC {vpc_text:?}"))?;
         if !vpc.is_private() {
             bail!("the emulator's default VPC {vpc} is not private address space");
         }

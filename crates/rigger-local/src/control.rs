@@ -290,7 +290,7 @@ pub async fn deploy(
         );
     };
     rigger_plan::rollout::BatchSize::from_str(&options.batch).map_err(anyhow::Error::msg)?;
-    let now = crate::status::now();
+    let now = rigger_engine::clock::unix_now();
     let description = match &target {
         DeployTarget::Build { revision, .. } => {
             format!("deploy {}", revision.as_deref().unwrap_or("HEAD"))
@@ -451,7 +451,7 @@ pub async fn db_operation(
     let lock = crate::deploy::DeployLock::acquire(
         &env.paths,
         &format!("db {operation}"),
-        crate::status::now(),
+        rigger_engine::clock::unix_now(),
     )?;
     let request = DbRequest {
         id: request_id(),
@@ -631,7 +631,7 @@ pub async fn db_backup(env: &LocalEnvironment, keep: usize) -> anyhow::Result<st
     let name = format!(
         "{}-{}.dump",
         env.db_name(),
-        crate::release::timestamp(crate::status::now())
+        crate::release::timestamp(rigger_engine::clock::unix_now())
     );
     let path = dir.join(&name);
     let partial = dir.join(format!(".{name}.partial"));
@@ -723,7 +723,11 @@ pub async fn db_restore(env: &LocalEnvironment, backup: &str) -> anyhow::Result<
     let primary = env
         .server_with_role(&registry, rigger_recipes::Role::DbPrimary)
         .context("there is no primary")?;
-    let _lock = crate::deploy::DeployLock::acquire(&env.paths, "db restore", crate::status::now())?;
+    let _lock = crate::deploy::DeployLock::acquire(
+        &env.paths,
+        "db restore",
+        rigger_engine::clock::unix_now(),
+    )?;
     let was_on = maintenance_on(env);
     maintenance(env, true)?;
     let socket = env.paths.server(&primary.id).join("run/postgresql");

@@ -289,7 +289,7 @@ async fn finish(
         id: id.to_owned(),
         revision,
         source,
-        created: crate::status::now(),
+        created: rigger_engine::clock::unix_now(),
         created_by: who(),
         venv,
     };

@@ -21,9 +21,3 @@ pub fn save(status: &Status, path: &Path) -> std::io::Result<()> {
         &serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?,
     )
 }
-
-pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}

@@ -153,7 +153,7 @@ fn acquire_lock(env: &LocalEnvironment) -> anyhow::Result<nix::fcntl::Flock<std:
             .map_or_else(|| "?".into(), |u| u.name),
         host: std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map_or_else(|_| "?".into(), |h| h.trim().to_owned()),
-        started: status::now(),
+        started: rigger_engine::clock::unix_now(),
     };
     use std::io::{Seek as _, Write as _};
     lock.set_len(0)?;
@@ -929,7 +929,7 @@ impl Supervisor {
             ],
             servers,
             replication: Vec::new(),
-            updated: status::now(),
+            updated: rigger_engine::clock::unix_now(),
         };
         if let Err(error) = status::save(&status, &env.paths.status()) {
             tracing::error!("writing status.json: {error}");

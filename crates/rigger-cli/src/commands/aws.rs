@@ -640,9 +640,13 @@ async fn build_release(
     allow_dirty: bool,
     dir: &Path,
 ) -> anyhow::Result<Artifact> {
-    let source =
-        rigger_local::release::resolve(app, revision, allow_dirty, rigger_aws::deploy::now())
-            .await?;
+    let source = rigger_local::release::resolve(
+        app,
+        revision,
+        allow_dirty,
+        rigger_engine::clock::unix_now(),
+    )
+    .await?;
     let tree = dir.join("app");
     std::fs::create_dir_all(&tree)?;
     rigger_local::release::export(app, &source, &tree, &dir.join("build.log")).await?;
@@ -787,7 +791,7 @@ pub(crate) fn lock(command: LockCommand, settings: &Settings) -> Result<(), Fail
                     &provider.clients,
                     id.as_deref(),
                     &requester(),
-                    rigger_aws::deploy::now(),
+                    rigger_engine::clock::unix_now(),
                 )
                 .await
                 .map_err(failed)?;

@@ -47,7 +47,7 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
     let lock = result_of(runtime.block_on(provider.take_lock(
         &aws::requester(),
         operation,
-        rigger_aws::deploy::now(),
+        rigger_engine::clock::unix_now(),
         &report,
     )))?;
     let outcome = run_unlocked(command, settings, runtime, provider, emulated);
@@ -96,7 +96,7 @@ fn run_unlocked(
         DbCommand::Backup { keep } => {
             let bucket = result_of(runtime.block_on(provider.bucket()))?;
             let db = provider.env.db_name();
-            let name = database::backup_name(&db, rigger_aws::deploy::now());
+            let name = database::backup_name(&db, rigger_engine::clock::unix_now());
             if emulated {
                 say(
                     settings,

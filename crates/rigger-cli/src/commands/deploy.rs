@@ -130,7 +130,7 @@ pub(crate) fn lock(command: LockCommand, settings: &Settings) -> Result<(), Fail
             match rigger_local::deploy::release(
                 &env.paths,
                 id.as_deref(),
-                rigger_local::status::now(),
+                rigger_engine::clock::unix_now(),
             )? {
                 Some(holder) => say(settings, &format!("released the lock held by {holder}")),
                 None => say(settings, "the lock was free"),

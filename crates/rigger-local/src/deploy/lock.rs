@@ -335,7 +335,7 @@ impl DeployLock {
             .spawn(move || {
                 // A timeout is the renewal's timer; a message or a hang-up is the stop.
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                    if let Err(error) = renewing.renew(crate::status::now()) {
+                    if let Err(error) = renewing.renew(rigger_engine::clock::unix_now()) {
                         tracing::warn!("{error:#}");
                         if renewing
                             .state
@@ -582,21 +582,31 @@ mod tests {
     #[test]
     fn a_live_lock_is_released_by_its_id_only_and_a_stale_one_without() {
         let (_dir, paths) = env();
-        let holder = abandoned(&paths, "deploy r1", crate::status::now());
+        let holder = abandoned(&paths, "deploy r1", rigger_engine::clock::unix_now());
         // ann@elsewhere: another host, not expired: live.
-        let refused = release(&paths, None, crate::status::now())
+        let refused = release(&paths, None, rigger_engine::clock::unix_now())
             .unwrap_err()
             .to_string();
         assert!(
             refused.contains(&format!("rigger lock release --id {}", holder.id)),
             "{refused}"
         );
-        assert!(release(&paths, Some("0000000000000000"), crate::status::now()).is_err());
+        assert!(
+            release(
+                &paths,
+                Some("0000000000000000"),
+                rigger_engine::clock::unix_now()
+            )
+            .is_err()
+        );
         assert_eq!(lock_holder(&paths), Some(holder.clone()));
-        let released = release(&paths, Some(&holder.id), crate::status::now()).unwrap();
+        let released = release(&paths, Some(&holder.id), rigger_engine::clock::unix_now()).unwrap();
         assert!(released.unwrap().contains("ann@elsewhere"));
         assert_eq!(lock_holder(&paths), None);
-        assert_eq!(release(&paths, None, crate::status::now()).unwrap(), None);
+        assert_eq!(
+            release(&paths, None, rigger_engine::clock::unix_now()).unwrap(),
+            None
+        );
 
         let stale = abandoned(&paths, "deploy r2", 1_000);
         let released = release(&paths, None, 1_000 + LOCK_TTL.as_secs()).unwrap();

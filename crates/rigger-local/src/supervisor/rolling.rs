@@ -64,7 +64,7 @@ impl Supervisor {
         }
         self.last_deploy_request = Some(request.id.clone());
         let started = Instant::now();
-        let started_unix = crate::status::now();
+        let started_unix = rigger_engine::clock::unix_now();
         let (result, reason) = match self.deploy(&request).await {
             Ok(()) => ("succeeded", String::new()),
             Err((result, reason)) => (result, reason),
@@ -84,7 +84,7 @@ impl Supervisor {
             revision,
             by: request.requested_by.clone(),
             started: started_unix,
-            finished: crate::status::now(),
+            finished: rigger_engine::clock::unix_now(),
             result: result.into(),
             reason,
         };
