@@ -868,13 +868,9 @@ async fn delete_key_pair(ctx: &Ctx<'_>, name: &str) -> Result<(), AwsError> {
 async fn create_launch_configuration(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsError> {
     let name = &resource.id.name;
     let role = role_of(resource);
-    let topology_role = match role {
-        rigger_recipes::Role::Worker => rigger_topology::Role::Worker,
-        _ => rigger_topology::Role::Web,
-    };
     let release = text(resource, "release").unwrap_or(&ctx.topology.release);
     let mut aws_name = ctx.env.names.launch_configuration_on_aws(
-        topology_role,
+        role,
         &rigger_plan::deploys::utc_timestamp(rigger_engine::clock::unix_now()),
         release,
     );
@@ -887,7 +883,7 @@ async fn create_launch_configuration(ctx: &Ctx<'_>, resource: &Resource) -> Resu
         // A replacement within the second its predecessor was made.
         tokio::time::sleep(Duration::from_secs(1)).await;
         aws_name = ctx.env.names.launch_configuration_on_aws(
-            topology_role,
+            role,
             &rigger_plan::deploys::utc_timestamp(rigger_engine::clock::unix_now()),
             release,
         );

@@ -14,8 +14,8 @@ use std::net::Ipv4Addr;
 
 use rigger_config::{AwsConfig, Config, Environment, ProviderConfig};
 use rigger_recipes::{
-    Layout, Network as RecipeNetwork, Peer, Peers, Ports, ProjectInfo, Role as RecipeRole, Secret,
-    Secrets, ServerContext, Tuning,
+    Layout, Network as RecipeNetwork, Peer, Peers, Ports, ProjectInfo, Secret, Secrets,
+    ServerContext, Tuning,
 };
 use rigger_topology::{Names, Role};
 
@@ -72,7 +72,7 @@ pub struct StandAlone {
     /// The topology's name, `<project>-<env>-<id>`: the instance's `Name` tag.
     pub name: String,
     pub role: Role,
-    pub roles: Vec<RecipeRole>,
+    pub roles: Vec<Role>,
     /// Index into [`Network::subnets`].
     pub subnet: usize,
     pub address: Ipv4Addr,
@@ -155,27 +155,19 @@ impl AwsEnvironment {
     /// The stand-alone servers the configuration asks for, placed in `network`.
     pub fn stand_alone_servers(&self, network: &Network) -> Vec<StandAlone> {
         let env = self.env();
-        let mut wanted: Vec<(String, Role, Vec<RecipeRole>)> = Vec::new();
+        let mut wanted: Vec<(String, Role, Vec<Role>)> = Vec::new();
         if env.cache.shared_with_queue {
-            wanted.push((
-                "cache".into(),
-                Role::Cache,
-                vec![RecipeRole::Cache, RecipeRole::Queue],
-            ));
+            wanted.push(("cache".into(), Role::Cache, vec![Role::Cache, Role::Queue]));
         } else {
-            wanted.push(("cache".into(), Role::Cache, vec![RecipeRole::Cache]));
-            wanted.push(("queue".into(), Role::Queue, vec![RecipeRole::Queue]));
+            wanted.push(("cache".into(), Role::Cache, vec![Role::Cache]));
+            wanted.push(("queue".into(), Role::Queue, vec![Role::Queue]));
         }
-        wanted.push((
-            "db-primary".into(),
-            Role::DbPrimary,
-            vec![RecipeRole::DbPrimary],
-        ));
+        wanted.push(("db-primary".into(), Role::DbPrimary, vec![Role::DbPrimary]));
         for n in 1..=env.database.replicas {
             wanted.push((
                 format!("db-replica{n}"),
                 Role::DbReplica,
-                vec![RecipeRole::DbReplica],
+                vec![Role::DbReplica],
             ));
         }
         let zones = network.subnets.len().max(1);
@@ -226,13 +218,13 @@ impl AwsEnvironment {
     pub fn context(
         &self,
         network: &Network,
-        roles: &[RecipeRole],
+        roles: &[Role],
         server: Option<&StandAlone>,
         release: &str,
     ) -> ServerContext {
         let project = &self.config.project;
         let servers = self.stand_alone_servers(network);
-        let with_role = |role: RecipeRole| {
+        let with_role = |role: Role| {
             servers
                 .iter()
                 .find(|s| s.roles.contains(&role))
@@ -254,7 +246,7 @@ impl AwsEnvironment {
             Some(server) => (server.id.clone(), server.address),
             None => (SELF_ID.to_owned(), SELF_ADDRESS),
         };
-        let is_worker = roles.contains(&RecipeRole::Worker);
+        let is_worker = roles.contains(&Role::Worker);
         ServerContext {
             server_id,
             address,
@@ -283,8 +275,8 @@ impl AwsEnvironment {
             peers: Peers {
                 db_primary,
                 db_replicas,
-                redis: with_role(RecipeRole::Cache),
-                amqp: with_role(RecipeRole::Queue),
+                redis: with_role(Role::Cache),
+                amqp: with_role(Role::Queue),
                 // The cloud load balancer finds the web servers itself.
                 web_backends: Vec::new(),
                 db_client_networks: vec![vpc],

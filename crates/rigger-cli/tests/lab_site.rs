@@ -29,6 +29,9 @@ const BOOT: Duration = Duration::from_secs(600);
 struct Site {
     dir: tempfile::TempDir,
     endpoint: String,
+    /// The lab's machines (`<state>/machines/<instance id>`): their boot logs are printed
+    /// when a command fails.
+    machines: PathBuf,
 }
 
 impl Site {
@@ -50,6 +53,27 @@ impl Site {
         command
     }
 
+    /// The end of every machine's boot log (its user-data's output) and console.
+    fn boot_logs(&self) -> String {
+        let mut out = String::new();
+        let Ok(entries) = std::fs::read_dir(&self.machines) else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let machine = entry.path();
+            for log in ["upper/var/log/cloud-init-output.log", "console.log"] {
+                let text = std::fs::read_to_string(machine.join(log)).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+                out.push_str(&format!(
+                    "--- {} {log}\n{tail}\n",
+                    entry.file_name().to_string_lossy()
+                ));
+            }
+        }
+        out
+    }
+
     fn run(&self, args: &[&str]) -> Output {
         self.rigger(args).output().expect("running rigger")
     }
@@ -58,8 +82,9 @@ impl Site {
         let output = self.run(args);
         assert!(
             output.status.success(),
-            "rigger {args:?}: {}",
-            text(&output)
+            "rigger {args:?}: {}\nthe machines' boot logs:\n{}",
+            text(&output),
+            self.boot_logs()
         );
         format!(
             "{}{}",
@@ -156,6 +181,7 @@ fn site(lab: &TestLab, started: &Started) -> Site {
     Site {
         dir,
         endpoint: started.endpoint.clone(),
+        machines: lab.state.path().join("machines"),
     }
 }
 

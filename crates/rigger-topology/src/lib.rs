@@ -112,34 +112,13 @@ pub mod tls_policy {
     pub const APPLICATION: &str = "ELBSecurityPolicy-TLS13-1-2-2021-06";
 }
 
-/// The roles a server or resource plays; the `role` tag's values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Role {
-    /// Resources every server shares (the common security group).
-    All,
-    LoadBalancer,
-    Web,
-    Worker,
-    Cache,
-    Queue,
-    DbPrimary,
-    DbReplica,
-}
+/// The roles of the architecture (the recipes' own: one enum for the project); a resource's
+/// `role` tag is its role's name ([`Role::as_str`]), or [`EVERY_ROLE`] for what every server
+/// shares.
+pub use rigger_recipes::Role;
 
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::All => "all",
-            Role::LoadBalancer => "lb",
-            Role::Web => "web",
-            Role::Worker => "worker",
-            Role::Cache => "cache",
-            Role::Queue => "queue",
-            Role::DbPrimary => "db-primary",
-            Role::DbReplica => "db-replica",
-        }
-    }
-}
+/// The `role` tag of resources every server shares (the common security group, the key pair).
+pub const EVERY_ROLE: &str = "all";
 
 /// The desired state of one environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,14 +149,17 @@ impl Names {
         }
     }
 
-    /// `<project>-<env>-sg` for [`Role::All`], `<project>-<env>-<role>-sg` otherwise; both
-    /// database roles share `-db-sg`.
+    /// `<project>-<env>-<role>-sg`; both database roles share `-db-sg`.
     pub fn security_group(&self, role: Role) -> String {
         match role {
-            Role::All => format!("{}-sg", self.prefix),
             Role::DbPrimary | Role::DbReplica => format!("{}-db-sg", self.prefix),
             other => format!("{}-{}-sg", self.prefix, other.as_str()),
         }
+    }
+
+    /// `<project>-<env>-sg`: the group every server is in (SSH from the admin networks).
+    pub fn common_security_group(&self) -> String {
+        format!("{}-sg", self.prefix)
     }
 
     pub fn load_balancer(&self) -> String {
@@ -368,10 +350,15 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn push(&mut self, role: Role, resource: Resource) -> ResourceId {
+        self.push_tagged(role.as_str(), resource)
+    }
+
+    /// Adds `resource` with `role_tag` as its `role` tag.
+    fn push_tagged(&mut self, role_tag: &str, resource: Resource) -> ResourceId {
         let resource = resource
             .tag(tag::PROJECT, self.project)
             .tag(tag::ENVIRONMENT, &self.env.name)
-            .tag(tag::ROLE, role.as_str())
+            .tag(tag::ROLE, role_tag)
             .tag(tag::RELEASE, self.release);
         let id = resource.id.clone();
         self.resources.push(resource);
@@ -380,6 +367,13 @@ impl Builder<'_> {
 
     fn sg_id(&self, role: Role) -> ResourceId {
         ResourceId::new(ResourceKind::SecurityGroup, self.names.security_group(role))
+    }
+
+    fn common_sg_id(&self) -> ResourceId {
+        ResourceId::new(
+            ResourceKind::SecurityGroup,
+            self.names.common_security_group(),
+        )
     }
 
     fn is_local(&self) -> bool {
@@ -396,15 +390,21 @@ impl Builder<'_> {
         let ssh = admin_cidrs
             .iter()
             .map(|cidr| rule(port::SSH, &cidr.to_string()));
-        self.security_group(Role::All, "every server", ssh.collect(), &[]);
+        let common = Resource::new(
+            ResourceKind::SecurityGroup,
+            self.names.common_security_group(),
+        )
+        .set_immutable("description", "rigger: every server")
+        .set("ingress", Value::Set(ssh.collect()));
+        self.push_tagged(EVERY_ROLE, common);
 
         let anywhere = Cidr::ANYWHERE.to_string();
         let lb_rules = vec![rule(port::HTTP, &anywhere), rule(port::HTTPS, &anywhere)];
-        self.security_group(Role::LoadBalancer, "the load balancer", lb_rules, &[]);
+        self.security_group(Role::Lb, "the load balancer", lb_rules, &[]);
 
-        let lb = self.names.security_group(Role::LoadBalancer);
+        let lb = self.names.security_group(Role::Lb);
         let web_rules = vec![rule(port::HTTP, &sg(&lb)), rule(port::HTTPS, &sg(&lb))];
-        self.security_group(Role::Web, "web servers", web_rules, &[Role::LoadBalancer]);
+        self.security_group(Role::Web, "web servers", web_rules, &[Role::Lb]);
         self.security_group(Role::Worker, "worker servers", Vec::new(), &[]);
 
         let web = self.names.security_group(Role::Web);
@@ -470,9 +470,9 @@ impl Builder<'_> {
             .set("health_check_timing", health_check::wanted_timing())
             .set(
                 "security_groups",
-                sg_set(&[self.names.security_group(Role::LoadBalancer)]),
+                sg_set(&[self.names.security_group(Role::Lb)]),
             )
-            .depends_on(&self.sg_id(Role::LoadBalancer));
+            .depends_on(&self.sg_id(Role::Lb));
         if let Some(certificate) = certificate {
             lb = lb.set("certificate", certificate);
         }
@@ -486,7 +486,7 @@ impl Builder<'_> {
                 .set("connection_draining_seconds", 30u32)
                 .set("tls_policy", tls_policy);
         }
-        self.push(Role::LoadBalancer, lb);
+        self.push(Role::Lb, lb);
     }
 
     /// The key pair rigger imports from `admin_public_key` (AWS only).
@@ -497,7 +497,7 @@ impl Builder<'_> {
         if let Some(KeyPair::Import(public_key)) = &aws.key_pair {
             let key = Resource::new(ResourceKind::KeyPair, self.names.key_pair())
                 .set_immutable("public_key", public_key.clone());
-            self.push(Role::All, key);
+            self.push_tagged(EVERY_ROLE, key);
         }
     }
 
@@ -531,7 +531,6 @@ impl Builder<'_> {
     /// rigger signed; database servers read and write backups. No role may read the CA's key,
     /// another role's secrets, or another prefix of the bucket.
     fn permissions(&self, role: Role) -> std::collections::BTreeSet<String> {
-        use rigger_recipes::Role as Recipe;
         let read = |name: &str| {
             format!(
                 "ssm:GetParameter /{}/{}/{name}",
@@ -541,9 +540,9 @@ impl Builder<'_> {
         // The bucket's name ends in a random suffix (see rigger-aws `releases`).
         let bucket = format!("{}-{}-releases-*", self.project, self.env.name).to_ascii_lowercase();
         let objects = |action: &str, prefix: &str| format!("{action} s3:::{bucket}/{prefix}*");
-        let (recipes, grants): (&[Recipe], Vec<String>) = match role {
+        let (recipes, grants): (&[Role], Vec<String>) = match role {
             Role::Web => (
-                &[Recipe::Web],
+                &[Role::Web],
                 vec![
                     read(parameter::MAINTENANCE),
                     read(parameter::BUCKET),
@@ -551,26 +550,26 @@ impl Builder<'_> {
                 ],
             ),
             Role::Worker => (
-                &[Recipe::Worker],
+                &[Role::Worker],
                 vec![
                     read(parameter::BUCKET),
                     objects("s3:GetObject", bucket::RELEASES),
                 ],
             ),
             Role::Cache if self.env.cache.shared_with_queue => (
-                &[Recipe::Cache, Recipe::Queue],
+                &[Role::Cache, Role::Queue],
                 vec![read(&format!("{}*", parameter::tls("cache")))],
             ),
             Role::Cache => (
-                &[Recipe::Cache],
+                &[Role::Cache],
                 vec![read(&format!("{}*", parameter::tls("cache")))],
             ),
             Role::Queue => (
-                &[Recipe::Queue],
+                &[Role::Queue],
                 vec![read(&format!("{}*", parameter::tls("queue")))],
             ),
             Role::DbPrimary | Role::DbReplica => (
-                &[Recipe::DbPrimary, Recipe::DbReplica],
+                &[Role::DbPrimary, Role::DbReplica],
                 vec![
                     // Every database server's id starts with `db-` (a failover's new
                     // replicas too), and any of them may become the primary.
@@ -579,7 +578,7 @@ impl Builder<'_> {
                     objects("s3:PutObject", bucket::BACKUPS),
                 ],
             ),
-            Role::All | Role::LoadBalancer => (&[], Vec::new()),
+            Role::Lb => (&[], Vec::new()),
         };
         let mut lines: std::collections::BTreeSet<String> = recipes
             .iter()
@@ -662,7 +661,7 @@ impl Builder<'_> {
         };
         for (role, sizing) in [(Role::Web, &self.env.web), (Role::Worker, &self.env.worker)] {
             let security_groups = sg_set(&[
-                self.names.security_group(Role::All),
+                self.names.common_security_group(),
                 self.names.security_group(role),
             ]);
             let (kind, attribute, template_name) = match self.launch_kind() {
@@ -681,7 +680,7 @@ impl Builder<'_> {
                 .set_immutable("release", self.release)
                 .set_immutable("security_groups", security_groups)
                 .set_immutable("volume_size_gib", sizing.volume_size)
-                .depends_on(&self.sg_id(Role::All))
+                .depends_on(&self.common_sg_id())
                 .depends_on(&self.sg_id(role));
             template = self.with_machine(template, &sizing.instance_type);
             template = self.with_access(template, role, false);
@@ -800,7 +799,7 @@ impl Builder<'_> {
         }
         let volume_id = self.push(role, volume);
 
-        let mut security_groups = vec![self.names.security_group(Role::All)];
+        let mut security_groups = vec![self.names.common_security_group()];
         security_groups.extend(groups.iter().map(|role| self.names.security_group(*role)));
         let mut server = Resource::new(ResourceKind::Server, name)
             .set_immutable(
@@ -810,7 +809,7 @@ impl Builder<'_> {
             .set("security_groups", sg_set(&security_groups))
             .set("data_volume", self.names.volume(&self.names.server(suffix)))
             .depends_on(&volume_id)
-            .depends_on(&self.sg_id(Role::All));
+            .depends_on(&self.common_sg_id());
         for role in groups {
             server = server.depends_on(&self.sg_id(*role));
         }
