@@ -29,9 +29,9 @@ const BOOT: Duration = Duration::from_secs(600);
 struct Site {
     dir: tempfile::TempDir,
     endpoint: String,
-    /// The lab's machines (`<state>/machines/<instance id>`): their boot logs are printed
-    /// when a command fails.
-    machines: PathBuf,
+    /// The lab's state directory: the machines' states and boot logs are printed when a
+    /// command fails.
+    lab_state: PathBuf,
 }
 
 impl Site {
@@ -53,10 +53,22 @@ impl Site {
         command
     }
 
-    /// The end of every machine's boot log (its user-data's output) and console.
+    /// Each machine's state as the lab saw it, and the end of its boot log (its user-data's
+    /// output) and console.
     fn boot_logs(&self) -> String {
-        let mut out = String::new();
-        let Ok(entries) = std::fs::read_dir(&self.machines) else {
+        let status = Command::new(env!("CARGO_BIN_EXE_rigger"))
+            .arg("lab")
+            .arg("--dir")
+            .arg(&self.lab_state)
+            .args(["status", "--json"])
+            .output()
+            .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+            .unwrap_or_default();
+        let machines = serde_json::from_str::<serde_json::Value>(&status)
+            .map(|status| status["machines"].to_string())
+            .unwrap_or(status);
+        let mut out = format!("the lab's machines: {machines}\n");
+        let Ok(entries) = std::fs::read_dir(self.lab_state.join("machines")) else {
             return out;
         };
         for entry in entries.flatten() {
@@ -181,7 +193,7 @@ fn site(lab: &TestLab, started: &Started) -> Site {
     Site {
         dir,
         endpoint: started.endpoint.clone(),
-        machines: lab.state.path().join("machines"),
+        lab_state: lab.state.path().to_path_buf(),
     }
 }
 
