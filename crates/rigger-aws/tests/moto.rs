@@ -451,9 +451,10 @@ async fn application_load_balancer_converges() {
         .send()
         .await
         .unwrap();
+    let lb_arn = lbs.load_balancers()[0].load_balancer_arn().unwrap();
     let listeners = elbv2
         .describe_listeners()
-        .load_balancer_arn(lbs.load_balancers()[0].load_balancer_arn().unwrap())
+        .load_balancer_arn(lb_arn)
         .send()
         .await
         .unwrap();
@@ -470,7 +471,7 @@ async fn application_load_balancer_converges() {
     // A target group's check timing changed by hand is drift, and repaired.
     let groups = elbv2
         .describe_target_groups()
-        .load_balancer_arn(lbs.load_balancers()[0].load_balancer_arn().unwrap())
+        .load_balancer_arn(lb_arn)
         .send()
         .await
         .unwrap();

@@ -21,7 +21,7 @@ use anyhow::{Context as _, bail};
 use nix::sys::signal::Signal;
 use rigger_local::process::{self, PidRecord, ProcessSpec};
 
-use crate::image::{self, Flavor, Image};
+use crate::image::{self, Flavor};
 use crate::layout::Lab;
 use crate::net;
 use crate::status::{self, LabStatus, Phase, RunnerStatus, Settings};
@@ -111,16 +111,15 @@ pub async fn up(
     if current.state == "up" {
         return Ok(UpOutcome::AlreadyUp(current));
     }
-    let mut built = Vec::new();
-    for flavor in Flavor::ALL {
-        built.push(image::find(&lab.images, flavor).with_context(|| {
+    let built = |flavor: Flavor| {
+        image::find(&lab.images, flavor).with_context(|| {
             format!(
                 "no {flavor} lab image in {} for this rigger: build the lab's images with `rigger lab image` (a few minutes, once)",
                 lab.images.display()
             )
-        })?);
-    }
-    let [stock, image] = <[Image; 2]>::try_from(built).expect("one image per flavor");
+        })
+    };
+    let (stock, image) = (built(Flavor::Stock)?, built(Flavor::Baked)?);
     sys::check_trusted_dir(&lab.images)?;
     if !current.leftovers.is_empty() {
         progress(&format!(
@@ -131,10 +130,7 @@ pub async fn up(
     sweep(lab).await?;
     forget(lab)?;
 
-    status::write(
-        &lab.amis_file(),
-        &image::emulator_amis(&[stock.clone(), image.clone()]),
-    )?;
+    status::write(&lab.amis_file(), &image::emulator_amis(&[&stock, &image]))?;
     let port = free_port(None)?;
     let emulator_url = format!("http://127.0.0.1:{port}");
     // The front's, which the runner listens on.

@@ -297,7 +297,7 @@ impl Front {
     /// One client connection: requests until the client closes, asks to, or stalls.
     async fn connection<S: AsyncRead + AsyncWrite + Unpin>(&self, stream: S) {
         let mut client = Conn::new(stream);
-        let mut emulator: Option<Conn<TcpStream>> = None;
+        let mut server: Option<Conn<TcpStream>> = None;
         loop {
             let head = match tokio::time::timeout(CLIENT_IDLE, client.request_head()).await {
                 Ok(Ok(Some(head))) => head,
@@ -311,7 +311,7 @@ impl Front {
                     return;
                 }
             };
-            match self.exchange(&mut client, &mut emulator, head).await {
+            match self.exchange(&mut client, &mut server, head).await {
                 Ok(true) => {}
                 Ok(false) => {
                     let _ = client.stream.shutdown().await;
@@ -333,7 +333,7 @@ impl Front {
     async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         client: &mut Conn<S>,
-        emulator: &mut Option<Conn<TcpStream>>,
+        server: &mut Option<Conn<TcpStream>>,
         request: RequestHead,
     ) -> Result<bool, Failure> {
         let request = self.upstream.admit(request)?;
@@ -366,13 +366,13 @@ impl Front {
         };
         let forwarded = forwarded_head(&request, body_length, framing != Framing::None);
 
-        // A kept-alive connection to the emulator may have been closed by it meanwhile: a
+        // A kept-alive connection to the server may have been closed by it meanwhile: a
         // request whose body the front holds is sent again once on a fresh one.
         let mut attempts = 0;
         let response = loop {
             attempts += 1;
-            let reused = emulator.is_some();
-            let connection = match emulator {
+            let reused = server.is_some();
+            let connection = match server {
                 Some(connection) => connection,
                 None => {
                     let stream = self.upstream.connect().await.map_err(|error| {
@@ -386,7 +386,7 @@ impl Front {
                         )
                     })?;
                     let _ = stream.set_nodelay(true);
-                    emulator.insert(Conn::new(stream))
+                    server.insert(Conn::new(stream))
                 }
             };
             let sent = async {
@@ -407,7 +407,7 @@ impl Front {
                     match tokio::time::timeout(UPSTREAM_TIMEOUT, connection.response_head()).await {
                         Ok(result) => result,
                         Err(_) => {
-                            *emulator = None;
+                            *server = None;
                             return Err(Failure::Refused(
                                 504,
                                 format!(
@@ -424,10 +424,10 @@ impl Front {
             match answered {
                 Ok(Some(head)) => break head,
                 Ok(None) | Err(Failure::Io(_)) if reused && body.is_some() && attempts == 1 => {
-                    *emulator = None;
+                    *server = None;
                 }
                 Ok(None) => {
-                    *emulator = None;
+                    *server = None;
                     return Err(Failure::Refused(
                         502,
                         format!(
@@ -437,22 +437,22 @@ impl Front {
                     ));
                 }
                 Err(Failure::Io(error)) => {
-                    *emulator = None;
+                    *server = None;
                     return Err(Failure::Refused(
                         502,
                         format!("talking to {} failed: {error}", self.upstream.describe()),
                     ));
                 }
                 Err(refused) => {
-                    *emulator = None;
+                    *server = None;
                     return Err(refused);
                 }
             }
         };
-        let connection = emulator.as_mut().expect("connected above");
+        let connection = server.as_mut().expect("connected above");
 
         let response_framing = response_framing(&request.method, &response)?;
-        let emulator_keeps_alive = response_framing != Framing::UntilClose
+        let server_keeps_alive = response_framing != Framing::UntilClose
             && !response.connection_has(b"close")
             && (response.minor_version == 1 || response.connection_has(b"keep-alive"));
         let client_keeps_alive = request.minor_version == 1 && !request.connection_has(b"close");
@@ -476,8 +476,8 @@ impl Front {
                 Framing::None => unreachable!("not inspected"),
             };
             let mut answer = read.map_err(|failure| {
-                *emulator = None;
-                from_emulator(failure)
+                *server = None;
+                from_upstream(failure)
             })?;
             if let Some(rewritten) = self.edges.rewrite(&call, response.status, &answer) {
                 answer = rewritten;
@@ -516,7 +516,7 @@ impl Front {
                     .map_err(Failure::Io),
             };
             if let Err(failure) = copied {
-                *emulator = None;
+                *server = None;
                 return Err(Failure::Io(match failure {
                     Failure::Io(error) => error,
                     Failure::Refused(_, message) => std::io::Error::other(message),
@@ -525,8 +525,8 @@ impl Front {
             keep_alive
         };
         client.flush().await.map_err(Failure::Io)?;
-        if !emulator_keeps_alive {
-            *emulator = None;
+        if !server_keeps_alive {
+            *server = None;
         }
         Ok(keep_alive)
     }
@@ -1169,8 +1169,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
-/// A failure reading the emulator's answer, as the client hears of it.
-fn from_emulator(failure: Failure) -> Failure {
+/// A failure reading the answer of the server behind the front, as the client hears of it.
+fn from_upstream(failure: Failure) -> Failure {
     match failure {
         Failure::Io(error) => Failure::Refused(
             502,

@@ -510,8 +510,8 @@ fn tree_size(dir: &Path) -> u64 {
 }
 
 /// The emulator's AMI list (moto's `MOTO_AMIS_PATH`): the lab's image, in every region.
-pub fn emulator_amis(images: &[Image]) -> serde_json::Value {
-    images.iter().map(emulator_ami).collect()
+pub fn emulator_amis(images: &[&Image]) -> serde_json::Value {
+    images.iter().map(|image| emulator_ami(image)).collect()
 }
 
 fn emulator_ami(image: &Image) -> serde_json::Value {

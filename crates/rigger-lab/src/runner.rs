@@ -263,6 +263,17 @@ fn layers(instance: &LabInstance, images: &LabImages) -> Result<Option<Vec<PathB
 }
 
 /// Why `instance` cannot be a machine of this lab, if it cannot.
+/// A listener on `address` in network namespace `namespace`, for the runner's tokio runtime.
+fn listen_in(namespace: &str, address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = crate::sys::in_namespace(namespace, move || {
+        let listener = std::net::TcpListener::bind(address)?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    })
+    .with_context(|| format!("listening on {address} in the lab's namespace"))?;
+    Ok(tokio::net::TcpListener::from_std(listener)?)
+}
+
 fn refusal(instance: &LabInstance, vpc: Cidr) -> Result<Ipv4Addr, String> {
     if instance.subnet_id.is_none() {
         return Err(
@@ -303,14 +314,7 @@ impl Runner {
         self.status.lab_address = Some(vpc.router().to_string());
         self.serve_aws(vpc)
             .context("serving the lab's AWS API (front, certificates, resolver)")?;
-        let listener = crate::sys::in_namespace(&namespace, || {
-            let listener = std::net::TcpListener::bind((net::METADATA_ADDRESS, 80))?;
-            listener.set_nonblocking(true)?;
-            Ok(listener)
-        })
-        .context("listening on 169.254.169.254:80 in the lab's namespace")?;
-        let listener =
-            tokio::net::TcpListener::from_std(listener).context("serving the metadata service")?;
+        let listener = listen_in(&namespace, SocketAddr::from((net::METADATA_ADDRESS, 80)))?;
         tokio::spawn(crate::imds::serve(
             listener,
             Arc::new(Service::new(Arc::clone(&self.machines))),
@@ -351,14 +355,7 @@ impl Runner {
         let front = Front::new(emulator, self.edges.clone());
         let namespace = self.lab.namespace();
 
-        let inside = SocketAddr::from((vpc.front(), 443));
-        let listener = crate::sys::in_namespace(&namespace, move || {
-            let listener = std::net::TcpListener::bind(inside)?;
-            listener.set_nonblocking(true)?;
-            Ok(listener)
-        })
-        .with_context(|| format!("listening on {inside} in the lab's namespace"))?;
-        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let listener = listen_in(&namespace, SocketAddr::from((vpc.front(), 443)))?;
         tokio::spawn(Arc::clone(&front).serve_tls(listener, tls));
         let listener = std::net::TcpListener::bind(endpoint)
             .and_then(|listener| {
@@ -375,17 +372,11 @@ impl Runner {
 
         // The package mirror: plain HTTP on the front's address, where the resolver sends the
         // names of Debian's archive.
-        let mirror_address = SocketAddr::from((vpc.front(), crate::front::ARCHIVE_PORT));
-        let listener = crate::sys::in_namespace(&namespace, move || {
-            let listener = std::net::TcpListener::bind(mirror_address)?;
-            listener.set_nonblocking(true)?;
-            Ok(listener)
-        })
-        .with_context(|| format!("listening on {mirror_address} in the lab's namespace"))?;
-        tokio::spawn(
-            Front::debian_archive(ARCHIVE_UPSTREAM)
-                .serve_plain(tokio::net::TcpListener::from_std(listener)?),
-        );
+        let listener = listen_in(
+            &namespace,
+            SocketAddr::from((vpc.front(), crate::front::ARCHIVE_PORT)),
+        )?;
+        tokio::spawn(Front::debian_archive(ARCHIVE_UPSTREAM).serve_plain(listener));
 
         let zone: Arc<dyn crate::dns::Zone> = Arc::new(LabZone {
             front: vpc.front(),

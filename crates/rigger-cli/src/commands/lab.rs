@@ -35,7 +35,6 @@ pub(crate) fn run(args: LabArgs, settings: &Settings) -> Result<(), Failure> {
 /// Builds (or finds) both lab images; prints each AMI as `FLAVOR AMI` on stdout.
 fn build_image(lab: &Lab, settings: &Settings) -> Result<(), Failure> {
     let running = control::status(lab)?;
-    let mut lines = Vec::new();
     for flavor in Flavor::ALL {
         let (image, built) = image::build(&lab.images, flavor, |line| say(settings, line))?;
         let size = image.size_bytes as f64 / 1e6;
@@ -61,10 +60,7 @@ fn build_image(lab: &Lab, settings: &Settings) -> Result<(), Failure> {
                 ),
             );
         }
-        lines.push(format!("{flavor} {}", image.ami_id));
-    }
-    for line in lines {
-        println!("{line}");
+        println!("{flavor} {}", image.ami_id);
     }
     Ok(())
 }
