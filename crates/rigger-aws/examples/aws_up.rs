@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use rigger_aws::deploy::{Artifact, NoServerAccess, Requester, Rollout, RolloutOptions};
+use rigger_aws::deploy::{Artifact, NoServerAccess, Requester, Rollout, RolloutSettings};
 
 #[tokio::main]
 async fn main() {
@@ -49,9 +49,9 @@ async fn main() {
         pid: 1,
         process_alive: |_| true,
     };
-    let options = RolloutOptions {
-        drain: Duration::ZERO,
-        ..RolloutOptions::default()
+    let options = RolloutSettings {
+        drain_timeout: Duration::ZERO,
+        ..RolloutSettings::default()
     };
     let poll = options.poll;
     let started = Instant::now();

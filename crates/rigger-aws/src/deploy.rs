@@ -9,21 +9,22 @@
 //! deploy ends, and uploads the release to the environment's bucket ([`crate::releases`]); the
 //! caller then runs the migrations (over SSH, outside this crate) and
 //! [`crate::Provider::finish_deploy`] rolls out: first it undoes what an interrupted rollout
-//! left ([`RolloutRecord`]), then a launch template (or configuration) for the release, the
-//! groups pointed at it, then per group batches from [`rigger_plan::rollout::batches`]: raise
-//! the desired count, wait with
-//! [`rigger_plan::rollout::HealthGate`] fed by [`HealthSource`] (the load balancer's instance
-//! health for web servers, the group's for workers), detach the old servers, drain web
-//! servers (deregistered) and warm-stop workers ([`ServerOps`]), terminate them. A gate that
-//! times out points the groups back at the previous release, terminates the new servers and
-//! quotes the servers' evidence ([`ServerOps::diagnose`]). Every deploy ends as a record
-//! under `/<project>/<env>/deploy/history/`.
+//! left ([`RolloutRecord`]), then makes a launch template (or configuration) for the release,
+//! then runs the engine's rollout ([`rigger_engine::rollout::roll_out`]: the order, the health
+//! gate, the rollback) with the groups as its [`RolloutTarget`]: a group begins by pointing at
+//! the release's template, a batch is launched by raising the desired count, observed through
+//! [`HealthSource`] (the load balancer's instance health for web servers, the group's for
+//! workers) and the servers' boot reports, and old servers retire by being detached, drained
+//! (deregistered) or warm-stopped ([`ServerOps`]), and terminated. The servers' evidence for a
+//! failed batch comes from [`ServerOps::diagnose`]. Every deploy ends as a record under
+//! `/<project>/<env>/deploy/history/`.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use rigger_plan::rollout::{self, BatchSize, GateResult, HealthGate, batches};
+pub use rigger_engine::rollout::RolloutSettings;
+use rigger_engine::rollout::{Launched, Observation, RolloutOutcome, RolloutTarget};
 use rigger_plan::{Action, Plan};
 use rigger_topology::{ResourceKind, Role};
 use serde::{Deserialize, Serialize};
@@ -46,35 +47,6 @@ pub struct Artifact {
     pub revision: String,
     /// The gzipped tarball of the app's tree.
     pub tarball: std::path::PathBuf,
-}
-
-/// How to roll out.
-#[derive(Debug, Clone)]
-pub struct RolloutOptions {
-    pub batch: BatchSize,
-    /// How long a batch may take to be healthy before the deploy rolls back.
-    pub health_timeout: Duration,
-    /// Consecutive healthy observations a new server needs.
-    pub stable_checks: u32,
-    /// How long deregistered servers get to finish their requests.
-    pub drain: Duration,
-    /// How often to ask for health.
-    pub poll: Duration,
-    /// How long an old worker's running tasks may take to finish (Celery's warm shutdown).
-    pub worker_stop_timeout: Duration,
-}
-
-impl Default for RolloutOptions {
-    fn default() -> Self {
-        RolloutOptions {
-            batch: BatchSize::default(),
-            health_timeout: rollout::DEFAULT_HEALTH_TIMEOUT,
-            stable_checks: 2,
-            drain: rollout::DEFAULT_DRAIN_TIMEOUT,
-            poll: Duration::from_secs(2),
-            worker_stop_timeout: rollout::DEFAULT_WORKER_STOP_TIMEOUT,
-        }
-    }
 }
 
 /// A deploy that holds the lock and whose release is in the bucket.
@@ -175,44 +147,33 @@ impl BootReports<'_> {
     }
 }
 
-/// Feeds the gate until it decides: `Ok` when every server in `servers` is healthy (and has
-/// reported a finished boot, where `boots` says they must), `Err` with the reason (each
-/// unhealthy server and the last state seen, or the failed boot) otherwise.
+/// Waits with the engine's gate until every server in `servers` is healthy (and has reported a
+/// finished boot, where `boots` says they must): `Err` with the reason (each unhealthy server
+/// and the last state seen, or the failed boot) otherwise.
 pub async fn wait_healthy(
     source: &dyn HealthSource,
     servers: &[String],
-    options: &RolloutOptions,
+    settings: &RolloutSettings,
     boots: Option<&BootReports<'_>>,
 ) -> Result<Result<(), String>, AwsError> {
-    let mut gate = HealthGate::new(
-        servers.to_vec(),
-        options.health_timeout,
-        options.stable_checks,
-    );
-    let started = Instant::now();
-    loop {
-        let mut states = source.states(servers).await?;
-        let failed = match boots {
-            Some(boots) => boots.overlay(servers, &mut states).await?,
-            None => BTreeMap::new(),
-        };
-        match gate.observe(started.elapsed(), &states, &failed) {
-            GateResult::Healthy => return Ok(Ok(())),
-            GateResult::Waiting => tokio::time::sleep(options.poll).await,
-            GateResult::TimedOut { unhealthy } => {
-                let list: Vec<String> = unhealthy
-                    .iter()
-                    .map(|(server, state)| format!("{server}: {state}"))
-                    .collect();
-                return Ok(Err(format!(
-                    "not healthy within {} s: {}",
-                    options.health_timeout.as_secs(),
-                    list.join("; ")
-                )));
-            }
-            GateResult::Failed { server, why } => return Ok(Err(format!("{server}: {why}"))),
-        }
-    }
+    rigger_engine::rollout::wait_healthy(servers, settings, async || {
+        observe(source, servers, boots).await
+    })
+    .await
+}
+
+/// One look at `servers`: the health source's states, overlaid with their boot reports.
+async fn observe(
+    source: &dyn HealthSource,
+    servers: &[String],
+    boots: Option<&BootReports<'_>>,
+) -> Result<Observation, AwsError> {
+    let mut states = source.states(servers).await?;
+    let failed = match boots {
+        Some(boots) => boots.overlay(servers, &mut states).await?,
+        None => BTreeMap::new(),
+    };
+    Ok(Observation { states, failed })
 }
 
 /// The load balancer's view, in the gate's terms: `InService` / `healthy` is `UP`; anything
@@ -335,9 +296,7 @@ pub(crate) fn only(plan: &Plan, action: Action) -> Plan {
     }
 }
 
-/// The roles with a group, in rollout order: web first (the load balancer's health decides),
-/// then the worker.
-pub(crate) const GROUP_ROLES: [Role; 2] = [Role::Web, Role::Worker];
+pub(crate) use rigger_engine::rollout::GROUP_ROLES;
 
 /// What a rollout needs from the servers themselves, which this crate does not reach (the
 /// CLI does, over SSH).
@@ -365,7 +324,7 @@ impl ServerOps for NoServerAccess {
 
 /// Everything a rollout runs with.
 pub struct Rollout<'a> {
-    pub options: RolloutOptions,
+    pub options: RolloutSettings,
     pub servers: &'a dyn ServerOps,
     /// Where the health gate's observations come from; `None`: the load balancer (web) and
     /// the group (workers).
@@ -606,7 +565,7 @@ impl crate::Provider {
     }
 
     /// Rolls the release out, records the result and releases the lock. A rollback is not an
-    /// error: the record says `rolled back` and why.
+    /// error: the record says `rolled back` and why (`failed` when rolling back failed too).
     pub async fn finish_deploy(
         &self,
         deploy: StartedDeploy,
@@ -615,8 +574,16 @@ impl crate::Provider {
         // The lock's keeper renews it meanwhile.
         let rolled = self.roll_out(&deploy.release, rollout).await;
         match rolled {
-            Ok(Ok(())) => self.end_deploy(deploy, "succeeded", String::new()).await,
-            Ok(Err(reason)) => self.end_deploy(deploy, "rolled back", reason).await,
+            Ok(RolloutOutcome::Completed) => {
+                self.end_deploy(deploy, "succeeded", String::new()).await
+            }
+            Ok(RolloutOutcome::RolledBack { reason }) => {
+                self.end_deploy(deploy, "rolled back", reason).await
+            }
+            Ok(RolloutOutcome::RollbackFailed { reason, rollback }) => {
+                let reason = format!("{reason}; then rolling back failed too: {rollback}");
+                self.end_deploy(deploy, "failed", reason).await
+            }
             Err(error) => {
                 let _ = self.end_deploy(deploy, "failed", error.to_string()).await;
                 Err(error)
@@ -745,14 +712,13 @@ impl crate::Provider {
         })
     }
 
-    /// Makes the release's launch templates, points the groups at them and replaces their
-    /// servers batch by batch. `Ok(Err(reason))`: a batch was not healthy and every group is
-    /// back on its previous release.
+    /// Makes the release's launch templates and rolls every group over to them with the
+    /// engine's rollout; a failed batch puts every group back on its previous release.
     pub async fn roll_out(
         &self,
         release: &str,
         rollout: &Rollout<'_>,
-    ) -> Result<Result<(), String>, AwsError> {
+    ) -> Result<RolloutOutcome, AwsError> {
         let report = rollout.report;
         let (mut network, mut live) = self.observe().await?;
         let interrupted = read_rollout(&self.env, &self.clients).await?;
@@ -770,7 +736,7 @@ impl crate::Provider {
             .map_or_else(|| current.clone(), |r| r.previous.clone());
         if current == release && interrupted.is_none() {
             report(&format!("release {release} is already the current one"));
-            return Ok(Ok(()));
+            return Ok(RolloutOutcome::Completed);
         }
         let record = RolloutRecord {
             release: release.to_owned(),
@@ -788,30 +754,16 @@ impl crate::Provider {
             },
         };
         write_rollout(&self.env, &self.clients, Some(&record)).await?;
-        let outcome = self
-            .switch_groups(&network, &live, release, &previous, rollout)
-            .await?;
-        write_rollout(&self.env, &self.clients, None).await?;
-        Ok(outcome)
-    }
-
-    async fn switch_groups(
-        &self,
-        network: &crate::Network,
-        live: &crate::Live,
-        release: &str,
-        previous: &str,
-        rollout: &Rollout<'_>,
-    ) -> Result<Result<(), String>, AwsError> {
-        let report = rollout.report;
-        let new_topology = self.desired(live, release).map_err(crate::topology_error)?;
+        let new_topology = self
+            .desired(&live, release)
+            .map_err(crate::topology_error)?;
         let full = rigger_plan::plan(&live.observed(&self.env), &new_topology);
         report(&format!("making the launch templates of release {release}"));
         crate::apply::apply(
             &self.env,
             &self.clients,
-            network,
-            live,
+            &network,
+            &live,
             &new_topology,
             &only(&full, Action::Create),
             self.waits,
@@ -819,56 +771,29 @@ impl crate::Provider {
         )
         .await?;
         let (_, with_new) = self.observe().await?;
-        // Per group switched: its role, what it launched from before, and the servers this
-        // deploy launched that still run.
-        let mut switched: Vec<(Role, Launch, Vec<String>)> = Vec::new();
-        let mut outcome = Ok(());
-        for role in GROUP_ROLES {
-            let group = self.env.names.group(role);
-            if !live.groups.contains_key(&group) {
-                continue;
-            }
-            let old_launch = Launch::for_release(&self.env, &with_new, role, previous);
-            let new_launch = Launch::for_release(&self.env, &with_new, role, release);
-            new_launch.point(&self.clients, &group).await?;
-            let replaced = self.replace_servers(role, None, rollout).await?;
-            switched.push((role, old_launch, replaced.launched));
-            if let Some((reason, failed)) = replaced.failed {
-                // The failed batch goes at once, shrinking the group back.
-                for instance in &failed {
-                    let _ = self
-                        .clients
-                        .autoscaling
-                        .terminate_instance_in_auto_scaling_group()
-                        .instance_id(instance)
-                        .should_decrement_desired_capacity(true)
-                        .send()
-                        .await
-                        .op("TerminateInstanceInAutoScalingGroup", instance);
-                }
-                outcome = Err(reason);
-                break;
-            }
-        }
-        if let Err(reason) = outcome {
-            report(&format!("rolling back to release {previous}: {reason}"));
-            // Servers already switched are replaced by the previous release, behind the same
-            // health gate.
-            for (role, old_launch, launched) in &switched {
-                let group = self.env.names.group(*role);
-                old_launch.point(&self.clients, &group).await?;
-                let again = self.replace_servers(*role, Some(launched), rollout).await?;
-                if let Some((why, _)) = again.failed {
-                    report(&format!(
-                        "warning: rolling {group} back was not healthy either: {why}"
-                    ));
-                }
-            }
-            self.delete_unused_templates(previous, report).await?;
-            return Ok(Err(reason));
-        }
-        self.delete_unused_templates(release, report).await?;
-        Ok(Ok(()))
+        let boot_reports = BootReports {
+            env: &self.env,
+            clients: &self.clients,
+        };
+        let mut groups = Groups {
+            provider: self,
+            live: &with_new,
+            rollout,
+            boots: self.servers_are_machines().await?.then_some(&boot_reports),
+            load_balancer: with_new
+                .load_balancer(self.env.aws().load_balancer)
+                .cloned(),
+        };
+        let outcome =
+            rigger_engine::rollout::roll_out(&mut groups, release, &previous, &rollout.options)
+                .await?;
+        let kept = match outcome {
+            RolloutOutcome::Completed => release,
+            _ => previous.as_str(),
+        };
+        self.delete_unused_templates(kept, report).await?;
+        write_rollout(&self.env, &self.clients, None).await?;
+        Ok(outcome)
     }
 
     /// Deletes the launch templates (or configurations) of releases other than `release`.
@@ -894,138 +819,6 @@ impl crate::Provider {
         )
         .await?;
         Ok(())
-    }
-
-    /// Replaces, in batches, the group's servers (`only` these, when given) with servers of
-    /// what the group now launches from.
-    async fn replace_servers(
-        &self,
-        role: Role,
-        only: Option<&[String]>,
-        rollout: &Rollout<'_>,
-    ) -> Result<Replaced, AwsError> {
-        let options = &rollout.options;
-        let report = rollout.report;
-        let group = self.env.names.group(role);
-        let group = group.as_str();
-        let max = self.configured_max(role);
-        let (_, live) = self.observe().await?;
-        let current = live
-            .groups
-            .get(group)
-            .map(|g| g.instances.clone())
-            .unwrap_or_default();
-        let running: Vec<String> = current.iter().map(|m| m.id.clone()).collect();
-        let old: Vec<String> = current
-            .iter()
-            .filter(|m| only.is_none_or(|only| only.contains(&m.id)))
-            .map(|m| m.id.clone())
-            .collect();
-        let plan = batches(&old, options.batch);
-        // New servers count only once their boot script says it finished, where it runs.
-        let boot_reports = BootReports {
-            env: &self.env,
-            clients: &self.clients,
-        };
-        let boots = self.servers_are_machines().await?.then_some(&boot_reports);
-        let widest = plan.iter().map(Vec::len).max().unwrap_or(0);
-        let surge = i32::try_from(widest).unwrap_or(0);
-        self.set_max(
-            group,
-            max.max(i32::try_from(running.len()).unwrap_or(0))
-                .saturating_add(surge),
-        )
-        .await?;
-        let lb = live.load_balancer(self.env.aws().load_balancer).cloned();
-        let mut known: Vec<String> = running;
-        let mut launched: Vec<String> = Vec::new();
-        for batch in plan {
-            let desired = members(&self.clients, group).await?.len() + batch.len();
-            report(&format!(
-                "{group}: launching {} new server(s) to replace {}",
-                batch.len(),
-                batch.join(", ")
-            ));
-            self.clients
-                .autoscaling
-                .set_desired_capacity()
-                .auto_scaling_group_name(group)
-                .desired_capacity(i32::try_from(desired).unwrap_or(i32::MAX))
-                .honor_cooldown(false)
-                .send()
-                .await
-                .op("SetDesiredCapacity", group)?;
-            let new = self
-                .new_members(group, &known, batch.len(), options)
-                .await?;
-            known.extend(new.iter().cloned());
-            let verdict = match (rollout.health, role, &lb) {
-                (Some(source), _, _) => wait_healthy(source, &new, options, boots).await?,
-                (None, Role::Web, Some(lb)) => {
-                    let source = LoadBalancerHealth {
-                        clients: &self.clients,
-                        lb,
-                        name: self.env.names.load_balancer(),
-                    };
-                    wait_healthy(&source, &new, options, boots).await?
-                }
-                _ => {
-                    let source = GroupHealth {
-                        clients: &self.clients,
-                        group: group.to_owned(),
-                    };
-                    wait_healthy(&source, &new, options, boots).await?
-                }
-            };
-            if let Err(reason) = verdict {
-                self.set_max(group, max).await?;
-                let evidence = rollout.servers.diagnose(&new);
-                let reason = if evidence.is_empty() {
-                    format!("{group}: {reason}")
-                } else {
-                    format!("{group}: {reason}\n{evidence}")
-                };
-                return Ok(Replaced {
-                    launched,
-                    failed: Some((reason, new)),
-                });
-            }
-            report(&format!(
-                "{group}: {} healthy; draining and terminating {}",
-                new.join(", "),
-                batch.join(", ")
-            ));
-            launched.extend(new);
-            self.retire(role, lb.as_ref(), &batch, rollout).await?;
-        }
-        self.set_max(group, max).await?;
-        Ok(Replaced {
-            launched,
-            failed: None,
-        })
-    }
-
-    /// Waits (up to the health timeout) for `count` servers of the group not in `known`.
-    async fn new_members(
-        &self,
-        group: &str,
-        known: &[String],
-        count: usize,
-        options: &RolloutOptions,
-    ) -> Result<Vec<String>, AwsError> {
-        let started = Instant::now();
-        loop {
-            let new: Vec<String> = members(&self.clients, group)
-                .await?
-                .into_iter()
-                .map(|m| m.id)
-                .filter(|id| !known.contains(id))
-                .collect();
-            if new.len() >= count || started.elapsed() > options.health_timeout {
-                return Ok(new);
-            }
-            tokio::time::sleep(options.poll).await;
-        }
     }
 
     async fn set_max(&self, group: &str, max: i32) -> Result<(), AwsError> {
@@ -1069,7 +862,7 @@ impl crate::Provider {
                     instances,
                 )
                 .await?;
-                tokio::time::sleep(rollout.options.drain).await;
+                tokio::time::sleep(rollout.options.drain_timeout).await;
             }
             (Role::Worker, _) => {
                 let timeout = rollout.options.worker_stop_timeout;
@@ -1098,12 +891,170 @@ impl crate::Provider {
     }
 }
 
-/// What [`crate::Provider::replace_servers`] did.
-struct Replaced {
-    /// New servers that passed the gate and now serve.
-    launched: Vec<String>,
-    /// Why a batch failed, and its servers (still in the group).
-    failed: Option<(String, Vec<String>)>,
+/// The environment's Auto Scaling groups as the engine's rollout drives them.
+struct Groups<'a> {
+    provider: &'a crate::Provider,
+    /// The environment with the new release's launch templates made.
+    live: &'a crate::Live,
+    rollout: &'a Rollout<'a>,
+    /// Where new servers' boot reports are read, when they must report before they count.
+    boots: Option<&'a BootReports<'a>>,
+    load_balancer: Option<crate::live::LiveLoadBalancer>,
+}
+
+impl Groups<'_> {
+    fn group(&self, role: Role) -> String {
+        self.provider.env.names.group(role)
+    }
+}
+
+impl RolloutTarget for Groups<'_> {
+    type Error = AwsError;
+
+    fn has_group(&self, role: Role) -> bool {
+        self.live.groups.contains_key(&self.group(role))
+    }
+
+    fn group_name(&self, role: Role) -> String {
+        self.group(role)
+    }
+
+    /// Every server of the group: which release an instance was launched from is not
+    /// recorded on it, so a rollout replaces them all (after an interrupted rollout too).
+    async fn outdated(&mut self, role: Role, _release: &str) -> Result<Vec<String>, AwsError> {
+        let members = members(&self.provider.clients, &self.group(role)).await?;
+        Ok(members.into_iter().map(|m| m.id).collect())
+    }
+
+    /// Points the group at the release's launch template and lets it grow by `surge` over
+    /// its maximum (or over what it runs, if an interrupted rollout left it larger).
+    async fn begin(&mut self, role: Role, release: &str, surge: usize) -> Result<(), AwsError> {
+        let group = self.group(role);
+        Launch::for_release(&self.provider.env, self.live, role, release)
+            .point(&self.provider.clients, &group)
+            .await?;
+        let running = members(&self.provider.clients, &group).await?.len();
+        let max = self
+            .provider
+            .configured_max(role)
+            .max(i32::try_from(running).unwrap_or(i32::MAX));
+        self.provider
+            .set_max(
+                &group,
+                max.saturating_add(i32::try_from(surge).unwrap_or(0)),
+            )
+            .await
+    }
+
+    /// Raises the desired count by as many servers as are replaced and waits (up to the
+    /// health timeout) for the group to start them.
+    async fn launch(
+        &mut self,
+        role: Role,
+        _release: &str,
+        replacing: &[String],
+    ) -> Result<Launched, AwsError> {
+        let group = self.group(role);
+        let clients = &self.provider.clients;
+        let before: Vec<String> = members(clients, &group)
+            .await?
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        clients
+            .autoscaling
+            .set_desired_capacity()
+            .auto_scaling_group_name(&group)
+            .desired_capacity(i32::try_from(before.len() + replacing.len()).unwrap_or(i32::MAX))
+            .honor_cooldown(false)
+            .send()
+            .await
+            .op("SetDesiredCapacity", &group)?;
+        let started = tokio::time::Instant::now();
+        loop {
+            let new: Vec<String> = members(clients, &group)
+                .await?
+                .into_iter()
+                .map(|m| m.id)
+                .filter(|id| !before.contains(id))
+                .collect();
+            if new.len() >= replacing.len()
+                || started.elapsed() > self.rollout.options.health_timeout
+            {
+                return Ok(Launched::Servers(new));
+            }
+            tokio::time::sleep(self.rollout.options.poll).await;
+        }
+    }
+
+    async fn observe(&mut self, role: Role, servers: &[String]) -> Result<Observation, AwsError> {
+        let clients = &self.provider.clients;
+        match (self.rollout.health, role, &self.load_balancer) {
+            (Some(source), _, _) => observe(source, servers, self.boots).await,
+            (None, Role::Web, Some(lb)) => {
+                let source = LoadBalancerHealth {
+                    clients,
+                    lb,
+                    name: self.provider.env.names.load_balancer(),
+                };
+                observe(&source, servers, self.boots).await
+            }
+            _ => {
+                let source = GroupHealth {
+                    clients,
+                    group: self.group(role),
+                };
+                observe(&source, servers, self.boots).await
+            }
+        }
+    }
+
+    async fn explain(&mut self, _role: Role, servers: &[String]) -> String {
+        self.rollout.servers.diagnose(servers)
+    }
+
+    /// Terminates them in the group, which shrinks back by as many. One that cannot be
+    /// (already gone, say) does not stop the rollback: it is reported.
+    async fn discard(&mut self, _role: Role, servers: &[String]) -> Result<(), AwsError> {
+        for instance in servers {
+            let terminated = self
+                .provider
+                .clients
+                .autoscaling
+                .terminate_instance_in_auto_scaling_group()
+                .instance_id(instance)
+                .should_decrement_desired_capacity(true)
+                .send()
+                .await
+                .op("TerminateInstanceInAutoScalingGroup", instance);
+            if let Err(error) = terminated {
+                (self.rollout.report)(&format!("warning: {error}"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn retire(
+        &mut self,
+        role: Role,
+        servers: &[String],
+        _settings: &RolloutSettings,
+    ) -> Result<(), AwsError> {
+        self.provider
+            .retire(role, self.load_balancer.as_ref(), servers, self.rollout)
+            .await
+    }
+
+    /// The group's maximum goes back to rigger.toml's.
+    async fn end(&mut self, role: Role) -> Result<(), AwsError> {
+        self.provider
+            .set_max(&self.group(role), self.provider.configured_max(role))
+            .await
+    }
+
+    fn report(&mut self, message: &str) {
+        (self.rollout.report)(message);
+    }
 }
 
 /// What a group launches from.
@@ -1183,11 +1134,11 @@ mod tests {
             .collect()
     }
 
-    fn options() -> RolloutOptions {
-        RolloutOptions {
+    fn options() -> RolloutSettings {
+        RolloutSettings {
             health_timeout: Duration::from_millis(200),
             poll: Duration::from_millis(10),
-            ..RolloutOptions::default()
+            ..RolloutSettings::default()
         }
     }
 

@@ -22,16 +22,16 @@ use common::{Moto, actions, config, config_text, provider, quiet};
 use futures_util::future::BoxFuture;
 use rigger_aws::AwsError;
 use rigger_aws::deploy::{
-    Artifact, BootReports, DeployRecord, HealthSource, Requester, Rollout, RolloutOptions,
+    Artifact, BootReports, DeployRecord, HealthSource, Requester, Rollout, RolloutSettings,
     ServerOps, wait_healthy,
 };
 
-fn options() -> RolloutOptions {
-    RolloutOptions {
+fn options() -> RolloutSettings {
+    RolloutSettings {
         health_timeout: Duration::from_secs(30),
-        drain: Duration::from_millis(10),
+        drain_timeout: Duration::from_millis(10),
         poll: Duration::from_millis(50),
-        ..RolloutOptions::default()
+        ..RolloutSettings::default()
     }
 }
 
@@ -827,7 +827,7 @@ async fn a_rollout_cut_off_half_way_is_recovered_by_the_next_deploy() {
         .await
         .unwrap();
     let mut slow = options();
-    slow.drain = Duration::from_secs(30);
+    slow.drain_timeout = Duration::from_secs(30);
     let interrupted = Rollout {
         options: slow,
         servers: &servers,

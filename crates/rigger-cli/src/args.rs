@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use rigger_plan::rollout;
+use rigger_engine::rollout;
 
 /// rigger builds, deploys and operates a classic Django production architecture:
 /// load balancer, auto-scaled web and worker servers, Redis, RabbitMQ, and a PostgreSQL

@@ -6,3 +6,4 @@
 //! the clock: a third provider depends on this crate, not on another provider's.
 
 pub mod clock;
+pub mod rollout;

@@ -289,7 +289,7 @@ pub async fn deploy(
             env.name
         );
     };
-    rigger_plan::rollout::BatchSize::from_str(&options.batch).map_err(anyhow::Error::msg)?;
+    rigger_engine::rollout::BatchSize::from_str(&options.batch).map_err(anyhow::Error::msg)?;
     let now = rigger_engine::clock::unix_now();
     let description = match &target {
         DeployTarget::Build { revision, .. } => {

@@ -45,7 +45,7 @@ pub struct DeployOutcome {
 }
 
 fn default_drain_timeout_secs() -> u64 {
-    rigger_plan::rollout::DEFAULT_DRAIN_TIMEOUT.as_secs()
+    rigger_engine::rollout::DEFAULT_DRAIN_TIMEOUT.as_secs()
 }
 
 pub fn request_path(paths: &EnvPaths) -> PathBuf {

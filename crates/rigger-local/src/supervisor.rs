@@ -423,8 +423,8 @@ impl Supervisor {
         {
             self.message = format!("rolling servers of an unfinished deploy back to {current}");
             self.publish(Phase::Starting, self.message.clone());
-            if let Err(failure) = self.roll(&current, rolling::RollSettings::defaults()).await {
-                bail!("rolling back an unfinished deploy: {}", failure.reason);
+            if let Err(failure) = self.finish_on(&current).await {
+                bail!("rolling back an unfinished deploy: {failure:#}");
             }
         }
         Ok(())

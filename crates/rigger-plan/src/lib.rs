@@ -13,7 +13,6 @@
 pub mod deploys;
 pub mod json;
 pub mod render;
-pub mod rollout;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
 use rigger_aws::deploy::{
-    Artifact, DeployRecord, NoServerAccess, Requester, Rollout, RolloutOptions, ServerOps,
+    Artifact, DeployRecord, NoServerAccess, Requester, Rollout, RolloutSettings, ServerOps,
 };
 use rigger_aws::{Connection, Provider};
 use rigger_config::{Config, ProviderKind};
+use rigger_engine::rollout::BatchSize;
 use rigger_plan::Observed;
-use rigger_plan::rollout::BatchSize;
 use rigger_recipes::operations;
 use rigger_topology::{Role, Topology};
 
@@ -326,7 +326,7 @@ pub(crate) fn requester() -> Requester {
     }
 }
 
-fn rollout_options(rollout: RolloutArgs) -> Result<RolloutOptions, Failure> {
+fn rollout_options(rollout: RolloutArgs) -> Result<RolloutSettings, Failure> {
     let RolloutArgs {
         batch,
         health_timeout,
@@ -336,12 +336,12 @@ fn rollout_options(rollout: RolloutArgs) -> Result<RolloutOptions, Failure> {
     let batch: BatchSize = batch
         .parse()
         .map_err(|e: String| Failure::Usage(anyhow!(e)))?;
-    Ok(RolloutOptions {
+    Ok(RolloutSettings {
         batch,
         health_timeout: Duration::from_secs(health_timeout),
         worker_stop_timeout: Duration::from_secs(worker_stop_timeout),
-        drain: Duration::from_secs(drain_timeout),
-        ..RolloutOptions::default()
+        drain_timeout: Duration::from_secs(drain_timeout),
+        ..RolloutSettings::default()
     })
 }
 
@@ -422,7 +422,7 @@ fn finish(
     runtime: &tokio::runtime::Runtime,
     provider: &Provider,
     started: rigger_aws::deploy::StartedDeploy,
-    options: RolloutOptions,
+    options: RolloutSettings,
 ) -> Result<(), Failure> {
     let report = |line: &str| say(settings, &format!("  {line}"));
     let ssh = SshServerOps {

@@ -1,13 +1,16 @@
-//! The supervisor's side of a deploy: migrations once, then a health-gated rolling
-//! replacement of the web servers (launch a batch, wait until the load balancer reports it
-//! healthy, drain and terminate the old batch), then the workers (the new one starts before
-//! the old one gets its warm shutdown). When a batch is not healthy in time, the new servers
-//! go and the group rolls back to the previous release, and the outcome says why.
+//! The supervisor's side of a deploy: migrations once, then the engine's rollout
+//! ([`rigger_engine::rollout`]: web servers in health-gated batches, then workers, rolled back
+//! to the previous release when a batch fails) with the supervisor's servers as its
+//! [`RolloutTarget`]: a new server is started on the release and registered with HAProxy at
+//! once, observed through HAProxy's checks (web) or its processes (worker), and an old one
+//! retires by being drained from HAProxy (web) or by Celery's warm shutdown (worker).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rigger_plan::rollout::{self, BatchSize, GateResult, HealthGate};
+use rigger_engine::rollout::{
+    self, Launched, Observation, RolloutOutcome, RolloutSettings, RolloutTarget,
+};
 use rigger_recipes::Role;
 
 use super::{Supervisor, migrate};
@@ -18,39 +21,15 @@ use crate::registry::ServerRecord;
 use crate::release::{self, DeployRecord, ReleaseManifest};
 use crate::status::Phase;
 
-/// How a rollout goes: servers at a time, and how long each wait may take.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct RollSettings {
-    pub(super) batch: BatchSize,
-    /// New servers healthy within this, or the rollout fails.
-    pub(super) health_timeout: Duration,
-    /// An old web server finishes its requests within this, or is stopped anyway.
-    pub(super) drain_timeout: Duration,
-    /// An old worker's running tasks finish within this (Celery's warm shutdown), or it is
-    /// killed.
-    pub(super) worker_stop_timeout: Duration,
-}
+/// How often the gate reads HAProxy's view: a local socket, cheap to ask.
+const POLL: Duration = Duration::from_millis(250);
 
-impl RollSettings {
-    /// For rolling back an unfinished deploy at start-up: the CLI's defaults.
-    pub(super) fn defaults() -> RollSettings {
-        RollSettings {
-            batch: BatchSize::default(),
-            health_timeout: rollout::DEFAULT_HEALTH_TIMEOUT,
-            drain_timeout: rollout::DEFAULT_DRAIN_TIMEOUT,
-            worker_stop_timeout: rollout::DEFAULT_WORKER_STOP_TIMEOUT,
-        }
+/// For rolling back an unfinished deploy at start-up: the CLI's defaults.
+pub(super) fn default_settings() -> RolloutSettings {
+    RolloutSettings {
+        poll: POLL,
+        ..RolloutSettings::default()
     }
-}
-/// Consecutive healthy observations a new server needs (the load balancer already requires
-/// `rise 2` checks before it says UP).
-const STABLE_OBSERVATIONS: u32 = 2;
-
-/// Why a rollout stopped.
-pub(super) struct RollFailure {
-    pub(super) reason: String,
-    /// The servers of the failed batch, still running.
-    failed_batch: Vec<String>,
 }
 
 impl Supervisor {
@@ -110,11 +89,12 @@ impl Supervisor {
         let failed = |reason: String| ("failed", reason);
         let release = request.release.clone();
         ReleaseManifest::load(&self.env.paths, &release).map_err(|e| failed(format!("{e:#}")))?;
-        let settings = RollSettings {
+        let settings = RolloutSettings {
             batch: request.batch.parse().map_err(failed)?,
             health_timeout: Duration::from_secs(request.health_timeout_secs),
             drain_timeout: Duration::from_secs(request.drain_timeout_secs),
             worker_stop_timeout: Duration::from_secs(request.worker_stop_timeout_secs),
+            ..default_settings()
         };
         let previous = self.current_release();
         let usual_timeout = std::mem::replace(&mut self.health_timeout, settings.health_timeout);
@@ -127,7 +107,7 @@ impl Supervisor {
         &mut self,
         release: String,
         previous: String,
-        settings: RollSettings,
+        settings: RolloutSettings,
     ) -> Result<(), (&'static str, String)> {
         let failed = |reason: String| ("failed", reason);
 
@@ -153,190 +133,121 @@ impl Supervisor {
             }
         }
 
-        let Err(failure) = self.roll(&release, settings).await else {
-            self.registry.current_release = Some(release.clone());
-            self.save_registry().map_err(|e| failed(format!("{e:#}")))?;
-            self.say(format!("deploy {release}: every server runs it"));
-            return Ok(());
-        };
-
-        // Roll back: the failed batch goes at once (it never served well), then everything
-        // that already switched is replaced by the previous release, health-gated as well.
-        self.say(format!(
-            "deploy {release}: rolling back to {previous}: {}",
-            failure.reason
-        ));
-        for id in &failure.failed_batch {
-            if let Err(error) = self.terminate_server(id).await {
-                tracing::error!("{error:#}");
+        let outcome = rollout::roll_out(&mut Servers(self), &release, &previous, &settings)
+            .await
+            .map_err(|e| failed(format!("{e:#}")))?;
+        match outcome {
+            RolloutOutcome::Completed => {
+                self.registry.current_release = Some(release.clone());
+                self.save_registry().map_err(|e| failed(format!("{e:#}")))?;
+                self.say(format!("deploy {release}: every server runs it"));
+                Ok(())
             }
-        }
-        match self.roll(&previous, settings).await {
-            Ok(()) => Err(("rolled back", failure.reason)),
-            Err(again) => Err(failed(format!(
-                "{}; then rolling back to {previous} failed too: {}",
-                failure.reason, again.reason
+            RolloutOutcome::RolledBack { reason } => Err(("rolled back", reason)),
+            RolloutOutcome::RollbackFailed { reason, rollback } => Err(failed(format!(
+                "{reason}; then rolling back to {previous} failed too: {rollback}"
             ))),
         }
     }
 
-    /// Replaces every group server not on `release` by one that is: web servers in
-    /// health-gated batches, then workers one at a time.
-    pub(super) async fn roll(
-        &mut self,
-        release: &str,
-        settings: RollSettings,
-    ) -> Result<(), RollFailure> {
-        let old_web: Vec<String> = self.members_not_on(Role::Web, release);
-        for old_batch in rollout::batches(&old_web, settings.batch) {
-            self.say(format!(
-                "deploy {release}: replacing {}",
-                old_batch.join(", ")
-            ));
-            let new = self
-                .launch(Role::Web, release, old_batch.len(), &[])
-                .await?;
-            self.wait_healthy(&new, settings.health_timeout).await?;
-            for old in &old_batch {
-                self.drain(old, settings.drain_timeout).await;
-                if let Err(error) = self.terminate_server(old).await {
-                    tracing::error!("{error:#}");
-                }
-            }
+    /// Puts every group server on `release` with nothing to fall back to (an unfinished
+    /// deploy at start-up); `Err` says why a batch failed.
+    pub(super) async fn finish_on(&mut self, release: &str) -> anyhow::Result<()> {
+        match rollout::finish_on(&mut Servers(self), release, &default_settings()).await? {
+            Ok(()) => Ok(()),
+            Err(why) => Err(anyhow::anyhow!(why)),
         }
-        let old_workers: Vec<ServerRecord> = self
-            .registry
-            .group_members(Role::Worker)
-            .filter(|s| s.release != release)
-            .cloned()
-            .collect();
-        for old in old_workers {
-            self.say(format!(
-                "deploy {release}: replacing {} (warm shutdown: running tasks finish)",
-                old.id
-            ));
-            // The new worker starts first, so tasks are consumed throughout; it takes over
-            // beat from the old one.
-            self.launch(Role::Worker, release, 1, &[old.beat]).await?;
-            // Celery's warm shutdown (SIGTERM) gets the deploy's time for running tasks.
-            if let Some(worker) = self.services.get_mut(&format!("{}/celery-worker", old.id)) {
-                worker.spec.stop_timeout = settings.worker_stop_timeout;
-            }
-            if let Err(error) = self.terminate_server(&old.id).await {
-                tracing::error!("{error:#}");
-            }
-        }
-        Ok(())
     }
 
-    fn members_not_on(&self, role: Role, release: &str) -> Vec<String> {
-        self.registry
-            .group_members(role)
-            .filter(|s| s.release != release)
-            .map(|s| s.id.clone())
-            .collect()
-    }
-
-    /// Launches `count` servers of `role` on `release` (registered with the load balancer
-    /// first, so its checks start at once).
+    /// Launches one server of `role` on `release` per server in `replacing` (registered with
+    /// the load balancer first, so its checks start at once); a new worker takes over Celery
+    /// beat from the one it replaces.
     async fn launch(
         &mut self,
         role: Role,
         release: &str,
-        count: usize,
-        beat: &[bool],
-    ) -> Result<Vec<String>, RollFailure> {
+        replacing: &[String],
+    ) -> anyhow::Result<Launched> {
         let mut new = Vec::new();
-        for n in 0..count {
+        for old in replacing {
             let mut server =
                 self.registry
                     .new_group_server(role, self.env.local().addresses, release);
-            server.beat = beat.get(n).copied().unwrap_or(false);
+            server.beat = self.registry.get(old).is_some_and(|s| s.beat);
             self.registry.servers.push(server.clone());
             new.push(server);
         }
         let ids: Vec<String> = new.iter().map(|s| s.id.clone()).collect();
-        let fail = |reason: String| RollFailure {
-            reason,
-            failed_batch: ids.clone(),
-        };
-        self.save_registry().map_err(|e| fail(format!("{e:#}")))?;
-        self.update_load_balancer()
-            .await
-            .map_err(|e| fail(format!("{e:#}")))?;
+        self.save_registry()?;
+        self.update_load_balancer().await?;
         let launched = self.launcher().start_all(new).await;
-        let failed_ids = launched.failed.clone();
         if let Err(error) = self.absorb(launched) {
-            let mut reason = format!("{error:#}");
-            for id in &failed_ids {
-                reason.push_str(&self.app_log_tail(id));
-            }
-            return Err(fail(reason));
+            return Ok(Launched::Failed {
+                servers: ids,
+                why: format!("{error:#}"),
+            });
         }
-        self.update_load_balancer()
-            .await
-            .map_err(|e| fail(format!("{e:#}")))?;
-        Ok(ids)
+        self.update_load_balancer().await?;
+        Ok(Launched::Servers(ids))
     }
 
-    /// Waits until the load balancer reports every new server healthy, or explains why not.
-    async fn wait_healthy(&mut self, new: &[String], timeout: Duration) -> Result<(), RollFailure> {
-        let mut gate = HealthGate::new(new.to_vec(), timeout, STABLE_OBSERVATIONS);
-        let started = Instant::now();
-        loop {
+    /// New servers as the gate sees them: web servers by HAProxy's checks, workers by their
+    /// processes; any server with a process that exited fails at once.
+    async fn observe(&mut self, role: Role, servers: &[String]) -> Observation {
+        if role == Role::Web {
             self.refresh_lb_states().await;
-            let dead: std::collections::BTreeMap<String, String> = new
-                .iter()
-                .filter(|id| {
-                    self.services
-                        .values()
-                        .any(|s| &s.server == *id && !s.record.is_alive())
-                })
-                .map(|id| (id.clone(), "a process of the server exited".to_owned()))
-                .collect();
-            match gate.observe(started.elapsed(), &self.lb_states, &dead) {
-                GateResult::Healthy => return Ok(()),
-                GateResult::Waiting => tokio::time::sleep(Duration::from_millis(250)).await,
-                GateResult::TimedOut { unhealthy } => {
-                    let reason = self.explain_unhealthy(&unhealthy, timeout).await;
-                    return Err(RollFailure {
-                        reason,
-                        failed_batch: new.to_vec(),
-                    });
-                }
-                GateResult::Failed { server, why } => {
-                    let mut reason = format!("{server}: {why}");
-                    reason.push_str(&self.app_log_tail(&server));
-                    return Err(RollFailure {
-                        reason,
-                        failed_batch: new.to_vec(),
-                    });
-                }
+        }
+        let mut observation = Observation::default();
+        for id in servers {
+            let dead = self
+                .services
+                .values()
+                .any(|s| &s.server == id && !s.record.is_alive());
+            if dead {
+                observation
+                    .failed
+                    .insert(id.clone(), "a process of the server exited".to_owned());
+            }
+            let state = match role {
+                Role::Web => self.lb_states.get(id).cloned(),
+                _ if !dead => Some("UP".to_owned()),
+                _ => None,
+            };
+            if let Some(state) = state {
+                observation.states.insert(id.clone(), state);
             }
         }
+        observation
     }
 
-    /// The evidence: the load balancer's reason, the health probe's answer, the app's log.
-    async fn explain_unhealthy(
-        &self,
-        unhealthy: &BTreeMap<String, String>,
-        timeout: Duration,
-    ) -> String {
+    /// The evidence: the load balancer's last check and the health probe's answer (web
+    /// servers), the app's log.
+    async fn explain(&self, role: Role, servers: &[String]) -> String {
         let socket = self.env.paths.server("lb").join("run/haproxy/haproxy.sock");
-        let stats = haproxy::stats(&socket).await.unwrap_or_default();
-        let mut reason = format!("new servers not healthy after {} s:", timeout.as_secs());
-        for (id, state) in unhealthy {
-            let stat = stats.get(id).cloned().unwrap_or_default();
-            reason.push_str(&format!(
-                "\n  {id}: load balancer says {state} (last check {} {}: {})",
-                stat.check_status, stat.check_code, stat.check_detail
-            ));
-            if let Some(server) = self.registry.get(id) {
-                reason.push_str(&format!("\n  {id}: {}", self.probe_health(server).await));
+        let stats = if role == Role::Web {
+            haproxy::stats(&socket).await.unwrap_or_default()
+        } else {
+            BTreeMap::new()
+        };
+        let mut evidence = Vec::new();
+        for id in servers {
+            if let Some(stat) = stats.get(id) {
+                evidence.push(format!(
+                    "  {id}: the load balancer's last check: {} {}: {}",
+                    stat.check_status, stat.check_code, stat.check_detail
+                ));
             }
-            reason.push_str(&self.app_log_tail(id));
+            if role == Role::Web
+                && let Some(server) = self.registry.get(id)
+            {
+                evidence.push(format!("  {id}: {}", self.probe_health(server).await));
+            }
+            let log = self.app_log_tail(id);
+            if !log.is_empty() {
+                evidence.push(log.trim_start_matches('\n').to_owned());
+            }
         }
-        reason
+        evidence.join("\n")
     }
 
     /// GET the health path straight from the server's nginx, as the load balancer does.
@@ -391,5 +302,93 @@ impl Supervisor {
     fn say(&mut self, message: String) {
         tracing::info!("{message}");
         self.publish(Phase::Deploying, message);
+    }
+}
+
+/// The supervisor's group servers as the engine's rollout drives them.
+struct Servers<'a>(&'a mut Supervisor);
+
+impl RolloutTarget for Servers<'_> {
+    type Error = anyhow::Error;
+
+    fn has_group(&self, role: Role) -> bool {
+        matches!(role, Role::Web | Role::Worker)
+    }
+
+    async fn outdated(&mut self, role: Role, release: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .0
+            .registry
+            .group_members(role)
+            .filter(|s| s.release != release)
+            .map(|s| s.id.clone())
+            .collect())
+    }
+
+    /// Nothing to point: a local server is started on the release it is given.
+    async fn begin(&mut self, _role: Role, _release: &str, _surge: usize) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn launch(
+        &mut self,
+        role: Role,
+        release: &str,
+        replacing: &[String],
+    ) -> anyhow::Result<Launched> {
+        self.0.launch(role, release, replacing).await
+    }
+
+    async fn observe(&mut self, role: Role, servers: &[String]) -> anyhow::Result<Observation> {
+        Ok(self.0.observe(role, servers).await)
+    }
+
+    async fn explain(&mut self, role: Role, servers: &[String]) -> String {
+        self.0.explain(role, servers).await
+    }
+
+    async fn discard(&mut self, _role: Role, servers: &[String]) -> anyhow::Result<()> {
+        for id in servers {
+            if let Err(error) = self.0.terminate_server(id).await {
+                tracing::error!("{error:#}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn retire(
+        &mut self,
+        role: Role,
+        servers: &[String],
+        settings: &RolloutSettings,
+    ) -> anyhow::Result<()> {
+        for id in servers {
+            match role {
+                Role::Web => self.0.drain(id, settings.drain_timeout).await,
+                _ => {
+                    self.0.say(format!(
+                        "{id}: warm shutdown of Celery (up to {} s for running tasks)",
+                        settings.worker_stop_timeout.as_secs()
+                    ));
+                    // Celery's warm shutdown (SIGTERM) gets the deploy's time for running
+                    // tasks.
+                    if let Some(worker) = self.0.services.get_mut(&format!("{id}/celery-worker")) {
+                        worker.spec.stop_timeout = settings.worker_stop_timeout;
+                    }
+                }
+            }
+            if let Err(error) = self.0.terminate_server(id).await {
+                tracing::error!("{error:#}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn end(&mut self, _role: Role) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn report(&mut self, message: &str) {
+        self.0.say(message.to_owned());
     }
 }

@@ -1,9 +1,8 @@
-//! The order and the health gate of a rolling replacement, shared by every provider.
+//! The order and the health gate of a rolling replacement: the pure half of [`super::roll_out`].
 //!
-//! Pure: the caller passes the clock (`now`, a duration since the rollout began) and what the
-//! load balancer reports; nothing here sleeps or asks anything. A provider launches each
-//! batch, feeds [`HealthGate::observe`] until it says healthy or timed out, then drains and
-//! terminates the batch's old servers, or rolls back.
+//! Pure: the caller passes the clock (`now`, a duration since the batch was launched) and what
+//! the load balancer reports; nothing here sleeps or asks anything. The flow feeds
+//! [`HealthGate::observe`] until it says healthy, timed out or failed.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
