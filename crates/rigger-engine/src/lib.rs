@@ -6,4 +6,5 @@
 //! the clock: a third provider depends on this crate, not on another provider's.
 
 pub mod clock;
+pub mod failover;
 pub mod rollout;

@@ -37,6 +37,14 @@ fn is_lsn(lsn: &str) -> bool {
     })
 }
 
+/// SQL that promotes a server only while it is still in recovery (waiting up to 30 s for the
+/// promotion): asked again after an interrupted failover, it does nothing and says `t`.
+pub const PROMOTE_IF_IN_RECOVERY: &str = "SELECT CASE WHEN pg_is_in_recovery() \
+     THEN pg_promote(wait => true, wait_seconds => 30) ELSE true END";
+
+/// SQL asked of the primary: its current WAL position (`hex/hex`).
+pub const CURRENT_WAL_POSITION: &str = "SELECT pg_current_wal_lsn()";
+
 /// SQL asked of a replica: whether it has replayed up to `lsn` (`t` or `f`). `None` when
 /// `lsn` is not a WAL position (`hex/hex`): what the primary printed is then not a position,
 /// and the caller says so rather than asking.

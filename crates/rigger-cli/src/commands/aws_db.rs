@@ -5,24 +5,20 @@
 //! a note and only the AWS calls run. Decisions are documented in docs/aws.md ("Database
 //! operations").
 
-use std::time::{Duration, Instant};
-
 use anyhow::anyhow;
 use rigger_aws::Provider;
 use rigger_aws::database::{self, DbServer};
+use rigger_engine::failover::{self, Failover, FailoverTarget};
 use rigger_local::control::{self, DbStatus, PgBouncerPools};
-use rigger_recipes::{Command, Layout, operations, shell_quote, sql};
+use rigger_recipes::{Command, Layout, operations, shell_quote};
 use rigger_transport::Job;
 
-use super::remote::{Answer, run_captured, shell_job};
+use super::remote::{self, Answer, run_captured, shell_job};
 use super::{aws, confirm};
 use super::{runtime, say};
 use crate::args::DbCommand;
 use crate::{Failure, Settings};
 
-/// How long a planned failover waits for pausing and for the replica to catch up before it
-/// gives up (and resumes, changing nothing), as on the local provider.
-const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(15);
 /// The web and worker servers, whose PgBouncer and stunnel point at the databases.
 const APP_SERVERS: [&str; 2] = ["web", "worker"];
 
@@ -450,51 +446,8 @@ fn pools(settings: &Settings) -> Result<Vec<PgBouncerPools>, Failure> {
         .collect())
 }
 
-/// Runs the admin console line `line(layout)` on every app server's PgBouncer; the servers
-/// that failed.
-fn pgbouncer_all(
-    settings: &Settings,
-    line: &dyn Fn(&Layout) -> String,
-) -> Result<Vec<String>, Failure> {
-    let selectors: Vec<String> = APP_SERVERS.iter().map(|s| (*s).to_owned()).collect();
-    let answers = run_captured(settings, &selectors, &|layout| {
-        pgbouncer_job(layout, &line(layout))
-    })?;
-    Ok(super::remote::failures(&answers))
-}
-
-/// Pauses every app server's PgBouncer, each with its deadline armed first
-/// (`operations::PAUSE_DEADLINE`): should rigger die before resuming, every pool resumes by
-/// itself.
-fn pause(settings: &Settings) -> Result<Vec<String>, Failure> {
-    pgbouncer_all(settings, &|layout| {
-        operations::pgbouncer_pause_line(layout, operations::PAUSE_DEADLINE)
-    })
-}
-
-/// Resumes every app server's PgBouncer and cancels its deadline (`RECONNECT` first when
-/// `reconnect`).
-fn resume_all(settings: &Settings, reconnect: bool) -> Result<Vec<String>, Failure> {
-    pgbouncer_all(settings, &|_| operations::pgbouncer_resume_line(reconnect))
-}
-
-fn resume(settings: &Settings) {
-    match resume_all(settings, false) {
-        Ok(failed) if failed.is_empty() => {}
-        Ok(failed) => say(
-            settings,
-            &format!(
-                "warning: resuming PgBouncer failed on: {}",
-                failed.join("; ")
-            ),
-        ),
-        Err(error) => say(settings, &format!("warning: resuming PgBouncer: {error:?}")),
-    }
-}
-
-/// Promotes only a server still in recovery, so a re-run after an interruption goes on.
-const PROMOTE_SQL: &str = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_promote(wait => true, wait_seconds => 30) ELSE true END";
-
+/// Promotes a replica with the engine's failover ([`rigger_engine::failover`]), the servers
+/// reached over SSH ([`AwsDatabases`]). Against an emulator only the AWS half runs.
 fn promote(
     settings: &Settings,
     runtime: &tokio::runtime::Runtime,
@@ -505,12 +458,8 @@ fn promote(
     let databases = result_of(runtime.block_on(provider.databases()))?;
     let target = databases.replica(replica).map_err(aws::failed)?.clone();
     let emulated = !runtime.block_on(aws::servers_are_machines(provider))?;
-    // A fenced primary and none in its place: an interrupted failover, which goes on from
-    // where it stopped (the old primary is stopped, nothing to wait for).
-    let resuming = databases.primary.is_none() && !databases.fenced.is_empty();
-    let started = Instant::now();
-    let mut lost = String::new();
-    if emulated {
+    let report = |line: &str| say(settings, &format!("  {line}"));
+    let (done, lost, held) = if emulated {
         say(
             settings,
             &format!(
@@ -518,91 +467,53 @@ fn promote(
                 aws::EMULATED
             ),
         );
+        let done = result_of(runtime.block_on(provider.fail_over(&target.instance_id, &report)))?;
+        // PgBouncer was not paused: no writes were held.
+        (done, String::new(), String::new())
     } else {
-        say(
+        // The servers are found once; the flow runs every step on them.
+        let fleet = remote::fleet(settings)?;
+        let failover = Failover {
+            // A fenced primary and none in its place is an interrupted failover, which goes on
+            // from where it stopped.
+            primary: databases.primary.as_ref().map(|p| p.name.clone()),
+            replica: target.name.clone(),
+            // The id comes from the instance's tags: quoted by the SQL, never trusted.
+            replica_application_name: target.id.clone(),
+            force,
+        };
+        let mut servers = AwsDatabases {
             settings,
-            "  pausing PgBouncer on every web and worker server",
-        );
-        let failed = pause(settings)?;
-        if !failed.is_empty() && !force && !resuming {
-            resume(settings);
-            return Err(Failure::Operation(anyhow!(
-                "pausing PgBouncer failed on: {}; nothing was changed, writes resumed",
-                failed.join("; ")
-            )));
-        }
-        if force || resuming || databases.primary.is_none() {
-            // The id comes from the instance's tags: quoted, never trusted.
-            let sql = sql::replica_lag_bytes(&target.id);
-            let lag = databases
-                .primary
-                .as_ref()
-                .and_then(|_| psql_on(settings, "db-primary", &sql).ok())
-                .and_then(|out| out.trim().parse::<i64>().ok());
-            lost = match lag {
-                Some(0) => String::new(),
-                Some(bytes) => format!(" (the replica was {bytes} bytes of WAL behind: writes after that point are lost)"),
-                None if resuming => String::new(),
-                None => " (the primary could not be asked how far behind the replica was: the last writes may be lost)".into(),
-            };
-        } else if let Err(error) = wait_caught_up(settings, &target) {
-            resume(settings);
-            return Err(Failure::Operation(anyhow!(
-                "{error:?}; nothing was changed, writes resumed"
-            )));
-        }
-        // Past this point the old primary must be fenced before any pool's deadline resumes
-        // it: go on only with time left for promoting and fencing (the deadlines were armed
-        // after `started`).
-        let elapsed = started.elapsed();
-        if elapsed + operations::PROMOTE_BUDGET > operations::PAUSE_DEADLINE {
-            resume(settings);
-            return Err(Failure::Operation(anyhow!(
-                "pausing and catching up took {:.0} s of the pools' {} s pause deadline, leaving \
-                 less than the {} s promoting and fencing may take; nothing was changed, writes \
-                 resumed",
-                elapsed.as_secs_f64(),
-                operations::PAUSE_DEADLINE.as_secs(),
-                operations::PROMOTE_BUDGET.as_secs()
-            )));
-        }
-        say(settings, &format!("  promoting {}", target.name));
-        if let Err(error) = psql_on(settings, &target.name, PROMOTE_SQL) {
-            resume(settings);
-            return Err(Failure::Operation(anyhow!(
-                "promoting {}: {error:?}; nothing was changed, writes resumed",
-                target.name
-            )));
-        }
-    }
-    let report = |line: &str| say(settings, &format!("  {line}"));
-    let done = result_of(runtime.block_on(provider.fail_over(&target.instance_id, &report)))?;
-    if !emulated {
-        if let Some(sql) = database::create_slots_sql(&done.replicas_to_build) {
-            psql_on(settings, "db-primary", &sql)?;
-        }
-        repoint(settings, runtime, provider)?;
-        // Server connections made through the old tunnels go; then clients go on.
-        let failed = resume_all(settings, true)?;
-        if !failed.is_empty() {
+            provider,
+            fleet: &fleet,
+            promoted: &target,
+        };
+        let promoted = runtime
+            .block_on(failover::promote(&mut servers, &failover))
+            .map_err(|why| Failure::Operation(anyhow!(why)))?;
+        if !promoted.not_resumed.is_empty() {
             say(
                 settings,
                 &format!(
                     "warning: resuming PgBouncer failed on: {}",
-                    failed.join("; ")
+                    promoted.not_resumed.join("; ")
                 ),
             );
         }
-    }
+        let lost = if promoted.lost.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", promoted.lost)
+        };
+        let held = format!(
+            "; writes held for {:.2} s",
+            promoted.writes_held.as_secs_f64()
+        );
+        (promoted.switched, lost, held)
+    };
     let fenced = done.fenced.map_or(String::new(), |id| {
         format!("; the old primary {id} is fenced (stopped, named db-primary-old)")
     });
-    // Against an emulator PgBouncer was not paused: no writes were held.
-    let held = if emulated {
-        String::new()
-    } else {
-        format!("; writes held for {:.2} s", started.elapsed().as_secs_f64())
-    };
     say(
         settings,
         &format!(
@@ -627,75 +538,132 @@ fn promote(
     Ok(())
 }
 
-fn wait_caught_up(settings: &Settings, target: &DbServer) -> Result<(), Failure> {
-    let lsn = psql_on(settings, "db-primary", "SELECT pg_current_wal_lsn()")?;
-    let sql = sql::replayed_up_to(lsn.trim()).ok_or_else(|| {
-        Failure::Operation(anyhow!(
-            "the primary answered `{}` for its WAL position",
-            lsn.trim()
-        ))
-    })?;
-    let started = Instant::now();
-    loop {
-        if psql_on(settings, &target.name, &sql)?.trim() == "t" {
-            return Ok(());
+/// An AWS environment's database and app servers as the engine's failover drives them: SQL
+/// and PgBouncer's console over SSH, the switch through the AWS API.
+struct AwsDatabases<'a> {
+    settings: &'a Settings,
+    provider: &'a Provider,
+    /// The servers as they were before the failover (the promoted one under its replica name).
+    fleet: &'a remote::Fleet,
+    promoted: &'a DbServer,
+}
+
+impl AwsDatabases<'_> {
+    /// Runs the admin console line `line(layout)` on every app server's PgBouncer; the
+    /// servers that failed.
+    async fn pgbouncer_all(&self, line: &(dyn Fn(&Layout) -> String + Sync)) -> Vec<String> {
+        let selectors: Vec<String> = APP_SERVERS.iter().map(|s| (*s).to_owned()).collect();
+        match remote::run_on(self.fleet, &selectors, &|layout| {
+            pgbouncer_job(layout, &line(layout))
+        })
+        .await
+        {
+            Ok(answers) => remote::failures(&answers),
+            Err(failure) => vec![failure.to_string()],
         }
-        if started.elapsed() > CATCH_UP_TIMEOUT {
-            return Err(Failure::Operation(anyhow!(
-                "{} did not replay up to {} within {} s",
-                target.name,
-                lsn.trim(),
-                CATCH_UP_TIMEOUT.as_secs()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    async fn psql(&self, server: &str, sql: &str) -> Result<String, Failure> {
+        let answers = remote_ok(
+            remote::run_on(self.fleet, &[server.to_owned()], &|layout| {
+                psql_job(layout, sql)
+            })
+            .await?,
+        )?;
+        Ok(answers
+            .first()
+            .map(|a| a.stdout.join("\n"))
+            .unwrap_or_default())
     }
 }
 
-/// Rewrites every web and worker server's stunnel.conf to point at the databases where they
-/// are now, and reloads stunnel (no app restart). Written beside, then renamed: a server never
-/// reads half a file.
-fn repoint(
-    settings: &Settings,
-    runtime: &tokio::runtime::Runtime,
-    provider: &Provider,
-) -> Result<(), Failure> {
-    let (network, live) = result_of(runtime.block_on(provider.observe()))?;
-    let placed = provider
-        .env
-        .with_placements(database::placements(&provider.env, &network, &live));
-    let release = provider
-        .current_release(&live)
-        .unwrap_or_else(|| super::plan::INITIAL_RELEASE.to_owned());
-    for server in rigger_aws::servers::servers(&provider.env, &live) {
-        let role = if server.roles.iter().any(|r| r == "web") {
-            rigger_recipes::Role::Web
-        } else if server.roles.iter().any(|r| r == "worker") {
-            rigger_recipes::Role::Worker
-        } else {
-            continue;
-        };
-        let Some(address) = &server.private_address else {
-            continue;
-        };
-        let (path, contents) = database::stunnel_conf(
-            &placed,
-            &network,
-            role,
-            &release,
-            &server.instance_id,
-            address,
-        )
-        .map_err(aws::failed)?;
-        let line = repoint_line(&path.display().to_string(), &contents);
-        say(settings, &format!("  repointing {}", server.id));
-        remote_ok(run_captured(
-            settings,
-            std::slice::from_ref(&server.id),
-            &|_| shell_job(&line),
-        )?)?;
+impl FailoverTarget for AwsDatabases<'_> {
+    type Error = Failure;
+    type Switched = database::FailedOver;
+
+    /// Each pool's deadline (`operations::PAUSE_DEADLINE`) is armed before it pauses: should
+    /// rigger die before resuming, every pool resumes by itself.
+    async fn pause_pools(&mut self) -> Vec<String> {
+        self.pgbouncer_all(&|layout| {
+            operations::pgbouncer_pause_line(layout, operations::PAUSE_DEADLINE)
+        })
+        .await
     }
-    Ok(())
+
+    async fn resume_pools(&mut self, reconnect: bool) -> Vec<String> {
+        self.pgbouncer_all(&|_| operations::pgbouncer_resume_line(reconnect))
+            .await
+    }
+
+    async fn query(&mut self, server: &str, sql: &str) -> Result<String, Failure> {
+        self.psql(server, sql).await
+    }
+
+    /// The AWS half ([`Provider::fail_over`]: the old primary stopped and renamed, the
+    /// promoted one given the primary's names, launch templates pointed at it), then the
+    /// replication slots of the replicas `up` builds next, on the new primary.
+    async fn switch(&mut self) -> Result<database::FailedOver, Failure> {
+        let settings = self.settings;
+        let report = |line: &str| say(settings, &format!("  {line}"));
+        let done = result_of(
+            self.provider
+                .fail_over(&self.promoted.instance_id, &report)
+                .await,
+        )?;
+        if let Some(sql) = database::create_slots_sql(&done.replicas_to_build) {
+            self.psql(&self.promoted.name, &sql).await?;
+        }
+        Ok(done)
+    }
+
+    /// Rewrites every web and worker server's stunnel.conf to point at the databases where
+    /// they are now, and reloads stunnel (no app restart). Written beside, then renamed: a
+    /// server never reads half a file.
+    async fn repoint(&mut self) -> Result<(), Failure> {
+        let provider = self.provider;
+        let (network, live) = result_of(provider.observe().await)?;
+        let placed =
+            provider
+                .env
+                .with_placements(database::placements(&provider.env, &network, &live));
+        let release = provider
+            .current_release(&live)
+            .unwrap_or_else(|| super::plan::INITIAL_RELEASE.to_owned());
+        for server in rigger_aws::servers::servers(&provider.env, &live) {
+            let role = if server.roles.iter().any(|r| r == "web") {
+                rigger_recipes::Role::Web
+            } else if server.roles.iter().any(|r| r == "worker") {
+                rigger_recipes::Role::Worker
+            } else {
+                continue;
+            };
+            let Some(address) = &server.private_address else {
+                continue;
+            };
+            let (path, contents) = database::stunnel_conf(
+                &placed,
+                &network,
+                role,
+                &release,
+                &server.instance_id,
+                address,
+            )
+            .map_err(aws::failed)?;
+            let line = repoint_line(&path.display().to_string(), &contents);
+            say(self.settings, &format!("  repointing {}", server.id));
+            remote_ok(
+                remote::run_on(self.fleet, std::slice::from_ref(&server.id), &|_| {
+                    shell_job(&line)
+                })
+                .await?,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, message: &str) {
+        say(self.settings, &format!("  {message}"));
+    }
 }
 
 fn repoint_line(path: &str, contents: &str) -> String {

@@ -34,7 +34,7 @@ use crate::{Failure, Settings};
 const LONGEST_CONTROL_DIR: usize = 70;
 
 /// The servers of an environment, and how to reach each.
-struct Fleet {
+pub(crate) struct Fleet {
     environment: String,
     servers: Vec<Server>,
 }
@@ -464,7 +464,7 @@ fn select(servers: &[Listed<'_>], selectors: &[String]) -> Result<Vec<usize>, St
 }
 
 /// The environment's servers, from its provider.
-fn fleet(settings: &Settings) -> Result<Fleet, Failure> {
+pub(crate) fn fleet(settings: &Settings) -> Result<Fleet, Failure> {
     let config = super::load_config(settings)?;
     let env = super::environment(&config, settings)?;
     match env.provider_kind() {
@@ -1322,20 +1322,31 @@ impl Reporter for Collector {
 pub(crate) fn run_captured(
     settings: &Settings,
     selectors: &[String],
-    job: &dyn Fn(&Layout) -> Job,
+    job: &(dyn Fn(&Layout) -> Job + Sync),
 ) -> Result<Vec<Answer>, Failure> {
     let fleet = fleet(settings)?;
+    runtime()?.block_on(run_on(&fleet, selectors, job))
+}
+
+/// [`run_captured`] on a fleet already found, from async code (a flow that runs many jobs
+/// finds its servers once).
+pub(crate) async fn run_on(
+    fleet: &Fleet,
+    selectors: &[String],
+    job: &(dyn Fn(&Layout) -> Job + Sync),
+) -> Result<Vec<Answer>, Failure> {
     let servers = fleet.select(selectors)?;
     let tasks: Vec<Task> = servers
         .iter()
         .map(|server| Task::new(Arc::clone(&server.transport), job(&server.layout)))
         .collect();
     let collector = Arc::new(Collector::default());
-    let outcomes = runtime()?.block_on(fanout::run(
+    let outcomes = fanout::run(
         tasks,
         servers.len().max(1),
         Arc::clone(&collector) as Arc<dyn Reporter>,
-    ));
+    )
+    .await;
     let mut lines = collector.lines.lock().unwrap_or_else(|e| e.into_inner());
     Ok(outcomes
         .into_iter()

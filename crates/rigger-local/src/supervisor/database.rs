@@ -1,20 +1,20 @@
 //! Database operations the supervisor performs (it owns the processes): a planned or forced
 //! failover to a replica, and rebuilding a replica from the primary.
 //!
-//! A planned failover pauses every PgBouncer (transactions in flight finish; new ones wait),
-//! waits until the replica has replayed everything the primary wrote, promotes it, fences the
-//! old primary (stopped, its directory moved to `terminated/`: it never accepts a write
-//! again), points every web and worker server's stunnel and PgBouncer at the new primary with
-//! a reload (no app restart), and resumes. Writes wait for a few seconds; none is lost. Each
-//! pool is paused with a deadline that resumes it by itself if this supervisor dies before it
-//! does ([`crate::pgbouncer`]); the failover promotes only with time left on every deadline to
-//! fence the old primary first, so a deadline never resumes writes onto it.
+//! The failover is the engine's ([`rigger_engine::failover`]: pause, catch up, promote,
+//! switch, repoint, resume, and when each may give up); here is how each step is done on this
+//! machine. Each pool is paused with a deadline that resumes it by itself if this supervisor
+//! dies before it does ([`crate::pgbouncer`]). The switch fences the old primary (stopped, its
+//! directory moved to `terminated/`: it never accepts a write again), renders the new
+//! primary's configuration and rebuilds the other replicas from it; repointing re-renders
+//! every web and worker server's stunnel and PgBouncer with a reload (no app restart).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use rigger_recipes::operations::{PAUSE_DEADLINE, PROMOTE_BUDGET};
+use rigger_engine::failover::{self, Failover, FailoverTarget};
+use rigger_recipes::operations::PAUSE_DEADLINE;
 use rigger_recipes::{Phase as StepPhase, Role};
 use serde::{Deserialize, Serialize};
 
@@ -125,8 +125,9 @@ impl Supervisor {
         }
     }
 
-    /// Fails over to `replica` (default: the first). Returns a summary and how long writes
-    /// were held.
+    /// Fails over to `replica` (default: the first) with the engine's failover
+    /// ([`rigger_engine::failover`]). Returns a summary and how long writes were held. With no
+    /// primary left (a failover cut off after fencing it), it finishes that failover.
     async fn promote(
         &mut self,
         replica: Option<&str>,
@@ -137,8 +138,7 @@ impl Supervisor {
             .servers
             .iter()
             .find(|s| s.has_role(Role::DbPrimary))
-            .cloned()
-            .context("there is no primary")?;
+            .cloned();
         let replica = match replica {
             Some(id) => self
                 .registry
@@ -162,9 +162,12 @@ impl Supervisor {
                 replica.roles.join(", ")
             );
         }
+        let from = primary
+            .as_ref()
+            .map_or("a fenced primary", |p| p.id.as_str());
         self.publish(
             Phase::Healing,
-            format!("failing over from {} to {}", primary.id, replica.id),
+            format!("failing over from {from} to {}", replica.id),
         );
         let app_servers: Vec<ServerRecord> = self
             .registry
@@ -173,92 +176,49 @@ impl Supervisor {
             .filter(|s| s.group().is_some() && s.state == ServerState::InService)
             .cloned()
             .collect();
-
-        let paused_at = Instant::now();
-        // Each pool is paused with a deadline that resumes it by itself should this supervisor
-        // die before resuming it (crate::pgbouncer).
-        let mut deadlines: BTreeMap<String, ResumeDeadline> = BTreeMap::new();
-        let mut lost_warning = String::new();
-        if force {
-            // The primary may be gone: nothing to wait for. Pausing is still worth trying, so
-            // that requests wait for the new primary instead of failing against the old one.
-            for server in &app_servers {
-                if let Err(error) = self.pause(server, &mut deadlines).await {
-                    tracing::warn!(server = %server.id, "pausing PgBouncer (continuing, forced): {error:#}");
-                }
-            }
-            let lag = self.replica_lag_bytes(&primary, &replica).await;
-            lost_warning = match lag {
-                Some(0) => String::new(),
-                Some(bytes) => format!(" (the replica was {bytes} bytes of WAL behind: writes after that point are lost)"),
-                None => " (the primary could not be asked how far behind the replica was: the last writes may be lost)".into(),
-            };
+        let failover = Failover {
+            primary: primary.as_ref().map(|p| p.id.clone()),
+            replica: replica.id.clone(),
+            replica_application_name: replica.id.clone(),
+            force,
+        };
+        let mut target = Databases {
+            supervisor: self,
+            primary,
+            replica: replica.clone(),
+            app_servers,
+            deadlines: BTreeMap::new(),
+        };
+        let promoted = failover::promote(&mut target, &failover)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let fenced = promoted
+            .switched
+            .map_or_else(String::new, |id| format!("; {id} is fenced (stopped)"));
+        let lost = if promoted.lost.is_empty() {
+            String::new()
         } else {
-            for server in &app_servers {
-                if let Err(error) = self.pause(server, &mut deadlines).await {
-                    self.resume_all(&app_servers, deadlines).await;
-                    bail!(
-                        "pausing PgBouncer on {}: {error:#}; nothing was changed, writes resumed",
-                        server.id
-                    );
-                }
-            }
-            if let Err(error) = self.wait_caught_up(&primary, &replica).await {
-                self.resume_all(&app_servers, deadlines).await;
-                bail!("{error:#}; nothing was changed, writes resumed");
-            }
-        }
-        // Past this point the old primary must be fenced before any pool resumes: go on only
-        // with time left on every deadline for promoting and fencing.
-        if let Some(left) = deadlines.values().map(ResumeDeadline::remaining).min()
-            && left < PROMOTE_BUDGET
-        {
-            self.resume_all(&app_servers, deadlines).await;
-            bail!(
-                "pausing and catching up took {:.0} s, leaving {:.0} s of the pools' {} s pause \
-                 deadline, less than the {} s promoting and fencing may take; nothing was \
-                 changed, writes resumed",
-                paused_at.elapsed().as_secs_f64(),
-                left.as_secs_f64(),
-                PAUSE_DEADLINE.as_secs(),
-                PROMOTE_BUDGET.as_secs()
-            );
-        }
-        // Whatever happens from here, the pools resume at the end (their deadline would
-        // otherwise do it, later).
-        let failed_over = self
-            .fail_over_paused(&primary, &replica, &app_servers)
-            .await;
-        self.resume_all(&app_servers, deadlines).await;
-        failed_over?;
-        let paused = paused_at.elapsed().as_secs_f64();
+            format!(" ({})", promoted.lost)
+        };
         Ok((
-            format!(
-                "{} is the primary; {} is fenced (stopped){lost_warning}",
-                replica.id, primary.id
-            ),
-            Some(paused),
+            format!("{} is the primary{fenced}{lost}", replica.id),
+            Some(promoted.writes_held.as_secs_f64()),
         ))
     }
 
-    /// The part of a failover done while the pools are paused: promotes `replica`, fences
-    /// `primary`, rebuilds the other replicas from the new primary and repoints every app
-    /// server at it.
-    async fn fail_over_paused(
+    /// The switch of a failover, once `replica` is promoted: fences `primary` (if it is still
+    /// there), makes the replica the primary in the registry and in its configuration, and
+    /// rebuilds the other replicas from it. The fenced server, if one was.
+    async fn switch_to(
         &mut self,
-        primary: &ServerRecord,
+        primary: Option<&ServerRecord>,
         replica: &ServerRecord,
-        app_servers: &[ServerRecord],
-    ) -> anyhow::Result<()> {
-        // Promote, then fence the old primary before anyone can write to it again.
-        self.psql(
-            replica,
-            "SELECT pg_promote(wait => true, wait_seconds => 30)",
-        )
-        .await
-        .context("promoting the replica")?;
-        if let Err(error) = self.terminate_server(&primary.id).await {
-            tracing::error!("fencing the old primary: {error:#}");
+    ) -> anyhow::Result<Option<String>> {
+        // Fence the old primary before anyone can write to it again.
+        if let Some(primary) = primary {
+            self.terminate_server(&primary.id)
+                .await
+                .context("fencing the old primary")?;
         }
         if let Some(record) = self.registry.get_mut(&replica.id) {
             record.roles = vec![Role::DbPrimary.as_str().to_owned()];
@@ -279,13 +239,7 @@ impl Supervisor {
             // Other replicas would follow the old primary: rebuild them from the new one.
             self.reseed(Some(&other.id)).await?;
         }
-        // Every app server's stunnel and PgBouncer now point at the new primary.
-        for server in app_servers {
-            self.reapply(&server.id)
-                .await
-                .with_context(|| format!("repointing {}", server.id))?;
-        }
-        Ok(())
+        Ok(primary.map(|p| p.id.clone()))
     }
 
     /// Rebuilds a replica (default: the first) from the primary: the old one goes and a new
@@ -426,7 +380,8 @@ impl Supervisor {
         &self,
         servers: &[ServerRecord],
         mut deadlines: BTreeMap<String, ResumeDeadline>,
-    ) {
+    ) -> Vec<String> {
+        let mut failed = Vec::new();
         for server in servers {
             match self.pgbouncer_console(server).resume(PAUSE_TIMEOUT).await {
                 Ok(resumed) => {
@@ -439,55 +394,11 @@ impl Supervisor {
                 }
                 Err(error) => {
                     tracing::error!(server = %server.id, "resuming PgBouncer (its pause deadline will): {error:#}");
+                    failed.push(format!("{}: {error:#}", server.id));
                 }
             }
         }
-    }
-
-    /// Waits until the replica has replayed everything the primary has written.
-    async fn wait_caught_up(
-        &self,
-        primary: &ServerRecord,
-        replica: &ServerRecord,
-    ) -> anyhow::Result<()> {
-        let target = self
-            .psql(primary, "SELECT pg_current_wal_lsn()")
-            .await
-            .context("reading the primary's position")?;
-        let Some(caught_up_sql) = rigger_recipes::sql::replayed_up_to(target.trim()) else {
-            bail!(
-                "the primary answered `{}` for its WAL position",
-                target.trim()
-            );
-        };
-        let started = Instant::now();
-        loop {
-            let caught_up = self
-                .psql(replica, &caught_up_sql)
-                .await
-                .context("reading the replica's position")?;
-            if caught_up.trim() == "t" {
-                return Ok(());
-            }
-            if started.elapsed() > PAUSE_TIMEOUT {
-                bail!(
-                    "{} did not replay up to {} within {} s",
-                    replica.id,
-                    target.trim(),
-                    PAUSE_TIMEOUT.as_secs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn replica_lag_bytes(
-        &self,
-        primary: &ServerRecord,
-        replica: &ServerRecord,
-    ) -> Option<i64> {
-        let sql = rigger_recipes::sql::replica_lag_bytes(&replica.id);
-        self.psql(primary, &sql).await.ok()?.trim().parse().ok()
+        failed
     }
 
     /// Runs one SQL statement as the postgres superuser over a database server's socket.
@@ -537,4 +448,68 @@ pub async fn run_psql(socket: &std::path::Path, sql: &str) -> anyhow::Result<Str
         bail!("{}", String::from_utf8_lossy(&output.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The supervisor's databases and app servers as the engine's failover drives them.
+struct Databases<'a> {
+    supervisor: &'a mut Supervisor,
+    primary: Option<ServerRecord>,
+    replica: ServerRecord,
+    app_servers: Vec<ServerRecord>,
+    /// Each paused pool's deadline, disarmed once it is resumed.
+    deadlines: BTreeMap<String, ResumeDeadline>,
+}
+
+impl FailoverTarget for Databases<'_> {
+    type Error = anyhow::Error;
+    type Switched = Option<String>;
+
+    async fn pause_pools(&mut self) -> Vec<String> {
+        let mut failed = Vec::new();
+        for server in &self.app_servers {
+            if let Err(error) = self.supervisor.pause(server, &mut self.deadlines).await {
+                failed.push(format!("{}: {error:#}", server.id));
+            }
+        }
+        failed
+    }
+
+    /// PgBouncer's pools are repointed by a reload of the new configuration, which drops
+    /// server connections to the old primary by itself: `reconnect` has nothing to add.
+    async fn resume_pools(&mut self, _reconnect: bool) -> Vec<String> {
+        let deadlines = std::mem::take(&mut self.deadlines);
+        self.supervisor
+            .resume_all(&self.app_servers, deadlines)
+            .await
+    }
+
+    async fn query(&mut self, server: &str, sql: &str) -> anyhow::Result<String> {
+        let record = [self.primary.as_ref(), Some(&self.replica)]
+            .into_iter()
+            .flatten()
+            .find(|s| s.id == server)
+            .with_context(|| format!("`{server}` is not a database server of this failover"))?;
+        self.supervisor.psql(record, sql).await
+    }
+
+    async fn switch(&mut self) -> anyhow::Result<Option<String>> {
+        let replica = self.replica.clone();
+        self.supervisor
+            .switch_to(self.primary.as_ref(), &replica)
+            .await
+    }
+
+    async fn repoint(&mut self) -> anyhow::Result<()> {
+        for server in &self.app_servers {
+            self.supervisor
+                .reapply(&server.id)
+                .await
+                .with_context(|| format!("repointing {}", server.id))?;
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, message: &str) {
+        tracing::info!("failover: {message}");
+    }
 }
