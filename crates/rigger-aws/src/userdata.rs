@@ -487,6 +487,11 @@ if [ \"$(parameter {} 2>/dev/null || true)\" = on ]; then\n  log 'the environmen
 const PRELUDE: &str = r#"set -euo pipefail
 umask 022
 export DEBIAN_FRONTEND=noninteractive
+# The AWS CLI gives the instance metadata service one attempt of one second, and then says
+# "Unable to locate credentials"; servers booting together (a group scaling out, a loaded
+# host) make both it and SSM answer slower. Bounded retries with backoff instead.
+export AWS_METADATA_SERVICE_TIMEOUT=5 AWS_METADATA_SERVICE_NUM_ATTEMPTS=5
+export AWS_RETRY_MODE=standard AWS_MAX_ATTEMPTS=6
 
 log() { printf 'rigger: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -497,8 +502,9 @@ step() { STEP=$*; log "[${SECONDS} s] $*"; }
 
 imds() {
   local token
-  token=$(curl -fsS -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://169.254.169.254/latest/api/token)
-  curl -fsS -H "X-aws-ec2-metadata-token: $token" "http://169.254.169.254/latest/meta-data/$1"
+  local curl=(curl -fsS --connect-timeout 2 --max-time 10 --retry 5 --retry-all-errors)
+  token=$("${curl[@]}" -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://169.254.169.254/latest/api/token)
+  "${curl[@]}" -H "X-aws-ec2-metadata-token: $token" "http://169.254.169.254/latest/meta-data/$1"
 }
 
 # Only root may reach the instance metadata service, and so the instance role's credentials:

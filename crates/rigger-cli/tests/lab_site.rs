@@ -350,6 +350,50 @@ fn the_example_site_runs_on_the_lab_from_up_to_down() {
     let logs = site.ok(&["logs", "web", "--lines", "5"]);
     assert!(!logs.is_empty());
 
+    // A planned failover on the machines: PgBouncer paused on every app server, the replica
+    // caught up and promoted, the old primary fenced, stunnel repointed, resumed. A row
+    // written through the app's database connection (the worker's PgBouncer and stunnel)
+    // before it is read through it after.
+    let sql = |statement: &str| {
+        format!(
+            "from django.db import connection\nwith connection.cursor() as c:\n    c.execute({statement:?})\n    print('rows', c.fetchone()[0] if c.description else '')"
+        )
+    };
+    site.ok(&[
+        "manage",
+        "--",
+        "shell",
+        "-c",
+        &sql("INSERT INTO lab_marker VALUES (42)"),
+    ]);
+    let promoted = site.ok(&["db", "promote"]);
+    assert!(promoted.contains("is the primary"), "{promoted}");
+    assert!(promoted.contains("writes held for"), "{promoted}");
+    let read = site.ok(&[
+        "manage",
+        "--",
+        "shell",
+        "-c",
+        &sql("SELECT count(*) FROM lab_marker WHERE id = 42"),
+    ]);
+    assert!(read.contains("rows 1"), "{read}");
+    // And written through the new primary: it accepts writes.
+    site.ok(&[
+        "manage",
+        "--",
+        "shell",
+        "-c",
+        &sql("INSERT INTO lab_marker VALUES (43)"),
+    ]);
+    assert_eq!(answering(&url, 10).len(), 2);
+    // `up` builds a replica of the new primary, which streams from it.
+    site.ok(&["up"]);
+    let db = wait_for("the rebuilt replica streaming", BOOT, || {
+        let db = site.ok(&["db", "status"]);
+        db.contains("streaming").then_some(db)
+    });
+    assert!(db.contains("streaming"), "{db}");
+
     // Scale: a third web server behind the load balancer.
     site.ok(&["scale", "web=3"]);
     let status = wait_ready(&site, 3, "three web servers in service");
