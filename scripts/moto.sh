@@ -11,6 +11,9 @@ PYTHON=/usr/bin/python3
 VENV=${RIGGER_MOTO_VENV:-/var/tmp/rigger-moto-venv}
 # Pinned below a major version so a future moto cannot change the emulator under the tests.
 REQUIREMENT='moto[server]>=5,<6'
+# Where moto differs from AWS in ways rigger's code trips on (scripts/moto_fixes.py): loaded
+# by every python of the venv. Its hash is part of the stamp, so a changed fix is installed.
+FIXES=$(dirname "$0")/moto_fixes.py
 
 log() { printf 'moto.sh: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -21,7 +24,8 @@ exec 9<"$VENV"
 flock 9
 
 stamp="$VENV/.rigger-moto"
-if [ -x "$VENV/bin/moto_server" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$REQUIREMENT" ]; then
+wanted="$REQUIREMENT $(sha256sum <"$FIXES" | cut -c1-16)"
+if [ -x "$VENV/bin/moto_server" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
   echo "$VENV/bin/moto_server"
   exit 0
 fi
@@ -32,5 +36,10 @@ fi
 log "installing $REQUIREMENT"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$REQUIREMENT" >&2 \
   || die "pip could not install $REQUIREMENT"
-printf '%s' "$REQUIREMENT" >"$stamp"
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+cp -- "$FIXES" "$site/rigger_moto_fixes.py"
+echo 'import rigger_moto_fixes; rigger_moto_fixes.apply()' >"$site/rigger_moto_fixes.pth"
+"$VENV/bin/python" -c 'from moto.ec2.models.launch_templates import LaunchTemplateVersion as V; import rigger_moto_fixes; assert V.user_data.fget.__module__ == "rigger_moto_fixes"' \
+  || die "the emulator fixes in $FIXES no longer apply to this moto"
+printf '%s' "$wanted" >"$stamp"
 echo "$VENV/bin/moto_server"

@@ -276,6 +276,8 @@ fn db_status_promote_backups_and_restore_from_the_command_line() {
         "{rebuilt:#}"
     );
     assert_eq!(rebuilt["servers"]["fenced"].as_array().unwrap().len(), 1);
+    // The groups launch from the templates the failover pointed at the new primary.
+    ok(dir, url, &["scale", "web=3"]);
 
     // Backups: none at first, and that is not an error.
     let listed = ok(dir, url, &["db", "backups"]);

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use rigger_aws::lab::LabInstance;
@@ -1004,10 +1004,9 @@ async fn credentials(
     }))
 }
 
+/// The engine's clock, as the signed seconds AWS's timestamps are.
 fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    i64::try_from(rigger_engine::clock::unix_now()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
