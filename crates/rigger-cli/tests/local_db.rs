@@ -255,6 +255,33 @@ fn failover_reseed_backup_and_restore_on_real_postgres() {
         },
     );
     eprintln!("after the forced failover: {status}");
+    // `rigger status` asks the new primary about replication (not the server named
+    // db-primary, which is gone).
+    let replication = eventually(
+        "rigger status showing the replica streaming",
+        Duration::from_secs(30),
+        || {
+            let output = stack.rigger(&["status", "--json"]);
+            let status: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+            let replication = status["replication"].as_array()?.clone();
+            replication
+                .iter()
+                .any(|r| r["state"] == "streaming")
+                .then_some(replication)
+        },
+    );
+    let replicas: Vec<&str> = status["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        replication
+            .iter()
+            .all(|r| replicas.contains(&r["id"].as_str().unwrap())),
+        "{replication:?} vs {replicas:?}"
+    );
     write_note("after the forced failover").unwrap();
 
     // Backup, more writes, restore: the rows are those of the backup.

@@ -6,5 +6,6 @@
 //! the clock: a third provider depends on this crate, not on another provider's.
 
 pub mod clock;
+pub mod database;
 pub mod failover;
 pub mod rollout;

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use rigger_engine::database::{
+    self, DatabaseServer, DatabaseView, DbStatus, REPLICATION_STATUS_SQL, parse_replicas,
+};
 
 use crate::environment::LocalEnvironment;
 use crate::process;
@@ -209,10 +212,14 @@ pub async fn status(env: &LocalEnvironment) -> Option<Status> {
 /// Each replica's state and lag as the primary sees it ([`REPLICATION_STATUS_SQL`]), for
 /// `rigger status`; nothing when the primary does not answer within 5 s.
 async fn replication(env: &LocalEnvironment) -> Vec<ReplicaStatus> {
-    let socket = env
-        .paths
-        .server(crate::environment::DB_PRIMARY)
-        .join("run/postgresql");
+    // The primary the registry names: after a failover it is the promoted replica.
+    let Ok(registry) = crate::registry::Registry::load(&env.paths.registry()) else {
+        return Vec::new();
+    };
+    let Some(primary) = env.server_with_role(&registry, rigger_recipes::Role::DbPrimary) else {
+        return Vec::new();
+    };
+    let socket = env.paths.server(&primary.id).join("run/postgresql");
     let asked = tokio::time::timeout(
         Duration::from_secs(5),
         crate::supervisor::database::run_psql(&socket, REPLICATION_STATUS_SQL),
@@ -468,88 +475,9 @@ pub async fn db_operation(
     .await
 }
 
-/// `rigger db status`: the primary, each replica (state, lag in bytes and seconds, slot),
-/// and each PgBouncer's client and server connections.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct DbStatus {
-    pub primary: Option<String>,
-    pub replicas: Vec<DbReplica>,
-    pub pgbouncers: Vec<PgBouncerPools>,
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct DbReplica {
-    pub id: String,
-    pub state: String,
-    pub lag_bytes: Option<i64>,
-    /// `replay_lag` while WAL is left to replay, 0 once everything is replayed (so an idle
-    /// primary does not look lagged).
-    pub lag_seconds: Option<f64>,
-    pub slot: Option<String>,
-    pub slot_active: Option<bool>,
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct PgBouncerPools {
-    pub server: String,
-    pub client_connections: i64,
-    pub server_connections: i64,
-    pub error: Option<String>,
-}
-
-/// What the primary says of its replicas, one `|`-separated row each (psql `-XAtq -F '|'`):
-/// name, state, lag in bytes and in seconds, slot and whether it is active. Both providers ask
-/// it ([`parse_replicas`] reads the answer). The lag in seconds is `replay_lag` while the
-/// replica has WAL left to replay, and 0 once it has replayed everything: PostgreSQL keeps
-/// showing the last measured `replay_lag` for a while after the primary goes idle, which would
-/// make an idle primary look lagged.
-pub const REPLICATION_STATUS_SQL: &str = "SELECT r.application_name, r.state, COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), r.replay_lsn), 0)::bigint, \
-     CASE WHEN r.replay_lsn >= pg_current_wal_lsn() THEN 0 ELSE COALESCE(EXTRACT(EPOCH FROM r.replay_lag), 0) END::float8, \
-     s.slot_name, s.active \
-     FROM pg_stat_replication r LEFT JOIN pg_replication_slots s ON s.active_pid = r.pid ORDER BY 1";
-
-/// The rows of [`REPLICATION_STATUS_SQL`]; malformed lines are skipped.
-pub fn parse_replicas(rows: &str) -> Vec<DbReplica> {
-    rows.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split('|').collect();
-            let [id, state, bytes, seconds, slot, active] = fields[..] else {
-                return None;
-            };
-            Some(DbReplica {
-                id: id.to_owned(),
-                state: state.to_owned(),
-                lag_bytes: bytes.parse().ok(),
-                lag_seconds: seconds.parse().ok(),
-                slot: (!slot.is_empty()).then(|| slot.to_owned()),
-                slot_active: (!active.is_empty()).then_some(active == "t"),
-            })
-        })
-        .collect()
-}
-
-/// Client and server connections in PgBouncer's `SHOW POOLS` (psql `-XAtq -F '|'`), summed
-/// over its pools. Columns: database|user|cl_active|cl_waiting|cl_active_cancel_req|
-/// cl_waiting_cancel_req|sv_active|sv_active_cancel|sv_being_canceled|sv_idle|sv_used|
-/// sv_tested|sv_login|...
-pub fn pool_counts(rows: &str) -> (i64, i64) {
-    let (mut clients, mut servers) = (0, 0);
-    for line in rows.lines() {
-        let numbers: Vec<i64> = line
-            .split('|')
-            .skip(2)
-            .map(|f| f.parse().unwrap_or(0))
-            .collect();
-        if numbers.len() >= 11 {
-            clients += numbers[0] + numbers[1];
-            servers += numbers[4..11].iter().sum::<i64>();
-        }
-    }
-    (clients, servers)
-}
-
+/// `rigger db status` with the engine's flow ([`rigger_engine::database::db_status`]): the
+/// primary over its socket, each app server's PgBouncer over its admin console.
 pub async fn db_status(env: &LocalEnvironment) -> anyhow::Result<DbStatus> {
-    use crate::supervisor::database::run_psql;
     if supervisor::lock_holder(env).is_none() {
         bail!(
             "{}/{} is not up; run `rigger up` first",
@@ -558,58 +486,64 @@ pub async fn db_status(env: &LocalEnvironment) -> anyhow::Result<DbStatus> {
         );
     }
     let registry = crate::registry::Registry::load(&env.paths.registry())?;
+    let known = |s: &crate::registry::ServerRecord| DatabaseServer {
+        id: s.id.clone(),
+        name: s.id.clone(),
+    };
     let primary = env
         .server_with_role(&registry, rigger_recipes::Role::DbPrimary)
-        .cloned();
-    let mut replicas = Vec::new();
-    if let Some(primary) = &primary {
-        let socket = env.paths.server(&primary.id).join("run/postgresql");
-        let rows = run_psql(&socket, REPLICATION_STATUS_SQL)
-            .await
-            .context("asking the primary about its replicas")?;
-        replicas = parse_replicas(&rows);
-        // Replicas the primary does not see streaming are down or catching up: say so.
-        for server in registry
+        .map(known);
+    let replicas: Vec<DatabaseServer> = registry
+        .servers
+        .iter()
+        .filter(|s| s.has_role(rigger_recipes::Role::DbReplica))
+        .map(known)
+        .collect();
+    let secrets = crate::secrets::load_or_generate(&env.paths.secrets())?;
+    let mut view = LocalDatabases {
+        env,
+        app_servers: registry
             .servers
             .iter()
-            .filter(|s| s.has_role(rigger_recipes::Role::DbReplica))
-        {
-            if !replicas.iter().any(|r| r.id == server.id) {
-                replicas.push(DbReplica {
-                    id: server.id.clone(),
-                    state: "not streaming".into(),
-                    lag_bytes: None,
-                    lag_seconds: None,
-                    slot: None,
-                    slot_active: None,
-                });
-            }
-        }
+            .filter(|s| s.group().is_some())
+            .map(|s| (s.id.clone(), s.address.to_string()))
+            .collect(),
+        admin_password: secrets.pgbouncer_admin_password.expose().to_owned(),
+    };
+    database::db_status(&mut view, primary.as_ref(), &replicas)
+        .await
+        .context("asking the primary about its replicas")
+}
+
+/// The local environment's databases and pools, for [`db_status`].
+struct LocalDatabases<'a> {
+    env: &'a LocalEnvironment,
+    /// Each web and worker server: id and address.
+    app_servers: Vec<(String, String)>,
+    admin_password: String,
+}
+
+impl DatabaseView for LocalDatabases<'_> {
+    type Error = anyhow::Error;
+
+    async fn query(&mut self, server: &str, sql: &str) -> anyhow::Result<String> {
+        let socket = self.env.paths.server(server).join("run/postgresql");
+        crate::supervisor::database::run_psql(&socket, sql).await
     }
-    let secrets = crate::secrets::load_or_generate(&env.paths.secrets())?;
-    let mut pgbouncers = Vec::new();
-    for server in registry.servers.iter().filter(|s| s.group().is_some()) {
-        let console = crate::pgbouncer::AdminConsole::of_server(
-            server.address.to_string(),
-            secrets.pgbouncer_admin_password.expose(),
-        );
-        let mut pools = PgBouncerPools {
-            server: server.id.clone(),
-            client_connections: 0,
-            server_connections: 0,
-            error: None,
-        };
-        match console.run("SHOW POOLS", Duration::from_secs(10)).await {
-            Ok(rows) => (pools.client_connections, pools.server_connections) = pool_counts(&rows),
-            Err(error) => pools.error = Some(format!("{error:#}")),
+
+    async fn show_pools(&mut self) -> Vec<(String, Result<String, String>)> {
+        let mut answers = Vec::new();
+        for (id, address) in &self.app_servers {
+            let console =
+                crate::pgbouncer::AdminConsole::of_server(address.clone(), &self.admin_password);
+            let rows = console
+                .run("SHOW POOLS", Duration::from_secs(10))
+                .await
+                .map_err(|error| format!("{error:#}"));
+            answers.push((id.clone(), rows));
         }
-        pgbouncers.push(pools);
+        answers
     }
-    Ok(DbStatus {
-        primary: primary.map(|p| p.id),
-        replicas,
-        pgbouncers,
-    })
 }
 
 /// `rigger db backup`: a custom-format `pg_dump` of the app's database from the primary into

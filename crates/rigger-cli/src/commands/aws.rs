@@ -12,7 +12,7 @@ use rigger_aws::deploy::{
     Artifact, DeployRecord, NoServerAccess, Requester, Rollout, RolloutSettings, ServerOps,
 };
 use rigger_aws::{Connection, Provider};
-use rigger_config::{Config, ProviderKind};
+use rigger_config::Config;
 use rigger_engine::rollout::BatchSize;
 use rigger_plan::Observed;
 use rigger_recipes::operations;
@@ -24,13 +24,6 @@ use crate::args::{
     DeployArgs, DownArgs, LockCommand, RollbackArgs, RolloutArgs, ScaleArgs, StatusArgs,
 };
 use crate::{Failure, Settings};
-
-/// Whether `-e` names an AWS environment (loading the configuration, which stops the
-/// command on an invalid file).
-pub(crate) fn is_aws(settings: &Settings) -> Result<bool, Failure> {
-    let config = super::load_config(settings)?;
-    Ok(super::environment(&config, settings)?.provider_kind() == ProviderKind::Aws)
-}
 
 fn connection(settings: &Settings) -> Connection {
     Connection {

@@ -8,8 +8,10 @@
 use anyhow::anyhow;
 use rigger_aws::Provider;
 use rigger_aws::database::{self, DbServer};
+use rigger_engine::database::{
+    self as engine_database, DatabaseServer, DatabaseView, DbReplica, DbStatus,
+};
 use rigger_engine::failover::{self, Failover, FailoverTarget};
-use rigger_local::control::{self, DbStatus, PgBouncerPools};
 use rigger_recipes::{Command, Layout, operations, shell_quote};
 use rigger_transport::Job;
 
@@ -246,17 +248,6 @@ fn psql_job(layout: &Layout, sql: &str) -> Job {
     )
 }
 
-/// The output of `sql` on database server `server` (`db-primary`, `db-replica1`).
-fn psql_on(settings: &Settings, server: &str, sql: &str) -> Result<String, Failure> {
-    let answers = remote_ok(run_captured(settings, &[server.to_owned()], &|layout| {
-        psql_job(layout, sql)
-    })?)?;
-    Ok(answers
-        .first()
-        .map(|a| a.stdout.join("\n"))
-        .unwrap_or_default())
-}
-
 /// A shell line on PgBouncer's admin console of a web or worker server (`operations`'
 /// `pgbouncer_*_line`), run as root with the credentials of the root-only file the recipe
 /// writes (`rigger_recipes::pgbouncer_admin_env`; never on the command line).
@@ -325,12 +316,13 @@ fn status(
     json: bool,
 ) -> Result<(), Failure> {
     let databases = result_of(runtime.block_on(provider.databases()))?;
-    let mut status = DbStatus {
-        primary: databases.primary.as_ref().map(|p| p.name.clone()),
-        replicas: Vec::new(),
-        pgbouncers: Vec::new(),
+    let known = |s: &DbServer| DatabaseServer {
+        id: s.id.clone(),
+        name: s.name.clone(),
     };
-    if emulated {
+    let primary = databases.primary.as_ref().map(known);
+    let replicas: Vec<DatabaseServer> = databases.replicas.iter().map(known).collect();
+    let status = if emulated {
         say(
             settings,
             &format!(
@@ -338,33 +330,29 @@ fn status(
                 aws::EMULATED
             ),
         );
-    } else if databases.primary.is_some() {
-        status.replicas = control::parse_replicas(&psql_on(
-            settings,
-            "db-primary",
-            control::REPLICATION_STATUS_SQL,
-        )?);
-        status.pgbouncers = pools(settings)?;
-    }
-    // Replicas by their names (PostgreSQL knows their recipe ids); those it does not see
-    // streaming are down or catching up.
-    for server in &databases.replicas {
-        match status.replicas.iter_mut().find(|r| r.id == server.id) {
-            Some(row) => row.id.clone_from(&server.name),
-            None => status.replicas.push(control::DbReplica {
-                id: server.name.clone(),
-                state: if emulated {
-                    "unknown".into()
-                } else {
-                    "not streaming".into()
-                },
-                lag_bytes: None,
-                lag_seconds: None,
-                slot: None,
-                slot_active: None,
-            }),
+        DbStatus {
+            primary: primary.map(|p| p.name),
+            replicas: replicas
+                .iter()
+                .map(|r| DbReplica::unseen(&r.name, "unknown"))
+                .collect(),
+            pgbouncers: Vec::new(),
         }
-    }
+    } else {
+        // The servers are found once; every statement runs on them.
+        let fleet = remote::fleet(settings)?;
+        let mut view = AwsDatabases {
+            settings,
+            provider,
+            fleet: &fleet,
+            promoted: None,
+        };
+        runtime.block_on(engine_database::db_status(
+            &mut view,
+            primary.as_ref(),
+            &replicas,
+        ))?
+    };
     if json {
         // The local provider's shape, plus the servers as AWS shows them.
         let encode = |e: serde_json::Error| Failure::Operation(e.into());
@@ -423,29 +411,6 @@ fn print_replication(status: &DbStatus) {
     });
 }
 
-fn pools(settings: &Settings) -> Result<Vec<PgBouncerPools>, Failure> {
-    let selectors: Vec<String> = APP_SERVERS.iter().map(|s| (*s).to_owned()).collect();
-    let answers = run_captured(settings, &selectors, &|layout| {
-        pgbouncer_job(layout, &operations::pgbouncer_admin_line(&["SHOW POOLS"]))
-    })?;
-    Ok(answers
-        .iter()
-        .map(|answer| {
-            let (client_connections, server_connections) = if answer.succeeded() {
-                control::pool_counts(&answer.stdout.join("\n"))
-            } else {
-                (0, 0)
-            };
-            PgBouncerPools {
-                server: answer.server.clone(),
-                client_connections,
-                server_connections,
-                error: (!answer.succeeded()).then(|| answer.describe_failure()),
-            }
-        })
-        .collect())
-}
-
 /// Promotes a replica with the engine's failover ([`rigger_engine::failover`]), the servers
 /// reached over SSH ([`AwsDatabases`]). Against an emulator only the AWS half runs.
 fn promote(
@@ -486,7 +451,7 @@ fn promote(
             settings,
             provider,
             fleet: &fleet,
-            promoted: &target,
+            promoted: Some(&target),
         };
         let promoted = runtime
             .block_on(failover::promote(&mut servers, &failover))
@@ -545,7 +510,8 @@ struct AwsDatabases<'a> {
     provider: &'a Provider,
     /// The servers as they were before the failover (the promoted one under its replica name).
     fleet: &'a remote::Fleet,
-    promoted: &'a DbServer,
+    /// The replica a failover promotes.
+    promoted: Option<&'a DbServer>,
 }
 
 impl AwsDatabases<'_> {
@@ -577,6 +543,37 @@ impl AwsDatabases<'_> {
     }
 }
 
+impl DatabaseView for AwsDatabases<'_> {
+    type Error = Failure;
+
+    async fn query(&mut self, server: &str, sql: &str) -> Result<String, Failure> {
+        self.psql(server, sql).await
+    }
+
+    async fn show_pools(&mut self) -> Vec<(String, Result<String, String>)> {
+        let selectors: Vec<String> = APP_SERVERS.iter().map(|s| (*s).to_owned()).collect();
+        let line = operations::pgbouncer_admin_line(&["SHOW POOLS"]);
+        match remote::run_on(self.fleet, &selectors, &|layout| {
+            pgbouncer_job(layout, &line)
+        })
+        .await
+        {
+            Ok(answers) => answers
+                .iter()
+                .map(|answer| {
+                    let rows = if answer.succeeded() {
+                        Ok(answer.stdout.join("\n"))
+                    } else {
+                        Err(answer.describe_failure())
+                    };
+                    (answer.server.clone(), rows)
+                })
+                .collect(),
+            Err(failure) => vec![("(app servers)".to_owned(), Err(failure.to_string()))],
+        }
+    }
+}
+
 impl FailoverTarget for AwsDatabases<'_> {
     type Error = Failure;
     type Switched = database::FailedOver;
@@ -604,14 +601,17 @@ impl FailoverTarget for AwsDatabases<'_> {
     /// replication slots of the replicas `up` builds next, on the new primary.
     async fn switch(&mut self) -> Result<database::FailedOver, Failure> {
         let settings = self.settings;
+        let promoted = self
+            .promoted
+            .ok_or_else(|| Failure::Operation(anyhow!("no replica to promote was named")))?;
         let report = |line: &str| say(settings, &format!("  {line}"));
         let done = result_of(
             self.provider
-                .fail_over(&self.promoted.instance_id, &report)
+                .fail_over(&promoted.instance_id, &report)
                 .await,
         )?;
         if let Some(sql) = database::create_slots_sql(&done.replicas_to_build) {
-            self.psql(&self.promoted.name, &sql).await?;
+            self.psql(&promoted.name, &sql).await?;
         }
         Ok(done)
     }

@@ -10,10 +10,8 @@ use super::{runtime, say};
 use crate::args::DbCommand;
 use crate::{Failure, Settings};
 
+/// `rigger db` on a local environment (AWS ones: `aws_db.rs`).
 pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure> {
-    if super::aws::is_aws(settings)? {
-        return super::aws_db::run(command, settings);
-    }
     let env = local_environment(settings)?;
     let runtime = runtime()?;
     match command {
@@ -100,7 +98,7 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
 }
 
 /// Each replica's state, lag and slot, and each PgBouncer's connections (both providers).
-pub(crate) fn print_replication(status: &control::DbStatus) {
+pub(crate) fn print_replication(status: &rigger_engine::database::DbStatus) {
     for replica in &status.replicas {
         println!(
             "replica  {:<14} {:<14} lag {} bytes, {} s  slot {}",

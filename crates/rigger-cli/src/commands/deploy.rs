@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
+use rigger_config::ProviderKind;
 use rigger_local::control::{self, DeployOptions, DeployTarget};
 
 use super::local::local_environment;
@@ -87,12 +88,15 @@ pub(crate) fn finished(
     }
 }
 
-pub(crate) fn releases(args: ReleasesArgs, settings: &Settings) -> Result<(), Failure> {
+pub(crate) fn releases(
+    args: ReleasesArgs,
+    settings: &Settings,
+    provider: ProviderKind,
+) -> Result<(), Failure> {
     let ReleasesArgs { json } = args;
-    let history = if super::aws::is_aws(settings)? {
-        super::aws::history(settings)?
-    } else {
-        rigger_local::release::history(&local_environment(settings)?.paths)
+    let history = match provider {
+        ProviderKind::Aws => super::aws::history(settings)?,
+        ProviderKind::Local => rigger_local::release::history(&local_environment(settings)?.paths),
     };
     if json {
         println!(

@@ -4,6 +4,7 @@
 
 use anyhow::anyhow;
 use rigger_aws::image::{self, BuildOptions, BuildOutcome};
+use rigger_config::ProviderKind;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::aws::{failed, provider};
@@ -11,16 +12,19 @@ use super::{runtime, say};
 use crate::args::{ImageBuildArgs, ImageCommand};
 use crate::{Failure, Settings};
 
-pub(crate) fn run(command: ImageCommand, settings: &Settings) -> Result<(), Failure> {
+pub(crate) fn run(
+    command: ImageCommand,
+    settings: &Settings,
+    provider: ProviderKind,
+) -> Result<(), Failure> {
     match command {
-        ImageCommand::Build(args) => build(args, settings),
+        ImageCommand::Build(args) => build(args, settings, provider),
     }
 }
 
-fn build(args: ImageBuildArgs, settings: &Settings) -> Result<(), Failure> {
+fn build(args: ImageBuildArgs, settings: &Settings, kind: ProviderKind) -> Result<(), Failure> {
     let config = super::load_config(settings)?;
-    super::environment(&config, settings)?;
-    if !super::aws::is_aws(settings)? {
+    if kind != ProviderKind::Aws {
         return Err(Failure::Usage(anyhow!(
             "`{}` is a local environment: `rigger image build` bakes AMIs for AWS environments \
              (the local provider runs on this machine's packages)",

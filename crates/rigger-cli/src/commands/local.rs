@@ -143,12 +143,17 @@ pub(crate) fn scale(args: ScaleArgs, settings: &Settings) -> Result<(), Failure>
     Ok(())
 }
 
-pub(crate) fn secrets(command: SecretsCommand, settings: &Settings) -> Result<(), Failure> {
+pub(crate) fn secrets(
+    command: SecretsCommand,
+    settings: &Settings,
+    provider: ProviderKind,
+) -> Result<(), Failure> {
     let SecretsCommand::List { json } = command;
-    let names = if super::aws::is_aws(settings)? {
-        super::aws::secret_names(settings)?
-    } else {
-        rigger_local::secrets::names(&local_environment(settings)?.paths.secrets())
+    let names = match provider {
+        ProviderKind::Aws => super::aws::secret_names(settings)?,
+        ProviderKind::Local => {
+            rigger_local::secrets::names(&local_environment(settings)?.paths.secrets())
+        }
     };
     if json {
         println!(

@@ -14,45 +14,76 @@ mod remote;
 mod validate;
 
 use anyhow::Context as _;
-use rigger_config::{Config, LoadError};
+use rigger_config::{Config, LoadError, ProviderKind};
 
 use crate::args::Command;
 use crate::{Failure, Settings};
 
 pub(crate) fn dispatch(command: Command, settings: &Settings) -> Result<(), Failure> {
     match command {
+        // Commands on the configuration, the lab, or this machine's supervisor.
         Command::Init(args) => init::run(args, settings),
         Command::Validate => validate::run(settings),
         Command::Plan(args) => plan::run(args, settings),
-        // AWS environments go to the AWS provider (commands/aws.rs).
-        Command::Up if aws::is_aws(settings)? => aws::up(settings),
-        Command::Down(args) if aws::is_aws(settings)? => aws::down(args, settings),
-        Command::Status(args) if aws::is_aws(settings)? => aws::status(args, settings),
-        Command::Deploy(args) if aws::is_aws(settings)? => aws::deploy(args, settings),
-        Command::Lock(command) if aws::is_aws(settings)? => aws::lock(command, settings),
-        Command::Rollback(args) if aws::is_aws(settings)? => aws::rollback(args, settings),
-        Command::Scale(args) if aws::is_aws(settings)? => aws::scale(args, settings),
-        Command::Maintenance(args) if aws::is_aws(settings)? => {
-            deploy::maintenance_aws(args, settings)
-        }
-        Command::Up => local::up(settings),
-        Command::Down(args) => local::down(args, settings),
-        Command::Status(args) => local::status(args, settings),
-        Command::Scale(args) => local::scale(args, settings),
-        Command::Secrets(command) => local::secrets(command, settings),
+        Command::Lab(args) => lab::run(args, settings),
         Command::Supervise => local::supervise(settings),
+        // Commands on servers: the fleet is found per provider (remote.rs).
         Command::Exec(args) => remote::exec(args, settings),
         Command::Manage(args) => remote::manage(args, settings),
         Command::Logs(args) => remote::logs(args, settings),
         Command::Ssh(args) => remote::ssh(args, settings),
-        Command::Deploy(args) => deploy::deploy(args, settings),
-        Command::Rollback(args) => deploy::rollback(args, settings),
-        Command::Releases(args) => deploy::releases(args, settings),
-        Command::Lock(command) => deploy::lock(command, settings),
-        Command::Maintenance(args) => deploy::maintenance(args, settings),
-        Command::Db(command) => db::run(command, settings),
-        Command::Lab(args) => lab::run(args, settings),
-        Command::Image(command) => image::run(command, settings),
+        command => on_environment(command, settings, provider_kind(settings)?),
+    }
+}
+
+/// The provider of the environment `-e` names. The configuration is loaded (and an invalid
+/// one stops the command) once, here.
+pub(crate) fn provider_kind(settings: &Settings) -> Result<ProviderKind, Failure> {
+    let config = load_config(settings)?;
+    Ok(environment(&config, settings)?.provider_kind())
+}
+
+/// A command on an environment, sent to its provider's module.
+fn on_environment(
+    command: Command,
+    settings: &Settings,
+    provider: ProviderKind,
+) -> Result<(), Failure> {
+    use ProviderKind::{Aws, Local};
+    match (provider, command) {
+        (Aws, Command::Up) => aws::up(settings),
+        (Aws, Command::Down(args)) => aws::down(args, settings),
+        (Aws, Command::Status(args)) => aws::status(args, settings),
+        (Aws, Command::Scale(args)) => aws::scale(args, settings),
+        (Aws, Command::Deploy(args)) => aws::deploy(args, settings),
+        (Aws, Command::Rollback(args)) => aws::rollback(args, settings),
+        (Aws, Command::Lock(command)) => aws::lock(command, settings),
+        (Aws, Command::Maintenance(args)) => deploy::maintenance_aws(args, settings),
+        (Aws, Command::Db(command)) => aws_db::run(command, settings),
+        (Local, Command::Up) => local::up(settings),
+        (Local, Command::Down(args)) => local::down(args, settings),
+        (Local, Command::Status(args)) => local::status(args, settings),
+        (Local, Command::Scale(args)) => local::scale(args, settings),
+        (Local, Command::Deploy(args)) => deploy::deploy(args, settings),
+        (Local, Command::Rollback(args)) => deploy::rollback(args, settings),
+        (Local, Command::Lock(command)) => deploy::lock(command, settings),
+        (Local, Command::Maintenance(args)) => deploy::maintenance(args, settings),
+        (Local, Command::Db(command)) => db::run(command, settings),
+        (provider, Command::Secrets(command)) => local::secrets(command, settings, provider),
+        (provider, Command::Releases(args)) => deploy::releases(args, settings, provider),
+        (provider, Command::Image(command)) => image::run(command, settings, provider),
+        (
+            _,
+            command @ (Command::Init(_)
+            | Command::Validate
+            | Command::Plan(_)
+            | Command::Lab(_)
+            | Command::Supervise
+            | Command::Exec(_)
+            | Command::Manage(_)
+            | Command::Logs(_)
+            | Command::Ssh(_)),
+        ) => dispatch(command, settings),
     }
 }
 
