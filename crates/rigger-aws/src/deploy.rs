@@ -424,7 +424,7 @@ impl crate::Provider {
     }
 
     /// Takes the deploy lock to go back to a release already in the bucket, without
-    /// rebuilding it: `to`, or else the last release that succeeded before the current one.
+    /// rebuilding it: the one [`rigger_plan::deploys::rollback_target`] chooses.
     /// The caller goes on with [`Self::finish_deploy`] (no migrations: the release ran them
     /// when it was first deployed).
     pub async fn start_rollback(
@@ -436,52 +436,32 @@ impl crate::Provider {
         let (_, live) = self.observe().await?;
         let current = self.current_release(&live).unwrap_or_default();
         let history = history(&self.env, &self.clients).await?;
-        let succeeded: Vec<&DeployRecord> =
-            history.iter().filter(|r| r.result == "succeeded").collect();
-        let target = match to {
-            Some(id) => history
-                .iter()
-                .rev()
-                .find(|r| r.release == id)
-                .ok_or_else(|| {
-                    AwsError::precondition(
-                        "(rollback)",
-                        id,
-                        "no such release in the environment's history",
-                        "`rigger releases` lists them",
-                    )
-                })?,
-            None => {
-                let position = succeeded.iter().rposition(|r| r.release == current);
-                let before = match position {
-                    Some(index) => succeeded[..index]
-                        .iter()
-                        .rev()
-                        .find(|r| r.release != current),
-                    None => succeeded.iter().rev().find(|r| r.release != current),
-                };
-                before.copied().ok_or_else(|| {
-                    AwsError::precondition(
-                        "(rollback)",
-                        &current,
-                        format!("no release before {current} to roll back to"),
-                        "`rigger releases` lists them, `--to ID` picks one",
-                    )
-                })?
-            }
-        };
+        let release =
+            rigger_plan::deploys::rollback_target(&history, &current, to).map_err(|why| {
+                AwsError::precondition(
+                    "(rollback)",
+                    to.unwrap_or(&current),
+                    why.problem(),
+                    why.help(),
+                )
+            })?;
+        // The revision it was built from, as recorded when it was deployed.
+        let revision = history
+            .iter()
+            .rev()
+            .find(|r| r.release == release)
+            .map(|r| r.revision.clone())
+            .unwrap_or_default();
         let bucket = crate::releases::find(&self.env, &self.clients)
             .await?
             .unwrap_or_default();
-        if bucket.is_empty()
-            || !crate::releases::exists(&self.clients, &bucket, &target.release).await?
-        {
+        if bucket.is_empty() || !crate::releases::exists(&self.clients, &bucket, &release).await? {
             return Err(AwsError::precondition(
                 "HeadObject",
-                crate::releases::object_key(&target.release),
+                crate::releases::object_key(&release),
                 format!(
                     "release {} is no longer in the environment's bucket",
-                    target.release
+                    release
                 ),
                 "deploy its revision again with `rigger deploy --revision`",
             ));
@@ -490,14 +470,14 @@ impl crate::Provider {
         let lock = self
             .take_lock(
                 requester,
-                &format!("rollback to {}", target.release),
+                &format!("rollback to {release}"),
                 started,
                 report,
             )
             .await?;
         Ok(StartedDeploy {
-            release: target.release.clone(),
-            revision: target.revision.clone(),
+            release,
+            revision,
             bucket,
             lock,
         })

@@ -6,7 +6,7 @@
 //! `s3:GetObject` in buckets named `<project>-<env>-releases-*`).
 //!
 //! Every release a server launches with is there first: a deploy uploads its own, and the
-//! first `up` uploads the first release ([`FIRST`]) before it creates the groups
+//! first `up` uploads the first release ([`INITIAL_RELEASE`]) before it creates the groups
 //! ([`crate::Provider::first_release_missing`], [`crate::Provider::upload_first_release`]),
 //! so web and worker servers boot with the app.
 
@@ -28,9 +28,9 @@ pub const BUCKET_PARAMETER: &str = "deploy/bucket";
 
 /// The release the first `up` launches the groups with, before any deploy: the app at git
 /// `HEAD` when `up` ran, uploaded once (never replaced: servers may already run it). Named as
-/// the local provider's first release (`rigger_local::release::INITIAL`). Its servers run its
+/// the local provider's first release. Its servers run its
 /// migrations at boot ([`crate::userdata`]): there is no earlier release to keep serving.
-pub const FIRST: &str = "initial";
+pub use rigger_plan::deploys::INITIAL_RELEASE;
 
 /// Where a release's wheels are, relative to its top: one for every requirement, built on the
 /// operator's machine, so servers install the app with `pip install --no-index --find-links`
@@ -275,7 +275,7 @@ pub async fn exists(clients: &Clients, bucket: &str, id: &str) -> Result<bool, A
 }
 
 impl crate::Provider {
-    /// Whether `up` must upload the first release ([`FIRST`]) before it launches anything:
+    /// Whether `up` must upload the first release ([`INITIAL_RELEASE`]) before it launches anything:
     /// the groups do not exist yet (or run the first release, made by an earlier `up` that
     /// uploaded nothing), and the bucket lacks it. A few calls, so that `up` builds the
     /// release only when it needs it.
@@ -296,17 +296,17 @@ impl crate::Provider {
                     .and_then(|t| t.launch_template_name()),
                 group.launch_configuration_name(),
             );
-            if release.as_deref() != Some(FIRST) {
+            if release.as_deref() != Some(INITIAL_RELEASE) {
                 return Ok(false);
             }
         }
         match find(&self.env, &self.clients).await? {
-            Some(bucket) => Ok(!exists(&self.clients, &bucket, FIRST).await?),
+            Some(bucket) => Ok(!exists(&self.clients, &bucket, INITIAL_RELEASE).await?),
             None => Ok(true),
         }
     }
 
-    /// Uploads `artifact` as the first release ([`FIRST`], whatever its id), into the
+    /// Uploads `artifact` as the first release ([`INITIAL_RELEASE`], whatever its id), into the
     /// environment's bucket (made if missing), unless the bucket has one already.
     pub async fn upload_first_release(
         &self,
@@ -314,11 +314,11 @@ impl crate::Provider {
         report: &(dyn Fn(&str) + Sync),
     ) -> Result<(), AwsError> {
         let bucket = ensure(&self.env, &self.clients, report).await?;
-        if upload_once(&self.clients, &bucket, FIRST, &artifact.tarball).await? {
+        if upload_once(&self.clients, &bucket, INITIAL_RELEASE, &artifact.tarball).await? {
             report(&format!(
                 "uploaded the first release ({}) to s3://{bucket}/{}",
                 artifact.revision,
-                object_key(FIRST)
+                object_key(INITIAL_RELEASE)
             ));
         }
         Ok(())

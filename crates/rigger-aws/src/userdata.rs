@@ -17,7 +17,7 @@
 //! Servers launched together boot in any order and the script runs once, so a step that needs
 //! a peer (a replica's base backup needs its primary up and set up) is retried with growing
 //! pauses for a bounded time ([`RETRY_FUNCTION`]). Web and worker servers fetch their release
-//! before anything starts; those of the first release ([`crate::releases::FIRST`]) run its
+//! before anything starts; those of the first release ([`rigger_plan::deploys::INITIAL_RELEASE`]) run its
 //! migrations first, one server at a time, so none serves before them. Debian's own units for
 //! the programs rigger runs are disabled, and its epmd (which listens on every address)
 //! masked.
@@ -395,7 +395,7 @@ fn write_certificate(w: &mut String, ctx: &ServerContext) -> Result<(), String> 
 /// requirements installed from the release's own wheels by the layout's build user into the
 /// venv, which then becomes root's. Every release is in the bucket before a server
 /// launches with it: a deploy uploads its own, `up` the first one
-/// ([`crate::releases::FIRST`]).
+/// ([`rigger_plan::deploys::INITIAL_RELEASE`]).
 fn write_release_fetch(w: &mut String, env: &AwsEnvironment, ctx: &ServerContext) {
     if !is_app_server(ctx) {
         return;
@@ -436,7 +436,7 @@ fn is_app_server(ctx: &ServerContext) -> bool {
 /// migrations ran, and the first `up` needs no SSH. Later releases are migrated by `rigger
 /// deploy` before any server switches to them.
 fn write_first_release_migrations(w: &mut String, ctx: &ServerContext, group_server: bool) {
-    if !is_app_server(ctx) || ctx.project.release != crate::releases::FIRST {
+    if !is_app_server(ctx) || ctx.project.release != rigger_plan::deploys::INITIAL_RELEASE {
         return;
     }
     let _ = writeln!(

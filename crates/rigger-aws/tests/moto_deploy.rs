@@ -253,7 +253,7 @@ async fn a_deploy_before_up_is_refused_with_nothing_uploaded_or_locked() {
 /// deployed release needs none.
 #[tokio::test]
 async fn the_first_release_is_uploaded_once_before_the_groups_launch() {
-    use rigger_aws::releases::{FIRST, exists, find, object_key};
+    use rigger_aws::releases::{INITIAL_RELEASE, exists, find, object_key};
     let moto = Moto::start();
     let provider = provider(&moto, config(&config_text("", 1, "t3.small"))).await;
     assert!(
@@ -268,7 +268,11 @@ async fn the_first_release_is_uploaded_once_before_the_groups_launch() {
         .await
         .unwrap()
         .unwrap();
-    assert!(exists(&provider.clients, &bucket, FIRST).await.unwrap());
+    assert!(
+        exists(&provider.clients, &bucket, INITIAL_RELEASE)
+            .await
+            .unwrap()
+    );
     assert!(!provider.first_release_missing().await.unwrap());
 
     // A second upload (another `up`, racing or later) leaves the first one as it was.
@@ -284,7 +288,7 @@ async fn the_first_release_is_uploaded_once_before_the_groups_launch() {
         .s3
         .get_object()
         .bucket(&bucket)
-        .key(object_key(FIRST))
+        .key(object_key(INITIAL_RELEASE))
         .send()
         .await
         .unwrap()
@@ -295,7 +299,7 @@ async fn the_first_release_is_uploaded_once_before_the_groups_launch() {
         .into_bytes();
     assert_eq!(&stored[..], b"not really a tarball");
 
-    provider.up(FIRST, &quiet).await.unwrap();
+    provider.up(INITIAL_RELEASE, &quiet).await.unwrap();
     assert!(!provider.first_release_missing().await.unwrap());
 
     // Groups at a deployed release: the first one is not needed, even if it is gone.

@@ -64,7 +64,12 @@ fn first_release_scripts() -> Vec<(String, String)> {
     [Role::Web, Role::Worker]
         .into_iter()
         .map(|role| {
-            let ctx = env.context(&network, &[role], None, rigger_aws::releases::FIRST);
+            let ctx = env.context(
+                &network,
+                &[role],
+                None,
+                rigger_plan::deploys::INITIAL_RELEASE,
+            );
             (
                 format!("{role}-first-release"),
                 rigger_aws::userdata::script(&env, &ctx, &DataVolume::Mapped).unwrap(),
@@ -266,7 +271,7 @@ fn user_data_fits_in_ec2s_limit() {
         rigger_aws::userdata::user_data(&env, &ctx, &attached()).unwrap();
     }
     for role in [Role::Web, Role::Worker] {
-        for release in ["r1", rigger_aws::releases::FIRST] {
+        for release in ["r1", rigger_plan::deploys::INITIAL_RELEASE] {
             let ctx = env.context(&network, &[role], None, release);
             rigger_aws::userdata::user_data(&env, &ctx, &DataVolume::Mapped).unwrap();
         }

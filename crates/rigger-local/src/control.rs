@@ -98,7 +98,7 @@ use std::os::unix::process::CommandExt as _;
 fn pending_changes(env: &LocalEnvironment) -> anyhow::Result<usize> {
     let release = crate::registry::Registry::load(&env.paths.registry())?
         .current_release
-        .unwrap_or_else(|| crate::release::INITIAL.to_owned());
+        .unwrap_or_else(|| rigger_plan::deploys::INITIAL_RELEASE.to_owned());
     let topology = rigger_topology::desired(&env.config, &env.name, &release)?;
     let plan = rigger_plan::plan(&crate::observe::observe(env, &topology), &topology);
     Ok(plan
@@ -316,8 +316,11 @@ pub async fn deploy(
                 .await?
                 .id
         }
-        DeployTarget::Existing(id) => release::ReleaseManifest::load(&env.paths, &id)?.id,
-        DeployTarget::Previous => previous_release(env)?,
+        DeployTarget::Existing(id) => {
+            let id = rollback_target(env, Some(&id))?;
+            release::ReleaseManifest::load(&env.paths, &id)?.id
+        }
+        DeployTarget::Previous => rollback_target(env, None)?,
     };
     progress(&format!("rolling out release {release}"));
     let request = DeployRequest {
@@ -382,26 +385,14 @@ async fn await_outcome<T>(
 
 use std::str::FromStr as _;
 
-/// The release deployed before the current one, from the history.
-fn previous_release(env: &LocalEnvironment) -> anyhow::Result<String> {
+/// The release a rollback goes to ([`rigger_plan::deploys::rollback_target`], the rule both
+/// providers share): `to`, or the one that ran before the current one.
+fn rollback_target(env: &LocalEnvironment, to: Option<&str>) -> anyhow::Result<String> {
     let current = crate::registry::Registry::load(&env.paths.registry())?
         .current_release
-        .unwrap_or_else(|| crate::release::INITIAL.to_owned());
-    let mut succeeded: Vec<String> = crate::release::history(&env.paths)
-        .into_iter()
-        .filter(|record| record.result == "succeeded")
-        .map(|record| record.release)
-        .collect();
-    succeeded.dedup();
-    let position = succeeded.iter().rposition(|id| *id == current);
-    let before = match position {
-        Some(0) => Some(crate::release::INITIAL.to_owned()),
-        Some(index) => succeeded.get(index - 1).cloned(),
-        None => None,
-    };
-    before
-        .filter(|id| *id != current)
-        .with_context(|| format!("no release before {current} to roll back to; `rigger releases` lists them, `--to ID` picks one"))
+        .unwrap_or_else(|| rigger_plan::deploys::INITIAL_RELEASE.to_owned());
+    let history = crate::release::history(&env.paths);
+    rigger_plan::deploys::rollback_target(&history, &current, to).map_err(anyhow::Error::msg)
 }
 
 /// Puts every web server into (or out of) maintenance: each answers 503 with the maintenance
@@ -422,7 +413,7 @@ pub fn maintenance(env: &LocalEnvironment, on: bool) -> anyhow::Result<()> {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
     let current = crate::registry::Registry::load(&env.paths.registry())?
         .current_release
-        .unwrap_or_else(|| crate::release::INITIAL.to_owned());
+        .unwrap_or_else(|| rigger_plan::deploys::INITIAL_RELEASE.to_owned());
     let app_page = env.paths.release(&current).join("maintenance.html");
     let html = std::fs::read_to_string(&app_page)
         .unwrap_or_else(|_| rigger_recipes::operations::DEFAULT_MAINTENANCE_PAGE.to_owned());

@@ -19,7 +19,7 @@ use crate::environment::LocalEnvironment;
 use crate::paths::EnvPaths;
 
 /// The release the first `up` builds from the working tree, before any deploy.
-pub const INITIAL: &str = "initial";
+pub use rigger_plan::deploys::INITIAL_RELEASE;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseManifest {
@@ -74,16 +74,23 @@ pub fn process_exists(pid: i32) -> bool {
 
 /// The working tree's app as the `initial` release (the first `up`, before any deploy).
 pub async fn ensure_initial(env: &LocalEnvironment) -> anyhow::Result<ReleaseManifest> {
-    if let Ok(manifest) = ReleaseManifest::load(&env.paths, INITIAL) {
+    if let Ok(manifest) = ReleaseManifest::load(&env.paths, INITIAL_RELEASE) {
         return Ok(manifest);
     }
     // A copy from before releases had manifests: replaced (releases are immutable, but this
     // one was never complete).
-    let _ = std::fs::remove_dir_all(env.paths.release(INITIAL));
-    let staging = staging_dir(&env.paths, INITIAL)?;
+    let _ = std::fs::remove_dir_all(env.paths.release(INITIAL_RELEASE));
+    let staging = staging_dir(&env.paths, INITIAL_RELEASE)?;
     let log = env.paths.releases().join("build.log");
     copy_working_tree(&env.app_source(), &staging, &log).await?;
-    finish(env, staging, INITIAL, String::new(), "working tree".into()).await
+    finish(
+        env,
+        staging,
+        INITIAL_RELEASE,
+        String::new(),
+        "working tree".into(),
+    )
+    .await
 }
 
 /// Builds a release of the app at `revision` (default HEAD). A working tree with uncommitted

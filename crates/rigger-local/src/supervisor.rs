@@ -229,7 +229,7 @@ impl Supervisor {
         self.registry
             .current_release
             .clone()
-            .unwrap_or_else(|| release::INITIAL.to_owned())
+            .unwrap_or_else(|| rigger_plan::deploys::INITIAL_RELEASE.to_owned())
     }
 
     fn prepared(&self) -> Arc<Prepared> {
@@ -261,7 +261,7 @@ impl Supervisor {
         self.scaled = DesiredCounts::load(&self.env.paths.desired())?;
         if self.registry.current_release.is_none() {
             release::ensure_initial(&self.env).await?;
-            self.registry.current_release = Some(release::INITIAL.to_owned());
+            self.registry.current_release = Some(rigger_plan::deploys::INITIAL_RELEASE.to_owned());
             self.save_registry()?;
         }
 

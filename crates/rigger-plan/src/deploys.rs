@@ -3,7 +3,8 @@
 //! the state directory, the AWS provider as an object in the environment's bucket; both change
 //! it only by compare-and-swap, decide staleness with [`LockHolder::is_stale`] and what
 //! `rigger lock release [--id ID]` may remove with [`LockHolder::may_release`]).
-//! [`DeployRecord`]: one deploy in the environment's history (`rigger releases`).
+//! [`DeployRecord`]: one deploy in the environment's history (`rigger releases`), and
+//! [`rollback_target`]: which release `rigger rollback` goes to.
 //!
 //! Pure like the rest of this crate: the clock, the host name and "is this process alive" are
 //! the caller's arguments.
@@ -126,6 +127,88 @@ pub struct DeployRecord {
     pub reason: String,
 }
 
+/// The release `up` starts an environment with (the working tree when it was first brought
+/// up), before any deploy: it is in no history, and a rollback may go back to it.
+pub const INITIAL_RELEASE: &str = "initial";
+
+/// Why [`rollback_target`] found no release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoRollbackTarget {
+    /// `--to ID` names a release that was never deployed here.
+    NotInHistory(String),
+    /// Nothing ran before the current release.
+    NothingBefore(String),
+}
+
+impl NoRollbackTarget {
+    /// What is wrong.
+    pub fn problem(&self) -> String {
+        match self {
+            NoRollbackTarget::NotInHistory(id) => {
+                format!("release {id} was never deployed to this environment")
+            }
+            NoRollbackTarget::NothingBefore(current) => {
+                format!("no release before {current} to roll back to")
+            }
+        }
+    }
+
+    /// What to do.
+    pub fn help(&self) -> &'static str {
+        match self {
+            NoRollbackTarget::NotInHistory(_) => "`rigger releases` lists them",
+            NoRollbackTarget::NothingBefore(_) => {
+                "`rigger releases` lists them, `--to ID` picks one"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for NoRollbackTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; {}", self.problem(), self.help())
+    }
+}
+
+/// The release `rigger rollback` goes to, the same rule on every provider: `to` when given
+/// (a release of the history, or [`INITIAL_RELEASE`]); otherwise the last release that
+/// succeeded before `current` was first deployed (the initial one counting as succeeded
+/// first), so that rolling back twice goes further back instead of forward again to the
+/// release the first rollback left. When `current` is in no successful record (a deploy cut
+/// off, or one that failed), the last release that succeeded is the one to go back to.
+pub fn rollback_target(
+    history: &[DeployRecord],
+    current: &str,
+    to: Option<&str>,
+) -> Result<String, NoRollbackTarget> {
+    if let Some(id) = to {
+        return if id == INITIAL_RELEASE || history.iter().any(|r| r.release == id) {
+            Ok(id.to_owned())
+        } else {
+            Err(NoRollbackTarget::NotInHistory(id.to_owned()))
+        };
+    }
+    let mut succeeded: Vec<&str> = std::iter::once(INITIAL_RELEASE)
+        .chain(
+            history
+                .iter()
+                .filter(|r| r.result == "succeeded")
+                .map(|r| r.release.as_str()),
+        )
+        .collect();
+    succeeded.dedup();
+    let before = match succeeded.iter().position(|id| *id == current) {
+        Some(index) => &succeeded[..index],
+        None => &succeeded[..],
+    };
+    before
+        .iter()
+        .rev()
+        .find(|id| **id != current)
+        .map(|id| (*id).to_owned())
+        .ok_or_else(|| NoRollbackTarget::NothingBefore(current.to_owned()))
+}
+
 /// The host of `user@host` (empty without one).
 pub fn host_of(who: &str) -> &str {
     who.rsplit_once('@').map_or("", |(_, host)| host)
@@ -172,6 +255,54 @@ fn civil(unix_seconds: u64) -> (i64, i64, i64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn deployed(release: &str, result: &str) -> DeployRecord {
+        DeployRecord {
+            release: release.into(),
+            revision: String::new(),
+            by: "alice@laptop".into(),
+            started: 0,
+            finished: 0,
+            result: result.into(),
+            reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_rollback_goes_to_the_last_release_that_succeeded_before_the_current_one() {
+        let history = [
+            deployed("r1", "succeeded"),
+            deployed("r2", "rolled back"),
+            deployed("r3", "succeeded"),
+            deployed("r4", "succeeded"),
+            // A rollback to r3 is recorded as a deploy of r3.
+            deployed("r3", "succeeded"),
+        ];
+        let target = |current, to| rollback_target(&history, current, to);
+        // After rolling back to r3, the next rollback goes to what ran before that r3: r1
+        // (r2 never served).
+        assert_eq!(target("r3", None), Ok("r1".into()));
+        assert_eq!(target("r4", None), Ok("r3".into()));
+        assert_eq!(target("r1", None), Ok(INITIAL_RELEASE.into()));
+        assert_eq!(
+            target(INITIAL_RELEASE, None),
+            Err(NoRollbackTarget::NothingBefore(INITIAL_RELEASE.into()))
+        );
+        // A current release no success records (its deploy was cut off): the last good one.
+        assert_eq!(target("r5", None), Ok("r3".into()));
+        assert_eq!(target("r4", Some("r2")), Ok("r2".into()));
+        assert_eq!(target("r4", Some("initial")), Ok("initial".into()));
+        assert_eq!(
+            target("r4", Some("r9")),
+            Err(NoRollbackTarget::NotInHistory("r9".into()))
+        );
+        assert!(
+            target("r4", Some("r9"))
+                .unwrap_err()
+                .to_string()
+                .contains("`rigger releases` lists them")
+        );
+    }
 
     #[test]
     fn timestamps_are_utc_calendar_dates() {

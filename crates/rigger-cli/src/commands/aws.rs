@@ -129,7 +129,7 @@ pub(crate) fn up(settings: &Settings) -> Result<(), Failure> {
                 .map_err(failed)?;
         }
         let outcome = provider
-            .up(super::plan::INITIAL_RELEASE, &report)
+            .up(rigger_plan::deploys::INITIAL_RELEASE, &report)
             .await
             .map_err(failed)?;
         let status = wait_until_ready(&provider, &report).await?;
@@ -589,7 +589,7 @@ fn app_dir(settings: &Settings, config: &Config) -> std::path::PathBuf {
         .join(&config.project.app_path)
 }
 
-/// The first release `up` launches the groups with ([`rigger_aws::releases::FIRST`]): the app
+/// The first release `up` launches the groups with ([`rigger_plan::deploys::INITIAL_RELEASE`]): the app
 /// at git `HEAD`, so that what runs is a commit (uncommitted changes are left out, with a
 /// warning: `rigger deploy --allow-dirty` ships them). A deploy's rules, without refusing a
 /// dirty tree: nothing runs yet that a mistake could break.
@@ -617,7 +617,7 @@ async fn build_first_release(
         &format!("built the first release from {}", built.revision),
     );
     Ok(Artifact {
-        id: rigger_aws::releases::FIRST.to_owned(),
+        id: rigger_plan::deploys::INITIAL_RELEASE.to_owned(),
         ..built
     })
 }
@@ -800,16 +800,6 @@ pub(crate) fn lock(command: LockCommand, settings: &Settings) -> Result<(), Fail
 
 #[cfg(test)]
 mod tests {
-    /// `up` names the first release as the local provider does, and the servers' scripts
-    /// recognise it by that name (they run its migrations at boot).
-    #[test]
-    fn the_first_release_has_one_name() {
-        assert_eq!(
-            super::super::plan::INITIAL_RELEASE,
-            rigger_aws::releases::FIRST
-        );
-    }
-
     /// While `up` waits, it names the servers that are not in service and what the load
     /// balancer says of each.
     #[test]

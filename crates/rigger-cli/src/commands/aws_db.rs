@@ -628,7 +628,7 @@ impl FailoverTarget for AwsDatabases<'_> {
                 .with_placements(database::placements(&provider.env, &network, &live));
         let release = provider
             .current_release(&live)
-            .unwrap_or_else(|| super::plan::INITIAL_RELEASE.to_owned());
+            .unwrap_or_else(|| rigger_plan::deploys::INITIAL_RELEASE.to_owned());
         for server in rigger_aws::servers::servers(&provider.env, &live) {
             let role = if server.roles.iter().any(|r| r == "web") {
                 rigger_recipes::Role::Web

@@ -6,9 +6,6 @@ use rigger_plan::render;
 use crate::args::PlanArgs;
 use crate::{Failure, Settings};
 
-/// The release name used before the first deploy.
-pub(crate) const INITIAL_RELEASE: &str = rigger_local::release::INITIAL;
-
 pub(crate) fn run(args: PlanArgs, settings: &Settings) -> Result<(), Failure> {
     let PlanArgs { json } = args;
     let config = super::load_config(settings)?;
@@ -20,14 +17,16 @@ pub(crate) fn run(args: PlanArgs, settings: &Settings) -> Result<(), Failure> {
             let release = rigger_local::registry::Registry::load(&env.paths.registry())
                 .map_err(|error| Failure::Operation(error.into()))?
                 .current_release
-                .unwrap_or_else(|| INITIAL_RELEASE.to_owned());
+                .unwrap_or_else(|| rigger_plan::deploys::INITIAL_RELEASE.to_owned());
             let topology = rigger_topology::desired(&env.config, &settings.environment, &release)
                 .map_err(|error| Failure::Usage(error.into()))?;
             (rigger_local::observe::observe(&env, &topology), topology)
         }
         // The live state by tags, and the topology with the groups' live counts
         // (commands/aws.rs).
-        ProviderKind::Aws => super::aws::observe(&config, settings, INITIAL_RELEASE)?,
+        ProviderKind::Aws => {
+            super::aws::observe(&config, settings, rigger_plan::deploys::INITIAL_RELEASE)?
+        }
     };
     let plan = rigger_plan::plan(&observed, &topology);
     if json {
