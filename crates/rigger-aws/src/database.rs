@@ -651,14 +651,6 @@ where
     }
 }
 
-/// A backup's name: `<db>-<UTC timestamp>.dump`, which sorts oldest first.
-pub fn backup_name(db_name: &str, unix_seconds: u64) -> String {
-    format!(
-        "{db_name}-{}.dump",
-        rigger_plan::deploys::utc_timestamp(unix_seconds)
-    )
-}
-
 /// The object key of backup `name`.
 pub fn backup_key(name: &str) -> String {
     format!("{BACKUP_PREFIX}{name}")
@@ -678,7 +670,7 @@ pub async fn list_backups(clients: &Clients, bucket: &str) -> Result<Vec<String>
         let page = page.op("ListObjectsV2", format!("s3://{bucket}/{BACKUP_PREFIX}"))?;
         names.extend(page.contents().iter().filter_map(|o| {
             let name = o.key()?.strip_prefix(BACKUP_PREFIX)?;
-            (name.ends_with(".dump") && !name.contains('/')).then(|| name.to_owned())
+            rigger_engine::backups::is_backup_name(name).then(|| name.to_owned())
         }));
     }
     names.sort();
@@ -693,9 +685,8 @@ pub async fn prune_backups(
     keep: usize,
 ) -> Result<Vec<String>, AwsError> {
     let names = list_backups(clients, bucket).await?;
-    let excess = names.len().saturating_sub(keep.max(1));
     let mut deleted = Vec::new();
-    for name in names.into_iter().take(excess) {
+    for name in rigger_engine::backups::to_prune(&names, keep) {
         let key = backup_key(&name);
         clients
             .s3
@@ -988,15 +979,5 @@ replicas = {replicas}
             "SELECT pg_create_physical_replication_slot(name) FROM (VALUES ('rigger_db_replica2')) AS wanted(name) \
              WHERE name NOT IN (SELECT slot_name FROM pg_replication_slots)"
         );
-    }
-
-    #[test]
-    fn backup_names_sort_by_time() {
-        assert_eq!(backup_name("shop", 0), "shop-19700101T000000Z.dump");
-        assert_eq!(
-            backup_name("shop", 1_767_225_599),
-            "shop-20251231T235959Z.dump"
-        );
-        assert_eq!(backup_key("a.dump"), "backups/a.dump");
     }
 }

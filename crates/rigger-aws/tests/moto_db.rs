@@ -248,7 +248,7 @@ async fn backups_are_listed_oldest_first_and_pruned_to_the_newest() {
     let s3 = &provider.clients.s3;
     let names: Vec<String> = [300, 100, 200, 400]
         .iter()
-        .map(|t| database::backup_name("shop", 1_767_225_600 + t))
+        .map(|t| rigger_engine::backups::backup_name("shop", 1_767_225_600 + t))
         .collect();
     for name in &names {
         s3.put_object()

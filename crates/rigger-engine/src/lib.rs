@@ -5,6 +5,7 @@
 //! one at a time; ARCHITECTURE.md says which are where. No AWS SDK and no I/O beyond reading
 //! the clock: a third provider depends on this crate, not on another provider's.
 
+pub mod backups;
 pub mod clock;
 pub mod database;
 pub mod failover;

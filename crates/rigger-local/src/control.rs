@@ -553,11 +553,8 @@ pub async fn db_backup(env: &LocalEnvironment, keep: usize) -> anyhow::Result<st
         .context("there is no primary")?;
     let dir = env.paths.root().join("backups");
     crate::files::create_private_dir(&dir)?;
-    let name = format!(
-        "{}-{}.dump",
-        env.db_name(),
-        crate::release::timestamp(rigger_engine::clock::unix_now())
-    );
+    let name =
+        rigger_engine::backups::backup_name(&env.db_name(), rigger_engine::clock::unix_now());
     let path = dir.join(&name);
     let partial = dir.join(format!(".{name}.partial"));
     let socket = env.paths.server(&primary.id).join("run/postgresql");
@@ -599,10 +596,7 @@ pub async fn db_backup(env: &LocalEnvironment, keep: usize) -> anyhow::Result<st
         file.sync_all()?;
     }
     std::fs::rename(&partial, &path)?;
-    let mut backups = list_backups(env);
-    backups.sort();
-    while backups.len() > keep.max(1) {
-        let oldest = backups.remove(0);
+    for oldest in rigger_engine::backups::to_prune(&list_backups(env), keep) {
         let _ = std::fs::remove_file(dir.join(oldest));
     }
     Ok(path)
@@ -615,7 +609,7 @@ pub fn list_backups(env: &LocalEnvironment) -> Vec<String> {
             entries
                 .filter_map(Result::ok)
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".dump") && !n.starts_with('.'))
+                .filter(|n| rigger_engine::backups::is_backup_name(n))
                 .collect()
         })
         .unwrap_or_default();

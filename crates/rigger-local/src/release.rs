@@ -162,7 +162,7 @@ pub async fn resolve(
     }
     let id = format!(
         "{}-{short}{}",
-        timestamp(now),
+        rigger_plan::deploys::utc_timestamp(now),
         if use_working_tree { "-dirty" } else { "" }
     );
     // `git archive SHA:PREFIX` gives the app's subtree with paths relative to it.
@@ -723,8 +723,6 @@ async fn git_output(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     }
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
-
-pub use rigger_plan::deploys::utc_timestamp as timestamp;
 
 /// One deploy in the environment's history (`releases.jsonl`).
 pub use rigger_plan::deploys::DeployRecord;

@@ -94,7 +94,7 @@ fn run_unlocked(
         DbCommand::Backup { keep } => {
             let bucket = result_of(runtime.block_on(provider.bucket()))?;
             let db = provider.env.db_name();
-            let name = database::backup_name(&db, rigger_engine::clock::unix_now());
+            let name = rigger_engine::backups::backup_name(&db, rigger_engine::clock::unix_now());
             if emulated {
                 say(
                     settings,

@@ -115,7 +115,7 @@ pub(crate) fn releases(
             record.release,
             record.revision.chars().take(12).collect::<String>(),
             record.by,
-            rigger_local::release::timestamp(record.started),
+            rigger_plan::deploys::utc_timestamp(record.started),
             record.result,
             record.finished.saturating_sub(record.started)
         );
