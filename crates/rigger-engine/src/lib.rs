@@ -10,3 +10,4 @@ pub mod clock;
 pub mod database;
 pub mod failover;
 pub mod rollout;
+pub mod targets;

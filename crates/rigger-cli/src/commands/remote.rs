@@ -27,6 +27,8 @@ use rigger_transport::{BoxFuture, ExitStatus, Job, Stream, Transport, TransportE
 
 use super::{runtime, say};
 use crate::args::{ExecArgs, LogsArgs, ManageArgs, SshArgs};
+use rigger_engine::targets::{self, Listed};
+
 use crate::{Failure, Settings};
 
 /// The longest control directory path kept under the state directory; longer ones move to
@@ -358,109 +360,45 @@ fn local_services(servers: &[&Server]) -> Vec<String> {
 }
 
 impl Fleet {
-    /// The servers `selectors` name (roles or ids; all when empty), in the fleet's order.
-    fn select(&self, selectors: &[String]) -> Result<Vec<&Server>, Failure> {
-        let listed: Vec<Listed<'_>> = self
-            .servers
+    /// The servers as the engine's target resolution sees them.
+    fn listed(&self) -> Vec<Listed<'_>> {
+        self.servers
             .iter()
             .map(|s| Listed {
                 id: &s.id,
                 aliases: &s.aliases,
                 roles: &s.roles,
+                state: &s.state,
             })
-            .collect();
-        let indices = select(&listed, selectors).map_err(|e| Failure::Usage(anyhow!(e)))?;
+            .collect()
+    }
+
+    /// The servers `selectors` name (roles or ids; all when empty), in the fleet's order.
+    fn select(&self, selectors: &[String]) -> Result<Vec<&Server>, Failure> {
+        let indices =
+            targets::select(&self.listed(), selectors).map_err(|e| Failure::Usage(anyhow!(e)))?;
         Ok(indices.into_iter().map(|i| &self.servers[i]).collect())
     }
 
     /// The server with this id.
     fn find(&self, id: &str) -> Result<&Server, Failure> {
-        let named = |s: &&Server| s.id == id || s.aliases.iter().any(|a| a == id);
-        self.servers.iter().find(named).ok_or_else(|| {
-            Failure::Usage(anyhow!(
-                "no server `{id}` in {}; its servers are: {}",
-                self.environment,
-                self.ids().join(", ")
-            ))
-        })
+        let index = targets::find(&self.listed(), id)
+            .map_err(|why| Failure::Usage(anyhow!("{why} (in {})", self.environment)))?;
+        Ok(&self.servers[index])
     }
 
     /// `--server` if given (a web or worker server), else the first worker in service.
     fn manage_server(&self, id: Option<&str>) -> Result<&Server, Failure> {
-        let is_app = |s: &Server| s.roles.iter().any(|r| r == "worker" || r == "web");
-        if let Some(id) = id {
-            let server = self.find(id)?;
-            return if is_app(server) {
-                Ok(server)
+        let index = targets::manage_server(&self.listed(), id).map_err(|why| {
+            let message = anyhow!("{}: {why}", self.environment);
+            if id.is_some() {
+                Failure::Usage(message)
             } else {
-                Err(Failure::Usage(anyhow!(
-                    "{id} runs no app code; choose a worker or web server"
-                )))
-            };
-        }
-        let workers = || {
-            self.servers
-                .iter()
-                .filter(|s| s.roles.iter().any(|r| r == "worker"))
-        };
-        workers()
-            .find(|s| s.state == "in_service")
-            .or_else(|| workers().next())
-            .ok_or_else(|| {
-                Failure::Operation(anyhow!(
-                    "{} has no worker server to run manage.py on",
-                    self.environment
-                ))
-            })
-    }
-
-    fn ids(&self) -> Vec<&str> {
-        self.servers.iter().map(|s| s.id.as_str()).collect()
-    }
-}
-
-/// A server as selectors see it.
-struct Listed<'a> {
-    id: &'a str,
-    aliases: &'a [String],
-    roles: &'a [String],
-}
-
-/// The indices of the servers `selectors` name: each selector is a role (every server with
-/// it), a server id or one of its aliases; none selects every server. Unknown selectors are an
-/// error listing the known roles and ids.
-fn select(servers: &[Listed<'_>], selectors: &[String]) -> Result<Vec<usize>, String> {
-    if selectors.is_empty() {
-        return Ok((0..servers.len()).collect());
-    }
-    let mut chosen = vec![false; servers.len()];
-    for selector in selectors {
-        let mut matched = false;
-        for (index, server) in servers.iter().enumerate() {
-            if server.id == selector
-                || server.aliases.contains(selector)
-                || server.roles.contains(selector)
-            {
-                chosen[index] = true;
-                matched = true;
+                Failure::Operation(message)
             }
-        }
-        if !matched {
-            let mut roles: Vec<&str> = servers
-                .iter()
-                .flat_map(|s| s.roles.iter().map(String::as_str))
-                .collect();
-            roles.sort_unstable();
-            roles.dedup();
-            let ids: Vec<&str> = servers.iter().map(|s| s.id).collect();
-            return Err(format!(
-                "no server or role `{selector}`; roles: {}; servers: {}",
-                roles.join(", "),
-                ids.join(", ")
-            ));
-        }
+        })?;
+        Ok(&self.servers[index])
     }
-    Ok((0..servers.len()).filter(|i| chosen[*i]).collect())
 }
 
 /// The environment's servers, from its provider.
@@ -908,42 +846,6 @@ mod tests {
 
     fn roles(names: &[&str]) -> Vec<String> {
         names.iter().map(|s| (*s).to_owned()).collect()
-    }
-
-    fn check_select(selectors: &[&str], expected: Result<Vec<usize>, &str>) {
-        let web = roles(&["web"]);
-        let worker = roles(&["worker"]);
-        let cache = roles(&["cache", "queue"]);
-        let none: Vec<String> = Vec::new();
-        let web_1_aliases = roles(&["i-0a1", "web[1]"]);
-        let listed = |id, aliases, roles| Listed { id, aliases, roles };
-        let servers = vec![
-            listed("web-1", &web_1_aliases, &web),
-            listed("web-2", &none, &web),
-            listed("worker-1", &none, &worker),
-            listed("cache", &none, &cache),
-        ];
-        let selectors: Vec<String> = selectors.iter().map(|s| (*s).to_owned()).collect();
-        assert_eq!(
-            select(&servers, &selectors),
-            expected.map_err(str::to_owned)
-        );
-    }
-
-    #[test]
-    fn selectors_are_roles_or_ids_in_the_fleet_order() {
-        check_select(&[], Ok(vec![0, 1, 2, 3]));
-        check_select(&["web"], Ok(vec![0, 1]));
-        check_select(&["queue", "web-2"], Ok(vec![1, 3]));
-        check_select(&["web", "web-1"], Ok(vec![0, 1]));
-        check_select(&["i-0a1"], Ok(vec![0]));
-        check_select(&["worker", "web[1]"], Ok(vec![0, 2]));
-        check_select(
-            &["db"],
-            Err(
-                "no server or role `db`; roles: cache, queue, web, worker; servers: web-1, web-2, worker-1, cache",
-            ),
-        );
     }
 
     #[test]
