@@ -244,4 +244,58 @@ fn deploys_roll_out_and_back_without_dropping_a_request() {
         body.ends_with("initial") || body.trim_end().ends_with("initial"),
         "{body}"
     );
+
+    // A deploy cut off by stopping the environment (the broken release again: its new web
+    // server waits for a health check that never passes): the supervisor stops at once
+    // instead of finishing the deploy first, the deploy is recorded as interrupted, and the
+    // next `up` puts every server back on the release the environment runs.
+    let deploy = project
+        .command(&["deploy", "--health-timeout", "300"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(
+        "the deploy waiting for its new web server",
+        Duration::from_secs(120),
+        || {
+            let output = project.command(&["status", "--json"]).output().ok()?;
+            let status: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+            let message = status["message"].as_str().unwrap_or_default();
+            (status["phase"] == "deploying" && message.contains("launching")).then_some(())
+        },
+    );
+    let stopping = std::time::Instant::now();
+    assert!(project.rigger(&["down"]).status.success());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(60),
+        "down waited for the deploy: {:?}",
+        stopping.elapsed()
+    );
+    let cut = deploy.wait_with_output().unwrap();
+    assert!(!cut.status.success());
+    assert!(
+        String::from_utf8_lossy(&cut.stderr).contains("interrupted"),
+        "{}",
+        String::from_utf8_lossy(&cut.stderr)
+    );
+    let history = project.rigger(&["releases", "--json"]);
+    let history: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
+    assert_eq!(
+        history.as_array().unwrap().last().unwrap()["result"],
+        "interrupted"
+    );
+    assert!(project.rigger(&["up"]).status.success());
+    let (_, body) = curl(&[&site("/healthcheck.html")]);
+    assert!(body.trim_end().ends_with("initial"), "{body}");
+    let status = project.command(&["status", "--json"]).output().unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let releases: Vec<&str> = status["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["release"].as_str())
+        .filter(|r| !r.is_empty())
+        .collect();
+    assert!(releases.iter().all(|r| *r == "initial"), "{releases:?}");
 }

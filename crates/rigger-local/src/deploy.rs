@@ -36,7 +36,7 @@ pub struct DeployRequest {
 pub struct DeployOutcome {
     pub request: String,
     pub release: String,
-    /// `succeeded`, `rolled back`, `failed`.
+    /// `succeeded`, `rolled back`, `failed`, `interrupted` (the supervisor was stopped).
     pub result: String,
     /// Why it rolled back or failed, in words, with the evidence (load balancer's reason,
     /// health probe's answer, the app's last log lines).

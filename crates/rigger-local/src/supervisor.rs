@@ -280,7 +280,26 @@ impl Supervisor {
             tokio::select! {
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
-                _ = deploy_signal.recv() => self.handle_deploy_request().await,
+                _ = deploy_signal.recv() => {
+                    if let Some(request) = self.take_deploy_request() {
+                        let started = rolling::DeployStarted::now();
+                        // A deploy does not hold off SIGTERM: stopped half-way, it is
+                        // recorded as interrupted, and the next start rolls back what it
+                        // left (roll_back_unfinished_deploy).
+                        let ended = tokio::select! {
+                            ended = self.deploy(&request) => Some(ended),
+                            _ = terminate.recv() => None,
+                            _ = interrupt.recv() => None,
+                        };
+                        let Some(ended) = ended else {
+                            let why = "the supervisor was stopped during the deploy; the next \
+                                       `rigger up` rolls back the servers it had replaced";
+                            self.record_deploy(&request, started, Err(("interrupted", why.into())));
+                            break;
+                        };
+                        self.record_deploy(&request, started, ended);
+                    }
+                }
                 _ = database_signal.recv() => self.handle_db_request().await,
                 _ = hangup.recv() => {
                     self.launch_failures = 0;

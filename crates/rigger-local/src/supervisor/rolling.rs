@@ -21,6 +21,22 @@ use crate::registry::ServerRecord;
 use crate::release::{self, DeployRecord, ReleaseManifest};
 use crate::status::Phase;
 
+/// When a deploy began: for its duration, and its record's start.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DeployStarted {
+    at: Instant,
+    unix: u64,
+}
+
+impl DeployStarted {
+    pub(super) fn now() -> DeployStarted {
+        DeployStarted {
+            at: Instant::now(),
+            unix: rigger_engine::clock::unix_now(),
+        }
+    }
+}
+
 /// How often the gate reads HAProxy's view: a local socket, cheap to ask.
 const POLL: Duration = Duration::from_millis(250);
 
@@ -33,18 +49,26 @@ pub(super) fn default_settings() -> RolloutSettings {
 }
 
 impl Supervisor {
-    /// Handles `deploy/request.json` (SIGUSR1): each request once.
-    pub(super) async fn handle_deploy_request(&mut self) {
-        let Some(request) = deploy::read_request(&self.env.paths) else {
-            return;
-        };
+    /// The deploy request in `deploy/request.json` (SIGUSR1), once: `None` when there is none
+    /// or it was handled already.
+    pub(super) fn take_deploy_request(&mut self) -> Option<DeployRequest> {
+        let request = deploy::read_request(&self.env.paths)?;
         if self.last_deploy_request.as_deref() == Some(request.id.as_str()) {
-            return;
+            return None;
         }
         self.last_deploy_request = Some(request.id.clone());
-        let started = Instant::now();
-        let started_unix = rigger_engine::clock::unix_now();
-        let (result, reason) = match self.deploy(&request).await {
+        Some(request)
+    }
+
+    /// Records how a deploy ended: in the history (`releases.jsonl`), in the outcome the CLI
+    /// waits for, and in the status.
+    pub(super) fn record_deploy(
+        &mut self,
+        request: &DeployRequest,
+        started: DeployStarted,
+        ended: Result<(), (&'static str, String)>,
+    ) {
+        let (result, reason) = match ended {
             Ok(()) => ("succeeded", String::new()),
             Err((result, reason)) => (result, reason),
         };
@@ -53,7 +77,7 @@ impl Supervisor {
             release: request.release.clone(),
             result: result.into(),
             reason: reason.clone(),
-            duration_secs: started.elapsed().as_secs_f64(),
+            duration_secs: started.at.elapsed().as_secs_f64(),
         };
         let revision = ReleaseManifest::load(&self.env.paths, &request.release)
             .map(|m| m.revision)
@@ -62,7 +86,7 @@ impl Supervisor {
             release: request.release.clone(),
             revision,
             by: request.requested_by.clone(),
-            started: started_unix,
+            started: started.unix,
             finished: rigger_engine::clock::unix_now(),
             result: result.into(),
             reason,
@@ -85,7 +109,10 @@ impl Supervisor {
     }
 
     /// The whole deploy. `Err((result, reason))` with result `rolled back` or `failed`.
-    async fn deploy(&mut self, request: &DeployRequest) -> Result<(), (&'static str, String)> {
+    pub(super) async fn deploy(
+        &mut self,
+        request: &DeployRequest,
+    ) -> Result<(), (&'static str, String)> {
         let failed = |reason: String| ("failed", reason);
         let release = request.release.clone();
         ReleaseManifest::load(&self.env.paths, &release).map_err(|e| failed(format!("{e:#}")))?;
