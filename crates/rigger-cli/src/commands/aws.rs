@@ -8,63 +8,24 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
+use rigger_aws::Provider;
 use rigger_aws::deploy::{
     Artifact, DeployRecord, NoServerAccess, Requester, Rollout, RolloutSettings, ServerOps,
 };
-use rigger_aws::{Connection, Provider};
 use rigger_config::Config;
 use rigger_engine::rollout::BatchSize;
 use rigger_plan::Observed;
 use rigger_recipes::operations;
 use rigger_topology::{Role, Topology};
 
+use super::aws_env::{EMULATED, failed, provider, require_credentials, servers_are_machines};
 use super::remote::Answer;
-use super::{runtime, say};
+use super::{report, runtime, say};
 use crate::args::{
-    DeployArgs, DownArgs, LockCommand, RollbackArgs, RolloutArgs, ScaleArgs, StatusArgs,
+    DeployArgs, DownArgs, LockCommand, MaintenanceArgs, ReleasesArgs, RollbackArgs, RolloutArgs,
+    ScaleArgs, SecretsCommand, StatusArgs,
 };
 use crate::{Failure, Settings};
-
-fn connection(settings: &Settings) -> Connection {
-    Connection {
-        // Replaced by the environment's `region`.
-        region: String::new(),
-        endpoint_url: settings.endpoint_url.clone(),
-        max_attempts: None,
-        static_credentials: None,
-    }
-}
-
-pub(crate) fn no_credentials() -> Failure {
-    Failure::Operation(anyhow!(
-        "no AWS credentials are configured\n  help: {}",
-        rigger_aws::ErrorKind::Credentials.hint()
-    ))
-}
-
-pub(crate) async fn provider(config: Config, settings: &Settings) -> Result<Provider, Failure> {
-    Provider::connect(config, &settings.environment, &connection(settings))
-        .await
-        .ok_or_else(|| {
-            Failure::Usage(anyhow!(
-                "`{}` is not an AWS environment",
-                settings.environment
-            ))
-        })
-}
-
-/// Stops a command that would call AWS itself (no endpoint override) before it does anything
-/// when no credentials are configured, saying how to configure them.
-pub(crate) fn require_credentials(settings: &Settings) -> Result<(), Failure> {
-    if settings.endpoint_url.is_none() && !rigger_aws::client::credentials_configured() {
-        return Err(no_credentials());
-    }
-    Ok(())
-}
-
-pub(crate) fn failed(error: rigger_aws::AwsError) -> Failure {
-    Failure::Operation(anyhow::Error::new(error))
-}
 
 /// The live state of the environment and the topology to compare it with, for `rigger plan`:
 /// existing groups keep the counts scaling gave them (`Provider::desired`). Without any
@@ -277,19 +238,6 @@ pub(crate) fn down(args: DownArgs, settings: &Settings) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The environment's running servers and their addresses, for `rigger exec`, `logs`,
-/// `manage` and `ssh`.
-pub(crate) fn servers(
-    config: &Config,
-    settings: &Settings,
-) -> Result<Vec<rigger_aws::LiveServer>, Failure> {
-    require_credentials(settings)?;
-    runtime()?.block_on(async {
-        let provider = provider(config.clone(), settings).await?;
-        provider.servers().await.map_err(failed)
-    })
-}
-
 pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failure> {
     let StatusArgs { json } = args;
     let config = super::load_config(settings)?;
@@ -336,15 +284,6 @@ fn rollout_options(rollout: RolloutArgs) -> Result<RolloutSettings, Failure> {
         drain_timeout: Duration::from_secs(drain_timeout),
         ..RolloutSettings::default()
     })
-}
-
-/// Why nothing is done on the servers themselves against an emulator alone.
-pub(crate) const EMULATED: &str = "every AWS call goes to an endpoint override (an emulator) and no server has published its SSH host keys: the instances are the emulator's rows, not machines (`rigger lab` makes them machines)";
-
-/// Whether the SSH steps run: on AWS always; against an endpoint override only when the
-/// servers are machines (the lab), as [`Provider::servers_are_machines`] decides.
-pub(crate) async fn servers_are_machines(provider: &Provider) -> Result<bool, Failure> {
-    provider.servers_are_machines().await.map_err(failed)
 }
 
 /// What a rollout does on the servers, over SSH (`remote::run_captured`).
@@ -438,7 +377,7 @@ fn finish(
         .block_on(provider.finish_deploy(started, &rollout))
         .map_err(failed)?;
     let seconds = record.finished.saturating_sub(record.started);
-    super::deploy::finished(
+    report::finished(
         settings,
         &record.release,
         &record.result,
@@ -545,6 +484,28 @@ pub(crate) fn scale(args: ScaleArgs, settings: &Settings) -> Result<(), Failure>
 
 /// `rigger maintenance on|off` on AWS: recorded in SSM (servers that boot meanwhile follow
 /// it), then every web server switched over SSH.
+/// `rigger maintenance on|off` on AWS.
+pub(crate) fn maintenance_command(
+    args: MaintenanceArgs,
+    settings: &Settings,
+) -> Result<(), Failure> {
+    let MaintenanceArgs { mode } = args;
+    maintenance(settings, mode == "on")?;
+    report::maintenance_done(settings, &mode);
+    Ok(())
+}
+
+/// `rigger releases` on AWS: the history in SSM.
+pub(crate) fn releases(args: ReleasesArgs, settings: &Settings) -> Result<(), Failure> {
+    report::print_releases(&history(settings)?, args.json)
+}
+
+/// `rigger secrets list` on AWS: the names of the environment's parameters.
+pub(crate) fn secrets(command: SecretsCommand, settings: &Settings) -> Result<(), Failure> {
+    let SecretsCommand::List { json } = command;
+    report::print_secret_names(&secret_names(settings)?, json, settings)
+}
+
 pub(crate) fn maintenance(settings: &Settings, on: bool) -> Result<(), Failure> {
     let config = super::load_config(settings)?;
     require_credentials(settings)?;

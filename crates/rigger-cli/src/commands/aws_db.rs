@@ -16,8 +16,8 @@ use rigger_recipes::{Command, Layout, operations, shell_quote};
 use rigger_transport::Job;
 
 use super::remote::{self, Answer, run_captured, shell_job};
-use super::{aws, confirm};
-use super::{runtime, say};
+use super::{aws, aws_env, confirm};
+use super::{report, runtime, say};
 use crate::args::DbCommand;
 use crate::{Failure, Settings};
 
@@ -26,10 +26,10 @@ const APP_SERVERS: [&str; 2] = ["web", "worker"];
 
 pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure> {
     let config = super::load_config(settings)?;
-    aws::require_credentials(settings)?;
+    aws_env::require_credentials(settings)?;
     let runtime = runtime()?;
-    let provider = runtime.block_on(aws::provider(config, settings))?;
-    let emulated = !runtime.block_on(aws::servers_are_machines(&provider))?;
+    let provider = runtime.block_on(aws_env::provider(config, settings))?;
+    let emulated = !runtime.block_on(aws_env::servers_are_machines(&provider))?;
     // Operations that change the databases exclude deploys and each other.
     let operation = match &command {
         DbCommand::Promote { .. } => Some("db promote"),
@@ -80,7 +80,11 @@ fn run_unlocked(
             // then taken as given (prepare_reseed checks it against rigger.toml).
             let name = match replica {
                 Some(name) => name,
-                None => databases.replica(None).map_err(aws::failed)?.name.clone(),
+                None => databases
+                    .replica(None)
+                    .map_err(aws_env::failed)?
+                    .name
+                    .clone(),
             };
             let report = |line: &str| say(settings, &format!("  {line}"));
             result_of(runtime.block_on(provider.prepare_reseed(&name, &report)))?;
@@ -98,7 +102,7 @@ fn run_unlocked(
             if emulated {
                 say(
                     settings,
-                    &format!("  note: pg_dump skipped: {}", aws::EMULATED),
+                    &format!("  note: pg_dump skipped: {}", aws_env::EMULATED),
                 );
             } else {
                 let target = format!("s3://{bucket}/{}", database::backup_key(&name));
@@ -173,7 +177,7 @@ fn run_unlocked(
                 if emulated {
                     say(
                         settings,
-                        &format!("  note: pg_restore skipped: {}", aws::EMULATED),
+                        &format!("  note: pg_restore skipped: {}", aws_env::EMULATED),
                     );
                     return Ok(());
                 }
@@ -215,7 +219,7 @@ fn run_unlocked(
 }
 
 fn result_of<T>(result: Result<T, rigger_aws::AwsError>) -> Result<T, Failure> {
-    result.map_err(aws::failed)
+    result.map_err(aws_env::failed)
 }
 
 /// The answers, or a failure naming each server that failed.
@@ -327,7 +331,7 @@ fn status(
             settings,
             &format!(
                 "note: replication and PgBouncer not asked: {}",
-                aws::EMULATED
+                aws_env::EMULATED
             ),
         );
         DbStatus {
@@ -404,7 +408,7 @@ fn print_replication(status: &DbStatus) {
             replica.slot.as_deref().unwrap_or("-")
         );
     }
-    super::db::print_replication(&DbStatus {
+    report::print_replication(&DbStatus {
         primary: None,
         replicas: Vec::new(),
         pgbouncers: status.pgbouncers.clone(),
@@ -421,15 +425,15 @@ fn promote(
     force: bool,
 ) -> Result<(), Failure> {
     let databases = result_of(runtime.block_on(provider.databases()))?;
-    let target = databases.replica(replica).map_err(aws::failed)?.clone();
-    let emulated = !runtime.block_on(aws::servers_are_machines(provider))?;
+    let target = databases.replica(replica).map_err(aws_env::failed)?.clone();
+    let emulated = !runtime.block_on(aws_env::servers_are_machines(provider))?;
     let report = |line: &str| say(settings, &format!("  {line}"));
     let (done, lost, held) = if emulated {
         say(
             settings,
             &format!(
                 "  note: pausing PgBouncer, waiting for the replica, promoting it and repointing the servers skipped: {}",
-                aws::EMULATED
+                aws_env::EMULATED
             ),
         );
         let done = result_of(runtime.block_on(provider.fail_over(&target.instance_id, &report)))?;
@@ -648,7 +652,7 @@ impl FailoverTarget for AwsDatabases<'_> {
                 &server.instance_id,
                 address,
             )
-            .map_err(aws::failed)?;
+            .map_err(aws_env::failed)?;
             let line = repoint_line(&path.display().to_string(), &contents);
             say(self.settings, &format!("  repointing {}", server.id));
             remote_ok(

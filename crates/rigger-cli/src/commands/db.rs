@@ -6,7 +6,7 @@ use rigger_local::control;
 
 use super::confirm;
 use super::local::local_environment;
-use super::{runtime, say};
+use super::{report, runtime, say};
 use crate::args::DbCommand;
 use crate::{Failure, Settings};
 
@@ -25,7 +25,7 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
                 return Ok(());
             }
             println!("primary  {}", status.primary.as_deref().unwrap_or("(none)"));
-            print_replication(&status);
+            report::print_replication(&status);
         }
         DbCommand::Promote { replica, force } => {
             let outcome = runtime.block_on(control::db_operation(
@@ -95,29 +95,4 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
         }
     }
     Ok(())
-}
-
-/// Each replica's state, lag and slot, and each PgBouncer's connections (both providers).
-pub(crate) fn print_replication(status: &rigger_engine::database::DbStatus) {
-    for replica in &status.replicas {
-        println!(
-            "replica  {:<14} {:<14} lag {} bytes, {} s  slot {}",
-            replica.id,
-            replica.state,
-            replica.lag_bytes.map_or("?".into(), |b| b.to_string()),
-            replica
-                .lag_seconds
-                .map_or("?".into(), |s| format!("{s:.3}")),
-            replica.slot.as_deref().unwrap_or("-")
-        );
-    }
-    for pool in &status.pgbouncers {
-        match &pool.error {
-            None => println!(
-                "pgbouncer {:<13} {} client, {} server connections",
-                pool.server, pool.client_connections, pool.server_connections
-            ),
-            Some(error) => println!("pgbouncer {:<13} unreachable: {error}", pool.server),
-        }
-    }
 }

@@ -3,12 +3,10 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, anyhow};
-use rigger_config::ProviderKind;
 use rigger_local::control::{self, DeployOptions, DeployTarget};
 
 use super::local::local_environment;
-use super::{runtime, say};
+use super::{report, runtime, say};
 use crate::args::{
     DeployArgs, LockCommand, MaintenanceArgs, ReleasesArgs, RollbackArgs, RolloutArgs,
 };
@@ -60,7 +58,7 @@ fn roll_out(
     let outcome = runtime()?.block_on(control::deploy(&env, target, &options, |line| {
         say(settings, &format!("  {line}"));
     }))?;
-    finished(
+    report::finished(
         settings,
         &outcome.release,
         &outcome.result,
@@ -69,58 +67,9 @@ fn roll_out(
     )
 }
 
-/// How a deploy or rollback ended, said the same way for both providers: the release on
-/// stdout when it succeeded, otherwise an error with the reason.
-pub(crate) fn finished(
-    settings: &Settings,
-    release: &str,
-    result: &str,
-    seconds: f64,
-    reason: &str,
-) -> Result<(), Failure> {
-    let summary = format!("release {release} {result} in {seconds:.1} s");
-    if result == "succeeded" {
-        say(settings, &summary);
-        println!("{release}");
-        Ok(())
-    } else {
-        Err(Failure::Operation(anyhow!("{summary}: {reason}")))
-    }
-}
-
-pub(crate) fn releases(
-    args: ReleasesArgs,
-    settings: &Settings,
-    provider: ProviderKind,
-) -> Result<(), Failure> {
-    let ReleasesArgs { json } = args;
-    let history = match provider {
-        ProviderKind::Aws => super::aws::history(settings)?,
-        ProviderKind::Local => rigger_local::release::history(&local_environment(settings)?.paths),
-    };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&history).context("encoding the history")?
-        );
-        return Ok(());
-    }
-    println!(
-        "{:<32} {:<14} {:<24} {:<18} {:<12} {:>9}",
-        "RELEASE", "REVISION", "BY", "STARTED (UTC)", "RESULT", "DURATION"
-    );
-    for record in history {
-        println!(
-            "{:<32} {:<14} {:<24} {:<18} {:<12} {:>8}s",
-            record.release,
-            record.revision.chars().take(12).collect::<String>(),
-            record.by,
-            rigger_plan::deploys::utc_timestamp(record.started),
-            record.result,
-            record.finished.saturating_sub(record.started)
-        );
-    }
-    Ok(())
+pub(crate) fn releases(args: ReleasesArgs, settings: &Settings) -> Result<(), Failure> {
+    let history = rigger_local::release::history(&local_environment(settings)?.paths);
+    report::print_releases(&history, args.json)
 }
 
 pub(crate) fn lock(command: LockCommand, settings: &Settings) -> Result<(), Failure> {
@@ -148,28 +97,6 @@ pub(crate) fn maintenance(args: MaintenanceArgs, settings: &Settings) -> Result<
     let MaintenanceArgs { mode } = args;
     let env = local_environment(settings)?;
     control::maintenance(&env, mode == "on")?;
-    maintenance_done(settings, &mode);
+    report::maintenance_done(settings, &mode);
     Ok(())
-}
-
-/// `rigger maintenance` on AWS (`commands/aws.rs`), said as locally.
-pub(crate) fn maintenance_aws(args: MaintenanceArgs, settings: &Settings) -> Result<(), Failure> {
-    let MaintenanceArgs { mode } = args;
-    super::aws::maintenance(settings, mode == "on")?;
-    maintenance_done(settings, &mode);
-    Ok(())
-}
-
-fn maintenance_done(settings: &Settings, mode: &str) {
-    say(
-        settings,
-        &format!(
-            "maintenance {mode}: every web server {}",
-            if mode == "on" {
-                "answers 503 with the maintenance page (health checks stay green)"
-            } else {
-                "serves the site again"
-            }
-        ),
-    );
 }

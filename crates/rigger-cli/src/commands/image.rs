@@ -7,7 +7,7 @@ use rigger_aws::image::{self, BuildOptions, BuildOutcome};
 use rigger_config::ProviderKind;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::aws::{failed, provider};
+use super::aws_env::{failed, provider};
 use super::{runtime, say};
 use crate::args::{ImageBuildArgs, ImageCommand};
 use crate::{Failure, Settings};
@@ -31,7 +31,7 @@ fn build(args: ImageBuildArgs, settings: &Settings, kind: ProviderKind) -> Resul
             settings.environment
         )));
     }
-    super::aws::require_credentials(settings)?;
+    super::aws_env::require_credentials(settings)?;
     let report = |line: &str| say(settings, &format!("  {line}"));
     let started = std::time::Instant::now();
     let (outcome, parameter) = runtime()?.block_on(async {

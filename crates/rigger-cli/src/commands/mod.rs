@@ -3,6 +3,7 @@
 
 mod aws;
 mod aws_db;
+mod aws_env;
 mod db;
 mod deploy;
 mod image;
@@ -11,6 +12,7 @@ mod lab;
 mod local;
 mod plan;
 mod remote;
+mod report;
 mod validate;
 
 use anyhow::Context as _;
@@ -58,7 +60,9 @@ fn on_environment(
         (Aws, Command::Deploy(args)) => aws::deploy(args, settings),
         (Aws, Command::Rollback(args)) => aws::rollback(args, settings),
         (Aws, Command::Lock(command)) => aws::lock(command, settings),
-        (Aws, Command::Maintenance(args)) => deploy::maintenance_aws(args, settings),
+        (Aws, Command::Maintenance(args)) => aws::maintenance_command(args, settings),
+        (Aws, Command::Releases(args)) => aws::releases(args, settings),
+        (Aws, Command::Secrets(command)) => aws::secrets(command, settings),
         (Aws, Command::Db(command)) => aws_db::run(command, settings),
         (Local, Command::Up) => local::up(settings),
         (Local, Command::Down(args)) => local::down(args, settings),
@@ -69,8 +73,8 @@ fn on_environment(
         (Local, Command::Lock(command)) => deploy::lock(command, settings),
         (Local, Command::Maintenance(args)) => deploy::maintenance(args, settings),
         (Local, Command::Db(command)) => db::run(command, settings),
-        (provider, Command::Secrets(command)) => local::secrets(command, settings, provider),
-        (provider, Command::Releases(args)) => deploy::releases(args, settings, provider),
+        (Local, Command::Releases(args)) => deploy::releases(args, settings),
+        (Local, Command::Secrets(command)) => local::secrets(command, settings),
         (provider, Command::Image(command)) => image::run(command, settings, provider),
         (
             _,

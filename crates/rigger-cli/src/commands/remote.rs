@@ -502,7 +502,7 @@ fn aws_fleet(config: &Config, settings: &Settings) -> Result<Fleet, Failure> {
             settings.config_path.display()
         )));
     }
-    let servers = super::aws::servers(config, settings)?;
+    let servers = super::aws_env::servers(config, settings)?;
     let project = &config.project.name;
     if servers.is_empty() {
         return Err(Failure::Operation(anyhow!(
