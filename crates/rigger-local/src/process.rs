@@ -668,8 +668,12 @@ async fn kill_group(record: &PidRecord, targets: Targets) -> StopOutcome {
     StopOutcome::Killed
 }
 
-/// Builds the command for `program` with exactly `env` (plus a default `PATH`), wrapped in
-/// `setpriv` to become `user` when we are root. Shared with the command probe.
+/// coreutils' `env`, which starts every service with default signal dispositions.
+const ENV_PROGRAM: &str = "/usr/bin/env";
+
+/// Builds the command for `program` with exactly `env` (plus a default `PATH`), started with
+/// every signal at its default action and wrapped in `setpriv` to become `user` when we are
+/// root. Shared with the command probe.
 pub(crate) fn command(
     name: &str,
     program: &Path,
@@ -677,27 +681,28 @@ pub(crate) fn command(
     env: &BTreeMap<String, String>,
     user: Option<&str>,
 ) -> Result<Command, ProcessError> {
-    let mut command = match run_as(name, user)? {
-        Some(user) => {
-            // setpriv would only report a missing program in the log after it started; look
-            // it up first so the error is the same as without a user.
-            let path = env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
-            find_program(program, path).map_err(|source| ProcessError::Start {
-                name: name.to_string(),
-                program: program.to_path_buf(),
-                source,
-            })?;
-            let mut command = Command::new("setpriv");
-            command
-                .arg(format!("--reuid={}", user.uid))
-                .arg(format!("--regid={}", user.gid))
-                .arg("--init-groups")
-                .arg("--")
-                .arg(program);
-            command
-        }
-        None => Command::new(program),
-    };
+    // A missing program is reported here, not by a wrapper's exit in the log later.
+    let path = env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
+    find_program(program, path).map_err(|source| ProcessError::Start {
+        name: name.to_string(),
+        program: program.to_path_buf(),
+        source,
+    })?;
+    // Every signal back to its default action, as systemd starts services: a signal ignored
+    // where rigger was started (`nohup` ignores SIGHUP) would stay ignored across exec, and a
+    // shell cannot even trap it then. std resets the signal mask; `env` resets dispositions
+    // (no unsafe pre_exec in this workspace).
+    let mut command = Command::new(ENV_PROGRAM);
+    command.arg("--default-signal");
+    if let Some(user) = run_as(name, user)? {
+        command
+            .arg("setpriv")
+            .arg(format!("--reuid={}", user.uid))
+            .arg(format!("--regid={}", user.gid))
+            .arg("--init-groups")
+            .arg("--");
+    }
+    command.arg(program);
     command.args(args).env_clear().envs(env);
     if !env.contains_key("PATH") {
         command.env("PATH", DEFAULT_PATH);
@@ -746,7 +751,12 @@ fn find_program(program: &Path, path: &str) -> io::Result<PathBuf> {
     };
     candidates
         .into_iter()
-        .find(|candidate| candidate.metadata().is_ok_and(|m| m.is_file()))
+        .find(|candidate| {
+            use std::os::unix::fs::PermissionsExt as _;
+            candidate
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
         .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
 }
 
