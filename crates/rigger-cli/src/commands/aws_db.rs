@@ -389,30 +389,8 @@ fn status(
     for fenced in &databases.fenced {
         line("fenced", fenced);
     }
-    print_replication(&status);
+    report::print_replication(&status, "replication");
     Ok(())
-}
-
-/// Replication and PgBouncer, below the servers: labelled `replication` (a replica is listed
-/// once as a server already), `?` for what is not known.
-fn print_replication(status: &DbStatus) {
-    for replica in &status.replicas {
-        println!(
-            "replication {:<12} {:<14} lag {} bytes, {} s  slot {}",
-            replica.id,
-            replica.state,
-            replica.lag_bytes.map_or("?".into(), |b| b.to_string()),
-            replica
-                .lag_seconds
-                .map_or("?".into(), |s| format!("{s:.3}")),
-            replica.slot.as_deref().unwrap_or("-")
-        );
-    }
-    report::print_replication(&DbStatus {
-        primary: None,
-        replicas: Vec::new(),
-        pgbouncers: status.pgbouncers.clone(),
-    });
 }
 
 /// Promotes a replica with the engine's failover ([`rigger_engine::failover`]), the servers

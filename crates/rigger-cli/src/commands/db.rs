@@ -25,7 +25,7 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
                 return Ok(());
             }
             println!("primary  {}", status.primary.as_deref().unwrap_or("(none)"));
-            report::print_replication(&status);
+            report::print_replication(&status, "replica");
         }
         DbCommand::Promote { replica, force } => {
             let outcome = runtime.block_on(control::db_operation(

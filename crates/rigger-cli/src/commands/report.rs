@@ -92,10 +92,12 @@ pub(crate) fn maintenance_done(settings: &Settings, mode: &str) {
 }
 
 /// Each replica's state, lag and slot, and each PgBouncer's connections (both providers).
-pub(crate) fn print_replication(status: &rigger_engine::database::DbStatus) {
+/// `label` starts each replica's line: `replica` locally, `replication` on AWS, whose output
+/// lists each replica as a server above already. `?` is what is not known.
+pub(crate) fn print_replication(status: &rigger_engine::database::DbStatus, label: &str) {
     for replica in &status.replicas {
         println!(
-            "replica  {:<14} {:<14} lag {} bytes, {} s  slot {}",
+            "{label:<11} {:<12} {:<14} lag {} bytes, {} s  slot {}",
             replica.id,
             replica.state,
             replica.lag_bytes.map_or("?".into(), |b| b.to_string()),
@@ -108,10 +110,13 @@ pub(crate) fn print_replication(status: &rigger_engine::database::DbStatus) {
     for pool in &status.pgbouncers {
         match &pool.error {
             None => println!(
-                "pgbouncer {:<13} {} client, {} server connections",
-                pool.server, pool.client_connections, pool.server_connections
+                "{:<11} {:<12} {} client, {} server connections",
+                "pgbouncer", pool.server, pool.client_connections, pool.server_connections
             ),
-            Some(error) => println!("pgbouncer {:<13} unreachable: {error}", pool.server),
+            Some(error) => println!(
+                "{:<11} {:<12} unreachable: {error}",
+                "pgbouncer", pool.server
+            ),
         }
     }
 }
