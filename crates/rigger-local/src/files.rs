@@ -43,7 +43,12 @@ pub fn open_private_log(path: &Path) -> std::io::Result<File> {
 /// Writes `bytes` to a temporary file beside `path` (created 0600) and renames it over
 /// `path`, so readers never see half a file and a crash leaves either the old or the new one.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let temporary = path.with_extension(format!("tmp-{}", std::process::id()));
+    // One temporary name per call, not per process: two threads of one process writing the
+    // same file at once each rename their own (the lab's runner starting machines together
+    // removed each other's and one failed with "No such file or directory").
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temporary = path.with_extension(format!("tmp-{}-{write}", std::process::id()));
     let _ = std::fs::remove_file(&temporary);
     let mut file = OpenOptions::new()
         .write(true)
@@ -63,6 +68,29 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn writers_of_one_file_in_one_process_at_once_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("generator");
+        std::thread::scope(|scope| {
+            let writers: Vec<_> = (0..8)
+                .map(|_| {
+                    scope.spawn(|| {
+                        (0..50)
+                            .map(|_| write_atomically(&file, b"same bytes"))
+                            .collect::<Result<Vec<()>, _>>()
+                    })
+                })
+                .collect();
+            for writer in writers {
+                writer.join().unwrap().unwrap();
+            }
+        });
+        assert_eq!(std::fs::read(&file).unwrap(), b"same bytes");
+        // No temporary file left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]
