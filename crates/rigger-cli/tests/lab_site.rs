@@ -457,6 +457,13 @@ fn the_example_site_runs_on_the_lab_from_up_to_down() {
     wait_for("the three web servers answering again", BOOT, || {
         (answering(&url, 10).len() == 3).then_some(())
     });
+    // Every machine reachable over SSH again (a machine serves before its sshd answers).
+    wait_for("every machine's sshd answering again", BOOT, || {
+        site.run(&["exec", "--", "true"])
+            .status
+            .success()
+            .then_some(())
+    });
     let db = site.ok(&["db", "status"]);
     assert!(db.contains("streaming"), "{db}");
     let migrations = site.ok(&["manage", "--", "showmigrations", "polls"]);

@@ -248,7 +248,7 @@ async fn replace<T: RolloutTarget>(
             batch.len(),
             batch.join(", ")
         ));
-        let verdict = match target.launch(role, release, &batch).await? {
+        let (new, verdict) = match target.launch(role, release, &batch).await? {
             Launched::Servers(new) if new.len() == batch.len() => {
                 let verdict =
                     wait_healthy(&new, settings, async || target.observe(role, &new).await).await?;
@@ -265,7 +265,6 @@ async fn replace<T: RolloutTarget>(
             }
             Launched::Failed { servers, why } => (servers, Err(why)),
         };
-        let (new, verdict) = verdict;
         if let Err(why) = verdict {
             let evidence = target.explain(role, &new).await;
             let reason = if evidence.is_empty() {
