@@ -5,6 +5,7 @@
 //! existing one refused without a terminal unless `--yes`), `down`. Moto's servers cannot be
 //! reached, so every SSH step is skipped with a note; the AWS calls run for real.
 
+mod hermetic;
 use std::path::Path;
 
 use serde_json::Value;

@@ -4,6 +4,7 @@
 //! (migrations, warm shutdown, switching nginx) are skipped with a note; the library tests in
 //! rigger-aws cover the rollout's decisions.
 
+mod hermetic;
 use std::path::Path;
 
 #[path = "../../rigger-aws/tests/common/mod.rs"]

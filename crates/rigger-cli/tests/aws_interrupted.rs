@@ -2,6 +2,7 @@
 //! second run finishes the environment and a plan afterwards finds nothing to do. Against
 //! moto's server, like the AWS provider's own tests; nothing connects anywhere else.
 
+mod hermetic;
 use std::time::{Duration, Instant};
 
 #[path = "../../rigger-aws/tests/common/mod.rs"]

@@ -1,10 +1,11 @@
 //! The real `rigger` binary, run in a temporary directory.
 
+mod hermetic;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn rigger(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rigger"))
+    crate::hermetic::rigger_binary()
         .args(args)
         .current_dir(dir)
         .env_remove("RUST_LOG")
@@ -85,7 +86,7 @@ fn plan_reports_a_damaged_state_file() {
     let env_dir = state.join("mysite/local");
     std::fs::create_dir_all(&env_dir).unwrap();
     let plan = || {
-        Command::new(env!("CARGO_BIN_EXE_rigger"))
+        crate::hermetic::rigger_binary()
             .arg("plan")
             .current_dir(&dir)
             .env_remove("RUST_LOG")

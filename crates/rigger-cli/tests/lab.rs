@@ -10,6 +10,7 @@
 //! and moto (scripts/moto.sh). When any is missing the test fails, saying which: it never
 //! skips.
 
+mod hermetic;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,7 @@ const PROFILE: &str = "lab-test-profile";
 const USER_DATA: &str = "#!/bin/bash\nset -e\ninstall -d /var/lib/lab-test\necho \"ran at $(date +%s.%N)\" >>/var/lib/lab-test/runs\n";
 
 #[test]
+#[ignore = "end to end: scripts/test runs it after the other tests (-- --ignored)"]
 fn an_instance_boots_as_a_machine_and_down_leaves_nothing() {
     let (lab, started) = start_lab();
     let Started {
@@ -388,6 +390,7 @@ fn an_instance_boots_as_a_machine_and_down_leaves_nothing() {
 }
 
 #[test]
+#[ignore = "end to end: scripts/test runs it after the other tests (-- --ignored)"]
 fn down_cleans_up_after_a_killed_runner() {
     let (lab, started) = start_lab();
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -442,6 +445,7 @@ fn down_cleans_up_after_a_killed_runner() {
 }
 
 #[test]
+#[ignore = "end to end: scripts/test runs it after the other tests (-- --ignored)"]
 fn up_without_an_image_says_how_to_build_it() {
     assert!(
         nix::unistd::geteuid().is_root(),

@@ -16,6 +16,7 @@
 //! `rigger lab down` leaves nothing. Needs root, the lab image (`rigger lab image`) and moto
 //! (scripts/moto.sh); fails, never skips, when one is missing.
 
+mod hermetic;
 use std::collections::BTreeSet;
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -300,6 +301,7 @@ fn balancers(lab: &TestLab) -> Vec<serde_json::Value> {
 }
 
 #[test]
+#[ignore = "end to end: scripts/test runs it after the other tests (-- --ignored)"]
 fn the_labs_load_balancer_is_haproxy_with_real_health() {
     let fixture = Fixture::new();
     let Fixture {
@@ -596,6 +598,7 @@ fn target_state(
 }
 
 #[test]
+#[ignore = "end to end: scripts/test runs it after the other tests (-- --ignored)"]
 fn the_labs_application_load_balancer_is_haproxy_with_real_target_health() {
     use elbv2::types::{
         Action, ActionTypeEnum, Certificate, LoadBalancerTypeEnum, ProtocolEnum, TargetDescription,

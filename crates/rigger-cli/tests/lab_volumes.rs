@@ -14,6 +14,7 @@
 //! killed). Needs root, the lab image (`rigger lab image`) and moto (scripts/moto.sh); fails,
 //! never skips, when one is missing.
 
+mod hermetic;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -151,6 +152,7 @@ fn loop_devices_of(dir: &Path) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "end to end: scripts/test runs it after the other tests (-- --ignored)"]
 fn a_volume_is_a_disk_that_outlives_reboots_and_its_instance() {
     let f = Fixture::new();
     let first = f.launch();
@@ -297,6 +299,7 @@ fn group_instances(f: &Fixture, group: &str) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "end to end: scripts/test runs it after the other tests (-- --ignored)"]
 fn a_group_instance_has_its_profile_and_a_dead_one_is_replaced() {
     const ROLE: &str = "lab-volumes-role";
     const PROFILE: &str = "lab-volumes-profile";

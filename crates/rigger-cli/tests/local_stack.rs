@@ -5,6 +5,7 @@
 //! per step would cost minutes.
 
 mod common;
+mod hermetic;
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -64,6 +65,7 @@ fn psql(conninfo: &str, password: &str) -> Output {
 }
 
 #[test]
+#[ignore = "end to end: scripts/test runs it after the other tests (-- --ignored)"]
 fn the_example_site_runs_on_the_local_provider_with_real_services() {
     let stack = Site::new("e2e", 78, HTTP_PORT, HTTPS_PORT, AppSource::Link);
 

@@ -6,9 +6,10 @@
 //! in each server's context (as root, or as www-data for `manage`): the full stack is the
 //! lead's end-to-end test (`local_stack.rs`). Needs root (`manage` switches to www-data).
 
+mod hermetic;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use rigger_local::status::Status;
 
@@ -131,7 +132,7 @@ impl Running {
     }
 
     fn rigger(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_rigger"))
+        crate::hermetic::rigger_binary()
             .args(args)
             .current_dir(self.dir.path().join("project"))
             .env("RIGGER_STATE_DIR", self.dir.path().join("state"))
@@ -297,7 +298,7 @@ fn logs_merge_every_service_log_of_a_role_prefixed() {
 #[test]
 fn ssh_opens_a_shell_in_the_server_directory() {
     let env = Running::new();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rigger"))
+    let mut child = crate::hermetic::rigger_binary()
         .args(["ssh", "web-2"])
         .current_dir(env.dir.path().join("project"))
         .env("RIGGER_STATE_DIR", env.dir.path().join("state"))
@@ -391,7 +392,7 @@ fn exec_list_shows_how_each_aws_server_is_reached_without_connecting() {
             moto::config_text(extra, 2, "t3.small"),
         )
         .unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_rigger"))
+        let out = crate::hermetic::rigger_binary()
             .args(["exec", "-e", "prod", "--list", "--endpoint-url", &moto.url])
             .current_dir(dir.path())
             .env("RIGGER_STATE_DIR", dir.path().join("state"))
@@ -512,7 +513,7 @@ fn aws_commands_say_what_is_missing_before_connecting() {
             moto::config_text(extra, 2, "t3.small"),
         )
         .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_rigger"));
+        let mut command = crate::hermetic::rigger_binary();
         command
             .args(["exec", "-e", "prod", "--", "true"])
             .current_dir(dir.path())

@@ -17,7 +17,7 @@ pub mod database;
 mod health;
 mod rolling;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +30,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::apply;
+use crate::deploy::DeployRequest;
 use crate::environment::LocalEnvironment;
 use crate::haproxy;
 use crate::prepare::{self, Prepared};
@@ -38,6 +39,7 @@ use crate::process::{self, PidRecord, ProcessSpec};
 use crate::registry::{Registry, ServerRecord, ServerState};
 use crate::release::{self, ReleaseManifest};
 use crate::status::{self, GroupStatus, Phase, ProcessStatus, ServerStatus, Status};
+use rolling::RolloutFlow;
 
 /// How long a service may take to become ready (RabbitMQ boots in ~5 s; a replica's base
 /// backup and a first migration take longer on a busy machine).
@@ -196,11 +198,19 @@ struct Supervisor {
     /// The counts `rigger scale` set, read at start and at each SIGHUP (a damaged file then
     /// keeps these).
     scaled: DesiredCounts,
+    /// Steps a rollout running beside the loop asks the loop to run (rolling.rs).
+    calls_tx: mpsc::UnboundedSender<rolling::Call>,
+    calls_rx: mpsc::UnboundedReceiver<rolling::Call>,
+    /// While a rollout runs: the servers it launched, whose health is its to judge.
+    rollout_servers: Option<BTreeSet<String>>,
+    /// Exits of the rollout's servers, handled as usual once it ends.
+    deferred_exits: Vec<Exit>,
 }
 
 impl Supervisor {
     fn new(env: LocalEnvironment) -> Self {
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        let (calls_tx, calls_rx) = mpsc::unbounded_channel();
         let env_paths_for_new = env.paths.clone();
         Supervisor {
             env: Arc::new(env),
@@ -217,6 +227,10 @@ impl Supervisor {
             last_deploy_request: deploy_outcome_request(&env_paths_for_new),
             health_timeout: READY_TIMEOUT,
             scaled: DesiredCounts::default(),
+            calls_tx,
+            calls_rx,
+            rollout_servers: None,
+            deferred_exits: Vec::new(),
             last_db_request: std::fs::read(database::outcome_path(&env_paths_for_new))
                 .ok()
                 .and_then(|bytes| serde_json::from_slice::<database::DbOutcome>(&bytes).ok())
@@ -276,32 +290,28 @@ impl Supervisor {
         );
 
         let mut tick = tokio::time::interval(TICK);
+        // The deploy running beside the loop, if any.
+        let mut deploying: Option<(DeployRequest, rolling::DeployStarted, RolloutFlow)> = None;
         loop {
             tokio::select! {
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
-                _ = deploy_signal.recv() => {
+                _ = deploy_signal.recv(), if deploying.is_none() => {
                     if let Some(request) = self.take_deploy_request() {
                         let started = rolling::DeployStarted::now();
-                        // A deploy does not hold off SIGTERM: stopped half-way, it is
-                        // recorded as interrupted, and the next start rolls back what it
-                        // left (roll_back_unfinished_deploy).
-                        let ended = tokio::select! {
-                            ended = self.deploy(&request) => Some(ended),
-                            _ = terminate.recv() => None,
-                            _ = interrupt.recv() => None,
-                        };
-                        let Some(ended) = ended else {
-                            let why = "the supervisor was stopped during the deploy; the next \
-                                       `rigger up` rolls back the servers it had replaced";
-                            self.record_deploy(&request, started, Err(("interrupted", why.into())));
-                            break;
-                        };
-                        self.record_deploy(&request, started, ended);
+                        let flow = self.start_deploy(&request);
+                        deploying = Some((request, started, flow));
                     }
                 }
-                _ = database_signal.recv() => self.handle_db_request().await,
-                _ = hangup.recv() => {
+                ended = async { deploying.as_mut().expect("guarded").2.as_mut().await }, if deploying.is_some() => {
+                    let (request, started, _) = deploying.take().expect("guarded");
+                    self.end_rollout();
+                    self.record_deploy(&request, started, ended);
+                }
+                Some(call) = self.calls_rx.recv() => call(self).await,
+                // A failover or a change of counts waits for the deploy to end.
+                _ = database_signal.recv(), if deploying.is_none() => self.handle_db_request().await,
+                _ = hangup.recv(), if deploying.is_none() => {
                     self.launch_failures = 0;
                     if let Err(error) = self.reconcile().await {
                         tracing::error!("reconciling: {error:#}");
@@ -316,6 +326,13 @@ impl Supervisor {
                 }
                 _ = tick.tick() => {
                     self.refresh_lb_states().await;
+                    if deploying.is_some() {
+                        // The rollout owns the groups' counts and its servers' health until
+                        // it ends; status.json still shows every process as it is.
+                        let message = self.message.clone();
+                        self.publish(Phase::Deploying, message);
+                        continue;
+                    }
                     if let Err(error) = self.replace_servers_down_behind_the_load_balancer().await {
                         tracing::error!("{error:#}");
                         self.message = format!("{error:#}");
@@ -335,6 +352,13 @@ impl Supervisor {
                     self.publish(phase, message);
                 }
             }
+        }
+        if let Some((request, started, _)) = deploying.take() {
+            // Stopped half-way, a deploy is recorded as interrupted, and the next start rolls
+            // back what it left (roll_back_unfinished_deploy).
+            let why = "the supervisor was stopped during the deploy; the next \
+                       `rigger up` rolls back the servers it had replaced";
+            self.record_deploy(&request, started, Err(("interrupted", why.into())));
         }
         self.shutdown().await;
         Ok(())
@@ -725,9 +749,22 @@ impl Supervisor {
             return self.restart_service(&exit.name).await;
         };
         tracing::warn!(service = %exit.name, pid = exit.pid, "service exited");
-        if server.group().is_none() {
+        if self
+            .rollout_servers
+            .as_ref()
+            .is_some_and(|launched| launched.contains(&server_id))
+        {
+            // The rollout judges the servers it launched (a dead process fails their batch);
+            // what is left of them is healed once it ends.
+            self.deferred_exits.push(exit);
+            return Ok(());
+        }
+        if server.group().is_none() || self.rollout_servers.is_some() {
+            // Stand-alone servers restart in place, and so do group servers while a rollout
+            // counts on them until it retires them (systemd's `Restart=always` does the same on
+            // AWS servers, whatever a deploy is doing).
             self.message = format!("restarting {}", exit.name);
-            self.publish(Phase::Healing, self.message.clone());
+            self.publish(self.phase, self.message.clone());
             return self.restart_service(&exit.name).await;
         }
         // A group server is replaced, as an Auto Scaling group replaces an unhealthy instance.
@@ -824,6 +861,16 @@ impl Supervisor {
     /// Takes a server out of the load balancer, stops its services and forgets it; its logs
     /// stay under `terminated/<id>` for a post-mortem.
     async fn terminate_server(&mut self, id: &str) -> anyhow::Result<()> {
+        let services = self.detach_server(id).await?;
+        stop_detached(services).await;
+        bury(&self.env, id)
+    }
+
+    /// Takes a server out of service at once: out of the load balancer and the registry, its
+    /// services no longer watched (their exits are not healed). Returns them in the order they
+    /// stop, for [`stop_detached`]; until then, a supervisor that dies leaves them to the next
+    /// one's clean-up of leftovers under `servers/`.
+    async fn detach_server(&mut self, id: &str) -> anyhow::Result<Vec<RunningService>> {
         if let Some(record) = self.registry.get_mut(id) {
             record.state = ServerState::Unhealthy;
         }
@@ -833,22 +880,33 @@ impl Supervisor {
                 .into_iter()
                 .map(|s| format!("{}/{}", s.server, s.spec.name))
                 .collect();
-        for name in &names {
-            if let Some(service) = self.services.remove(name) {
-                stop_service(&service).await;
-            }
-        }
+        let services = names
+            .iter()
+            .filter_map(|name| self.services.remove(name))
+            .collect();
         self.registry.remove(id);
         self.save_registry()?;
-        let dir = self.env.paths.server(id);
-        if dir.exists() {
-            let graveyard = self.env.paths.root().join("terminated");
-            // Private: a terminated server's logs and settings stay readable by root only.
-            crate::files::create_private_dir(&graveyard)?;
-            let _ = std::fs::remove_dir_all(graveyard.join(id));
-            std::fs::rename(&dir, graveyard.join(id))?;
+        Ok(services)
+    }
+
+    /// A rollout begins: new web servers get `health_timeout` to answer their health check,
+    /// and exits are handled as [`Supervisor::handle_exit`] says for a rollout.
+    fn begin_rollout(&mut self, health_timeout: Duration) {
+        self.health_timeout = health_timeout;
+        self.rollout_servers = Some(BTreeSet::new());
+    }
+
+    /// The rollout ended: the usual health timeout, and the exits it left are handled now.
+    fn end_rollout(&mut self) {
+        self.health_timeout = READY_TIMEOUT;
+        self.rollout_servers = None;
+        for exit in std::mem::take(&mut self.deferred_exits) {
+            let _ = self.exits_tx.send(exit);
         }
-        Ok(())
+    }
+
+    fn loop_handle(&self) -> rolling::LoopHandle {
+        rolling::LoopHandle(self.calls_tx.clone())
     }
 
     /// Stops everything, the load balancer and app servers first, the databases last.
@@ -1367,6 +1425,26 @@ async fn stop_service(service: &RunningService) {
     )
     .await;
     tracing::debug!(service = %service.spec.name, server = %service.server, ?outcome, "stopped");
+}
+
+/// Stops the services of a detached server, in the order given.
+async fn stop_detached(services: Vec<RunningService>) {
+    for service in &services {
+        stop_service(service).await;
+    }
+}
+
+/// A terminated server's directory moves to `terminated/<id>`: its logs and settings stay for
+/// a post-mortem, readable by root only.
+fn bury(env: &LocalEnvironment, id: &str) -> anyhow::Result<()> {
+    let dir = env.paths.server(id);
+    if dir.exists() {
+        let graveyard = env.paths.root().join("terminated");
+        crate::files::create_private_dir(&graveyard)?;
+        let _ = std::fs::remove_dir_all(graveyard.join(id));
+        std::fs::rename(&dir, graveyard.join(id))?;
+    }
+    Ok(())
 }
 
 pub(crate) fn to_nix(signal: rigger_recipes::Signal) -> nix::sys::signal::Signal {

@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 /// `dir/state`, the emulator's fake credentials, no SDK retries, and stdin never a terminal
 /// (confirmations are refused rather than waited for).
 pub fn rigger(dir: &Path, url: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_rigger"));
+    let mut command = crate::hermetic::rigger_binary();
     command
         .args(args)
         .args(["-e", "prod", "--endpoint-url", url])

@@ -81,7 +81,7 @@ impl Site {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_rigger"));
+        let mut command = crate::hermetic::rigger_binary();
         command
             .args(args)
             .current_dir(&self.dir)

@@ -31,7 +31,7 @@ impl TestLab {
     }
 
     pub fn rigger(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_rigger"))
+        crate::hermetic::rigger_binary()
             .arg("lab")
             .arg("--dir")
             .arg(self.state.path())

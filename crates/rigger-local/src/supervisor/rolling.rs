@@ -4,22 +4,72 @@
 //! [`RolloutTarget`]: a new server is started on the release and registered with HAProxy at
 //! once, observed through HAProxy's checks (web) or its processes (worker), and an old one
 //! retires by being drained from HAProxy (web) or by Celery's warm shutdown (worker).
+//!
+//! A rollout runs *beside* the supervisor's event loop, not inside it: the loop owns the
+//! servers, and the rollout asks it for each step that reads or changes them (a [`Call`]
+//! through [`LoopHandle`]), which the loop runs whole between its own work. Everything that
+//! waits (a server starting and answering its health check, the gate's polling, draining, a
+//! warm shutdown) waits in the rollout, so the loop keeps healing what the rollout does not
+//! own and answers SIGTERM at once while a deploy runs.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::anyhow;
 use rigger_engine::rollout::{
     self, Launched, Observation, RolloutOutcome, RolloutSettings, RolloutTarget,
 };
 use rigger_recipes::Role;
+use tokio::sync::{mpsc, oneshot};
 
-use super::{Supervisor, migrate};
+use super::{Launcher, RunningService, Supervisor, migrate};
 use crate::deploy::{self, DeployOutcome, DeployRequest};
+use crate::environment::LocalEnvironment;
 use crate::haproxy;
 use crate::process;
 use crate::registry::ServerRecord;
 use crate::release::{self, DeployRecord, ReleaseManifest};
 use crate::status::Phase;
+
+/// A step a rollout asks the supervisor's loop to run on its servers.
+pub(super) type Call =
+    Box<dyn for<'a> FnOnce(&'a mut Supervisor) -> Pin<Box<dyn Future<Output = ()> + 'a>> + Send>;
+
+/// A rollout running beside the loop, as the loop holds it until it ends.
+pub(super) type RolloutFlow = Pin<Box<dyn Future<Output = Result<(), (&'static str, String)>>>>;
+
+/// How a rollout reaches the supervisor's loop.
+#[derive(Clone)]
+pub(super) struct LoopHandle(pub(super) mpsc::UnboundedSender<Call>);
+
+impl LoopHandle {
+    /// Runs `step` on the supervisor between the loop's own work, and returns its result.
+    async fn call<T: Send + 'static>(
+        &self,
+        step: impl AsyncFnOnce(&mut Supervisor) -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let (reply, answer) = oneshot::channel();
+        let call: Call = Box::new(move |supervisor| {
+            Box::pin(async move {
+                // The rollout may be gone (the supervisor stopping): nobody to answer.
+                let _ = reply.send(step(supervisor).await);
+            })
+        });
+        let stopped = || anyhow!("the supervisor stopped during the rollout");
+        self.0.send(call).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())
+    }
+
+    /// Publishes a step's progress, without waiting for it.
+    fn say(&self, message: String) {
+        let _ = self.0.send(Box::new(move |supervisor| {
+            Box::pin(async move { supervisor.say(message) })
+        }));
+    }
+}
 
 /// When a deploy began: for its duration, and its record's start.
 #[derive(Debug, Clone, Copy)]
@@ -108,93 +158,80 @@ impl Supervisor {
         );
     }
 
-    /// The whole deploy. `Err((result, reason))` with result `rolled back` or `failed`.
-    pub(super) async fn deploy(
-        &mut self,
-        request: &DeployRequest,
-    ) -> Result<(), (&'static str, String)> {
+    /// Starts a deploy beside the loop: the flow runs the release's migrations, then the
+    /// rollout; it ends `Err((result, reason))` with result `rolled back` or `failed`. The
+    /// loop polls it, serves its calls, and calls [`Supervisor::end_rollout`] when it ends.
+    pub(super) fn start_deploy(&mut self, request: &DeployRequest) -> RolloutFlow {
         let failed = |reason: String| ("failed", reason);
         let release = request.release.clone();
-        ReleaseManifest::load(&self.env.paths, &release).map_err(|e| failed(format!("{e:#}")))?;
+        let batch = ReleaseManifest::load(&self.env.paths, &release)
+            .map_err(|e| failed(format!("{e:#}")))
+            .and_then(|_| request.batch.parse().map_err(failed));
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(refused) => return Box::pin(std::future::ready(Err(refused))),
+        };
         let settings = RolloutSettings {
-            batch: request.batch.parse().map_err(failed)?,
+            batch,
             health_timeout: Duration::from_secs(request.health_timeout_secs),
             drain_timeout: Duration::from_secs(request.drain_timeout_secs),
             worker_stop_timeout: Duration::from_secs(request.worker_stop_timeout_secs),
             ..default_settings()
         };
         let previous = self.current_release();
-        let usual_timeout = std::mem::replace(&mut self.health_timeout, settings.health_timeout);
-        let result = self.deploy_release(release, previous, settings).await;
-        self.health_timeout = usual_timeout;
-        result
-    }
-
-    async fn deploy_release(
-        &mut self,
-        release: String,
-        previous: String,
-        settings: RolloutSettings,
-    ) -> Result<(), (&'static str, String)> {
-        let failed = |reason: String| ("failed", reason);
-
-        // Migrations once, before any server switches; a failure switches nothing.
-        self.say(format!("deploy {release}: running migrations"));
-        match migrate(
-            std::sync::Arc::clone(&self.env),
+        self.begin_rollout(settings.health_timeout);
+        Box::pin(deploy_release(
+            self.loop_handle(),
+            Arc::clone(&self.env),
             self.prepared(),
             self.registry.clone(),
-            release.clone(),
-        )
-        .await
-        {
-            Ok(true) => {
-                self.registry.migrated.push(release.clone());
-                self.save_registry().map_err(|e| failed(format!("{e:#}")))?;
-            }
-            Ok(false) => {}
-            Err(error) => {
-                return Err(failed(format!(
-                    "migrations failed, nothing was switched: {error:#}"
-                )));
-            }
-        }
-
-        let outcome = rollout::roll_out(&mut Servers(self), &release, &previous, &settings)
-            .await
-            .map_err(|e| failed(format!("{e:#}")))?;
-        match outcome {
-            RolloutOutcome::Completed => {
-                self.registry.current_release = Some(release.clone());
-                self.save_registry().map_err(|e| failed(format!("{e:#}")))?;
-                self.say(format!("deploy {release}: every server runs it"));
-                Ok(())
-            }
-            RolloutOutcome::RolledBack { reason } => Err(("rolled back", reason)),
-            RolloutOutcome::RollbackFailed { reason, rollback } => Err(failed(format!(
-                "{reason}; then rolling back to {previous} failed too: {rollback}"
-            ))),
-        }
+            release,
+            previous,
+            settings,
+        ))
     }
 
     /// Puts every group server on `release` with nothing to fall back to (an unfinished
-    /// deploy at start-up); `Err` says why a batch failed.
+    /// deploy at start-up, before the loop runs); `Err` says why a batch failed.
     pub(super) async fn finish_on(&mut self, release: &str) -> anyhow::Result<()> {
-        match rollout::finish_on(&mut Servers(self), release, &default_settings()).await? {
+        self.begin_rollout(self.health_timeout);
+        let mut servers = LoopServers {
+            link: self.loop_handle(),
+            env: Arc::clone(&self.env),
+        };
+        let release = release.to_owned();
+        let finished = self
+            .serve_until(Box::pin(async move {
+                rollout::finish_on(&mut servers, &release, &default_settings()).await
+            }))
+            .await;
+        self.end_rollout();
+        match finished? {
             Ok(()) => Ok(()),
-            Err(why) => Err(anyhow::anyhow!(why)),
+            Err(why) => Err(anyhow!(why)),
         }
     }
 
-    /// Launches one server of `role` on `release` per server in `replacing` (registered with
-    /// the load balancer first, so its checks start at once); a new worker takes over Celery
-    /// beat from the one it replaces.
-    async fn launch(
+    /// Serves a rollout's calls, and nothing else, until it ends.
+    async fn serve_until<T>(&mut self, mut flow: Pin<Box<dyn Future<Output = T>>>) -> T {
+        loop {
+            tokio::select! {
+                ended = flow.as_mut() => return ended,
+                Some(call) = self.calls_rx.recv() => call(self).await,
+            }
+        }
+    }
+
+    /// Records one new server of `role` on `release` per server in `replacing`, registered
+    /// with the load balancer at once so that its checks start; returns them with the
+    /// launcher that starts them (beside the loop: starting includes the health check). A new
+    /// worker takes over Celery beat from the one it replaces.
+    async fn register_new_servers(
         &mut self,
         role: Role,
         release: &str,
         replacing: &[String],
-    ) -> anyhow::Result<Launched> {
+    ) -> anyhow::Result<(Vec<ServerRecord>, Launcher)> {
         let mut new = Vec::new();
         for old in replacing {
             let mut server =
@@ -202,20 +239,26 @@ impl Supervisor {
                     .new_group_server(role, self.env.local().addresses, release);
             server.beat = self.registry.get(old).is_some_and(|s| s.beat);
             self.registry.servers.push(server.clone());
+            if let Some(launched) = &mut self.rollout_servers {
+                launched.insert(server.id.clone());
+            }
             new.push(server);
         }
-        let ids: Vec<String> = new.iter().map(|s| s.id.clone()).collect();
         self.save_registry()?;
         self.update_load_balancer().await?;
-        let launched = self.launcher().start_all(new).await;
-        if let Err(error) = self.absorb(launched) {
-            return Ok(Launched::Failed {
-                servers: ids,
-                why: format!("{error:#}"),
-            });
+        Ok((new, self.launcher()))
+    }
+
+    /// Takes over the services of a batch that started; `Err` says why it did not.
+    async fn take_started(
+        &mut self,
+        started: super::Launched,
+    ) -> anyhow::Result<Result<(), String>> {
+        if let Err(error) = self.absorb(started) {
+            return Ok(Err(format!("{error:#}")));
         }
         self.update_load_balancer().await?;
-        Ok(Launched::Servers(ids))
+        Ok(Ok(()))
     }
 
     /// New servers as the gate sees them: web servers by HAProxy's checks, workers by their
@@ -307,35 +350,121 @@ impl Supervisor {
         )
     }
 
-    /// Stops sending requests to a web server and waits (bounded) for those in progress.
-    async fn drain(&mut self, id: &str, timeout: Duration) {
-        let socket = self.env.paths.server("lb").join("run/haproxy/haproxy.sock");
-        if let Err(error) = haproxy::drain(&socket, id).await {
-            tracing::warn!(server = %id, "draining: {error}");
-            return;
-        }
-        let started = Instant::now();
-        while started.elapsed() < timeout {
-            match haproxy::stats(&socket).await {
-                Ok(stats) if stats.get(id).is_none_or(|s| s.current_sessions == 0) => return,
-                Ok(_) => {}
-                Err(_) => return,
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        tracing::warn!(server = %id, "still busy after {} s of draining; stopping it anyway", timeout.as_secs());
-    }
-
-    fn say(&mut self, message: String) {
+    pub(super) fn say(&mut self, message: String) {
         tracing::info!("{message}");
         self.publish(Phase::Deploying, message);
     }
 }
 
-/// The supervisor's group servers as the engine's rollout drives them.
-struct Servers<'a>(&'a mut Supervisor);
+/// A deploy's flow beside the loop: migrations once, before any server switches (a failure
+/// switches nothing), then the rollout.
+async fn deploy_release(
+    link: LoopHandle,
+    env: Arc<LocalEnvironment>,
+    prepared: Arc<super::Prepared>,
+    registry: crate::registry::Registry,
+    release: String,
+    previous: String,
+    settings: RolloutSettings,
+) -> Result<(), (&'static str, String)> {
+    let failed = |error: anyhow::Error| ("failed", format!("{error:#}"));
+    link.say(format!("deploy {release}: running migrations"));
+    match migrate(Arc::clone(&env), prepared, registry, release.clone()).await {
+        Ok(true) => {
+            let migrated = release.clone();
+            link.call(async move |supervisor: &mut Supervisor| {
+                supervisor.registry.migrated.push(migrated);
+                supervisor.save_registry()
+            })
+            .await
+            .and_then(|saved| saved)
+            .map_err(failed)?;
+        }
+        Ok(false) => {}
+        Err(error) => {
+            return Err((
+                "failed",
+                format!("migrations failed, nothing was switched: {error:#}"),
+            ));
+        }
+    }
 
-impl RolloutTarget for Servers<'_> {
+    let mut servers = LoopServers {
+        link: link.clone(),
+        env,
+    };
+    let outcome = rollout::roll_out(&mut servers, &release, &previous, &settings)
+        .await
+        .map_err(failed)?;
+    match outcome {
+        RolloutOutcome::Completed => {
+            let deployed = release.clone();
+            link.call(async move |supervisor: &mut Supervisor| {
+                supervisor.registry.current_release = Some(deployed);
+                supervisor.save_registry()
+            })
+            .await
+            .and_then(|saved| saved)
+            .map_err(failed)?;
+            link.say(format!("deploy {release}: every server runs it"));
+            Ok(())
+        }
+        RolloutOutcome::RolledBack { reason } => Err(("rolled back", reason)),
+        RolloutOutcome::RollbackFailed { reason, rollback } => Err((
+            "failed",
+            format!("{reason}; then rolling back to {previous} failed too: {rollback}"),
+        )),
+    }
+}
+
+/// Stops sending requests to a web server and waits (bounded) for those in progress.
+async fn drain(env: &LocalEnvironment, id: &str, timeout: Duration) {
+    let socket = env.paths.server("lb").join("run/haproxy/haproxy.sock");
+    if let Err(error) = haproxy::drain(&socket, id).await {
+        tracing::warn!(server = %id, "draining: {error}");
+        return;
+    }
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        match haproxy::stats(&socket).await {
+            Ok(stats) if stats.get(id).is_none_or(|s| s.current_sessions == 0) => return,
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::warn!(server = %id, "still busy after {} s of draining; stopping it anyway", timeout.as_secs());
+}
+
+/// The supervisor's group servers as the engine's rollout drives them, from beside the loop.
+struct LoopServers {
+    link: LoopHandle,
+    env: Arc<LocalEnvironment>,
+}
+
+impl LoopServers {
+    /// Takes a server out of service through the loop at once, then stops its processes
+    /// here, where waiting (a warm shutdown may take minutes) holds up nothing else; a
+    /// worker's Celery gets `worker_stop_timeout` for its running tasks.
+    async fn remove(&self, id: &str, worker_stop_timeout: Option<Duration>) -> anyhow::Result<()> {
+        let server = id.to_owned();
+        let mut services: Vec<RunningService> = self
+            .link
+            .call(async move |supervisor: &mut Supervisor| supervisor.detach_server(&server).await)
+            .await??;
+        if let Some(timeout) = worker_stop_timeout {
+            for service in &mut services {
+                if service.spec.name == "celery-worker" {
+                    service.spec.stop_timeout = timeout;
+                }
+            }
+        }
+        super::stop_detached(services).await;
+        super::bury(&self.env, id)
+    }
+}
+
+impl RolloutTarget for LoopServers {
     type Error = anyhow::Error;
 
     fn has_group(&self, role: Role) -> bool {
@@ -343,13 +472,17 @@ impl RolloutTarget for Servers<'_> {
     }
 
     async fn outdated(&mut self, role: Role, release: &str) -> anyhow::Result<Vec<String>> {
-        Ok(self
-            .0
-            .registry
-            .group_members(role)
-            .filter(|s| s.release != release)
-            .map(|s| s.id.clone())
-            .collect())
+        let release = release.to_owned();
+        self.link
+            .call(async move |supervisor: &mut Supervisor| {
+                supervisor
+                    .registry
+                    .group_members(role)
+                    .filter(|s| s.release != release)
+                    .map(|s| s.id.clone())
+                    .collect()
+            })
+            .await
     }
 
     /// Nothing to point: a local server is started on the release it is given.
@@ -363,20 +496,45 @@ impl RolloutTarget for Servers<'_> {
         release: &str,
         replacing: &[String],
     ) -> anyhow::Result<Launched> {
-        self.0.launch(role, release, replacing).await
+        let (release, replacing) = (release.to_owned(), replacing.to_vec());
+        let (new, launcher) = self
+            .link
+            .call(async move |supervisor: &mut Supervisor| {
+                supervisor
+                    .register_new_servers(role, &release, &replacing)
+                    .await
+            })
+            .await??;
+        let ids: Vec<String> = new.iter().map(|s| s.id.clone()).collect();
+        let started = launcher.start_all(new).await;
+        let taken = self
+            .link
+            .call(async move |supervisor: &mut Supervisor| supervisor.take_started(started).await)
+            .await??;
+        Ok(match taken {
+            Ok(()) => Launched::Servers(ids),
+            Err(why) => Launched::Failed { servers: ids, why },
+        })
     }
 
     async fn observe(&mut self, role: Role, servers: &[String]) -> anyhow::Result<Observation> {
-        Ok(self.0.observe(role, servers).await)
+        let servers = servers.to_vec();
+        self.link
+            .call(async move |supervisor: &mut Supervisor| supervisor.observe(role, &servers).await)
+            .await
     }
 
     async fn explain(&mut self, role: Role, servers: &[String]) -> String {
-        self.0.explain(role, servers).await
+        let servers = servers.to_vec();
+        self.link
+            .call(async move |supervisor: &mut Supervisor| supervisor.explain(role, &servers).await)
+            .await
+            .unwrap_or_else(|error| format!("{error:#}"))
     }
 
     async fn discard(&mut self, _role: Role, servers: &[String]) -> anyhow::Result<()> {
         for id in servers {
-            if let Err(error) = self.0.terminate_server(id).await {
+            if let Err(error) = self.remove(id, None).await {
                 tracing::error!("{error:#}");
             }
         }
@@ -390,21 +548,20 @@ impl RolloutTarget for Servers<'_> {
         settings: &RolloutSettings,
     ) -> anyhow::Result<()> {
         for id in servers {
-            match role {
-                Role::Web => self.0.drain(id, settings.drain_timeout).await,
+            let worker_stop_timeout = match role {
+                Role::Web => {
+                    drain(&self.env, id, settings.drain_timeout).await;
+                    None
+                }
                 _ => {
-                    self.0.say(format!(
+                    self.link.say(format!(
                         "{id}: warm shutdown of Celery (up to {} s for running tasks)",
                         settings.worker_stop_timeout.as_secs()
                     ));
-                    // Celery's warm shutdown (SIGTERM) gets the deploy's time for running
-                    // tasks.
-                    if let Some(worker) = self.0.services.get_mut(&format!("{id}/celery-worker")) {
-                        worker.spec.stop_timeout = settings.worker_stop_timeout;
-                    }
+                    Some(settings.worker_stop_timeout)
                 }
-            }
-            if let Err(error) = self.0.terminate_server(id).await {
+            };
+            if let Err(error) = self.remove(id, worker_stop_timeout).await {
                 tracing::error!("{error:#}");
             }
         }
@@ -416,6 +573,6 @@ impl RolloutTarget for Servers<'_> {
     }
 
     fn report(&mut self, message: &str) {
-        self.0.say(message.to_owned());
+        self.link.say(message.to_owned());
     }
 }
