@@ -10,155 +10,25 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use aws_sdk_autoscaling::types as asg;
 use aws_sdk_ec2::types as ec2;
 use rigger_plan::{Action, Plan, Step};
-use rigger_topology::{Resource, ResourceId, ResourceKind, Topology, Value, tag};
+use rigger_topology::{Resource, ResourceKind, Topology, Value, tag};
 
+use crate::context::{Ctx, Waits, context, retry_in_use};
 use crate::environment::{AwsEnvironment, Network, StandAlone};
 use crate::error::{AwsError, Context as _, ErrorKind};
-use crate::live::{DATA_DEVICE, Live, ROLES_TAG, filter};
+use crate::live::{DATA_DEVICE, Live, ROLES_TAG};
+use crate::live_loadbalancer;
+use crate::tags::filter;
 use crate::{Clients, loadbalancer, userdata};
 
 /// Every server's metadata service answers only session requests (IMDSv2) whose responses
 /// cannot travel past the server itself: a container or anything the server forwards for
 /// cannot fetch the instance role's credentials. (User-data also lets only root reach it.)
 const METADATA_HOP_LIMIT: i32 = 1;
-
-/// How long to wait for AWS to finish something, and how often to look.
-#[derive(Debug, Clone, Copy)]
-pub struct Waits {
-    pub poll: Duration,
-    pub timeout: Duration,
-}
-
-impl Default for Waits {
-    fn default() -> Waits {
-        Waits {
-            poll: Duration::from_secs(3),
-            timeout: Duration::from_secs(900),
-        }
-    }
-}
-
-/// Everything a step needs.
-pub(crate) struct Ctx<'a> {
-    pub env: &'a AwsEnvironment,
-    pub clients: &'a Clients,
-    pub network: &'a Network,
-    pub live: &'a Live,
-    pub topology: &'a Topology,
-    pub waits: Waits,
-    pub report: &'a (dyn Fn(&str) + Sync),
-    /// Ids of what exists by now: observed, then created by earlier steps.
-    security_groups: Mutex<BTreeMap<String, String>>,
-    volumes: Mutex<BTreeMap<String, String>>,
-    /// Launch configurations' names on AWS by the topology's names.
-    launch_configurations: Mutex<BTreeMap<String, String>>,
-}
-
-impl Ctx<'_> {
-    /// The id of security group `name`, which an earlier wave created if it was missing.
-    pub fn sg_id(&self, name: &str) -> Result<String, AwsError> {
-        self.security_groups
-            .lock()
-            .expect("not poisoned")
-            .get(name)
-            .cloned()
-            .ok_or_else(|| {
-                AwsError::precondition(
-                    "(lookup)",
-                    format!("security group {name}"),
-                    "it does not exist",
-                    "run `rigger up` again: the group is created by an earlier step",
-                )
-            })
-    }
-
-    /// The topology's tags of `resource`, plus `Name`.
-    pub fn tags(&self, resource: &Resource) -> Vec<(String, String)> {
-        let mut tags: Vec<(String, String)> = resource
-            .tags
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        tags.push(("Name".into(), resource.id.name.clone()));
-        tags
-    }
-
-    fn ec2_tags(&self, resource: &Resource, kind: ec2::ResourceType) -> ec2::TagSpecification {
-        let mut spec = ec2::TagSpecification::builder().resource_type(kind);
-        for (key, value) in self.tags(resource) {
-            spec = spec.tags(ec2::Tag::builder().key(key).value(value).build());
-        }
-        spec.build()
-    }
-
-    fn say(&self, line: &str) {
-        (self.report)(line);
-    }
-
-    /// Polls `check` until it returns true or the timeout passes.
-    pub async fn wait_for<F, Fut>(&self, what: &str, mut check: F) -> Result<(), AwsError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<bool, AwsError>>,
-    {
-        let started = std::time::Instant::now();
-        loop {
-            if check().await? {
-                return Ok(());
-            }
-            if started.elapsed() > self.waits.timeout {
-                return Err(AwsError::Timeout {
-                    what: what.to_owned(),
-                    seconds: self.waits.timeout.as_secs(),
-                });
-            }
-            tokio::time::sleep(self.waits.poll).await;
-        }
-    }
-
-    fn desired(&self, id: &ResourceId) -> Option<&Resource> {
-        self.topology.resources.iter().find(|r| &r.id == id)
-    }
-
-    fn stand_alone(&self, name: &str) -> Option<StandAlone> {
-        self.env
-            .stand_alone_servers(self.network)
-            .into_iter()
-            .find(|s| s.name == name)
-    }
-}
-
-/// Retries `call` while the service says the resource is still in use.
-pub(crate) async fn retry_in_use<F, Fut>(
-    ctx: &Ctx<'_>,
-    operation: &str,
-    resource: &str,
-    mut call: F,
-) -> Result<(), AwsError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), AwsError>>,
-{
-    let started = std::time::Instant::now();
-    loop {
-        match call().await {
-            Err(error)
-                if error.kind() == ErrorKind::DependencyViolation
-                    && started.elapsed() < ctx.waits.timeout =>
-            {
-                tracing::info!(operation, resource, "still in use; retrying");
-                tokio::time::sleep(ctx.waits.poll).await;
-            }
-            other => return other,
-        }
-    }
-}
 
 /// What [`apply`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -180,7 +50,7 @@ pub async fn apply(
 ) -> Result<Applied, AwsError> {
     // Stand-alone servers where they really are (after a failover), for every server and
     // template rendered here.
-    let placed = env.with_placements(crate::database::placements(env, network, live));
+    let placed = env.with_placements(crate::placement::placements(env, network, live));
     let ctx = context(&placed, clients, network, live, topology, waits, report);
     let mut applied = Applied::default();
     let mut deferred: Vec<&Step> = Vec::new();
@@ -229,45 +99,6 @@ pub async fn apply(
     Ok(applied)
 }
 
-/// The context steps run in: the ids of what exists, as observed.
-fn context<'a>(
-    env: &'a AwsEnvironment,
-    clients: &'a Clients,
-    network: &'a Network,
-    live: &'a Live,
-    topology: &'a Topology,
-    waits: Waits,
-    report: &'a (dyn Fn(&str) + Sync),
-) -> Ctx<'a> {
-    Ctx {
-        env,
-        clients,
-        network,
-        live,
-        topology,
-        waits,
-        report,
-        security_groups: Mutex::new(
-            live.security_groups
-                .iter()
-                .map(|(name, group)| (name.clone(), group.id.clone()))
-                .collect(),
-        ),
-        volumes: Mutex::new(
-            live.volumes_by_name()
-                .into_iter()
-                .filter_map(|(name, list)| Some((name, list.first()?.id.clone())))
-                .collect(),
-        ),
-        launch_configurations: Mutex::new(
-            live.launch_configurations_by_name()
-                .into_iter()
-                .map(|(name, lc)| (name, lc.aws_name.clone()))
-                .collect(),
-        ),
-    }
-}
-
 /// Gives each of the environment's launch templates a new default version with its
 /// user-data rendered again, for the same release, so that servers launched from now on
 /// point at the database servers where they are now (after a failover). The servers running
@@ -280,7 +111,7 @@ pub async fn rewrite_launch_templates(
     topology: &Topology,
     report: &(dyn Fn(&str) + Sync),
 ) -> Result<Vec<String>, AwsError> {
-    let placed = env.with_placements(crate::database::placements(env, network, live));
+    let placed = env.with_placements(crate::placement::placements(env, network, live));
     let ctx = context(
         &placed,
         clients,
@@ -1058,7 +889,7 @@ async fn ensure_group(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsError
     // An application load balancer's target groups, read now: an earlier wave made them.
     let target_groups = match (wanted_lb, kind) {
         (Some(lb), LoadBalancerKind::Application) => {
-            loadbalancer::read_application(ctx.clients, lb)
+            live_loadbalancer::read_application(ctx.clients, lb)
                 .await?
                 .map(|l| l.target_groups.into_values().collect::<Vec<_>>())
                 .unwrap_or_default()
@@ -1546,7 +1377,7 @@ async fn create_server(ctx: &Ctx<'_>, resource: &Resource) -> Result<(), AwsErro
     tags.push((ROLES_TAG.into(), roles.join(",")));
     // Its recipe id, which its certificate and replication slot name: it stays when a
     // failover renames the server (crate::database).
-    tags.push((crate::database::SERVER_TAG.into(), server.id.clone()));
+    tags.push((crate::tags::SERVER_TAG.into(), server.id.clone()));
     let mut spec = ec2::TagSpecification::builder().resource_type(ec2::ResourceType::Instance);
     for (key, value) in tags {
         spec = spec.tags(ec2::Tag::builder().key(key).value(value).build());
@@ -1642,7 +1473,7 @@ async fn ensure_interface(
     // The interface outlives its instance: the recipe id it holds the address for goes with it.
     spec = spec.tags(
         ec2::Tag::builder()
-            .key(crate::database::SERVER_TAG)
+            .key(crate::tags::SERVER_TAG)
             .value(&server.id)
             .build(),
     );

@@ -116,16 +116,25 @@ pub fn credentials_configured() -> bool {
         "AWS_WEB_IDENTITY_TOKEN_FILE",
         "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
         "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        "AWS_SHARED_CREDENTIALS_FILE",
-        "AWS_CONFIG_FILE",
     ]
     .iter()
     .any(|name| set(name))
     {
         return true;
     }
+    // A shared file counts when it says something: the one its variable names (which
+    // replaces `~/.aws/...`; `/dev/null` says there is none), else the one under HOME.
     let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
-    if home.is_some_and(|h| h.join(".aws/credentials").exists() || h.join(".aws/config").exists()) {
+    let has_content = |path: &std::path::Path| std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
+    let shared_file = |variable: &str, name: &str| match std::env::var_os(variable) {
+        Some(path) if !path.is_empty() => has_content(std::path::Path::new(&path)),
+        _ => home
+            .as_ref()
+            .is_some_and(|home| has_content(&home.join(".aws").join(name))),
+    };
+    if shared_file("AWS_SHARED_CREDENTIALS_FILE", "credentials")
+        || shared_file("AWS_CONFIG_FILE", "config")
+    {
         return true;
     }
     let on_ec2 = |path: &str, prefix: &str| {

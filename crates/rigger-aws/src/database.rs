@@ -17,32 +17,23 @@
 //! observation leaves fenced servers and volumes out, so `plan` and `up` neither delete nor
 //! reuse them, and `down`, which includes them, removes them.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
-
 use aws_sdk_ec2::types as ec2;
 use rigger_recipes::quote_literal;
 use rigger_topology::Role;
 
-use crate::environment::{AwsEnvironment, Network, Placement, SELF_ADDRESS, SELF_ID};
+use crate::environment::{AwsEnvironment, Network, SELF_ADDRESS, SELF_ID};
 use crate::error::{AwsError, Context as _, ErrorKind};
-use crate::live::{Live, LiveInstance, ROLES_TAG, Tags};
+use crate::live::{Live, LiveInstance, ROLES_TAG};
 use crate::{Clients, Provider, releases};
 
-/// The tag holding a stand-alone server's recipe id (on its instance and network interface).
-pub const SERVER_TAG: &str = "server";
-/// The tag a fenced old primary (and its volume and interface) carries: Unix seconds of the
-/// failover.
-pub const FENCED_TAG: &str = "fenced";
+pub use crate::placement::placements;
+use crate::placement::short_name;
+pub use crate::tags::{FENCED_TAG, SERVER_TAG, is_fenced};
+
 /// What a fenced server's names get appended.
 pub const FENCED_SUFFIX: &str = "-old";
 /// Where backups go in the environment's bucket.
 pub const BACKUP_PREFIX: &str = "backups/";
-
-/// Whether a resource carries [`FENCED_TAG`].
-pub fn is_fenced(tags: &Tags) -> bool {
-    tags.contains_key(FENCED_TAG)
-}
 
 /// One database server as AWS shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -114,12 +105,6 @@ impl Databases {
     }
 }
 
-fn short_name(env: &AwsEnvironment, name: &str) -> String {
-    name.strip_prefix(&format!("{}-{}-", env.project(), env.name))
-        .unwrap_or(name)
-        .to_owned()
-}
-
 fn db_server(env: &AwsEnvironment, instance: &LiveInstance) -> DbServer {
     let name = short_name(env, instance.tags.get("Name").map_or(&instance.id, |n| n));
     DbServer {
@@ -157,103 +142,6 @@ pub fn databases(env: &AwsEnvironment, live: &Live) -> Databases {
         .map(|i| db_server(env, i))
         .collect();
     databases
-}
-
-/// Where each stand-alone server of the configuration is, when that is not where the
-/// configuration puts it (see the module's documentation). A server that exists keeps the
-/// recipe id and address it has (its instance's, else its network interface's: an
-/// interrupted creation); a missing one gets the configured ones unless another server
-/// already holds them, and then the next free id (`db-replica2`) and the next free address
-/// below the stand-alone block of its subnet.
-pub fn placements(
-    env: &AwsEnvironment,
-    network: &Network,
-    live: &Live,
-) -> BTreeMap<String, Placement> {
-    let configured = env
-        .with_placements(BTreeMap::new())
-        .stand_alone_servers(network);
-    // Ids and addresses held by anything of the environment, fenced servers included.
-    let mut ids: BTreeSet<String> = BTreeSet::new();
-    let mut addresses: BTreeSet<Ipv4Addr> = BTreeSet::new();
-    for instance in live.instances.values() {
-        if instance.tags.contains_key("aws:autoscaling:groupName") {
-            continue;
-        }
-        if let Some(id) = instance.tags.get(SERVER_TAG) {
-            ids.insert(id.clone());
-        } else if let Some(name) = instance.tags.get("Name") {
-            ids.insert(short_name(env, name));
-        }
-        addresses.extend(
-            instance
-                .private_address
-                .as_deref()
-                .and_then(|a| a.parse::<Ipv4Addr>().ok()),
-        );
-    }
-    for interface in &live.interfaces {
-        ids.extend(interface.tags.get(SERVER_TAG).cloned());
-        addresses.extend(
-            interface
-                .private_address
-                .as_deref()
-                .and_then(|a| a.parse::<Ipv4Addr>().ok()),
-        );
-    }
-    let mut placements = BTreeMap::new();
-    let mut missing = Vec::new();
-    for server in &configured {
-        let existing = live
-            .server(&server.name)
-            .map(|i| (i.tags.get(SERVER_TAG), i.private_address.as_deref()))
-            .or_else(|| {
-                live.interface(&server.name)
-                    .map(|i| (i.tags.get(SERVER_TAG), i.private_address.as_deref()))
-            });
-        match existing {
-            Some((id, address)) => {
-                let placed = Placement {
-                    id: id.cloned().unwrap_or_else(|| server.id.clone()),
-                    address: address
-                        .and_then(|a| a.parse().ok())
-                        .unwrap_or(server.address),
-                };
-                if placed.id != server.id || placed.address != server.address {
-                    placements.insert(server.name.clone(), placed);
-                }
-            }
-            None => missing.push(server),
-        }
-    }
-    for server in missing {
-        let mut id = server.id.clone();
-        if ids.contains(&id) {
-            let base = id.trim_end_matches(|c: char| c.is_ascii_digit()).to_owned();
-            id = (1..)
-                .map(|n| format!("{base}{n}"))
-                .find(|candidate| !ids.contains(candidate))
-                .expect("an unused number");
-        }
-        let mut address = server.address;
-        if addresses.contains(&address) {
-            let top = network
-                .subnets
-                .get(server.subnet)
-                .map_or(0, |s| crate::environment::last_usable(s.cidr));
-            // Below the block the configuration's servers take (10 below the top, down).
-            address = (configured.len() as u32..)
-                .map(|n| Ipv4Addr::from(top - 10 - n))
-                .find(|candidate| !addresses.contains(candidate))
-                .expect("a free address");
-        }
-        ids.insert(id.clone());
-        addresses.insert(address);
-        if id != server.id || address != server.address {
-            placements.insert(server.name.clone(), Placement { id, address });
-        }
-    }
-    placements
 }
 
 /// Refuses to go on when a failover stopped half-way: the old primary is fenced and no
@@ -704,8 +592,13 @@ pub async fn prune_backups(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+    use std::net::Ipv4Addr;
+
+    use crate::environment::Placement;
     use crate::environment::{Cidr, Subnet};
     use crate::live::{LiveInstance, LiveInterface};
+    use crate::tags::Tags;
 
     fn env(replicas: u32) -> AwsEnvironment {
         let text = format!(

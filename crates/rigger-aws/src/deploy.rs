@@ -37,17 +37,8 @@ pub use crate::lock::{
     Acquired, HeldLock, LOCK_RENEWAL, LOCK_TTL, LockHolder, LockKeeper, Requester, acquire_lock,
     lock_holder, release_lock, release_lock_by_id, renew_lock,
 };
+pub use crate::releases::Artifact;
 pub use rigger_plan::deploys::DeployRecord;
-
-/// A built release, ready to upload.
-#[derive(Debug, Clone)]
-pub struct Artifact {
-    /// `<UTC timestamp>-<short sha>`.
-    pub id: String,
-    pub revision: String,
-    /// The gzipped tarball of the app's tree.
-    pub tarball: std::path::PathBuf,
-}
 
 /// A deploy that holds the lock and whose release is in the bucket.
 #[derive(Debug)]

@@ -85,7 +85,7 @@ pub async fn prune(env: &AwsEnvironment, clients: &Clients) -> Result<Vec<String
         let pages = clients
             .ec2
             .describe_instances()
-            .filters(crate::live::filter(
+            .filters(crate::tags::filter(
                 "instance-id",
                 ids.iter().map(String::as_str),
             ))

@@ -416,15 +416,15 @@ async fn existing(
         .ec2
         .describe_images()
         .owners("self")
-        .filters(crate::live::filter(
+        .filters(crate::tags::filter(
             &format!("tag:{}", rigger_topology::tag::PROJECT),
             [env.project()],
         ))
-        .filters(crate::live::filter(
+        .filters(crate::tags::filter(
             &format!("tag:{}", rigger_topology::tag::ENVIRONMENT),
             [env.name.as_str()],
         ))
-        .filters(crate::live::filter(
+        .filters(crate::tags::filter(
             &format!("tag:{PACKAGES_HASH_TAG}"),
             [hash],
         ))
@@ -779,7 +779,7 @@ pub async fn clean_up(
     report: &(dyn Fn(&str) + Sync),
 ) -> Result<Vec<String>, AwsError> {
     let tag_value = builder_tag_value(env);
-    let tagged = || crate::live::filter(&format!("tag:{BUILDER_TAG}"), [tag_value.as_str()]);
+    let tagged = || crate::tags::filter(&format!("tag:{BUILDER_TAG}"), [tag_value.as_str()]);
     let mut removed = Vec::new();
     let alive = builders(clients, tagged()).await?;
     let to_terminate: Vec<String> = alive

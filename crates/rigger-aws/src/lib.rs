@@ -25,6 +25,7 @@
 pub mod apply;
 pub mod boot;
 pub mod client;
+pub mod context;
 pub mod database;
 pub mod deploy;
 pub mod environment;
@@ -34,22 +35,26 @@ pub mod iam;
 pub mod image;
 pub mod lab;
 pub mod live;
+pub mod live_loadbalancer;
 pub mod loadbalancer;
 pub mod lock;
 pub mod maintenance;
 pub mod parameters;
+pub mod placement;
+pub mod policy;
 pub mod releases;
 pub mod secrets;
 pub mod servers;
 pub mod status;
+pub mod tags;
 pub mod userdata;
 
 use rigger_config::Config;
 use rigger_plan::{Action, Plan};
 use rigger_topology::{ResourceKind, ScaledCounts, Topology, TopologyError};
 
-pub use apply::Waits;
 pub use client::{Clients, Connection};
+pub use context::Waits;
 pub use environment::{AwsEnvironment, Network};
 pub use error::{AwsError, ErrorKind};
 pub use live::Live;

@@ -32,7 +32,9 @@ pub const ROLES_TAG: &str = "roles";
 /// The inline policy of rigger's instance role.
 pub const ROLE_POLICY: &str = "rigger-secrets";
 
-pub type Tags = BTreeMap<String, String>;
+pub use crate::live_loadbalancer::LiveLoadBalancer;
+pub use crate::tags::Tags;
+use crate::tags::filter;
 
 /// A security group and its ingress rules, each rule with the permission that revokes it.
 #[derive(Debug, Clone, Default)]
@@ -41,31 +43,6 @@ pub struct LiveSecurityGroup {
     pub description: String,
     /// `tcp/443 from sg:<name>` -> the single-source permission.
     pub rules: BTreeMap<String, IpPermission>,
-    pub tags: Tags,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct LiveLoadBalancer {
-    pub kind: Option<LoadBalancerKind>,
-    pub dns_name: String,
-    /// Application load balancers only.
-    pub arn: Option<String>,
-    /// `80->80 HTTP`, by load balancer port.
-    pub listeners: Vec<String>,
-    /// Application load balancers: listener port -> listener ARN.
-    pub listener_arns: BTreeMap<i32, String>,
-    /// Application load balancers: target group port -> ARN.
-    pub target_groups: BTreeMap<i32, String>,
-    pub health_check: Option<String>,
-    /// Its interval, timeout and thresholds (`rigger_topology::health_check::timing`).
-    pub health_check_timing: Option<String>,
-    pub security_group_ids: Vec<String>,
-    pub certificate: Option<String>,
-    /// The HTTPS listener's TLS (security) policy: an application load balancer's `SslPolicy`,
-    /// the predefined policy a classic one's listener policy references.
-    pub tls_policy: Option<String>,
-    pub cross_zone: Option<bool>,
-    pub draining_seconds: Option<i64>,
     pub tags: Tags,
 }
 
@@ -355,14 +332,6 @@ pub async fn network(env: &AwsEnvironment, clients: &Clients) -> Result<Network,
         vpc_cidr,
         subnets,
     })
-}
-
-pub(crate) fn filter<'a>(name: &str, values: impl IntoIterator<Item = &'a str>) -> Filter {
-    let mut builder = Filter::builder().name(name);
-    for value in values {
-        builder = builder.values(value);
-    }
-    builder.build()
 }
 
 fn ec2_tags(tags: &[aws_sdk_ec2::types::Tag]) -> Tags {
@@ -843,8 +812,8 @@ impl Live {
             tags.get(tag::PROJECT).map(String::as_str) == Some(env.project())
                 && tags.get(tag::ENVIRONMENT) == Some(&env.name)
         };
-        let classic = crate::loadbalancer::read_classic(clients, &name).await?;
-        let application = crate::loadbalancer::read_application(clients, &name).await?;
+        let classic = crate::live_loadbalancer::read_classic(clients, &name).await?;
+        let application = crate::live_loadbalancer::read_application(clients, &name).await?;
         // Only ours: a load balancer of the same name without our tags is left alone.
         self.load_balancers.extend(
             classic
@@ -915,7 +884,7 @@ impl Live {
         let mut by_name: BTreeMap<String, Vec<&LiveInstance>> = BTreeMap::new();
         for instance in self.instances.values() {
             if self.in_its_group(instance)
-                || (!self.fenced_included && crate::database::is_fenced(&instance.tags))
+                || (!self.fenced_included && crate::tags::is_fenced(&instance.tags))
             {
                 continue;
             }
@@ -936,7 +905,7 @@ impl Live {
     pub fn volumes_by_name(&self) -> BTreeMap<String, Vec<&LiveVolume>> {
         let mut by_name: BTreeMap<String, Vec<&LiveVolume>> = BTreeMap::new();
         for volume in &self.volumes {
-            if !self.fenced_included && crate::database::is_fenced(&volume.tags) {
+            if !self.fenced_included && crate::tags::is_fenced(&volume.tags) {
                 continue;
             }
             let name = volume
@@ -1541,7 +1510,7 @@ async fn read_instance_profile(
             Err(error) if error.kind() == ErrorKind::NotFound => {}
             Err(error) => return Err(error),
             Ok(answer) => {
-                live.permissions = Some(crate::iam::permissions(answer.policy_document()));
+                live.permissions = Some(crate::policy::permissions(answer.policy_document()));
             }
         }
     }

@@ -310,7 +310,7 @@ impl crate::Provider {
     /// environment's bucket (made if missing), unless the bucket has one already.
     pub async fn upload_first_release(
         &self,
-        artifact: &crate::deploy::Artifact,
+        artifact: &Artifact,
         report: &(dyn Fn(&str) + Sync),
     ) -> Result<(), AwsError> {
         let bucket = ensure(&self.env, &self.clients, report).await?;
@@ -404,4 +404,14 @@ fn random_suffix() -> Result<String, AwsError> {
         .iter()
         .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
         .collect())
+}
+
+/// A built release, ready to upload.
+#[derive(Debug, Clone)]
+pub struct Artifact {
+    /// `<UTC timestamp>-<short sha>`.
+    pub id: String,
+    pub revision: String,
+    /// The gzipped tarball of the app's tree.
+    pub tarball: std::path::PathBuf,
 }

@@ -14,10 +14,11 @@ use rigger_engine::database::{
     self, DatabaseServer, DatabaseView, DbStatus, REPLICATION_STATUS_SQL, parse_replicas,
 };
 
+use crate::desired::DesiredCounts;
 use crate::environment::LocalEnvironment;
 use crate::process;
 use crate::status::{Phase, ReplicaStatus, Status};
-use crate::supervisor::{self, DesiredCounts};
+use crate::supervisor;
 
 /// How long `up` waits for a first bring-up (the venv's first install dominates).
 const UP_TIMEOUT: Duration = Duration::from_secs(900);
@@ -205,7 +206,7 @@ pub async fn status(env: &LocalEnvironment) -> Option<Status> {
     let mut status = crate::status::load(&env.paths.status())?;
     status.replication = replication(env).await;
     // Read now: the supervisor's snapshot may predate the last `rigger maintenance`.
-    status.maintenance = maintenance_on(env);
+    status.maintenance = env.maintenance_on();
     Some(status)
 }
 
@@ -422,11 +423,6 @@ pub fn maintenance(env: &LocalEnvironment, on: bool) -> anyhow::Result<()> {
     std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o644))?;
     std::fs::rename(&temporary, &page).with_context(|| format!("writing {}", page.display()))?;
     Ok(())
-}
-
-/// Whether maintenance mode is on.
-pub fn maintenance_on(env: &LocalEnvironment) -> bool {
-    env.paths.maintenance().join("maintenance.html").exists()
 }
 
 /// Asks the supervisor for a database operation (`promote`, `reseed`) and waits for it.
@@ -647,7 +643,7 @@ pub async fn db_restore(env: &LocalEnvironment, backup: &str) -> anyhow::Result<
         "db restore",
         rigger_engine::clock::unix_now(),
     )?;
-    let was_on = maintenance_on(env);
+    let was_on = env.maintenance_on();
     maintenance(env, true)?;
     let socket = env.paths.server(&primary.id).join("run/postgresql");
     let input =

@@ -41,6 +41,11 @@ pub struct LocalEnvironment {
 }
 
 impl LocalEnvironment {
+    /// Whether maintenance mode is on: the page every web server's nginx answers with.
+    pub fn maintenance_on(&self) -> bool {
+        self.paths.maintenance().join("maintenance.html").exists()
+    }
+
     /// `None` when `name` is not a local environment of `config`.
     pub fn new(config: Config, name: &str, config_path: &Path) -> Option<Self> {
         let env = config.environments.get(name)?;
@@ -70,9 +75,9 @@ impl LocalEnvironment {
     /// rigger.toml's `desired`, as `plan` and `up` compare against ([`DesiredCounts::resolve`]).
     /// A damaged `desired.json` is an error naming it.
     ///
-    /// [`DesiredCounts::resolve`]: crate::supervisor::DesiredCounts::resolve
+    /// [`DesiredCounts::resolve`]: crate::desired::DesiredCounts::resolve
     pub fn scaled(mut self) -> std::io::Result<LocalEnvironment> {
-        let counts = crate::supervisor::DesiredCounts::load(&self.paths.desired())?;
+        let counts = crate::desired::DesiredCounts::load(&self.paths.desired())?;
         let (web, worker) = counts.resolve(self.env());
         let env = self
             .config

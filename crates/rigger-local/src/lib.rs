@@ -18,6 +18,7 @@ pub mod process;
 pub mod apply;
 pub mod control;
 pub mod deploy;
+pub mod desired;
 pub mod environment;
 pub mod files;
 pub mod haproxy;
