@@ -24,6 +24,7 @@ use crate::live::{DATA_DEVICE, Live, ROLES_TAG};
 use crate::live_loadbalancer;
 use crate::tags::filter;
 use crate::{Clients, loadbalancer, userdata};
+use rigger_engine::progress::Progress;
 
 /// Every server's metadata service answers only session requests (IMDSv2) whose responses
 /// cannot travel past the server itself: a container or anything the server forwards for
@@ -46,7 +47,7 @@ pub async fn apply(
     topology: &Topology,
     plan: &Plan,
     waits: Waits,
-    report: &(dyn Fn(&str) + Sync),
+    report: &dyn Progress,
 ) -> Result<Applied, AwsError> {
     // Stand-alone servers where they really are (after a failover), for every server and
     // template rendered here.
@@ -109,7 +110,7 @@ pub async fn rewrite_launch_templates(
     network: &Network,
     live: &Live,
     topology: &Topology,
-    report: &(dyn Fn(&str) + Sync),
+    report: &dyn Progress,
 ) -> Result<Vec<String>, AwsError> {
     let placed = env.with_placements(crate::placement::placements(env, network, live));
     let ctx = context(

@@ -14,6 +14,7 @@ use crate::Clients;
 use crate::environment::{AwsEnvironment, Network, StandAlone};
 use crate::error::{AwsError, ErrorKind};
 use crate::live::Live;
+use rigger_engine::progress::Progress;
 
 /// How long to wait for AWS to finish something, and how often to look.
 #[derive(Debug, Clone, Copy)]
@@ -39,7 +40,7 @@ pub(crate) struct Ctx<'a> {
     pub live: &'a Live,
     pub topology: &'a Topology,
     pub waits: Waits,
-    pub report: &'a (dyn Fn(&str) + Sync),
+    pub report: &'a dyn Progress,
     /// Ids of what exists by now: observed, then created by earlier steps.
     pub(crate) security_groups: Mutex<BTreeMap<String, String>>,
     pub(crate) volumes: Mutex<BTreeMap<String, String>>,
@@ -89,7 +90,7 @@ impl Ctx<'_> {
     }
 
     pub(crate) fn say(&self, line: &str) {
-        (self.report)(line);
+        self.report.report(line);
     }
 
     /// Polls `check` until it returns true or the timeout passes.
@@ -159,7 +160,7 @@ pub(crate) fn context<'a>(
     live: &'a Live,
     topology: &'a Topology,
     waits: Waits,
-    report: &'a (dyn Fn(&str) + Sync),
+    report: &'a dyn Progress,
 ) -> Ctx<'a> {
     Ctx {
         env,

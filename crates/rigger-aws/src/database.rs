@@ -25,6 +25,7 @@ use crate::environment::{AwsEnvironment, Network, SELF_ADDRESS, SELF_ID};
 use crate::error::{AwsError, Context as _, ErrorKind};
 use crate::live::{Live, LiveInstance, ROLES_TAG};
 use crate::{Clients, Provider, releases};
+use rigger_engine::progress::Progress;
 
 pub use crate::placement::placements;
 use crate::placement::short_name;
@@ -309,7 +310,7 @@ impl Provider {
     pub async fn fail_over(
         &self,
         replica: &str,
-        report: &(dyn Fn(&str) + Sync),
+        report: &dyn Progress,
     ) -> Result<FailedOver, AwsError> {
         let (network, live) = self.observe().await?;
         let mut done = FailedOver::default();
@@ -329,7 +330,7 @@ impl Provider {
             .filter(|p| p.instance_id != promoted.id)
             && let Some(instance) = live.instances.get(&old.instance_id)
         {
-            report(&format!(
+            report.report(&format!(
                 "fencing the old primary {} ({}): stopped, renamed db-primary{FENCED_SUFFIX}",
                 old.name, old.instance_id
             ));
@@ -354,7 +355,7 @@ impl Provider {
                 .op("StopInstances", &old.name)?;
             done.fenced = Some(instance.id.clone());
         }
-        report(&format!(
+        report.report(&format!(
             "{} ({}) is now named db-primary",
             promoted_server.name, promoted_server.id
         ));
@@ -372,7 +373,7 @@ impl Provider {
             .iter()
             .filter(|r| r.instance_id != promoted.id)
         {
-            report(&format!(
+            report.report(&format!(
                 "removing replica {} (it followed the old primary); `rigger up` rebuilds it",
                 other.name
             ));
@@ -396,7 +397,7 @@ impl Provider {
         )
         .await?;
         if self.env.aws().launch == rigger_config::LaunchKind::Configuration {
-            report(
+            report.report(
                 "warning: launch configurations cannot be changed: servers the groups launch boot pointing at the old primary until the next deploy",
             );
         }
@@ -416,11 +417,7 @@ impl Provider {
     /// interface (so its address and recipe id, whose replication slot the primary keeps):
     /// the next `up` creates it again, and it boots with a fresh base backup of the primary.
     /// Either part may already be done (an interrupted run).
-    pub async fn prepare_reseed(
-        &self,
-        name: &str,
-        report: &(dyn Fn(&str) + Sync),
-    ) -> Result<(), AwsError> {
+    pub async fn prepare_reseed(&self, name: &str, report: &dyn Progress) -> Result<(), AwsError> {
         let live = Live::read(&self.env, &self.clients).await?;
         let configured =
             (1..=self.env.env().database.replicas).any(|n| format!("db-replica{n}") == name);
@@ -429,7 +426,7 @@ impl Provider {
             // The same error as for an unknown replica.
             databases.replica(Some(name))?;
         }
-        report(&format!("removing replica {name} and its data volume"));
+        report.report(&format!("removing replica {name} and its data volume"));
         self.remove_replica(&live, name).await
     }
 

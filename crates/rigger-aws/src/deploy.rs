@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::Clients;
 use crate::environment::AwsEnvironment;
 use crate::error::{AwsError, Context as _};
+use rigger_engine::progress::Progress;
 
 pub use crate::lock::{
     Acquired, HeldLock, LOCK_RENEWAL, LOCK_TTL, LockHolder, LockKeeper, Requester, acquire_lock,
@@ -320,7 +321,7 @@ pub struct Rollout<'a> {
     /// Where the health gate's observations come from; `None`: the load balancer (web) and
     /// the group (workers).
     pub health: Option<&'a dyn HealthSource>,
-    pub report: &'a (dyn Fn(&str) + Sync),
+    pub report: &'a dyn Progress,
 }
 
 /// A rollout in progress, kept in SSM (`/<project>/<env>/deploy/rollout`) from before the
@@ -376,7 +377,7 @@ impl crate::Provider {
         &self,
         artifact: &Artifact,
         requester: &Requester,
-        report: &(dyn Fn(&str) + Sync),
+        report: &dyn Progress,
     ) -> Result<StartedDeploy, AwsError> {
         // Nothing is uploaded or locked for an environment that is not up.
         let (_, live) = self.observe().await?;
@@ -392,7 +393,7 @@ impl crate::Provider {
             )
             .await?;
         let uploaded = async {
-            report(&format!(
+            report.report(&format!(
                 "uploading release {} to s3://{bucket}/{}",
                 artifact.id,
                 crate::releases::object_key(&artifact.id)
@@ -422,7 +423,7 @@ impl crate::Provider {
         &self,
         to: Option<&str>,
         requester: &Requester,
-        report: &(dyn Fn(&str) + Sync),
+        report: &dyn Progress,
     ) -> Result<StartedDeploy, AwsError> {
         let (_, live) = self.observe().await?;
         let current = self.current_release(&live).unwrap_or_default();
@@ -483,7 +484,7 @@ impl crate::Provider {
         requester: &Requester,
         operation: &str,
         started: u64,
-        report: &(dyn Fn(&str) + Sync),
+        report: &dyn Progress,
     ) -> Result<LockKeeper, AwsError> {
         let acquired =
             acquire_lock(&self.env, &self.clients, requester, operation, started).await?;
@@ -496,7 +497,7 @@ impl crate::Provider {
                 }
             };
         if let Some(stale) = acquired.interrupted {
-            report(&format!(
+            report.report(&format!(
                 "taking over the deploy lock of an interrupted operation: {stale}"
             ));
             // Only deploys and rollbacks belong in the deploy history.
@@ -613,7 +614,7 @@ impl crate::Provider {
         &self,
         live: &crate::Live,
         interrupted: Option<&RolloutRecord>,
-        report: &(dyn Fn(&str) + Sync),
+        report: &dyn Progress,
     ) -> Result<bool, AwsError> {
         let mut changed = false;
         let detached: Vec<String> = live
@@ -622,7 +623,7 @@ impl crate::Provider {
             .map(|i| i.id.clone())
             .collect();
         if let Some(record) = interrupted {
-            report(&format!(
+            report.report(&format!(
                 "an earlier rollout of {} (from {}) was interrupted; putting its groups back first",
                 record.release, record.previous
             ));
@@ -647,7 +648,7 @@ impl crate::Provider {
         }
         if !detached.is_empty() {
             changed = true;
-            report(&format!(
+            report.report(&format!(
                 "terminating {} left detached by an interrupted rollout",
                 detached.join(", ")
             ));
@@ -706,7 +707,7 @@ impl crate::Provider {
             .as_ref()
             .map_or_else(|| current.clone(), |r| r.previous.clone());
         if current == release && interrupted.is_none() {
-            report(&format!("release {release} is already the current one"));
+            report.report(&format!("release {release} is already the current one"));
             return Ok(RolloutOutcome::Completed);
         }
         let record = RolloutRecord {
@@ -729,7 +730,7 @@ impl crate::Provider {
             .desired(&live, release)
             .map_err(crate::topology_error)?;
         let full = rigger_plan::plan(&live.observed(&self.env), &new_topology);
-        report(&format!("making the launch templates of release {release}"));
+        report.report(&format!("making the launch templates of release {release}"));
         crate::apply::apply(
             &self.env,
             &self.clients,
@@ -771,7 +772,7 @@ impl crate::Provider {
     async fn delete_unused_templates(
         &self,
         release: &str,
-        report: &(dyn Fn(&str) + Sync),
+        report: &dyn Progress,
     ) -> Result<(), AwsError> {
         let (network, live) = self.observe().await?;
         let topology = self
@@ -837,13 +838,13 @@ impl crate::Provider {
             }
             (Role::Worker, _) => {
                 let timeout = rollout.options.worker_stop_timeout;
-                (rollout.report)(&format!(
+                rollout.report.report(&format!(
                     "{group}: warm shutdown of Celery on {} (up to {} s for running tasks)",
                     instances.join(", "),
                     timeout.as_secs()
                 ));
                 if let Err(why) = rollout.servers.stop_workers(instances, timeout) {
-                    (rollout.report)(&format!(
+                    rollout.report.report(&format!(
                         "warning: no warm shutdown on {}: {why}; tasks they were running are redelivered only if the app acknowledges late",
                         instances.join(", ")
                     ));
@@ -999,7 +1000,7 @@ impl RolloutTarget for Groups<'_> {
                 .await
                 .op("TerminateInstanceInAutoScalingGroup", instance);
             if let Err(error) = terminated {
-                (self.rollout.report)(&format!("warning: {error}"));
+                self.rollout.report.report(&format!("warning: {error}"));
             }
         }
         Ok(())
@@ -1024,7 +1025,7 @@ impl RolloutTarget for Groups<'_> {
     }
 
     fn report(&mut self, message: &str) {
-        (self.rollout.report)(message);
+        self.rollout.report.report(message);
     }
 }
 

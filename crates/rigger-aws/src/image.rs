@@ -39,6 +39,7 @@ use sha2::Digest as _;
 use crate::Clients;
 use crate::environment::{AwsEnvironment, Network};
 use crate::error::{AwsError, Context as _};
+use rigger_engine::progress::Progress;
 
 /// The tag marking a builder instance and its security group: `<project>/<env>`.
 pub const BUILDER_TAG: &str = "rigger:image-builder";
@@ -339,12 +340,12 @@ pub async fn build(
     clients: &Clients,
     network: &Network,
     options: BuildOptions,
-    report: &(dyn Fn(&str) + Sync),
+    report: &dyn Progress,
 ) -> Result<BuildOutcome, AwsError> {
     let waits = options.waits;
     let removed = clean_up(env, clients, waits, report).await?;
     if !removed.is_empty() {
-        report(&format!(
+        report.report(&format!(
             "removed what an interrupted build left: {}",
             removed.join(", ")
         ));
@@ -410,7 +411,7 @@ async fn existing(
     clients: &Clients,
     hash: &str,
     waits: BuildWaits,
-    report: &(dyn Fn(&str) + Sync),
+    report: &dyn Progress,
 ) -> Result<Option<RecordedImage>, AwsError> {
     let images = clients
         .ec2
@@ -449,7 +450,7 @@ async fn existing(
     };
     let ami = image.image_id().unwrap_or_default().to_owned();
     if state(image).as_deref() == Some("pending") {
-        report(&format!(
+        report.report(&format!(
             "an earlier build's image {ami} (same packages) is still being made: waiting for it"
         ));
         wait_available(clients, &ami, waits, report).await?;
@@ -470,7 +471,7 @@ async fn bake(
     base: &str,
     hash: &str,
     waits: BuildWaits,
-    report: &(dyn Fn(&str) + Sync),
+    report: &dyn Progress,
 ) -> Result<BuildOutcome, AwsError> {
     let subnet = network.subnets.first().ok_or_else(|| {
         AwsError::precondition(
@@ -540,7 +541,7 @@ async fn bake(
         .unwrap_or_default()
         .to_owned();
     let started = Instant::now();
-    report(&format!(
+    report.report(&format!(
         "builder {builder} launched from {base} ({instance_type}, subnet {}): installing {} packages, then it powers off",
         subnet.id,
         crate::userdata::boot_packages().len()
@@ -577,7 +578,7 @@ async fn bake(
             ));
         }
         if said.elapsed() >= waits.progress {
-            report(&format!(
+            report.report(&format!(
                 "builder {builder} is {} ({:.0} s)",
                 state.as_deref().unwrap_or("?"),
                 started.elapsed().as_secs_f64()
@@ -610,7 +611,7 @@ async fn bake(
         }
         tokio::time::sleep(waits.poll).await;
     }
-    report(&format!(
+    report.report(&format!(
         "builder {builder} installed the packages and stopped ({builder_seconds:.0} s)"
     ));
 
@@ -651,10 +652,10 @@ async fn bake(
         .image_id()
         .unwrap_or_default()
         .to_owned();
-    report(&format!("image {ami} ({image_name}) is being made"));
+    report.report(&format!("image {ami} ({image_name}) is being made"));
     wait_available(clients, &ami, waits, report).await?;
     let image_seconds = image_started.elapsed().as_secs_f64();
-    report(&format!("image {ami} is available ({image_seconds:.0} s)"));
+    report.report(&format!("image {ami} is available ({image_seconds:.0} s)"));
     Ok(BuildOutcome::Built {
         image: RecordedImage {
             ami,
@@ -671,7 +672,7 @@ async fn wait_available(
     clients: &Clients,
     ami: &str,
     waits: BuildWaits,
-    report: &(dyn Fn(&str) + Sync),
+    report: &dyn Progress,
 ) -> Result<(), AwsError> {
     let started = Instant::now();
     let mut said = Instant::now();
@@ -708,7 +709,7 @@ async fn wait_available(
             });
         }
         if said.elapsed() >= waits.progress {
-            report(&format!(
+            report.report(&format!(
                 "image {ami} is still pending ({:.0} s)",
                 started.elapsed().as_secs_f64()
             ));
@@ -776,7 +777,7 @@ pub async fn clean_up(
     env: &AwsEnvironment,
     clients: &Clients,
     waits: BuildWaits,
-    report: &(dyn Fn(&str) + Sync),
+    report: &dyn Progress,
 ) -> Result<Vec<String>, AwsError> {
     let tag_value = builder_tag_value(env);
     let tagged = || crate::tags::filter(&format!("tag:{BUILDER_TAG}"), [tag_value.as_str()]);
@@ -795,7 +796,7 @@ pub async fn clean_up(
             .send()
             .await
             .op("TerminateInstances", to_terminate.join(", "))?;
-        report(&format!(
+        report.report(&format!(
             "terminating the builder {}",
             to_terminate.join(", ")
         ));

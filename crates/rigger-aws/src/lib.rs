@@ -50,6 +50,7 @@ pub mod tags;
 pub mod userdata;
 
 use rigger_config::Config;
+use rigger_engine::progress::Progress;
 use rigger_plan::{Action, Plan};
 use rigger_topology::{ResourceKind, ScaledCounts, Topology, TopologyError};
 
@@ -179,11 +180,7 @@ impl Provider {
     /// Makes the environment match its topology at `release` (for a first creation; existing
     /// groups keep the release they run, which only a deploy changes), with its releases
     /// bucket; a second run finds nothing to do.
-    pub async fn up(
-        &self,
-        release: &str,
-        report: &(dyn Fn(&str) + Sync),
-    ) -> Result<UpOutcome, AwsError> {
+    pub async fn up(&self, release: &str, report: &dyn Progress) -> Result<UpOutcome, AwsError> {
         let (network, live) = self.observe().await?;
         let release = self
             .current_release(&live)
@@ -193,7 +190,7 @@ impl Provider {
         let secrets_created = secrets::ensure(&self.env, &self.clients, &live.parameters).await?;
         releases::ensure(&self.env, &self.clients, report).await?;
         for name in &secrets_created {
-            report(&format!("stored secret {name} in SSM"));
+            report.report(&format!("stored secret {name} in SSM"));
         }
         let plan = rigger_plan::plan(&live.observed(&self.env), &topology);
         if plan.is_empty() {
@@ -235,10 +232,10 @@ impl Provider {
     }
 
     /// Deletes what servers that are gone published ([`hostkeys::prune`]).
-    pub async fn prune_published(&self, report: &(dyn Fn(&str) + Sync)) -> Result<(), AwsError> {
+    pub async fn prune_published(&self, report: &dyn Progress) -> Result<(), AwsError> {
         let pruned = hostkeys::prune(&self.env, &self.clients).await?;
         if !pruned.is_empty() {
-            report(&format!(
+            report.report(&format!(
                 "deleted what {} servers that are gone published (host keys, boot reports: {})",
                 pruned.len(),
                 pruned.join(", ")
@@ -249,7 +246,7 @@ impl Provider {
 
     /// Deletes everything tagged as the environment's, in reverse dependency order, and its
     /// secrets. Returns the plan it applied.
-    pub async fn down(&self, report: &(dyn Fn(&str) + Sync)) -> Result<Plan, AwsError> {
+    pub async fn down(&self, report: &dyn Progress) -> Result<Plan, AwsError> {
         let (network, mut live) = self.observe().await?;
         // A failover's fenced old primary goes too.
         live.fenced_included = true;
@@ -274,20 +271,20 @@ impl Provider {
         // Interfaces left by an interrupted run (their servers are gone).
         let (_, after) = self.observe().await?;
         for interface in &after.interfaces {
-            report(&format!("deleting network interface {}", interface.name));
+            report.report(&format!("deleting network interface {}", interface.name));
             apply::delete_orphan_interface(&self.clients, interface, self.waits).await?;
         }
         if let Some(bucket) = releases::find(&self.env, &self.clients).await? {
-            report(&format!("deleting bucket {bucket} and its releases"));
+            report.report(&format!("deleting bucket {bucket} and its releases"));
             releases::delete(&self.env, &self.clients, &bucket).await?;
         }
         let deploy_parameters = deploy::parameters(&self.env, &self.clients).await?;
         if !deploy_parameters.is_empty() {
-            report("deleting the deploy history from SSM");
+            report.report("deleting the deploy history from SSM");
             secrets::delete(&self.clients, &deploy_parameters).await?;
         }
         if !live.parameters.is_empty() {
-            report(&format!(
+            report.report(&format!(
                 "deleting {} secrets from SSM",
                 live.parameters.len()
             ));
@@ -295,7 +292,7 @@ impl Provider {
         }
         let certificates = secrets::server_certificates(&self.env, &self.clients).await?;
         if !certificates.is_empty() {
-            report("deleting the servers' keys and certificates from SSM");
+            report.report("deleting the servers' keys and certificates from SSM");
             secrets::delete(&self.clients, &certificates).await?;
         }
         // Every server is gone: so is what they published (host keys, boot reports).
@@ -304,7 +301,8 @@ impl Provider {
             .into_iter()
             .collect();
         if !publishers.is_empty() {
-            report("deleting the servers' published SSH host keys and boot reports from SSM");
+            report
+                .report("deleting the servers' published SSH host keys and boot reports from SSM");
             hostkeys::forget(&self.env, &self.clients, &publishers).await?;
         }
         Ok(plan)
@@ -334,21 +332,11 @@ impl Provider {
         Ok(status)
     }
 
-    /// Sets the group's desired capacity (checked against rigger.toml's bounds by the
-    /// caller). Refused while a deploy holds the lock: its rollout sets the counts itself.
+    /// Sets the group's desired capacity, as `rigger_engine::scale` asks (which checks the
+    /// bounds and the deploy lock first).
     pub async fn scale(&self, role: rigger_topology::Role, count: u32) -> Result<(), AwsError> {
         use error::Context as _;
         let group = self.env.names.group(role);
-        if let Some(holder) = deploy::lock_holder(&self.env, &self.clients).await?
-            && holder.expires > rigger_engine::clock::unix_now()
-        {
-            return Err(AwsError::precondition(
-                "SetDesiredCapacity",
-                &group,
-                format!("a deploy is running: the lock is held by {holder}"),
-                "scale after it ends",
-            ));
-        }
         self.clients
             .autoscaling
             .set_desired_capacity()
@@ -429,4 +417,28 @@ pub(crate) fn topology_error(error: TopologyError) -> AwsError {
         error.to_string(),
         "this is a bug in rigger; please report it",
     )
+}
+
+/// The Auto Scaling groups as `rigger scale` drives them (`rigger_engine::scale`).
+impl rigger_engine::scale::ScaleTarget for Provider {
+    type Error = AwsError;
+
+    /// A lock past its expiry is nobody's (the holder may be on any machine).
+    async fn lock_holder(&mut self) -> Result<Option<rigger_plan::deploys::LockHolder>, AwsError> {
+        Ok(deploy::lock_holder(&self.env, &self.clients)
+            .await?
+            .filter(|holder| holder.expires > rigger_engine::clock::unix_now()))
+    }
+
+    async fn set_desired(
+        &mut self,
+        group: rigger_topology::Role,
+        count: u32,
+    ) -> Result<(), AwsError> {
+        self.scale(group, count).await
+    }
+
+    async fn status(&mut self) -> Result<status::Status, AwsError> {
+        Provider::status(self).await
+    }
 }

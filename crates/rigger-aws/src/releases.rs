@@ -22,6 +22,7 @@ use rigger_topology::tag;
 use crate::Clients;
 use crate::environment::AwsEnvironment;
 use crate::error::{AwsError, Context as _, ErrorKind};
+use rigger_engine::progress::Progress;
 
 /// The SSM parameter (under the environment's prefix) naming the bucket.
 pub const BUCKET_PARAMETER: &str = "deploy/bucket";
@@ -84,7 +85,7 @@ pub async fn find(env: &AwsEnvironment, clients: &Clients) -> Result<Option<Stri
 pub async fn ensure(
     env: &AwsEnvironment,
     clients: &Clients,
-    report: &(dyn Fn(&str) + Sync),
+    report: &dyn Progress,
 ) -> Result<String, AwsError> {
     if let Some(bucket) = find(env, clients).await? {
         return Ok(bucket);
@@ -92,7 +93,7 @@ pub async fn ensure(
     let mut bucket = bucket_prefix(env.project(), &env.name);
     bucket.push_str(&random_suffix()?);
     bucket.truncate(63);
-    report(&format!("creating bucket {bucket} for releases"));
+    report.report(&format!("creating bucket {bucket} for releases"));
     let mut create = clients.s3.create_bucket().bucket(&bucket);
     if env.aws().region != "us-east-1" {
         create = create.create_bucket_configuration(
@@ -311,11 +312,11 @@ impl crate::Provider {
     pub async fn upload_first_release(
         &self,
         artifact: &Artifact,
-        report: &(dyn Fn(&str) + Sync),
+        report: &dyn Progress,
     ) -> Result<(), AwsError> {
         let bucket = ensure(&self.env, &self.clients, report).await?;
         if upload_once(&self.clients, &bucket, INITIAL_RELEASE, &artifact.tarball).await? {
-            report(&format!(
+            report.report(&format!(
                 "uploaded the first release ({}) to s3://{bucket}/{}",
                 artifact.revision,
                 object_key(INITIAL_RELEASE)

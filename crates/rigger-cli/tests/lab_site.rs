@@ -388,6 +388,36 @@ fn the_example_site_runs_on_the_lab_from_up_to_down() {
         &sql("INSERT INTO lab_marker VALUES (43)"),
     ]);
     assert_eq!(answering(&url, 10).len(), 2);
+    // A backup (the providers' one pg_dump job, on the primary, uploaded to the bucket), a
+    // row written after it, the backup restored (pg_restore in one transaction, in
+    // maintenance): the rows of the backup are there, the one written after is not.
+    let backup = site.run(&["db", "backup"]);
+    assert!(backup.status.success(), "{}", text(&backup));
+    let backup = String::from_utf8_lossy(&backup.stdout).trim().to_owned();
+    assert!(
+        site.ok(&["db", "backups"])
+            .lines()
+            .any(|name| name == backup),
+        "{backup} is not listed"
+    );
+    site.ok(&[
+        "manage",
+        "--",
+        "shell",
+        "-c",
+        &sql("INSERT INTO lab_marker VALUES (44)"),
+    ]);
+    site.ok(&["db", "restore", &backup, "--yes"]);
+    for (id, rows) in [(42, 1), (43, 1), (44, 0)] {
+        let read = site.ok(&[
+            "manage",
+            "--",
+            "shell",
+            "-c",
+            &sql(&format!("SELECT count(*) FROM lab_marker WHERE id = {id}")),
+        ]);
+        assert!(read.contains(&format!("rows {rows}")), "row {id}: {read}");
+    }
     // `up` builds a replica of the new primary, which streams from it.
     site.ok(&["up"]);
     let db = wait_for("the rebuilt replica streaming", BOOT, || {

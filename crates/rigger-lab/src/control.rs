@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use nix::sys::signal::Signal;
+use rigger_engine::progress::Progress;
 use rigger_local::process::{self, PidRecord, ProcessSpec};
 
 use crate::image::{self, Flavor};
@@ -101,7 +102,7 @@ fn check_machine() -> anyhow::Result<()> {
 pub async fn up(
     lab: &Lab,
     options: &UpOptions,
-    mut progress: impl FnMut(&str),
+    progress: &dyn Progress,
 ) -> anyhow::Result<UpOutcome> {
     check_machine()?;
     sys::create_trusted_dir(&lab.state, 0o700)?;
@@ -122,7 +123,7 @@ pub async fn up(
     let (stock, image) = (built(Flavor::Stock)?, built(Flavor::Baked)?);
     sys::check_trusted_dir(&lab.images)?;
     if !current.leftovers.is_empty() {
-        progress(&format!(
+        progress.report(&format!(
             "cleaning up what an earlier lab left: {}",
             current.leftovers.join(", ")
         ));
@@ -159,7 +160,7 @@ pub async fn up(
     })
     .await
     .context("starting the emulator")?;
-    progress(&format!(
+    progress.report(&format!(
         "emulator started (pid {}, {emulator_url}, log {})",
         emulator.pid(),
         lab.emulator_log().display()
@@ -222,7 +223,7 @@ pub async fn up(
     .context("starting the lab's runner")?;
     let runner_record = runner.record();
     drop(runner);
-    progress(&format!(
+    progress.report(&format!(
         "runner started (pid {}, log {})",
         runner_record.pid,
         lab.runner_log().display()
@@ -260,7 +261,7 @@ pub async fn up(
 
 /// Stops everything the lab started and removes what it made; fails naming what is left.
 /// Returns what had to be cleaned up after a runner that did not (or could not) do it.
-pub async fn down(lab: &Lab, mut progress: impl FnMut(&str)) -> anyhow::Result<Vec<String>> {
+pub async fn down(lab: &Lab, progress: &dyn Progress) -> anyhow::Result<Vec<String>> {
     check_machine()?;
     if !lab.state.is_dir() {
         return Ok(Vec::new());
@@ -268,19 +269,19 @@ pub async fn down(lab: &Lab, mut progress: impl FnMut(&str)) -> anyhow::Result<V
     sys::check_trusted_dir(&lab.state)?;
     let _lock = sys::lock_exclusive(&lab.lock_file())?;
     if let Some(runner) = PidRecord::read(&lab.runner_pid_file()).filter(PidRecord::is_alive) {
-        progress(&format!(
+        progress.report(&format!(
             "stopping the runner (pid {}) and its machines",
             runner.pid
         ));
         process::stop(&runner, Signal::SIGTERM, RUNNER_STOP_TIMEOUT).await;
     }
     if let Some(emulator) = PidRecord::read(&lab.emulator_pid_file()).filter(PidRecord::is_alive) {
-        progress(&format!("stopping the emulator (pid {})", emulator.pid));
+        progress.report(&format!("stopping the emulator (pid {})", emulator.pid));
         process::stop(&emulator, Signal::SIGTERM, Duration::from_secs(10)).await;
     }
     let left_behind = leftovers(lab);
     if !left_behind.is_empty() {
-        progress(&format!("cleaning up: {}", left_behind.join(", ")));
+        progress.report(&format!("cleaning up: {}", left_behind.join(", ")));
     }
     sweep(lab).await?;
     let remaining = leftovers(lab);

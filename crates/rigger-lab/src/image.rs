@@ -28,6 +28,7 @@ use std::process::{Command, Stdio};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
+use rigger_engine::progress::Progress;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
@@ -292,7 +293,7 @@ pub enum Built {
 pub fn build(
     images: &Path,
     flavor: Flavor,
-    mut progress: impl FnMut(&str),
+    progress: &dyn Progress,
 ) -> anyhow::Result<(Image, Built)> {
     if let Some(image) = find(images, flavor) {
         return Ok((image, Built::Cached));
@@ -306,7 +307,7 @@ pub fn build(
         "mmdebstrap is not installed: `apt-get install mmdebstrap` (scripts/install-packages.sh does)",
     )?;
     crate::sys::create_trusted_dir(images, 0o755)?;
-    progress(&format!(
+    progress.report(&format!(
         "waiting for other builds of the {flavor} lab image"
     ));
     let _lock = crate::sys::lock_exclusive(&images.join(".build.lock"))?;
@@ -320,7 +321,7 @@ pub fn build(
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let log_path = scratch.join("build.log");
     let started = Instant::now();
-    let result = build_into(flavor, &scratch, &log_path, &mut progress);
+    let result = build_into(flavor, &scratch, &log_path, progress);
     if let Err(error) = result {
         let kept = images.join(format!("build-{}.log", &hash[..16]));
         let _ = std::fs::rename(&log_path, &kept);
@@ -360,13 +361,13 @@ fn build_into(
     flavor: Flavor,
     scratch: &Path,
     log_path: &Path,
-    progress: &mut impl FnMut(&str),
+    progress: &dyn Progress,
 ) -> anyhow::Result<()> {
     let rootfs = scratch.join("rootfs");
     let log = rigger_local::files::open_private_log(log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     let packages = flavor.packages();
-    progress(&format!(
+    progress.report(&format!(
         "mmdebstrap {SUITE}, the {flavor} image, with {} packages (a minute or two; log: {})",
         packages.len(),
         log_path.display()
@@ -388,7 +389,7 @@ fn build_into(
         "mmdebstrap",
     )?;
 
-    progress("adding the default user, the lab's units and files");
+    progress.report("adding the default user, the lab's units and files");
     let chroot = |args: &[&str]| -> anyhow::Result<()> {
         let mut command = Command::new("chroot");
         command

@@ -3,6 +3,7 @@
 //! file and signals; they never touch a service process directly, except `down` cleaning up
 //! after a supervisor that was killed.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -13,9 +14,13 @@ use nix::unistd::Pid;
 use rigger_engine::database::{
     self, DatabaseServer, DatabaseView, DbStatus, REPLICATION_STATUS_SQL, parse_replicas,
 };
+use rigger_engine::progress::Progress;
+use rigger_recipes::operations;
+use rigger_transport::Job;
 
 use crate::desired::DesiredCounts;
 use crate::environment::LocalEnvironment;
+use crate::on_server;
 use crate::process;
 use crate::status::{Phase, ReplicaStatus, Status};
 use crate::supervisor;
@@ -38,7 +43,7 @@ pub async fn up(
     env: &LocalEnvironment,
     rigger: &Path,
     config_path: &Path,
-    mut progress: impl FnMut(&str),
+    progress: &dyn Progress,
 ) -> anyhow::Result<UpOutcome> {
     if let Some(holder) = supervisor::lock_holder(env) {
         // Running: the plan says whether anything differs from rigger.toml.
@@ -47,10 +52,10 @@ pub async fn up(
             return Ok(UpOutcome::AlreadyUp(status.expect("checked")));
         }
         kill(Pid::from_raw(holder.pid), Signal::SIGHUP).context("signalling the supervisor")?;
-        progress("asked the running supervisor to apply rigger.toml");
+        progress.report("asked the running supervisor to apply rigger.toml");
         let started = Instant::now();
         loop {
-            let status = wait_ready(env, holder.pid, &mut progress).await?;
+            let status = wait_ready(env, holder.pid, progress).await?;
             if pending_changes(env)? == 0 {
                 return Ok(UpOutcome::Updated(status));
             }
@@ -85,11 +90,11 @@ pub async fn up(
     let pid = i32::try_from(child.id()).unwrap_or(0);
     // The child is not waited on: it outlives this process by design. Reaped by init.
     drop(child);
-    progress(&format!(
+    progress.report(&format!(
         "supervisor started (pid {pid}, log {})",
         env.paths.supervisor_log().display()
     ));
-    let status = wait_ready(env, pid, &mut progress).await?;
+    let status = wait_ready(env, pid, progress).await?;
     Ok(UpOutcome::Started(status))
 }
 
@@ -113,14 +118,14 @@ fn pending_changes(env: &LocalEnvironment) -> anyhow::Result<usize> {
 async fn wait_ready(
     env: &LocalEnvironment,
     pid: i32,
-    progress: &mut impl FnMut(&str),
+    progress: &dyn Progress,
 ) -> anyhow::Result<Status> {
     let start = Instant::now();
     let mut last_message = String::new();
     loop {
         if let Some(status) = crate::status::load(&env.paths.status()) {
             if status.message != last_message {
-                progress(&status.message);
+                progress.report(&status.message);
                 last_message.clone_from(&status.message);
             }
             match status.phase {
@@ -161,10 +166,10 @@ fn pid_alive(pid: i32) -> bool {
 pub async fn down(
     env: &LocalEnvironment,
     purge: bool,
-    mut progress: impl FnMut(&str),
+    progress: &dyn Progress,
 ) -> anyhow::Result<()> {
     if let Some(holder) = supervisor::lock_holder(env) {
-        progress(&format!(
+        progress.report(&format!(
             "stopping the supervisor (pid {}) and every service",
             holder.pid
         ));
@@ -184,7 +189,7 @@ pub async fn down(
     for (name, outcome) in
         process::stop_leftovers(&env.paths.servers(), Duration::from_secs(60)).await
     {
-        progress(&format!(
+        progress.report(&format!(
             "stopped {name} left by an earlier supervisor ({outcome:?})"
         ));
     }
@@ -192,7 +197,7 @@ pub async fn down(
     if purge && env.paths.root().exists() {
         std::fs::remove_dir_all(env.paths.root())
             .with_context(|| format!("deleting {}", env.paths.root().display()))?;
-        progress(&format!(
+        progress.report(&format!(
             "deleted {} (data, secrets, logs)",
             env.paths.root().display()
         ));
@@ -210,6 +215,27 @@ pub async fn status(env: &LocalEnvironment) -> Option<Status> {
     Some(status)
 }
 
+/// The status of an environment whose supervisor does not run.
+pub fn down_status(env: &LocalEnvironment) -> Status {
+    Status {
+        schema: rigger_plan::status::SCHEMA.into(),
+        version: rigger_plan::status::SCHEMA_VERSION,
+        project: env.config.project.name.clone(),
+        environment: env.name.clone(),
+        provider: "local".into(),
+        phase: Phase::Down,
+        message: "no supervisor runs (run `rigger up`)".into(),
+        release: String::new(),
+        urls: Vec::new(),
+        supervisor_pid: None,
+        maintenance: env.maintenance_on(),
+        groups: Vec::new(),
+        servers: Vec::new(),
+        replication: Vec::new(),
+        updated: rigger_engine::clock::unix_now(),
+    }
+}
+
 /// Each replica's state and lag as the primary sees it ([`REPLICATION_STATUS_SQL`]), for
 /// `rigger status`; nothing when the primary does not answer within 5 s.
 async fn replication(env: &LocalEnvironment) -> Vec<ReplicaStatus> {
@@ -220,10 +246,9 @@ async fn replication(env: &LocalEnvironment) -> Vec<ReplicaStatus> {
     let Some(primary) = env.server_with_role(&registry, rigger_recipes::Role::DbPrimary) else {
         return Vec::new();
     };
-    let socket = env.paths.server(&primary.id).join("run/postgresql");
     let asked = tokio::time::timeout(
         Duration::from_secs(5),
-        crate::supervisor::database::run_psql(&socket, REPLICATION_STATUS_SQL),
+        crate::on_server::psql(env, &primary.id, REPLICATION_STATUS_SQL),
     )
     .await;
     let Ok(Ok(rows)) = asked else {
@@ -240,22 +265,65 @@ async fn replication(env: &LocalEnvironment) -> Vec<ReplicaStatus> {
         .collect()
 }
 
-/// Sets a group's desired count (within its min and max) and tells the supervisor.
-pub fn scale(env: &LocalEnvironment, group: &str, count: u32) -> anyhow::Result<()> {
-    env.env()
-        .check_scale(group, count)
-        .map_err(anyhow::Error::msg)?;
-    let mut counts = DesiredCounts::load(&env.paths.desired())?;
-    match group {
-        "web" => counts.web = Some(count),
-        _ => counts.worker = Some(count),
+/// How `rigger scale` waits on this machine: a new server starts, answers its health check
+/// and joins the load balancer within seconds; the bound leaves room for a loaded machine.
+pub const SCALE: rigger_engine::scale::ScaleSettings = rigger_engine::scale::ScaleSettings {
+    poll: Duration::from_millis(500),
+    timeout: Duration::from_secs(300),
+};
+
+/// `rigger scale`: the engine's flow ([`rigger_engine::scale`]) over [`LocalGroups`].
+pub async fn scale(
+    env: &LocalEnvironment,
+    counts: &[(String, u32)],
+    progress: &dyn Progress,
+) -> Result<(), rigger_engine::scale::ScaleError<anyhow::Error>> {
+    rigger_engine::scale::scale(
+        &mut LocalGroups { env },
+        env.env(),
+        counts,
+        &SCALE,
+        progress,
+    )
+    .await
+}
+
+/// The local groups as `rigger scale` drives them: the counts in `desired.json`, which the
+/// supervisor reads again on SIGHUP (or at its next start when the environment is down).
+pub struct LocalGroups<'a> {
+    pub env: &'a LocalEnvironment,
+}
+
+impl rigger_engine::scale::ScaleTarget for LocalGroups<'_> {
+    type Error = anyhow::Error;
+
+    async fn lock_holder(&mut self) -> anyhow::Result<Option<rigger_plan::deploys::LockHolder>> {
+        Ok(crate::deploy::live_lock_holder(
+            &self.env.paths,
+            rigger_engine::clock::unix_now(),
+        ))
     }
-    env.paths.create_root()?;
-    counts.save(&env.paths.desired())?;
-    if let Some(holder) = supervisor::lock_holder(env) {
-        kill(Pid::from_raw(holder.pid), Signal::SIGHUP).context("signalling the supervisor")?;
+
+    async fn set_desired(&mut self, group: rigger_recipes::Role, count: u32) -> anyhow::Result<()> {
+        let mut counts = DesiredCounts::load(&self.env.paths.desired())?;
+        match group {
+            rigger_recipes::Role::Web => counts.web = Some(count),
+            _ => counts.worker = Some(count),
+        }
+        self.env.paths.create_root()?;
+        counts.save(&self.env.paths.desired())?;
+        if let Some(holder) = supervisor::lock_holder(self.env) {
+            kill(Pid::from_raw(holder.pid), Signal::SIGHUP).context("signalling the supervisor")?;
+        }
+        Ok(())
     }
-    Ok(())
+
+    async fn status(&mut self) -> anyhow::Result<Status> {
+        Ok(match status(self.env).await {
+            Some(status) => status,
+            None => down_status(self.env),
+        })
+    }
 }
 
 /// What `rigger deploy` and `rigger rollback` ask for.
@@ -286,7 +354,7 @@ pub async fn deploy(
     env: &LocalEnvironment,
     target: DeployTarget,
     options: &DeployOptions,
-    mut progress: impl FnMut(&str),
+    progress: &dyn Progress,
 ) -> anyhow::Result<crate::deploy::DeployOutcome> {
     use crate::deploy::{self as deploy_files, DeployLock, DeployRequest};
     use crate::release;
@@ -312,7 +380,7 @@ pub async fn deploy(
             revision,
             allow_dirty,
         } => {
-            progress("building the release (code, locked requirements)");
+            progress.report("building the release (code, locked requirements)");
             release::build(env, revision.as_deref(), allow_dirty, now)
                 .await?
                 .id
@@ -323,7 +391,7 @@ pub async fn deploy(
         }
         DeployTarget::Previous => rollback_target(env, None)?,
     };
-    progress(&format!("rolling out release {release}"));
+    progress.report(&format!("rolling out release {release}"));
     let request = DeployRequest {
         id: request_id(),
         release,
@@ -337,7 +405,7 @@ pub async fn deploy(
     kill(Pid::from_raw(holder.pid), Signal::SIGUSR1).context("signalling the supervisor")?;
     let dead = "the supervisor exited during the deploy; `rigger up` restarts it (servers of an \
                 unfinished release are rolled back to the group's release)";
-    await_outcome(env, holder.pid, &lock, dead, &mut progress, || {
+    await_outcome(env, holder.pid, &lock, dead, progress, || {
         deploy_files::read_outcome(&env.paths).filter(|outcome| outcome.request == request.id)
     })
     .await
@@ -358,7 +426,7 @@ async fn await_outcome<T>(
     supervisor_pid: i32,
     lock: &crate::deploy::DeployLock,
     dead: &str,
-    progress: &mut impl FnMut(&str),
+    progress: &dyn Progress,
     outcome: impl Fn() -> Option<T>,
 ) -> anyhow::Result<T> {
     let mut last_message = String::new();
@@ -370,14 +438,14 @@ async fn await_outcome<T>(
         if let Some(status) = crate::status::load(&env.paths.status())
             && status.message != last_message
         {
-            progress(&status.message);
+            progress.report(&status.message);
             last_message = status.message;
         }
         if !pid_alive(supervisor_pid) {
             bail!("{dead}");
         }
         if !told_lost && let Some(lost) = lock.lost() {
-            progress(&format!("warning: {lost}"));
+            progress.report(&format!("warning: {lost}"));
             told_lost = true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -431,7 +499,7 @@ pub async fn db_operation(
     operation: &str,
     server: Option<String>,
     force: bool,
-    mut progress: impl FnMut(&str),
+    progress: &dyn Progress,
 ) -> anyhow::Result<crate::supervisor::database::DbOutcome> {
     use crate::supervisor::database::{self, DbRequest};
     let Some(holder) = supervisor::lock_holder(env) else {
@@ -456,7 +524,7 @@ pub async fn db_operation(
     database::write_request(&env.paths, &request)?;
     kill(Pid::from_raw(holder.pid), Signal::SIGUSR2).context("signalling the supervisor")?;
     let dead = format!("the supervisor exited during `db {operation}`; `rigger up` restarts it");
-    await_outcome(env, holder.pid, &lock, &dead, &mut progress, || {
+    await_outcome(env, holder.pid, &lock, &dead, progress, || {
         database::read_outcome(&env.paths).filter(|outcome| outcome.request == request.id)
     })
     .await
@@ -514,8 +582,7 @@ impl DatabaseView for LocalDatabases<'_> {
     type Error = anyhow::Error;
 
     async fn query(&mut self, server: &str, sql: &str) -> anyhow::Result<String> {
-        let socket = self.env.paths.server(server).join("run/postgresql");
-        crate::supervisor::database::run_psql(&socket, sql).await
+        crate::on_server::psql(self.env, server, sql).await
     }
 
     async fn show_pools(&mut self) -> Vec<(String, Result<String, String>)> {
@@ -532,6 +599,9 @@ impl DatabaseView for LocalDatabases<'_> {
         answers
     }
 }
+
+/// How long a `pg_dump` or `pg_restore` may take: hours for a large database, but not for ever.
+const DUMP_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// `rigger db backup`: a custom-format `pg_dump` of the app's database from the primary into
 /// the environment's backup directory (mode 0600), keeping the newest `keep`.
@@ -552,46 +622,26 @@ pub async fn db_backup(env: &LocalEnvironment, keep: usize) -> anyhow::Result<st
     let name =
         rigger_engine::backups::backup_name(&env.db_name(), rigger_engine::clock::unix_now());
     let path = dir.join(&name);
-    let partial = dir.join(format!(".{name}.partial"));
-    let socket = env.paths.server(&primary.id).join("run/postgresql");
-    // pg_dump runs as postgres and writes to stdout; rigger (root) writes the file, 0600.
-    let output = tokio::process::Command::new("setpriv")
-        .args([
-            "--reuid=postgres",
-            "--regid=postgres",
-            "--init-groups",
-            "--",
-            "pg_dump",
-            "-Fc",
-            "-h",
-        ])
-        .arg(&socket)
-        .args(["-p", "5432", "-U", "postgres", "-d", &env.db_name()])
-        .env_clear()
-        .env("PATH", process::DEFAULT_PATH)
-        .env("HOME", "/tmp")
-        .output()
-        .await
-        .context("running pg_dump")?;
-    if !output.status.success() {
-        bail!(
-            "pg_dump failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
+    // pg_dump (the providers' one `operations::pg_dump`, run on the primary) writes into the
+    // postgres user's home there; the finished file becomes root's, 0600, and moves into the
+    // backups whole (the same filesystem), so a backup cut short is never listed.
+    let layout = env.server_layout(&primary.id);
+    let staged = layout.home(&layout.users.postgres).join(&name);
+    let dump = Job::new(operations::pg_dump(&layout, &env.db_name(), &staged));
+    if let Err(error) = on_server::run(env, &primary.id, &dump, DUMP_TIMEOUT).await {
+        let _ = std::fs::remove_file(&staged);
+        return Err(error.context("pg_dump failed"));
+    }
+    let owned = std::os::unix::fs::chown(&staged, Some(0), Some(0))
+        .and_then(|()| std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600)))
+        .and_then(|()| std::fs::File::open(&staged)?.sync_all())
+        .and_then(|()| std::fs::rename(&staged, &path));
+    if let Err(error) = owned {
+        let _ = std::fs::remove_file(&staged);
+        return Err(
+            anyhow::Error::new(error).context(format!("keeping the backup in {}", path.display()))
         );
     }
-    {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&partial)?;
-        file.write_all(&output.stdout)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&partial, &path)?;
     for oldest in rigger_engine::backups::to_prune(&list_backups(env), keep) {
         let _ = std::fs::remove_file(dir.join(oldest));
     }
@@ -645,40 +695,30 @@ pub async fn db_restore(env: &LocalEnvironment, backup: &str) -> anyhow::Result<
     )?;
     let was_on = env.maintenance_on();
     maintenance(env, true)?;
-    let socket = env.paths.server(&primary.id).join("run/postgresql");
-    let input =
-        std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let output = tokio::process::Command::new("setpriv")
-        .args([
-            "--reuid=postgres",
-            "--regid=postgres",
-            "--init-groups",
-            "--",
-            "pg_restore",
-        ])
-        .args(rigger_recipes::operations::pg_restore_options(
-            &env.db_name(),
-        ))
-        .arg("-h")
-        .arg(&socket)
-        .args(["-p", "5432", "-U", "postgres", "-d", &env.db_name()])
-        .stdin(Stdio::from(input))
-        .env_clear()
-        .env("PATH", process::DEFAULT_PATH)
-        .env("HOME", "/tmp")
-        .output()
-        .await
-        .context("running pg_restore");
+    // A copy the postgres user can read, beside PostgreSQL on the primary, removed after.
+    let layout = env.server_layout(&primary.id);
+    let staged = layout
+        .home(&layout.users.postgres)
+        .join(format!("restore-{}", rigger_engine::clock::unix_now()));
+    let restored = async {
+        std::fs::copy(&path, &staged).with_context(|| format!("copying {}", path.display()))?;
+        if let Some((uid, gid)) = crate::apply::owner_ids(&layout.users.postgres)? {
+            std::os::unix::fs::chown(&staged, Some(uid.as_raw()), Some(gid.as_raw()))?;
+        }
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        let restore = Job::new(operations::pg_restore(&layout, &env.db_name(), &staged));
+        on_server::run(env, &primary.id, &restore, DUMP_TIMEOUT).await
+    }
+    .await;
+    let _ = std::fs::remove_file(&staged);
     if !was_on {
         maintenance(env, false)?;
     }
-    let output = output?;
-    if !output.status.success() {
-        bail!(
-            "pg_restore failed (maintenance mode {}): {}",
-            if was_on { "still on" } else { "off again" },
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
+    restored.with_context(|| {
+        format!(
+            "pg_restore failed (maintenance mode {})",
+            if was_on { "still on" } else { "off again" }
+        )
+    })?;
     Ok(())
 }

@@ -78,4 +78,6 @@ pub fn read_outcome(paths: &EnvPaths) -> Option<DeployOutcome> {
 
 mod lock;
 
-pub use lock::{DeployLock, LOCK_RENEWAL, LOCK_TTL, LockHolder, lock_holder, release};
+pub use lock::{
+    DeployLock, LOCK_RENEWAL, LOCK_TTL, LockHolder, live_lock_holder, lock_holder, release,
+};

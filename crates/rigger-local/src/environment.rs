@@ -41,6 +41,18 @@ pub struct LocalEnvironment {
 }
 
 impl LocalEnvironment {
+    /// Where server `id`'s files are, apart from its release and venv (which its context
+    /// adds): its directory, and what servers share (CA, media, static files, the
+    /// environment's maintenance page, so servers launched during it serve it too).
+    pub fn server_layout(&self, id: &str) -> Layout {
+        let mut layout = Layout::local(self.paths.server(id), self.paths.shared());
+        layout.pki_dir = self.paths.pki();
+        layout.media_root = self.paths.media();
+        layout.static_root = self.paths.static_root();
+        layout.maintenance_dir = self.paths.maintenance();
+        layout
+    }
+
     /// Whether maintenance mode is on: the page every web server's nginx answers with.
     pub fn maintenance_on(&self) -> bool {
         self.paths.maintenance().join("maintenance.html").exists()
@@ -196,14 +208,9 @@ impl LocalEnvironment {
     ) -> ServerContext {
         let project = &self.config.project;
         let block = self.local().addresses;
-        let mut layout = Layout::local(self.paths.server(&server.id), self.paths.shared());
+        let mut layout = self.server_layout(&server.id);
         layout.app_dir = release_dir.to_path_buf();
         layout.venv_dir = venv.to_path_buf();
-        layout.pki_dir = self.paths.pki();
-        layout.media_root = self.paths.media();
-        layout.static_root = self.paths.static_root();
-        // Maintenance mode is the environment's, so servers launched during it serve it too.
-        layout.maintenance_dir = self.paths.maintenance();
 
         let address_of = |role: Role, fallback: (u8, u8)| {
             self.server_with_role(registry, role).map_or_else(

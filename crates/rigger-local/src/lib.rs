@@ -23,6 +23,7 @@ pub mod environment;
 pub mod files;
 pub mod haproxy;
 pub mod observe;
+pub mod on_server;
 pub mod paths;
 pub mod pgbouncer;
 pub mod prepare;

@@ -5,9 +5,10 @@
 //! Pure functions of the [`Layout`], tested by comparing text and by `sh -n`; the failover's
 //! deadline figures are shared with the local provider.
 
+use std::path::Path;
 use std::time::Duration;
 
-use crate::{Layout, shell_quote, unit_name};
+use crate::{Command, Layout, shell_quote, unit_name};
 
 /// How long a failover may hold PgBouncer paused: before pausing a pool, rigger arms a
 /// deadline on the server's side (a systemd timer on AWS, a detached helper process locally)
@@ -98,6 +99,62 @@ pub fn health_evidence_line(health_path: &str, lines: u32) -> String {
         gunicorn = shell_quote(&unit_name("gunicorn")),
         worker = shell_quote(&unit_name("celery-worker")),
     )
+}
+
+/// A PostgreSQL program of the layout's, run as the postgres user with `HOME` set to that
+/// user's home in the layout: libpq reads `~/.postgresql` (client certificates) and the
+/// runner's own `HOME` (root's) is not readable by postgres.
+pub fn postgres_program(layout: &Layout, program: &str) -> Command {
+    let pg = &layout.users.postgres;
+    Command::new(
+        layout
+            .bins
+            .postgres_bin_dir
+            .join(program)
+            .display()
+            .to_string(),
+    )
+    .env("HOME", layout.home(pg).display().to_string())
+    .user(pg.clone())
+}
+
+/// `-h SOCKET -p 5432 -U postgres -d DB`: the database server's own socket, as its superuser.
+fn over_the_socket(layout: &Layout, command: Command, db: &str) -> Command {
+    command
+        .arg("-h")
+        .arg(layout.run("postgresql").display().to_string())
+        .args(["-p", "5432", "-U", &layout.users.postgres, "-d", db])
+}
+
+/// One SQL statement as the postgres superuser over a database server's socket: rows
+/// `|`-separated without headers, stopping at the first error. Both providers query their
+/// database servers with it (over their transport).
+pub fn psql(layout: &Layout, sql: &str) -> Command {
+    over_the_socket(
+        layout,
+        postgres_program(layout, "psql").args(["-XAtq", "-F", "|", "-v", "ON_ERROR_STOP=1"]),
+        "postgres",
+    )
+    .args(["-c", sql])
+}
+
+/// A custom-format `pg_dump` of database `db` into `file` on the database server (a path the
+/// postgres user may write).
+pub fn pg_dump(layout: &Layout, db: &str, file: &Path) -> Command {
+    over_the_socket(layout, postgres_program(layout, "pg_dump").arg("-Fc"), db)
+        .arg("-f")
+        .arg(file.display().to_string())
+}
+
+/// `pg_restore` of the backup `file` (on the database server, readable by postgres) over
+/// database `db`, with [`pg_restore_options`].
+pub fn pg_restore(layout: &Layout, db: &str, file: &Path) -> Command {
+    over_the_socket(
+        layout,
+        postgres_program(layout, "pg_restore").args(pg_restore_options(db)),
+        db,
+    )
+    .arg(file.display().to_string())
 }
 
 /// `pg_restore`'s options for restoring a backup over the app's database `db`: objects

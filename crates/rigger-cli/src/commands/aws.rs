@@ -13,10 +13,11 @@ use rigger_aws::deploy::{
     Artifact, DeployRecord, NoServerAccess, Requester, Rollout, RolloutSettings, ServerOps,
 };
 use rigger_config::Config;
+use rigger_engine::progress::Progress;
 use rigger_engine::rollout::BatchSize;
 use rigger_plan::Observed;
 use rigger_recipes::operations;
-use rigger_topology::{Role, Topology};
+use rigger_topology::Topology;
 
 use super::aws_env::{EMULATED, failed, provider, require_credentials, servers_are_machines};
 use super::remote::Answer;
@@ -72,7 +73,7 @@ pub(crate) fn up(settings: &Settings) -> Result<(), Failure> {
     super::environment(&config, settings)?;
     require_credentials(settings)?;
     let started = std::time::Instant::now();
-    let report = |line: &str| say(settings, &format!("  {line}"));
+    let report = super::report::steps(settings);
     let app = app_dir(settings, &config);
     let requirements = config.project.requirements.clone();
     let status = runtime()?.block_on(async {
@@ -133,7 +134,7 @@ const READY_POLL: Duration = Duration::from_secs(2);
 /// all made by then: waiting changes nothing, and being interrupted loses nothing.
 async fn wait_until_ready(
     provider: &Provider,
-    report: &dyn Fn(&str),
+    report: &dyn Progress,
 ) -> Result<rigger_plan::status::Status, Failure> {
     let started = std::time::Instant::now();
     let mut said = String::new();
@@ -141,7 +142,7 @@ async fn wait_until_ready(
         let status = provider.status().await.map_err(failed)?;
         if status.phase == rigger_plan::status::Phase::Ready {
             if !said.is_empty() {
-                report(&format!(
+                report.report(&format!(
                     "every server is in service ({:.0} s)",
                     started.elapsed().as_secs_f64()
                 ));
@@ -167,7 +168,7 @@ async fn wait_until_ready(
         }
         let waiting = not_in_service(&status);
         if waiting != said {
-            report(&format!("waiting for {waiting}"));
+            report.report(&format!("waiting for {waiting}"));
             said = waiting;
         }
         if started.elapsed() >= READY_TIMEOUT {
@@ -222,7 +223,7 @@ pub(crate) fn down(args: DownArgs, settings: &Settings) -> Result<(), Failure> {
             "refusing to delete an AWS environment without confirmation; pass --yes",
         )?;
     }
-    let report = |line: &str| say(settings, &format!("  {line}"));
+    let report = super::report::steps(settings);
     let plan = runtime()?.block_on(async {
         let provider = provider(config, settings).await?;
         provider.down(&report).await.map_err(failed)
@@ -356,7 +357,7 @@ fn finish(
     started: rigger_aws::deploy::StartedDeploy,
     options: RolloutSettings,
 ) -> Result<(), Failure> {
-    let report = |line: &str| say(settings, &format!("  {line}"));
+    let report = super::report::steps(settings);
     let ssh = SshServerOps {
         settings,
         health_path: provider.env.config.project.health_check_path.clone(),
@@ -401,7 +402,7 @@ pub(crate) fn deploy(args: DeployArgs, settings: &Settings) -> Result<(), Failur
     require_credentials(settings)?;
     let app = app_dir(settings, &config);
     let build = tempfile::tempdir().context("making a directory to build the release in")?;
-    let report = |line: &str| say(settings, &format!("  {line}"));
+    let report = super::report::steps(settings);
     let runtime = runtime()?;
     let (provider, started) = runtime.block_on(async {
         let artifact = build_release(
@@ -438,7 +439,7 @@ pub(crate) fn rollback(args: RollbackArgs, settings: &Settings) -> Result<(), Fa
     let options = rollout_options(rollout)?;
     let config = super::load_config(settings)?;
     require_credentials(settings)?;
-    let report = |line: &str| say(settings, &format!("  {line}"));
+    let report = super::report::steps(settings);
     let runtime = runtime()?;
     let (provider, started) = runtime.block_on(async {
         let provider = provider(config, settings).await?;
@@ -461,26 +462,31 @@ pub(crate) fn scale(args: ScaleArgs, settings: &Settings) -> Result<(), Failure>
     let ScaleArgs { counts } = args;
     let config = super::load_config(settings)?;
     let counts = super::scale_counts(&counts)?;
-    let env = super::environment(&config, settings)?;
-    for (group, count) in &counts {
-        env.check_scale(group, *count)
-            .map_err(|e| Failure::Usage(anyhow!(e)))?;
-    }
+    let env = super::environment(&config, settings)?.clone();
+    // Checked before credentials are needed: a count out of bounds is a usage error anywhere.
+    rigger_engine::scale::checked_counts(&env, &counts).map_err(|e| Failure::Usage(anyhow!(e)))?;
     require_credentials(settings)?;
     runtime()?.block_on(async {
-        let provider = provider(config, settings).await?;
-        for (group, count) in &counts {
-            let role = if group == "web" {
-                Role::Web
-            } else {
-                Role::Worker
-            };
-            provider.scale(role, *count).await.map_err(failed)?;
-            say(settings, &format!("{group} desired count set to {count}"));
-        }
-        Ok(())
+        let mut provider = provider(config, settings).await?;
+        report::scaled(
+            rigger_engine::scale::scale(
+                &mut provider,
+                &env,
+                &counts,
+                &SCALE,
+                &report::steps(settings),
+            )
+            .await,
+        )
     })
 }
+
+/// How `rigger scale` waits on AWS: an instance boots in a minute or two, then the load
+/// balancer's healthy threshold; as long as `up` waits for a whole environment.
+const SCALE: rigger_engine::scale::ScaleSettings = rigger_engine::scale::ScaleSettings {
+    poll: Duration::from_secs(5),
+    timeout: READY_TIMEOUT,
+};
 
 /// `rigger maintenance on|off` on AWS: recorded in SSM (servers that boot meanwhile follow
 /// it), then every web server switched over SSH.

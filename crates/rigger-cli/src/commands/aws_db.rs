@@ -12,7 +12,7 @@ use rigger_engine::database::{
     self as engine_database, DatabaseServer, DatabaseView, DbReplica, DbStatus,
 };
 use rigger_engine::failover::{self, Failover, FailoverTarget};
-use rigger_recipes::{Command, Layout, operations, shell_quote};
+use rigger_recipes::{Layout, operations, shell_quote};
 use rigger_transport::Job;
 
 use super::remote::{self, Answer, run_captured, shell_job};
@@ -40,7 +40,7 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
     let Some(operation) = operation else {
         return run_unlocked(command, settings, runtime, provider, emulated);
     };
-    let report = |line: &str| say(settings, &format!("  {line}"));
+    let report = super::report::steps(settings);
     // Renewed from a thread of its own until released, whatever becomes of this runtime.
     let lock = result_of(runtime.block_on(provider.take_lock(
         &aws::requester(),
@@ -86,7 +86,7 @@ fn run_unlocked(
                     .name
                     .clone(),
             };
-            let report = |line: &str| say(settings, &format!("  {line}"));
+            let report = super::report::steps(settings);
             result_of(runtime.block_on(provider.prepare_reseed(&name, &report)))?;
             say(
                 settings,
@@ -232,24 +232,10 @@ fn remote_ok(answers: Vec<Answer>) -> Result<Vec<Answer>, Failure> {
     }
 }
 
-/// One SQL statement as the postgres superuser over the server's socket; rows `|`-separated.
+/// One SQL statement as the postgres superuser over the server's socket (the providers' one
+/// `operations::psql`); rows `|`-separated.
 fn psql_job(layout: &Layout, sql: &str) -> Job {
-    let pg = &layout.users.postgres;
-    Job::new(
-        Command::new(
-            layout
-                .bins
-                .postgres_bin_dir
-                .join("psql")
-                .display()
-                .to_string(),
-        )
-        .args(["-XAtq", "-F", "|", "-v", "ON_ERROR_STOP=1", "-h"])
-        .arg(layout.run("postgresql").display().to_string())
-        .args(["-p", "5432", "-U", pg, "-d", "postgres", "-c", sql])
-        .env("HOME", layout.home(pg).display().to_string())
-        .user(pg.clone()),
-    )
+    Job::new(operations::psql(layout, sql))
 }
 
 /// A shell line on PgBouncer's admin console of a web or worker server (`operations`'
@@ -259,54 +245,40 @@ fn pgbouncer_job(layout: &Layout, line: &str) -> Job {
     shell_job(line).env_file(rigger_recipes::pgbouncer_admin_env(layout))
 }
 
-/// pg_dump into a file on the data volume, uploaded whole with the instance profile (an
-/// interrupted upload leaves no object), removed after.
+/// Where a backup waits on the database server between PostgreSQL and S3: the postgres
+/// user's home on the data volume, under the backup's own name.
+fn staged_backup(layout: &Layout, object: &str) -> std::path::PathBuf {
+    let name = object.rsplit('/').next().unwrap_or(object);
+    layout.home(&layout.users.postgres).join(name)
+}
+
+/// `operations::pg_dump` into the staged file, uploaded whole with the instance profile (an
+/// interrupted upload leaves no object), removed after whatever happened.
 fn backup_line(layout: &Layout, db: &str, region: &str, target: &str) -> String {
+    let file = staged_backup(layout, target);
+    let dump = Job::new(operations::pg_dump(layout, db, &file));
     format!(
-        "set -e; f=$(mktemp -p {data}); trap 'rm -f \"$f\"' EXIT; chown {pg} \"$f\"; \
-         runuser -u {pg} -- env HOME=/tmp {dump} -Fc -h {socket} -p 5432 -U {pg} -d {db} -f \"$f\"; \
+        "set -e; f={file}; trap 'rm -f \"$f\"' EXIT; ({dump}); \
          aws s3 cp --only-show-errors --region {region} \"$f\" {target}",
-        data = shell_quote(&layout.data_dir.display().to_string()),
-        pg = shell_quote(&layout.users.postgres),
-        dump = shell_quote(
-            &layout
-                .bins
-                .postgres_bin_dir
-                .join("pg_dump")
-                .display()
-                .to_string()
-        ),
-        socket = shell_quote(&layout.run("postgresql").display().to_string()),
-        db = shell_quote(db),
+        file = shell_quote(&file.display().to_string()),
+        dump = rigger_transport::wrap::remote_line(&dump, "root"),
         region = shell_quote(region),
         target = shell_quote(target),
     )
 }
 
-/// Downloads a backup and restores it in one transaction (all or nothing).
+/// Downloads a backup beside PostgreSQL and restores it with `operations::pg_restore` (one
+/// transaction: all or nothing), removing the file after whatever happened.
 fn restore_line(layout: &Layout, db: &str, region: &str, source: &str) -> String {
+    let file = staged_backup(layout, source);
+    let restore = Job::new(operations::pg_restore(layout, db, &file));
     format!(
-        "set -e; f=$(mktemp -p {data}); trap 'rm -f \"$f\"' EXIT; \
-         aws s3 cp --only-show-errors --region {region} {source} \"$f\"; chown {pg} \"$f\"; \
-         runuser -u {pg} -- env HOME=/tmp {restore} {options} \
-         -h {socket} -p 5432 -U {pg} -d {db} \"$f\"",
-        options = rigger_recipes::operations::pg_restore_options(db)
-            .iter()
-            .map(|option| shell_quote(option))
-            .collect::<Vec<_>>()
-            .join(" "),
-        data = shell_quote(&layout.data_dir.display().to_string()),
+        "set -e; f={file}; trap 'rm -f \"$f\"' EXIT; \
+         aws s3 cp --only-show-errors --region {region} {source} \"$f\"; \
+         chown {pg} \"$f\"; chmod 600 \"$f\"; ({restore})",
+        file = shell_quote(&file.display().to_string()),
+        restore = rigger_transport::wrap::remote_line(&restore, "root"),
         pg = shell_quote(&layout.users.postgres),
-        restore = shell_quote(
-            &layout
-                .bins
-                .postgres_bin_dir
-                .join("pg_restore")
-                .display()
-                .to_string()
-        ),
-        socket = shell_quote(&layout.run("postgresql").display().to_string()),
-        db = shell_quote(db),
         region = shell_quote(region),
         source = shell_quote(source),
     )
@@ -405,7 +377,7 @@ fn promote(
     let databases = result_of(runtime.block_on(provider.databases()))?;
     let target = databases.replica(replica).map_err(aws_env::failed)?.clone();
     let emulated = !runtime.block_on(aws_env::servers_are_machines(provider))?;
-    let report = |line: &str| say(settings, &format!("  {line}"));
+    let report = super::report::steps(settings);
     let (done, lost, held) = if emulated {
         say(
             settings,
@@ -586,7 +558,7 @@ impl FailoverTarget for AwsDatabases<'_> {
         let promoted = self
             .promoted
             .ok_or_else(|| Failure::Operation(anyhow!("no replica to promote was named")))?;
-        let report = |line: &str| say(settings, &format!("  {line}"));
+        let report = super::report::steps(settings);
         let done = result_of(
             self.provider
                 .fail_over(&promoted.instance_id, &report)

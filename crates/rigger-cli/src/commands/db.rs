@@ -33,9 +33,7 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
                 "promote",
                 replica,
                 force,
-                |line| {
-                    say(settings, &format!("  {line}"));
-                },
+                &super::report::steps(settings),
             ))?;
             if !outcome.succeeded {
                 return Err(Failure::Operation(anyhow!(
@@ -54,9 +52,7 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
                 "reseed",
                 replica,
                 false,
-                |line| {
-                    say(settings, &format!("  {line}"));
-                },
+                &super::report::steps(settings),
             ))?;
             if !outcome.succeeded {
                 return Err(Failure::Operation(anyhow!(

@@ -55,9 +55,12 @@ fn roll_out(
     settings: &Settings,
 ) -> Result<(), Failure> {
     let env = local_environment(settings)?;
-    let outcome = runtime()?.block_on(control::deploy(&env, target, &options, |line| {
-        say(settings, &format!("  {line}"));
-    }))?;
+    let outcome = runtime()?.block_on(control::deploy(
+        &env,
+        target,
+        &options,
+        &super::report::steps(settings),
+    ))?;
     report::finished(
         settings,
         &outcome.release,

@@ -5,6 +5,7 @@
 use anyhow::anyhow;
 use rigger_aws::image::{self, BuildOptions, BuildOutcome};
 use rigger_config::ProviderKind;
+use rigger_engine::progress::Progress as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::aws_env::{failed, provider};
@@ -32,7 +33,7 @@ fn build(args: ImageBuildArgs, settings: &Settings, kind: ProviderKind) -> Resul
         )));
     }
     super::aws_env::require_credentials(settings)?;
-    let report = |line: &str| say(settings, &format!("  {line}"));
+    let report = super::report::steps(settings);
     let started = std::time::Instant::now();
     let (outcome, parameter) = runtime()?.block_on(async {
         let provider = provider(config, settings).await?;
@@ -52,7 +53,7 @@ fn build(args: ImageBuildArgs, settings: &Settings, kind: ProviderKind) -> Resul
             _ = interrupt.recv() => "interrupted",
             _ = terminate.recv() => "terminated",
         };
-        report(&format!("{signalled}: removing the builder"));
+        report.report(&format!("{signalled}: removing the builder"));
         image::clean_up(&provider.env, &provider.clients, options.waits, &report)
             .await
             .map_err(failed)?;

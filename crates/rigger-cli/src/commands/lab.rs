@@ -36,7 +36,7 @@ pub(crate) fn run(args: LabArgs, settings: &Settings) -> Result<(), Failure> {
 fn build_image(lab: &Lab, settings: &Settings) -> Result<(), Failure> {
     let running = control::status(lab)?;
     for flavor in Flavor::ALL {
-        let (image, built) = image::build(&lab.images, flavor, |line| say(settings, line))?;
+        let (image, built) = image::build(&lab.images, flavor, &super::report::steps(settings))?;
         let size = image.size_bytes as f64 / 1e6;
         let hash = &image.hash[..16];
         let rootfs = image.rootfs.display();
@@ -83,7 +83,8 @@ fn up(lab: &Lab, args: LabUpArgs, settings: &Settings) -> Result<(), Failure> {
         emulator,
         runner,
     };
-    let outcome = runtime()?.block_on(control::up(lab, &options, |line| say(settings, line)))?;
+    let outcome =
+        runtime()?.block_on(control::up(lab, &options, &super::report::steps(settings)))?;
     let status = match outcome {
         UpOutcome::Started(status) => status,
         UpOutcome::AlreadyUp(status) => {
@@ -96,7 +97,7 @@ fn up(lab: &Lab, args: LabUpArgs, settings: &Settings) -> Result<(), Failure> {
 }
 
 fn down(lab: &Lab, settings: &Settings) -> Result<(), Failure> {
-    runtime()?.block_on(control::down(lab, |line| say(settings, line)))?;
+    runtime()?.block_on(control::down(lab, &super::report::steps(settings)))?;
     say(settings, "the lab is down; nothing of it is left");
     Ok(())
 }

@@ -42,10 +42,12 @@ pub(crate) fn up(settings: &Settings) -> Result<(), Failure> {
     let env = scaled_local_environment(settings)?;
     let rigger = std::env::current_exe().context("finding the rigger executable")?;
     let started = std::time::Instant::now();
-    let outcome =
-        runtime()?.block_on(control::up(&env, &rigger, &settings.config_path, |line| {
-            say(settings, &format!("  {line}"))
-        }))?;
+    let outcome = runtime()?.block_on(control::up(
+        &env,
+        &rigger,
+        &settings.config_path,
+        &report::steps(settings),
+    ))?;
     let (status, verb) = match &outcome {
         UpOutcome::Started(status) => (status, "is up"),
         UpOutcome::Updated(status) => (status, "was updated"),
@@ -78,9 +80,7 @@ pub(crate) fn down(args: DownArgs, settings: &Settings) -> Result<(), Failure> {
             "refusing to purge without confirmation; pass --yes",
         )?;
     }
-    runtime()?.block_on(control::down(&env, purge, |line| {
-        say(settings, &format!("  {line}"))
-    }))?;
+    runtime()?.block_on(control::down(&env, purge, &report::steps(settings)))?;
     say(
         settings,
         &format!("{}/{} is down", env.config.project.name, env.name),
@@ -136,11 +136,8 @@ pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failur
 pub(crate) fn scale(args: ScaleArgs, settings: &Settings) -> Result<(), Failure> {
     let ScaleArgs { counts } = args;
     let env = local_environment(settings)?;
-    for (group, count) in super::scale_counts(&counts)? {
-        control::scale(&env, &group, count).map_err(Failure::Usage)?;
-        say(settings, &format!("{group} desired count set to {count}"));
-    }
-    Ok(())
+    let counts = super::scale_counts(&counts)?;
+    report::scaled(runtime()?.block_on(control::scale(&env, &counts, &report::steps(settings))))
 }
 
 pub(crate) fn secrets(command: SecretsCommand, settings: &Settings) -> Result<(), Failure> {

@@ -1,10 +1,26 @@
 //! What commands on an environment print, said the same way whatever its provider.
 
 use anyhow::{Context as _, anyhow};
+use rigger_engine::progress::Progress;
 use rigger_plan::deploys::DeployRecord;
 
 use super::say;
 use crate::{Failure, Settings};
+
+/// The one [`Progress`] every command reports its steps through: a line on stderr each,
+/// indented under the command's own lines; nothing with `-q`.
+pub(crate) struct Steps<'a>(&'a Settings);
+
+impl Progress for Steps<'_> {
+    fn report(&self, line: &str) {
+        say(self.0, &format!("  {line}"));
+    }
+}
+
+/// Where `settings`' command reports its steps.
+pub(crate) fn steps(settings: &Settings) -> Steps<'_> {
+    Steps(settings)
+}
 
 /// How a deploy or rollback ended, said the same way for both providers: the release on
 /// stdout when it succeeded, otherwise an error with the reason.
@@ -118,5 +134,19 @@ pub(crate) fn print_replication(status: &rigger_engine::database::DbStatus, labe
                 "pgbouncer", pool.server
             ),
         }
+    }
+}
+
+/// How `rigger scale` ended, the same for both providers: a count the configuration does not
+/// allow is a usage error (nothing changed); a held lock, a provider failure or groups that
+/// did not get there in time, an operation failure.
+pub(crate) fn scaled<E: std::fmt::Display>(
+    result: Result<(), rigger_engine::scale::ScaleError<E>>,
+) -> Result<(), Failure> {
+    use rigger_engine::scale::ScaleError;
+    match result {
+        Ok(()) => Ok(()),
+        Err(error @ ScaleError::Invalid(_)) => Err(Failure::Usage(anyhow!("{error}"))),
+        Err(error) => Err(Failure::Operation(anyhow!("{error}"))),
     }
 }

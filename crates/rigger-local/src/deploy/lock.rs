@@ -123,6 +123,11 @@ pub fn lock_holder(paths: &EnvPaths) -> Option<LockHolder> {
     current(&lock_dir(paths)).ok().flatten()?.holder
 }
 
+/// [`lock_holder`], when it is alive: not past its expiry, its process still running.
+pub fn live_lock_holder(paths: &EnvPaths, now: u64) -> Option<LockHolder> {
+    lock_holder(paths).filter(|holder| !is_stale(holder, now))
+}
+
 /// Is the holder gone (its process ended on this machine) or past its expiry?
 fn is_stale(holder: &LockHolder, now: u64) -> bool {
     holder.is_stale(now, &crate::release::host(), crate::release::process_exists)

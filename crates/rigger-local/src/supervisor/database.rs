@@ -401,10 +401,9 @@ impl Supervisor {
         failed
     }
 
-    /// Runs one SQL statement as the postgres superuser over a database server's socket.
+    /// Runs one SQL statement as the postgres superuser on a database server.
     pub(super) async fn psql(&self, server: &ServerRecord, sql: &str) -> anyhow::Result<String> {
-        let socket = self.env.paths.server(&server.id).join("run/postgresql");
-        run_psql(&socket, sql).await
+        crate::on_server::psql(&self.env, &server.id, sql).await
     }
 
     /// The admin console of an app server's PgBouncer, as rigger's admin user.
@@ -418,36 +417,6 @@ impl Supervisor {
                 .to_owned(),
         )
     }
-}
-
-/// `psql` as postgres over a Unix socket directory.
-pub async fn run_psql(socket: &std::path::Path, sql: &str) -> anyhow::Result<String> {
-    let output = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new("setpriv")
-            .args([
-                "--reuid=postgres",
-                "--regid=postgres",
-                "--init-groups",
-                "--",
-                "psql",
-                "-XAtq",
-                "-h",
-            ])
-            .arg(socket)
-            .args(["-p", "5432", "-U", "postgres", "-d", "postgres", "-c", sql])
-            .env_clear()
-            .env("PATH", process::DEFAULT_PATH)
-            .env("HOME", "/tmp")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .context("psql did not answer within 30 s")??;
-    if !output.status.success() {
-        bail!("{}", String::from_utf8_lossy(&output.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// The supervisor's databases and app servers as the engine's failover drives them.

@@ -254,8 +254,5 @@ fn psql(b: &Builder) -> Command {
 /// layout: libpq reads `~/.postgresql` (client certificates) and the runner's own `HOME`
 /// (root's) is not readable by postgres.
 fn pg_command(b: &Builder, program: &str) -> Command {
-    let l = b.layout();
-    Command::new(sj(&l.bins.postgres_bin_dir, program))
-        .env("HOME", s(&l.home(&l.users.postgres)))
-        .user(&l.users.postgres)
+    crate::operations::postgres_program(b.layout(), program)
 }
