@@ -255,13 +255,15 @@ impl Supervisor {
         );
 
         let mut tick = tokio::time::interval(TICK);
-        // The deploy running beside the loop, if any.
+        // The deploy or database operation running beside the loop, if any: one at a time.
         let mut deploying: Option<(DeployRequest, rolling::DeployStarted, RolloutFlow)> = None;
+        let mut db_operation: Option<(database::DbRequest, database::DbFlow)> = None;
         loop {
+            let idle = deploying.is_none() && db_operation.is_none();
             tokio::select! {
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
-                _ = deploy_signal.recv(), if deploying.is_none() => {
+                _ = deploy_signal.recv(), if idle => {
                     if let Some(request) = self.take_deploy_request() {
                         let started = rolling::DeployStarted::now();
                         let flow = self.start_deploy(&request);
@@ -273,10 +275,20 @@ impl Supervisor {
                     self.end_rollout();
                     self.record_deploy(&request, started, ended);
                 }
+                _ = database_signal.recv(), if idle => {
+                    if let Some(request) = self.take_db_request() {
+                        let flow = self.start_db_operation(&request);
+                        db_operation = Some((request, flow));
+                    }
+                }
+                ended = async { db_operation.as_mut().expect("guarded").1.as_mut().await }, if db_operation.is_some() => {
+                    let (request, _) = db_operation.take().expect("guarded");
+                    self.end_rollout();
+                    self.finish_db_request(&request, ended);
+                }
                 Some(call) = self.calls_rx.recv() => call(self).await,
-                // A failover or a change of counts waits for the deploy to end.
-                _ = database_signal.recv(), if deploying.is_none() => self.handle_db_request().await,
-                _ = hangup.recv(), if deploying.is_none() => {
+                // A change of counts waits for the operation to end.
+                _ = hangup.recv(), if idle => {
                     self.launch_failures = 0;
                     if let Err(error) = self.reconcile().await {
                         tracing::error!("reconciling: {error:#}");
@@ -291,11 +303,11 @@ impl Supervisor {
                 }
                 _ = tick.tick() => {
                     self.refresh_lb_states().await;
-                    if deploying.is_some() {
-                        // The rollout owns the groups' counts and its servers' health until
+                    if !idle {
+                        // The operation owns the groups' counts and its servers' health until
                         // it ends; status.json still shows every process as it is.
-                        let message = self.message.clone();
-                        self.publish(Phase::Deploying, message);
+                        let (phase, message) = (self.phase, self.message.clone());
+                        self.publish(phase, message);
                         continue;
                     }
                     if let Err(error) = self.replace_servers_down_behind_the_load_balancer().await {
@@ -324,6 +336,13 @@ impl Supervisor {
             let why = "the supervisor was stopped during the deploy; the next \
                        `rigger up` rolls back the servers it had replaced";
             self.record_deploy(&request, started, Err(("interrupted", why.into())));
+        }
+        if let Some((request, _)) = db_operation.take() {
+            // The engine's promote finishes a failover cut off half-way when asked again;
+            // pools paused meanwhile resume at their deadline by themselves.
+            let why = "interrupted: the supervisor was stopped during the operation; run the \
+                       same `rigger db` command again once the environment is up to finish it";
+            self.finish_db_request(&request, Err(anyhow!(why)));
         }
         self.shutdown().await;
         Ok(())

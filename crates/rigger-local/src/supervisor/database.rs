@@ -10,6 +10,9 @@
 //! every web and worker server's stunnel and PgBouncer with a reload (no app restart).
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -18,10 +21,13 @@ use rigger_recipes::operations::PAUSE_DEADLINE;
 use rigger_recipes::{Phase as StepPhase, Role};
 use serde::{Deserialize, Serialize};
 
+use super::rolling::LoopHandle;
 use super::{Supervisor, run_steps};
 use crate::apply;
+use crate::environment::LocalEnvironment;
 use crate::paths::EnvPaths;
 use crate::pgbouncer::{AdminConsole, HelperFiles, ResumeDeadline, Resumed};
+use crate::prepare::Prepared;
 use crate::process;
 use crate::registry::{ServerRecord, ServerState, write_atomically};
 use crate::status::Phase;
@@ -29,6 +35,10 @@ use crate::status::Phase;
 /// How long pausing the pools and catching up may take before a planned failover gives up
 /// (and resumes, changing nothing).
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A database operation running beside the supervisor's loop: a summary, and for a failover
+/// how long writes were held.
+pub(super) type DbFlow = Pin<Box<dyn Future<Output = anyhow::Result<(String, Option<f64>)>>>>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DbRequest {
@@ -70,35 +80,53 @@ pub fn read_outcome(paths: &EnvPaths) -> Option<DbOutcome> {
 }
 
 impl Supervisor {
-    /// Handles `db/request.json` (SIGUSR2): each request once.
-    pub(super) async fn handle_db_request(&mut self) {
-        let Some(request) = std::fs::read(request_path(&self.env.paths))
+    /// The request in `db/request.json` (SIGUSR2), once: `None` when there is none or it was
+    /// handled already.
+    pub(super) fn take_db_request(&mut self) -> Option<DbRequest> {
+        let request = std::fs::read(request_path(&self.env.paths))
             .ok()
-            .and_then(|bytes| serde_json::from_slice::<DbRequest>(&bytes).ok())
-        else {
-            return;
-        };
+            .and_then(|bytes| serde_json::from_slice::<DbRequest>(&bytes).ok())?;
         if self.last_db_request.as_deref() == Some(request.id.as_str()) {
-            return;
+            return None;
         }
         self.last_db_request = Some(request.id.clone());
-        let result = match request.operation.as_str() {
-            "promote" => self.promote(request.server.as_deref(), request.force).await,
-            "reseed" => self
-                .reseed(request.server.as_deref())
-                .await
-                .map(|message| (message, None)),
+        Some(request)
+    }
+
+    /// Starts a database operation beside the loop (as a deploy runs): what it needs is
+    /// found and checked here; the flow waits (catching up, promoting, a base backup) beside
+    /// the loop, asking it for the steps that change its servers. The loop calls
+    /// [`Supervisor::finish_db_request`] when it ends.
+    pub(super) fn start_db_operation(&mut self, request: &DbRequest) -> DbFlow {
+        let started = match request.operation.as_str() {
+            "promote" => self.start_promote(request.server.as_deref(), request.force),
+            "reseed" => Ok(self.start_reseed(request.server.clone())),
             other => Err(anyhow::anyhow!("unknown database operation `{other}`")),
         };
+        match started {
+            Ok(flow) => {
+                self.begin_rollout(self.health_timeout);
+                flow
+            }
+            Err(error) => Box::pin(std::future::ready(Err(error))),
+        }
+    }
+
+    /// Records how a database operation ended: the outcome the CLI waits for, and the status.
+    pub(super) fn finish_db_request(
+        &mut self,
+        request: &DbRequest,
+        result: anyhow::Result<(String, Option<f64>)>,
+    ) {
         let outcome = match result {
             Ok((message, paused)) => DbOutcome {
-                request: request.id,
+                request: request.id.clone(),
                 succeeded: true,
                 message,
                 writes_paused_secs: paused,
             },
             Err(error) => DbOutcome {
-                request: request.id,
+                request: request.id.clone(),
                 succeeded: false,
                 message: format!("{error:#}"),
                 writes_paused_secs: None,
@@ -126,13 +154,10 @@ impl Supervisor {
     }
 
     /// Fails over to `replica` (default: the first) with the engine's failover
-    /// ([`rigger_engine::failover`]). Returns a summary and how long writes were held. With no
-    /// primary left (a failover cut off after fencing it), it finishes that failover.
-    async fn promote(
-        &mut self,
-        replica: Option<&str>,
-        force: bool,
-    ) -> anyhow::Result<(String, Option<f64>)> {
+    /// ([`rigger_engine::failover`]), beside the loop. The flow ends with a summary and how
+    /// long writes were held. With no primary left (a failover cut off after fencing it), it
+    /// finishes that failover.
+    fn start_promote(&mut self, replica: Option<&str>, force: bool) -> anyhow::Result<DbFlow> {
         let primary = self
             .registry
             .servers
@@ -182,28 +207,32 @@ impl Supervisor {
             replica_application_name: replica.id.clone(),
             force,
         };
-        let mut target = Databases {
-            supervisor: self,
+        let mut target = LoopDatabases {
+            link: self.loop_handle(),
+            env: Arc::clone(&self.env),
+            prepared: self.prepared(),
             primary,
             replica: replica.clone(),
             app_servers,
             deadlines: BTreeMap::new(),
         };
-        let promoted = failover::promote(&mut target, &failover)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        let fenced = promoted
-            .switched
-            .map_or_else(String::new, |id| format!("; {id} is fenced (stopped)"));
-        let lost = if promoted.lost.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", promoted.lost)
-        };
-        Ok((
-            format!("{} is the primary{fenced}{lost}", replica.id),
-            Some(promoted.writes_held.as_secs_f64()),
-        ))
+        Ok(Box::pin(async move {
+            let promoted = failover::promote(&mut target, &failover)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let fenced = promoted
+                .switched
+                .map_or_else(String::new, |id| format!("; {id} is fenced (stopped)"));
+            let lost = if promoted.lost.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", promoted.lost)
+            };
+            Ok((
+                format!("{} is the primary{fenced}{lost}", replica.id),
+                Some(promoted.writes_held.as_secs_f64()),
+            ))
+        }))
     }
 
     /// The switch of a failover, once `replica` is promoted: fences `primary` (if it is still
@@ -242,9 +271,41 @@ impl Supervisor {
         Ok(primary.map(|p| p.id.clone()))
     }
 
-    /// Rebuilds a replica (default: the first) from the primary: the old one goes and a new
-    /// one (next number) is cloned with a fresh base backup.
+    /// Rebuilds a replica (default: the first) from the primary, beside the loop: the old one
+    /// goes and a new one (next number) is cloned with a fresh base backup, which the flow
+    /// waits for beside the loop.
+    fn start_reseed(&mut self, replica: Option<String>) -> DbFlow {
+        let link = self.loop_handle();
+        Box::pin(async move {
+            let (old, added, launcher) = link
+                .call(async move |supervisor: &mut Supervisor| {
+                    supervisor.begin_reseed(replica.as_deref()).await
+                })
+                .await??;
+            let started = launcher.start_all(added.clone()).await;
+            link.call(async move |supervisor: &mut Supervisor| {
+                supervisor.end_reseed(old, &added, started).await
+            })
+            .await?
+            .map(|message| (message, None))
+        })
+    }
+
+    /// [`Supervisor::start_reseed`] within a step of the loop (a failover's switch rebuilds
+    /// the other replicas from the new primary before it repoints anyone).
     async fn reseed(&mut self, replica: Option<&str>) -> anyhow::Result<String> {
+        let (old, added, launcher) = self.begin_reseed(replica).await?;
+        let started = launcher.start_all(added.clone()).await;
+        self.end_reseed(old, &added, started).await
+    }
+
+    /// A reseed's first step: the old replica goes, the new one is recorded and given its
+    /// slot and pg_hba line on the primary; returns the old one's id, the new servers and the
+    /// launcher that starts them (with their base backup).
+    async fn begin_reseed(
+        &mut self,
+        replica: Option<&str>,
+    ) -> anyhow::Result<(Option<String>, Vec<ServerRecord>, super::Launcher)> {
         let old = match replica {
             Some(id) => Some(
                 self.registry
@@ -287,8 +348,18 @@ impl Supervisor {
                 .await
                 .context("adding the replica to the primary")?;
         }
-        self.start_servers(added.clone()).await?;
-        // App servers' PgBouncers serve the replica's name from it again.
+        Ok((old.map(|o| o.id), added, self.launcher()))
+    }
+
+    /// A reseed's last step, once the new replica started (or did not): its services taken
+    /// over, and every app server's PgBouncer serving the replica's name from it again.
+    async fn end_reseed(
+        &mut self,
+        old: Option<String>,
+        added: &[ServerRecord],
+        started: super::Launched,
+    ) -> anyhow::Result<String> {
+        self.absorb(started)?;
         let app_servers: Vec<String> = self
             .registry
             .servers
@@ -302,8 +373,7 @@ impl Supervisor {
         let names: Vec<&str> = added.iter().map(|s| s.id.as_str()).collect();
         Ok(match old {
             Some(old) => format!(
-                "replica {} rebuilt from the primary as {}",
-                old.id,
+                "replica {old} rebuilt from the primary as {}",
                 names.join(", ")
             ),
             None => format!("replica {} built from the primary", names.join(", ")),
@@ -354,74 +424,77 @@ impl Supervisor {
         }
         Ok(())
     }
-
-    /// Arms `server`'s pause deadline (recorded in `deadlines`, so it is disarmed or left to
-    /// fire with the others), then pauses its PgBouncer.
-    async fn pause(
-        &self,
-        server: &ServerRecord,
-        deadlines: &mut BTreeMap<String, ResumeDeadline>,
-    ) -> anyhow::Result<()> {
-        let console = self.pgbouncer_console(server);
-        let dir = self.env.paths.server(&server.id);
-        let files = HelperFiles {
-            pid: dir.join("pids").join("pgbouncer-resume.pid"),
-            log: dir.join("log").join("pgbouncer-resume.log"),
-        };
-        let name = format!("{}/pgbouncer-resume", server.id);
-        let deadline = ResumeDeadline::arm(&name, &console, PAUSE_DEADLINE, &files).await?;
-        deadlines.insert(server.id.clone(), deadline);
-        console.run("PAUSE", PAUSE_TIMEOUT).await.map(drop)
-    }
-
-    /// Resumes every pool, then disarms the deadline of each one resumed. A pool that cannot
-    /// be resumed keeps its deadline, which tries again when it fires.
-    async fn resume_all(
-        &self,
-        servers: &[ServerRecord],
-        mut deadlines: BTreeMap<String, ResumeDeadline>,
-    ) -> Vec<String> {
-        let mut failed = Vec::new();
-        for server in servers {
-            match self.pgbouncer_console(server).resume(PAUSE_TIMEOUT).await {
-                Ok(resumed) => {
-                    if resumed == Resumed::Already {
-                        tracing::warn!(server = %server.id, "PgBouncer was no longer paused: its pause deadline had resumed it");
-                    }
-                    if let Some(deadline) = deadlines.remove(&server.id) {
-                        deadline.disarm().await;
-                    }
-                }
-                Err(error) => {
-                    tracing::error!(server = %server.id, "resuming PgBouncer (its pause deadline will): {error:#}");
-                    failed.push(format!("{}: {error:#}", server.id));
-                }
-            }
-        }
-        failed
-    }
-
-    /// Runs one SQL statement as the postgres superuser on a database server.
-    pub(super) async fn psql(&self, server: &ServerRecord, sql: &str) -> anyhow::Result<String> {
-        crate::on_server::psql(&self.env, &server.id, sql).await
-    }
-
-    /// The admin console of an app server's PgBouncer, as rigger's admin user.
-    fn pgbouncer_console(&self, server: &ServerRecord) -> AdminConsole {
-        AdminConsole::of_server(
-            server.address.to_string(),
-            self.prepared()
-                .secrets
-                .pgbouncer_admin_password
-                .expose()
-                .to_owned(),
-        )
-    }
 }
 
-/// The supervisor's databases and app servers as the engine's failover drives them.
-struct Databases<'a> {
-    supervisor: &'a mut Supervisor,
+/// Arms `server`'s pause deadline (recorded in `deadlines`, so it is disarmed or left to
+/// fire with the others), then pauses its PgBouncer.
+async fn pause(
+    env: &LocalEnvironment,
+    prepared: &Prepared,
+    server: &ServerRecord,
+    deadlines: &mut BTreeMap<String, ResumeDeadline>,
+) -> anyhow::Result<()> {
+    let console = pgbouncer_console(prepared, server);
+    let dir = env.paths.server(&server.id);
+    let files = HelperFiles {
+        pid: dir.join("pids").join("pgbouncer-resume.pid"),
+        log: dir.join("log").join("pgbouncer-resume.log"),
+    };
+    let name = format!("{}/pgbouncer-resume", server.id);
+    let deadline = ResumeDeadline::arm(&name, &console, PAUSE_DEADLINE, &files).await?;
+    deadlines.insert(server.id.clone(), deadline);
+    console.run("PAUSE", PAUSE_TIMEOUT).await.map(drop)
+}
+
+/// Resumes every pool, then disarms the deadline of each one resumed. A pool that cannot
+/// be resumed keeps its deadline, which tries again when it fires.
+async fn resume_all(
+    prepared: &Prepared,
+    servers: &[ServerRecord],
+    mut deadlines: BTreeMap<String, ResumeDeadline>,
+) -> Vec<String> {
+    let mut failed = Vec::new();
+    for server in servers {
+        match pgbouncer_console(prepared, server)
+            .resume(PAUSE_TIMEOUT)
+            .await
+        {
+            Ok(resumed) => {
+                if resumed == Resumed::Already {
+                    tracing::warn!(server = %server.id, "PgBouncer was no longer paused: its pause deadline had resumed it");
+                }
+                if let Some(deadline) = deadlines.remove(&server.id) {
+                    deadline.disarm().await;
+                }
+            }
+            Err(error) => {
+                tracing::error!(server = %server.id, "resuming PgBouncer (its pause deadline will): {error:#}");
+                failed.push(format!("{}: {error:#}", server.id));
+            }
+        }
+    }
+    failed
+}
+
+/// The admin console of an app server's PgBouncer, as rigger's admin user.
+fn pgbouncer_console(prepared: &Prepared, server: &ServerRecord) -> AdminConsole {
+    AdminConsole::of_server(
+        server.address.to_string(),
+        prepared
+            .secrets
+            .pgbouncer_admin_password
+            .expose()
+            .to_owned(),
+    )
+}
+
+/// The supervisor's databases and app servers as the engine's failover drives them, from
+/// beside the loop: pools are paused and resumed and databases queried from here; switching
+/// roles and repointing app servers are steps of the loop's.
+struct LoopDatabases {
+    link: LoopHandle,
+    env: Arc<LocalEnvironment>,
+    prepared: Arc<Prepared>,
     primary: Option<ServerRecord>,
     replica: ServerRecord,
     app_servers: Vec<ServerRecord>,
@@ -429,14 +502,15 @@ struct Databases<'a> {
     deadlines: BTreeMap<String, ResumeDeadline>,
 }
 
-impl FailoverTarget for Databases<'_> {
+impl FailoverTarget for LoopDatabases {
     type Error = anyhow::Error;
     type Switched = Option<String>;
 
     async fn pause_pools(&mut self) -> Vec<String> {
         let mut failed = Vec::new();
         for server in &self.app_servers {
-            if let Err(error) = self.supervisor.pause(server, &mut self.deadlines).await {
+            if let Err(error) = pause(&self.env, &self.prepared, server, &mut self.deadlines).await
+            {
                 failed.push(format!("{}: {error:#}", server.id));
             }
         }
@@ -447,9 +521,7 @@ impl FailoverTarget for Databases<'_> {
     /// server connections to the old primary by itself: `reconnect` has nothing to add.
     async fn resume_pools(&mut self, _reconnect: bool) -> Vec<String> {
         let deadlines = std::mem::take(&mut self.deadlines);
-        self.supervisor
-            .resume_all(&self.app_servers, deadlines)
-            .await
+        resume_all(&self.prepared, &self.app_servers, deadlines).await
     }
 
     async fn query(&mut self, server: &str, sql: &str) -> anyhow::Result<String> {
@@ -458,24 +530,31 @@ impl FailoverTarget for Databases<'_> {
             .flatten()
             .find(|s| s.id == server)
             .with_context(|| format!("`{server}` is not a database server of this failover"))?;
-        self.supervisor.psql(record, sql).await
+        crate::on_server::psql(&self.env, &record.id, sql).await
     }
 
     async fn switch(&mut self) -> anyhow::Result<Option<String>> {
-        let replica = self.replica.clone();
-        self.supervisor
-            .switch_to(self.primary.as_ref(), &replica)
-            .await
+        let (primary, replica) = (self.primary.clone(), self.replica.clone());
+        self.link
+            .call(async move |supervisor: &mut Supervisor| {
+                supervisor.switch_to(primary.as_ref(), &replica).await
+            })
+            .await?
     }
 
     async fn repoint(&mut self) -> anyhow::Result<()> {
-        for server in &self.app_servers {
-            self.supervisor
-                .reapply(&server.id)
-                .await
-                .with_context(|| format!("repointing {}", server.id))?;
-        }
-        Ok(())
+        let app_servers: Vec<String> = self.app_servers.iter().map(|s| s.id.clone()).collect();
+        self.link
+            .call(async move |supervisor: &mut Supervisor| {
+                for id in &app_servers {
+                    supervisor
+                        .reapply(id)
+                        .await
+                        .with_context(|| format!("repointing {id}"))?;
+                }
+                Ok(())
+            })
+            .await?
     }
 
     fn report(&mut self, message: &str) {

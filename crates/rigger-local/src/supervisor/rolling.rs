@@ -47,7 +47,7 @@ pub(super) struct LoopHandle(pub(super) mpsc::UnboundedSender<Call>);
 
 impl LoopHandle {
     /// Runs `step` on the supervisor between the loop's own work, and returns its result.
-    async fn call<T: Send + 'static>(
+    pub(super) async fn call<T: Send + 'static>(
         &self,
         step: impl AsyncFnOnce(&mut Supervisor) -> T + Send + 'static,
     ) -> anyhow::Result<T> {
