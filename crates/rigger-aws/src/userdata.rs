@@ -482,17 +482,32 @@ if [ \"$(parameter {} 2>/dev/null || true)\" = on ]; then\n  log 'the environmen
     );
 }
 
+/// The AWS CLI's settings for every script rigger runs on a server that calls it (boot, and
+/// the SSH steps of `db backup`, `db restore` and a deploy's migrations): the CLI gives the
+/// instance metadata service one attempt of one second, and then says "Unable to locate
+/// credentials"; servers booting together (a group scaling out, a loaded host) make both it
+/// and SSM answer slower. Bounded retries with backoff instead. (A macro so that the boot
+/// script's prelude can include it as a literal.)
+macro_rules! aws_cli_settings {
+    () => {
+        "# The AWS CLI: bounded retries with backoff, also for the instance metadata service.\n\
+         export AWS_METADATA_SERVICE_TIMEOUT=5 AWS_METADATA_SERVICE_NUM_ATTEMPTS=5\n\
+         export AWS_RETRY_MODE=standard AWS_MAX_ATTEMPTS=6\n"
+    };
+}
+
+/// [`aws_cli_settings`], for the shell lines rigger sends over SSH.
+pub const AWS_CLI_SETTINGS: &str = aws_cli_settings!();
+
 /// Helpers every script starts with. `replace_all` avoids `${var//x/y}`, whose replacement
 /// text bash 5.2 interprets (`&`); secrets may contain anything.
-const PRELUDE: &str = r#"set -euo pipefail
+const PRELUDE: &str = concat!(
+    r#"set -euo pipefail
 umask 022
 export DEBIAN_FRONTEND=noninteractive
-# The AWS CLI gives the instance metadata service one attempt of one second, and then says
-# "Unable to locate credentials"; servers booting together (a group scaling out, a loaded
-# host) make both it and SSM answer slower. Bounded retries with backoff instead.
-export AWS_METADATA_SERVICE_TIMEOUT=5 AWS_METADATA_SERVICE_NUM_ATTEMPTS=5
-export AWS_RETRY_MODE=standard AWS_MAX_ATTEMPTS=6
-
+"#,
+    aws_cli_settings!(),
+    r#"
 log() { printf 'rigger: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 # step WHAT: logs the step the boot is at, with the seconds since the script started (where a
@@ -669,7 +684,8 @@ wait_ready() {
 }
 
 tcp_open() { timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2"; }
-"#;
+"#
+);
 
 /// The shell function that installs a release on an app server: at boot into the layout's app
 /// directory and venv (user-data), and on the worker that runs a deploy's migrations into a

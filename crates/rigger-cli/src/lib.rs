@@ -6,7 +6,11 @@
 //! line is wrong (nothing was changed).
 
 mod args;
+mod aws_env;
 mod commands;
+mod fleet;
+mod local_env;
+mod session;
 mod settings;
 
 use std::ffi::OsString;

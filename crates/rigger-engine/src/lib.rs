@@ -10,6 +10,7 @@ pub mod backups;
 pub mod clock;
 pub mod database;
 pub mod failover;
+pub mod maintenance;
 pub mod progress;
 pub mod rollout;
 pub mod scale;

@@ -464,33 +464,55 @@ fn rollback_target(env: &LocalEnvironment, to: Option<&str>) -> anyhow::Result<S
     rigger_plan::deploys::rollback_target(&history, &current, to).map_err(anyhow::Error::msg)
 }
 
-/// Puts every web server into (or out of) maintenance: each answers 503 with the maintenance
-/// page, the app's own `maintenance.html` when its release has one, while the health check
-/// stays healthy so the load balancer keeps the servers.
-pub fn maintenance(env: &LocalEnvironment, on: bool) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let dir = env.paths.maintenance();
-    let page = dir.join("maintenance.html");
-    if !on {
-        return match std::fs::remove_file(&page) {
-            Ok(()) => Ok(()),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(error) => Err(error).with_context(|| format!("removing {}", page.display())),
-        };
+/// `rigger maintenance on|off`: the engine's flow ([`rigger_engine::maintenance`]) over
+/// [`LocalWebServers`].
+pub async fn maintenance(
+    env: &LocalEnvironment,
+    on: bool,
+    progress: &dyn Progress,
+) -> Result<(), rigger_engine::maintenance::MaintenanceError<anyhow::Error>> {
+    rigger_engine::maintenance::switch(&mut LocalWebServers { env }, on, progress).await
+}
+
+/// The web servers as `rigger maintenance` switches them locally: they all serve the
+/// environment's one maintenance directory, so the page is its own record, and switching it
+/// is the providers' one job (`operations::maintenance_line`) run once in the environment's
+/// context, with the running release's own page when it has one.
+pub struct LocalWebServers<'a> {
+    pub env: &'a LocalEnvironment,
+}
+
+impl rigger_engine::maintenance::MaintenanceTarget for LocalWebServers<'_> {
+    type Error = anyhow::Error;
+
+    async fn record(&mut self, _on: bool) -> anyhow::Result<()> {
+        Ok(())
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    let current = crate::registry::Registry::load(&env.paths.registry())?
-        .current_release
-        .unwrap_or_else(|| rigger_plan::deploys::INITIAL_RELEASE.to_owned());
-    let app_page = env.paths.release(&current).join("maintenance.html");
-    let html = std::fs::read_to_string(&app_page)
-        .unwrap_or_else(|_| rigger_recipes::operations::DEFAULT_MAINTENANCE_PAGE.to_owned());
-    let temporary = dir.join(".maintenance.html.tmp");
-    std::fs::write(&temporary, html)?;
-    std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o644))?;
-    std::fs::rename(&temporary, &page).with_context(|| format!("writing {}", page.display()))?;
-    Ok(())
+
+    async fn switch_web_servers(
+        &mut self,
+        on: bool,
+    ) -> anyhow::Result<rigger_engine::maintenance::Switched> {
+        let current = crate::registry::Registry::load(&self.env.paths.registry())?
+            .current_release
+            .unwrap_or_else(|| rigger_plan::deploys::INITIAL_RELEASE.to_owned());
+        self.env.paths.create_root()?;
+        let mut layout = self.env.server_layout("lb");
+        layout.app_dir = self.env.paths.release(&current);
+        let line = operations::maintenance_line(&layout, on);
+        let switched = on_server::run_in_environment(
+            self.env,
+            &Job::new(operations::root_shell(&line)),
+            Duration::from_secs(30),
+        )
+        .await
+        .map(drop)
+        .map_err(|error| format!("{error:#}"));
+        Ok(rigger_engine::maintenance::Switched::Servers(vec![(
+            "the web servers' shared page".to_owned(),
+            switched,
+        )]))
+    }
 }
 
 /// Asks the supervisor for a database operation (`promote`, `reseed`) and waits for it.
@@ -694,7 +716,10 @@ pub async fn db_restore(env: &LocalEnvironment, backup: &str) -> anyhow::Result<
         rigger_engine::clock::unix_now(),
     )?;
     let was_on = env.maintenance_on();
-    maintenance(env, true)?;
+    let silent = rigger_engine::progress::Silent;
+    maintenance(env, true, &silent)
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
     // A copy the postgres user can read, beside PostgreSQL on the primary, removed after.
     let layout = env.server_layout(&primary.id);
     let staged = layout
@@ -712,7 +737,9 @@ pub async fn db_restore(env: &LocalEnvironment, backup: &str) -> anyhow::Result<
     .await;
     let _ = std::fs::remove_file(&staged);
     if !was_on {
-        maintenance(env, false)?;
+        maintenance(env, false, &silent)
+            .await
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
     }
     restored.with_context(|| {
         format!(

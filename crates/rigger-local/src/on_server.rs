@@ -25,6 +25,26 @@ pub async fn run(
     timeout: Duration,
 ) -> anyhow::Result<String> {
     let transport = LocalTransport::new(id, "local", env.paths.server(id));
+    run_over(&transport, job, timeout).await
+}
+
+/// Runs `job` in the environment's own context (its state directory; what no one server
+/// owns, such as the maintenance page every web server shares), as [`run`] does.
+pub async fn run_in_environment(
+    env: &LocalEnvironment,
+    job: &Job,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let transport = LocalTransport::new(env.name.clone(), "local", env.paths.root());
+    run_over(&transport, job, timeout).await
+}
+
+async fn run_over(
+    transport: &LocalTransport,
+    job: &Job,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let id = transport.server().to_owned();
     let (stdout, stderr) = (Mutex::new(Vec::new()), Mutex::new(Vec::new()));
     let collect = |stream: Stream, line: &str| {
         let lines = if stream == Stream::Stdout {

@@ -38,6 +38,14 @@ const PGBOUNCER_RESUME_DIR: &str = "/run/rigger-failover";
 /// has its own `maintenance.html` at its root.
 pub const DEFAULT_MAINTENANCE_PAGE: &str = "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Down for maintenance</title></head>\n<body><h1>Down for maintenance</h1><p>We'll be back shortly.</p></body></html>\n";
 
+/// `/bin/sh -c LINE` as root: how a shell line of this module runs on a server (the deploy
+/// user's sudo on AWS; the local transport runs as rigger's user, root).
+pub fn root_shell(line: &str) -> Command {
+    Command::new("/bin/sh")
+        .args(["-c", line])
+        .user("root".to_owned())
+}
+
 /// Turns maintenance mode on or off on a web server: on writes `maintenance.html` into the
 /// layout's maintenance directory (nginx answers 503 with it while it exists; the health path
 /// is not affected), copied from the app's release when it has one; off removes it. The page

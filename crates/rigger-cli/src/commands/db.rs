@@ -5,9 +5,9 @@ use anyhow::{Context as _, anyhow};
 use rigger_local::control;
 
 use super::confirm;
-use super::local::local_environment;
 use super::{report, runtime, say};
 use crate::args::DbCommand;
+use crate::local_env::local_environment;
 use crate::{Failure, Settings};
 
 /// `rigger db` on a local environment (AWS ones: `aws_db.rs`).

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use rigger_local::control::{self, DeployOptions, DeployTarget};
 
-use super::local::local_environment;
 use super::{report, runtime, say};
 use crate::args::{
     DeployArgs, LockCommand, MaintenanceArgs, ReleasesArgs, RollbackArgs, RolloutArgs,
 };
+use crate::local_env::local_environment;
 use crate::{Failure, Settings};
 
 fn options(args: RolloutArgs) -> DeployOptions {
@@ -99,7 +99,13 @@ pub(crate) fn lock(command: LockCommand, settings: &Settings) -> Result<(), Fail
 pub(crate) fn maintenance(args: MaintenanceArgs, settings: &Settings) -> Result<(), Failure> {
     let MaintenanceArgs { mode } = args;
     let env = local_environment(settings)?;
-    control::maintenance(&env, mode == "on")?;
+    runtime()?
+        .block_on(control::maintenance(
+            &env,
+            mode == "on",
+            &report::steps(settings),
+        ))
+        .map_err(|error| Failure::Operation(anyhow::anyhow!("{error}")))?;
     report::maintenance_done(settings, &mode);
     Ok(())
 }

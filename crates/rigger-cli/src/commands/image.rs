@@ -8,9 +8,9 @@ use rigger_config::ProviderKind;
 use rigger_engine::progress::Progress as _;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::aws_env::{failed, provider};
 use super::{runtime, say};
 use crate::args::{ImageBuildArgs, ImageCommand};
+use crate::aws_env::{failed, provider};
 use crate::{Failure, Settings};
 
 pub(crate) fn run(
@@ -32,7 +32,7 @@ fn build(args: ImageBuildArgs, settings: &Settings, kind: ProviderKind) -> Resul
             settings.environment
         )));
     }
-    super::aws_env::require_credentials(settings)?;
+    crate::aws_env::require_credentials(settings)?;
     let report = super::report::steps(settings);
     let started = std::time::Instant::now();
     let (outcome, parameter) = runtime()?.block_on(async {

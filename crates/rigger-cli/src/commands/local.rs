@@ -2,41 +2,13 @@
 //! and the hidden `supervise` (the AWS provider's `up`, `down`, `status` and `scale` are in
 //! `aws.rs`; `secrets list` reads either provider's).
 
-use anyhow::{Context as _, anyhow};
-use rigger_config::ProviderKind;
+use anyhow::Context as _;
 use rigger_local::control::{self, UpOutcome};
-use rigger_local::environment::LocalEnvironment;
 
 use super::{report, runtime, say};
 use crate::args::{DownArgs, ScaleArgs, SecretsCommand, StatusArgs};
+use crate::local_env::{local_environment, scaled_local_environment};
 use crate::{Failure, Settings};
-
-/// The local environment named by `-e`, or a usage error.
-pub(crate) fn local_environment(settings: &Settings) -> Result<LocalEnvironment, Failure> {
-    let config = super::load_config(settings)?;
-    let env = super::environment(&config, settings)?;
-    if env.provider_kind() != ProviderKind::Local {
-        return Err(Failure::Usage(anyhow!(
-            "environment `{}` uses provider `{}`, which rigger cannot drive yet; `rigger plan -e {}` shows what it would create",
-            env.name,
-            env.provider_kind(),
-            env.name
-        )));
-    }
-    Ok(
-        LocalEnvironment::new(config.clone(), &settings.environment, &settings.config_path)
-            .expect("checked: a local environment"),
-    )
-}
-
-/// The local environment with the group sizes `rigger scale` set in place of rigger.toml's
-/// `desired`, as one sets an Auto Scaling group's: `plan` and `up` use those counts rather
-/// than fight them (the supervisor reads them itself). A damaged `desired.json` is an error.
-pub(crate) fn scaled_local_environment(settings: &Settings) -> Result<LocalEnvironment, Failure> {
-    local_environment(settings)?
-        .scaled()
-        .map_err(|error| Failure::Operation(error.into()))
-}
 
 pub(crate) fn up(settings: &Settings) -> Result<(), Failure> {
     let env = scaled_local_environment(settings)?;

@@ -2,8 +2,6 @@
 //! to stdout, and returns a [`Failure`] for [`crate::run`] to report.
 
 mod aws;
-mod aws_db;
-mod aws_env;
 mod db;
 mod deploy;
 mod image;
@@ -16,9 +14,10 @@ mod report;
 mod validate;
 
 use anyhow::Context as _;
-use rigger_config::{Config, LoadError, ProviderKind};
+use rigger_config::ProviderKind;
 
 use crate::args::Command;
+pub(crate) use crate::session::{environment, load_config, runtime, say};
 use crate::{Failure, Settings};
 
 pub(crate) fn dispatch(command: Command, settings: &Settings) -> Result<(), Failure> {
@@ -63,7 +62,7 @@ fn on_environment(
         (Aws, Command::Maintenance(args)) => aws::maintenance_command(args, settings),
         (Aws, Command::Releases(args)) => aws::releases(args, settings),
         (Aws, Command::Secrets(command)) => aws::secrets(command, settings),
-        (Aws, Command::Db(command)) => aws_db::run(command, settings),
+        (Aws, Command::Db(command)) => aws::db::run(command, settings),
         (Local, Command::Up) => local::up(settings),
         (Local, Command::Down(args)) => local::down(args, settings),
         (Local, Command::Status(args)) => local::status(args, settings),
@@ -89,54 +88,6 @@ fn on_environment(
             | Command::Ssh(_)),
         ) => dispatch(command, settings),
     }
-}
-
-/// The async runtime a command's provider calls run on.
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-        .map_err(Failure::Operation)
-}
-
-/// A progress line on stderr, unless `-q`.
-pub(crate) fn say(settings: &Settings, line: &str) {
-    if settings.verbosity >= 0 {
-        eprintln!("{line}");
-    }
-}
-
-/// Loads and validates the configuration; an invalid one stops the command before anything
-/// else happens.
-pub(crate) fn load_config(settings: &Settings) -> Result<Config, Failure> {
-    match rigger_config::load(&settings.config_path) {
-        Ok(config) => Ok(config),
-        Err(LoadError::Invalid(diagnostics)) => Err(Failure::Config(diagnostics.render(settings.color))),
-        Err(error @ LoadError::Io { .. }) => Err(Failure::Usage(
-            anyhow::Error::new(error).context("cannot read the configuration; run `rigger init` to write one, or pass --config PATH"),
-        )),
-    }
-}
-
-/// The environment named by `-e`, or a usage error listing the known ones.
-pub(crate) fn environment<'a>(
-    config: &'a Config,
-    settings: &Settings,
-) -> Result<&'a rigger_config::Environment, Failure> {
-    config
-        .environments
-        .get(&settings.environment)
-        .with_context(|| {
-            let known: Vec<&str> = config.environments.keys().map(String::as_str).collect();
-            format!(
-                "no environment `{}` in {}; it defines: {} (choose one with -e)",
-                settings.environment,
-                settings.config_path.display(),
-                known.join(", ")
-            )
-        })
-        .map_err(Failure::Usage)
 }
 
 /// `rigger scale`'s `GROUP=COUNT` pairs.

@@ -12,7 +12,7 @@ pub(crate) fn run(args: PlanArgs, settings: &Settings) -> Result<(), Failure> {
     let provider = super::environment(&config, settings)?.provider_kind();
     let (observed, topology) = match provider {
         ProviderKind::Local => {
-            let env = super::local::scaled_local_environment(settings)?;
+            let env = crate::local_env::scaled_local_environment(settings)?;
             // The release the environment's groups run (the last deploy's), not the first.
             let release = rigger_local::registry::Registry::load(&env.paths.registry())
                 .map_err(|error| Failure::Operation(error.into()))?
@@ -25,7 +25,7 @@ pub(crate) fn run(args: PlanArgs, settings: &Settings) -> Result<(), Failure> {
         // The live state by tags, and the topology with the groups' live counts
         // (commands/aws.rs).
         ProviderKind::Aws => {
-            super::aws::observe(&config, settings, rigger_plan::deploys::INITIAL_RELEASE)?
+            crate::aws_env::observe(&config, settings, rigger_plan::deploys::INITIAL_RELEASE)?
         }
     };
     let plan = rigger_plan::plan(&observed, &topology);

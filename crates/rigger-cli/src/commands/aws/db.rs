@@ -15,17 +15,18 @@ use rigger_engine::failover::{self, Failover, FailoverTarget};
 use rigger_recipes::{Layout, operations, shell_quote};
 use rigger_transport::Job;
 
-use super::remote::{self, Answer, run_captured, shell_job};
-use super::{aws, aws_env, confirm};
-use super::{report, runtime, say};
+use super::super::confirm;
+use super::super::{report, runtime, say};
 use crate::args::DbCommand;
+use crate::aws_env;
+use crate::fleet::{Answer, run_captured, shell_job};
 use crate::{Failure, Settings};
 
 /// The web and worker servers, whose PgBouncer and stunnel point at the databases.
 const APP_SERVERS: [&str; 2] = ["web", "worker"];
 
 pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure> {
-    let config = super::load_config(settings)?;
+    let config = super::super::load_config(settings)?;
     aws_env::require_credentials(settings)?;
     let runtime = runtime()?;
     let provider = runtime.block_on(aws_env::provider(config, settings))?;
@@ -43,7 +44,7 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
     let report = super::report::steps(settings);
     // Renewed from a thread of its own until released, whatever becomes of this runtime.
     let lock = result_of(runtime.block_on(provider.take_lock(
-        &aws::requester(),
+        &crate::aws_env::requester(),
         operation,
         rigger_engine::clock::unix_now(),
         &report,
@@ -93,7 +94,7 @@ fn run_unlocked(
                 &format!("rebuilding {name}: it boots with a fresh base backup of the primary"),
             );
             drop(runtime);
-            aws::up(settings)
+            super::up(settings)
         }
         DbCommand::Backup { keep } => {
             let bucket = result_of(runtime.block_on(provider.bucket()))?;
@@ -173,7 +174,7 @@ fn run_unlocked(
             drop(runtime);
             // Off again whatever happened, even when turning it on failed half-way: the
             // database is either restored or as it was (pg_restore runs in one transaction).
-            let restored = aws::maintenance(settings, true).and_then(|()| {
+            let restored = super::maintenance(settings, true).and_then(|()| {
                 if emulated {
                     say(
                         settings,
@@ -190,7 +191,7 @@ fn run_unlocked(
                 .and_then(remote_ok)
                 .map(drop)
             });
-            let off = aws::maintenance(settings, false);
+            let off = super::maintenance(settings, false);
             match (restored, off) {
                 (Ok(()), off) => off?,
                 (Err(error), Ok(())) => return Err(error),
@@ -224,7 +225,7 @@ fn result_of<T>(result: Result<T, rigger_aws::AwsError>) -> Result<T, Failure> {
 
 /// The answers, or a failure naming each server that failed.
 fn remote_ok(answers: Vec<Answer>) -> Result<Vec<Answer>, Failure> {
-    let failures = super::remote::failures(&answers);
+    let failures = crate::fleet::failures(&answers);
     if failures.is_empty() {
         Ok(answers)
     } else {
@@ -258,8 +259,9 @@ fn backup_line(layout: &Layout, db: &str, region: &str, target: &str) -> String 
     let file = staged_backup(layout, target);
     let dump = Job::new(operations::pg_dump(layout, db, &file));
     format!(
-        "set -e; f={file}; trap 'rm -f \"$f\"' EXIT; ({dump}); \
+        "{settings}set -e; f={file}; trap 'rm -f \"$f\"' EXIT; ({dump}); \
          aws s3 cp --only-show-errors --region {region} \"$f\" {target}",
+        settings = rigger_aws::userdata::AWS_CLI_SETTINGS,
         file = shell_quote(&file.display().to_string()),
         dump = rigger_transport::wrap::remote_line(&dump, "root"),
         region = shell_quote(region),
@@ -273,9 +275,10 @@ fn restore_line(layout: &Layout, db: &str, region: &str, source: &str) -> String
     let file = staged_backup(layout, source);
     let restore = Job::new(operations::pg_restore(layout, db, &file));
     format!(
-        "set -e; f={file}; trap 'rm -f \"$f\"' EXIT; \
+        "{settings}set -e; f={file}; trap 'rm -f \"$f\"' EXIT; \
          aws s3 cp --only-show-errors --region {region} {source} \"$f\"; \
          chown {pg} \"$f\"; chmod 600 \"$f\"; ({restore})",
+        settings = rigger_aws::userdata::AWS_CLI_SETTINGS,
         file = shell_quote(&file.display().to_string()),
         restore = rigger_transport::wrap::remote_line(&restore, "root"),
         pg = shell_quote(&layout.users.postgres),
@@ -316,7 +319,7 @@ fn status(
         }
     } else {
         // The servers are found once; every statement runs on them.
-        let fleet = remote::fleet(settings)?;
+        let fleet = crate::fleet::fleet(settings)?;
         let mut view = AwsDatabases {
             settings,
             provider,
@@ -391,7 +394,7 @@ fn promote(
         (done, String::new(), String::new())
     } else {
         // The servers are found once; the flow runs every step on them.
-        let fleet = remote::fleet(settings)?;
+        let fleet = crate::fleet::fleet(settings)?;
         let failover = Failover {
             // A fenced primary and none in its place is an interrupted failover, which goes on
             // from where it stopped.
@@ -463,7 +466,7 @@ struct AwsDatabases<'a> {
     settings: &'a Settings,
     provider: &'a Provider,
     /// The servers as they were before the failover (the promoted one under its replica name).
-    fleet: &'a remote::Fleet,
+    fleet: &'a crate::fleet::Fleet,
     /// The replica a failover promotes.
     promoted: Option<&'a DbServer>,
 }
@@ -473,19 +476,19 @@ impl AwsDatabases<'_> {
     /// servers that failed.
     async fn pgbouncer_all(&self, line: &(dyn Fn(&Layout) -> String + Sync)) -> Vec<String> {
         let selectors: Vec<String> = APP_SERVERS.iter().map(|s| (*s).to_owned()).collect();
-        match remote::run_on(self.fleet, &selectors, &|layout| {
+        match crate::fleet::run_on(self.fleet, &selectors, &|layout| {
             pgbouncer_job(layout, &line(layout))
         })
         .await
         {
-            Ok(answers) => remote::failures(&answers),
+            Ok(answers) => crate::fleet::failures(&answers),
             Err(failure) => vec![failure.to_string()],
         }
     }
 
     async fn psql(&self, server: &str, sql: &str) -> Result<String, Failure> {
         let answers = remote_ok(
-            remote::run_on(self.fleet, &[server.to_owned()], &|layout| {
+            crate::fleet::run_on(self.fleet, &[server.to_owned()], &|layout| {
                 psql_job(layout, sql)
             })
             .await?,
@@ -507,7 +510,7 @@ impl DatabaseView for AwsDatabases<'_> {
     async fn show_pools(&mut self) -> Vec<(String, Result<String, String>)> {
         let selectors: Vec<String> = APP_SERVERS.iter().map(|s| (*s).to_owned()).collect();
         let line = operations::pgbouncer_admin_line(&["SHOW POOLS"]);
-        match remote::run_on(self.fleet, &selectors, &|layout| {
+        match crate::fleet::run_on(self.fleet, &selectors, &|layout| {
             pgbouncer_job(layout, &line)
         })
         .await
@@ -606,7 +609,7 @@ impl FailoverTarget for AwsDatabases<'_> {
             let line = repoint_line(&path.display().to_string(), &contents);
             say(self.settings, &format!("  repointing {}", server.id));
             remote_ok(
-                remote::run_on(self.fleet, std::slice::from_ref(&server.id), &|_| {
+                crate::fleet::run_on(self.fleet, std::slice::from_ref(&server.id), &|_| {
                     shell_job(&line)
                 })
                 .await?,

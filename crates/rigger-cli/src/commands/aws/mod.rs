@@ -4,68 +4,29 @@
 //! `--endpoint-url`, the SDK's standard chain for the rest), runs it on a tokio runtime and
 //! prints like the local provider does.
 
+pub(crate) mod db;
+
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
 use rigger_aws::Provider;
 use rigger_aws::deploy::{
-    Artifact, DeployRecord, NoServerAccess, Requester, Rollout, RolloutSettings, ServerOps,
+    Artifact, DeployRecord, NoServerAccess, Rollout, RolloutSettings, ServerOps,
 };
 use rigger_config::Config;
 use rigger_engine::progress::Progress;
 use rigger_engine::rollout::BatchSize;
-use rigger_plan::Observed;
 use rigger_recipes::operations;
-use rigger_topology::Topology;
 
-use super::aws_env::{EMULATED, failed, provider, require_credentials, servers_are_machines};
-use super::remote::Answer;
 use super::{report, runtime, say};
 use crate::args::{
     DeployArgs, DownArgs, LockCommand, MaintenanceArgs, ReleasesArgs, RollbackArgs, RolloutArgs,
     ScaleArgs, SecretsCommand, StatusArgs,
 };
+use crate::aws_env::{EMULATED, failed, provider, require_credentials, servers_are_machines};
+use crate::fleet::Answer;
 use crate::{Failure, Settings};
-
-/// The live state of the environment and the topology to compare it with, for `rigger plan`:
-/// existing groups keep the counts scaling gave them (`Provider::desired`). Without any
-/// configured credentials (and no --endpoint-url) nothing can be observed: the plan is then
-/// the one against an empty world, with a warning, as before the first `up`.
-pub(crate) fn observe(
-    config: &Config,
-    settings: &Settings,
-    release: &str,
-) -> Result<(Observed, Topology), Failure> {
-    if settings.endpoint_url.is_none()
-        && std::env::var_os("AWS_ENDPOINT_URL").is_none()
-        && !rigger_aws::client::credentials_configured()
-    {
-        say(
-            settings,
-            "warning: no AWS credentials are configured, so nothing was observed: this is the plan against an empty environment",
-        );
-        let topology = rigger_topology::desired(config, &settings.environment, release)
-            .map_err(|error| Failure::Usage(error.into()))?;
-        return Ok((Observed::empty(), topology));
-    }
-    runtime()?.block_on(async {
-        let provider = provider(config.clone(), settings).await?;
-        let (_, live) = provider.observe().await.map_err(failed)?;
-        let release = provider
-            .current_release(&live)
-            .unwrap_or_else(|| release.to_owned());
-        let topology = provider
-            .desired(&live, &release)
-            .map_err(|error| Failure::Usage(error.into()))?;
-        // The AMI launch templates and new servers use (a baked one, or rigger.toml's).
-        say(
-            settings,
-            &provider.image(&live).describe(&settings.environment),
-        );
-        Ok((live.observed(&provider.env), topology))
-    })
-}
 
 pub(crate) fn up(settings: &Settings) -> Result<(), Failure> {
     let config = super::load_config(settings)?;
@@ -258,16 +219,6 @@ pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failur
     Ok(())
 }
 
-/// Who is deploying: this user, host and process (a lock left by a process of this host that
-/// ended is taken over at once).
-pub(crate) fn requester() -> Requester {
-    Requester {
-        who: rigger_local::release::who(),
-        pid: i32::try_from(std::process::id()).unwrap_or(0),
-        process_alive: rigger_local::release::process_exists,
-    }
-}
-
 fn rollout_options(rollout: RolloutArgs) -> Result<RolloutSettings, Failure> {
     let RolloutArgs {
         batch,
@@ -301,8 +252,8 @@ impl SshServerOps<'_> {
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    super::remote::run_captured(self.settings, instances, &|_| {
-                        super::remote::shell_job(line)
+                    crate::fleet::run_captured(self.settings, instances, &|_| {
+                        crate::fleet::shell_job(line)
                     })
                 })
                 .join()
@@ -315,7 +266,7 @@ impl SshServerOps<'_> {
 impl ServerOps for SshServerOps<'_> {
     fn stop_workers(&self, instances: &[String], timeout: Duration) -> Result<(), String> {
         let answers = self.run(instances, &operations::warm_stop_workers_line(timeout))?;
-        let failed = super::remote::failures(&answers);
+        let failed = crate::fleet::failures(&answers);
         if failed.is_empty() {
             Ok(())
         } else {
@@ -417,7 +368,7 @@ pub(crate) fn deploy(args: DeployArgs, settings: &Settings) -> Result<(), Failur
         say(settings, &format!("built release {}", artifact.id));
         let provider = provider(config, settings).await?;
         let started = provider
-            .start_deploy(&artifact, &requester(), &report)
+            .start_deploy(&artifact, &crate::aws_env::requester(), &report)
             .await
             .map_err(failed)?;
         Ok::<_, Failure>((provider, started))
@@ -444,7 +395,7 @@ pub(crate) fn rollback(args: RollbackArgs, settings: &Settings) -> Result<(), Fa
     let (provider, started) = runtime.block_on(async {
         let provider = provider(config, settings).await?;
         let started = provider
-            .start_rollback(to.as_deref(), &requester(), &report)
+            .start_rollback(to.as_deref(), &crate::aws_env::requester(), &report)
             .await
             .map_err(failed)?;
         Ok::<_, Failure>((provider, started))
@@ -515,34 +466,72 @@ pub(crate) fn secrets(command: SecretsCommand, settings: &Settings) -> Result<()
 pub(crate) fn maintenance(settings: &Settings, on: bool) -> Result<(), Failure> {
     let config = super::load_config(settings)?;
     require_credentials(settings)?;
-    let machines = runtime()?.block_on(async {
+    let runtime = runtime()?;
+    let (provider, machines) = runtime.block_on(async {
         let provider = provider(config, settings).await?;
-        rigger_aws::maintenance::set(&provider.env, &provider.clients, on)
-            .await
-            .map_err(failed)?;
-        servers_are_machines(&provider).await
+        let machines = servers_are_machines(&provider).await?;
+        Ok::<_, Failure>((provider, machines))
     })?;
-    if !machines {
-        say(
-            settings,
-            &format!("  note: web servers not switched: {EMULATED}"),
-        );
-        return Ok(());
-    }
-    let answers = super::remote::run_captured(settings, &["web".to_owned()], &|layout| {
-        super::remote::shell_job(&operations::maintenance_line(layout, on))
-    })?;
-    let failed = super::remote::failures(&answers);
-    if failed.is_empty() {
-        Ok(())
+    let fleet = if machines {
+        Some(crate::fleet::fleet(settings)?)
     } else {
-        Err(Failure::Operation(anyhow!(
-            "maintenance {} on {} of {} web servers only; run the command again: {}",
-            if on { "on" } else { "off" },
-            answers.len() - failed.len(),
-            answers.len(),
-            failed.join("; ")
-        )))
+        None
+    };
+    let mut web = AwsWebServers {
+        provider: &provider,
+        fleet: fleet.as_ref(),
+    };
+    runtime
+        .block_on(rigger_engine::maintenance::switch(
+            &mut web,
+            on,
+            &report::steps(settings),
+        ))
+        .map_err(|error| Failure::Operation(anyhow!("{error}")))
+}
+
+/// The web servers as `rigger maintenance` switches them on AWS: the mode recorded in SSM
+/// (servers that boot meanwhile follow it), each running web server switched over SSH.
+struct AwsWebServers<'a> {
+    provider: &'a Provider,
+    /// `None` when the servers are an emulator's rows, not machines.
+    fleet: Option<&'a crate::fleet::Fleet>,
+}
+
+impl rigger_engine::maintenance::MaintenanceTarget for AwsWebServers<'_> {
+    type Error = Failure;
+
+    async fn record(&mut self, on: bool) -> Result<(), Failure> {
+        rigger_aws::maintenance::set(&self.provider.env, &self.provider.clients, on)
+            .await
+            .map_err(failed)
+    }
+
+    async fn switch_web_servers(
+        &mut self,
+        on: bool,
+    ) -> Result<rigger_engine::maintenance::Switched, Failure> {
+        use rigger_engine::maintenance::Switched;
+        let Some(fleet) = self.fleet else {
+            return Ok(Switched::Skipped(EMULATED.to_owned()));
+        };
+        let answers = crate::fleet::run_on(fleet, &["web".to_owned()], &|layout| {
+            crate::fleet::shell_job(&operations::maintenance_line(layout, on))
+        })
+        .await?;
+        Ok(Switched::Servers(
+            answers
+                .iter()
+                .map(|answer| {
+                    let result = if answer.succeeded() {
+                        Ok(())
+                    } else {
+                        Err(answer.why_failed())
+                    };
+                    (answer.server.clone(), result)
+                })
+                .collect(),
+        ))
     }
 }
 
@@ -694,9 +683,9 @@ fn migrate(
         say(settings, &format!("  note: migrations skipped: {EMULATED}"));
         return Ok(());
     }
-    super::remote::migrate_release(
+    crate::fleet::migrate_release(
         settings,
-        &super::remote::ReleaseToMigrate {
+        &crate::fleet::ReleaseToMigrate {
             bucket: &started.bucket,
             key: &rigger_aws::releases::object_key(&started.release),
             region: &provider.env.aws().region,
@@ -750,7 +739,7 @@ pub(crate) fn lock(command: LockCommand, settings: &Settings) -> Result<(), Fail
                     &provider.env,
                     &provider.clients,
                     id.as_deref(),
-                    &requester(),
+                    &crate::aws_env::requester(),
                     rigger_engine::clock::unix_now(),
                 )
                 .await
