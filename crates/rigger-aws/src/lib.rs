@@ -442,3 +442,17 @@ impl rigger_engine::scale::ScaleTarget for Provider {
         Provider::status(self).await
     }
 }
+
+/// The environment as `up` waits for it (`rigger_engine::ready`): never gone by itself (AWS
+/// keeps working on it); a failed boot shows in the status.
+impl rigger_engine::ready::ReadySource for &Provider {
+    type Error = AwsError;
+
+    async fn status(&mut self) -> Result<Option<status::Status>, AwsError> {
+        Provider::status(self).await.map(Some)
+    }
+
+    async fn gone(&mut self) -> Option<String> {
+        None
+    }
+}

@@ -15,8 +15,8 @@ use crate::live::{Live, ROLES_TAG};
 
 /// A running server whose boot script has not reported yet ([`crate::boot`]).
 pub const BOOTING: &str = "booting";
-/// A running server whose boot script reported a failure.
-pub const BOOT_FAILED: &str = "boot_failed";
+/// A server whose boot script reported a failure (its report quoted in the message).
+pub use rigger_engine::ready::BOOT_FAILED;
 
 /// What a running server's boot report says of its state: `None` when it finished (or
 /// reports are not awaited, `boots` is `None`), else [`BOOTING`] or [`BOOT_FAILED`].

@@ -12,6 +12,7 @@ pub mod database;
 pub mod failover;
 pub mod maintenance;
 pub mod progress;
+pub mod ready;
 pub mod rollout;
 pub mod scale;
 pub mod targets;

@@ -114,43 +114,59 @@ fn pending_changes(env: &LocalEnvironment) -> anyhow::Result<usize> {
         .count())
 }
 
-/// Follows status.json until the supervisor says ready or failed, or dies.
+/// Waits for the supervisor `pid` to report the environment ready: the engine's wait
+/// ([`rigger_engine::ready`]) over its `status.json`.
 async fn wait_ready(
     env: &LocalEnvironment,
     pid: i32,
     progress: &dyn Progress,
 ) -> anyhow::Result<Status> {
-    let start = Instant::now();
-    let mut last_message = String::new();
-    loop {
-        if let Some(status) = crate::status::load(&env.paths.status()) {
-            if status.message != last_message {
-                progress.report(&status.message);
-                last_message.clone_from(&status.message);
-            }
-            match status.phase {
-                Phase::Ready if status.supervisor_pid == Some(pid) => return Ok(status),
-                Phase::Failed => bail!(
-                    "the environment did not come up: {}\n(supervisor log: {})",
-                    status.message,
-                    env.paths.supervisor_log().display()
-                ),
-                _ => {}
-            }
-        }
-        if !pid_alive(pid) {
-            let tail = process::log_tail(&env.paths.supervisor_log(), 15).join("\n  ");
-            bail!(
+    use rigger_engine::ready::{self, NotReady, ReadySettings};
+    let settings = ReadySettings {
+        poll: Duration::from_millis(200),
+        timeout: UP_TIMEOUT,
+    };
+    match ready::wait_until_ready(&mut Supervised { env, pid }, &settings, progress).await {
+        Ok(status) => Ok(status),
+        Err(NotReady::Failed(message)) => bail!(
+            "the environment did not come up: {message}\n(supervisor log: {})",
+            env.paths.supervisor_log().display()
+        ),
+        Err(NotReady::TimedOut {
+            seconds,
+            waiting_for,
+        }) => bail!("the environment was not ready after {seconds} s: {waiting_for}"),
+        Err(error @ (NotReady::Gone(_) | NotReady::Provider(_))) => bail!("{error}"),
+    }
+}
+
+/// The environment as its supervisor `pid` reports it in `status.json`.
+struct Supervised<'a> {
+    env: &'a LocalEnvironment,
+    pid: i32,
+}
+
+impl rigger_engine::ready::ReadySource for Supervised<'_> {
+    type Error = anyhow::Error;
+
+    /// A status written by an earlier supervisor is not this one's.
+    async fn status(&mut self) -> anyhow::Result<Option<Status>> {
+        Ok(crate::status::load(&self.env.paths.status())
+            .filter(|status| status.supervisor_pid == Some(self.pid)))
+    }
+
+    async fn gone(&mut self) -> Option<String> {
+        (!pid_alive(self.pid)).then(|| {
+            let tail = process::log_tail(&self.env.paths.supervisor_log(), 15).join("\n  ");
+            format!(
                 "the supervisor exited before the environment was ready; its log ends with:\n  {tail}"
-            );
-        }
-        if start.elapsed() > UP_TIMEOUT {
-            bail!(
-                "the environment was not ready after {} s: {last_message}",
-                UP_TIMEOUT.as_secs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+            )
+        })
+    }
+
+    /// The supervisor narrates its bring-up in its status's message.
+    fn waiting_for(&self, status: &Status) -> String {
+        status.message.clone()
     }
 }
 

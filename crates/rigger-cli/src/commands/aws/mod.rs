@@ -87,83 +87,38 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// How often `up` looks while it waits.
 const READY_POLL: Duration = Duration::from_secs(2);
 
-/// Waits until the environment is ready (every server running and, where servers are
-/// machines, done booting by its own report; every web server in service behind the load
-/// balancer), reporting each change of what it waits for; fails at once when a server reports
-/// a failed boot, and after
+/// Waits until the environment is ready: the engine's wait ([`rigger_engine::ready`]) over
+/// the provider's status (every web server in service and, where servers are machines, every
+/// boot report `finished`), failing at once when a server reports a failed boot, and after
 /// [`READY_TIMEOUT`] naming the servers that are not, with where to look. The resources are
 /// all made by then: waiting changes nothing, and being interrupted loses nothing.
 async fn wait_until_ready(
     provider: &Provider,
     report: &dyn Progress,
 ) -> Result<rigger_plan::status::Status, Failure> {
-    let started = std::time::Instant::now();
-    let mut said = String::new();
-    loop {
-        let status = provider.status().await.map_err(failed)?;
-        if status.phase == rigger_plan::status::Phase::Ready {
-            if !said.is_empty() {
-                report.report(&format!(
-                    "every server is in service ({:.0} s)",
-                    started.elapsed().as_secs_f64()
-                ));
-            }
-            return Ok(status);
-        }
+    use rigger_engine::ready::{self, NotReady, ReadySettings};
+    let settings = ReadySettings {
+        poll: READY_POLL,
+        timeout: READY_TIMEOUT,
+    };
+    let (project, environment) = (provider.env.project(), provider.env.name.clone());
+    match ready::wait_until_ready(&mut &*provider, &settings, report).await {
+        Ok(status) => Ok(status),
         // A failed boot never comes right by waiting: the server's own words, at once.
-        if status
-            .servers
-            .iter()
-            .any(|s| s.state == rigger_aws::status::BOOT_FAILED)
-        {
-            return Err(Failure::Operation(anyhow!(
-                "{}/{} was made, but {}; its boot log is /var/log/cloud-init-output.log \
-                 (`rigger exec -e {} SERVER -- sudo tail -50 /var/log/cloud-init-output.log`); \
-                 a boot script runs once: once the cause is fixed, terminate the server and \
-                 `rigger up` (or its group) makes a new one",
-                status.project,
-                status.environment,
-                status.message,
-                status.environment
-            )));
-        }
-        let waiting = not_in_service(&status);
-        if waiting != said {
-            report.report(&format!("waiting for {waiting}"));
-            said = waiting;
-        }
-        if started.elapsed() >= READY_TIMEOUT {
-            return Err(Failure::Operation(anyhow!(
-                "{}/{} was made, but not every server came into service within {} min: {said}; \
-                 `rigger logs -e {}` and `rigger status -e {}` show why (a server's boot log is \
-                 /var/log/cloud-init-output.log)",
-                status.project,
-                status.environment,
-                READY_TIMEOUT.as_secs() / 60,
-                status.environment,
-                status.environment
-            )));
-        }
-        tokio::time::sleep(READY_POLL).await;
-    }
-}
-
-/// The servers keeping `status` from ready, with their state: `web[1] (pending, load balancer
-/// OutOfService)`, or the status's message when no server is named.
-fn not_in_service(status: &rigger_plan::status::Status) -> String {
-    let servers: Vec<String> = status
-        .servers
-        .iter()
-        .filter(|s| s.state != "in_service")
-        .map(|s| match &s.load_balancer {
-            Some(lb) => format!("{} ({}, load balancer {lb})", s.id, s.state),
-            None => format!("{} ({})", s.id, s.state),
-        })
-        .collect();
-    if servers.is_empty() {
-        status.message.clone()
-    } else {
-        servers.join(", ")
+        Err(NotReady::Failed(message)) => Err(Failure::Operation(anyhow!(
+            "{project}/{environment} was made, but {message}; its boot log is \
+             /var/log/cloud-init-output.log (`rigger exec -e {environment} SERVER -- sudo tail -50 \
+             /var/log/cloud-init-output.log`); a boot script runs once: once the cause is fixed, \
+             terminate the server and `rigger up` (or its group) makes a new one"
+        ))),
+        Err(NotReady::TimedOut { waiting_for, .. }) => Err(Failure::Operation(anyhow!(
+            "{project}/{environment} was made, but not every server came into service within {} \
+             min: {waiting_for}; `rigger logs -e {environment}` and `rigger status -e {environment}` \
+             show why (a server's boot log is /var/log/cloud-init-output.log)",
+            READY_TIMEOUT.as_secs() / 60
+        ))),
+        Err(NotReady::Provider(error)) => Err(failed(error)),
+        Err(error @ NotReady::Gone(_)) => Err(Failure::Operation(anyhow!("{error}"))),
     }
 }
 
@@ -752,53 +707,4 @@ pub(crate) fn lock(command: LockCommand, settings: &Settings) -> Result<(), Fail
         }
         Ok(())
     })
-}
-
-#[cfg(test)]
-mod tests {
-    /// While `up` waits, it names the servers that are not in service and what the load
-    /// balancer says of each.
-    #[test]
-    fn up_names_what_it_waits_for() {
-        use rigger_plan::status::{Phase, ServerStatus, Status};
-        let server = |id: &str, state: &str, lb: Option<&str>| ServerStatus {
-            id: id.to_owned(),
-            roles: Vec::new(),
-            address: String::new(),
-            release: String::new(),
-            state: state.to_owned(),
-            processes: Vec::new(),
-            load_balancer: lb.map(str::to_owned),
-        };
-        let mut status = Status {
-            schema: String::new(),
-            version: 1,
-            project: "p".into(),
-            environment: "e".into(),
-            provider: "aws".into(),
-            phase: Phase::Starting,
-            message: "2 of 3 servers are not in service yet".into(),
-            release: String::new(),
-            urls: Vec::new(),
-            supervisor_pid: None,
-            maintenance: false,
-            groups: Vec::new(),
-            servers: vec![
-                server("web-1", "pending", Some("OutOfService")),
-                server("web-2", "in_service", Some("InService")),
-                server("cache", "pending", None),
-            ],
-            replication: Vec::new(),
-            updated: 0,
-        };
-        assert_eq!(
-            super::not_in_service(&status),
-            "web-1 (pending, load balancer OutOfService), cache (pending)"
-        );
-        status.servers.clear();
-        assert_eq!(
-            super::not_in_service(&status),
-            "2 of 3 servers are not in service yet"
-        );
-    }
 }
