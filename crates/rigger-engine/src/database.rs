@@ -114,6 +114,57 @@ pub async fn db_status<T: DatabaseView>(
     })
 }
 
+/// Waits (bounded, looking every `poll`) until each of `replicas` streams from `primary`:
+/// what a reseed ends with on every provider, so that it returns a copy that follows the
+/// primary, not one still connecting or catching up. A query that fails (a primary busy for a
+/// moment) counts as not yet; what it waits for is said whenever it changes.
+pub async fn wait_streaming<T: DatabaseView>(
+    view: &mut T,
+    primary: &DatabaseServer,
+    replicas: &[DatabaseServer],
+    poll: std::time::Duration,
+    timeout: std::time::Duration,
+    progress: &dyn crate::progress::Progress,
+) -> Result<(), String> {
+    let started = tokio::time::Instant::now();
+    let mut said = String::new();
+    loop {
+        let seen = view
+            .query(&primary.name, REPLICATION_STATUS_SQL)
+            .await
+            .map(|rows| parse_replicas(&rows));
+        let waiting: Vec<String> = replicas
+            .iter()
+            .filter_map(|replica| {
+                let state = match &seen {
+                    Ok(rows) => rows
+                        .iter()
+                        .find(|row| row.id == replica.id)
+                        .map_or("not connected", |row| row.state.as_str()),
+                    Err(_) => "unknown: the primary did not answer",
+                };
+                (state != "streaming").then(|| format!("{} ({state})", replica.name))
+            })
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let line = format!(
+            "waiting for {} to stream from {}",
+            waiting.join(", "),
+            primary.name
+        );
+        if line != said {
+            progress.report(&line);
+            said = line;
+        }
+        if started.elapsed() >= timeout {
+            return Err(format!("after {} s, still {said}", timeout.as_secs()));
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// What the primary says of its replicas, one `|`-separated row each (psql `-XAtq -F '|'`):
 /// name, state, lag in bytes and in seconds, slot and whether it is active. Both providers ask
 /// it ([`parse_replicas`] reads the answer). The lag in seconds is `replay_lag` while the
@@ -256,5 +307,81 @@ mod tests {
             .unwrap();
         assert!(view.asked.is_empty());
         assert_eq!(status.replicas[0].state, "not streaming");
+    }
+
+    /// A primary whose answers are scripted, one per query (the last one for ever).
+    struct Scripted(std::collections::VecDeque<Result<&'static str, String>>);
+
+    impl DatabaseView for Scripted {
+        type Error = String;
+
+        async fn query(&mut self, _server: &str, _sql: &str) -> Result<String, String> {
+            let answer = if self.0.len() > 1 {
+                self.0.pop_front().unwrap()
+            } else {
+                self.0.front().cloned().unwrap()
+            };
+            answer.map(str::to_owned)
+        }
+
+        async fn show_pools(&mut self) -> Vec<(String, Result<String, String>)> {
+            Vec::new()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rebuilt_replica_is_waited_for_until_it_streams() {
+        let mut view = Scripted(
+            [
+                Err("connection refused".into()),
+                Ok(""),
+                Ok("db-replica2|catchup|9000|1|rigger_db_replica2|t\n"),
+                Ok("db-replica2|streaming|0|0|rigger_db_replica2|t\n"),
+            ]
+            .into(),
+        );
+        let lines = std::sync::Mutex::new(Vec::new());
+        let progress = |line: &str| lines.lock().unwrap().push(line.to_owned());
+        let started = tokio::time::Instant::now();
+        wait_streaming(
+            &mut view,
+            &server("db-primary", "db-primary"),
+            &[server("db-replica2", "db-replica2")],
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(60),
+            &progress,
+        )
+        .await
+        .unwrap();
+        assert_eq!(started.elapsed(), std::time::Duration::from_secs(3));
+        assert_eq!(
+            lines.into_inner().unwrap(),
+            [
+                "waiting for db-replica2 (unknown: the primary did not answer) to stream from db-primary",
+                "waiting for db-replica2 (not connected) to stream from db-primary",
+                "waiting for db-replica2 (catchup) to stream from db-primary",
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_that_never_streams_times_out_exactly_saying_its_state() {
+        let mut view = Scripted([Ok("db-replica1|startup|0|0||f\n")].into());
+        let started = tokio::time::Instant::now();
+        let error = wait_streaming(
+            &mut view,
+            &server("db-primary", "db-primary"),
+            &[server("db-replica1", "db-replica1")],
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(30),
+            &crate::progress::Silent,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(started.elapsed(), std::time::Duration::from_secs(30));
+        assert_eq!(
+            error,
+            "after 30 s, still waiting for db-replica1 (startup) to stream from db-primary"
+        );
     }
 }

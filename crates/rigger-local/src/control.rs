@@ -562,10 +562,53 @@ pub async fn db_operation(
     database::write_request(&env.paths, &request)?;
     kill(Pid::from_raw(holder.pid), Signal::SIGUSR2).context("signalling the supervisor")?;
     let dead = format!("the supervisor exited during `db {operation}`; `rigger up` restarts it");
-    await_outcome(env, holder.pid, &lock, &dead, progress, || {
+    let outcome = await_outcome(env, holder.pid, &lock, &dead, progress, || {
         database::read_outcome(&env.paths).filter(|outcome| outcome.request == request.id)
     })
-    .await
+    .await?;
+    if outcome.succeeded && operation == "reseed" {
+        // Done means a copy that follows the primary, as on AWS.
+        let registry = crate::registry::Registry::load(&env.paths.registry())?;
+        let (primary, replicas) = database_servers(env, &registry);
+        let primary = primary.context("there is no primary")?;
+        let mut view = LocalDatabases::of(env, &registry)?;
+        rigger_engine::database::wait_streaming(
+            &mut view,
+            &primary,
+            &replicas,
+            Duration::from_millis(500),
+            REPLICA_STREAMING_TIMEOUT,
+            progress,
+        )
+        .await
+        .map_err(|why| anyhow::anyhow!("{}, but {why}", outcome.message))?;
+    }
+    Ok(outcome)
+}
+
+/// How long a rebuilt replica may take to stream from the primary once it started (its base
+/// backup is done by then: it has only to connect and replay what was written meanwhile).
+const REPLICA_STREAMING_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The primary and the replicas as the registry has them.
+fn database_servers(
+    env: &LocalEnvironment,
+    registry: &crate::registry::Registry,
+) -> (Option<DatabaseServer>, Vec<DatabaseServer>) {
+    let known = |s: &crate::registry::ServerRecord| DatabaseServer {
+        id: s.id.clone(),
+        name: s.id.clone(),
+    };
+    let primary = env
+        .server_with_role(registry, rigger_recipes::Role::DbPrimary)
+        .map(known);
+    let replicas = registry
+        .servers
+        .iter()
+        .filter(|s| s.has_role(rigger_recipes::Role::DbReplica))
+        .map(known)
+        .collect();
+    (primary, replicas)
 }
 
 /// `rigger db status` with the engine's flow ([`rigger_engine::database::db_status`]): the
@@ -579,30 +622,8 @@ pub async fn db_status(env: &LocalEnvironment) -> anyhow::Result<DbStatus> {
         );
     }
     let registry = crate::registry::Registry::load(&env.paths.registry())?;
-    let known = |s: &crate::registry::ServerRecord| DatabaseServer {
-        id: s.id.clone(),
-        name: s.id.clone(),
-    };
-    let primary = env
-        .server_with_role(&registry, rigger_recipes::Role::DbPrimary)
-        .map(known);
-    let replicas: Vec<DatabaseServer> = registry
-        .servers
-        .iter()
-        .filter(|s| s.has_role(rigger_recipes::Role::DbReplica))
-        .map(known)
-        .collect();
-    let secrets = crate::secrets::load_or_generate(&env.paths.secrets())?;
-    let mut view = LocalDatabases {
-        env,
-        app_servers: registry
-            .servers
-            .iter()
-            .filter(|s| s.group().is_some())
-            .map(|s| (s.id.clone(), s.address.to_string()))
-            .collect(),
-        admin_password: secrets.pgbouncer_admin_password.expose().to_owned(),
-    };
+    let (primary, replicas) = database_servers(env, &registry);
+    let mut view = LocalDatabases::of(env, &registry)?;
     database::db_status(&mut view, primary.as_ref(), &replicas)
         .await
         .context("asking the primary about its replicas")
@@ -614,6 +635,25 @@ struct LocalDatabases<'a> {
     /// Each web and worker server: id and address.
     app_servers: Vec<(String, String)>,
     admin_password: String,
+}
+
+impl<'a> LocalDatabases<'a> {
+    fn of(
+        env: &'a LocalEnvironment,
+        registry: &crate::registry::Registry,
+    ) -> anyhow::Result<LocalDatabases<'a>> {
+        let secrets = crate::secrets::load_or_generate(&env.paths.secrets())?;
+        Ok(LocalDatabases {
+            env,
+            app_servers: registry
+                .servers
+                .iter()
+                .filter(|s| s.group().is_some())
+                .map(|s| (s.id.clone(), s.address.to_string()))
+                .collect(),
+            admin_password: secrets.pgbouncer_admin_password.expose().to_owned(),
+        })
+    }
 }
 
 impl DatabaseView for LocalDatabases<'_> {

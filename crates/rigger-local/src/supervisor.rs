@@ -163,11 +163,13 @@ struct Supervisor {
     /// The counts `rigger scale` set, read at start and at each SIGHUP (a damaged file then
     /// keeps these).
     scaled: DesiredCounts,
-    /// Steps a rollout running beside the loop asks the loop to run (rolling.rs).
+    /// Steps a deploy or database operation running beside the loop asks the loop to run
+    /// (rolling.rs).
     calls_tx: mpsc::UnboundedSender<rolling::Call>,
     calls_rx: mpsc::UnboundedReceiver<rolling::Call>,
-    /// While a rollout runs: the servers it launched, whose health is its to judge.
-    rollout_servers: Option<BTreeSet<String>>,
+    /// While a deploy or database operation runs beside the loop: the servers its rollout
+    /// launched, whose health is its to judge.
+    operation_servers: Option<BTreeSet<String>>,
     /// Exits of the rollout's servers, handled as usual once it ends.
     deferred_exits: Vec<Exit>,
 }
@@ -194,7 +196,7 @@ impl Supervisor {
             scaled: DesiredCounts::default(),
             calls_tx,
             calls_rx,
-            rollout_servers: None,
+            operation_servers: None,
             deferred_exits: Vec::new(),
             last_db_request: std::fs::read(database::outcome_path(&env_paths_for_new))
                 .ok()
@@ -272,7 +274,7 @@ impl Supervisor {
                 }
                 ended = async { deploying.as_mut().expect("guarded").2.as_mut().await }, if deploying.is_some() => {
                     let (request, started, _) = deploying.take().expect("guarded");
-                    self.end_rollout();
+                    self.end_operation();
                     self.record_deploy(&request, started, ended);
                 }
                 _ = database_signal.recv(), if idle => {
@@ -283,7 +285,7 @@ impl Supervisor {
                 }
                 ended = async { db_operation.as_mut().expect("guarded").1.as_mut().await }, if db_operation.is_some() => {
                     let (request, _) = db_operation.take().expect("guarded");
-                    self.end_rollout();
+                    self.end_operation();
                     self.finish_db_request(&request, ended);
                 }
                 Some(call) = self.calls_rx.recv() => call(self).await,
@@ -734,7 +736,7 @@ impl Supervisor {
         };
         tracing::warn!(service = %exit.name, pid = exit.pid, "service exited");
         if self
-            .rollout_servers
+            .operation_servers
             .as_ref()
             .is_some_and(|launched| launched.contains(&server_id))
         {
@@ -743,10 +745,11 @@ impl Supervisor {
             self.deferred_exits.push(exit);
             return Ok(());
         }
-        if server.group().is_none() || self.rollout_servers.is_some() {
-            // Stand-alone servers restart in place, and so do group servers while a rollout
-            // counts on them until it retires them (systemd's `Restart=always` does the same on
-            // AWS servers, whatever a deploy is doing).
+        if server.group().is_none() || self.operation_servers.is_some() {
+            // Stand-alone servers restart in place, and so do group servers while a deploy
+            // counts on them until it retires them, or a failover pauses and repoints them (a
+            // replacement would start unpaused): systemd's `Restart=always` does the same on
+            // AWS servers, whatever a deploy or failover is doing.
             self.message = format!("restarting {}", exit.name);
             self.publish(self.phase, self.message.clone());
             return self.restart_service(&exit.name).await;
@@ -873,17 +876,18 @@ impl Supervisor {
         Ok(services)
     }
 
-    /// A rollout begins: new web servers get `health_timeout` to answer their health check,
-    /// and exits are handled as [`Supervisor::handle_exit`] says for a rollout.
-    fn begin_rollout(&mut self, health_timeout: Duration) {
+    /// A deploy or database operation begins beside the loop: new web servers get
+    /// `health_timeout` to answer their health check, and exits are handled as
+    /// [`Supervisor::handle_exit`] says while one runs.
+    fn begin_operation(&mut self, health_timeout: Duration) {
         self.health_timeout = health_timeout;
-        self.rollout_servers = Some(BTreeSet::new());
+        self.operation_servers = Some(BTreeSet::new());
     }
 
-    /// The rollout ended: the usual health timeout, and the exits it left are handled now.
-    fn end_rollout(&mut self) {
+    /// The operation ended: the usual health timeout, and the exits it left are handled now.
+    fn end_operation(&mut self) {
         self.health_timeout = READY_TIMEOUT;
-        self.rollout_servers = None;
+        self.operation_servers = None;
         for exit in std::mem::take(&mut self.deferred_exits) {
             let _ = self.exits_tx.send(exit);
         }

@@ -105,7 +105,7 @@ impl Supervisor {
         };
         match started {
             Ok(flow) => {
-                self.begin_rollout(self.health_timeout);
+                self.begin_operation(self.health_timeout);
                 flow
             }
             Err(error) => Box::pin(std::future::ready(Err(error))),

@@ -160,7 +160,7 @@ impl Supervisor {
 
     /// Starts a deploy beside the loop: the flow runs the release's migrations, then the
     /// rollout; it ends `Err((result, reason))` with result `rolled back` or `failed`. The
-    /// loop polls it, serves its calls, and calls [`Supervisor::end_rollout`] when it ends.
+    /// loop polls it, serves its calls, and calls [`Supervisor::end_operation`] when it ends.
     pub(super) fn start_deploy(&mut self, request: &DeployRequest) -> RolloutFlow {
         let failed = |reason: String| ("failed", reason);
         let release = request.release.clone();
@@ -179,7 +179,7 @@ impl Supervisor {
             ..default_settings()
         };
         let previous = self.current_release();
-        self.begin_rollout(settings.health_timeout);
+        self.begin_operation(settings.health_timeout);
         Box::pin(deploy_release(
             self.loop_handle(),
             Arc::clone(&self.env),
@@ -194,7 +194,7 @@ impl Supervisor {
     /// Puts every group server on `release` with nothing to fall back to (an unfinished
     /// deploy at start-up, before the loop runs); `Err` says why a batch failed.
     pub(super) async fn finish_on(&mut self, release: &str) -> anyhow::Result<()> {
-        self.begin_rollout(self.health_timeout);
+        self.begin_operation(self.health_timeout);
         let mut servers = LoopServers {
             link: self.loop_handle(),
             env: Arc::clone(&self.env),
@@ -205,7 +205,7 @@ impl Supervisor {
                 rollout::finish_on(&mut servers, &release, &default_settings()).await
             }))
             .await;
-        self.end_rollout();
+        self.end_operation();
         match finished? {
             Ok(()) => Ok(()),
             Err(why) => Err(anyhow!(why)),
@@ -239,7 +239,7 @@ impl Supervisor {
                     .new_group_server(role, self.env.local().addresses, release);
             server.beat = self.registry.get(old).is_some_and(|s| s.beat);
             self.registry.servers.push(server.clone());
-            if let Some(launched) = &mut self.rollout_servers {
+            if let Some(launched) = &mut self.operation_servers {
                 launched.insert(server.id.clone());
             }
             new.push(server);

@@ -94,7 +94,37 @@ fn run_unlocked(
                 &format!("rebuilding {name}: it boots with a fresh base backup of the primary"),
             );
             drop(runtime);
-            super::up(settings)
+            super::up(settings)?;
+            if emulated {
+                return Ok(());
+            }
+            // Done means a copy that follows the primary, as locally.
+            let runtime = super::runtime()?;
+            let databases = result_of(runtime.block_on(provider.databases()))?;
+            let primary = databases
+                .primary
+                .as_ref()
+                .map(database_server)
+                .ok_or_else(|| Failure::Operation(anyhow!("there is no primary")))?;
+            let replicas: Vec<DatabaseServer> =
+                databases.replicas.iter().map(database_server).collect();
+            let fleet = crate::fleet::fleet(settings)?;
+            let mut view = AwsDatabases {
+                settings,
+                provider: &provider,
+                fleet: &fleet,
+                promoted: None,
+            };
+            runtime
+                .block_on(engine_database::wait_streaming(
+                    &mut view,
+                    &primary,
+                    &replicas,
+                    std::time::Duration::from_secs(2),
+                    REPLICA_STREAMING_TIMEOUT,
+                    &super::report::steps(settings),
+                ))
+                .map_err(|why| Failure::Operation(anyhow!("{name} was rebuilt, but {why}")))
         }
         DbCommand::Backup { keep } => {
             let bucket = result_of(runtime.block_on(provider.bucket()))?;
@@ -287,6 +317,18 @@ fn restore_line(layout: &Layout, db: &str, region: &str, source: &str) -> String
     )
 }
 
+/// How long a rebuilt replica may take to stream from the primary once `up` saw its boot
+/// finished (its base backup is done by then).
+const REPLICA_STREAMING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A database server as the engine's flows know it: its recipe id and its name now.
+fn database_server(server: &DbServer) -> DatabaseServer {
+    DatabaseServer {
+        id: server.id.clone(),
+        name: server.name.clone(),
+    }
+}
+
 fn status(
     settings: &Settings,
     runtime: &tokio::runtime::Runtime,
@@ -295,12 +337,8 @@ fn status(
     json: bool,
 ) -> Result<(), Failure> {
     let databases = result_of(runtime.block_on(provider.databases()))?;
-    let known = |s: &DbServer| DatabaseServer {
-        id: s.id.clone(),
-        name: s.name.clone(),
-    };
-    let primary = databases.primary.as_ref().map(known);
-    let replicas: Vec<DatabaseServer> = databases.replicas.iter().map(known).collect();
+    let primary = databases.primary.as_ref().map(database_server);
+    let replicas: Vec<DatabaseServer> = databases.replicas.iter().map(database_server).collect();
     let status = if emulated {
         say(
             settings,
