@@ -321,6 +321,43 @@ fn the_example_site_runs_on_the_lab_from_up_to_down() {
     );
     assert_eq!(answering(&url, 10).len(), 2);
 
+    // Maintenance mode on every web server (recorded in SSM, switched over SSH): the site
+    // answers 503 with the page while the health check stays green, then serves again.
+    site.ok(&["maintenance", "on"]);
+    for _ in 0..4 {
+        let (code, body) = get(&url, "/");
+        assert_eq!(code, 503, "{body}");
+        assert!(body.to_lowercase().contains("maintenance"), "{body}");
+        assert_eq!(get(&url, "/healthcheck.html").0, 200);
+    }
+    site.ok(&["maintenance", "off"]);
+    for _ in 0..4 {
+        assert_eq!(get(&url, "/").0, 200);
+    }
+
+    // A release whose health check fails: its new web server never passes the load
+    // balancer's check, so the deploy rolls back by itself and says why (the server's own
+    // answer, asked over SSH), and both web servers still serve the release before it.
+    let health = site.app().join("polls/health.py");
+    let healthy = std::fs::read_to_string(&health).unwrap();
+    let passing = "return _text(200, f\"OK {settings.RIGGER_SERVER} {settings.RIGGER_RELEASE}\")";
+    assert!(healthy.contains(passing), "{healthy}");
+    std::fs::write(
+        &health,
+        healthy.replacen(passing, "return _text(503, \"broken on purpose\")", 1),
+    )
+    .unwrap();
+    git(&site.app(), &["commit", "-qam", "break the health check"]);
+    let broken = site.run(&["deploy", "--health-timeout", "150", "--drain-timeout", "5"]);
+    let why = text(&broken);
+    assert!(!broken.status.success(), "{why}");
+    assert!(why.contains("rolled back"), "{why}");
+    assert!(why.contains("broken on purpose"), "{why}");
+    wait_ready(&site, 2, "ready after the rollback");
+    assert_eq!(answering(&url, 10).len(), 2);
+    std::fs::write(&health, healthy).unwrap();
+    git(&site.app(), &["commit", "-qam", "mend the health check"]);
+
     // exec, manage, logs reach the machines through the bastion.
     let hostnames = site.ok(&["exec", "--", "hostname"]);
     assert_eq!(
@@ -418,12 +455,10 @@ fn the_example_site_runs_on_the_lab_from_up_to_down() {
         ]);
         assert!(read.contains(&format!("rows {rows}")), "row {id}: {read}");
     }
-    // `up` builds a replica of the new primary, which streams from it.
-    site.ok(&["up"]);
-    let db = wait_for("the rebuilt replica streaming", BOOT, || {
-        let db = site.ok(&["db", "status"]);
-        db.contains("streaming").then_some(db)
-    });
+    // `db reseed` of the replica the failover used up: `up` builds it again next to the new
+    // primary, and the reseed returns once it streams from it.
+    site.ok(&["db", "reseed", "db-replica1"]);
+    let db = site.ok(&["db", "status"]);
     assert!(db.contains("streaming"), "{db}");
 
     // Scale: a third web server behind the load balancer.

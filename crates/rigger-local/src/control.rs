@@ -334,11 +334,14 @@ impl rigger_engine::scale::ScaleTarget for LocalGroups<'_> {
         Ok(())
     }
 
+    /// The supervisor's own status (without asking the primary about replication, as
+    /// `rigger status` does: the groups are all this waits on).
     async fn status(&mut self) -> anyhow::Result<Status> {
-        Ok(match status(self.env).await {
-            Some(status) => status,
-            None => down_status(self.env),
-        })
+        let running = supervisor::lock_holder(self.env).is_some();
+        Ok(running
+            .then(|| crate::status::load(&self.env.paths.status()))
+            .flatten()
+            .unwrap_or_else(|| down_status(self.env)))
     }
 }
 
