@@ -377,13 +377,7 @@ pub async fn deploy(
 ) -> anyhow::Result<crate::deploy::DeployOutcome> {
     use crate::deploy::{self as deploy_files, DeployLock, DeployRequest};
     use crate::release;
-    let Some(holder) = supervisor::lock_holder(env) else {
-        bail!(
-            "{}/{} is not up; run `rigger up` first",
-            env.config.project.name,
-            env.name
-        );
-    };
+    let holder = running_supervisor(env)?;
     rigger_engine::rollout::BatchSize::from_str(&options.batch).map_err(anyhow::Error::msg)?;
     let now = rigger_engine::clock::unix_now();
     let description = match &target {
@@ -543,13 +537,7 @@ pub async fn db_operation(
     progress: &dyn Progress,
 ) -> anyhow::Result<crate::supervisor::database::DbOutcome> {
     use crate::supervisor::database::{self, DbRequest};
-    let Some(holder) = supervisor::lock_holder(env) else {
-        bail!(
-            "{}/{} is not up; run `rigger up` first",
-            env.config.project.name,
-            env.name
-        );
-    };
+    let holder = running_supervisor(env)?;
     // Database operations and deploys exclude each other.
     let lock = crate::deploy::DeployLock::acquire(
         &env.paths,
@@ -614,16 +602,21 @@ fn database_servers(
     (primary, replicas)
 }
 
+/// Who supervises the environment, or an error saying it is not up: what every command that
+/// asks the supervisor for something, or works on its servers, starts with.
+fn running_supervisor(env: &LocalEnvironment) -> anyhow::Result<supervisor::LockHolder> {
+    supervisor::lock_holder(env).with_context(|| {
+        format!(
+            "{}/{} is not up; run `rigger up` first",
+            env.config.project.name, env.name
+        )
+    })
+}
+
 /// `rigger db status` with the engine's flow ([`rigger_engine::database::db_status`]): the
 /// primary over its socket, each app server's PgBouncer over its admin console.
 pub async fn db_status(env: &LocalEnvironment) -> anyhow::Result<DbStatus> {
-    if supervisor::lock_holder(env).is_none() {
-        bail!(
-            "{}/{} is not up; run `rigger up` first",
-            env.config.project.name,
-            env.name
-        );
-    }
+    running_supervisor(env)?;
     let registry = crate::registry::Registry::load(&env.paths.registry())?;
     let (primary, replicas) = database_servers(env, &registry);
     let mut view = LocalDatabases::of(env, &registry)?;
@@ -687,13 +680,7 @@ const DUMP_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 /// `rigger db backup`: a custom-format `pg_dump` of the app's database from the primary into
 /// the environment's backup directory (mode 0600), keeping the newest `keep`.
 pub async fn db_backup(env: &LocalEnvironment, keep: usize) -> anyhow::Result<std::path::PathBuf> {
-    if supervisor::lock_holder(env).is_none() {
-        bail!(
-            "{}/{} is not up; run `rigger up` first",
-            env.config.project.name,
-            env.name
-        );
-    }
+    running_supervisor(env)?;
     let registry = crate::registry::Registry::load(&env.paths.registry())?;
     let primary = env
         .server_with_role(&registry, rigger_recipes::Role::DbPrimary)
@@ -746,13 +733,7 @@ pub fn list_backups(env: &LocalEnvironment) -> Vec<String> {
 
 /// `rigger db restore`: replaces the app's database with a backup, in maintenance mode.
 pub async fn db_restore(env: &LocalEnvironment, backup: &str) -> anyhow::Result<()> {
-    if supervisor::lock_holder(env).is_none() {
-        bail!(
-            "{}/{} is not up; run `rigger up` first",
-            env.config.project.name,
-            env.name
-        );
-    }
+    running_supervisor(env)?;
     let path = {
         let named = env.paths.root().join("backups").join(backup);
         if named.is_file() {
