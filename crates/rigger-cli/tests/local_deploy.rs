@@ -338,6 +338,52 @@ fn deploys_roll_out_and_back_without_dropping_a_request() {
         .filter(|r| !r.is_empty())
         .collect();
     assert!(releases.iter().all(|r| *r == "initial"), "{releases:?}");
+
+    // The same deploy cut off by killing the supervisor outright (SIGKILL: nothing of it
+    // runs to record anything): the deploy fails, and the next `up` records it as
+    // interrupted in the history and puts every server back on the environment's release.
+    let deploy = project
+        .command(&["deploy", "--health-timeout", "300"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let supervisor = eventually(
+        "the deploy waiting for its new web server",
+        Duration::from_secs(120),
+        || {
+            let status = status_json(&project);
+            let message = status["message"].as_str().unwrap_or_default();
+            (status["phase"] == "deploying" && message.contains("launching"))
+                .then(|| status["supervisor_pid"].as_i64())
+                .flatten()
+        },
+    );
+    let kill = std::process::Command::new("kill")
+        .args(["-KILL", &supervisor.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let cut = deploy.wait_with_output().unwrap();
+    assert!(!cut.status.success());
+    assert!(project.rigger(&["up"]).status.success());
+    let history = project.rigger(&["releases", "--json"]);
+    let history: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
+    let last = history.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["result"], "interrupted", "{last}");
+    assert!(
+        last["reason"].as_str().unwrap_or_default().contains("died"),
+        "{last}"
+    );
+    let status = status_json(&project);
+    let releases: Vec<&str> = status["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["release"].as_str())
+        .filter(|r| !r.is_empty())
+        .collect();
+    assert!(releases.iter().all(|r| *r == "initial"), "{releases:?}");
 }
 
 fn status_json(project: &Site) -> serde_json::Value {

@@ -76,6 +76,28 @@ pub fn read_outcome(paths: &EnvPaths) -> Option<DeployOutcome> {
     serde_json::from_slice(&std::fs::read(outcome_path(paths)).ok()?).ok()
 }
 
+/// A deploy the supervisor began: the request's id and when (Unix seconds). With no outcome
+/// of that id, its supervisor died during it (a SIGTERM records the outcome itself), and the
+/// next one records it `interrupted` before rolling back what it left.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployBegun {
+    pub request: String,
+    pub started: u64,
+}
+
+pub fn write_begun(paths: &EnvPaths, begun: &DeployBegun) -> anyhow::Result<()> {
+    std::fs::create_dir_all(paths.root().join("deploy"))?;
+    write_atomically(
+        &paths.root().join("deploy/begun.json"),
+        &serde_json::to_vec_pretty(begun)?,
+    )?;
+    Ok(())
+}
+
+pub fn read_begun(paths: &EnvPaths) -> Option<DeployBegun> {
+    serde_json::from_slice(&std::fs::read(paths.root().join("deploy/begun.json")).ok()?).ok()
+}
+
 mod lock;
 
 pub use lock::{

@@ -246,6 +246,7 @@ impl Supervisor {
             self.save_registry()?;
         }
 
+        self.record_deploy_left_by_a_dead_supervisor();
         tokio::select! {
             result = self.bring_up() => result?,
             _ = terminate.recv() => { self.shutdown().await; return Ok(()); }
@@ -268,6 +269,13 @@ impl Supervisor {
                 _ = deploy_signal.recv(), if idle => {
                     if let Some(request) = self.take_deploy_request() {
                         let started = rolling::DeployStarted::now();
+                        let begun = crate::deploy::DeployBegun {
+                            request: request.id.clone(),
+                            started: started.unix(),
+                        };
+                        if let Err(error) = crate::deploy::write_begun(&self.env.paths, &begun) {
+                            tracing::error!("recording that the deploy began: {error:#}");
+                        }
                         let flow = self.start_deploy(&request);
                         deploying = Some((request, started, flow));
                     }

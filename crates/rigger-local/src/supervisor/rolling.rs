@@ -85,6 +85,18 @@ impl DeployStarted {
             unix: rigger_engine::clock::unix_now(),
         }
     }
+
+    /// A deploy an earlier supervisor began at `unix` (its duration is then this one's).
+    pub(super) fn earlier(unix: u64) -> DeployStarted {
+        DeployStarted {
+            at: Instant::now(),
+            unix,
+        }
+    }
+
+    pub(super) fn unix(&self) -> u64 {
+        self.unix
+    }
 }
 
 /// How often the gate reads HAProxy's view: a local socket, cheap to ask.
@@ -108,6 +120,26 @@ impl Supervisor {
         }
         self.last_deploy_request = Some(request.id.clone());
         Some(request)
+    }
+
+    /// A deploy the previous supervisor began and never ended (it was killed: a SIGTERM
+    /// records its outcome): recorded `interrupted` now, before start-up rolls back what it
+    /// left, so that `rigger releases` and the CLI that waited for it both know.
+    pub(super) fn record_deploy_left_by_a_dead_supervisor(&mut self) {
+        let Some(request) = deploy::read_request(&self.env.paths) else {
+            return;
+        };
+        let begun = deploy::read_begun(&self.env.paths);
+        let unfinished = begun.as_ref().is_some_and(|b| b.request == request.id)
+            && self.last_deploy_request.as_deref() != Some(request.id.as_str());
+        if !unfinished {
+            return;
+        }
+        self.last_deploy_request = Some(request.id.clone());
+        let started = DeployStarted::earlier(begun.map_or(0, |b| b.started));
+        let why = "the supervisor died during the deploy; its next start rolled back the \
+                   servers it had replaced";
+        self.record_deploy(&request, started, Err(("interrupted", why.into())));
     }
 
     /// Records how a deploy ended: in the history (`releases.jsonl`), in the outcome the CLI
