@@ -282,11 +282,7 @@ fn deploys_roll_out_and_back_without_dropping_a_request() {
     ];
     for (server, process, pid) in &killed {
         eprintln!("killing {process} (pid {pid}) on {server} during the deploy");
-        let kill = std::process::Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(kill.success());
+        kill_hard(*pid);
     }
     eventually(
         "both killed processes restarted while the deploy runs",
@@ -328,16 +324,8 @@ fn deploys_roll_out_and_back_without_dropping_a_request() {
     assert!(project.rigger(&["up"]).status.success());
     let (_, body) = curl(&[&site("/healthcheck.html")]);
     assert!(body.trim_end().ends_with("initial"), "{body}");
-    let status = project.command(&["status", "--json"]).output().unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    let releases: Vec<&str> = status["servers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|s| s["release"].as_str())
-        .filter(|r| !r.is_empty())
-        .collect();
-    assert!(releases.iter().all(|r| *r == "initial"), "{releases:?}");
+    let releases = server_releases(&status_json(&project));
+    assert!(releases.iter().all(|r| r == "initial"), "{releases:?}");
 
     // The same deploy cut off by killing the supervisor outright (SIGKILL: nothing of it
     // runs to record anything): the deploy fails, and the next `up` records it as
@@ -359,11 +347,7 @@ fn deploys_roll_out_and_back_without_dropping_a_request() {
                 .flatten()
         },
     );
-    let kill = std::process::Command::new("kill")
-        .args(["-KILL", &supervisor.to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    kill_hard(supervisor);
     let cut = deploy.wait_with_output().unwrap();
     assert!(!cut.status.success());
     assert!(project.rigger(&["up"]).status.success());
@@ -375,15 +359,29 @@ fn deploys_roll_out_and_back_without_dropping_a_request() {
         last["reason"].as_str().unwrap_or_default().contains("died"),
         "{last}"
     );
-    let status = status_json(&project);
-    let releases: Vec<&str> = status["servers"]
+    let releases = server_releases(&status_json(&project));
+    assert!(releases.iter().all(|r| r == "initial"), "{releases:?}");
+}
+
+/// Each server's release, as the status shows it (the load balancer has none).
+fn server_releases(status: &serde_json::Value) -> Vec<String> {
+    status["servers"]
         .as_array()
         .unwrap()
         .iter()
         .filter_map(|s| s["release"].as_str())
         .filter(|r| !r.is_empty())
-        .collect();
-    assert!(releases.iter().all(|r| *r == "initial"), "{releases:?}");
+        .map(str::to_owned)
+        .collect()
+}
+
+/// SIGKILL to `pid`, as a crash would.
+fn kill_hard(pid: i64) {
+    let kill = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
 }
 
 fn status_json(project: &Site) -> serde_json::Value {
