@@ -29,6 +29,14 @@ pub const METADATA_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 pub const RESOLVER_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 253);
 /// The bridge in the lab's namespace.
 const BRIDGE: &str = "br0";
+/// The bridge's MAC address, set when it is made. A bridge left to itself takes the lowest
+/// MAC address among its ports and changes it whenever a port with a lower one comes or the
+/// holder goes: every machine's neighbour entry for the router, the metadata service and the
+/// resolver then points nowhere until it goes stale and is probed again (tens of seconds of
+/// timeouts at boot, seen as "Unable to locate credentials" and failed metadata requests).
+/// Locally administered ("rigger" in ASCII; a machine's digest-derived address equals it
+/// with a chance of one in 2^40).
+const BRIDGE_MAC: &str = "02:72:69:67:67:72";
 
 /// An IPv4 network: the project's one type for them.
 pub use rigger_config::Cidr;
@@ -153,7 +161,9 @@ pub async fn create_lab(namespace: &str, vpc: Cidr) -> anyhow::Result<()> {
     let resolver = format!("{RESOLVER_ADDRESS}/32");
     let steps: [&[&str]; 7] = [
         &["link", "set", "lo", "up"],
-        &["link", "add", BRIDGE, "type", "bridge"],
+        &[
+            "link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge",
+        ],
         &["addr", "add", &router, "dev", BRIDGE],
         &["addr", "add", &front, "dev", BRIDGE],
         &["addr", "add", &metadata, "dev", BRIDGE],
