@@ -166,6 +166,7 @@ pub fn status(
         release,
         urls,
         supervisor_pid: None,
+        supervisor_restarts: None,
         maintenance: false,
         groups,
         servers,

@@ -89,6 +89,10 @@ pub enum Command {
     /// Run the local environment's supervisor in the foreground (`up` starts it for you).
     #[command(hide = true)]
     Supervise,
+    /// Run the local environment's supervisor under a keeper that starts it again should it
+    /// die (`up` starts this for you).
+    #[command(hide = true)]
+    Keep,
     /// Run a shell command on servers in parallel, e.g. `rigger exec web -- uptime`.
     Exec(ExecArgs),
     /// Run a Django management command once, on one worker: `rigger manage -- migrate --plan`.

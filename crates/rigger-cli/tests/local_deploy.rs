@@ -9,11 +9,9 @@ mod common;
 mod hermetic;
 
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{AppSource, Site, curl, eventually};
+use common::{AppSource, Load, Site, curl, eventually, kill_hard, process_of, status_json};
 
 const BLOCK: &str = "127.80";
 const HTTPS_PORT: u16 = 19443;
@@ -21,71 +19,6 @@ const HTTP_PORT: u16 = 19080;
 
 fn site(path: &str) -> String {
     format!("https://{BLOCK}.0.1:{HTTPS_PORT}{path}")
-}
-
-/// Steady HTTPS requests through the load balancer until stopped: counts and failures.
-struct Load {
-    stop: Arc<AtomicBool>,
-    served: Arc<AtomicUsize>,
-    failures: Arc<std::sync::Mutex<Vec<String>>>,
-    releases: Arc<std::sync::Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let served = Arc::new(AtomicUsize::new(0));
-        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let releases = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, served, failures, releases) = (
-                    stop.clone(),
-                    served.clone(),
-                    failures.clone(),
-                    releases.clone(),
-                );
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::SeqCst) {
-                        let (code, body) = curl(&[&site("/healthcheck.html")]);
-                        if code == 200 {
-                            served.fetch_add(1, Ordering::SeqCst);
-                            let release = body
-                                .split_whitespace()
-                                .nth(2)
-                                .unwrap_or_default()
-                                .to_owned();
-                            let mut seen = releases.lock().unwrap();
-                            if seen.last() != Some(&release) {
-                                seen.push(release);
-                            }
-                        } else {
-                            failures.lock().unwrap().push(format!("{code}: {body}"));
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            served,
-            failures,
-            releases,
-            threads,
-        }
-    }
-
-    /// Stops the load; returns (served, failures, releases seen in order).
-    fn finish(self) -> (usize, Vec<String>, Vec<String>) {
-        self.stop.store(true, Ordering::SeqCst);
-        for thread in self.threads {
-            thread.join().unwrap();
-        }
-        let failures = self.failures.lock().unwrap().clone();
-        let releases = self.releases.lock().unwrap().clone();
-        (self.served.load(Ordering::SeqCst), failures, releases)
-    }
 }
 
 #[test]
@@ -116,7 +49,7 @@ fn deploys_roll_out_and_back_without_dropping_a_request() {
     let task: serde_json::Value = serde_json::from_str(&body).unwrap();
     let task_id = task["task_id"].as_str().unwrap().to_owned();
 
-    let load = Load::start(4);
+    let load = Load::start(&site("/healthcheck.html"), 4);
     let mut deploy = project
         .command(&["deploy"])
         .stdout(Stdio::piped())
@@ -178,7 +111,7 @@ fn deploys_roll_out_and_back_without_dropping_a_request() {
         "return _text(503, \"broken on purpose\")",
         "break the health check",
     );
-    let load = Load::start(4);
+    let load = Load::start(&site("/healthcheck.html"), 4);
     let failed = project.rigger(&["deploy", "--health-timeout", "15"]);
     let (served, failures, releases) = load.finish();
     assert!(!failed.status.success());
@@ -328,8 +261,9 @@ fn deploys_roll_out_and_back_without_dropping_a_request() {
     assert!(releases.iter().all(|r| r == "initial"), "{releases:?}");
 
     // The same deploy cut off by killing the supervisor outright (SIGKILL: nothing of it
-    // runs to record anything): the deploy fails, and the next `up` records it as
-    // interrupted in the history and puts every server back on the environment's release.
+    // runs to record anything): the deploy fails, and the next supervisor (its keeper starts
+    // one at once; `up` waits for it) records it as interrupted in the history and puts every
+    // server back on the environment's release.
     let deploy = project
         .command(&["deploy", "--health-timeout", "300"])
         .stdout(Stdio::piped())
@@ -373,37 +307,4 @@ fn server_releases(status: &serde_json::Value) -> Vec<String> {
         .filter(|r| !r.is_empty())
         .map(str::to_owned)
         .collect()
-}
-
-/// SIGKILL to `pid`, as a crash would.
-fn kill_hard(pid: i64) {
-    let kill = std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-}
-
-fn status_json(project: &Site) -> serde_json::Value {
-    let output = project.command(&["status", "--json"]).output().unwrap();
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
-/// The running `process` of the first server `matches` picks: (server, process, pid), or
-/// `None` when it does not run.
-fn process_of(
-    status: &serde_json::Value,
-    matches: impl Fn(&serde_json::Value) -> bool,
-    process: &str,
-) -> Option<(String, String, i64)> {
-    let server = status["servers"].as_array()?.iter().find(|s| matches(s))?;
-    let found = server["processes"]
-        .as_array()?
-        .iter()
-        .find(|p| p["name"] == process && p["state"] == "running")?;
-    Some((
-        server["id"].as_str()?.to_owned(),
-        process.to_owned(),
-        found["pid"].as_i64()?,
-    ))
 }

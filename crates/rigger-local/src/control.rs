@@ -45,6 +45,21 @@ pub async fn up(
     config_path: &Path,
     progress: &dyn Progress,
 ) -> anyhow::Result<UpOutcome> {
+    if supervisor::lock_holder(env).is_none() && crate::keeper::running(env).is_some() {
+        // The supervisor died a moment ago and its keeper is starting the next one: that one
+        // is this environment's, not a second.
+        let started = Instant::now();
+        while supervisor::lock_holder(env).is_none() && crate::keeper::running(env).is_some() {
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!(
+                    "the keeper of this environment ({}) has not started a supervisor for 30 s; \
+                     `rigger down` stops it",
+                    env.paths.keeper().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     if let Some(holder) = supervisor::lock_holder(env) {
         // Running: the plan says whether anything differs from rigger.toml.
         let status = crate::status::load(&env.paths.status());
@@ -76,10 +91,8 @@ pub async fn up(
         .with_context(|| format!("opening {}", env.paths.supervisor_log().display()))?;
     let config_path =
         std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
-    let child = std::process::Command::new(rigger)
-        .arg("--config")
-        .arg(&config_path)
-        .args(["-e", &env.name, "-v", "supervise"])
+    // The keeper runs the supervisor, and runs it again should it die (keeper.rs).
+    let child = rigger_command(rigger, &config_path, &env.name, "keep")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -91,7 +104,7 @@ pub async fn up(
     // The child is not waited on: it outlives this process by design. Reaped by init.
     drop(child);
     progress.report(&format!(
-        "supervisor started (pid {pid}, log {})",
+        "supervisor started under its keeper (pid {pid}, log {})",
         env.paths.supervisor_log().display()
     ));
     let status = wait_ready(env, pid, progress).await?;
@@ -99,6 +112,20 @@ pub async fn up(
 }
 
 use std::os::unix::process::CommandExt as _;
+
+/// The command running rigger's `command` (`keep`, `supervise`) for environment `env_name`.
+pub fn rigger_command(
+    rigger: &Path,
+    config_path: &Path,
+    env_name: &str,
+    command: &str,
+) -> std::process::Command {
+    let mut run = std::process::Command::new(rigger);
+    run.arg("--config")
+        .arg(config_path)
+        .args(["-e", env_name, "-v", command]);
+    run
+}
 
 /// How many steps the plan for `env` has (0: the environment matches rigger.toml).
 fn pending_changes(env: &LocalEnvironment) -> anyhow::Result<usize> {
@@ -149,10 +176,16 @@ struct Supervised<'a> {
 impl rigger_engine::ready::ReadySource for Supervised<'_> {
     type Error = anyhow::Error;
 
-    /// A status written by an earlier supervisor is not this one's.
+    /// A status written by an earlier supervisor is not this one's: `pid` is the supervisor,
+    /// or the keeper whose child it is.
     async fn status(&mut self) -> anyhow::Result<Option<Status>> {
-        Ok(crate::status::load(&self.env.paths.status())
-            .filter(|status| status.supervisor_pid == Some(self.pid)))
+        Ok(
+            crate::status::load(&self.env.paths.status()).filter(|status| {
+                status
+                    .supervisor_pid
+                    .is_some_and(|pid| pid == self.pid || parent_pid(pid) == Some(self.pid))
+            }),
+        )
     }
 
     async fn gone(&mut self) -> Option<String> {
@@ -170,6 +203,13 @@ impl rigger_engine::ready::ReadySource for Supervised<'_> {
     }
 }
 
+/// The parent of process `pid`, from `/proc`.
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split(' ').nth(1)?.parse().ok()
+}
+
 fn pid_alive(pid: i32) -> bool {
     // A zombie (exited, not yet reaped by its parent) counts as gone.
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
@@ -184,19 +224,26 @@ pub async fn down(
     purge: bool,
     progress: &dyn Progress,
 ) -> anyhow::Result<()> {
+    // The keeper is asked, not the supervisor: told to stop, it passes the signal on and does
+    // not start the supervisor again, even one killed while it stops.
+    let keeper = crate::keeper::stop(env)?;
     if let Some(holder) = supervisor::lock_holder(env) {
         progress.report(&format!(
             "stopping the supervisor (pid {}) and every service",
             holder.pid
         ));
-        kill(Pid::from_raw(holder.pid), Signal::SIGTERM).context("signalling the supervisor")?;
+        if keeper.is_none() {
+            kill(Pid::from_raw(holder.pid), Signal::SIGTERM)
+                .context("signalling the supervisor")?;
+        }
+    }
+    if keeper.is_some() || supervisor::lock_holder(env).is_some() {
         let start = Instant::now();
-        while supervisor::lock_holder(env).is_some() {
+        while supervisor::lock_holder(env).is_some() || crate::keeper::running(env).is_some() {
             if start.elapsed() > Duration::from_secs(180) {
-                bail!(
-                    "the supervisor (pid {}) did not stop within 180 s",
-                    holder.pid
-                );
+                let who = supervisor::lock_holder(env)
+                    .map_or_else(|| "its keeper".to_owned(), |h| format!("pid {}", h.pid));
+                bail!("the supervisor ({who}) did not stop within 180 s");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -228,6 +275,12 @@ pub async fn status(env: &LocalEnvironment) -> Option<Status> {
     status.replication = replication(env).await;
     // Read now: the supervisor's snapshot may predate the last `rigger maintenance`.
     status.maintenance = env.maintenance_on();
+    status.supervisor_restarts =
+        crate::keeper::running(env).map(|keeper| rigger_plan::status::SupervisorRestarts {
+            count: keeper.restarts,
+            last_why: keeper.last_restart.as_ref().map(|r| r.why.clone()),
+            last_at: keeper.last_restart.map(|r| r.at),
+        });
     Some(status)
 }
 
@@ -244,6 +297,7 @@ pub fn down_status(env: &LocalEnvironment) -> Status {
         release: String::new(),
         urls: Vec::new(),
         supervisor_pid: None,
+        supervisor_restarts: None,
         maintenance: env.maintenance_on(),
         groups: Vec::new(),
         servers: Vec::new(),

@@ -22,6 +22,7 @@ pub mod desired;
 pub mod environment;
 pub mod files;
 pub mod haproxy;
+pub mod keeper;
 pub mod observe;
 pub mod on_server;
 pub mod paths;

@@ -95,6 +95,11 @@ impl EnvPaths {
     pub fn supervisor_lock(&self) -> PathBuf {
         self.root.join("supervisor.lock")
     }
+    /// The keeper's record: who it is, and how often and why it restarted the supervisor.
+    pub fn keeper(&self) -> PathBuf {
+        self.root.join("keeper.json")
+    }
+
     pub fn supervisor_log(&self) -> PathBuf {
         self.root.join("supervisor.log")
     }

@@ -101,6 +101,11 @@ pub struct PidRecord {
     /// The signal [`stop_leftovers`] sends; SIGTERM when absent.
     #[serde(with = "signal_name", default = "default_stop_signal")]
     pub stop_signal: Signal,
+    /// What the process was started from (its command, environment and configuration, as
+    /// the supervisor digests them): a later supervisor adopts a process still running only
+    /// when it would start exactly this. Empty: unknown, never adopted.
+    #[serde(default)]
+    pub config_digest: String,
     /// The pid file this record was read from or written to; removed by [`stop`].
     #[serde(skip)]
     pub pid_path: Option<PathBuf>,
@@ -243,6 +248,7 @@ pub async fn spawn(spec: &ProcessSpec) -> Result<Supervised, ProcessError> {
             name: name.clone(),
             program: spec.program.display().to_string(),
             stop_signal: spec.stop_signal,
+            config_digest: String::new(),
             pid_path: Some(spec.pid_path.clone()),
         },
         stop_timeout: spec.stop_timeout,
@@ -308,13 +314,31 @@ pub async fn stop_supervised(
 /// Used when a supervisor starts after a crash, and by `rigger down` when no supervisor is
 /// alive, so no process is ever orphaned. Results are sorted by pid file path.
 pub async fn stop_leftovers(dir: &Path, timeout: Duration) -> Vec<(String, StopOutcome)> {
+    sort_leftovers(dir, |_| false, timeout).await.1
+}
+
+/// The processes recorded under `dir` (as [`stop_leftovers`] finds them) that still run and
+/// that `keep` accepts, by name; every other one is stopped (concurrently, as
+/// [`stop_leftovers`] does) and its pid file removed. How a supervisor takes over from one
+/// that died: it keeps what it may adopt, and nothing else survives.
+pub async fn sort_leftovers(
+    dir: &Path,
+    keep: impl Fn(&PidRecord) -> bool,
+    timeout: Duration,
+) -> (BTreeMap<String, PidRecord>, Vec<(String, StopOutcome)>) {
     let mut files = Vec::new();
     find_pid_files(dir, &mut files);
     files.sort();
+    let mut kept = BTreeMap::new();
     let mut tasks = tokio::task::JoinSet::new();
     for (index, path) in files.into_iter().enumerate() {
+        let record = PidRecord::read(&path);
+        if let Some(record) = record.as_ref().filter(|r| r.is_alive() && keep(r)) {
+            kept.insert(record.name.clone(), record.clone());
+            continue;
+        }
         tasks.spawn(async move {
-            match PidRecord::read(&path) {
+            match record {
                 Some(record) => {
                     let outcome = stop(&record, record.stop_signal, timeout).await;
                     (index, record.name, outcome)
@@ -329,10 +353,11 @@ pub async fn stop_leftovers(dir: &Path, timeout: Duration) -> Vec<(String, StopO
     }
     let mut results = tasks.join_all().await;
     results.sort_by_key(|(index, ..)| *index);
-    results
+    let stopped = results
         .into_iter()
         .map(|(_, name, outcome)| (name, outcome))
-        .collect()
+        .collect();
+    (kept, stopped)
 }
 
 /// Sends `sig` to the recorded process only (not its group): reloads such as SIGHUP to nginx or
@@ -475,6 +500,45 @@ impl Supervised {
     }
 }
 
+/// Waits until the recorded process exits, whoever its parent is: how a supervisor watches
+/// a process it adopted from an earlier one (it cannot `wait` for another's child). Through a
+/// pidfd, which names the process itself, not its pid: opened, then checked to be the
+/// recorded process still, so a pid handed to another process is never watched. Returns at
+/// once when the process is already gone; it is never reaped here (its parent, or init, does).
+pub async fn wait_for_exit(record: &PidRecord) -> io::Result<()> {
+    let Some(pid) = rustix::process::Pid::from_raw(record.pid) else {
+        return Ok(());
+    };
+    let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::SRCH) => return Ok(()),
+        Err(error) => return Err(error.into()),
+    };
+    if !record.is_alive() {
+        return Ok(());
+    }
+    // A pidfd polls readable once its process has exited. Polled on a thread of its own
+    // (tokio registers a descriptor only through `unsafe`, which this workspace forbids): a
+    // thread that ends with the process, or with rigger.
+    let (exited, on_exit) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("watch {}", record.name))
+        .spawn(move || {
+            let polled = loop {
+                let mut fds = [rustix::event::PollFd::new(
+                    &pidfd,
+                    rustix::event::PollFlags::IN,
+                )];
+                match rustix::event::poll(&mut fds, None) {
+                    Err(rustix::io::Errno::INTR) => continue,
+                    other => break other.map(drop).map_err(io::Error::from),
+                }
+            };
+            let _ = exited.send(polled);
+        })?;
+    on_exit.await.unwrap_or(Ok(()))
+}
+
 impl PidRecord {
     /// Reads a pid file; `None` when it is missing, not a record, a symbolic link, or not
     /// rigger's own (root's) file.
@@ -495,6 +559,40 @@ impl PidRecord {
     /// at the recorded time in this boot (so it is not a reuse of the pid).
     pub fn is_alive(&self) -> bool {
         self.leader() == Leader::Alive
+    }
+
+    /// The record of this very process (for a process that watches over others and must be
+    /// found again, and never confused with a later one given its pid).
+    pub fn of_this_process(name: &str) -> io::Result<PidRecord> {
+        let pid = i32::try_from(std::process::id()).unwrap_or(0);
+        Ok(PidRecord {
+            pid,
+            start_time: read_stat(pid)?.start_time,
+            boot_id: boot_id(),
+            name: name.to_owned(),
+            program: std::env::current_exe()
+                .map(|path| path.display().to_string())
+                .unwrap_or_default(),
+            stop_signal: Signal::SIGTERM,
+            config_digest: String::new(),
+            pid_path: None,
+        })
+    }
+
+    /// Records what the process was started from in its pid file (see
+    /// [`PidRecord::config_digest`]), if the file still describes this process.
+    pub fn record_config_digest(&mut self, digest: &str) -> Result<(), ProcessError> {
+        self.config_digest = digest.to_owned();
+        let Some(path) = self.pid_path.clone() else {
+            return Ok(());
+        };
+        if !PidRecord::read(&path).is_some_and(|on_disk| on_disk.same_process(self)) {
+            return Err(ProcessError::NotRunning {
+                name: self.name.clone(),
+                pid: self.pid,
+            });
+        }
+        self.write(&path)
     }
 
     /// Writes the record atomically (temporary file, then rename) so a reader never sees
@@ -953,12 +1051,13 @@ mod tests {
             name: "web-3/nginx".into(),
             program: "/usr/sbin/nginx".into(),
             stop_signal: Signal::SIGQUIT,
+            config_digest: "d".into(),
             pid_path: Some("/x.pid".into()),
         };
         let json = serde_json::to_string(&record).unwrap();
         assert_eq!(
             json,
-            r#"{"pid":7,"start_time":99,"boot_id":"b","name":"web-3/nginx","program":"/usr/sbin/nginx","stop_signal":"SIGQUIT"}"#
+            r#"{"pid":7,"start_time":99,"boot_id":"b","name":"web-3/nginx","program":"/usr/sbin/nginx","stop_signal":"SIGQUIT","config_digest":"d"}"#
         );
         let minimal: PidRecord =
             serde_json::from_str(r#"{"pid":7,"start_time":99,"name":"n","program":"p"}"#).unwrap();

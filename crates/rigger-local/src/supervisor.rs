@@ -12,6 +12,10 @@
 //!
 //! Only one supervisor runs per environment: it holds an exclusive lock on `supervisor.lock`,
 //! which the kernel releases when it dies, and the file says who holds it.
+//!
+//! A supervisor that died leaves its services running; the next one (started at once by the
+//! keeper, `crate::keeper`) adopts each that runs exactly what it would start, and restarts or
+//! stops the rest (`take_over_leftovers`, `start_server`).
 
 pub mod database;
 mod health;
@@ -172,7 +176,12 @@ struct Supervisor {
     operation_servers: Option<BTreeSet<String>>,
     /// Exits of the rollout's servers, handled as usual once it ends.
     deferred_exits: Vec<Exit>,
+    /// Services an earlier supervisor left running, by name, until adopted or stopped.
+    leftovers: Leftovers,
 }
+
+/// Processes an earlier supervisor left running, by name (`web-1/nginx`).
+type Leftovers = Arc<std::sync::Mutex<BTreeMap<String, PidRecord>>>;
 
 impl Supervisor {
     fn new(env: LocalEnvironment) -> Self {
@@ -198,6 +207,7 @@ impl Supervisor {
             calls_rx,
             operation_servers: None,
             deferred_exits: Vec::new(),
+            leftovers: Leftovers::default(),
             last_db_request: std::fs::read(database::outcome_path(&env_paths_for_new))
                 .ok()
                 .and_then(|bytes| serde_json::from_slice::<database::DbOutcome>(&bytes).ok())
@@ -230,16 +240,10 @@ impl Supervisor {
             "preparing secrets, certificates, the app's venv and release".into(),
         );
 
-        // A supervisor killed earlier may have left processes behind: stop them first, so
-        // this one owns everything it supervises.
-        for (name, outcome) in
-            process::stop_leftovers(&self.env.paths.servers(), Duration::from_secs(30)).await
-        {
-            tracing::warn!(process = %name, ?outcome, "stopped a process left by an earlier supervisor");
-        }
         self.prepared = Some(Arc::new(prepare::prepare(&self.env).await?));
         self.registry = Registry::load(&self.env.paths.registry())?;
         self.scaled = DesiredCounts::load(&self.env.paths.desired())?;
+        self.take_over_leftovers().await;
         if self.registry.current_release.is_none() {
             release::ensure_initial(&self.env).await?;
             self.registry.current_release = Some(rigger_plan::deploys::INITIAL_RELEASE.to_owned());
@@ -358,6 +362,51 @@ impl Supervisor {
         Ok(())
     }
 
+    /// A supervisor that died (killed, crashed, or replaced by an upgraded rigger) left its
+    /// services running. Those of servers the environment still has wait to be adopted by
+    /// [`start_server`], which takes over each one that runs exactly what it would start and
+    /// restarts the rest; everything else stops now, so this supervisor owns everything it
+    /// supervises.
+    async fn take_over_leftovers(&mut self) {
+        let servers: BTreeSet<String> = self
+            .registry
+            .servers
+            .iter()
+            .map(|s| s.id.clone())
+            .chain([self.env.lb_record(&self.current_release()).id])
+            .collect();
+        let (kept, stopped) = process::sort_leftovers(
+            &self.env.paths.servers(),
+            |record| {
+                record
+                    .name
+                    .split_once('/')
+                    .is_some_and(|(server, _)| servers.contains(server))
+            },
+            Duration::from_secs(30),
+        )
+        .await;
+        for (name, outcome) in stopped {
+            tracing::warn!(process = %name, ?outcome, "stopped a process left by an earlier supervisor");
+        }
+        if !kept.is_empty() {
+            tracing::info!(
+                processes = kept.len(),
+                "an earlier supervisor left services running: adopting those that are unchanged"
+            );
+        }
+        *self.leftovers.lock().expect("leftovers lock") = kept;
+    }
+
+    /// What no server adopted once every server has started: stopped.
+    async fn stop_unadopted_leftovers(&mut self) {
+        let left = std::mem::take(&mut *self.leftovers.lock().expect("leftovers lock"));
+        for record in left.into_values() {
+            let outcome = process::stop(&record, record.stop_signal, Duration::from_secs(30)).await;
+            tracing::warn!(process = %record.name, ?outcome, "stopped a process left by an earlier supervisor");
+        }
+    }
+
     async fn shutdown(&mut self) {
         self.publish(Phase::Stopping, "stopping every service".into());
         self.stop_all().await;
@@ -370,6 +419,7 @@ impl Supervisor {
         let result = self.bring_up_servers().await;
         self.registry.register_pending = false;
         result?;
+        self.stop_unadopted_leftovers().await;
         self.roll_back_unfinished_deploy().await
     }
 
@@ -595,6 +645,7 @@ impl Supervisor {
             registry: self.registry.clone(),
             exits: self.exits_tx.clone(),
             health_gate: (!self.registry.register_pending).then_some(self.health_timeout),
+            leftovers: Arc::clone(&self.leftovers),
         }
     }
 
@@ -725,6 +776,13 @@ impl Supervisor {
                 "load balancer reloaded with {} web servers",
                 ctx.peers.web_backends.len()
             );
+            // It runs this configuration now: a successor may adopt it as such.
+            let digest = config_digest(&recipe, &ctx.layout.tls_dir);
+            for service in self.services.values_mut().filter(|s| s.server == lb.id) {
+                if let Err(error) = service.record.record_config_digest(&digest) {
+                    tracing::warn!(service = %service.record.name, "recording its configuration: {error}");
+                }
+            }
         }
         Ok(())
     }
@@ -842,13 +900,21 @@ impl Supervisor {
         };
         // Restarting too eagerly would spin on a service that cannot start.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let started = start_service(
+        let mut started = start_service(
             &self.env,
             &service.server,
             &service.spec,
             self.exits_tx.clone(),
         )
         .await?;
+        // The same configuration as the one it replaces: as adoptable as that one was.
+        if !service.record.config_digest.is_empty()
+            && let Err(error) = started
+                .record
+                .record_config_digest(&service.record.config_digest)
+        {
+            tracing::warn!(service = %name, "recording its configuration: {error}");
+        }
         self.services.insert(name.to_owned(), started);
         Ok(())
     }
@@ -985,6 +1051,7 @@ impl Supervisor {
             release: self.current_release(),
             urls: vec![env.url(), env.http_url()],
             supervisor_pid: i32::try_from(std::process::id()).ok(),
+            supervisor_restarts: None,
             maintenance: self.env.maintenance_on(),
             groups: vec![
                 GroupStatus {
@@ -1063,6 +1130,7 @@ struct Launcher {
     /// Web servers must answer their health check directly within this time before they
     /// count as started (and join the load balancer); `None` during a first bring-up.
     health_gate: Option<Duration>,
+    leftovers: Leftovers,
 }
 
 /// What a [`Launcher`] started, and its first failure.
@@ -1096,9 +1164,18 @@ impl Launcher {
             let registry = self.registry.clone();
             let exits = self.exits.clone();
             let health_gate = self.health_gate;
+            let leftovers = Arc::clone(&self.leftovers);
             tasks.spawn(async move {
-                let result =
-                    start_server(&env, &prepared, &registry, &server, exits, health_gate).await;
+                let result = start_server(
+                    &env,
+                    &prepared,
+                    &registry,
+                    &server,
+                    exits,
+                    health_gate,
+                    &leftovers,
+                )
+                .await;
                 (server, result)
             });
         }
@@ -1202,6 +1279,13 @@ async fn migrate(
 /// Renders `server`'s recipe and starts it: files, steps before start, services in
 /// dependency order (each probed for readiness), steps after start. On failure, stops what
 /// it started.
+///
+/// A service an earlier supervisor left running (in `leftovers`) is adopted instead when it
+/// was started from exactly this configuration ([`config_digest`]): watched and probed, not
+/// restarted, so taking over a healthy server fails no request. One left running from
+/// anything else is stopped before its replacement starts. A server whose every service is
+/// adopted runs no steps: they ran when its services started.
+#[allow(clippy::too_many_arguments)]
 async fn start_server(
     env: &LocalEnvironment,
     prepared: &Prepared,
@@ -1209,6 +1293,7 @@ async fn start_server(
     server: &ServerRecord,
     exits: mpsc::UnboundedSender<Exit>,
     health_gate: Option<Duration>,
+    leftovers: &Leftovers,
 ) -> anyhow::Result<Vec<RunningService>> {
     let manifest = ReleaseManifest::load(&env.paths, &server.release)?;
     let ctx = env.context(
@@ -1240,6 +1325,28 @@ async fn start_server(
         )
         .await?;
     }
+    let digest = config_digest(&recipe, &ctx.layout.tls_dir);
+    let mut adoptable: BTreeMap<String, PidRecord> = BTreeMap::new();
+    let mut differing: Vec<(PidRecord, &ServiceSpec)> = Vec::new();
+    {
+        let mut left = leftovers.lock().expect("leftovers lock");
+        for spec in &recipe.services {
+            if let Some(record) = left.remove(&format!("{}/{}", server.id, spec.name)) {
+                if record.config_digest == digest && record.is_alive() {
+                    adoptable.insert(spec.name.clone(), record);
+                } else {
+                    differing.push((record, spec));
+                }
+            }
+        }
+    }
+    for (record, spec) in differing {
+        tracing::info!(service = %record.name, pid = record.pid,
+            "restarting a service an earlier supervisor left: its configuration differs");
+        process::stop(&record, to_nix(spec.stop_signal), spec.stop_timeout).await;
+    }
+    let every_service_adopted =
+        !recipe.services.is_empty() && adoptable.len() == recipe.services.len();
     for dir in &recipe.dirs {
         apply::ensure_dir(dir)?;
     }
@@ -1247,10 +1354,16 @@ async fn start_server(
         apply::ensure_file(file)?;
     }
     let steps_log = ctx.layout.log_dir.join("steps.log");
-    run_steps(&recipe, StepPhase::BeforeStart, &steps_log).await?;
+    if !every_service_adopted {
+        run_steps(&recipe, StepPhase::BeforeStart, &steps_log).await?;
+    }
     let mut started: Vec<RunningService> = Vec::new();
     for spec in ordered_services(&recipe)? {
-        match start_service(env, &server.id, spec, exits.clone()).await {
+        let service = match adoptable.remove(&spec.name) {
+            Some(record) => adopt_service(&server.id, spec, record, exits.clone()).await,
+            None => start_service(env, &server.id, spec, exits.clone()).await,
+        };
+        match service {
             Ok(service) => started.push(service),
             Err(error) => {
                 for service in started.iter().rev() {
@@ -1260,7 +1373,11 @@ async fn start_server(
             }
         }
     }
-    let mut result = run_steps(&recipe, StepPhase::AfterStart, &steps_log).await;
+    let mut result = if every_service_adopted {
+        Ok(())
+    } else {
+        run_steps(&recipe, StepPhase::AfterStart, &steps_log).await
+    };
     if let (Ok(()), Some(timeout), true) = (&result, health_gate, server.has_role(Role::Web)) {
         result = health::wait_healthy_directly(env, server, timeout, &started).await;
     }
@@ -1270,8 +1387,42 @@ async fn start_server(
         }
         return Err(error);
     }
+    // Only a server started whole may be adopted later: a supervisor that dies half-way
+    // through a start leaves services a successor restarts.
+    for service in &mut started {
+        if let Err(error) = service.record.record_config_digest(&digest) {
+            tracing::warn!(service = %service.record.name, "recording its configuration: {error}");
+        }
+    }
     tracing::info!(server = %server.id, address = %server.address, "server in service");
     Ok(started)
+}
+
+/// What a server's services start from, as one digest: its rendered recipe (commands,
+/// environments, files, steps; secrets too, which a SHA-256 digest does not reveal) and its
+/// TLS files. A service left running with this digest is exactly what a start would make.
+fn config_digest(recipe: &Recipe, tls_dir: &Path) -> String {
+    use sha2::Digest as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(serde_json::to_vec(recipe).unwrap_or_default());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(tls_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.is_file())
+        .collect();
+    files.sort();
+    for path in files {
+        hasher.update(path.as_os_str().as_bytes());
+        hasher.update(std::fs::read(&path).unwrap_or_default());
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 pub(crate) async fn run_steps(recipe: &Recipe, phase: StepPhase, log: &Path) -> anyhow::Result<()> {
@@ -1353,12 +1504,7 @@ async fn start_service(
     exits: mpsc::UnboundedSender<Exit>,
 ) -> anyhow::Result<RunningService> {
     let name = format!("{server}/{}", spec.name);
-    let mut process_env = spec.command.env.clone();
-    if let Some(env_file) = &spec.env_file {
-        let text = std::fs::read_to_string(env_file)
-            .with_context(|| format!("reading {}", env_file.display()))?;
-        process_env.extend(rigger_recipes::envfile::parse(&text)?);
-    }
+    let process_env = service_environment(spec)?;
     let process_spec = ProcessSpec {
         name: name.clone(),
         program: PathBuf::from(&spec.command.program),
@@ -1396,7 +1542,61 @@ async fn start_service(
         spec: spec.clone(),
         record,
     };
-    if let Some(probe) = to_probe(spec, &process_spec.env) {
+    wait_service_ready(service, &process_spec.env, &alive).await
+}
+
+/// Takes over `record`, a service an earlier supervisor started from this very
+/// configuration and left running: its exit is watched like a child's, and it must pass its
+/// readiness probe (at once, when healthy) as a started one must.
+async fn adopt_service(
+    server: &str,
+    spec: &ServiceSpec,
+    record: PidRecord,
+    exits: mpsc::UnboundedSender<Exit>,
+) -> anyhow::Result<RunningService> {
+    let process_env = service_environment(spec)?;
+    let alive = Arc::new(AtomicBool::new(true));
+    let watcher_alive = Arc::clone(&alive);
+    let (name, pid) = (record.name.clone(), record.pid);
+    let watched = record.clone();
+    tokio::spawn(async move {
+        if let Err(error) = process::wait_for_exit(&watched).await {
+            // Without a pidfd its exit would go unseen: treat it as gone, so it is restarted.
+            tracing::error!(service = %watched.name, "watching an adopted process: {error}");
+        }
+        watcher_alive.store(false, Ordering::SeqCst);
+        let _ = exits.send(Exit { name, pid });
+    });
+    tracing::info!(service = %record.name, pid, "adopted");
+    let service = RunningService {
+        server: server.to_owned(),
+        spec: spec.clone(),
+        record,
+    };
+    wait_service_ready(service, &process_env, &alive).await
+}
+
+/// The whole environment a service runs with: its command's, and its environment file's.
+fn service_environment(spec: &ServiceSpec) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut process_env = spec.command.env.clone();
+    if let Some(env_file) = &spec.env_file {
+        let text = std::fs::read_to_string(env_file)
+            .with_context(|| format!("reading {}", env_file.display()))?;
+        process_env.extend(rigger_recipes::envfile::parse(&text)?);
+    }
+    Ok(process_env)
+}
+
+/// Waits for `service`'s readiness probe, if it has one; stops it when it does not pass.
+async fn wait_service_ready(
+    service: RunningService,
+    process_env: &BTreeMap<String, String>,
+    alive: &AtomicBool,
+) -> anyhow::Result<RunningService> {
+    let spec = &service.spec;
+    let name = service.record.name.clone();
+    let pid = service.record.pid;
+    if let Some(probe) = to_probe(spec, process_env) {
         let waited = probe::wait_ready(
             &probe,
             READY_TIMEOUT,

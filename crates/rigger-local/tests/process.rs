@@ -248,6 +248,71 @@ async fn stop_leftovers_stops_what_a_crashed_supervisor_left() {
     assert_eq!(left, vec![state.join("notes.txt")]);
 }
 
+#[tokio::test]
+async fn a_successor_keeps_what_it_may_adopt_and_stops_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut cleanup = Cleanup::default();
+    let mut records = BTreeMap::new();
+    for name in ["web-1/sleep", "web-9/sleep"] {
+        let mut spec = spec(dir.path(), name, "sleep", &["1000"]);
+        spec.pid_path = state.join(name).with_extension("pid");
+        let supervised = spawn(&spec).await.unwrap();
+        cleanup.add(supervised.record());
+        let mut record = PidRecord::read(&spec.pid_path).unwrap();
+        record.record_config_digest("abc").unwrap();
+        records.insert(name, record);
+        drop(supervised);
+    }
+    // web-9 is no longer one of the environment's servers.
+    let (kept, stopped) = process::sort_leftovers(
+        &state,
+        |record| record.name.starts_with("web-1/"),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        stopped,
+        vec![("web-9/sleep".to_string(), StopOutcome::Exited)]
+    );
+    assert!(!records["web-9/sleep"].is_alive());
+    let adopted = &kept["web-1/sleep"];
+    assert_eq!(adopted, &records["web-1/sleep"]);
+    assert_eq!(
+        adopted.config_digest, "abc",
+        "the digest is read back from the pid file"
+    );
+    assert!(adopted.is_alive());
+    assert!(state.join("web-1/sleep.pid").exists());
+}
+
+#[tokio::test]
+async fn the_exit_of_a_process_another_started_is_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cleanup = Cleanup::default();
+    let spec = spec(dir.path(), "web-1/sleep", "sleep", &["1000"]);
+    let supervised = spawn(&spec).await.unwrap();
+    let record = supervised.record();
+    cleanup.add(record.clone());
+    // As if another supervisor started it: this one never waits for the child.
+    drop(supervised);
+    let watched = record.clone();
+    let watcher = tokio::spawn(async move { process::wait_for_exit(&watched).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!watcher.is_finished(), "the process still runs");
+    kill_now(&record);
+    tokio::time::timeout(Duration::from_secs(5), watcher)
+        .await
+        .expect("the exit is seen at once")
+        .unwrap()
+        .unwrap();
+    // A record of a process that is gone returns at once.
+    tokio::time::timeout(Duration::from_secs(1), process::wait_for_exit(&record))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 /// A directory a service user can write: anyone can (mode 0777); as root, it also belongs to
 /// `nobody`, as Celery's run directory belongs to www-data.
 fn service_dir(path: &Path) {

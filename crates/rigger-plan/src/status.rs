@@ -56,6 +56,16 @@ pub struct ReplicaStatus {
     pub lag_seconds: Option<f64>,
 }
 
+/// The keeper's account of supervisor deaths.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupervisorRestarts {
+    pub count: u32,
+    /// Why it last died ("killed by SIGKILL", "panicked").
+    pub last_why: Option<String>,
+    /// When (Unix seconds).
+    pub last_at: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupStatus {
     pub name: String,
@@ -77,6 +87,9 @@ pub struct Status {
     pub urls: Vec<String>,
     /// Local provider: the process that owns every service.
     pub supervisor_pid: Option<i32>,
+    /// Local provider: how many times the supervisor died and its keeper started it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor_restarts: Option<SupervisorRestarts>,
     /// Whether maintenance mode is on (`rigger maintenance on`): web servers answer 503.
     #[serde(default)]
     pub maintenance: bool,

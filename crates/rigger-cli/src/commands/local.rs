@@ -93,7 +93,7 @@ pub(crate) fn status(args: StatusArgs, settings: &Settings) -> Result<(), Failur
                 let names: Vec<&str> = orphans.iter().map(|r| r.name.as_str()).collect();
                 println!(
                     "{}/{}: no supervisor is running, but {} of its processes are ({}); \
-                     `rigger up` takes over (restarting them), `rigger down` stops them",
+                     `rigger up` takes over (adopting those that are unchanged), `rigger down` stops them",
                     env.config.project.name,
                     env.name,
                     orphans.len(),
@@ -116,6 +116,27 @@ pub(crate) fn secrets(command: SecretsCommand, settings: &Settings) -> Result<()
     let SecretsCommand::List { json } = command;
     let names = rigger_local::secrets::names(&local_environment(settings)?.paths.secrets());
     report::print_secret_names(&names, json, settings)
+}
+
+pub(crate) fn keep(settings: &Settings) -> Result<(), Failure> {
+    let env = local_environment(settings)?;
+    let rigger = std::env::current_exe().context("finding the rigger executable")?;
+    let config_path = std::fs::canonicalize(&settings.config_path)
+        .unwrap_or_else(|_| settings.config_path.clone());
+    let supervisor = || {
+        tokio::process::Command::from(control::rigger_command(
+            &rigger,
+            &config_path,
+            &env.name,
+            "supervise",
+        ))
+    };
+    match runtime()?.block_on(rigger_local::keeper::keep(&env, supervisor))? {
+        0 => Ok(()),
+        code => Err(Failure::Operation(anyhow::anyhow!(
+            "the supervisor ended with exit code {code} (see its status and log)"
+        ))),
+    }
 }
 
 pub(crate) fn supervise(settings: &Settings) -> Result<(), Failure> {

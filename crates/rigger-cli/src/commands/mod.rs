@@ -28,6 +28,7 @@ pub(crate) fn dispatch(command: Command, settings: &Settings) -> Result<(), Fail
         Command::Plan(args) => plan::run(args, settings),
         Command::Lab(args) => lab::run(args, settings),
         Command::Supervise => local::supervise(settings),
+        Command::Keep => local::keep(settings),
         // Commands on servers: the fleet is found per provider (remote.rs).
         Command::Exec(args) => remote::exec(args, settings),
         Command::Manage(args) => remote::manage(args, settings),
@@ -82,6 +83,7 @@ fn on_environment(
             | Command::Plan(_)
             | Command::Lab(_)
             | Command::Supervise
+            | Command::Keep
             | Command::Exec(_)
             | Command::Manage(_)
             | Command::Logs(_)
@@ -157,6 +159,22 @@ pub(crate) fn render_status(status: &rigger_plan::status::Status) -> String {
     for url in &status.urls {
         let _ = writeln!(out, "  {url}");
     }
+    if let Some(restarts) = status.supervisor_restarts.as_ref().filter(|r| r.count > 0) {
+        let _ = writeln!(
+            out,
+            "  the supervisor was restarted {} time{} by its keeper (last: {}, {})",
+            restarts.count,
+            if restarts.count == 1 { "" } else { "s" },
+            restarts.last_why.as_deref().unwrap_or("unknown"),
+            restarts.last_at.map_or_else(
+                || "at an unknown time".to_owned(),
+                |at| {
+                    let ago = rigger_engine::clock::unix_now().saturating_sub(at);
+                    format!("{ago} s ago")
+                }
+            )
+        );
+    }
     for group in &status.groups {
         let _ = writeln!(
             out,
@@ -225,6 +243,7 @@ mod tests {
             release: "initial".into(),
             urls: vec!["https://127.77.0.1:8443/".into()],
             supervisor_pid: Some(1),
+            supervisor_restarts: None,
             maintenance: false,
             groups: Vec::new(),
             servers: vec![ServerStatus {

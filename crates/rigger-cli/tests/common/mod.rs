@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// The example site, configured for one test: its own project name, address block
@@ -172,6 +174,78 @@ pub fn curl(args: &[&str]) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
+/// Steady HTTPS requests (to a health check page through the load balancer) until stopped:
+/// counts, failures, and the releases the page named, in the order seen.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicUsize>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    releases: Arc<std::sync::Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(url: &str, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let releases = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, served, failures, releases) = (
+                    stop.clone(),
+                    served.clone(),
+                    failures.clone(),
+                    releases.clone(),
+                );
+                let url = url.to_owned();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        let (code, body) = curl(&[&url]);
+                        if code == 200 {
+                            served.fetch_add(1, Ordering::SeqCst);
+                            let release = body
+                                .split_whitespace()
+                                .nth(2)
+                                .unwrap_or_default()
+                                .to_owned();
+                            let mut seen = releases.lock().unwrap();
+                            if seen.last() != Some(&release) {
+                                seen.push(release);
+                            }
+                        } else {
+                            failures.lock().unwrap().push(format!("{code}: {body}"));
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            served,
+            failures,
+            releases,
+            threads,
+        }
+    }
+
+    /// How many requests were served so far.
+    pub fn served(&self) -> usize {
+        self.served.load(Ordering::SeqCst)
+    }
+
+    /// Stops the load; returns (served, failures, releases seen in order).
+    pub fn finish(self) -> (usize, Vec<String>, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        for thread in self.threads {
+            thread.join().unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        let releases = self.releases.lock().unwrap().clone();
+        (self.served.load(Ordering::SeqCst), failures, releases)
+    }
+}
+
 /// Polls `check` until it gives a value, failing the test after `timeout`.
 pub fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -201,4 +275,37 @@ pub fn is_root() -> bool {
         .lines()
         .find(|l| l.starts_with("Uid:"))
         .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"))
+}
+
+/// SIGKILL to `pid`, as a crash would.
+pub fn kill_hard(pid: i64) {
+    let kill = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+}
+
+pub fn status_json(project: &Site) -> serde_json::Value {
+    let output = project.command(&["status", "--json"]).output().unwrap();
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The running `process` of the first server `matches` picks: (server, process, pid), or
+/// `None` when it does not run.
+pub fn process_of(
+    status: &serde_json::Value,
+    matches: impl Fn(&serde_json::Value) -> bool,
+    process: &str,
+) -> Option<(String, String, i64)> {
+    let server = status["servers"].as_array()?.iter().find(|s| matches(s))?;
+    let found = server["processes"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == process && p["state"] == "running")?;
+    Some((
+        server["id"].as_str()?.to_owned(),
+        process.to_owned(),
+        found["pid"].as_i64()?,
+    ))
 }

@@ -31,6 +31,7 @@ fn status(phase: Phase, message: &str, servers: Vec<ServerStatus>) -> Status {
         release: "r1".into(),
         urls: Vec::new(),
         supervisor_pid: None,
+        supervisor_restarts: None,
         maintenance: false,
         groups: Vec::new(),
         servers,

@@ -112,6 +112,7 @@ impl ScaleTarget for Fleet {
             release: "r1".into(),
             urls: Vec::new(),
             supervisor_pid: None,
+            supervisor_restarts: None,
             maintenance: false,
             groups: self
                 .desired

@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""The chaos harness: the example site on the local provider under steady HTTPS load, hurt
+TRIALS times per scenario with SIGKILL at a random moment, then checked.
+
+Usage: chaos.py RIGGER URL TRIALS SCENARIO...   (run from the project directory; bench/chaos
+sets it up). Scenarios:
+  supervisor-idle     the supervisor, while nothing else happens
+  supervisor-deploy   the supervisor, during `rigger deploy` (re-run when it was cut off)
+  supervisor-scale    the supervisor, during `rigger scale web=3` / `web=2` (re-run)
+  cli-deploy          the `rigger deploy` CLI itself (re-run once the lock is free)
+  service             a random service process (gunicorn, nginx, PgBouncer, stunnel, Celery,
+                      Redis, RabbitMQ, PostgreSQL primary or replica)
+
+After each kill it re-runs the command that was cut off, waits for the environment to
+converge (status `ready`, the groups at their desired counts, every process running) and
+checks: no orphan (a live process recorded under servers/ that the status does not show), no
+deploy lock left, the release history's last entry a final result, every row written before
+the kill still in the database. Prints, per scenario: trials, converged, orphans, failed
+requests, seconds to converge (median, max); exits 1 when any trial did not converge or left
+an orphan, or when a supervisor or CLI kill failed a request.
+"""
+import glob
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CONVERGE_TIMEOUT = 300
+LOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "load.py")
+
+
+def rigger(binary, *args, check=True):
+    done = subprocess.run([binary, "-q", *args], capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"rigger {' '.join(args)}: {done.stderr.strip()}")
+    return done
+
+
+def status(binary):
+    done = rigger(binary, "status", "--json", check=False)
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return {}
+
+
+def converged(state):
+    if state.get("phase") != "ready":
+        return False
+    servers = state.get("servers", [])
+    for group in state.get("groups", []):
+        members = [s for s in servers if s["id"].startswith(group["name"] + "-") and s["state"] == "in_service"]
+        if len(members) != group["desired"]:
+            return False
+    return all(p["state"] == "running" for s in servers for p in s.get("processes", []))
+
+
+def wait_converged(binary):
+    started = time.monotonic()
+    while time.monotonic() - started < CONVERGE_TIMEOUT:
+        state = status(binary)
+        if converged(state):
+            return time.monotonic() - started, state
+        time.sleep(0.2)
+    return None, status(binary)
+
+
+def state_dir(binary):
+    """The environment's state directory, from `rigger status --json`'s supervisor or the
+    default layout under RIGGER_STATE_DIR."""
+    base = os.environ.get("RIGGER_STATE_DIR", "/var/lib/rigger")
+    project = status(binary).get("project")
+    return os.path.join(base, project, "local")
+
+
+def orphans(env_dir, state):
+    """Live processes recorded in pid files under servers/ that the status does not show."""
+    shown = {p["pid"] for s in state.get("servers", []) for p in s.get("processes", [])}
+    found = []
+    for path in glob.glob(os.path.join(env_dir, "servers", "*", "pids", "*.pid")):
+        try:
+            with open(path) as file:
+                record = json.load(file)
+            with open(f"/proc/{record['pid']}/stat") as file:
+                fields = file.read().rsplit(") ", 1)[1].split()
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+        alive = fields[0] not in ("Z", "X") and int(fields[19]) == record["start_time"]
+        if alive and record["pid"] not in shown:
+            found.append(record["name"])
+    return found
+
+
+def lock_left(binary):
+    done = rigger(binary, "lock", "status", check=False)
+    return "held by" in done.stdout
+
+
+def history_consistent(binary):
+    done = rigger(binary, "releases", "--json", check=False)
+    try:
+        history = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return False
+    return all(entry.get("result") in ("succeeded", "rolled_back", "failed", "interrupted") for entry in history)
+
+
+def service_processes(state):
+    return [(s["id"], p["name"], p["pid"]) for s in state.get("servers", [])
+            for p in s.get("processes", []) if p["state"] == "running" and s["id"] != "lb"]
+
+
+def commit_change(tag):
+    with open("app/polls/views.py", "a") as file:
+        file.write(f"\n# chaos {tag}\n")
+    subprocess.run(["git", "-c", "user.name=chaos", "-c", "user.email=chaos@example.com",
+                    "commit", "-qam", f"chaos {tag}"], check=True)
+
+
+def site_request(url, *args):
+    done = subprocess.run(["curl", "-sk", "--noproxy", "*", "--max-time", "10", *args, url],
+                          capture_output=True, text=True)
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return {}
+
+
+def write_row(url, text):
+    """A row through the site (the app's notes): its id once acknowledged, else None."""
+    answer = site_request(url.replace("/healthcheck.html", "/notes"), "-X", "POST",
+                          "-H", "content-type: application/json", "-d", json.dumps({"text": text}))
+    return answer.get("id")
+
+
+def rows_present(url, ids):
+    """Whether every acknowledged row is on the primary."""
+    return all(site_request(url.replace("/healthcheck.html", f"/notes/{i}?from=primary")).get("found")
+               for i in ids)
+
+
+def trial(binary, url, scenario, number, env_dir):
+    stop_file = tempfile.mktemp(prefix="chaos-stop-")
+    load = subprocess.Popen([sys.executable, LOAD, url, "4", "900", stop_file], stdout=subprocess.PIPE, text=True)
+    time.sleep(1)
+    row = write_row(url, f"chaos-{scenario}-{number}")
+    acknowledged = [row] if row is not None else []
+    state = status(binary)
+    command = None
+    if scenario == "supervisor-deploy" or scenario == "cli-deploy":
+        commit_change(f"{scenario}-{number}")
+        command = ["deploy"]
+    elif scenario == "supervisor-scale":
+        web = next((g["desired"] for g in state.get("groups", []) if g["name"] == "web"), 2)
+        command = ["scale", f"web={3 if web == 2 else 2}"]
+    running = subprocess.Popen([binary, "-q", *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True) if command else None
+    time.sleep(random.uniform(0.2, 15.0 if command == ["deploy"] else 3.0))
+    killed = ""
+    if scenario.startswith("supervisor"):
+        pid = state.get("supervisor_pid")
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            killed = f"supervisor {pid}"
+    elif scenario == "cli-deploy":
+        running.kill()
+        killed = "rigger deploy"
+    elif scenario == "service":
+        server, name, pid = random.choice(service_processes(state))
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        killed = f"{server}/{name}"
+    if running is not None:
+        cut = running.wait() != 0
+        if cut:
+            # Cut off: run it again, once no other operation holds the lock.
+            deadline = time.monotonic() + CONVERGE_TIMEOUT
+            while lock_left(binary) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            again = rigger(binary, *command, check=False)
+            if again.returncode != 0 and "nothing to deploy" not in again.stderr:
+                print(f"  re-run of rigger {' '.join(command)} failed: {again.stderr.strip()[:200]}", file=sys.stderr)
+    seconds, final = wait_converged(binary)
+    open(stop_file, "w").close()
+    measured = json.loads(load.communicate()[0] or "{}")
+    os.unlink(stop_file)
+    result = {
+        "killed": killed,
+        "converged": seconds is not None,
+        "seconds": seconds,
+        "orphans": orphans(env_dir, final),
+        "lock_left": lock_left(binary),
+        "history_ok": history_consistent(binary),
+        "rows_ok": rows_present(url, acknowledged),
+        "failed": measured.get("failed", 0),
+        "served": measured.get("served", 0),
+    }
+    return result
+
+
+def main():
+    binary, url, trials = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    scenarios = sys.argv[4:]
+    env_dir = state_dir(binary)
+    random.seed(os.environ.get("CHAOS_SEED", time.time_ns()))
+    bad = False
+    print(f"{'scenario':<18} {'trials':>6} {'converged':>9} {'orphans':>7} {'failed':>6} {'served':>7} "
+          f"{'median_s':>8} {'max_s':>6}")
+    for scenario in scenarios:
+        results = [trial(binary, url, scenario, number, env_dir) for number in range(trials)]
+        times = [r["seconds"] for r in results if r["seconds"] is not None]
+        converged_count = sum(r["converged"] for r in results)
+        orphan_count = sum(len(r["orphans"]) for r in results)
+        failed = sum(r["failed"] for r in results)
+        print(f"{scenario:<18} {trials:>6} {converged_count:>9} {orphan_count:>7} {failed:>6} "
+              f"{sum(r['served'] for r in results):>7} "
+              f"{statistics.median(times) if times else float('nan'):>8.1f} {max(times, default=float('nan')):>6.1f}")
+        for number, r in enumerate(results):
+            problems = [name for name, ok in (("not converged", r["converged"]), ("orphans " + ",".join(r["orphans"]), not r["orphans"]),
+                                              ("deploy lock left", not r["lock_left"]), ("history inconsistent", r["history_ok"]),
+                                              ("acknowledged row lost", r["rows_ok"])) if not ok]
+            if scenario != "service" and r["failed"]:
+                problems.append(f"{r['failed']} failed requests")
+            if problems:
+                bad = True
+                print(f"  trial {number} (killed {r['killed']}): {'; '.join(problems)}")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
