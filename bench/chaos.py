@@ -97,8 +97,14 @@ def orphans(env_dir, state):
 
 
 def lock_left(binary):
+    """Whether the deploy lock is held at all (a stale one counts: it was left behind)."""
     done = rigger(binary, "lock", "status", check=False)
-    return "held by" in done.stdout
+    return done.stdout.strip() != "free"
+
+
+def lock_held_live(binary):
+    done = rigger(binary, "lock", "status", check=False)
+    return done.stdout.startswith("held by")
 
 
 def history_consistent(binary):
@@ -107,7 +113,7 @@ def history_consistent(binary):
         history = json.loads(done.stdout)
     except json.JSONDecodeError:
         return False
-    return all(entry.get("result") in ("succeeded", "rolled_back", "failed", "interrupted") for entry in history)
+    return all(entry.get("result") in ("succeeded", "rolled back", "failed", "interrupted") for entry in history)
 
 
 def service_processes(state):
@@ -162,6 +168,7 @@ def trial(binary, url, scenario, number, env_dir):
                                text=True) if command else None
     time.sleep(random.uniform(0.2, 15.0 if command == ["deploy"] else 3.0))
     killed = ""
+    killed_at = time.monotonic()
     if scenario.startswith("supervisor"):
         pid = state.get("supervisor_pid")
         if pid:
@@ -182,12 +189,14 @@ def trial(binary, url, scenario, number, env_dir):
         if cut:
             # Cut off: run it again, once no other operation holds the lock.
             deadline = time.monotonic() + CONVERGE_TIMEOUT
-            while lock_left(binary) and time.monotonic() < deadline:
+            while lock_held_live(binary) and time.monotonic() < deadline:
                 time.sleep(0.5)
             again = rigger(binary, *command, check=False)
             if again.returncode != 0 and "nothing to deploy" not in again.stderr:
                 print(f"  re-run of rigger {' '.join(command)} failed: {again.stderr.strip()[:200]}", file=sys.stderr)
-    seconds, final = wait_converged(binary)
+    waited, final = wait_converged(binary)
+    # Time to converge: from the kill, through any re-run, to the environment being whole.
+    seconds = time.monotonic() - killed_at if waited is not None else None
     open(stop_file, "w").close()
     measured = json.loads(load.communicate()[0] or "{}")
     os.unlink(stop_file)

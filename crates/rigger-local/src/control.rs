@@ -45,21 +45,7 @@ pub async fn up(
     config_path: &Path,
     progress: &dyn Progress,
 ) -> anyhow::Result<UpOutcome> {
-    if supervisor::lock_holder(env).is_none() && crate::keeper::running(env).is_some() {
-        // The supervisor died a moment ago and its keeper is starting the next one: that one
-        // is this environment's, not a second.
-        let started = Instant::now();
-        while supervisor::lock_holder(env).is_none() && crate::keeper::running(env).is_some() {
-            if started.elapsed() > Duration::from_secs(30) {
-                bail!(
-                    "the keeper of this environment ({}) has not started a supervisor for 30 s; \
-                     `rigger down` stops it",
-                    env.paths.keeper().display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    wait_for_the_keepers_supervisor(env).await?;
     if let Some(holder) = supervisor::lock_holder(env) {
         // Running: the plan says whether anything differs from rigger.toml.
         let status = crate::status::load(&env.paths.status());
@@ -431,7 +417,7 @@ pub async fn deploy(
 ) -> anyhow::Result<crate::deploy::DeployOutcome> {
     use crate::deploy::{self as deploy_files, DeployLock, DeployRequest};
     use crate::release;
-    let holder = running_supervisor(env)?;
+    let holder = running_supervisor(env).await?;
     rigger_engine::rollout::BatchSize::from_str(&options.batch).map_err(anyhow::Error::msg)?;
     let now = rigger_engine::clock::unix_now();
     let description = match &target {
@@ -527,7 +513,7 @@ fn rollback_target(env: &LocalEnvironment, to: Option<&str>) -> anyhow::Result<S
     let current = crate::registry::Registry::load(&env.paths.registry())?
         .current_release
         .unwrap_or_else(|| rigger_plan::deploys::INITIAL_RELEASE.to_owned());
-    let history = crate::release::history(&env.paths);
+    let history = crate::release::history(&env.paths)?;
     rigger_plan::deploys::rollback_target(&history, &current, to).map_err(anyhow::Error::msg)
 }
 
@@ -591,7 +577,7 @@ pub async fn db_operation(
     progress: &dyn Progress,
 ) -> anyhow::Result<crate::supervisor::database::DbOutcome> {
     use crate::supervisor::database::{self, DbRequest};
-    let holder = running_supervisor(env)?;
+    let holder = running_supervisor(env).await?;
     // Database operations and deploys exclude each other.
     let lock = crate::deploy::DeployLock::acquire(
         &env.paths,
@@ -658,7 +644,26 @@ fn database_servers(
 
 /// Who supervises the environment, or an error saying it is not up: what every command that
 /// asks the supervisor for something, or works on its servers, starts with.
-fn running_supervisor(env: &LocalEnvironment) -> anyhow::Result<supervisor::LockHolder> {
+/// When the supervisor died a moment ago and its keeper is starting the next one: waits until
+/// that one holds the lock (it is this environment's supervisor, not a second to start, and
+/// the one a command's request goes to).
+async fn wait_for_the_keepers_supervisor(env: &LocalEnvironment) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while supervisor::lock_holder(env).is_none() && crate::keeper::running(env).is_some() {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "the keeper of this environment ({}) has not started a supervisor for 30 s; \
+                 `rigger down` stops it",
+                env.paths.keeper().display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+async fn running_supervisor(env: &LocalEnvironment) -> anyhow::Result<supervisor::LockHolder> {
+    wait_for_the_keepers_supervisor(env).await?;
     supervisor::lock_holder(env).with_context(|| {
         format!(
             "{}/{} is not up; run `rigger up` first",
@@ -670,7 +675,7 @@ fn running_supervisor(env: &LocalEnvironment) -> anyhow::Result<supervisor::Lock
 /// `rigger db status` with the engine's flow ([`rigger_engine::database::db_status`]): the
 /// primary over its socket, each app server's PgBouncer over its admin console.
 pub async fn db_status(env: &LocalEnvironment) -> anyhow::Result<DbStatus> {
-    running_supervisor(env)?;
+    running_supervisor(env).await?;
     let registry = crate::registry::Registry::load(&env.paths.registry())?;
     let (primary, replicas) = database_servers(env, &registry);
     let mut view = LocalDatabases::of(env, &registry)?;
@@ -734,7 +739,7 @@ const DUMP_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 /// `rigger db backup`: a custom-format `pg_dump` of the app's database from the primary into
 /// the environment's backup directory (mode 0600), keeping the newest `keep`.
 pub async fn db_backup(env: &LocalEnvironment, keep: usize) -> anyhow::Result<std::path::PathBuf> {
-    running_supervisor(env)?;
+    running_supervisor(env).await?;
     let registry = crate::registry::Registry::load(&env.paths.registry())?;
     let primary = env
         .server_with_role(&registry, rigger_recipes::Role::DbPrimary)
@@ -787,7 +792,7 @@ pub fn list_backups(env: &LocalEnvironment) -> Vec<String> {
 
 /// `rigger db restore`: replaces the app's database with a backup, in maintenance mode.
 pub async fn db_restore(env: &LocalEnvironment, backup: &str) -> anyhow::Result<()> {
-    running_supervisor(env)?;
+    running_supervisor(env).await?;
     let path = {
         let named = env.paths.root().join("backups").join(backup);
         if named.is_file() {

@@ -10,8 +10,10 @@
 //!
 //! What it does not restart: a supervisor that exited by itself. Exit 0 is a clean stop
 //! (`rigger down`); any other code is a failure the supervisor reported in its status (a
-//! bring-up that failed), which starting it again would only repeat. A supervisor that dies
-//! five times within a minute is left dead too (a crash loop), saying so in the record.
+//! bring-up that failed), which starting it again would only repeat. Nor, after five deaths in
+//! a row of supervisors that never came up (a crash loop: each died before reporting the
+//! environment ready), a sixth, saying so in the record. A supervisor that came up and was
+//! then killed is no sign of a loop, however often it happens.
 //!
 //! Stopping: SIGTERM (or SIGINT) to the keeper is passed to the supervisor, which stops every
 //! service; the keeper then exits without restarting it, even if the supervisor is killed
@@ -21,7 +23,6 @@
 //! PID 1 is not systemd (containers, CI, this project's own test machines), and one mechanism
 //! everywhere is one mechanism tested. Its limit: a killed keeper is not restarted.
 
-use std::collections::VecDeque;
 use std::os::unix::process::ExitStatusExt as _;
 use std::time::Duration;
 
@@ -29,14 +30,12 @@ use anyhow::Context as _;
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::time::Instant;
 
 use crate::environment::LocalEnvironment;
 use crate::process::{self, PidRecord};
 
-/// More deaths than this within [`CRASH_LOOP_WINDOW`] and the keeper gives up.
-const CRASH_LOOP_DEATHS: usize = 5;
-const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(60);
+/// More deaths in a row than this of supervisors that never came up, and the keeper gives up.
+const CRASH_LOOP_DEATHS: u32 = 5;
 /// The exit code of a Rust program that panicked.
 const PANIC_EXIT_CODE: i32 = 101;
 
@@ -103,7 +102,8 @@ pub async fn keep(
         last_restart: None,
         gave_up: None,
     };
-    let mut deaths: VecDeque<Instant> = VecDeque::new();
+    // Deaths in a row of supervisors that never reported the environment up.
+    let mut early_deaths: u32 = 0;
     let mut stopping = false;
     loop {
         let mut child = supervisor()
@@ -131,14 +131,14 @@ pub async fn keep(
                 return Ok(status.code().unwrap_or(0));
             }
         };
-        let now = Instant::now();
-        deaths.retain(|at| now.duration_since(*at) < CRASH_LOOP_WINDOW);
-        deaths.push_back(now);
-        if deaths.len() > CRASH_LOOP_DEATHS {
+        if pid.is_some_and(|pid| came_up(env, pid)) {
+            early_deaths = 0;
+        }
+        early_deaths += 1;
+        if early_deaths > CRASH_LOOP_DEATHS {
             let gave_up = format!(
-                "the supervisor died {} times within {} s (last: {why}); not starting it again",
-                deaths.len(),
-                CRASH_LOOP_WINDOW.as_secs()
+                "{early_deaths} supervisors in a row died before the environment was up (last: \
+                 {why}); not starting another (see supervisor.log)"
             );
             tracing::error!("{gave_up}");
             record.gave_up = Some(gave_up);
@@ -156,9 +156,9 @@ pub async fn keep(
             restarts = record.restarts,
             "the supervisor {why}; starting it again"
         );
-        // The first death restarts at once; a quick succession backs off a little.
-        let pause = Duration::from_millis(200) * (1 << (deaths.len() - 1).min(4));
-        if deaths.len() > 1 {
+        // A supervisor that came up restarts at once; one that died starting backs off.
+        let pause = Duration::from_millis(200) * (1 << (early_deaths - 1).min(4));
+        if early_deaths > 1 {
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = terminate.recv() => return Ok(0),
@@ -166,6 +166,16 @@ pub async fn keep(
             }
         }
     }
+}
+
+/// Whether supervisor `pid` had reported the environment up (its last status is its own and
+/// past starting) before it died.
+fn came_up(env: &LocalEnvironment, pid: i32) -> bool {
+    use rigger_plan::status::Phase;
+    crate::status::load(&env.paths.status()).is_some_and(|status| {
+        status.supervisor_pid == Some(pid)
+            && !matches!(status.phase, Phase::Starting | Phase::Failed)
+    })
 }
 
 fn save(env: &LocalEnvironment, record: &KeeperRecord) -> anyhow::Result<()> {

@@ -308,8 +308,8 @@ pub async fn stop_supervised(
 
 /// Stops every process recorded in a `*.pid` file under `dir` (recursively, through
 /// directories only root can write), concurrently, each with its record's stop signal then
-/// SIGKILL after `timeout`, and removes the pid files of processes that are gone. Unreadable
-/// pid files are removed and reported as not running.
+/// SIGKILL after `timeout`, and removes the pid files of processes that are gone. A `.pid`
+/// file that is not a rigger record (a service's own) is left alone.
 ///
 /// Used when a supervisor starts after a crash, and by `rigger down` when no supervisor is
 /// alive, so no process is ever orphaned. Results are sorted by pid file path.
@@ -332,23 +332,20 @@ pub async fn sort_leftovers(
     let mut kept = BTreeMap::new();
     let mut tasks = tokio::task::JoinSet::new();
     for (index, path) in files.into_iter().enumerate() {
-        let record = PidRecord::read(&path);
-        if let Some(record) = record.as_ref().filter(|r| r.is_alive() && keep(r)) {
-            kept.insert(record.name.clone(), record.clone());
+        // Not a record of rigger's: a service's own pid file (nginx writes one where rigger
+        // keeps its server's run files), which is the service's to manage, not rigger's to
+        // remove. rigger writes its records atomically, so none of its own is half-written.
+        let Some(record) = PidRecord::read(&path) else {
+            tracing::debug!(path = %path.display(), "not a pid record of rigger's: left alone");
+            continue;
+        };
+        if record.is_alive() && keep(&record) {
+            kept.insert(record.name.clone(), record);
             continue;
         }
         tasks.spawn(async move {
-            match record {
-                Some(record) => {
-                    let outcome = stop(&record, record.stop_signal, timeout).await;
-                    (index, record.name, outcome)
-                }
-                None => {
-                    tracing::warn!(path = %path.display(), "removing unreadable pid file");
-                    let _ = fs::remove_file(&path);
-                    (index, path.display().to_string(), StopOutcome::NotRunning)
-                }
-            }
+            let outcome = stop(&record, record.stop_signal, timeout).await;
+            (index, record.name, outcome)
         });
     }
     let mut results = tasks.join_all().await;

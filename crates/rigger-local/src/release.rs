@@ -727,24 +727,115 @@ async fn git_output(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
 /// One deploy in the environment's history (`releases.jsonl`).
 pub use rigger_plan::deploys::DeployRecord;
 
+/// The release history: one JSON record per line, appended.
+fn history_path(paths: &EnvPaths) -> std::path::PathBuf {
+    paths.root().join("releases.jsonl")
+}
+
+/// Appends `record` to the release history and syncs it. A record torn by a crash in the
+/// middle of an append (the file does not end with a newline) never completed: it is cut off
+/// first, so this one starts on a line of its own.
 pub fn append_history(paths: &EnvPaths, record: &DeployRecord) -> anyhow::Result<()> {
     use std::io::Write as _;
-    let mut file = crate::files::open_private_log(&paths.root().join("releases.jsonl"))?;
+    let path = history_path(paths);
+    let mut file = crate::files::open_private_log(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let existing = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    if !existing.is_empty() && !existing.ends_with(b"\n") {
+        let complete = existing
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |i| i + 1);
+        tracing::warn!(path = %path.display(), "cutting off a record torn by a crash");
+        file.set_len(complete as u64)?;
+    }
     writeln!(file, "{}", serde_json::to_string(record)?)?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
     Ok(())
 }
 
-pub fn history(paths: &EnvPaths) -> Vec<DeployRecord> {
-    std::fs::read_to_string(paths.root().join("releases.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect()
+/// The release history, oldest first. An unterminated last line is an append a crash cut
+/// short (ignored: it never completed); any other line that is not a record is an error
+/// naming the file and line, never skipped (a rollback chooses its release from this).
+pub fn history(paths: &EnvPaths) -> anyhow::Result<Vec<DeployRecord>> {
+    let path = history_path(paths);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+    };
+    let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+    let mut records = Vec::new();
+    for (index, line) in complete.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record = serde_json::from_str(line).map_err(|error| {
+            anyhow::anyhow!(
+                "{}:{}: not a deploy record ({error}); the release history is damaged: fix or \
+                 remove that line (rollbacks choose their release from this file)",
+                path.display(),
+                index + 1
+            )
+        })?;
+        records.push(record);
+    }
+    Ok(records)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(release: &str) -> DeployRecord {
+        DeployRecord {
+            release: release.into(),
+            revision: "abc".into(),
+            by: "me@host".into(),
+            started: 1,
+            finished: 2,
+            result: "succeeded".into(),
+            reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_record_torn_by_a_crash_is_cut_off_and_a_damaged_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = EnvPaths::for_root_for_tests(dir.path());
+        paths.create_root().unwrap();
+        append_history(&paths, &record("one")).unwrap();
+        // A crash in the middle of the next append.
+        let path = history_path(&paths);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(r#"{"release":"to"#);
+        std::fs::write(&path, &text).unwrap();
+        let read: Vec<String> = history(&paths)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.release)
+            .collect();
+        assert_eq!(read, ["one"], "the torn append is not a record");
+        append_history(&paths, &record("two")).unwrap();
+        let read: Vec<String> = history(&paths)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.release)
+            .collect();
+        assert_eq!(read, ["one", "two"]);
+
+        std::fs::write(
+            &path,
+            format!("not json\n{}", std::fs::read_to_string(&path).unwrap()),
+        )
+        .unwrap();
+        let error = format!("{:#}", history(&paths).unwrap_err());
+        assert!(
+            error.contains("releases.jsonl:1: not a deploy record"),
+            "{error}"
+        );
+    }
 
     const DEBIAN_12: WheelTarget = WheelTarget {
         python: "3.11",

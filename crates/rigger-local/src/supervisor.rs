@@ -49,6 +49,9 @@ use rolling::RolloutFlow;
 /// How long a service may take to become ready (RabbitMQ boots in ~5 s; a replica's base
 /// backup and a first migration take longer on a busy machine).
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an adopted service may take to pass its readiness probe: it was running, so a
+/// healthy one passes at once; one that does not is restarted.
+const ADOPTED_READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often the supervisor refreshes status.json and checks the load balancer.
 const TICK: Duration = Duration::from_secs(1);
 /// A group server that fails to start this many times in a row stops the replacements.
@@ -288,6 +291,7 @@ impl Supervisor {
                     let (request, started, _) = deploying.take().expect("guarded");
                     self.end_operation();
                     self.record_deploy(&request, started, ended);
+                    self.release_the_lock_of_a_dead_requester();
                 }
                 _ = database_signal.recv(), if idle => {
                     if let Some(request) = self.take_db_request() {
@@ -299,6 +303,7 @@ impl Supervisor {
                     let (request, _) = db_operation.take().expect("guarded");
                     self.end_operation();
                     self.finish_db_request(&request, ended);
+                    self.release_the_lock_of_a_dead_requester();
                 }
                 Some(call) = self.calls_rx.recv() => call(self).await,
                 // A change of counts waits for the operation to end.
@@ -407,6 +412,26 @@ impl Supervisor {
         }
     }
 
+    /// The CLI that asked for the operation just ended holds the deploy lock for it; when that
+    /// CLI was killed meanwhile, nobody would release it before it expires. Removed only when
+    /// stale (its process gone, or expired), by compare-and-delete: a live holder's, or a lock
+    /// taken since, stays.
+    fn release_the_lock_of_a_dead_requester(&self) {
+        let now = rigger_engine::clock::unix_now();
+        let paths = &self.env.paths;
+        if crate::deploy::lock_holder(paths).is_some()
+            && crate::deploy::live_lock_holder(paths, now).is_none()
+        {
+            match crate::deploy::release(paths, None, now) {
+                Ok(Some(holder)) => {
+                    tracing::warn!("released the deploy lock of a requester that is gone: {holder}")
+                }
+                Ok(None) => {}
+                Err(error) => tracing::debug!("the deploy lock stays: {error:#}"),
+            }
+        }
+    }
+
     async fn shutdown(&mut self) {
         self.publish(Phase::Stopping, "stopping every service".into());
         self.stop_all().await;
@@ -415,7 +440,16 @@ impl Supervisor {
 
     /// Brings every server up in dependency order.
     async fn bring_up(&mut self) -> anyhow::Result<()> {
-        self.registry.register_pending = true;
+        // A first bring-up registers web servers before they answer (no traffic flows yet);
+        // one that takes over a running load balancer from a dead supervisor gates each web
+        // server it starts on its own health check first, as at any other time.
+        let balancer_running = self
+            .leftovers
+            .lock()
+            .expect("leftovers lock")
+            .keys()
+            .any(|name| name.starts_with("lb/"));
+        self.registry.register_pending = !balancer_running;
         let result = self.bring_up_servers().await;
         self.registry.register_pending = false;
         result?;
@@ -1328,11 +1362,22 @@ async fn start_server(
     let digest = config_digest(&recipe, &ctx.layout.tls_dir);
     let mut adoptable: BTreeMap<String, PidRecord> = BTreeMap::new();
     let mut differing: Vec<(PidRecord, &ServiceSpec)> = Vec::new();
+    // The load balancer's configuration is state, not configuration: it lists the web servers
+    // in service, which change while no supervisor runs (a deploy or scale cut off). A
+    // running HAProxy is adopted whatever it lists, and reloaded (hitless) once its files are
+    // written, as every change of the list reloads it.
+    let reload_to_adopt = server.has_role(Role::Lb);
+    let mut reload: Vec<String> = Vec::new();
     {
         let mut left = leftovers.lock().expect("leftovers lock");
         for spec in &recipe.services {
             if let Some(record) = left.remove(&format!("{}/{}", server.id, spec.name)) {
-                if record.config_digest == digest && record.is_alive() {
+                let same = record.config_digest == digest;
+                let reloadable = reload_to_adopt && spec.reload_signal.is_some();
+                if (same || reloadable) && record.is_alive() {
+                    if !same {
+                        reload.push(spec.name.clone());
+                    }
                     adoptable.insert(spec.name.clone(), record);
                 } else {
                     differing.push((record, spec));
@@ -1353,6 +1398,22 @@ async fn start_server(
     for file in &recipe.files {
         apply::ensure_file(file)?;
     }
+    for name in reload {
+        let (Some(record), Some(signal)) = (
+            adoptable.get(&name),
+            recipe
+                .services
+                .iter()
+                .find(|s| s.name == name)
+                .and_then(|s| s.reload_signal),
+        ) else {
+            continue;
+        };
+        tracing::info!(service = %record.name, "adopted with the current list of web servers (reloaded)");
+        if let Err(error) = process::signal(record, to_nix(signal)) {
+            tracing::warn!(service = %record.name, "reloading an adopted service: {error}");
+        }
+    }
     let steps_log = ctx.layout.log_dir.join("steps.log");
     if !every_service_adopted {
         run_steps(&recipe, StepPhase::BeforeStart, &steps_log).await?;
@@ -1360,7 +1421,14 @@ async fn start_server(
     let mut started: Vec<RunningService> = Vec::new();
     for spec in ordered_services(&recipe)? {
         let service = match adoptable.remove(&spec.name) {
-            Some(record) => adopt_service(&server.id, spec, record, exits.clone()).await,
+            Some(record) => match adopt_service(&server.id, spec, record, exits.clone()).await {
+                Ok(adopted) => Ok(adopted),
+                // Running but not answering: stopped by the probe's failure, started anew.
+                Err(error) => {
+                    tracing::warn!(server = %server.id, "restarting an adopted service: {error:#}");
+                    start_service(env, &server.id, spec, exits.clone()).await
+                }
+            },
             None => start_service(env, &server.id, spec, exits.clone()).await,
         };
         match service {
@@ -1542,7 +1610,7 @@ async fn start_service(
         spec: spec.clone(),
         record,
     };
-    wait_service_ready(service, &process_spec.env, &alive).await
+    wait_service_ready(service, &process_spec.env, &alive, READY_TIMEOUT).await
 }
 
 /// Takes over `record`, a service an earlier supervisor started from this very
@@ -1573,7 +1641,7 @@ async fn adopt_service(
         spec: spec.clone(),
         record,
     };
-    wait_service_ready(service, &process_env, &alive).await
+    wait_service_ready(service, &process_env, &alive, ADOPTED_READY_TIMEOUT).await
 }
 
 /// The whole environment a service runs with: its command's, and its environment file's.
@@ -1592,6 +1660,7 @@ async fn wait_service_ready(
     service: RunningService,
     process_env: &BTreeMap<String, String>,
     alive: &AtomicBool,
+    timeout: Duration,
 ) -> anyhow::Result<RunningService> {
     let spec = &service.spec;
     let name = service.record.name.clone();
@@ -1599,7 +1668,7 @@ async fn wait_service_ready(
     if let Some(probe) = to_probe(spec, process_env) {
         let waited = probe::wait_ready(
             &probe,
-            READY_TIMEOUT,
+            timeout,
             || alive.load(Ordering::SeqCst),
             Some(&spec.log_file),
         )

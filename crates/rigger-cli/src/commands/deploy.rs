@@ -71,17 +71,29 @@ fn roll_out(
 }
 
 pub(crate) fn releases(args: ReleasesArgs, settings: &Settings) -> Result<(), Failure> {
-    let history = rigger_local::release::history(&local_environment(settings)?.paths);
+    let history = rigger_local::release::history(&local_environment(settings)?.paths)?;
     report::print_releases(&history, args.json)
 }
 
 pub(crate) fn lock(command: LockCommand, settings: &Settings) -> Result<(), Failure> {
     let env = local_environment(settings)?;
     match command {
-        LockCommand::Status => match rigger_local::deploy::lock_holder(&env.paths) {
-            Some(holder) => println!("held by {holder}"),
-            None => println!("free"),
-        },
+        LockCommand::Status => {
+            let now = rigger_engine::clock::unix_now();
+            match rigger_local::deploy::lock_holder(&env.paths) {
+                Some(holder)
+                    if rigger_local::deploy::live_lock_holder(&env.paths, now).is_none() =>
+                {
+                    println!(
+                        "stale: held by {holder}, whose process is gone or whose time ran out; \
+                         the next deploy or database operation takes it over \
+                         (`rigger lock release` removes it now)"
+                    )
+                }
+                Some(holder) => println!("held by {holder}"),
+                None => println!("free"),
+            }
+        }
         LockCommand::Release { id } => {
             match rigger_local::deploy::release(
                 &env.paths,
