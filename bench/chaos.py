@@ -184,6 +184,11 @@ def trial(binary, url, scenario, number, env_dir):
         except ProcessLookupError:
             pass
         killed = f"{server}/{name}"
+        # The status is refreshed every second: converged means after it saw the death.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+                p == pid for _, _, p in service_processes(status(binary))):
+            time.sleep(0.1)
     if running is not None:
         cut = running.wait() != 0
         if cut:

@@ -512,6 +512,8 @@ impl Supervisor {
             self.save_registry()?;
         }
 
+        self.abandon_servers_an_interrupted_deploy_was_starting()
+            .await?;
         // Group servers from a previous supervisor keep their ids; missing ones are added.
         // The load balancer starts first, with every web server registered: its health checks
         // bring each one UP as soon as it answers, while the others still boot.
@@ -530,6 +532,43 @@ impl Supervisor {
         self.start_servers(servers).await?;
         self.update_load_balancer().await?;
         self.wait_for_load_balancer().await
+    }
+
+    /// Servers a deploy cut off (with its supervisor) was still starting, of a release the
+    /// group does not run: they never served, and the rollback would replace them anyway, so
+    /// they go now (their processes stopped, their files under `terminated/`) rather than be
+    /// started again, broken as their release may be.
+    async fn abandon_servers_an_interrupted_deploy_was_starting(&mut self) -> anyhow::Result<()> {
+        let current = self.current_release();
+        let abandoned: Vec<String> = self
+            .registry
+            .servers
+            .iter()
+            .filter(|s| {
+                s.group().is_some() && s.state == ServerState::Pending && s.release != current
+            })
+            .map(|s| s.id.clone())
+            .collect();
+        for id in abandoned {
+            tracing::warn!(server = %id, "abandoning a server an interrupted deploy was starting");
+            let left: Vec<PidRecord> = {
+                let mut leftovers = self.leftovers.lock().expect("leftovers lock");
+                let names: Vec<String> = leftovers
+                    .keys()
+                    .filter(|name| name.split_once('/').is_some_and(|(server, _)| server == id))
+                    .cloned()
+                    .collect();
+                names
+                    .iter()
+                    .filter_map(|name| leftovers.remove(name))
+                    .collect()
+            };
+            for record in left {
+                process::stop(&record, record.stop_signal, Duration::from_secs(30)).await;
+            }
+            self.terminate_server(&id).await?;
+        }
+        Ok(())
     }
 
     /// A deploy interrupted with its supervisor left servers of a release the group does not

@@ -4,10 +4,18 @@
 //! has (a test that talks to the emulator sets the emulator's fake credentials afterwards);
 //! no log filter or colour setting changes what it prints.
 
+// Each test binary uses part of it.
+#![allow(dead_code)]
+
 use std::process::Command;
 
 pub fn rigger_binary() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_rigger"));
+    hermetic(Command::new(env!("CARGO_BIN_EXE_rigger")))
+}
+
+/// `command` (rigger, or a script that runs it) with nothing of the environment that could
+/// reach real AWS or change what rigger prints.
+pub fn hermetic(mut command: Command) -> Command {
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("AWS_") {
             command.env_remove(name);
