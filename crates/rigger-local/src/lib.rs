@@ -10,7 +10,9 @@
 //!
 //! Architecture invariant: no process started here outlives a `rigger down`: every one is a
 //! process-group leader with a pid file, and [`process::stop_leftovers`] finds and stops them all
-//! even when the supervisor that started them was killed.
+//! even when the supervisor that started them was killed. A supervisor that died is started
+//! again by its [`keeper`], and the new one adopts the services still running
+//! ([`process::sort_leftovers`], [`process::wait_for_exit`]) rather than restarting them.
 
 pub mod probe;
 pub mod process;
