@@ -20,13 +20,25 @@ pub struct TestLab {
 }
 
 impl TestLab {
+    /// A lab in a new state directory whose loopback block (`127.31.N.0`, derived from the
+    /// directory) no other lab of this test binary holds: tests run in parallel, and two labs
+    /// of one block would both listen on its bastion's address (1 chance in 254 per pair).
     pub fn new(images: PathBuf) -> TestLab {
-        TestLab {
-            state: tempfile::Builder::new()
+        static BLOCKS_IN_USE: std::sync::Mutex<Vec<std::net::Ipv4Addr>> =
+            std::sync::Mutex::new(Vec::new());
+        let mut in_use = BLOCKS_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let state = tempfile::Builder::new()
                 .prefix("rigger-lab-test-")
                 .tempdir_in("/var/tmp")
-                .unwrap(),
-            images,
+                .unwrap();
+            let block = rigger_lab::layout::Lab::new(state.path(), &images)
+                .expect("a lab layout")
+                .loopback_address(0);
+            if !in_use.contains(&block) {
+                in_use.push(block);
+                return TestLab { state, images };
+            }
         }
     }
 
