@@ -8,14 +8,21 @@ sets it up). Scenarios:
   supervisor-deploy   the supervisor, during `rigger deploy` (re-run when it was cut off)
   supervisor-scale    the supervisor, during `rigger scale web=3` / `web=2` (re-run)
   cli-deploy          the `rigger deploy` CLI itself (re-run once the lock is free)
+  supervisor-up       the supervisor, during `rigger up` from nothing (the keeper starts
+                      another; `up` goes on waiting for it)
+  cli-up              the `rigger up` CLI itself (re-run)
+  supervisor-down     the supervisor, during `rigger down` (its keeper must not start another)
+  cli-down            the `rigger down` CLI itself (re-run)
   service             a random service process (gunicorn, nginx, PgBouncer, stunnel, Celery,
                       Redis, RabbitMQ, PostgreSQL primary or replica)
 
 After each kill it re-runs the command that was cut off, waits for the environment to
-converge (status `ready`, the groups at their desired counts, every process running) and
+converge (status `ready`, the groups at their desired counts, every process running; for the
+down scenarios: nothing of the environment running, no keeper, then `up` again untimed) and
 checks: no orphan (a live process recorded under servers/ that the status does not show), no
 deploy lock left, the release history's last entry a final result, every row written before
-the kill still in the database. Prints, per scenario: trials, converged, orphans, failed
+the kill still in the database. The up and down scenarios run no load (the site is down on
+purpose; their failed column shows "-"). Prints, per scenario: trials, converged, orphans, failed
 requests, seconds to converge (median, max); exits 1 when any trial did not converge or left
 an orphan, or when a supervisor or CLI kill failed a request.
 """
@@ -150,15 +157,60 @@ def rows_present(url, ids):
                for i in ids)
 
 
+# Scenarios where the site is down on purpose: their failed requests are not counted against
+# them.
+SITE_DOWN = ("supervisor-up", "cli-up", "supervisor-down", "cli-down")
+
+
+def supervisor_pid(env_dir):
+    """The supervisor holding the environment's lock now, from its lock file."""
+    try:
+        with open(os.path.join(env_dir, "supervisor.lock")) as file:
+            return json.load(file)["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def process_alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(") ", 1)[1][0] not in "ZX"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_down(env_dir):
+    """Waits until nothing of the environment runs: no live pid record, no keeper."""
+    started = time.monotonic()
+    while time.monotonic() - started < CONVERGE_TIMEOUT:
+        keeper = None
+        try:
+            with open(os.path.join(env_dir, "keeper.json")) as file:
+                keeper = json.load(file)["keeper"]["pid"]
+        except (OSError, ValueError, KeyError):
+            pass
+        if not orphans(env_dir, {}) and not (keeper and process_alive(keeper)):
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def trial(binary, url, scenario, number, env_dir):
     stop_file = tempfile.mktemp(prefix="chaos-stop-")
-    load = subprocess.Popen([sys.executable, LOAD, url, "4", "900", stop_file], stdout=subprocess.PIPE, text=True)
+    # No load where the site is down on purpose: every request would fail, and say nothing.
+    load = None if scenario in SITE_DOWN else subprocess.Popen(
+        [sys.executable, LOAD, url, "4", "900", stop_file], stdout=subprocess.PIPE, text=True)
     time.sleep(1)
     row = write_row(url, f"chaos-{scenario}-{number}")
     acknowledged = [row] if row is not None else []
     state = status(binary)
     command = None
-    if scenario == "supervisor-deploy" or scenario == "cli-deploy":
+    if scenario in ("supervisor-up", "cli-up"):
+        rigger(binary, "down")
+        command = ["up"]
+    elif scenario in ("supervisor-down", "cli-down"):
+        command = ["down"]
+    elif scenario == "supervisor-deploy" or scenario == "cli-deploy":
         commit_change(f"{scenario}-{number}")
         command = ["deploy"]
     elif scenario == "supervisor-scale":
@@ -166,17 +218,20 @@ def trial(binary, url, scenario, number, env_dir):
         command = ["scale", f"web={3 if web == 2 else 2}"]
     running = subprocess.Popen([binary, "-q", *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True) if command else None
-    time.sleep(random.uniform(0.2, 15.0 if command == ["deploy"] else 3.0))
+    longest = {"deploy": 15.0, "up": 12.0}.get(command[0] if command else "", 3.0)
+    time.sleep(random.uniform(0.2, longest))
     killed = ""
     killed_at = time.monotonic()
     if scenario.startswith("supervisor"):
-        pid = state.get("supervisor_pid")
-        if pid:
+        pid = supervisor_pid(env_dir)
+        if pid and process_alive(pid):
             os.kill(pid, signal.SIGKILL)
             killed = f"supervisor {pid}"
-    elif scenario == "cli-deploy":
+        else:
+            killed = "nothing (no supervisor ran at that moment)"
+    elif scenario.startswith("cli-"):
         running.kill()
-        killed = "rigger deploy"
+        killed = f"rigger {command[0]}"
     elif scenario == "service":
         server, name, pid = random.choice(service_processes(state))
         try:
@@ -199,17 +254,28 @@ def trial(binary, url, scenario, number, env_dir):
             again = rigger(binary, *command, check=False)
             if again.returncode != 0 and "nothing to deploy" not in again.stderr:
                 print(f"  re-run of rigger {' '.join(command)} failed: {again.stderr.strip()[:200]}", file=sys.stderr)
-    waited, final = wait_converged(binary)
-    # Time to converge: from the kill, through any re-run, to the environment being whole.
-    seconds = time.monotonic() - killed_at if waited is not None else None
-    open(stop_file, "w").close()
-    measured = json.loads(load.communicate()[0] or "{}")
-    os.unlink(stop_file)
+    if command == ["down"]:
+        # Down for good: nothing of it left running, then up again for the next trial.
+        waited = True if wait_down(env_dir) else None
+        seconds = time.monotonic() - killed_at if waited else None
+        left_running = orphans(env_dir, {})
+        rigger(binary, "up", check=False)
+        _, final = wait_converged(binary)
+    else:
+        waited, final = wait_converged(binary)
+        left_running = []
+        # Time to converge: from the kill, through any re-run, to the environment being whole.
+        seconds = time.monotonic() - killed_at if waited is not None else None
+    measured = {}
+    if load is not None:
+        open(stop_file, "w").close()
+        measured = json.loads(load.communicate()[0] or "{}")
+        os.unlink(stop_file)
     result = {
         "killed": killed,
         "converged": seconds is not None,
         "seconds": seconds,
-        "orphans": orphans(env_dir, final),
+        "orphans": orphans(env_dir, final) + left_running,
         "lock_left": lock_left(binary),
         "history_ok": history_consistent(binary),
         "rows_ok": rows_present(url, acknowledged),
@@ -232,7 +298,7 @@ def main():
         times = [r["seconds"] for r in results if r["seconds"] is not None]
         converged_count = sum(r["converged"] for r in results)
         orphan_count = sum(len(r["orphans"]) for r in results)
-        failed = sum(r["failed"] for r in results)
+        failed = "-" if scenario in SITE_DOWN else sum(r["failed"] for r in results)
         print(f"{scenario:<18} {trials:>6} {converged_count:>9} {orphan_count:>7} {failed:>6} "
               f"{sum(r['served'] for r in results):>7} "
               f"{statistics.median(times) if times else float('nan'):>8.1f} {max(times, default=float('nan')):>6.1f}")
@@ -240,7 +306,7 @@ def main():
             problems = [name for name, ok in (("not converged", r["converged"]), ("orphans " + ",".join(r["orphans"]), not r["orphans"]),
                                               ("deploy lock left", not r["lock_left"]), ("history inconsistent", r["history_ok"]),
                                               ("acknowledged row lost", r["rows_ok"])) if not ok]
-            if scenario != "service" and r["failed"]:
+            if scenario != "service" and scenario not in SITE_DOWN and r["failed"]:
                 problems.append(f"{r['failed']} failed requests")
             if problems:
                 bad = True
