@@ -54,6 +54,7 @@ impl Clients {
             .http_client(https());
         if let Some(url) = &connection.endpoint_url {
             loader = loader.endpoint_url(url);
+            crash_test::arm_from_environment();
         }
         if let Some(attempts) = connection.max_attempts {
             loader = loader.retry_config(RetryConfig::standard().with_max_attempts(attempts));
@@ -95,11 +96,118 @@ impl Clients {
     }
 }
 
-/// The HTTPS client every service's client uses (rustls with ring).
+/// The HTTPS client every service's client uses (rustls with ring), its calls counted for
+/// the crash tests when they armed [`crash_test`].
 fn https() -> aws_sdk_s3::config::SharedHttpClient {
-    aws_smithy_http_client::Builder::new()
+    let client = aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-        .build_https()
+        .build_https();
+    crash_test::counted(client)
+}
+
+/// The crash tests' hook: with an emulator (`--endpoint-url`) only, and only when the
+/// environment asks for it, every AWS call this process makes is counted and, optionally,
+/// logged one line each, and the process kills itself with SIGKILL as soon as the answer to
+/// the N-th call arrives (the call took effect at AWS; rigger never saw its answer, the
+/// worst moment to die). The tests pick N at random to prove that every command, killed after
+/// any call, converges when it is run again.
+///
+/// - `RIGGER_TEST_KILL_AFTER_AWS_CALLS=N`: die after the N-th call's answer.
+/// - `RIGGER_TEST_AWS_CALL_LOG=PATH`: append `N OPERATION` per call (how many calls a
+///   command makes, and which one a killed run died after).
+///
+/// Never armed against AWS itself: a stray variable must not kill a real operation.
+mod crash_test {
+    use std::io::Write as _;
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use aws_smithy_runtime_api::client::http::{
+        HttpClient, HttpConnector, HttpConnectorFuture, SharedHttpClient, SharedHttpConnector,
+        http_client_fn,
+    };
+    use aws_smithy_runtime_api::client::orchestrator::HttpRequest;
+
+    #[derive(Debug)]
+    struct Hook {
+        kill_after: Option<u64>,
+        log: Option<PathBuf>,
+        calls: AtomicU64,
+    }
+
+    static HOOK: OnceLock<Option<Hook>> = OnceLock::new();
+
+    pub(super) fn arm_from_environment() {
+        HOOK.get_or_init(|| {
+            let kill_after = std::env::var("RIGGER_TEST_KILL_AFTER_AWS_CALLS")
+                .ok()
+                .and_then(|n| n.trim().parse().ok());
+            let log = std::env::var_os("RIGGER_TEST_AWS_CALL_LOG").map(PathBuf::from);
+            (kill_after.is_some() || log.is_some()).then(|| Hook {
+                kill_after,
+                log,
+                calls: AtomicU64::new(0),
+            })
+        });
+    }
+
+    fn armed() -> Option<&'static Hook> {
+        HOOK.get().and_then(Option::as_ref)
+    }
+
+    pub(super) fn counted(client: SharedHttpClient) -> SharedHttpClient {
+        http_client_fn(move |settings, components| {
+            let inner = client.http_connector(settings, components);
+            SharedHttpConnector::new(Counted { inner })
+        })
+    }
+
+    #[derive(Debug)]
+    struct Counted {
+        inner: SharedHttpConnector,
+    }
+
+    impl HttpConnector for Counted {
+        fn call(&self, request: HttpRequest) -> HttpConnectorFuture {
+            let Some(hook) = armed() else {
+                return self.inner.call(request);
+            };
+            let operation = operation(&request);
+            let answer = self.inner.call(request);
+            HttpConnectorFuture::new(async move {
+                let response = answer.await;
+                let n = hook.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                if let Some(path) = &hook.log {
+                    // O_APPEND: one whole line per call even from concurrent tasks.
+                    if let Ok(mut file) = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                    {
+                        let _ = file.write_all(format!("{n} {operation}\n").as_bytes());
+                    }
+                }
+                if hook.kill_after == Some(n) {
+                    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+                }
+                response
+            })
+        }
+    }
+
+    /// What a request asks: the query protocol's `Action`, the JSON protocol's target, or
+    /// S3's method and path.
+    fn operation(request: &HttpRequest) -> String {
+        if let Some(target) = request.headers().get("x-amz-target") {
+            return target.to_owned();
+        }
+        let body = request.body().bytes().unwrap_or_default();
+        let action = String::from_utf8_lossy(body)
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("Action=").map(str::to_owned));
+        action.unwrap_or_else(|| format!("{} {}", request.method(), request.uri()))
+    }
 }
 
 /// Whether credentials can come from somewhere without asking the network: the environment,

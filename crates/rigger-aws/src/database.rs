@@ -35,6 +35,11 @@ pub use crate::tags::{FENCED_TAG, SERVER_TAG, is_fenced};
 pub const FENCED_SUFFIX: &str = "-old";
 /// Where backups go in the environment's bucket.
 pub const BACKUP_PREFIX: &str = "backups/";
+/// The SSM parameter (under the environment's prefix) that names the replica a failover is
+/// promoting, from before anything changes until the failover is done: a failover killed at
+/// any point is found by it and finished by the next `rigger db promote`, and `up` waits for
+/// that (it would otherwise go on with servers pointing at the fenced primary).
+pub const FAILOVER_PARAMETER: &str = "deploy/failover";
 
 /// One database server as AWS shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -240,6 +245,41 @@ fn tag(key: &str, value: &str) -> ec2::Tag {
 }
 
 impl Provider {
+    /// The instance id of the replica an unfinished failover was promoting, if one was cut
+    /// off ([`FAILOVER_PARAMETER`]).
+    pub async fn unfinished_failover(&self) -> Result<Option<String>, AwsError> {
+        crate::parameters::get(&self.clients, &self.env.parameter(FAILOVER_PARAMETER)).await
+    }
+
+    /// Records that a failover promoting `instance_id` begins (before anything changes).
+    pub async fn begin_failover(&self, instance_id: &str) -> Result<(), AwsError> {
+        crate::parameters::put(
+            &self.clients,
+            &self.env.parameter(FAILOVER_PARAMETER),
+            instance_id,
+        )
+        .await
+    }
+
+    /// Records that the failover is done: every step of it ran.
+    pub async fn end_failover(&self) -> Result<(), AwsError> {
+        crate::parameters::delete(&self.clients, &self.env.parameter(FAILOVER_PARAMETER)).await
+    }
+
+    /// Refuses to go on while a failover is unfinished: recorded and not ended, or the old
+    /// primary fenced with none in its place.
+    pub async fn check_no_failover_interrupted(&self, live: &Live) -> Result<(), AwsError> {
+        if let Some(promoting) = self.unfinished_failover().await? {
+            return Err(AwsError::precondition(
+                "(database)",
+                self.env.parameter(FAILOVER_PARAMETER),
+                format!("a failover promoting {promoting} was interrupted before it finished"),
+                "run `rigger db promote` again to finish it",
+            ));
+        }
+        check_no_failover_interrupted(&self.env, live)
+    }
+
     /// The environment's database servers.
     pub async fn databases(&self) -> Result<Databases, AwsError> {
         let live = Live::read(&self.env, &self.clients).await?;

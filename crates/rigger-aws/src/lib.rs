@@ -186,7 +186,7 @@ impl Provider {
             .current_release(&live)
             .unwrap_or_else(|| release.to_owned());
         let topology = self.desired(&live, &release).map_err(topology_error)?;
-        database::check_no_failover_interrupted(&self.env, &live)?;
+        self.check_no_failover_interrupted(&live).await?;
         let secrets_created = secrets::ensure(&self.env, &self.clients, &live.parameters).await?;
         releases::ensure(&self.env, &self.clients, report).await?;
         for name in &secrets_created {

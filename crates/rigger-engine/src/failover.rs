@@ -66,6 +66,24 @@ pub struct Promoted<S> {
     pub not_resumed: Vec<String>,
 }
 
+/// Why a failover stopped, and whether it changed anything: a failover that changed nothing
+/// (refused before the promotion; writes resumed) is over, one that did must be finished by
+/// running it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverError {
+    pub why: String,
+    /// The replica may be promoted: the failover must be run again to finish.
+    pub changed: bool,
+}
+
+impl std::fmt::Display for FailoverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+impl std::error::Error for FailoverError {}
+
 /// How a provider does each step of a failover.
 pub trait FailoverTarget: Send {
     type Error: Display + Send;
@@ -98,7 +116,7 @@ pub trait FailoverTarget: Send {
 pub async fn promote<T: FailoverTarget>(
     target: &mut T,
     failover: &Failover,
-) -> Result<Promoted<T::Switched>, String> {
+) -> Result<Promoted<T::Switched>, FailoverError> {
     let paused_at = Instant::now();
     target.report("pausing PgBouncer on every web and worker server");
     let not_paused = target.pause_pools().await;
@@ -162,17 +180,19 @@ pub async fn promote<T: FailoverTarget>(
     // made through the old tunnels go first.
     let not_resumed = target.resume_pools(true).await;
     let writes_held = paused_at.elapsed();
-    let switched = switched.map_err(|error| {
-        format!(
+    let switched = switched.map_err(|error| FailoverError {
+        why: format!(
             "{} is promoted, but fencing the old primary and giving it the primary's role failed: {error}; run `rigger db promote` again to finish",
             failover.replica
-        )
+        ),
+        changed: true,
     })?;
-    repointed.map_err(|error| {
-        format!(
+    repointed.map_err(|error| FailoverError {
+        why: format!(
             "{} is the primary, but repointing the web and worker servers failed: {error}; run `rigger db promote` again to finish",
             failover.replica
-        )
+        ),
+        changed: true,
     })?;
     Ok(Promoted {
         switched,
@@ -183,15 +203,19 @@ pub async fn promote<T: FailoverTarget>(
 }
 
 /// Resumes every pool (nothing was changed) and returns the reason, saying so.
-async fn refuse<T: FailoverTarget>(target: &mut T, why: String) -> String {
+async fn refuse<T: FailoverTarget>(target: &mut T, why: String) -> FailoverError {
     let not_resumed = target.resume_pools(false).await;
-    if not_resumed.is_empty() {
+    let why = if not_resumed.is_empty() {
         format!("{why}; nothing was changed, writes resumed")
     } else {
         format!(
             "{why}; nothing was changed; resuming PgBouncer failed on {} (their pause deadline resumes them)",
             not_resumed.join("; ")
         )
+    };
+    FailoverError {
+        why,
+        changed: false,
     }
 }
 

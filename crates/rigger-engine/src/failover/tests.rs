@@ -147,7 +147,9 @@ async fn a_pool_that_cannot_be_paused_stops_a_planned_failover_before_anything_c
         pause_fails_on: vec!["web-2".into()],
         ..Cluster::default()
     };
-    let why = promote(&mut cluster, &planned()).await.unwrap_err();
+    let error = promote(&mut cluster, &planned()).await.unwrap_err();
+    let why = error.why.as_str();
+    assert!(!error.changed, "{error:?}");
     assert_eq!(
         why,
         "pausing PgBouncer failed on: web-2: connection refused; nothing was changed, writes resumed"
@@ -162,7 +164,9 @@ async fn a_replica_that_does_not_catch_up_in_time_is_not_promoted() {
         ..Cluster::default()
     };
     let started = Instant::now();
-    let why = promote(&mut cluster, &planned()).await.unwrap_err();
+    let error = promote(&mut cluster, &planned()).await.unwrap_err();
+    let why = error.why.as_str();
+    assert!(!error.changed, "{error:?}");
     assert_eq!(
         why,
         "db-replica1 did not replay up to 0/3000060 within 15 s; nothing was changed, writes resumed"
@@ -183,7 +187,9 @@ async fn no_promotion_without_time_left_to_fence_before_the_pools_resume_by_them
         pause_takes: PAUSE_DEADLINE - PROMOTE_BUDGET,
         ..Cluster::default()
     };
-    let why = promote(&mut cluster, &planned()).await.unwrap_err();
+    let error = promote(&mut cluster, &planned()).await.unwrap_err();
+    let why = error.why.as_str();
+    assert!(!error.changed, "{error:?}");
     assert!(
         why.starts_with("pausing and catching up took 60 s of the pools' 120 s pause deadline"),
         "{why}"
@@ -201,7 +207,9 @@ async fn a_failed_promotion_changes_nothing() {
         promote_fails: true,
         ..Cluster::default()
     };
-    let why = promote(&mut cluster, &planned()).await.unwrap_err();
+    let error = promote(&mut cluster, &planned()).await.unwrap_err();
+    let why = error.why.as_str();
+    assert!(!error.changed, "{error:?}");
     assert_eq!(
         why,
         "promoting db-replica1: timed out; nothing was changed, writes resumed"
@@ -278,7 +286,9 @@ async fn after_the_promotion_the_pools_resume_even_when_switching_fails() {
         switch_fails: true,
         ..Cluster::default()
     };
-    let why = promote(&mut cluster, &planned()).await.unwrap_err();
+    let error = promote(&mut cluster, &planned()).await.unwrap_err();
+    let why = error.why.as_str();
+    assert!(error.changed, "{error:?}");
     assert!(
         why.starts_with("db-replica1 is promoted, but fencing the old primary"),
         "{why}"

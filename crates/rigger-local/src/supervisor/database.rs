@@ -217,9 +217,7 @@ impl Supervisor {
             deadlines: BTreeMap::new(),
         };
         Ok(Box::pin(async move {
-            let promoted = failover::promote(&mut target, &failover)
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let promoted = failover::promote(&mut target, &failover).await?;
             let fenced = promoted
                 .switched
                 .map_or_else(String::new, |id| format!("; {id} is fenced (stopped)"));

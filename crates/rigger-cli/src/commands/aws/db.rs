@@ -416,7 +416,7 @@ fn promote(
     force: bool,
 ) -> Result<(), Failure> {
     let databases = result_of(runtime.block_on(provider.databases()))?;
-    let target = databases.replica(replica).map_err(aws_env::failed)?.clone();
+    let (target, primary) = failover_to(settings, runtime, provider, &databases, replica)?;
     let emulated = !runtime.block_on(aws_env::servers_are_machines(provider))?;
     let report = super::report::steps(settings);
     let (done, lost, held) = if emulated {
@@ -434,9 +434,7 @@ fn promote(
         // The servers are found once; the flow runs every step on them.
         let fleet = crate::fleet::fleet(settings)?;
         let failover = Failover {
-            // A fenced primary and none in its place is an interrupted failover, which goes on
-            // from where it stopped.
-            primary: databases.primary.as_ref().map(|p| p.name.clone()),
+            primary,
             replica: target.name.clone(),
             // The id comes from the instance's tags: quoted by the SQL, never trusted.
             replica_application_name: target.id.clone(),
@@ -448,9 +446,16 @@ fn promote(
             fleet: &fleet,
             promoted: Some(&target),
         };
-        let promoted = runtime
-            .block_on(failover::promote(&mut servers, &failover))
-            .map_err(|why| Failure::Operation(anyhow!(why)))?;
+        let promoted = match runtime.block_on(failover::promote(&mut servers, &failover)) {
+            Ok(promoted) => promoted,
+            Err(error) => {
+                if !error.changed {
+                    // Refused before the promotion: nothing to finish.
+                    result_of(runtime.block_on(provider.end_failover()))?;
+                }
+                return Err(Failure::Operation(anyhow!(error)));
+            }
+        };
         if !promoted.not_resumed.is_empty() {
             say(
                 settings,
@@ -471,6 +476,7 @@ fn promote(
         );
         (promoted.switched, lost, held)
     };
+    result_of(runtime.block_on(provider.end_failover()))?;
     let fenced = done.fenced.map_or(String::new(), |id| {
         format!("; the old primary {id} is fenced (stopped, named db-primary-old)")
     });
@@ -496,6 +502,62 @@ fn promote(
         );
     }
     Ok(())
+}
+
+/// The replica a failover promotes and the primary it replaces (its name; `None` when there
+/// is none to ask). A failover cut off before it finished (recorded by
+/// [`Provider::begin_failover`]) is finished: its replica again, whether it is still a replica
+/// or already named the primary (then there is no primary to ask: promoting is a no-op on a
+/// promoted server, and the switch and repointing go on from where they stopped). Otherwise
+/// the replica asked for, and the failover is recorded before anything changes.
+fn failover_to(
+    settings: &Settings,
+    runtime: &tokio::runtime::Runtime,
+    provider: &Provider,
+    databases: &database::Databases,
+    wanted: Option<&str>,
+) -> Result<(DbServer, Option<String>), Failure> {
+    let Some(promoting) = result_of(runtime.block_on(provider.unfinished_failover()))? else {
+        let target = databases.replica(wanted).map_err(aws_env::failed)?.clone();
+        result_of(runtime.block_on(provider.begin_failover(&target.instance_id)))?;
+        let primary = databases.primary.as_ref().map(|p| p.name.clone());
+        return Ok((target, primary));
+    };
+    let primary = databases.primary.as_ref();
+    let target = primary
+        .into_iter()
+        .chain(&databases.replicas)
+        .find(|server| server.instance_id == promoting)
+        .cloned()
+        .ok_or_else(|| {
+            Failure::Operation(anyhow!(
+                "a failover promoting {promoting} was interrupted, and that instance is no longer a database server of the environment; \
+                 check `rigger db status -e {env}`, then delete the SSM parameter {parameter} and run `rigger db promote -e {env}` again",
+                env = settings.environment,
+                parameter = provider.env.parameter(database::FAILOVER_PARAMETER),
+            ))
+        })?;
+    if let Some(wanted) = wanted
+        && ![&target.name, &target.id, &target.instance_id].contains(&&wanted.to_owned())
+    {
+        return Err(Failure::Usage(anyhow!(
+            "a failover to {} ({}) was interrupted: finish it first with `rigger db promote -e {}`",
+            target.name,
+            target.instance_id,
+            settings.environment
+        )));
+    }
+    say(
+        settings,
+        &format!(
+            "finishing the interrupted failover to {} ({})",
+            target.id, target.instance_id
+        ),
+    );
+    let primary = primary
+        .filter(|p| p.instance_id != promoting)
+        .map(|p| p.name.clone());
+    Ok((target, primary))
 }
 
 /// An AWS environment's database and app servers as the engine's failover drives them: SQL
