@@ -6,8 +6,14 @@ Usage: chaos.py RIGGER URL TRIALS SCENARIO...   (run from the project directory;
 sets it up). Scenarios:
   supervisor-idle     the supervisor, while nothing else happens
   supervisor-deploy   the supervisor, during `rigger deploy` (re-run when it was cut off)
+  supervisor-rollback the supervisor, during `rigger rollback` (after a deploy; re-run)
   supervisor-scale    the supervisor, during `rigger scale web=3` / `web=2` (re-run)
+  supervisor-promote  the supervisor, during `rigger db promote` (re-run unless the primary
+                      changed: then it was done)
   cli-deploy          the `rigger deploy` CLI itself (re-run once the lock is free)
+  cli-rollback        the `rigger rollback` CLI itself
+  cli-scale           the `rigger scale` CLI itself
+  cli-promote         the `rigger db promote` CLI itself
   supervisor-up       the supervisor, during `rigger up` from nothing (the keeper starts
                       another; `up` goes on waiting for it)
   cli-up              the `rigger up` CLI itself (re-run)
@@ -20,8 +26,8 @@ After each kill it re-runs the command that was cut off, waits for the environme
 converge (status `ready`, the groups at their desired counts, every process running; for the
 down scenarios: nothing of the environment running, no keeper, then `up` again untimed) and
 checks: no orphan (a live process recorded under servers/ that the status does not show), no
-deploy lock left, the release history's last entry a final result, every row written before
-the kill still in the database. The up and down scenarios run no load (the site is down on
+deploy lock left, the release history's last entry a final result, every row the site
+acknowledged during the trial (a writer posts one every 0.2 s throughout) on the primary. The up and down scenarios run no load (the site is down on
 purpose; their failed column shows "-"). Prints, per scenario: trials, converged, orphans, failed
 requests, seconds to converge (median, max); exits 1 when any trial did not converge or left
 an orphan, or when a supervisor or CLI kill failed a request.
@@ -35,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 CONVERGE_TIMEOUT = 300
@@ -195,65 +202,148 @@ def wait_down(env_dir):
     return False
 
 
-def trial(binary, url, scenario, number, env_dir):
-    stop_file = tempfile.mktemp(prefix="chaos-stop-")
-    # No load where the site is down on purpose: every request would fail, and say nothing.
-    load = None if scenario in SITE_DOWN else subprocess.Popen(
-        [sys.executable, LOAD, url, "4", "900", stop_file], stdout=subprocess.PIPE, text=True)
-    time.sleep(1)
-    row = write_row(url, f"chaos-{scenario}-{number}")
-    acknowledged = [row] if row is not None else []
-    state = status(binary)
-    command = None
-    if scenario in ("supervisor-up", "cli-up"):
-        rigger(binary, "down")
-        command = ["up"]
-    elif scenario in ("supervisor-down", "cli-down"):
-        command = ["down"]
-    elif scenario == "supervisor-deploy" or scenario == "cli-deploy":
-        commit_change(f"{scenario}-{number}")
-        command = ["deploy"]
-    elif scenario == "supervisor-scale":
-        web = next((g["desired"] for g in state.get("groups", []) if g["name"] == "web"), 2)
-        command = ["scale", f"web={3 if web == 2 else 2}"]
-    running = subprocess.Popen([binary, "-q", *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True) if command else None
-    longest = {"deploy": 15.0, "up": 12.0}.get(command[0] if command else "", 3.0)
-    time.sleep(random.uniform(0.2, longest))
-    killed = ""
-    killed_at = time.monotonic()
-    if scenario.startswith("supervisor"):
+def current_primary(binary):
+    done = rigger(binary, "db", "status", "--json", check=False)
+    try:
+        return json.loads(done.stdout).get("primary")
+    except json.JSONDecodeError:
+        return None
+
+
+class Writer:
+    """Writes a row through the site every 0.2 s from a thread of its own for the whole trial
+    and keeps the ids the site acknowledged: every one must be on the primary at the end."""
+
+    def __init__(self, url, tag):
+        self.url, self.tag = url, tag
+        self.acknowledged = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        number = 0
+        while not self.stopping.wait(0.2):
+            number += 1
+            row = write_row(self.url, f"{self.tag}-{number}")
+            if row is not None:
+                self.acknowledged.append(row)
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join()
+        return self.acknowledged
+
+
+# What each command is, made ready before the trial (untimed): the arguments of the command
+# the trial runs and kills into, and the longest random delay before the kill.
+def prepare_up(binary, state, tag):
+    rigger(binary, "down")
+    return ["up"]
+
+
+def prepare_down(binary, state, tag):
+    return ["down"]
+
+
+def prepare_deploy(binary, state, tag):
+    commit_change(tag)
+    return ["deploy"]
+
+
+def prepare_rollback(binary, state, tag):
+    # A release to roll back from: deployed in full first.
+    commit_change(tag)
+    rigger(binary, "deploy")
+    return ["rollback"]
+
+
+def prepare_scale(binary, state, tag):
+    web = next((g["desired"] for g in state.get("groups", []) if g["name"] == "web"), 2)
+    return ["scale", f"web={3 if web == 2 else 2}"]
+
+
+def prepare_promote(binary, state, tag):
+    return ["db", "promote"]
+
+
+# scenario: (what is killed, how its command is prepared, longest delay before the kill in s)
+SCENARIOS = {
+    "supervisor-idle": ("supervisor", None, 3.0),
+    "supervisor-deploy": ("supervisor", prepare_deploy, 15.0),
+    "supervisor-rollback": ("supervisor", prepare_rollback, 15.0),
+    "supervisor-scale": ("supervisor", prepare_scale, 3.0),
+    "supervisor-promote": ("supervisor", prepare_promote, 3.0),
+    "supervisor-up": ("supervisor", prepare_up, 12.0),
+    "supervisor-down": ("supervisor", prepare_down, 3.0),
+    "cli-deploy": ("cli", prepare_deploy, 15.0),
+    "cli-rollback": ("cli", prepare_rollback, 15.0),
+    "cli-scale": ("cli", prepare_scale, 3.0),
+    "cli-promote": ("cli", prepare_promote, 3.0),
+    "cli-up": ("cli", prepare_up, 12.0),
+    "cli-down": ("cli", prepare_down, 3.0),
+    "service": ("service", None, 3.0),
+}
+
+
+def kill_victim(binary, victim, state, running, command, env_dir):
+    """Kills the scenario's victim with SIGKILL; says what it killed."""
+    if victim == "supervisor":
         pid = supervisor_pid(env_dir)
         if pid and process_alive(pid):
             os.kill(pid, signal.SIGKILL)
-            killed = f"supervisor {pid}"
-        else:
-            killed = "nothing (no supervisor ran at that moment)"
-    elif scenario.startswith("cli-"):
+            return f"supervisor {pid}"
+        return "nothing (no supervisor ran at that moment)"
+    if victim == "cli":
         running.kill()
-        killed = f"rigger {command[0]}"
-    elif scenario == "service":
-        server, name, pid = random.choice(service_processes(state))
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        killed = f"{server}/{name}"
-        # The status is refreshed every second: converged means after it saw the death.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(
-                p == pid for _, _, p in service_processes(status(binary))):
-            time.sleep(0.1)
-    if running is not None:
-        cut = running.wait() != 0
-        if cut:
-            # Cut off: run it again, once no other operation holds the lock.
-            deadline = time.monotonic() + CONVERGE_TIMEOUT
-            while lock_held_live(binary) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            again = rigger(binary, *command, check=False)
-            if again.returncode != 0 and "nothing to deploy" not in again.stderr:
-                print(f"  re-run of rigger {' '.join(command)} failed: {again.stderr.strip()[:200]}", file=sys.stderr)
+        return f"rigger {' '.join(command)}"
+    server, name, pid = random.choice(service_processes(state))
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    # The status is refreshed every second: converged means after it saw the death.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+            p == pid for _, _, p in service_processes(status(binary))):
+        time.sleep(0.1)
+    return f"{server}/{name}"
+
+
+def run_again_if_cut(binary, command, primary_before):
+    """Re-runs a command that was cut off, once no other operation holds the lock. A failover
+    whose primary changed is done (the supervisor carried it on): run again it would be a
+    second one."""
+    deadline = time.monotonic() + CONVERGE_TIMEOUT
+    while lock_held_live(binary) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if command[0] == "db" and current_primary(binary) != primary_before:
+        return
+    again = rigger(binary, *command, check=False)
+    if again.returncode != 0 and "nothing to deploy" not in again.stderr:
+        print(f"  re-run of rigger {' '.join(command)} failed: {again.stderr.strip()[:200]}", file=sys.stderr)
+
+
+def trial(binary, url, scenario, number, env_dir):
+    victim, prepare, longest = SCENARIOS[scenario]
+    stop_file = tempfile.mktemp(prefix="chaos-stop-")
+    state = status(binary)
+    command = prepare(binary, state, f"{scenario}-{number}") if prepare else None
+    site_up = scenario not in SITE_DOWN
+    # No load where the site is down on purpose: every request would fail, and say nothing.
+    load = subprocess.Popen([sys.executable, LOAD, url, "4", "900", stop_file],
+                            stdout=subprocess.PIPE, text=True) if site_up else None
+    writer = Writer(url, f"chaos-{scenario}-{number}") if site_up else None
+    time.sleep(1)
+    state = status(binary)
+    primary_before = current_primary(binary)
+    running = subprocess.Popen([binary, "-q", *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True) if command else None
+    time.sleep(random.uniform(0.2, longest))
+    killed_at = time.monotonic()
+    killed = kill_victim(binary, victim, state, running, command, env_dir)
+    if running is not None and running.wait() != 0:
+        run_again_if_cut(binary, command, primary_before)
     if command == ["down"]:
         # Down for good: nothing of it left running, then up again for the next trial.
         waited = True if wait_down(env_dir) else None
@@ -266,12 +356,13 @@ def trial(binary, url, scenario, number, env_dir):
         left_running = []
         # Time to converge: from the kill, through any re-run, to the environment being whole.
         seconds = time.monotonic() - killed_at if waited is not None else None
+    acknowledged = writer.stop() if writer else []
     measured = {}
     if load is not None:
         open(stop_file, "w").close()
         measured = json.loads(load.communicate()[0] or "{}")
         os.unlink(stop_file)
-    result = {
+    return {
         "killed": killed,
         "converged": seconds is not None,
         "seconds": seconds,
@@ -279,10 +370,10 @@ def trial(binary, url, scenario, number, env_dir):
         "lock_left": lock_left(binary),
         "history_ok": history_consistent(binary),
         "rows_ok": rows_present(url, acknowledged),
+        "rows": len(acknowledged),
         "failed": measured.get("failed", 0),
         "served": measured.get("served", 0),
     }
-    return result
 
 
 def main():
@@ -291,16 +382,16 @@ def main():
     env_dir = state_dir(binary)
     random.seed(os.environ.get("CHAOS_SEED", time.time_ns()))
     bad = False
-    print(f"{'scenario':<18} {'trials':>6} {'converged':>9} {'orphans':>7} {'failed':>6} {'served':>7} "
-          f"{'median_s':>8} {'max_s':>6}")
+    print(f"{'scenario':<19} {'trials':>6} {'converged':>9} {'orphans':>7} {'failed':>6} {'served':>7} "
+          f"{'rows':>5} {'median_s':>8} {'max_s':>6}")
     for scenario in scenarios:
         results = [trial(binary, url, scenario, number, env_dir) for number in range(trials)]
         times = [r["seconds"] for r in results if r["seconds"] is not None]
         converged_count = sum(r["converged"] for r in results)
         orphan_count = sum(len(r["orphans"]) for r in results)
         failed = "-" if scenario in SITE_DOWN else sum(r["failed"] for r in results)
-        print(f"{scenario:<18} {trials:>6} {converged_count:>9} {orphan_count:>7} {failed:>6} "
-              f"{sum(r['served'] for r in results):>7} "
+        print(f"{scenario:<19} {trials:>6} {converged_count:>9} {orphan_count:>7} {failed:>6} "
+              f"{sum(r['served'] for r in results):>7} {sum(r['rows'] for r in results):>5} "
               f"{statistics.median(times) if times else float('nan'):>8.1f} {max(times, default=float('nan')):>6.1f}")
         for number, r in enumerate(results):
             problems = [name for name, ok in (("not converged", r["converged"]), ("orphans " + ",".join(r["orphans"]), not r["orphans"]),

@@ -122,6 +122,6 @@ pub(crate) fn requester() -> Requester {
     Requester {
         who: rigger_local::release::who(),
         pid: i32::try_from(std::process::id()).unwrap_or(0),
-        process_alive: rigger_local::release::process_exists,
+        process_alive: rigger_local::process::is_running,
     }
 }

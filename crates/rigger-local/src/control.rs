@@ -167,15 +167,15 @@ impl rigger_engine::ready::ReadySource for Supervised<'_> {
     async fn status(&mut self) -> anyhow::Result<Option<Status>> {
         Ok(
             crate::status::load(&self.env.paths.status()).filter(|status| {
-                status
-                    .supervisor_pid
-                    .is_some_and(|pid| pid == self.pid || parent_pid(pid) == Some(self.pid))
+                status.supervisor_pid.is_some_and(|pid| {
+                    pid == self.pid || crate::process::parent_of(pid) == Some(self.pid)
+                })
             }),
         )
     }
 
     async fn gone(&mut self) -> Option<String> {
-        (!pid_alive(self.pid)).then(|| {
+        (!crate::process::is_running(self.pid)).then(|| {
             let tail = process::log_tail(&self.env.paths.supervisor_log(), 15).join("\n  ");
             format!(
                 "the supervisor exited before the environment was ready; its log ends with:\n  {tail}"
@@ -190,20 +190,6 @@ impl rigger_engine::ready::ReadySource for Supervised<'_> {
 }
 
 /// The parent of process `pid`, from `/proc`.
-fn parent_pid(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(") ")?;
-    rest.split(' ').nth(1)?.parse().ok()
-}
-
-fn pid_alive(pid: i32) -> bool {
-    // A zombie (exited, not yet reaped by its parent) counts as gone.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-    })
-}
-
 /// Stops everything the environment runs. With `purge`, also deletes its data and secrets.
 pub async fn down(
     env: &LocalEnvironment,
@@ -494,7 +480,7 @@ async fn await_outcome<T>(
             progress.report(&status.message);
             last_message = status.message;
         }
-        if !pid_alive(supervisor_pid) {
+        if !crate::process::is_running(supervisor_pid) {
             bail!("{dead}");
         }
         if !told_lost && let Some(lost) = lock.lost() {

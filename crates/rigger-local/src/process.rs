@@ -951,6 +951,20 @@ struct Stat {
     start_time: u64,
 }
 
+/// Whether process `pid` runs: it exists and has not exited (a zombie, not yet reaped by its
+/// parent, counts as gone).
+pub fn is_running(pid: i32) -> bool {
+    pid > 0 && read_stat(pid).is_ok_and(|stat| !matches!(stat.state, 'Z' | 'X'))
+}
+
+/// The parent of process `pid`, while it exists.
+pub fn parent_of(pid: i32) -> Option<i32> {
+    (pid > 0)
+        .then(|| read_stat(pid).ok())
+        .flatten()
+        .map(|stat| stat.ppid)
+}
+
 fn read_stat(pid: i32) -> io::Result<Stat> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     parse_stat(&text).ok_or_else(|| {
@@ -1037,6 +1051,30 @@ mod tests {
                 start_time: 987654
             })
         );
+    }
+
+    #[test]
+    fn a_zombie_is_not_running_and_a_parent_is_known() {
+        let me = std::process::id() as i32;
+        assert!(is_running(me));
+        assert_eq!(parent_of(me), Some(nix::unistd::getppid().as_raw()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        assert_eq!(parent_of(pid), Some(me));
+        // Exited and not reaped yet: a zombie, which runs nothing. Its state changes when it
+        // exits, so wait for that (bounded) rather than for a while.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while is_running(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            !is_running(pid),
+            "an exited, unreaped child counts as running"
+        );
+        assert_eq!(parent_of(pid), Some(me), "a zombie still has its parent");
+        child.wait().unwrap();
+        assert!(!is_running(pid));
+        assert!(!is_running(0) && !is_running(-1));
     }
 
     #[test]

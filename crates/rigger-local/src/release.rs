@@ -67,11 +67,6 @@ pub fn host() -> String {
         .map_or_else(|_| "?".into(), |h| h.trim().to_owned())
 }
 
-/// Does process `pid` exist on this machine? (For locks: a holder whose process ended is gone.)
-pub fn process_exists(pid: i32) -> bool {
-    pid > 0 && std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
 /// The working tree's app as the `initial` release (the first `up`, before any deploy).
 pub async fn ensure_initial(env: &LocalEnvironment) -> anyhow::Result<ReleaseManifest> {
     if let Ok(manifest) = ReleaseManifest::load(&env.paths, INITIAL_RELEASE) {

@@ -130,7 +130,7 @@ pub fn live_lock_holder(paths: &EnvPaths, now: u64) -> Option<LockHolder> {
 
 /// Is the holder gone (its process ended on this machine) or past its expiry?
 fn is_stale(holder: &LockHolder, now: u64) -> bool {
-    holder.is_stale(now, &crate::release::host(), crate::release::process_exists)
+    holder.is_stale(now, &crate::release::host(), crate::process::is_running)
 }
 
 fn is_not_found(error: &std::io::Error) -> bool {
@@ -417,12 +417,7 @@ pub fn release(paths: &EnvPaths, id: Option<&str>, now: u64) -> anyhow::Result<O
         };
         match (&record.holder, id) {
             (Some(holder), _) => holder
-                .may_release(
-                    id,
-                    now,
-                    &crate::release::host(),
-                    crate::release::process_exists,
-                )
+                .may_release(id, now, &crate::release::host(), crate::process::is_running)
                 .map_err(anyhow::Error::msg)?,
             (None, Some(_)) => bail!(
                 "the deploy lock is {}, which has no id: `rigger lock release` without --id \
