@@ -312,15 +312,17 @@ def kill_victim(binary, victim, state, running, command, env_dir):
 
 def run_again_if_cut(binary, command, primary_before):
     """Re-runs a command that was cut off, once no other operation holds the lock. A failover
-    whose primary changed is done (the supervisor carried it on): run again it would be a
-    second one."""
+    whose primary changed is done (the supervisor, or the keeper's next one, carried it on):
+    run again it would be a second one."""
     deadline = time.monotonic() + CONVERGE_TIMEOUT
     while lock_held_live(binary) and time.monotonic() < deadline:
         time.sleep(0.5)
     if command[0] == "db" and current_primary(binary) != primary_before:
         return
     again = rigger(binary, *command, check=False)
-    if again.returncode != 0 and "nothing to deploy" not in again.stderr:
+    # Done already: the deploy is running, the replica promoted (the new one not built yet).
+    done = ("nothing to deploy", "no replica to promote")
+    if again.returncode != 0 and not any(reason in again.stderr for reason in done):
         print(f"  re-run of rigger {' '.join(command)} failed: {again.stderr.strip()[:200]}", file=sys.stderr)
 
 
@@ -372,6 +374,7 @@ def trial(binary, url, scenario, number, env_dir):
         "rows_ok": rows_present(url, acknowledged),
         "rows": len(acknowledged),
         "failed": measured.get("failed", 0),
+        "failures": measured.get("failures", []),
         "served": measured.get("served", 0),
     }
 
@@ -398,7 +401,7 @@ def main():
                                               ("deploy lock left", not r["lock_left"]), ("history inconsistent", r["history_ok"]),
                                               ("acknowledged row lost", r["rows_ok"])) if not ok]
             if scenario != "service" and scenario not in SITE_DOWN and r["failed"]:
-                problems.append(f"{r['failed']} failed requests")
+                problems.append(f"{r['failed']} failed requests (first: {r['failures'][:2]})")
             if problems:
                 bad = True
                 print(f"  trial {number} (killed {r['killed']}): {'; '.join(problems)}")

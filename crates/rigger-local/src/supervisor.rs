@@ -20,6 +20,7 @@
 pub mod database;
 mod health;
 mod rolling;
+mod takeover;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -517,21 +518,54 @@ impl Supervisor {
         // Group servers from a previous supervisor keep their ids; missing ones are added.
         // The load balancer starts first, with every web server registered: its health checks
         // bring each one UP as soon as it answers, while the others still boot.
-        let mut servers: Vec<ServerRecord> = self
+        // The groups' members once brought to their counts: a surplus server terminated by a
+        // scale-in is not started again (started from a list taken before, it ran with no
+        // registry entry: supervised, but in no status, and stopped by the next supervisor).
+        self.allocate_group_servers().await?;
+        let servers: Vec<ServerRecord> = self
             .registry
             .servers
             .iter()
             .filter(|s| s.group().is_some())
             .cloned()
             .collect();
-        servers.extend(self.allocate_group_servers().await?);
         self.message = "starting the load balancer, web and worker servers".into();
         self.publish(Phase::Starting, self.message.clone());
         let lb = self.env.lb_record(&self.current_release());
         self.start_server(&lb).await?;
-        self.start_servers(servers).await?;
+        if self.registry.register_pending {
+            self.start_servers(servers).await?;
+        } else {
+            self.take_over_group_servers(servers).await?;
+        }
         self.update_load_balancer().await?;
         self.wait_for_load_balancer().await
+    }
+
+    /// Starts the group servers of a running load balancer that a dead supervisor left: web
+    /// servers one at a time, each gated on its own health check before the next, workers
+    /// alongside. A web server whose configuration changed while no supervisor ran (a
+    /// failover cut off before it repointed them) is restarted, and restarting them all at
+    /// once would leave the load balancer nobody to send a request to; one at a time, HAProxy
+    /// retries a refused connection on another (`option redispatch`, `retry-on
+    /// conn-failure`). Web servers adopted whole take a probe each.
+    async fn take_over_group_servers(&mut self, servers: Vec<ServerRecord>) -> anyhow::Result<()> {
+        let (web, others): (Vec<_>, Vec<_>) =
+            servers.into_iter().partition(|s| s.has_role(Role::Web));
+        let launch = self.launcher();
+        let web_one_at_a_time = async {
+            let mut launched = Launched::default();
+            for server in web {
+                launched.merge(launch.start_all(vec![server]).await);
+                if launched.error.is_some() {
+                    break;
+                }
+            }
+            launched
+        };
+        let (mut launched, others) = tokio::join!(web_one_at_a_time, launch.start_all(others));
+        launched.merge(others);
+        self.absorb(launched)
     }
 
     /// Servers a deploy cut off (with its supervisor) was still starting, of a release the
@@ -850,12 +884,13 @@ impl Supervisor {
                 ctx.peers.web_backends.len()
             );
             // It runs this configuration now: a successor may adopt it as such.
-            let digest = config_digest(&recipe, &ctx.layout.tls_dir);
-            for service in self.services.values_mut().filter(|s| s.server == lb.id) {
-                if let Err(error) = service.record.record_config_digest(&digest) {
-                    tracing::warn!(service = %service.record.name, "recording its configuration: {error}");
-                }
-            }
+            record_applied(
+                &self.env,
+                &lb.id,
+                &recipe,
+                &ctx.layout.tls_dir,
+                self.services.values_mut().filter(|s| s.server == lb.id),
+            );
         }
         Ok(())
     }
@@ -1401,36 +1436,69 @@ async fn start_server(
     let digest = config_digest(&recipe, &ctx.layout.tls_dir);
     let mut adoptable: BTreeMap<String, PidRecord> = BTreeMap::new();
     let mut differing: Vec<(PidRecord, &ServiceSpec)> = Vec::new();
+    // A pause deadline left running means a failover paused this app server's PgBouncer and
+    // its supervisor died before resuming it (before repointing it, maybe). Its clients wait
+    // in the paused pool; once the configuration is applied (in place: see `takeover`), the
+    // pool is resumed, as the failover would have.
+    let pause_deadline = leftovers
+        .lock()
+        .expect("leftovers lock")
+        .remove(&format!("{}/{}", server.id, PGBOUNCER_RESUME_HELPER));
     // The load balancer's configuration is state, not configuration: it lists the web servers
     // in service, which change while no supervisor runs (a deploy or scale cut off). A
     // running HAProxy is adopted whatever it lists, and reloaded (hitless) once its files are
     // written, as every change of the list reloads it.
-    let reload_to_adopt = server.has_role(Role::Lb);
+    let state_only = server.has_role(Role::Lb);
+    let recipe_now = serde_json::to_value(&recipe).context("recording the recipe")?;
+    let applied = takeover::applied(&env.paths, &server.id);
     let mut reload: Vec<String> = Vec::new();
+    let mut adopted_unchanged = 0;
     {
         let mut left = leftovers.lock().expect("leftovers lock");
         for spec in &recipe.services {
-            if let Some(record) = left.remove(&format!("{}/{}", server.id, spec.name)) {
-                let same = record.config_digest == digest;
-                let reloadable = reload_to_adopt && spec.reload_signal.is_some();
-                if (same || reloadable) && record.is_alive() {
-                    if !same {
-                        reload.push(spec.name.clone());
-                    }
+            let Some(record) = left.remove(&format!("{}/{}", server.id, spec.name)) else {
+                continue;
+            };
+            let decision = takeover::decide(
+                &spec.name,
+                &record,
+                &digest,
+                applied.as_ref(),
+                &recipe_now,
+                state_only,
+            );
+            match decision {
+                takeover::Takeover::Restart => differing.push((record, spec)),
+                _ if !record.is_alive() => differing.push((record, spec)),
+                takeover::Takeover::Adopt => {
+                    adopted_unchanged += 1;
                     adoptable.insert(spec.name.clone(), record);
-                } else {
-                    differing.push((record, spec));
+                }
+                takeover::Takeover::AdoptAndReload => {
+                    reload.push(spec.name.clone());
+                    adoptable.insert(spec.name.clone(), record);
                 }
             }
         }
     }
+    // Stopped in the reverse of their start order: nginx before the app before PgBouncer and
+    // stunnel, so the load balancer meets a refused connection (and retries elsewhere), not a
+    // web server answering errors.
+    let start_order: Vec<&str> = ordered_services(&recipe)?
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    differing.sort_by_key(|(_, spec)| {
+        std::cmp::Reverse(start_order.iter().position(|name| *name == spec.name))
+    });
     for (record, spec) in differing {
         tracing::info!(service = %record.name, pid = record.pid,
             "restarting a service an earlier supervisor left: its configuration differs");
         process::stop(&record, to_nix(spec.stop_signal), spec.stop_timeout).await;
     }
+    // Nothing to apply: every service adopted as it runs, so the steps are not run again.
     let every_service_adopted =
-        !recipe.services.is_empty() && adoptable.len() == recipe.services.len();
+        !recipe.services.is_empty() && adopted_unchanged == recipe.services.len();
     for dir in &recipe.dirs {
         apply::ensure_dir(dir)?;
     }
@@ -1448,7 +1516,7 @@ async fn start_server(
         ) else {
             continue;
         };
-        tracing::info!(service = %record.name, "adopted with the current list of web servers (reloaded)");
+        tracing::info!(service = %record.name, "adopted, and reloaded to apply its changed files");
         if let Err(error) = process::signal(record, to_nix(signal)) {
             tracing::warn!(service = %record.name, "reloading an adopted service: {error}");
         }
@@ -1480,6 +1548,9 @@ async fn start_server(
             }
         }
     }
+    if let Some(deadline) = pause_deadline {
+        resume_paused_pool(prepared, server, deadline).await;
+    }
     let mut result = if every_service_adopted {
         Ok(())
     } else {
@@ -1496,13 +1567,59 @@ async fn start_server(
     }
     // Only a server started whole may be adopted later: a supervisor that dies half-way
     // through a start leaves services a successor restarts.
-    for service in &mut started {
+    record_applied(
+        env,
+        &server.id,
+        &recipe,
+        &ctx.layout.tls_dir,
+        started.iter_mut(),
+    );
+    tracing::info!(server = %server.id, address = %server.address, "server in service");
+    Ok(started)
+}
+
+/// The name of an app server's pause deadline ([`crate::pgbouncer::ResumeDeadline`]): its
+/// process record `<server>/pgbouncer-resume`, its pid file and log.
+const PGBOUNCER_RESUME_HELPER: &str = "pgbouncer-resume";
+
+/// Resumes the PgBouncer a dead supervisor's failover left paused (its configuration now
+/// applied), then stops the deadline that would have resumed it. When `RESUME` fails, the
+/// deadline stays to resume it when it fires.
+async fn resume_paused_pool(prepared: &Prepared, server: &ServerRecord, deadline: PidRecord) {
+    match database::pgbouncer_console(prepared, server)
+        .resume(database::PAUSE_TIMEOUT)
+        .await
+    {
+        Ok(_) => {
+            tracing::warn!(server = %server.id, "resumed the PgBouncer an interrupted failover had paused");
+            process::stop(&deadline, deadline.stop_signal, Duration::from_secs(5)).await;
+        }
+        Err(error) => {
+            tracing::error!(server = %server.id, "resuming the PgBouncer an interrupted failover had paused (its pause deadline will): {error:#}");
+        }
+    }
+}
+
+/// Records that `server`'s `services` run `recipe` now (with its TLS files): each one's
+/// digest in its pid file, and the recipe for [`takeover::decide`]. A successor adopts what
+/// runs this configuration and applies in place what differs from it.
+fn record_applied<'a>(
+    env: &LocalEnvironment,
+    server: &str,
+    recipe: &Recipe,
+    tls_dir: &Path,
+    services: impl Iterator<Item = &'a mut RunningService>,
+) {
+    let digest = config_digest(recipe, tls_dir);
+    match serde_json::to_value(recipe) {
+        Ok(recipe) => takeover::record_applied(&env.paths, server, &recipe),
+        Err(error) => tracing::warn!(server, "recording the configuration applied: {error}"),
+    }
+    for service in services {
         if let Err(error) = service.record.record_config_digest(&digest) {
             tracing::warn!(service = %service.record.name, "recording its configuration: {error}");
         }
     }
-    tracing::info!(server = %server.id, address = %server.address, "server in service");
-    Ok(started)
 }
 
 /// What a server's services start from, as one digest: its rendered recipe (commands,

@@ -34,7 +34,7 @@ use crate::status::Phase;
 
 /// How long pausing the pools and catching up may take before a planned failover gives up
 /// (and resumes, changing nothing).
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(15);
+pub(super) const PAUSE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A database operation running beside the supervisor's loop: a summary, and for a failover
 /// how long writes were held.
@@ -420,6 +420,16 @@ impl Supervisor {
                 }
             }
         }
+        // The server now runs this configuration (applied in place, as a failover applies
+        // it): a successor supervisor adopts its services rather than restarting them all
+        // (the new primary's PostgreSQL, every web server at once).
+        super::record_applied(
+            &self.env,
+            id,
+            &recipe,
+            &ctx.layout.tls_dir,
+            self.services.values_mut().filter(|s| s.server == id),
+        );
         Ok(())
     }
 }
@@ -435,10 +445,14 @@ async fn pause(
     let console = pgbouncer_console(prepared, server);
     let dir = env.paths.server(&server.id);
     let files = HelperFiles {
-        pid: dir.join("pids").join("pgbouncer-resume.pid"),
-        log: dir.join("log").join("pgbouncer-resume.log"),
+        pid: dir
+            .join("pids")
+            .join(format!("{}.pid", super::PGBOUNCER_RESUME_HELPER)),
+        log: dir
+            .join("log")
+            .join(format!("{}.log", super::PGBOUNCER_RESUME_HELPER)),
     };
-    let name = format!("{}/pgbouncer-resume", server.id);
+    let name = format!("{}/{}", server.id, super::PGBOUNCER_RESUME_HELPER);
     let deadline = ResumeDeadline::arm(&name, &console, PAUSE_DEADLINE, &files).await?;
     deadlines.insert(server.id.clone(), deadline);
     console.run("PAUSE", PAUSE_TIMEOUT).await.map(drop)
@@ -475,7 +489,7 @@ async fn resume_all(
 }
 
 /// The admin console of an app server's PgBouncer, as rigger's admin user.
-fn pgbouncer_console(prepared: &Prepared, server: &ServerRecord) -> AdminConsole {
+pub(super) fn pgbouncer_console(prepared: &Prepared, server: &ServerRecord) -> AdminConsole {
     AdminConsole::of_server(
         server.address.to_string(),
         prepared
