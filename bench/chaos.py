@@ -23,7 +23,8 @@ sets it up). Scenarios:
                       Redis, RabbitMQ, PostgreSQL primary or replica)
 
 After each kill it re-runs the command that was cut off, waits for the environment to
-converge (status `ready`, the groups at their desired counts, every process running; for the
+converge (status `ready`, the groups at their desired counts, every process running, every
+replica streaming from the primary; for the
 down scenarios: nothing of the environment running, no keeper, then `up` again untimed) and
 checks: no orphan (a live process recorded under servers/ that the status does not show), no
 deploy lock left, the release history's last entry a final result, every row the site
@@ -71,7 +72,13 @@ def converged(state):
         members = [s for s in servers if s["id"].startswith(group["name"] + "-") and s["state"] == "in_service"]
         if len(members) != group["desired"]:
             return False
-    return all(p["state"] == "running" for s in servers for p in s.get("processes", []))
+    if not all(p["state"] == "running" for s in servers for p in s.get("processes", [])):
+        return False
+    # Every replica streams from the primary: a failover finished wrong (two primaries) has
+    # every server running and the site answering, and no copy of the data.
+    replicas = [s for s in servers if "db-replica" in s.get("roles", [])]
+    streaming = [r for r in state.get("replication", []) if r.get("state") == "streaming"]
+    return len(streaming) >= len(replicas)
 
 
 def wait_converged(binary):

@@ -102,6 +102,11 @@ pub trait FailoverTarget: Send {
         server: &str,
         sql: &str,
     ) -> impl Future<Output = Result<String, Self::Error>> + Send;
+    /// The point of no return is next: records, where a successor finds it, that the replica
+    /// may be promoted from now on, so that whatever takes over after a crash finishes the
+    /// switch (fences the old primary, makes the replica the primary) instead of starting the
+    /// old primary again beside a promoted replica. Undone by [`FailoverTarget::switch`].
+    fn promoting(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// The replica is promoted: fence the old primary (it never accepts a write again), give
     /// the promoted server the primary's role and configuration, deal with the other replicas.
     fn switch(&mut self) -> impl Future<Output = Result<Self::Switched, Self::Error>> + Send;
@@ -161,6 +166,10 @@ pub async fn promote<T: FailoverTarget>(
             PAUSE_DEADLINE.as_secs(),
             PROMOTE_BUDGET.as_secs()
         );
+        return Err(refuse(target, why).await);
+    }
+    if let Err(error) = target.promoting().await {
+        let why = format!("recording the promotion of {}: {error}", failover.replica);
         return Err(refuse(target, why).await);
     }
     target.report(&format!("promoting {}", failover.replica));

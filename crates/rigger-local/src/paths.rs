@@ -107,6 +107,11 @@ impl EnvPaths {
     pub fn desired(&self) -> PathBuf {
         self.root.join("desired.json")
     }
+    /// A failover's promotion in progress, from just before the promotion until the switch
+    /// is recorded in the registry (`supervisor::database::Promotion`).
+    pub fn promotion(&self) -> PathBuf {
+        self.root.join("promotion.json")
+    }
     /// The supervisor's record of servers, written after every change.
     pub fn registry(&self) -> PathBuf {
         self.root.join("registry.json")

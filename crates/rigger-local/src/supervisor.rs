@@ -247,6 +247,7 @@ impl Supervisor {
         self.prepared = Some(Arc::new(prepare::prepare(&self.env).await?));
         self.registry = Registry::load(&self.env.paths.registry())?;
         self.scaled = DesiredCounts::load(&self.env.paths.desired())?;
+        self.finish_an_interrupted_switch().await?;
         self.take_over_leftovers().await;
         if self.registry.current_release.is_none() {
             release::ensure_initial(&self.env).await?;
@@ -1449,7 +1450,7 @@ async fn start_server(
     // running HAProxy is adopted whatever it lists, and reloaded (hitless) once its files are
     // written, as every change of the list reloads it.
     let state_only = server.has_role(Role::Lb);
-    let recipe_now = serde_json::to_value(&recipe).context("recording the recipe")?;
+    let recipe_now = takeover::comparable(&recipe);
     let applied = takeover::applied(&env.paths, &server.id);
     let mut reload: Vec<String> = Vec::new();
     let mut adopted_unchanged = 0;
@@ -1611,10 +1612,7 @@ fn record_applied<'a>(
     services: impl Iterator<Item = &'a mut RunningService>,
 ) {
     let digest = config_digest(recipe, tls_dir);
-    match serde_json::to_value(recipe) {
-        Ok(recipe) => takeover::record_applied(&env.paths, server, &recipe),
-        Err(error) => tracing::warn!(server, "recording the configuration applied: {error}"),
-    }
+    takeover::record_applied(&env.paths, server, &takeover::comparable(recipe));
     for service in services {
         if let Err(error) = service.record.record_config_digest(&digest) {
             tracing::warn!(service = %service.record.name, "recording its configuration: {error}");

@@ -90,6 +90,11 @@ impl FailoverTarget for Cluster {
         panic!("unexpected SQL on {server}: {sql}");
     }
 
+    async fn promoting(&mut self) -> Result<(), String> {
+        self.log.push("recorded".into());
+        Ok(())
+    }
+
     async fn switch(&mut self) -> Result<&'static str, String> {
         self.log.push("switch".into());
         if self.switch_fails {
@@ -125,6 +130,7 @@ async fn a_planned_failover_waits_for_the_replica_then_promotes_switches_repoint
         [
             "pause",
             "db-primary: position",
+            "recorded",
             "db-replica1: promote",
             "switch",
             "repoint",
@@ -236,6 +242,7 @@ async fn a_forced_failover_with_the_primary_gone_goes_on_and_says_writes_may_be_
         [
             "pause",
             "db-primary: unreachable",
+            "recorded",
             "db-replica1: promote",
             "switch",
             "repoint",
@@ -271,6 +278,7 @@ async fn a_failover_cut_off_after_fencing_is_finished_by_running_it_again() {
         cluster.log,
         [
             "pause",
+            "recorded",
             "db-replica1: promote",
             "switch",
             "repoint",

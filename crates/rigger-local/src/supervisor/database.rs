@@ -251,6 +251,8 @@ impl Supervisor {
             record.roles = vec![Role::DbPrimary.as_str().to_owned()];
         }
         self.save_registry()?;
+        // The registry says it now: a successor starts the new primary as such.
+        Promotion::remove(&self.env.paths)?;
         // Its configuration must say primary from now on (a restart must not make it a standby).
         self.reapply(&replica.id)
             .await
@@ -434,6 +436,93 @@ impl Supervisor {
     }
 }
 
+/// A failover past its point of no return: `promoted` may run as a primary already, and
+/// `fenced` (the old primary) must never run again. Written just before the promotion and
+/// removed once the registry says so; a supervisor that finds it at start finishes the
+/// switch before it starts any database server ([`Supervisor::finish_an_interrupted_switch`]).
+/// Without it, a supervisor killed between promoting the replica and recording the switch
+/// left a successor that started the old primary again beside the promoted replica (or, its
+/// files already buried, an empty new primary): found by bench/chaos.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Promotion {
+    pub fenced: Option<String>,
+    pub promoted: String,
+}
+
+impl Promotion {
+    fn save(&self, paths: &EnvPaths) -> anyhow::Result<()> {
+        write_atomically(&paths.promotion(), &serde_json::to_vec(self)?)
+            .context("recording the promotion")
+    }
+
+    pub(super) fn load(paths: &EnvPaths) -> anyhow::Result<Option<Promotion>> {
+        let path = paths.promotion();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).with_context(|| {
+                format!(
+                    "{} is damaged: it names the failover a dead supervisor was promoting; \
+                     check `rigger db status`, then remove it",
+                    path.display()
+                )
+            }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    pub(super) fn remove(paths: &EnvPaths) -> anyhow::Result<()> {
+        match std::fs::remove_file(paths.promotion()) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                Err(error).context("removing the promotion record")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Supervisor {
+    /// Finishes the switch of a failover whose supervisor died past its point of no return
+    /// ([`Promotion`]), before any server starts: the old primary's processes stopped and its
+    /// server forgotten (its files kept under `terminated/`), the promoted replica given the
+    /// primary's role, its standby signal removed, and promoted if it runs still in recovery
+    /// (a no-op when it was). The bring-up then starts it as the primary and rebuilds a
+    /// replica from it.
+    pub(super) async fn finish_an_interrupted_switch(&mut self) -> anyhow::Result<()> {
+        let Some(promotion) = Promotion::load(&self.env.paths)? else {
+            return Ok(());
+        };
+        tracing::warn!(promoted = %promotion.promoted, fenced = ?promotion.fenced,
+            "finishing the switch of a failover a dead supervisor had begun");
+        if let Some(old) = &promotion.fenced {
+            for (name, outcome) in
+                process::stop_leftovers(&self.env.paths.server(old), Duration::from_secs(30)).await
+            {
+                tracing::warn!(process = %name, ?outcome, "fenced the old primary");
+            }
+            self.registry.remove(old);
+            self.save_registry()?;
+            super::bury(&self.env, old)?;
+        }
+        if let Some(record) = self.registry.get_mut(&promotion.promoted) {
+            record.roles = vec![Role::DbPrimary.as_str().to_owned()];
+        }
+        self.save_registry()?;
+        let layout = self.env.server_layout(&promotion.promoted);
+        let _ = std::fs::remove_file(layout.data("postgresql").join("standby.signal"));
+        if let Err(error) = crate::on_server::psql(
+            &self.env,
+            &promotion.promoted,
+            rigger_recipes::sql::PROMOTE_IF_IN_RECOVERY,
+        )
+        .await
+        {
+            // Not running: it starts as a primary (no standby signal).
+            tracing::info!(server = %promotion.promoted, "promoting at take-over: {error:#}");
+        }
+        Promotion::remove(&self.env.paths)
+    }
+}
+
 /// Arms `server`'s pause deadline (recorded in `deadlines`, so it is disarmed or left to
 /// fire with the others), then pauses its PgBouncer.
 async fn pause(
@@ -543,6 +632,14 @@ impl FailoverTarget for LoopDatabases {
             .find(|s| s.id == server)
             .with_context(|| format!("`{server}` is not a database server of this failover"))?;
         crate::on_server::psql(&self.env, &record.id, sql).await
+    }
+
+    async fn promoting(&mut self) -> anyhow::Result<()> {
+        Promotion {
+            fenced: self.primary.as_ref().map(|p| p.id.clone()),
+            promoted: self.replica.id.clone(),
+        }
+        .save(&self.env.paths)
     }
 
     async fn switch(&mut self) -> anyhow::Result<Option<String>> {

@@ -136,8 +136,46 @@ fn reads(named: &[PathBuf], file: &Path) -> bool {
     })
 }
 
+/// A recipe as the take-over compares and records it: every file's contents and every
+/// command environment's values replaced by their SHA-256 (they may hold secrets, which a
+/// record never does; equal digests are what the comparison needs).
+pub(super) fn comparable(recipe: &rigger_recipes::Recipe) -> Value {
+    let mut value = serde_json::to_value(recipe).unwrap_or(Value::Null);
+    digest_secrets(&mut value);
+    value
+}
+
+fn digest_secrets(value: &mut Value) {
+    use sha2::Digest as _;
+    let digest = |text: &str| {
+        let hash = sha2::Sha256::digest(text.as_bytes());
+        let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+        Value::String(format!("sha256:{hex}"))
+    };
+    match value {
+        Value::Object(map) => {
+            for (key, inner) in map.iter_mut() {
+                match (key.as_str(), &mut *inner) {
+                    ("contents", Value::String(text)) => *inner = digest(text),
+                    ("env", Value::Object(env)) => {
+                        for text in env.values_mut() {
+                            if let Value::String(plain) = text {
+                                *text = digest(plain);
+                            }
+                        }
+                    }
+                    _ => digest_secrets(inner),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(digest_secrets),
+        _ => {}
+    }
+}
+
 /// Where the recipe a server last had applied is kept: with its digest, what a successor
-/// compares against. Mode 0600 under the server's directory (its files hold secrets).
+/// compares against ([`comparable`]: no secret in it). Mode 0600 under the server's
+/// directory.
 fn applied_path(paths: &EnvPaths, server: &str) -> PathBuf {
     paths.server(server).join("applied-recipe.json")
 }
@@ -268,6 +306,38 @@ mod tests {
             ),
             Takeover::Restart
         );
+    }
+
+    #[test]
+    fn the_recorded_recipe_holds_digests_of_contents_and_environments_not_them() {
+        let mut recipe = rigger_recipes::Recipe::default();
+        recipe.files.push(rigger_recipes::FileSpec {
+            path: "/s/web-1/etc/app/app.env".into(),
+            contents: "SECRET_KEY=hunter2\n".into(),
+            mode: 0o600,
+            owner: "root".into(),
+            contains_secret: true,
+        });
+        let mut step = rigger_recipes::Command::new("/usr/bin/psql");
+        step.env.insert("PGPASSWORD".into(), "hunter3".into());
+        recipe.steps.push(rigger_recipes::StepSpec {
+            name: "setup".into(),
+            command: step,
+            phase: rigger_recipes::Phase::AfterStart,
+            creates: None,
+            stdin_file: None,
+            retry: None,
+        });
+        let recorded = comparable(&recipe);
+        let text = recorded.to_string();
+        assert!(
+            !text.contains("hunter2") && !text.contains("hunter3"),
+            "{text}"
+        );
+        assert!(text.contains("/s/web-1/etc/app/app.env"), "{text}");
+        // Other contents, another digest: a change is still seen.
+        recipe.files[0].contents = "SECRET_KEY=hunter4\n".into();
+        assert_ne!(comparable(&recipe), recorded);
     }
 
     #[test]

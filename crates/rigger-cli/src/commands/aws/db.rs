@@ -653,6 +653,12 @@ impl FailoverTarget for AwsDatabases<'_> {
         self.psql(server, sql).await
     }
 
+    /// Recorded before anything changed (`Provider::begin_failover`, in `failover_to`): the
+    /// next `db promote` finishes a failover cut off at any point.
+    async fn promoting(&mut self) -> Result<(), Failure> {
+        Ok(())
+    }
+
     /// The AWS half ([`Provider::fail_over`]: the old primary stopped and renamed, the
     /// promoted one given the primary's names, launch templates pointed at it), then the
     /// replication slots of the replicas `up` builds next, on the new primary.
