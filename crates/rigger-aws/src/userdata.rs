@@ -83,6 +83,40 @@ pub fn user_data(
     Ok(base64::engine::general_purpose::STANDARD.encode(gzipped))
 }
 
+/// The script of a user-data [`user_data`] made: base64 decoded (again, as long as it is not
+/// gzip yet: moto hands an instance's back encoded once more) and gunzipped. For tests and
+/// diagnostics that read what a server boots with.
+pub fn script_of(user_data: &str) -> Result<String, String> {
+    use std::io::Read as _;
+    let mut bytes = user_data.as_bytes().to_vec();
+    while !bytes.starts_with(&[0x1f, 0x8b]) {
+        bytes = base64::engine::general_purpose::STANDARD
+            .decode(&bytes)
+            .map_err(|e| format!("user-data is neither gzip nor base64: {e}"))?;
+    }
+    let mut script = String::new();
+    flate2::read::GzDecoder::new(&bytes[..])
+        .read_to_string(&mut script)
+        .map_err(|e| format!("user-data does not gunzip: {e}"))?;
+    Ok(script)
+}
+
+/// The contents of the file whose path ends with `name` in a boot script: the reverse of
+/// the `put PATH MODE OWNER KIND BASE64` lines [`write_file`] writes. For tests and
+/// diagnostics.
+pub fn file_in(script: &str, name: &str) -> Option<String> {
+    let line = script.lines().find(|line| {
+        line.strip_prefix("put ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|path| path.trim_matches('\'').ends_with(name))
+    })?;
+    let encoded = line.split_whitespace().last()?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    String::from_utf8(bytes).ok()
+}
+
 /// Packages every server installs, whatever its roles (the metadata firewall's `nftables` is
 /// installed first, on its own, when missing).
 const COMMON_PACKAGES: &[&str] = &["awscli", "ca-certificates", "curl", "openssl"];
@@ -1115,5 +1149,41 @@ fn probe(
             None => format!("  {}", command_line(command, group_server)),
         },
         Probe::Running => format!("  systemctl is-active --quiet {}", shell_quote(unit)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_written_into_a_boot_script_reads_back_from_its_user_data() {
+        let mut script = String::from("#!/bin/bash\n");
+        write_file(
+            &mut script,
+            &rigger_recipes::FileSpec {
+                path: "/etc/stunnel/stunnel.conf".into(),
+                contents: "connect = 10.0.0.5:5432\n".into(),
+                mode: 0o644,
+                owner: "root".into(),
+                contains_secret: false,
+            },
+            true,
+        );
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(script.as_bytes()).unwrap();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(encoder.finish().unwrap());
+        // moto hands an instance's user-data back encoded once more.
+        let twice = base64::engine::general_purpose::STANDARD.encode(&encoded);
+        for user_data in [&encoded, &twice] {
+            let read = script_of(user_data).unwrap();
+            assert_eq!(read, script);
+            assert_eq!(
+                file_in(&read, "stunnel.conf").as_deref(),
+                Some("connect = 10.0.0.5:5432\n")
+            );
+            assert_eq!(file_in(&read, "pgbouncer.ini"), None);
+        }
+        assert!(script_of("not base64!").is_err());
     }
 }

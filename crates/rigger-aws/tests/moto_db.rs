@@ -8,9 +8,6 @@
 
 mod common;
 
-use std::io::Read as _;
-
-use base64::Engine as _;
 use common::{Moto, actions, config, config_text, provider, quiet};
 use rigger_aws::database::{self, FENCED_TAG, SERVER_TAG};
 
@@ -60,14 +57,7 @@ async fn template_user_data(provider: &rigger_aws::Provider, name: &str) -> Stri
         .and_then(|d| d.user_data())
         .unwrap()
         .to_owned();
-    let gzipped = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .unwrap();
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(&gzipped[..])
-        .read_to_string(&mut text)
-        .unwrap();
-    text
+    rigger_aws::userdata::script_of(&encoded).unwrap()
 }
 
 #[tokio::test]
@@ -116,16 +106,7 @@ async fn failover_fences_the_primary_and_up_rebuilds_the_replica() {
     // Servers the groups launch from now on connect to it and check its certificate's name.
     for template in ["shop-prod-web-r1", "shop-prod-worker-r1"] {
         let script = template_user_data(&provider, template).await;
-        // The files are written base64-encoded: find the stunnel.conf among them.
-        let stunnel = script
-            .split_whitespace()
-            .filter_map(|word| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(word.trim_matches('\''))
-                    .ok()
-            })
-            .filter_map(|bytes| String::from_utf8(bytes).ok())
-            .find(|text| text.contains("protocol = pgsql"))
+        let stunnel = rigger_aws::userdata::file_in(&script, "stunnel.conf")
             .unwrap_or_else(|| panic!("no stunnel.conf in {template}'s user-data"));
         assert!(
             stunnel.contains(&format!("connect = {replica_address}:5432"))
@@ -309,23 +290,7 @@ async fn instance_user_data(provider: &rigger_aws::Provider, id: &str) -> String
         .send()
         .await
         .unwrap();
-    let mut bytes = answer
-        .user_data()
-        .and_then(|u| u.value())
-        .unwrap()
-        .as_bytes()
-        .to_vec();
-    // Decoded until gzip's magic shows.
-    while !bytes.starts_with(&[0x1f, 0x8b]) {
-        bytes = base64::engine::general_purpose::STANDARD
-            .decode(&bytes)
-            .expect("base64 user-data");
-    }
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(&bytes[..])
-        .read_to_string(&mut text)
-        .unwrap();
-    text
+    rigger_aws::userdata::script_of(answer.user_data().and_then(|u| u.value()).unwrap()).unwrap()
 }
 
 #[tokio::test]

@@ -160,42 +160,6 @@ struct Inventory {
     security_groups: Vec<String>,
 }
 
-/// A user-data script as EC2 holds it: base64 of gzip.
-fn gunzipped_base64(encoded: &str) -> String {
-    use base64::Engine as _;
-    use std::io::Read as _;
-    let gzipped = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .unwrap();
-    let mut script = String::new();
-    flate2::read::GzDecoder::new(&gzipped[..])
-        .read_to_string(&mut script)
-        .unwrap();
-    script
-}
-
-/// The contents of the file whose path ends with `name` among a user-data script's
-/// `put PATH MODE OWNER KIND BASE64` lines.
-fn file_in(script: &str, name: &str) -> String {
-    use base64::Engine as _;
-    let line = script
-        .lines()
-        .find(|l| {
-            l.starts_with("put ")
-                && l.split_whitespace()
-                    .nth(1)
-                    .is_some_and(|p| p.trim_matches('\'').ends_with(name))
-        })
-        .unwrap_or_else(|| panic!("no file {name} in the user-data"));
-    let encoded = line.split_whitespace().last().unwrap();
-    String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .unwrap(),
-    )
-    .unwrap()
-}
-
 fn tagged_for_the_environment<'a>(
     tags: impl IntoIterator<Item = (Option<&'a str>, Option<&'a str>)>,
 ) -> bool {
@@ -285,7 +249,7 @@ fn inventory(moto: &moto::Moto) -> Inventory {
                 .first()
                 .and_then(|v| v.launch_template_data())
                 .and_then(|d| d.user_data())
-                .map(gunzipped_base64)
+                .map(|encoded| rigger_aws::userdata::script_of(encoded).unwrap())
                 .unwrap_or_default();
             found.templates.push((name.to_owned(), tagged, user_data));
         }
@@ -432,7 +396,8 @@ fn audit_live(moto: &moto::Moto, dir: &Path, after: &str) {
             *tagged && name.starts_with("shop-prod-"),
             "template {name}: {report}"
         );
-        let stunnel = file_in(user_data, "stunnel.conf");
+        let stunnel = rigger_aws::userdata::file_in(user_data, "stunnel.conf")
+            .unwrap_or_else(|| panic!("{after}: no stunnel.conf in template {name}"));
         assert!(
             stunnel.contains(&format!("connect = {primary_address}:")),
             "{after}: template {name} launches servers pointing elsewhere than the primary {primary_address}: {stunnel}"

@@ -1453,7 +1453,6 @@ async fn start_server(
     let recipe_now = takeover::comparable(&recipe);
     let applied = takeover::applied(&env.paths, &server.id);
     let mut reload: Vec<String> = Vec::new();
-    let mut adopted_unchanged = 0;
     {
         let mut left = leftovers.lock().expect("leftovers lock");
         for spec in &recipe.services {
@@ -1472,7 +1471,6 @@ async fn start_server(
                 takeover::Takeover::Restart => differing.push((record, spec)),
                 _ if !record.is_alive() => differing.push((record, spec)),
                 takeover::Takeover::Adopt => {
-                    adopted_unchanged += 1;
                     adoptable.insert(spec.name.clone(), record);
                 }
                 takeover::Takeover::AdoptAndReload => {
@@ -1497,9 +1495,14 @@ async fn start_server(
             "restarting a service an earlier supervisor left: its configuration differs");
         process::stop(&record, to_nix(spec.stop_signal), spec.stop_timeout).await;
     }
-    // Nothing to apply: every service adopted as it runs, so the steps are not run again.
-    let every_service_adopted =
-        !recipe.services.is_empty() && adopted_unchanged == recipe.services.len();
+    // Nothing changed at all (every service adopted, from exactly this configuration): the
+    // steps are not run again. Any change runs them, as `reapply` does (a new replica's slot
+    // is made by the primary's setup step).
+    let every_service_adopted = !recipe.services.is_empty()
+        && adoptable.len() == recipe.services.len()
+        && adoptable
+            .values()
+            .all(|record| record.config_digest == digest);
     for dir in &recipe.dirs {
         apply::ensure_dir(dir)?;
     }
