@@ -113,7 +113,7 @@ struct Pool {
     /// The servers' protocol: `HTTP`, `HTTPS`, `TCP`, `SSL`.
     protocol: String,
     check: Check,
-    /// Registered members, in registration order, then draining ones.
+    /// Registered members in registration order, draining ones where they were.
     members: Vec<Member>,
     /// How long a deregistered member drains (none for classic: a reload lets the old
     /// worker finish its connections).
@@ -443,9 +443,28 @@ impl Balancers {
         });
         for (key, entry) in draining.iter() {
             let pool_name = key.split_once('/').map_or("", |(pool, _)| pool);
-            if let Some(pool) = wanted.pools.iter_mut().find(|p| p.name == pool_name) {
-                pool.members.push(entry.member.clone());
-            }
+            let Some(pool) = wanted.pools.iter_mut().find(|p| p.name == pool_name) else {
+                continue;
+            };
+            // It keeps its place: moving it would change the configuration, and the reload
+            // that follows is not instantaneous (its new worker may answer 503 for a moment
+            // while the other servers' state is carried over), where ALB disturbs nobody.
+            let ahead_of_it: BTreeSet<String> = before
+                .pool(pool_name)
+                .map(|old| {
+                    old.members
+                        .iter()
+                        .map(Member::server)
+                        .take_while(|server| *server != entry.member.server())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let place = pool
+                .members
+                .iter()
+                .rposition(|m| ahead_of_it.contains(&m.server()))
+                .map_or(0, |i| i + 1);
+            pool.members.insert(place, entry.member.clone());
         }
     }
 
@@ -1801,6 +1820,40 @@ mod tests {
         let mut wanted = plan(&deregistered, address, &addresses);
         balancers.drain(&mut wanted, &BTreeMap::new());
         assert_eq!(wanted.pool("tg-app-lb-443").unwrap().members.len(), 1);
+    }
+
+    #[test]
+    fn a_draining_target_keeps_its_place_so_haproxy_is_not_reloaded() {
+        let state = tempfile::tempdir().unwrap();
+        let balancers = Balancers::new(&Lab::new(state.path(), Path::new("/i")).unwrap());
+        let addresses: HashMap<String, Ipv4Addr> = [
+            ("i-0a".to_owned(), Ipv4Addr::new(172, 31, 0, 4)),
+            ("i-0b".to_owned(), Ipv4Addr::new(172, 31, 0, 5)),
+        ]
+        .into();
+        let emulated = application();
+        let serving = plan(&emulated, address, &addresses);
+        let config = render(&serving, Path::new("/d"), "lab");
+        *balancers.layout.lock().unwrap() = serving;
+        let mut deregistered = emulated.clone();
+        deregistered.target_groups[0]
+            .targets
+            .retain(|t| t.0 != "i-0a");
+        let busy: BTreeMap<String, ServerView> = [(
+            "tg-app-lb-443/i-0a-443".to_owned(),
+            ServerView {
+                up: true,
+                last_check: "L7OK".into(),
+                code: Some(200),
+                sessions: 1,
+            },
+        )]
+        .into();
+        let mut wanted = plan(&deregistered, address, &addresses);
+        balancers.drain(&mut wanted, &busy);
+        let pool = wanted.pool("tg-app-lb-443").unwrap();
+        assert!(pool.members[0].draining && pool.members[0].id == "i-0a", "{pool:?}");
+        assert_eq!(render(&wanted, Path::new("/d"), "lab"), config);
     }
 
     #[test]
