@@ -116,6 +116,21 @@ pub trait FailoverTarget: Send {
     fn report(&mut self, message: &str);
 }
 
+/// What a replica had of its lost primary's writes, from [`sql::LAST_RECEIVED`]'s answer:
+/// "had received WAL up to 0/3000060, its last replayed transaction 12 s before this
+/// promotion". `None` when the answer is not a WAL position (nothing checked is invented).
+fn what_the_replica_had(answer: &str) -> Option<String> {
+    let mut words = answer.split_whitespace();
+    let position = words.next().filter(|lsn| sql::is_lsn(lsn))?;
+    let replayed = match words.next().and_then(|s| s.parse::<u64>().ok()) {
+        Some(seconds) => {
+            format!(", its last replayed transaction {seconds} s before this promotion")
+        }
+        None => String::new(),
+    };
+    Some(format!("had received WAL up to {position}{replayed}"))
+}
+
 /// Fails over as [`Failover`] says. `Err` says why; when it ends with "nothing was changed,
 /// writes resumed", the primary is still the primary.
 pub async fn promote<T: FailoverTarget>(
@@ -148,7 +163,18 @@ pub async fn promote<T: FailoverTarget>(
                 Some(bytes) => format!(
                     "the replica was {bytes} bytes of WAL behind: writes after that point are lost"
                 ),
-                None => "the primary could not be asked how far behind the replica was: the last writes may be lost".into(),
+                None => {
+                    let had = target
+                        .query(&failover.replica, sql::LAST_RECEIVED)
+                        .await
+                        .ok()
+                        .and_then(|out| what_the_replica_had(&out));
+                    format!(
+                        "the primary could not be asked how far behind the replica was{}: the \
+                         writes it acknowledged after that may be lost",
+                        had.map_or(String::new(), |had| format!("; the replica {had}"))
+                    )
+                }
             };
         }
     } else if let Err(why) = wait_caught_up(target, failover).await {

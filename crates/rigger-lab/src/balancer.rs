@@ -1852,7 +1852,10 @@ mod tests {
         let mut wanted = plan(&deregistered, address, &addresses);
         balancers.drain(&mut wanted, &busy);
         let pool = wanted.pool("tg-app-lb-443").unwrap();
-        assert!(pool.members[0].draining && pool.members[0].id == "i-0a", "{pool:?}");
+        assert!(
+            pool.members[0].draining && pool.members[0].id == "i-0a",
+            "{pool:?}"
+        );
         assert_eq!(render(&wanted, Path::new("/d"), "lab"), config);
     }
 

@@ -27,7 +27,7 @@ pub fn quote_ident(value: &str) -> String {
 }
 
 /// Whether `lsn` is a WAL position as PostgreSQL prints one (`hex/hex`).
-fn is_lsn(lsn: &str) -> bool {
+pub fn is_lsn(lsn: &str) -> bool {
     lsn.split_once('/').is_some_and(|(a, b)| {
         !a.is_empty()
             && !b.is_empty()
@@ -56,6 +56,12 @@ pub fn replayed_up_to(lsn: &str) -> Option<String> {
         )
     })
 }
+
+/// SQL asked of a replica whose primary is gone: the last WAL position it received and how
+/// many seconds before now it replayed its last transaction (empty when it never replayed
+/// one), as `0/3000060 12`: what a forced failover tells of the writes that may be lost.
+pub const LAST_RECEIVED: &str = "SELECT pg_last_wal_receive_lsn() || ' ' || \
+     COALESCE(floor(extract(epoch FROM now() - pg_last_xact_replay_timestamp()))::text, '')";
 
 /// SQL asked of the primary: how many bytes of WAL the replica streaming as
 /// `application_name` (its server id) has yet to replay; no row when it is not streaming.

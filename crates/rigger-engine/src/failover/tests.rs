@@ -82,6 +82,10 @@ impl FailoverTarget for Cluster {
                 .is_some_and(|at| self.replay_checks >= at);
             return Ok(if caught_up { "t" } else { "f" }.into());
         }
+        if sql == sql::LAST_RECEIVED {
+            self.log.push(format!("{server}: received"));
+            return Ok("0/3000060 12\n".into());
+        }
         if sql.contains("pg_stat_replication") {
             assert!(sql.contains("'db-replica1'"), "{sql}");
             self.log.push(format!("{server}: lag"));
@@ -242,6 +246,7 @@ async fn a_forced_failover_with_the_primary_gone_goes_on_and_says_writes_may_be_
         [
             "pause",
             "db-primary: unreachable",
+            "db-replica1: received",
             "recorded",
             "db-replica1: promote",
             "switch",
@@ -251,7 +256,9 @@ async fn a_forced_failover_with_the_primary_gone_goes_on_and_says_writes_may_be_
     );
     assert_eq!(
         promoted.lost,
-        "the primary could not be asked how far behind the replica was: the last writes may be lost"
+        "the primary could not be asked how far behind the replica was; the replica had \
+         received WAL up to 0/3000060, its last replayed transaction 12 s before this promotion: \
+         the writes it acknowledged after that may be lost"
     );
     // With the primary still answering, it says how much.
     let mut cluster = Cluster {
