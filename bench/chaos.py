@@ -27,7 +27,8 @@ converge (status `ready`, the groups at their desired counts, every process runn
 replica streaming from the primary; for the
 down scenarios: nothing of the environment running, no keeper, then `up` again untimed) and
 checks: no orphan (a live process recorded under servers/ that the status does not show), no
-deploy lock left, the release history's last entry a final result, every row the site
+deploy lock left, every entry of the release and database histories a final result (and a
+database operation the trial asked for recorded there, `interrupted` if it was cut off), every row the site
 acknowledged during the trial (a writer posts one every 0.2 s throughout) on the primary. The up and down scenarios run no load (the site is down on
 purpose; their failed column shows "-"). Prints, per scenario: trials, converged, orphans, failed
 requests, seconds to converge (median, max); exits 1 when any trial did not converge or left
@@ -128,13 +129,25 @@ def lock_held_live(binary):
     return done.stdout.startswith("held by")
 
 
-def history_consistent(binary):
-    done = rigger(binary, "releases", "--json", check=False)
+def history_of(binary, *command):
+    """A history's records (`rigger releases`, `rigger db history`), or None when unreadable."""
+    done = rigger(binary, *command, "--json", check=False)
     try:
-        history = json.loads(done.stdout)
+        return json.loads(done.stdout)
     except json.JSONDecodeError:
+        return None
+
+
+def history_consistent(binary, db_records_before, asked_the_database):
+    """Every deploy and database operation ended with a final result, and a database
+    operation the trial asked for (run again if it was cut off) is in the database history."""
+    releases = history_of(binary, "releases")
+    operations = history_of(binary, "db", "history")
+    if releases is None or operations is None:
         return False
-    return all(entry.get("result") in ("succeeded", "rolled back", "failed", "interrupted") for entry in history)
+    final = all(entry.get("result") in ("succeeded", "rolled back", "failed", "interrupted") for entry in releases) \
+        and all(entry.get("result") in ("succeeded", "failed", "interrupted") for entry in operations)
+    return final and (not asked_the_database or len(operations) > db_records_before)
 
 
 def service_processes(state):
@@ -346,6 +359,7 @@ def trial(binary, url, scenario, number, env_dir):
     time.sleep(1)
     state = status(binary)
     primary_before = current_primary(binary)
+    db_records_before = len(history_of(binary, "db", "history") or [])
     running = subprocess.Popen([binary, "-q", *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True) if command else None
     time.sleep(random.uniform(0.2, longest))
@@ -377,7 +391,7 @@ def trial(binary, url, scenario, number, env_dir):
         "seconds": seconds,
         "orphans": orphans(env_dir, final) + left_running,
         "lock_left": lock_left(binary),
-        "history_ok": history_consistent(binary),
+        "history_ok": history_consistent(binary, db_records_before, bool(command) and command[0] == "db"),
         "rows_ok": rows_present(url, acknowledged),
         "rows": len(acknowledged),
         "failed": measured.get("failed", 0),

@@ -755,6 +755,7 @@ impl crate::Provider {
             load_balancer: with_new
                 .load_balancer(self.env.aws().load_balancer)
                 .cloned(),
+            before_launch: BTreeMap::new(),
         };
         let outcome =
             rigger_engine::rollout::roll_out(&mut groups, release, &previous, &rollout.options)
@@ -872,11 +873,43 @@ struct Groups<'a> {
     /// Where new servers' boot reports are read, when they must report before they count.
     boots: Option<&'a BootReports<'a>>,
     load_balancer: Option<crate::live::LiveLoadBalancer>,
+    /// Each group's servers before its current batch was launched: anything else in the
+    /// group belongs to the batch (its servers, or the group's replacements of them).
+    before_launch: BTreeMap<Role, Vec<String>>,
 }
 
 impl Groups<'_> {
     fn group(&self, role: Role) -> String {
         self.provider.env.names.group(role)
+    }
+
+    /// The health of `servers` as the gate reads it: the load balancer's instance health for
+    /// web servers, the group's for workers (or the rollout's own source, in tests), with the
+    /// boot reports of servers that are machines.
+    async fn observe_health(
+        &self,
+        role: Role,
+        servers: &[String],
+    ) -> Result<Observation, AwsError> {
+        let clients = &self.provider.clients;
+        match (self.rollout.health, role, &self.load_balancer) {
+            (Some(source), _, _) => observe(source, servers, self.boots).await,
+            (None, Role::Web, Some(lb)) => {
+                let source = LoadBalancerHealth {
+                    clients,
+                    lb,
+                    name: self.provider.env.names.load_balancer(),
+                };
+                observe(&source, servers, self.boots).await
+            }
+            _ => {
+                let source = GroupHealth {
+                    clients,
+                    group: self.group(role),
+                };
+                observe(&source, servers, self.boots).await
+            }
+        }
     }
 }
 
@@ -933,6 +966,7 @@ impl RolloutTarget for Groups<'_> {
             .into_iter()
             .map(|m| m.id)
             .collect();
+        self.before_launch.insert(role, before.clone());
         clients
             .autoscaling
             .set_desired_capacity()
@@ -959,39 +993,53 @@ impl RolloutTarget for Groups<'_> {
         }
     }
 
+    /// The load balancer's view (the group's for workers), and a new server that left its
+    /// group (its machine failed and the group replaced it, or it was terminated) fails the
+    /// batch at once: waiting for it would only run out the health timeout.
     async fn observe(&mut self, role: Role, servers: &[String]) -> Result<Observation, AwsError> {
-        let clients = &self.provider.clients;
-        match (self.rollout.health, role, &self.load_balancer) {
-            (Some(source), _, _) => observe(source, servers, self.boots).await,
-            (None, Role::Web, Some(lb)) => {
-                let source = LoadBalancerHealth {
-                    clients,
-                    lb,
-                    name: self.provider.env.names.load_balancer(),
-                };
-                observe(&source, servers, self.boots).await
-            }
-            _ => {
-                let source = GroupHealth {
-                    clients,
-                    group: self.group(role),
-                };
-                observe(&source, servers, self.boots).await
-            }
+        let mut observation = self.observe_health(role, servers).await?;
+        let in_group: Vec<String> = members(&self.provider.clients, &self.group(role))
+            .await?
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        for gone in servers.iter().filter(|id| !in_group.contains(id)) {
+            observation.failed.insert(
+                gone.clone(),
+                "left its group before it was healthy (terminated: its machine failed, or \
+                 something terminated it)"
+                    .to_owned(),
+            );
         }
+        Ok(observation)
     }
 
     async fn explain(&mut self, _role: Role, servers: &[String]) -> String {
         self.rollout.servers.diagnose(servers)
     }
 
-    /// Terminates them in the group, which shrinks back by as many. One that cannot be
-    /// (already gone, say) does not stop the rollback: it is reported.
-    async fn discard(&mut self, _role: Role, servers: &[String]) -> Result<(), AwsError> {
-        for instance in servers {
-            let terminated = self
-                .provider
-                .clients
+    /// Terminates them in the group, which shrinks back by as many, and so every other
+    /// server the group started since the batch's launch (its replacement of one of them
+    /// whose machine failed); then the desired count is what it was before the launch, as a
+    /// server already gone could not lower it. One that cannot be terminated (already gone,
+    /// say) does not stop the rollback: it is reported.
+    async fn discard(&mut self, role: Role, servers: &[String]) -> Result<(), AwsError> {
+        let group = self.group(role);
+        let clients = &self.provider.clients;
+        let mut discarded: Vec<String> = servers.to_vec();
+        if let Some(before) = self.before_launch.get(&role) {
+            for member in members(clients, &group).await? {
+                if !before.contains(&member.id) && !discarded.contains(&member.id) {
+                    self.rollout.report.report(&format!(
+                        "{group}: discarding {} too, started by the group in place of a new server",
+                        member.id
+                    ));
+                    discarded.push(member.id);
+                }
+            }
+        }
+        for instance in &discarded {
+            let terminated = clients
                 .autoscaling
                 .terminate_instance_in_auto_scaling_group()
                 .instance_id(instance)
@@ -1002,6 +1050,17 @@ impl RolloutTarget for Groups<'_> {
             if let Err(error) = terminated {
                 self.rollout.report.report(&format!("warning: {error}"));
             }
+        }
+        if let Some(before) = self.before_launch.get(&role) {
+            clients
+                .autoscaling
+                .set_desired_capacity()
+                .auto_scaling_group_name(&group)
+                .desired_capacity(i32::try_from(before.len()).unwrap_or(i32::MAX))
+                .honor_cooldown(false)
+                .send()
+                .await
+                .op("SetDesiredCapacity", &group)?;
         }
         Ok(())
     }

@@ -117,6 +117,30 @@ pub fn file_in(script: &str, name: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
+/// The boot script of launch template `name`'s default version, the one its group launches
+/// servers from; empty when the version has no user-data. For tests and diagnostics.
+pub async fn default_version_script(
+    ec2: &aws_sdk_ec2::Client,
+    name: &str,
+) -> Result<String, String> {
+    let answer = ec2
+        .describe_launch_template_versions()
+        .launch_template_name(name)
+        .versions("$Default")
+        .send()
+        .await
+        .map_err(|error| format!("DescribeLaunchTemplateVersions {name}: {error}"))?;
+    match answer
+        .launch_template_versions()
+        .first()
+        .and_then(|version| version.launch_template_data())
+        .and_then(|data| data.user_data())
+    {
+        Some(encoded) => script_of(encoded),
+        None => Ok(String::new()),
+    }
+}
+
 /// Packages every server installs, whatever its roles (the metadata firewall's `nftables` is
 /// installed first, on its own, when missing).
 const COMMON_PACKAGES: &[&str] = &["awscli", "ca-certificates", "curl", "openssl"];

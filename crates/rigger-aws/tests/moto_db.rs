@@ -40,24 +40,11 @@ async fn instance_tags(
     )
 }
 
-/// The stunnel.conf a launch template's servers boot with, from its default version's
-/// user-data (gzipped, base64).
+/// The boot script of a launch template's servers (its default version's user-data).
 async fn template_user_data(provider: &rigger_aws::Provider, name: &str) -> String {
-    let answer = provider
-        .clients
-        .ec2
-        .describe_launch_template_versions()
-        .launch_template_name(name)
-        .versions("$Default")
-        .send()
+    rigger_aws::userdata::default_version_script(&provider.clients.ec2, name)
         .await
-        .unwrap();
-    let encoded = answer.launch_template_versions()[0]
-        .launch_template_data()
-        .and_then(|d| d.user_data())
         .unwrap()
-        .to_owned();
-    rigger_aws::userdata::script_of(&encoded).unwrap()
 }
 
 #[tokio::test]

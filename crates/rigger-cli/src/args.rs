@@ -234,6 +234,13 @@ pub enum DbCommand {
     },
     /// List the backups.
     Backups,
+    /// The database operations performed (`promote`, `reseed`), oldest first, with how each
+    /// ended: `succeeded`, `failed` or `interrupted` (its supervisor died during it).
+    History {
+        /// Print the history as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Replace the app's database with a backup (in maintenance mode while it runs).
     Restore {
         /// A backup's name (`rigger db backups`); on the local provider also a dump's path.

@@ -17,7 +17,6 @@ mod hermetic;
 use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::Path;
-use std::process::Output;
 
 #[path = "../../rigger-aws/tests/common/mod.rs"]
 mod moto;
@@ -236,21 +235,9 @@ fn inventory(moto: &moto::Moto) -> Inventory {
             let tagged =
                 tagged_for_the_environment(template.tags().iter().map(|t| (t.key(), t.value())));
             let name = template.launch_template_name().unwrap_or_default();
-            let versions = c
-                .ec2
-                .describe_launch_template_versions()
-                .launch_template_name(name)
-                .versions("$Default")
-                .send()
+            let user_data = rigger_aws::userdata::default_version_script(&c.ec2, name)
                 .await
                 .unwrap();
-            let user_data = versions
-                .launch_template_versions()
-                .first()
-                .and_then(|v| v.launch_template_data())
-                .and_then(|d| d.user_data())
-                .map(|encoded| rigger_aws::userdata::script_of(encoded).unwrap())
-                .unwrap_or_default();
             found.templates.push((name.to_owned(), tagged, user_data));
         }
         let groups = c
@@ -615,8 +602,7 @@ fn every_command_killed_after_any_aws_call_converges_when_run_again() {
 
 /// Runs `db promote` again after one was killed: it finishes the failover the killed one
 /// began (or, cut off before it recorded one, makes it).
-fn finish_promote(dir: &Path, url: &str, after: &str) -> Output {
+fn finish_promote(dir: &Path, url: &str, after: &str) {
     let again = ok(dir, url, &["db", "promote"]);
     eprintln!("{after}: {}", text(&again));
-    again
 }

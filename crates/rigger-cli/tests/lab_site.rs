@@ -3,9 +3,11 @@
 //! behind a load balancer that is HAProxy checking their health. Through the real `rigger`
 //! binary, as an operator would: `up` reaches ready on the first try with the primary and the
 //! replica launched together; the site answers HTTPS through the load balancer from both web
-//! servers; a first deploy migrates and serves the new release; `exec`, `logs`, `manage`
-//! reach the machines through the lab's bastion; `scale web=3` puts a third server behind the
-//! load balancer; a killed web machine is replaced; rebooting every machine brings the site
+//! servers; a first deploy migrates and serves the new release, with no request failing
+//! although its first new web machine is killed while it boots (issue 14); `exec`, `logs`,
+//! `manage` reach the machines through the lab's bastion; `scale web=3` puts a third server
+//! behind the load balancer; the primary's machine killed, `db promote --force` brings the
+//! site back and says what may be lost; rebooting every machine brings the site
 //! back, its database on its volume; `down` removes everything; then the same environment
 //! behind an application load balancer comes up, serves from both web servers, and goes.
 //!
@@ -298,9 +300,60 @@ fn the_example_site_runs_on_the_lab_from_up_to_down() {
         &site.app(),
         &["commit", "-qm", "a second release, with a migration"],
     );
-    let deployed = site.ok(&["deploy", "--drain-timeout", "5"]);
-    assert!(!deployed.contains("migrations skipped"), "{deployed}");
-    let status = wait_ready(&site, 2, "ready after the deploy");
+    // Under steady load through the load balancer, the first new web machine of the deploy
+    // dies while it boots (a host failure): its group replaces it, the deploy completes or
+    // rolls back by itself, and no request fails (it never was in service).
+    let machines_before: Vec<String> = running_machines(&lab)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let load = Load::start(&url);
+    let deploy = site
+        .rigger(&["deploy", "--drain-timeout", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting rigger deploy");
+    let (victim, victim_pid) = wait_for("the deploy's first new machine", BOOT, || {
+        running_machines(&lab)
+            .into_iter()
+            .find(|(id, _)| !machines_before.contains(id))
+    });
+    kill_machine(victim_pid);
+    let deployed = deploy.wait_with_output().expect("rigger deploy");
+    let said = text(&deployed);
+    assert!(
+        deployed.status.success() || said.contains("rolled back"),
+        "the deploy neither completed nor rolled back: {said}\nthe machines' boot logs:\n{}",
+        site.boot_logs()
+    );
+    let status = if deployed.status.success() {
+        assert!(!said.contains("migrations skipped"), "{said}");
+        wait_ready(&site, 2, "ready after the deploy")
+    } else {
+        // Rolled back: the same release again, with nothing killed.
+        wait_ready(&site, 2, "ready after the rollback");
+        let deployed = site.ok(&["deploy", "--drain-timeout", "5"]);
+        assert!(!deployed.contains("migrations skipped"), "{deployed}");
+        wait_ready(&site, 2, "ready after the deploy")
+    };
+    let failed = load.stop();
+    assert!(
+        failed.is_empty(),
+        "requests failed while a new machine died mid-deploy: {failed:?}"
+    );
+    assert!(
+        !status.to_string().contains(&victim),
+        "the killed machine {victim} is gone: {status:#}"
+    );
+    eprintln!(
+        "a new web machine killed mid-deploy: the deploy {}",
+        if deployed.status.success() {
+            "completed"
+        } else {
+            "rolled back, and the next one completed"
+        }
+    );
     let releases: Vec<&str> = status["servers"]
         .as_array()
         .unwrap()
@@ -465,35 +518,51 @@ fn the_example_site_runs_on_the_lab_from_up_to_down() {
     site.ok(&["scale", "web=3"]);
     let status = wait_ready(&site, 3, "three web servers in service");
 
-    // A killed web machine is replaced by its group, as a host failure on AWS would be.
-    let victim = status["servers"]
+    assert_eq!(answering(&url, 10).len(), 3);
+
+    // The primary's machine dies (a host failure): `db promote --force` promotes the replica
+    // without it, says how much may be lost, and the site writes again; `db reseed` builds a
+    // replica next to the new primary.
+    let primary = status["servers"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["roles"].as_array().unwrap().iter().any(|r| r == "web"))
-        .unwrap()["address"]
+        .find(|s| s["id"] == "db-primary")
+        .unwrap_or_else(|| panic!("no db-primary in {status:#}"))["address"]
         .as_str()
         .unwrap()
         .to_owned();
-    let machine = machine_at(&lab, &victim).expect("the victim's machine");
+    let machine = machine_at(&lab, &primary).expect("the primary's machine");
     let killed = Instant::now();
     kill_machine(machine["pid"].as_i64().expect("a running machine's pid"));
-    wait_for("the killed machine's replacement", BOOT, || {
-        let status = site.status();
-        let addresses: Vec<&str> = status["servers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|s| s["address"].as_str())
-            .collect();
-        // Three web servers, a worker, the cache, the primary and the replica.
-        (status["phase"] == "ready"
-            && addresses.len() == 7
-            && !addresses.contains(&victim.as_str()))
-        .then_some(())
-    });
-    let replaced_seconds = killed.elapsed().as_secs_f64();
+    let forced = site.ok(&["db", "promote", "--force"]);
+    assert!(forced.contains("is the primary"), "{forced}");
+    assert!(
+        forced.contains("the replica had received WAL up to") && forced.contains("may be lost"),
+        "a forced failover says how much may be lost: {forced}"
+    );
+    site.ok(&[
+        "manage",
+        "--",
+        "shell",
+        "-c",
+        &sql("INSERT INTO lab_marker VALUES (45)"),
+    ]);
     assert_eq!(answering(&url, 10).len(), 3);
+    let forced_seconds = killed.elapsed().as_secs_f64();
+    for (id, rows) in [(42, 1), (43, 1), (45, 1)] {
+        let read = site.ok(&[
+            "manage",
+            "--",
+            "shell",
+            "-c",
+            &sql(&format!("SELECT count(*) FROM lab_marker WHERE id = {id}")),
+        ]);
+        assert!(read.contains(&format!("rows {rows}")), "row {id}: {read}");
+    }
+    site.ok(&["db", "reseed", "db-replica1"]);
+    let db = site.ok(&["db", "status"]);
+    assert!(db.contains("streaming"), "{db}");
 
     // Every machine rebooted from inside: the site comes back by itself, the databases on
     // their volumes (mounted again from fstab).
@@ -584,11 +653,49 @@ fn the_example_site_runs_on_the_lab_from_up_to_down() {
     assert!(down.status.success(), "{}", text(&down));
     assert_nothing_left(&lab, &started);
     eprintln!(
-        "measured: up to ready {up_seconds:.0} s; killed web machine to replaced and ready \
-         {replaced_seconds:.0} s; reboot of every machine to the site back {back_seconds:.0} s; \
+        "measured: up to ready {up_seconds:.0} s; primary's machine killed to the site writing \
+         through the promoted replica {forced_seconds:.0} s; reboot of every machine to the site back {back_seconds:.0} s; \
          up behind an application load balancer {application_seconds:.0} s; whole test {:.0} s",
         timeline.elapsed().as_secs_f64()
     );
+}
+
+/// Steady requests for the home page through the load balancer, one after another, until
+/// stopped: what a visitor sees while something happens.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    prober: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Load {
+    fn start(url: &str) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, url) = (stop.clone(), url.to_owned());
+        let prober = std::thread::spawn(move || {
+            let (mut sent, mut failed) = (0, Vec::new());
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                let (code, body) = get(&url, "/");
+                sent += 1;
+                if code != 200 {
+                    failed.push(format!(
+                        "{code}: {}",
+                        body.chars().take(200).collect::<String>()
+                    ));
+                }
+            }
+            (sent, failed)
+        });
+        Load { stop, prober }
+    }
+
+    /// Stops; the failed requests, each with its code and the start of its answer.
+    fn stop(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (sent, failed) = self.prober.join().expect("the load's thread");
+        assert!(sent > 10, "the load sent only {sent} requests");
+        eprintln!("load: {sent} requests, {} failed", failed.len());
+        failed
+    }
 }
 
 /// The lab's machine at `address`, as `rigger lab status --json` shows it.

@@ -285,6 +285,48 @@ fn failover_reseed_backup_and_restore_on_real_postgres() {
     );
     write_note("after the forced failover").unwrap();
 
+    // The database history lists the operations, the forced one last, who asked and how each
+    // ended.
+    let history = stack.rigger(&["db", "history", "--json"]);
+    assert!(
+        history.status.success(),
+        "{}",
+        String::from_utf8_lossy(&history.stderr)
+    );
+    let history: Vec<serde_json::Value> = serde_json::from_slice(&history.stdout).unwrap();
+    let last = history.last().expect("a database history");
+    assert_eq!(last["operation"], "db promote", "{history:?}");
+    assert_eq!(last["server"], target.as_str(), "{history:?}");
+    assert_eq!(last["result"], "succeeded", "{history:?}");
+    assert!(last["by"].as_str().unwrap().contains('@'), "{history:?}");
+    assert!(
+        history.iter().all(|r| r["result"] == "succeeded"),
+        "{history:?}"
+    );
+    // A damaged answer file: the next operation is refused before anything is asked, naming
+    // the file and what to do; with it removed, operations run again.
+    let outcome = stack.env_dir().join("db/outcome.json");
+    let kept = std::fs::read(&outcome).unwrap();
+    std::fs::write(&outcome, &kept[..kept.len() / 2]).unwrap();
+    let refused = stack.rigger(&["db", "reseed"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("{} is damaged (", outcome.display()))
+            && said.contains("remove the file"),
+        "{said}"
+    );
+    assert_eq!(
+        serde_json::from_slice::<Vec<serde_json::Value>>(
+            &stack.rigger(&["db", "history", "--json"]).stdout
+        )
+        .unwrap()
+        .len(),
+        history.len(),
+        "a refused operation was performed"
+    );
+    std::fs::remove_file(&outcome).unwrap();
+
     // Backup, more writes, restore: the rows are those of the backup.
     let primary = db_status(&stack)["primary"].as_str().unwrap().to_owned();
     let rows_at_backup = sql(&stack, &primary, "SELECT count(*) FROM polls_note");

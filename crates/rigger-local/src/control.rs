@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rigger_engine::database::{
@@ -210,15 +210,16 @@ pub async fn down(
         }
     }
     if keeper.is_some() || supervisor::lock_holder(env).is_some() {
-        let start = Instant::now();
-        while supervisor::lock_holder(env).is_some() || crate::keeper::running(env).is_some() {
-            if start.elapsed() > Duration::from_secs(180) {
+        poll_until(
+            Duration::from_secs(180),
+            || supervisor::lock_holder(env).is_none() && crate::keeper::running(env).is_none(),
+            || {
                 let who = supervisor::lock_holder(env)
                     .map_or_else(|| "its keeper".to_owned(), |h| format!("pid {}", h.pid));
-                bail!("the supervisor ({who}) did not stop within 180 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+                anyhow!("the supervisor ({who}) did not stop within 180 s")
+            },
+        )
+        .await?;
     }
     // Whatever a killed supervisor left behind.
     for (name, outcome) in
@@ -440,12 +441,19 @@ pub async fn deploy(
         drain_timeout_secs: options.drain_timeout.as_secs(),
         requested_by: release::who(),
     };
+    // A damaged answer file would stop the wait below after the request went: refused now,
+    // before anything is asked.
+    deploy_files::read_outcome(&env.paths)?;
     deploy_files::write_request(&env.paths, &request)?;
     kill(Pid::from_raw(holder.pid), Signal::SIGUSR1).context("signalling the supervisor")?;
     let dead = "the supervisor exited during the deploy; `rigger up` restarts it (servers of an \
                 unfinished release are rolled back to the group's release)";
     await_outcome(env, holder.pid, &lock, dead, progress, || {
-        deploy_files::read_outcome(&env.paths).filter(|outcome| outcome.request == request.id)
+        answer_to(
+            deploy_files::read_outcome(&env.paths),
+            |outcome| outcome.request == request.id,
+            &deploy_files::request_path(&env.paths),
+        )
     })
     .await
 }
@@ -458,6 +466,29 @@ fn request_id() -> String {
     format!("{}-{nanos}", std::process::id())
 }
 
+/// The supervisor's answer to the request at `request` once `outcome` (the outcome file) is
+/// it. A damaged outcome, or a request the supervisor could not read (it sets a damaged one
+/// aside), is an error naming the file: waiting would never end.
+fn answer_to<T>(
+    outcome: std::io::Result<Option<T>>,
+    is_the_answer: impl Fn(&T) -> bool,
+    request: &std::path::Path,
+) -> anyhow::Result<Option<T>> {
+    if let Some(outcome) = outcome?.filter(is_the_answer) {
+        return Ok(Some(outcome));
+    }
+    let aside = crate::files::damaged_path(request);
+    if !request.exists() && aside.exists() {
+        bail!(
+            "the supervisor could not read the request {} and set it aside as {} (the \
+             supervisor's log says why); nothing was done: run the command again",
+            request.display(),
+            aside.display()
+        );
+    }
+    Ok(None)
+}
+
 /// Waits for the supervisor's answer to a request, narrating its status messages and a lost
 /// lock (the lock renews itself); fails with `dead` if the supervisor exits first.
 async fn await_outcome<T>(
@@ -466,12 +497,12 @@ async fn await_outcome<T>(
     lock: &crate::deploy::DeployLock,
     dead: &str,
     progress: &dyn Progress,
-    outcome: impl Fn() -> Option<T>,
+    outcome: impl Fn() -> anyhow::Result<Option<T>>,
 ) -> anyhow::Result<T> {
     let mut last_message = String::new();
     let mut told_lost = false;
     loop {
-        if let Some(outcome) = outcome() {
+        if let Some(outcome) = outcome()? {
             return Ok(outcome);
         }
         if let Some(status) = crate::status::load(&env.paths.status())
@@ -575,12 +606,18 @@ pub async fn db_operation(
         operation: operation.to_owned(),
         server,
         force,
+        requested_by: crate::release::who(),
     };
+    database::read_outcome(&env.paths)?;
     database::write_request(&env.paths, &request)?;
     kill(Pid::from_raw(holder.pid), Signal::SIGUSR2).context("signalling the supervisor")?;
     let dead = format!("the supervisor exited during `db {operation}`; `rigger up` restarts it");
     let outcome = await_outcome(env, holder.pid, &lock, &dead, progress, || {
-        database::read_outcome(&env.paths).filter(|outcome| outcome.request == request.id)
+        answer_to(
+            database::read_outcome(&env.paths),
+            |outcome| outcome.request == request.id,
+            &database::request_path(&env.paths),
+        )
     })
     .await?;
     if outcome.succeeded && operation == "reseed" {
@@ -634,14 +671,30 @@ fn database_servers(
 /// that one holds the lock (it is this environment's supervisor, not a second to start, and
 /// the one a command's request goes to).
 async fn wait_for_the_keepers_supervisor(env: &LocalEnvironment) -> anyhow::Result<()> {
-    let started = Instant::now();
-    while supervisor::lock_holder(env).is_none() && crate::keeper::running(env).is_some() {
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!(
+    poll_until(
+        Duration::from_secs(30),
+        || supervisor::lock_holder(env).is_some() || crate::keeper::running(env).is_none(),
+        || {
+            anyhow!(
                 "the keeper of this environment ({}) has not started a supervisor for 30 s; \
                  `rigger down` stops it",
                 env.paths.keeper().display()
-            );
+            )
+        },
+    )
+    .await
+}
+
+/// Checks `done` every 50 ms until it holds; `timed_out` says why not after `limit`.
+async fn poll_until(
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+    timed_out: impl FnOnce() -> anyhow::Error,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while !done() {
+        if started.elapsed() > limit {
+            return Err(timed_out());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -833,4 +886,41 @@ pub async fn db_restore(env: &LocalEnvironment, backup: &str) -> anyhow::Result<
         )
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_is_the_outcome_of_the_request_and_a_request_set_aside_ends_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let request = dir.path().join("request.json");
+        std::fs::write(&request, "{}").unwrap();
+        let ours = |outcome: &String| outcome == "ours";
+        // Another request's outcome, or none yet: waiting goes on.
+        assert_eq!(
+            answer_to(Ok(Some("older".to_owned())), ours, &request).unwrap(),
+            None
+        );
+        assert_eq!(answer_to(Ok(None), ours, &request).unwrap(), None);
+        assert_eq!(
+            answer_to(Ok(Some("ours".to_owned())), ours, &request).unwrap(),
+            Some("ours".to_owned())
+        );
+        // A damaged outcome file: its error.
+        let damaged =
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "outcome.json is damaged");
+        let error = answer_to(Err(damaged), ours, &request).unwrap_err();
+        assert_eq!(error.to_string(), "outcome.json is damaged");
+        // The supervisor set the request aside: the wait ends, naming both files.
+        std::fs::rename(&request, crate::files::damaged_path(&request)).unwrap();
+        let error = answer_to(Ok(None), ours, &request).unwrap_err().to_string();
+        assert!(
+            error.contains(&format!("could not read the request {}", request.display()))
+                && error.contains("request.json.damaged")
+                && error.contains("run the command again"),
+            "{error}"
+        );
+    }
 }

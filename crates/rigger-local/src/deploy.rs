@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::paths::EnvPaths;
-use crate::registry::write_atomically;
+use crate::registry::{read_state, write_atomically};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeployRequest {
@@ -62,8 +62,14 @@ pub fn write_request(paths: &EnvPaths, request: &DeployRequest) -> anyhow::Resul
     Ok(())
 }
 
-pub fn read_request(paths: &EnvPaths) -> Option<DeployRequest> {
-    serde_json::from_slice(&std::fs::read(request_path(paths)).ok()?).ok()
+/// The deploy request the CLI wrote; `None` when there is none. A damaged one is an error
+/// naming it.
+pub fn read_request(paths: &EnvPaths) -> std::io::Result<Option<DeployRequest>> {
+    read_state(
+        &request_path(paths),
+        "the request `rigger deploy` hands the supervisor: run `rigger deploy` again (it \
+         writes a new one)",
+    )
 }
 
 pub fn write_outcome(paths: &EnvPaths, outcome: &DeployOutcome) -> anyhow::Result<()> {
@@ -72,30 +78,55 @@ pub fn write_outcome(paths: &EnvPaths, outcome: &DeployOutcome) -> anyhow::Resul
     Ok(())
 }
 
-pub fn read_outcome(paths: &EnvPaths) -> Option<DeployOutcome> {
-    serde_json::from_slice(&std::fs::read(outcome_path(paths)).ok()?).ok()
+/// How the supervisor says the last deploy ended; `None` before the first. A damaged one is
+/// an error naming it.
+pub fn read_outcome(paths: &EnvPaths) -> std::io::Result<Option<DeployOutcome>> {
+    read_state(
+        &outcome_path(paths),
+        "the supervisor's answer to the last deploy: `rigger releases` says how that deploy \
+         ended; remove the file",
+    )
 }
 
-/// A deploy the supervisor began: the request's id and when (Unix seconds). With no outcome
-/// of that id, its supervisor died during it (a SIGTERM records the outcome itself), and the
-/// next one records it `interrupted` before rolling back what it left.
+/// A request the supervisor began (a deploy, a database operation): the request's id and
+/// when (Unix seconds). With no outcome of that id, its supervisor died during it (a SIGTERM
+/// records the outcome itself), and the next one records it `interrupted`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeployBegun {
+pub struct Begun {
     pub request: String,
     pub started: u64,
 }
 
-pub fn write_begun(paths: &EnvPaths, begun: &DeployBegun) -> anyhow::Result<()> {
-    std::fs::create_dir_all(paths.root().join("deploy"))?;
-    write_atomically(
-        &paths.root().join("deploy/begun.json"),
-        &serde_json::to_vec_pretty(begun)?,
-    )?;
-    Ok(())
+impl Begun {
+    /// Records, at `path` (`deploy/begun.json`, `db/begun.json`), that the request began now.
+    pub fn record(path: &std::path::Path, request: &str, started: u64) {
+        let begun = Begun {
+            request: request.to_owned(),
+            started,
+        };
+        let written = crate::files::create_private_dir(path.parent().unwrap_or(path))
+            .map_err(anyhow::Error::from)
+            .and_then(|()| Ok(serde_json::to_vec_pretty(&begun)?))
+            .and_then(|bytes| Ok(write_atomically(path, &bytes)?));
+        if let Err(error) = written {
+            tracing::error!(
+                "recording that request {request} began in {}: {error:#}",
+                path.display()
+            );
+        }
+    }
 }
 
-pub fn read_begun(paths: &EnvPaths) -> Option<DeployBegun> {
-    serde_json::from_slice(&std::fs::read(paths.root().join("deploy/begun.json")).ok()?).ok()
+pub fn begun_path(paths: &EnvPaths) -> PathBuf {
+    paths.root().join("deploy/begun.json")
+}
+
+pub fn read_begun(paths: &EnvPaths) -> std::io::Result<Option<Begun>> {
+    read_state(
+        &begun_path(paths),
+        "the supervisor's record that a deploy began: `rigger releases` says how it ended; \
+         remove the file",
+    )
 }
 
 mod lock;
@@ -103,3 +134,40 @@ mod lock;
 pub use lock::{
     DeployLock, LOCK_RENEWAL, LOCK_TTL, LockHolder, live_lock_holder, lock_holder, release,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_damaged_request_outcome_or_begun_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = EnvPaths::for_root_for_tests(dir.path());
+        assert!(read_request(&paths).unwrap().is_none());
+        assert!(read_outcome(&paths).unwrap().is_none());
+        assert!(read_begun(&paths).unwrap().is_none());
+        std::fs::create_dir_all(paths.root().join("deploy")).unwrap();
+        type Read = fn(&EnvPaths) -> std::io::Result<()>;
+        let files: [(PathBuf, &str, Read); 3] = [
+            (request_path(&paths), "run `rigger deploy` again", |p| {
+                read_request(p).map(drop)
+            }),
+            (outcome_path(&paths), "`rigger releases` says", |p| {
+                read_outcome(p).map(drop)
+            }),
+            (begun_path(&paths), "remove the file", |p| {
+                read_begun(p).map(drop)
+            }),
+        ];
+        for (path, what_to_do, read) in files {
+            // Cut off, as by a write that was not atomic.
+            std::fs::write(&path, "{\"request\": \"12").unwrap();
+            let error = read(&paths).unwrap_err().to_string();
+            assert!(
+                error.starts_with(&format!("{} is damaged (", path.display())),
+                "{error}"
+            );
+            assert!(error.contains(what_to_do), "{error}");
+        }
+    }
+}

@@ -61,6 +61,68 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&temporary, path)
 }
 
+/// Appends `record` as one JSON line to the history at `path` and syncs it. A record torn by
+/// a crash in the middle of an append (the file does not end with a newline) never
+/// completed: it is cut off first, so this one starts on a line of its own.
+pub fn append_record(path: &Path, record: &impl serde::Serialize) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let mut file = open_private_log(path).with_context(|| format!("opening {}", path.display()))?;
+    let existing = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if !existing.is_empty() && !existing.ends_with(b"\n") {
+        let complete = existing
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |i| i + 1);
+        tracing::warn!(path = %path.display(), "cutting off a record torn by a crash");
+        file.set_len(complete as u64)?;
+    }
+    writeln!(file, "{}", serde_json::to_string(record)?)?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    Ok(())
+}
+
+/// The records of the history at `path`, oldest first; none when there is no file. An
+/// unterminated last line is an append a crash cut short (ignored: it never completed); any
+/// other line that is not a record is an error naming the file and line, saying it is not
+/// `a_record` and what to do (`what_to_do`), never skipped.
+pub fn read_records<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    a_record: &str,
+    what_to_do: &str,
+) -> anyhow::Result<Vec<T>> {
+    use anyhow::Context as _;
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+    };
+    let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+    let mut records = Vec::new();
+    for (index, line) in complete.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record = serde_json::from_str(line).map_err(|error| {
+            anyhow::anyhow!(
+                "{}:{}: not {a_record} ({error}); {what_to_do}",
+                path.display(),
+                index + 1
+            )
+        })?;
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// Where a damaged file rigger wrote is set aside (`request.json.damaged`): kept for whoever
+/// looks into it, out of the way of the next one.
+pub fn damaged_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".damaged");
+    name.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -727,56 +727,21 @@ fn history_path(paths: &EnvPaths) -> std::path::PathBuf {
     paths.root().join("releases.jsonl")
 }
 
-/// Appends `record` to the release history and syncs it. A record torn by a crash in the
-/// middle of an append (the file does not end with a newline) never completed: it is cut off
-/// first, so this one starts on a line of its own.
+/// Appends `record` to the release history and syncs it (a record torn by a crash is cut
+/// off first: [`crate::files::append_record`]).
 pub fn append_history(paths: &EnvPaths, record: &DeployRecord) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let path = history_path(paths);
-    let mut file = crate::files::open_private_log(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let existing = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    if !existing.is_empty() && !existing.ends_with(b"\n") {
-        let complete = existing
-            .iter()
-            .rposition(|b| *b == b'\n')
-            .map_or(0, |i| i + 1);
-        tracing::warn!(path = %path.display(), "cutting off a record torn by a crash");
-        file.set_len(complete as u64)?;
-    }
-    writeln!(file, "{}", serde_json::to_string(record)?)?;
-    file.sync_all()
-        .with_context(|| format!("syncing {}", path.display()))?;
-    Ok(())
+    crate::files::append_record(&history_path(paths), record)
 }
 
-/// The release history, oldest first. An unterminated last line is an append a crash cut
-/// short (ignored: it never completed); any other line that is not a record is an error
-/// naming the file and line, never skipped (a rollback chooses its release from this).
+/// The release history, oldest first. A line that is not a record is an error naming the file
+/// and line, never skipped (a rollback chooses its release from this).
 pub fn history(paths: &EnvPaths) -> anyhow::Result<Vec<DeployRecord>> {
-    let path = history_path(paths);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
-    };
-    let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
-    let mut records = Vec::new();
-    for (index, line) in complete.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let record = serde_json::from_str(line).map_err(|error| {
-            anyhow::anyhow!(
-                "{}:{}: not a deploy record ({error}); the release history is damaged: fix or \
-                 remove that line (rollbacks choose their release from this file)",
-                path.display(),
-                index + 1
-            )
-        })?;
-        records.push(record);
-    }
-    Ok(records)
+    crate::files::read_records(
+        &history_path(paths),
+        "a deploy record",
+        "the release history is damaged: fix or remove that line (rollbacks choose their \
+         release from this file)",
+    )
 }
 
 #[cfg(test)]

@@ -212,10 +212,10 @@ impl Supervisor {
             operation_servers: None,
             deferred_exits: Vec::new(),
             leftovers: Leftovers::default(),
-            last_db_request: std::fs::read(database::outcome_path(&env_paths_for_new))
-                .ok()
-                .and_then(|bytes| serde_json::from_slice::<database::DbOutcome>(&bytes).ok())
-                .map(|outcome| outcome.request),
+            last_db_request: last_answered(
+                database::read_outcome(&env_paths_for_new).map(|o| o.map(|o| o.request)),
+                database::read_request(&env_paths_for_new).map(|r| r.map(|r| r.id)),
+            ),
         }
     }
 
@@ -247,7 +247,7 @@ impl Supervisor {
         self.prepared = Some(Arc::new(prepare::prepare(&self.env).await?));
         self.registry = Registry::load(&self.env.paths.registry())?;
         self.scaled = DesiredCounts::load(&self.env.paths.desired())?;
-        self.finish_an_interrupted_switch().await?;
+        let switch_finished = self.finish_an_interrupted_switch().await?;
         self.take_over_leftovers().await;
         if self.registry.current_release.is_none() {
             release::ensure_initial(&self.env).await?;
@@ -256,6 +256,7 @@ impl Supervisor {
         }
 
         self.record_deploy_left_by_a_dead_supervisor();
+        self.record_db_operation_left_by_a_dead_supervisor(switch_finished.as_deref());
         tokio::select! {
             result = self.bring_up() => result?,
             _ = terminate.recv() => { self.shutdown().await; return Ok(()); }
@@ -278,13 +279,11 @@ impl Supervisor {
                 _ = deploy_signal.recv(), if idle => {
                     if let Some(request) = self.take_deploy_request() {
                         let started = rolling::DeployStarted::now();
-                        let begun = crate::deploy::DeployBegun {
-                            request: request.id.clone(),
-                            started: started.unix(),
-                        };
-                        if let Err(error) = crate::deploy::write_begun(&self.env.paths, &begun) {
-                            tracing::error!("recording that the deploy began: {error:#}");
-                        }
+                        crate::deploy::Begun::record(
+                            &crate::deploy::begun_path(&self.env.paths),
+                            &request.id,
+                            started.unix(),
+                        );
                         let flow = self.start_deploy(&request);
                         deploying = Some((request, started, flow));
                     }
@@ -297,6 +296,11 @@ impl Supervisor {
                 }
                 _ = database_signal.recv(), if idle => {
                     if let Some(request) = self.take_db_request() {
+                        crate::deploy::Begun::record(
+                            &database::begun_path(&self.env.paths),
+                            &request.id,
+                            rigger_engine::clock::unix_now(),
+                        );
                         let flow = self.start_db_operation(&request);
                         db_operation = Some((request, flow));
                     }
@@ -304,7 +308,7 @@ impl Supervisor {
                 ended = async { db_operation.as_mut().expect("guarded").1.as_mut().await }, if db_operation.is_some() => {
                     let (request, _) = db_operation.take().expect("guarded");
                     self.end_operation();
-                    self.finish_db_request(&request, ended);
+                    self.finish_db_request(&request, ended.map_err(|e| ("failed", e)));
                     self.release_the_lock_of_a_dead_requester();
                 }
                 Some(call) = self.calls_rx.recv() => call(self).await,
@@ -363,7 +367,7 @@ impl Supervisor {
             // pools paused meanwhile resume at their deadline by themselves.
             let why = "interrupted: the supervisor was stopped during the operation; run the \
                        same `rigger db` command again once the environment is up to finish it";
-            self.finish_db_request(&request, Err(anyhow!(why)));
+            self.finish_db_request(&request, Err(("interrupted", anyhow!(why))));
         }
         self.shutdown().await;
         Ok(())
@@ -888,7 +892,7 @@ impl Supervisor {
             record_applied(
                 &self.env,
                 &lb.id,
-                &recipe,
+                (&recipe, &takeover::comparable(&recipe)),
                 &ctx.layout.tls_dir,
                 self.services.values_mut().filter(|s| s.server == lb.id),
             );
@@ -1461,7 +1465,7 @@ async fn start_server(
             };
             let decision = takeover::decide(
                 &spec.name,
-                &record,
+                &record.config_digest,
                 &digest,
                 applied.as_ref(),
                 &recipe_now,
@@ -1574,7 +1578,7 @@ async fn start_server(
     record_applied(
         env,
         &server.id,
-        &recipe,
+        (&recipe, &recipe_now),
         &ctx.layout.tls_dir,
         started.iter_mut(),
     );
@@ -1590,32 +1594,30 @@ const PGBOUNCER_RESUME_HELPER: &str = "pgbouncer-resume";
 /// applied), then stops the deadline that would have resumed it. When `RESUME` fails, the
 /// deadline stays to resume it when it fires.
 async fn resume_paused_pool(prepared: &Prepared, server: &ServerRecord, deadline: PidRecord) {
-    match database::pgbouncer_console(prepared, server)
-        .resume(database::PAUSE_TIMEOUT)
+    let disarm = async {
+        process::stop(&deadline, deadline.stop_signal, Duration::from_secs(5)).await;
+    };
+    if database::resume_pool(prepared, server, Some(disarm))
         .await
+        .is_ok()
     {
-        Ok(_) => {
-            tracing::warn!(server = %server.id, "resumed the PgBouncer an interrupted failover had paused");
-            process::stop(&deadline, deadline.stop_signal, Duration::from_secs(5)).await;
-        }
-        Err(error) => {
-            tracing::error!(server = %server.id, "resuming the PgBouncer an interrupted failover had paused (its pause deadline will): {error:#}");
-        }
+        tracing::warn!(server = %server.id, "resumed the PgBouncer an interrupted failover had paused");
     }
 }
 
 /// Records that `server`'s `services` run `recipe` now (with its TLS files): each one's
-/// digest in its pid file, and the recipe for [`takeover::decide`]. A successor adopts what
-/// runs this configuration and applies in place what differs from it.
+/// digest in its pid file, and the recipe (as [`takeover::comparable`] makes it) for
+/// [`takeover::decide`]. A successor adopts what runs this configuration and applies in
+/// place what differs from it.
 fn record_applied<'a>(
     env: &LocalEnvironment,
     server: &str,
-    recipe: &Recipe,
+    (recipe, comparable): (&Recipe, &serde_json::Value),
     tls_dir: &Path,
     services: impl Iterator<Item = &'a mut RunningService>,
 ) {
     let digest = config_digest(recipe, tls_dir);
-    takeover::record_applied(&env.paths, server, &takeover::comparable(recipe));
+    takeover::record_applied(&env.paths, server, comparable);
     for service in services {
         if let Err(error) = service.record.record_config_digest(&digest) {
             tracing::warn!(service = %service.record.name, "recording its configuration: {error}");
@@ -1924,7 +1926,27 @@ fn to_probe(spec: &ServiceSpec, service_env: &BTreeMap<String, String>) -> Optio
     })
 }
 
+/// The id of the last request answered, from the outcome on disk: a restarted supervisor
+/// must not redo it. A damaged outcome is said in the log and the request on disk (if
+/// readable) taken as answered: whether it ended is unknown, and running it again, or
+/// recording it `interrupted` a second time, is worse than doing nothing.
+fn last_answered(
+    outcome: std::io::Result<Option<String>>,
+    request: std::io::Result<Option<String>>,
+) -> Option<String> {
+    match outcome {
+        Ok(answered) => answered,
+        Err(error) => {
+            tracing::error!("{error}");
+            request.ok().flatten()
+        }
+    }
+}
+
 /// The request id of the last deploy outcome on disk: a restarted supervisor must not redo it.
 fn deploy_outcome_request(paths: &crate::paths::EnvPaths) -> Option<String> {
-    crate::deploy::read_outcome(paths).map(|outcome| outcome.request)
+    last_answered(
+        crate::deploy::read_outcome(paths).map(|o| o.map(|o| o.request)),
+        crate::deploy::read_request(paths).map(|r| r.map(|r| r.id)),
+    )
 }

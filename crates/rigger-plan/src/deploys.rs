@@ -127,6 +127,25 @@ pub struct DeployRecord {
     pub reason: String,
 }
 
+/// One database operation (`db promote`, `db reseed`) in an environment's history, as
+/// [`DeployRecord`] is one deploy: what `rigger db history` lists, an interrupted one too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationRecord {
+    /// `db promote`, `db reseed`.
+    pub operation: String,
+    /// The server it was asked for (`db-replica1`); empty when none was named.
+    #[serde(default)]
+    pub server: String,
+    pub by: String,
+    /// Unix seconds.
+    pub started: u64,
+    pub finished: u64,
+    /// `succeeded`, `failed`, `interrupted`.
+    pub result: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
 /// The release `up` starts an environment with (the working tree when it was first brought
 /// up), before any deploy: it is in no history, and a rollback may go back to it.
 pub const INITIAL_RELEASE: &str = "initial";

@@ -70,6 +70,10 @@ pub(crate) fn run(command: DbCommand, settings: &Settings) -> Result<(), Failure
             );
             println!("{}", path.display());
         }
+        DbCommand::History { json } => {
+            let history = rigger_local::supervisor::database::history(&env.paths)?;
+            report::print_operations(&history, json)?;
+        }
         DbCommand::Backups => {
             for name in control::list_backups(&env) {
                 println!("{name}");

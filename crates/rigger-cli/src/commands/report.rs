@@ -68,6 +68,41 @@ pub(crate) fn print_releases(history: &[DeployRecord], json: bool) -> Result<(),
     Ok(())
 }
 
+/// `rigger db history`: the database operations, as a table or JSON.
+pub(crate) fn print_operations(
+    history: &[rigger_plan::deploys::OperationRecord],
+    json: bool,
+) -> Result<(), Failure> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(history).context("encoding the history")?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:<14} {:<24} {:<18} {:<12} {:>9}  REASON",
+        "OPERATION", "SERVER", "BY", "STARTED (UTC)", "RESULT", "DURATION"
+    );
+    for record in history {
+        println!(
+            "{:<12} {:<14} {:<24} {:<18} {:<12} {:>8}s  {}",
+            record.operation,
+            if record.server.is_empty() {
+                "-"
+            } else {
+                record.server.as_str()
+            },
+            record.by,
+            rigger_plan::deploys::utc_timestamp(record.started),
+            record.result,
+            record.finished.saturating_sub(record.started),
+            record.reason.lines().next().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
 /// `rigger secrets list`: the names only, never a value.
 pub(crate) fn print_secret_names(
     names: &[String],

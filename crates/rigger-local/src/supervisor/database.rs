@@ -31,6 +31,7 @@ use crate::prepare::Prepared;
 use crate::process;
 use crate::registry::{ServerRecord, ServerState, write_atomically};
 use crate::status::Phase;
+use rigger_plan::deploys::OperationRecord;
 
 /// How long pausing the pools and catching up may take before a planned failover gives up
 /// (and resumes, changing nothing).
@@ -48,6 +49,9 @@ pub struct DbRequest {
     pub server: Option<String>,
     #[serde(default)]
     pub force: bool,
+    /// Who asked (`user@host`), for the history.
+    #[serde(default)]
+    pub requested_by: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,6 +71,33 @@ pub fn outcome_path(paths: &EnvPaths) -> std::path::PathBuf {
     paths.root().join("db/outcome.json")
 }
 
+/// Where the supervisor records that it began a database operation.
+pub fn begun_path(paths: &EnvPaths) -> std::path::PathBuf {
+    paths.root().join("db/begun.json")
+}
+
+fn read_begun(paths: &EnvPaths) -> std::io::Result<Option<crate::deploy::Begun>> {
+    crate::registry::read_state(
+        &begun_path(paths),
+        "the supervisor's record that a database operation began: `rigger db history` says \
+         how it ended; remove the file",
+    )
+}
+
+/// The history of database operations, one JSON record per line (`rigger db history`).
+fn history_path(paths: &EnvPaths) -> std::path::PathBuf {
+    paths.root().join("db/history.jsonl")
+}
+
+/// The database operations the supervisor performed, oldest first.
+pub fn history(paths: &EnvPaths) -> anyhow::Result<Vec<OperationRecord>> {
+    crate::files::read_records(
+        &history_path(paths),
+        "a database operation's record",
+        "the history of database operations is damaged: fix or remove that line",
+    )
+}
+
 pub fn write_request(paths: &EnvPaths, request: &DbRequest) -> anyhow::Result<()> {
     crate::files::create_private_dir(&paths.root().join("db"))?;
     Ok(write_atomically(
@@ -75,17 +106,34 @@ pub fn write_request(paths: &EnvPaths, request: &DbRequest) -> anyhow::Result<()
     )?)
 }
 
-pub fn read_outcome(paths: &EnvPaths) -> Option<DbOutcome> {
-    serde_json::from_slice(&std::fs::read(outcome_path(paths)).ok()?).ok()
+/// How the supervisor says the last database operation ended; `None` before the first. A
+/// damaged one is an error naming it.
+pub fn read_outcome(paths: &EnvPaths) -> std::io::Result<Option<DbOutcome>> {
+    crate::registry::read_state(
+        &outcome_path(paths),
+        "the supervisor's answer to the last `rigger db` operation: `rigger db status` says \
+         where the databases are; remove the file",
+    )
+}
+
+/// The database request the CLI wrote; `None` when there is none. A damaged one is an error
+/// naming it.
+pub fn read_request(paths: &EnvPaths) -> std::io::Result<Option<DbRequest>> {
+    crate::registry::read_state(
+        &request_path(paths),
+        "the request `rigger db` hands the supervisor: run the command again (it writes a new \
+         one)",
+    )
 }
 
 impl Supervisor {
     /// The request in `db/request.json` (SIGUSR2), once: `None` when there is none or it was
     /// handled already.
     pub(super) fn take_db_request(&mut self) -> Option<DbRequest> {
-        let request = std::fs::read(request_path(&self.env.paths))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<DbRequest>(&bytes).ok())?;
+        let request = self.readable_request(
+            read_request(&self.env.paths),
+            &request_path(&self.env.paths),
+        )?;
         if self.last_db_request.as_deref() == Some(request.id.as_str()) {
             return None;
         }
@@ -113,26 +161,35 @@ impl Supervisor {
     }
 
     /// Records how a database operation ended: the outcome the CLI waits for, and the status.
+    /// Records how a database operation ended: the outcome the CLI waits for, the history
+    /// (`result` is `failed` or `interrupted` on `Err`), the status.
     pub(super) fn finish_db_request(
         &mut self,
         request: &DbRequest,
-        result: anyhow::Result<(String, Option<f64>)>,
+        ended: Result<(String, Option<f64>), (&'static str, anyhow::Error)>,
     ) {
-        let outcome = match result {
-            Ok((message, paused)) => DbOutcome {
-                request: request.id.clone(),
-                succeeded: true,
-                message,
-                writes_paused_secs: paused,
-            },
-            Err(error) => DbOutcome {
-                request: request.id.clone(),
-                succeeded: false,
-                message: format!("{error:#}"),
-                writes_paused_secs: None,
-            },
+        let (result, outcome) = match ended {
+            Ok((message, paused)) => (
+                "succeeded",
+                DbOutcome {
+                    request: request.id.clone(),
+                    succeeded: true,
+                    message,
+                    writes_paused_secs: paused,
+                },
+            ),
+            Err((result, error)) => (
+                result,
+                DbOutcome {
+                    request: request.id.clone(),
+                    succeeded: false,
+                    message: format!("{error:#}"),
+                    writes_paused_secs: None,
+                },
+            ),
         };
         tracing::info!(succeeded = outcome.succeeded, "{}", outcome.message);
+        self.record_db_operation(request, result, &outcome.message);
         let message = outcome
             .message
             .lines()
@@ -151,6 +208,85 @@ impl Supervisor {
             let _ = crate::files::create_private_dir(&self.env.paths.root().join("db"));
             let _ = write_atomically(&outcome_path(&self.env.paths), &bytes);
         }
+    }
+
+    /// Appends the operation to `db/history.jsonl`, started when its `db/begun.json` says.
+    fn record_db_operation(&self, request: &DbRequest, result: &str, reason: &str) {
+        let now = rigger_engine::clock::unix_now();
+        let started = read_begun(&self.env.paths)
+            .ok()
+            .flatten()
+            .filter(|begun| begun.request == request.id)
+            .map_or(now, |begun| begun.started);
+        let record = OperationRecord {
+            operation: format!("db {}", request.operation),
+            server: request.server.clone().unwrap_or_default(),
+            by: request.requested_by.clone(),
+            started,
+            finished: now,
+            result: result.to_owned(),
+            reason: if result == "succeeded" {
+                String::new()
+            } else {
+                reason.to_owned()
+            },
+        };
+        if let Err(error) = crate::files::append_record(&history_path(&self.env.paths), &record) {
+            tracing::error!("recording the database operation in its history: {error:#}");
+        }
+    }
+
+    /// A database operation the previous supervisor began and never ended (it was killed: a
+    /// SIGTERM records its outcome): recorded `interrupted` now, in the history and as the
+    /// outcome, saying what start-up finished (`switch_finished`: the replica whose promotion
+    /// it completed) and what is left to do.
+    pub(super) fn record_db_operation_left_by_a_dead_supervisor(
+        &mut self,
+        switch_finished: Option<&str>,
+    ) {
+        let Some(request) = self.readable_request(
+            read_request(&self.env.paths),
+            &request_path(&self.env.paths),
+        ) else {
+            return;
+        };
+        let begun = match read_begun(&self.env.paths) {
+            Ok(begun) => begun,
+            Err(error) => {
+                // Whether it ended is unknown: nothing is recorded twice.
+                tracing::error!("{error}");
+                return;
+            }
+        };
+        let unfinished = begun.as_ref().is_some_and(|b| b.request == request.id)
+            && self.last_db_request.as_deref() != Some(request.id.as_str());
+        if !unfinished {
+            return;
+        }
+        self.last_db_request = Some(request.id.clone());
+        let why = match (request.operation.as_str(), switch_finished) {
+            ("promote", Some(promoted)) => format!(
+                "the supervisor died during `db promote`; its successor finished the switch: \
+                 {promoted} is the primary"
+            ),
+            ("promote", None) => {
+                let primary = self
+                    .registry
+                    .servers
+                    .iter()
+                    .find(|s| s.has_role(Role::DbPrimary))
+                    .map_or("no server", |s| s.id.as_str());
+                format!(
+                    "the supervisor died during `db promote`; {primary} is the primary (paused \
+                     pools resumed at their deadline): if that is the server to replace, run \
+                     `rigger db promote` again"
+                )
+            }
+            (operation, _) => format!(
+                "the supervisor died during `db {operation}`; run `rigger db {operation}` again"
+            ),
+        };
+        self.finish_db_request(&request, Err(("interrupted", anyhow::anyhow!(why))));
     }
 
     /// Fails over to `replica` (default: the first) with the engine's failover
@@ -428,7 +564,7 @@ impl Supervisor {
         super::record_applied(
             &self.env,
             id,
-            &recipe,
+            (&recipe, &super::takeover::comparable(&recipe)),
             &ctx.layout.tls_dir,
             self.services.values_mut().filter(|s| s.server == id),
         );
@@ -486,10 +622,10 @@ impl Supervisor {
     /// server forgotten (its files kept under `terminated/`), the promoted replica given the
     /// primary's role, its standby signal removed, and promoted if it runs still in recovery
     /// (a no-op when it was). The bring-up then starts it as the primary and rebuilds a
-    /// replica from it.
-    pub(super) async fn finish_an_interrupted_switch(&mut self) -> anyhow::Result<()> {
+    /// replica from it. The promoted server's id when there was a switch to finish.
+    pub(super) async fn finish_an_interrupted_switch(&mut self) -> anyhow::Result<Option<String>> {
         let Some(promotion) = Promotion::load(&self.env.paths)? else {
-            return Ok(());
+            return Ok(None);
         };
         tracing::warn!(promoted = %promotion.promoted, fenced = ?promotion.fenced,
             "finishing the switch of a failover a dead supervisor had begun");
@@ -519,7 +655,8 @@ impl Supervisor {
             // Not running: it starts as a primary (no standby signal).
             tracing::info!(server = %promotion.promoted, "promoting at take-over: {error:#}");
         }
-        Promotion::remove(&self.env.paths)
+        Promotion::remove(&self.env.paths)?;
+        Ok(Some(promotion.promoted))
     }
 }
 
@@ -556,25 +693,39 @@ async fn resume_all(
 ) -> Vec<String> {
     let mut failed = Vec::new();
     for server in servers {
-        match pgbouncer_console(prepared, server)
-            .resume(PAUSE_TIMEOUT)
-            .await
-        {
-            Ok(resumed) => {
-                if resumed == Resumed::Already {
-                    tracing::warn!(server = %server.id, "PgBouncer was no longer paused: its pause deadline had resumed it");
-                }
-                if let Some(deadline) = deadlines.remove(&server.id) {
-                    deadline.disarm().await;
-                }
-            }
-            Err(error) => {
-                tracing::error!(server = %server.id, "resuming PgBouncer (its pause deadline will): {error:#}");
-                failed.push(format!("{}: {error:#}", server.id));
-            }
+        let disarm = deadlines.remove(&server.id).map(ResumeDeadline::disarm);
+        if let Err(why) = resume_pool(prepared, server, disarm).await {
+            failed.push(why);
         }
     }
     failed
+}
+
+/// Resumes `server`'s PgBouncer, then disarms its pause deadline (`disarm`); one that could
+/// not be resumed keeps its deadline, which will resume it. `Err` names the server and why.
+pub(super) async fn resume_pool(
+    prepared: &Prepared,
+    server: &ServerRecord,
+    disarm: Option<impl std::future::Future<Output = ()>>,
+) -> Result<(), String> {
+    match pgbouncer_console(prepared, server)
+        .resume(PAUSE_TIMEOUT)
+        .await
+    {
+        Ok(resumed) => {
+            if resumed == Resumed::Already {
+                tracing::warn!(server = %server.id, "PgBouncer was no longer paused: its pause deadline had resumed it");
+            }
+            if let Some(disarm) = disarm {
+                disarm.await;
+            }
+            Ok(())
+        }
+        Err(error) => {
+            tracing::error!(server = %server.id, "resuming PgBouncer (its pause deadline will): {error:#}");
+            Err(format!("{}: {error:#}", server.id))
+        }
+    }
 }
 
 /// The admin console of an app server's PgBouncer, as rigger's admin user.

@@ -111,10 +111,34 @@ pub(super) fn default_settings() -> RolloutSettings {
 }
 
 impl Supervisor {
+    /// A request file's content: a damaged one is said in the log and set aside as
+    /// `<name>.damaged`, so that the CLI waiting for its answer stops and says so (it watches
+    /// its request) instead of waiting for ever.
+    pub(super) fn readable_request<T>(
+        &self,
+        read: std::io::Result<Option<T>>,
+        path: &std::path::Path,
+    ) -> Option<T> {
+        match read {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::error!("{error}");
+                let aside = crate::files::damaged_path(path);
+                if let Err(error) = std::fs::rename(path, &aside) {
+                    tracing::error!("setting {} aside: {error}", path.display());
+                }
+                None
+            }
+        }
+    }
+
     /// The deploy request in `deploy/request.json` (SIGUSR1), once: `None` when there is none
     /// or it was handled already.
     pub(super) fn take_deploy_request(&mut self) -> Option<DeployRequest> {
-        let request = deploy::read_request(&self.env.paths)?;
+        let request = self.readable_request(
+            deploy::read_request(&self.env.paths),
+            &deploy::request_path(&self.env.paths),
+        )?;
         if self.last_deploy_request.as_deref() == Some(request.id.as_str()) {
             return None;
         }
@@ -126,10 +150,20 @@ impl Supervisor {
     /// records its outcome): recorded `interrupted` now, before start-up rolls back what it
     /// left, so that `rigger releases` and the CLI that waited for it both know.
     pub(super) fn record_deploy_left_by_a_dead_supervisor(&mut self) {
-        let Some(request) = deploy::read_request(&self.env.paths) else {
+        let Some(request) = self.readable_request(
+            deploy::read_request(&self.env.paths),
+            &deploy::request_path(&self.env.paths),
+        ) else {
             return;
         };
-        let begun = deploy::read_begun(&self.env.paths);
+        let begun = match deploy::read_begun(&self.env.paths) {
+            Ok(begun) => begun,
+            Err(error) => {
+                // Whether it ended is unknown: nothing is recorded twice.
+                tracing::error!("{error}");
+                return;
+            }
+        };
         let unfinished = begun.as_ref().is_some_and(|b| b.request == request.id)
             && self.last_deploy_request.as_deref() != Some(request.id.as_str());
         if !unfinished {

@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::paths::EnvPaths;
-use crate::process::PidRecord;
 
 /// What a successor does with one service left running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,13 +32,14 @@ pub(super) enum Takeover {
 }
 
 /// The decision for the service named `name` of a server whose recipe is `now` (as JSON),
-/// left running as `record`. `applied` is the recipe the server last had applied (`None`
+/// left running with the configuration digest `recorded` (its pid record's) where the
+/// configuration now has `digest_now`. `applied` is the recipe the server last had applied (`None`
 /// when unknown: written by an older rigger, or lost). `reload_anyway`: the service's files
 /// are state that changes with no configuration change (the load balancer's list of web
 /// servers): adopted and reloaded whatever they hold.
 pub(super) fn decide(
     name: &str,
-    record: &PidRecord,
+    recorded: &str,
     digest_now: &str,
     applied: Option<&Value>,
     now: &Value,
@@ -49,7 +49,7 @@ pub(super) fn decide(
         return Takeover::Restart;
     };
     let reloadable = !spec["reload_signal"].is_null();
-    if record.config_digest == digest_now {
+    if recorded == digest_now {
         return Takeover::Adopt;
     }
     if reload_anyway && reloadable {
@@ -202,12 +202,6 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn record(digest: &str) -> PidRecord {
-        let mut record = PidRecord::of_this_process("web-1/stunnel").unwrap();
-        record.config_digest = digest.into();
-        record
-    }
-
     fn web(stunnel_conf: &str, app_env: &str) -> Value {
         json!({
             "files": [
@@ -230,7 +224,7 @@ mod tests {
     fn an_unchanged_service_is_adopted() {
         let now = web("primary A", "env");
         assert_eq!(
-            decide("gunicorn", &record("d"), "d", None, &now, false),
+            decide("gunicorn", "d", "d", None, &now, false),
             Takeover::Adopt
         );
     }
@@ -240,7 +234,7 @@ mod tests {
         // A failover changed stunnel.conf only: stunnel reloads; PgBouncer and the app, which
         // do not read it, keep running untouched.
         let (applied, now) = (web("primary A", "env"), web("primary B", "env"));
-        let decide = |name| decide(name, &record("old"), "new", Some(&applied), &now, false);
+        let decide = |name| decide(name, "old", "new", Some(&applied), &now, false);
         assert_eq!(decide("stunnel"), Takeover::AdoptAndReload);
         assert_eq!(decide("pgbouncer"), Takeover::Adopt);
         assert_eq!(decide("gunicorn"), Takeover::Adopt);
@@ -251,7 +245,7 @@ mod tests {
     #[test]
     fn a_changed_environment_restarts_its_service_only() {
         let (applied, now) = (web("primary A", "env 1"), web("primary A", "env 2"));
-        let decide = |name| decide(name, &record("old"), "new", Some(&applied), &now, false);
+        let decide = |name| decide(name, "old", "new", Some(&applied), &now, false);
         assert_eq!(decide("gunicorn"), Takeover::Restart);
         assert_eq!(decide("stunnel"), Takeover::Adopt);
     }
@@ -262,14 +256,7 @@ mod tests {
         let mut now = applied.clone();
         now["files"][3]["contents"] = json!("other users");
         assert_eq!(
-            decide(
-                "pgbouncer",
-                &record("old"),
-                "new",
-                Some(&applied),
-                &now,
-                false
-            ),
+            decide("pgbouncer", "old", "new", Some(&applied), &now, false),
             Takeover::AdoptAndReload
         );
     }
@@ -280,30 +267,16 @@ mod tests {
         let mut now = applied.clone();
         now["services"][0]["command"]["args"] = json!(["-v", "/s/web-1/etc/stunnel/stunnel.conf"]);
         assert_eq!(
-            decide(
-                "stunnel",
-                &record("old"),
-                "new",
-                Some(&applied),
-                &now,
-                false
-            ),
+            decide("stunnel", "old", "new", Some(&applied), &now, false),
             Takeover::Restart
         );
         assert_eq!(
-            decide("stunnel", &record("old"), "new", None, &applied, false),
+            decide("stunnel", "old", "new", None, &applied, false),
             Takeover::Restart
         );
         // The same recipe under another digest: the TLS files changed.
         assert_eq!(
-            decide(
-                "stunnel",
-                &record("old"),
-                "new",
-                Some(&applied),
-                &applied,
-                false
-            ),
+            decide("stunnel", "old", "new", Some(&applied), &applied, false),
             Takeover::Restart
         );
     }
@@ -344,11 +317,11 @@ mod tests {
     fn state_files_are_reloaded_whatever_they_hold() {
         let now = web("primary A", "env");
         assert_eq!(
-            decide("stunnel", &record("old"), "new", None, &now, true),
+            decide("stunnel", "old", "new", None, &now, true),
             Takeover::AdoptAndReload
         );
         assert_eq!(
-            decide("celery", &record("old"), "new", None, &now, true),
+            decide("celery", "old", "new", None, &now, true),
             Takeover::Restart
         );
     }

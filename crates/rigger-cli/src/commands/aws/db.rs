@@ -170,6 +170,11 @@ fn run_unlocked(
             println!("{name}");
             Ok(())
         }
+        DbCommand::History { .. } => Err(Failure::Operation(anyhow!(
+            "the AWS provider keeps no history of database operations yet: a failover cut off \
+             half-way is recorded in SSM (`/<project>/<environment>/deploy/failover`) and \
+             finished by the next `rigger db promote`; `rigger releases` lists the deploys"
+        ))),
         DbCommand::Backups => {
             let bucket = result_of(runtime.block_on(provider.bucket()))?;
             for name in
