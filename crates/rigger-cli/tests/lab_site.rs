@@ -347,7 +347,7 @@ fn the_example_site_runs_on_the_lab_from_up_to_down() {
         "the killed machine {victim} is gone: {status:#}"
     );
     eprintln!(
-        "a new web machine killed mid-deploy: the deploy {}",
+        "a new web machine killed mid-deploy: the deploy {}: {said}",
         if deployed.status.success() {
             "completed"
         } else {

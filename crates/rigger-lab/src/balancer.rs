@@ -22,7 +22,11 @@
 //!   not verify instances' certificates).
 //! - An instance starts out of service and needs the healthy threshold of passing checks, as
 //!   on ELB: a server HAProxy has not seen before is set down through its runtime API after
-//!   each (re)load, and the state of the others is carried across reloads.
+//!   each (re)load (once the new worker answers on the socket: the old one would take the
+//!   command and drop it), and the state of the others is carried across reloads. HAProxy 2.6
+//!   cannot start a server down, so in the moment before that command a new worker may pick a
+//!   server that never passed a check: the connection it fails is redispatched to another
+//!   server (`option redispatch`) rather than answered 503, as ELB would never have tried it.
 //! - A target deregistered from a target group drains as on ALB: it stays in HAProxy in the
 //!   `drain` state (no new requests) until its connections end or the group's deregistration
 //!   delay passes.
@@ -337,6 +341,7 @@ impl Balancers {
             write_private(&self.dir.join("server-state"), &state)?;
         }
         write_private(&self.dir.join("haproxy.cfg"), &config)?;
+        let worker_before = self.worker_pid();
         let started = {
             let mut process = self.process.lock().expect("lock");
             let alive = process
@@ -360,6 +365,20 @@ impl Balancers {
         if started {
             let spawned = self.start().await?;
             *self.process.lock().expect("lock") = Some(spawned);
+        } else {
+            // Runtime commands (a new server's initial state, a drain) must reach the new
+            // worker: until it has taken the socket, the old one answers them, and the new
+            // one would start with a server that never passed a check in service.
+            for attempt in 0..200 {
+                let now = self.worker_pid();
+                if now.is_some() && now != worker_before {
+                    break;
+                }
+                if attempt == 199 {
+                    tracing::warn!("HAProxy's new worker did not answer on its socket");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         // New servers with a check of their own start out of service, as on ELB (the ones
         // tracking them follow): set down once the (new) worker answers.
@@ -581,6 +600,14 @@ impl Balancers {
     }
 
     /// One command on HAProxy's runtime API; its answer.
+    /// The pid of the HAProxy worker answering on the stats socket.
+    fn worker_pid(&self) -> Option<u32> {
+        let info = self.command("show info").ok()?;
+        info.lines()
+            .find_map(|line| line.strip_prefix("Pid: "))
+            .and_then(|pid| pid.trim().parse().ok())
+    }
+
     fn command(&self, line: &str) -> std::io::Result<String> {
         let mut stream = UnixStream::connect(self.socket())?;
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -958,7 +985,8 @@ fn render(layout: &Layout, dir: &Path, namespace: &str) -> String {
          global\n  stats socket {d}/stats.sock mode 600 level admin expose-fd listeners\n  \
          server-state-file {d}/server-state\n  maxconn 4096\n\n\
          defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  \
-         timeout server 60s\n  load-server-state-from-file global\n"
+         timeout server 60s\n  load-server-state-from-file global\n  retries 3\n  \
+         option redispatch\n"
     );
     for served in &layout.balancers {
         for (port, protocol, pool) in &served.listeners {
