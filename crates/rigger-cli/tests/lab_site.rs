@@ -307,7 +307,7 @@ fn the_example_site_runs_on_the_lab_from_up_to_down() {
         .into_iter()
         .map(|(id, _)| id)
         .collect();
-    let load = Load::start(&url);
+    let load = Load::start(&url, &site.lab_state);
     let deploy = site
         .rigger(&["deploy", "--drain-timeout", "5"])
         .stdout(Stdio::piped())
@@ -668,9 +668,15 @@ struct Load {
 }
 
 impl Load {
-    fn start(url: &str) -> Load {
+    /// Starts the requests; `lab_state` is the lab's state directory, whose HAProxy is asked
+    /// what it saw when a request fails.
+    fn start(url: &str, lab_state: &Path) -> Load {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (flag, url) = (stop.clone(), url.to_owned());
+        let (socket, log) = (
+            lab_state.join("haproxy/stats.sock"),
+            lab_state.join("haproxy.log"),
+        );
         let prober = std::thread::spawn(move || {
             let (mut sent, mut failed) = (0, Vec::new());
             while !flag.load(std::sync::atomic::Ordering::SeqCst) {
@@ -678,8 +684,10 @@ impl Load {
                 sent += 1;
                 if code != 200 {
                     failed.push(format!(
-                        "{code}: {}",
-                        body.chars().take(200).collect::<String>()
+                        "{code}: {}\nHAProxy then: {}\nits log's last lines: {}",
+                        body.chars().take(200).collect::<String>(),
+                        haproxy_view(&socket),
+                        last_lines(&log, 12)
                     ));
                 }
             }
@@ -696,6 +704,34 @@ impl Load {
         eprintln!("load: {sent} requests, {} failed", failed.len());
         failed
     }
+}
+
+/// What the lab's HAProxy says of its servers now (`show servers state`, and the worker's
+/// pid): evidence for a failed request.
+fn haproxy_view(socket: &Path) -> String {
+    let ask = |command: &str| {
+        use std::io::{Read as _, Write as _};
+        let mut answer = String::new();
+        if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(socket) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = stream.write_all(format!("{command}\n").as_bytes());
+            let _ = stream.read_to_string(&mut answer);
+        }
+        answer
+    };
+    let pid = ask("show info")
+        .lines()
+        .find(|l| l.starts_with("Pid: "))
+        .unwrap_or("Pid: ?")
+        .to_owned();
+    format!("{pid}\n{}", ask("show servers state"))
+}
+
+/// The last `count` lines of the file at `path`.
+fn last_lines(path: &Path, count: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
 }
 
 /// The lab's machine at `address`, as `rigger lab status --json` shows it.

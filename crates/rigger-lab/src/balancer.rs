@@ -983,9 +983,10 @@ fn render(layout: &Layout, dir: &Path, namespace: &str) -> String {
     let mut out = format!(
         "# The rigger lab's load balancers (crates/rigger-lab/src/balancer.rs): made by the lab.\n\
          global\n  stats socket {d}/stats.sock mode 600 level admin expose-fd listeners\n  \
+         log stderr format raw local0 info\n  \
          server-state-file {d}/server-state\n  maxconn 4096\n\n\
          defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  \
-         timeout server 60s\n  load-server-state-from-file global\n  retries 3\n  \
+         timeout server 60s\n  load-server-state-from-file global\n  log global\n  retries 3\n  \
          option redispatch\n"
     );
     for served in &layout.balancers {
@@ -1006,6 +1007,9 @@ fn render(layout: &Layout, dir: &Path, namespace: &str) -> String {
             );
             if http {
                 let proto = if ssl.is_empty() { "http" } else { "https" };
+                // Each request logged (haproxy.log in the lab's state): where an answer
+                // came from, and why when HAProxy made it (`NOSRV`, `SC--`).
+                let _ = writeln!(out, "  option httplog");
                 let _ = writeln!(out, "  option forwardfor");
                 let _ = writeln!(out, "  http-request set-header X-Forwarded-Proto {proto}");
                 let _ = writeln!(out, "  http-request set-header X-Forwarded-Port {port}");
