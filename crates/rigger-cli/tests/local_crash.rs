@@ -163,6 +163,42 @@ fn a_killed_supervisor_is_back_at_once_and_adopts_every_service() {
         "the reloaded nginx does not send the new HSTS header: {headers}"
     );
 
+    // A supervisor killed during `db promote`: its successor records the operation
+    // `interrupted` in the database history, saying what became of it.
+    let supervisor = status_json(&project)["supervisor_pid"].as_i64().unwrap();
+    let promote = project
+        .command(&["db", "promote"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let begun = project.env_dir().join("db/begun.json");
+    eventually(
+        "the supervisor to begin the promotion",
+        Duration::from_secs(30),
+        || begun.exists().then_some(()),
+    );
+    kill_hard(supervisor);
+    let cut = promote.wait_with_output().unwrap();
+    assert!(
+        !cut.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cut.stderr)
+    );
+    ready_under_a_new_supervisor(&project, supervisor);
+    let history = project.rigger(&["db", "history", "--json"]);
+    let history: Vec<serde_json::Value> = serde_json::from_slice(&history.stdout).unwrap();
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0]["operation"], "db promote", "{history:?}");
+    assert_eq!(history[0]["result"], "interrupted", "{history:?}");
+    assert!(
+        history[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the supervisor died during `db promote`"),
+        "{history:?}"
+    );
+
     assert!(project.rigger(&["down"]).status.success());
     assert!(!alive(keeper as i32), "the keeper stopped");
     assert!(!alive(new_supervisor as i32));
