@@ -154,11 +154,18 @@ fn an_instance_boots_as_a_machine_and_down_leaves_nothing() {
             .output()
             .expect("running ssh")
     };
-    let hostname = through_bastion(&format!("admin@{address}"), &["hostname"]);
-    assert!(
-        hostname.status.success(),
-        "ssh through the bastion: {}",
-        text(&hostname)
+    // The runner reads the emulator's key pairs every few seconds: the key imported for this
+    // machine may not be the bastion's yet when the machine itself already answers.
+    let hostname = wait_for(
+        "the bastion to let the key pair's key in",
+        Duration::from_secs(30),
+        || {
+            let answer = through_bastion(&format!("admin@{address}"), &["hostname"]);
+            if !answer.status.success() {
+                eprintln!("ssh through the bastion, not yet: {}", text(&answer));
+            }
+            answer.status.success().then_some(answer)
+        },
     );
     assert_eq!(
         String::from_utf8_lossy(&hostname.stdout).trim(),
