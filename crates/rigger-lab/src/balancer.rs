@@ -1808,8 +1808,18 @@ mod tests {
         assert_eq!(third[&(Kind::Application, "a".to_owned())], 12);
     }
 
-    #[test]
-    fn a_deregistered_target_drains_while_it_has_connections() {
+    /// Two targets behind the application load balancer, served as planned, and the same
+    /// with `leaving` deregistered while HAProxy counts a connection on it.
+    struct Deregistering {
+        _state: tempfile::TempDir,
+        balancers: Balancers,
+        addresses: HashMap<String, Ipv4Addr>,
+        emulated: Emulated,
+        deregistered: Emulated,
+        busy: BTreeMap<String, ServerView>,
+    }
+
+    fn deregistering(leaving: &str) -> Deregistering {
         let state = tempfile::tempdir().unwrap();
         let balancers = Balancers::new(&Lab::new(state.path(), Path::new("/i")).unwrap());
         let addresses: HashMap<String, Ipv4Addr> = [
@@ -1822,9 +1832,9 @@ mod tests {
         let mut deregistered = emulated.clone();
         deregistered.target_groups[0]
             .targets
-            .retain(|t| t.0 != "i-0b");
-        let busy: BTreeMap<String, ServerView> = [(
-            "tg-app-lb-443/i-0b-443".to_owned(),
+            .retain(|t| t.0 != leaving);
+        let busy = [(
+            format!("tg-app-lb-443/{leaving}-443"),
             ServerView {
                 up: true,
                 last_check: "L7OK".into(),
@@ -1833,6 +1843,26 @@ mod tests {
             },
         )]
         .into();
+        Deregistering {
+            _state: state,
+            balancers,
+            addresses,
+            emulated,
+            deregistered,
+            busy,
+        }
+    }
+
+    #[test]
+    fn a_deregistered_target_drains_while_it_has_connections() {
+        let Deregistering {
+            balancers,
+            addresses,
+            emulated,
+            deregistered,
+            busy,
+            ..
+        } = deregistering("i-0b");
         let mut wanted = plan(&deregistered, address, &addresses);
         balancers.drain(&mut wanted, &busy);
         let pool = wanted.pool("tg-app-lb-443").unwrap();
@@ -1856,31 +1886,19 @@ mod tests {
 
     #[test]
     fn a_draining_target_keeps_its_place_so_haproxy_is_not_reloaded() {
-        let state = tempfile::tempdir().unwrap();
-        let balancers = Balancers::new(&Lab::new(state.path(), Path::new("/i")).unwrap());
-        let addresses: HashMap<String, Ipv4Addr> = [
-            ("i-0a".to_owned(), Ipv4Addr::new(172, 31, 0, 4)),
-            ("i-0b".to_owned(), Ipv4Addr::new(172, 31, 0, 5)),
-        ]
-        .into();
-        let emulated = application();
-        let serving = plan(&emulated, address, &addresses);
-        let config = render(&serving, Path::new("/d"), "lab");
-        *balancers.layout.lock().unwrap() = serving;
-        let mut deregistered = emulated.clone();
-        deregistered.target_groups[0]
-            .targets
-            .retain(|t| t.0 != "i-0a");
-        let busy: BTreeMap<String, ServerView> = [(
-            "tg-app-lb-443/i-0a-443".to_owned(),
-            ServerView {
-                up: true,
-                last_check: "L7OK".into(),
-                code: Some(200),
-                sessions: 1,
-            },
-        )]
-        .into();
+        let Deregistering {
+            balancers,
+            addresses,
+            emulated,
+            deregistered,
+            busy,
+            ..
+        } = deregistering("i-0a");
+        let config = render(
+            &plan(&emulated, address, &addresses),
+            Path::new("/d"),
+            "lab",
+        );
         let mut wanted = plan(&deregistered, address, &addresses);
         balancers.drain(&mut wanted, &busy);
         let pool = wanted.pool("tg-app-lb-443").unwrap();

@@ -44,11 +44,7 @@ pub(crate) fn finished(
 /// `rigger releases`: the history, as a table or JSON.
 pub(crate) fn print_releases(history: &[DeployRecord], json: bool) -> Result<(), Failure> {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(history).context("encoding the history")?
-        );
-        return Ok(());
+        return print_history_json(history);
     }
     println!(
         "{:<32} {:<14} {:<24} {:<18} {:<12} {:>9}",
@@ -68,17 +64,22 @@ pub(crate) fn print_releases(history: &[DeployRecord], json: bool) -> Result<(),
     Ok(())
 }
 
+/// A history's records as one JSON array (`--json`).
+fn print_history_json(history: &[impl serde::Serialize]) -> Result<(), Failure> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(history).context("encoding the history")?
+    );
+    Ok(())
+}
+
 /// `rigger db history`: the database operations, as a table or JSON.
 pub(crate) fn print_operations(
     history: &[rigger_plan::deploys::OperationRecord],
     json: bool,
 ) -> Result<(), Failure> {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(history).context("encoding the history")?
-        );
-        return Ok(());
+        return print_history_json(history);
     }
     println!(
         "{:<12} {:<14} {:<24} {:<18} {:<12} {:>9}  REASON",
