@@ -117,6 +117,24 @@ impl Begun {
     }
 }
 
+impl Begun {
+    /// When request `id` began, if `begun` (the begun file's content) says it did and
+    /// `last_answered` (the last request with an outcome) is another: a request a dead
+    /// supervisor left unfinished. A damaged begun file is logged and counts as answered:
+    /// whether it ended is unknown, and nothing is recorded twice.
+    pub fn unanswered(
+        begun: std::io::Result<Option<Begun>>,
+        id: &str,
+        last_answered: Option<&str>,
+    ) -> Option<u64> {
+        let begun = begun
+            .map_err(|error| tracing::error!("{error}"))
+            .ok()
+            .flatten()?;
+        (begun.request == id && last_answered != Some(id)).then_some(begun.started)
+    }
+}
+
 pub fn begun_path(paths: &EnvPaths) -> PathBuf {
     paths.root().join("deploy/begun.json")
 }

@@ -160,7 +160,6 @@ impl Supervisor {
         }
     }
 
-    /// Records how a database operation ended: the outcome the CLI waits for, and the status.
     /// Records how a database operation ended: the outcome the CLI waits for, the history
     /// (`result` is `failed` or `interrupted` on `Err`), the status.
     pub(super) fn finish_db_request(
@@ -250,17 +249,13 @@ impl Supervisor {
         ) else {
             return;
         };
-        let begun = match read_begun(&self.env.paths) {
-            Ok(begun) => begun,
-            Err(error) => {
-                // Whether it ended is unknown: nothing is recorded twice.
-                tracing::error!("{error}");
-                return;
-            }
-        };
-        let unfinished = begun.as_ref().is_some_and(|b| b.request == request.id)
-            && self.last_db_request.as_deref() != Some(request.id.as_str());
-        if !unfinished {
+        if crate::deploy::Begun::unanswered(
+            read_begun(&self.env.paths),
+            &request.id,
+            self.last_db_request.as_deref(),
+        )
+        .is_none()
+        {
             return;
         }
         self.last_db_request = Some(request.id.clone());

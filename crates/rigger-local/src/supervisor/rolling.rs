@@ -156,21 +156,15 @@ impl Supervisor {
         ) else {
             return;
         };
-        let begun = match deploy::read_begun(&self.env.paths) {
-            Ok(begun) => begun,
-            Err(error) => {
-                // Whether it ended is unknown: nothing is recorded twice.
-                tracing::error!("{error}");
-                return;
-            }
-        };
-        let unfinished = begun.as_ref().is_some_and(|b| b.request == request.id)
-            && self.last_deploy_request.as_deref() != Some(request.id.as_str());
-        if !unfinished {
+        let Some(started) = deploy::Begun::unanswered(
+            deploy::read_begun(&self.env.paths),
+            &request.id,
+            self.last_deploy_request.as_deref(),
+        ) else {
             return;
-        }
+        };
         self.last_deploy_request = Some(request.id.clone());
-        let started = DeployStarted::earlier(begun.map_or(0, |b| b.started));
+        let started = DeployStarted::earlier(started);
         let why = "the supervisor died during the deploy; its next start rolled back the \
                    servers it had replaced";
         self.record_deploy(&request, started, Err(("interrupted", why.into())));
